@@ -1,0 +1,35 @@
+# quickloris: `make test` and `make demo` set themselves up on first use (.venv, installs).
+PYTHON ?= python3
+VENV   := .venv
+VPY    := $(VENV)/bin/python
+PIP    := $(VPY) -m pip
+STAMP  := $(VENV)/.installed
+NATIVE := CMakeLists.txt $(wildcard csrc/*.cpp csrc/*.h csrc/*.hpp)
+
+.PHONY: test test-all demo setup device-prepare clean
+
+setup: $(STAMP)
+
+$(VPY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# torch 2.13.0 (CPU build) comes from the machine's local wheel; everything else is pinned in constraints.txt.
+$(STAMP): $(VPY) pyproject.toml constraints.txt $(NATIVE)
+	$(PIP) install -q torch==2.13.0 -c constraints.txt
+	$(PIP) install -q -e ".[test]" -c constraints.txt
+	touch $@
+
+# The CPU suite (GPU-marked tests skip with a reason); Triton kernels run under TRITON_INTERPRET=1.
+test: $(STAMP)
+	$(VPY) -m pytest -q -m "not slow" tests
+
+test-all: $(STAMP)
+	$(VPY) -m pytest -q tests
+
+# Builds .device/ (trimmed wheels + commit id) that device runs carry: see docs/device.md.
+device-prepare: $(STAMP)
+	bash scripts/device/prepare.sh
+
+clean:
+	rm -rf build .pytest_cache

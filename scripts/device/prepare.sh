@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Prepares `.device/`, the one folder every device run carries (see docs/device.md):
+#   .device/wheels/   what the device image lacks, as wheels for its Python 3.12:
+#                     bitsandbytes trimmed to its CUDA 13.0 library, trl, datasets (+dill, multiprocess), gguf
+#   .device/commit.txt the commit being measured (the device copy has no .git)
+# Stays far under the 64 MiB carry limit (about 8 MiB).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PY=${PY:-.venv/bin/python}
+D=.device
+rm -rf "$D"
+mkdir -p "$D/wheels" "$D/download"
+
+"$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform any \
+  -d "$D/download" bitsandbytes==0.50.2 trl==1.16.0 datasets==5.2.0 'dill<0.4.2' 'multiprocess<0.70.20' gguf==0.19.0
+
+# bitsandbytes ships one native library per CUDA/ROCm/XPU version (~120 MiB in all); the device runs
+# torch 2.11+cu130, so keep only the CUDA 13.0 and CPU libraries and rewrite the wheel's RECORD.
+"$PY" - "$D/download" "$D/wheels" <<'PYEOF'
+import pathlib, shutil, sys, zipfile
+src, dst = map(pathlib.Path, sys.argv[1:])
+for whl in sorted(src.glob("*.whl")):
+    out = dst / whl.name
+    if not whl.name.startswith("bitsandbytes-"):
+        shutil.copy(whl, out)
+        continue
+    keep = lambda n: not (n.startswith("bitsandbytes/libbitsandbytes_") and not n.endswith(("_cuda130.so", "_cpu.so")))
+    with zipfile.ZipFile(whl) as zin, zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zout:
+        for info in zin.infolist():
+            if not keep(info.filename):
+                continue
+            data = zin.read(info.filename)
+            if info.filename.endswith(".dist-info/RECORD"):
+                lines = [l for l in data.decode().splitlines() if keep(l.split(",")[0])]
+                data = ("\n".join(lines) + "\n").encode()
+            zout.writestr(info, data)
+print("\n".join(f"{p.name}: {p.stat().st_size / 2**20:.1f} MiB" for p in sorted(dst.glob("*.whl"))))
+PYEOF
+rm -rf "$D/download"
+
+commit=$(git rev-parse HEAD)
+[ -z "$(git status --porcelain --untracked-files=no)" ] || commit="$commit-dirty"
+echo "$commit" > "$D/commit.txt"
+du -sh "$D"
+echo "commit: $commit"

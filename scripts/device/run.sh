@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Runs ON the device machine, in the repo root, with `.device/` carried (scripts/device/prepare.sh).
+# Usage: bash scripts/device/run.sh STEP [STEP ...]
+#   gpu-tests          pytest -m "gpu or multigpu" over tests/
+#   bench-dequant      quickloris bench dequant
+#   bench-loss         quickloris bench loss
+#   bench-train        quickloris bench train
+#   py:FILE            any python script (e.g. py:benchmarks/foo.py)
+# Results and logs go to $OUT (returned to the caller); keep it to <= 8 files.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-/tmp/quickloris-out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps .device/wheels/*.whl 2>&1 | grep -v "^WARNING" || true
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+export QUICKLORIS_COMMIT="$(cat .device/commit.txt 2>/dev/null || echo unknown)"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+LOG="$OUT/device.log"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, "gpus", torch.cuda.device_count())'
+} 2>&1 | tee -a "$LOG"
+status=0
+for step in "$@"; do
+  echo "=== $step ===" | tee -a "$LOG"
+  start=$(date +%s)
+  case "$step" in
+    gpu-tests)     python3 -m pytest -q -m "gpu or multigpu" tests -p no:cacheprovider 2>&1 | tee -a "$LOG"; rc=${PIPESTATUS[0]} ;;
+    bench-*)       python3 -m quickloris bench "${step#bench-}" --out "$OUT" 2>&1 | tee -a "$LOG"; rc=${PIPESTATUS[0]} ;;
+    py:*)          python3 "${step#py:}" --out "$OUT" 2>&1 | tee -a "$LOG"; rc=${PIPESTATUS[0]} ;;
+    *)             echo "unknown step $step" | tee -a "$LOG"; rc=2 ;;
+  esac
+  echo "=== $step: exit $rc in $(( $(date +%s) - start )) s ===" | tee -a "$LOG"
+  [ "$rc" = 0 ] || status=$rc
+done
+exit $status

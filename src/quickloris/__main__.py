@@ -1,0 +1,5 @@
+import sys
+
+from quickloris.cli.main import main
+
+sys.exit(main())

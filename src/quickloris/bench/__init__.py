@@ -1,0 +1,1 @@
+"""Benchmarks behind `quickloris bench ...`; results carry provenance (utils/provenance.py)."""

@@ -1,0 +1,1 @@
+"""Command-line interface. Each subcommand is derived from a documented config dataclass."""

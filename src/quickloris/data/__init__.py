@@ -1,0 +1,1 @@
+"""Training data: JSONL loading, chat templates, response-only masking, packing, embedded tasks."""

@@ -1,0 +1,1 @@
+"""Export of fine-tuned models (GGUF through the C++ core in csrc/)."""

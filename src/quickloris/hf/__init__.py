@@ -1,0 +1,1 @@
+"""Hugging Face Trainer / TRL integration (imports transformers)."""

@@ -1,0 +1,1 @@
+"""Triton kernels, each with its pure-PyTorch reference next to it (quant/ or the kernel module)."""

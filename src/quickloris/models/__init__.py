@@ -1,0 +1,1 @@
+"""Model preparation for Hugging Face models (imports transformers): quantize, add LoRA, losses."""

@@ -1,0 +1,1 @@
+"""Modules: the NF4 weight tensor subclass and the QLoRA linear layer (no transformers import)."""

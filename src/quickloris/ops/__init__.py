@@ -1,0 +1,1 @@
+"""Autograd ops: torch.autograd.Functions built on kernels (chunked linear+loss, NF4+LoRA linear)."""

@@ -1,0 +1,1 @@
+"""Scale-out and speed: FSDP2 sharding, regional torch.compile, activation checkpointing."""

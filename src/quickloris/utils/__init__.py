@@ -1,0 +1,1 @@
+"""Small helpers with no heavy imports (atomic file writes, run provenance)."""
