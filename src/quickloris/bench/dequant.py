@@ -1,0 +1,257 @@
+"""`quickloris bench dequant`: NF4 dequantization against Unsloth, bitsandbytes and PEFT, in one process.
+
+1. The specification's `test_dequantize` harness (part A of the challenge notebook): three MLP configs,
+   1000 iterations, a synchronize after each matrix; wall-clock seconds per function, run `--repeats` times
+   interleaved so that drift on a shared machine hits every function alike. Also the harness' own floor
+   (`torch.empty` in place of a dequantization).
+2. Per matrix: CUDA-event median (`triton.testing.do_bench`), GB/s over the bytes that must move
+   (packed n/2 + absmax n/64 + absmax2 + output 2n) and the fraction of the device's measured copy bandwidth.
+
+Unsloth: its real `fast_dequantize` if `unsloth` imports, else its exact call sequence (two bitsandbytes CUDA
+launches through ctypes and an in-place add: absmax decode, `+= offset`, NF4 decode); the result says which.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import time
+from typing import Any, Callable
+
+HARNESS_CONFIGS = [  # (bsz, qlen, hd, m, seed, dtype name), verbatim from the specification
+    (5, 777, 1024, 4096, 3409, "bfloat16"),
+    (3, 2048, 4096, 14336, 3408, "bfloat16"),
+    (2, 3333, 2048, 8192, 3407, "float16"),
+]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--iters", type=int, default=1000, help="harness iterations per config (spec: 1000)")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved harness repetitions")
+    parser.add_argument("--skip-harness", action="store_true", help="only the per-matrix timings")
+
+
+def _unsloth_fast_dequantize() -> tuple[Callable, str]:
+    try:
+        from unsloth.kernels.utils import fast_dequantize  # type: ignore
+
+        return fast_dequantize, "unsloth.kernels.utils.fast_dequantize"
+    except Exception as exc:  # noqa: BLE001 - anything that stops the import means we emulate
+        reason = f"{type(exc).__name__}: {exc}"[:200]
+
+    import torch
+    from bitsandbytes.functional import lib
+
+    def fast_dequantize(W, quant_state):
+        # Unsloth's sequence: empty output + empty fp32 absmax; bnb decodes the uint8 absmax (launch 1);
+        # `+= offset` (launch 2); bnb decodes NF4 with the fp32 absmax (launch 3). All on the current stream.
+        with torch.inference_mode():
+            qs, s2 = quant_state, quant_state.state2
+            device = W.device
+            stream = ctypes.c_void_p(torch._C._cuda_getCurrentRawStream(device.index))
+            out = torch.empty(qs.shape, dtype=qs.dtype, device=device, requires_grad=False)
+            n_absmax = qs.absmax.numel()
+            out_absmax = torch.empty(n_absmax, dtype=torch.float32, device=device, requires_grad=False)
+            ptr = lambda t: ctypes.c_void_p(t.data_ptr()) if t is not None else None  # noqa: E731
+            with torch.cuda.device(device):
+                lib.cdequantize_blockwise_fp32(ptr(s2.code), ptr(qs.absmax), ptr(s2.absmax), ptr(out_absmax),
+                                               ctypes.c_int(s2.blocksize), ctypes.c_int(n_absmax), stream)
+                out_absmax += qs.offset
+                fx = lib.cdequantize_blockwise_fp16_nf4 if qs.dtype == torch.float16 else lib.cdequantize_blockwise_bf16_nf4
+                fx(None, ptr(W), ptr(out_absmax), ptr(out), ctypes.c_int(qs.blocksize), ctypes.c_int(out.numel()),
+                   stream)
+            return out.t() if W.shape[0] == 1 else out
+
+    return fast_dequantize, f"emulated call sequence through bitsandbytes' C library (unsloth import failed: {reason})"
+
+
+def _harness(dequantize_fx: Callable, unsloth_fx: Callable, iters: int, check: bool) -> float:
+    """The specification's `test_dequantize`, unchanged in what it times (asserts skipped for the floor)."""
+    import torch
+    import torch.nn as nn
+    from bitsandbytes.nn import Linear4bit
+    from transformers import set_seed
+    from transformers.activations import ACT2FN
+
+    class MLP(nn.Module):
+        def __init__(self, hd, m, dtype):
+            super().__init__()
+            mk = lambda i, o: Linear4bit(i, o, bias=None, compute_dtype=dtype, compress_statistics=True,  # noqa: E731
+                                         quant_type="nf4")
+            self.gate_proj, self.up_proj, self.down_proj = mk(hd, m), mk(hd, m), mk(m, hd)
+            self.act_fn = ACT2FN["silu"]
+
+        def forward(self, x):
+            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+    def mlp_forward(X, mlp, fx):
+        up = X @ fx(mlp.up_proj).t()
+        gate = X @ fx(mlp.gate_proj).t()
+        return (mlp.act_fn(gate) * up) @ fx(mlp.down_proj).t()
+
+    def mlp_dequantize(mlp, fx):
+        a = fx(mlp.up_proj).t(); torch.cuda.synchronize()  # noqa: E702
+        b = fx(mlp.gate_proj).t(); torch.cuda.synchronize()  # noqa: E702
+        c = fx(mlp.down_proj).t(); torch.cuda.synchronize()  # noqa: E702
+        return a, b, c
+
+    def assert_same(x, y, dtype):
+        assert x.dtype == dtype
+        torch.testing.assert_close(x, y, check_stride=True)
+
+    elapsed = 0.0
+    default_dtype = torch.get_default_dtype()
+    try:
+        for bsz, qlen, hd, m, seed, dt_name in HARNESS_CONFIGS:
+            dt = getattr(torch, dt_name)
+            set_seed(seed)
+            torch.set_default_dtype(dt)
+            mlp = MLP(hd, m, dt).to("cuda")
+            X = torch.randn((bsz, qlen, hd), device="cuda")
+            torch.cuda.synchronize()
+            for _ in range(2):  # warm-up with the specification's correctness checks
+                if check:
+                    assert_same(mlp_forward(X, mlp, dequantize_fx), mlp(X), dt)
+                    a, b, c = mlp_dequantize(mlp, dequantize_fx)
+                    A, B, C = mlp_dequantize(mlp, unsloth_fx)
+                    for x, y in ((a, A), (b, B), (c, C)):
+                        assert_same(x, y, dt)
+                else:
+                    mlp_dequantize(mlp, dequantize_fx)
+            torch.cuda.synchronize()
+            start = time.time()
+            for _ in range(iters):
+                mlp_dequantize(mlp, dequantize_fx)
+            elapsed += time.time() - start
+            del mlp, X
+            torch.cuda.empty_cache()
+    finally:
+        torch.set_default_dtype(default_dtype)
+    return elapsed
+
+
+def _nf4_layer(out_f: int, in_f: int, dtype):
+    """A bitsandbytes Linear4bit (NF4, double quant) on the GPU holding a random `dtype` weight."""
+    import torch
+    from bitsandbytes.nn import Linear4bit, Params4bit
+
+    layer = Linear4bit(in_f, out_f, bias=False, compute_dtype=dtype, compress_statistics=True, quant_type="nf4")
+    layer.weight = Params4bit(torch.randn(out_f, in_f, dtype=dtype) * 0.02, requires_grad=False,
+                              compress_statistics=True, quant_type="nf4")
+    return layer.to("cuda")
+
+
+def _copy_bandwidth() -> float:
+    """Device-to-device copy of 1 GiB, bytes read + written per second (TB/s)."""
+    import torch
+    from triton.testing import do_bench
+
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
+    del src, dst
+    return 2 * 2**30 / (ms * 1e-3) / 1e12
+
+
+def _per_matrix(fns: dict[str, Callable], copy_tbs: float) -> list[dict[str, Any]]:
+    import torch
+    from triton.testing import do_bench
+
+    rows = []
+    for out_f, in_f, dt_name in [(4096, 1024, "bfloat16"), (14336, 4096, "bfloat16"), (4096, 14336, "bfloat16"),
+                                 (8192, 2048, "float16")]:
+        dt = getattr(torch, dt_name)
+        layers = []  # rotate 4 weights so consecutive launches do not hit a warm L2
+        for _ in range(4):
+            layers.append(_nf4_layer(out_f, in_f, dt))
+        n = out_f * in_f
+        nbytes = n // 2 + n // 64 + 4 * -(-n // (64 * 256)) + dt.itemsize * n
+        row: dict[str, Any] = {"shape": [out_f, in_f], "dtype": dt_name, "bytes": nbytes,
+                               "floor_us": nbytes / (copy_tbs * 1e12) * 1e6}
+        for name, fx in fns.items():
+            i = iter(range(10**9))
+            us = do_bench(lambda: fx(layers[next(i) % 4]), warmup=25, rep=200, return_mode="median") * 1e3
+            row[name] = {"us": round(us, 2), "GBps": round(nbytes / (us * 1e-6) / 1e9, 1),
+                         "fraction_of_copy_bw": round(nbytes / (us * 1e-6) / (copy_tbs * 1e12), 3)}
+        rows.append(row)
+        del layers
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _config_sweep() -> list[dict[str, Any]]:
+    """Our kernel's (absmax blocks per program, warps) on the 14336x4096 bf16 weight, to check the default."""
+    import torch
+    from triton.testing import do_bench
+
+    from quickloris.kernels import nf4_dequant as K
+
+    layer = _nf4_layer(14336, 4096, torch.bfloat16)
+    packed, qs = layer.weight.data, layer.weight.quant_state
+    a, a2, c2, off, code, shape, _, bs = K._fields(qs)
+    out = torch.empty(shape, dtype=torch.bfloat16, device="cuda")
+    rows = []
+    for blocks in (8, 16, 32, 64, 128):
+        for warps in (2, 4, 8):
+            fn = lambda: K._launch(K._nf4_dequant_kernel, packed, a, a2, c2, off, code, out, out.numel(), bs,  # noqa: E731
+                                   True, config=(blocks, warps))
+            rows.append({"blocks": blocks, "warps": warps,
+                         "us": round(do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3, 2)})
+    return rows
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    if not torch.cuda.is_available():
+        print("quickloris bench dequant needs a CUDA GPU (see docs/device.md); nothing was measured.")
+        return 2
+    import bitsandbytes.functional as bnbF
+    from peft.utils.integrations import dequantize_module_weight
+
+    import quickloris
+    from quickloris.kernels.nf4_dequant import _config
+    from quickloris.utils.provenance import record
+
+    unsloth_fx, unsloth_source = _unsloth_fast_dequantize()
+    fns: dict[str, Callable] = {
+        "quickloris": lambda layer: quickloris.dequantize_nf4(layer),
+        "unsloth_fast_dequantize": lambda layer: unsloth_fx(layer.weight, layer.weight.quant_state),
+        "bnb_dequantize_4bit": lambda layer: bnbF.dequantize_4bit(layer.weight.data, layer.weight.quant_state),
+        "peft_dequantize_module_weight": dequantize_module_weight,
+    }
+    results: dict[str, Any] = {"unsloth_source": unsloth_source}
+    copy_tbs = _copy_bandwidth()
+    results["copy_bandwidth_TBps"] = round(copy_tbs, 3)
+    print(f"copy bandwidth: {copy_tbs:.2f} TB/s; unsloth: {unsloth_source}")
+
+    results["config_sweep_14336x4096_bf16"] = sweep = _config_sweep()
+    best = min(sweep, key=lambda r: r["us"])
+    print("config sweep (blocks, warps -> us): " + ", ".join(f"({r['blocks']},{r['warps']})={r['us']}" for r in sweep))
+    print(f"best config: {best}; default: {_config(14336 * 4096, 64)}")
+
+    results["per_matrix"] = _per_matrix(fns, copy_tbs)
+    for row in results["per_matrix"]:
+        cells = "  ".join(f"{k}={row[k]['us']:.1f}us" for k in fns)
+        print(f"{row['shape'][0]}x{row['shape'][1]} {row['dtype']}: floor {row['floor_us']:.1f}us  {cells}")
+
+    if not args.skip_harness:
+        floor = lambda layer: torch.empty(layer.weight.quant_state.shape, dtype=layer.weight.quant_state.dtype,  # noqa: E731
+                                          device="cuda")
+        harness: dict[str, list[float]] = {k: [] for k in (*fns, "torch_empty_floor")}
+        for rep in range(args.repeats):
+            for name, fx in fns.items():
+                harness[name].append(round(_harness(fx, unsloth_fx, args.iters, check=True), 4))
+            harness["torch_empty_floor"].append(round(_harness(floor, unsloth_fx, args.iters, check=False), 4))
+            print(f"harness repeat {rep}: " + "  ".join(f"{k}={v[-1]:.3f}s" for k, v in harness.items()))
+        results["harness_seconds"] = harness
+        med = {k: sorted(v)[len(v) // 2] for k, v in harness.items()}
+        results["harness_median_seconds"] = med
+        results["speedup_vs_unsloth"] = round(med["unsloth_fast_dequantize"] / med["quickloris"], 3)
+        results["speedup_vs_bnb"] = round(med["bnb_dequantize_4bit"] / med["quickloris"], 3)
+        results["speedup_vs_peft"] = round(med["peft_dequantize_module_weight"] / med["quickloris"], 3)
+        print(f"harness median: {med}; speedup vs unsloth {results['speedup_vs_unsloth']}x")
+
+    path = record("dequant", "dequant", results, args.out)
+    print(f"wrote {path}")
+    return 0

@@ -1,0 +1,174 @@
+"""quickloris.quant.nf4 against the real bitsandbytes (CPU backend here; tests/kernels covers CUDA)."""
+
+from __future__ import annotations
+
+import io
+
+import bitsandbytes as bnb
+import bitsandbytes.functional as bnbF
+import pytest
+import torch
+from safetensors.torch import load, save
+
+from quickloris.quant import nf4
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+
+
+def bnb_quantize(w: torch.Tensor, nested: bool = True, blocksize: int = 64):
+    return bnbF.quantize_4bit(w, blocksize=blocksize, compress_statistics=nested, quant_type="nf4")
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}[t.dtype])
+
+
+def assert_same_quantization(ours, theirs):
+    packed, state = ours
+    q, qs = theirs
+    assert torch.equal(packed, q)
+    assert packed.shape == q.shape
+    assert torch.equal(state.absmax, qs.absmax)
+    assert state.nested == qs.nested
+    if qs.nested:
+        assert torch.equal(state.absmax2, qs.state2.absmax)
+        assert torch.equal(state.code2, qs.state2.code)
+        assert torch.equal(state.offset, qs.offset)
+    assert torch.equal(state.code, qs.code)
+
+
+def test_tables_match_bitsandbytes():
+    assert torch.equal(nf4.signed_dynamic_map(), bnbF.create_dynamic_map(signed=True))
+    assert torch.equal(nf4.nf4_code(), bnbF.get_4bit_type("nf4", device="cpu"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(300, 128), (129, 257), (1, 7), (3, 5), (64, 64 * 256 + 64), (2048, 1536)])
+def test_quantize_equals_bitsandbytes(seed, dtype, shape):
+    # (129, 257): partial last absmax block and odd element count; (64, 64*256+64): partial absmax2 group
+    w = torch.randn(shape, dtype=dtype) * torch.rand(1).item() * 0.1
+    assert_same_quantization(nf4.quantize_nf4(w), bnb_quantize(w))
+
+
+@pytest.mark.parametrize("blocksize", [32, 64, 128, 256])
+def test_blocksizes_and_non_nested(seed, blocksize):
+    w = torch.randn(96, 200, dtype=torch.bfloat16)
+    assert_same_quantization(nf4.quantize_nf4(w, blocksize=blocksize, double_quant=False),
+                             bnb_quantize(w, nested=False, blocksize=blocksize))
+    assert_same_quantization(nf4.quantize_nf4(w, blocksize=blocksize), bnb_quantize(w, blocksize=blocksize))
+
+
+@pytest.mark.parametrize("shape", [(4096, 14336), (3584, 18944), (5120, 13824)])
+def test_real_layer_shapes(seed, shape):
+    w = torch.randn(shape, dtype=torch.bfloat16) * 0.02
+    ours, theirs = nf4.quantize_nf4(w), bnb_quantize(w)
+    assert_same_quantization(ours, theirs)
+    deq = nf4.dequantize_nf4_reference(*ours)
+    assert torch.equal(bits(deq), bits(bnbF.dequantize_4bit(*theirs)))
+
+
+def test_all_zero_blocks_follow_each_backend():
+    w = torch.randn(4, 256)
+    w[1] = 0.0  # whole absmax blocks of zeros (and, nested, a centred absmax of 0 in a one-group tensor)
+    assert_same_quantization(nf4.quantize_nf4(w), bnb_quantize(w))
+    packed, _ = nf4.quantize_nf4(w, rounding="bnb-cuda")
+    assert torch.all(packed.view(4, 128)[1] == 0)  # CUDA: 0 * (1/0) = NaN -> code 0 (level -1)
+    assert torch.all(nf4.quantize_nf4(w, rounding="bnb-cpu")[0].view(4, 128)[1] == 0x77)  # CPU: level 0
+    # Without double quantization the zero block's scale is exactly 0, so either way it decodes to zeros.
+    for rounding in ("bnb-cuda", "bnb-cpu"):
+        deq = nf4.dequantize_nf4_reference(*nf4.quantize_nf4(w, rounding=rounding, double_quant=False))
+        assert torch.all(deq[1] == 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("nested", [True, False])
+def test_dequantize_reference_bit_exact(seed, dtype, nested):
+    w = torch.randn(257, 320, dtype=dtype)
+    q, qs = bnb_quantize(w, nested=nested)
+    ref = nf4.dequantize_nf4_reference(q, nf4.state_from_bnb(qs))
+    assert ref.dtype == dtype and ref.shape == w.shape
+    assert torch.equal(bits(ref), bits(bnbF.dequantize_4bit(q, qs)))
+
+
+def test_cuda_rounding_is_nearest_code(seed):
+    """The emulated CUDA binary search returns the nearest code (ties have probability zero here)."""
+    code = nf4.signed_dynamic_map()
+    x = torch.cat([torch.rand(20000) * 2 - 1, (torch.rand(5000) * 2 - 1) * 1e-4, code, torch.tensor([-1.0, 1.0])])
+    got = nf4._binary_search_codes(x, code)
+    dist = (x[:, None] - code[None, :]).abs()
+    assert torch.equal(dist.gather(1, got[:, None]).squeeze(1), dist.min(dim=1).values)
+
+
+def test_cuda_rounding_quantization_decodes_as_well_as_cpu(seed):
+    w = torch.randn(512, 512)
+    err = {r: (nf4.dequantize_nf4_reference(*nf4.quantize_nf4(w, rounding=r)) - w).abs().mean().item()
+           for r in ("bnb-cuda", "bnb-cpu")}
+    assert err["bnb-cuda"] <= err["bnb-cpu"] * 1.001
+
+
+def test_checkpoint_round_trip_with_bitsandbytes(seed):
+    """Our tensors load in bitsandbytes, and bitsandbytes' Linear4bit state dict (via safetensors) loads in ours."""
+    lin = bnb.nn.Linear4bit(192, 96, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+    lin.weight = bnb.nn.Params4bit(torch.randn(96, 192, dtype=torch.bfloat16), requires_grad=False,
+                                   compress_statistics=True, quant_type="nf4")
+    lin.weight = lin.weight._quantize("cpu")  # quantize on this device, as .cuda() would on a GPU
+    sd = {f"layer.{k}": v for k, v in lin.state_dict().items()}
+    sd = load(save({k: v.contiguous() for k, v in sd.items()}))  # through safetensors, as checkpoints are
+    packed, state = nf4.state_from_checkpoint(sd, "layer.weight")
+    expected = bnbF.dequantize_4bit(lin.weight.data, lin.weight.quant_state)
+    assert torch.equal(bits(nf4.dequantize_nf4_reference(packed, state)), bits(expected))
+
+    ours = nf4.state_to_checkpoint(packed, state, "w")
+    qs = bnbF.QuantState.from_dict({k[2:]: v for k, v in ours.items() if k != "w"}, device=torch.device("cpu"))
+    assert torch.equal(bits(bnbF.dequantize_4bit(ours["w"], qs)), bits(expected))
+
+
+def test_checkpoint_errors():
+    w = torch.randn(8, 64)
+    packed, state = nf4.quantize_nf4(w)
+    sd = nf4.state_to_checkpoint(packed, state, "w")
+    with pytest.raises(KeyError, match="no tensor"):
+        nf4.state_from_checkpoint(sd, "missing")
+    with pytest.raises(ValueError, match="not a bitsandbytes 4-bit weight"):
+        nf4.state_from_checkpoint({"w": packed}, "w")
+    fp4 = dict(sd)
+    fp4["w.quant_state.bitsandbytes__fp4"] = fp4.pop("w.quant_state.bitsandbytes__nf4")
+    with pytest.raises(ValueError, match="only 'nf4'"):
+        nf4.state_from_checkpoint(fp4, "w")
+
+
+def test_state_from_bnb_rejects_fp4():
+    _, qs = bnbF.quantize_4bit(torch.randn(8, 64), quant_type="fp4")
+    with pytest.raises(ValueError, match="only NF4"):
+        nf4.state_from_bnb(qs)
+
+
+@pytest.mark.parametrize("bad, exc, match", [
+    (torch.ones(4, 64, dtype=torch.int32), TypeError, "float16/bfloat16/float32"),
+    (torch.tensor([[1.0, float("inf")]]), ValueError, "inf or NaN"),
+    (torch.tensor([[1.0, float("nan")]]), ValueError, "inf or NaN"),
+    (torch.empty(0, 64), ValueError, "empty"),
+])
+def test_quantize_bad_input(bad, exc, match):
+    with pytest.raises(exc, match=match):
+        nf4.quantize_nf4(bad)
+
+
+def test_quantize_bad_options():
+    with pytest.raises(ValueError, match="blocksize"):
+        nf4.quantize_nf4(torch.randn(4, 64), blocksize=48)
+    with pytest.raises(ValueError, match="rounding"):
+        nf4.quantize_nf4(torch.randn(4, 64), rounding="nearest")
+
+
+def test_validate_catches_inconsistent_state():
+    packed, state = nf4.quantize_nf4(torch.randn(16, 64))
+    with pytest.raises(ValueError, match="bytes"):
+        state.validate(packed[:-1])
+    with pytest.raises(TypeError, match="uint8"):
+        state.validate(packed.view(torch.int8))
+    bad = nf4.NF4State(**{**state.__dict__, "absmax": state.absmax[:-1]})
+    with pytest.raises(ValueError, match="absmax has"):
+        bad.validate()
+    with pytest.raises(ValueError, match="different devices"):
+        state.validate(packed.to("meta"))
