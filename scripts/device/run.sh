@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs ON the device machine, in the repo root, with `.device/` carried (scripts/device/prepare.sh).
 # Usage: bash scripts/device/run.sh STEP [STEP ...]
-#   gpu-tests          pytest -m "gpu or multigpu" over tests/
+#   gpu-tests[:PATHS]  pytest -m "gpu or multigpu" over tests/ (or comma-separated PATHS)
 #   bench-dequant      quickloris bench dequant
 #   bench-loss         quickloris bench loss
 #   bench-train        quickloris bench train
@@ -24,7 +24,8 @@ for step in "$@"; do
   echo "=== $step ===" | tee -a "$LOG"
   start=$(date +%s)
   case "$step" in
-    gpu-tests)     python3 -m pytest -q -m "gpu or multigpu" tests -p no:cacheprovider 2>&1 | tee -a "$LOG"; rc=${PIPESTATUS[0]} ;;
+    gpu-tests*)    paths=${step#gpu-tests}; paths=${paths#:}; paths=${paths//,/ }
+                   python3 -m pytest -q -rs -m "gpu or multigpu" ${paths:-tests} -p no:cacheprovider 2>&1 | tee -a "$LOG"; rc=${PIPESTATUS[0]} ;;
     bench-*)       python3 -m quickloris bench "${step#bench-}" --out "$OUT" 2>&1 | tee -a "$LOG"; rc=${PIPESTATUS[0]} ;;
     py:*)          python3 "${step#py:}" --out "$OUT" 2>&1 | tee -a "$LOG"; rc=${PIPESTATUS[0]} ;;
     *)             echo "unknown step $step" | tee -a "$LOG"; rc=2 ;;
