@@ -12,6 +12,7 @@ import importlib
 # area -> (module, one-line help)
 BENCHES: dict[str, tuple[str, str]] = {
     "dequant": ("quickloris.bench.dequant", "NF4 dequantization vs Unsloth / bitsandbytes / PEFT (challenge part A)"),
+    "loss": ("quickloris.bench.loss", "chunked linear + loss vs full logits: memory, time, 60-step QLoRA, GRPO (part E)"),
 }
 
 

@@ -1,0 +1,44 @@
+"""`quickloris bench loss` pieces that run without a GPU: the training and GRPO comparisons at toy size on CPU
+(bitsandbytes NF4 + PEFT LoRA included), the summary table over their real output, and the no-CUDA message."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+from quickloris.bench import loss as bench  # noqa: E402
+from quickloris.bench import loss_models  # noqa: E402
+
+TINY = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)
+
+
+def test_chunked_bench_train_and_grpo_on_cpu(seed):
+    pytest.importorskip("bitsandbytes")
+    train = loss_models.train_compare(TINY, steps=3, batch=2, seq=48, device="cpu", dtype=torch.float32, quantize=True,
+                                lr=1e-3, seed=seed % 1000, log=lambda s: None)
+    for mode in ("chunked", "chunked_grad_in_forward"):
+        assert len(train[mode]["losses"]) == 3 and train[mode]["within_1e-3"]
+        assert train[mode]["max_rel_diff_vs_hf"] < 1e-5  # fp32: the same numbers up to rounding order
+    grpo = loss_models.grpo_compare(dict(TINY, tie_word_embeddings=False), device="cpu", dtype=torch.float32,
+                              group_size=4, prompt=16, completion=32, chunk_size=40, seed=seed % 1000)
+    assert grpo["same_grad_names"] and grpo["lora_params"] == 2 * 7 * 2
+    assert grpo["loss_rel_diff"] < 1e-5 and grpo["lora_grad_rel_diff"] < 1e-4
+    table = bench.summary({"train60": train, "grpo": [grpo]})
+    assert "train60 chunked: max rel loss diff" in table and "grpo float32" in table
+
+
+def test_chunked_bench_without_cuda_says_so(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    assert bench.run(parser.parse_args(["--parts", "spec"])) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--parts"):
+        bench.run(parser.parse_args(["--parts", "memroy"]))
