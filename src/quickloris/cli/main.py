@@ -13,6 +13,7 @@ import sys
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("quickloris.cli.bench", "benchmarks that write results with provenance"),
+    "export": ("quickloris.cli.export", "export a fine-tuned model (GGUF for llama.cpp / Ollama / LM Studio)"),
 }
 
 

@@ -1,0 +1,33 @@
+"""`quickloris export gguf`: merge LoRA adapters into the base model and write one GGUF file.
+
+Options come from `quickloris.export.gguf_export.GGUFExportConfig`.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from quickloris.cli.args import add_dataclass_arguments, dataclass_from_args
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from quickloris.export.gguf_export import GGUFExportConfig
+
+    parser = subparsers.add_parser("export", help="export a fine-tuned model (GGUF for llama.cpp / Ollama)")
+    formats = parser.add_subparsers(dest="format", metavar="FORMAT", required=True)
+    gguf = formats.add_parser("gguf", help="one GGUF file: LoRA merged, quantized in C++ (e.g. --quant q4_k_m)",
+                              description="Merge LoRA adapters into the base weights and write a GGUF file "
+                                          "that llama.cpp, Ollama and LM Studio load.")
+    add_dataclass_arguments(gguf, GGUFExportConfig, group="export options")
+    gguf.set_defaults(func=_run_gguf)
+
+
+def _run_gguf(args: argparse.Namespace) -> int:
+    from quickloris.export.gguf_export import GGUFExportConfig, export_from_config
+
+    cfg = dataclass_from_args(GGUFExportConfig, args)
+    result = export_from_config(cfg, log=print)
+    mib = result.bytes / 2**20
+    print(f"wrote {result.path}: {len(result.tensor_types)} tensors, {mib:.1f} MiB, {result.quant}, "
+          f"{result.seconds:.1f} s")
+    return 0

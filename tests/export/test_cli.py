@@ -1,0 +1,58 @@
+"""`quickloris export gguf`: options derived from GGUFExportConfig, a real export from folders."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from quickloris.cli.main import main
+from quickloris.export.gguf_export import GGUFExportConfig
+from quickloris.export.quants import GGMLType, quantize
+
+
+def test_help_lists_every_config_field(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["export", "gguf", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for f in dataclasses.fields(GGUFExportConfig):
+        assert "--" + f.name.replace("_", "-") in out
+    assert "{f32,f16,bf16,q8_0,q4_0,q4_k_s,q4_k_m,q5_k_s,q5_k_m,q6_k}" in out
+
+
+def test_export_from_model_and_adapter_folders(tmp_path, seed, helpers, bpe_tokenizer, capsys):
+    from peft import LoraConfig, get_peft_model
+
+    base = helpers.tiny_model(vocab_size=len(bpe_tokenizer), hidden=64, inter=256)
+    base.save_pretrained(tmp_path / "model")
+    bpe_tokenizer.save_pretrained(tmp_path / "model")
+    lora = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"]))
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    lora.save_pretrained(tmp_path / "adapter")
+    expected = lora.merge_and_unload().model.layers[1].mlp.down_proj.weight.detach()
+    out = tmp_path / "out.gguf"
+    rc = main(["export", "gguf", "--model", str(tmp_path / "model"), "--adapter", str(tmp_path / "adapter"),
+               "--out", str(out), "--quant", "q4_k_m", "--threads", "2", "--name", "tiny"])
+    assert rc == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    r = gguf.GGUFReader(out)
+    assert r.fields["general.name"].contents() == "tiny"
+    assert r.fields["general.file_type"].contents() == 15
+    t = {x.name: x for x in r.tensors}["blk.1.ffn_down.weight"]  # rows of 256: Q4_K, or Q6_K in "more bits" layers
+    assert t.tensor_type.name in ("Q4_K", "Q6_K")
+    ours = quantize(expected.numpy(), GGMLType[t.tensor_type.name])
+    assert np.array_equal(np.asarray(t.data), ours)
+
+
+def test_bad_model_paths_are_reported(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        main(["export", "gguf", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "x.gguf")])
+    with pytest.raises(SystemExit):
+        main(["export", "gguf", "--quant", "q3_k", "--out", str(tmp_path / "x.gguf")])

@@ -1,0 +1,71 @@
+"""End to end through llama.cpp (llama-cpp-python) on tiny random models of the real architectures.
+
+* an F32 export gives llama.cpp logits equal to HF's (to float noise): tensor names, q/k permutation,
+  GQA, biases, head_dim, tied embeddings and llama3 RoPE scaling are all right;
+* every quantized preset equals, tensor for tensor (type and bytes), what llama.cpp's own
+  `llama_model_quantize` makes of our F32 file: the per-tensor mixes and the quantizers are llama.cpp's.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import gguf
+import numpy as np
+import pytest
+
+from quickloris.export import export_gguf
+
+TEXT = "The quick brown fox jumps over the lazy dog 12345 times. def f(x): return x * 2"
+
+CASES = {
+    "llama-gqa": dict(kind="llama"),
+    "llama-tied-mha": dict(kind="llama", tied=True, kv_heads=4),
+    "llama-biases-llama3-rope": dict(kind="llama", attention_bias=True, mlp_bias=True, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    "llama-linear-rope": dict(kind="llama", rope_parameters={"rope_type": "linear", "rope_theta": 5000.0, "factor": 2.0}),
+    "mistral-head-dim": dict(kind="mistral", head_dim=32),
+    "qwen2-bias-tied": dict(kind="qwen2", tied=True),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_f32_export_logits_match_hf(case, tmp_path, seed, helpers, bpe_tokenizer, llama_cpp_available):
+    model = helpers.tiny_model(vocab_size=len(bpe_tokenizer), **CASES[case])
+    path = str(tmp_path / "m.gguf")
+    result = export_gguf(model, path, tokenizer=bpe_tokenizer, quant="f32")
+    ids = bpe_tokenizer(TEXT)["input_ids"]
+    ours = helpers.llama_cpp_logits(path, ids)
+    ref = helpers.hf_logits(model, ids)
+    assert ref.std() > 0.1  # logits that depend on every weight, not a flat distribution
+    err = np.abs(ours - ref).max()
+    assert err < 2e-3 * np.abs(ref).max(), f"seed {seed}: max |llama.cpp - HF| = {err}"
+    assert (ours.argmax(-1) == ref.argmax(-1)).all()
+    assert ("output.weight" in result.tensor_types) == (not CASES[case].get("tied", False))
+
+
+@pytest.mark.parametrize("hidden", [256, 96])  # 96: rows not a multiple of 256 -> llama.cpp's fallbacks
+def test_presets_equal_llama_quantize(hidden, tmp_path, seed, helpers, bpe_tokenizer, llama_cpp_available):
+    import llama_cpp
+
+    model = helpers.tiny_model(vocab_size=len(bpe_tokenizer), hidden=hidden, inter=2 * hidden, layers=8, heads=4,
+                               kv_heads=2)
+    src = str(tmp_path / "f32.gguf")
+    export_gguf(model, src, tokenizer=bpe_tokenizer, quant="f32")
+    presets = {"q8_0": 7, "q4_0": 2, "q4_k_s": 14, "q4_k_m": 15, "q5_k_s": 16, "q5_k_m": 17, "q6_k": 18}
+    for preset, ftype in presets.items():
+        ours_path, ref_path = str(tmp_path / f"{preset}.gguf"), str(tmp_path / f"{preset}-ref.gguf")
+        export_gguf(model, ours_path, tokenizer=bpe_tokenizer, quant=preset, threads=2)
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype, params.nthread = ftype, 2
+        assert llama_cpp.llama_model_quantize(src.encode(), ref_path.encode(), ctypes.byref(params)) == 0
+        ours = {t.name: t for t in gguf.GGUFReader(ours_path).tensors}
+        ref = {t.name: t for t in gguf.GGUFReader(ref_path).tensors}
+        assert ours.keys() == ref.keys()
+        for name, t in ref.items():
+            assert ours[name].tensor_type == t.tensor_type, f"{preset} {name}"
+            assert np.array_equal(np.asarray(ours[name].data), np.asarray(t.data)), f"{preset} {name} seed {seed}"
+        types = {t.tensor_type.name for t in ours.values()}
+        if preset == "q4_k_m":
+            assert types == ({"F32", "Q4_K", "Q6_K"} if hidden == 256 else {"F32", "Q5_0", "Q8_0"})
