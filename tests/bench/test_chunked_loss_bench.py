@@ -42,3 +42,25 @@ def test_chunked_bench_without_cuda_says_so(capsys):
     assert "needs a CUDA GPU" in capsys.readouterr().out
     with pytest.raises(ValueError, match="--parts"):
         bench.run(parser.parse_args(["--parts", "memroy"]))
+
+
+def test_chunked_bench_memory_and_spec_parts_on_cpu(seed):
+    """The memory and spec parts' code at toy sizes (peak memory is only measured on CUDA: reported as None)."""
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--tokens", "48", "--hidden", "32", "--vocab", "500", "--reps", "1",
+                              "--sweep-tokens", "64", "--budgets-mib", "1"])
+    mem = bench.part_memory(args, device="cpu")
+    assert len(mem["rows"]) == 2 * 3 and len(mem["budget_sweep"]) == 4
+    losses = {(r["tokens"], r["w_grad"]): set() for r in mem["rows"]}
+    for r in mem["rows"]:
+        losses[(r["tokens"], r["w_grad"])].add(round(r["loss"], 3))
+    assert all(len(v) == 1 for v in losses.values()), "naive and chunked losses differ"
+    spec = bench.part_spec(args, device="cpu", sizes=(2, 24, 32, 300), chunks=(None, 16))
+    for row in spec["rows"]:
+        assert row["loss_close"] and row["grad_W_close"]
+        assert row["autograd_loss_close"] and row["autograd_grad_X_close"] and row["autograd_grad_W_close"]
+        # the specification's NaiveLinear doubles dX (it returns X.grad after accumulating it into the leaf)
+        assert abs(row["spec_naive_dX_over_autograd_dX"] - 2.0) < 1e-4 and not row["grad_X_close"]
+    table = bench.summary({"memory": mem, "spec": spec})
+    assert "grad_in_forward" in table and "budget" in table and "spec test_comparison" in table

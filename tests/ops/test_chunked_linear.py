@@ -117,7 +117,7 @@ def test_chunked_mean_over_given_count_equals_one_big_batch(seed):
     big = chunked_linear_loss(x, w, y, chunk_size=7)
     torch.testing.assert_close(parts[0] + parts[1], big, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(g_parts, _grads(big, [x, w]), rtol=1e-5, atol=1e-6)
-    as_int = chunked_linear_loss(x[:2], w, y[:2], num_items=int(total), chunk_size=5)
+    as_int = chunked_linear_loss(x[:2], w, y[:2].int(), num_items=int(total), chunk_size=5)  # int32 labels too
     torch.testing.assert_close(as_int, parts[0].detach())
 
 
@@ -242,17 +242,20 @@ def test_chunked_peak_memory_cpu_proxy(seed, w_grad):
     assert ours.peak <= 0.25 * naive.peak
 
 
-def test_chunked_compiles_fullgraph(seed):
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("grad_in_forward", [False, True], ids=["recompute", "grad_in_forward"])
+def test_chunked_compiles_fullgraph(seed, backend, grad_in_forward):
+    """torch.compile(fullgraph=True) traces the call, forward and backward, without a graph break."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
     x, w, _, y = _inputs((3, 11), 16, 67, torch.float32)
-    fn = torch.compile(lambda x, w, y: chunked_linear_loss(x, w, y, chunk_size=8, z_loss=1e-4),
-                       fullgraph=True, backend="aot_eager")
+    kw = {"chunk_size": 8, "z_loss": 1e-4, "grad_in_forward": grad_in_forward}
+    fn = torch.compile(lambda x, w, y: chunked_linear_loss(x, w, y, **kw), fullgraph=True, backend=backend)
     out = fn(x, w, y)
     g = _grads(out, [x, w])
-    ref = chunked_linear_loss(x, w, y, chunk_size=8, z_loss=1e-4)
+    ref = chunked_linear_loss(x, w, y, **kw)
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(g, _grads(ref, [x, w]))
     assert not counters["graph_break"]

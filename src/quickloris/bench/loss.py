@@ -46,10 +46,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 # --- helpers -------------------------------------------------------------------------------------------------
 
-def _peak_over_base(fn: Callable[[], Any]) -> float:
-    """GB allocated at peak while `fn` runs, beyond what was allocated before it."""
+def _peak_over_base(fn: Callable[[], Any], device: str = "cuda") -> float | None:
+    """GB allocated at peak while `fn` runs, beyond what was allocated before it (None off CUDA)."""
     import torch
 
+    if device != "cuda":
+        fn()
+        return None
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -59,13 +62,19 @@ def _peak_over_base(fn: Callable[[], Any]) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 1e9
 
 
-def _median_ms(fn: Callable[[], Any], reps: int, warmup: int = 2) -> float:
+def _median_ms(fn: Callable[[], Any], reps: int, warmup: int = 2, device: str = "cuda") -> float:
+    """Median of `reps` timed calls after `warmup` untimed ones (CUDA events; wall clock off CUDA)."""
     import torch
 
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(reps):
+        if device != "cuda":
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+            continue
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
@@ -73,6 +82,11 @@ def _median_ms(fn: Callable[[], Any], reps: int, warmup: int = 2) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def _less(a: Any, b: Any) -> str:
+    """'x% less' of two GB numbers, or '?' when either is missing (no CUDA, out of memory)."""
+    return f"{1 - a / b:.0%}" if isinstance(a, float) and isinstance(b, float) and b > 0 else "?"
 
 
 def _oom_safe(fn: Callable[[], Any]) -> Any:
@@ -87,7 +101,7 @@ def _oom_safe(fn: Callable[[], Any]) -> Any:
 
 # --- part: memory ----------------------------------------------------------------------------------------------
 
-def part_memory(args: argparse.Namespace) -> dict[str, Any]:
+def part_memory(args: argparse.Namespace, device: str = "cuda") -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
 
@@ -95,18 +109,20 @@ def part_memory(args: argparse.Namespace) -> dict[str, Any]:
     from quickloris.ops.chunked_linear import choose_chunk_size
 
     H, V = args.hidden, args.vocab
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    W0 = torch.randn(V, H, device="cuda", dtype=torch.bfloat16, generator=gen) * H ** -0.5
+    gen = torch.Generator(device=device).manual_seed(0)
+    W0 = torch.randn(V, H, device=device, dtype=torch.bfloat16, generator=gen) * H ** -0.5
     # First use allocates cuBLAS workspaces: do it before any peak is measured.
-    x = torch.randn(256, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    chunked_linear_loss(x, W0, torch.zeros(256, dtype=torch.long, device="cuda"), chunk_size=128).backward()
-    F.cross_entropy((x @ W0.T).float(), torch.zeros(256, dtype=torch.long, device="cuda")).backward()
-    del x
+    x = torch.randn(256, H, device=device, dtype=torch.bfloat16, requires_grad=True)
+    y0 = torch.zeros(256, dtype=torch.long, device=device)
+    chunked_linear_loss(x, W0, y0, chunk_size=128).backward()
+    F.cross_entropy((x @ W0.T).float(), y0).backward()
+    del x, y0
 
     def case(N: int, w_grad: bool, method: str, budget: int | None = None) -> dict[str, Any]:
-        X = torch.randn(N, H, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
+        g = torch.Generator(device=device).manual_seed(N)  # every method sees the same inputs: losses comparable
+        X = torch.randn(N, H, device=device, dtype=torch.bfloat16, generator=g).requires_grad_()
         W = W0.detach().requires_grad_(w_grad)
-        y = torch.randint(0, V, (N,), device="cuda", generator=gen)
+        y = torch.randint(0, V, (N,), device=device, generator=g)
 
         def step():
             X.grad = W.grad = None
@@ -121,10 +137,10 @@ def part_memory(args: argparse.Namespace) -> dict[str, Any]:
         if method != "naive":
             row["chunk_rows"] = choose_chunk_size(N, V, memory_budget=budget)
             row["budget_mib"] = (budget or (1 << 30)) >> 20
-        row["peak_gb"] = _oom_safe(lambda: _peak_over_base(step))
-        if not isinstance(row["peak_gb"], str):
-            row["loss"] = float(step())
-            row["ms"] = _oom_safe(lambda: _median_ms(step, args.reps))
+        row["peak_gb"] = _oom_safe(lambda: _peak_over_base(step, device))
+        if row["peak_gb"] != "out of memory":
+            row["loss"] = float(step().detach())
+            row["ms"] = _oom_safe(lambda: _median_ms(step, args.reps, device=device))
         X.grad = W.grad = None
         return row
 
@@ -150,19 +166,21 @@ def _naive_of(row: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]
 
 def _fmt_memory_row(row: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     text = (f"N={row['tokens']:>6} W {'trainable' if row['w_grad'] else 'frozen   '} {row['method']:<15} "
-            f"chunk={row.get('chunk_rows', '-'):>5} peak={row['peak_gb']}")
+            f"chunk={row.get('chunk_rows', '-'):>5} peak={row['peak_gb']} GB")
     naive = _naive_of(row, rows)
     if isinstance(row.get("ms"), float):
-        text += f" GB  {row['ms']:.1f} ms"
-        if naive is not row and naive and isinstance(naive.get("ms"), float):
-            text += f"  ({1 - row['peak_gb'] / naive['peak_gb']:.1%} less memory, {row['ms'] / naive['ms']:.2f}x time)"
+        text += f"  {row['ms']:.1f} ms"
+        if naive is not None and naive is not row and isinstance(naive.get("ms"), float):
+            text += f"  ({_less(row['peak_gb'], naive['peak_gb'])} less memory, {row['ms'] / naive['ms']:.2f}x time)"
     return text
 
 
 # --- part: spec ------------------------------------------------------------------------------------------------
 
-def part_spec(args: argparse.Namespace) -> dict[str, Any]:
-    """The specification's test_comparison, with its NaiveLinear and transformation_function."""
+def part_spec(args: argparse.Namespace, device: str = "cuda", sizes=(4, 512, 1024, 32000),
+              chunks=(None, 512, 128)) -> dict[str, Any]:
+    """The specification's test_comparison (`sizes` = batch, seq, hidden, vocab), its NaiveLinear and
+    transformation_function, at several chunk sizes."""
     import torch
     from torch import nn
 
@@ -191,41 +209,58 @@ def part_spec(args: argparse.Namespace) -> dict[str, Any]:
             loss.backward(dY)
             return X.grad, None, None, None
 
-    device = torch.device("cuda:0")
-    results = []
-    for chunk in (None, 512, 128):
+    close = lambda a, b: bool(torch.allclose(a, b, rtol=1e-3, atol=1e-5))  # noqa: E731 - the spec's check
+
+    def one(chunk: int | None) -> dict[str, Any]:
         torch.manual_seed(42)
-        B, S, Hd, Vs = 4, 512, 1024, 32000
+        B, S, Hd, Vs = sizes
         X = torch.randn(B, S, Hd, device=device, dtype=torch.float32, requires_grad=True)
         labels = torch.randint(0, Vs, (B, S), device=device)
         lin_naive = nn.Linear(Hd, Vs, bias=False).to(device)
         lin_eff = nn.Linear(Hd, Vs, bias=False).to(device)
         lin_eff.weight.data.copy_(lin_naive.weight.data)
-        holder: dict[str, Any] = {}
+        out: dict[str, Any] = {}
 
         def naive():
-            holder["naive"] = NaiveLinear.apply(X, lin_naive, labels, transformation_function)
-            holder["naive"].backward()
+            out["naive"] = NaiveLinear.apply(X, lin_naive, labels, transformation_function)
+            out["naive"].backward()
 
-        naive_peak = _peak_over_base(naive)
+        naive_peak = _peak_over_base(naive, device)
         X_eff = X.detach().clone().requires_grad_(True)
 
         def efficient():
-            holder["eff"] = MemoryEfficientLinear.apply(X_eff, lin_eff, labels, transformation_function, chunk)
-            holder["eff"].backward()
+            out["eff"] = MemoryEfficientLinear.apply(X_eff, lin_eff, labels, transformation_function, chunk)
+            out["eff"].backward()
 
-        eff_peak = _peak_over_base(efficient)
-        close = lambda a, b: bool(torch.allclose(a, b, rtol=1e-3, atol=1e-5))  # noqa: E731 - the spec's check
-        row = {"chunk_size": chunk or "auto", "naive_loss": holder["naive"].item(), "eff_loss": holder["eff"].item(),
-               "loss_close": close(holder["naive"].detach().cpu(), holder["eff"].detach().cpu()),
-               "grad_X_close": close(X.grad, X_eff.grad),
-               "grad_W_close": close(lin_naive.weight.grad, lin_eff.weight.grad),
-               "naive_peak_mb": naive_peak * 1e3, "eff_peak_mb": eff_peak * 1e3,
-               "memory_saved": 1 - eff_peak / naive_peak}
+        eff_peak = _peak_over_base(efficient, device)
+        # Plain autograd through transformation_function: the true gradients. The spec's NaiveLinear returns
+        # X.grad after `loss.backward(dY)` has already accumulated it into the leaf X, so its dX is twice that.
+        X_ref = X.detach().clone().requires_grad_(True)
+        lin_ref = nn.Linear(Hd, Vs, bias=False).to(device)
+        lin_ref.weight.data.copy_(lin_naive.weight.data)
+        ref = transformation_function(X_ref, lin_ref, labels)
+        ref.backward()
+        return {"chunk_size": chunk or "auto", "naive_loss": out["naive"].item(), "eff_loss": out["eff"].item(),
+                "loss_close": close(out["naive"].detach().cpu(), out["eff"].detach().cpu()),
+                "grad_X_close": close(X.grad, X_eff.grad),
+                "grad_W_close": close(lin_naive.weight.grad, lin_eff.weight.grad),
+                "autograd_loss_close": close(ref.detach(), out["eff"].detach()),
+                "autograd_grad_X_close": close(X_ref.grad, X_eff.grad),
+                "autograd_grad_W_close": close(lin_ref.weight.grad, lin_eff.weight.grad),
+                "spec_naive_dX_over_autograd_dX": (X.grad.norm() / X_ref.grad.norm()).item(),
+                "naive_peak_gb": naive_peak, "eff_peak_gb": eff_peak, "memory_saved": _less(eff_peak, naive_peak)}
+
+    results = []
+    for chunk in chunks:
+        row = one(chunk)
         results.append(row)
-        print(f"spec chunk={row['chunk_size']}: loss {row['naive_loss']:.4f} vs {row['eff_loss']:.4f}, close: loss "
-              f"{row['loss_close']} dX {row['grad_X_close']} dW {row['grad_W_close']}; peak {naive_peak * 1e3:.0f} MB"
-              f" -> {eff_peak * 1e3:.0f} MB ({row['memory_saved']:.0%} saved)", flush=True)
+        print(f"spec chunk={row['chunk_size']}: loss {row['naive_loss']:.4f} vs {row['eff_loss']:.4f}; spec checks "
+              f"loss/dX/dW {row['loss_close']}/{row['grad_X_close']}/{row['grad_W_close']}; vs plain autograd "
+              f"{row['autograd_loss_close']}/{row['autograd_grad_X_close']}/{row['autograd_grad_W_close']} (spec "
+              f"NaiveLinear dX = {row['spec_naive_dX_over_autograd_dX']:.3f} x autograd's); peak "
+              f"{row['naive_peak_gb']} GB -> {row['eff_peak_gb']} GB ({row['memory_saved']} saved)", flush=True)
+        if device == "cuda":
+            torch.cuda.empty_cache()
     return {"rows": results}
 
 
@@ -270,33 +305,40 @@ def _gb(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f} GB"
 
 
+def _cell(r: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    peak, ms, n = r["peak_gb"], r.get("ms"), _naive_of(r, rows)
+    text = f"{peak:.2f}" if isinstance(peak, float) else str(peak)
+    if n is not None and n is not r:
+        text += f" (-{_less(peak, n['peak_gb'])})"
+    if isinstance(ms, float):
+        text += f" {ms:.1f}ms"
+        if n is not None and n is not r and isinstance(n.get("ms"), float):
+            text += f" ({ms / n['ms']:.2f}x)"
+    return text
+
+
 def summary(results: dict[str, Any]) -> str:
     """A compact table of the headline numbers."""
     lines = ["", "=== quickloris bench loss: summary ==="]
     mem = results.get("memory")
     if mem:
-        lines.append(f"memory (H {mem['hidden']}, V {mem['vocab']}, bf16; peak GB over inputs, fwd+bwd ms)")
-        lines.append(f"{'tokens':>6} {'W':<9} {'naive':>14} {'recompute':>22} {'grad_in_forward':>22}")
+        lines.append(f"memory (H {mem['hidden']}, V {mem['vocab']}, bf16): peak GB over inputs (% less than naive), "
+                     "fwd+bwd ms (x naive)")
+        lines.append(f"{'tokens':>6} {'W':<9} {'naive':>16} {'recompute':>26} {'grad_in_forward':>26}")
         for N in sorted({r["tokens"] for r in mem["rows"]}):
             for w_grad in (True, False):
-                cells = []
-                for method in ("naive", "recompute", "grad_in_forward"):
-                    r = next(r for r in mem["rows"] if (r["tokens"], r["w_grad"], r["method"]) == (N, w_grad, method))
-                    n = _naive_of(r, mem["rows"])
-                    if not isinstance(r.get("ms"), float):
-                        cells.append(f"{str(r['peak_gb']):>14}")
-                    elif method == "naive":
-                        cells.append(f"{r['peak_gb']:6.2f} {r['ms']:6.1f}ms")
-                    elif n and isinstance(n.get("ms"), float):
-                        cells.append(f"{r['peak_gb']:5.2f} (-{1 - r['peak_gb'] / n['peak_gb']:.0%}) "
-                                     f"{r['ms'] / n['ms']:.2f}x")
-                    else:
-                        cells.append(f"{r['peak_gb']:5.2f} {r['ms']:6.1f}ms")
-                lines.append(f"{N:>6} {'trainable' if w_grad else 'frozen':<9} {cells[0]:>14} {cells[1]:>22} "
-                             f"{cells[2]:>22}")
+                cells = [_cell(r, mem["rows"]) for method in ("naive", "recompute", "grad_in_forward")
+                         for r in mem["rows"] if (r["tokens"], r["w_grad"], r["method"]) == (N, w_grad, method)]
+                lines.append(f"{N:>6} {'trainable' if w_grad else 'frozen':<9} " +
+                             " ".join(f"{c:>{w}}" for c, w in zip(cells, (16, 26, 26))))
+        for r in mem.get("budget_sweep", []):
+            lines.append(f"  budget {r['budget_mib']:>5} MiB ({r['chunk_rows']} rows) N={r['tokens']} "
+                         f"{'trainable' if r['w_grad'] else 'frozen'} {r['method']}: {_cell(r, mem['rows'])}")
     for row in (results.get("spec") or {}).get("rows", []):
-        lines.append(f"spec test_comparison chunk={row['chunk_size']}: close loss/dX/dW = {row['loss_close']}/"
-                     f"{row['grad_X_close']}/{row['grad_W_close']}, memory saved {row['memory_saved']:.0%}")
+        lines.append(f"spec test_comparison chunk={row['chunk_size']}: close loss/dX/dW vs spec NaiveLinear "
+                     f"{row['loss_close']}/{row['grad_X_close']}/{row['grad_W_close']}, vs autograd "
+                     f"{row['autograd_loss_close']}/{row['autograd_grad_X_close']}/{row['autograd_grad_W_close']}, "
+                     f"memory saved {row['memory_saved']}")
     tr = results.get("train60")
     if tr:
         for mode in ("chunked", "chunked_grad_in_forward"):

@@ -215,7 +215,7 @@ def chunked_linear_loss(x: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
                      chunk=resolve_chunk_size(chunk_size, n, vocab, memory_budget),
                      per_row=reduction == "none", grad_in_forward=bool(grad_in_forward), row_names=names)
     out = ChunkedLinearFunction.apply(plan, x.reshape(n, x.shape[-1]), weight, bias,
-                                      None if labels is None else labels.reshape(n), *rows)
+                                      None if labels is None else labels.reshape(n).long(), *rows)
     if reduction == "none":
         return out.reshape(lead)
     if reduction == "sum":
