@@ -56,7 +56,7 @@ try:
     import transformers
 except ImportError:
     raise SystemExit("3. skipped: transformers is not installed")
-from quickloris.models.chunked_loss import enable_chunked_loss
+from quickloris.models.chunked_loss import enable_chunked_loss  # noqa: E402 - needs transformers
 
 cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=512, num_hidden_layers=2,
                                num_attention_heads=4, num_key_value_heads=2)

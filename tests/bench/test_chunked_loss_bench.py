@@ -18,10 +18,12 @@ TINY = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_la
             num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)
 
 
-def test_chunked_bench_train_and_grpo_on_cpu(seed):
-    pytest.importorskip("bitsandbytes")
-    train = loss_models.train_compare(TINY, steps=3, batch=2, seq=48, device="cpu", dtype=torch.float32, quantize=True,
-                                lr=1e-3, seed=seed % 1000, log=lambda s: None)
+@pytest.mark.parametrize("quantize", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["lora", "qlora"])
+def test_chunked_bench_train_and_grpo_on_cpu(seed, quantize):
+    if quantize:
+        pytest.importorskip("bitsandbytes")
+    train = loss_models.train_compare(TINY, steps=3, batch=2, seq=40, device="cpu", dtype=torch.float32,
+                                      quantize=quantize, lr=1e-3, seed=seed % 1000, log=lambda s: None)
     for mode in ("chunked", "chunked_grad_in_forward"):
         assert len(train[mode]["losses"]) == 3 and train[mode]["within_1e-3"]
         assert train[mode]["max_rel_diff_vs_hf"] < 1e-5  # fp32: the same numbers up to rounding order

@@ -77,7 +77,7 @@ def test_chunked_loss_matches_hf(seed, tied, use_peft):
     enable_chunked_loss(model, chunk_size=5)
     ids, mask, labels = _batch()
     pos = (mask.cumsum(-1) - 1).clamp_min(0)
-    for extra in ({}, {"position_ids": pos}, {"num_items_in_batch": torch.tensor(57)}):
+    for extra in ({}, {"position_ids": pos, "num_items_in_batch": torch.tensor(57)}):
         got = _run(model, False, input_ids=ids, attention_mask=mask, labels=labels, **extra)
         assert got[0].logits is None
         _assert_same(got, _run(model, True, input_ids=ids, attention_mask=mask, labels=labels, **extra))

@@ -305,6 +305,8 @@ def test_chunked_bad_input_raises(seed):
         chunked_linear_loss(x, w, y, loss="hinge")
     with pytest.raises(ValueError, match="num_items"):
         chunked_linear_loss(x, w, y, num_items=-1)
+    with pytest.raises(ValueError, match="num_items applies"):
+        chunked_linear_loss(x, w, y, reduction="sum", num_items=5)
     with pytest.raises(ValueError, match="chunk_size"):
         chunked_linear_loss(x, w, y, chunk_size=0)
 

@@ -9,6 +9,7 @@ rule is `choose_chunk_size`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -26,7 +27,7 @@ class MemoryEfficientLinear(torch.autograd.Function):
     `forward_function(X_chunk, linear, labels_chunk)` maps a chunk of rows (X flattened to [rows, H], labels to
     [rows, ...]) to either a 0-d tensor (the chunk's sum: outputs are added) or one value per row (outputs are
     concatenated and reshaped to X's leading dimensions). Optional: `chunk_size` (rows) or `memory_budget`
-    (bytes, `choose_chunk_size`), `grad_in_forward` (scalar outputs only, see the module docstring).
+    (bytes, `choose_chunk_size`), `grad_in_forward` (scalar outputs only; see `quickloris.ops.chunked_core`).
 
     `linear` may be any module (nn.Linear, a LoRA-wrapped or 4-bit layer...): its parameters that require grad
     enter the autograd graph as inputs of this Function, and backward returns their gradients, so they land in
@@ -49,8 +50,10 @@ class MemoryEfficientLinear(torch.autograd.Function):
             raise ValueError(f"labels must be a tensor whose leading dims match X's {tuple(lead)}, got "
                              f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
         vocab = getattr(linear, "out_features", None)
+        if not isinstance(vocab, int) and isinstance(getattr(linear, "weight", None), torch.Tensor):
+            vocab = linear.weight.shape[0] if linear.weight.dim() == 2 else None
         if chunk_size is None and not isinstance(vocab, int):
-            raise ValueError("linear has no out_features: pass chunk_size explicitly")
+            raise ValueError("cannot tell linear's output size (no out_features / 2-D weight): pass chunk_size")
         x2 = X.reshape(-1, X.shape[-1])
         lab = None if labels is None else labels.reshape(x2.shape[0], *labels.shape[len(lead):])
         plan = ChunkPlan(call=lambda xc, w, b, yc, rc: forward_function(xc, linear, yc),
@@ -172,6 +175,12 @@ def chunked_linear_loss(x: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
         raise ValueError(f"reduction must be 'sum', 'mean' or 'none', got {reduction!r}")
     if grad_in_forward and reduction == "none":
         raise ValueError("grad_in_forward needs reduction 'sum' or 'mean' (a scalar upstream gradient)")
+    if num_items is not None:
+        if reduction != "mean":
+            raise ValueError(f"num_items applies to reduction='mean' only, got reduction={reduction!r}")
+        if not isinstance(num_items, torch.Tensor) and (
+                not isinstance(num_items, int) or isinstance(num_items, bool) or num_items < 0):
+            raise ValueError(f"num_items must be a non-negative int or a tensor, got {num_items!r}")
     _check_tensor("x", x)
     if x.dim() < 2:
         raise ValueError(f"x must have shape [..., hidden] with at least 2 dims, got {tuple(x.shape)}")
@@ -185,7 +194,7 @@ def chunked_linear_loss(x: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     if bias is not None and (_check_tensor("bias", bias, dims=(1,)).shape[0] != vocab or bias.dtype != weight.dtype):
         raise ValueError(f"bias must be [{vocab}] of dtype {weight.dtype}, got {tuple(bias.shape)} {bias.dtype}")
     lead = x.shape[:-1]
-    n = x[..., 0].numel()
+    n = math.prod(lead)
     ignore_index = options.get("ignore_index", -100)
     if labels is not None:
         _check_tensor("labels", labels)
@@ -222,12 +231,8 @@ def chunked_linear_loss(x: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
         return out
     if num_items is None:
         count = n if labels is None else (labels != ignore_index).sum()
-    elif isinstance(num_items, torch.Tensor):
-        count = num_items.to(out.device)
-    elif isinstance(num_items, int) and not isinstance(num_items, bool) and num_items >= 0:
-        count = num_items
     else:
-        raise ValueError(f"num_items must be a non-negative int or a tensor, got {num_items!r}")
+        count = num_items.to(out.device) if isinstance(num_items, torch.Tensor) else num_items
     if isinstance(count, int):
         return out / max(count, 1)
     return out / count.clamp_min(1)

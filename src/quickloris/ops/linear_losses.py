@@ -2,8 +2,9 @@
 
 Each function is `fn(x [C, H], weight [V, H] (or the head module), bias [V] | None, labels [C] | None, *,
 row tensors..., options)` and returns one fp32 value per row ([C]); rows whose label is `ignore_index` give 0
-(and no gradient). They are plain PyTorch, differentiated by autograd inside `chunked_linear_loss`. The logits are upcast to fp32 before any softmax (`logits`). Row tensors (one entry per
-row of x, sliced with it) are named by the `row_args` decorator; every other option is passed through as is.
+(and no gradient). They are plain PyTorch, differentiated by autograd inside `chunked_linear_loss`. The logits
+are upcast to fp32 before any softmax (`logits`). Row tensors (one entry per row of x, sliced with it) are
+named by the `row_args` decorator; every other option is passed through as is.
 
 Notation: z = logits (after softcap and temperature), lse = logsumexp_v z_v, log p_v = z_v - lse.
 """
