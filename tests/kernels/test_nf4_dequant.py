@@ -136,17 +136,14 @@ def test_non_contiguous_packed_is_rejected():
 
 
 def _plain_twin(q, qs, dtype):
-    """The same kernel with the unpack/table step in plain Triton instead of inline PTX."""
-    out = torch.empty(qs.shape, dtype=dtype, device=q.device)
+    """The kernel with the inline-PTX unpack (asm) and with the plain Triton unpack/table step."""
     a, a2, c2, off, code, shape, _, bs = nf4_dequant._fields(qs)
-    nf4_dequant._launch(nf4_dequant._nf4_dequant_kernel, q, a, a2, c2, off, code, out, out.numel(), bs, True)
-    plain = torch.empty_like(out)
-    kernel = nf4_dequant._nf4_dequant_kernel
-    blocks, warps = nf4_dequant._config(out.numel(), bs)
-    grid = ((a.numel() + blocks - 1) // blocks,)
-    kernel[grid](q, a, a2, c2, off, code, plain, out.numel(), a.numel(), BLOCKSIZE=bs, BLOCKS=blocks, NESTED=True,
-                 UNPACK_ASM=False, MUL_ASM=True, SOFT_BF16=False, num_warps=warps)
-    return out, plain
+    outs = []
+    for use_asm in (True, False):
+        out = torch.full(tuple(shape), float("nan"), dtype=dtype, device=q.device)
+        nf4_dequant._launch(nf4_dequant._nf4_dequant_kernel, q, a, a2, c2, off, code, out, out.numel(), bs, use_asm)
+        outs.append(out)
+    return outs
 
 
 @pytest.mark.gpu
@@ -179,3 +176,21 @@ def test_gpu_one_launch_and_no_allocation_with_out():
     quickloris.dequantize_nf4(q, qs, out=out)
     torch.cuda.synchronize()
     assert torch.cuda.max_memory_allocated() == before
+
+
+@pytest.mark.gpu
+def test_gpu_direct_launch_matches_triton_launch(seed):
+    """Repeat calls launch through a cached plan; results must not change, and a changed state invalidates it."""
+    nf4_dequant._COMPILED.clear()
+    for shape, dtype in [((4096, 1024), torch.bfloat16), ((1000, 1000), torch.float16), ((129, 264), torch.bfloat16)]:
+        q, qs = bnb_pair(shape, dtype, device="cuda")
+        first = quickloris.dequantize_nf4(q, qs)  # checked path, through triton's launcher
+        assert nf4_dequant._plan_for(qs) is not None
+        second = quickloris.dequantize_nf4(q, qs)  # planned direct launch
+        out = torch.empty_like(first)
+        third = quickloris.dequantize_nf4(q, qs, out=out)
+        assert third is out
+        for t in (first, second, third):
+            assert torch.equal(bits(t), bits(bnbF.dequantize_4bit(q, qs)))
+        qs.absmax = torch.randint(0, 256, qs.absmax.shape, dtype=torch.uint8, device="cuda")  # new state tensor
+        assert torch.equal(bits(quickloris.dequantize_nf4(q, qs)), bits(bnbF.dequantize_4bit(q, qs)))

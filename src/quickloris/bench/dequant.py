@@ -27,7 +27,7 @@ HARNESS_CONFIGS = [  # (bsz, qlen, hd, m, seed, dtype name), verbatim from the s
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iters", type=int, default=1000, help="harness iterations per config (spec: 1000)")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved harness repetitions")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved harness repetitions")
     parser.add_argument("--skip-harness", action="store_true", help="only the per-matrix timings")
 
 
@@ -179,6 +179,37 @@ def _per_matrix(fns: dict[str, Callable], copy_tbs: float) -> list[dict[str, Any
     return rows
 
 
+def _plain_twin(layer):
+    """quickloris' kernel with the plain-Triton unpack instead of the inline PTX (for comparison)."""
+    import torch
+
+    from quickloris.kernels import nf4_dequant as K
+
+    qs = layer.weight.quant_state
+    a, a2, c2, off, code, shape, dtype, bs = K._fields(qs)
+    out = torch.empty(shape, dtype=dtype, device="cuda")
+    K._launch(K._nf4_dequant_kernel, layer.weight.data, a, a2, c2, off, code, out, out.numel(), bs, False)
+    return out
+
+
+def _host_overhead(fns: dict[str, Callable], calls: int = 2000) -> dict[str, float]:
+    """Wall time per call with no synchronisation in between: the host-side cost once the GPU keeps up."""
+    import torch
+
+    layer = _nf4_layer(4096, 1024, torch.bfloat16)
+    out: dict[str, float] = {}
+    for name, fx in fns.items():
+        for _ in range(50):
+            fx(layer)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fx(layer)
+        out[name] = round((time.perf_counter() - start) / calls * 1e6, 2)
+        torch.cuda.synchronize()
+    return out
+
+
 def _config_sweep() -> list[dict[str, Any]]:
     """Our kernel's (absmax blocks per program, warps) on the 14336x4096 bf16 weight, to check the default."""
     import torch
@@ -220,6 +251,7 @@ def run(args: argparse.Namespace) -> int:
         "bnb_dequantize_4bit": lambda layer: bnbF.dequantize_4bit(layer.weight.data, layer.weight.quant_state),
         "peft_dequantize_module_weight": dequantize_module_weight,
     }
+    unsloth_ref = fns["unsloth_fast_dequantize"]  # the specification's `unsloth_dequantize(layer)`
     results: dict[str, Any] = {"unsloth_source": unsloth_source}
     copy_tbs = _copy_bandwidth()
     results["copy_bandwidth_TBps"] = round(copy_tbs, 3)
@@ -230,10 +262,13 @@ def run(args: argparse.Namespace) -> int:
     print("config sweep (blocks, warps -> us): " + ", ".join(f"({r['blocks']},{r['warps']})={r['us']}" for r in sweep))
     print(f"best config: {best}; default: {_config(14336 * 4096, 64)}")
 
-    results["per_matrix"] = _per_matrix(fns, copy_tbs)
+    timed = {**fns, "quickloris_plain_twin": _plain_twin}
+    results["per_matrix"] = _per_matrix(timed, copy_tbs)
     for row in results["per_matrix"]:
-        cells = "  ".join(f"{k}={row[k]['us']:.1f}us" for k in fns)
+        cells = "  ".join(f"{k}={row[k]['us']:.1f}us" for k in timed)
         print(f"{row['shape'][0]}x{row['shape'][1]} {row['dtype']}: floor {row['floor_us']:.1f}us  {cells}")
+    results["host_us_per_call_4096x1024"] = host = _host_overhead(fns)
+    print("host time per call, 4096x1024 (us): " + "  ".join(f"{k}={v}" for k, v in host.items()))
 
     if not args.skip_harness:
         floor = lambda layer: torch.empty(layer.weight.quant_state.shape, dtype=layer.weight.quant_state.dtype,  # noqa: E731
@@ -241,8 +276,8 @@ def run(args: argparse.Namespace) -> int:
         harness: dict[str, list[float]] = {k: [] for k in (*fns, "torch_empty_floor")}
         for rep in range(args.repeats):
             for name, fx in fns.items():
-                harness[name].append(round(_harness(fx, unsloth_fx, args.iters, check=True), 4))
-            harness["torch_empty_floor"].append(round(_harness(floor, unsloth_fx, args.iters, check=False), 4))
+                harness[name].append(round(_harness(fx, unsloth_ref, args.iters, check=True), 4))
+            harness["torch_empty_floor"].append(round(_harness(floor, unsloth_ref, args.iters, check=False), 4))
             print(f"harness repeat {rep}: " + "  ".join(f"{k}={v[-1]:.3f}s" for k, v in harness.items()))
         results["harness_seconds"] = harness
         med = {k: sorted(v)[len(v) // 2] for k, v in harness.items()}

@@ -1,6 +1,6 @@
-"""Inline PTX for the NF4 unpack + table step: one 32-bit word of packed bytes -> 8 float32 NF4 levels.
+"""Inline PTX for the NF4 unpack + table step: 4 packed bytes -> their 8 float32 NF4 levels.
 
-A word holds 8 nibbles. Value 2j is the high nibble of byte j and value 2j+1 the low one. The 16-entry float32
+Each byte holds two values: the high nibble is the first, the low nibble the second. The 16-entry float32
 table lives in 16 registers, transposed by byte: ``T[k][q]`` holds byte k of entries 4q..4q+3. For 4 values at
 once (the 4 high nibbles, then the 4 low nibbles) and each byte position k:
 
@@ -9,7 +9,8 @@ once (the 4 high nibbles, then the 4 low nibbles) and each byte position k:
     r_k  = lop3(lo_k, hi_k, mask, 0xD8)    # pick hi_k where bit 3 of i is set: (lo & ~m) | (hi & m)
 
 where `sel` packs the four 3-bit indices into prmt's four selector nibbles and `mask` is 0xFF in each byte whose
-index has bit 3 set. A 4x4 byte transpose (8 prmt) then turns (r_0..r_3) into the 4 float32 bit patterns.
+index has bit 3 set. The asm is elementwise over bytes (``pack=4``), so Triton's grouping of bytes into a
+register never matters: byte k of the input register maps to output register k (high) and 4 + k (low). A 4x4 byte transpose (8 prmt) then turns (r_0..r_3) into the 4 float32 bit patterns.
 About 7 integer instructions per value, no memory access: the table never leaves registers.
 
 Needs only prmt/lop3 (sm_50+), so it runs on the T4 (sm_75) as well as Hopper.
@@ -62,8 +63,12 @@ def _lookup4(idx: str, prefix: str) -> list[str]:
     return lines
 
 
-def unpack_word_ptx() -> str:
-    """PTX for `tl.inline_asm_elementwise`: ``$8`` is the packed word, ``$0..$7`` the 8 NF4 levels (as .b32)."""
+def unpack_bytes_ptx() -> str:
+    """PTX for `tl.inline_asm_elementwise(..., pack=4)` over packed uint8 bytes.
+
+    ``$8`` holds 4 packed bytes (one per element of the pack); ``$0..$3`` receive the NF4 levels of their high
+    nibbles and ``$4..$7`` those of their low nibbles (as .b32 bit patterns), i.e. two float32 outputs per byte.
+    """
     regs = ["x", "ia", "ib"] + [f"tb{k}{q}" for k in range(4) for q in range(4)]
     for p in ("a", "b"):
         regs += [f"{p}{r}" for r in ("t", "s", "m", "lo", "hi", "r0", "r1", "r2", "r3", "u0", "u1",
@@ -73,8 +78,7 @@ def unpack_word_ptx() -> str:
         lines += [f"mov.b32 tb{k}{q}, {word:#010x};" for q, word in enumerate(row)]
     lines += ["shr.u32 ia, x, 4;", "and.b32 ia, ia, 0x0F0F0F0F;", "and.b32 ib, x, 0x0F0F0F0F;"]
     lines += _lookup4("ia", "a") + _lookup4("ib", "b")
-    for j in range(4):  # value 2j: high nibble of byte j (group a); value 2j+1: its low nibble (group b)
-        lines += [f"mov.b32 ${2 * j}, ae{j};", f"mov.b32 ${2 * j + 1}, be{j};"]
+    lines += [f"mov.b32 ${j}, ae{j};" for j in range(4)] + [f"mov.b32 ${4 + j}, be{j};" for j in range(4)]
     lines.append("}")
     return "\n".join(lines)
 
