@@ -41,7 +41,7 @@ def main():
         "_resolve(layer)": lambda: K._resolve(layer, None),
         "layer.weight.data": lambda: layer.weight.data,
         "_fields(qs)": lambda: K._fields(qs),
-        "plan.launch(packed, out)": lambda: plan.launch(packed, out),
+        "plan.launch(out)": lambda: plan.launch(out),
         "is_compiling()": lambda: torch.compiler.is_compiling(),
         "current_device()": lambda: torch.cuda.current_device(),
         "raw stream": lambda: torch._C._cuda_getCurrentRawStream(0),
