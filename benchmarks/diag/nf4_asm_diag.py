@@ -13,7 +13,6 @@ import torch
 import triton
 import triton.language as tl
 
-from quickloris.kernels import nf4_dequant as K
 from quickloris.kernels.nf4_ptx import unpack_bytes_ptx
 from quickloris.quant.nf4 import NF4_LEVELS
 
@@ -54,20 +53,6 @@ def main() -> None:
     print("\n".join(lines))
     with open(f"{args.out}/nf4_asm_planar.ptx", "w") as f:
         f.write(ck.asm["ptx"])
-    # the main kernel's PTX, for inspection
-    q = torch.randint(0, 256, (4096 * 64 // 2, 1), dtype=torch.uint8, device="cuda")
-    absmax = torch.randint(0, 256, (4096,), dtype=torch.uint8, device="cuda")
-    a2 = torch.rand(16, device="cuda")
-    code2 = torch.linspace(-1, 1, 256, device="cuda")
-    off = torch.tensor(0.1, device="cuda")
-    code = torch.tensor(NF4_LEVELS, device="cuda")
-    o = torch.empty(4096 * 64, dtype=torch.bfloat16, device="cuda")
-    blocks, warps = K._config(o.numel(), 64)
-    ck2 = K._nf4_dequant_kernel[(triton.cdiv(4096, blocks),)](
-        q, absmax, a2, code2, off, code, o, o.numel(), 4096, BLOCKSIZE=64, BLOCKS=blocks,
-        NESTED=True, UNPACK_ASM=True, MUL_ASM=True, SOFT_BF16=False, num_warps=warps)
-    with open(f"{args.out}/nf4_main_asm.ptx", "w") as f:
-        f.write(ck2.asm["ptx"])
 
 
 if __name__ == "__main__":

@@ -194,3 +194,14 @@ def test_gpu_direct_launch_matches_triton_launch(seed):
             assert torch.equal(bits(t), bits(bnbF.dequantize_4bit(q, qs)))
         qs.absmax = torch.randint(0, 256, qs.absmax.shape, dtype=torch.uint8, device="cuda")  # new state tensor
         assert torch.equal(bits(quickloris.dequantize_nf4(q, qs)), bits(bnbF.dequantize_4bit(q, qs)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", [(16, 2, False), (32, 4, True), (64, 8, True), (128, 4, False)])
+def test_gpu_every_swept_config_is_exact(seed, config):
+    q, qs = bnb_pair((4096, 1024), torch.bfloat16, device="cuda")
+    a, a2, c2, off, code, shape, _, bs = nf4_dequant._fields(qs)
+    out = torch.full(tuple(shape), float("nan"), dtype=torch.bfloat16, device="cuda")
+    nf4_dequant._launch(nf4_dequant._nf4_dequant_kernel, q, a, a2, c2, off, code, out, out.numel(), bs, True,
+                        config=config)
+    assert torch.equal(bits(out), bits(bnbF.dequantize_4bit(q, qs)))

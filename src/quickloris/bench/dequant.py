@@ -211,23 +211,30 @@ def _host_overhead(fns: dict[str, Callable], calls: int = 2000) -> dict[str, flo
 
 
 def _config_sweep() -> list[dict[str, Any]]:
-    """Our kernel's (absmax blocks per program, warps) on the 14336x4096 bf16 weight, to check the default."""
+    """Our kernel's (absmax blocks per program, warps, streaming stores) on 14336x4096 bf16 weights, rotating
+    over 4 weights so that no launch finds its input in L2."""
+    import itertools
+
     import torch
     from triton.testing import do_bench
 
     from quickloris.kernels import nf4_dequant as K
 
-    layer = _nf4_layer(14336, 4096, torch.bfloat16)
-    packed, qs = layer.weight.data, layer.weight.quant_state
-    a, a2, c2, off, code, shape, _, bs = K._fields(qs)
-    out = torch.empty(shape, dtype=torch.bfloat16, device="cuda")
+    layers = [_nf4_layer(14336, 4096, torch.bfloat16) for _ in range(4)]
+    fields = [K._fields(layer.weight.quant_state) for layer in layers]
+    out = torch.empty(14336, 4096, dtype=torch.bfloat16, device="cuda")
     rows = []
-    for blocks in (8, 16, 32, 64, 128):
-        for warps in (2, 4, 8):
-            fn = lambda: K._launch(K._nf4_dequant_kernel, packed, a, a2, c2, off, code, out, out.numel(), bs,  # noqa: E731
-                                   True, config=(blocks, warps))
-            rows.append({"blocks": blocks, "warps": warps,
-                         "us": round(do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3, 2)})
+    for blocks, warps, stream in itertools.product((16, 32, 64, 128), (2, 4, 8), (False, True)):
+        turn = itertools.cycle(range(4))
+
+        def fn():
+            i = next(turn)
+            a, a2, c2, off, code, shape, _, bs = fields[i]
+            K._launch(K._nf4_dequant_kernel, layers[i].weight.data, a, a2, c2, off, code, out, out.numel(), bs,
+                      True, config=(blocks, warps, stream))
+
+        rows.append({"blocks": blocks, "warps": warps, "streaming_stores": stream,
+                     "us": round(do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3, 2)})
     return rows
 
 
@@ -259,7 +266,8 @@ def run(args: argparse.Namespace) -> int:
 
     results["config_sweep_14336x4096_bf16"] = sweep = _config_sweep()
     best = min(sweep, key=lambda r: r["us"])
-    print("config sweep (blocks, warps -> us): " + ", ".join(f"({r['blocks']},{r['warps']})={r['us']}" for r in sweep))
+    print("config sweep (blocks, warps, .cs -> us): " + ", ".join(
+        f"({r['blocks']},{r['warps']},{int(r['streaming_stores'])})={r['us']}" for r in sweep))
     print(f"best config: {best}; default: {_config(14336 * 4096, 64)}")
 
     timed = {**fns, "quickloris_plain_twin": _plain_twin}

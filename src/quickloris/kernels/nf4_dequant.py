@@ -82,6 +82,7 @@ if triton is not None:
         OUT_DTYPE: tl.constexpr,
         PAIRS: tl.constexpr,  # 16-bit output written as one 32-bit word per packed byte
         EVEN: tl.constexpr,  # n is a multiple of BLOCKS * BLOCKSIZE: no masks, full-width vector accesses
+        STREAM: tl.constexpr,  # write the output with streaming stores (.cs): it is read once, by the next matmul
     ):
         pid = tl.program_id(0)
         blk = pid * BLOCKS + tl.arange(0, BLOCKS)
@@ -122,9 +123,10 @@ if triton is not None:
             word = _to_bits16(hi, OUT_DTYPE, SOFT_BF16) | (_to_bits16(lo, OUT_DTYPE, SOFT_BF16) << 16)
             words_ptr = out_ptr.to(tl.pointer_type(tl.int32))
             if EVEN:
-                tl.store(words_ptr + b_idx, word.to(tl.int32, bitcast=True))
+                tl.store(words_ptr + b_idx, word.to(tl.int32, bitcast=True), cache_modifier=".cs" if STREAM else "")
             else:
-                tl.store(words_ptr + b_idx, word.to(tl.int32, bitcast=True), mask=b_idx < n // 2)
+                tl.store(words_ptr + b_idx, word.to(tl.int32, bitcast=True), mask=b_idx < n // 2,
+                         cache_modifier=".cs" if STREAM else "")
         else:
             values = tl.join(hi, lo).reshape(BLOCKS, BLOCKSIZE)
             o_idx = 2 * base + tl.arange(0, BLOCKS)[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
@@ -215,11 +217,11 @@ def _check(packed, absmax, absmax2, code2, offset, code, shape, blocksize, out_d
 
 
 @functools.lru_cache(maxsize=None)
-def _config(n: int, blocksize: int) -> tuple[int, int]:
-    """(absmax blocks per program, warps): 2048 values per program and 4 warps, the best of the sweep that
-    `quickloris bench dequant` runs (14336x4096 bf16 on an H100: 54.1 us; 4096 values/program: 55.0 us)."""
+def _config(n: int, blocksize: int) -> tuple[int, int, bool]:
+    """(absmax blocks per program, warps, streaming stores): 2048 values per program and 4 warps, the best of the
+    sweep that `quickloris bench dequant` runs (14336x4096 bf16 on an H100: 54.1 us; 4096 values/program: 55.0 us)."""
     blocks = max(1, min(2048 // blocksize, 64))
-    return blocks, 4
+    return blocks, 4, False
 
 
 # Compiled kernels by specialization, for launching without Triton's per-call argument binding (~10 us of
@@ -234,9 +236,10 @@ def _spec_key(tensors, ints, constexprs, warps, device_index) -> tuple:
 
 
 def _launch(kernel, packed, absmax, absmax2, code2, offset, code, out, n, blocksize, use_asm, config=None):
-    """Launch the kernel once. `use_asm` selects the inline-PTX unpack; the `.rn` multiply is always used on GPUs."""
+    """Launch the kernel once. `use_asm` selects the inline-PTX unpack; the `.rn` multiply is always used on GPUs.
+    `config` = (absmax blocks per program, warps, streaming stores) overrides the defaults (for the sweep)."""
     nblocks = absmax.numel()
-    blocks, warps = config or _config(n, blocksize)
+    blocks, warps, stream = config or _config(n, blocksize)
     nested = absmax2 is not None
     interp = _interpreting()
     # 16-bit outputs go out as one 32-bit word per packed byte when n is even and the output 4-byte aligned.
@@ -245,7 +248,7 @@ def _launch(kernel, packed, absmax, absmax2, code2, offset, code, out, n, blocks
                code, out)
     constexprs = (blocksize, blocks, nested, use_asm, out.is_cuda and not interp,
                   interp and out.dtype == torch.bfloat16, _TL_DTYPES[out.dtype], pairs,
-                  n % (blocks * blocksize) == 0)
+                  n % (blocks * blocksize) == 0, stream and out.is_cuda)
     grid = (triton.cdiv(nblocks, blocks),)
     # Direct launches only from eager code on the current device (Triton launches in the current context).
     direct = kernel is _nf4_dequant_kernel and out.is_cuda and out.device.index == torch.cuda.current_device()
@@ -265,7 +268,8 @@ def _launch(kernel, packed, absmax, absmax2, code2, offset, code, out, n, blocks
     return compiled, grid, (*tensors, n, nblocks, *constexprs)
 
 
-_CONSTEXPR_NAMES = ("BLOCKSIZE", "BLOCKS", "NESTED", "UNPACK_ASM", "MUL_ASM", "SOFT_BF16", "OUT_DTYPE", "PAIRS", "EVEN")
+_CONSTEXPR_NAMES = ("BLOCKSIZE", "BLOCKS", "NESTED", "UNPACK_ASM", "MUL_ASM", "SOFT_BF16", "OUT_DTYPE", "PAIRS", "EVEN",
+                    "STREAM")
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32} if triton else {}
 
 
