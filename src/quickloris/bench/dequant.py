@@ -210,9 +210,19 @@ def _host_overhead(fns: dict[str, Callable], calls: int = 2000) -> dict[str, flo
     return out
 
 
+def _write_floor() -> dict[str, float]:
+    """Time to only write the 14336x4096 bf16 output (80% of the kernel's traffic is this write)."""
+    import torch
+    from triton.testing import do_bench
+
+    out = torch.empty(14336, 4096, dtype=torch.bfloat16, device="cuda")
+    us = do_bench(lambda: out.fill_(1.0), warmup=25, rep=200, return_mode="median") * 1e3
+    return {"us": round(us, 2), "TBps": round(out.numel() * 2 / (us * 1e-6) / 1e12, 3)}
+
+
 def _config_sweep() -> list[dict[str, Any]]:
-    """Our kernel's (absmax blocks per program, warps, streaming stores) on 14336x4096 bf16 weights, rotating
-    over 4 weights so that no launch finds its input in L2."""
+    """Our kernel's (absmax blocks per tile, warps, streaming stores, pipeline stages) on 14336x4096 bf16 weights,
+    rotating over 4 weights so that no launch finds its input in L2."""
     import itertools
 
     import torch
@@ -224,16 +234,18 @@ def _config_sweep() -> list[dict[str, Any]]:
     fields = [K._fields(layer.weight.quant_state) for layer in layers]
     out = torch.empty(14336, 4096, dtype=torch.bfloat16, device="cuda")
     rows = []
-    for blocks, warps, stream in itertools.product((16, 32, 64, 128), (2, 4, 8), (False, True)):
+    grid = [(b, w, False, 0) for b in (16, 32, 64, 128) for w in (2, 4, 8)] + [(32, 4, True, 0), (16, 2, True, 0)]
+    grid += [(b, w, False, st) for b in (16, 32) for w in (2, 4) for st in (2, 3, 4)]
+    for blocks, warps, stream, stages in grid:
         turn = itertools.cycle(range(4))
 
         def fn():
             i = next(turn)
             a, a2, c2, off, code, shape, _, bs = fields[i]
             K._launch(K._nf4_dequant_kernel, layers[i].weight.data, a, a2, c2, off, code, out, out.numel(), bs,
-                      True, config=(blocks, warps, stream))
+                      True, config=(blocks, warps, stream, stages))
 
-        rows.append({"blocks": blocks, "warps": warps, "streaming_stores": stream,
+        rows.append({"blocks": blocks, "warps": warps, "streaming_stores": stream, "stages": stages,
                      "us": round(do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3, 2)})
     return rows
 
@@ -266,11 +278,14 @@ def run(args: argparse.Namespace) -> int:
 
     results["config_sweep_14336x4096_bf16"] = sweep = _config_sweep()
     best = min(sweep, key=lambda r: r["us"])
-    print("config sweep (blocks, warps, .cs -> us): " + ", ".join(
-        f"({r['blocks']},{r['warps']},{int(r['streaming_stores'])})={r['us']}" for r in sweep))
+    print("config sweep (blocks, warps, .cs, stages -> us): " + ", ".join(
+        f"({r['blocks']},{r['warps']},{int(r['streaming_stores'])},{r['stages']})={r['us']}" for r in sweep))
     print(f"best config: {best}; default: {_config(14336 * 4096, 64)}")
 
     timed = {**fns, "quickloris_plain_twin": _plain_twin}
+    results["write_only_floor_14336x4096_bf16"] = wf = _write_floor()
+    print(f"write-only floor (fill_ of the 14336x4096 bf16 output, 117 MB): {wf['us']} us = {wf['TBps']} TB/s")
+
     results["per_matrix"] = _per_matrix(timed, copy_tbs)
     for row in results["per_matrix"]:
         cells = "  ".join(f"{k}={row[k]['us']:.1f}us" for k in timed)

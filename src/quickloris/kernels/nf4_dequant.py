@@ -63,29 +63,12 @@ if triton is not None:
             return values.to(OUT_DTYPE).to(tl.uint16, bitcast=True).to(tl.uint32)
 
     @triton.jit
-    def _nf4_dequant_kernel(
-        packed_ptr,  # uint8 [ceil(n/2)]
-        absmax_ptr,  # uint8 [nblocks] (nested) or float32 [nblocks]
-        absmax2_ptr,  # float32 [ceil(nblocks/256)] (nested)
-        code2_ptr,  # float32 [256] (nested)
-        offset_ptr,  # float32 [1] (nested)
-        code_ptr,  # float32 [16]
-        out_ptr,  # OUT_DTYPE [n] (read as int32 [n/2] holding value pairs when PAIRS)
-        n,
-        nblocks,
-        BLOCKSIZE: tl.constexpr,
-        BLOCKS: tl.constexpr,
-        NESTED: tl.constexpr,
-        UNPACK_ASM: tl.constexpr,
-        MUL_ASM: tl.constexpr,
-        SOFT_BF16: tl.constexpr,
-        OUT_DTYPE: tl.constexpr,
-        PAIRS: tl.constexpr,  # 16-bit output written as one 32-bit word per packed byte
-        EVEN: tl.constexpr,  # n is a multiple of BLOCKS * BLOCKSIZE: no masks, full-width vector accesses
-        STREAM: tl.constexpr,  # write the output with streaming stores (.cs): it is read once, by the next matmul
-    ):
-        pid = tl.program_id(0)
-        blk = pid * BLOCKS + tl.arange(0, BLOCKS)
+    def _dequant_tile(tile, packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr, out_ptr, n, nblocks, BLOCKSIZE: tl.constexpr,
+                      BLOCKS: tl.constexpr, NESTED: tl.constexpr, UNPACK_ASM: tl.constexpr, MUL_ASM: tl.constexpr,
+                      SOFT_BF16: tl.constexpr, OUT_DTYPE: tl.constexpr, PAIRS: tl.constexpr, EVEN: tl.constexpr,
+                      STREAM: tl.constexpr):
+        """Decode absmax blocks [tile*BLOCKS, (tile+1)*BLOCKS) of the weight."""
+        blk = tile * BLOCKS + tl.arange(0, BLOCKS)
         blk_ok = blk < nblocks
         if NESTED:
             if EVEN:
@@ -101,7 +84,7 @@ if triton is not None:
 
         # Byte j of a block holds value 2j (high nibble) and 2j+1 (low nibble); each block has BLOCKSIZE/2 bytes.
         HALF: tl.constexpr = BLOCKSIZE // 2
-        base = pid.to(tl.int64) * (BLOCKS * HALF)  # first byte of this program; int64: n may pass 2^31
+        base = tile.to(tl.int64) * (BLOCKS * HALF)  # first byte of this tile; int64: n may pass 2^31
         b_idx = base + tl.arange(0, BLOCKS)[:, None] * HALF + tl.arange(0, HALF)[None, :]
         if EVEN:
             packed = tl.load(packed_ptr + b_idx, eviction_policy="evict_first")
@@ -135,6 +118,38 @@ if triton is not None:
             else:
                 result = values.to(OUT_DTYPE)
             tl.store(out_ptr + o_idx, result, mask=o_idx < n)
+
+
+    @triton.jit
+    def _nf4_dequant_kernel(
+        packed_ptr,  # uint8 [ceil(n/2)]
+        absmax_ptr,  # uint8 [nblocks] (nested) or float32 [nblocks]
+        absmax2_ptr,  # float32 [ceil(nblocks/256)] (nested)
+        code2_ptr,  # float32 [256] (nested)
+        offset_ptr,  # float32 [1] (nested)
+        code_ptr,  # float32 [16]
+        out_ptr,  # OUT_DTYPE [n] (read as int32 [n/2] holding value pairs when PAIRS)
+        n,
+        nblocks,
+        BLOCKSIZE: tl.constexpr,
+        BLOCKS: tl.constexpr,
+        NESTED: tl.constexpr,
+        UNPACK_ASM: tl.constexpr,
+        MUL_ASM: tl.constexpr,
+        SOFT_BF16: tl.constexpr,
+        OUT_DTYPE: tl.constexpr,
+        PAIRS: tl.constexpr,  # 16-bit output written as one 32-bit word per packed byte
+        EVEN: tl.constexpr,  # n is a multiple of BLOCKS * BLOCKSIZE: no masks, full-width vector accesses
+        STREAM: tl.constexpr,  # write the output with streaming stores (.cs): it is read once, by the next matmul
+        STAGES: tl.constexpr,  # 0: one tile per program; k > 0: persistent programs, k-deep software pipeline
+    ):
+        if STAGES == 0:
+            _dequant_tile(tl.program_id(0), packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr, out_ptr, n, nblocks,
+                          BLOCKSIZE, BLOCKS, NESTED, UNPACK_ASM, MUL_ASM, SOFT_BF16, OUT_DTYPE, PAIRS, EVEN, STREAM)
+        else:
+            for tile in tl.range(tl.program_id(0), tl.cdiv(nblocks, BLOCKS), tl.num_programs(0), num_stages=STAGES):
+                _dequant_tile(tile, packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr, out_ptr, n, nblocks,
+                          BLOCKSIZE, BLOCKS, NESTED, UNPACK_ASM, MUL_ASM, SOFT_BF16, OUT_DTYPE, PAIRS, EVEN, STREAM)
 
 
 def _interpreting() -> bool:
@@ -217,11 +232,12 @@ def _check(packed, absmax, absmax2, code2, offset, code, shape, blocksize, out_d
 
 
 @functools.lru_cache(maxsize=None)
-def _config(n: int, blocksize: int) -> tuple[int, int, bool]:
-    """(absmax blocks per program, warps, streaming stores): 2048 values per program and 4 warps, the best of the
-    sweep that `quickloris bench dequant` runs (14336x4096 bf16 on an H100: 54.1 us; 4096 values/program: 55.0 us)."""
+def _config(n: int, blocksize: int) -> tuple[int, int, bool, int]:
+    """(absmax blocks per tile, warps, streaming stores, stages): 2048 values per program, 4 warps, plain stores,
+    one tile per program: within noise of the best of the sweep `quickloris bench dequant` runs on an H100
+    (14336x4096 bf16, weights rotated: 55.7-56.2 us; streaming stores and other shapes did not help)."""
     blocks = max(1, min(2048 // blocksize, 64))
-    return blocks, 4, False
+    return blocks, 4, False, 0
 
 
 # Compiled kernels by specialization, for launching without Triton's per-call argument binding (~10 us of
@@ -237,9 +253,10 @@ def _spec_key(tensors, ints, constexprs, warps, device_index) -> tuple:
 
 def _launch(kernel, packed, absmax, absmax2, code2, offset, code, out, n, blocksize, use_asm, config=None):
     """Launch the kernel once. `use_asm` selects the inline-PTX unpack; the `.rn` multiply is always used on GPUs.
-    `config` = (absmax blocks per program, warps, streaming stores) overrides the defaults (for the sweep)."""
+    `config` = (absmax blocks per tile, warps, streaming stores, pipeline stages; 0 = one tile per program)
+    overrides the defaults (for the sweep)."""
     nblocks = absmax.numel()
-    blocks, warps, stream = config or _config(n, blocksize)
+    blocks, warps, stream, stages = config or _config(n, blocksize)
     nested = absmax2 is not None
     interp = _interpreting()
     # 16-bit outputs go out as one 32-bit word per packed byte when n is even and the output 4-byte aligned.
@@ -248,8 +265,9 @@ def _launch(kernel, packed, absmax, absmax2, code2, offset, code, out, n, blocks
                code, out)
     constexprs = (blocksize, blocks, nested, use_asm, out.is_cuda and not interp,
                   interp and out.dtype == torch.bfloat16, _TL_DTYPES[out.dtype], pairs,
-                  n % (blocks * blocksize) == 0, stream and out.is_cuda)
-    grid = (triton.cdiv(nblocks, blocks),)
+                  n % (blocks * blocksize) == 0, stream and out.is_cuda, stages)
+    tiles = triton.cdiv(nblocks, blocks)
+    grid = (min(tiles, _sm_count(out.device) * _PROGRAMS_PER_SM) if stages else tiles,)
     # Direct launches only from eager code on the current device (Triton launches in the current context).
     direct = kernel is _nf4_dequant_kernel and out.is_cuda and out.device.index == torch.cuda.current_device()
     if direct:
@@ -269,7 +287,13 @@ def _launch(kernel, packed, absmax, absmax2, code2, offset, code, out, n, blocks
 
 
 _CONSTEXPR_NAMES = ("BLOCKSIZE", "BLOCKS", "NESTED", "UNPACK_ASM", "MUL_ASM", "SOFT_BF16", "OUT_DTYPE", "PAIRS", "EVEN",
-                    "STREAM")
+                    "STREAM", "STAGES")
+_PROGRAMS_PER_SM = 8
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32} if triton else {}
 
 
