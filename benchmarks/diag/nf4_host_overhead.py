@@ -10,6 +10,7 @@ import torch
 import quickloris
 from quickloris.bench.dequant import _nf4_layer
 from quickloris.kernels import nf4_dequant as K
+from quickloris.kernels import nf4_launch as KL
 
 
 def per_call(fn, calls=3000):
@@ -32,7 +33,7 @@ def main():
     w, qs = layer.weight, layer.weight.quant_state
     packed = w.data
     quickloris.dequantize_nf4(layer)
-    plan = K._plan_for(qs)
+    plan = KL.plan_for(qs)
     out = torch.empty(qs.shape, dtype=qs.dtype, device="cuda")
     rows = {
         "full dequantize_nf4(layer)": lambda: quickloris.dequantize_nf4(layer),
@@ -40,15 +41,15 @@ def main():
         "torch.empty(shape)": lambda: torch.empty(qs.shape, dtype=qs.dtype, device="cuda"),
         "_resolve(layer)": lambda: K._resolve(layer, None),
         "layer.weight.data": lambda: layer.weight.data,
-        "_fields(qs)": lambda: K._fields(qs),
+        "_fields(qs)": lambda: KL.state_fields(qs),
         "plan.launch(out)": lambda: plan.launch(out),
         "is_compiling()": lambda: torch.compiler.is_compiling(),
         "current_device()": lambda: torch.cuda.current_device(),
         "raw stream": lambda: torch._C._cuda_getCurrentRawStream(0),
-        "triton knobs hook read": lambda: K.triton.knobs.runtime.launch_enter_hook,
+        "triton knobs hook read": lambda: KL.triton.knobs.runtime.launch_enter_hook,
         "empty kernel-free python loop": lambda: None,
     }
-    print(f"plan: {plan is not None}; enter hook: {K.triton.knobs.runtime.launch_enter_hook}")
+    print(f"plan: {plan is not None}; enter hook: {KL.triton.knobs.runtime.launch_enter_hook}")
     for name, fn in rows.items():
         print(f"{name:40s} {per_call(fn):8.2f} us")
 

@@ -13,7 +13,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import quickloris
-from quickloris.kernels import nf4_dequant
+from quickloris.kernels import nf4_launch
 from quickloris.quant import nf4
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -137,11 +137,11 @@ def test_non_contiguous_packed_is_rejected():
 
 def _plain_twin(q, qs, dtype):
     """The kernel with the inline-PTX unpack (asm) and with the plain Triton unpack/table step."""
-    a, a2, c2, off, code, shape, _, bs = nf4_dequant._fields(qs)
+    a, a2, c2, off, code, shape, _, bs = nf4_launch.state_fields(qs)
     outs = []
     for use_asm in (True, False):
         out = torch.full(tuple(shape), float("nan"), dtype=dtype, device=q.device)
-        nf4_dequant._launch(nf4_dequant._nf4_dequant_kernel, q, a, a2, c2, off, code, out, out.numel(), bs, use_asm)
+        nf4_launch.launch(nf4_launch.nf4_dequant_kernel, q, a, a2, c2, off, code, out, out.numel(), bs, use_asm)
         outs.append(out)
     return outs
 
@@ -181,11 +181,11 @@ def test_gpu_one_launch_and_no_allocation_with_out():
 @pytest.mark.gpu
 def test_gpu_direct_launch_matches_triton_launch(seed):
     """Repeat calls launch through a cached plan; results must not change, and a changed state invalidates it."""
-    nf4_dequant._COMPILED.clear()
+    nf4_launch._COMPILED.clear()
     for shape, dtype in [((4096, 1024), torch.bfloat16), ((1000, 1000), torch.float16), ((129, 264), torch.bfloat16)]:
         q, qs = bnb_pair(shape, dtype, device="cuda")
         first = quickloris.dequantize_nf4(q, qs)  # checked path, through triton's launcher
-        assert nf4_dequant._plan_for(qs) is not None
+        assert nf4_launch.plan_for(qs) is not None
         second = quickloris.dequantize_nf4(q, qs)  # planned direct launch
         out = torch.empty_like(first)
         third = quickloris.dequantize_nf4(q, qs, out=out)
@@ -201,9 +201,9 @@ def test_gpu_direct_launch_matches_triton_launch(seed):
                                     (32, 4, False, 2), (16, 4, False, 3)])
 def test_gpu_every_swept_config_is_exact(seed, config):
     q, qs = bnb_pair((4096, 1024), torch.bfloat16, device="cuda")
-    a, a2, c2, off, code, shape, _, bs = nf4_dequant._fields(qs)
+    a, a2, c2, off, code, shape, _, bs = nf4_launch.state_fields(qs)
     out = torch.full(tuple(shape), float("nan"), dtype=torch.bfloat16, device="cuda")
-    nf4_dequant._launch(nf4_dequant._nf4_dequant_kernel, q, a, a2, c2, off, code, out, out.numel(), bs, True,
+    nf4_launch.launch(nf4_launch.nf4_dequant_kernel, q, a, a2, c2, off, code, out, out.numel(), bs, True,
                         config=config)
     assert torch.equal(bits(out), bits(bnbF.dequantize_4bit(q, qs)))
 
@@ -212,8 +212,8 @@ def test_gpu_every_swept_config_is_exact(seed, config):
 def test_persistent_pipelined_variant_is_exact(seed, stages):
     """The persistent, software-pipelined variant (benchmarked by the sweep) decodes the same bits."""
     q, qs = bnb_pair((300, 192), torch.bfloat16)
-    a, a2, c2, off, code, shape, _, bs = nf4_dequant._fields(qs)
+    a, a2, c2, off, code, shape, _, bs = nf4_launch.state_fields(qs)
     out = torch.full(tuple(shape), float("nan"), dtype=torch.bfloat16, device=DEVICE)
-    nf4_dequant._launch(nf4_dequant._nf4_dequant_kernel, q, a, a2, c2, off, code, out, out.numel(), bs,
-                        nf4_dequant._use_asm(q.device), config=(2, 4, False, stages))
+    nf4_launch.launch(nf4_launch.nf4_dequant_kernel, q, a, a2, c2, off, code, out, out.numel(), bs,
+                        nf4_launch.use_asm(q.device), config=(2, 4, False, stages))
     assert torch.equal(bits(out), bits(bnbF.dequantize_4bit(q, qs)))

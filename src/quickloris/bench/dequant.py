@@ -149,7 +149,6 @@ def _copy_bandwidth() -> float:
     src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     ms = do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
-    del src, dst
     return 2 * 2**30 / (ms * 1e-3) / 1e12
 
 
@@ -174,7 +173,6 @@ def _per_matrix(fns: dict[str, Callable], copy_tbs: float) -> list[dict[str, Any
             row[name] = {"us": round(us, 2), "GBps": round(nbytes / (us * 1e-6) / 1e9, 1),
                          "fraction_of_copy_bw": round(nbytes / (us * 1e-6) / (copy_tbs * 1e12), 3)}
         rows.append(row)
-        del layers
         torch.cuda.empty_cache()
     return rows
 
@@ -183,12 +181,12 @@ def _plain_twin(layer):
     """quickloris' kernel with the plain-Triton unpack instead of the inline PTX (for comparison)."""
     import torch
 
-    from quickloris.kernels import nf4_dequant as K
+    from quickloris.kernels import nf4_launch as K
 
     qs = layer.weight.quant_state
-    a, a2, c2, off, code, shape, dtype, bs = K._fields(qs)
+    a, a2, c2, off, code, shape, dtype, bs = K.state_fields(qs)
     out = torch.empty(shape, dtype=dtype, device="cuda")
-    K._launch(K._nf4_dequant_kernel, layer.weight.data, a, a2, c2, off, code, out, out.numel(), bs, False)
+    K.launch(K.nf4_dequant_kernel, layer.weight.data, a, a2, c2, off, code, out, out.numel(), bs, False)
     return out
 
 
@@ -228,10 +226,10 @@ def _config_sweep() -> list[dict[str, Any]]:
     import torch
     from triton.testing import do_bench
 
-    from quickloris.kernels import nf4_dequant as K
+    from quickloris.kernels import nf4_launch as K
 
     layers = [_nf4_layer(14336, 4096, torch.bfloat16) for _ in range(4)]
-    fields = [K._fields(layer.weight.quant_state) for layer in layers]
+    fields = [K.state_fields(layer.weight.quant_state) for layer in layers]
     out = torch.empty(14336, 4096, dtype=torch.bfloat16, device="cuda")
     rows = []
     grid = [(b, w, False, 0) for b in (16, 32, 64, 128) for w in (2, 4, 8)] + [(32, 4, True, 0), (16, 2, True, 0)]
@@ -242,7 +240,7 @@ def _config_sweep() -> list[dict[str, Any]]:
         def fn():
             i = next(turn)
             a, a2, c2, off, code, shape, _, bs = fields[i]
-            K._launch(K._nf4_dequant_kernel, layers[i].weight.data, a, a2, c2, off, code, out, out.numel(), bs,
+            K.launch(K.nf4_dequant_kernel, layers[i].weight.data, a, a2, c2, off, code, out, out.numel(), bs,
                       True, config=(blocks, warps, stream, stages))
 
         rows.append({"blocks": blocks, "warps": warps, "streaming_stores": stream, "stages": stages,
@@ -260,7 +258,7 @@ def run(args: argparse.Namespace) -> int:
     from peft.utils.integrations import dequantize_module_weight
 
     import quickloris
-    from quickloris.kernels.nf4_dequant import _config
+    from quickloris.kernels.nf4_launch import default_config
     from quickloris.utils.provenance import record
 
     unsloth_fx, unsloth_source = _unsloth_fast_dequantize()
@@ -280,7 +278,7 @@ def run(args: argparse.Namespace) -> int:
     best = min(sweep, key=lambda r: r["us"])
     print("config sweep (blocks, warps, .cs, stages -> us): " + ", ".join(
         f"({r['blocks']},{r['warps']},{int(r['streaming_stores'])},{r['stages']})={r['us']}" for r in sweep))
-    print(f"best config: {best}; default: {_config(14336 * 4096, 64)}")
+    print(f"best config: {best}; default: {default_config(14336 * 4096, 64)}")
 
     timed = {**fns, "quickloris_plain_twin": _plain_twin}
     results["write_only_floor_14336x4096_bf16"] = wf = _write_floor()
