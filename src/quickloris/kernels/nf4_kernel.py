@@ -53,12 +53,29 @@ if triton is not None:
             return values.to(OUT_DTYPE).to(tl.uint16, bitcast=True).to(tl.uint32)
 
     @triton.jit
-    def _dequant_tile(tile, packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr, out_ptr, n, nblocks, BLOCKSIZE: tl.constexpr,
-                      BLOCKS: tl.constexpr, NESTED: tl.constexpr, UNPACK_ASM: tl.constexpr, MUL_ASM: tl.constexpr,
-                      SOFT_BF16: tl.constexpr, OUT_DTYPE: tl.constexpr, PAIRS: tl.constexpr, EVEN: tl.constexpr,
-                      STREAM: tl.constexpr):
-        """Decode absmax blocks [tile*BLOCKS, (tile+1)*BLOCKS) of the weight."""
-        blk = tile * BLOCKS + tl.arange(0, BLOCKS)
+    def nf4_dequant_kernel(
+        packed_ptr,  # uint8 [ceil(n/2)]
+        absmax_ptr,  # uint8 [nblocks] (nested) or float32 [nblocks]
+        absmax2_ptr,  # float32 [ceil(nblocks/256)] (nested)
+        code2_ptr,  # float32 [256] (nested)
+        offset_ptr,  # float32 [1] (nested)
+        code_ptr,  # float32 [16]
+        out_ptr,  # OUT_DTYPE [n] (read as int32 [n/2] holding value pairs when PAIRS)
+        n,
+        nblocks,
+        BLOCKSIZE: tl.constexpr,
+        BLOCKS: tl.constexpr,
+        NESTED: tl.constexpr,
+        UNPACK_ASM: tl.constexpr,
+        MUL_ASM: tl.constexpr,
+        SOFT_BF16: tl.constexpr,
+        OUT_DTYPE: tl.constexpr,
+        PAIRS: tl.constexpr,  # 16-bit output written as one 32-bit word per packed byte
+        EVEN: tl.constexpr,  # n is a multiple of BLOCKS * BLOCKSIZE: no masks, full-width vector accesses
+        STREAM: tl.constexpr,  # write the output with streaming stores (.cs): it is read once, by the next matmul
+    ):
+        pid = tl.program_id(0)
+        blk = pid * BLOCKS + tl.arange(0, BLOCKS)
         blk_ok = blk < nblocks
         if NESTED:
             if EVEN:
@@ -74,7 +91,7 @@ if triton is not None:
 
         # Byte j of a block holds value 2j (high nibble) and 2j+1 (low nibble); each block has BLOCKSIZE/2 bytes.
         HALF: tl.constexpr = BLOCKSIZE // 2
-        base = tile.to(tl.int64) * (BLOCKS * HALF)  # first byte of this tile; int64: n may pass 2^31
+        base = pid.to(tl.int64) * (BLOCKS * HALF)  # first byte of this program; int64: n may pass 2^31
         b_idx = base + tl.arange(0, BLOCKS)[:, None] * HALF + tl.arange(0, HALF)[None, :]
         if EVEN:
             packed = tl.load(packed_ptr + b_idx, eviction_policy="evict_first")
@@ -108,38 +125,6 @@ if triton is not None:
             else:
                 result = values.to(OUT_DTYPE)
             tl.store(out_ptr + o_idx, result, mask=o_idx < n)
-
-
-    @triton.jit
-    def nf4_dequant_kernel(
-        packed_ptr,  # uint8 [ceil(n/2)]
-        absmax_ptr,  # uint8 [nblocks] (nested) or float32 [nblocks]
-        absmax2_ptr,  # float32 [ceil(nblocks/256)] (nested)
-        code2_ptr,  # float32 [256] (nested)
-        offset_ptr,  # float32 [1] (nested)
-        code_ptr,  # float32 [16]
-        out_ptr,  # OUT_DTYPE [n] (read as int32 [n/2] holding value pairs when PAIRS)
-        n,
-        nblocks,
-        BLOCKSIZE: tl.constexpr,
-        BLOCKS: tl.constexpr,
-        NESTED: tl.constexpr,
-        UNPACK_ASM: tl.constexpr,
-        MUL_ASM: tl.constexpr,
-        SOFT_BF16: tl.constexpr,
-        OUT_DTYPE: tl.constexpr,
-        PAIRS: tl.constexpr,  # 16-bit output written as one 32-bit word per packed byte
-        EVEN: tl.constexpr,  # n is a multiple of BLOCKS * BLOCKSIZE: no masks, full-width vector accesses
-        STREAM: tl.constexpr,  # write the output with streaming stores (.cs): it is read once, by the next matmul
-        STAGES: tl.constexpr,  # 0: one tile per program; k > 0: persistent programs, k-deep software pipeline
-    ):
-        if STAGES == 0:
-            _dequant_tile(tl.program_id(0), packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr, out_ptr, n, nblocks,
-                          BLOCKSIZE, BLOCKS, NESTED, UNPACK_ASM, MUL_ASM, SOFT_BF16, OUT_DTYPE, PAIRS, EVEN, STREAM)
-        else:
-            for tile in tl.range(tl.program_id(0), tl.cdiv(nblocks, BLOCKS), tl.num_programs(0), num_stages=STAGES):
-                _dequant_tile(tile, packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr, out_ptr, n, nblocks,
-                          BLOCKSIZE, BLOCKS, NESTED, UNPACK_ASM, MUL_ASM, SOFT_BF16, OUT_DTYPE, PAIRS, EVEN, STREAM)
 
 
 def interpreting() -> bool:

@@ -38,12 +38,13 @@ def state_fields(state: Any) -> tuple:
 
 
 @functools.lru_cache(maxsize=None)
-def default_config(n: int, blocksize: int) -> tuple[int, int, bool, int]:
-    """(absmax blocks per tile, warps, streaming stores, stages): 2048 values per program, 4 warps, plain stores,
-    one tile per program: within noise of the best of the sweep `quickloris bench dequant` runs on an H100
-    (14336x4096 bf16, weights rotated: 55.7-56.2 us; streaming stores and other shapes did not help)."""
-    blocks = max(1, min(2048 // blocksize, 64))
-    return blocks, 4, False, 0
+def default_config(n: int, blocksize: int) -> tuple[int, int, bool]:
+    """(absmax blocks per program, warps, streaming stores): 4096 values per program, 4 warps, plain stores, the
+    best of two sweeps of `quickloris bench dequant` on an H100 (14336x4096 bf16, weights rotated so no launch
+    hits L2: 55.5 and 55.9 us; 2048 values: 56.2/56.3 us; streaming stores and persistent software-pipelined
+    programs were slower: benchmarks/results/dequant/dequant-20261123T015234Z.json)."""
+    blocks = max(1, min(4096 // blocksize, 64))
+    return blocks, 4, False
 
 
 # Compiled kernels by specialization, for launching without Triton's per-call argument binding (~10 us of
@@ -59,10 +60,9 @@ def _spec_key(tensors, ints, constexprs, warps, device_index) -> tuple:
 
 def launch(kernel, packed, absmax, absmax2, code2, offset, code, out, n, blocksize, use_asm, config=None):
     """Launch the kernel once. `use_asm` selects the inline-PTX unpack; the `.rn` multiply is always used on GPUs.
-    `config` = (absmax blocks per tile, warps, streaming stores, pipeline stages; 0 = one tile per program)
-    overrides the defaults (for the sweep)."""
+    `config` = (absmax blocks per program, warps, streaming stores) overrides the defaults (for the sweep)."""
     nblocks = absmax.numel()
-    blocks, warps, stream, stages = config or default_config(n, blocksize)
+    blocks, warps, stream = config or default_config(n, blocksize)
     nested = absmax2 is not None
     interp = interpreting()
     # 16-bit outputs go out as one 32-bit word per packed byte when n is even and the output 4-byte aligned.
@@ -71,9 +71,8 @@ def launch(kernel, packed, absmax, absmax2, code2, offset, code, out, n, blocksi
                code, out)
     constexprs = (blocksize, blocks, nested, use_asm, out.is_cuda and not interp,
                   interp and out.dtype == torch.bfloat16, _TL_DTYPES[out.dtype], pairs,
-                  n % (blocks * blocksize) == 0, stream and out.is_cuda, stages)
-    tiles = triton.cdiv(nblocks, blocks)
-    grid = (min(tiles, _sm_count(out.device) * _PROGRAMS_PER_SM) if stages else tiles,)
+                  n % (blocks * blocksize) == 0, stream and out.is_cuda)
+    grid = (triton.cdiv(nblocks, blocks),)
     # Direct launches only from eager code on the current device (Triton launches in the current context).
     direct = kernel is nf4_dequant_kernel and out.is_cuda and out.device.index == torch.cuda.current_device()
     if direct:
@@ -93,13 +92,7 @@ def launch(kernel, packed, absmax, absmax2, code2, offset, code, out, n, blocksi
 
 
 _CONSTEXPR_NAMES = ("BLOCKSIZE", "BLOCKS", "NESTED", "UNPACK_ASM", "MUL_ASM", "SOFT_BF16", "OUT_DTYPE", "PAIRS", "EVEN",
-                    "STREAM", "STAGES")
-_PROGRAMS_PER_SM = 8
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+                    "STREAM")
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32} if triton else {}
 
 
