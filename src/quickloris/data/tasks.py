@@ -1,0 +1,127 @@
+"""Embedded tasks: generated deterministically from a seed, scored by exact match.
+
+The default, ``addition``, asks for the sum of two 3-digit numbers. SmolLM2-135M-Instruct gets 0 % of
+them exactly zero-shot (it explains how to add instead of answering) and reaches ~80 % after about 100
+LoRA steps on a 2-core CPU (measurements in docs/demo-design.md). ``reverse`` (reverse a 5-7 digit
+string) is learnt even faster and is there as a second, easier task.
+
+Train and held-out splits are disjoint by construction, for every seed and size: each problem has a
+canonical key (for addition the unordered pair, so ``a + b`` and ``b + a`` land on the same side) and
+goes to the held-out side iff ``crc32(key) % 8 == 0``. A split samples only problems of its own side,
+without repeats.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from quickloris.data.jsonl import Record
+
+Split = Literal["train", "heldout"]
+_HELDOUT_MOD = 8  # 1 problem in 8 is held out
+
+
+@dataclass(frozen=True)
+class TaskExample:
+    """One problem: the instruction (system message), the question (user message) and the exact answer."""
+
+    instruction: str
+    question: str
+    answer: str
+
+    def prompt_messages(self) -> list[dict[str, str]]:
+        return [{"role": "system", "content": self.instruction}, {"role": "user", "content": self.question}]
+
+    def messages(self) -> list[dict[str, str]]:
+        return self.prompt_messages() + [{"role": "assistant", "content": self.answer}]
+
+
+def extract_answer(text: str) -> str:
+    """The model's answer: the first non-empty line of its reply, stripped."""
+    for line in text.strip().splitlines():
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+def exact_match(prediction: str, answer: str) -> bool:
+    """True iff the extracted answer equals `answer` exactly (no normalisation beyond stripping)."""
+    return extract_answer(prediction) == answer
+
+
+@dataclass(frozen=True)
+class Task:
+    """A generated task: `sample(rng) -> (question, answer, key)`; `key` decides the split."""
+
+    name: str
+    instruction: str
+    sample: Callable[[random.Random], tuple[str, str, str]]
+    description: str
+
+    def split_of(self, key: str) -> Split:
+        return "heldout" if zlib.crc32(f"{self.name}:{key}".encode()) % _HELDOUT_MOD == 0 else "train"
+
+    def generate(self, split: Split, n: int, seed: int = 0) -> list[TaskExample]:
+        """`n` distinct problems of `split`, the same list for the same (split, n, seed) on any machine."""
+        if split not in ("train", "heldout"):
+            raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be a positive int, got {n!r}")
+        rng = random.Random(f"quickloris:{self.name}:{split}:{int(seed)}")  # str seeds hash stably (sha512)
+        out: list[TaskExample] = []
+        seen: set[str] = set()
+        tries = 0
+        while len(out) < n:
+            tries += 1
+            if tries > 100 * n + 10_000:
+                raise ValueError(f"task {self.name!r} cannot produce {n} distinct {split} problems")
+            question, answer, key = self.sample(rng)
+            if question in seen or self.split_of(key) != split:
+                continue
+            seen.add(question)
+            out.append(TaskExample(self.instruction, question, answer))
+        return out
+
+    def records(self, split: Split, n: int, seed: int = 0) -> list[Record]:
+        """Training records (system + user + assistant messages) for `quickloris.data.chat`."""
+        return [Record(messages=tuple(ex.messages()), source=f"{self.name}:{split}[{i}]")
+                for i, ex in enumerate(self.generate(split, n, seed))]
+
+
+def _addition(rng: random.Random) -> tuple[str, str, str]:
+    a, b = rng.randint(100, 999), rng.randint(100, 999)
+    return f"{a} + {b}", str(a + b), f"{min(a, b)}+{max(a, b)}"
+
+
+def _reverse(rng: random.Random) -> tuple[str, str, str]:
+    digits = "".join(rng.choice("0123456789") for _ in range(rng.randint(5, 7)))
+    return digits, digits[::-1], digits
+
+
+TASKS: dict[str, Task] = {
+    "addition": Task("addition", "Add the two numbers.", _addition,
+                     "sum of two 3-digit numbers, e.g. '479 + 386' -> '865'"),
+    "reverse": Task("reverse", "Reverse the digits.", _reverse,
+                    "reverse a 5-7 digit string, e.g. '40172' -> '27104'"),
+}
+DEFAULT_TASK = "addition"
+
+
+def get_task(name: str) -> Task:
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise ValueError(f"unknown task {name!r}; choose one of {', '.join(sorted(TASKS))}") from None
+
+
+def write_jsonl(examples: Sequence[TaskExample], path: str | os.PathLike) -> None:
+    """Write `examples` as ``{"messages": [...]}`` lines (the format `quickloris.data.jsonl` reads), atomically."""
+    from quickloris.utils.atomic import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps({"messages": ex.messages()}) + "\n" for ex in examples))
