@@ -120,6 +120,7 @@ NB_MODULE(_native, m) {
     for (const auto& t : ql::kTypes)
         types[t.name] = nb::make_tuple(static_cast<uint32_t>(t.type), t.block_size, t.type_size);
     m.attr("GGML_TYPES") = types;
+    m.def("kquant_isa", &ql::kquant_isa, "Instruction set of the K-quant kernels in use (avx2 or generic).");
 
     m.def(
         "quantize",

@@ -43,6 +43,9 @@ void dequantize_row_q4_k(const uint8_t* x, float* y, int64_t n);
 void dequantize_row_q5_k(const uint8_t* x, float* y, int64_t n);
 void dequantize_row_q6_k(const uint8_t* x, float* y, int64_t n);
 
+// Instruction set of the K-quant kernels in use: "avx2" or "generic".
+const char* kquant_isa();
+
 // Bytes of `nrows` rows of `ncols` values; throws std::invalid_argument if ncols is not a
 // multiple of the block size.
 size_t quantized_size(GgmlType type, int64_t nrows, int64_t ncols);

@@ -30,6 +30,13 @@ inline float signed_absmax(const float* x) {
     return max;
 }
 
+// roundf (halves away from zero) for |x| < 2^31 without a libm call: x - trunc(x) is exact.
+inline int round_half_away(float x) {
+    const int i = static_cast<int>(x);
+    const float frac = x - static_cast<float>(i);
+    return i + (frac >= 0.5f) - (frac <= -0.5f);
+}
+
 inline void store_u32(uint8_t* p, uint32_t v) {
     for (int i = 0; i < 4; ++i) p[i] = static_cast<uint8_t>(v >> (8 * i));
 }
@@ -65,7 +72,7 @@ void quantize_row_q8_0(const float* x, uint8_t* y, int64_t n) {
         const float id = d != 0.0f ? 1.0f / d : 0.0f;
         store_u16(y, fp32_to_fp16(d));
         for (int j = 0; j < QK; ++j)
-            y[2 + j] = static_cast<uint8_t>(static_cast<int8_t>(std::round(x[j] * id)));
+            y[2 + j] = static_cast<uint8_t>(static_cast<int8_t>(round_half_away(x[j] * id)));
     }
 }
 

