@@ -1,0 +1,182 @@
+"""LoRA adapters of a quickloris model in PEFT's on-disk format, both ways.
+
+A folder holds ``adapter_config.json`` (PEFT's ``LoraConfig`` fields, written through PEFT's own class so the
+installed PEFT reads it back) and ``adapter_model.safetensors`` with PEFT's key names: for the QLoRA layer at
+module path ``model.layers.0.self_attn.q_proj``
+
+    base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight   [r, in]
+    base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight   [out, r]
+
+(PEFT drops the adapter name, "default", when saving). Scaling semantics are PEFT's: the layer adds
+``s * B @ A @ x`` with ``s = lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with ``use_rslora``. So
+``PeftModel.from_pretrained(hf_model_with_bnb_4bit, folder)`` computes what the quickloris model computed, and
+`load_adapter` / ``prepare_model(model, adapter=folder)`` read adapters PEFT trained. Both files are written
+atomically. Only what quickloris' layers express is accepted: plain LoRA (no DoRA, LoRA bias,
+``modules_to_save``, per-layer rank or alpha patterns, regex targets); anything else raises naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from quickloris.nn.qlora_linear import QLoRALinear
+from quickloris.utils.atomic import atomic_open, atomic_write_text
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+
+def lora_layers(model: nn.Module) -> dict[str, QLoRALinear]:
+    """The QLoRA layers that carry an adapter, by module path (PEFT's names without the prefix)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, QLoRALinear) and m.r > 0}
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``{PEFT key: tensor}`` of every LoRA matrix, on CPU, in the parameters' dtype."""
+    out: dict[str, torch.Tensor] = {}
+    for path, m in lora_layers(model).items():
+        A, B = m.lora_weights
+        out[f"{PREFIX}{path}.lora_A.weight"] = A.detach().to("cpu").contiguous()
+        out[f"{PREFIX}{path}.lora_B.weight"] = B.detach().to("cpu").contiguous()
+    if not out:
+        raise ValueError(f"{type(model).__name__} has no LoRA layers (prepare it with quickloris.prepare_model)")
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (set, frozenset)):
+        return sorted(_jsonable(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def adapter_config(model: nn.Module) -> dict[str, Any]:
+    """PEFT ``LoraConfig`` fields describing `model`'s adapters (one rank / alpha / dropout for all layers)."""
+    from quickloris.models.prepare import qlora_config
+
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no LoRA layers")
+    settings = {(m.r, m.lora_alpha, m.use_rslora, m.lora_dropout) for m in layers.values()}
+    if len(settings) != 1:
+        raise ValueError(f"LoRA layers differ in (r, alpha, rslora, dropout): {sorted(settings)}; PEFT's format "
+                         "written here needs one setting")
+    r, alpha, rslora, dropout = settings.pop()
+    targets = sorted({path.rsplit(".", 1)[-1] for path in layers})
+    try:
+        cfg = qlora_config(model)
+        alpha = cfg.lora_alpha
+    except ValueError:
+        pass
+    name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    fields = dict(r=r, lora_alpha=alpha if alpha != int(alpha) else int(alpha), lora_dropout=dropout,
+                  use_rslora=rslora, target_modules=targets, bias="none", task_type="CAUSAL_LM",
+                  base_model_name_or_path=name, inference_mode=True)
+    try:
+        from peft import LoraConfig
+    except ImportError:  # pragma: no cover - peft is a dependency; keep a minimal PEFT-readable config anyway
+        return _jsonable({"peft_type": "LORA", **fields, "fan_in_fan_out": False, "modules_to_save": None})
+    return _jsonable(LoraConfig(**fields).to_dict())
+
+
+def save_adapter(model: nn.Module, folder: str | os.PathLike) -> Path:
+    """Write `adapter_config.json` and `adapter_model.safetensors` (PEFT format) to `folder`; returns it."""
+    from safetensors.torch import save
+
+    tensors = adapter_state_dict(model)
+    config = adapter_config(model)
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    blob = save(tensors, metadata={"format": "pt"})
+    with atomic_open(out / WEIGHTS_NAME, "wb") as f:
+        f.write(blob)
+    atomic_write_text(out / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def read_adapter_config(folder: str | os.PathLike) -> dict[str, Any]:
+    """The folder's adapter_config.json, checked for what quickloris' LoRA layers can express."""
+    path = Path(folder) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"adapter folder {os.fspath(folder)!r} has no {CONFIG_NAME}")
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{path}: peft_type {cfg.get('peft_type')!r} is not supported, only LORA")
+    unsupported = {"use_dora": "DoRA", "lora_bias": "LoRA bias", "fan_in_fan_out": "fan_in_fan_out",
+                   "modules_to_save": "modules_to_save", "rank_pattern": "per-layer ranks (rank_pattern)",
+                   "alpha_pattern": "per-layer alphas (alpha_pattern)", "layers_to_transform": "layers_to_transform",
+                   "trainable_token_indices": "trainable tokens", "target_parameters": "target_parameters",
+                   "layer_replication": "layer_replication"}
+    for key, what in unsupported.items():
+        if cfg.get(key):
+            raise ValueError(f"{path}: {what} ({key}={cfg[key]!r}) is not supported by quickloris' LoRA layers")
+    if cfg.get("bias", "none") != "none":
+        raise ValueError(f"{path}: bias={cfg['bias']!r} is not supported (only 'none')")
+    targets = cfg.get("target_modules")
+    if isinstance(targets, str) and targets != "all-linear":
+        raise ValueError(f"{path}: target_modules is a regular expression ({targets!r}); quickloris needs a list "
+                         "of layer names or 'all-linear'")
+    return cfg
+
+
+def config_from_adapter(folder: str | os.PathLike, base=None):
+    """A `QLoRAConfig` with the folder's rank, alpha, dropout, rsLoRA and target layers."""
+    from quickloris.models.prepare import QLoRAConfig
+
+    cfg = read_adapter_config(folder)
+    targets = cfg["target_modules"]
+    targets = ["all-linear"] if targets == "all-linear" else sorted(targets)
+    return dataclasses.replace(base or QLoRAConfig(), r=int(cfg["r"]), lora_alpha=float(cfg["lora_alpha"]),
+                               lora_dropout=float(cfg.get("lora_dropout", 0.0)),
+                               use_rslora=bool(cfg.get("use_rslora", False)), target_modules=targets)
+
+
+def load_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
+    """Copy a PEFT LoRA adapter's weights into `model`'s QLoRA layers (same layers, rank and scaling required)."""
+    from safetensors.torch import load_file
+
+    cfg = read_adapter_config(folder)
+    weights = Path(folder) / WEIGHTS_NAME
+    if not weights.is_file():
+        raise FileNotFoundError(f"adapter folder {os.fspath(folder)!r} has no {WEIGHTS_NAME}")
+    tensors = load_file(os.fspath(weights))
+    r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
+    scaling = alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no LoRA layers: prepare it first (prepare_model(model, "
+                         "adapter=folder) does both)")
+    used: set[str] = set()
+    for path, m in layers.items():
+        if m.r != r or not math.isclose(m.scaling, scaling, rel_tol=1e-6):
+            raise ValueError(f"{path}: the model's LoRA has r={m.r}, scaling={m.scaling:g} but the adapter has "
+                             f"r={r}, scaling={scaling:g}")
+        for kind, param in zip(("lora_A", "lora_B"), m.lora_weights):
+            key = f"{PREFIX}{path}.{kind}.weight"
+            t = tensors.get(key)
+            if t is None:
+                raise ValueError(f"adapter {os.fspath(folder)!r} has no tensor {key!r}")
+            if t.shape != param.shape:
+                raise ValueError(f"{key}: shape {tuple(t.shape)} in the adapter, {tuple(param.shape)} in the model")
+            with torch.no_grad():
+                param.copy_(t.to(device=param.device, dtype=param.dtype))
+            used.add(key)
+    extra = sorted(set(tensors) - used)
+    if extra:
+        raise ValueError(f"adapter {os.fspath(folder)!r} has tensors for layers the model lacks, e.g. {extra[:3]}")
+    return model

@@ -1,0 +1,211 @@
+"""Attention backends for training: SDPA (transformers' own) and quickloris' FlexAttention with document masks.
+
+`set_attention(model, "flex")` registers ``quickloris_flex`` in transformers' attention registry
+(``AttentionInterface``; its mask registry gets transformers' own flex mask builder, used only for cached
+generation) and selects it with ``model.set_attn_implementation`` - no transformers class is modified. For
+training it adds a forward pre-hook to that model's decoder which turns the batch's 2-D ``attention_mask`` and
+``position_ids`` into one `BlockMask`, passed down as the 4-D mask (transformers returns a ready 4-D mask as is).
+
+The mask is causal within documents::
+
+    allowed(b, q, k) = k <= q  and  doc[b, q] == doc[b, k]
+
+with ``doc`` numbering the documents of each row: a new document starts wherever ``position_ids`` does not
+continue by +1 (packed sequences, as transformers' own packed-sequence detection does), and padding tokens
+(``attention_mask == 0``) form document -1, which real tokens never attend to. A plain batch is one document.
+
+The `BlockMask` is built in eager PyTorch, block by block (128 x 128), with no `create_block_mask` compile and no
+dense [S, S] mask: per block the min and max document id give "empty" (no overlap or above the diagonal),
+"full" (below the diagonal, one same document on both sides: no mask_mod evaluated) or "partial" (mask_mod
+evaluated per element). Sequence lengths vary freely: the tensors only change shape, the `mask_mod` code is
+always the same function, so a compiled decoder layer (`torch.compile(dynamic=True)`) does not recompile per
+length. Inside a compiled region ``flex_attention`` is traced (the fused Triton kernel); called eagerly on a
+GPU it goes through one shared ``torch.compile(flex_attention, dynamic=True)``.
+
+SDPA (``set_attention(model, "sdpa")``) is transformers' implementation: ``is_causal`` fast path for plain
+batches, a boolean mask (built by transformers) for padding and packed sequences.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+FLEX = "quickloris_flex"
+BLOCK = 128
+_HOOK = "_quickloris_flex_hook"
+
+
+def _flex_fn():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return flex_attention
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_flex():
+    return torch.compile(_flex_fn(), dynamic=True, fullgraph=True)
+
+
+def flex_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                           attention_mask: Any, scaling: float | None = None, dropout: float = 0.0,
+                           **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers' attention signature: q [B, Hq, S, D], k/v [B, Hkv, S, D] -> ([B, S, Hq, D], None)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    if dropout:
+        raise ValueError(f"flex attention has no attention dropout; got dropout={dropout} (set the config's "
+                         "attention_dropout to 0 or use attention='sdpa')")
+    if not isinstance(attention_mask, BlockMask):
+        raise ValueError("quickloris flex attention needs the BlockMask built by set_attention(model, 'flex'); got "
+                         f"{type(attention_mask).__name__}")
+    gqa = query.shape[1] != key.shape[1]
+    if not query.is_cuda and torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+        out = _dense_fallback(query, key, value, attention_mask, scaling, gqa)
+    else:
+        # Traced by the enclosing compile; eager on GPU: one shared compiled flex; eager on CPU: the reference.
+        fn = _flex_fn() if torch.compiler.is_compiling() or not query.is_cuda else _compiled_flex()
+        out = fn(query, key, value, block_mask=attention_mask, scale=scaling, enable_gqa=gqa)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _dense_fallback(query, key, value, block_mask, scaling, gqa):
+    """CPU training only (PyTorch has no FlexAttention backward on CPU): the same mask_mod, evaluated densely by
+    broadcasting, applied through SDPA. Exact, O(S^2) memory: for tests and CPU runs, never taken on a GPU."""
+    B, S, K = query.shape[0], query.shape[2], key.shape[2]
+    dev = query.device
+    b = torch.arange(B, device=dev).view(B, 1, 1, 1)
+    h = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=dev)
+    allowed = block_mask.mask_mod(b, h, torch.arange(S, device=dev).view(1, 1, S, 1),
+                                  torch.arange(K, device=dev).view(1, 1, 1, K))
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scaling, enable_gqa=gqa)
+
+
+def document_ids(batch: int, seq: int, device, attention_mask: torch.Tensor | None = None,
+                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """int32 [B, S] document number of each token (see the module docstring); -1 for padding."""
+    doc = torch.zeros(batch, seq, dtype=torch.int32, device=device)
+    if position_ids is not None:
+        if position_ids.dim() != 2 or position_ids.shape[-1] != seq:
+            raise ValueError(f"position_ids must be [batch, {seq}], got {tuple(position_ids.shape)}")
+        pos = position_ids.to(device).expand(batch, seq)
+        starts = torch.diff(pos, dim=-1, prepend=pos[:, :1] - 1) != 1
+        doc = starts.cumsum(-1).to(torch.int32)
+    if attention_mask is not None:
+        if attention_mask.shape != (batch, seq):
+            raise ValueError(f"attention_mask must be [batch, seq] = [{batch}, {seq}], got "
+                             f"{tuple(attention_mask.shape)}")
+        doc = torch.where(attention_mask.to(device).bool(), doc, torch.full_like(doc, -1))
+    return doc
+
+
+def _doc_causal(doc: torch.Tensor):
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (doc[b, q_idx] == doc[b, kv_idx])
+
+    return mask_mod
+
+
+def build_block_mask(doc: torch.Tensor, block: int = BLOCK):
+    """The causal-within-document `BlockMask` of `doc` [B, S] (int), built blockwise in eager PyTorch."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    if doc.dim() != 2:
+        raise ValueError(f"doc must be [batch, seq], got {tuple(doc.shape)}")
+    B, S = doc.shape
+    real = -(-S // block)
+    # At least 2 blocks: a 1-block mask would make torch.compile specialise on size 1 (one more graph for every
+    # length <= 128); the extra block is beyond the sequence, empty, and never visited.
+    nb = max(real, 2)
+    # Pad to whole blocks with the last real id: block min/max are unchanged and mask_mod may index the tail.
+    padded = torch.cat([doc, doc[:, -1:].expand(B, nb * block - S)], dim=1).contiguous()
+    blocks = padded.view(B, nb, block)
+    lo, hi = blocks.amin(-1), blocks.amax(-1)  # [B, nb]
+    q = torch.arange(nb, device=doc.device)
+    inside = (q < real)[None, :] & (q < real)[:, None]
+    below = (q[None, :] < q[:, None]) & inside  # [q block, kv block]: kv block strictly before q block
+    causal = below | ((q[None, :] == q[:, None]) & inside)
+    overlap = (lo[:, None, :] <= hi[:, :, None]) & (lo[:, :, None] <= hi[:, None, :])
+    uniform = lo == hi
+    full = below & uniform[:, :, None] & uniform[:, None, :] & (lo[:, :, None] == lo[:, None, :])
+    partial = causal & overlap & ~full
+
+    def ordered(sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        count = sel.sum(-1, dtype=torch.int32)
+        idx = torch.argsort((~sel).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+        return count[:, None].contiguous(), idx[:, None].contiguous()
+
+    kv_num, kv_idx = ordered(partial)
+    full_num, full_idx = ordered(full)
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block,
+                                    mask_mod=_doc_causal(padded), seq_lengths=(S, S))
+
+
+_DECODER_ARGS = ("input_ids", "attention_mask", "position_ids", "past_key_values", "inputs_embeds")
+
+
+def _flex_mask_hook(module, args, kwargs):
+    """Decoder forward pre-hook: replace the 2-D mask / position ids by the batch's BlockMask (training path)."""
+    if getattr(module.config, "_attn_implementation", None) != FLEX:
+        return None
+    bound = dict(zip(_DECODER_ARGS, args))
+    get = lambda name: kwargs.get(name, bound.get(name))  # noqa: E731
+    mask, cache = get("attention_mask"), get("past_key_values")
+    if cache is not None or (mask is not None and mask.dim() != 2):
+        return None  # cached generation / a prepared 4-D mask: transformers' own mask path
+    ids, embeds = get("input_ids"), get("inputs_embeds")
+    ref = ids if ids is not None else embeds
+    if ref is None:
+        return None
+    batch, seq = ref.shape[0], ref.shape[1]
+    doc = document_ids(batch, seq, ref.device, mask, get("position_ids"))
+    block_mask = build_block_mask(doc)
+    args = list(args)
+    if len(args) > 1:
+        args[1] = block_mask
+    else:
+        kwargs["attention_mask"] = block_mask
+    return tuple(args), kwargs
+
+
+def register_flex() -> None:
+    """Register ``quickloris_flex`` in transformers' attention and mask registries (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flex_attention_mask
+
+    AttentionInterface.register(FLEX, flex_attention_forward)
+    AttentionMaskInterface.register(FLEX, flex_attention_mask)
+
+
+def set_attention(model: torch.nn.Module, implementation: str) -> torch.nn.Module:
+    """Select the attention of `model`: ``"sdpa"``, ``"flex"`` (quickloris' FlexAttention) or ``"eager"``."""
+    names = {"sdpa": "sdpa", "flex": FLEX, "eager": "eager"}
+    if implementation not in names:
+        raise ValueError(f"attention must be one of {sorted(names)}, got {implementation!r}")
+    decoder = getattr(model, "model", None)
+    if decoder is None or not hasattr(model, "set_attn_implementation"):
+        raise TypeError(f"{type(model).__name__} is not a transformers causal LM with a decoder at .model")
+    if implementation == "flex":
+        register_flex()
+        if getattr(model.config, "attention_dropout", 0.0):
+            raise ValueError(f"flex attention has no attention dropout, but the config sets attention_dropout="
+                             f"{model.config.attention_dropout}")
+    model.set_attn_implementation(names[implementation])
+    handle = decoder.__dict__.pop(_HOOK, None)
+    if handle is not None:
+        handle.remove()
+    if implementation == "flex":
+        decoder.__dict__[_HOOK] = decoder.register_forward_pre_hook(_flex_mask_hook, with_kwargs=True)
+    return model
+
+
+def attention_of(model: torch.nn.Module) -> str:
+    impl = model.config._attn_implementation
+    return "flex" if impl == FLEX else impl
+
+
+__all__ = ["FLEX", "set_attention", "register_flex", "build_block_mask", "document_ids", "flex_attention_forward",
+           "attention_of"]

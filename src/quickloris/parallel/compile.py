@@ -1,0 +1,122 @@
+"""Regional `torch.compile` of a QLoRA model: each decoder layer, the final norm, and the loss chunk.
+
+What is compiled, and why this way:
+
+* **Each decoder layer** (``layer.compile(fullgraph=True, dynamic=True)``): RMSNorms, q/k/v/o and the MLP's
+  QLoRA linears (the NF4 matmul is one opaque custom op; the LoRA matmuls, scaling, dropout and the additions
+  around it are traced), RoPE, attention (SDPA or FlexAttention: the flex kernel is generated here), SiLU-gate,
+  residual adds. All layers run the same code with the same guards, so they share **one** compiled graph (forward
+  and backward), and with dynamic shapes one graph covers every sequence length and batch size > 1.
+* **The final RMSNorm** (one more small graph).
+* **The loss**: lm_head + cross-entropy + its gradient for one chunk of tokens (`quickloris.parallel.compiled_loss`;
+  one graph whatever the token count, since the chunk loop stays outside).
+
+Not compiled: the embedding lookup, the rotary tables (computed once per step under no_grad) and the mask
+construction (`quickloris.models.attention` builds BlockMasks in eager PyTorch), i.e. the data-dependent
+glue between regions. Each region is compiled with ``fullgraph=True``: a graph break is an error, not a silent
+fallback. Count graphs and breaks with `compile_stats` (dynamo's counters).
+
+Activation checkpointing wraps *around* the compiled layer (transformers' `GradientCheckpointingLayer` calls
+the compiled module inside `torch.utils.checkpoint`), so the recompute reruns the compiled forward; see
+`quickloris.parallel.compose` for the order in which the stack is assembled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+from torch import nn
+
+from quickloris.cli.args import field
+
+_STATE = "_quickloris_compile"
+
+
+@dataclasses.dataclass
+class CompileConfig:
+    """Regional torch.compile settings."""
+
+    enabled: bool = field(True, help="compile each decoder layer, the final norm and the loss (regional compile)")
+    backend: str = field("inductor", help="torch.compile backend (inductor; aot_eager for debugging)")
+    mode: str | None = field(None, help="inductor mode, e.g. max-autotune-no-cudagraphs (none: default)")
+    dynamic: bool = field(True, help="compile for symbolic shapes: one graph for all sequence lengths")
+    loss: bool = field(True, help="compile the lm_head + cross-entropy chunk (frozen plain lm_head only)")
+    norm: bool = field(True, help="compile the final RMSNorm")
+
+    def __post_init__(self):
+        if not isinstance(self.backend, str) or not self.backend:
+            raise ValueError(f"CompileConfig.backend must be a backend name, got {self.backend!r}")
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList) or not len(layers):
+        raise TypeError(f"{type(model).__name__} has no decoder layers at model.model.layers")
+    return layers
+
+
+def compile_model(model: nn.Module, config: CompileConfig | None = None) -> nn.Module:
+    """Compile `model`'s regions in place (see the module docstring); returns it."""
+    cfg = config or CompileConfig()
+    if not cfg.enabled:
+        return model
+    if getattr(model, _STATE, None) is not None:
+        raise ValueError("this model's regions are compiled already")
+    kw: dict[str, Any] = dict(fullgraph=True, dynamic=cfg.dynamic, backend=cfg.backend, mode=cfg.mode)
+    for layer in decoder_layers(model):
+        compile_region(layer, **kw)
+    if cfg.norm and isinstance(getattr(model.model, "norm", None), nn.Module):
+        compile_region(model.model.norm, **kw)
+    if cfg.loss:
+        from quickloris.parallel.compiled_loss import enable_compiled_loss, supports_compiled_loss
+
+        if supports_compiled_loss(model):
+            enable_compiled_loss(model, backend=cfg.backend, mode=cfg.mode)
+    object.__setattr__(model, _STATE, cfg)
+    return model
+
+
+def compile_region(module: nn.Module, **kw: Any) -> nn.Module:
+    """``module.compile(**kw)``, its compilations traced without duck sizing.
+
+    Duck sizing gives input dimensions that happen to be equal at the first trace one shared symbol, guarded
+    equal from then on: a BlockMask with 2 blocks at batch size 2 would make every later length recompile. Each
+    dimension gets its own symbol instead (the setting is read when dynamo starts a trace, i.e. inside the call).
+    """
+    module.compile(**kw)
+    inner = getattr(module, "_compiled_call_impl", None)
+    if inner is not None:
+        module._compiled_call_impl = without_duck_sizing(inner)
+    return module
+
+
+def without_duck_sizing(fn):
+    """`fn` (a compiled callable) with dynamo's traces made under ``use_duck_shape=False``."""
+    import torch.fx.experimental._config as fx_config
+
+    if not hasattr(fx_config, "use_duck_shape"):  # pragma: no cover - other torch versions
+        return fn
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        with fx_config.patch(use_duck_shape=False):
+            return fn(*args, **kwargs)
+
+    return call
+
+
+def compile_stats() -> dict[str, int]:
+    """Dynamo's process-wide counters: graphs compiled, graph breaks, frames captured."""
+    from torch._dynamo.utils import counters
+
+    return {"unique_graphs": int(counters["stats"]["unique_graphs"]),
+            "graph_breaks": int(sum(counters["graph_break"].values())),
+            "calls_captured": int(counters["stats"]["calls_captured"])}
+
+
+def reset_compile_stats() -> None:
+    from torch._dynamo.utils import counters
+
+    counters.clear()

@@ -1,0 +1,190 @@
+"""The training loss as one compiled region: lm_head + cross-entropy + its gradient, a chunk of tokens at a time.
+
+The chunked loss (`quickloris.ops.chunked_linear`) cannot simply be wrapped in `torch.compile`: its number of
+chunks depends on the token count, so a compiled loss would recompile for every new chunk count, and its per-chunk
+`torch.func.vjp` runs in eager code, where a compiled function cannot be called. Here the region is one chunk's
+*value and gradient*::
+
+    z   = x_c @ W^T (fp32)               x_c: [C, H] rows of the last hidden state, W: [V, H] the frozen head
+    l_c = scale * sum_rows loss(z, y_c)  loss: `quickloris.ops.linear_losses.cross_entropy` (ignore_index, softcap,
+                                         label smoothing, z-loss), scale = 1 / (token count of the whole step)
+    dx_c = d l_c / d x_c                 by `torch.func.vjp` inside the compiled function (no written derivative)
+
+compiled once with dynamic shapes (all chunks have `C` rows but the last; a 1-row tail is merged into the chunk
+before it, so no size-1 specialisation). An autograd Function loops over the chunks in forward, keeps dx ([N, H]
+in x's dtype: the gradient-in-forward schedule, one head matmul fewer than recomputing in backward) and returns
+``dx * grad_out`` in backward. Memory: one chunk's [C, V] fp32 logits and their gradient at a time (C from
+`choose_chunk_size`, 1 GiB budget by default) plus dx. Inductor fuses the upcast, log-sum-exp, target gather
+and the softmax-minus-one-hot gradient into a few kernels around the two matmuls.
+
+It applies when the head is a plain frozen ``nn.Linear`` without bias (QLoRA: lm_head is frozen); otherwise the
+model keeps the eager chunked loss. `enable_compiled_loss(model)` installs it on one model object (an instance
+`forward`, as `enable_chunked_loss` does, whose config and bookkeeping it reuses); `disable_compiled_loss` undoes
+it.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+from torch import nn
+
+from quickloris.models.chunked_loss import _parts, _unwrap, shift_for_causal_lm
+from quickloris.ops.chunked_core import choose_chunk_size
+from quickloris.ops.linear_losses import cross_entropy
+
+_STATE = "_quickloris_compiled_loss"
+
+
+def _chunk_value_and_grad(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor,
+                          ignore_index: int, softcap: float | None, label_smoothing: float, z_loss: float):
+    def f(xc):
+        per_row = cross_entropy(xc, weight, None, labels, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                                z_loss=z_loss, softcap=softcap)
+        return per_row.sum() * scale
+
+    value, vjp = torch.func.vjp(f, x)
+    (dx,) = vjp(torch.ones_like(value))
+    return value, dx
+
+
+def make_chunk_fn(backend: str = "inductor", mode: str | None = None, options: dict | None = None):
+    """The compiled per-chunk function (one per model: its own dynamo cache entry)."""
+    from quickloris.parallel.compile import without_duck_sizing
+
+    return without_duck_sizing(torch.compile(_chunk_value_and_grad, fullgraph=True, dynamic=True, backend=backend,
+                                             mode=mode, options=options))
+
+
+def chunk_spans(n: int, chunk: int) -> list[tuple[int, int]]:
+    """Row spans of `chunk` rows; a tail of one row joins the previous span (a 1-row chunk would recompile)."""
+    spans = [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
+    if len(spans) > 1 and spans[-1][1] - spans[-1][0] == 1:
+        spans[-2:] = [(spans[-2][0], n)]
+    return spans
+
+
+class CompiledChunkedCE(torch.autograd.Function):
+    """``apply(chunk_fn, x [N, H], weight [V, H], labels [N], scale, chunk, options) -> scale * sum of losses``."""
+
+    @staticmethod
+    def forward(ctx, chunk_fn, x, weight, labels, scale, chunk: int, options: tuple):
+        total = x.new_zeros((), dtype=torch.float32)
+        dx = torch.empty_like(x) if ctx.needs_input_grad[1] else None
+        for s, e in chunk_spans(x.shape[0], chunk):
+            value, g = chunk_fn(x[s:e], weight, labels[s:e], scale, *options)
+            total = total + value
+            if dx is not None:
+                dx[s:e] = g
+            del g
+        ctx.save_for_backward(dx)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (dx,) = ctx.saved_tensors
+        return None, (dx * grad_out.to(dx.dtype)) if dx is not None else None, None, None, None, None, None
+
+
+def compiled_head_loss(chunk_fn, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                       num_items=None, ignore_index: int = -100, softcap: float | None = None,
+                       label_smoothing: float = 0.0, z_loss: float = 0.0, chunk_size: int | None = None,
+                       memory_budget: int | None = None) -> torch.Tensor:
+    """Mean cross-entropy of ``hidden @ weight^T`` against `labels` over `num_items` (default: valid labels)."""
+    x = hidden.reshape(-1, hidden.shape[-1])
+    y = labels.reshape(-1).long()
+    count = (y != ignore_index).sum() if num_items is None else torch.as_tensor(num_items, device=x.device)
+    scale = 1.0 / count.to(device=x.device, dtype=torch.float32).clamp_min(1)
+    chunk = chunk_size or choose_chunk_size(max(x.shape[0], 1), weight.shape[0], memory_budget=memory_budget)
+    options = (ignore_index, softcap, float(label_smoothing), float(z_loss))
+    return CompiledChunkedCE.apply(chunk_fn, x, weight.detach(), y, scale, chunk, options)
+
+
+def _forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+             inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+    state = self.__dict__[_STATE]
+    if labels is None or not self.training:
+        return state["original"](input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                 past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
+                                 use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return_dict = kwargs.pop("return_dict", None)
+    if return_dict is None:
+        return_dict = getattr(self.config, "return_dict", True)
+    num_items = kwargs.pop("num_items_in_batch", None)
+    shift_labels = kwargs.pop("shift_labels", None)
+    ignore_index = kwargs.pop("ignore_index", -100)
+    decoder, head = _parts(self)
+    outputs = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+    hidden = outputs[0]
+    keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+    hidden = hidden[:, keep, :]
+    targets = shift_for_causal_lm(labels, ignore_index) if shift_labels is None else shift_labels
+    if targets.shape != hidden.shape[:-1]:
+        raise ValueError(f"labels give targets of shape {tuple(targets.shape)} but the model kept hidden states "
+                         f"of shape {tuple(hidden.shape[:-1])} (logits_to_keep={logits_to_keep!r})")
+    softcap = getattr(self.config, "final_logit_softcapping", None)
+    cfg = state["config"]
+    loss = compiled_head_loss(state["chunk_fn"], hidden, head.weight, targets.to(hidden.device), num_items=num_items,
+                              ignore_index=ignore_index, softcap=None if softcap is None else float(softcap),
+                              chunk_size=cfg.chunk_size if cfg else None,
+                              memory_budget=cfg.memory_budget if cfg else None)
+    out = CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
+                                 hidden_states=getattr(outputs, "hidden_states", None),
+                                 attentions=getattr(outputs, "attentions", None))
+    return out if return_dict else out.to_tuple()
+
+
+def supports_compiled_loss(model: nn.Module) -> bool:
+    """True when the head is a frozen bias-free nn.Linear (what the compiled region differentiates through)."""
+    _, head = _parts(_unwrap(model))
+    return type(head) is nn.Linear and head.bias is None and not head.weight.requires_grad
+
+
+def enable_compiled_loss(model: nn.Module, *, backend: str = "inductor", mode: str | None = None,
+                         options: dict | None = None) -> nn.Module:
+    """Make `model`'s training loss the compiled chunk region (replacing the eager chunked loss if enabled)."""
+    from quickloris.models.chunked_loss import _STATE as CHUNKED, disable_chunked_loss
+
+    target = _unwrap(model)
+    if not supports_compiled_loss(target):
+        raise ValueError("the compiled loss needs a frozen, bias-free nn.Linear lm_head (as QLoRA has)")
+    if _STATE in target.__dict__:
+        disable_compiled_loss(model)
+    chunked = target.__dict__.get(CHUNKED)
+    config = chunked["config"] if chunked else None
+    if chunked:
+        disable_chunked_loss(target)
+    saved = target.__dict__.get("forward")
+    original = saved if saved is not None else types.MethodType(type(target).forward, target)
+    target.__dict__[_STATE] = {"original": original, "saved": saved, "chunked_config": config, "config": config,
+                               "chunk_fn": make_chunk_fn(backend, mode, options)}
+    target.forward = types.MethodType(_forward, target)
+    return model
+
+
+def disable_compiled_loss(model: nn.Module) -> nn.Module:
+    """Undo `enable_compiled_loss` (the eager chunked loss comes back if it was there)."""
+    from quickloris.models.chunked_loss import enable_chunked_loss
+
+    target = _unwrap(model)
+    state = target.__dict__.pop(_STATE, None)
+    if state is None:
+        return model
+    del target.__dict__["forward"]
+    if state["saved"] is not None:
+        target.forward = state["saved"]
+    if state["chunked_config"] is not None:
+        enable_chunked_loss(target, state["chunked_config"])
+    return model
+
+
+def is_compiled_loss_enabled(model: nn.Module) -> bool:
+    return _STATE in _unwrap(model).__dict__
+
+
+__all__ = ["enable_compiled_loss", "disable_compiled_loss", "compiled_head_loss", "make_chunk_fn", "chunk_spans",
+           "supports_compiled_loss", "is_compiled_loss_enabled"]

@@ -1,0 +1,67 @@
+"""The training stack, assembled in one place and one order.
+
+    1. quantize + LoRA      `quickloris.models.prepare_model` (NF4 bases, adapters, chunked loss, attention)
+    2. checkpointing        `apply_checkpointing` (transformers' per-layer checkpointing, non-reentrant)
+    3. (sharding)           FSDP2 goes here (next issue): it must see the final modules and wrap them before compile
+    4. compile              `quickloris.parallel.compile.compile_model` (each decoder layer, final norm, loss)
+
+Why this order: LoRA layers must exist before anything wraps or shards the modules; checkpointing is a flag on
+each decoder layer that wraps the layer's *call*, so the compiled layer forward runs inside
+`torch.utils.checkpoint` and its recompute reruns the same compiled graph; compile comes last so it traces the
+final modules (sharded ones included, once FSDP2 is there). Steps 2-4 are optional (`None` / disabled configs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+from torch import nn
+
+from quickloris.cli.args import field
+from quickloris.models.prepare import QLoRAConfig, prepare_model
+from quickloris.parallel.compile import CompileConfig, compile_model
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    """Activation checkpointing of the decoder layers."""
+
+    gradient_checkpointing: bool = field(True, help="recompute each decoder layer in backward instead of keeping "
+                                         "its activations (non-reentrant torch.utils.checkpoint)")
+    every_n_layers: int = field(1, help="checkpoint one decoder layer in n (1: all; 2: half, faster, more memory)")
+    offload: bool = field(False, help="keep the checkpointed layer inputs in pinned CPU memory (longest contexts)")
+
+    def __post_init__(self):
+        if not isinstance(self.every_n_layers, int) or isinstance(self.every_n_layers, bool) or self.every_n_layers < 1:
+            raise ValueError(f"CheckpointConfig.every_n_layers must be a positive int, got {self.every_n_layers!r}")
+
+
+def apply_checkpointing(model: nn.Module, config: CheckpointConfig | None = None) -> nn.Module:
+    """Enable (or disable) activation checkpointing of `model`'s decoder layers through transformers' own API."""
+    cfg = config or CheckpointConfig()
+    if not cfg.gradient_checkpointing:
+        if getattr(model, "is_gradient_checkpointing", False):
+            model.gradient_checkpointing_disable()
+        return model
+    params = inspect.signature(model.gradient_checkpointing_enable).parameters
+    kwargs: dict = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
+    for name, value, default in (("every_n_layers", cfg.every_n_layers, 1), ("offload", cfg.offload, False)):
+        if name in params:
+            kwargs[name] = value
+        elif value != default:
+            raise ValueError(f"CheckpointConfig.{name}={value!r} needs a transformers version whose "
+                             f"gradient_checkpointing_enable() accepts {name}")
+    model.gradient_checkpointing_enable(**kwargs)
+    return model
+
+
+def build_training_model(model: nn.Module, qlora: QLoRAConfig | None = None, *,
+                         checkpointing: CheckpointConfig | None = None, compile: CompileConfig | None = None,
+                         adapter: str | None = None) -> nn.Module:
+    """`model` made trainable, steps 1-4 of the module docstring, in place; returns it (in train mode)."""
+    prepare_model(model, qlora, adapter=adapter)
+    apply_checkpointing(model, checkpointing or CheckpointConfig())
+    if compile is not None and compile.enabled:
+        compile_model(model, compile)
+    return model.train()

@@ -1,0 +1,179 @@
+"""FlexAttention backend: BlockMask structure against a dense brute force, document ids from position_ids and
+padding, outputs equal to transformers' SDPA (packed and padded batches), no recompile per sequence length."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from quickloris.models.attention import (  # noqa: E402
+    FLEX, attention_of, build_block_mask, document_ids, set_attention)
+from quickloris.models.prepare import QLoRAConfig, prepare_model  # noqa: E402
+from quickloris.parallel.compile import CompileConfig, compile_model, compile_stats, reset_compile_stats  # noqa: E402
+from tests.models.test_prepare import V, tiny  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matmuls: one intra-op thread is several times faster than two on a shared 2-core CI machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _dense_allowed(doc):
+    S = doc.shape[1]
+    q = torch.arange(S)
+    return (q[:, None] >= q[None, :]) & (doc[:, :, None] == doc[:, None, :])  # [B, S, S]
+
+
+def _random_docs(B, S, gen):
+    pos = []
+    for _ in range(B):
+        cuts = sorted(torch.randint(1, max(S, 2), (int(torch.randint(0, 4, (1,), generator=gen)),),
+                                    generator=gen).tolist())
+        lens = [b - a for a, b in zip([0, *cuts], [*cuts, S]) if b > a]
+        pos.append(torch.cat([torch.arange(n) for n in lens]))
+    mask = torch.ones(B, S, dtype=torch.long)
+    if S > 3:
+        mask[-1, -int(torch.randint(1, S // 2 + 1, (1,), generator=gen)):] = 0
+    return torch.stack(pos), mask
+
+
+@pytest.mark.parametrize("S", [1, 5, 127, 128, 129, 300, 513])
+def test_block_mask_structure_matches_dense_mask(seed, S):
+    gen = torch.Generator().manual_seed(seed)
+    pos, mask = _random_docs(3, S, gen)
+    doc = document_ids(3, S, "cpu", mask, pos)
+    bm = build_block_mask(doc)
+    allowed = _dense_allowed(doc)
+    nb, blk = -(-S // 128), 128
+    for b in range(3):
+        for i in range(nb):
+            partial = set(bm.kv_indices[b, 0, i, : bm.kv_num_blocks[b, 0, i]].tolist())
+            full = set(bm.full_kv_indices[b, 0, i, : bm.full_kv_num_blocks[b, 0, i]].tolist())
+            assert not partial & full
+            for j in range(nb):
+                tile = allowed[b, i * blk:(i + 1) * blk, j * blk:(j + 1) * blk]
+                if tile.all():
+                    assert j in partial | full
+                elif tile.any():
+                    assert j in partial, (b, i, j)  # a mixed tile must have its mask_mod evaluated
+                else:
+                    assert j not in full  # an empty tile may be skipped (or computed, masked)
+    # mask_mod itself is the dense rule
+    mm = bm.mask_mod
+    b_, q_, k_ = torch.meshgrid(torch.arange(3), torch.arange(S), torch.arange(S), indexing="ij")
+    assert torch.equal(mm(b_, torch.zeros_like(b_), q_, k_), allowed)
+
+
+def test_document_ids_from_positions_and_padding():
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1, 0, 0]])
+    assert document_ids(1, 9, "cpu", mask, pos).tolist() == [[0, 0, 0, 1, 1, 2, 2, -1, -1]]
+    assert document_ids(2, 4, "cpu").tolist() == [[0] * 4] * 2
+    with pytest.raises(ValueError, match="attention_mask"):
+        document_ids(1, 9, "cpu", mask[:, :5])
+
+
+def _packed_and_padded(S=300):
+    ids = torch.randint(0, V, (2, S))
+    pos = torch.cat([torch.arange(100), torch.arange(S - 100)])[None].expand(2, S).clone()
+    mask = torch.ones(2, S, dtype=torch.long)
+    mask[1, -37:] = 0
+    return ids, pos, mask
+
+
+def test_flex_matches_sdpa_on_packed_and_padded_batches(seed):
+    model = prepare_model(tiny(), QLoRAConfig(r=4, init_lora_weights="random"))
+    ids, pos, mask = _packed_and_padded()
+    out = {}
+    for impl in ("sdpa", "flex"):
+        set_attention(model, impl)
+        assert attention_of(model) == impl
+        with torch.no_grad():
+            out[impl] = (model.model(input_ids=ids, position_ids=pos).last_hidden_state,
+                         model.model(input_ids=ids, attention_mask=mask).last_hidden_state)
+    torch.testing.assert_close(out["flex"][0], out["sdpa"][0], rtol=1e-4, atol=1e-4)
+    valid = mask.bool()
+    torch.testing.assert_close(out["flex"][1][valid], out["sdpa"][1][valid], rtol=1e-4, atol=1e-4)
+
+
+def test_flex_training_matches_sdpa(seed):
+    """Loss and LoRA gradients with flex equal SDPA's (on CPU the mask goes through SDPA: no flex backward there)."""
+    base = prepare_model(tiny(), QLoRAConfig(r=4, init_lora_weights="random", attention="sdpa")).train()
+    ids, pos, mask = _packed_and_padded(200)
+    labels = ids.masked_fill(mask == 0, -100)
+    results = {}
+    for impl in ("sdpa", "flex"):
+        model = copy.deepcopy(base)
+        set_attention(model, impl)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        results[impl] = (loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(results["flex"][0], results["sdpa"][0], rtol=1e-5, atol=1e-5)
+    for n, g in results["sdpa"][1].items():
+        torch.testing.assert_close(results["flex"][1][n], g, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_compiled_flex_layers_do_not_recompile_per_length(seed):
+    model = prepare_model(tiny(), QLoRAConfig(r=4, init_lora_weights="random", attention="flex")).eval()
+    eager = copy.deepcopy(model)
+    compile_model(model, CompileConfig(backend="aot_eager", loss=False))
+    reset_compile_stats()
+    outs = []
+    with torch.no_grad():
+        for S in (130, 300, 517, 64, 1000, 259):
+            ids = torch.randint(0, V, (2, S))
+            pos = torch.cat([torch.arange(S // 3), torch.arange(S - S // 3)])[None].expand(2, S)
+            outs.append((ids, pos, model.model(input_ids=ids, position_ids=pos).last_hidden_state))
+    stats = compile_stats()  # before the eager reference runs (eager flex on CPU compiles a wrapper of its own)
+    assert stats["graph_breaks"] == 0 and stats["unique_graphs"] <= 2, stats  # decoder layer + final norm
+    with torch.no_grad():
+        for ids, pos, got in outs:
+            torch.testing.assert_close(got, eager.model(input_ids=ids, position_ids=pos).last_hidden_state)
+
+
+def test_set_attention_errors(seed):
+    model = tiny()
+    with pytest.raises(ValueError, match="attention must be one of"):
+        set_attention(model, "flash")
+    dropout = tiny(attention_dropout=0.1)
+    with pytest.raises(ValueError, match="attention_dropout"):
+        set_attention(dropout, "flex")
+    set_attention(model, "flex")
+    assert model.config._attn_implementation == FLEX
+    set_attention(model, "sdpa")  # the pre-hook goes away with flex
+    assert model.config._attn_implementation == "sdpa" and not model.model._forward_pre_hooks
+
+
+@pytest.mark.gpu
+def test_gpu_flex_training_compiled_matches_sdpa(seed):
+    """The real FlexAttention kernel (forward and backward) inside compiled layers vs SDPA, bf16, varying lengths."""
+    from quickloris.parallel.compose import CheckpointConfig, build_training_model
+
+    dense = tiny().to("cuda", torch.bfloat16)
+    losses = {}
+    for impl in ("sdpa", "flex"):
+        torch.manual_seed(0)
+        model = build_training_model(copy.deepcopy(dense), QLoRAConfig(r=4, init_lora_weights="random",
+                                                                      attention=impl),
+                                     checkpointing=CheckpointConfig(), compile=CompileConfig())
+        reset_compile_stats()
+        gen = torch.Generator().manual_seed(1)
+        out = []
+        for S in (200, 700, 129, 1500):
+            ids = torch.randint(0, V, (2, S), generator=gen).cuda()
+            pos = torch.cat([torch.arange(S // 2), torch.arange(S - S // 2)])[None].expand(2, S).cuda()
+            loss = model(input_ids=ids, position_ids=pos, labels=ids).loss
+            loss.backward()
+            out.append(loss.item())
+        losses[impl] = out
+        stats = compile_stats()
+        assert stats["graph_breaks"] == 0 and stats["unique_graphs"] <= 4, (impl, stats)
+    assert losses["flex"] == pytest.approx(losses["sdpa"], rel=2e-2)
