@@ -1,0 +1,216 @@
+"""Models and the timed training loop for `quickloris bench train` (device-agnostic, so CPU tests run it tiny).
+
+One random-init base is built once, directly in NF4 on the device, layer by layer (an 8B model never exists in
+16-bit: each weight is drawn, quantized and dropped before the next): `SharedBase` holds the NF4 weights and the
+16-bit embeddings / norms / head. Both stacks are built on top of the *same* tensors, one at a time, on
+meta-device skeletons (no weight memory):
+
+* ``hf_*``: what a user runs today - ``LlamaForCausalLM`` whose decoder linears are bitsandbytes ``Linear4bit``
+  (``Params4bit`` objects wrapping the shared NF4 bytes: the same bytes a ``BitsAndBytesConfig`` load makes),
+  PEFT ``get_peft_model`` LoRA (fp32 adapters, PEFT's default), transformers' non-reentrant gradient
+  checkpointing, HF's full-logits loss; ``hf_compiled`` adds ``torch.compile`` of each decoder layer
+  (static shapes: the baseline's best case for a fixed-shape run).
+* ``ql_*``: `quickloris.parallel.compose.build_training_model` on the shared `NF4Tensor`s (no byte copied),
+  same LoRA init (copied into PEFT's layers), checkpointing, ``ql_compiled`` adds the regional compile.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from quickloris.bench.loss_models import LLAMA_1B, LORA_TARGETS
+from quickloris.nn.nf4_tensor import NF4Tensor
+
+LLAMA_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False,
+                rope_theta=500000.0, max_position_embeddings=131072, rms_norm_eps=1e-5)
+TINY = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)
+SHAPES = {"llama-3.2-1b": LLAMA_1B, "llama-3.1-8b": LLAMA_8B, "tiny": TINY}
+STACKS = ("hf_eager", "hf_compiled", "ql_eager", "ql_compiled")
+
+
+@dataclass
+class SharedBase:
+    config: Any
+    nf4: dict[str, NF4Tensor] = field(default_factory=dict)  # "model.layers.0.mlp.up_proj" -> weight
+    dense: dict[str, torch.Tensor] = field(default_factory=dict)  # state-dict name -> tensor
+
+
+def build_base(shape: dict, *, device: str, dtype=torch.bfloat16, seed: int = 0, std: float = 0.02) -> SharedBase:
+    """A random-init model of `shape`: decoder linears drawn one at a time and quantized to NF4 on `device`."""
+    import transformers
+
+    config = transformers.LlamaConfig(**shape)
+    config._attn_implementation = "sdpa"
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.device("meta"):
+        skeleton = transformers.LlamaForCausalLM(config)
+    base = SharedBase(config)
+    for name, module in skeleton.named_modules():
+        if type(module) is nn.Linear and name.startswith("model.layers."):
+            w = torch.randn(module.out_features, module.in_features, generator=gen, device=device, dtype=dtype) * std
+            base.nf4[name] = NF4Tensor.from_float(w)
+            del w
+    for name, t in skeleton.state_dict().items():
+        if name.rsplit(".weight", 1)[0] in base.nf4 or (name == "lm_head.weight" and config.tie_word_embeddings):
+            continue
+        if name.endswith("norm.weight"):
+            base.dense[name] = torch.ones(t.shape, device=device, dtype=dtype)
+        else:
+            base.dense[name] = torch.randn(t.shape, generator=gen, device=device, dtype=dtype) * std
+    return base
+
+
+def _skeleton(base: SharedBase, device: str, linear_factory) -> nn.Module:
+    import transformers
+
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(base.config)
+    for name, nf4 in base.nf4.items():
+        parent, child = name.rsplit(".", 1)
+        setattr(model.get_submodule(parent), child, linear_factory(nf4))
+    model.load_state_dict(base.dense, strict=False, assign=True)
+    model.tie_weights()
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=model.config).to(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def hf_stack(base: SharedBase, *, device: str, compiled: bool, r: int = 16, alpha: int = 32,
+             compile_backend: str = "inductor") -> nn.Module:
+    """HF + PEFT + bitsandbytes on the shared NF4 bytes (see the module docstring)."""
+    import bitsandbytes as bnb
+    from peft import LoraConfig, get_peft_model
+
+    def linear4bit(nf4: NF4Tensor) -> nn.Module:
+        lin = bnb.nn.Linear4bit(nf4.shape[1], nf4.shape[0], bias=False, compute_dtype=nf4.dtype, quant_type="nf4",
+                                compress_statistics=nf4.nested, device="meta")
+        lin.weight = nf4.to_bnb()
+        lin.weight.module = lin
+        return lin
+
+    model = _skeleton(base, device, linear4bit)
+    model.is_loaded_in_4bit = True
+    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=LORA_TARGETS))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if compiled:  # not fullgraph: a break in bitsandbytes / PEFT code is the baseline's to have (counted, not fatal)
+        for layer in model.get_base_model().model.layers:
+            layer.compile(dynamic=False, backend=compile_backend)
+    return model.train()
+
+
+def ql_stack(base: SharedBase, *, device: str, compiled: bool, r: int = 16, alpha: int = 32,
+             compile_backend: str = "inductor", attention: str = "sdpa", offload: bool = False) -> nn.Module:
+    """quickloris' stack on the shared NF4 tensors (see the module docstring)."""
+    from quickloris.models.prepare import QLoRAConfig
+    from quickloris.parallel.compile import CompileConfig
+    from quickloris.parallel.compose import CheckpointConfig, build_training_model
+
+    def holder(nf4: NF4Tensor) -> nn.Module:
+        lin = nn.Linear(nf4.shape[1], nf4.shape[0], bias=False, device="meta")
+        lin.weight = nn.Parameter(nf4, requires_grad=False)
+        return lin
+
+    model = _skeleton(base, device, holder)
+    return build_training_model(model, QLoRAConfig(r=r, lora_alpha=alpha, quantize=False, attention=attention),
+                                checkpointing=CheckpointConfig(offload=offload),
+                                compile=CompileConfig(backend=compile_backend) if compiled else None)
+
+
+def lora_init_of(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The quickloris model's LoRA matrices by module path (CPU copies)."""
+    from quickloris.models.adapters import lora_layers
+
+    return {name: tuple(t.detach().cpu().clone() for t in m.lora_weights) for name, m in lora_layers(model).items()}
+
+
+def apply_lora_init(init: dict[str, tuple[torch.Tensor, torch.Tensor]], model: nn.Module) -> None:
+    """Give `model` (quickloris or PEFT) these LoRA matrices: every stack starts from the same adapter."""
+    from quickloris.nn.qlora_linear import QLoRALinear
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    with torch.no_grad():
+        for name, (A, B) in init.items():
+            layer = inner.get_submodule(name)
+            if isinstance(layer, QLoRALinear):
+                dst = layer.lora_weights
+            else:
+                dst = (layer.lora_A["default"].weight, layer.lora_B["default"].weight)
+            dst[0].copy_(A)
+            dst[1].copy_(B)
+
+
+def make_batches(n: int, batch: int, seq: int, vocab: int, seed: int = 1) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (batch, seq), generator=g) for _ in range(n)]
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def release(device: str) -> None:
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+def train_run(model: nn.Module, batches: list[torch.Tensor], *, device: str, lr: float = 1e-4,
+              timed_from: int = 3) -> dict[str, Any]:
+    """Steps of AdamW on `batches`; tokens/s = median over steps `timed_from`.. (1-based), peak memory."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    release(device)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    losses, times = [], []
+    tokens = batches[0].numel()
+    for ids in batches:
+        ids = ids.to(device)
+        _sync(device)
+        t0 = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())  # synchronizes
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    timed = times[timed_from - 1:] or times
+    out = {"losses": losses, "step_s": times, "tokens_per_step": tokens,
+           "tokens_per_s": tokens / statistics.median(timed), "first_step_s": times[0],
+           "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None}
+    del opt
+    return out
+
+
+def one_step(model: nn.Module, opt, seq: int, vocab: int, *, device: str) -> tuple[bool, float | None, str]:
+    """One optimizer step at batch 1 x `seq`: (fits, peak GiB, note). Out-of-memory is caught and cleaned up."""
+    release(device)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    fits, note = False, "out of memory"
+    try:
+        ids = torch.randint(0, vocab, (1, seq), device=device)
+        t0 = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        fits, note = True, f"loss {loss.item():.3f}, {time.perf_counter() - t0:.1f} s"
+    except torch.cuda.OutOfMemoryError:
+        pass
+    ids = loss = None  # noqa: F841 - drop the graph before measuring and freeing
+    opt.zero_grad(set_to_none=True)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if fits and device.startswith("cuda") else None
+    release(device)
+    return fits, peak, note

@@ -1,0 +1,72 @@
+"""`quickloris bench train` on CPU with --tiny (the device code path at toy size; nothing here is a measurement):
+both stacks share the NF4 bytes and the LoRA init, so their per-step losses agree; compile counts and the
+summary table come out; without CUDA (and without --tiny) it says so."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+pytest.importorskip("bitsandbytes")
+
+from quickloris.bench import train as bench  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    parser.add_argument("--out")
+    return parser.parse_args(list(argv))
+
+
+def test_tiny_run_of_1b_and_counts_parts(tmp_path, capsys):
+    args = _args("--tiny", "--parts", "1b,counts", "--steps", "3", "--counts-steps", "5", "--stacks",
+                 "ql_eager,ql_compiled,hf_eager", "--out", str(tmp_path))
+    assert bench.run(args) == 0
+    files = list((tmp_path / "train").glob("train-*.json"))
+    assert len(files) == 1
+    res = json.loads(files[0].read_text())["results"]
+    runs = res["1b"]["2x64"]
+    assert set(runs) == {"ql_eager", "ql_compiled", "hf_eager"}
+    for name, r in runs.items():
+        assert len(r["losses"]) == 3 and r["tokens_per_s"] > 0
+        # same NF4 bytes, same LoRA init, fp32 on CPU: the stacks train the same model
+        assert r["max_rel_loss_diff_vs_hf_eager"] < 1e-3, name
+    assert runs["ql_compiled"]["compile"]["graph_breaks"] == 0
+    counts = res["counts"]
+    assert counts["steps"] == 5 and counts["compile"]["graph_breaks"] == 0 and counts["compile"]["unique_graphs"] <= 8
+    assert counts["max_rel_loss_diff_vs_eager"] < 1e-4
+    out = capsys.readouterr().out
+    assert "=== quickloris bench train: summary ===" in out and "compile counts, 5 steps" in out
+
+
+@pytest.mark.slow
+def test_tiny_run_of_8b_and_maxlen_parts(tmp_path):
+    args = _args("--tiny", "--parts", "8b,maxlen", "--steps", "3", "--out", str(tmp_path))
+    assert bench.run(args) == 0
+    res = json.loads(next((tmp_path / "train").glob("train-*.json")).read_text())["results"]
+    assert set(res["8b"]) == {"1x48", "1x96"} and res["maxlen"]["ql_compiled"]["longest"] >= 32
+
+
+def test_without_cuda_and_bad_options(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert bench.run(_args("--parts", "1b")) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--parts"):
+        bench.run(_args("--parts", "2b"))
+    with pytest.raises(ValueError, match="--stacks"):
+        bench.run(_args("--stacks", "hf_eager,unsloth"))
