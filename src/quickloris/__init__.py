@@ -22,6 +22,11 @@ _LAZY = {
     "NF4State": "quickloris.quant.nf4:NF4State",
     "MemoryEfficientLinear": "quickloris.ops.chunked_linear:MemoryEfficientLinear",
     "chunked_linear_loss": "quickloris.ops.chunked_linear:chunked_linear_loss",
+    "NF4Tensor": "quickloris.nn.nf4_tensor:NF4Tensor",
+    "QLoRALinear": "quickloris.nn.qlora_linear:QLoRALinear",
+    "QLoRAConfig": "quickloris.models.prepare:QLoRAConfig",
+    "prepare_model": "quickloris.models.prepare:prepare_model",
+    "build_training_model": "quickloris.parallel.compose:build_training_model",
 }
 
 __all__ = ["__version__", *_LAZY]

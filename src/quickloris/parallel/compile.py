@@ -42,7 +42,8 @@ class CompileConfig:
     backend: str = field("inductor", help="torch.compile backend (inductor; aot_eager for debugging)")
     mode: str | None = field(None, help="inductor mode, e.g. max-autotune-no-cudagraphs (none: default)")
     dynamic: bool = field(True, help="compile for symbolic shapes: one graph for all sequence lengths")
-    loss: bool = field(True, help="compile the lm_head + cross-entropy chunk (frozen plain lm_head only)")
+    loss: bool = field(True, help="compile the lm_head + cross-entropy chunk (models on the chunked loss with a "
+                       "frozen plain lm_head, i.e. QLoRA models)")
     norm: bool = field(True, help="compile the final RMSNorm")
 
     def __post_init__(self):
@@ -70,9 +71,12 @@ def compile_model(model: nn.Module, config: CompileConfig | None = None) -> nn.M
     if cfg.norm and isinstance(getattr(model.model, "norm", None), nn.Module):
         compile_region(model.model.norm, **kw)
     if cfg.loss:
+        from quickloris.models.chunked_loss import is_chunked_loss_enabled
         from quickloris.parallel.compiled_loss import enable_compiled_loss, supports_compiled_loss
 
-        if supports_compiled_loss(model):
+        # Only where the chunked loss is on (a model kept on HF's own loss keeps it), and only for a frozen plain
+        # head (QLoRA's): otherwise the eager chunked loss stays, which handles every head.
+        if is_chunked_loss_enabled(model) and supports_compiled_loss(model):
             enable_compiled_loss(model, backend=cfg.backend, mode=cfg.mode)
     object.__setattr__(model, _STATE, cfg)
     return model
