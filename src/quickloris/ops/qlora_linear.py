@@ -31,7 +31,6 @@ the LoRA matmuls, scaling, dropout, bias and every neighbouring op stay traced a
 
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
 import torch
@@ -43,43 +42,16 @@ from quickloris.quant.nf4 import NF4State, dequantize_nf4_reference
 # the NF4 matmul op
 
 
-# (id(packed), dtype) -> (weak ref to packed, NF4State). One state object per weight and dtype lets the dequant
-# kernel reuse its launch plan (a direct launch with no argument checks) on every eager call.
-_STATES: dict[tuple[int, torch.dtype], tuple[weakref.ref, NF4State]] = {}
-
-
-def _state_for(packed, absmax, absmax2, code2, offset, code, shape, blocksize, dtype) -> NF4State:
-    key = (id(packed), dtype)
-    hit = _STATES.get(key)
-    if hit is not None:
-        ref, st = hit
-        if (ref() is packed and st.absmax is absmax and st.absmax2 is absmax2 and st.code2 is code2
-                and st.offset is offset and st.code is code and list(st.shape) == list(shape)
-                and st.blocksize == blocksize):
-            return st
-    st = NF4State(shape=torch.Size(shape), dtype=dtype, blocksize=blocksize, absmax=absmax, code=code,
-                  offset=offset, absmax2=absmax2, code2=code2)
-    try:
-        ref = weakref.ref(packed, lambda _, key=key: _STATES.pop(key, None))
-    except TypeError:  # pragma: no cover - tensors are weak-referenceable
-        return st
-    _STATES[key] = (ref, st)
-    return st
-
-
-def nf4_matmul_impl(a: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, absmax2: torch.Tensor | None,
-                    code2: torch.Tensor | None, offset: torch.Tensor | None, code: torch.Tensor, shape: list[int],
-                    blocksize: int, transpose_weight: bool, addend: torch.Tensor | None) -> torch.Tensor:
-    """``addend + a @ W^T`` (transpose_weight) or ``addend + a @ W``, W = deq(...) [out, in] in a's dtype."""
-    k = shape[1] if transpose_weight else shape[0]
+def _matmul(a: torch.Tensor, packed: torch.Tensor, state: NF4State, transpose_weight: bool,
+            addend: torch.Tensor | None) -> torch.Tensor:
+    k = state.shape[1] if transpose_weight else state.shape[0]
     if a.dim() != 2 or a.shape[1] != k:
-        raise ValueError(f"nf4_matmul: a must be [rows, {k}] for a weight of shape {list(shape)} "
+        raise ValueError(f"nf4_matmul: a must be [rows, {k}] for a weight of shape {list(state.shape)} "
                          f"(transpose_weight={transpose_weight}), got {tuple(a.shape)}")
-    state = _state_for(packed, absmax, absmax2, code2, offset, code, shape, blocksize, a.dtype)
     if packed.is_cuda:
         from quickloris.kernels.nf4_dequant import dequantize_nf4
 
-        w = dequantize_nf4(packed, state)  # the fused Triton kernel
+        w = dequantize_nf4(packed, state, dtype=a.dtype)  # the fused Triton kernel
     else:
         # Off GPU: the bit-identical PyTorch reference (not the Triton kernel under TRITON_INTERPRET, a test
         # vehicle ~10x slower; the kernel itself is tested against bitsandbytes in tests/kernels).
@@ -88,6 +60,15 @@ def nf4_matmul_impl(a: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
     if addend is None:
         return a @ w
     return torch.addmm(addend, a, w)
+
+
+def nf4_matmul_impl(a: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, absmax2: torch.Tensor | None,
+                    code2: torch.Tensor | None, offset: torch.Tensor | None, code: torch.Tensor, shape: list[int],
+                    blocksize: int, transpose_weight: bool, addend: torch.Tensor | None) -> torch.Tensor:
+    """``addend + a @ W^T`` (transpose_weight) or ``addend + a @ W``, W = deq(...) [out, in] in a's dtype."""
+    state = NF4State(shape=torch.Size(shape), dtype=a.dtype, blocksize=blocksize, absmax=absmax, code=code,
+                     offset=offset, absmax2=absmax2, code2=code2)
+    return _matmul(a, packed, state, transpose_weight, addend)
 
 
 def _register() -> Any:
@@ -107,11 +88,13 @@ _OP = _register()
 def nf4_matmul(a: torch.Tensor, weight, *, transpose_weight: bool = True,
                addend: torch.Tensor | None = None) -> torch.Tensor:
     """`nf4_matmul_impl` for an `NF4Tensor` weight; the registered op under torch.compile, a direct call in eager."""
-    args = (a, weight.packed, weight.absmax, weight.absmax2, weight.code2, weight.offset, weight.code,
-            [int(s) for s in weight.shape], int(weight.blocksize), transpose_weight, addend)
     if torch.compiler.is_compiling():
-        return torch.ops.quickloris.nf4_matmul(*args)
-    return nf4_matmul_impl(*args)  # eager: skip the dispatcher round trip (~10 us per call)
+        return torch.ops.quickloris.nf4_matmul(a, weight.packed, weight.absmax, weight.absmax2, weight.code2,
+                                               weight.offset, weight.code, [int(s) for s in weight.shape],
+                                               int(weight.blocksize), transpose_weight, addend)
+    # Eager: no dispatcher round trip, and the weight's own cached state object, which lets the dequant kernel
+    # reuse its launch plan (a direct launch). The plan lives as long as that state, i.e. as long as the weight.
+    return _matmul(a, weight.packed, weight.nf4_state(), transpose_weight, addend)
 
 
 # ----------------------------------------------------------------------------------------------------------
