@@ -58,7 +58,8 @@ def test_tiny_run_of_8b_and_maxlen_parts(tmp_path):
     args = _args("--tiny", "--parts", "8b,maxlen", "--steps", "3", "--out", str(tmp_path))
     assert bench.run(args) == 0
     res = json.loads(next((tmp_path / "train").glob("train-*.json")).read_text())["results"]
-    assert set(res["8b"]) == {"1x48", "1x96"} and res["maxlen"]["ql_compiled"]["longest"] >= 32
+    assert set(res["8b"]) == {"1x48", "1x96"} and set(res["8b"]["1x96"]) == {"ql_compiled", "hf_eager"}
+    assert res["maxlen"]["ql_compiled"]["longest"] >= 32
 
 
 def test_without_cuda_and_bad_options(capsys):
@@ -70,3 +71,18 @@ def test_without_cuda_and_bad_options(capsys):
         bench.run(_args("--parts", "2b"))
     with pytest.raises(ValueError, match="--stacks"):
         bench.run(_args("--stacks", "hf_eager,unsloth"))
+    with pytest.raises(ValueError, match="--stacks"):
+        bench.run(_args("--stacks-8b", "ql"))
+
+
+def test_longest_fitting_doubles_then_bisects():
+    tried = []
+
+    def fits(n):
+        tried.append(n)
+        return n <= 50000
+
+    assert bench.longest_fitting(fits, 8192, 131072, 4096) == (49152, 53248)
+    assert tried == [8192, 16384, 32768, 65536, 49152, 57344, 53248]
+    assert bench.longest_fitting(lambda n: True, 8192, 131072, 4096) == (131072, None)
+    assert bench.longest_fitting(lambda n: False, 8192, 131072, 4096) == (0, 8192)

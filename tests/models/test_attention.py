@@ -26,10 +26,11 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def _dense_allowed(doc):
+def _dense_allowed(doc, window=None):
     S = doc.shape[1]
     q = torch.arange(S)
-    return (q[:, None] >= q[None, :]) & (doc[:, :, None] == doc[:, None, :])  # [B, S, S]
+    allowed = (q[:, None] >= q[None, :]) & (doc[:, :, None] == doc[:, None, :])  # [B, S, S]
+    return allowed if window is None else allowed & (q[:, None] - q[None, :] < window)
 
 
 def _random_docs(B, S, gen):
@@ -45,13 +46,14 @@ def _random_docs(B, S, gen):
     return torch.stack(pos), mask
 
 
-@pytest.mark.parametrize("S", [1, 5, 127, 128, 129, 300, 513])
-def test_block_mask_structure_matches_dense_mask(seed, S):
+@pytest.mark.parametrize("S,window", [(1, None), (5, None), (127, None), (128, None), (129, None), (300, None),
+                                      (513, None), (513, 200), (700, 128), (300, 1)])
+def test_block_mask_structure_matches_dense_mask(seed, S, window):
     gen = torch.Generator().manual_seed(seed)
     pos, mask = _random_docs(3, S, gen)
     doc = document_ids(3, S, "cpu", mask, pos)
-    bm = build_block_mask(doc)
-    allowed = _dense_allowed(doc)
+    bm = build_block_mask(doc, window=window)
+    allowed = _dense_allowed(doc, window)
     nb, blk = -(-S // 128), 128
     for b in range(3):
         for i in range(nb):
@@ -102,6 +104,21 @@ def test_flex_matches_sdpa_on_packed_and_padded_batches(seed):
     torch.testing.assert_close(out["flex"][0], out["sdpa"][0], rtol=1e-4, atol=1e-4)
     valid = mask.bool()
     torch.testing.assert_close(out["flex"][1][valid], out["sdpa"][1][valid], rtol=1e-4, atol=1e-4)
+
+
+def test_flex_sliding_window_matches_sdpa(seed):
+    """Mistral's model-wide sliding window goes into the BlockMask; per-layer windows are refused."""
+    model = prepare_model(tiny("mistral", sliding_window=100), QLoRAConfig(r=4, init_lora_weights="random"))
+    ids, pos, mask = _packed_and_padded(300)
+    out = {}
+    for impl in ("sdpa", "flex"):
+        set_attention(model, impl)
+        with torch.no_grad():
+            out[impl] = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(out["flex"][mask.bool()], out["sdpa"][mask.bool()], rtol=1e-4, atol=1e-4)
+    mixed = tiny("qwen2", use_sliding_window=True, sliding_window=64, max_window_layers=1)
+    with pytest.raises(ValueError, match="per-layer sliding"):
+        set_attention(mixed, "flex")
 
 
 def test_flex_training_matches_sdpa(seed):

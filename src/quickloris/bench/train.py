@@ -12,7 +12,8 @@ Parts (``--parts``; default ``1b,counts,8b``, or $QUICKLORIS_BENCH_TRAIN_PARTS):
 * ``counts``: ``ql_compiled`` from a cleared dynamo cache, 60 steps (``--counts-steps``) of batch 1 with lengths
   drawn uniformly from 64..2048: graph breaks and graphs compiled (dynamo's counters), and per-step losses
   against ``ql_eager`` on the same batches.
-* ``8b``: Llama-3.1-8B shape, 1 x 8192 with the four stacks, 1 x 16384 with ``hf_eager`` and ``ql_compiled``.
+* ``8b``: Llama-3.1-8B shape, 1 x 8192 with ``--stacks-8b`` (default ``ql_compiled,hf_eager,hf_compiled``),
+  1 x 16384 with ``hf_eager`` and ``ql_compiled``.
 * ``maxlen``: the longest 1 x S that trains (one optimizer step) for the 8B shape, ``hf_eager`` and
   ``ql_compiled``: S doubles from ``--maxlen-start`` until out of memory (or ``--maxlen-cap``), then bisects to
   ``--maxlen-resolution`` tokens.
@@ -44,7 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=8, help="training steps per stack (tokens/s: median of 3..N)")
     parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
     parser.add_argument("--stacks", type=_csv, default=["ql_eager", "ql_compiled", "hf_eager", "hf_compiled"],
-                        help="stacks for 1b and the first 8b length")
+                        help="stacks of the 1b part")
+    parser.add_argument("--stacks-8b", type=_csv, default=["ql_compiled", "hf_eager", "hf_compiled"],
+                        help="stacks of the 8b part at its first length (later lengths: hf_eager, ql_compiled)")
     parser.add_argument("--seqs-8b", type=lambda t: [int(x) for x in _csv(t)], default=[8192, 16384],
                         help="8b: sequence lengths (batch 1); lengths after the first run hf_eager and ql_compiled")
     parser.add_argument("--counts-steps", type=int, default=60, help="counts: steps of random length")
@@ -87,7 +90,7 @@ def _compare(runs: dict[str, dict], ref: str = "hf_eager") -> None:
     if ref not in runs:
         return
     base_loss = runs[ref]["losses"]
-    for name, run in runs.items():
+    for run in runs.values():
         run["max_rel_loss_diff_vs_" + ref] = max(abs(a - b) / abs(b) for a, b in zip(run["losses"], base_loss))
         for other in ("hf_eager", "hf_compiled"):
             o = runs.get(other)
@@ -153,36 +156,47 @@ def part_counts(tm, base, env, args, vocab: int) -> dict[str, Any]:
     return out
 
 
-def part_maxlen(tm, base, env, args, vocab: int) -> dict[str, Any]:
+def longest_fitting(fits, start: int, cap: int, resolution: int) -> tuple[int, int | None]:
+    """(longest length that fits, first length that did not or None): doubling from `start` up to `cap`,
+    then bisecting the gap down to `resolution` (multiples of it)."""
+    good, bad, seq = 0, None, start
+    while seq <= cap:
+        if not fits(seq):
+            bad = seq
+            break
+        good, seq = seq, seq * 2
+    while bad is not None and bad - good > resolution:
+        mid = (good + bad) // 2 // resolution * resolution
+        if mid <= good:
+            break
+        good, bad = (mid, bad) if fits(mid) else (good, mid)
+    return good, bad
+
+
+def _maxlen_of(tm, model, stack: str, env, args, vocab: int) -> dict[str, Any]:
     import torch
 
     start, cap, resolution = env["maxlen"]
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+    trials: list[dict[str, Any]] = []
+
+    def fits(seq: int) -> bool:
+        ok, peak, note = tm.one_step(model, opt, seq, vocab, device=env["device"])
+        trials.append({"seq": seq, "fits": ok, "peak_gib": peak, "note": note})
+        print(f"  {stack:12s} 1x{seq}: {'ok' if ok else 'OOM'} {note}" + (f", peak {peak:.1f} GiB" if peak else ""),
+              flush=True)
+        return ok
+
+    good, bad = longest_fitting(fits, start, cap, resolution)
+    return {"longest": good, "first_oom": bad, "capped": bad is None, "cap": cap, "trials": trials}
+
+
+def part_maxlen(tm, base, env, args, vocab: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for stack in ("hf_eager", "ql_compiled"):
         model = _build(tm, stack, base, env, args, None)
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
-        trials: list[dict[str, Any]] = []
-
-        def fits(seq: int) -> bool:
-            ok, peak, note = tm.one_step(model, opt, seq, vocab, device=env["device"])
-            trials.append({"seq": seq, "fits": ok, "peak_gib": peak, "note": note})
-            print(f"  {stack:12s} 1x{seq}: {'ok' if ok else 'OOM'} {note}" + (f", peak {peak:.1f} GiB" if peak else ""),
-                  flush=True)
-            return ok
-
-        good, bad, seq = 0, None, start
-        while seq <= cap:
-            if not fits(seq):
-                bad = seq
-                break
-            good, seq = seq, seq * 2
-        while bad is not None and bad - good > resolution:
-            mid = (good + bad) // 2 // resolution * resolution
-            if mid <= good:
-                break
-            good, bad = (mid, bad) if fits(mid) else (good, mid)
-        out[stack] = {"longest": good, "first_oom": bad, "capped": bad is None, "trials": trials}
-        del model, opt
+        out[stack] = _maxlen_of(tm, model, stack, env, args, vocab)
+        del model
         tm.release(env["device"])
     return out
 
@@ -197,7 +211,7 @@ def run(args: argparse.Namespace) -> int:
     unknown = set(parts) - set(PARTS)
     if unknown or not parts:
         raise ValueError(f"--parts: unknown {sorted(unknown)}; choose from {','.join(PARTS)}")
-    bad_stacks = set(args.stacks) - set(tm.STACKS)
+    bad_stacks = (set(args.stacks) | set(args.stacks_8b)) - set(tm.STACKS)
     if bad_stacks:
         raise ValueError(f"--stacks: unknown {sorted(bad_stacks)}; choose from {','.join(tm.STACKS)}")
     if not args.tiny and not torch.cuda.is_available():
@@ -230,7 +244,7 @@ def run(args: argparse.Namespace) -> int:
                 results[part] = part_counts(tm, base_for("1b"), env, args, env["shape_1b"]["vocab_size"])
             elif part == "8b":
                 seqs = env["seqs_8b"]
-                plan = [(s, seqs if s in ("hf_eager", "ql_compiled") else seqs[:1], 1) for s in args.stacks]
+                plan = [(s, seqs if s in ("hf_eager", "ql_compiled") else seqs[:1], 1) for s in args.stacks_8b]
                 results[part] = _stack_runs(tm, base_for("8b"), env, args, plan, env["shape_8b"]["vocab_size"])
             elif part == "maxlen":
                 results[part] = part_maxlen(tm, base_for("8b"), env, args, env["shape_8b"]["vocab_size"])

@@ -13,6 +13,7 @@ The mask is causal within documents::
 with ``doc`` numbering the documents of each row: a new document starts wherever ``position_ids`` does not
 continue by +1 (packed sequences, as transformers' own packed-sequence detection does), and padding tokens
 (``attention_mask == 0``) form document -1, which real tokens never attend to. A plain batch is one document.
+A model-wide sliding window (Mistral's ``sliding_window``) adds ``q - k < window``; per-layer windows raise.
 
 The `BlockMask` is built in eager PyTorch, block by block (128 x 128), with no `create_block_mask` compile and no
 dense [S, S] mask: per block the min and max document id give "empty" (no overlap or above the diagonal),
@@ -102,19 +103,28 @@ def document_ids(batch: int, seq: int, device, attention_mask: torch.Tensor | No
     return doc
 
 
-def _doc_causal(doc: torch.Tensor):
-    def mask_mod(b, h, q_idx, kv_idx):
-        return (q_idx >= kv_idx) & (doc[b, q_idx] == doc[b, kv_idx])
+def _doc_causal(doc: torch.Tensor, window: int | None):
+    if window is None:
+        def mask_mod(b, h, q_idx, kv_idx):
+            return (q_idx >= kv_idx) & (doc[b, q_idx] == doc[b, kv_idx])
+    else:
+        def mask_mod(b, h, q_idx, kv_idx):
+            return (q_idx >= kv_idx) & (q_idx - kv_idx < window) & (doc[b, q_idx] == doc[b, kv_idx])
 
     return mask_mod
 
 
-def build_block_mask(doc: torch.Tensor, block: int = BLOCK):
-    """The causal-within-document `BlockMask` of `doc` [B, S] (int), built blockwise in eager PyTorch."""
+def build_block_mask(doc: torch.Tensor, block: int = BLOCK, window: int | None = None):
+    """The causal-within-document `BlockMask` of `doc` [B, S] (int), built blockwise in eager PyTorch.
+
+    window: a sliding window (Mistral): token q also needs ``q - k < window``.
+    """
     from torch.nn.attention.flex_attention import BlockMask
 
     if doc.dim() != 2:
         raise ValueError(f"doc must be [batch, seq], got {tuple(doc.shape)}")
+    if window is not None and (not isinstance(window, int) or window < 1):
+        raise ValueError(f"window must be a positive int or None, got {window!r}")
     B, S = doc.shape
     real = -(-S // block)
     # At least 2 blocks: a 1-block mask would make torch.compile specialise on size 1 (one more graph for every
@@ -131,6 +141,11 @@ def build_block_mask(doc: torch.Tensor, block: int = BLOCK):
     overlap = (lo[:, None, :] <= hi[:, :, None]) & (lo[:, :, None] <= hi[:, None, :])
     uniform = lo == hi
     full = below & uniform[:, :, None] & uniform[:, None, :] & (lo[:, :, None] == lo[:, None, :])
+    if window is not None:
+        # q block i, kv block j: the distances q - k span gap - block + 1 .. gap + block - 1
+        gap = (q[:, None] - q[None, :]) * block
+        causal = causal & (gap - block + 1 < window)
+        full = full & (gap + block - 1 < window)
     partial = causal & overlap & ~full
 
     def ordered(sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,7 +156,7 @@ def build_block_mask(doc: torch.Tensor, block: int = BLOCK):
     kv_num, kv_idx = ordered(partial)
     full_num, full_idx = ordered(full)
     return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block,
-                                    mask_mod=_doc_causal(padded), seq_lengths=(S, S))
+                                    mask_mod=_doc_causal(padded, window), seq_lengths=(S, S))
 
 
 _DECODER_ARGS = ("input_ids", "attention_mask", "position_ids", "past_key_values", "inputs_embeds")
@@ -162,13 +177,25 @@ def _flex_mask_hook(module, args, kwargs):
         return None
     batch, seq = ref.shape[0], ref.shape[1]
     doc = document_ids(batch, seq, ref.device, mask, get("position_ids"))
-    block_mask = build_block_mask(doc)
+    block_mask = build_block_mask(doc, window=sliding_window(module.config))
     args = list(args)
     if len(args) > 1:
         args[1] = block_mask
     else:
         kwargs["attention_mask"] = block_mask
     return tuple(args), kwargs
+
+
+def sliding_window(config) -> int | None:
+    """The model's sliding window when every layer uses it (Mistral); per-layer windows are refused."""
+    types = set(getattr(config, "layer_types", None) or [])
+    if len(types) > 1:
+        raise ValueError(f"flex attention: layers of different attention types {sorted(types)} (per-layer sliding "
+                         "windows) are not supported; use attention='sdpa'")
+    window = getattr(config, "sliding_window", None)
+    if window is None or types == {"full_attention"}:
+        return None
+    return int(window)
 
 
 def register_flex() -> None:
@@ -190,6 +217,7 @@ def set_attention(model: torch.nn.Module, implementation: str) -> torch.nn.Modul
         raise TypeError(f"{type(model).__name__} is not a transformers causal LM with a decoder at .model")
     if implementation == "flex":
         register_flex()
+        sliding_window(model.config)  # raises on per-layer windows
         if getattr(model.config, "attention_dropout", 0.0):
             raise ValueError(f"flex attention has no attention dropout, but the config sets attention_dropout="
                              f"{model.config.attention_dropout}")

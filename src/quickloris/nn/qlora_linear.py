@@ -58,7 +58,8 @@ class QLoRALinear(nn.Module):
             raise ValueError(f"bias must have shape [{self.out_features}], got {tuple(bias.shape)}")
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
-        self.r, self.lora_alpha, self.lora_dropout, self.use_rslora = r, float(lora_alpha), float(lora_dropout), use_rslora
+        self.r, self.lora_alpha, self.lora_dropout = r, float(lora_alpha), float(lora_dropout)
+        self.use_rslora = use_rslora
         self.scaling = (self.lora_alpha / (math.sqrt(r) if use_rslora else r)) if r else 0.0
         self.adapter_name = adapter_name
         self.lora_A = nn.ModuleDict()
