@@ -86,3 +86,13 @@ def test_longest_fitting_doubles_then_bisects():
     assert tried == [8192, 16384, 32768, 65536, 49152, 57344, 53248]
     assert bench.longest_fitting(lambda n: True, 8192, 131072, 4096) == (131072, None)
     assert bench.longest_fitting(lambda n: False, 8192, 131072, 4096) == (0, 4096)  # searches below start too
+
+
+def test_options_from_the_environment(monkeypatch):
+    monkeypatch.setenv("QUICKLORIS_BENCH_TRAIN_ARGS", "--parts maxlen --maxlen-cap 65536 --quick")
+    args = _args()
+    assert args.parts == "maxlen" and args.maxlen_cap == 65536 and args.quick and args.steps == 8
+    assert _args("--parts", "1b").parts == "1b"  # the command line still wins
+    monkeypatch.setenv("QUICKLORIS_BENCH_TRAIN_ARGS", "--partz 1b")
+    with pytest.raises(ValueError, match="unknown options"):
+        _args()

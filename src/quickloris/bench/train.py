@@ -7,7 +7,8 @@ model is built (weights included); tokens/s is the median over steps 3..N. Stack
 ``hf_eager``, ``hf_compiled`` (each decoder layer torch.compiled, static shapes), ``ql_eager``, ``ql_compiled``
 (regional compile: layers, final norm, loss chunk; dynamic shapes).
 
-Parts (``--parts``; default ``1b,counts,8b``, or $QUICKLORIS_BENCH_TRAIN_PARTS):
+Parts (``--parts``; default ``1b,counts,8b``; options can also come from $QUICKLORIS_BENCH_TRAIN_ARGS, e.g.
+``QUICKLORIS_BENCH_TRAIN_ARGS="--parts maxlen" bash scripts/device/run.sh bench-train``):
 * ``1b``: Llama-3.2-1B shape, 4 x 2048, the four stacks; per-step losses compared with ``hf_eager``.
 * ``counts``: ``ql_compiled`` from a cleared dynamo cache, 60 steps (``--counts-steps``) of batch 1 with lengths
   drawn uniformly from 64..2048: graph breaks and graphs compiled (dynamo's counters), and per-step losses
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import time
 from typing import Any
 
@@ -40,7 +42,7 @@ def _csv(text: str) -> list[str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--parts", default=os.environ.get("QUICKLORIS_BENCH_TRAIN_PARTS", DEFAULT_PARTS),
+    parser.add_argument("--parts", default=DEFAULT_PARTS,
                         help=f"comma-separated subset of {','.join(PARTS)} (default {DEFAULT_PARTS})")
     parser.add_argument("--steps", type=int, default=8, help="training steps per stack (tokens/s: median of 3..N)")
     parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
@@ -57,6 +59,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attention", choices=["sdpa", "flex"], default="sdpa", help="attention of the ql stacks")
     parser.add_argument("--quick", action="store_true", help="fewer steps and lengths (smoke run)")
     parser.add_argument("--tiny", action="store_true", help="tiny model on CPU (tests); not a measurement")
+    extra = os.environ.get("QUICKLORIS_BENCH_TRAIN_ARGS")
+    if extra:  # device runs (scripts/device/run.sh bench-train) pass options through the environment
+        ns, unknown = parser.parse_known_args(shlex.split(extra))
+        if unknown:
+            raise ValueError(f"QUICKLORIS_BENCH_TRAIN_ARGS: unknown options {unknown}")
+        given = {a.dest for a in parser._actions if any(o in shlex.split(extra) for o in a.option_strings)}
+        parser.set_defaults(**{k: v for k, v in vars(ns).items() if k in given})
 
 
 def _setup(args) -> dict[str, Any]:
