@@ -12,6 +12,7 @@ Measured, each over every tensor of the model (seconds of quantization only):
     threads vs ggml's `ggml_quantize_chunk` driven by the same number of Python threads over row
     chunks (how llama-quantize splits work; ctypes releases the GIL);
   * Q8_0, the type all three can produce: quickloris (`--threads` and 1 thread), ggml, gguf's numpy;
+  * (`--ggml-lib`) the same against another ggml build, e.g. one compiled with -march=native;
   * the whole export of the Q4_K_M model through the GGUF writer to a temporary file (quantize +
     stream to disk + fsync + rename);
 and the bytes of every tensor are compared between quickloris and ggml.
@@ -81,11 +82,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--out", default=None, help="results folder (default: benchmarks/results/)")
     parser.add_argument("--skip-numpy", action="store_true", help="skip gguf's (slow) numpy Q8_0 path")
+    parser.add_argument("--ggml-lib", default=None,
+                        help="another libggml-base.so to compare with (default: llama-cpp-python's bundled one)")
+    parser.add_argument("--name", default="quantize_llama32_1b", help="result file name prefix")
     args = parser.parse_args(argv)
 
     tensors = llama32_1b_tensors(args.layers)
     n_params = sum(int(np.prod(s)) for _, s in tensors)
-    ref = ggml_reference.load()
+    ref = ggml_reference.GGMLReference(args.ggml_lib) if args.ggml_lib else ggml_reference.load()
     rng = np.random.default_rng(0)
     secs = {k: 0.0 for k in ("ours_q4_k_m", "ggml_q4_k_m", "ours_q8_0", "ours_q8_0_1thread", "ggml_q8_0", "numpy_q8_0")}
     types: dict[str, int] = {}
@@ -149,7 +153,10 @@ def main(argv: list[str] | None = None) -> int:
         "ggml_library": ref.path if ref else None,
         "load_average_1min_at_end": os.getloadavg()[0],
     }
-    path = record("gguf", "quantize_llama32_1b", results, args.out)
+    from quickloris import _native
+
+    results["quickloris_kquant_isa"] = _native.kquant_isa()
+    path = record("gguf", args.name, results, args.out)
     print(path)
     for k, v in results.items():
         print(f"{k}: {v}")

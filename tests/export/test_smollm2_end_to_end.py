@@ -128,12 +128,12 @@ def model_with_file_weights(path, like):
 
 def test_untouched_f32_export_reproduces_the_original_file(smollm2, tmp_path):
     from quickloris.export import export_gguf
-    from quickloris.export.gguf_export import embedded_model_file
+    from quickloris.models.loading import default_gguf_path
 
     model, tok = smollm2
     path = tmp_path / "f32.gguf"
     export_gguf(model, path, tokenizer=tok, quant="f32")
-    original, ours = gguf.GGUFReader(embedded_model_file()), gguf.GGUFReader(path)
+    original, ours = gguf.GGUFReader(default_gguf_path()), gguf.GGUFReader(path)
     theirs = {t.name: t for t in original.tensors}
     assert sorted(theirs) == sorted(t.name for t in ours.tensors)
     for t in ours.tensors:

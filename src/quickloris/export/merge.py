@@ -62,7 +62,7 @@ def dequantize_base_weight(param: torch.Tensor) -> torch.Tensor:
             return _dequantize_bnb_cpu_packed(param.data, state)
         import bitsandbytes.functional as bnbf
 
-        return bnbf.dequantize_4bit(param.data, state).to(torch.float32)
+        return bnbf.dequantize_4bit(param.data, state).to(device="cpu", dtype=torch.float32)
     if param.dtype in (torch.int8, torch.uint8):
         raise ValueError(f"8-bit base weights (dtype {param.dtype}) are not supported by the GGUF export")
     return param.detach().to(device="cpu", dtype=torch.float32, copy=True)
@@ -225,12 +225,13 @@ def resolve(model: Any, adapter: str | os.PathLike | None) -> tuple[Any, dict[st
 
 
 def merged_weight(name: str, params: dict[str, torch.Tensor], plan: AdapterPlan) -> torch.Tensor:
-    """Parameter `name` with its replacement or LoRA deltas applied, as a new float32 tensor."""
+    """Parameter `name` with its replacement or LoRA deltas applied, as a new float32 CPU tensor."""
     base = plan.replacements.get(name)
-    w = base.detach().to(torch.float32, copy=True) if base is not None else dequantize_base_weight(params[name])
+    w = base.detach().to(device="cpu", dtype=torch.float32, copy=True) if base is not None \
+        else dequantize_base_weight(params[name])
     if name.endswith(".weight"):
         for d in plan.deltas.get(name[: -len(".weight")], []):
-            delta = d.delta()
+            delta = d.delta().to("cpu")  # computed where the adapter lives (a GPU, if the model is there)
             if delta.shape != w.shape:
                 raise ValueError(f"LoRA delta for {name} has shape {tuple(delta.shape)}, weight {tuple(w.shape)}")
             w += delta

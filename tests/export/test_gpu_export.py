@@ -1,0 +1,59 @@
+"""Export straight from a QLoRA model living on a GPU (bitsandbytes NF4 base on CUDA + PEFT LoRA).
+
+The merge runs where the adapter lives and the result comes back to the CPU for the C++ quantizers;
+the file must hold the same weights as the CPU path computes from the same NF4 bytes and adapters.
+"""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from quickloris.export import export_gguf
+
+pytestmark = pytest.mark.gpu
+
+
+def test_export_from_a_cuda_qlora_model(tmp_path, seed, helpers, bpe_tokenizer):
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes.functional as bnbf
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    helpers.tiny_model(vocab_size=len(bpe_tokenizer), hidden=256, inter=512).save_pretrained(tmp_path / "base")
+    q = AutoModelForCausalLM.from_pretrained(tmp_path / "base", device_map="cuda", quantization_config=BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32))
+    model = get_peft_model(q, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    export_gguf(model, tmp_path / "f32.gguf", tokenizer=bpe_tokenizer, quant="f32")
+    export_gguf(model, tmp_path / "q4_k_m.gguf", tokenizer=bpe_tokenizer, quant="q4_k_m")
+    f32 = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(tmp_path / "f32.gguf").tensors}
+
+    layer = model.get_base_model().model.layers[1].mlp.down_proj  # not permuted: compare directly
+    w = layer.base_layer.weight
+    expected = bnbf.dequantize_4bit(w.data, w.quant_state).float().cpu() + \
+        (layer.lora_B["default"].weight.cpu() @ layer.lora_A["default"].weight.cpu()) * layer.scaling["default"]
+    np.testing.assert_allclose(f32["blk.1.ffn_down.weight"], expected.numpy(), rtol=1e-5, atol=1e-6)
+
+    from quickloris.export.quants import GGMLType, quantize
+
+    for t in gguf.GGUFReader(tmp_path / "q4_k_m.gguf").tensors:
+        if t.tensor_type.name != "F32":
+            ours = quantize(f32[t.name].reshape(-1, f32[t.name].shape[-1]), GGMLType[t.tensor_type.name])
+            assert np.array_equal(np.asarray(t.data).reshape(ours.shape), ours), t.name
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    ids = bpe_tokenizer("The quick brown fox 12345")["input_ids"]
+    model.train()  # bitsandbytes' exact dequantize + matmul path (no dropout anywhere)
+    with torch.no_grad():
+        ref = model(torch.tensor([ids], device="cuda")).logits[0].float().cpu().numpy()
+    assert llama_cpp is not None
+    ours = helpers.llama_cpp_logits(str(tmp_path / "f32.gguf"), ids)
+    assert np.abs(ours - ref).max() < 2e-3 * np.abs(ref).max(), f"seed {seed}"
