@@ -96,6 +96,8 @@ def test_checkpointing_options_and_errors():
     assert not any(layer.gradient_checkpointing for layer in model.model.layers)
     with pytest.raises(ValueError, match="every_n_layers"):
         CheckpointConfig(every_n_layers=0)
+    with pytest.raises(ValueError, match="offload"):
+        apply_checkpointing(model, CheckpointConfig(offload=True))
     with pytest.raises(ValueError, match="backend"):
         CompileConfig(backend="")
     compile_model(model, CompileConfig(backend="aot_eager"))

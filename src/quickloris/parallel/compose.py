@@ -44,6 +44,9 @@ def apply_checkpointing(model: nn.Module, config: CheckpointConfig | None = None
         if getattr(model, "is_gradient_checkpointing", False):
             model.gradient_checkpointing_disable()
         return model
+    if cfg.offload and next(model.parameters()).device.type == "cpu":
+        raise ValueError("CheckpointConfig.offload moves checkpointed activations from the GPU to pinned CPU memory; "
+                         "this model is on the CPU already")
     params = inspect.signature(model.gradient_checkpointing_enable).parameters
     kwargs: dict = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
     for name, value, default in (("every_n_layers", cfg.every_n_layers, 1), ("offload", cfg.offload, False)):
