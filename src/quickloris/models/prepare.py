@@ -11,8 +11,8 @@ patched):
      are wrapped, not copied or re-quantized (`NF4Tensor.from_bnb`);
    * a 16-bit ``nn.Linear``: quantized now, bit-exactly as bitsandbytes would on that device (``quantize=True``;
      with ``quantize=False`` a 16-bit target raises, for callers that require a 4-bit model);
-   * a pre-quantized ``*-bnb-4bit`` folder: `load_bnb_4bit_weights` puts its NF4 tensors into a model built on
-     the meta device or in 16-bit, then `prepare_model` wraps them like bitsandbytes weights.
+   * a pre-quantized ``*-bnb-4bit`` folder: `quickloris.models.prequantized.load_bnb_4bit_model` puts its NF4
+     tensors into a model built on the meta device, then `prepare_model` wraps them like bitsandbytes weights.
 3. Freezes everything but the LoRA matrices; the bitsandbytes quantizer handle (``model.hf_quantizer``) is
    dropped, since no bitsandbytes layer is left (HF ``Trainer`` then sees a model with trainable adapters).
 4. Computes the training loss chunked (`quickloris.models.chunked_loss`: no [tokens, vocab] logits), gradient
