@@ -184,16 +184,18 @@ def test_bad_input():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_matches_reference_and_saves_no_dense_weight(seed, dtype):
-    """On CUDA the op dequantizes with the fused Triton kernel; eager and inductor-compiled."""
+    """On CUDA the op dequantizes with the fused Triton kernel; eager and inductor-compiled (dynamic shapes)."""
+    from quickloris.nn.qlora_linear import QLoRALinear
+
     out_f, in_f = 1024, 768
     w = NF4Tensor.from_float(torch.randn(out_f, in_f, device="cuda", dtype=dtype) / in_f ** 0.5)
-    A = (torch.randn(16, in_f, device="cuda") / in_f ** 0.5).requires_grad_()
-    B = (torch.randn(out_f, 16, device="cuda") / 4).requires_grad_()
+    layer = QLoRALinear(w, r=16, lora_alpha=32, init_lora_weights=False)  # scaling 2, fp32 LoRA on the GPU
+    A, B = layer.lora_weights
     x = torch.randn(3, 300, in_f, device="cuda", dtype=dtype, requires_grad=True)
     dense = w.dequantize()
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: (saved.append(t), t)[1], lambda t: t):
-        y = qlora_linear(x, w, None, A, B, scaling=2.0)
+        y = layer(x)
     assert not [t for t in saved if _dense_like(t, w)]
     g = torch.randn_like(y)
     got = torch.autograd.grad(y, (x, A, B), g)
@@ -203,7 +205,11 @@ def test_gpu_matches_reference_and_saves_no_dense_weight(seed, dtype):
     torch.testing.assert_close(y, yr, rtol=2e-2, atol=2e-2)
     for a, b in zip(got, want):
         assert (a.float() - b.float()).norm() / b.float().norm() < 2e-2
-    compiled = torch.compile(lambda x: qlora_linear(x, w, None, A, B, scaling=2.0), fullgraph=True, dynamic=True)
-    got_c = torch.autograd.grad(compiled(x), (x, A, B), g)
-    for a, b in zip(got_c, got):
-        assert (a.float() - b.float()).norm() / b.float().norm() < 1e-2
+    compiled = torch.compile(layer, fullgraph=True, dynamic=True)
+    for rows in (300, 517):  # a second length: no recompile needed, same results
+        xs = torch.randn(2, rows, in_f, device="cuda", dtype=dtype, requires_grad=True)
+        gs = torch.randn(2, rows, out_f, device="cuda", dtype=dtype)
+        got_c = torch.autograd.grad(compiled(xs), (xs, A, B), gs)
+        got_e = torch.autograd.grad(layer(xs), (xs, A, B), gs)
+        for a, b in zip(got_c, got_e):
+            assert (a.float() - b.float()).norm() / b.float().norm() < 1e-2
