@@ -157,3 +157,26 @@ def test_no_trainable_tokens_raises(smollm2_tokenizer):
     rec = parse_record({"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "x"}]})
     with pytest.raises(DataFormatError, match="no trainable tokens"):
         tokenize_records(smollm2_tokenizer, [rec], max_seq_len=64, chat_template=template)
+
+
+# Hand-written templates in the shapes of other families (header + end-of-turn token; [INST] with the reply
+# straight after the user turn; turns named "model"), none of them SmolLM's.
+_TEMPLATES = {
+    "header": ("<|begin|>{% for m in messages %}<|hdr|>{{ m['role'] }}<|/hdr|>\n\n{{ m['content'] }}<|eot|>{% endfor %}"
+               "{% if add_generation_prompt %}<|hdr|>assistant<|/hdr|>\n\n{% endif %}", "<|eot|>"),
+    "inst": ("<s>{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+             "{% elif m['role'] == 'assistant' %}{{ m['content'] }}</s>{% endif %}{% endfor %}", "</s>"),
+    "turns": ("{% for m in messages %}<turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+              "{{ m['content'] }}<end>\n{% endfor %}{% if add_generation_prompt %}<turn>model\n{% endif %}", "<end>"),
+}
+
+
+@pytest.mark.parametrize("style", sorted(_TEMPLATES))
+def test_other_template_shapes(tiny_tokenizer, style):
+    template, end = _TEMPLATES[style]
+    msgs = [{"role": "user", "content": "Add the two numbers."}, {"role": "assistant", "content": "42"},
+            {"role": "user", "content": "The answer is"}, {"role": "assistant", "content": "system 7"}]
+    ex = tokenize_chat(tiny_tokenizer, msgs, chat_template=template)
+    assert tiny_tokenizer.decode(ex.input_ids) == tiny_tokenizer.apply_chat_template(
+        msgs, tokenize=False, chat_template=template)
+    assert _trained_runs(tiny_tokenizer, ex) == ["42" + end, "system 7" + end]

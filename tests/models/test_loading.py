@@ -192,3 +192,22 @@ def test_bnb_4bit_folder(tmp_path, seed):
     torch.testing.assert_close(q_proj.weight.quant_state.absmax, ref.quant_state.absmax)
     x = torch.randint(0, 64, (1, 5))
     torch.testing.assert_close(loaded(x).logits, quantized(x).logits)
+
+
+@pytest.mark.gpu
+def test_load_to_cuda(tmp_path):
+    """`device=` puts HF, GGUF and bnb-4bit models on the GPU, with the CPU model's logits."""
+    model = _tiny_llama()
+    model.save_pretrained(tmp_path / "hf")
+    x = torch.randint(0, 64, (2, 7))
+    ref = model(x).logits
+    gpu = load_model(resolve_model(tmp_path / "hf"), device="cuda")
+    assert gpu.device.type == "cuda"
+    torch.testing.assert_close(gpu(x.cuda()).logits.cpu(), ref, rtol=1e-3, atol=1e-3)
+    export = pytest.importorskip("quickloris.export.gguf_export")
+    tok = _tiny_tokenizer(pad=True)
+    gmodel = _tiny_llama(vocab=len(tok), pad_token_id=tok.pad_token_id)
+    export.export_gguf(gmodel, tmp_path / "t.gguf", tokenizer=tok, quant="f32", tokenizer_pre="smollm")
+    loaded = load_model(resolve_model(tmp_path / "t.gguf"), device="cuda")
+    y = torch.randint(0, len(tok), (1, 9))
+    torch.testing.assert_close(loaded(y.cuda()).logits.cpu(), gmodel(y).logits, rtol=1e-3, atol=1e-3)

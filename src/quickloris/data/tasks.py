@@ -1,9 +1,9 @@
 """Embedded tasks: generated deterministically from a seed, scored by exact match.
 
 The default, ``addition``, asks for the sum of two 3-digit numbers. SmolLM2-135M-Instruct gets 0 % of
-them exactly zero-shot (it explains how to add instead of answering) and reaches ~80 % after about 100
-LoRA steps on a 2-core CPU (measurements in docs/demo-design.md). ``reverse`` (reverse a 5-7 digit
-string) is learnt even faster and is there as a second, easier task.
+them exactly zero-shot (it explains how to add, and the right sum appears in only ~3 % of its replies) and
+72-86 % after 100 LoRA steps of 8 examples, 81-84 % after 120-150 (docs/demo-design.md). ``reverse``
+(reverse a 5-7 digit string) is learnt faster (99.5 % after 60 steps) and is the easier alternative.
 
 Train and held-out splits are disjoint by construction, for every seed and size: each problem has a
 canonical key (for addition the unordered pair, so ``a + b`` and ``b + a`` land on the same side) and

@@ -242,10 +242,14 @@ def load_model(source: ModelSource, *, dtype: Any = None, device: Any = None) ->
                                                      device_map=str(device) if device is not None else "cpu")
         return model.eval()
     if source.is_gguf:
-        from transformers import GgufConfig
-
+        try:
+            from transformers import GgufConfig
+        except ImportError:  # transformers without a GGUF quantizer always dequantizes GGUF files
+            extra = {}
+        else:
+            extra = {"quantization_config": GgufConfig(dequantize=True)}
         model = AutoModelForCausalLM.from_pretrained(str(source.folder), gguf_file=source.path.name, dtype=dtype,
-                                                     quantization_config=GgufConfig(dequantize=True))
+                                                     **extra)
         if getattr(model, "is_quantized", False) or getattr(model.config, "quantization_config", None):
             raise RuntimeError(f"transformers kept {source.path.name} quantized although dequantize=True was asked")
     else:
