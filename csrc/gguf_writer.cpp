@@ -38,6 +38,8 @@ void append_string(std::string& out, const std::string& s) {
     throw std::system_error(errno, std::generic_category(), what);
 }
 
+std::string type_name(ValueType t) { return "GGUF type " + std::to_string(static_cast<uint32_t>(t)); }
+
 std::string dirname_of(const std::string& path) {
     const size_t slash = path.find_last_of('/');
     if (slash == std::string::npos) return ".";
@@ -77,10 +79,10 @@ Value Value::integer(ValueType t, int64_t v) {
         case ValueType::U64: hi = std::numeric_limits<uint64_t>::max(); break;
         case ValueType::I64: lo = std::numeric_limits<int64_t>::min(); hi = std::numeric_limits<int64_t>::max(); break;
         case ValueType::BOOL: hi = 1; break;
-        default: throw std::invalid_argument("Value::integer: type " + std::to_string(static_cast<uint32_t>(t)) + " is not an integer type");
+        default: throw std::invalid_argument("Value::integer: " + type_name(t) + " is not an integer type");
     }
     if (v < lo || (v >= 0 && static_cast<uint64_t>(v) > hi))
-        throw std::invalid_argument("value " + std::to_string(v) + " out of range for GGUF type " + std::to_string(static_cast<uint32_t>(t)));
+        throw std::invalid_argument("value " + std::to_string(v) + " out of range for " + type_name(t));
     Value out{t, {}};
     switch (scalar_size(t)) {
         case 1: append_le<uint8_t>(out.payload, static_cast<uint8_t>(v)); break;
@@ -103,7 +105,7 @@ Value Value::floating(ValueType t, double v) {
         std::memcpy(&bits, &v, 8);
         append_le(out.payload, bits);
     } else {
-        throw std::invalid_argument("Value::floating: type " + std::to_string(static_cast<uint32_t>(t)) + " is not F32/F64");
+        throw std::invalid_argument("Value::floating: " + type_name(t) + " is not F32/F64");
     }
     return out;
 }
@@ -142,7 +144,8 @@ Value Value::array_values(ValueType elem, const std::vector<Value>& items) {
     append_le<uint32_t>(out.payload, static_cast<uint32_t>(elem));
     append_le<uint64_t>(out.payload, items.size());
     for (const auto& v : items) {
-        if (v.type != elem) throw std::invalid_argument("array element of type " + std::to_string(static_cast<uint32_t>(v.type)) + " in an array of type " + std::to_string(static_cast<uint32_t>(elem)));
+        if (v.type != elem)
+            throw std::invalid_argument("array element of " + type_name(v.type) + " in an array of " + type_name(elem));
         out.payload += v.payload;
     }
     return out;

@@ -12,7 +12,8 @@ from quickloris.export import ggml_reference
 
 
 _CORPUS = ["The quick brown fox jumps over the lazy dog 12345 times.", "Hello world! def f(x): return x * 2\n",
-           "Ünïcødé 日本語のテキスト, numbers 2024 and 3.14159;  spaces\tand\ttabs", "I'm sure they'll say we've done it"]
+           "Ünïcødé 日本語のテキスト, numbers 2024 and 3.14159;  spaces\tand\ttabs",
+           "I'm sure they'll say we've done it"]
 
 
 def make_tokenizer(pre: str, vocab_size: int = 400):

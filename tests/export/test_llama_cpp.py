@@ -45,15 +45,22 @@ def test_f32_export_logits_match_hf(case, tmp_path, seed, helpers, bpe_tokenizer
     assert ("output.weight" in result.tensor_types) == (not CASES[case].get("tied", False))
 
 
-@pytest.mark.parametrize("hidden", [256, 96])  # 96: rows not a multiple of 256 -> llama.cpp's fallbacks
-def test_presets_equal_llama_quantize(hidden, tmp_path, seed, helpers, bpe_tokenizer, llama_cpp_available):
+PRESETS = {"q8_0": 7, "q4_0": 2, "q4_k_s": 14, "q4_k_m": 15, "q5_k_s": 16, "q5_k_m": 17, "q6_k": 18}
+
+
+@pytest.mark.parametrize("hidden, layers, presets", [
+    (256, 8, PRESETS),
+    (96, 8, PRESETS),  # rows not a multiple of 256 -> llama.cpp's fallback types
+    (256, 80, {"q4_k_m": 15, "q4_k_s": 14}),  # 80 layers: llama.cpp's "70B" rule for attn_v
+], ids=["hidden256", "hidden96", "80layers"])
+def test_presets_equal_llama_quantize(hidden, layers, presets, tmp_path, seed, helpers, bpe_tokenizer,
+                                      llama_cpp_available):
     import llama_cpp
 
-    model = helpers.tiny_model(vocab_size=len(bpe_tokenizer), hidden=hidden, inter=2 * hidden, layers=8, heads=4,
-                               kv_heads=2)
+    model = helpers.tiny_model(vocab_size=len(bpe_tokenizer), hidden=hidden, inter=2 * hidden, layers=layers,
+                               heads=4, kv_heads=2)
     src = str(tmp_path / "f32.gguf")
     export_gguf(model, src, tokenizer=bpe_tokenizer, quant="f32")
-    presets = {"q8_0": 7, "q4_0": 2, "q4_k_s": 14, "q4_k_m": 15, "q5_k_s": 16, "q5_k_m": 17, "q6_k": 18}
     for preset, ftype in presets.items():
         ours_path, ref_path = str(tmp_path / f"{preset}.gguf"), str(tmp_path / f"{preset}-ref.gguf")
         export_gguf(model, ours_path, tokenizer=bpe_tokenizer, quant=preset, threads=2)
@@ -68,4 +75,5 @@ def test_presets_equal_llama_quantize(hidden, tmp_path, seed, helpers, bpe_token
             assert np.array_equal(np.asarray(ours[name].data), np.asarray(t.data)), f"{preset} {name} seed {seed}"
         types = {t.tensor_type.name for t in ours.values()}
         if preset == "q4_k_m":
-            assert types == ({"F32", "Q4_K", "Q6_K"} if hidden == 256 else {"F32", "Q5_0", "Q8_0"})
+            expected = {"F32", "Q4_K", "Q6_K"} if hidden == 256 else {"F32", "Q5_0", "Q8_0"}
+            assert types == (expected | {"Q5_K"} if layers == 80 else expected)

@@ -126,7 +126,7 @@ def model_with_file_weights(path, like):
     return model.eval()
 
 
-def test_untouched_f32_export_reproduces_the_original_file(smollm2, tmp_path):
+def test_untouched_f32_export_reproduces_the_original_file(smollm2, tmp_path, llama_cpp_available):
     from quickloris.export import export_gguf
     from quickloris.models.loading import default_gguf_path
 
@@ -143,6 +143,14 @@ def test_untouched_f32_export_reproduces_the_original_file(smollm2, tmp_path):
                 "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.padding_token_id",
                 "tokenizer.ggml.add_bos_token", "llama.rope.freq_base", "llama.attention.head_count_kv"):
         assert ours.fields[key].contents() == original.fields[key].contents(), key
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    try:
+        for text in PROMPTS + FACTS + ["Numbers 12345 and 3.14, spaces  \t tabs\n<|im_start|>user\nHi<|im_end|>"]:
+            assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok(text)["input_ids"], text
+    finally:
+        llm.close()
 
 
 def test_fine_tuned_exports_continue_like_hf(fine_tuned, tmp_path, llama_cpp_available):

@@ -26,8 +26,12 @@ def _run_gguf(args: argparse.Namespace) -> int:
     from quickloris.export.gguf_export import GGUFExportConfig, export_from_config
 
     cfg = dataclass_from_args(GGUFExportConfig, args)
-    result = export_from_config(cfg, log=print)
+    result = export_from_config(cfg)
+    counts: dict[str, int] = {}
+    for qtype in result.tensor_types.values():
+        counts[qtype] = counts.get(qtype, 0) + 1
     mib = result.bytes / 2**20
-    print(f"wrote {result.path}: {len(result.tensor_types)} tensors, {mib:.1f} MiB, {result.quant}, "
-          f"{result.seconds:.1f} s")
+    print(f"wrote {result.path}: {len(result.tensor_types)} tensors "
+          f"({', '.join(f'{n} {t}' for t, n in sorted(counts.items()))}), {mib:.1f} MiB, {result.quant}, "
+          f"{result.seconds:.1f} s after loading")
     return 0

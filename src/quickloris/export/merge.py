@@ -202,7 +202,8 @@ def plan_from_folder(path: str | os.PathLike) -> AdapterPlan:
             plan.replacements[key.replace(".base_layer.", ".")] = t
     for module, parts in lora.items():
         emb = "lora_embedding_A" in parts
-        a, b = (parts.get("lora_embedding_A"), parts.get("lora_embedding_B")) if emb else (parts.get("lora_A"), parts.get("lora_B"))
+        kind_a, kind_b = ("lora_embedding_A", "lora_embedding_B") if emb else ("lora_A", "lora_B")
+        a, b = parts.get(kind_a), parts.get(kind_b)
         if a is None or b is None:
             raise ValueError(f"adapter module {module!r} lacks its A or B matrix")
         r = int(_pattern_value(cfg.get("rank_pattern") or {}, module, cfg["r"]))

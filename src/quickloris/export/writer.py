@@ -141,7 +141,11 @@ class GGUFWriter:
 
     def write_tensor_bytes(self, index: int, data: bytes | np.ndarray) -> None:
         """Append already-encoded bytes of tensor `index` (may be called in pieces)."""
-        self._native.write_tensor_bytes(index, np.frombuffer(data, dtype=np.uint8) if isinstance(data, bytes) else np.ascontiguousarray(data).view(np.uint8).reshape(-1))
+        if isinstance(data, bytes):
+            raw = np.frombuffer(data, dtype=np.uint8)
+        else:
+            raw = np.ascontiguousarray(data).view(np.uint8).reshape(-1)
+        self._native.write_tensor_bytes(index, raw)
 
     def finish(self) -> None:
         self._native.finish()
