@@ -163,3 +163,28 @@ def test_unsupported_adapters_are_rejected(tmp_path, helpers, bpe_tokenizer):
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         export_gguf(base, tmp_path / "x.gguf", tokenizer=bpe_tokenizer, adapter=tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+def test_quickloris_qlora_model_exports_like_it_runs(tmp_path, seed, helpers, bpe_tokenizer, llama_cpp_available):
+    """A model from `quickloris.prepare_model` (NF4Tensor bases in QLoRALinear layers with PEFT-named
+    lora_A / lora_B): the merge reads its NF4 bytes and adapters, llama.cpp then computes its logits."""
+    from quickloris.models.prepare import QLoRAConfig, prepare_model
+    from quickloris.quant.nf4 import dequantize_nf4_reference
+
+    model = prepare_model(helpers.tiny_model(vocab_size=len(bpe_tokenizer), hidden=128, inter=256),
+                          QLoRAConfig(r=4, lora_alpha=8, init_lora_weights="random", chunked_loss=False))
+    _, params, plan = M.resolve(model, None)
+    assert len(plan.deltas) == 2 * 7
+    layer = model.model.layers[1].mlp.down_proj
+    a, b = layer.lora_weights
+    packed, state = layer.weight.nf4_components()
+    expected = dequantize_nf4_reference(packed, state, dtype=torch.float32) + (b @ a).detach() * layer.scaling
+    torch.testing.assert_close(M.merged_weight("model.layers.1.mlp.down_proj.weight", params, plan), expected,
+                               rtol=0, atol=0)
+    path = str(tmp_path / "m.gguf")
+    export_gguf(model, path, tokenizer=bpe_tokenizer, quant="f32")
+    ids = bpe_tokenizer("The quick brown fox 12345")["input_ids"]
+    ours, ref = helpers.llama_cpp_logits(path, ids), helpers.hf_logits(model, ids)
+    assert np.abs(ours - ref).max() < 2e-3 * np.abs(ref).max(), f"seed {seed}"
+    with pytest.raises(ValueError, match="already carries quickloris LoRA layers"):
+        export_gguf(model, tmp_path / "x.gguf", tokenizer=bpe_tokenizer, adapter=tmp_path)

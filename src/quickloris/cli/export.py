@@ -30,7 +30,7 @@ def _run_gguf(args: argparse.Namespace) -> int:
     counts: dict[str, int] = {}
     for qtype in result.tensor_types.values():
         counts[qtype] = counts.get(qtype, 0) + 1
-    mib = result.bytes / 2**20
+    mib = result.tensor_bytes / 2**20
     print(f"wrote {result.path}: {len(result.tensor_types)} tensors "
           f"({', '.join(f'{n} {t}' for t, n in sorted(counts.items()))}), {mib:.1f} MiB, {result.quant}, "
           f"{result.seconds:.1f} s after loading")

@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
+from quickloris.cli.args import field as cli_field
 from quickloris.export import arch as _arch
 from quickloris.export import merge as _merge
-from quickloris.cli.args import field as cli_field
 from quickloris.export.quants import GGMLType, Preset, check_preset, file_type, tensor_type
 from quickloris.export.tokenizer import tokenizer_metadata
 from quickloris.export.writer import GGUFValueType as V
@@ -29,10 +29,13 @@ from quickloris.export.writer import GGUFWriter
 
 @dataclass
 class ExportResult:
+    """What `export_gguf` wrote: the file, the preset, each tensor's ggml type, the size of the tensor
+    data and the seconds spent (planning, merging, quantizing and writing; not loading the model)."""
+
     path: str
     quant: str
     tensor_types: dict[str, str] = field(default_factory=dict)
-    bytes: int = 0
+    tensor_bytes: int = 0
     seconds: float = 0.0
 
 
@@ -115,7 +118,7 @@ def export_gguf(model: Any, path: str | os.PathLike, *, tokenizer: Any, adapter:
                 result.tensor_types[it.gguf_name] = it.qtype.name
                 if log:
                     log(f"{it.gguf_name:32s} {it.qtype.name:5s} {tuple(it.shape)}")
-        result.bytes = w.tensor_offsets[-1][1] + w.tensor_offsets[-1][2] if items else 0
+        result.tensor_bytes = w.tensor_offsets[-1][1] + w.tensor_offsets[-1][2] if items else 0
     result.seconds = time.perf_counter() - start
     return result
 

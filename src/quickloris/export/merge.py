@@ -9,9 +9,10 @@ float32 on copies: the caller's model is never modified (PEFT's merge_and_unload
 place and, for a 4-bit base, re-quantize the result). NF4 base weights (bitsandbytes Params4bit)
 are dequantized first by `dequantize_base_weight`.
 
-Adapters come either attached (a PEFT `PeftModel`) or as a PEFT folder (`adapter_config.json` +
-`adapter_model.safetensors`); `modules_to_save` copies and saved embedding layers replace the base
-weights they stand for.
+Adapters come attached (a PEFT `PeftModel`, or a quickloris model from `prepare_model`, whose
+`QLoRALinear` layers hold an `NF4Tensor` base and PEFT-style lora_A / lora_B) or as a PEFT folder
+(`adapter_config.json` + `adapter_model.safetensors`); `modules_to_save` copies and saved embedding
+layers replace the base weights they stand for.
 """
 
 from __future__ import annotations
@@ -56,6 +57,11 @@ def dequantize_base_weight(param: torch.Tensor) -> torch.Tensor:
     Kept small on purpose: the bitsandbytes call is swapped for quickloris' own NF4 reference
     (`quickloris.quant.nf4`) once that lands.
     """
+    if _is_nf4_tensor(param):  # quickloris' NF4Tensor (prepare_model): bitsandbytes' bytes, own reference decode
+        from quickloris.quant.nf4 import dequantize_nf4_reference
+
+        packed, state = param.nf4_components()
+        return dequantize_nf4_reference(packed, state, dtype=torch.float32).to("cpu")
     state = getattr(param, "quant_state", None)
     if state is not None:
         if getattr(state, "packing_format_for_cpu", False):
@@ -66,6 +72,10 @@ def dequantize_base_weight(param: torch.Tensor) -> torch.Tensor:
     if param.dtype in (torch.int8, torch.uint8):
         raise ValueError(f"8-bit base weights (dtype {param.dtype}) are not supported by the GGUF export")
     return param.detach().to(device="cpu", dtype=torch.float32, copy=True)
+
+
+def _is_nf4_tensor(param: Any) -> bool:
+    return type(param).__name__ == "NF4Tensor" and hasattr(param, "nf4_components")
 
 
 def _dequantize_bnb_cpu_packed(packed: torch.Tensor, state: Any) -> torch.Tensor:
@@ -88,12 +98,22 @@ def _dequantize_bnb_cpu_packed(packed: torch.Tensor, state: Any) -> torch.Tensor
 
 
 def weight_shape(param: torch.Tensor) -> tuple[int, ...]:
+    if _is_nf4_tensor(param):
+        return tuple(param.shape)
     state = getattr(param, "quant_state", None)
     return tuple(state.shape) if state is not None else tuple(param.shape)
 
 
 def _is_peft_model(model: Any) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+# Name segments added by wrappers (torch.compile, activation checkpointing, FSDP) that HF names lack.
+_WRAPPER_PARTS = {"_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module"}
+
+
+def _plain(name: str) -> str:
+    return ".".join(p for p in name.split(".") if p not in _WRAPPER_PARTS)
 
 
 def base_parameters(model: Any) -> dict[str, torch.Tensor]:
@@ -105,13 +125,14 @@ def base_parameters(model: Any) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     saved: dict[str, torch.Tensor] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
-        parts = name.split(".")
+        parts = _plain(name).split(".")
         if any(p.startswith("lora_") for p in parts):
             continue
         for wrapped in ("modules_to_save", "original_module"):
             if wrapped in parts:
                 i = parts.index(wrapped)
-                wrapper = model.get_submodule(".".join(parts[:i]))
+                raw = name.split(".")
+                wrapper = model.get_submodule(".".join(raw[: raw.index(wrapped)]))
                 use_copy = not wrapper.disable_adapters and bool(_active_adapters(wrapper))
                 if wrapped == "original_module" and not use_copy:
                     saved[".".join(parts[:i] + parts[i + 1:])] = param
@@ -153,7 +174,17 @@ def plan_from_peft_model(model: Any) -> AdapterPlan:
                 d = LoraDelta(module.lora_embedding_A[adapter], module.lora_embedding_B[adapter], scale, embedding=True)
             else:
                 continue
-            plan.deltas.setdefault(name, []).append(d)
+            plan.deltas.setdefault(_plain(name), []).append(d)
+    return plan
+
+
+def plan_from_qlora_layers(model: Any) -> AdapterPlan:
+    """LoRA deltas of quickloris `QLoRALinear` layers (models from `quickloris.prepare_model`)."""
+    plan = AdapterPlan()
+    for name, module in model.named_modules():
+        if type(module).__name__ == "QLoRALinear" and getattr(module, "r", 0) > 0:
+            a, b = module.lora_weights
+            plan.deltas[_plain(name)] = [LoraDelta(a, b, module.scaling)]
     return plan
 
 
@@ -221,6 +252,11 @@ def resolve(model: Any, adapter: str | os.PathLike | None) -> tuple[Any, dict[st
         if adapter is not None:
             raise ValueError("pass either a PeftModel or an adapter folder, not both")
         return model.get_base_model(), base_parameters(model.get_base_model()), plan_from_peft_model(model)
+    attached = plan_from_qlora_layers(model)
+    if attached.deltas:
+        if adapter is not None:
+            raise ValueError("the model already carries quickloris LoRA layers; pass no adapter folder")
+        return model, base_parameters(model), attached
     plan = plan_from_folder(adapter) if adapter is not None else AdapterPlan()
     return model, base_parameters(model), plan
 
