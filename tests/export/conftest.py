@@ -46,13 +46,13 @@ def make_tokenizer(pre: str, vocab_size: int = 400):
 
 def tiny_model(kind: str = "llama", *, vocab_size: int, hidden: int = 64, layers: int = 2, heads: int = 4,
                kv_heads: int = 2, inter: int = 128, tied: bool = False, **extra):
-    """A random-init Llama / Mistral / Qwen2 causal LM of tiny size (real architecture, fp32, eval mode)."""
+    """A random-init Llama / Mistral / Qwen2 / Qwen3 causal LM of tiny size (real architecture, fp32, eval mode)."""
     import torch
     from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM)
+                              Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
     classes = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
-               "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+               "qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM)}
     config_cls, model_cls = classes[kind]
     cfg = config_cls(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,

@@ -13,8 +13,8 @@ def test_unsupported_architecture_lists_the_supported_ones(tmp_path, bpe_tokeniz
     from transformers import GPT2Config, GPT2LMHeadModel
 
     model = GPT2LMHeadModel(GPT2Config(vocab_size=len(bpe_tokenizer), n_embd=32, n_layer=1, n_head=2))
-    with pytest.raises(ValueError, match="supports LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM; "
-                                         "got GPT2LMHeadModel"):
+    with pytest.raises(ValueError, match="supports LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, "
+                                         "Qwen3ForCausalLM; got GPT2LMHeadModel"):
         export_gguf(model, tmp_path / "x.gguf", tokenizer=bpe_tokenizer)
     assert not list(tmp_path.iterdir())
 
@@ -57,3 +57,5 @@ def test_mistral_runs_as_llama_and_qwen2_keeps_its_rope_layout():
     assert architecture_of("MistralForCausalLM").permute_qk
     assert architecture_of("Qwen2ForCausalLM").gguf_arch == "qwen2"
     assert not architecture_of("Qwen2ForCausalLM").permute_qk
+    assert architecture_of("Qwen3ForCausalLM").gguf_arch == "qwen3"
+    assert not architecture_of("Qwen3ForCausalLM").permute_qk

@@ -27,6 +27,7 @@ CASES = {
     "llama-linear-rope": dict(kind="llama", rope_parameters={"rope_type": "linear", "rope_theta": 5000.0, "factor": 2.0}),
     "mistral-head-dim": dict(kind="mistral", head_dim=32),
     "qwen2-bias-tied": dict(kind="qwen2", tied=True),
+    "qwen3-qk-norm-head-dim": dict(kind="qwen3", head_dim=32),
 }
 
 

@@ -8,7 +8,7 @@ attention if the rows of W_q and W_k (and their biases) are reordered per head:
     new row 2i + a  =  old row a * h/2 + i      (a in {0, 1}, i < h/2)
 
 which is `view(n_head, 2, h/2, ...) -> transpose(1, 2)`. Because q and k are permuted the same
-way, q.k is unchanged. Qwen2 GGUF files use the NeoX (rotate-half) mode and keep HF's layout.
+way, q.k is unchanged. Qwen2 / Qwen3 GGUF files use the NeoX (rotate-half) mode and keep HF's layout.
 
 llama3-style RoPE scaling (Llama 3.1+) is written as the `rope_freqs.weight` tensor: one divisor
 per frequency, theta_i = pos * base^(-2i/d) / f_i, with
@@ -34,6 +34,7 @@ SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
 }
 
 _LAYER_MAP = {
@@ -43,6 +44,8 @@ _LAYER_MAP = {
     "self_attn.k_proj": "attn_k",
     "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",  # Qwen3: RMSNorm of each query / key head
+    "self_attn.k_norm": "attn_k_norm",
     "mlp.gate_proj": "ffn_gate",
     "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",

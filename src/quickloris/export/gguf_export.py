@@ -78,8 +78,8 @@ def _plan_tensors(arch: _arch.Architecture, config: Any, params: dict[str, torch
 def export_gguf(model: Any, path: str | os.PathLike, *, tokenizer: Any, adapter: str | os.PathLike | None = None,
                 quant: str = "q4_k_m", threads: int = 0, name: str | None = None,
                 tokenizer_pre: str | None = None, log: Any = None) -> ExportResult:
-    """Write `model` (HF Llama/Mistral/Qwen2 causal LM or a PeftModel around one, base weights 16/32-bit
-    or bitsandbytes 4-bit) with its LoRA adapters merged to the GGUF file `path`.
+    """Write `model` (HF Llama/Mistral/Qwen2/Qwen3 causal LM, a PeftModel around one, or a quickloris
+    `prepare_model` model; base weights 16/32-bit or NF4) with its LoRA adapters merged to the GGUF file `path`.
 
     `adapter`: a PEFT adapter folder to merge into a plain HF `model`. `quant`: one of
     `quants.PRESETS`. `threads`: quantization threads (0 = all cores). The model is not modified.
