@@ -56,3 +56,20 @@ def test_bad_model_paths_are_reported(tmp_path):
         main(["export", "gguf", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "x.gguf")])
     with pytest.raises(SystemExit):
         main(["export", "gguf", "--quant", "q3_k", "--out", str(tmp_path / "x.gguf")])
+
+
+def test_export_from_a_bnb_4bit_folder(tmp_path, helpers, bpe_tokenizer):
+    """A pre-quantized bitsandbytes NF4 folder: the file holds exactly bitsandbytes' dequantized weights."""
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes.functional as bnbf
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    helpers.tiny_model(vocab_size=len(bpe_tokenizer), hidden=128, inter=256).save_pretrained(tmp_path / "base")
+    q = AutoModelForCausalLM.from_pretrained(tmp_path / "base", device_map="cpu", quantization_config=BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True))
+    q.save_pretrained(tmp_path / "bnb")
+    bpe_tokenizer.save_pretrained(tmp_path / "bnb")
+    assert main(["export", "gguf", "--model", str(tmp_path / "bnb"), "--quant", "f32", "--out", str(tmp_path / "x.gguf")]) == 0
+    tensors = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(tmp_path / "x.gguf").tensors}
+    w = q.model.layers[1].mlp.down_proj.weight
+    np.testing.assert_array_equal(tensors["blk.1.ffn_down.weight"], bnbf.dequantize_4bit(w.data, w.quant_state).float())
