@@ -177,16 +177,15 @@ def _per_matrix(fns: dict[str, Callable], copy_tbs: float) -> list[dict[str, Any
     return rows
 
 
-def _plain_twin(layer):
+def _plain_twin(packed, quant_state):
     """quickloris' kernel with the plain-Triton unpack instead of the inline PTX (for comparison)."""
     import torch
 
     from quickloris.kernels import nf4_launch as K
 
-    qs = layer.weight.quant_state
-    a, a2, c2, off, code, shape, dtype, bs = K.state_fields(qs)
+    a, a2, c2, off, code, shape, dtype, bs = K.state_fields(quant_state)
     out = torch.empty(shape, dtype=dtype, device="cuda")
-    K.launch(K.nf4_dequant_kernel, layer.weight.data, a, a2, c2, off, code, out, out.numel(), bs, False)
+    K.launch(K.nf4_dequant_kernel, packed, a, a2, c2, off, code, out, out.numel(), bs, False)
     return out
 
 
@@ -206,6 +205,38 @@ def _host_overhead(fns: dict[str, Callable], calls: int = 2000) -> dict[str, flo
         out[name] = round((time.perf_counter() - start) / calls * 1e6, 2)
         torch.cuda.synchronize()
     return out
+
+
+def _correctness_and_launches() -> dict[str, Any]:
+    """Bit-exactness against bitsandbytes' CUDA dequantization (inline-PTX path and plain twin) and the number of
+    kernel launches of one call, as recorded facts next to the timings."""
+    import bitsandbytes.functional as bnbF
+    import torch
+
+    import quickloris
+
+    def bits(t):
+        return t.view(torch.int16) if t.dtype != torch.float32 else t.view(torch.int32)
+
+    exact = []
+    for out_f, in_f, dt_name in [(4096, 1024, "bfloat16"), (14336, 4096, "bfloat16"), (8192, 2048, "float16"),
+                                 (4096, 14336, "bfloat16"), (1000, 1000, "float16"), (129, 264, "bfloat16")]:
+        dt = getattr(torch, dt_name)
+        q, qs = bnbF.quantize_4bit(torch.randn(out_f, in_f, dtype=dt, device="cuda") * 0.05, blocksize=64,
+                                   compress_statistics=True, quant_type="nf4")
+        ref = bits(bnbF.dequantize_4bit(q, qs))
+        ours = bits(quickloris.dequantize_nf4(q, qs))
+        plain = bits(_plain_twin(q, qs))
+        exact.append({"shape": [out_f, in_f], "dtype": dt_name, "inline_ptx_bit_exact": bool(torch.equal(ours, ref)),
+                      "plain_twin_bit_exact": bool(torch.equal(plain, ref))})
+    layer = _nf4_layer(4096, 1024, torch.bfloat16)
+    quickloris.dequantize_nf4(layer)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        quickloris.dequantize_nf4(layer)
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return {"bit_exact_vs_bitsandbytes": exact, "kernel_launches_per_call": len(kernels), "kernels": kernels}
 
 
 def _write_floor() -> dict[str, float]:
@@ -279,7 +310,12 @@ def run(args: argparse.Namespace) -> int:
         f"({r['blocks']},{r['warps']},{int(r['streaming_stores'])})={r['us']}" for r in sweep))
     print(f"best config: {best}; default: {default_config(14336 * 4096, 64)}")
 
-    timed = {**fns, "quickloris_plain_twin": _plain_twin}
+    timed = {**fns, "quickloris_plain_twin": lambda layer: _plain_twin(layer.weight.data, layer.weight.quant_state)}
+    results["correctness"] = corr = _correctness_and_launches()
+    print(f"launches per call: {corr['kernel_launches_per_call']} {corr['kernels']}; bit-exact vs bitsandbytes: "
+          + ", ".join(f"{r['shape'][0]}x{r['shape'][1]} {r['dtype']} ptx={r['inline_ptx_bit_exact']} "
+                      f"plain={r['plain_twin_bit_exact']}" for r in corr["bit_exact_vs_bitsandbytes"]))
+
     results["write_only_floor_14336x4096_bf16"] = wf = _write_floor()
     print(f"write-only floor (fill_ of the 14336x4096 bf16 output, 117 MB): {wf['us']} us = {wf['TBps']} TB/s")
 
