@@ -18,11 +18,19 @@ BENCHES: dict[str, tuple[str, str]] = {
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("bench", help="run a benchmark and record its results")
-    areas = parser.add_subparsers(dest="area", metavar="AREA", required=True)
-    for name, (module_name, help_text) in BENCHES.items():
-        sub = areas.add_parser(name, help=help_text)
-        sub.add_argument("--out", default=None, help="results folder (default: benchmarks/results/)")
-        module = importlib.import_module(module_name)
-        module.add_arguments(sub)
-        sub.set_defaults(func=module.run)
+    parser = subparsers.add_parser(
+        "bench", help="run a benchmark and record its results",
+        description="areas: " + "; ".join(f"{name}: {help_text}" for name, (_, help_text) in BENCHES.items()))
+    parser.add_argument("area", choices=sorted(BENCHES), metavar="AREA", help=", ".join(sorted(BENCHES)))
+    parser.add_argument("options", nargs=argparse.REMAINDER, help="the area's options (see: quickloris bench AREA -h)")
+    parser.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Only the chosen area's module is imported, so one benchmark's dependencies never break another's."""
+    module_name, help_text = BENCHES[args.area]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"quickloris bench {args.area}", description=help_text)
+    parser.add_argument("--out", default=None, help="results folder (default: benchmarks/results/)")
+    module.add_arguments(parser)
+    return module.run(parser.parse_args(args.options))
