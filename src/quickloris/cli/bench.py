@@ -14,6 +14,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "dequant": ("quickloris.bench.dequant", "NF4 dequantization vs Unsloth / bitsandbytes / PEFT (challenge part A)"),
     "loss": ("quickloris.bench.loss", "chunked linear + loss vs full logits: memory, time, 60-step QLoRA, GRPO (part E)"),
     "train": ("quickloris.bench.train", "QLoRA training tokens/s + memory vs HF+PEFT+bitsandbytes, compile counts, max context"),
+    "fsdp": ("quickloris.bench.fsdp", "QLoRA with FSDP2 on 2 GPUs vs 1: loss parity, scaling, memory with/without offload"),
 }
 
 

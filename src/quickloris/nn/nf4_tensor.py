@@ -30,6 +30,7 @@ Every other op raises NotImplementedError naming the op: arithmetic on a 4-bit w
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -70,8 +71,10 @@ class NF4Tensor(torch.Tensor):
             raise TypeError(f"packed must be a uint8 tensor, got {type(packed).__name__}")
         if _validate:
             state.validate(packed)
-        if len(state.shape) != 2:
-            raise ValueError(f"NF4Tensor holds a 2-D [out, in] weight, got shape {tuple(state.shape)}")
+            if len(state.shape) != 2:
+                raise ValueError(f"NF4Tensor holds a 2-D [out, in] weight, got shape {tuple(state.shape)}")
+        elif len(state.shape) not in (1, 2):  # 1-D: the flat view FSDP2 keeps of a shard (`view(-1)`)
+            raise ValueError(f"NF4Tensor views are 1-D or 2-D, got shape {tuple(state.shape)}")
         return torch.Tensor._make_wrapper_subclass(cls, state.shape, dtype=state.dtype, device=packed.device,
                                                    requires_grad=False)
 
@@ -183,6 +186,58 @@ class NF4Tensor(torch.Tensor):
         return NF4Tensor(inner["packed"], _state(inner, torch.Size(outer_size), dtype, blocksize, nested_blocksize),
                          _validate=False)
 
+    # -- FSDP2 (torch.distributed.fsdp.fully_shard) -------------------------------------------------------------
+
+    @property
+    def shard_unit(self) -> int:
+        """Values per self-contained group: 64 * 256 = 16384 (one absmax2 scale) nested, the blocksize otherwise.
+
+        Rows ``[a, b)`` of the weight, with ``a * in`` a multiple of this, own whole bytes, absmax codes and absmax2
+        scales: they are themselves a valid NF4 weight that dequantizes to exactly those rows.
+        """
+        return self.blocksize * (self.nested_blocksize if self.nested else 1)
+
+    def shardable(self, world_size: int) -> bool:
+        """Whether FSDP2 can split this weight on dim 0 into `world_size` equal self-contained shards."""
+        rows = int(self.shape[0])
+        if world_size == 1:
+            return True
+        return rows > 0 and rows % world_size == 0 and (self.numel() // world_size) % self.shard_unit == 0
+
+    def fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module, mp_policy):
+        """What FSDP2 all-gathers for this shard: its packed bytes, absmax codes and absmax2 scales, as they are.
+
+        The per-tensor scalar ``offset`` and the code tables are identical on every rank (replicated): they travel
+        in the metadata, not through the collective. Never cast (the mixed-precision policy only relabels the dtype
+        the gathered weight dequantizes to, in `fsdp_post_all_gather`).
+        """
+        world, rows = mesh.size(), int(outer_size[0])
+        if rows % world or int(self.shape[0]) != rows // world or (world > 1 and self.numel() % self.shard_unit):
+            # The same condition on every rank: all raise before the collective instead of one hanging.
+            raise ValueError(f"NF4 weight of shape {list(outer_size)} cannot be all-gathered from {world} shards of "
+                             f"{list(self.shape)}: FSDP2 needs equal shards of whole {self.shard_unit}-value groups; "
+                             "shard with quickloris.parallel.fsdp.shard_model, which replicates such weights")
+        inputs = (self.packed, self.absmax) + ((self.absmax2,) if self.nested else ())
+        meta = (tuple(int(s) for s in outer_size), self.blocksize, self.nested_blocksize, self.code, self.offset,
+                self.code2)
+        return inputs, meta
+
+    def fsdp_post_all_gather(self, outputs, metadata, param_dtype, *, out=None):
+        """The unsharded weight over the gathered bytes (views, no copy), dequantizing to `param_dtype`."""
+        shape, blocksize, nested_blocksize, code, offset, code2 = metadata
+        packed, absmax = outputs[0], outputs[1]
+        absmax2 = outputs[2] if len(outputs) > 2 else None
+        if out is not None:
+            # FSDP2 re-gathers into the same buffers each step; `out` (its unsharded parameter) views them already.
+            for mine, got in ((out.packed, packed), (out.absmax, absmax), (out.absmax2, absmax2)):
+                if mine is not None and mine.data_ptr() != got.data_ptr():
+                    mine.copy_(got)
+            return None
+        state = NF4State(shape=torch.Size(shape), dtype=_check_dtype(param_dtype), blocksize=blocksize,
+                         absmax=absmax, code=code, offset=offset, absmax2=absmax2, code2=code2,
+                         nested_blocksize=nested_blocksize)
+        return NF4Tensor(packed, state, _validate=False), tuple(outputs)
+
     __torch_function__ = torch._C._disabled_torch_function_impl
 
     @classmethod
@@ -248,12 +303,129 @@ def _copy_(dst: NF4Tensor, src: Any, non_blocking: bool = False) -> NF4Tensor:
     return dst
 
 
+# -- the views FSDP2 takes of a parameter (fully_shard's init: chunk, new_zeros, narrow, view(-1), as_strided) --
+# NF4 data is a flat row-major stream, so a view is a relabelled shape and a row range is a slice of each inner
+# tensor, provided it starts on a group boundary (`NF4Tensor.shard_unit`); anything else raises.
+
+
+def _make(t: NF4Tensor, inner: dict[str, torch.Tensor], shape, dtype: torch.dtype | None = None) -> NF4Tensor:
+    return NF4Tensor(inner["packed"], _state(inner, torch.Size(shape), dtype or t.dtype, t.blocksize,
+                                             t.nested_blocksize), _validate=False)
+
+
+def _cols(t: NF4Tensor) -> int:
+    return int(t.shape[1]) if t.dim() == 2 else 1
+
+
+def _rows(t: NF4Tensor, start: int, stop: int) -> NF4Tensor:
+    """Rows [start, stop) as views of the inner tensors (a shard of FSDP2)."""
+    cols, unit, rows = _cols(t), t.shard_unit, int(t.shape[0])
+    n0, n1 = start * cols, stop * cols
+    if n0 % unit or (n1 % unit and stop != rows):
+        raise ValueError(f"NF4Tensor {list(t.shape)}: rows [{start}, {stop}) do not start and end on whole groups of "
+                         f"{unit} values (blocksize {t.blocksize}" + (" x 256 absmax per absmax2 scale" if t.nested
+                         else "") + "), so their bytes and scales would not be self-contained. Shard NF4 models with "
+                         "quickloris.parallel.fsdp.shard_model, which replicates weights that cannot be split")
+    bs = t.blocksize
+    blocks0, blocks1 = n0 // bs, -(-n1 // bs)
+    inner = dict(t._inner_tensors(), packed=t.packed[n0 // 2:(n1 + 1) // 2], absmax=t.absmax[blocks0:blocks1])
+    if t.nested:
+        nb = t.nested_blocksize
+        inner["absmax2"] = t.absmax2[blocks0 // nb:-(-blocks1 // nb)]
+    return _make(t, inner, (stop - start, cols) if t.dim() == 2 else (stop - start,))
+
+
+def _dim0(dim: int, t: NF4Tensor, op: str) -> None:
+    if dim not in (0, -t.dim()):
+        raise NotImplementedError(f"NF4Tensor does not support {op} along dim {dim}: whole rows (dim 0) only")
+
+
+def _split_sizes(t: NF4Tensor, sizes, dim: int = 0) -> list[NF4Tensor]:
+    _dim0(dim, t, "split")
+    out, start = [], 0
+    for size in sizes:
+        out.append(_rows(t, start, start + int(size)))
+        start += int(size)
+    return out
+
+
+def _split(t: NF4Tensor, split_size, dim: int = 0) -> list[NF4Tensor]:
+    rows, size = int(t.shape[0]), int(split_size)
+    return _split_sizes(t, [min(size, rows - s) for s in range(0, rows, size)] or [0], dim)
+
+
+def _slice(t: NF4Tensor, dim: int = 0, start=None, end=None, step: int = 1) -> NF4Tensor:
+    _dim0(dim, t, "slicing")
+    if step != 1:
+        raise NotImplementedError(f"NF4Tensor does not support slicing with step {step}: whole row ranges only")
+    start, stop, _ = slice(start, end).indices(int(t.shape[0]))
+    return _rows(t, start, max(start, stop))
+
+
+def _shape_of(t: NF4Tensor, size) -> torch.Size:
+    size = [int(s) for s in size]
+    if size.count(-1) == 1:
+        known = math.prod(s for s in size if s != -1)
+        size[size.index(-1)] = t.numel() // known if known else 0
+    if math.prod(size) != t.numel() or len(size) not in (1, 2):
+        raise NotImplementedError(f"NF4Tensor does not support viewing {list(t.shape)} as {list(size)}: only as a 1-D "
+                                  f"or 2-D tensor of the same {t.numel()} values")
+    return torch.Size(size)
+
+
+def _view(t: NF4Tensor, size) -> NF4Tensor:
+    return _make(t, t._inner_tensors(), _shape_of(t, size))
+
+
+def _as_strided(t: NF4Tensor, size, stride, storage_offset=None) -> NF4Tensor:
+    shape = _shape_of(t, size)
+    contiguous = [math.prod(shape[i + 1:]) for i in range(len(shape))]
+    if [int(s) for s in stride] != contiguous or (storage_offset or 0) != 0:
+        raise NotImplementedError(f"NF4Tensor does not support as_strided with size {list(size)}, stride "
+                                  f"{list(stride)}, offset {storage_offset}: only a contiguous view of all values")
+    return _make(t, t._inner_tensors(), shape)
+
+
+def _new_zeros(t: NF4Tensor, size, *, dtype=None, layout=None, device=None, pin_memory=None) -> NF4Tensor:
+    """An all-zero-bytes NF4 tensor of `size` in `t`'s format (a buffer FSDP2 copies shards into)."""
+    shape = torch.Size(int(s) for s in size)
+    if len(shape) not in (1, 2):
+        raise NotImplementedError(f"NF4Tensor does not support {len(shape)}-D buffers ({list(shape)}): 1-D or 2-D only")
+    n, dev = math.prod(shape), device or t.device
+    nblocks = -(-n // t.blocksize)
+    zeros = lambda k, like: torch.zeros(k, dtype=like.dtype, device=dev)  # noqa: E731
+    inner = {k: v.to(dev, copy=True) for k, v in t._inner_tensors().items()}  # tables (code, offset, code2)
+    inner.update(packed=torch.zeros((n + 1) // 2, 1, dtype=torch.uint8, device=dev),
+                 absmax=zeros(nblocks, t.absmax))
+    if t.nested:
+        inner["absmax2"] = zeros(-(-nblocks // t.nested_blocksize), t.absmax2)
+    out = _make(t, inner, shape, None if dtype is None else _check_dtype(dtype))
+    return _rebuild(out, lambda v: v.pin_memory()) if pin_memory else out
+
+
+def _pin(t: NF4Tensor, device=None) -> NF4Tensor:
+    return _rebuild(t, lambda v: v.pin_memory())
+
+
+def _is_pinned(t: NF4Tensor, device=None) -> bool:
+    return t.packed.is_pinned()
+
+
 _HANDLERS = {
     aten.detach.default: _detach,
     aten.alias.default: _detach,
     aten._to_copy.default: _to_copy,
     aten.clone.default: _clone,
     aten.copy_.default: _copy_,
+    aten.split.Tensor: _split,
+    aten.split_with_sizes.default: _split_sizes,
+    aten.slice.Tensor: _slice,
+    aten.view.default: _view,
+    aten.as_strided.default: _as_strided,
+    aten.new_zeros.default: _new_zeros,
+    aten.new_empty.default: _new_zeros,
+    aten._pin_memory.default: _pin,
+    aten.is_pinned.default: _is_pinned,
 }
 
 

@@ -2,25 +2,33 @@
 
     1. quantize + LoRA      `quickloris.models.prepare_model` (NF4 bases, adapters, chunked loss, attention)
     2. checkpointing        `apply_checkpointing` (transformers' per-layer checkpointing, non-reentrant)
-    3. (sharding)           FSDP2 goes here (next issue): it must see the final modules and wrap them before compile
+    3. sharding             `quickloris.parallel.fsdp.shard_model` (FSDP2: one unit per decoder layer + the root;
+                            NF4 bytes sharded and all-gathered as bytes; mixed precision, CPU offload)
     4. compile              `quickloris.parallel.compile.compile_model` (each decoder layer, final norm, loss)
 
 Why this order: LoRA layers must exist before anything wraps or shards the modules; checkpointing is a flag on
 each decoder layer that wraps the layer's *call*, so the compiled layer forward runs inside
-`torch.utils.checkpoint` and its recompute reruns the same compiled graph; compile comes last so it traces the
-final modules (sharded ones included, once FSDP2 is there). Steps 2-4 are optional (`None` / disabled configs).
+`torch.utils.checkpoint` and its recompute reruns the same compiled graph; FSDP2's hooks sit on the layer's call
+inside the checkpoint (FSDP2 skips its pre-forward all-gather during the recompute: its pre-backward hook has
+gathered the layer already); compile comes last so it traces the final, sharded modules (``module.compile``
+keeps the FSDP2 hooks on the call path, each layer's graph sees its gathered parameters). Steps 2-4 are optional
+(`None` / disabled configs).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from quickloris.cli.args import field
 from quickloris.models.prepare import QLoRAConfig, prepare_model
 from quickloris.parallel.compile import CompileConfig, compile_model
+
+if TYPE_CHECKING:
+    from quickloris.parallel.fsdp import FSDPConfig
 
 
 @dataclasses.dataclass
@@ -61,10 +69,19 @@ def apply_checkpointing(model: nn.Module, config: CheckpointConfig | None = None
 
 def build_training_model(model: nn.Module, qlora: QLoRAConfig | None = None, *,
                          checkpointing: CheckpointConfig | None = None, compile: CompileConfig | None = None,
-                         adapter: str | None = None) -> nn.Module:
-    """`model` made trainable, steps 1-4 of the module docstring, in place; returns it (in train mode)."""
+                         adapter: str | None = None, sharding: FSDPConfig | None = None,
+                         mesh: Any = None) -> nn.Module:
+    """`model` made trainable, steps 1-4 of the module docstring, in place; returns it (in train mode).
+
+    `sharding`: FSDP2 over `mesh` (default: the job `quickloris.parallel.fsdp.init_distributed` joins); None: not
+    sharded.
+    """
     prepare_model(model, qlora, adapter=adapter)
     apply_checkpointing(model, checkpointing or CheckpointConfig())
+    if sharding is not None:
+        from quickloris.parallel.fsdp import shard_model
+
+        shard_model(model, sharding, mesh)
     if compile is not None and compile.enabled:
         compile_model(model, compile)
     return model.train()

@@ -1,0 +1,357 @@
+"""QLoRA on several GPUs with FSDP2 (`torch.distributed.fsdp.fully_shard`): NF4 bases sharded as bytes.
+
+`shard_model(model, FSDPConfig(...), mesh)` shards a model prepared by `quickloris.prepare_model`:
+
+* one FSDP2 unit per decoder layer plus the root (embeddings, final norm, lm_head); each unit's parameters are
+  stored 1/N per rank (dim 0), all-gathered just before its forward (and again before its backward, unless
+  ``reshard_after_forward=False``) and freed after; LoRA gradients are reduce-scattered.
+* NF4 base weights (`quickloris.nn.NF4Tensor`) are sharded as what they are, 4-bit bytes: the tensor implements
+  FSDP2's all-gather extension, so the collective moves the packed uint8 codes, the uint8 absmax codes and the
+  fp32 absmax2 scales of each shard (the per-tensor ``offset`` and the code tables are replicated) and the
+  gathered weight is bit-identical to the unsharded one. A shard must hold whole groups of 64 * 256 = 16384 values
+  (one absmax2 scale), i.e. ``(out / N) * in % 16384 == 0`` and ``out % N == 0``; Llama-3.1-8B's weights all
+  qualify up to N = 8 (k/v: 1024 x 4096). A weight that does not is **replicated** (kept whole on every rank,
+  outside FSDP's management: ``ignored_params``; it is frozen, so no gradient is lost), listed by
+  `sharding_plan`; ``unshardable="error"`` raises instead.
+* Memory per rank, NF4 weights: ``0.52 * P / N`` bytes resident, plus the all-gathered layer(s) in flight
+  (``reshard_after_forward``); with ``cpu_offload`` the resident shards and the LoRA optimizer step live in
+  (pinned) CPU memory and each layer comes to the GPU for its compute.
+* Mixed precision (``MixedPrecisionPolicy``): parameters are gathered in ``param_dtype`` (bf16: LoRA matrices,
+  norms and embeddings are cast; NF4 weights are never cast - they only dequantize to that dtype), gradients are
+  reduce-scattered in ``reduce_dtype`` (fp32) into fp32 LoRA master weights.
+
+Loss equal to one GPU. With a step of micro-batches ``b`` over ranks ``r``, one GPU minimises
+``L = sum_{r,b} sum_tokens ce / N_tokens`` with ``N_tokens`` the number of target tokens of the whole step (all
+ranks, all accumulation steps). Each rank computes its share ``L_r = sum_{b} sum_tokens ce / N_tokens`` (the
+count all-reduced first: `global_num_items`) and backpropagates ``N * L_r``: FSDP2 averages gradients over the N
+ranks, so the reduced gradient is ``sum_r dL_r = dL`` (HF ``Trainer`` scales the same way when
+``average_tokens_across_devices``). The reported loss is ``sum_r L_r`` (`all_reduce_sum`).
+
+Adapters: `save_adapter` gathers the LoRA matrices (every rank must call it; rank 0 writes) in PEFT's format,
+loadable on one GPU. Launch: ``torchrun --nproc-per-node N script.py`` (or ``accelerate launch``), then
+`init_distributed`. The stack order (quantize/LoRA -> checkpointing -> sharding -> compile) is
+`quickloris.parallel.compose.build_training_model`'s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import inspect
+import json
+import os
+import socket
+import types
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from quickloris.cli.args import field
+from quickloris.nn.nf4_tensor import NF4Tensor
+
+_STATE = "_quickloris_fsdp"
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclasses.dataclass
+class FSDPConfig:
+    """FSDP2 sharding of a QLoRA model over the ranks of a 1-D device mesh (see `quickloris.parallel.fsdp`)."""
+
+    mixed_precision: bool = field(True, help="gather parameters in --param-dtype and reduce gradients in "
+                                  "--reduce-dtype (MixedPrecisionPolicy); off: compute in the parameters' dtypes")
+    param_dtype: Literal["bfloat16", "float16", "float32"] = field(
+        "bfloat16", help="compute dtype of the gathered parameters (NF4 weights dequantize to it)")
+    reduce_dtype: Literal["float32", "bfloat16"] = field("float32", help="dtype of the gradient reduce-scatter")
+    cpu_offload: bool = field(False, help="keep parameter shards, gradients and the optimizer step on the CPU "
+                              "(pinned memory); each layer is copied to the GPU for its compute")
+    reshard_after_forward: bool = field(True, help="free each layer's gathered parameters after its forward and "
+                                        "gather again for backward (less memory, one more all-gather per layer)")
+    unshardable: Literal["replicate", "error"] = field(
+        "replicate", help="an NF4 weight that cannot be split into whole 16384-value groups per rank: keep it whole "
+        "on every rank (replicate), or raise (error)")
+
+    def __post_init__(self):
+        if self.param_dtype not in _DTYPES or self.reduce_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"FSDPConfig: param_dtype must be one of {sorted(_DTYPES)} and reduce_dtype float32 or "
+                             f"bfloat16, got {self.param_dtype!r}, {self.reduce_dtype!r}")
+        if self.unshardable not in ("replicate", "error"):
+            raise ValueError(f"FSDPConfig.unshardable must be replicate or error, got {self.unshardable!r}")
+
+
+@dataclasses.dataclass
+class DistContext:
+    """This process' place in the job: rank, world size, local rank, compute device and the 1-D mesh."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    mesh: Any
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# process group
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(device_type: str | None = None, *, backend: str | None = None,
+                     timeout_s: float = 1800.0) -> DistContext:
+    """Join the job torchrun / accelerate launched (env RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
+
+    Without a launcher this process is a job of one (rank 0 of 1: FSDP2 on one GPU, e.g. for CPU offload).
+    `device_type`: cuda (default when available; the GPU is ``cuda:LOCAL_RANK``, backend NCCL) or cpu (gloo).
+    Calling it again returns the same context.
+    """
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device_type not in ("cuda", "cpu"):
+        raise ValueError(f"device_type must be cuda or cpu, got {device_type!r}")
+    if "RANK" not in os.environ and not dist.is_initialized():
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(f"LOCAL_RANK={local_rank} but this machine has {torch.cuda.device_count()} GPU(s): "
+                               "launch at most one process per GPU (torchrun --nproc-per-node <= GPUs)")
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        kw: dict[str, Any] = {"timeout": datetime.timedelta(seconds=timeout_s)}
+        if device_type == "cuda":
+            kw["device_id"] = device
+        dist.init_process_group(backend or ("nccl" if device_type == "cuda" else "gloo"), **kw)
+    mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device, mesh)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sharding
+
+
+def check_no_bitsandbytes(model: nn.Module) -> None:
+    """Raise TypeError if `model` still holds bitsandbytes 4-bit parameters (FSDP2 cannot shard them)."""
+    for name, p in model.named_parameters():
+        if getattr(p, "quant_state", None) is not None or type(p).__name__ == "Params4bit":
+            raise TypeError(f"{name} is a bitsandbytes {type(p).__name__}: FSDP2 cannot shard it (its quant_state is "
+                            "not a tensor FSDP2 moves, and its uint8 bytes would be split without their scales). "
+                            "Call quickloris.prepare_model(model) first: it wraps the same bytes as NF4Tensor "
+                            "weights, which shard bit-exactly")
+
+
+def sharding_plan(model: nn.Module, world_size: int) -> dict[str, str]:
+    """``{parameter name: "shard" | "replicate"}`` for the NF4 weights of `model` over `world_size` ranks."""
+    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
+        raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+    return {name: "shard" if p.shardable(world_size) else "replicate"
+            for name, p in model.named_parameters() if isinstance(p, NF4Tensor)}
+
+
+def _unshardable_message(model: nn.Module, names: list[str], world_size: int) -> str:
+    params = dict(model.named_parameters())
+    shown = ", ".join(f"{n} {list(params[n].shape)}" for n in names[:4]) + (" ..." if len(names) > 4 else "")
+    unit = params[names[0]].shard_unit
+    return (f"{len(names)} NF4 weight(s) cannot be split over {world_size} ranks into shards of whole {unit}-value "
+            f"groups ((out / world_size) * in must be a multiple of {unit}, out a multiple of world_size): {shown}")
+
+
+def _mp_policy(cfg: FSDPConfig):
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if not cfg.mixed_precision:
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=_DTYPES[cfg.param_dtype], reduce_dtype=_DTYPES[cfg.reduce_dtype])
+
+
+def _offload_policy(cfg: FSDPConfig, device: torch.device):
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy
+
+    if not cfg.cpu_offload:
+        return OffloadPolicy()
+    return CPUOffloadPolicy(pin_memory=device.type == "cuda")  # pinning needs an accelerator
+
+
+def mesh_device(mesh) -> torch.device:
+    if mesh.device_type == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(mesh.device_type)
+
+
+def shard_model(model: nn.Module, config: FSDPConfig | None = None, mesh=None) -> nn.Module:
+    """Apply FSDP2 to a prepared QLoRA model in place (see the module docstring); returns it.
+
+    `mesh`: a 1-D DeviceMesh over the data-parallel ranks (default: `init_distributed().mesh`). The model is
+    moved to the mesh's device first (replicated weights stay there; sharded ones end there, or on the CPU with
+    ``cpu_offload``). Call before `torch.compile` and after activation checkpointing
+    (`quickloris.parallel.compose.build_training_model` keeps that order).
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    from quickloris.models.prepare import is_prepared
+    from quickloris.parallel.compile import decoder_layers
+
+    cfg = config or FSDPConfig()
+    if not isinstance(cfg, FSDPConfig):
+        raise TypeError(f"config must be a quickloris FSDPConfig, got {type(cfg).__name__}")
+    check_no_bitsandbytes(model)
+    if not is_prepared(model):
+        raise ValueError(f"{type(model).__name__} was not prepared by quickloris.prepare_model: FSDP2 shards the "
+                         "NF4 weights and LoRA adapters it creates (call prepare_model or build_training_model first)")
+    if getattr(model, _STATE, None) is not None:
+        raise ValueError("this model is sharded already")
+    if getattr(model, "_quickloris_compile", None) is not None:
+        raise ValueError("shard the model before compiling it (compile traces the sharded modules)")
+    mesh = mesh if mesh is not None else init_distributed().mesh
+    if mesh.ndim != 1:
+        raise ValueError(f"shard_model takes a 1-D data-parallel mesh, got {mesh.ndim}-D")
+    world = mesh.size()
+    plan = sharding_plan(model, world)
+    replicate = sorted(n for n, how in plan.items() if how == "replicate")
+    if replicate and cfg.unshardable == "error":
+        raise ValueError(_unshardable_message(model, replicate, world) + "; use FSDPConfig(unshardable='replicate') "
+                         "to keep them whole on every rank, or another world size")
+    kw: dict[str, Any] = dict(mesh=mesh, mp_policy=_mp_policy(cfg), offload_policy=_offload_policy(cfg, mesh_device(mesh)))
+    if replicate:
+        if "ignored_params" not in inspect.signature(fully_shard).parameters:
+            raise RuntimeError(_unshardable_message(model, replicate, world) + "; replicating them needs "
+                               "fully_shard(ignored_params=...) (torch >= 2.7)")
+        params = dict(model.named_parameters())
+        kw["ignored_params"] = {params[n] for n in replicate}
+    model.to(mesh_device(mesh))
+    if replicate:  # `.to` made new parameter objects
+        params = dict(model.named_parameters())
+        kw["ignored_params"] = {params[n] for n in replicate}
+    for layer in decoder_layers(model):
+        fully_shard(layer, reshard_after_forward=cfg.reshard_after_forward, **kw)
+    fully_shard(model, **kw)  # root: embeddings, final norm, lm_head (kept gathered from forward to backward)
+    object.__setattr__(model, _STATE, {"config": cfg, "world_size": world, "plan": plan, "mesh": mesh})
+    model.save_pretrained = types.MethodType(_save_pretrained, model)
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    return getattr(model, _STATE, None) is not None
+
+
+def sharding_summary(model: nn.Module) -> dict[str, Any]:
+    """World size, config, and the NF4 weights sharded / replicated (names) of a model `shard_model` sharded."""
+    state = getattr(model, _STATE, None)
+    if state is None:
+        raise ValueError(f"{type(model).__name__} was not sharded by quickloris.parallel.fsdp.shard_model")
+    plan = state["plan"]
+    return {"world_size": state["world_size"], "config": dataclasses.asdict(state["config"]),
+            "nf4_sharded": sum(v == "shard" for v in plan.values()),
+            "nf4_replicated": sorted(n for n, v in plan.items() if v == "replicate")}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# loss normalisation
+
+
+def count_targets(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Target tokens of a causal-LM batch: labels after the shift by one (position i predicts label i + 1)."""
+    return (labels[..., 1:] != ignore_index).sum()
+
+
+def all_reduce_sum(value: torch.Tensor | float, group=None) -> torch.Tensor:
+    """The sum over ranks (a copy; float64 for python numbers, so token counts stay exact)."""
+    import torch.distributed as dist
+
+    t = value.detach().clone() if isinstance(value, torch.Tensor) else torch.tensor(float(value), dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        if dist.get_backend(group) == "nccl" and not t.is_cuda:
+            t = t.cuda()
+        dist.all_reduce(t, group=group)
+    return t
+
+
+def global_num_items(labels: torch.Tensor | Iterable[torch.Tensor], *, ignore_index: int = -100,
+                     group=None) -> torch.Tensor:
+    """Target tokens of one optimizer step: summed over the given micro-batches' labels and over all ranks."""
+    batches = [labels] if isinstance(labels, torch.Tensor) else list(labels)
+    if not batches:
+        raise ValueError("global_num_items needs the labels of at least one micro-batch")
+    local = sum(int(count_targets(b, ignore_index)) for b in batches)
+    return all_reduce_sum(torch.tensor(local, dtype=torch.int64, device=batches[0].device), group)
+
+
+def gradient_scale(group=None) -> float:
+    """The factor each rank multiplies its loss share by before backward: FSDP2 averages gradients over ranks."""
+    import torch.distributed as dist
+
+    return float(dist.get_world_size(group)) if dist.is_initialized() else 1.0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# adapters
+
+
+def gather_adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """PEFT-keyed full LoRA matrices on CPU (a collective for a sharded model: call on every rank)."""
+    from torch.distributed.tensor import DTensor
+
+    from quickloris.models.adapters import PREFIX, lora_layers
+
+    out: dict[str, torch.Tensor] = {}
+    for path, m in lora_layers(model).items():
+        for kind, t in zip(("lora_A", "lora_B"), m.lora_weights):
+            t = t.detach()
+            if isinstance(t, DTensor):
+                t = t.full_tensor()
+            out[f"{PREFIX}{path}.{kind}.weight"] = t.to("cpu").contiguous()
+    if not out:
+        raise ValueError(f"{type(model).__name__} has no LoRA layers")
+    return out
+
+
+def save_adapter(model: nn.Module, folder: str | os.PathLike, *, is_main_process: bool | None = None) -> Path:
+    """Write the adapter of a (sharded) model in PEFT's format; every rank calls it, the main process writes."""
+    import torch.distributed as dist
+    from safetensors.torch import save
+
+    from quickloris.models.adapters import CONFIG_NAME, WEIGHTS_NAME, adapter_config
+    from quickloris.utils.atomic import atomic_open, atomic_write_text
+
+    tensors = gather_adapter_state_dict(model)
+    main = (not dist.is_initialized() or dist.get_rank() == 0) if is_main_process is None else is_main_process
+    out = Path(folder)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_open(out / WEIGHTS_NAME, "wb") as f:
+            f.write(save(tensors, metadata={"format": "pt"}))
+        atomic_write_text(out / CONFIG_NAME, json.dumps(adapter_config(model), indent=2, sort_keys=True) + "\n")
+    if dist.is_initialized():
+        dist.barrier()
+    return out
+
+
+def _save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs) -> None:
+    """``model.save_pretrained`` of a sharded model: PEFT adapter; a collective (call it on every rank)."""
+    save_adapter(self, save_directory, is_main_process=is_main_process and _rank() == 0)
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+__all__ = ["FSDPConfig", "DistContext", "init_distributed", "shard_model", "sharding_plan", "sharding_summary",
+           "is_sharded", "check_no_bitsandbytes", "count_targets", "global_num_items", "all_reduce_sum",
+           "gradient_scale", "gather_adapter_state_dict", "save_adapter", "free_port"]

@@ -1,0 +1,44 @@
+"""Run a function on N CPU ranks (gloo) inside a test: spawned processes, a free local port, a hard time limit.
+
+`run_ranks(fn, 2, *args)` calls ``fn(ctx, *args)`` on each rank with ``ctx`` the
+`quickloris.parallel.fsdp.DistContext` of that rank; an exception (a failed assert) in any rank fails the test
+with that rank's traceback. `fn` must be a module-level function (spawned processes import it by name).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+import torch.multiprocessing as mp
+
+
+def _entry(rank: int, fn, world_size: int, port: int, args: tuple) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), TRITON_INTERPRET="1")
+    torch.set_num_threads(1)  # two ranks share the CI machine's two cores
+    import torch.distributed as dist
+
+    from quickloris.parallel.fsdp import init_distributed
+
+    ctx = init_distributed("cpu", timeout_s=120)
+    try:
+        fn(ctx, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(fn, world_size: int, *args, timeout: float = 150.0) -> None:
+    """``fn(ctx, *args)`` on `world_size` gloo ranks; raises what a rank raised, or TimeoutError."""
+    from quickloris.parallel.fsdp import free_port
+
+    ctx = mp.start_processes(_entry, args=(fn, world_size, free_port(), args), nprocs=world_size, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            raise TimeoutError(f"{world_size} ranks did not finish within {timeout:.0f} s")
