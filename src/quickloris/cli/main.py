@@ -14,6 +14,8 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("quickloris.cli.bench", "benchmarks that write results with provenance"),
     "export": ("quickloris.cli.export", "export a fine-tuned model (GGUF for llama.cpp / Ollama / LM Studio)"),
+    "train": ("quickloris.cli.train", "QLoRA fine-tuning (default: the embedded SmolLM2 on an embedded task)"),
+    "eval": ("quickloris.cli.eval", "exact-match accuracy of a model (+ adapter) on held-out problems"),
 }
 
 

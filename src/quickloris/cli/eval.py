@@ -1,0 +1,36 @@
+"""`quickloris eval`: exact-match accuracy of a model (+ an optional LoRA adapter) on held-out problems.
+
+Options come from `quickloris.train.config.ModelConfig`, `EvalTaskConfig` and `EvalConfig`; the work is
+`quickloris.train.evaluation.run_eval`.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from quickloris.cli.args import add_dataclass_arguments, dataclass_from_args
+
+
+def groups() -> list[tuple[str, type]]:
+    from quickloris.train.config import EvalConfig, EvalTaskConfig, ModelConfig
+
+    return [("model", ModelConfig), ("task", EvalTaskConfig), ("evaluation", EvalConfig)]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "eval", help="exact-match accuracy of a model (+ adapter) on an embedded task or a JSONL file",
+        description="Greedy replies to held-out problems, the first line compared exactly with the answer. With "
+                    "--adapter the base is quantized to NF4 as in training, so the number equals a train run's "
+                    "'after' accuracy.")
+    for title, cls in groups():
+        add_dataclass_arguments(parser, cls, group=title)
+    parser.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from quickloris.train.evaluation import run_eval
+
+    model_cfg, task_cfg, eval_cfg = (dataclass_from_args(cls, args) for _, cls in groups())
+    run_eval(model_cfg, task_cfg, eval_cfg)
+    return 0

@@ -1,0 +1,13 @@
+"""quickloris' own training loop and the `quickloris train` / `quickloris eval` runs built on it.
+
+* `quickloris.train.config`     -- `ModelConfig`, `TrainConfig`, `EvalConfig`, `EvalTaskConfig` (CLI options)
+* `quickloris.train.loop`       -- the loop: token-normalised gradient accumulation, warm-up + decay, progress bar
+* `quickloris.train.checkpoint` -- resumable checkpoints (adapter, AdamW, RNG, step, loss history), atomic
+* `quickloris.train.report`     -- loss-curve PNG, metrics.json
+* `quickloris.train.runtime`    -- device, dtype, CPU threads, position limit, --eval-data problems
+* `quickloris.train.run`        -- `run_train`: load, prepare, evaluate, train, save, evaluate
+* `quickloris.train.evaluation` -- `run_eval`: exact-match accuracy of a model (+ adapter)
+
+It sits above `quickloris.hf` (it uses `hf.evaluate`), `parallel`, `models` and `data`; it imports transformers
+only through `quickloris.models.loading`.
+"""

@@ -1,0 +1,225 @@
+"""`quickloris train` as one call: load, prepare, evaluate, train, save, evaluate again.
+
+`run_train` does, in this order (cheap checks first, so bad input fails before a model is loaded):
+
+1. resolve the device, dtype and CPU threads; refuse an output folder that holds another run unless --resume;
+2. find the model (`quickloris.models.loading.resolve_model`) and check --max-seq-len against its position limit
+   read from its files; read --eval-data;
+3. load the tokenizer, tokenize the data (`quickloris.data.config.prepare_data`: line-numbered format errors, a
+   dataset with nothing to train on);
+4. load the model and make it trainable (`quickloris.parallel.compose.build_training_model`: NF4 + LoRA, activation
+   checkpointing, regional compile), AdamW on the LoRA matrices; restore the last checkpoint with --resume;
+5. write config.json, score the held-out problems (before), run `quickloris.train.loop.train_loop` with a
+   checkpoint (+ metrics.json and loss.png) every --save-every steps, save the adapter (PEFT format) under
+   ``adapter/``, score again (after), write metrics.json and loss.png.
+
+Evaluation happens on the model being trained (NF4 base + LoRA), with compiled regions run eagerly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from quickloris.data.config import DataConfig, PreparedData, prepare_data, read_chat_template
+from quickloris.models.prepare import QLoRAConfig
+from quickloris.train.config import EvalConfig, ModelConfig, TrainConfig
+from quickloris.train.loop import LoopState, train_loop
+from quickloris.train.runtime import (eager_regions, load_eval_examples, max_position_embeddings, resolve_device,
+                                      resolve_dtype, resolve_threads)
+from quickloris.utils.atomic import atomic_write_json
+
+ADAPTER_DIR = "adapter"
+# Options that do not change the trajectory (where to write, how often to report, speed switches).
+_NOT_TRAJECTORY = {"output_dir", "resume", "save_every", "log_every", "progress", "compile", "gradient_checkpointing",
+                   "eval_before", "eval_after"}
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    adapter_dir: Path
+    state: LoopState
+    metrics: dict[str, Any]
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj
+
+
+def fingerprint(model_cfg: ModelConfig, data_cfg: DataConfig, qlora_cfg: QLoRAConfig, train_cfg: TrainConfig,
+                dtype: torch.dtype) -> dict[str, Any]:
+    """Every option that changes what a run computes (compared when resuming)."""
+    fp: dict[str, Any] = {"model": model_cfg.model, "adapter": model_cfg.adapter, "dtype": str(dtype)}
+    fp.update({f"data.{k}": v for k, v in dataclasses.asdict(data_cfg).items() if k != "num_eval"})
+    fp.update({f"qlora.{k}": v for k, v in dataclasses.asdict(qlora_cfg).items()})
+    fp.update({f"train.{k}": v for k, v in dataclasses.asdict(train_cfg).items() if k not in _NOT_TRAJECTORY})
+    return _jsonable(fp)
+
+
+def evaluate(model: Any, tokenizer: Any, examples: list, eval_cfg: EvalConfig, chat_template: str | None,
+             label: str, echo: Callable[[str], None]) -> dict[str, Any]:
+    """Exact-match accuracy of `model` on `examples`; prints it with a few replies."""
+    from quickloris.hf.evaluate import evaluate_exact_match
+
+    # prepare_model turns the KV cache off for training; generation needs it (else every token re-reads the prompt).
+    use_cache = model.config.use_cache
+    model.config.use_cache = True
+    try:
+        with eager_regions():
+            result = evaluate_exact_match(model, tokenizer, examples, batch_size=eval_cfg.eval_batch_size,
+                                          max_new_tokens=eval_cfg.max_new_tokens, chat_template=chat_template,
+                                          num_samples=3)
+    finally:
+        model.config.use_cache = use_cache
+    echo(f"eval{' ' + label if label else ''}: exact match {100 * result.accuracy:.1f}% ({result.correct}/{result.total}) "
+         f"in {result.seconds:.1f} s")
+    for s in result.samples:
+        reply = s["reply"].strip().splitlines()[0] if s["reply"].strip() else ""
+        echo(f"    {s['question']!r} -> {reply[:60]!r}  (expected {s['answer']!r}: {'right' if s['correct'] else 'wrong'})")
+    return result.to_dict()
+
+
+def _eval_examples(data_cfg: DataConfig, eval_cfg: EvalConfig, prepared: PreparedData | None, preloaded: list | None):
+    if preloaded is not None:
+        return preloaded, f"--eval-data {eval_cfg.eval_data}"
+    if data_cfg.data is None and prepared is not None:
+        return prepared.eval_examples, f"{len(prepared.eval_examples)} held-out problems of task {data_cfg.task!r}"
+    return None, "no evaluation: training on --data without --eval-data"
+
+
+def run_train(model_cfg: ModelConfig, data_cfg: DataConfig, qlora_cfg: QLoRAConfig, train_cfg: TrainConfig,
+              eval_cfg: EvalConfig, *, on_step_end: Callable[[LoopState], None] | None = None,
+              echo: Callable[[str], None] = lambda m: print(m, flush=True)) -> TrainResult:
+    """Fine-tune as configured and write the run folder (see the module docstring)."""
+    from quickloris.data.chat import check_max_seq_len
+    from quickloris.models.adapters import save_adapter
+    from quickloris.models.loading import load_model, load_tokenizer, max_positions, resolve_model
+    from quickloris.models.prepare import qlora_config
+    from quickloris.parallel.compile import CompileConfig
+    from quickloris.parallel.compose import CheckpointConfig, build_training_model
+    from quickloris.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from quickloris.train.report import plot_loss, write_metrics
+
+    started = time.perf_counter()
+    out = Path(train_cfg.output_dir)
+    device = resolve_device(model_cfg)
+    dtype = resolve_dtype(model_cfg, device)
+    threads, why = resolve_threads(model_cfg)
+    if device.type == "cpu" or model_cfg.threads is not None:
+        torch.set_num_threads(threads)
+    compile_on = train_cfg.compile if train_cfg.compile is not None else device.type == "cuda"
+    checkpointing = (train_cfg.gradient_checkpointing if train_cfg.gradient_checkpointing is not None
+                     else device.type == "cuda")
+    ckpt = latest_checkpoint(out)
+    if ckpt is not None and not train_cfg.resume:
+        raise ValueError(f"output_dir {str(out)!r} already holds a run (checkpoint {ckpt.name}); pass --resume to "
+                         "continue it, or choose another --output-dir")
+    echo(f"device: {device} ({str(dtype).replace('torch.', '')})" + (f", {why}" if device.type == "cpu" else "")
+         + f", compile {'on' if compile_on else 'off'}, gradient checkpointing {'on' if checkpointing else 'off'}")
+
+    source = resolve_model(model_cfg.model)
+    limit = max_position_embeddings(source)
+    check_max_seq_len(data_cfg.max_seq_len, limit)
+    preloaded = load_eval_examples(eval_cfg.eval_data) if eval_cfg.eval_data is not None else None
+    chat_template = read_chat_template(data_cfg.chat_template)
+    echo(f"model: {source.describe()}")
+    t0 = time.perf_counter()
+    tokenizer = load_tokenizer(source)
+    prepared = prepare_data(data_cfg, tokenizer, seed=train_cfg.seed, max_position_embeddings=limit)
+    st = prepared.stats
+    echo(f"data: {prepared.source}: {st.kept} examples ({st.dropped_too_long} longer than --max-seq-len dropped), "
+         f"{st.tokens} tokens, {st.trainable_tokens} trained (response only), longest {st.longest}"
+         + (", packed" if data_cfg.packing else ""))
+    examples_eval, eval_what = _eval_examples(data_cfg, eval_cfg, prepared, preloaded)
+    echo(f"eval: {eval_what}")
+
+    model = load_model(source, dtype=dtype, device=device)
+    check_max_seq_len(data_cfg.max_seq_len, max_positions(model.config))
+    torch.manual_seed(train_cfg.seed)  # the LoRA initialisation
+    model = build_training_model(model, qlora_cfg, adapter=model_cfg.adapter,
+                                 checkpointing=CheckpointConfig(gradient_checkpointing=checkpointing),
+                                 compile=CompileConfig(enabled=compile_on))
+    qlora_cfg = qlora_config(model)  # with --adapter: rank, alpha and targets come from the adapter
+    params = [p for p in model.parameters() if p.requires_grad]
+    echo(f"loaded and prepared in {time.perf_counter() - t0:.1f} s: {sum(p.numel() for p in params):,} trainable "
+         f"LoRA parameters (r={qlora_cfg.r}, alpha={qlora_cfg.lora_alpha:g}, {','.join(qlora_cfg.target_modules)})")
+    optimizer = torch.optim.AdamW(params, lr=train_cfg.lr, betas=tuple(train_cfg.adam_betas),
+                                  weight_decay=train_cfg.weight_decay)
+    fp = fingerprint(model_cfg, data_cfg, qlora_cfg, train_cfg, dtype)
+    state = LoopState()
+    if train_cfg.resume:
+        if ckpt is None:
+            echo(f"--resume: no checkpoint in {out}, starting from step 0")
+        else:
+            state = load_checkpoint(ckpt, model, optimizer, fp)
+            echo(f"resumed from {ckpt} (step {state.step} of {state.total_steps})")
+    resolved = {"device": str(device), "dtype": str(dtype), "threads": threads if device.type == "cpu" else None,
+                "compile": compile_on, "gradient_checkpointing": checkpointing, "model_format": source.format,
+                "model_path": str(source.path), "max_position_embeddings": max_positions(model.config)}
+    _write_config(out, model_cfg, data_cfg, qlora_cfg, train_cfg, eval_cfg, resolved, prepared)
+    if train_cfg.eval_before and examples_eval and state.step == 0 and "before" not in state.evals:
+        state.evals["before"] = evaluate(model, tokenizer, examples_eval, eval_cfg, chat_template, "before", echo)
+    title = f"{source.path.name}: {prepared.source}"
+
+    def write_reports(st: LoopState, **extra: Any) -> dict[str, Any]:
+        plot_loss(st.history, out / "loss.png", title=title, evals=st.evals)
+        return write_metrics(out / "metrics.json", _jsonable(st.history), st.elapsed, _jsonable(st.evals),
+                             {"resolved": resolved, "total_steps": st.total_steps, **extra})
+
+    def after_step(st: LoopState) -> None:
+        if train_cfg.save_every and st.step % train_cfg.save_every == 0 and st.step < st.total_steps:
+            save_checkpoint(out, model, optimizer, st, fp)
+            write_reports(st)
+        if on_step_end is not None:
+            on_step_end(st)
+
+    state = train_loop(model, prepared.examples, train_cfg, optimizer=optimizer, pad_token_id=tokenizer.pad_token_id,
+                       packing=data_cfg.packing, max_seq_len=data_cfg.max_seq_len, state=state, device=device,
+                       on_step_end=after_step)
+    save_checkpoint(out, model, optimizer, state, fp)
+    adapter_dir = save_adapter(model, out / ADAPTER_DIR)
+    if train_cfg.eval_after and examples_eval:
+        state.evals["after"] = evaluate(model, tokenizer, examples_eval, eval_cfg, chat_template, "after", echo)
+    metrics = write_reports(state, wall_seconds=round(time.perf_counter() - started, 1))
+    _print_summary(echo, metrics, out, adapter_dir)
+    echo(f"done in {metrics['wall_seconds']:.0f} s")
+    return TrainResult(out, adapter_dir, state, metrics)
+
+
+def _write_config(out: Path, model_cfg, data_cfg, qlora_cfg, train_cfg, eval_cfg, resolved, prepared) -> None:
+    from quickloris.utils.provenance import environment
+
+    stats = dataclasses.asdict(prepared.stats)
+    stats["dropped_sources"] = stats["dropped_sources"][:20]
+    atomic_write_json(out / "config.json", {
+        "model": dataclasses.asdict(model_cfg), "data": dataclasses.asdict(data_cfg),
+        "qlora": dataclasses.asdict(qlora_cfg), "train": dataclasses.asdict(train_cfg),
+        "eval": dataclasses.asdict(eval_cfg), "resolved": resolved, "data_stats": stats, "environment": environment()})
+
+
+def _print_summary(echo: Callable[[str], None], metrics: dict[str, Any], out: Path, adapter_dir: Path) -> None:
+    s = metrics["summary"]
+    if s.get("loss_first") is not None:
+        echo(f"loss: {s['loss_first']:.4f} -> {s['loss_last']:.4f} (mean of the first / last {s['loss_window']} "
+             f"steps), {s['steps']} steps in {s['train_seconds']:.0f} s, {s['tokens_per_s']:.0f} tokens/s, "
+             f"peak memory {s['peak_memory_gib']:.2f} GiB")
+    ev = metrics["eval"]
+    if ev:
+        echo("exact match: " + ", ".join(f"{k} {100 * v['accuracy']:.1f}% ({v['correct']}/{v['total']})"
+                                         for k, v in ev.items()))
+    echo(f"adapter (PEFT format): {adapter_dir}")
+    echo(f"loss plot: {out / 'loss.png'}   metrics: {out / 'metrics.json'}   config: {out / 'config.json'}")

@@ -1,0 +1,191 @@
+"""`quickloris train` on a tiny random Llama saved as a local Hugging Face folder (CPU, seconds per run): the run
+folder (PEFT adapter, config, metrics, loss plot), learning, exact resume, packing, options, clear errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from quickloris.cli.main import build_parser, main  # noqa: E402
+from quickloris.cli.train import configs_from_args, groups  # noqa: E402
+from quickloris.data.jsonl import DataFormatError  # noqa: E402
+from quickloris.train.run import run_train  # noqa: E402
+from tests.train.tiny import save_tiny_llama, task_rows, write_jsonl  # noqa: E402
+
+FIXED = [{"messages": [{"role": "system", "content": "Add the two numbers."}, {"role": "user", "content": q},
+                       {"role": "assistant", "content": "1234"}]} for q in ("1 + 2", "3 + 4", "5 + 6", "7 + 8")]
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("train")
+    return {"model": save_tiny_llama(d / "model"), "dir": d,
+            "fixed": write_jsonl(d / "fixed.jsonl", FIXED * 8),
+            "fixed_eval": write_jsonl(d / "fixed_eval.jsonl", FIXED[:2]),
+            "reverse": write_jsonl(d / "reverse.jsonl", task_rows("reverse", 24))}
+
+
+def _args(files, out, *extra):
+    return ["train", "--model", str(files["model"]), "--output-dir", str(out), "--threads", "1", "--no-progress",
+            "--batch-size", "4", *map(str, extra)]
+
+
+def _metrics(out):
+    return json.loads((out / "metrics.json").read_text())
+
+
+def test_run_folder_adapter_loads_in_peft_and_the_model_learns(files, tmp_path, capsys):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    rc = main(_args(files, out, "--data", files["fixed"], "--eval-data", files["fixed_eval"], "--max-steps", 80,
+                    "--lr", "1e-2", "--warmup-steps", 3, "--save-every", 30, "--lora-dropout", "0.05"))
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "eval before: exact match 0.0%" in printed and "adapter (PEFT format)" in printed
+    m = _metrics(out)
+    assert [r["step"] for r in m["steps"]] == list(range(1, 81)) and m["total_steps"] == 80
+    assert m["summary"]["loss_last"] < 0.05 * m["summary"]["loss_first"]  # a constant answer is learnt
+    assert m["eval"]["before"]["accuracy"] == 0.0 and m["eval"]["after"]["accuracy"] >= 0.5
+    assert all(r["trained_tokens"] > 0 and r["tokens_per_s"] > 0 and r["memory_gib"] > 0 for r in m["steps"])
+    cfg = json.loads((out / "config.json").read_text())
+    for key, cls in zip(("model", "data", "qlora", "train", "eval"), (c for _, c in groups())):
+        assert set(cfg[key]) == {f.name for f in dataclasses.fields(cls)}
+    assert cfg["train"]["max_steps"] == 80 and cfg["qlora"]["lora_dropout"] == 0.05
+    assert cfg["resolved"]["device"] == "cpu" and cfg["resolved"]["compile"] is False
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000080"]
+
+    # PEFT reads the adapter; on the NF4-rounded base it computes what quickloris' model computes.
+    from quickloris.models.adapters import load_adapter
+    from quickloris.models.prepare import QLoRAConfig, prepare_model
+    from quickloris.quant.nf4 import dequantize_nf4_reference, quantize_nf4
+
+    adapter = out / "adapter"
+    saved = load_file(adapter / "adapter_model.safetensors")
+    assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in saved.items())
+    base = transformers.AutoModelForCausalLM.from_pretrained(files["model"]).eval()
+    ours = prepare_model(transformers.AutoModelForCausalLM.from_pretrained(files["model"]), QLoRAConfig(r=16))
+    load_adapter(ours, adapter)
+    with torch.no_grad():
+        for name, mod in base.model.named_modules():
+            if isinstance(mod, torch.nn.Linear):
+                packed, state = quantize_nf4(mod.weight)
+                mod.weight.copy_(dequantize_nf4_reference(packed, state, torch.float32))
+    peft_model = PeftModel.from_pretrained(base, adapter).eval()
+    ids = torch.randint(3, 300, (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(input_ids=ids).logits, ours.eval()(input_ids=ids).logits,
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_resume_reproduces_the_uninterrupted_loss_curve(files, tmp_path):
+    """Interrupted after step 5 (last checkpoint at 4), resumed: every step's loss and the final adapter are
+    bit-identical to a run that never stopped (dropout on, so the RNG state must come back too)."""
+    opts = ["--data", files["reverse"], "--max-steps", 9, "--save-every", 4, "--grad-accum", 2, "--lora-dropout",
+            "0.1", "--lr", "5e-3", "--no-eval-before", "--no-eval-after"]
+    assert main(_args(files, tmp_path / "full", *opts)) == 0
+
+    class Stop(Exception):
+        pass
+
+    def interrupt(state):
+        if state.step == 5:
+            raise Stop
+
+    args = build_parser(["train"]).parse_args(_args(files, tmp_path / "cut", *opts))
+    with pytest.raises(Stop):
+        run_train(*configs_from_args(args), on_step_end=interrupt, echo=lambda m: None)
+    assert [p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()] == ["step-000004"]
+    with pytest.raises(ValueError, match="--resume"):  # an output folder holding a run is not overwritten
+        main(_args(files, tmp_path / "cut", *opts))
+    assert main(_args(files, tmp_path / "cut", *opts, "--resume")) == 0
+    full, cut = _metrics(tmp_path / "full"), _metrics(tmp_path / "cut")
+    assert [r["loss"] for r in cut["steps"]] == [r["loss"] for r in full["steps"]]
+    assert [r["grad_norm"] for r in cut["steps"]] == [r["grad_norm"] for r in full["steps"]]
+    assert len({r["loss"] for r in full["steps"]}) == 9
+    a = (tmp_path / "full" / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert a == (tmp_path / "cut" / "adapter" / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match=r"train\.lr: 0\.005 -> 0\.01"):
+        main(_args(files, tmp_path / "cut", *opts, "--resume", "--lr", "1e-2"))
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_one_epoch_trains_every_trained_token_once(files, tmp_path, packing, capsys):
+    from quickloris.data.chat import tokenize_records
+    from quickloris.data.jsonl import load_jsonl
+    from tests.train.tiny import chat_tokenizer
+
+    out = tmp_path / "run"
+    flag = "--packing" if packing else "--no-packing"
+    assert main(_args(files, out, "--data", files["reverse"], flag, "--max-seq-len", 64, "--batch-size", 2,
+                      "--no-eval-before", "--no-eval-after")) == 0
+    _, stats = tokenize_records(chat_tokenizer(), load_jsonl(files["reverse"]), max_seq_len=64)
+    m = _metrics(out)
+    assert sum(r["trained_tokens"] for r in m["steps"]) == stats.trainable_tokens
+    assert sum(r["tokens"] for r in m["steps"]) == stats.tokens
+    assert {r["epoch"] for r in m["steps"]} == {0}
+    rows = 24 / 2 if not packing else None
+    if rows:
+        assert len(m["steps"]) == rows
+    else:  # several examples per packed row: fewer, longer steps
+        assert len(m["steps"]) < 12
+    assert "packed" in capsys.readouterr().out if packing else True
+
+
+def test_help_lists_every_option(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for _, cls in groups():
+        for f in dataclasses.fields(cls):
+            assert "--" + f.name.replace("_", "-") in text
+
+
+@pytest.mark.parametrize("case", ["missing-model", "missing-data", "unknown-format", "folder-without-config",
+                                  "malformed-line", "no-trainable-tokens", "too-long", "bad-option", "bad-eval-data"])
+def test_clear_errors(files, tmp_path, case):
+    d = tmp_path
+    extra: list = ["--data", files["fixed"]]
+    if case == "missing-model":
+        args, err, match = ["--model", d / "nope"], FileNotFoundError, "does not exist"
+    elif case == "missing-data":
+        args, err, match = ["--data", d / "nope.jsonl"], FileNotFoundError, "nope.jsonl"
+    elif case == "unknown-format":
+        (d / "weights.bin").write_bytes(b"\0" * 16)
+        args, err, match = ["--model", d / "weights.bin"], ValueError, "unknown model format"
+    elif case == "folder-without-config":
+        (d / "empty").mkdir()
+        args, err, match = ["--model", d / "empty"], ValueError, "unknown model format.*no config.json"
+    elif case == "malformed-line":
+        bad = write_jsonl(d / "bad.jsonl", [FIXED[0], FIXED[1], '{"messages": [}'])
+        args, err, match = ["--data", bad], DataFormatError, r"bad\.jsonl:3: invalid JSON"
+    elif case == "no-trainable-tokens":  # a template that never renders the assistant's turns
+        tpl = d / "tpl.jinja"
+        tpl.write_text("{% for m in messages %}{% if m['role'] != 'assistant' %}{{ m['content'] }}\n{% endif %}"
+                       "{% endfor %}")
+        args, err, match = ["--chat-template", tpl], DataFormatError, "no trainable tokens"
+    elif case == "too-long":
+        args, err, match = ["--max-seq-len", 1024], ValueError, r"max_seq_len=1024 .*max_position_embeddings=256"
+    elif case == "bad-option":
+        args, err, match = ["--grad-accum", 0], ValueError, r"TrainConfig\.grad_accum must be an int >= 1"
+    else:
+        bad = write_jsonl(d / "eval.jsonl", [{"prompt": "1 + 2 =", "completion": " 3"}])
+        args, err, match = ["--eval-data", bad], DataFormatError, r"eval\.jsonl:1: --eval-data needs chat records"
+    with pytest.raises(err, match=match):
+        main(_args(files, d / "out", *extra, *args))  # a repeated option: the last one counts
+    assert not (d / "out" / "checkpoints").exists()  # nothing trained
