@@ -158,14 +158,17 @@ def _fully_shard_ranks(ctx, seed: int, offload: bool) -> None:
 
     torch.manual_seed(seed)  # the same weights on both ranks
     weights = [NF4Tensor.from_float(torch.randn(s)) for s in ((64, 512), (32, 1024), (128, 256))]
-    originals = [w.clone() for w in weights]
-    module = _Holder(weights)
+    originals = [w.to(ctx.device) for w in weights]
+    module = _Holder(weights).to(ctx.device)
+    cuda = ctx.device.type == "cuda"
     fully_shard(module, mesh=ctx.mesh, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16),
-                offload_policy=CPUOffloadPolicy(pin_memory=False) if offload else OffloadPolicy())
+                offload_policy=CPUOffloadPolicy(pin_memory=cuda) if offload else OffloadPolicy())
     for p, w in zip(module.ws, originals):
         local = p.to_local()
         rows = w.shape[0] // ctx.world_size
         assert type(local) is NF4Tensor and local.shape == (rows, w.shape[1])
+        assert local.device.type == ("cpu" if offload else ctx.device.type)
+        assert local.is_pinned() == (offload and cuda)
         mine = torch.chunk(w, ctx.world_size)[ctx.rank]
         for name, v in _inner(mine).items():
             assert torch.equal(_inner(local)[name], v), name
@@ -173,6 +176,7 @@ def _fully_shard_ranks(ctx, seed: int, offload: bool) -> None:
         module.unshard()
         for p, w in zip(module.ws, originals):
             assert type(p) is NF4Tensor and p.dtype == torch.bfloat16 and p.shape == w.shape
+            assert p.device == ctx.device
             for name, v in _inner(w).items():
                 assert torch.equal(_inner(p)[name], v), name
             assert torch.equal(bits(deq(p)), bits(deq(w, torch.bfloat16)))
@@ -182,3 +186,9 @@ def _fully_shard_ranks(ctx, seed: int, offload: bool) -> None:
 @pytest.mark.parametrize("offload", [False, True])
 def test_fully_shard_two_ranks_gathers_identical_bytes(seed, offload):
     run_ranks(_fully_shard_ranks, 2, seed, offload)
+
+
+@pytest.mark.multigpu
+@pytest.mark.parametrize("offload", [False, True])
+def test_fully_shard_two_gpus_gathers_identical_bytes(seed, offload):
+    run_ranks(_fully_shard_ranks, 2, seed, offload, device="cuda")  # NCCL; offload: pinned CPU shards

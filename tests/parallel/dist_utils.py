@@ -14,27 +14,30 @@ import torch
 import torch.multiprocessing as mp
 
 
-def _entry(rank: int, fn, world_size: int, port: int, args: tuple) -> None:
+def _entry(rank: int, fn, world_size: int, port: int, device: str, args: tuple) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), TRITON_INTERPRET="1")
-    torch.set_num_threads(1)  # two ranks share the CI machine's two cores
+                      MASTER_PORT=str(port))
+    if device == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"
+        torch.set_num_threads(1)  # two ranks share the CI machine's two cores
     import torch.distributed as dist
 
     from quickloris.parallel.fsdp import init_distributed
 
-    ctx = init_distributed("cpu", timeout_s=120)
+    ctx = init_distributed(device, timeout_s=120)
     try:
         fn(ctx, *args)
     finally:
         dist.destroy_process_group()
 
 
-def run_ranks(fn, world_size: int, *args, timeout: float = 150.0) -> None:
-    """``fn(ctx, *args)`` on `world_size` gloo ranks; raises what a rank raised, or TimeoutError."""
+def run_ranks(fn, world_size: int, *args, timeout: float = 150.0, device: str = "cpu") -> None:
+    """``fn(ctx, *args)`` on `world_size` ranks (gloo on the CPU, NCCL on GPUs with ``device="cuda"``: rank r on
+    cuda:r); raises what a rank raised, or TimeoutError."""
     from quickloris.parallel.fsdp import free_port
 
-    ctx = mp.start_processes(_entry, args=(fn, world_size, free_port(), args), nprocs=world_size, join=False,
-                             start_method="spawn")
+    ctx = mp.start_processes(_entry, args=(fn, world_size, free_port(), device, args), nprocs=world_size,
+                             join=False, start_method="spawn")
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
         if time.monotonic() > deadline:

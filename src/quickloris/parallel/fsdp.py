@@ -111,8 +111,9 @@ def init_distributed(device_type: str | None = None, *, backend: str | None = No
     """Join the job torchrun / accelerate launched (env RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
 
     Without a launcher this process is a job of one (rank 0 of 1: FSDP2 on one GPU, e.g. for CPU offload).
-    `device_type`: cuda (default when available; the GPU is ``cuda:LOCAL_RANK``, backend NCCL) or cpu (gloo).
-    Calling it again returns the same context.
+    `device_type`: cuda (default when available; the GPU is ``cuda:LOCAL_RANK``; backend ``cpu:gloo,cuda:nccl``:
+    NCCL for the GPU collectives, gloo for those on CPU-offloaded shards, e.g. gradient-norm clipping) or cpu
+    (gloo). Calling it again returns the same context.
     """
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -136,7 +137,7 @@ def init_distributed(device_type: str | None = None, *, backend: str | None = No
         kw: dict[str, Any] = {"timeout": datetime.timedelta(seconds=timeout_s)}
         if device_type == "cuda":
             kw["device_id"] = device
-        dist.init_process_group(backend or ("nccl" if device_type == "cuda" else "gloo"), **kw)
+        dist.init_process_group(backend or ("cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"), **kw)
     mesh = init_device_mesh(device_type, (dist.get_world_size(),))
     return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device, mesh)
 
@@ -156,10 +157,14 @@ def check_no_bitsandbytes(model: nn.Module) -> None:
 
 
 def sharding_plan(model: nn.Module, world_size: int) -> dict[str, str]:
-    """``{parameter name: "shard" | "replicate"}`` for the NF4 weights of `model` over `world_size` ranks."""
+    """``{parameter name: "shard" | "replicate"}`` for the NF4 weights of `model` over `world_size` ranks.
+
+    With one rank every NF4 weight stays outside FSDP2 ("replicate"): there is nothing to shard, and FSDP2's
+    one-rank shortcut copies only the first tensor of an all-gather extension.
+    """
     if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
         raise ValueError(f"world_size must be a positive int, got {world_size!r}")
-    return {name: "shard" if p.shardable(world_size) else "replicate"
+    return {name: "shard" if world_size > 1 and p.shardable(world_size) else "replicate"
             for name, p in model.named_parameters() if isinstance(p, NF4Tensor)}
 
 
@@ -223,7 +228,7 @@ def shard_model(model: nn.Module, config: FSDPConfig | None = None, mesh=None) -
     world = mesh.size()
     plan = sharding_plan(model, world)
     replicate = sorted(n for n, how in plan.items() if how == "replicate")
-    if replicate and cfg.unshardable == "error":
+    if replicate and cfg.unshardable == "error" and world > 1:
         raise ValueError(_unshardable_message(model, replicate, world) + "; use FSDPConfig(unshardable='replicate') "
                          "to keep them whole on every rank, or another world size")
     kw: dict[str, Any] = dict(mesh=mesh, mp_policy=_mp_policy(cfg), offload_policy=_offload_policy(cfg, mesh_device(mesh)))
@@ -275,7 +280,7 @@ def all_reduce_sum(value: torch.Tensor | float, group=None) -> torch.Tensor:
 
     t = value.detach().clone() if isinstance(value, torch.Tensor) else torch.tensor(float(value), dtype=torch.float64)
     if dist.is_initialized() and dist.get_world_size(group) > 1:
-        if dist.get_backend(group) == "nccl" and not t.is_cuda:
+        if dist.get_backend(group) == "nccl" and not t.is_cuda:  # a process group of NCCL alone
             t = t.cuda()
         dist.all_reduce(t, group=group)
     return t
@@ -313,6 +318,10 @@ def gather_adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         for kind, t in zip(("lora_A", "lora_B"), m.lora_weights):
             t = t.detach()
             if isinstance(t, DTensor):
+                mesh = t.device_mesh
+                if t.device.type != mesh.device_type:  # CPU-offloaded shards: gather on the mesh's device
+                    t = DTensor.from_local(t.to_local().to(mesh_device(mesh)), mesh, t.placements, run_check=False,
+                                           shape=t.shape, stride=t.stride())
                 t = t.full_tensor()
             out[f"{PREFIX}{path}.{kind}.weight"] = t.to("cpu").contiguous()
     if not out:
