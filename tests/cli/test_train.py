@@ -146,6 +146,17 @@ def test_one_epoch_trains_every_trained_token_once(files, tmp_path, packing, cap
     assert "packed" in capsys.readouterr().out if packing else True
 
 
+def test_readme_documents_every_option():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("### Options of `quickloris train`"):]
+    documented_here = ("model", "data", "LoRA and quantization", "training", "evaluation")  # FSDP: its own section
+    for _, cls in (g for g in groups() if g[0] in documented_here):
+        for f in dataclasses.fields(cls):
+            assert f"`--{f.name.replace('_', '-')}" in section, f"README lacks --{f.name}"
+
+
 def test_help_lists_every_option(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["train", "--help"])
@@ -189,3 +200,26 @@ def test_clear_errors(files, tmp_path, case):
     with pytest.raises(err, match=match):
         main(_args(files, d / "out", *extra, *args))  # a repeated option: the last one counts
     assert not (d / "out" / "checkpoints").exists()  # nothing trained
+
+
+def test_bnb_4bit_folder_trains_on_its_own_bytes(files, tmp_path):
+    """A pre-quantized *-bnb-4bit folder: with --no-quantize every target layer must already be NF4 (a 16-bit one
+    raises), so the file's bytes are what is trained on; `quickloris eval --adapter` then reproduces the run."""
+    pytest.importorskip("bitsandbytes")
+    qcfg = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                           bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+    quantized = transformers.AutoModelForCausalLM.from_pretrained(files["model"], quantization_config=qcfg,
+                                                                  device_map="cpu")
+    folder = tmp_path / "tiny-bnb-4bit"
+    quantized.save_pretrained(folder)
+    transformers.AutoTokenizer.from_pretrained(files["model"]).save_pretrained(folder)
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(folder), "--output-dir", str(out), "--threads", "1", "--no-progress",
+                 "--data", str(files["fixed"]), "--eval-data", str(files["fixed_eval"]), "--max-steps", "6",
+                 "--batch-size", "4", "--no-quantize", "--no-eval-before"]) == 0
+    m = _metrics(out)
+    assert m["resolved"]["model_format"] == "bnb-4bit" and len(m["steps"]) == 6
+    res = tmp_path / "eval.json"
+    assert main(["eval", "--model", str(folder), "--adapter", str(out / "adapter"), "--eval-data",
+                 str(files["fixed_eval"]), "--threads", "1", "--output", str(res)]) == 0
+    assert json.loads(res.read_text())["samples"] == m["eval"]["after"]["samples"]

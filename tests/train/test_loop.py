@@ -141,3 +141,18 @@ def test_step_without_trained_tokens_leaves_weights(seed):
     state = train_loop(model, ex, cfg, optimizer=opt, pad_token_id=0, packing=False, max_seq_len=8, state=LoopState())
     assert [math.isnan(r["loss"]) for r in state.history] == [True, True]
     assert all(torch.equal(b, p) for b, p in zip(before, (p for p in model.parameters() if p.requires_grad)))
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "flex"])
+def test_packed_batch_loss_equals_padded(seed, attention):
+    """The same examples packed into one padding-free row or right-padded: the same token-mean loss."""
+    from quickloris.data.packing import collate_packed
+    from quickloris.models.attention import set_attention
+
+    model = _model(seed).train()
+    set_attention(model, attention)
+    examples = [e for e in _examples(6, seed + 3) if e.num_trainable]
+    num = torch.tensor(sum(e.num_trainable for e in examples))
+    padded = micro_batch_loss(model, collate_padded(examples, 0), num)
+    packed = micro_batch_loss(model, collate_packed(examples), num)
+    torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-6)

@@ -79,15 +79,15 @@ class TrainConfig:
                             "trained-token count of all its micro-batches, so it equals one large batch's")
     lr: float = field(2e-3, help="peak learning rate (AdamW)")
     lr_schedule: Schedule = field("cosine", help="after warm-up: cosine or linear decay to 0, or constant")
-    warmup_steps: int = field(10, help="steps of linear warm-up from 0 to --lr")
+    warmup_steps: int = field(10, help="steps of linear warm-up to --lr (step s, from 0, at lr·(s+1)/(warmup+1))")
     weight_decay: float = field(0.0, help="AdamW weight decay (decoupled) on the LoRA matrices")
     adam_betas: list[float] = field([0.9, 0.999], help="AdamW beta1,beta2")
     max_grad_norm: float | None = field(1.0, help="clip the global gradient norm to this; none or 0: no clipping")
     seed: int = field(0, help="seed of the LoRA initialisation, the data order, dropout and the embedded task")
-    compile: bool | None = field(None, help="regional torch.compile of decoder layers, norm and loss; none: on "
+    compile: bool | None = field(None, help="regional torch.compile of decoder layers, norm and loss; unset: on "
                                  "with a GPU (the fast path), off on CPU (compiling costs more than it saves there)")
     gradient_checkpointing: bool | None = field(None, help="recompute decoder layers in backward instead of storing "
-                                                "their activations; none: on with a GPU, off on CPU")
+                                                "their activations; unset: on with a GPU, off on CPU")
     save_every: int = field(50, help="save a resumable checkpoint every N steps (and always at the end); 0: only "
                             "at the end")
     resume: bool = field(False, help="continue from the last checkpoint in --output-dir (same options required); "
@@ -156,8 +156,8 @@ class EvalTaskConfig:
     seed: int = field(0, help="seed of the held-out problems (train uses the same default)")
     chat_template: str | None = field(None, help="a Jinja chat template file used instead of the tokenizer's")
     output: str | None = field(None, help="write the result (accuracy, samples) to this JSON file")
-    nf4: bool | None = field(None, help="quantize the base linears to NF4 first (as training does); none: yes with "
-                             "--adapter, no without")
+    nf4: bool | None = field(None, help="quantize the base linears to NF4 first (as training does); unset: yes "
+                             "with --adapter, no without")
 
     def __post_init__(self) -> None:
         from quickloris.data.tasks import get_task
