@@ -55,7 +55,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--task", default="reverse", help="embedded task: reverse (learnt in ~60 steps) or addition")
     p.add_argument("--steps", type=int, default=60, help="steps of the schedule (the data: steps x global batch)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps of that schedule")
-    p.add_argument("--batch", type=int, default=4, help="examples per GPU per step (global batch: x GPUs)")
+    p.add_argument("--batch", type=int, default=4, help="examples per GPU per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (global batch: batch x GPUs x this)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--offload", action=argparse.BooleanOptionalAction, default=True, help="FSDP2 CPU offload")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -129,7 +130,7 @@ def main() -> None:
     log = (lambda *a: print(*a, flush=True)) if ctx.is_main else (lambda *a: None)
     model, tokenizer = load(args, args.device)
     task = get_task(args.task)
-    records = task.records("train", args.steps * args.batch * ctx.world_size, seed=0)
+    records = task.records("train", args.steps * args.batch * ctx.world_size * args.grad_accum, seed=0)
     examples, _ = tokenize_records(tokenizer, records, max_seq_len=256, overflow="drop")
     base_score = score(args, tokenizer, None) if ctx.is_main else None
     dist.barrier()
@@ -147,6 +148,7 @@ def main() -> None:
         f"split on whole 16384-value groups): {len(plan['nf4_replicated'])} {plan['nf4_replicated'][:4]}")
 
     common = dict(output_dir=os.path.join(args.out, "trainer"), per_device_train_batch_size=args.batch,
+                  gradient_accumulation_steps=args.grad_accum,
                   max_steps=args.max_steps or args.steps, learning_rate=args.lr, lr_scheduler_type="constant",
                   logging_steps=1, save_strategy="no", report_to=[], seed=0, disable_tqdm=True,
                   remove_unused_columns=False,
@@ -177,7 +179,8 @@ def main() -> None:
     if ctx.is_main:
         after = score(args, tokenizer, args.out)
         summary = {"world_size": ctx.world_size, "device": args.device, "trainer": args.trainer, "task": args.task,
-                   "steps": args.steps, "global_batch": args.batch * ctx.world_size, "train_s": train_s,
+                   "steps": args.steps, "global_batch": args.batch * ctx.world_size * args.grad_accum,
+                   "train_s": train_s,
                    "losses": losses, "sharding": plan, "compiled": compiled, "offload": args.offload,
                    "eval_before": base_score, "eval_after": after}
         atomic_write_json(os.path.join(args.out, "run_summary.json"), summary)

@@ -16,10 +16,12 @@ def groups() -> list[tuple[str, type]]:
     """(argument-group title, config dataclass), in the order `run_train` takes them."""
     from quickloris.data.config import DataConfig
     from quickloris.models.prepare import QLoRAConfig
+    from quickloris.parallel.fsdp import FSDPOptions
     from quickloris.train.config import EvalConfig, ModelConfig, TrainConfig
 
     return [("model", ModelConfig), ("data", DataConfig), ("LoRA and quantization", QLoRAConfig),
-            ("training", TrainConfig), ("evaluation", EvalConfig)]
+            ("training", TrainConfig), ("evaluation", EvalConfig),
+            ("several GPUs: torchrun --nproc-per-node N -m quickloris train --fsdp ...", FSDPOptions)]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -41,6 +43,5 @@ def configs_from_args(args: argparse.Namespace) -> list:
 def _run(args: argparse.Namespace) -> int:
     from quickloris.train.run import run_train
 
-    model_cfg, data_cfg, qlora_cfg, train_cfg, eval_cfg = configs_from_args(args)
-    run_train(model_cfg, data_cfg, qlora_cfg, train_cfg, eval_cfg)
+    run_train(*configs_from_args(args))
     return 0

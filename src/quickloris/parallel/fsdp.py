@@ -82,6 +82,21 @@ class FSDPConfig:
 
 
 @dataclasses.dataclass
+class FSDPOptions(FSDPConfig):
+    """`quickloris train` options: whether to shard with FSDP2, and how (the `FSDPConfig` fields)."""
+
+    fsdp: bool = field(False, help="shard the model with FSDP2 over the processes `torchrun --nproc-per-node N "
+                       "-m quickloris train --fsdp` starts (one per GPU); each step's rows are split over the ranks, "
+                       "the loss stays the one-process loss")
+
+    def sharding(self) -> FSDPConfig | None:
+        """The `FSDPConfig` to shard with, or None without --fsdp."""
+        if not self.fsdp:
+            return None
+        return FSDPConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(FSDPConfig)})
+
+
+@dataclasses.dataclass
 class DistContext:
     """This process' place in the job: rank, world size, local rank, compute device and the 1-D mesh."""
 
@@ -361,6 +376,6 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-__all__ = ["FSDPConfig", "DistContext", "init_distributed", "shard_model", "sharding_plan", "sharding_summary",
+__all__ = ["FSDPConfig", "FSDPOptions", "DistContext", "init_distributed", "shard_model", "sharding_plan", "sharding_summary",
            "is_sharded", "check_no_bitsandbytes", "count_targets", "global_num_items", "all_reduce_sum",
            "gradient_scale", "gather_adapter_state_dict", "save_adapter", "free_port"]

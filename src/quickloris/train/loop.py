@@ -93,11 +93,13 @@ def shifted_labels(labels: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
-def micro_batch_loss(model: torch.nn.Module, batch: dict[str, Any], num_items: torch.Tensor) -> torch.Tensor | None:
+def micro_batch_loss(model: torch.nn.Module, batch: dict[str, Any], num_items: torch.Tensor,
+                     keep: torch.Tensor | None = None) -> torch.Tensor | None:
     """``Σ ℓ_t / num_items`` over this micro-batch's trained tokens (None if it has none), head on labelled
-    positions only."""
+    positions only (`keep`: those positions, when the caller computed them over a larger batch)."""
     targets = shifted_labels(batch["labels"])
-    keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().flatten()
+    if keep is None:
+        keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().flatten()
     if keep.numel() == 0:
         return None
     inputs = {k: v for k, v in batch.items() if k != "labels"}
@@ -146,14 +148,22 @@ def train_loop(model: torch.nn.Module, examples: Sequence[TokenizedExample], cfg
                optimizer: torch.optim.Optimizer, pad_token_id: int, packing: bool, max_seq_len: int,
                state: LoopState | None = None, device: torch.device | None = None,
                on_step_end: Callable[[LoopState], None] | None = None, log: Callable[[str], None] | None = None,
-               ) -> LoopState:
+               dist: Any = None) -> LoopState:
     """Run optimizer steps ``state.step … total - 1`` on `model`'s trainable parameters; returns the state.
 
     `on_step_end(state)` runs after every step (the caller saves checkpoints there; raising stops the run).
+    `dist`: the `quickloris.parallel.fsdp.DistContext` of an FSDP2-sharded model: every rank reads the same
+    micro-batches and keeps rows ``rank::world_size`` of each; the token count ``N`` and the labelled positions are
+    the whole micro-batch's, each rank backpropagates ``world_size ·`` its share (FSDP2 averages over ranks), so
+    gradients and the (all-reduced) loss are the one-process ones.
     """
     from tqdm.auto import tqdm
 
     device = device or next(model.parameters()).device
+    rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
+    if world > 1 and (packing or cfg.batch_size % world):
+        raise ValueError(f"with FSDP over {world} ranks each micro-batch's rows are split between the ranks: "
+                         f"--batch-size ({cfg.batch_size}) must be a multiple of {world}, without --packing")
     stream = BatchStream(examples, batch_size=cfg.batch_size, seed=cfg.seed, packing=packing, max_seq_len=max_seq_len)
     total, limit = plan_steps(stream, cfg)
     state = state or LoopState()
@@ -180,10 +190,18 @@ def train_loop(model: torch.nn.Module, examples: Sequence[TokenizedExample], cfg
             num_items = torch.tensor(max(trained, 1), device=device)
             loss_sum = torch.zeros((), device=device)
             for b in batches:
-                loss = micro_batch_loss(model, _to(b, device), num_items)
+                keep = None
+                if world > 1:  # this rank's rows, the whole batch's positions: every rank runs the same calls
+                    keep = (shifted_labels(b["labels"]) != IGNORE_INDEX).any(dim=0).nonzero().flatten().to(device)
+                    b = {k: v[rank::world] if torch.is_tensor(v) else v for k, v in b.items()}
+                loss = micro_batch_loss(model, _to(b, device), num_items, keep)
                 if loss is not None:
-                    loss.backward()
+                    (loss * world if world > 1 else loss).backward()
                     loss_sum += loss.detach().float()
+            if world > 1:
+                from quickloris.parallel.fsdp import all_reduce_sum
+
+                loss_sum = all_reduce_sum(loss_sum)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip)) if trained else 0.0
             if trained:  # a step without trained tokens has no loss: the weights (and AdamW moments) stay
                 optimizer.step()

@@ -32,8 +32,8 @@ from quickloris.data.config import DataConfig, PreparedData, prepare_data, read_
 from quickloris.models.prepare import QLoRAConfig
 from quickloris.train.config import EvalConfig, ModelConfig, TrainConfig
 from quickloris.train.loop import LoopState, train_loop
-from quickloris.train.runtime import (eager_regions, load_eval_examples, max_position_embeddings, resolve_device,
-                                      resolve_dtype, resolve_threads)
+from quickloris.train.runtime import (cpu_cores, eager_regions, load_average, load_eval_examples,
+                                      max_position_embeddings, resolve_device, resolve_dtype, resolve_threads)
 from quickloris.utils.atomic import atomic_write_json
 
 ADAPTER_DIR = "adapter"
@@ -102,9 +102,15 @@ def _eval_examples(data_cfg: DataConfig, eval_cfg: EvalConfig, prepared: Prepare
 
 
 def run_train(model_cfg: ModelConfig, data_cfg: DataConfig, qlora_cfg: QLoRAConfig, train_cfg: TrainConfig,
-              eval_cfg: EvalConfig, *, on_step_end: Callable[[LoopState], None] | None = None,
+              eval_cfg: EvalConfig, fsdp_opts: Any = None, *, on_step_end: Callable[[LoopState], None] | None = None,
               echo: Callable[[str], None] = lambda m: print(m, flush=True)) -> TrainResult:
-    """Fine-tune as configured and write the run folder (see the module docstring)."""
+    """Fine-tune as configured and write the run folder (see the module docstring).
+
+    `fsdp_opts` (`quickloris.parallel.fsdp.FSDPOptions` with ``fsdp=True``, under torchrun): the model is sharded
+    with FSDP2 after checkpointing and before compile, each rank takes its rows of every micro-batch
+    (`train_loop`'s ``dist``), rank 0 alone prints and writes files, the adapter is gathered from the shards.
+    Resumable checkpoints are not written for a sharded run (--resume is refused).
+    """
     from quickloris.data.chat import check_max_seq_len
     from quickloris.models.adapters import save_adapter
     from quickloris.models.loading import load_model, load_tokenizer, max_positions, resolve_model
@@ -117,6 +123,18 @@ def run_train(model_cfg: ModelConfig, data_cfg: DataConfig, qlora_cfg: QLoRAConf
     started = time.perf_counter()
     out = Path(train_cfg.output_dir)
     device = resolve_device(model_cfg)
+    sharding = fsdp_opts.sharding() if fsdp_opts is not None else None
+    ctx = None
+    if sharding is not None:
+        from quickloris.parallel.fsdp import init_distributed
+
+        if train_cfg.resume:
+            raise ValueError("--resume with --fsdp: a sharded run writes no resumable checkpoint yet")
+        ctx = init_distributed(device.type)
+        device = ctx.device
+        if not ctx.is_main:
+            echo = lambda m: None  # noqa: E731 - one rank reports
+    main = ctx is None or ctx.is_main
     dtype = resolve_dtype(model_cfg, device)
     threads, why = resolve_threads(model_cfg)
     if device.type == "cpu" or model_cfg.threads is not None:
@@ -152,7 +170,17 @@ def run_train(model_cfg: ModelConfig, data_cfg: DataConfig, qlora_cfg: QLoRAConf
     torch.manual_seed(train_cfg.seed)  # the LoRA initialisation
     model = build_training_model(model, qlora_cfg, adapter=model_cfg.adapter,
                                  checkpointing=CheckpointConfig(gradient_checkpointing=checkpointing),
-                                 compile=CompileConfig(enabled=compile_on))
+                                 compile=CompileConfig(enabled=compile_on), sharding=sharding,
+                                 mesh=ctx.mesh if ctx is not None else None)
+    if ctx is not None:
+        from torch.distributed.fsdp import register_fsdp_forward_method
+
+        from quickloris.parallel.fsdp import sharding_summary
+
+        register_fsdp_forward_method(model, "generate")  # evaluation generates on all ranks, in step
+        plan = sharding_summary(model)
+        echo(f"FSDP2 over {ctx.world_size} ranks: {plan['nf4_sharded']} NF4 weights sharded, "
+             f"{len(plan['nf4_replicated'])} replicated (not splittable on whole 16384-value groups)")
     qlora_cfg = qlora_config(model)  # with --adapter: rank, alpha and targets come from the adapter
     params = [p for p in model.parameters() if p.requires_grad]
     echo(f"loaded and prepared in {time.perf_counter() - t0:.1f} s: {sum(p.numel() for p in params):,} trainable "
@@ -170,33 +198,48 @@ def run_train(model_cfg: ModelConfig, data_cfg: DataConfig, qlora_cfg: QLoRAConf
     resolved = {"device": str(device), "dtype": str(dtype), "threads": threads if device.type == "cpu" else None,
                 "compile": compile_on, "gradient_checkpointing": checkpointing, "model_format": source.format,
                 "model_path": str(source.path), "max_position_embeddings": max_positions(model.config)}
-    _write_config(out, model_cfg, data_cfg, qlora_cfg, train_cfg, eval_cfg, resolved, prepared)
+    if ctx is not None:
+        resolved["fsdp"] = {**plan, "rank_devices": f"{ctx.world_size} x {device.type}"}
+    if main:
+        _write_config(out, model_cfg, data_cfg, qlora_cfg, train_cfg, eval_cfg, resolved, prepared)
     if train_cfg.eval_before and examples_eval and state.step == 0 and "before" not in state.evals:
         state.evals["before"] = evaluate(model, tokenizer, examples_eval, eval_cfg, chat_template, "before", echo)
     title = f"{source.path.name}: {prepared.source}"
 
     def write_reports(st: LoopState, **extra: Any) -> dict[str, Any]:
+        if not main:
+            return {}
         plot_loss(st.history, out / "loss.png", title=title, evals=st.evals)
         return write_metrics(out / "metrics.json", _jsonable(st.history), st.elapsed, _jsonable(st.evals),
                              {"resolved": resolved, "total_steps": st.total_steps, **extra})
 
     def after_step(st: LoopState) -> None:
         if train_cfg.save_every and st.step % train_cfg.save_every == 0 and st.step < st.total_steps:
-            save_checkpoint(out, model, optimizer, st, fp)
+            if ctx is None:
+                save_checkpoint(out, model, optimizer, st, fp)
             write_reports(st)
         if on_step_end is not None:
             on_step_end(st)
 
     state = train_loop(model, prepared.examples, train_cfg, optimizer=optimizer, pad_token_id=tokenizer.pad_token_id,
                        packing=data_cfg.packing, max_seq_len=data_cfg.max_seq_len, state=state, device=device,
-                       on_step_end=after_step)
-    save_checkpoint(out, model, optimizer, state, fp)
-    adapter_dir = save_adapter(model, out / ADAPTER_DIR)
+                       on_step_end=after_step, dist=ctx)
+    if ctx is None:
+        save_checkpoint(out, model, optimizer, state, fp)
+        adapter_dir = save_adapter(model, out / ADAPTER_DIR)
+    else:
+        from quickloris.parallel.fsdp import save_adapter as save_sharded_adapter
+
+        adapter_dir = save_sharded_adapter(model, out / ADAPTER_DIR)  # every rank: gathered, rank 0 writes
     if train_cfg.eval_after and examples_eval:
         state.evals["after"] = evaluate(model, tokenizer, examples_eval, eval_cfg, chat_template, "after", echo)
     metrics = write_reports(state, wall_seconds=round(time.perf_counter() - started, 1))
+    if not main:
+        return TrainResult(out, adapter_dir, state, metrics)
     _print_summary(echo, metrics, out, adapter_dir)
-    echo(f"done in {metrics['wall_seconds']:.0f} s")
+    load = load_average()
+    echo(f"done in {metrics['wall_seconds']:.0f} s" + (f" (load average now {load:.2f} on {cpu_cores()} cores)"
+                                                       if device.type == "cpu" and load is not None else ""))
     return TrainResult(out, adapter_dir, state, metrics)
 
 

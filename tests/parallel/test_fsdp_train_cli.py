@@ -1,0 +1,95 @@
+"""`torchrun --nproc-per-node 2 -m quickloris train --fsdp` on CPU ranks (gloo): the same per-step losses and the
+same adapter as `quickloris train` in one process (fp32: the rows of each micro-batch are split over the ranks, the
+token count is the whole step's), evaluation before/after runs on the sharded model, rank 0 writes the run folder;
+bad combinations are refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from tests.train.tiny import CHATML, chat_tokenizer, write_jsonl  # noqa: E402
+
+ROWS = [{"messages": [{"role": "system", "content": "Reverse the digits."}, {"role": "user", "content": q},
+                      {"role": "assistant", "content": q[::-1]}]} for q in ("12345", "67890", "24680", "13579")]
+
+
+def _shardable_llama(folder):
+    """A tiny Llama whose NF4 weights split over 2 ranks on whole 16384-value groups, with the tests' tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = chat_tokenizer()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=256,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None,
+                      tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.chat_template = CHATML
+    tok.save_pretrained(folder)
+    return folder
+
+
+def _train(nproc, tmp_path, out, *extra):
+    data = write_jsonl(tmp_path / "data.jsonl", ROWS * 6)
+    evald = write_jsonl(tmp_path / "eval.jsonl", ROWS[:2])
+    args = ["--model", str(tmp_path / "model"), "--data", str(data), "--eval-data", str(evald), "--output-dir",
+            str(out), "--max-steps", "3", "--batch-size", "4", "--grad-accum", "2", "--lr", "1e-2", "--warmup-steps",
+            "1", "--no-progress", "--threads", "1", "--save-every", "2", *extra]
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m"] if nproc else ["-m"]
+    proc = subprocess.run([sys.executable, *launcher, "quickloris", "train", *args], capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="1"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc.stdout, json.loads((out / "metrics.json").read_text())
+
+
+def test_train_fsdp_two_ranks_matches_one_process(tmp_path):
+    from safetensors.torch import load_file
+
+    _shardable_llama(tmp_path / "model")
+    printed, sharded = _train(2, tmp_path, tmp_path / "fsdp", "--fsdp", "--no-mixed-precision")
+    _, single = _train(0, tmp_path, tmp_path / "single")
+    assert "FSDP2 over 2 ranks: 14 NF4 weights sharded, 0 replicated" in printed
+    assert printed.count("eval before") == 1  # rank 0 reports; both ranks generated in step
+    a = [r["loss"] for r in sharded["steps"]]
+    b = [r["loss"] for r in single["steps"]]
+    assert len(a) == 3 and a == pytest.approx(b, rel=1e-5)
+    assert [r["trained_tokens"] for r in sharded["steps"]] == [r["trained_tokens"] for r in single["steps"]]
+    assert sharded["eval"]["after"]["accuracy"] == single["eval"]["after"]["accuracy"]
+    wa = load_file(tmp_path / "fsdp" / "adapter" / "adapter_model.safetensors")
+    wb = load_file(tmp_path / "single" / "adapter" / "adapter_model.safetensors")
+    assert wa.keys() == wb.keys()
+    torch.testing.assert_close(wa, wb, rtol=1e-4, atol=1e-5)
+    cfg = json.loads((tmp_path / "fsdp" / "config.json").read_text())
+    assert cfg["resolved"]["fsdp"]["world_size"] == 2
+    assert not (tmp_path / "fsdp" / "checkpoints").exists()  # no resumable checkpoint from a sharded run
+
+
+def test_train_fsdp_refuses_what_it_cannot_do(tmp_path):
+    from quickloris.parallel.fsdp import FSDPOptions
+    from quickloris.train.loop import train_loop
+    from quickloris.train.config import TrainConfig
+
+    assert FSDPOptions().sharding() is None and FSDPOptions(fsdp=True, cpu_offload=True).sharding().cpu_offload
+
+    class Ctx:
+        rank, world_size = 0, 2
+
+    from quickloris.data.config import DataConfig
+    from quickloris.models.prepare import QLoRAConfig
+    from quickloris.train.config import EvalConfig, ModelConfig
+    from quickloris.train.run import run_train
+
+    with pytest.raises(ValueError, match="--resume with --fsdp"):
+        run_train(ModelConfig(device="cpu"), DataConfig(), QLoRAConfig(), TrainConfig(resume=True,
+                  output_dir=str(tmp_path / "r")), EvalConfig(), FSDPOptions(fsdp=True))
+    with pytest.raises(ValueError, match="--batch-size \\(3\\) must be a multiple of 2"):
+        train_loop(torch.nn.Linear(2, 2), [], TrainConfig(batch_size=3), optimizer=None, pad_token_id=0,
+                   packing=False, max_seq_len=8, dist=Ctx(), device=torch.device("cpu"))
