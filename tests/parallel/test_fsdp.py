@@ -96,7 +96,8 @@ def _parity_ranks(ctx, seed, folder, kv_heads, tied):
     if ctx.rank:
         return
     torch.manual_seed(seed)
-    reference = build_training_model(_tiny(kv_heads, tied).to(ctx.device), _qcfg(), checkpointing=CheckpointConfig())
+    # Built on the CPU like the sharded model (shard_model moves it): the same LoRA initialisation (CPU RNG).
+    reference = build_training_model(_tiny(kv_heads, tied), _qcfg(), checkpointing=CheckpointConfig()).to(ctx.device)
     ref_losses = _run_steps(reference, [[mb for rank in step for mb in rank] for step in batches], distributed=False,
                             device=ctx.device)
     assert losses == pytest.approx(ref_losses, rel=1e-5), (losses, ref_losses)
@@ -128,7 +129,7 @@ def _all_features_ranks(ctx, seed):
     assert lora.grad is None and lora.to_local().dtype == torch.float32
     if ctx.rank == 0:
         torch.manual_seed(seed)
-        reference = build_training_model(_tiny().to(ctx.device), _qcfg(), checkpointing=CheckpointConfig())
+        reference = build_training_model(_tiny(), _qcfg(), checkpointing=CheckpointConfig()).to(ctx.device)
         ref = _run_steps(reference, [[mb for rank in step for mb in rank] for step in batches], distributed=False,
                          device=ctx.device)
         assert losses == pytest.approx(ref, rel=2e-2)  # bf16 compute vs fp32

@@ -198,8 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         torch.manual_seed(1234)  # the same LoRA initialisation in every phase and on every rank
         if phase == "single":
-            if ctx.is_main:
-                model = build_training_model(skeleton(base).to(ctx.device), qcfg, checkpointing=ckpt)
+            if ctx.is_main:  # built on the CPU like the sharded phases: the same LoRA initialisation (CPU RNG)
+                model = build_training_model(skeleton(base), qcfg, checkpointing=ckpt).to(ctx.device)
                 run = train(model, [[m for m in step] for step in batches], device=ctx.device, lr=args.lr,
                             distributed=False)
                 single_lora = adapter_state_dict(model)
@@ -239,8 +239,8 @@ def main(argv: list[str] | None = None) -> int:
             r = results["phases"][phase]
             log(f"[{phase}] {r['tokens_per_s_per_gpu']:,.0f} tok/s/GPU, peak {r['peak_gib'] or 0:.2f} GiB, first step "
                 f"{r['first_step_s']:.1f} s, {r['phase_s']} s, losses {[round(x, 4) for x in r['losses'][:3]]}")
-    if ctx.is_main:
-        atomic_write_json(args.result, results)
+        if ctx.is_main:  # after every phase: a run stopped by a time limit keeps the phases it finished
+            atomic_write_json(args.result, results)
     dist.barrier()
     dist.destroy_process_group()
     return 0

@@ -246,15 +246,13 @@ def shard_model(model: nn.Module, config: FSDPConfig | None = None, mesh=None) -
     if replicate and cfg.unshardable == "error" and world > 1:
         raise ValueError(_unshardable_message(model, replicate, world) + "; use FSDPConfig(unshardable='replicate') "
                          "to keep them whole on every rank, or another world size")
-    kw: dict[str, Any] = dict(mesh=mesh, mp_policy=_mp_policy(cfg), offload_policy=_offload_policy(cfg, mesh_device(mesh)))
+    if replicate and "ignored_params" not in inspect.signature(fully_shard).parameters:
+        raise RuntimeError(_unshardable_message(model, replicate, world) + "; replicating them needs "
+                           "fully_shard(ignored_params=...) (torch >= 2.7)")
+    device = mesh_device(mesh)
+    kw: dict[str, Any] = dict(mesh=mesh, mp_policy=_mp_policy(cfg), offload_policy=_offload_policy(cfg, device))
+    model.to(device)  # replicated weights are not moved by fully_shard: they must be on the device already
     if replicate:
-        if "ignored_params" not in inspect.signature(fully_shard).parameters:
-            raise RuntimeError(_unshardable_message(model, replicate, world) + "; replicating them needs "
-                               "fully_shard(ignored_params=...) (torch >= 2.7)")
-        params = dict(model.named_parameters())
-        kw["ignored_params"] = {params[n] for n in replicate}
-    model.to(mesh_device(mesh))
-    if replicate:  # `.to` made new parameter objects
         params = dict(model.named_parameters())
         kw["ignored_params"] = {params[n] for n in replicate}
     for layer in decoder_layers(model):
