@@ -11,8 +11,8 @@ What happens, on every rank:
 2. `build_training_model` assembles the stack in its fixed order: NF4 base + LoRA (r=16 on all linears) ->
    activation checkpointing -> FSDP2 (`FSDPConfig`: a unit per decoder layer + the root, bf16 compute with fp32
    gradient reduction, CPU offload of the parameter shards) -> regional torch.compile (GPUs).
-3. The Trainer runs with ``fsdp_config={"fsdp_version": 2}``: accelerate sees a model that is FSDP2-sharded already
-   and leaves it as it is; its sampler gives each rank its share of every batch, and the loss of a step is
+3. The Trainer runs with ``fsdp_config=fsdp.trainer_fsdp_config(model)`` (FSDP2, the sharded layer class): accelerate
+   sees a model that is FSDP2-sharded already and leaves it as it is; its sampler gives each rank its share of every batch, and the loss of a step is
    normalised by the target tokens of the whole step over all ranks (``num_items_in_batch``; Trainer scales by the
    number of processes, FSDP2 averages: the gradient of one GPU's loss).
 4. The adapter is gathered and saved in PEFT's format (`model.save_pretrained` on every rank; rank 0 writes).
@@ -154,7 +154,7 @@ def main() -> None:
                   remove_unused_columns=False,
                   gradient_checkpointing=False, bf16=False)  # both done by quickloris / FSDP2's mixed precision
     if args.device == "cuda":
-        common.update(fsdp=True, fsdp_config={"fsdp_version": 2, "state_dict_type": "SHARDED_STATE_DICT"})
+        common.update(fsdp=True, fsdp_config=fsdp.trainer_fsdp_config(model))
     else:
         common.update(use_cpu=True, ddp_backend="gloo")
     collate = lambda batch: collate_padded(batch, tokenizer.pad_token_id)  # noqa: E731

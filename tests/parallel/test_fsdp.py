@@ -150,6 +150,32 @@ def test_two_gpus_bf16_offload_checkpointing_inductor_compile(seed):
     run_ranks(_all_features_ranks, 2, seed, device="cuda", timeout=400)  # pinned offload, NCCL, inductor, fused NF4
 
 
+def _accelerate_ranks(ctx):
+    """accelerate's FSDP2 preparation must find the (renamed) decoder-layer class of a model sharded already."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    model = build_training_model(_tiny(), _qcfg(), checkpointing=CheckpointConfig(), sharding=fsdp.FSDPConfig(),
+                                 mesh=ctx.mesh)
+    cfg = fsdp.trainer_fsdp_config(model)
+    assert cfg["fsdp_version"] == 2 and cfg["transformer_layer_cls_to_wrap"] == ["FSDPLlamaDecoderLayer"]
+    plain = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap")
+    with pytest.raises(ValueError, match="Could not find the transformer layer class LlamaDecoderLayer"):
+        plain.set_auto_wrap_policy(model)  # what the Trainer did with fsdp_config={"fsdp_version": 2}
+    ours = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+                                          transformer_cls_names_to_wrap=cfg["transformer_layer_cls_to_wrap"])
+    ours.set_auto_wrap_policy(model)
+    assert type(model.model.layers[0]) in ours.auto_wrap_policy.keywords["transformer_layer_cls"]
+    args = transformers.TrainingArguments(output_dir="unused", fsdp=True, fsdp_config=cfg, use_cpu=True, report_to=[])
+    assert args.fsdp_config["transformer_layer_cls_to_wrap"] == ["FSDPLlamaDecoderLayer"]
+
+
+def test_trainer_fsdp_config_names_the_sharded_layer_class():
+    pytest.importorskip("accelerate")
+    run_ranks(_accelerate_ranks, 1, timeout=120)
+    with pytest.raises(ValueError, match="is not sharded"):
+        fsdp.trainer_fsdp_config(_tiny())
+
+
 # ------------------------------------------------------------------------------------------------------------
 # bad input (no process group needed: refused before any collective)
 

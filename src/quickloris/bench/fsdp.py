@@ -43,7 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=60, help="steps of the single and offload phases (loss parity)")
     parser.add_argument("--timing-steps", type=int, default=12, help="steps of the sharded (no offload) phase")
     parser.add_argument("--compile-steps", type=int, default=12, help="steps of the compiled phase (0: skip it)")
-    parser.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate")
+    parser.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (QLoRA's for 7-13B models; "
+                        "5e-4 on this random-token data makes the loss spike and the runs amplify rounding)")
+    parser.add_argument("--profile-steps", type=int, default=2, help="extra steps of the sharded phase under "
+                        "torch.profiler (top kernels / CPU ops in the record; 0: none)")
     parser.add_argument("--phases", default="single,offload,sharded,compiled", help="comma-separated phases")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: gloo ranks (with --tiny)")
     parser.add_argument("--tiny", action="store_true", help="tiny model, short steps (the CPU test); not a measurement")
@@ -67,7 +70,8 @@ def worker_command(args: argparse.Namespace, result: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.gpus}",
             "-m", "quickloris.bench.fsdp_worker", "--shape", shape, "--device", args.device, "--seq", str(seq),
             "--steps", str(steps), "--timing-steps", str(timing), "--compile-steps", str(comp), "--lr", str(args.lr),
-            "--phases", args.phases, "--backend", backend, "--result", result]
+            "--phases", args.phases, "--backend", backend, "--result", result,
+            "--profile-steps", str(0 if args.tiny else args.profile_steps)]
 
 
 def derive(results: dict[str, Any]) -> dict[str, Any]:
@@ -138,6 +142,12 @@ def summary(results: dict[str, Any]) -> str:
                      f"{r['first_step_s']:.1f} s" + (f", compile {r['compile']}" if r.get("compile") else ""))
     for k, v in results.get("derived", {}).items():
         lines.append(f"  {k}: {json.dumps(v, default=str)}")
+    prof = results.get("phases", {}).get("sharded", {}).get("profile")
+    if prof:
+        lines.append(f"  sharded profile: GPU busy {prof['gpu_total_ms_per_step']} ms per step of "
+                     f"{1e3 * sum(prof['step_s']) / len(prof['step_s']):.0f} ms (all streams summed); top kernels:")
+        lines += [f"    {r['ms_per_step']:8.2f} ms x{r['calls_per_step']:g}  {r['name']}" for r in prof["top_gpu"][:10]]
+        lines += [f"    cpu {r['ms_per_step']:8.2f} ms x{r['calls_per_step']:g}  {r['name']}" for r in prof["top_cpu_self"][:6]]
     if results.get("incomplete"):
         lines.append(f"  INCOMPLETE: {results['incomplete']}")
     return "\n".join(lines)

@@ -42,9 +42,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--timing-steps", type=int, default=12)
     p.add_argument("--compile-steps", type=int, default=12)
-    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--vocab-subset", type=int, default=512)
     p.add_argument("--backend", default="inductor")
+    p.add_argument("--profile-steps", type=int, default=0, help="profile this many extra steps of the sharded "
+                   "phase (torch.profiler; the top kernels and CPU ops go into the results)")
     p.add_argument("--result", required=True)
     return p.parse_args(argv)
 
@@ -101,9 +103,25 @@ def make_batches(steps: int, per_step: int, seq: int, subset: int, seed: int = 1
     return [[torch.randint(0, subset, (1, seq), generator=g) for _ in range(per_step)] for _ in range(steps)]
 
 
+def _profile_tables(prof, steps: int) -> dict[str, Any]:
+    """The profiled steps' top GPU kernels and CPU ops, per step (milliseconds)."""
+    events = prof.key_averages()
+    gpu_key = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+
+    def top(key: str, n: int) -> list[dict[str, Any]]:
+        rows = sorted(events, key=lambda e: getattr(e, key), reverse=True)[:n]
+        return [{"name": e.key[:120], "ms_per_step": round(getattr(e, key) / 1e3 / steps, 3),
+                 "calls_per_step": e.count / steps} for e in rows]
+
+    return {"steps": steps, "gpu_total_ms_per_step": round(sum(getattr(e, gpu_key) for e in events) / 1e3 / steps, 1),
+            "top_gpu": top(gpu_key, 25), "top_cpu_self": top("self_cpu_time_total", 15)}
+
+
 def train(model: nn.Module, steps: list[list[torch.Tensor]], *, device: torch.device, lr: float,
-          distributed: bool) -> dict[str, Any]:
-    """AdamW steps over this process' micro-batches; loss normalised by the step's global target count."""
+          distributed: bool, profile: int = 0) -> dict[str, Any]:
+    """AdamW steps over this process' micro-batches; loss normalised by the step's global target count.
+
+    ``profile`` > 0: that many more steps (the first batches again) under torch.profiler, not in the timings."""
     from quickloris.parallel import fsdp
 
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
@@ -111,7 +129,17 @@ def train(model: nn.Module, steps: list[list[torch.Tensor]], *, device: torch.de
         torch.cuda.reset_peak_memory_stats()
     resident = torch.cuda.memory_allocated() / 2**30 if device.type == "cuda" else None
     losses, times = [], []
-    for micro in steps:
+    profiled: dict[str, Any] | None = None
+    if profile > 0:
+        steps = list(steps) + list(steps[:profile])
+    for index, micro in enumerate(steps):
+        if profile > 0 and index == len(steps) - profile:
+            from torch.profiler import ProfilerActivity
+            from torch.profiler import profile as torch_profile
+
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+            prof = torch_profile(activities=activities)
+            prof.__enter__()
         _sync(device)
         t0 = time.perf_counter()
         ids = [m.to(device, non_blocking=True) for m in micro]
@@ -127,6 +155,11 @@ def train(model: nn.Module, steps: list[list[torch.Tensor]], *, device: torch.de
         losses.append(float(fsdp.all_reduce_sum(total)) if distributed else float(total))
         _sync(device)
         times.append(time.perf_counter() - t0)
+    if profile > 0:
+        prof.__exit__(None, None, None)
+        profiled = _profile_tables(prof, profile)
+        profiled["step_s"] = times[-profile:]
+        losses, times = losses[:-profile], times[:-profile]
     timed = times[2:] or times
     tokens = sum(m.numel() for m in steps[0])
     out = {"losses": losses, "step_s": times, "tokens_per_step_per_gpu": tokens,
@@ -134,6 +167,8 @@ def train(model: nn.Module, steps: list[list[torch.Tensor]], *, device: torch.de
            "resident_gib": resident,
            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if device.type == "cuda" else None}
+    if profiled is not None:
+        out["profile"] = profiled
     del opt
     return out
 
@@ -218,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
             model = build_training_model(skeleton(base), qcfg, checkpointing=ckpt, sharding=sharding, mesh=ctx.mesh,
                                          compile=compile_cfg)
             run = train(model, [[step[ctx.rank]] for step in batches[:n]], device=ctx.device, lr=args.lr,
-                        distributed=True)
+                        distributed=True, profile=args.profile_steps if phase == "sharded" else 0)
             run["peak_gib"] = _max_over_ranks(run["peak_gib"], ctx.device)
             run["peak_reserved_gib"] = _max_over_ranks(run["peak_reserved_gib"], ctx.device)
             run["resident_gib"] = _max_over_ranks(run["resident_gib"], ctx.device)

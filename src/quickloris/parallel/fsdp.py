@@ -278,6 +278,22 @@ def sharding_summary(model: nn.Module) -> dict[str, Any]:
             "nf4_replicated": sorted(n for n, v in plan.items() if v == "replicate")}
 
 
+def trainer_fsdp_config(model: nn.Module) -> dict[str, Any]:
+    """`TrainingArguments(fsdp=True, fsdp_config=...)` for a model `shard_model` sharded already.
+
+    accelerate's FSDP2 preparation looks up the decoder-layer class by name before it notices that the model is
+    an FSDP2 module and leaves it alone; `fully_shard` renamed that class (``LlamaDecoderLayer`` ->
+    ``FSDPLlamaDecoderLayer``), so the name it looks for is given here. Checkpointing and mixed precision stay
+    quickloris' (``gradient_checkpointing=False, bf16=False`` in the arguments)."""
+    from quickloris.parallel.compile import decoder_layers
+
+    if not is_sharded(model):
+        raise ValueError(f"{type(model).__name__} is not sharded: call quickloris.parallel.fsdp.shard_model first")
+    names = sorted({type(layer).__name__ for layer in decoder_layers(model)})
+    return {"fsdp_version": 2, "state_dict_type": "SHARDED_STATE_DICT", "transformer_layer_cls_to_wrap": names,
+            "activation_checkpointing": False}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # loss normalisation
 
