@@ -45,6 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile-steps", type=int, default=12, help="steps of the compiled phase (0: skip it)")
     parser.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (QLoRA's for 7-13B models; "
                         "5e-4 on this random-token data makes the loss spike and the runs amplify rounding)")
+    parser.add_argument("--reshard-after-forward", action=argparse.BooleanOptionalAction, default=True,
+                        help="FSDP2: free each layer's gathered weights after its forward (and gather them again "
+                        "for backward); --no-reshard-after-forward gathers once per step (more memory, half the "
+                        "all-gathers: for slow links)")
     parser.add_argument("--profile-steps", type=int, default=2, help="extra steps of the sharded phase under "
                         "torch.profiler (top kernels / CPU ops in the record; 0: none)")
     parser.add_argument("--phases", default="single,offload,sharded,compiled", help="comma-separated phases")
@@ -71,7 +75,8 @@ def worker_command(args: argparse.Namespace, result: str) -> list[str]:
             "-m", "quickloris.bench.fsdp_worker", "--shape", shape, "--device", args.device, "--seq", str(seq),
             "--steps", str(steps), "--timing-steps", str(timing), "--compile-steps", str(comp), "--lr", str(args.lr),
             "--phases", args.phases, "--backend", backend, "--result", result,
-            "--profile-steps", str(0 if args.tiny else args.profile_steps)]
+            "--profile-steps", str(0 if args.tiny else args.profile_steps)] + (
+            [] if args.reshard_after_forward else ["--no-reshard-after-forward"])
 
 
 def derive(results: dict[str, Any]) -> dict[str, Any]:

@@ -45,6 +45,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--vocab-subset", type=int, default=512)
     p.add_argument("--backend", default="inductor")
+    p.add_argument("--reshard-after-forward", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--profile-steps", type=int, default=0, help="profile this many extra steps of the sharded "
                    "phase (torch.profiler; the top kernels and CPU ops go into the results)")
     p.add_argument("--result", required=True)
@@ -218,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     G = ctx.world_size
     batches = make_batches(args.steps, G, args.seq, args.vocab_subset)
     results: dict[str, Any] = {"world_size": G, "shape": args.shape, "seq": args.seq, "lr": args.lr,
+                               "reshard_after_forward": args.reshard_after_forward,
                                "global_batch_tokens": G * args.seq, "build_s": round(time.perf_counter() - t0, 1),
                                "phases": {}}
     qcfg = QLoRAConfig(r=16, lora_alpha=32, quantize=False)
@@ -244,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
             _release(ctx.device)
             dist.barrier()
         else:
-            sharding = fsdp.FSDPConfig(cpu_offload=phase in ("offload", "compiled"))
+            sharding = fsdp.FSDPConfig(cpu_offload=phase in ("offload", "compiled"),
+                                       reshard_after_forward=args.reshard_after_forward)
             compile_cfg = CompileConfig(backend=args.backend) if phase == "compiled" else None
             n = {"offload": args.steps, "sharded": args.timing_steps, "compiled": args.compile_steps}[phase]
             if n <= 0:
