@@ -105,9 +105,12 @@ def chunked_head_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.Tenso
     return out / count.clamp_min(1)
 
 
-def _chunked_forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                     inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
-    state = getattr(self, _STATE)
+def forward_with_head_loss(self, state: dict, head_loss, input_ids=None, attention_mask=None, position_ids=None,
+                           past_key_values=None, inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0,
+                           **kwargs):
+    """A causal LM's forward whose training loss is ``head_loss(hidden, head, targets, num_items, ignore_index,
+    softcap)`` over the decoder's hidden states: no logits tensor. Without labels, or in eval mode, the model's
+    own forward (``state["original"]``) runs. Shared by the eager chunked loss and the compiled one."""
     if labels is None or not self.training:
         return state["original"](input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                  past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
@@ -130,16 +133,29 @@ def _chunked_forward(self, input_ids=None, attention_mask=None, position_ids=Non
     if targets.shape != hidden.shape[:-1]:
         raise ValueError(f"labels give targets of shape {tuple(targets.shape)} but the model kept hidden states "
                          f"of shape {tuple(hidden.shape[:-1])} (logits_to_keep={logits_to_keep!r})")
-    options: dict[str, Any] = {"ignore_index": ignore_index}
     softcap = getattr(self.config, "final_logit_softcapping", None)
-    if softcap is not None:
-        options["softcap"] = float(softcap)
-    loss = chunked_head_loss(hidden, head, targets.to(hidden.device), num_items=num_items, config=state["config"],
-                             **options)
+    loss = head_loss(hidden, head, targets.to(hidden.device), num_items, ignore_index,
+                     None if softcap is None else float(softcap))
     out = CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
                                  hidden_states=getattr(outputs, "hidden_states", None),
                                  attentions=getattr(outputs, "attentions", None))
     return out if return_dict else out.to_tuple()
+
+
+def _chunked_forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                     inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+    state = getattr(self, _STATE)
+
+    def head_loss(hidden, head, targets, num_items, ignore_index, softcap):
+        options: dict[str, Any] = {"ignore_index": ignore_index}
+        if softcap is not None:
+            options["softcap"] = softcap
+        return chunked_head_loss(hidden, head, targets, num_items=num_items, config=state["config"], **options)
+
+    return forward_with_head_loss(self, state, head_loss, input_ids=input_ids, attention_mask=attention_mask,
+                                  position_ids=position_ids, past_key_values=past_key_values,
+                                  inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
+                                  logits_to_keep=logits_to_keep, **kwargs)
 
 
 def enable_chunked_loss(model: nn.Module, config: ChunkedLossConfig | None = None, **overrides: Any) -> nn.Module:

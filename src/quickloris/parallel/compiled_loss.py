@@ -30,7 +30,7 @@ import types
 import torch
 from torch import nn
 
-from quickloris.models.chunked_loss import _parts, _unwrap, shift_for_causal_lm
+from quickloris.models.chunked_loss import _parts, _unwrap, forward_with_head_loss
 from quickloris.ops.chunked_core import choose_chunk_size
 from quickloris.ops.linear_losses import cross_entropy
 
@@ -104,38 +104,18 @@ def compiled_head_loss(chunk_fn, hidden: torch.Tensor, weight: torch.Tensor, lab
 def _forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
              inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
     state = self.__dict__[_STATE]
-    if labels is None or not self.training:
-        return state["original"](input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                 past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
-                                 use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
-    from transformers.modeling_outputs import CausalLMOutputWithPast
-
-    return_dict = kwargs.pop("return_dict", None)
-    if return_dict is None:
-        return_dict = getattr(self.config, "return_dict", True)
-    num_items = kwargs.pop("num_items_in_batch", None)
-    shift_labels = kwargs.pop("shift_labels", None)
-    ignore_index = kwargs.pop("ignore_index", -100)
-    decoder, head = _parts(self)
-    outputs = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
-    hidden = outputs[0]
-    keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-    hidden = hidden[:, keep, :]
-    targets = shift_for_causal_lm(labels, ignore_index) if shift_labels is None else shift_labels
-    if targets.shape != hidden.shape[:-1]:
-        raise ValueError(f"labels give targets of shape {tuple(targets.shape)} but the model kept hidden states "
-                         f"of shape {tuple(hidden.shape[:-1])} (logits_to_keep={logits_to_keep!r})")
-    softcap = getattr(self.config, "final_logit_softcapping", None)
     cfg = state["config"]
-    loss = compiled_head_loss(state["chunk_fn"], hidden, head.weight, targets.to(hidden.device), num_items=num_items,
-                              ignore_index=ignore_index, softcap=None if softcap is None else float(softcap),
-                              chunk_size=cfg.chunk_size if cfg else None,
-                              memory_budget=cfg.memory_budget if cfg else None)
-    out = CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
-                                 hidden_states=getattr(outputs, "hidden_states", None),
-                                 attentions=getattr(outputs, "attentions", None))
-    return out if return_dict else out.to_tuple()
+
+    def head_loss(hidden, head, targets, num_items, ignore_index, softcap):
+        return compiled_head_loss(state["chunk_fn"], hidden, head.weight, targets, num_items=num_items,
+                                  ignore_index=ignore_index, softcap=softcap,
+                                  chunk_size=cfg.chunk_size if cfg else None,
+                                  memory_budget=cfg.memory_budget if cfg else None)
+
+    return forward_with_head_loss(self, state, head_loss, input_ids=input_ids, attention_mask=attention_mask,
+                                  position_ids=position_ids, past_key_values=past_key_values,
+                                  inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
+                                  logits_to_keep=logits_to_keep, **kwargs)
 
 
 def supports_compiled_loss(model: nn.Module) -> bool:
