@@ -59,6 +59,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (global batch: batch x GPUs x this)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--offload", action=argparse.BooleanOptionalAction, default=True, help="FSDP2 CPU offload")
+    p.add_argument("--mixed-precision", action=argparse.BooleanOptionalAction, default=True,
+                   help="FSDP2 bf16 compute with fp32 gradient reduction (off: the model's own dtype)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="regional torch.compile (off by default: on 2 H200s the 60-step --tiny run did not finish "
                    "in 290 s with it, compiling; 30 steps took 3.3 s without)")
@@ -141,7 +143,7 @@ def main() -> None:
     model = build_training_model(
         model, QLoRAConfig(r=16, lora_alpha=32, target_modules=["all-linear"]),
         checkpointing=CheckpointConfig(),
-        sharding=fsdp.FSDPConfig(cpu_offload=args.offload, mixed_precision=True),
+        sharding=fsdp.FSDPConfig(cpu_offload=args.offload, mixed_precision=args.mixed_precision),
         mesh=ctx.mesh,
         compile=CompileConfig(backend="inductor" if args.device == "cuda" else "aot_eager") if compiled else None)
     plan = fsdp.sharding_summary(model)
@@ -183,6 +185,7 @@ def main() -> None:
                    "steps": args.steps, "global_batch": args.batch * ctx.world_size * args.grad_accum,
                    "train_s": train_s,
                    "losses": losses, "sharding": plan, "compiled": compiled, "offload": args.offload,
+                   "mixed_precision": args.mixed_precision,
                    "eval_before": base_score, "eval_after": after}
         atomic_write_json(os.path.join(args.out, "run_summary.json"), summary)
         if after is not None:
