@@ -18,13 +18,6 @@ FIXED = [{"messages": [{"role": "system", "content": "Reverse the digits."}, {"r
                        {"role": "assistant", "content": "97531"}]} for q in ("12345", "67890", "13579", "24680")]
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A tiny model trained to answer every prompt with one constant string (learnt in ~1 s of CPU)."""

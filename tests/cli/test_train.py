@@ -21,13 +21,6 @@ FIXED = [{"messages": [{"role": "system", "content": "Add the two numbers."}, {"
                        {"role": "assistant", "content": "1234"}]} for q in ("1 + 2", "3 + 4", "5 + 6", "7 + 8")]
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("train")
