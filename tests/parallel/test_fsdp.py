@@ -103,7 +103,10 @@ def _parity_ranks(ctx, seed, folder, kv_heads, tied):
     assert losses == pytest.approx(ref_losses, rel=1e-5), (losses, ref_losses)
     fresh = prepare_model(_tiny(kv_heads, tied), _qcfg())
     load_adapter(fresh, folder)
-    torch.testing.assert_close(adapter_state_dict(fresh), adapter_state_dict(reference), rtol=1e-5, atol=1e-6)
+    # Adam turns last-bit differences of near-zero gradient entries (fp32 sums in another order: two ranks' reduce vs
+    # one process' accumulation) into differences of a few 1e-6 in those entries; a normalisation error moves whole
+    # tensors by ~lr = 1e-3 per step.
+    torch.testing.assert_close(adapter_state_dict(fresh), adapter_state_dict(reference), rtol=1e-4, atol=2e-5)
     assert read_adapter_config(folder)["r"] == 4
 
 
