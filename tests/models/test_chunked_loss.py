@@ -244,5 +244,7 @@ def test_chunked_loss_under_trainer_with_gradient_accumulation(seed, tmp_path):
     (l_hf, p_hf), (l_ch, p_ch) = train(False), train(True)
     assert len(l_hf) == 2 and l_hf == pytest.approx(l_ch, rel=1e-5)
     assert seen and all(torch.is_tensor(s) for s in seen), "Trainer did not pass num_items_in_batch"
+    # AdamW (lr 5e-3) turns last-bit differences of near-zero gradient entries (chunked vs full-logit sums) into
+    # weight differences of up to a few 1e-6 there; a wrong normalisation would move whole tensors by ~lr.
     for n in p_hf:
-        torch.testing.assert_close(p_ch[n], p_hf[n], rtol=1e-4, atol=1e-6, msg=n)
+        torch.testing.assert_close(p_ch[n], p_hf[n], rtol=1e-4, atol=5e-5, msg=lambda m, n=n: f"{n}: {m}")
