@@ -36,3 +36,13 @@ def seed():
     value = int.from_bytes(os.urandom(4), "little")
     torch.manual_seed(value)
     return value
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls: one intra-op thread is several times faster than two on a shared 2-core CI machine
+    (modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -17,12 +17,7 @@ pytest.importorskip("bitsandbytes")
 from quickloris.bench import train as bench  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _args(*argv: str) -> argparse.Namespace:

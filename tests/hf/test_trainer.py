@@ -20,12 +20,7 @@ from quickloris.parallel.compose import build_training_model  # noqa: E402
 V = 97
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny():

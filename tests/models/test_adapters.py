@@ -19,13 +19,7 @@ from quickloris.nn.qlora_linear import QLoRALinear  # noqa: E402
 from tests.models.test_prepare import V, batch, bnb_twin, tiny  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls: one intra-op thread is several times faster than two on a shared 2-core CI machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _logits(model, ids, mask):

@@ -20,13 +20,7 @@ from quickloris.nn.nf4_tensor import NF4Tensor  # noqa: E402
 from quickloris.nn.qlora_linear import QLoRALinear  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls: one intra-op thread is several times faster than two on a shared 2-core CI machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 V = 97
 

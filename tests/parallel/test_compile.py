@@ -19,13 +19,7 @@ from quickloris.parallel.compose import CheckpointConfig, apply_checkpointing, b
 V = 101
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls: one intra-op thread is several times faster than two on a shared 2-core CI machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny():

@@ -23,12 +23,7 @@ from quickloris.train.loop import BatchStream, LoopState, lr_at, micro_batch_los
 V = 101
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(seed):
