@@ -1,0 +1,237 @@
+"""Where the QLoRA training step's time goes, and what trading memory back for speed buys (device diagnostics).
+
+    python benchmarks/train/probe_speed.py --out DIR --parts attention,1b,profile,8b
+    bash scripts/device/run.sh py:benchmarks/train/probe_speed.py   # parts from $QUICKLORIS_PROBE_PARTS
+
+Parts:
+* ``attention``: causal GQA attention forward + backward at the benchmark's shapes (1B: 4 x 2048, 32/8 heads of
+  64; 8B: 1 x 8192, 32/8 heads of 128) through each SDPA backend (flash, cuDNN, memory-efficient) and flex.
+* ``1b`` / ``8b``: `quickloris bench train`'s compiled quickloris stack with the last k decoder layers left
+  un-checkpointed (k from $QUICKLORIS_PROBE_KEEP_1B / _8B), tokens/s and peak memory, HF compiled beside it (1B).
+* ``profile``: CUDA kernel time of two 1B steps, grouped (GEMM, attention, NF4 dequant, Inductor-fused, other).
+Writes ``<out>/probe_speed-<stamp>.json`` with provenance. Diagnostics, not the headline benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import time
+
+import torch
+
+
+def timed(fn, reps: int = 10, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def part_attention() -> dict:
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    out = {}
+    flex = torch.compile(flex_attention, dynamic=False)
+    for name, (b, s, h, kv, d) in {"1b_4x2048": (4, 2048, 32, 8, 64), "8b_1x8192": (1, 8192, 32, 8, 128)}.items():
+        q = torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        k = torch.randn(b, kv, s, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        v = torch.randn(b, kv, s, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        g = torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16)
+        flops = 4 * b * h * s * s * d / 2 * 3.5  # causal; backward = 2.5 x forward
+        res = {}
+        for backend in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
+            for gqa in (True, False):
+                def step(backend=backend, gqa=gqa):
+                    kk, vv = (k, v) if gqa else (k.repeat_interleave(h // kv, 1), v.repeat_interleave(h // kv, 1))
+                    with sdpa_kernel(getattr(SDPBackend, backend)):
+                        o = F.scaled_dot_product_attention(q, kk, vv, is_causal=True, enable_gqa=gqa)
+                    o.backward(g)
+                key = f"{backend.lower()}{'_gqa' if gqa else '_expanded'}"
+                try:
+                    t = timed(step)
+                    res[key] = {"ms": round(t * 1e3, 3), "tflops": round(flops / t / 1e12, 1)}
+                except Exception as e:  # a backend that does not take this input
+                    res[key] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+        bm = create_block_mask(lambda b_, h_, q_, k_: k_ <= q_, None, None, s, s, device="cuda")
+
+        def fstep():
+            flex(q, k, v, block_mask=bm, enable_gqa=True).backward(g)
+        try:
+            t = timed(fstep)
+            res["flex_gqa"] = {"ms": round(t * 1e3, 3), "tflops": round(flops / t / 1e12, 1)}
+        except Exception as e:
+            res["flex_gqa"] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+        out[name] = res
+        print(name, res, flush=True)
+    return out
+
+
+def keep_unchecked(model, k: int) -> None:
+    """Leave the last k decoder layers un-checkpointed (they keep their activations for backward)."""
+    layers = model.model.layers
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = i < len(layers) - k
+
+
+def part_train(tm, key: str, shape: dict, batch: int, seq: int, variants: list[tuple[int, str]], steps: int,
+               hf: bool) -> dict:
+    base = tm.build_base(shape, device="cuda")
+    vocab = shape["vocab_size"]
+    res = {}
+    init = None
+    for k, backend in variants:
+        torch._dynamo.reset()
+        with _sdpa_backend(backend):
+            model = tm.ql_stack(base, device="cuda", compiled=True)
+            if init is None:
+                init = tm.lora_init_of(model)
+            tm.apply_lora_init(init, model)
+            keep_unchecked(model, k)
+            try:
+                run = tm.train_run(model, tm.make_batches(steps, batch, seq, vocab), device="cuda")
+                run = {k_: run[k_] for k_ in ("tokens_per_s", "peak_gib", "losses", "first_step_s")}
+            except Exception as e:  # out of memory, or a backend that refuses the input
+                run = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        res[f"ql_compiled_keep{k}_{backend}"] = run
+        print(key, backend, k, {a: b for a, b in run.items() if a != "losses"}, flush=True)
+        del model
+        tm.release("cuda")
+    if hf:
+        torch._dynamo.reset()
+        model = tm.hf_stack(base, device="cuda", compiled=True)
+        tm.apply_lora_init(init, model)
+        run = tm.train_run(model, tm.make_batches(steps, batch, seq, vocab), device="cuda")
+        res["hf_compiled"] = {k_: run[k_] for k_ in ("tokens_per_s", "peak_gib", "losses", "first_step_s")}
+        print(key, "hf_compiled", res["hf_compiled"]["tokens_per_s"], res["hf_compiled"]["peak_gib"], flush=True)
+        del model
+    del base
+    tm.release("cuda")
+    return res
+
+
+class _sdpa_backend:
+    """Global SDPA backend choice for the duration of a build + run (read when the compiled graphs are traced)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __enter__(self):
+        b = torch.backends.cuda
+        self.saved = (b.flash_sdp_enabled(), b.cudnn_sdp_enabled(), b.mem_efficient_sdp_enabled())
+        if self.name == "cudnn":
+            b.enable_flash_sdp(False)
+            b.enable_mem_efficient_sdp(False)
+            b.enable_cudnn_sdp(True)
+
+    def __exit__(self, *exc):
+        b = torch.backends.cuda
+        b.enable_flash_sdp(self.saved[0])
+        b.enable_cudnn_sdp(self.saved[1])
+        b.enable_mem_efficient_sdp(self.saved[2])
+
+
+GROUPS = [("gemm", r"gemm|cutlass|nvjet|xmma|sm90_|ampere_|cublas"), ("attention", r"flash|fmha|cudnn|attention|sdpa"),
+          ("nf4_dequant", r"dequant|nf4"), ("inductor_triton", r"^triton_"), ("copy/elementwise", r"elementwise|copy|fill"),
+          ("reduce", r"reduce")]
+
+
+def part_profile(tm, steps: int = 2) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    from quickloris.bench.loss_models import LLAMA_1B
+
+    base = tm.build_base(LLAMA_1B, device="cuda")
+    torch._dynamo.reset()
+    model = tm.ql_stack(base, device="cuda", compiled=True)
+    batches = tm.make_batches(3 + steps, 4, 2048, LLAMA_1B["vocab_size"])
+    tm.train_run(model, batches[:3], device="cuda")
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        for ids in batches[3:]:
+            loss = model(input_ids=ids.cuda(), labels=ids.cuda()).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    kernels = {}
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t and e.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[e.key] = (kernels.get(e.key, (0, 0))[0] + t, kernels.get(e.key, (0, 0))[1] + e.count)
+    groups: dict[str, float] = {}
+    for name, (t, _) in kernels.items():
+        g = next((g for g, pat in GROUPS if re.search(pat, name, re.I)), "other")
+        groups[g] = groups.get(g, 0.0) + t / 1e3 / steps
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:40]
+    res = {"wall_ms_per_step": round(wall * 1e3 / steps, 1),
+           "kernel_ms_per_step": round(sum(t for t, _ in kernels.values()) / 1e3 / steps, 1),
+           "groups_ms_per_step": {g: round(t, 1) for g, t in sorted(groups.items(), key=lambda kv: -kv[1])},
+           "top_kernels": [{"name": n[:160], "ms_per_step": round(t / 1e3 / steps, 2), "calls_per_step": c // steps}
+                           for n, (t, c) in top]}
+    print(res["wall_ms_per_step"], res["kernel_ms_per_step"], res["groups_ms_per_step"], flush=True)
+    for row in res["top_kernels"][:25]:
+        print(f"  {row['ms_per_step']:8.2f} ms {row['calls_per_step']:5d}x {row['name'][:110]}")
+    del model, base, opt
+    tm.release("cuda")
+    return res
+
+
+def main() -> None:
+    from quickloris.bench import train_models as tm
+    from quickloris.bench.loss_models import LLAMA_1B
+    from quickloris.utils.atomic import atomic_write_json
+    from quickloris.utils.provenance import environment
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default=None)
+    p.add_argument("--parts", default=os.environ.get("QUICKLORIS_PROBE_PARTS", "attention,1b,profile,8b"))
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--variants-1b", default=os.environ.get("QUICKLORIS_PROBE_1B", "0:default,8:default,12:default,"
+                                                           "16:default,12:cudnn"),
+                   help="k:backend pairs: k last layers un-checkpointed, SDPA backend (default / cudnn)")
+    p.add_argument("--variants-8b", default=os.environ.get("QUICKLORIS_PROBE_8B", "0:default,0:cudnn,2:default,3:cudnn"))
+    args = p.parse_args()
+    results: dict = {}
+    env = environment()
+    stamp = env["date_utc"].replace(":", "").replace("-", "").replace("+0000", "Z")
+    path = os.path.join(args.out or "benchmarks/results", "train", f"probe_speed-{stamp}.json")
+
+    def variants(text):
+        return [(int(v.split(":")[0]), v.split(":")[1]) for v in text.split(",")]
+    for part in args.parts.split(","):
+        t0 = time.perf_counter()
+        try:
+            if part == "attention":
+                results[part] = part_attention()
+            elif part == "1b":
+                results[part] = part_train(tm, part, LLAMA_1B, 4, 2048, variants(args.variants_1b), args.steps, True)
+            elif part == "8b":
+                results[part] = part_train(tm, part, tm.LLAMA_8B, 1, 8192, variants(args.variants_8b), args.steps,
+                                           False)
+            elif part == "profile":
+                results[part] = part_profile(tm)
+        except Exception as e:
+            results[part] = {"error": f"{type(e).__name__}: {e}"}
+            print(part, "failed:", results[part]["error"], flush=True)
+        results[f"{part}_seconds"] = round(time.perf_counter() - t0, 1)
+        print(f"--- {part}: {results[f'{part}_seconds']} s", flush=True)
+        atomic_write_json(path, {"environment": env, "results": results})  # after each part: a timeout keeps it
+        print("wrote", path, flush=True)
+
+
+if __name__ == "__main__":
+    main()
