@@ -6,8 +6,10 @@
 Parts:
 * ``attention``: causal GQA attention forward + backward at the benchmark's shapes (1B: 4 x 2048, 32/8 heads of
   64; 8B: 1 x 8192, 32/8 heads of 128) through each SDPA backend (flash, cuDNN, memory-efficient) and flex.
-* ``1b`` / ``8b``: `quickloris bench train`'s compiled quickloris stack with the last k decoder layers left
-  un-checkpointed (k from $QUICKLORIS_PROBE_KEEP_1B / _8B), tokens/s and peak memory, HF compiled beside it (1B).
+* ``1b`` / ``8b``: `quickloris bench train`'s compiled quickloris stack in variants k:attention:checkpoint (the last
+  k decoder layers left un-checkpointed; the attention backend; the checkpoint traced into the compiled layer or
+  transformers' eager wrapper around it), from $QUICKLORIS_PROBE_1B / _8B: tokens/s and peak memory, HF compiled
+  beside it (1B).
 * ``profile``: CUDA kernel time of two 1B steps, grouped (GEMM, attention, NF4 dequant, Inductor-fused, other).
 Writes ``<out>/probe_speed-<stamp>.json`` with provenance. Diagnostics, not the headline benchmark.
 """
@@ -77,34 +79,26 @@ def part_attention() -> dict:
     return out
 
 
-def keep_unchecked(model, k: int) -> None:
-    """Leave the last k decoder layers un-checkpointed (they keep their activations for backward)."""
-    layers = model.model.layers
-    for i, layer in enumerate(layers):
-        layer.gradient_checkpointing = i < len(layers) - k
-
-
-def part_train(tm, key: str, shape: dict, batch: int, seq: int, variants: list[tuple[int, str]], steps: int,
+def part_train(tm, key: str, shape: dict, batch: int, seq: int, variants: list[tuple[int, str, str]], steps: int,
                hf: bool) -> dict:
     base = tm.build_base(shape, device="cuda")
     vocab = shape["vocab_size"]
     res = {}
     init = None
-    for k, backend in variants:
+    for k, attention, mode in variants:
         torch._dynamo.reset()
-        with _sdpa_backend(backend):
-            model = tm.ql_stack(base, device="cuda", compiled=True)
-            if init is None:
-                init = tm.lora_init_of(model)
-            tm.apply_lora_init(init, model)
-            keep_unchecked(model, k)
-            try:
-                run = tm.train_run(model, tm.make_batches(steps, batch, seq, vocab), device="cuda")
-                run = {k_: run[k_] for k_ in ("tokens_per_s", "peak_gib", "losses", "first_step_s")}
-            except Exception as e:  # out of memory, or a backend that refuses the input
-                run = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-        res[f"ql_compiled_keep{k}_{backend}"] = run
-        print(key, backend, k, {a: b for a, b in run.items() if a != "losses"}, flush=True)
+        model = tm.ql_stack(base, device="cuda", compiled=True, attention=attention, skip_last=k,
+                            checkpoint_in_graph=mode == "graph")
+        if init is None:
+            init = tm.lora_init_of(model)
+        tm.apply_lora_init(init, model)
+        try:
+            run = tm.train_run(model, tm.make_batches(steps, batch, seq, vocab), device="cuda")
+            run = {k_: run[k_] for k_ in ("tokens_per_s", "peak_gib", "losses", "first_step_s")}
+        except Exception as e:  # out of memory, or a backend that refuses the input
+            run = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        res[f"ql_compiled_skip{k}_{attention}_{mode}"] = run
+        print(key, attention, mode, k, {a: b for a, b in run.items() if a != "losses"}, flush=True)
         del model
         tm.release("cuda")
     if hf:
@@ -120,40 +114,19 @@ def part_train(tm, key: str, shape: dict, batch: int, seq: int, variants: list[t
     return res
 
 
-class _sdpa_backend:
-    """Global SDPA backend choice for the duration of a build + run (read when the compiled graphs are traced)."""
-
-    def __init__(self, name: str):
-        self.name = name
-
-    def __enter__(self):
-        b = torch.backends.cuda
-        self.saved = (b.flash_sdp_enabled(), b.cudnn_sdp_enabled(), b.mem_efficient_sdp_enabled())
-        if self.name == "cudnn":
-            b.enable_flash_sdp(False)
-            b.enable_mem_efficient_sdp(False)
-            b.enable_cudnn_sdp(True)
-
-    def __exit__(self, *exc):
-        b = torch.backends.cuda
-        b.enable_flash_sdp(self.saved[0])
-        b.enable_cudnn_sdp(self.saved[1])
-        b.enable_mem_efficient_sdp(self.saved[2])
-
-
 GROUPS = [("gemm", r"gemm|cutlass|nvjet|xmma|sm90_|ampere_|cublas"), ("attention", r"flash|fmha|cudnn|attention|sdpa"),
           ("nf4_dequant", r"dequant|nf4"), ("inductor_triton", r"^triton_"), ("copy/elementwise", r"elementwise|copy|fill"),
           ("reduce", r"reduce")]
 
 
-def part_profile(tm, steps: int = 2) -> dict:
+def part_profile(tm, attention: str, steps: int = 2) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     from quickloris.bench.loss_models import LLAMA_1B
 
     base = tm.build_base(LLAMA_1B, device="cuda")
     torch._dynamo.reset()
-    model = tm.ql_stack(base, device="cuda", compiled=True)
+    model = tm.ql_stack(base, device="cuda", compiled=True, attention=attention)
     batches = tm.make_batches(3 + steps, 4, 2048, LLAMA_1B["vocab_size"])
     tm.train_run(model, batches[:3], device="cuda")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -200,10 +173,13 @@ def main() -> None:
     p.add_argument("--out", default=None)
     p.add_argument("--parts", default=os.environ.get("QUICKLORIS_PROBE_PARTS", "attention,1b,profile,8b"))
     p.add_argument("--steps", type=int, default=6)
-    p.add_argument("--variants-1b", default=os.environ.get("QUICKLORIS_PROBE_1B", "0:default,8:default,12:default,"
-                                                           "16:default,12:cudnn"),
-                   help="k:backend pairs: k last layers un-checkpointed, SDPA backend (default / cudnn)")
-    p.add_argument("--variants-8b", default=os.environ.get("QUICKLORIS_PROBE_8B", "0:default,0:cudnn,2:default,3:cudnn"))
+    p.add_argument("--variants-1b", default=os.environ.get(
+        "QUICKLORIS_PROBE_1B", "0:sdpa:eager,0:sdpa:graph,0:sdpa_cudnn:graph,4:sdpa_cudnn:graph,8:sdpa_cudnn:graph"),
+                   help="k:attention:checkpoint: k last layers un-checkpointed, attention backend, checkpoint in the "
+                        "compiled graph (graph) or transformers' eager wrapper around it (eager)")
+    p.add_argument("--variants-8b", default=os.environ.get(
+        "QUICKLORIS_PROBE_8B", "0:sdpa:graph,0:sdpa_cudnn:graph,2:sdpa_cudnn:graph"))
+    p.add_argument("--profile-attention", default=os.environ.get("QUICKLORIS_PROBE_PROFILE_ATTN", "sdpa_cudnn"))
     args = p.parse_args()
     results: dict = {}
     env = environment()
@@ -211,7 +187,7 @@ def main() -> None:
     path = os.path.join(args.out or "benchmarks/results", "train", f"probe_speed-{stamp}.json")
 
     def variants(text):
-        return [(int(v.split(":")[0]), v.split(":")[1]) for v in text.split(",")]
+        return [(int(k), a, m) for k, a, m in (v.split(":") for v in text.split(","))]
     for part in args.parts.split(","):
         t0 = time.perf_counter()
         try:
@@ -223,7 +199,7 @@ def main() -> None:
                 results[part] = part_train(tm, part, tm.LLAMA_8B, 1, 8192, variants(args.variants_8b), args.steps,
                                            False)
             elif part == "profile":
-                results[part] = part_profile(tm)
+                results[part] = part_profile(tm, args.profile_attention)
         except Exception as e:
             results[part] = {"error": f"{type(e).__name__}: {e}"}
             print(part, "failed:", results[part]["error"], flush=True)

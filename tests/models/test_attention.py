@@ -11,7 +11,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from quickloris.models.attention import (  # noqa: E402
-    FLEX, attention_of, build_block_mask, document_ids, set_attention)
+    CUDNN, FLEX, attention_of, build_block_mask, document_ids, set_attention)
 from quickloris.models.prepare import QLoRAConfig, prepare_model  # noqa: E402
 from quickloris.parallel.compile import CompileConfig, compile_model, compile_stats, reset_compile_stats  # noqa: E402
 from tests.models.test_prepare import V, tiny  # noqa: E402
@@ -191,3 +191,58 @@ def test_gpu_flex_training_compiled_matches_sdpa(seed):
         stats = compile_stats()
         assert stats["graph_breaks"] == 0 and stats["unique_graphs"] <= 4, (impl, stats)
     assert losses["flex"] == pytest.approx(losses["sdpa"], rel=2e-2)
+
+
+def test_sdpa_cudnn_equals_sdpa_where_cudnn_is_unavailable(seed):
+    """`sdpa_cudnn` is transformers' SDPA with a backend priority: same masks, same outputs off the GPU (where
+    PyTorch falls back to the backend plain SDPA uses), plain and padded batches, compiled without a break."""
+    model = prepare_model(tiny(), QLoRAConfig(r=4, init_lora_weights="random"))
+    ids, pos, mask = _packed_and_padded()
+    out = {}
+    for impl in ("sdpa", "sdpa_cudnn"):
+        set_attention(model, impl)
+        assert attention_of(model) == impl
+        with torch.no_grad():
+            out[impl] = (model.model(input_ids=ids).last_hidden_state,
+                         model.model(input_ids=ids, attention_mask=mask).last_hidden_state)
+    assert model.config._attn_implementation == CUDNN
+    torch.testing.assert_close(out["sdpa_cudnn"][0], out["sdpa"][0], rtol=0, atol=0)
+    valid = mask.bool()
+    torch.testing.assert_close(out["sdpa_cudnn"][1][valid], out["sdpa"][1][valid], rtol=0, atol=0)
+    reset_compile_stats()
+    compile_model(model.eval(), CompileConfig(backend="aot_eager", loss=False, norm=False))
+    with torch.no_grad():
+        got = model.model(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(got, out["sdpa"][0], rtol=1e-5, atol=1e-5)
+    assert compile_stats()["graph_breaks"] == 0
+
+
+@pytest.mark.gpu
+def test_gpu_sdpa_cudnn_runs_cudnn_kernel_in_compiled_layer(seed):
+    """On a GPU the compiled layer's graph calls cuDNN's attention kernel (forward and backward), and the training
+    loss and LoRA gradients match plain SDPA (flash) in bf16."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from quickloris.parallel.compose import CheckpointConfig, build_training_model
+
+    dense = tiny(head_dim=64).to("cuda", torch.bfloat16)
+    ids = torch.randint(0, V, (2, 512), device="cuda")
+    res = {}
+    for impl in ("sdpa", "sdpa_cudnn"):
+        torch.manual_seed(0)
+        model = build_training_model(copy.deepcopy(dense), QLoRAConfig(r=4, init_lora_weights="random",
+                                                                      attention=impl),
+                                     checkpointing=CheckpointConfig(), compile=CompileConfig())
+        model(input_ids=ids, labels=ids).loss.backward()  # compile
+        model.zero_grad(set_to_none=True)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            torch.cuda.synchronize()
+        names = " ".join(e.key for e in prof.key_averages()).lower()
+        res[impl] = (loss.item(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None},
+                     names)
+    assert "cudnn" in res["sdpa_cudnn"][2] and "sdpa" in res["sdpa_cudnn"][2]
+    assert res["sdpa_cudnn"][0] == pytest.approx(res["sdpa"][0], rel=1e-2)
+    for n, g in res["sdpa"][1].items():
+        assert float((res["sdpa_cudnn"][1][n] - g).norm() / g.norm().clamp_min(1e-12)) < 5e-2, n

@@ -99,6 +99,61 @@ def test_checkpointing_options_and_errors():
         compile_model(model, CompileConfig(backend="aot_eager"))
 
 
+def _decoder_saved_bytes(model, ids) -> int:
+    """Bytes autograd saves for backward in one decoder forward (the loss is left out: its vjp refuses hooks)."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model.model(input_ids=ids).last_hidden_state
+    out.float().pow(2).mean().backward()
+    return total
+
+
+def test_checkpoint_moves_into_the_compiled_layer_and_still_saves_only_inputs(seed):
+    """With compile, each checkpointed layer's checkpoint is traced into its graph: transformers' wrapper becomes a
+    pass-through, the layer saves a fraction of what an un-checkpointed compiled layer saves, gradients equal the
+    eager checkpointed model's; `skip_last` layers keep their activations."""
+    from quickloris.parallel.compile import is_checkpointed_in_graph
+
+    base = _tiny()
+    base.model.layers.append(copy.deepcopy(base.model.layers[0]))  # 3 layers
+    base.config.num_hidden_layers = 3
+    ids = torch.randint(0, V, (2, 300))
+    qcfg = QLoRAConfig(r=4, init_lora_weights="random")
+    models, saved = {}, {}
+    for name, ckpt, comp in (("eager", CheckpointConfig(), None),
+                             ("in_graph", CheckpointConfig(), CompileConfig(backend="aot_eager", loss=False)),
+                             ("skip_last", CheckpointConfig(skip_last=1), CompileConfig(backend="aot_eager", loss=False)),
+                             ("none", CheckpointConfig(False), CompileConfig(backend="aot_eager", loss=False))):
+        torch.manual_seed(seed)
+        models[name] = build_training_model(copy.deepcopy(base), qcfg, checkpointing=ckpt, compile=comp)
+        reset_compile_stats()
+        saved[name] = _decoder_saved_bytes(models[name], ids)
+        if comp is not None:
+            assert compile_stats()["graph_breaks"] == 0
+    layers = lambda name: models[name].model.layers  # noqa: E731
+    assert [is_checkpointed_in_graph(m) for m in layers("in_graph")] == [True] * 3
+    assert [is_checkpointed_in_graph(m) for m in layers("skip_last")] == [True, True, False]
+    assert [m.gradient_checkpointing for m in layers("skip_last")] == [True, True, False]
+    assert models["in_graph"].is_gradient_checkpointing and not any(map(is_checkpointed_in_graph, layers("eager")))
+    per_layer_full = (saved["none"] - saved["in_graph"]) / 3
+    assert saved["in_graph"] < saved["none"] / 3, saved
+    assert saved["skip_last"] == pytest.approx(saved["in_graph"] + per_layer_full, rel=0.05), saved
+    for n, p in models["eager"].named_parameters():
+        if p.grad is not None:
+            for other in ("in_graph", "skip_last"):
+                torch.testing.assert_close(models[other].get_parameter(n).grad, p.grad, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="skip_last"):
+        CheckpointConfig(skip_last=-1)
+    with pytest.raises(ValueError, match="exceeds"):
+        apply_checkpointing(_tiny(), CheckpointConfig(skip_last=3))
+
+
 @pytest.mark.slow
 def test_inductor_on_cpu_matches_eager(seed):
     base = _tiny()

@@ -56,7 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--maxlen-start", type=int, default=8192, help="maxlen: first length tried")
     parser.add_argument("--maxlen-cap", type=int, default=131072, help="maxlen: longest length tried")
     parser.add_argument("--maxlen-resolution", type=int, default=4096, help="maxlen: bisection stops at this gap")
-    parser.add_argument("--attention", choices=["sdpa", "flex"], default="sdpa", help="attention of the ql stacks")
+    parser.add_argument("--attention", choices=["sdpa", "sdpa_cudnn", "flex"], default="sdpa",
+                        help="attention of the ql stacks (the HF stacks use transformers' sdpa)")
+    parser.add_argument("--skip-last-1b", type=int, default=0,
+                        help="ql stacks, 1B part: leave the last k decoder layers un-checkpointed (memory for speed)")
+    parser.add_argument("--skip-last-8b", type=int, default=0, help="the same for the 8B part")
     parser.add_argument("--quick", action="store_true", help="fewer steps and lengths (smoke run)")
     parser.add_argument("--tiny", action="store_true", help="tiny model on CPU (tests); not a measurement")
     extra = os.environ.get("QUICKLORIS_BENCH_TRAIN_ARGS")
@@ -83,13 +87,13 @@ def _setup(args) -> dict[str, Any]:
                         args.maxlen_resolution * (2 if args.quick else 1)))
 
 
-def _build(tm, stack: str, base, env, args, lora_init):
+def _build(tm, stack: str, base, env, args, lora_init, skip_last: int = 0):
     compiled = stack.endswith("compiled")
     if stack.startswith("hf"):
         model = tm.hf_stack(base, device=env["device"], compiled=compiled, compile_backend=env["backend"])
     else:
         model = tm.ql_stack(base, device=env["device"], compiled=compiled, compile_backend=env["backend"],
-                            attention=args.attention)
+                            attention=args.attention, skip_last=skip_last)
     if lora_init is not None:
         tm.apply_lora_init(lora_init, model)
     return model
@@ -109,7 +113,8 @@ def _compare(runs: dict[str, dict], ref: str = "hf_eager") -> None:
                     run[f"memory_vs_{other}"] = run["peak_gib"] / o["peak_gib"]
 
 
-def _stack_runs(tm, base, env, args, plan: list[tuple[str, list[int], int]], vocab: int) -> dict[str, Any]:
+def _stack_runs(tm, base, env, args, plan: list[tuple[str, list[int], int]], vocab: int,
+                skip_last: int = 0) -> dict[str, Any]:
     """plan: (stack, lengths, batch). One model per stack, run at each length; LoRA init shared by all stacks."""
     from quickloris.parallel.compile import compile_stats, reset_compile_stats
 
@@ -117,7 +122,7 @@ def _stack_runs(tm, base, env, args, plan: list[tuple[str, list[int], int]], voc
     lora_init = None
     for stack, seqs, batch in sorted(plan, key=lambda p: not p[0].startswith("ql")):  # ql first: it sets the init
         t0 = time.perf_counter()
-        model = _build(tm, stack, base, env, args, lora_init)
+        model = _build(tm, stack, base, env, args, lora_init, skip_last)
         if lora_init is None and stack.startswith("ql"):
             lora_init = tm.lora_init_of(model)
         build_s = time.perf_counter() - t0
@@ -228,6 +233,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     env = _setup(args)
     results: dict[str, Any] = {"parts": parts, "steps": args.steps, "lr": args.lr, "attention": args.attention,
+                               "skip_last_1b": args.skip_last_1b, "skip_last_8b": args.skip_last_8b,
                                "quick": args.quick, "tiny": args.tiny, "device": env["device"]}
     bases: dict[str, Any] = {}
 
@@ -248,13 +254,15 @@ def run(args: argparse.Namespace) -> int:
             if part == "1b":
                 vocab = env["shape_1b"]["vocab_size"]
                 results[part] = _stack_runs(tm, base_for("1b"), env, args,
-                                            [(s, [env["seq_1b"]], env["batch_1b"]) for s in args.stacks], vocab)
+                                            [(s, [env["seq_1b"]], env["batch_1b"]) for s in args.stacks], vocab,
+                                            args.skip_last_1b)
             elif part == "counts":
                 results[part] = part_counts(tm, base_for("1b"), env, args, env["shape_1b"]["vocab_size"])
             elif part == "8b":
                 seqs = env["seqs_8b"]
                 plan = [(s, seqs if s in ("hf_eager", "ql_compiled") else seqs[:1], 1) for s in args.stacks_8b]
-                results[part] = _stack_runs(tm, base_for("8b"), env, args, plan, env["shape_8b"]["vocab_size"])
+                results[part] = _stack_runs(tm, base_for("8b"), env, args, plan, env["shape_8b"]["vocab_size"],
+                                            args.skip_last_8b)
             elif part == "maxlen":
                 results[part] = part_maxlen(tm, base_for("8b"), env, args, env["shape_8b"]["vocab_size"])
         except Exception as e:  # keep the other parts' numbers; the error is part of the record

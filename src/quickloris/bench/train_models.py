@@ -109,8 +109,10 @@ def hf_stack(base: SharedBase, *, device: str, compiled: bool, r: int = 16, alph
 
 
 def ql_stack(base: SharedBase, *, device: str, compiled: bool, r: int = 16, alpha: int = 32,
-             compile_backend: str = "inductor", attention: str = "sdpa", offload: bool = False) -> nn.Module:
-    """quickloris' stack on the shared NF4 tensors (see the module docstring)."""
+             compile_backend: str = "inductor", attention: str = "sdpa", offload: bool = False, skip_last: int = 0,
+             checkpoint_in_graph: bool = True) -> nn.Module:
+    """quickloris' stack on the shared NF4 tensors (see the module docstring); `skip_last` decoder layers are left
+    un-checkpointed, `checkpoint_in_graph=False` keeps transformers' eager checkpoint around compiled layers."""
     from quickloris.models.prepare import QLoRAConfig
     from quickloris.parallel.compile import CompileConfig
     from quickloris.parallel.compose import CheckpointConfig, build_training_model
@@ -122,8 +124,9 @@ def ql_stack(base: SharedBase, *, device: str, compiled: bool, r: int = 16, alph
 
     model = _skeleton(base, device, holder)
     return build_training_model(model, QLoRAConfig(r=r, lora_alpha=alpha, quantize=False, attention=attention),
-                                checkpointing=CheckpointConfig(offload=offload),
-                                compile=CompileConfig(backend=compile_backend) if compiled else None)
+                                checkpointing=CheckpointConfig(offload=offload, skip_last=skip_last),
+                                compile=CompileConfig(backend=compile_backend, checkpoint_in_graph=checkpoint_in_graph)
+                                if compiled else None)
 
 
 def lora_init_of(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -17,7 +17,7 @@ patched):
    dropped, since no bitsandbytes layer is left (HF ``Trainer`` then sees a model with trainable adapters).
 4. Computes the training loss chunked (`quickloris.models.chunked_loss`: no [tokens, vocab] logits), gradient
    in forward (one head matmul fewer; the head is frozen).
-5. Sets the attention backend (`quickloris.models.attention`: ``sdpa`` or ``flex``) and ``use_cache=False``.
+5. Sets the attention backend (`quickloris.models.attention`: ``sdpa``, ``sdpa_cudnn`` or ``flex``) and ``use_cache=False``.
 6. Gives the object a ``save_pretrained`` that writes the adapter in PEFT's format
    (`quickloris.models.adapters`), so ``Trainer.save_model`` and checkpoints produce PEFT adapter folders.
 
@@ -62,8 +62,9 @@ class QLoRAConfig:
         "float32", help="dtype of the LoRA parameters (the math runs in the activations' dtype)")
     init_lora_weights: Literal["default", "gaussian", "random"] = field(
         "default", help="LoRA init: default = PEFT's (A Kaiming-uniform, B zero); random: B random too (tests)")
-    attention: Literal["sdpa", "flex", "eager", "keep"] = field(
-        "sdpa", help="attention backend: sdpa, flex (quickloris' FlexAttention with document masks), eager, keep")
+    attention: Literal["sdpa", "sdpa_cudnn", "flex", "eager", "keep"] = field(
+        "sdpa", help="attention backend: sdpa, sdpa_cudnn (SDPA trying cuDNN's kernel first: fastest on H100), flex "
+        "(quickloris' FlexAttention with document masks), eager, keep")
     chunked_loss: bool = field(True, help="compute the training loss without materialising [tokens, vocab] logits")
 
     def __post_init__(self):
@@ -82,8 +83,9 @@ class QLoRAConfig:
                              f"target decoder linears such as {DEFAULT_TARGETS}")
         if self.lora_dtype not in _DTYPES:
             raise ValueError(f"QLoRAConfig.lora_dtype must be one of {sorted(_DTYPES)}, got {self.lora_dtype!r}")
-        if self.attention not in ("sdpa", "flex", "eager", "keep"):
-            raise ValueError(f"QLoRAConfig.attention must be sdpa, flex, eager or keep, got {self.attention!r}")
+        if self.attention not in ("sdpa", "sdpa_cudnn", "flex", "eager", "keep"):
+            raise ValueError(f"QLoRAConfig.attention must be sdpa, sdpa_cudnn, flex, eager or keep, got "
+                             f"{self.attention!r}")
         if self.init_lora_weights not in ("default", "gaussian", "random"):
             raise ValueError(f"QLoRAConfig.init_lora_weights must be default, gaussian or random, "
                              f"got {self.init_lora_weights!r}")

@@ -16,15 +16,25 @@ construction (`quickloris.models.attention` builds BlockMasks in eager PyTorch),
 glue between regions. Each region is compiled with ``fullgraph=True``: a graph break is an error, not a silent
 fallback. Count graphs and breaks with `compile_stats` (dynamo's counters).
 
-Activation checkpointing wraps *around* the compiled layer (transformers' `GradientCheckpointingLayer` calls
-the compiled module inside `torch.utils.checkpoint`), so the recompute reruns the compiled forward; see
-`quickloris.parallel.compose` for the order in which the stack is assembled.
+**Activation checkpointing goes inside the compiled layer** (``checkpoint_in_graph``, the default): a layer that
+transformers marks for checkpointing gets an instance-level ``forward`` that calls
+``torch.utils.checkpoint.checkpoint(<the class's forward>, ...)``, and transformers' own wrapper around the layer
+call becomes a pass-through. Dynamo traces the checkpoint as a region of the layer's graph; AOTAutograd's
+partitioner then saves only the region's inputs (the layer input, the rotary tables, the weights' storage) and
+replays the region's forward *inside the compiled backward graph*, fused with the backward itself. The
+alternative - transformers' eager `checkpoint` around the compiled call - saves the same tensors but pays the
+eager checkpoint machinery on every layer (saved-tensor hooks, a second dispatch of the compiled forward from
+inside autograd), measured as the larger part of a 1B step's time on an H100
+(``benchmarks/results/train/probe_speed-*``). Layers left un-checkpointed (``CheckpointConfig.every_n_layers`` /
+``skip_last``) are unchanged; checkpoint offload (pinned CPU copies) stays transformers' eager wrapper.
+See `quickloris.parallel.compose` for the order in which the stack is assembled.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import types
 from typing import Any
 
 from torch import nn
@@ -45,6 +55,9 @@ class CompileConfig:
     loss: bool = field(True, help="compile the lm_head + cross-entropy chunk (models on the chunked loss with a "
                        "frozen plain lm_head, i.e. QLoRA models)")
     norm: bool = field(True, help="compile the final RMSNorm")
+    checkpoint_in_graph: bool = field(True, help="trace each checkpointed decoder layer's activation checkpoint "
+                                      "into its compiled graph (recompute fused into the compiled backward) instead "
+                                      "of wrapping the compiled layer in eager torch.utils.checkpoint")
 
     def __post_init__(self):
         if not isinstance(self.backend, str) or not self.backend:
@@ -67,6 +80,8 @@ def compile_model(model: nn.Module, config: CompileConfig | None = None) -> nn.M
         raise ValueError("this model's regions are compiled already")
     kw: dict[str, Any] = dict(fullgraph=True, dynamic=cfg.dynamic, backend=cfg.backend, mode=cfg.mode)
     for layer in decoder_layers(model):
+        if cfg.checkpoint_in_graph:
+            checkpoint_in_graph(layer)
         compile_region(layer, **kw)
     if cfg.norm and isinstance(getattr(model.model, "norm", None), nn.Module):
         compile_region(model.model.norm, **kw)
@@ -80,6 +95,44 @@ def compile_model(model: nn.Module, config: CompileConfig | None = None) -> nn.M
             enable_compiled_loss(model, backend=cfg.backend, mode=cfg.mode)
     object.__setattr__(model, _STATE, cfg)
     return model
+
+
+def _checkpointed_forward(self, *args, **kwargs):
+    """The layer's class forward under a non-reentrant checkpoint (training only); traced into the layer's graph."""
+    import torch.utils.checkpoint
+
+    if not self.training:
+        return type(self).forward(self, *args, **kwargs)
+    return torch.utils.checkpoint.checkpoint(type(self).forward, self, *args, use_reentrant=False, **kwargs)
+
+
+def _pass_through(function, *args, **kwargs):
+    """transformers' checkpoint function slot for a layer whose checkpoint is in its graph: just call the layer."""
+    return function(*args, **kwargs)
+
+
+def checkpoint_in_graph(layer: nn.Module) -> bool:
+    """Move `layer`'s activation checkpoint from transformers' eager wrapper into its forward (module docstring).
+
+    Only for a layer transformers checkpoints with plain ``torch.utils.checkpoint`` (not offloaded); its
+    ``gradient_checkpointing`` flag stays True, so the model still reports checkpointing as enabled. Returns
+    whether the layer was changed.
+    """
+    import torch.utils.checkpoint
+
+    func = getattr(layer, "_gradient_checkpointing_func", None)
+    if not getattr(layer, "gradient_checkpointing", False) or func is _pass_through:
+        return False
+    if not (isinstance(func, functools.partial) and func.func is torch.utils.checkpoint.checkpoint
+            and func.keywords.get("use_reentrant") is False):
+        return False  # offloaded (save_on_cpu around the checkpoint) or reentrant: keep transformers' wrapper
+    layer.forward = types.MethodType(_checkpointed_forward, layer)
+    layer._gradient_checkpointing_func = _pass_through
+    return True
+
+
+def is_checkpointed_in_graph(layer: nn.Module) -> bool:
+    return getattr(layer, "_gradient_checkpointing_func", None) is _pass_through
 
 
 def compile_region(module: nn.Module, **kw: Any) -> nn.Module:

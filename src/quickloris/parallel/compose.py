@@ -7,12 +7,13 @@
     4. compile              `quickloris.parallel.compile.compile_model` (each decoder layer, final norm, loss)
 
 Why this order: LoRA layers must exist before anything wraps or shards the modules; checkpointing is a flag on
-each decoder layer that wraps the layer's *call*, so the compiled layer forward runs inside
-`torch.utils.checkpoint` and its recompute reruns the same compiled graph; FSDP2's hooks sit on the layer's call
-inside the checkpoint (FSDP2 skips its pre-forward all-gather during the recompute: its pre-backward hook has
-gathered the layer already); compile comes last so it traces the final, sharded modules (``module.compile``
-keeps the FSDP2 hooks on the call path, each layer's graph sees its gathered parameters). Steps 2-4 are optional
-(`None` / disabled configs).
+each decoder layer (transformers' per-layer wrapper around the layer's *call*); FSDP2's hooks sit on that call
+too (its pre-forward all-gather, and a pre-backward all-gather before the layer's backward - and thus before any
+recompute); compile comes last so it traces the final, sharded modules (``module.compile`` keeps the FSDP2 hooks
+on the call path, each layer's graph sees its gathered parameters) and moves each flagged layer's checkpoint
+into the layer's compiled graph (`quickloris.parallel.compile`: the recompute runs inside the compiled backward,
+after FSDP2 has gathered the layer). Without compile the checkpoint stays transformers' eager wrapper.
+Steps 2-4 are optional (`None` / disabled configs).
 """
 
 from __future__ import annotations
@@ -38,11 +39,15 @@ class CheckpointConfig:
     gradient_checkpointing: bool = field(True, help="recompute each decoder layer in backward instead of keeping "
                                          "its activations (non-reentrant torch.utils.checkpoint)")
     every_n_layers: int = field(1, help="checkpoint one decoder layer in n (1: all; 2: half, faster, more memory)")
+    skip_last: int = field(0, help="leave the last k decoder layers un-checkpointed: their backward needs no "
+                           "recompute, for k layers' activations of memory (use spare memory for speed)")
     offload: bool = field(False, help="keep the checkpointed layer inputs in pinned CPU memory (longest contexts)")
 
     def __post_init__(self):
         if not isinstance(self.every_n_layers, int) or isinstance(self.every_n_layers, bool) or self.every_n_layers < 1:
             raise ValueError(f"CheckpointConfig.every_n_layers must be a positive int, got {self.every_n_layers!r}")
+        if not isinstance(self.skip_last, int) or isinstance(self.skip_last, bool) or self.skip_last < 0:
+            raise ValueError(f"CheckpointConfig.skip_last must be an int >= 0, got {self.skip_last!r}")
 
 
 def apply_checkpointing(model: nn.Module, config: CheckpointConfig | None = None) -> nn.Module:
@@ -64,6 +69,14 @@ def apply_checkpointing(model: nn.Module, config: CheckpointConfig | None = None
             raise ValueError(f"CheckpointConfig.{name}={value!r} needs a transformers version whose "
                              f"gradient_checkpointing_enable() accepts {name}")
     model.gradient_checkpointing_enable(**kwargs)
+    if cfg.skip_last:
+        from quickloris.parallel.compile import decoder_layers
+
+        layers = decoder_layers(model)
+        if cfg.skip_last > len(layers):
+            raise ValueError(f"CheckpointConfig.skip_last={cfg.skip_last} exceeds the model's {len(layers)} layers")
+        for layer in layers[len(layers) - cfg.skip_last:]:
+            layer.gradient_checkpointing = False
     return model
 
 
