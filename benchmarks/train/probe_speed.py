@@ -163,6 +163,40 @@ def part_profile(tm, attention: str, steps: int = 2) -> dict:
     return res
 
 
+def part_saved(tm, modes: list[str]) -> dict:
+    """What one 1B-shaped decoder layer saves for backward (4 x 2048 tokens, 2 layers), per checkpoint mode."""
+    from quickloris.bench.loss_models import LLAMA_1B
+
+    base = tm.build_base(dict(LLAMA_1B, num_hidden_layers=2), device="cuda")
+    ids = torch.randint(0, LLAMA_1B["vocab_size"], (4, 2048), device="cuda")
+    res = {}
+    for mode in modes:  # attention:checkpoint, checkpoint in graph / eager / none
+        attention, ckpt = mode.split(":")
+        torch._dynamo.reset()
+        model = tm.ql_stack(base, device="cuda", compiled=True, attention=attention, skip_last=2 if ckpt == "none" else 0,
+                            checkpoint_in_graph=ckpt == "graph")
+        for _ in range(2):  # compile, then measure
+            seen: dict[str, list] = {}
+
+            def pack(t):
+                key = f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}"
+                seen.setdefault(key, [0, t.numel() * t.element_size()])[0] += 1
+                return t
+            torch.cuda.reset_peak_memory_stats()
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                out = model.model(input_ids=ids).last_hidden_state
+            out.float().pow(2).mean().backward()
+            model.zero_grad(set_to_none=True)
+        rows = sorted(((k, c, b) for k, (c, b) in seen.items()), key=lambda r: -r[1] * r[2])
+        res[mode] = {"saved_mib": round(sum(c * b for _, c, b in rows) / 2**20, 1),
+                     "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                     "largest": [f"{c}x {k} ({c * b / 2**20:.1f} MiB)" for k, c, b in rows[:14]]}
+        print(mode, res[mode], flush=True)
+        del model, out
+        tm.release("cuda")
+    return res
+
+
 def main() -> None:
     from quickloris.bench import train_models as tm
     from quickloris.bench.loss_models import LLAMA_1B
@@ -198,6 +232,9 @@ def main() -> None:
             elif part == "8b":
                 results[part] = part_train(tm, part, tm.LLAMA_8B, 1, 8192, variants(args.variants_8b), args.steps,
                                            False)
+            elif part == "saved":
+                results[part] = part_saved(tm, os.environ.get("QUICKLORIS_PROBE_SAVED", "sdpa:eager,sdpa:graph,"
+                                                             "sdpa_cudnn:graph,sdpa:none").split(","))
             elif part == "profile":
                 results[part] = part_profile(tm, args.profile_attention)
         except Exception as e:
