@@ -6,6 +6,8 @@
 #   bench-loss         quickloris bench loss
 #   bench-train        quickloris bench train
 #   py:FILE            any python script (e.g. py:benchmarks/foo.py)
+#   sh:FILE            any bash script, with OUT exported (e.g. sh:scripts/device/fsdp_launchers.sh: the FSDP2 launches
+#                      of a 2-GPU machine - quickloris train --fsdp, accelerate launch, the multigpu test - in one go)
 #   torchrun:FILE      FILE under torchrun, one process per GPU, with --out $OUT/<FILE's name> and the options in
 #                      $QUICKLORIS_TORCHRUN_ARGS (e.g. torchrun:examples/fsdp_two_gpus.py)
 # Results and logs go to $OUT (returned to the caller); keep it to <= 8 files.
@@ -30,6 +32,7 @@ for step in "$@"; do
                    python3 -m pytest -q -rs -m "gpu or multigpu" ${paths:-tests} -p no:cacheprovider 2>&1 | tee -a "$LOG"; rc=${PIPESTATUS[0]} ;;
     bench-*)       python3 -m quickloris bench "${step#bench-}" --out "$OUT" 2>&1 | tee -a "$LOG"; rc=${PIPESTATUS[0]} ;;
     py:*)          python3 "${step#py:}" --out "$OUT" 2>&1 | tee -a "$LOG"; rc=${PIPESTATUS[0]} ;;
+    sh:*)          OUT="$OUT" bash "${step#sh:}" 2>&1 | tee -a "$LOG"; rc=${PIPESTATUS[0]} ;;
     torchrun:*)    f=${step#torchrun:}; n=$(python3 -c 'import torch; print(max(1, torch.cuda.device_count()))')
                    python3 -m torch.distributed.run --standalone --nproc-per-node="$n" "$f" --out "$OUT/$(basename "$f" .py)" \
                      ${QUICKLORIS_TORCHRUN_ARGS:-} 2>&1 | tee -a "$LOG"; rc=${PIPESTATUS[0]} ;;

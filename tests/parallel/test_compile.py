@@ -115,9 +115,9 @@ def _decoder_saved_bytes(model, ids) -> int:
 
 
 def test_checkpoint_moves_into_the_compiled_layer_and_still_saves_only_inputs(seed):
-    """With compile, each checkpointed layer's checkpoint is traced into its graph: transformers' wrapper becomes a
-    pass-through, the layer saves a fraction of what an un-checkpointed compiled layer saves, gradients equal the
-    eager checkpointed model's; `skip_last` layers keep their activations."""
+    """With `checkpoint_in_graph`, each checkpointed layer's checkpoint is traced into its graph: transformers'
+    wrapper becomes a pass-through, the layer saves a fraction of what an un-checkpointed compiled layer saves,
+    gradients equal the eager checkpointed model's; `skip_last` layers keep their activations."""
     from quickloris.parallel.compile import is_checkpointed_in_graph
 
     base = _tiny()
@@ -127,8 +127,11 @@ def test_checkpoint_moves_into_the_compiled_layer_and_still_saves_only_inputs(se
     qcfg = QLoRAConfig(r=4, init_lora_weights="random")
     models, saved = {}, {}
     for name, ckpt, comp in (("eager", CheckpointConfig(), None),
-                             ("in_graph", CheckpointConfig(), CompileConfig(backend="aot_eager", loss=False)),
-                             ("skip_last", CheckpointConfig(skip_last=1), CompileConfig(backend="aot_eager", loss=False)),
+                             ("default", CheckpointConfig(), CompileConfig(backend="aot_eager", loss=False)),
+                             ("in_graph", CheckpointConfig(), CompileConfig(backend="aot_eager", loss=False,
+                                                                            checkpoint_in_graph=True)),
+                             ("skip_last", CheckpointConfig(skip_last=1), CompileConfig(backend="aot_eager", loss=False,
+                                                                                        checkpoint_in_graph=True)),
                              ("none", CheckpointConfig(False), CompileConfig(backend="aot_eager", loss=False))):
         torch.manual_seed(seed)
         models[name] = build_training_model(copy.deepcopy(base), qcfg, checkpointing=ckpt, compile=comp)
@@ -141,12 +144,13 @@ def test_checkpoint_moves_into_the_compiled_layer_and_still_saves_only_inputs(se
     assert [is_checkpointed_in_graph(m) for m in layers("skip_last")] == [True, True, False]
     assert [m.gradient_checkpointing for m in layers("skip_last")] == [True, True, False]
     assert models["in_graph"].is_gradient_checkpointing and not any(map(is_checkpointed_in_graph, layers("eager")))
+    assert not any(map(is_checkpointed_in_graph, layers("default")))  # opt-in: the eager checkpoint by default
     per_layer_full = (saved["none"] - saved["in_graph"]) / 3
     assert saved["in_graph"] < saved["none"] / 3, saved
     assert saved["skip_last"] == pytest.approx(saved["in_graph"] + per_layer_full, rel=0.05), saved
     for n, p in models["eager"].named_parameters():
         if p.grad is not None:
-            for other in ("in_graph", "skip_last"):
+            for other in ("default", "in_graph", "skip_last"):
                 torch.testing.assert_close(models[other].get_parameter(n).grad, p.grad, rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="skip_last"):
         CheckpointConfig(skip_last=-1)

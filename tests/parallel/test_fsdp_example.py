@@ -82,7 +82,7 @@ def test_trainer_on_two_gpus(tmp_path):
                    device="cuda", timeout=420)
     assert two["world_size"] == 2 and two["offload"]
     assert two["losses"] == pytest.approx(one["losses"], rel=1e-3)
-    compiled = torchrun(2, tmp_path / "compiled", "--steps", "3", device="cuda", timeout=420)  # inductor
+    compiled = torchrun(2, tmp_path / "compiled", "--steps", "3", "--compile", device="cuda", timeout=420)  # inductor
     assert compiled["compiled"] and compiled["losses"][0] == pytest.approx(two["losses"][0], rel=1e-2)
     check_adapter_loads_on_one_process(tmp_path / "two", "cuda")
     assert torch.cuda.device_count() >= 2

@@ -61,6 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-last-1b", type=int, default=0,
                         help="ql stacks, 1B part: leave the last k decoder layers un-checkpointed (memory for speed)")
     parser.add_argument("--skip-last-8b", type=int, default=0, help="the same for the 8B part")
+    parser.add_argument("--in-graph-1b", action="store_true", help="ql_compiled, 1B part: checkpoint traced into "
+                        "each compiled layer (selective: keeps the linear outputs; faster, more memory)")
+    parser.add_argument("--in-graph-8b", action="store_true", help="the same for the 8B part")
     parser.add_argument("--quick", action="store_true", help="fewer steps and lengths (smoke run)")
     parser.add_argument("--tiny", action="store_true", help="tiny model on CPU (tests); not a measurement")
     extra = os.environ.get("QUICKLORIS_BENCH_TRAIN_ARGS")
@@ -87,13 +90,13 @@ def _setup(args) -> dict[str, Any]:
                         args.maxlen_resolution * (2 if args.quick else 1)))
 
 
-def _build(tm, stack: str, base, env, args, lora_init, skip_last: int = 0):
+def _build(tm, stack: str, base, env, args, lora_init, skip_last: int = 0, in_graph: bool = False):
     compiled = stack.endswith("compiled")
     if stack.startswith("hf"):
         model = tm.hf_stack(base, device=env["device"], compiled=compiled, compile_backend=env["backend"])
     else:
         model = tm.ql_stack(base, device=env["device"], compiled=compiled, compile_backend=env["backend"],
-                            attention=args.attention, skip_last=skip_last)
+                            attention=args.attention, skip_last=skip_last, checkpoint_in_graph=in_graph)
     if lora_init is not None:
         tm.apply_lora_init(lora_init, model)
     return model
@@ -114,7 +117,7 @@ def _compare(runs: dict[str, dict], ref: str = "hf_eager") -> None:
 
 
 def _stack_runs(tm, base, env, args, plan: list[tuple[str, list[int], int]], vocab: int,
-                skip_last: int = 0) -> dict[str, Any]:
+                skip_last: int = 0, in_graph: bool = False) -> dict[str, Any]:
     """plan: (stack, lengths, batch). One model per stack, run at each length; LoRA init shared by all stacks."""
     from quickloris.parallel.compile import compile_stats, reset_compile_stats
 
@@ -122,7 +125,7 @@ def _stack_runs(tm, base, env, args, plan: list[tuple[str, list[int], int]], voc
     lora_init = None
     for stack, seqs, batch in sorted(plan, key=lambda p: not p[0].startswith("ql")):  # ql first: it sets the init
         t0 = time.perf_counter()
-        model = _build(tm, stack, base, env, args, lora_init, skip_last)
+        model = _build(tm, stack, base, env, args, lora_init, skip_last, in_graph)
         if lora_init is None and stack.startswith("ql"):
             lora_init = tm.lora_init_of(model)
         build_s = time.perf_counter() - t0
@@ -234,6 +237,7 @@ def run(args: argparse.Namespace) -> int:
     env = _setup(args)
     results: dict[str, Any] = {"parts": parts, "steps": args.steps, "lr": args.lr, "attention": args.attention,
                                "skip_last_1b": args.skip_last_1b, "skip_last_8b": args.skip_last_8b,
+                               "in_graph_1b": args.in_graph_1b, "in_graph_8b": args.in_graph_8b,
                                "quick": args.quick, "tiny": args.tiny, "device": env["device"]}
     bases: dict[str, Any] = {}
 
@@ -255,14 +259,14 @@ def run(args: argparse.Namespace) -> int:
                 vocab = env["shape_1b"]["vocab_size"]
                 results[part] = _stack_runs(tm, base_for("1b"), env, args,
                                             [(s, [env["seq_1b"]], env["batch_1b"]) for s in args.stacks], vocab,
-                                            args.skip_last_1b)
+                                            args.skip_last_1b, args.in_graph_1b)
             elif part == "counts":
                 results[part] = part_counts(tm, base_for("1b"), env, args, env["shape_1b"]["vocab_size"])
             elif part == "8b":
                 seqs = env["seqs_8b"]
                 plan = [(s, seqs if s in ("hf_eager", "ql_compiled") else seqs[:1], 1) for s in args.stacks_8b]
                 results[part] = _stack_runs(tm, base_for("8b"), env, args, plan, env["shape_8b"]["vocab_size"],
-                                            args.skip_last_8b)
+                                            args.skip_last_8b, args.in_graph_8b)
             elif part == "maxlen":
                 results[part] = part_maxlen(tm, base_for("8b"), env, args, env["shape_8b"]["vocab_size"])
         except Exception as e:  # keep the other parts' numbers; the error is part of the record

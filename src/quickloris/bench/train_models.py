@@ -110,9 +110,9 @@ def hf_stack(base: SharedBase, *, device: str, compiled: bool, r: int = 16, alph
 
 def ql_stack(base: SharedBase, *, device: str, compiled: bool, r: int = 16, alpha: int = 32,
              compile_backend: str = "inductor", attention: str = "sdpa", offload: bool = False, skip_last: int = 0,
-             checkpoint_in_graph: bool = True) -> nn.Module:
+             checkpoint_in_graph: bool = False) -> nn.Module:
     """quickloris' stack on the shared NF4 tensors (see the module docstring); `skip_last` decoder layers are left
-    un-checkpointed, `checkpoint_in_graph=False` keeps transformers' eager checkpoint around compiled layers."""
+    un-checkpointed, `checkpoint_in_graph` traces the checkpoint into each compiled layer (a selective checkpoint)."""
     from quickloris.models.prepare import QLoRAConfig
     from quickloris.parallel.compile import CompileConfig
     from quickloris.parallel.compose import CheckpointConfig, build_training_model

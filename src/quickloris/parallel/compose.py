@@ -10,9 +10,9 @@ Why this order: LoRA layers must exist before anything wraps or shards the modul
 each decoder layer (transformers' per-layer wrapper around the layer's *call*); FSDP2's hooks sit on that call
 too (its pre-forward all-gather, and a pre-backward all-gather before the layer's backward - and thus before any
 recompute); compile comes last so it traces the final, sharded modules (``module.compile`` keeps the FSDP2 hooks
-on the call path, each layer's graph sees its gathered parameters) and moves each flagged layer's checkpoint
-into the layer's compiled graph (`quickloris.parallel.compile`: the recompute runs inside the compiled backward,
-after FSDP2 has gathered the layer). Without compile the checkpoint stays transformers' eager wrapper.
+on the call path, each layer's graph sees its gathered parameters); with ``CompileConfig.checkpoint_in_graph`` it
+also moves each flagged layer's checkpoint into the layer's compiled graph (`quickloris.parallel.compile`: the
+replay runs inside the compiled backward, after FSDP2's pre-backward all-gather).
 Steps 2-4 are optional (`None` / disabled configs).
 """
 
