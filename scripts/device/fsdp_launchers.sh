@@ -4,6 +4,8 @@
 #               task, 64 held-out problems scored before/after on the sharded model)
 #   accelerate  accelerate launch --config_file examples/fsdp_accelerate.yaml examples/fsdp_two_gpus.py --model DIR
 #               --trainer sft ... (TRL SFTTrainer, reverse task)
+#   accelerate-train  accelerate launch --config_file examples/fsdp_accelerate.yaml -m quickloris train --fsdp ...
+#               (the main command under accelerate's launcher; not in the default list: FSDP_LAUNCHES to add it)
 #   pytest      python -m pytest -m "gpu or multigpu" tests/parallel/test_fsdp_example.py
 # DIR is made here first, nothing downloaded: a random-init Llama (hidden 1024, 8 layers, 16 query / 4 KV heads, MLP
 # 2816: 56 NF4 weights, each split over 2 ranks) in bf16 safetensors + a ChatML byte-level BPE trained on the
@@ -42,8 +44,8 @@ if [ "${FSDP_DEVICE:-}" = cpu ]; then
   DEVICE_ARGS=(--device cpu)
   export TRITON_INTERPRET=1  # the NF4 kernel's plain-Triton twin, as the CPU tests run it
 fi
-declare -A CAP=([train]=180 [accelerate]=120 [pytest]=330)      # seconds at most per launch
-declare -A RESERVE=([train]=90 [accelerate]=60 [pytest]=200)     # kept back for each launch still to come
+declare -A CAP=([train]=180 [accelerate]=120 [accelerate-train]=180 [pytest]=330)   # seconds at most per launch
+declare -A RESERVE=([train]=90 [accelerate]=60 [accelerate-train]=90 [pytest]=200)  # kept back for launches to come
 HAS_SMI=0
 command -v nvidia-smi >/dev/null 2>&1 && HAS_SMI=1
 if command -v torchrun >/dev/null 2>&1; then TORCHRUN=(torchrun); else TORCHRUN=("$PY" -m torch.distributed.run); fi
@@ -140,11 +142,11 @@ if mode == "record":  # record NAME EXIT_STATUS WALL_S LIMIT_S LOGNAME -- COMMAN
            "timed_out": int(rc) in (124, 137), "limit_s": int(limit), "wall_s": float(wall), "log": log,
            "gpu_memory": gpu_memory(f"{work}/{name}.smi"),
            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    if name == "train":
-        rec["result"] = r = train_result(f"{work}/train")
+    if name in ("train", "accelerate-train"):
+        rec["result"] = r = train_result(f"{work}/{name}")
         if r and (r["summary"] or {}).get("loss_first") is not None:
             s = r["summary"]
-            print(f"[train] {s['steps']} steps: loss {s['loss_first']:.4f} -> {s['loss_last']:.4f} (first/last "
+            print(f"[{name}] {s['steps']} steps: loss {s['loss_first']:.4f} -> {s['loss_last']:.4f} (first/last "
                   f"{s['loss_window']}), {s['tokens_per_s']} tokens/s, peak {s['peak_memory_gib']} GiB on rank 0; "
                   + ", ".join(f"exact match {k} {v['accuracy']}" for k, v in r["eval"].items()))
     elif name == "accelerate":
@@ -165,7 +167,7 @@ if mode == "record":  # record NAME EXIT_STATUS WALL_S LIMIT_S LOGNAME -- COMMAN
     with open(f"{work}/launch-{name}.json", "w") as f:
         json.dump(rec, f, indent=1)
 else:  # write FILE
-    order = {"train": 0, "accelerate": 1, "pytest": 2}
+    order = {"train": 0, "accelerate": 1, "accelerate-train": 2, "pytest": 3}
     launches = sorted(filter(None, map(read_json, glob.glob(f"{work}/launch-*.json"))),
                       key=lambda rec: order.get(rec["name"], 9))
     report = {"script": "scripts/device/fsdp_launchers.sh",
@@ -298,11 +300,17 @@ for launch in "${LAUNCHES[@]}"; do
         --config_file examples/fsdp_accelerate.yaml examples/fsdp_two_gpus.py --model "$MODEL" --trainer sft \
         --steps "$STEPS" --eval 20 --out "$WORK/accelerate" \
         ${DEVICE_ARGS[@]+"${DEVICE_ARGS[@]}"} ${ACCEL_EXTRA[@]+"${ACCEL_EXTRA[@]}"} ;;
+    accelerate-train)
+      run_launch accelerate-train fsdp_accelerate_train.log "${ACCELERATE[@]}" launch \
+        --config_file examples/fsdp_accelerate.yaml -m quickloris train --fsdp --model "$MODEL" \
+        --output-dir "$WORK/accelerate-train" --max-steps "$STEPS" --batch-size 8 --num-eval "${FSDP_NUM_EVAL:-64}" \
+        --no-compile --log-every 1 --no-progress \
+        ${DEVICE_ARGS[@]+"${DEVICE_ARGS[@]}"} ${TRAIN_EXTRA[@]+"${TRAIN_EXTRA[@]}"} ;;
     pytest)
       run_launch pytest fsdp_pytest.log "$PY" -m pytest -q -rA -m "gpu or multigpu" \
         tests/parallel/test_fsdp_example.py -p no:cacheprovider --junitxml "$WORK/pytest.xml" --durations 5 ;;
     *)
-      echo "unknown launch $launch (choose from: train accelerate pytest)"; status=1 ;;
+      echo "unknown launch $launch (choose from: train accelerate accelerate-train pytest)"; status=1 ;;
   esac
 done
 echo "fsdp launchers: done in $(( $(date +%s) - FSDP_T0 )) s, exit $status; report: $SUMMARY"
