@@ -160,10 +160,11 @@ def part_counts(tm, base, env, args, vocab: int) -> dict[str, Any]:
     torch._dynamo.reset()  # count every graph this run needs, not ones cached by the earlier parts
     reset_compile_stats()
     del eager
-    compiled = _build(tm, "ql_compiled", base, env, args, init)
+    compiled = _build(tm, "ql_compiled", base, env, args, init, in_graph=args.in_graph_1b)
     got = tm.train_run(compiled, batches, device=env["device"], lr=args.lr)
     rel = [abs(a - b) / abs(b) for a, b in zip(got["losses"], want["losses"])]
     out = {"steps": len(lengths), "lengths": [min(lengths), max(lengths)], "compile": compile_stats(),
+           "checkpoint_in_graph": args.in_graph_1b,
            "max_rel_loss_diff_vs_eager": max(rel), "losses_compiled": got["losses"], "losses_eager": want["losses"],
            "compiled_total_s": sum(got["step_s"]), "eager_total_s": sum(want["step_s"])}
     print(f"  counts: {out['compile']}, max rel loss diff vs eager {out['max_rel_loss_diff_vs_eager']:.2e}",
