@@ -42,7 +42,8 @@ def _train(model, batches, lr=2e-3):
     return losses
 
 
-def test_60_steps_random_lengths_few_graphs_same_losses(seed):
+@pytest.mark.parametrize("in_graph", [False, True], ids=["eager_checkpoint", "checkpoint_in_graph"])
+def test_60_steps_random_lengths_few_graphs_same_losses(seed, in_graph):
     """The issue's check: 60 steps, lengths uniform in [64, 2048]: 0 breaks, <= 8 graphs, losses = eager's."""
     base = _tiny()
     gen = torch.Generator().manual_seed(seed)
@@ -52,7 +53,8 @@ def test_60_steps_random_lengths_few_graphs_same_losses(seed):
     torch.manual_seed(seed)  # the same random LoRA init in both
     eager = build_training_model(copy.deepcopy(base), qcfg)
     torch.manual_seed(seed)
-    compiled = build_training_model(copy.deepcopy(base), qcfg, compile=CompileConfig(backend="aot_eager"))
+    compiled = build_training_model(copy.deepcopy(base), qcfg,
+                                    compile=CompileConfig(backend="aot_eager", checkpoint_in_graph=in_graph))
     assert is_compiled_loss_enabled(compiled) and compiled.model.layers[0].gradient_checkpointing
     want = _train(eager, batches)
     reset_compile_stats()

@@ -39,7 +39,7 @@ from quickloris.utils.atomic import atomic_write_json
 ADAPTER_DIR = "adapter"
 # Options that do not change the trajectory (where to write, how often to report, speed switches).
 _NOT_TRAJECTORY = {"output_dir", "resume", "save_every", "log_every", "progress", "compile", "gradient_checkpointing",
-                   "eval_before", "eval_after"}
+                   "checkpoint_in_graph", "skip_checkpoint_last", "eval_before", "eval_after"}
 
 
 @dataclass
@@ -169,8 +169,11 @@ def run_train(model_cfg: ModelConfig, data_cfg: DataConfig, qlora_cfg: QLoRAConf
     check_max_seq_len(data_cfg.max_seq_len, max_positions(model.config))
     torch.manual_seed(train_cfg.seed)  # the LoRA initialisation
     model = build_training_model(model, qlora_cfg, adapter=model_cfg.adapter,
-                                 checkpointing=CheckpointConfig(gradient_checkpointing=checkpointing),
-                                 compile=CompileConfig(enabled=compile_on), sharding=sharding,
+                                 checkpointing=CheckpointConfig(gradient_checkpointing=checkpointing,
+                                                                skip_last=train_cfg.skip_checkpoint_last),
+                                 compile=CompileConfig(enabled=compile_on,
+                                                       checkpoint_in_graph=train_cfg.checkpoint_in_graph),
+                                 sharding=sharding,
                                  mesh=ctx.mesh if ctx is not None else None)
     if ctx is not None:
         from torch.distributed.fsdp import register_fsdp_forward_method
