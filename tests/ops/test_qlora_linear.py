@@ -99,6 +99,13 @@ def test_nf4_matmul_both_directions(seed):
     torch.testing.assert_close(nf4_matmul(g, w, transpose_weight=False, addend=add), add + g @ dense)
     with pytest.raises(ValueError, match="must be \\[rows, 64\\]"):
         nf4_matmul(g, w)
+    # The low-rank addend made inside the op (eager and as the registered op under compile) equals the explicit one.
+    u, B, A = torch.randn(5, 3), torch.randn(24, 3), torch.randn(3, 64)
+    for fn in (nf4_matmul, torch.compile(nf4_matmul, backend="aot_eager", fullgraph=True)):
+        torch.testing.assert_close(fn(a, w, low_rank=(u, B.t())), torch.addmm(u @ B.t(), a, dense.t()))
+        torch.testing.assert_close(fn(g, w, transpose_weight=False, low_rank=(u, A)), torch.addmm(u @ A, g, dense))
+    with pytest.raises(ValueError, match="not both"):
+        nf4_matmul(a, w, addend=torch.zeros(5, 24), low_rank=(u, B.t()))
 
 
 def _dense_like(t, w):

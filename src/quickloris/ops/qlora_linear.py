@@ -4,14 +4,14 @@ Forward, for x [T, in] (leading dims flattened), W = deq(packed) [out, in], A [r
 
     x_d = x * m / (1 - p)                    m ~ Bernoulli(1 - p): LoRA dropout (x_d = x when p = 0 / eval)
     u   = s * (x_d @ A^T)                    [T, r]        s = alpha / r  (rsLoRA: alpha / sqrt(r))
-    y   = x @ W^T + u @ B^T (+ bias)         the LoRA term enters the base matmul as its addend (addmm epilogue)
+    y   = x @ W^T + u @ B^T (+ bias)         u @ B^T is written into y's buffer, the base GEMM accumulates onto it
 
 Backward, with g = dL/dy [T, out]::
 
     dB  = g^T @ u                            [out, r]
     v   = s * (g @ B)                        [T, r]
     dA  = v^T @ x_d                          [r, in]
-    dx  = g @ W + (v @ A) * m / (1 - p)      W dequantized *again*: the addend trick once more
+    dx  = g @ W + (v @ A) * m / (1 - p)      W dequantized *again*; v @ A likewise the GEMM's starting value
 
 Saved for backward: x_d (a view of x when p = 0, so nothing new), the boolean mask m (only with dropout), u
 ([T, r], tiny), A and B in the compute dtype, and the NF4 weight itself (its 4-bit inner tensors, which are
@@ -21,7 +21,9 @@ versus autograd through a dequantized weight. dW is never computed (the base is 
 needs no gradient (e.g. the first layer's input).
 
 The NF4 matmuls are one `torch.library.custom_op`, ``quickloris::nf4_matmul(a, <nf4 fields>, transpose_weight,
-addend)`` = ``addend + a @ W^T`` (forward) or ``addend + a @ W`` (backward). It is opaque to `torch.compile`
+addend, lr_left, lr_right)`` = ``addend + a @ W^T`` (forward) or ``addend + a @ W`` (backward), the addend given
+or made inside as ``lr_left @ lr_right`` (the LoRA term: then no separate [T, out] tensor is copied). It is
+opaque to `torch.compile`
 on purpose: if the dequantization were traced, AOTAutograd would common-subexpression-eliminate the forward and
 backward dequantizations into one node and the partitioner would then save the dense W for backward - exactly
 the memory this layer exists to avoid. Inside the op the fused Triton kernel (`quickloris.dequantize_nf4`)
@@ -43,7 +45,8 @@ from quickloris.quant.nf4 import NF4State, dequantize_nf4_reference
 
 
 def _matmul(a: torch.Tensor, packed: torch.Tensor, state: NF4State, transpose_weight: bool,
-            addend: torch.Tensor | None) -> torch.Tensor:
+            addend: torch.Tensor | None, lr_left: torch.Tensor | None = None,
+            lr_right: torch.Tensor | None = None) -> torch.Tensor:
     k = state.shape[1] if transpose_weight else state.shape[0]
     if a.dim() != 2 or a.shape[1] != k:
         raise ValueError(f"nf4_matmul: a must be [rows, {k}] for a weight of shape {list(state.shape)} "
@@ -57,6 +60,12 @@ def _matmul(a: torch.Tensor, packed: torch.Tensor, state: NF4State, transpose_we
         # vehicle ~10x slower; the kernel itself is tested against bitsandbytes in tests/kernels).
         w = dequantize_nf4_reference(packed, state, a.dtype)
     w = w.t() if transpose_weight else w
+    if lr_left is not None:
+        # The low-rank addend is made here, in the output buffer, and the base GEMM accumulates onto it in place
+        # (beta = 1): an addend passed in would first be copied into a fresh output (one read + one write of
+        # [rows, n] per call, 6 % of a 1B step's kernel time on an H100).
+        out = lr_left @ lr_right
+        return out.addmm_(a, w)
     if addend is None:
         return a @ w
     return torch.addmm(addend, a, w)
@@ -64,18 +73,21 @@ def _matmul(a: torch.Tensor, packed: torch.Tensor, state: NF4State, transpose_we
 
 def nf4_matmul_impl(a: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, absmax2: torch.Tensor | None,
                     code2: torch.Tensor | None, offset: torch.Tensor | None, code: torch.Tensor, shape: list[int],
-                    blocksize: int, transpose_weight: bool, addend: torch.Tensor | None) -> torch.Tensor:
-    """``addend + a @ W^T`` (transpose_weight) or ``addend + a @ W``, W = deq(...) [out, in] in a's dtype."""
+                    blocksize: int, transpose_weight: bool, addend: torch.Tensor | None,
+                    lr_left: torch.Tensor | None, lr_right: torch.Tensor | None) -> torch.Tensor:
+    """``addend + a @ W^T`` (transpose_weight) or ``addend + a @ W``, W = deq(...) [out, in] in a's dtype; with
+    ``lr_left`` [rows, r] and ``lr_right`` [r, n] the addend is ``lr_left @ lr_right`` (made in the output)."""
     state = NF4State(shape=torch.Size(shape), dtype=a.dtype, blocksize=blocksize, absmax=absmax, code=code,
                      offset=offset, absmax2=absmax2, code2=code2)
-    return _matmul(a, packed, state, transpose_weight, addend)
+    return _matmul(a, packed, state, transpose_weight, addend, lr_left, lr_right)
 
 
 def _register() -> Any:
     op = torch.library.custom_op("quickloris::nf4_matmul", mutates_args=())(nf4_matmul_impl)
 
     @op.register_fake
-    def _(a, packed, absmax, absmax2, code2, offset, code, shape, blocksize, transpose_weight, addend):
+    def _(a, packed, absmax, absmax2, code2, offset, code, shape, blocksize, transpose_weight, addend, lr_left,
+          lr_right):
         n = shape[0] if transpose_weight else shape[1]
         return a.new_empty((a.shape[0], n))
 
@@ -85,16 +97,22 @@ def _register() -> Any:
 _OP = _register()
 
 
-def nf4_matmul(a: torch.Tensor, weight, *, transpose_weight: bool = True,
-               addend: torch.Tensor | None = None) -> torch.Tensor:
-    """`nf4_matmul_impl` for an `NF4Tensor` weight; the registered op under torch.compile, a direct call in eager."""
+def nf4_matmul(a: torch.Tensor, weight, *, transpose_weight: bool = True, addend: torch.Tensor | None = None,
+               low_rank: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """`nf4_matmul_impl` for an `NF4Tensor` weight; the registered op under torch.compile, a direct call in eager.
+
+    ``low_rank=(p, q)`` adds ``p @ q`` ([rows, r] @ [r, n]) like an addend, without materialising it separately.
+    """
+    if addend is not None and low_rank is not None:
+        raise ValueError("nf4_matmul: pass addend or low_rank, not both")
+    left, right = low_rank if low_rank is not None else (None, None)
     if torch.compiler.is_compiling():
         return torch.ops.quickloris.nf4_matmul(a, weight.packed, weight.absmax, weight.absmax2, weight.code2,
                                                weight.offset, weight.code, [int(s) for s in weight.shape],
-                                               int(weight.blocksize), transpose_weight, addend)
+                                               int(weight.blocksize), transpose_weight, addend, left, right)
     # Eager: no dispatcher round trip, and the weight's own cached state object, which lets the dequant kernel
     # reuse its launch plan (a direct launch). The plan lives as long as that state, i.e. as long as the weight.
-    return _matmul(a, weight.packed, weight.nf4_state(), transpose_weight, addend)
+    return _matmul(a, weight.packed, weight.nf4_state(), transpose_weight, addend, left, right)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -119,7 +137,7 @@ class QLoRALinearFunction(torch.autograd.Function):
             else:
                 xd = x2
             u = (xd @ A.t()) * scaling
-            y = nf4_matmul(x2, weight, transpose_weight=True, addend=u @ B.t())
+            y = nf4_matmul(x2, weight, transpose_weight=True, low_rank=(u, B.t()))
         else:
             A = B = xd = u = None
             y = nf4_matmul(x2, weight, transpose_weight=True)
@@ -149,7 +167,7 @@ class QLoRALinearFunction(torch.autograd.Function):
         dx = dbias = dA = dB = None
         if need_bias:
             dbias = g.sum(0).to(ctx.bias_dtype)
-        addend = None
+        addend = low_rank = None
         if ctx.has_lora:
             scaling = ctx.scaling
             if need_b:
@@ -157,12 +175,12 @@ class QLoRALinearFunction(torch.autograd.Function):
             v = (g @ B) * scaling
             if need_a:
                 dA = (v.t() @ xd).to(ctx.lora_dtypes[0])
-            if need_x:
-                addend = v @ A
-                if ctx.has_mask:
-                    addend = addend * mask * (1.0 / (1.0 - ctx.dropout_p))
+            if need_x and ctx.has_mask:
+                addend = (v @ A) * mask * (1.0 / (1.0 - ctx.dropout_p))
+            elif need_x:
+                low_rank = (v, A)
         if need_x:
-            dx = nf4_matmul(g, weight, transpose_weight=False, addend=addend).reshape(ctx.x_shape)
+            dx = nf4_matmul(g, weight, transpose_weight=False, addend=addend, low_rank=low_rank).reshape(ctx.x_shape)
         return dx, None, dbias, dA, dB, None, None
 
 
