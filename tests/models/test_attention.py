@@ -85,16 +85,22 @@ def _packed_and_padded(S=300):
     return ids, pos, mask
 
 
-def test_flex_matches_sdpa_on_packed_and_padded_batches(seed):
-    model = prepare_model(tiny(), QLoRAConfig(r=4, init_lora_weights="random"))
-    ids, pos, mask = _packed_and_padded()
+def _hidden_by_backend(model, impls, *inputs: dict) -> dict:
+    """{impl: (decoder output for each of `inputs`)} with `model`'s attention set to each impl in turn."""
     out = {}
-    for impl in ("sdpa", "flex"):
+    for impl in impls:
         set_attention(model, impl)
         assert attention_of(model) == impl
         with torch.no_grad():
-            out[impl] = (model.model(input_ids=ids, position_ids=pos).last_hidden_state,
-                         model.model(input_ids=ids, attention_mask=mask).last_hidden_state)
+            out[impl] = tuple(model.model(**kw).last_hidden_state for kw in inputs)
+    return out
+
+
+def test_flex_matches_sdpa_on_packed_and_padded_batches(seed):
+    model = prepare_model(tiny(), QLoRAConfig(r=4, init_lora_weights="random"))
+    ids, pos, mask = _packed_and_padded()
+    out = _hidden_by_backend(model, ("sdpa", "flex"), dict(input_ids=ids, position_ids=pos),
+                             dict(input_ids=ids, attention_mask=mask))
     torch.testing.assert_close(out["flex"][0], out["sdpa"][0], rtol=1e-4, atol=1e-4)
     valid = mask.bool()
     torch.testing.assert_close(out["flex"][1][valid], out["sdpa"][1][valid], rtol=1e-4, atol=1e-4)
@@ -198,13 +204,8 @@ def test_sdpa_cudnn_equals_sdpa_where_cudnn_is_unavailable(seed):
     PyTorch falls back to the backend plain SDPA uses), plain and padded batches, compiled without a break."""
     model = prepare_model(tiny(), QLoRAConfig(r=4, init_lora_weights="random"))
     ids, pos, mask = _packed_and_padded()
-    out = {}
-    for impl in ("sdpa", "sdpa_cudnn"):
-        set_attention(model, impl)
-        assert attention_of(model) == impl
-        with torch.no_grad():
-            out[impl] = (model.model(input_ids=ids).last_hidden_state,
-                         model.model(input_ids=ids, attention_mask=mask).last_hidden_state)
+    out = _hidden_by_backend(model, ("sdpa", "sdpa_cudnn"), dict(input_ids=ids),
+                             dict(input_ids=ids, attention_mask=mask))
     assert model.config._attn_implementation == CUDNN
     torch.testing.assert_close(out["sdpa_cudnn"][0], out["sdpa"][0], rtol=0, atol=0)
     valid = mask.bool()
