@@ -79,6 +79,13 @@ def part_attention() -> dict:
     return out
 
 
+def _in_graph(mode: str) -> dict:
+    """A checkpoint mode: eager (transformers' wrapper), none, or graph[+attention][+linears] (in-graph, keeping
+    those besides the layer input)."""
+    kind, *keep = mode.split("+")
+    return {"checkpoint_in_graph": kind == "graph", "checkpoint_keep": keep}
+
+
 def part_train(tm, key: str, shape: dict, batch: int, seq: int, variants: list[tuple[int, str, str]], steps: int,
                hf: bool) -> dict:
     base = tm.build_base(shape, device="cuda")
@@ -88,7 +95,7 @@ def part_train(tm, key: str, shape: dict, batch: int, seq: int, variants: list[t
     for k, attention, mode in variants:
         torch._dynamo.reset()
         model = tm.ql_stack(base, device="cuda", compiled=True, attention=attention, skip_last=k,
-                            checkpoint_in_graph=mode == "graph")
+                            **_in_graph(mode))
         if init is None:
             init = tm.lora_init_of(model)
         tm.apply_lora_init(init, model)
@@ -174,7 +181,7 @@ def part_saved(tm, modes: list[str]) -> dict:
         attention, ckpt = mode.split(":")
         torch._dynamo.reset()
         model = tm.ql_stack(base, device="cuda", compiled=True, attention=attention, skip_last=2 if ckpt == "none" else 0,
-                            checkpoint_in_graph=ckpt == "graph")
+                            **_in_graph(ckpt))
         for _ in range(2):  # compile, then measure
             seen: dict[str, list] = {}
 
@@ -210,7 +217,8 @@ def main() -> None:
     p.add_argument("--variants-1b", default=os.environ.get(
         "QUICKLORIS_PROBE_1B", "0:sdpa:eager,0:sdpa:graph,0:sdpa_cudnn:graph,4:sdpa_cudnn:graph,8:sdpa_cudnn:graph"),
                    help="k:attention:checkpoint: k last layers un-checkpointed, attention backend, checkpoint in the "
-                        "compiled graph (graph) or transformers' eager wrapper around it (eager)")
+                        "compiled graph (graph, graph+linears, graph+attention+linears: what it keeps besides the "
+                        "layer input) or transformers' eager wrapper around it (eager)")
     p.add_argument("--variants-8b", default=os.environ.get(
         "QUICKLORIS_PROBE_8B", "0:sdpa:graph,0:sdpa_cudnn:graph,2:sdpa_cudnn:graph"))
     p.add_argument("--profile-attention", default=os.environ.get("QUICKLORIS_PROBE_PROFILE_ATTN", "sdpa_cudnn"))

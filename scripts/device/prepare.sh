@@ -3,6 +3,7 @@
 #   .device/wheels/   what the device image lacks, as wheels for its Python 3.12:
 #                     bitsandbytes trimmed to its CUDA 13.0 library, trl, datasets (+dill, multiprocess), gguf
 #   .device/commit.txt the commit being measured (the device copy has no .git)
+#   .device/notebook-wheels/  only with QUICKLORIS_DEVICE_NOTEBOOK=1: Jupyter's kernel and executor (run.sh notebook)
 # Stays far under the 64 MiB carry limit (about 8 MiB).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -38,6 +39,19 @@ for whl in sorted(src.glob("*.whl")):
 print("\n".join(f"{p.name}: {p.stat().st_size / 2**20:.1f} MiB" for p in sorted(dst.glob("*.whl"))))
 PYEOF
 rm -rf "$D/download"
+
+# Optional (QUICKLORIS_DEVICE_NOTEBOOK=1): what executing a notebook there needs (nbclient, nbformat, ipykernel and
+# their dependencies, ~15 MiB), for run.sh's `notebook` step; the image's own packages are not carried again.
+if [ "${QUICKLORIS_DEVICE_NOTEBOOK:-0}" = 1 ]; then
+  mkdir -p "$D/notebook-wheels"
+  "$PY" -m pip download -q --only-binary=:all: --python-version 3.12 \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any \
+    -d "$D/notebook-wheels" nbclient nbformat ipykernel
+  for have in packaging psutil pygments python_dateutil typing_extensions attrs six; do
+    rm -f "$D/notebook-wheels/$have"-*.whl
+  done
+  ls "$D/notebook-wheels" | wc -l | xargs echo "notebook wheels:"
+fi
 
 commit=$(git rev-parse HEAD)
 [ -z "$(git status --porcelain --untracked-files=no)" ] || commit="$commit-dirty"

@@ -10,6 +10,8 @@
 #                      of a 2-GPU machine - quickloris train --fsdp, accelerate launch, the multigpu test - in one go)
 #   torchrun:FILE      FILE under torchrun, one process per GPU, with --out $OUT/<FILE's name> and the options in
 #                      $QUICKLORIS_TORCHRUN_ARGS (e.g. torchrun:examples/fsdp_two_gpus.py)
+#   notebook           execute examples/fsdp_two_gpus.ipynb in place (all cells; 2 GPUs: its ranks run on them) and
+#                      return it in $OUT; needs .device/notebook-wheels (QUICKLORIS_DEVICE_NOTEBOOK=1 make device-prepare)
 # Results and logs go to $OUT (returned to the caller); keep it to <= 8 files.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -36,6 +38,10 @@ for step in "$@"; do
     torchrun:*)    f=${step#torchrun:}; n=$(python3 -c 'import torch; print(max(1, torch.cuda.device_count()))')
                    python3 -m torch.distributed.run --standalone --nproc-per-node="$n" "$f" --out "$OUT/$(basename "$f" .py)" \
                      ${QUICKLORIS_TORCHRUN_ARGS:-} 2>&1 | tee -a "$LOG"; rc=${PIPESTATUS[0]} ;;
+    notebook)      python3 -m pip install -q --no-index --find-links .device/notebook-wheels nbclient nbformat ipykernel 2>&1 \
+                     | grep -v "^WARNING"
+                   python3 examples/fsdp_notebook.py --all 2>&1 | tee -a "$LOG"; rc=${PIPESTATUS[0]}
+                   cp examples/fsdp_two_gpus.ipynb "$OUT/" ;;
     *)             echo "unknown step $step" | tee -a "$LOG"; rc=2 ;;
   esac
   echo "=== $step: exit $rc in $(( $(date +%s) - start )) s ===" | tee -a "$LOG"

@@ -29,7 +29,7 @@ def _args(*argv: str) -> argparse.Namespace:
 
 def test_tiny_run_of_1b_and_counts_parts(tmp_path, capsys):
     args = _args("--tiny", "--parts", "1b,counts", "--steps", "3", "--counts-steps", "5", "--stacks",
-                 "ql_eager,ql_compiled,hf_eager", "--out", str(tmp_path))
+                 "ql_eager,ql_compiled,hf_eager", "--in-graph-1b", "linears", "--out", str(tmp_path))
     assert bench.run(args) == 0
     files = list((tmp_path / "train").glob("train-*.json"))
     assert len(files) == 1
@@ -42,6 +42,7 @@ def test_tiny_run_of_1b_and_counts_parts(tmp_path, capsys):
         assert r["max_rel_loss_diff_vs_hf_eager"] < 1e-3, name
     assert runs["ql_compiled"]["compile"]["graph_breaks"] == 0
     counts = res["counts"]
+    assert res["in_graph_1b"] == counts["checkpoint_in_graph"] == "linears" and res["in_graph_8b"] is None
     assert counts["steps"] == 5 and counts["compile"]["graph_breaks"] == 0 and counts["compile"]["unique_graphs"] <= 8
     assert counts["max_rel_loss_diff_vs_eager"] < 1e-4
     out = capsys.readouterr().out
@@ -88,6 +89,7 @@ def test_options_from_the_environment(monkeypatch):
     args = _args()
     assert args.parts == "maxlen" and args.maxlen_cap == 65536 and args.quick and args.steps == 8
     assert _args("--parts", "1b").parts == "1b"  # the command line still wins
+    assert _args("--in-graph-8b", "--skip-last-8b", "2").in_graph_8b == ""  # in-graph, keeping only the inputs
     monkeypatch.setenv("QUICKLORIS_BENCH_TRAIN_ARGS", "--partz 1b")
     with pytest.raises(ValueError, match="unknown options"):
         _args()

@@ -161,7 +161,8 @@ def test_help_lists_every_option(capsys):
 
 
 @pytest.mark.parametrize("case", ["missing-model", "missing-data", "unknown-format", "folder-without-config",
-                                  "malformed-line", "no-trainable-tokens", "too-long", "bad-option", "bad-eval-data"])
+                                  "malformed-line", "no-trainable-tokens", "too-long", "bad-option", "bad-eval-data",
+                                  "bad-checkpoint-keep", "keep-without-in-graph"])
 def test_clear_errors(files, tmp_path, case):
     d = tmp_path
     extra: list = ["--data", files["fixed"]]
@@ -187,6 +188,11 @@ def test_clear_errors(files, tmp_path, case):
         args, err, match = ["--max-seq-len", 1024], ValueError, r"max_seq_len=1024 .*max_position_embeddings=256"
     elif case == "bad-option":
         args, err, match = ["--grad-accum", 0], ValueError, r"TrainConfig\.grad_accum must be an int >= 1"
+    elif case == "bad-checkpoint-keep":
+        args, err, match = ["--checkpoint-in-graph", "--checkpoint-keep", "attention,mlp"], ValueError, \
+            r"checkpoint_keep must be a list of \('attention', 'linears'\), got \['attention', 'mlp'\]"
+    elif case == "keep-without-in-graph":
+        args, err, match = ["--checkpoint-keep", "linears"], ValueError, "needs checkpoint_in_graph"
     else:
         bad = write_jsonl(d / "eval.jsonl", [{"prompt": "1 + 2 =", "completion": " 3"}])
         args, err, match = ["--eval-data", bad], DataFormatError, r"eval\.jsonl:1: --eval-data needs chat records"

@@ -22,6 +22,13 @@ V = 101
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test compiles from scratch: dynamo's per-function recompile limit (8) counts every model compiled in the
+    process, and these tests compile many models (backends, policies) through the same layer forward."""
+    torch._dynamo.reset()
+
+
 def _tiny():
     cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2)
@@ -174,6 +181,80 @@ def test_checkpoint_moves_into_the_compiled_layer_and_still_saves_only_inputs(se
         CheckpointConfig(skip_last=-1)
     with pytest.raises(ValueError, match="exceeds"):
         apply_checkpointing(_tiny(), CheckpointConfig(skip_last=3))
+
+
+_GRAPHS: dict[str, list] = {"fw": [], "bw": []}
+
+
+def _capturing_backend() -> str:
+    """A dynamo backend that partitions like inductor (min-cut, honouring checkpoint tags) and keeps the forward and
+    backward graphs in `_GRAPHS` to be read."""
+    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
+    from torch._dynamo import list_backends, register_backend
+    from torch._dynamo.backends.common import aot_autograd
+
+    name = "quickloris_test_capture"
+    if name not in list_backends(exclude_tags=()):
+        def keep(kind):
+            def compiler(gm, example_inputs):
+                _GRAPHS[kind].append(gm)
+                return make_boxed_func(gm.forward)
+            return compiler
+        register_backend(name=name)(aot_autograd(fw_compiler=keep("fw"), bw_compiler=keep("bw"),
+                                                 partition_fn=min_cut_rematerialization_partition))
+    return name
+
+
+def _targets(gm) -> list[str]:
+    return [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+
+
+@pytest.mark.parametrize("keep", [[], ["attention"], ["linears"], ["attention", "linears"]],
+                         ids=["full", "attention", "linears", "attention+linears"])
+def test_in_graph_checkpoint_policy_decides_what_backward_replays(seed, keep):
+    """The in-graph checkpoint's explicit policy, read off the partitioned backward graph of a decoder layer (7
+    QLoRA linears, LoRA dropout on): the dropout masks are drawn once, in forward, never replayed; `linears` kept
+    means backward runs only the 7 input-gradient NF4 matmuls (no forward GEMM replayed), `attention` kept means no
+    attention forward in backward. Gradients equal the eager checkpoint's (same masks, same numbers)."""
+    base = _tiny()
+    ids = torch.randint(0, V, (2, 150))
+    qcfg = QLoRAConfig(r=4, init_lora_weights="random", lora_dropout=0.3)
+    backend = _capturing_backend()
+    _GRAPHS["fw"].clear(), _GRAPHS["bw"].clear()
+    grads = {}
+    for name, comp in (("eager", None),
+                       ("capture", CompileConfig(backend=backend, loss=False, norm=False, checkpoint_in_graph=True,
+                                                 checkpoint_keep=keep)),
+                       ("aot_eager", CompileConfig(backend="aot_eager", loss=False, checkpoint_in_graph=True,
+                                                   checkpoint_keep=keep))):
+        torch.manual_seed(seed)
+        model = build_training_model(copy.deepcopy(base), qcfg, compile=comp)
+        torch.manual_seed(7)  # the same dropout masks
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads[name] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    # One graph pair, shared by both layers; a policy seen before in this process still gets its own graph.
+    assert len(_GRAPHS["fw"]) == len(_GRAPHS["bw"]) == 1
+    fw, bw = _targets(_GRAPHS["fw"][0]), _targets(_GRAPHS["bw"][0])
+    assert sum("rand" in t for t in fw) == 7 and not any("rand" in t for t in bw)  # masks saved, not redrawn
+    assert sum("nf4_matmul" in t for t in fw) == 7
+    replayed_gemms = sum("nf4_matmul" in t for t in bw) - 7  # 7 are the dx = g @ W matmuls
+    attention_fwd_in_bw = sum(("attention" in t and "backward" not in t) or "run_with_rng_state" in t for t in bw)
+    assert (replayed_gemms == 0) == ("linears" in keep), (replayed_gemms, keep)
+    assert (attention_fwd_in_bw == 0) == ("attention" in keep), (bw, keep)
+    assert set(grads["capture"]) == set(grads["eager"]) and len(grads["eager"]) == 28
+    for n, g in grads["eager"].items():
+        torch.testing.assert_close(grads["aot_eager"][n], g, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(grads["capture"][n], g, rtol=1e-4, atol=1e-6)
+
+
+def test_checkpoint_keep_is_checked():
+    from quickloris.parallel.compile import checkpoint_in_graph
+
+    for bad in (["everything"], "linears"):
+        with pytest.raises(ValueError, match="checkpoint_keep"):
+            CompileConfig(checkpoint_keep=bad)
+    with pytest.raises(ValueError, match="checkpoint_keep"):
+        checkpoint_in_graph(_tiny().model.layers[0], ["mlp"])
 
 
 @pytest.mark.slow

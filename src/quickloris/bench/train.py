@@ -61,9 +61,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-last-1b", type=int, default=0,
                         help="ql stacks, 1B part: leave the last k decoder layers un-checkpointed (memory for speed)")
     parser.add_argument("--skip-last-8b", type=int, default=0, help="the same for the 8B part")
-    parser.add_argument("--in-graph-1b", action="store_true", help="ql_compiled, 1B part: checkpoint traced into "
-                        "each compiled layer (selective: keeps the linear outputs; faster, more memory)")
-    parser.add_argument("--in-graph-8b", action="store_true", help="the same for the 8B part")
+    parser.add_argument("--in-graph-1b", nargs="?", const="", default=None, metavar="KEEP",
+                        help="ql_compiled, 1B part: checkpoint traced into each compiled layer; KEEP (optional, "
+                        "comma-separated: attention, linears) is what it keeps besides the layer input")
+    parser.add_argument("--in-graph-8b", nargs="?", const="", default=None, metavar="KEEP",
+                        help="the same for the 8B part")
     parser.add_argument("--quick", action="store_true", help="fewer steps and lengths (smoke run)")
     parser.add_argument("--tiny", action="store_true", help="tiny model on CPU (tests); not a measurement")
     extra = os.environ.get("QUICKLORIS_BENCH_TRAIN_ARGS")
@@ -90,13 +92,15 @@ def _setup(args) -> dict[str, Any]:
                         args.maxlen_resolution * (2 if args.quick else 1)))
 
 
-def _build(tm, stack: str, base, env, args, lora_init, skip_last: int = 0, in_graph: bool = False):
+def _build(tm, stack: str, base, env, args, lora_init, skip_last: int = 0, in_graph: str | None = None):
+    """`in_graph`: None (transformers' eager checkpoint) or the in-graph checkpoint's keep list, comma-separated."""
     compiled = stack.endswith("compiled")
     if stack.startswith("hf"):
         model = tm.hf_stack(base, device=env["device"], compiled=compiled, compile_backend=env["backend"])
     else:
         model = tm.ql_stack(base, device=env["device"], compiled=compiled, compile_backend=env["backend"],
-                            attention=args.attention, skip_last=skip_last, checkpoint_in_graph=in_graph)
+                            attention=args.attention, skip_last=skip_last, checkpoint_in_graph=in_graph is not None,
+                            checkpoint_keep=[k for k in (in_graph or "").split(",") if k])
     if lora_init is not None:
         tm.apply_lora_init(lora_init, model)
     return model
@@ -117,7 +121,7 @@ def _compare(runs: dict[str, dict], ref: str = "hf_eager") -> None:
 
 
 def _stack_runs(tm, base, env, args, plan: list[tuple[str, list[int], int]], vocab: int,
-                skip_last: int = 0, in_graph: bool = False) -> dict[str, Any]:
+                skip_last: int = 0, in_graph: str | None = None) -> dict[str, Any]:
     """plan: (stack, lengths, batch). One model per stack, run at each length; LoRA init shared by all stacks."""
     from quickloris.parallel.compile import compile_stats, reset_compile_stats
 

@@ -110,9 +110,10 @@ def hf_stack(base: SharedBase, *, device: str, compiled: bool, r: int = 16, alph
 
 def ql_stack(base: SharedBase, *, device: str, compiled: bool, r: int = 16, alpha: int = 32,
              compile_backend: str = "inductor", attention: str = "sdpa", offload: bool = False, skip_last: int = 0,
-             checkpoint_in_graph: bool = False) -> nn.Module:
+             checkpoint_in_graph: bool = False, checkpoint_keep: list[str] | None = None) -> nn.Module:
     """quickloris' stack on the shared NF4 tensors (see the module docstring); `skip_last` decoder layers are left
-    un-checkpointed, `checkpoint_in_graph` traces the checkpoint into each compiled layer (a selective checkpoint)."""
+    un-checkpointed, `checkpoint_in_graph` traces the checkpoint into each compiled layer, keeping `checkpoint_keep`
+    besides the layer input (`quickloris.parallel.compile`)."""
     from quickloris.models.prepare import QLoRAConfig
     from quickloris.parallel.compile import CompileConfig
     from quickloris.parallel.compose import CheckpointConfig, build_training_model
@@ -125,7 +126,8 @@ def ql_stack(base: SharedBase, *, device: str, compiled: bool, r: int = 16, alph
     model = _skeleton(base, device, holder)
     return build_training_model(model, QLoRAConfig(r=r, lora_alpha=alpha, quantize=False, attention=attention),
                                 checkpointing=CheckpointConfig(offload=offload, skip_last=skip_last),
-                                compile=CompileConfig(backend=compile_backend, checkpoint_in_graph=checkpoint_in_graph)
+                                compile=CompileConfig(backend=compile_backend, checkpoint_in_graph=checkpoint_in_graph,
+                                                      checkpoint_keep=list(checkpoint_keep or []))
                                 if compiled else None)
 
 

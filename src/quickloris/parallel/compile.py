@@ -20,12 +20,22 @@ fallback. Count graphs and breaks with `compile_stats` (dynamo's counters).
 compiled layer by default: only the layer's input is kept, the recompute reruns the compiled forward. With
 ``checkpoint_in_graph`` the checkpoint moves *into* the layer's graph instead: the layer gets an instance-level
 ``forward`` calling ``torch.utils.checkpoint.checkpoint(<the class's forward>, ...)`` (transformers' wrapper becomes a
-pass-through), dynamo traces it as a region, and AOTAutograd's partitioner decides per tensor what to keep and what
-to replay inside the compiled backward. On an H100 it keeps the linear layers' outputs and the attention output
-and replays norms, RoPE, SiLU and the residual glue: a selective checkpoint. Measured for a Llama-3.2-1B shape at
-4 x 2048 tokens (``benchmarks/results/train/probe_speed-*``): 0.32 GiB kept per layer (no checkpoint: 0.53, eager
-checkpoint: ~0) and 1.5x the eager checkpoint's tokens/s - spare memory turned into speed. Checkpoint offload
-(pinned CPU copies) always stays transformers' eager wrapper.
+pass-through), dynamo traces it as a region, and the replay runs inside the compiled backward (no eager re-entry
+per layer: on an H100 the eager checkpoint left a 1B step ~40 % GPU-idle, ``benchmarks/results/train/probe_speed-*``).
+What the region keeps is set by an explicit selective-checkpoint policy (``checkpoint_keep``), not left to the
+partitioner's heuristics, which differ between torch releases (on torch 2.11 they kept the linear outputs made
+inside the QLoRA autograd.Function, on 2.13 they replay them). Everything is replayed (``MUST_RECOMPUTE``) but:
+
+* always: the layer's input, the LoRA ``u = s·x_d·Aᵀ`` ([T, r] per linear) and the rotary tables - the eager
+  checkpoint's memory - and the outputs of ops that draw random numbers (the LoRA dropout's ``rand_like``;
+  attention only if its dropout_p > 0), so backward sees exactly the forward's masks whatever RNG replay the torch
+  release does (a cost only with dropout);
+* ``attention`` in ``checkpoint_keep``: the attention kernel's outputs (output + logsumexp: for Llama-3.1-8B at
+  8192 tokens 65 MiB per layer), so backward does not rerun the attention forward;
+* ``linears``: the outputs of the NF4 base matmuls (``quickloris::nf4_matmul``, LoRA term included), so backward
+  replays no GEMM (Llama-3.2-1B at 8192 tokens: q, k, v, gate, up = 304 MiB per layer).
+
+Checkpoint offload (pinned CPU copies) always stays transformers' eager wrapper.
 See `quickloris.parallel.compose` for the order in which the stack is assembled.
 """
 
@@ -41,6 +51,14 @@ from torch import nn
 from quickloris.cli.args import field
 
 _STATE = "_quickloris_compile"
+CHECKPOINT_KEEP = ("attention", "linears")
+_CONTEXT_FNS: dict[str, Any] = {}  # in-graph checkpoint context functions by policy (see checkpoint_in_graph)
+# The attention kernels' forward ops (their outputs are what backward needs besides q, k, v), by (namespace, name).
+_ATTENTION_OPS = frozenset({("aten", name) for name in (
+    "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_fused_attention_overrideable", "_flash_attention_forward", "_efficient_attention_forward")}
+    | {("higher_order", "flex_attention")})
 
 
 @dataclasses.dataclass
@@ -55,12 +73,16 @@ class CompileConfig:
                        "frozen plain lm_head, i.e. QLoRA models)")
     norm: bool = field(True, help="compile the final RMSNorm")
     checkpoint_in_graph: bool = field(False, help="trace each checkpointed decoder layer's checkpoint into its "
-                                      "compiled graph: a selective checkpoint (keeps the linear outputs, replays the "
-                                      "cheap ops in the compiled backward) - faster, more memory (module docstring)")
+                                      "compiled graph: the replay runs inside the compiled backward (faster than "
+                                      "transformers' eager checkpoint around the compiled layer)")
+    checkpoint_keep: list[str] = field([], help="what an in-graph checkpoint keeps besides each layer's input: "
+                                       "attention (its outputs: no attention forward replayed) and/or linears (the "
+                                       "NF4 matmul outputs: no GEMM replayed); empty: replay everything")
 
     def __post_init__(self):
         if not isinstance(self.backend, str) or not self.backend:
             raise ValueError(f"CompileConfig.backend must be a backend name, got {self.backend!r}")
+        check_checkpoint_keep(self.checkpoint_keep)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -80,7 +102,7 @@ def compile_model(model: nn.Module, config: CompileConfig | None = None) -> nn.M
     kw: dict[str, Any] = dict(fullgraph=True, dynamic=cfg.dynamic, backend=cfg.backend, mode=cfg.mode)
     for layer in decoder_layers(model):
         if cfg.checkpoint_in_graph:
-            checkpoint_in_graph(layer)
+            checkpoint_in_graph(layer, cfg.checkpoint_keep)
         compile_region(layer, **kw)
     if cfg.norm and isinstance(getattr(model.model, "norm", None), nn.Module):
         compile_region(model.model.norm, **kw)
@@ -96,13 +118,61 @@ def compile_model(model: nn.Module, config: CompileConfig | None = None) -> nn.M
     return model
 
 
+def check_checkpoint_keep(keep) -> None:
+    if isinstance(keep, str) or not all(k in CHECKPOINT_KEEP for k in keep):
+        raise ValueError(f"checkpoint_keep must be a list of {CHECKPOINT_KEEP}, got {keep!r}")
+
+
+def _draws_random(op, args, kwargs) -> bool:
+    """Whether this call draws random numbers: a seeded op, unless its dropout_p (attention) is 0."""
+    import torch
+
+    if torch.Tag.nondeterministic_seeded not in getattr(op, "tags", ()):
+        return False
+    for i, arg in enumerate(op._schema.arguments):
+        if arg.name == "dropout_p":
+            value = kwargs.get("dropout_p", args[i] if i < len(args) else arg.default_value)
+            return value != 0
+    return True
+
+
+def _name(op) -> tuple[str, str]:
+    """(namespace, name) of an op overload or a higher-order op."""
+    return getattr(op, "namespace", ""), getattr(op, "_opname", None) or getattr(op, "_name", "")
+
+
+def checkpoint_policy(keep=()):
+    """The selective-checkpoint policy of an in-graph checkpoint (module docstring): random draws and the kinds in
+    `keep` (``attention``, ``linears``) are saved, everything else is replayed in backward."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    import quickloris.ops.qlora_linear  # noqa: F401  (registers torch.ops.quickloris.nf4_matmul)
+
+    check_checkpoint_keep(keep)
+    keep_attention, keep_linears = "attention" in keep, "linears" in keep
+
+    def policy(ctx, op, *args, **kwargs):
+        if _draws_random(op, args, kwargs):
+            return CheckpointPolicy.MUST_SAVE
+        if keep_linears and _name(op) == ("quickloris", "nf4_matmul"):
+            return CheckpointPolicy.MUST_SAVE
+        if keep_attention and _name(op) in _ATTENTION_OPS:
+            return CheckpointPolicy.MUST_SAVE
+        return CheckpointPolicy.MUST_RECOMPUTE
+
+    return policy
+
+
 def _checkpointed_forward(self, *args, **kwargs):
-    """The layer's class forward under a non-reentrant checkpoint (training only); traced into the layer's graph."""
+    """The layer's class forward under a non-reentrant selective checkpoint (training only); traced into the
+    layer's graph."""
     import torch.utils.checkpoint
 
     if not self.training:
         return type(self).forward(self, *args, **kwargs)
-    return torch.utils.checkpoint.checkpoint(type(self).forward, self, *args, use_reentrant=False, **kwargs)
+    return torch.utils.checkpoint.checkpoint(type(self).forward, self, *args, use_reentrant=False,
+                                             context_fn=_CONTEXT_FNS[self._quickloris_checkpoint_keep],
+                                             **kwargs)
 
 
 def _pass_through(function, *args, **kwargs):
@@ -110,8 +180,9 @@ def _pass_through(function, *args, **kwargs):
     return function(*args, **kwargs)
 
 
-def checkpoint_in_graph(layer: nn.Module) -> bool:
-    """Move `layer`'s activation checkpoint from transformers' eager wrapper into its forward (module docstring).
+def checkpoint_in_graph(layer: nn.Module, keep=()) -> bool:
+    """Move `layer`'s activation checkpoint from transformers' eager wrapper into its forward (module docstring);
+    it keeps the layer's input, random draws and the kinds in `keep` (``attention``, ``linears``).
 
     Only for a layer transformers checkpoints with plain ``torch.utils.checkpoint`` (not offloaded); its
     ``gradient_checkpointing`` flag stays True, so the model still reports checkpointing as enabled. Returns
@@ -119,12 +190,21 @@ def checkpoint_in_graph(layer: nn.Module) -> bool:
     """
     import torch.utils.checkpoint
 
+    policy = checkpoint_policy(keep)  # checks `keep`
     func = getattr(layer, "_gradient_checkpointing_func", None)
     if not getattr(layer, "gradient_checkpointing", False) or func is _pass_through:
         return False
     if not (isinstance(func, functools.partial) and func.func is torch.utils.checkpoint.checkpoint
             and func.keywords.get("use_reentrant") is False):
         return False  # offloaded (save_on_cpu around the checkpoint) or reentrant: keep transformers' wrapper
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    # The forward looks its context function up by a string attribute, not a per-layer object: dynamo guards on the
+    # string, so layers with the same policy share one graph and a different policy gets its own (an object
+    # attribute is not guarded: a second model with another policy would silently reuse the first one's graph).
+    key = ",".join(sorted(set(keep)))
+    _CONTEXT_FNS.setdefault(key, functools.partial(create_selective_checkpoint_contexts, policy))
+    layer._quickloris_checkpoint_keep = key
     layer.forward = types.MethodType(_checkpointed_forward, layer)
     layer._gradient_checkpointing_func = _pass_through
     return True

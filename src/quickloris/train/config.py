@@ -89,8 +89,11 @@ class TrainConfig:
     gradient_checkpointing: bool | None = field(None, help="recompute decoder layers in backward instead of storing "
                                                 "their activations; unset: on with a GPU, off on CPU")
     checkpoint_in_graph: bool = field(False, help="with compile and checkpointing: trace each layer's checkpoint into "
-                                      "its compiled graph - a selective checkpoint that keeps the linear outputs "
-                                      "(faster, more memory; 1.5x tokens/s on a 1B model)")
+                                      "its compiled graph, so the replay runs inside the compiled backward (faster "
+                                      "than the eager checkpoint around each compiled layer)")
+    checkpoint_keep: list[str] = field([], help="with --checkpoint-in-graph: what each layer keeps besides its input, "
+                                       "comma-separated: attention (no attention forward replayed) and/or linears "
+                                       "(no NF4 GEMM replayed); faster, more memory")
     skip_checkpoint_last: int = field(0, help="leave the last N decoder layers un-checkpointed (memory for speed)")
     save_every: int = field(50, help="save a resumable checkpoint every N steps (and always at the end); 0: only "
                             "at the end")
@@ -131,6 +134,14 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not isinstance(value, bool):
                 raise TypeError(f"{o}.{name} must be True, False or None (auto), got {value!r}")
+        if isinstance(self.checkpoint_keep, str):
+            self.checkpoint_keep = [k for k in self.checkpoint_keep.split(",") if k]
+        from quickloris.parallel.compile import check_checkpoint_keep
+
+        check_checkpoint_keep(self.checkpoint_keep)
+        if self.checkpoint_keep and not self.checkpoint_in_graph:
+            raise ValueError(f"{o}.checkpoint_keep={self.checkpoint_keep} needs checkpoint_in_graph (the eager "
+                             "checkpoint keeps only each layer's input)")
 
 
 @dataclass

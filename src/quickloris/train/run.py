@@ -39,7 +39,7 @@ from quickloris.utils.atomic import atomic_write_json
 ADAPTER_DIR = "adapter"
 # Options that do not change the trajectory (where to write, how often to report, speed switches).
 _NOT_TRAJECTORY = {"output_dir", "resume", "save_every", "log_every", "progress", "compile", "gradient_checkpointing",
-                   "checkpoint_in_graph", "skip_checkpoint_last", "eval_before", "eval_after"}
+                   "checkpoint_in_graph", "checkpoint_keep", "skip_checkpoint_last", "eval_before", "eval_after"}
 
 
 @dataclass
@@ -172,7 +172,8 @@ def run_train(model_cfg: ModelConfig, data_cfg: DataConfig, qlora_cfg: QLoRAConf
                                  checkpointing=CheckpointConfig(gradient_checkpointing=checkpointing,
                                                                 skip_last=train_cfg.skip_checkpoint_last),
                                  compile=CompileConfig(enabled=compile_on,
-                                                       checkpoint_in_graph=train_cfg.checkpoint_in_graph),
+                                                       checkpoint_in_graph=train_cfg.checkpoint_in_graph,
+                                                       checkpoint_keep=train_cfg.checkpoint_keep),
                                  sharding=sharding,
                                  mesh=ctx.mesh if ctx is not None else None)
     if ctx is not None:
