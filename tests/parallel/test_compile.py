@@ -247,6 +247,33 @@ def test_in_graph_checkpoint_policy_decides_what_backward_replays(seed, keep):
         torch.testing.assert_close(grads["capture"][n], g, rtol=1e-4, atol=1e-6)
 
 
+def test_checkpoint_policy_per_op():
+    """The policy's decision for each kind of op: random draws always saved (attention only when its dropout_p is
+    not 0), attention kernels (fused SDPA, flex) and NF4 matmuls saved when asked for, the rest replayed."""
+    from torch._higher_order_ops.flex_attention import flex_attention
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    from quickloris.parallel.compile import checkpoint_policy
+
+    aten = torch.ops.aten
+    x = torch.randn(1, 2, 8, 4)
+    sdpa = aten._scaled_dot_product_flash_attention_for_cpu.default
+    calls = {"rand": (aten.rand_like.default, (x,), {}), "mm": (aten.mm.default, (x[0, 0], x[0, 0].T), {}),
+             "sdpa": (sdpa, (x, x, x), {}), "sdpa_dropout": (sdpa, (x, x, x, 0.1), {}),
+             "sdpa_dropout_kw": (sdpa, (x, x, x), {"dropout_p": 0.1}),
+             "flex": (flex_attention, (x, x, x), {}), "nf4": (torch.ops.quickloris.nf4_matmul.default, (), {})}
+    saved = {}
+    for keep in ([], ["attention"], ["linears"], ["attention", "linears"]):
+        policy = checkpoint_policy(keep)
+        saved[tuple(keep)] = {name for name, (op, args, kwargs) in calls.items()
+                              if policy(None, op, *args, **kwargs) == CheckpointPolicy.MUST_SAVE}
+    always = {"rand", "sdpa_dropout", "sdpa_dropout_kw"}
+    assert saved[()] == always
+    assert saved[("attention",)] == always | {"sdpa", "flex"}
+    assert saved[("linears",)] == always | {"nf4"}
+    assert saved[("attention", "linears")] == always | {"sdpa", "flex", "nf4"}
+
+
 def test_checkpoint_keep_is_checked():
     from quickloris.parallel.compile import checkpoint_in_graph
 

@@ -129,7 +129,8 @@ def _draws_random(op, args, kwargs) -> bool:
 
     if torch.Tag.nondeterministic_seeded not in getattr(op, "tags", ()):
         return False
-    for i, arg in enumerate(op._schema.arguments):
+    schema = getattr(op, "_schema", None)  # an op overload's; a higher-order op has none: assume it draws
+    for i, arg in enumerate(schema.arguments if schema is not None else ()):
         if arg.name == "dropout_p":
             value = kwargs.get("dropout_p", args[i] if i < len(args) else arg.default_value)
             return value != 0
