@@ -215,12 +215,13 @@ def main() -> None:
     p.add_argument("--parts", default=os.environ.get("QUICKLORIS_PROBE_PARTS", "attention,1b,profile,8b"))
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--variants-1b", default=os.environ.get(
-        "QUICKLORIS_PROBE_1B", "0:sdpa:eager,0:sdpa:graph,0:sdpa_cudnn:graph,4:sdpa_cudnn:graph,8:sdpa_cudnn:graph"),
+        "QUICKLORIS_PROBE_1B", "0:sdpa_cudnn:eager,0:sdpa_cudnn:graph,0:sdpa_cudnn:graph+attention,"
+        "0:sdpa_cudnn:graph+linears,0:sdpa_cudnn:graph+attention+linears"),
                    help="k:attention:checkpoint: k last layers un-checkpointed, attention backend, checkpoint in the "
                         "compiled graph (graph, graph+linears, graph+attention+linears: what it keeps besides the "
                         "layer input) or transformers' eager wrapper around it (eager)")
     p.add_argument("--variants-8b", default=os.environ.get(
-        "QUICKLORIS_PROBE_8B", "0:sdpa:graph,0:sdpa_cudnn:graph,2:sdpa_cudnn:graph"))
+        "QUICKLORIS_PROBE_8B", "2:sdpa_cudnn:eager,0:sdpa_cudnn:graph,2:sdpa_cudnn:graph,2:sdpa_cudnn:graph+attention"))
     p.add_argument("--profile-attention", default=os.environ.get("QUICKLORIS_PROBE_PROFILE_ATTN", "sdpa_cudnn"))
     args = p.parse_args()
     results: dict = {}
@@ -241,8 +242,9 @@ def main() -> None:
                 results[part] = part_train(tm, part, tm.LLAMA_8B, 1, 8192, variants(args.variants_8b), args.steps,
                                            False)
             elif part == "saved":
-                results[part] = part_saved(tm, os.environ.get("QUICKLORIS_PROBE_SAVED", "sdpa:eager,sdpa:graph,"
-                                                             "sdpa_cudnn:graph,sdpa:none").split(","))
+                results[part] = part_saved(tm, os.environ.get("QUICKLORIS_PROBE_SAVED", "sdpa_cudnn:eager,sdpa_cudnn:graph,"
+                                                             "sdpa_cudnn:graph+attention,sdpa_cudnn:graph+linears,"
+                                                             "sdpa_cudnn:none").split(","))
             elif part == "profile":
                 results[part] = part_profile(tm, args.profile_attention)
         except Exception as e:
