@@ -279,7 +279,9 @@ def test_checkpoint_keep_is_checked():
 
     for bad in (["everything"], "linears"):
         with pytest.raises(ValueError, match="checkpoint_keep"):
-            CompileConfig(checkpoint_keep=bad)
+            CompileConfig(checkpoint_in_graph=True, checkpoint_keep=bad)
+    with pytest.raises(ValueError, match="CompileConfig.checkpoint_keep=.'linears'. needs checkpoint_in_graph"):
+        CompileConfig(checkpoint_keep=["linears"])
     with pytest.raises(ValueError, match="checkpoint_keep"):
         checkpoint_in_graph(_tiny().model.layers[0], ["mlp"])
 

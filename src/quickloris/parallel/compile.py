@@ -82,7 +82,7 @@ class CompileConfig:
     def __post_init__(self):
         if not isinstance(self.backend, str) or not self.backend:
             raise ValueError(f"CompileConfig.backend must be a backend name, got {self.backend!r}")
-        check_checkpoint_keep(self.checkpoint_keep)
+        check_checkpoint_keep(self.checkpoint_keep, self.checkpoint_in_graph, "CompileConfig.")
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -118,9 +118,13 @@ def compile_model(model: nn.Module, config: CompileConfig | None = None) -> nn.M
     return model
 
 
-def check_checkpoint_keep(keep) -> None:
+def check_checkpoint_keep(keep, in_graph: bool = True, owner: str = "") -> None:
+    """`keep` must list kinds of `CHECKPOINT_KEEP`, and only for an in-graph checkpoint."""
     if isinstance(keep, str) or not all(k in CHECKPOINT_KEEP for k in keep):
-        raise ValueError(f"checkpoint_keep must be a list of {CHECKPOINT_KEEP}, got {keep!r}")
+        raise ValueError(f"{owner}checkpoint_keep must be a list of {CHECKPOINT_KEEP}, got {keep!r}")
+    if keep and not in_graph:
+        raise ValueError(f"{owner}checkpoint_keep={list(keep)} needs checkpoint_in_graph (the eager checkpoint keeps "
+                         "only each layer's input)")
 
 
 def _draws_random(op, args, kwargs) -> bool:

@@ -138,10 +138,7 @@ class TrainConfig:
             self.checkpoint_keep = [k for k in self.checkpoint_keep.split(",") if k]
         from quickloris.parallel.compile import check_checkpoint_keep
 
-        check_checkpoint_keep(self.checkpoint_keep)
-        if self.checkpoint_keep and not self.checkpoint_in_graph:
-            raise ValueError(f"{o}.checkpoint_keep={self.checkpoint_keep} needs checkpoint_in_graph (the eager "
-                             "checkpoint keeps only each layer's input)")
+        check_checkpoint_keep(self.checkpoint_keep, self.checkpoint_in_graph, f"{o}.")
 
 
 @dataclass
