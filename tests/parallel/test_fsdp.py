@@ -117,11 +117,13 @@ def test_two_ranks_match_one_process_and_save_adapters(seed, tmp_path, kv_heads,
     assert cfg["peft_type"] == "LORA" and sorted(cfg["target_modules"]) == sorted(QLoRAConfig().target_modules)
 
 
-def _all_features_ranks(ctx, seed):
+def _all_features_ranks(ctx, seed, keep=None):
+    """keep: None (transformers' eager checkpoint around each compiled layer) or the in-graph checkpoint's keep list."""
     torch.manual_seed(seed)
     reset_compile_stats()
-    compile_cfg = CompileConfig() if ctx.device.type == "cuda" else \
-        CompileConfig(backend="aot_eager", dynamic=False, norm=False, loss=False)  # the CPU budget: layers only
+    in_graph = dict(checkpoint_in_graph=keep is not None, checkpoint_keep=keep or [])
+    compile_cfg = CompileConfig(**in_graph) if ctx.device.type == "cuda" else \
+        CompileConfig(backend="aot_eager", dynamic=False, norm=False, loss=False, **in_graph)  # CPU: layers only
     model = build_training_model(_tiny(), _qcfg(), checkpointing=CheckpointConfig(),
                                  sharding=fsdp.FSDPConfig(cpu_offload=True), mesh=ctx.mesh, compile=compile_cfg)
     lora = model.model.layers[0].self_attn.q_proj.lora_A["default"].weight
@@ -142,6 +144,11 @@ def test_two_ranks_bf16_offload_checkpointing_compile(seed):
     run_ranks(_all_features_ranks, 2, seed, timeout=240)
 
 
+def test_two_ranks_in_graph_checkpoint_keeping_attention(seed):
+    """The in-graph selective checkpoint composes with FSDP2's gathered parameters and CPU offload."""
+    run_ranks(_all_features_ranks, 2, seed, ["attention"], timeout=240)
+
+
 @pytest.mark.multigpu
 @pytest.mark.parametrize("kv_heads,tied", [(2, False), (1, True)], ids=["all-sharded", "kv-replicated-tied"])
 def test_two_gpus_match_one_gpu_and_save_adapters(seed, tmp_path, kv_heads, tied):
@@ -149,8 +156,9 @@ def test_two_gpus_match_one_gpu_and_save_adapters(seed, tmp_path, kv_heads, tied
 
 
 @pytest.mark.multigpu
-def test_two_gpus_bf16_offload_checkpointing_inductor_compile(seed):
-    run_ranks(_all_features_ranks, 2, seed, device="cuda", timeout=400)  # pinned offload, NCCL, inductor, fused NF4
+@pytest.mark.parametrize("keep", [None, ["attention"]], ids=["eager-checkpoint", "in-graph-keep-attention"])
+def test_two_gpus_bf16_offload_checkpointing_inductor_compile(seed, keep):
+    run_ranks(_all_features_ranks, 2, seed, keep, device="cuda", timeout=400)  # pinned offload, NCCL, inductor
 
 
 def _accelerate_ranks(ctx):
