@@ -221,7 +221,8 @@ def main() -> None:
                         "compiled graph (graph, graph+linears, graph+attention+linears: what it keeps besides the "
                         "layer input) or transformers' eager wrapper around it (eager)")
     p.add_argument("--variants-8b", default=os.environ.get(
-        "QUICKLORIS_PROBE_8B", "2:sdpa_cudnn:eager,0:sdpa_cudnn:graph,2:sdpa_cudnn:graph,2:sdpa_cudnn:graph+attention"))
+        "QUICKLORIS_PROBE_8B", "2:sdpa_cudnn:eager,2:sdpa_cudnn:graph,1:sdpa_cudnn:graph+attention,"
+        "0:sdpa_cudnn:graph+attention"))
     p.add_argument("--profile-attention", default=os.environ.get("QUICKLORIS_PROBE_PROFILE_ATTN", "sdpa_cudnn"))
     args = p.parse_args()
     results: dict = {}
