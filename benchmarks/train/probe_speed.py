@@ -11,6 +11,8 @@ Parts:
   transformers' eager wrapper around it), from $QUICKLORIS_PROBE_1B / _8B: tokens/s and peak memory, HF compiled
   beside it (1B).
 * ``profile``: CUDA kernel time of two 1B steps, grouped (GEMM, attention, NF4 dequant, Inductor-fused, other).
+* ``saved``: what a 1B-shaped decoder layer keeps for backward per checkpoint mode ($QUICKLORIS_PROBE_SAVED:
+  attention:eager|none|graph[+attention][+linears]); also on the CPU (``--saved-device cpu --saved-tokens 1x512``).
 Writes ``<out>/probe_speed-<stamp>.json`` with provenance. Diagnostics, not the headline benchmark.
 """
 
@@ -170,17 +172,19 @@ def part_profile(tm, attention: str, steps: int = 2) -> dict:
     return res
 
 
-def part_saved(tm, modes: list[str]) -> dict:
-    """What one 1B-shaped decoder layer saves for backward (4 x 2048 tokens, 2 layers), per checkpoint mode."""
+def part_saved(tm, modes: list[str], device: str = "cuda", batch: int = 4, seq: int = 2048) -> dict:
+    """What one 1B-shaped decoder layer saves for backward (batch x seq tokens, 2 layers), per checkpoint mode. On
+    the CPU too (`--device cpu`, with fewer tokens): which tensors the partitioner keeps does not depend on the
+    device, only their sizes on the token count."""
     from quickloris.bench.loss_models import LLAMA_1B
 
-    base = tm.build_base(dict(LLAMA_1B, num_hidden_layers=2), device="cuda")
-    ids = torch.randint(0, LLAMA_1B["vocab_size"], (4, 2048), device="cuda")
+    base = tm.build_base(dict(LLAMA_1B, num_hidden_layers=2), device=device)
+    ids = torch.randint(0, LLAMA_1B["vocab_size"], (batch, seq), device=device)
     res = {}
     for mode in modes:  # attention:checkpoint, checkpoint in graph / eager / none
         attention, ckpt = mode.split(":")
         torch._dynamo.reset()
-        model = tm.ql_stack(base, device="cuda", compiled=True, attention=attention, skip_last=2 if ckpt == "none" else 0,
+        model = tm.ql_stack(base, device=device, compiled=True, attention=attention, skip_last=2 if ckpt == "none" else 0,
                             **_in_graph(ckpt))
         for _ in range(2):  # compile, then measure
             seen: dict[str, list] = {}
@@ -189,19 +193,20 @@ def part_saved(tm, modes: list[str]) -> dict:
                 key = f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}"
                 seen.setdefault(key, [0, t.numel() * t.element_size()])[0] += 1
                 return t
-            torch.cuda.reset_peak_memory_stats()
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 out = model.model(input_ids=ids).last_hidden_state
             out.float().pow(2).mean().backward()
             model.zero_grad(set_to_none=True)
         rows = sorted(((k, c, b) for k, (c, b) in seen.items()), key=lambda r: -r[1] * r[2])
         res[mode] = {"saved_mib": round(sum(c * b for _, c, b in rows) / 2**20, 1),
-                     "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                     "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
                      "largest": [f"{c}x {k} ({c * b / 2**20:.1f} MiB)" for k, c, b in rows[:14]]}
         print(mode, res[mode], flush=True)
         del model, out
-        tm.release("cuda")
-    return res
+        tm.release(device)
+    return {"device": device, "tokens": [batch, seq], "modes": res}
 
 
 def main() -> None:
@@ -224,6 +229,8 @@ def main() -> None:
         "QUICKLORIS_PROBE_8B", "2:sdpa_cudnn:eager,2:sdpa_cudnn:graph,1:sdpa_cudnn:graph+attention,"
         "0:sdpa_cudnn:graph+attention"))
     p.add_argument("--profile-attention", default=os.environ.get("QUICKLORIS_PROBE_PROFILE_ATTN", "sdpa_cudnn"))
+    p.add_argument("--saved-device", default="cuda", help="saved part: cuda, or cpu (the same tensors, smaller)")
+    p.add_argument("--saved-tokens", default="4x2048", help="saved part: batch x sequence length")
     args = p.parse_args()
     results: dict = {}
     env = environment()
@@ -245,7 +252,8 @@ def main() -> None:
             elif part == "saved":
                 results[part] = part_saved(tm, os.environ.get("QUICKLORIS_PROBE_SAVED", "sdpa_cudnn:eager,sdpa_cudnn:graph,"
                                                              "sdpa_cudnn:graph+attention,sdpa_cudnn:graph+linears,"
-                                                             "sdpa_cudnn:none").split(","))
+                                                             "sdpa_cudnn:none").split(","),
+                                           args.saved_device, *map(int, args.saved_tokens.split("x")))
             elif part == "profile":
                 results[part] = part_profile(tm, args.profile_attention)
         except Exception as e:
