@@ -58,15 +58,26 @@ def test_train_fsdp_two_ranks_matches_one_process(tmp_path):
     _, single = _train(0, tmp_path, tmp_path / "single")
     assert "FSDP2 over 2 ranks: 14 NF4 weights sharded, 0 replicated" in printed
     assert printed.count("eval before") == 1  # rank 0 reports; both ranks generated in step
-    a = [r["loss"] for r in sharded["steps"]]
-    b = [r["loss"] for r in single["steps"]]
-    assert len(a) == 3 and a == pytest.approx(b, rel=1e-5)
-    assert [r["trained_tokens"] for r in sharded["steps"]] == [r["trained_tokens"] for r in single["steps"]]
+    # Per-step losses and pre-clip gradient norms: both runs sum the same fp32 terms in another order (rows split
+    # over ranks, then all-reduced), so they agree to a few ulps of fp32 accumulation. The gradient norm is what a
+    # wrong gradient scale (FSDP2's averaging not undone) changes; AdamW's update does not see it.
+    a, b = sharded["steps"], single["steps"]
+    assert len(a) == 3
+    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-5)
+    assert [r["grad_norm"] for r in a] == pytest.approx([r["grad_norm"] for r in b], rel=1e-5)
+    assert [r["trained_tokens"] for r in a] == [r["trained_tokens"] for r in b]
     assert sharded["eval"]["after"]["accuracy"] == single["eval"]["after"]["accuracy"]
     wa = load_file(tmp_path / "fsdp" / "adapter" / "adapter_model.safetensors")
     wb = load_file(tmp_path / "single" / "adapter" / "adapter_model.safetensors")
     assert wa.keys() == wb.keys()
-    torch.testing.assert_close(wa, wb, rtol=1e-4, atol=1e-5)
+    # The weights: AdamW moves each entry by lr_s * m/(sqrt(v)+eps) per step, a quantity of size ~lr_s whatever
+    # the gradient's size. An entry whose gradient is a near-cancelling sum (|g| ~ its rounding error) can move
+    # differently in the two runs by up to 2 * lr_s per step (a sign flip), depending on the CPU's summation order
+    # (vector width, threads); that is the only bound the mechanism gives element-wise. The per-step losses and
+    # gradient norms above are the tight check of the trajectory.
+    bound = 2 * sum(r["lr"] for r in b)
+    for name in wa:
+        assert (wa[name] - wb[name]).abs().max().item() <= bound, name
     cfg = json.loads((tmp_path / "fsdp" / "config.json").read_text())
     assert cfg["resolved"]["fsdp"]["world_size"] == 2
     assert not (tmp_path / "fsdp" / "checkpoints").exists()  # no resumable checkpoint from a sharded run
