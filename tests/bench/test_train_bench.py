@@ -14,7 +14,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 pytest.importorskip("bitsandbytes")
 
-from quickloris.bench import train as bench  # noqa: E402
+from benchmarks.train import bench  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

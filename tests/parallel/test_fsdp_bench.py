@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from quickloris.bench.fsdp import derive, plot, summary
+from benchmarks.fsdp.bench import derive, plot, summary
 from quickloris.cli.main import main
 
 

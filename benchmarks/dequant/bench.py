@@ -288,6 +288,7 @@ def run(args: argparse.Namespace) -> int:
     from peft.utils.integrations import dequantize_module_weight
 
     import quickloris
+    from benchmarks.report import after_record
     from quickloris.kernels.nf4_launch import default_config
     from quickloris.utils.provenance import record
 
@@ -343,6 +344,5 @@ def run(args: argparse.Namespace) -> int:
         results["speedup_vs_peft"] = round(med["peft_dequantize_module_weight"] / med["quickloris"], 3)
         print(f"harness median: {med}; speedup vs unsloth {results['speedup_vs_unsloth']}x")
 
-    path = record("dequant", "dequant", results, args.out)
-    print(f"wrote {path}")
+    after_record(record("dequant", "dequant", results, args.out))
     return 0
