@@ -102,6 +102,12 @@ def _cell(v: Any) -> str:
     return num(v) if _scalar(v) and v != "" else (summary(v) if v != "" else "")
 
 
+def _flat_enough(v: Any) -> bool:
+    """Fits one table cell (or a few flattened columns): a scalar, a list of scalars, a dict of scalars."""
+    return _scalar(v) or isinstance(v, (list, dict)) and all(_scalar(x) for x in (v.values() if isinstance(v, dict)
+                                                                                  else v))
+
+
 def render_value(title: str, value: Any, level: int = 3) -> list[str]:
     """Any JSON value as markdown under a heading of `level` (deeper values get deeper headings, up to 6)."""
     head = ["#" * min(level, 6) + " " + title, ""] if title else []
@@ -110,12 +116,14 @@ def render_value(title: str, value: Any, level: int = 3) -> list[str]:
     if isinstance(value, str):
         return head + ["```", _ANSI.sub("", value).rstrip(), "```", ""]
     if isinstance(value, list):
-        if all(isinstance(x, dict) for x in value):
+        if all(isinstance(x, dict) and all(_flat_enough(y) for y in x.values()) for x in value):
             return head + _row_table({str(i): x for i, x in enumerate(value)}, "#")
-        return head + [summary(value), ""]
+        out = list(head)
+        for i, x in enumerate(value):
+            out += render_value(f"{title}[{i}]", x, level + 1)
+        return out
     if isinstance(value, dict) and value and all(isinstance(x, dict) for x in value.values()) \
-            and all(all(_scalar(y) or _numbers(y) or isinstance(y, dict) and all(_scalar(z) for z in y.values())
-                        for y in x.values()) for x in value.values()):
+            and all(all(_flat_enough(y) for y in x.values()) for x in value.values()):
         return head + _row_table(value, "")
     out = list(head)
     scalars = {k: v for k, v in value.items() if _scalar(v) or _numbers(v)
