@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.report import (REPORTS, RESULTS, ReportError, collect, load, render, report_name, write_all,
-                               write_for)
+from benchmarks.report import REPORTS, RESULTS, ReportError, collect, load, render, report_name, write_all, write_for
 from benchmarks.report.__main__ import main as report_main
 from benchmarks.report.markdown import num
 
