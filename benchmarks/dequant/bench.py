@@ -289,7 +289,7 @@ def run(args: argparse.Namespace) -> int:
 
     import quickloris
     from benchmarks.report import after_record
-    from quickloris.kernels.nf4_launch import default_config
+    from quickloris.kernels.nf4_launch import default_config, direct_launch_problem
     from quickloris.utils.provenance import record
 
     unsloth_fx, unsloth_source = _unsloth_fast_dequantize()
@@ -303,6 +303,8 @@ def run(args: argparse.Namespace) -> int:
     results: dict[str, Any] = {"unsloth_source": unsloth_source}
     copy_tbs = _copy_bandwidth()
     results["copy_bandwidth_TBps"] = round(copy_tbs, 3)
+    # eager calls launch compiled kernels directly unless Triton's / torch's internals differ (then: Triton's launcher)
+    results["eager_direct_launch"] = direct_launch_problem() or "used"
     print(f"copy bandwidth: {copy_tbs:.2f} TB/s; unsloth: {unsloth_source}")
 
     results["config_sweep_14336x4096_bf16"] = sweep = _config_sweep()

@@ -54,6 +54,8 @@ def headline(kind: str, r: dict[str, Any]) -> list[str]:
         out += ["Host time per call, 4096x1024, no synchronisation (us):", ""]
         out += table(list(host), [list(host.values())])
     facts = []
+    if "eager_direct_launch" in r:
+        facts.append(f"- Eager direct launch (skips Triton's argument binding): {r['eager_direct_launch']}.")
     wf = r.get("write_only_floor_14336x4096_bf16")
     if wf:
         facts.append(f"- Writing the 14336x4096 bf16 output alone (`fill_`): {num(wf['us'])} us = {num(wf['TBps'])} "
