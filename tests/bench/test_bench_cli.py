@@ -61,3 +61,11 @@ def test_another_benchmarks_package_first_on_the_path_is_refused(tmp_path, monke
     assert main(["bench", "train"]) == 2
     out = capsys.readouterr().out
     assert out.count("\n") == 1 and "another package of that name" in out and str(tmp_path) in out
+
+
+def test_the_wheel_packages_the_library_only():
+    tomllib = pytest.importorskip("tomllib")
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["scikit-build"]
+    assert config["wheel"]["packages"] == ["src/quickloris"]  # benchmarks/ is not under src/quickloris
+    assert not (ROOT / "src" / "quickloris" / "bench").exists()
+    assert (ROOT / "benchmarks" / "train" / "bench.py").is_file()
