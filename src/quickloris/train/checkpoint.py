@@ -66,7 +66,12 @@ def checkpoint_dirs(output_dir: str | os.PathLike) -> list[Path]:
         return []
     found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX) and p.name[len(_PREFIX):].isdigit()
              and (p / MANIFEST).is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(_PREFIX):]))
+    return sorted(found, key=checkpoint_step)
+
+
+def checkpoint_step(folder: Path) -> int:
+    """The step of checkpoint `folder` (from its name)."""
+    return int(folder.name[len(_PREFIX):])
 
 
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
@@ -152,8 +157,11 @@ def save_checkpoint(output_dir: str | os.PathLike, model: torch.nn.Module, optim
     root = Path(output_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{_PREFIX}{state.step:06d}"
-    if final.exists():  # written already (e.g. the end of the run fell on a --save-every step)
-        return final
+    if final.exists():
+        if verify(final) is None:  # written already (e.g. the end of the run fell on a --save-every step)
+            return final
+        shutil.rmtree(final)  # a damaged one the run resumed before: written anew
+
     tmp = root / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:

@@ -112,7 +112,8 @@ def run_train(model_cfg: ModelConfig, data_cfg: DataConfig, qlora_cfg: QLoRAConf
     from quickloris.models.loading import load_model, load_tokenizer, max_positions, resolve_model
     from quickloris.models.prepare import qlora_config
     from quickloris.parallel.compose import build_training_model
-    from quickloris.train.checkpoint import data_fingerprint, load_checkpoint, resumable_checkpoint, save_checkpoint
+    from quickloris.train.checkpoint import (checkpoint_step, data_fingerprint, load_checkpoint, resumable_checkpoint,
+                                             save_checkpoint)
     from quickloris.train.report import plot_loss, write_metrics
 
     started = time.perf_counter()
@@ -168,6 +169,10 @@ def run_train(model_cfg: ModelConfig, data_cfg: DataConfig, qlora_cfg: QLoRAConf
          + (", packed" if data_cfg.packing else ""))
     examples_eval, eval_what = _eval_examples(data_cfg, eval_cfg, prepared, preloaded)
     echo(f"eval: {eval_what}")
+    total = total_steps(prepared.examples, train_cfg, packing=data_cfg.packing, max_seq_len=data_cfg.max_seq_len)
+    if ckpt is not None and total < checkpoint_step(ckpt):
+        raise ConfigError(TrainConfig, "max_steps", f"gives {total} steps, fewer than the {checkpoint_step(ckpt)} "
+                          "the resumed run has done already")
 
     model = load_model(source, dtype=dtype, device=device)
     check_max_seq_len_option(data_cfg, max_positions(model.config))
@@ -194,7 +199,6 @@ def run_train(model_cfg: ModelConfig, data_cfg: DataConfig, qlora_cfg: QLoRAConf
     state = LoopState()
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, optimizer, fp)
-        total = total_steps(prepared.examples, train_cfg, packing=data_cfg.packing, max_seq_len=data_cfg.max_seq_len)
         echo(f"resumed from {ckpt} (step {state.step} of {state.total_steps})")
         if total != state.total_steps and total >= state.step:
             echo(f"the run now has {total} steps instead of {state.total_steps}: steps {state.step + 1}-{total} follow "
