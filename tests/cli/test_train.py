@@ -260,6 +260,15 @@ def test_clear_errors_before_the_model_loads(files, tmp_path, case, capsys, monk
     assert not [p for p in tmp_path.rglob(".quickloris*")]  # no marker, no probe left anywhere
 
 
+@pytest.mark.parametrize("targets, trained", [("all-linear", 7), ("q_proj,v_proj", 2), ("down_proj", 1)])
+def test_valid_target_modules_pass_the_check(files, tmp_path, targets, trained):
+    out = tmp_path / "run"
+    assert main(_args(files, out, "--data", files["fixed"], "--target-modules", targets, "--max-steps", 1,
+                      "--eval-data", files["fixed_eval"], "--no-eval-before", "--no-eval-after")) == 0
+    cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert len(cfg["target_modules"]) == trained
+
+
 def test_usage_errors_exit_2_without_traceback_and_debug_shows_it(files, tmp_path, monkeypatch):
     import subprocess
     import sys

@@ -338,3 +338,24 @@ def test_resume_with_a_larger_max_steps_extends_the_run(files, tmp_path, capsys)
                                                    for s in (6, 7, 8)]
     assert _train(files, out, "--warmup-steps", 2, "--resume", "--max-steps", 5) == 2
     assert _error(capsys) == "--max-steps gives 5 steps, fewer than the 9 the resumed run has done already"
+
+
+@pytest.mark.slow
+def test_fsdp_ranks_stop_together_on_divergence(files, tmp_path):
+    """`torchrun --nproc-per-node 2 ... --fsdp` on CPU ranks (gloo) with --lr 1e30: both ranks see the same
+    all-reduced loss and gradient norm, so both stop at the same step (no rank waits in a collective for one
+    that left); rank 0 writes metrics.json up to that step before any rank exits, and prints the one line.
+    (~35 s on 2 busy cores: slow)"""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "quickloris",
+           "train", "--fsdp", "--no-mixed-precision", "--model", str(files["model"]), "--data", str(files["data"]),
+           "--output-dir", str(out), "--threads", "1", "--no-progress", "--batch-size", "4", "--max-steps", "6",
+           "--lr", "1e30", "--warmup-steps", "0", "--log-every", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="1"))
+    lines = re.findall(r"quickloris train: error: training diverged at step (\d+): .*", proc.stderr)
+    assert proc.returncode != 0 and len(lines) == 1, proc.stderr[-4000:]
+    assert not re.search(r'File ".*quickloris/', proc.stderr)  # no traceback of ours (torchrun prints its own)
+    metrics = _metrics(out)
+    assert len(metrics["steps"]) == int(lines[0]) and metrics["diverged"]["step"] == int(lines[0])
+    assert not (out / "adapter").exists()

@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         code = exit_code(e)
         if code is None or debug:
             raise
-        print(f"{prog}: error: {describe(e, args)}", file=sys.stderr)
+        if not getattr(e, "reported_elsewhere", False):  # e.g. the same error, printed by FSDP rank 0
+            print(f"{prog}: error: {describe(e, args)}", file=sys.stderr)
         return code
 
 

@@ -46,6 +46,7 @@ class TrainingDiverged(RuntimeError):
     """Training stopped at `step` because `what` (the loss, the gradient norm, a weight) was `value`."""
 
     exit_code = 1  # `quickloris train`: one line, no traceback, exit status 1
+    reported_elsewhere = False  # True on FSDP ranks other than 0: rank 0 prints the line
 
     def __init__(self, step: int, what: str, value: float, checkpoint: str | None = None):
         super().__init__(step, what, value, checkpoint)

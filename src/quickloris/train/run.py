@@ -248,9 +248,12 @@ def run_train(model_cfg: ModelConfig, data_cfg: DataConfig, qlora_cfg: QLoRAConf
             from quickloris.parallel.fsdp import save_adapter as save_sharded_adapter
 
             adapter_dir = save_sharded_adapter(model, out / ADAPTER_DIR)  # every rank: gathered, rank 0 writes
-    except TrainingDiverged as e:
+    except TrainingDiverged as e:  # under FSDP every rank is here, at the same step (the loop's checks)
         e.checkpoint = last["checkpoint"]
         write_reports(state, e, wall_seconds=round(time.perf_counter() - started, 1))
+        if ctx is not None:  # a rank that exits first makes the launcher stop the others: rank 0 has written
+            torch.distributed.barrier()
+            e.reported_elsewhere = not main  # rank 0 says it
         raise
     except KeyboardInterrupt:
         try:
