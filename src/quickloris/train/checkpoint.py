@@ -33,12 +33,9 @@ import torch
 
 from quickloris.models.adapters import CONFIG_NAME, WEIGHTS_NAME, load_adapter, save_adapter
 from quickloris.train.loop import LoopState, TrainingDiverged
-from quickloris.train.rundir import CHECKPOINTS
+from quickloris.train.rundir import CHECKPOINTS, MANIFEST, STATE_FILE
 from quickloris.utils.atomic import atomic_open, atomic_write_json
 
-STATE_FILE = "trainer_state.pt"
-MANIFEST = "manifest.json"
-CHECKPOINT_FILES = (CONFIG_NAME, WEIGHTS_NAME, STATE_FILE, MANIFEST)
 _PREFIX = "step-"
 
 

@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from quickloris.config import ConfigError
 from quickloris.data.chat import IGNORE_INDEX, TokenizedExample
 from quickloris.data.packing import collate, epoch_batches
 from quickloris.train.config import TrainConfig
@@ -209,8 +210,6 @@ def train_loop(model: torch.nn.Module, examples: Sequence[TokenizedExample], cfg
     total, limit = plan_steps(stream, cfg)
     state = state or LoopState()
     if state.step > total:
-        from quickloris.config import ConfigError
-
         raise ConfigError(TrainConfig, "max_steps", f"gives {total} steps, fewer than the {state.step} the resumed "
                           "run has done already")
     state.total_steps = total

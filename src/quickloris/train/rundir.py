@@ -22,15 +22,20 @@ import time
 from pathlib import Path
 
 from quickloris.config import ConfigError
+from quickloris.models.adapters import CONFIG_NAME, WEIGHTS_NAME
 from quickloris.train.config import TrainConfig
 from quickloris.utils.atomic import atomic_write_json
 
+# The layout of a run folder: every name quickloris writes there.
 MARKER = ".quickloris-run"
 CHECKPOINTS = "checkpoints"
 ADAPTER_DIR = "adapter"
 REPORT_FILES = ("config.json", "metrics.json", "loss.png")
 RUN_FILES = (MARKER, *REPORT_FILES, ADAPTER_DIR, CHECKPOINTS)
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME)
+STATE_FILE = "trainer_state.pt"  # checkpoints/step-N/: ADAPTER_FILES, this, MANIFEST (quickloris.train.checkpoint)
+MANIFEST = "manifest.json"
+CHECKPOINT_FILES = (*ADAPTER_FILES, STATE_FILE, MANIFEST)
 
 
 def _error(problem: str, *refs: str) -> ConfigError:
@@ -139,8 +144,6 @@ def _rmdir_if_empty(path: Path) -> None:
 
 def remove_run_files(out: Path) -> None:
     """Delete the files an earlier run wrote, by name; anything else in the folder stays."""
-    from quickloris.train.checkpoint import CHECKPOINT_FILES
-
     for name in REPORT_FILES:
         _unlink(out / name)
     for name in ADAPTER_FILES:
