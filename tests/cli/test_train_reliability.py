@@ -347,12 +347,18 @@ def test_fsdp_ranks_stop_together_on_divergence(files, tmp_path):
     that left); rank 0 writes metrics.json up to that step before any rank exits, and prints the one line.
     (~35 s on 2 busy cores: slow)"""
     out = tmp_path / "run"
+    # Rank 0's reports take 3 s more here: a rank that exited at once would make torchrun stop rank 0 mid-write.
+    (tmp_path / "hook").mkdir()
+    (tmp_path / "hook" / "sitecustomize.py").write_text(
+        "import time\nimport quickloris.train.report as r\n_plot = r.plot_loss\n"
+        "def slow(*a, **k):\n    time.sleep(3)\n    return _plot(*a, **k)\nr.plot_loss = slow\n")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "quickloris",
            "train", "--fsdp", "--no-mixed-precision", "--model", str(files["model"]), "--data", str(files["data"]),
            "--output-dir", str(out), "--threads", "1", "--no-progress", "--batch-size", "4", "--max-steps", "6",
            "--lr", "1e30", "--warmup-steps", "0", "--log-every", "1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="1"))
+                          env=dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="1",
+                                   PYTHONPATH=os.pathsep.join([str(tmp_path / "hook"), *sys.path])))
     lines = re.findall(r"quickloris train: error: training diverged at step (\d+): .*", proc.stderr)
     assert proc.returncode != 0 and len(lines) == 1, proc.stderr[-4000:]
     assert not re.search(r'File ".*quickloris/', proc.stderr)  # no traceback of ours (torchrun prints its own)
