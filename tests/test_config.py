@@ -56,7 +56,7 @@ def test_the_module_imports_nothing_but_the_standard_library():
     ({"mode": "z"}, "Outer.mode must be one of x, y, got 'z'", None),
     ({"names": [1]}, "Outer.names must be a list of strings, got [1]", None),
     ({"inner": {"level": 0}}, "Inner.level must be a positive int, got 0", "--in-level must be a positive int, got 0"),
-    ({"inner": {"enabled": "yes"}}, "Inner.enabled must be True or False or None, got 'yes'", None),
+    ({"inner": {"enabled": "yes"}}, "Inner.enabled must be True, False or None, got 'yes'", None),
     ({"inner": {"keep": ["c"]}}, "Inner.keep must be a list of a / b, got ['c']",
      "--keep-kinds must be a list of a / b, got ['c']"),
     ({"inner": {"enabled": False, "keep": ["a"]}},

@@ -188,8 +188,8 @@ class Config:
             if value is None and optional:
                 continue
             if not _matches(tp, value):
-                auto = " or None" if optional else ""
-                raise ConfigError(type(self), f.name, f"must be {_describe(tp)}{auto}, got {value!r}")
+                what = "True, False" if tp is bool and optional else _describe(tp)
+                raise ConfigError(type(self), f.name, f"must be {what}{' or None' if optional else ''}, got {value!r}")
             problem = f.metadata["check"](value) if f.metadata.get("check") is not None else None
             if problem:
                 raise ConfigError(type(self), f.name, problem)
