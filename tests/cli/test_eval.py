@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -11,7 +12,6 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from quickloris.cli.main import main  # noqa: E402
-from quickloris.data.jsonl import DataFormatError  # noqa: E402
 from tests.train.tiny import save_tiny_llama, write_jsonl  # noqa: E402
 
 FIXED = [{"messages": [{"role": "system", "content": "Reverse the digits."}, {"role": "user", "content": q},
@@ -83,21 +83,26 @@ def test_embedded_task_and_dense_model(run, capsys):
 
 @pytest.mark.parametrize("case", ["no-nf4-adapter", "multi-line-answer", "ends-with-user", "missing-file",
                                   "unknown-task"])
-def test_clear_errors(run, tmp_path, case):
+def test_clear_errors(run, tmp_path, case, capsys):
+    """One line naming the option or file:line, exit status 2, no traceback."""
     d = tmp_path
     if case == "no-nf4-adapter":
-        args, err, match = ["--adapter", run["out"] / "adapter", "--no-nf4"], ValueError, "NF4 base"
+        args, match = ["--adapter", run["out"] / "adapter", "--no-nf4"], "NF4 base"
     elif case == "multi-line-answer":
         f = write_jsonl(d / "e.jsonl", [FIXED[0], {"messages": [{"role": "user", "content": "q"},
                                                                 {"role": "assistant", "content": "a\nb"}]}])
-        args, err, match = ["--eval-data", f], DataFormatError, r"e\.jsonl:2: the reference answer must be one line"
+        args, match = ["--eval-data", f], r"e\.jsonl:2: the reference answer must be one line"
     elif case == "ends-with-user":
         f = write_jsonl(d / "e.jsonl", [{"messages": [{"role": "assistant", "content": "hi"},
                                                       {"role": "user", "content": "q"}]}])
-        args, err, match = ["--eval-data", f], DataFormatError, r"e\.jsonl:1: the last message must be"
+        args, match = ["--eval-data", f], r"e\.jsonl:1: the last message must be"
     elif case == "missing-file":
-        args, err, match = ["--eval-data", d / "none.jsonl"], FileNotFoundError, "none.jsonl"
+        args, match = ["--eval-data", d / "none.jsonl"], "none.jsonl"
     else:
-        args, err, match = ["--task", "multiplication"], ValueError, "unknown task 'multiplication'"
-    with pytest.raises(err, match=match):
-        main(["eval", "--model", str(run["model"]), "--threads", "1", *map(str, args)])
+        args, match = ["--task", "multiplication"], "--task 'multiplication' is an unknown task"
+    capsys.readouterr()
+    assert main(["eval", "--model", str(run["model"]), "--threads", "1", *map(str, args)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    if case == "no-nf4-adapter":  # checked after the model loads (run_eval), so transformers' progress bar precedes
+        err = err[-1:]
+    assert len(err) == 1 and err[0].startswith("quickloris eval: error: ") and re.search(match, err[0]), err

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from quickloris.cli.args import field as cli_field
+from quickloris.config import field as cli_field
 from quickloris.export import arch as _arch
 from quickloris.export import merge as _merge
 from quickloris.export.quants import GGMLType, Preset, check_preset, file_type, tensor_type

@@ -34,7 +34,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from quickloris.cli.args import field
+from quickloris.config import Config, at_least, comma_list, field, in_range
 from quickloris.nn.nf4_tensor import NF4Tensor
 from quickloris.nn.qlora_linear import QLoRALinear
 
@@ -44,19 +44,30 @@ _STATE = "_quickloris_qlora"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def _targets(names: list[str]) -> str | None:
+    if not names:
+        return "must name at least one layer"
+    if "lm_head" in names or "embed_tokens" in names:
+        return f"got {names}: LoRA on lm_head / embed_tokens is not supported; target decoder linears such as " \
+               f"{','.join(DEFAULT_TARGETS)}"
+    return None
+
+
 @dataclasses.dataclass
-class QLoRAConfig:
+class QLoRAConfig(Config):
     """How `prepare_model` turns a causal LM into a QLoRA model (LoRA fields mean what PEFT's LoraConfig's do)."""
 
-    r: int = field(16, help="LoRA rank")
-    lora_alpha: float = field(32.0, help="LoRA alpha: updates are scaled by alpha / r (alpha / sqrt(r) with rsLoRA)")
-    lora_dropout: float = field(0.0, help="dropout probability on the input of the LoRA branch (training only)")
+    r: int = field(16, help="LoRA rank", check=at_least(1))
+    lora_alpha: float = field(32.0, help="LoRA alpha: updates are scaled by alpha / r (alpha / sqrt(r) with rsLoRA)",
+                              check=in_range(0.0, low_open=True))
+    lora_dropout: float = field(0.0, help="dropout probability on the input of the LoRA branch (training only)",
+                                check=in_range(0.0, 1.0, high_open=True))
     use_rslora: bool = field(False, help="rank-stabilised LoRA: scale by alpha / sqrt(r)")
     target_modules: list[str] = field(list(DEFAULT_TARGETS), help="names of the decoder linear layers that get LoRA "
-                                      "(comma-separated), or all-linear")
+                                      "(comma-separated), or all-linear", convert=comma_list(), check=_targets)
     quantize: bool = field(True, help="quantize 16-bit target layers to NF4; with --no-quantize the model must "
                            "already hold 4-bit (bitsandbytes NF4) weights")
-    blocksize: int = field(64, help="NF4 block size when quantizing (bitsandbytes' default 64)")
+    blocksize: int = field(64, help="NF4 block size when quantizing (bitsandbytes' default 64)", check=at_least(1))
     double_quant: bool = field(True, help="quantize the NF4 block scales too (bitsandbytes' compress_statistics)")
     lora_dtype: Literal["float32", "bfloat16", "float16"] = field(
         "float32", help="dtype of the LoRA parameters (the math runs in the activations' dtype)")
@@ -66,29 +77,6 @@ class QLoRAConfig:
         "sdpa", help="attention backend: sdpa, sdpa_cudnn (SDPA trying cuDNN's kernel first: fastest on H100), flex "
         "(quickloris' FlexAttention with document masks), eager, keep")
     chunked_loss: bool = field(True, help="compute the training loss without materialising [tokens, vocab] logits")
-
-    def __post_init__(self):
-        if isinstance(self.target_modules, str):
-            self.target_modules = [t for t in self.target_modules.split(",") if t]
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
-            raise ValueError(f"QLoRAConfig.r must be a positive int, got {self.r!r}")
-        if not self.lora_alpha > 0:
-            raise ValueError(f"QLoRAConfig.lora_alpha must be positive, got {self.lora_alpha!r}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"QLoRAConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        if not self.target_modules:
-            raise ValueError("QLoRAConfig.target_modules must name at least one layer")
-        if "lm_head" in self.target_modules or "embed_tokens" in self.target_modules:
-            raise ValueError("QLoRAConfig.target_modules: LoRA on lm_head / embed_tokens is not supported; "
-                             f"target decoder linears such as {DEFAULT_TARGETS}")
-        if self.lora_dtype not in _DTYPES:
-            raise ValueError(f"QLoRAConfig.lora_dtype must be one of {sorted(_DTYPES)}, got {self.lora_dtype!r}")
-        if self.attention not in ("sdpa", "sdpa_cudnn", "flex", "eager", "keep"):
-            raise ValueError(f"QLoRAConfig.attention must be sdpa, sdpa_cudnn, flex, eager or keep, got "
-                             f"{self.attention!r}")
-        if self.init_lora_weights not in ("default", "gaussian", "random"):
-            raise ValueError(f"QLoRAConfig.init_lora_weights must be default, gaussian or random, "
-                             f"got {self.init_lora_weights!r}")
 
     def scaling(self) -> float:
         return self.lora_alpha / (self.r ** 0.5 if self.use_rslora else self.r)

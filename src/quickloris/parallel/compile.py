@@ -44,14 +44,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import types
-from typing import Any
+from typing import Any, Literal, get_args
 
 from torch import nn
 
-from quickloris.cli.args import field
+from quickloris.config import Config, field
 
 _STATE = "_quickloris_compile"
-CHECKPOINT_KEEP = ("attention", "linears")
+Keep = Literal["attention", "linears"]
+CHECKPOINT_KEEP = get_args(Keep)
 _CONTEXT_FNS: dict[str, Any] = {}  # in-graph checkpoint context functions by policy (see checkpoint_in_graph)
 # The attention kernels' forward ops (their outputs are what backward needs besides q, k, v), by (namespace, name).
 _ATTENTION_OPS = frozenset({("aten", name) for name in (
@@ -61,12 +62,18 @@ _ATTENTION_OPS = frozenset({("aten", name) for name in (
     | {("higher_order", "flex_attention")})
 
 
-@dataclasses.dataclass
-class CompileConfig:
-    """Regional torch.compile settings."""
+def _backend(name: str) -> str | None:
+    return None if name else "must be a backend name, got ''"
 
-    enabled: bool = field(True, help="compile each decoder layer, the final norm and the loss (regional compile)")
-    backend: str = field("inductor", help="torch.compile backend (inductor; aot_eager for debugging)")
+
+@dataclasses.dataclass
+class CompileConfig(Config):
+    """Regional torch.compile settings (`enabled` None: decided by the device, `resolved`)."""
+
+    enabled: bool | None = field(True, help="compile each decoder layer, the final norm and the loss (regional "
+                                 "compile); unset: on with a GPU (the fast path), off on CPU (compiling costs more "
+                                 "than it saves there)", flag="--compile")
+    backend: str = field("inductor", help="torch.compile backend (inductor; aot_eager for debugging)", check=_backend)
     mode: str | None = field(None, help="inductor mode, e.g. max-autotune-no-cudagraphs (none: default)")
     dynamic: bool = field(True, help="compile for symbolic shapes: one graph for all sequence lengths")
     loss: bool = field(True, help="compile the lm_head + cross-entropy chunk (models on the chunked loss with a "
@@ -74,15 +81,21 @@ class CompileConfig:
     norm: bool = field(True, help="compile the final RMSNorm")
     checkpoint_in_graph: bool = field(False, help="trace each checkpointed decoder layer's checkpoint into its "
                                       "compiled graph: the replay runs inside the compiled backward (faster than "
-                                      "transformers' eager checkpoint around the compiled layer)")
-    checkpoint_keep: list[str] = field([], help="what an in-graph checkpoint keeps besides each layer's input: "
-                                       "attention (its outputs: no attention forward replayed) and/or linears (the "
-                                       "NF4 matmul outputs: no GEMM replayed); empty: replay everything")
+                                      "transformers' eager checkpoint around the compiled layer)",
+                                      flag="--checkpoint-in-graph")
+    checkpoint_keep: list[Keep] = field(
+        [], help="with --checkpoint-in-graph: what each layer keeps besides its input, comma-separated: attention "
+        "(its outputs: no attention forward replayed) and/or linears (the NF4 matmul outputs: no GEMM replayed); "
+        "faster, more memory; empty: replay everything", flag="--checkpoint-keep")
 
-    def __post_init__(self):
-        if not isinstance(self.backend, str) or not self.backend:
-            raise ValueError(f"CompileConfig.backend must be a backend name, got {self.backend!r}")
-        check_checkpoint_keep(self.checkpoint_keep, self.checkpoint_in_graph, "CompileConfig.")
+    def validate(self) -> None:
+        if self.checkpoint_keep and not self.checkpoint_in_graph:
+            raise self.error("checkpoint_keep", f"={self.checkpoint_keep} needs {{checkpoint_in_graph}} (the eager "
+                             "checkpoint keeps only each layer's input)", "checkpoint_in_graph")
+
+    def resolved(self, device_type: str) -> CompileConfig:
+        """This config with `enabled` decided: unset compiles on a GPU only."""
+        return self if self.enabled is not None else dataclasses.replace(self, enabled=device_type == "cuda")
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -94,7 +107,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 def compile_model(model: nn.Module, config: CompileConfig | None = None) -> nn.Module:
     """Compile `model`'s regions in place (see the module docstring); returns it."""
-    cfg = config or CompileConfig()
+    cfg = (config or CompileConfig()).resolved(next(model.parameters()).device.type)
     if not cfg.enabled:
         return model
     if getattr(model, _STATE, None) is not None:

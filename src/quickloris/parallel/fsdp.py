@@ -49,7 +49,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from quickloris.cli.args import field
+from quickloris.config import Config, field
 from quickloris.nn.nf4_tensor import NF4Tensor
 
 _STATE = "_quickloris_fsdp"
@@ -57,7 +57,7 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
 
 
 @dataclasses.dataclass
-class FSDPConfig:
+class FSDPConfig(Config):
     """FSDP2 sharding of a QLoRA model over the ranks of a 1-D device mesh (see `quickloris.parallel.fsdp`)."""
 
     mixed_precision: bool = field(True, help="gather parameters in --param-dtype and reduce gradients in "
@@ -72,13 +72,6 @@ class FSDPConfig:
     unshardable: Literal["replicate", "error"] = field(
         "replicate", help="an NF4 weight that cannot be split into whole 16384-value groups per rank: keep it whole "
         "on every rank (replicate), or raise (error)")
-
-    def __post_init__(self):
-        if self.param_dtype not in _DTYPES or self.reduce_dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"FSDPConfig: param_dtype must be one of {sorted(_DTYPES)} and reduce_dtype float32 or "
-                             f"bfloat16, got {self.param_dtype!r}, {self.reduce_dtype!r}")
-        if self.unshardable not in ("replicate", "error"):
-            raise ValueError(f"FSDPConfig.unshardable must be replicate or error, got {self.unshardable!r}")
 
 
 @dataclasses.dataclass
