@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from quickloris.cli.args import field
-from quickloris.nn.nf4_tensor import NF4Tensor
+from quickloris.tensor.nf4_tensor import NF4Tensor
 from quickloris.nn.qlora_linear import QLoRALinear
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")

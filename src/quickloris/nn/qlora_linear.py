@@ -20,7 +20,7 @@ import math
 import torch
 from torch import nn
 
-from quickloris.nn.nf4_tensor import NF4Tensor
+from quickloris.tensor.nf4_tensor import NF4Tensor
 from quickloris.ops.qlora_linear import qlora_linear
 
 

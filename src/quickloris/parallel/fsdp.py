@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from quickloris.cli.args import field
-from quickloris.nn.nf4_tensor import NF4Tensor
+from quickloris.tensor.nf4_tensor import NF4Tensor
 
 _STATE = "_quickloris_fsdp"
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
