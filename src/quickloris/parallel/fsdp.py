@@ -301,7 +301,9 @@ def trainer_fsdp_config(model: nn.Module) -> dict[str, Any]:
 
 def count_targets(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Target tokens of a causal-LM batch: labels after the shift by one (position i predicts label i + 1)."""
-    return (labels[..., 1:] != ignore_index).sum()
+    from quickloris.models.chunked_loss import shift_for_causal_lm
+
+    return (shift_for_causal_lm(labels, ignore_index) != ignore_index).sum()
 
 
 def all_reduce_sum(value: torch.Tensor | float, group=None) -> torch.Tensor:
