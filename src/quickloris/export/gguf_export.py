@@ -23,7 +23,6 @@ from quickloris.export import arch as _arch
 from quickloris.export import merge as _merge
 from quickloris.export.quants import GGMLType, Preset, check_preset, file_type, tensor_type
 from quickloris.export.tokenizer import tokenizer_metadata
-from quickloris.export.writer import GGUFValueType as V
 from quickloris.export.writer import GGUFWriter
 
 

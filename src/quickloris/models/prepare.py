@@ -21,6 +21,8 @@ patched):
 6. Gives the object a ``save_pretrained`` that writes the adapter in PEFT's format
    (`quickloris.models.adapters`), so ``Trainer.save_model`` and checkpoints produce PEFT adapter folders.
 
+Every change is made through `quickloris.models.surgery` and listed in ``model.quickloris_edits``.
+
 Checkpointing and compilation come after, in `quickloris.parallel.compose` (quantize/LoRA -> checkpointing ->
 compile).
 """
@@ -35,12 +37,13 @@ import torch
 from torch import nn
 
 from quickloris.config import Config, at_least, comma_list, field, in_range
-from quickloris.nn.nf4_tensor import NF4Tensor
-from quickloris.nn.qlora_linear import QLoRALinear
+from quickloris.models import adapters as adapters_mod, surgery
+from quickloris.nn.qlora_linear import QLoRALinear, lora_scaling
+from quickloris.tensor.nf4_tensor import NF4Tensor
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-_STATE = "_quickloris_qlora"
+STEP = "prepare"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -79,7 +82,7 @@ class QLoRAConfig(Config):
     chunked_loss: bool = field(True, help="compute the training loss without materialising [tokens, vocab] logits")
 
     def scaling(self) -> float:
-        return self.lora_alpha / (self.r ** 0.5 if self.use_rslora else self.r)
+        return lora_scaling(self.r, self.lora_alpha, self.use_rslora)
 
 
 def check_architecture(model: Any) -> None:
@@ -180,25 +183,29 @@ def prepare_model(model: nn.Module, config: QLoRAConfig | None = None, *, adapte
     """Turn `model` into a QLoRA model in place (see the module docstring); returns it.
 
     `adapter`: a PEFT LoRA adapter folder to start from: its rank, alpha, dropout, rsLoRA and targets become the
-    config (explicit `overrides` must agree) and its weights are loaded.
+    config (explicit `overrides` must agree) and its weights are loaded. Every change is recorded in
+    ``model.quickloris_edits`` (`quickloris.models.surgery`).
     """
-    from quickloris.models import adapters as adapters_mod
-
     check_architecture(model)
-    if hasattr(model, _STATE):
+    if surgery.applied(model, STEP):
         raise ValueError("this model was already prepared by quickloris.prepare_model")
     cfg = config or QLoRAConfig()
     if adapter is not None:
-        cfg = adapters_mod.config_from_adapter(adapter, cfg)
+        cfg = config_from_adapter(adapter, cfg)
     if overrides:
         cfg = dataclasses.replace(cfg, **overrides)
-    replace_linears(model, cfg)
+    layers = replace_linears(model, cfg)
+    surgery.record(model, STEP, "model.model.*", f"decoder linears -> QLoRALinear: NF4 base, LoRA r={cfg.r} on "
+                   f"{len(layers)} ({','.join(cfg.target_modules)}); the 16-bit weights are dropped")
     for name, p in model.named_parameters():
         p.requires_grad_(".lora_A." in name or ".lora_B." in name)
-    if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer = None  # every bitsandbytes layer is now a quickloris NF4 layer
-    model.config.use_cache = False
-    object.__setattr__(model, _STATE, cfg)
+    surgery.record(model, STEP, "model.parameters()", "frozen but the LoRA matrices")
+    if getattr(model, "hf_quantizer", None) is not None:  # every bitsandbytes layer is now a quickloris NF4 layer
+        surgery.set_attribute(model, STEP, model, "hf_quantizer", None, "bitsandbytes quantizer handle dropped",
+                              path="model")
+    surgery.set_attribute(model, STEP, model.config, "use_cache", False, "no KV cache in training",
+                          path="model.config")
+    surgery.set_state(model, STEP, cfg)
     if cfg.chunked_loss:
         from quickloris.models.chunked_loss import enable_chunked_loss
 
@@ -207,27 +214,30 @@ def prepare_model(model: nn.Module, config: QLoRAConfig | None = None, *, adapte
         from quickloris.models.attention import set_attention
 
         set_attention(model, cfg.attention)
-    model.save_pretrained = types.MethodType(_save_pretrained, model)
+    surgery.set_attribute(model, STEP, model, "save_pretrained", types.MethodType(adapters_mod.save_pretrained, model),
+                          "writes the LoRA adapter (PEFT format), not the model", path="model")
     if adapter is not None:
         adapters_mod.load_adapter(model, adapter)
     return model
 
 
+def config_from_adapter(folder, base: QLoRAConfig | None = None) -> QLoRAConfig:
+    """A `QLoRAConfig` with the adapter folder's rank, alpha, dropout, rsLoRA and target layers."""
+    cfg = adapters_mod.read_adapter_config(folder)
+    targets = cfg["target_modules"]
+    targets = ["all-linear"] if targets == "all-linear" else sorted(targets)
+    return dataclasses.replace(base or QLoRAConfig(), r=int(cfg["r"]), lora_alpha=float(cfg["lora_alpha"]),
+                               lora_dropout=float(cfg.get("lora_dropout", 0.0)),
+                               use_rslora=bool(cfg.get("use_rslora", False)), target_modules=targets)
+
+
 def qlora_config(model: nn.Module) -> QLoRAConfig:
     """The config `model` was prepared with (ValueError if it was not prepared)."""
-    cfg = getattr(model, _STATE, None)
+    cfg = surgery.state(model, STEP)
     if cfg is None:
         raise ValueError(f"{type(model).__name__} was not prepared by quickloris.prepare_model")
     return cfg
 
 
 def is_prepared(model: nn.Module) -> bool:
-    return hasattr(model, _STATE)
-
-
-def _save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs) -> None:
-    """Write the LoRA adapter (PEFT format) to `save_directory`; the frozen NF4 base is not saved."""
-    from quickloris.models.adapters import save_adapter
-
-    if is_main_process:
-        save_adapter(self, save_directory)
+    return surgery.state(model, STEP) is not None
