@@ -385,6 +385,7 @@ def test_spec_class_grad_in_forward_and_errors(seed):
     out = MemoryEfficientLinear.apply(X, lin, y, transformation_function, 4, grad_in_forward=True)
     g = _grads(out * 3.0, [X, lin.weight])
     ref = transformation_function(X, lin, y)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(g, _grads(ref * 3.0, [X, lin.weight]), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="at least 2 dims"):
         MemoryEfficientLinear.apply(X[0], lin, y, transformation_function)
