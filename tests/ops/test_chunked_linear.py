@@ -385,6 +385,7 @@ def test_spec_class_grad_in_forward_and_errors(seed):
     out = MemoryEfficientLinear.apply(X, lin, y, transformation_function, 4, grad_in_forward=True)
     g = _grads(out * 3.0, [X, lin.weight])
     ref = transformation_function(X, lin, y)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(g, _grads(ref * 3.0, [X, lin.weight]), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="at least 2 dims"):
         MemoryEfficientLinear.apply(X[0], lin, y, transformation_function)
@@ -397,3 +398,19 @@ def test_spec_class_grad_in_forward_and_errors(seed):
     per_row = lambda b, linear, t: torch.nn.functional.cross_entropy(linear(b), t, reduction="none")  # noqa: E731
     with pytest.raises(ValueError, match="scalar"):
         MemoryEfficientLinear.apply(X, lin, y, per_row, 4, grad_in_forward=True)
+
+
+@pytest.mark.parametrize("grad_in_forward", [False, True], ids=["recompute", "grad_in_forward"])
+def test_zero_rows_give_zero_and_an_empty_gradient(grad_in_forward):
+    """No rows: both APIs return an fp32 zero and x gets an empty gradient of its own dtype, as the full path."""
+    w = torch.randn(5, 8, dtype=torch.bfloat16)
+    y = torch.zeros(0, dtype=torch.long)
+    ce = lambda b, lin, t: F.cross_entropy(lin(b).float(), t, reduction="sum")  # noqa: E731
+    lin = torch.nn.Linear(8, 5, bias=False).bfloat16()
+    for fn in (lambda x: chunked_linear_loss(x, w, y, reduction="sum", grad_in_forward=grad_in_forward),
+               lambda x: MemoryEfficientLinear.apply(x, lin, y, ce, grad_in_forward=grad_in_forward)):
+        x = torch.randn(0, 8, dtype=torch.bfloat16, requires_grad=True)
+        out = fn(x)
+        out.backward()
+        assert out.dtype == torch.float32 and out.shape == () and out.item() == 0.0
+        assert x.grad is not None and x.grad.shape == (0, 8) and x.grad.dtype == torch.bfloat16

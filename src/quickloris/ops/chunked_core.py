@@ -9,10 +9,9 @@ upstream gradient g (a scalar, or per row for "none"), the chain rule gives
 
     dL/dX_i = vjp_{X_i}(f_i)(g_i)        dL/dW = sum_i vjp_W(f_i)(g_i)        dL/db = sum_i vjp_b(f_i)(g_i)
 
-Every vjp is taken by autograd on the chunk's own computation (`torch.func.vjp` in the functional API, which
-Dynamo traces; `torch.autograd.grad` in the specification's module-based class): no derivative is written by
-hand. dW and db are summed over chunks in fp32 (each chunk's partial arrives in the weight's dtype, as the
-matmul's backward returns it) and cast to the weight's dtype once at the end.
+Every vjp is taken by autograd on the chunk's own computation: no derivative is written by hand. dW and db are
+summed over chunks in fp32 (each chunk's partial arrives in the weight's dtype, as the matmul's backward returns
+it) and cast to the weight's dtype once at the end.
 
 Memory. Naive: [N, V] bf16 logits plus two or three fp32 tensors of that size (upcast, log-softmax, its
 gradient): ~12 B x N x V, 25 GB at N = 16384, V = 128256. Chunked: one chunk's worth (`BYTES_PER_LOGIT` x rows
@@ -23,15 +22,21 @@ Two schedules:
 * `grad_in_forward=False` (default): forward evaluates f chunk by chunk under no_grad; backward recomputes each
   chunk and differentiates it with the real upstream gradient. One extra X W^T matmul.
 * `grad_in_forward=True` (sum / mean only): forward differentiates each chunk with cotangent 1 right away and
-  keeps dX (fp32) and dW; backward multiplies them by g. As many matmuls as the naive path, but the gradients
-  are computed even if backward never runs, and are held from forward to backward.
+  keeps dX (fp32 unless the plan says otherwise) and dW; backward multiplies them by g. As many matmuls as the
+  naive path, but the gradients are computed even if backward never runs, and are held from forward to backward.
+
+One loop, three users. `chunked_forward` / `chunked_backward` hold everything above (row spans, the no-grad and
+gradient loops, fp32 sums, dX assembly, autocast re-entry, the final scale and cast); an autograd Function only
+unpacks its inputs and says how one chunk is computed (a `ChunkStep`): `ChunkedLinearFunction` by
+`torch.func.vjp` of a functional call (Dynamo traces it), `MemoryEfficientLinear` by `torch.autograd.grad`
+through a module, `quickloris.parallel.compiled_loss.CompiledChunkedCE` by a compiled value-and-gradient function.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -78,10 +83,12 @@ def resolve_chunk_size(chunk_size: int | None, n_rows: int, vocab_size: int, mem
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class ChunkPlan:
-    """One call: `call(x_chunk, weight, bias, labels_chunk, rows_chunk: dict) -> output of the chunk`.
+    """One call. `call`: the chunk's function, called by the Function's step; for `ChunkedLinearFunction`
+    `call(x_chunk, weight, bias, labels_chunk, rows_chunk: dict) -> output of the chunk`.
 
     per_row: True = one output per row, concatenated ("none"); False = summed in fp32; None = decided by the
-    first chunk (0-d output: summed), as the specification's class does.
+    first chunk (0-d output: summed), as the specification's class does. merge_unit_tail: a last span of one row
+    joins the span before it (`row_spans`). dx_dtype: the dtype dX is held in under grad_in_forward.
     """
 
     call: Callable[..., torch.Tensor]
@@ -89,6 +96,19 @@ class ChunkPlan:
     per_row: bool | None = False
     grad_in_forward: bool = False
     row_names: tuple[str, ...] = ()
+    merge_unit_tail: bool = False
+    dx_dtype: torch.dtype = torch.float32
+
+
+class ChunkStep(NamedTuple):
+    """How one chunk of rows [s, e) is computed; the only thing the chunked Functions differ in.
+
+    value(s, e) -> the chunk's output (forward, under no_grad); grad(s, e, cotangent) -> (the chunk's reduced
+    output, cotangent-weighted d out / d x[s:e] or None, [d out / d param or None for each param]).
+    """
+
+    value: Callable[[int, int], torch.Tensor]
+    grad: Callable[..., tuple]
 
 
 def amp_state(x: torch.Tensor) -> tuple[str, bool, torch.dtype]:
@@ -101,8 +121,12 @@ def amp_context(state: tuple[str, bool, torch.dtype]):
     return torch.autocast(device_type=state[0], dtype=state[2], enabled=state[1])
 
 
-def row_spans(n: int, chunk: int) -> list[tuple[int, int]]:
-    return [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
+def row_spans(n: int, chunk: int, merge_unit_tail: bool = False) -> list[tuple[int, int]]:
+    """[s, e) spans of `chunk` rows; with merge_unit_tail a 1-row tail joins the span before it."""
+    spans = [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
+    if merge_unit_tail and len(spans) > 1 and spans[-1][1] - spans[-1][0] == 1:
+        spans[-2:] = [(spans[-2][0], n)]
+    return spans
 
 
 def reduce_chunk(out: torch.Tensor, per_row: bool, rows: int) -> torch.Tensor:
@@ -148,11 +172,23 @@ def scale_cast(t: torch.Tensor | None, scale: torch.Tensor | None, dtype: torch.
     return out
 
 
-def grad_loop(plan: ChunkPlan, per_row: bool, x: torch.Tensor, need_x: bool, n_params: int, chunk_grad,
-               cotangent: torch.Tensor, keep_outputs: bool, dx_dtype: torch.dtype):
-    """Runs `chunk_grad(s, e, cot) -> (out, dx_chunk, [param grads])` over the chunks; sums what it returns."""
-    spans = row_spans(x.shape[0], plan.chunk)
-    dx = torch.empty(x.shape, dtype=dx_dtype, device=x.device) if need_x and len(spans) > 1 else None
+def value_loop(spans, value, per_row: bool | None):
+    """Each chunk's output, reduced; per_row None is decided by the first chunk (a 0-d output is summed)."""
+    outs = []
+    for s, e in spans:
+        raw = value(s, e)
+        if per_row is None:
+            per_row = raw.dim() > 0
+        outs.append(reduce_chunk(raw, per_row, e - s))
+        del raw
+    return outs, per_row
+
+
+def grad_loop(spans, per_row: bool, x: torch.Tensor, need_x: bool, n_params: int, chunk_grad,
+              cotangent: torch.Tensor, keep_outputs: bool, dx_dtype: torch.dtype):
+    """Runs `chunk_grad(s, e, cot) -> (out, dx_chunk, [param grads])` over the spans; sums what it returns."""
+    # One chunk: its dx is the whole dx (no copy). No rows: an empty dx, as the full computation would give.
+    dx = torch.empty(x.shape, dtype=dx_dtype, device=x.device) if need_x and len(spans) != 1 else None
     sums = [_GradSum(len(spans)) for _ in range(n_params)]
     outs = []
     for s, e in spans:
@@ -171,6 +207,47 @@ def grad_loop(plan: ChunkPlan, per_row: bool, x: torch.Tensor, need_x: bool, n_p
     return outs, dx, [acc.acc for acc in sums]
 
 
+def chunked_forward(ctx, plan: ChunkPlan, make_step, tensors: tuple, params: tuple, needs: tuple[bool, ...]):
+    """The forward of a chunked autograd Function, either schedule.
+
+    tensors: what `make_step(plan, tensors, needs, per_row) -> ChunkStep` reads, x [N, H] first (saved for the
+    recompute); params: the tensors besides x that may receive gradients (None allowed); needs: whether x and
+    each param require grad. Returns the fp32 sum of the chunks' outputs, or their concatenation (per row).
+    """
+    x = tensors[0]
+    ctx.plan, ctx.needs, ctx.amp = plan, needs, amp_state(x)
+    ctx.dtypes = (x.dtype, *(None if p is None else p.dtype for p in params))
+    spans = row_spans(x.shape[0], plan.chunk, plan.merge_unit_tail)
+    if plan.grad_in_forward and any(needs):
+        step = make_step(plan, tensors, needs, plan.per_row)
+        one = torch.ones((), dtype=torch.float32, device=x.device)
+        outs, dx, grads = grad_loop(spans, False, x, needs[0], len(params), step.grad, one, True, plan.dx_dtype)
+        ctx.save_for_backward(dx, *grads)
+        return torch.stack(outs).sum() if outs else x.new_zeros((), dtype=torch.float32)
+    outs, ctx.per_row = value_loop(spans, make_step(plan, tensors, needs, plan.per_row).value, plan.per_row)
+    if any(needs):
+        ctx.save_for_backward(*tensors)
+    if not outs:
+        return x.new_zeros((0,) if ctx.per_row else (), dtype=torch.float32)
+    return torch.cat(outs) if ctx.per_row else torch.stack(outs).sum()
+
+
+def chunked_backward(ctx, grad_out: torch.Tensor, make_step) -> list[torch.Tensor | None]:
+    """[dx, *param grads] of `chunked_forward`: the held gradients times `grad_out`, or each chunk recomputed
+    (under the autocast state forward saw) and differentiated with its slice of `grad_out`."""
+    plan, needs = ctx.plan, ctx.needs
+    if plan.grad_in_forward:
+        return [scale_cast(t, grad_out, d) for t, d in zip(ctx.saved_tensors, ctx.dtypes)]
+    tensors = ctx.saved_tensors
+    x = tensors[0]
+    step = make_step(plan, tensors, needs, ctx.per_row)
+    spans = row_spans(x.shape[0], plan.chunk, plan.merge_unit_tail)
+    with amp_context(ctx.amp):
+        _, dx, grads = grad_loop(spans, bool(ctx.per_row), x, needs[0], len(needs) - 1, step.grad, grad_out, False,
+                                 x.dtype)
+    return [dx, *[scale_cast(g, None, d) for g, d in zip(grads, ctx.dtypes[1:])]]
+
+
 class ChunkedLinearFunction(torch.autograd.Function):
     """Core: `apply(plan, x [N, H], weight [V, H], bias [V] | None, labels [N] | None, *row_tensors)`.
 
@@ -181,46 +258,26 @@ class ChunkedLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plan: ChunkPlan, x, weight, bias, labels, *rows):
         needs = tuple(bool(v) for v in ctx.needs_input_grad[1:4])
-        ctx.plan, ctx.needs, ctx.amp = plan, needs, amp_state(x)
-        if plan.grad_in_forward and any(needs):
-            grad = _vjp_chunk_fn(plan, x, weight, bias, labels, rows, needs)
-            one = torch.ones((), dtype=torch.float32, device=x.device)
-            outs, dx, (dw, db) = grad_loop(plan, False, x, needs[0], 2, grad, one, True, torch.float32)
-            ctx.save_for_backward(dx, dw, db, weight, bias)
-            ctx.x_dtype = x.dtype
-            return torch.stack(outs).sum() if outs else x.new_zeros((), dtype=torch.float32)
-        outs = []
-        for s, e in row_spans(x.shape[0], plan.chunk):
-            lab, rc = _chunk_inputs(plan, labels, rows, s, e)
-            outs.append(reduce_chunk(plan.call(x[s:e], weight, bias, lab, rc), plan.per_row, e - s))
-        if any(needs):
-            ctx.save_for_backward(x, weight, bias, labels, *rows)
-        if not outs:
-            return x.new_zeros((0,) if plan.per_row else (), dtype=torch.float32)
-        return torch.cat(outs) if plan.per_row else torch.stack(outs).sum()
+        return chunked_forward(ctx, plan, _vjp_step, (x, weight, bias, labels, *rows), (weight, bias), needs)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        plan, needs = ctx.plan, ctx.needs
-        tail = (None,) * (1 + len(plan.row_names))  # labels, row tensors
-        if plan.grad_in_forward:
-            dx, dw, db, weight, bias = ctx.saved_tensors
-            return (None, scale_cast(dx, grad_out, ctx.x_dtype), scale_cast(dw, grad_out, weight.dtype),
-                    scale_cast(db, grad_out, None if bias is None else bias.dtype), *tail)
-        x, weight, bias, labels, *rows = ctx.saved_tensors
-        grad = _vjp_chunk_fn(plan, x, weight, bias, labels, rows, needs)
-        with amp_context(ctx.amp):
-            _, dx, (dw, db) = grad_loop(plan, bool(plan.per_row), x, needs[0], 2, grad, grad_out, False, x.dtype)
-        return (None, dx, scale_cast(dw, None, weight.dtype),
-                scale_cast(db, None, None if bias is None else bias.dtype), *tail)
+        dx, dw, db = chunked_backward(ctx, grad_out, _vjp_step)
+        return (None, dx, dw, db, *(None,) * (1 + len(ctx.plan.row_names)))  # labels, row tensors: no gradient
 
 
-def _vjp_chunk_fn(plan, x, weight, bias, labels, rows, needs):
-    """Per-chunk (output, dx, [dW, db]) by `torch.func.vjp` of the chunk's own computation."""
+def _vjp_step(plan: ChunkPlan, tensors, needs, per_row) -> ChunkStep:
+    """`ChunkedLinearFunction`'s chunk: `plan.call` on (x, weight, bias, labels, *rows); (output, dx, [dW, db]) by
+    `torch.func.vjp` of the chunk's own computation."""
+    x, weight, bias, labels, *rows = tensors
     idx = [i for i in range(3) if needs[i]]
 
-    def chunk_grad(s, e, cot):
+    def value(s, e):
+        lab, rc = _chunk_inputs(plan, labels, rows, s, e)
+        return plan.call(x[s:e], weight, bias, lab, rc)
+
+    def grad(s, e, cot):
         lab, rc = _chunk_inputs(plan, labels, rows, s, e)
         own = [x[s:e], weight, bias]
 
@@ -228,7 +285,7 @@ def _vjp_chunk_fn(plan, x, weight, bias, labels, rows, needs):
             args = list(own)
             for i, d in zip(idx, diff):
                 args[i] = d
-            return reduce_chunk(plan.call(args[0], args[1], args[2], lab, rc), bool(plan.per_row), e - s)
+            return reduce_chunk(plan.call(args[0], args[1], args[2], lab, rc), bool(per_row), e - s)
 
         out, vjp_fn = torch.func.vjp(f, *[own[i] for i in idx])
         got = vjp_fn(cot.to(out.dtype))
@@ -238,4 +295,4 @@ def _vjp_chunk_fn(plan, x, weight, bias, labels, rows, needs):
             full[i] = g
         return out, full[0], full[1:]
 
-    return chunk_grad
+    return ChunkStep(value, grad)

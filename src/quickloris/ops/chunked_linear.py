@@ -3,8 +3,8 @@
 `chunked_linear_loss(x, weight, labels, loss=...)` computes `loss(x @ weight.T + bias, labels)` chunk by chunk
 of rows without ever holding the [tokens, vocab] logits; `MemoryEfficientLinear.apply(X, linear, labels,
 forward_function)` is the challenge specification's interface. The math, the memory accounting and the two
-schedules (recompute in backward / gradient in forward) are in `quickloris.ops.chunked_core`; the chunk-size
-rule is `choose_chunk_size`.
+schedules (recompute in backward / gradient in forward) are in `quickloris.ops.chunked_core`, whose chunk loop both
+Functions use; the chunk-size rule is `choose_chunk_size`.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from quickloris.ops.chunked_core import (  # noqa: F401 - re-exported
-    BYTES_PER_LOGIT, DEFAULT_MEMORY_BUDGET, ChunkedLinearFunction, ChunkPlan, amp_context, amp_state, grad_loop,
-    reduce_chunk, scale_cast, row_spans, choose_chunk_size, resolve_chunk_size)
+    BYTES_PER_LOGIT, DEFAULT_MEMORY_BUDGET, ChunkedLinearFunction, ChunkPlan, ChunkStep, amp_context, amp_state,
+    chunked_backward, chunked_forward, grad_loop, reduce_chunk, scale_cast, row_spans, choose_chunk_size,
+    resolve_chunk_size)
 
 
 class MemoryEfficientLinear(torch.autograd.Function):
@@ -66,55 +67,24 @@ class MemoryEfficientLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plan: ChunkPlan, x, labels, *params):
         needs = (bool(ctx.needs_input_grad[1]), *(bool(v) for v in ctx.needs_input_grad[3:]))
-        spans = row_spans(x.shape[0], plan.chunk)
-        ctx.plan, ctx.needs, ctx.amp = plan, needs, amp_state(x)
-        if plan.grad_in_forward and any(needs):
-            ctx.per_row = False
-            chunk_grad = _autograd_chunk_fn(plan, None, x, labels, params, needs)
-            one = torch.ones((), dtype=torch.float32, device=x.device)
-            outs, dx, grads = grad_loop(plan, False, x, needs[0], len(params), chunk_grad, one, True,
-                                         torch.float32)
-            ctx.save_for_backward(dx, *grads)
-            ctx.x_dtype, ctx.param_dtypes = x.dtype, [p.dtype for p in params]
-            return torch.stack(outs).sum() if outs else x.new_zeros((), dtype=torch.float32)
-        # Scalar or per-row output is decided by the first chunk, as the specification does.
-        first = None
-        if spans:
-            s, e = spans[0]
-            first = plan.call(x[s:e], None, None, None if labels is None else labels[s:e], {})
-        per_row = first is not None and first.dim() > 0
-        ctx.per_row = per_row
-        outs = []
-        for i, (s, e) in enumerate(spans):
-            raw = first if i == 0 else plan.call(x[s:e], None, None, None if labels is None else labels[s:e], {})
-            outs.append(reduce_chunk(raw, per_row, e - s))
-            first = raw = None
-        if any(needs):
-            ctx.save_for_backward(x, labels, *params)
-        if not outs:
-            return x.new_zeros((), dtype=torch.float32)
-        return torch.cat(outs) if per_row else torch.stack(outs).sum()
+        return chunked_forward(ctx, plan, _module_step, (x, labels, *params), params, needs)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        plan, needs = ctx.plan, ctx.needs
-        if plan.grad_in_forward:
-            dx, *grads = ctx.saved_tensors
-            return (None, scale_cast(dx, grad_out, ctx.x_dtype), None,
-                    *[scale_cast(g, grad_out, d) for g, d in zip(grads, ctx.param_dtypes)])
-        x, labels, *params = ctx.saved_tensors
-        chunk_grad = _autograd_chunk_fn(plan, ctx.per_row, x, labels, params, needs)
-        with amp_context(ctx.amp):
-            _, dx, grads = grad_loop(plan, ctx.per_row, x, needs[0], len(params), chunk_grad, grad_out, False,
-                                      x.dtype)
-        return (None, dx, None, *[scale_cast(g, None, p.dtype) for g, p in zip(grads, params)])
+        dx, *grads = chunked_backward(ctx, grad_out, _module_step)
+        return (None, dx, None, *grads)
 
 
-def _autograd_chunk_fn(plan, per_row, x, labels, params, needs):
-    """Per-chunk (output, dx, [grad per param]) by `torch.autograd.grad` through the module's own forward."""
+def _module_step(plan: ChunkPlan, tensors, needs, per_row) -> ChunkStep:
+    """`MemoryEfficientLinear`'s chunk: `plan.call` on (x, labels) through the module; (output, dx, [grad per
+    param]) by `torch.autograd.grad`. per_row None (gradient in forward): the output must be a scalar."""
+    x, labels, *params = tensors
 
-    def chunk_grad(s, e, cot):
+    def value(s, e):
+        return plan.call(x[s:e], None, None, None if labels is None else labels[s:e], {})
+
+    def grad(s, e, cot):
         xc = x[s:e].detach().requires_grad_(needs[0])
         lab = None if labels is None else labels[s:e]
         with torch.enable_grad():
@@ -131,7 +101,7 @@ def _autograd_chunk_fn(plan, per_row, x, labels, params, needs):
         gps = [next(it) if n else None for n in needs[1:]]
         return out.detach(), gx, gps
 
-    return chunk_grad
+    return ChunkStep(value, grad)
 
 
 def _check_tensor(name: str, t: Any, *, dims: tuple[int, ...] | None = None) -> torch.Tensor:

@@ -11,9 +11,10 @@ chunks depends on the token count, so a compiled loss would recompile for every 
     dx_c = d l_c / d x_c                 by `torch.func.vjp` inside the compiled function (no written derivative)
 
 compiled once with dynamic shapes (all chunks have `C` rows but the last; a 1-row tail is merged into the chunk
-before it, so no size-1 specialisation). An autograd Function loops over the chunks in forward, keeps dx ([N, H]
-in x's dtype: the gradient-in-forward schedule, one head matmul fewer than recomputing in backward) and returns
-``dx * grad_out`` in backward. Memory: one chunk's [C, V] fp32 logits and their gradient at a time (C from
+before it, so no size-1 specialisation). An autograd Function runs it through the shared chunk loop
+(`quickloris.ops.chunked_core.chunked_forward`, gradient-in-forward schedule: one head matmul fewer than
+recomputing in backward): forward sums the l_c in fp32 and assembles dx ([N, H], held in x's dtype), backward
+returns ``dx * grad_out``. Memory: one chunk's [C, V] fp32 logits and their gradient at a time (C from
 `choose_chunk_size`, 1 GiB budget by default) plus dx. Inductor fuses the upcast, log-sum-exp, target gather
 and the softmax-minus-one-hot gradient into a few kernels around the two matmuls.
 
@@ -31,7 +32,8 @@ from torch import nn
 
 from quickloris.models import surgery
 from quickloris.models.chunked_loss import STEP as LOSS, causal_lm_parts, eager_head_loss, set_head_loss
-from quickloris.ops.chunked_core import choose_chunk_size
+from quickloris.ops.chunked_core import (ChunkPlan, ChunkStep, choose_chunk_size, chunked_backward, chunked_forward,
+                                         row_spans)
 from quickloris.ops.linear_losses import cross_entropy
 from quickloris.parallel.regions import without_duck_sizing
 
@@ -56,10 +58,7 @@ def make_chunk_fn(backend: str = "inductor", mode: str | None = None, options: d
 
 def chunk_spans(n: int, chunk: int) -> list[tuple[int, int]]:
     """Row spans of `chunk` rows; a tail of one row joins the previous span (a 1-row chunk would recompile)."""
-    spans = [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
-    if len(spans) > 1 and spans[-1][1] - spans[-1][0] == 1:
-        spans[-2:] = [(spans[-2][0], n)]
-    return spans
+    return row_spans(n, chunk, merge_unit_tail=True)
 
 
 class CompiledChunkedCE(torch.autograd.Function):
@@ -67,21 +66,32 @@ class CompiledChunkedCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, chunk_fn, x, weight, labels, scale, chunk: int, options: tuple):
-        total = x.new_zeros((), dtype=torch.float32)
-        dx = torch.empty_like(x) if ctx.needs_input_grad[1] else None
-        for s, e in chunk_spans(x.shape[0], chunk):
-            value, g = chunk_fn(x[s:e], weight, labels[s:e], scale, *options)
-            total = total + value
-            if dx is not None:
-                dx[s:e] = g
-            del g
-        ctx.save_for_backward(dx)
-        return total
+        plan = ChunkPlan(call=chunk_fn, chunk=chunk, grad_in_forward=True, merge_unit_tail=True, dx_dtype=x.dtype)
+        return chunked_forward(ctx, plan, _compiled_step(options), (x, weight, labels, scale), (),
+                               (bool(ctx.needs_input_grad[1]),))
 
     @staticmethod
     def backward(ctx, grad_out):
-        (dx,) = ctx.saved_tensors
-        return None, (dx * grad_out.to(dx.dtype)) if dx is not None else None, None, None, None, None, None
+        # dx is held in x's dtype, so the upstream gradient is applied in that dtype; gradient in forward: no
+        # recompute, no step needed.
+        (dx,) = chunked_backward(ctx, grad_out.to(ctx.dtypes[0]), None)
+        return None, dx, None, None, None, None, None
+
+
+def _compiled_step(options: tuple):
+    """The chunk as the compiled function computes it: (l_c, dx_c) in one call. Its cotangent is always 1 (the
+    gradient-in-forward schedule), which the function applies itself; without a gradient, dx_c is dropped."""
+
+    def make(plan: ChunkPlan, tensors, needs, per_row) -> ChunkStep:
+        x, weight, labels, scale = tensors
+
+        def grad(s, e, cot):
+            value, dx = plan.call(x[s:e], weight, labels[s:e], scale, *options)
+            return value, dx, []
+
+        return ChunkStep(lambda s, e: grad(s, e, None)[0], grad)
+
+    return make
 
 
 def compiled_head_loss(chunk_fn, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
