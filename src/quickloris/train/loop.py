@@ -40,6 +40,7 @@ import torch
 from quickloris.config import ConfigError
 from quickloris.data.chat import IGNORE_INDEX, TokenizedExample
 from quickloris.data.packing import collate, epoch_batches
+from quickloris.models.chunked_loss import shift_for_causal_lm
 from quickloris.train.config import TrainConfig
 
 
@@ -124,7 +125,7 @@ class BatchStream:
 
 def shifted_labels(labels: torch.Tensor) -> torch.Tensor:
     """``labels[:, t + 1]`` at position t (-100 at the end): what the logits at t are scored against."""
-    return torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    return shift_for_causal_lm(labels, IGNORE_INDEX)
 
 
 def micro_batch_loss(model: torch.nn.Module, batch: dict[str, Any], num_items: torch.Tensor,

@@ -243,11 +243,7 @@ def run_train(model_cfg: ModelConfig, data_cfg: DataConfig, qlora_cfg: QLoRAConf
                            dist=ctx)
         if ctx is None:
             last["checkpoint"] = save_checkpoint(out, model, optimizer, state, fp).name
-            adapter_dir = save_adapter(model, out / ADAPTER_DIR)
-        else:
-            from quickloris.parallel.fsdp import save_adapter as save_sharded_adapter
-
-            adapter_dir = save_sharded_adapter(model, out / ADAPTER_DIR)  # every rank: gathered, rank 0 writes
+        adapter_dir = save_adapter(model, out / ADAPTER_DIR)  # sharded: every rank gathers, rank 0 writes
     except TrainingDiverged as e:  # under FSDP every rank is here, at the same step (the loop's checks)
         e.checkpoint = last["checkpoint"]
         write_reports(state, e, wall_seconds=round(time.perf_counter() - started, 1))
