@@ -38,8 +38,9 @@ def test_export_from_model_and_adapter_folders(tmp_path, seed, helpers, bpe_toke
     lora.save_pretrained(tmp_path / "adapter")
     expected = lora.merge_and_unload().model.layers[1].mlp.down_proj.weight.detach()
     out = tmp_path / "out.gguf"
+    # a PEFT adapter trained on the 16-bit model: merged into that (the default would be the NF4 base)
     rc = main(["export", "gguf", "--model", str(tmp_path / "model"), "--adapter", str(tmp_path / "adapter"),
-               "--out", str(out), "--quant", "q4_k_m", "--threads", "2", "--name", "tiny"])
+               "--out", str(out), "--quant", "q4_k_m", "--threads", "2", "--name", "tiny", "--merge-base", "original"])
     assert rc == 0
     assert f"wrote {out}" in capsys.readouterr().out
     r = gguf.GGUFReader(out)

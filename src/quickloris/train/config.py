@@ -170,6 +170,10 @@ class EvalTaskConfig:
     output: str | None = field(None, help="write the result (accuracy, samples) to this JSON file")
     nf4: bool | None = field(None, help="quantize the base linears to NF4 first (as training does); unset: yes "
                              "with --adapter, no without")
+    gguf: str | None = field(None, help="also score this GGUF file (e.g. from quickloris export gguf) through "
+                             "llama.cpp on the same problems, prompts and exact-match rule; with --adapter the table "
+                             "shows before / after / exported; without --adapter or --nf4 only the file is scored "
+                             "(--model gives the tokenizer and chat template)")
 
     def __post_init__(self) -> None:
         from quickloris.data.tasks import get_task
@@ -179,5 +183,6 @@ class EvalTaskConfig:
         _positive_int("EvalTaskConfig", "seed", self.seed, minimum=0)
         _optional_path("EvalTaskConfig", "chat_template", self.chat_template)
         _optional_path("EvalTaskConfig", "output", self.output)
+        _optional_path("EvalTaskConfig", "gguf", self.gguf)
         if self.nf4 is not None and not isinstance(self.nf4, bool):
             raise TypeError(f"EvalTaskConfig.nf4 must be True, False or None (auto), got {self.nf4!r}")
