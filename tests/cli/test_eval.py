@@ -86,7 +86,7 @@ def test_embedded_task_and_dense_model(run, capsys):
 def test_clear_errors(run, tmp_path, case):
     d = tmp_path
     if case == "no-nf4-adapter":
-        args, err, match = ["--adapter", run["out"] / "adapter", "--no-nf4"], ValueError, "NF4 base"
+        args, err, match = ["--adapter", run["out"] / "adapter", "--no-nf4"], ValueError, "^--no-nf4 with --adapter"
     elif case == "multi-line-answer":
         f = write_jsonl(d / "e.jsonl", [FIXED[0], {"messages": [{"role": "user", "content": "q"},
                                                                 {"role": "assistant", "content": "a\nb"}]}])
@@ -101,3 +101,97 @@ def test_clear_errors(run, tmp_path, case):
         args, err, match = ["--task", "multiplication"], ValueError, "unknown task 'multiplication'"
     with pytest.raises(err, match=match):
         main(["eval", "--model", str(run["model"]), "--threads", "1", *map(str, args)])
+
+
+@pytest.mark.parametrize("case", ["no-nf4-adapter", "missing-adapter", "missing-gguf", "not-gguf", "adapter-misfit"])
+def test_checks_before_loading(run, tmp_path, monkeypatch, case):
+    """Checks that need no model fail in one line naming the options, before the tokenizer or model is loaded."""
+    import shutil
+
+    from quickloris.models import loading
+
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("the model was loaded before the check"))
+    monkeypatch.setattr(loading, "load_tokenizer", lambda *a, **k: pytest.fail("loaded before the check"))
+    model, adapter = run["model"], run["out"] / "adapter"
+    if case == "no-nf4-adapter":
+        args, err, match = ["--adapter", adapter, "--no-nf4"], ValueError, r"^--no-nf4 with --adapter: an adapter is " \
+            r"scored on the NF4 base it was trained on; to score it merged into the 16-bit weights, export it with " \
+            r"`quickloris export gguf --merge-base original --quant f16` and score the file with --gguf$"
+    elif case == "missing-adapter":
+        args, err, match = ["--adapter", tmp_path / "nope"], FileNotFoundError, r"^--adapter \S+nope is not a folder$"
+    elif case == "missing-gguf":
+        args, err, match = ["--gguf", tmp_path / "x.gguf"], FileNotFoundError, r"^--gguf \S+x\.gguf is not a file$"
+    elif case == "not-gguf":
+        (tmp_path / "x.gguf").write_text("not a model")
+        args, err, match = ["--gguf", tmp_path / "x.gguf"], ValueError, r"^--gguf \S+x\.gguf is not a GGUF file"
+    else:  # the same model with a wider MLP: the adapter's down_proj no longer fits
+        model = shutil.copytree(run["model"], tmp_path / "wider")
+        cfg = json.loads((model / "config.json").read_text())
+        (model / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 128}))
+        args, err, match = ["--adapter", adapter], ValueError, r"^--adapter \S+adapter does not fit --model \S+wider: " \
+            r"model\.layers\.0\.mlp\.down_proj takes 128 inputs, but the adapter's lora_A is \[16, 96\]$"
+    with pytest.raises(err, match=match):
+        main(["eval", "--model", str(model), "--threads", "1", *map(str, args)])
+
+
+def _greedy_margins(run, prompts_ids, max_new_tokens):
+    """Top-1 minus top-2 logit at every greedy step of the model `eval --adapter` scores, and the largest |logit|."""
+    from quickloris.models.loading import load_model, resolve_model
+    from quickloris.models.prepare import prepare_model
+    from quickloris.train.evaluation import run_quantization
+
+    adapter = run["out"] / "adapter"
+    model = prepare_model(load_model(resolve_model(str(run["model"]))), run_quantization(adapter),
+                          adapter=str(adapter)).eval()
+    model.config.use_cache = True
+    margins, largest = [], 0.0
+    with torch.no_grad():
+        for ids in prompts_ids:
+            out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=max_new_tokens,
+                                 output_scores=True, return_dict_in_generate=True)
+            for step in out.scores:
+                top = step[0].float().topk(2).values
+                margins.append(float(top[0] - top[1]))
+                largest = max(largest, float(step[0].abs().max()))
+    return min(margins), largest
+
+
+def test_gguf_export_scores_like_the_adapter(run, tmp_path, capsys):
+    """The default (NF4-merge) F32 export, scored through llama.cpp, gives the adapter's replies: llama.cpp's
+    logits differ from the scored model's by float32 reassociation only (< 1e-4 of the largest logit, see
+    tests/export/test_merge_base.py), and every greedy step of these prompts has a top-1/top-2 gap far larger,
+    so no argmax can flip. The before / after / exported table shows all three."""
+    from quickloris.hf.evaluate import prompt_ids
+
+    f32 = tmp_path / "f32.gguf"
+    assert main(["export", "gguf", "--model", str(run["model"]), "--adapter", str(run["out"] / "adapter"),
+                 "--quant", "f32", "--out", str(f32)]) == 0
+    capsys.readouterr()
+    from quickloris.data.tasks import get_task
+    from quickloris.models.loading import load_tokenizer, resolve_model
+    from quickloris.train.runtime import load_eval_examples
+
+    tok = load_tokenizer(resolve_model(str(run["model"])))
+    cases = {"held": (["--eval-data", run["held"]], load_eval_examples(str(run["held"]))),
+             "reverse": (["--task", "reverse", "--num-eval", 12], get_task("reverse").generate("heldout", 12, 0))}
+    for name, (extra, examples) in cases.items():
+        result = _eval(run, "--adapter", run["out"] / "adapter", "--gguf", f32, *extra)
+        before, after, exported = result["rows"]
+        assert [r["row"] for r in result["rows"]] == ["before", "after", "exported"]
+        assert (exported["correct"], exported["samples"]) == (after["correct"], after["samples"])
+        assert (result["accuracy"], result["gguf"], result["nf4"]) == (after["accuracy"], str(f32), True)
+        nf4_only = _eval(run, "--nf4", *extra)
+        assert (before["correct"], before["samples"]) == (nf4_only["correct"], nf4_only["samples"])
+        alone = _eval(run, "--gguf", f32, *extra)  # the file alone: the model is not loaded
+        assert (alone["correct"], alone["samples"], alone["nf4"]) == (exported["correct"], exported["samples"], None)
+        assert "rows" not in alone
+        if name == "held":  # the run's own numbers, and something was learnt
+            metrics = run["metrics"]["eval"]
+            assert (before["accuracy"], after["accuracy"]) == (metrics["before"]["accuracy"],
+                                                               metrics["after"]["accuracy"])
+            assert after["accuracy"] > before["accuracy"]
+        ids = prompt_ids(tok, [ex.prompt_messages() for ex in examples])
+        margin, largest = _greedy_margins(run, ids, after["max_new_tokens"])
+        assert margin > 100 * 1e-4 * largest, f"{name}: near-tie {margin} (largest logit {largest})"
+    out = capsys.readouterr().out
+    assert "exact match on --eval-data" in out and "  exported  " in out and "f32.gguf (llama.cpp)" in out

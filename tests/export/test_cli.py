@@ -74,3 +74,30 @@ def test_export_from_a_bnb_4bit_folder(tmp_path, helpers, bpe_tokenizer):
     tensors = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(tmp_path / "x.gguf").tensors}
     w = q.model.layers[1].mlp.down_proj.weight
     np.testing.assert_array_equal(tensors["blk.1.ffn_down.weight"], bnbf.dequantize_4bit(w.data, w.quant_state).float())
+
+
+@pytest.mark.parametrize("model_format", ["folder", "gguf"])
+def test_an_adapter_for_another_model_is_one_line(model_format, tmp_path, helpers, bpe_tokenizer, monkeypatch):
+    """Checked from config.json before a folder model is loaded; a GGUF model right after loading (reading its
+    config from the file costs about as much as loading it); nothing is written."""
+    from peft import LoraConfig, get_peft_model
+
+    from quickloris.export import export_gguf, gguf_export
+
+    other = helpers.tiny_model(vocab_size=len(bpe_tokenizer), hidden=32, inter=64)
+    get_peft_model(other, LoraConfig(r=2, target_modules=["q_proj", "down_proj"])).save_pretrained(tmp_path / "adapter")
+    base = helpers.tiny_model(vocab_size=len(bpe_tokenizer), hidden=64, inter=128)
+    if model_format == "folder":
+        base.save_pretrained(tmp_path / "model")
+        bpe_tokenizer.save_pretrained(tmp_path / "model")
+        model = tmp_path / "model"
+        monkeypatch.setattr(gguf_export, "_load", lambda *a: pytest.fail("the model was loaded before the check"))
+    else:
+        model = tmp_path / "model.gguf"
+        export_gguf(base, model, tokenizer=bpe_tokenizer, quant="f32")
+    with pytest.raises(ValueError, match=r"^--adapter \S+adapter does not fit --model \S+model(\.gguf)?: "
+                                         r"model\.layers\.0\.mlp\.down_proj takes 128 inputs, but the adapter's "
+                                         r"lora_A is \[2, 64\]$"):
+        main(["export", "gguf", "--model", str(model), "--adapter", str(tmp_path / "adapter"),
+              "--out", str(tmp_path / "x.gguf")])
+    assert not (tmp_path / "x.gguf").exists()

@@ -130,8 +130,10 @@ def test_original_is_refused_for_a_4bit_folder(tmp_path, helpers, bpe_tokenizer,
     from quickloris.export import gguf_export
 
     helpers.tiny_model(vocab_size=len(bpe_tokenizer), hidden=128, inter=256).save_pretrained(tmp_path / "base")
-    q = AutoModelForCausalLM.from_pretrained(tmp_path / "base", device_map="cpu", quantization_config=BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True))
+    q = AutoModelForCausalLM.from_pretrained(tmp_path / "base", device_map="cpu",
+                                             quantization_config=BitsAndBytesConfig(
+                                                 load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                 bnb_4bit_use_double_quant=True))
     q.save_pretrained(tmp_path / "bnb")
     monkeypatch.setattr(gguf_export, "_load", lambda *a: pytest.fail("the model was loaded"))
     with pytest.raises(ValueError, match=r"^--merge-base original: --model .*bnb is a pre-quantized NF4 folder"):

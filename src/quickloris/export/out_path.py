@@ -59,7 +59,7 @@ def check_out(out: str | os.PathLike, *, overwrite: bool, inputs: Iterable[tuple
     if path.exists():
         for source, what in inputs:
             if _same_file(path, source):
-                raise ValueError(f"{option} {out} is {what} ({source}): the export would destroy its own input; "
+                raise ValueError(f"{option} {out} is {what} ({source}): an export never writes over its own input; "
                                  f"choose another path ({overwrite_option} does not apply to inputs)")
     if os.path.lexists(path) and not overwrite:
         raise FileExistsError(f"{option} {out} already exists; pass {overwrite_option} to replace it")

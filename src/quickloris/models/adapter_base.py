@@ -52,7 +52,8 @@ class NF4Base:
     def describe(self) -> str:
         what = (f"NF4 blocksize {self.blocksize}{', double quant' if self.double_quant else ''}, "
                 f"{_ROUNDING_NAMES[self.rounding]} rounding, {self.dtype}")
-        return f"{what} (from {self.origin})" if self.origin else f"{what} (no run config next to the adapter: defaults)"
+        where = f"from {self.origin}" if self.origin else "no run config next to the adapter: defaults"
+        return f"{what} ({where})"
 
 
 def run_config(adapter: str | os.PathLike) -> tuple[Path, dict[str, Any]] | None:

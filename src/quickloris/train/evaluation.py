@@ -116,7 +116,8 @@ def _echo_result(echo: Callable[[str], None], label: str, result: dict[str, Any]
          f"{result['seconds']:.1f} s")
     for s in result["samples"][:3]:
         reply = s["reply"].strip().splitlines()[0] if s["reply"].strip() else ""
-        echo(f"    {s['question']!r} -> {reply[:60]!r}  (expected {s['answer']!r}: {'right' if s['correct'] else 'wrong'})")
+        verdict = "right" if s["correct"] else "wrong"
+        echo(f"    {s['question']!r} -> {reply[:60]!r}  (expected {s['answer']!r}: {verdict})")
 
 
 def run_eval(model_cfg: ModelConfig, task_cfg: EvalTaskConfig, eval_cfg: EvalConfig, *,
