@@ -128,8 +128,9 @@ def test_checks_before_loading(run, tmp_path, monkeypatch, case):
         model = shutil.copytree(run["model"], tmp_path / "wider")
         cfg = json.loads((model / "config.json").read_text())
         (model / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 128}))
-        args, err, match = ["--adapter", adapter], ValueError, r"^--adapter \S+adapter does not fit --model \S+wider: " \
-            r"model\.layers\.0\.mlp\.down_proj takes 128 inputs, but the adapter's lora_A is \[16, 96\]$"
+        args, err = ["--adapter", adapter], ValueError
+        match = r"^--adapter \S+adapter does not fit --model \S+wider: model\.layers\.0\.mlp\.down_proj takes 128 " \
+                r"inputs, but the adapter's lora_A is \[16, 96\]$"
     with pytest.raises(err, match=match):
         main(["eval", "--model", str(model), "--threads", "1", *map(str, args)])
 
@@ -195,3 +196,15 @@ def test_gguf_export_scores_like_the_adapter(run, tmp_path, capsys):
         assert margin > 100 * 1e-4 * largest, f"{name}: near-tie {margin} (largest logit {largest})"
     out = capsys.readouterr().out
     assert "exact match on --eval-data" in out and "  exported  " in out and "f32.gguf (llama.cpp)" in out
+
+
+def test_readme_documents_every_eval_option():
+    import dataclasses
+    from pathlib import Path
+
+    from quickloris.train.config import EvalTaskConfig
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("`quickloris eval` takes the **model** and **evaluation** options above and:"):]
+    for f in dataclasses.fields(EvalTaskConfig):
+        assert f"| `--{f.name.replace('_', '-')}" in section, f"README lacks --{f.name}"

@@ -24,6 +24,15 @@ def test_help_lists_every_config_field(capsys):
     assert "{f32,f16,bf16,q8_0,q4_0,q4_k_s,q4_k_m,q5_k_s,q5_k_m,q6_k}" in out
 
 
+def test_readme_documents_every_option():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("Options of `quickloris export gguf`"):]
+    for f in dataclasses.fields(GGUFExportConfig):
+        assert f"| `--{f.name.replace('_', '-')}" in section, f"README lacks --{f.name}"
+
+
 def test_export_from_model_and_adapter_folders(tmp_path, seed, helpers, bpe_tokenizer, capsys):
     from peft import LoraConfig, get_peft_model
 

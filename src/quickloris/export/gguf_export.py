@@ -168,7 +168,7 @@ class GGUFExportConfig:
         None, help="base weights the adapter is merged into: nf4 = the NF4 base it was trained and scored on (the "
         "run's block size, double quant, rounding and dtype, from the run's config.json), so the file answers "
         "like `quickloris eval --adapter`; original = the 16-bit weights as stored (differs by the NF4 "
-        "quantization error); none = nf4 with --adapter, the model as stored without")
+        "quantization error); unset: nf4 with --adapter, the model as stored without")
     quant: Preset = cli_field("q4_k_m", help=QUANT_HELP)
     threads: int = cli_field(0, help="quantization threads (0 = all cores)")
     name: str | None = cli_field(None, help="general.name stored in the file; none = the model folder name")
