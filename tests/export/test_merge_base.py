@@ -62,8 +62,8 @@ def test_nf4_merge_runs_like_the_scored_model_and_original_differs(tmp_path, see
     model, folder, adapter = make_run(tmp_path, helpers, bpe_tokenizer)
     scored = scored_model(folder, adapter)
     nf4 = export(folder, adapter, tmp_path / "nf4.gguf", "--quant", "f32")  # default --merge-base nf4
-    assert "merge base: nf4: the NF4 base the adapter was trained on (NF4 blocksize 64, double quant, CPU " \
-           "rounding, float32 (no run config" in capsys.readouterr().out
+    assert "merge base: nf4, the NF4 base the adapter was trained on (blocksize 64, double quant, CPU rounding, " \
+           "float32; no run config next to the adapter: defaults)" in capsys.readouterr().out
     orig = export(folder, adapter, tmp_path / "orig.gguf", "--quant", "f32", "--merge-base", "original")
 
     # Tensor level: the file holds the scored model's own NF4 weights + s·B·A, the original merge W + s·B·A.
@@ -102,11 +102,15 @@ def test_nf4_merge_runs_like_the_scored_model_and_original_differs(tmp_path, see
 def test_nf4_settings_of_the_run_are_used(tmp_path, seed, helpers, bpe_tokenizer, monkeypatch, capsys):
     """Block size, double quantization, rounding (the run's device) and dtype come from the run's config.json."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # reproduce the CUDA rounding on the CPU
+    (tmp_path / "elsewhere").mkdir()
     config = {"qlora": {"blocksize": 128, "double_quant": True, "lora_dtype": "float32"},
-              "resolved": {"device": "cuda:0", "dtype": "torch.bfloat16"}}
+              "resolved": {"device": "cuda:0", "dtype": "torch.bfloat16", "model_path": str(tmp_path / "elsewhere")}}
     model, folder, adapter = make_run(tmp_path, helpers, bpe_tokenizer, run_config=config)
     tensors = export(folder, adapter, tmp_path / "m.gguf", "--quant", "f32")
-    assert f"rounding, bfloat16 (from {tmp_path / 'run' / 'config.json'})" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"(blocksize 128, double quant, CUDA rounding, bfloat16; settings from {tmp_path / 'run' / 'config.json'})" \
+        in out
+    assert f"note: the adapter's run trained on {tmp_path / 'elsewhere'}, this export's --model is {folder}" in out
     dense = model.model.layers[1].mlp.down_proj.weight.detach()
     packed, state = quantize_nf4(dense.to(torch.bfloat16), blocksize=128, double_quant=True, rounding="bnb-cuda")
     base = dequantize_nf4_reference(packed, state, dtype=torch.bfloat16).float()

@@ -84,9 +84,9 @@ class MergeBase:
 
     def describe(self) -> str:
         if self.kind == "nf4":
-            return f"nf4: the NF4 base the adapter was trained on ({self.nf4.describe()})"
+            return f"nf4, the NF4 base the adapter was trained on ({self.nf4.describe()})"
         if self.kind == "original":
-            return "original: the base weights as stored (not the NF4 base the adapter was trained on)"
+            return "original, the base weights as stored (not the NF4 base the adapter was trained on)"
         return "the weights the model holds"
 
 

@@ -50,10 +50,10 @@ class NF4Base:
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.dtype]
 
     def describe(self) -> str:
-        what = (f"NF4 blocksize {self.blocksize}{', double quant' if self.double_quant else ''}, "
+        what = (f"blocksize {self.blocksize}{', double quant' if self.double_quant else ''}, "
                 f"{_ROUNDING_NAMES[self.rounding]} rounding, {self.dtype}")
-        where = f"from {self.origin}" if self.origin else "no run config next to the adapter: defaults"
-        return f"{what} ({where})"
+        return f"{what}; " + (f"settings from {self.origin}" if self.origin else
+                              "no run config next to the adapter: defaults")
 
 
 def run_config(adapter: str | os.PathLike) -> tuple[Path, dict[str, Any]] | None:
