@@ -167,3 +167,26 @@ def test_python_api_merge_base(tmp_path, helpers, bpe_tokenizer):
     with pytest.raises(ValueError, match="merge_base must be one of nf4, original"):
         export_gguf(model, tmp_path / "d.gguf", tokenizer=bpe_tokenizer, merge_base="fp16")
     assert not (tmp_path / "d.gguf").exists()
+
+
+def test_peft_adapter_folder_with_original_equals_the_attached_peft_model(tmp_path, helpers, bpe_tokenizer):
+    """An adapter trained with PEFT on the 16-bit model: `original` gives the file of the PeftModel in memory (whose
+    weights are merged as held); the default NF4 base gives another."""
+    from peft import LoraConfig, get_peft_model
+
+    base = helpers.tiny_model(vocab_size=len(bpe_tokenizer), hidden=64, inter=128)
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8,
+                                                                target_modules=["q_proj", "up_proj"]))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    files = {}
+    for name, model, kw in (("attached", peft_model, {}), ("original", base, dict(merge_base="original")),
+                            ("nf4", base, {})):
+        adapter = None if name == "attached" else tmp_path / "adapter"
+        export_gguf(model, tmp_path / f"{name}.gguf", tokenizer=bpe_tokenizer, quant="q8_0", adapter=adapter, **kw)
+        files[name] = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(tmp_path / f"{name}.gguf").tensors}
+    assert all(np.array_equal(files["attached"][k], files["original"][k]) for k in files["attached"])
+    assert not np.array_equal(files["nf4"]["blk.0.ffn_up.weight"], files["original"]["blk.0.ffn_up.weight"])
