@@ -1,7 +1,7 @@
 """Time to quantize a Llama-3.2-1B-shaped model to GGUF on the CPU: quickloris' C++ core vs the
 `gguf` package's numpy path and llama.cpp's own quantizer (ggml, bundled with llama-cpp-python).
 
-    .venv/bin/python benchmarks/gguf_quantize.py [--threads 2] [--layers 16] [--out DIR]
+    .venv/bin/python -m benchmarks.gguf_quantize [--threads 2] [--layers 16] [--out DIR]    # in the repository root
 
 Shapes: 16 layers, hidden 2048, intermediate 8192, 32 query / 8 key-value heads of 64, vocab 128256,
 tied embeddings (1.236 B parameters). Weights are random normal (std 0.02), generated one tensor at a
@@ -32,6 +32,7 @@ import numpy as np
 from quickloris.export import ggml_reference
 from quickloris.export.quants import GGMLType, quantize, tensor_type
 from quickloris.export.writer import GGUFWriter
+from benchmarks.report import after_record
 from quickloris.utils.provenance import record
 
 
@@ -156,8 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     from quickloris import _native
 
     results["quickloris_kquant_isa"] = _native.kquant_isa()
-    path = record("gguf", args.name, results, args.out)
-    print(path)
+    after_record(record("gguf", args.name, results, args.out))
     for k, v in results.items():
         print(f"{k}: {v}")
     return 1 if mismatched else 0

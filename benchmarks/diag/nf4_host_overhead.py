@@ -8,7 +8,7 @@ import time
 import torch
 
 import quickloris
-from quickloris.bench.dequant import _nf4_layer
+from benchmarks.dequant.bench import _nf4_layer  # run from the repository root (run.sh puts it on PYTHONPATH)
 from quickloris.kernels import nf4_dequant as K
 from quickloris.kernels import nf4_launch as KL
 

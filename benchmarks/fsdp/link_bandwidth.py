@@ -1,6 +1,6 @@
 """How fast the GPUs of this machine exchange bytes through NCCL (the link FSDP2's all-gathers use).
 
-    torchrun --standalone --nproc-per-node 2 benchmarks/fsdp/link_bandwidth.py --out DIR
+    torchrun --standalone --nproc-per-node 2 -m benchmarks.fsdp.link_bandwidth --out DIR    # in the repository root
     bash scripts/device/run.sh torchrun:benchmarks/fsdp/link_bandwidth.py     # on the device
 
 All-gather and reduce-scatter of 16 MiB .. 1 GiB (uint8 / fp32), 5 timed repetitions after 2 warm-up ones;
@@ -32,6 +32,7 @@ def timed(fn, reps: int = 5) -> float:
 
 
 def main() -> None:
+    from benchmarks.report import after_record
     from quickloris.utils.provenance import record
 
     p = argparse.ArgumentParser()
@@ -65,7 +66,7 @@ def main() -> None:
         path = record("fsdp", "link_bandwidth", {"world_size": world, "rows": rows, "nvidia_smi_topo": topo,
                                                   "nccl_env": {k: v for k, v in os.environ.items() if k.startswith("NCCL")}},
                       os.path.dirname(os.path.abspath(args.out)))
-        print(f"wrote {path}")
+        after_record(path)
     dist.destroy_process_group()
 
 

@@ -1,6 +1,6 @@
 """Where the QLoRA training step's time goes, and what trading memory back for speed buys (device diagnostics).
 
-    python benchmarks/train/probe_speed.py --out DIR --parts attention,1b,profile,8b
+    python -m benchmarks.train.probe_speed --out DIR --parts attention,1b,profile,8b    # in the repository root
     bash scripts/device/run.sh py:benchmarks/train/probe_speed.py   # parts from $QUICKLORIS_PROBE_PARTS
 
 Parts:
@@ -23,6 +23,7 @@ import os
 import re
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -131,7 +132,7 @@ GROUPS = [("gemm", r"gemm|cutlass|nvjet|xmma|sm90_|ampere_|cublas"), ("attention
 def part_profile(tm, attention: str, steps: int = 2) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
-    from quickloris.bench.loss_models import LLAMA_1B
+    from benchmarks.loss.models import LLAMA_1B
 
     base = tm.build_base(LLAMA_1B, device="cuda")
     torch._dynamo.reset()
@@ -176,7 +177,7 @@ def part_saved(tm, modes: list[str], device: str = "cuda", batch: int = 4, seq: 
     """What one 1B-shaped decoder layer saves for backward (batch x seq tokens, 2 layers), per checkpoint mode. On
     the CPU too (`--device cpu`, with fewer tokens): which tensors the partitioner keeps does not depend on the
     device, only their sizes on the token count."""
-    from quickloris.bench.loss_models import LLAMA_1B
+    from benchmarks.loss.models import LLAMA_1B
 
     base = tm.build_base(dict(LLAMA_1B, num_hidden_layers=2), device=device)
     ids = torch.randint(0, LLAMA_1B["vocab_size"], (batch, seq), device=device)
@@ -210,8 +211,9 @@ def part_saved(tm, modes: list[str], device: str = "cuda", batch: int = 4, seq: 
 
 
 def main() -> None:
-    from quickloris.bench import train_models as tm
-    from quickloris.bench.loss_models import LLAMA_1B
+    from benchmarks.loss.models import LLAMA_1B
+    from benchmarks.report import after_record
+    from benchmarks.train import models as tm
     from quickloris.utils.atomic import atomic_write_json
     from quickloris.utils.provenance import environment
 
@@ -263,6 +265,7 @@ def main() -> None:
         print(f"--- {part}: {results[f'{part}_seconds']} s", flush=True)
         atomic_write_json(path, {"environment": env, "results": results})  # after each part: a timeout keeps it
         print("wrote", path, flush=True)
+    after_record(Path(path))
 
 
 if __name__ == "__main__":

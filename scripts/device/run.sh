@@ -2,23 +2,24 @@
 # Runs ON the device machine, in the repo root, with `.device/` carried (scripts/device/prepare.sh).
 # Usage: bash scripts/device/run.sh STEP [STEP ...]
 #   gpu-tests[:PATHS]  pytest -m "gpu or multigpu" over tests/ (or comma-separated PATHS)
-#   bench-dequant      quickloris bench dequant
-#   bench-loss         quickloris bench loss
-#   bench-train        quickloris bench train
-#   py:FILE            any python script (e.g. py:benchmarks/foo.py)
+#   bench-AREA         quickloris bench AREA (dequant, loss, train, fsdp: benchmarks/AREA/bench.py); options from
+#                      $QUICKLORIS_BENCH_TRAIN_ARGS / $QUICKLORIS_BENCH_FSDP_ARGS
+#   py:FILE            any python script (e.g. py:benchmarks/train/probe_speed.py)
 #   sh:FILE            any bash script, with OUT exported (e.g. sh:scripts/device/fsdp_launchers.sh: the FSDP2 launches
 #                      of a 2-GPU machine - quickloris train --fsdp, accelerate launch, the multigpu test - in one go)
 #   torchrun:FILE      FILE under torchrun, one process per GPU, with --out $OUT/<FILE's name> and the options in
 #                      $QUICKLORIS_TORCHRUN_ARGS (e.g. torchrun:examples/fsdp_two_gpus.py)
 #   notebook           execute examples/fsdp_two_gpus.ipynb in place (all cells; 2 GPUs: its ranks run on them) and
 #                      return it in $OUT; needs .device/notebook-wheels (QUICKLORIS_DEVICE_NOTEBOOK=1 make device-prepare)
-# Results and logs go to $OUT (returned to the caller); keep it to <= 8 files.
+# Results and logs go to $OUT (returned to the caller; benchmarks also write $OUT/reports/<topic>_<gpu>_<yyyymm>.md);
+# keep it to <= 8 files.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/quickloris-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps .device/wheels/*.whl 2>&1 | grep -v "^WARNING" || true
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+# src/: the library; the repository root: the `benchmarks` package (part of the source tree, not of the wheel)
+export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export QUICKLORIS_COMMIT="$(cat .device/commit.txt 2>/dev/null || echo unknown)"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 LOG="$OUT/device.log"

@@ -22,7 +22,7 @@ _LAZY = {
     "NF4State": "quickloris.quant.nf4:NF4State",
     "MemoryEfficientLinear": "quickloris.ops.chunked_linear:MemoryEfficientLinear",
     "chunked_linear_loss": "quickloris.ops.chunked_linear:chunked_linear_loss",
-    "NF4Tensor": "quickloris.nn.nf4_tensor:NF4Tensor",
+    "NF4Tensor": "quickloris.tensor.nf4_tensor:NF4Tensor",
     "QLoRALinear": "quickloris.nn.qlora_linear:QLoRALinear",
     "QLoRAConfig": "quickloris.models.prepare:QLoRAConfig",
     "prepare_model": "quickloris.models.prepare:prepare_model",

@@ -11,8 +11,8 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from quickloris.bench import loss as bench  # noqa: E402
-from quickloris.bench import loss_models  # noqa: E402
+from benchmarks.loss import bench  # noqa: E402
+from benchmarks.loss import models as loss_models  # noqa: E402
 
 TINY = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)

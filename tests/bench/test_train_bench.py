@@ -14,7 +14,8 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 pytest.importorskip("bitsandbytes")
 
-from quickloris.bench import train as bench  # noqa: E402
+from benchmarks.report.markdown import num  # noqa: E402
+from benchmarks.train import bench  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -47,6 +48,11 @@ def test_tiny_run_of_1b_and_counts_parts(tmp_path, capsys):
     assert counts["max_rel_loss_diff_vs_eager"] < 1e-4
     out = capsys.readouterr().out
     assert "=== quickloris bench train: summary ===" in out and "compile counts, 5 steps" in out
+    # the month's readable report, next to the results (--out DIR: DIR/reports/), from the same record
+    (report,) = (tmp_path / "reports").glob("train_cpu_*.md")
+    text = report.read_text()
+    assert f"wrote {report}" in out and f"## {files[0].name}" in text and "### Protocol" in text
+    assert f"| ql_compiled | {num(runs['ql_compiled']['tokens_per_s'])} |" in text
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -11,7 +12,6 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from quickloris.cli.main import main  # noqa: E402
-from quickloris.data.jsonl import DataFormatError  # noqa: E402
 from tests.train.tiny import save_tiny_llama, write_jsonl  # noqa: E402
 
 FIXED = [{"messages": [{"role": "system", "content": "Reverse the digits."}, {"role": "user", "content": q},
@@ -83,29 +83,33 @@ def test_embedded_task_and_dense_model(run, capsys):
 
 @pytest.mark.parametrize("case", ["no-nf4-adapter", "multi-line-answer", "ends-with-user", "missing-file",
                                   "unknown-task"])
-def test_clear_errors(run, tmp_path, case):
+def test_clear_errors(run, tmp_path, case, capsys):
+    """One line naming the option or file:line, exit status 2, no traceback."""
     d = tmp_path
     if case == "no-nf4-adapter":
-        args, err, match = ["--adapter", run["out"] / "adapter", "--no-nf4"], ValueError, "^--no-nf4 with --adapter"
+        args, match = ["--adapter", run["out"] / "adapter", "--no-nf4"], "--no-nf4 with --adapter: an adapter is scored"
     elif case == "multi-line-answer":
         f = write_jsonl(d / "e.jsonl", [FIXED[0], {"messages": [{"role": "user", "content": "q"},
                                                                 {"role": "assistant", "content": "a\nb"}]}])
-        args, err, match = ["--eval-data", f], DataFormatError, r"e\.jsonl:2: the reference answer must be one line"
+        args, match = ["--eval-data", f], r"e\.jsonl:2: the reference answer must be one line"
     elif case == "ends-with-user":
         f = write_jsonl(d / "e.jsonl", [{"messages": [{"role": "assistant", "content": "hi"},
                                                       {"role": "user", "content": "q"}]}])
-        args, err, match = ["--eval-data", f], DataFormatError, r"e\.jsonl:1: the last message must be"
+        args, match = ["--eval-data", f], r"e\.jsonl:1: the last message must be"
     elif case == "missing-file":
-        args, err, match = ["--eval-data", d / "none.jsonl"], FileNotFoundError, "none.jsonl"
+        args, match = ["--eval-data", d / "none.jsonl"], "none.jsonl"
     else:
-        args, err, match = ["--task", "multiplication"], ValueError, "unknown task 'multiplication'"
-    with pytest.raises(err, match=match):
-        main(["eval", "--model", str(run["model"]), "--threads", "1", *map(str, args)])
+        args, match = ["--task", "multiplication"], "--task 'multiplication' is an unknown task"
+    capsys.readouterr()
+    assert main(["eval", "--model", str(run["model"]), "--threads", "1", *map(str, args)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("quickloris eval: error: ") and re.search(match, err[0]), err
 
 
 @pytest.mark.parametrize("case", ["no-nf4-adapter", "missing-adapter", "missing-gguf", "not-gguf", "adapter-misfit"])
-def test_checks_before_loading(run, tmp_path, monkeypatch, case):
-    """Checks that need no model fail in one line naming the options, before the tokenizer or model is loaded."""
+def test_checks_before_loading(run, tmp_path, monkeypatch, capsys, case):
+    """Checks that need no model fail in one line naming the options (exit status 2), before the tokenizer or the
+    model is loaded."""
     import shutil
 
     from quickloris.models import loading
@@ -114,25 +118,27 @@ def test_checks_before_loading(run, tmp_path, monkeypatch, case):
     monkeypatch.setattr(loading, "load_tokenizer", lambda *a, **k: pytest.fail("loaded before the check"))
     model, adapter = run["model"], run["out"] / "adapter"
     if case == "no-nf4-adapter":
-        args, err, match = ["--adapter", adapter, "--no-nf4"], ValueError, r"^--no-nf4 with --adapter: an adapter is " \
-            r"scored on the NF4 base it was trained on; to score it merged into the 16-bit weights, export it with " \
-            r"`quickloris export gguf --merge-base original --quant f16` and score the file with --gguf$"
+        args, match = ["--adapter", adapter, "--no-nf4"], r"--no-nf4 with --adapter: an adapter is scored on the NF4 " \
+            r"base it was trained on; to score it merged into the 16-bit weights, export it with `quickloris export " \
+            r"gguf --merge-base original --quant f16` and score the file with --gguf"
     elif case == "missing-adapter":
-        args, err, match = ["--adapter", tmp_path / "nope"], FileNotFoundError, r"^--adapter \S+nope is not a folder$"
+        args, match = ["--adapter", tmp_path / "nope"], r"--adapter \S+nope is not a folder"
     elif case == "missing-gguf":
-        args, err, match = ["--gguf", tmp_path / "x.gguf"], FileNotFoundError, r"^--gguf \S+x\.gguf is not a file$"
+        args, match = ["--gguf", tmp_path / "x.gguf"], r"--gguf \S+x\.gguf is not a file"
     elif case == "not-gguf":
         (tmp_path / "x.gguf").write_text("not a model")
-        args, err, match = ["--gguf", tmp_path / "x.gguf"], ValueError, r"^--gguf \S+x\.gguf is not a GGUF file"
+        args, match = ["--gguf", tmp_path / "x.gguf"], r"--gguf \S+x\.gguf is not a GGUF file \(it does not start"
     else:  # the same model with a wider MLP: the adapter's down_proj no longer fits
         model = shutil.copytree(run["model"], tmp_path / "wider")
         cfg = json.loads((model / "config.json").read_text())
         (model / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 128}))
-        args, err = ["--adapter", adapter], ValueError
-        match = r"^--adapter \S+adapter does not fit --model \S+wider: model\.layers\.0\.mlp\.down_proj takes 128 " \
-                r"inputs, but the adapter's lora_A is \[16, 96\]$"
-    with pytest.raises(err, match=match):
-        main(["eval", "--model", str(model), "--threads", "1", *map(str, args)])
+        args = ["--adapter", adapter]
+        match = r"--adapter \S+adapter does not fit --model \S+wider: model\.layers\.0\.mlp\.down_proj takes 128 " \
+                r"inputs, but the adapter's lora_A is \[16, 96\]"
+    capsys.readouterr()
+    assert main(["eval", "--model", str(model), "--threads", "1", *map(str, args)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.fullmatch(f"quickloris eval: error: {match}", err[0]), err
 
 
 def _greedy_margins(run, prompts_ids, max_new_tokens):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 
 from quickloris.cli.main import build_parser, main  # noqa: E402
 from quickloris.cli.train import configs_from_args, groups  # noqa: E402
-from quickloris.data.jsonl import DataFormatError  # noqa: E402
+from quickloris.config import options  # noqa: E402
 from quickloris.train.run import run_train  # noqa: E402
 from tests.train.tiny import save_tiny_llama, task_rows, write_jsonl  # noqa: E402
 
@@ -60,7 +61,7 @@ def test_run_folder_adapter_loads_in_peft_and_the_model_learns(files, tmp_path, 
     assert cfg["train"]["max_steps"] == 80 and cfg["qlora"]["lora_dropout"] == 0.05
     assert cfg["resolved"]["device"] == "cpu" and cfg["resolved"]["compile"] is False
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
-    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000080"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000060", "step-000080"]  # the last 2
 
     # PEFT reads the adapter; on the NF4-rounded base it computes what quickloris' model computes.
     from quickloris.models.adapters import load_adapter
@@ -85,7 +86,7 @@ def test_run_folder_adapter_loads_in_peft_and_the_model_learns(files, tmp_path, 
                                    rtol=1e-4, atol=1e-4)
 
 
-def test_resume_reproduces_the_uninterrupted_loss_curve(files, tmp_path):
+def test_resume_reproduces_the_uninterrupted_loss_curve(files, tmp_path, capsys):
     """Interrupted after step 5 (last checkpoint at 4), resumed: every step's loss and the final adapter are
     bit-identical to a run that never stopped (dropout on, so the RNG state must come back too)."""
     opts = ["--data", files["reverse"], "--max-steps", 9, "--save-every", 4, "--grad-accum", 2, "--lora-dropout",
@@ -103,8 +104,9 @@ def test_resume_reproduces_the_uninterrupted_loss_curve(files, tmp_path):
     with pytest.raises(Stop):
         run_train(*configs_from_args(args), on_step_end=interrupt, echo=lambda m: None)
     assert [p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()] == ["step-000004"]
-    with pytest.raises(ValueError, match="--resume"):  # an output folder holding a run is not overwritten
-        main(_args(files, tmp_path / "cut", *opts))
+    capsys.readouterr()
+    assert main(_args(files, tmp_path / "cut", *opts)) == 2  # an output folder holding a run is not overwritten
+    assert "holds a run (checkpoint step-000004): continue it with --resume" in capsys.readouterr().err
     assert main(_args(files, tmp_path / "cut", *opts, "--resume")) == 0
     full, cut = _metrics(tmp_path / "full"), _metrics(tmp_path / "cut")
     assert [r["loss"] for r in cut["steps"]] == [r["loss"] for r in full["steps"]]
@@ -112,8 +114,9 @@ def test_resume_reproduces_the_uninterrupted_loss_curve(files, tmp_path):
     assert len({r["loss"] for r in full["steps"]}) == 9
     a = (tmp_path / "full" / "adapter" / "adapter_model.safetensors").read_bytes()
     assert a == (tmp_path / "cut" / "adapter" / "adapter_model.safetensors").read_bytes()
-    with pytest.raises(ValueError, match=r"train\.lr: 0\.005 -> 0\.01"):
-        main(_args(files, tmp_path / "cut", *opts, "--resume", "--lr", "1e-2"))
+    capsys.readouterr()
+    assert main(_args(files, tmp_path / "cut", *opts, "--resume", "--lr", "1e-2")) == 2
+    assert "train.lr: 0.005 -> 0.01" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("packing", [False, True])
@@ -146,59 +149,140 @@ def test_readme_documents_every_option():
     section = readme[readme.index("### Options of `quickloris train`"):]
     documented_here = ("model", "data", "LoRA and quantization", "training", "evaluation")  # FSDP: its own section
     for _, cls in (g for g in groups() if g[0] in documented_here):
-        for f in dataclasses.fields(cls):
-            assert f"`--{f.name.replace('_', '-')}" in section, f"README lacks --{f.name}"
+        for o in options(cls):
+            assert f"`{o.flag}" in section, f"README lacks {o.flag}"
 
 
-def test_help_lists_every_option(capsys):
+def test_help_lists_every_option_once(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["train", "--help"])
     assert exc.value.code == 0
     text = capsys.readouterr().out
-    for _, cls in groups():
-        for f in dataclasses.fields(cls):
-            assert "--" + f.name.replace("_", "-") in text
+    flags = [o.flag for _, cls in groups() for o in options(cls)]
+    assert len(flags) == len(set(flags))  # each option declared once, however configs nest
+    for flag in flags:
+        assert flag in text
+    # the flags of the nested compile / checkpointing configs that README, docs and scripts use
+    assert {"--compile", "--gradient-checkpointing", "--checkpoint-in-graph", "--checkpoint-keep",
+            "--skip-checkpoint-last"} <= set(flags)
 
 
-@pytest.mark.parametrize("case", ["missing-model", "missing-data", "unknown-format", "folder-without-config",
-                                  "malformed-line", "no-trainable-tokens", "too-long", "bad-option", "bad-eval-data",
-                                  "bad-checkpoint-keep", "keep-without-in-graph"])
-def test_clear_errors(files, tmp_path, case):
-    d = tmp_path
-    extra: list = ["--data", files["fixed"]]
-    if case == "missing-model":
-        args, err, match = ["--model", d / "nope"], FileNotFoundError, "does not exist"
-    elif case == "missing-data":
-        args, err, match = ["--data", d / "nope.jsonl"], FileNotFoundError, "nope.jsonl"
-    elif case == "unknown-format":
-        (d / "weights.bin").write_bytes(b"\0" * 16)
-        args, err, match = ["--model", d / "weights.bin"], ValueError, "unknown model format"
-    elif case == "folder-without-config":
-        (d / "empty").mkdir()
-        args, err, match = ["--model", d / "empty"], ValueError, "unknown model format.*no config.json"
-    elif case == "malformed-line":
-        bad = write_jsonl(d / "bad.jsonl", [FIXED[0], FIXED[1], '{"messages": [}'])
-        args, err, match = ["--data", bad], DataFormatError, r"bad\.jsonl:3: invalid JSON"
-    elif case == "no-trainable-tokens":  # a template that never renders the assistant's turns
-        tpl = d / "tpl.jinja"
-        tpl.write_text("{% for m in messages %}{% if m['role'] != 'assistant' %}{{ m['content'] }}\n{% endif %}"
-                       "{% endfor %}")
-        args, err, match = ["--chat-template", tpl], DataFormatError, "no trainable tokens"
-    elif case == "too-long":
-        args, err, match = ["--max-seq-len", 1024], ValueError, r"max_seq_len=1024 .*max_position_embeddings=256"
-    elif case == "bad-option":
-        args, err, match = ["--grad-accum", 0], ValueError, r"TrainConfig\.grad_accum must be an int >= 1"
-    elif case == "bad-checkpoint-keep":
-        args, err, match = ["--checkpoint-in-graph", "--checkpoint-keep", "attention,mlp"], ValueError, \
-            r"checkpoint_keep must be a list of \('attention', 'linears'\), got \['attention', 'mlp'\]"
-    elif case == "keep-without-in-graph":
-        args, err, match = ["--checkpoint-keep", "linears"], ValueError, "needs checkpoint_in_graph"
-    else:
-        bad = write_jsonl(d / "eval.jsonl", [{"prompt": "1 + 2 =", "completion": " 3"}])
-        args, err, match = ["--eval-data", bad], DataFormatError, r"eval\.jsonl:1: --eval-data needs chat records"
-    with pytest.raises(err, match=match):
-        main(_args(files, d / "out", *extra, *args))  # a repeated option: the last one counts
-    assert not (d / "out" / "checkpoints").exists()  # nothing trained
+CASES = {  # option values -> the one line printed (after "quickloris train: error: ")
+    "missing-model": (lambda d: ["--model", d / "nope"], r"--model: model '.*nope' does not exist"),
+    "missing-data": (lambda d: ["--data", d / "nope.jsonl"], r"--data '.*nope\.jsonl' does not exist"),
+    "data-is-a-folder": (lambda d: ["--data", d], r"--data '.*' is a folder, not a file"),
+    "missing-eval-data": (lambda d: ["--eval-data", d / "e.jsonl"], r"--eval-data '.*e\.jsonl' does not exist"),
+    "missing-adapter": (lambda d: ["--adapter", d / "lora"], r"--adapter '.*lora' does not exist"),
+    "not-an-adapter": (lambda d: ["--adapter", d], r"--adapter '.*' is not a PEFT adapter folder"),
+    "unknown-format": (lambda d: ["--model", _file(d / "weights.bin", b"\0" * 16)],
+                       "--model: unknown model format"),
+    "folder-without-config": (lambda d: ["--model", _folder(d / "empty")],
+                              "--model: unknown model format.*no config.json"),
+    "unsupported-architecture": (lambda d: ["--model", _model_copy(d, architectures=["GPT2LMHeadModel"])],
+                                 r"--model: '.*' is a GPT2LMHeadModel; quickloris supports LlamaForCausalLM"),
+    "no-tokenizer": (lambda d: ["--model", _model_copy(d, tokenizer=False)],
+                     r"--model: no tokenizer in '.*' \(looked for tokenizer\.json, tokenizer\.model, vocab\.json "
+                     r"\+ merges\.txt"),
+    "unknown-target": (lambda d: ["--target-modules", "q_proj,qproj,mlp"],
+                       r"--target-modules names qproj, mlp, not a linear layer of this model's decoder"),
+    "malformed-line": (lambda d: ["--data", write_jsonl(d / "bad.jsonl", [FIXED[0], FIXED[1], '{"messages": [}'])],
+                       r"bad\.jsonl:3: invalid JSON"),
+    "no-trainable-tokens": (lambda d: ["--chat-template", _file(d / "t.jinja", b"{% for m in messages %}{% if "
+                                       b"m['role'] != 'assistant' %}{{ m['content'] }}\n{% endif %}{% endfor %}")],
+                            "no trainable tokens"),
+    "too-long": (lambda d: ["--max-seq-len", 1024],
+                 r"--max-seq-len=1024 is longer than the model can take \(max_position_embeddings=256\)"),
+    "bad-option": (lambda d: ["--grad-accum", 0], "--grad-accum must be a positive int, got 0$"),
+    "bad-lr": (lambda d: ["--lr", "-1"], r"--lr must be > 0, got -1\.0$"),
+    "bad-betas": (lambda d: ["--adam-betas", "0.9"], r"--adam-betas must be two numbers in \[0, 1\)"),
+    "bad-device": (lambda d: ["--device", "tpu"], "--device must be 'cpu', 'cuda' or 'cuda:N', got 'tpu'"),
+    "bad-task": (lambda d: ["--task", "sums"], "--task 'sums' is an unknown task; choose one of addition, reverse"),
+    "bad-eval-data": (lambda d: ["--eval-data", write_jsonl(d / "eval.jsonl", [{"prompt": "1 + 2 =",
+                                                                               "completion": " 3"}])],
+                      r"eval\.jsonl:1: --eval-data needs chat records"),
+    "bad-checkpoint-keep": (lambda d: ["--checkpoint-in-graph", "--checkpoint-keep", "attention,mlp"],
+                            r"--checkpoint-keep must be a list of attention / linears, got \['attention', 'mlp'\]"),
+    "keep-without-in-graph": (lambda d: ["--checkpoint-keep", "linears"],
+                              r"--checkpoint-keep=\['linears'\] needs --checkpoint-in-graph"),
+    "skip-last-negative": (lambda d: ["--skip-checkpoint-last", -1], "--skip-checkpoint-last must be an int >= 0"),
+    "resume-and-overwrite": (lambda d: ["--resume", "--overwrite"], "--overwrite starts the run over, --resume"),
+    "output-is-a-file": (lambda d: ["--output-dir", _file(d / "out.txt", b"x")],
+                         r"--output-dir '.*out\.txt' is a file"),
+    "output-under-a-file": (lambda d: ["--output-dir", _file(d / "f", b"x") / "run"],
+                            r"--output-dir '.*run' is inside '.*f', which is a file"),
+}
+
+
+def _file(path, data):
+    path.write_bytes(data)
+    return path
+
+
+def _folder(path):
+    path.mkdir()
+    return path
+
+
+def _model_copy(d, *, tokenizer=True, **config):
+    """The tiny model folder, copied with its config.json changed / its tokenizer files left out."""
+    import shutil
+
+    src = _model_copy.source
+    dst = d / "model-copy"
+    shutil.copytree(src, dst, ignore=None if tokenizer else shutil.ignore_patterns("tokenizer*", "special_tokens*"))
+    cfg = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**cfg, **config}))
+    return dst
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_clear_errors_before_the_model_loads(files, tmp_path, case, capsys, monkeypatch):
+    """Every bad input: exit status 2, one line naming the option (or file:line), no traceback, nothing written,
+    and the model never loaded (each check needs only files)."""
+    import quickloris.models.loading as loading
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(loading, "load_model", no_load)
+    _model_copy.source = files["model"]
+    d = tmp_path / "in"
+    d.mkdir()
+    args, expected = CASES[case]
+    # a repeated option: the last one counts
+    rc = main(_args(files, tmp_path / "out", "--data", files["fixed"], *args(d)))
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("quickloris train: error: "), err
+    assert re.search(expected, lines[0][len("quickloris train: error: "):]), lines[0]
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.rglob(".quickloris*")]  # no marker, no probe left anywhere
+
+
+@pytest.mark.parametrize("targets, trained", [("all-linear", 7), ("q_proj,v_proj", 2), ("down_proj", 1)])
+def test_valid_target_modules_pass_the_check(files, tmp_path, targets, trained):
+    out = tmp_path / "run"
+    assert main(_args(files, out, "--data", files["fixed"], "--target-modules", targets, "--max-steps", 1,
+                      "--eval-data", files["fixed_eval"], "--no-eval-before", "--no-eval-after")) == 0
+    cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert len(cfg["target_modules"]) == trained
+
+
+def test_usage_errors_exit_2_without_traceback_and_debug_shows_it(files, tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "quickloris", "train", "--batch-size", "x", "--output-dir",
+                           str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.splitlines() == [
+        "quickloris train: error: argument --batch-size: invalid int value: 'x'", "(see quickloris train --help)"]
+    argv = _args(files, tmp_path / "out", "--grad-accum", 0)
+    with pytest.raises(ValueError, match=r"TrainConfig\.grad_accum must be a positive int, got 0"):
+        main([*argv, "--debug"])  # the Python-side message, with its traceback
+    monkeypatch.setenv("QUICKLORIS_DEBUG", "1")
+    with pytest.raises(ValueError, match=r"TrainConfig\.grad_accum"):
+        main(argv)
 
 
 def test_bnb_4bit_folder_trains_on_its_own_bytes(files, tmp_path):

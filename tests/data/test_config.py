@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from quickloris.cli.args import add_dataclass_arguments, dataclass_from_args
+from quickloris.config import add_dataclass_arguments, dataclass_from_args
 from quickloris.data.config import DataConfig, prepare_data
 from quickloris.data.jsonl import DataFormatError
 

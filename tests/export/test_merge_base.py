@@ -126,7 +126,7 @@ def test_nf4_settings_of_the_run_are_used(tmp_path, seed, helpers, bpe_tokenizer
     assert not torch.equal(base, default)  # the settings change the base: reading them matters
 
 
-def test_original_is_refused_for_a_4bit_folder(tmp_path, helpers, bpe_tokenizer, monkeypatch):
+def test_original_is_refused_for_a_4bit_folder(tmp_path, helpers, bpe_tokenizer, monkeypatch, cli_error):
     """A *-bnb-4bit folder holds only NF4 weights: there is no 16-bit base to merge into (checked before loading)."""
     pytest.importorskip("bitsandbytes")
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -140,9 +140,10 @@ def test_original_is_refused_for_a_4bit_folder(tmp_path, helpers, bpe_tokenizer,
                                                  bnb_4bit_use_double_quant=True))
     q.save_pretrained(tmp_path / "bnb")
     monkeypatch.setattr(gguf_export, "_load", lambda *a: pytest.fail("the model was loaded"))
-    with pytest.raises(ValueError, match=r"^--merge-base original: --model .*bnb is a pre-quantized NF4 folder"):
-        main(["export", "gguf", "--model", str(tmp_path / "bnb"), "--merge-base", "original",
-              "--out", str(tmp_path / "x.gguf")])
+    message = cli_error(["export", "gguf", "--model", tmp_path / "bnb", "--merge-base", "original",
+                         "--out", tmp_path / "x.gguf"])
+    assert message.startswith(f"--merge-base original: --model {tmp_path / 'bnb'} is a pre-quantized NF4 folder, it "
+                              "has no 16-bit weights to merge into"), message
     assert not (tmp_path / "x.gguf").exists()
 
 

@@ -5,6 +5,7 @@ error; all of it before the model is loaded, and a refused export writes nothing
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 
@@ -32,13 +33,17 @@ def snapshot(folder):
     return {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def export_args(*args) -> list:
+    return ["export", "gguf", "--quant", "f32", *args]
+
+
 def export(*args):
-    return main(["export", "gguf", "--quant", "f32", *map(str, args)])
+    return main([str(a) for a in export_args(*args)])
 
 
 @pytest.mark.parametrize("how", ["same", "symlink", "relative", "hardlink"])
 @pytest.mark.parametrize("overwrite", [False, True])
-def test_the_model_file_is_never_the_output(how, overwrite, tmp_path, gguf_model, no_load, monkeypatch):
+def test_the_model_file_is_never_the_output(how, overwrite, tmp_path, gguf_model, no_load, monkeypatch, cli_error):
     monkeypatch.chdir(tmp_path)
     out = {"same": gguf_model, "symlink": tmp_path / "link.gguf", "relative": "sub/../base.gguf",
            "hardlink": tmp_path / "hard.gguf"}[how]
@@ -48,14 +53,15 @@ def test_the_model_file_is_never_the_output(how, overwrite, tmp_path, gguf_model
     elif how == "hardlink":
         os.link(gguf_model, out)
     before = snapshot(tmp_path)
-    with pytest.raises(ValueError, match=r"^--out \S+ is the --model file \(.*\): an export never writes over its "
-                                         r"own input; choose another path \(--overwrite does not apply to inputs\)$"):
-        export("--model", gguf_model, "--out", out, *(["--overwrite"] if overwrite else []))
+    message = cli_error(export_args("--model", gguf_model, "--out", out, *(["--overwrite"] if overwrite else [])))
+    assert re.fullmatch(r"--out \S+ is the --model file \(.*\): an export never writes over its own input; choose "
+                        r"another path \(--overwrite does not apply to inputs\)", message), message
     assert snapshot(tmp_path) == before
 
 
 @pytest.mark.parametrize("target", ["config.json", "model.safetensors", "adapter_config.json"])
-def test_files_of_the_model_and_adapter_folders_are_inputs(target, tmp_path, helpers, bpe_tokenizer, no_load):
+def test_files_of_the_model_and_adapter_folders_are_inputs(target, tmp_path, helpers, bpe_tokenizer, no_load,
+                                                           cli_error):
     from peft import LoraConfig, get_peft_model
 
     base = helpers.tiny_model(vocab_size=len(bpe_tokenizer), layers=1)
@@ -63,20 +69,19 @@ def test_files_of_the_model_and_adapter_folders_are_inputs(target, tmp_path, hel
     get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path / "adapter")
     folder = "adapter" if target.startswith("adapter") else "model"
     before = snapshot(tmp_path)
-    with pytest.raises(ValueError, match=rf"^--out \S+{target} is a file of the --{folder} folder"):
-        export("--model", tmp_path / "model", "--adapter", tmp_path / "adapter", "--out", tmp_path / folder / target,
-               "--overwrite")
+    message = cli_error(export_args("--model", tmp_path / "model", "--adapter", tmp_path / "adapter",
+                                    "--out", tmp_path / folder / target, "--overwrite"))
+    assert re.match(rf"--out \S+{target} is a file of the --{folder} folder", message), message
     assert snapshot(tmp_path) == before
 
 
-def test_an_existing_file_needs_overwrite(tmp_path, gguf_model, monkeypatch):
+def test_an_existing_file_needs_overwrite(tmp_path, gguf_model, monkeypatch, cli_error):
     out = tmp_path / "out.gguf"
     out.write_bytes(b"the user's file")
     with monkeypatch.context() as m:
         m.setattr(gguf_export, "_load", lambda *a: pytest.fail("the model was loaded before the check"))
-        with pytest.raises(FileExistsError, match=r"^--out \S+out.gguf already exists; pass --overwrite to "
-                                                  r"replace it$"):
-            export("--model", gguf_model, "--out", out)
+        message = cli_error(export_args("--model", gguf_model, "--out", out))
+    assert re.fullmatch(r"--out \S+out.gguf already exists; pass --overwrite to replace it", message), message
     assert out.read_bytes() == b"the user's file"
     assert export("--model", gguf_model, "--out", out, "--overwrite") == 0
     assert out.read_bytes()[:4] == b"GGUF"
@@ -84,19 +89,19 @@ def test_an_existing_file_needs_overwrite(tmp_path, gguf_model, monkeypatch):
 
 
 @pytest.mark.parametrize("case", ["missing-folder", "folder", "dangling-symlink"])
-def test_bad_out_paths(case, tmp_path, gguf_model, no_load):
+def test_bad_out_paths(case, tmp_path, gguf_model, no_load, cli_error):
     if case == "missing-folder":
-        out, err, match = tmp_path / "no" / "such" / "m.gguf", FileNotFoundError, r"^--out \S+m.gguf: folder \S+such " \
-                                                                                   r"does not exist \(it is not created"
+        out, match = tmp_path / "no" / "such" / "m.gguf", r"--out \S+m.gguf: folder \S+such does not exist \(it is " \
+                                                          r"not created; make it first\)"
     elif case == "folder":
-        out, err, match = tmp_path, IsADirectoryError, r"^--out \S+ is a folder; name the file to write"
+        out, match = tmp_path, r"--out \S+ is a folder; name the file to write, e.g. \S+model.gguf"
     else:
         out = tmp_path / "dangling.gguf"
         os.symlink(tmp_path / "nowhere", out)
-        err, match = FileExistsError, "already exists; pass --overwrite"
+        match = r"--out \S+dangling.gguf already exists; pass --overwrite to replace it"
     before = snapshot(tmp_path)
-    with pytest.raises(err, match=match):
-        export("--model", gguf_model, "--out", out)
+    message = cli_error(export_args("--model", gguf_model, "--out", out))
+    assert re.fullmatch(match, message), message
     assert snapshot(tmp_path) == before and not (tmp_path / "no").exists()
 
 

@@ -17,7 +17,8 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 from quickloris.models.chunked_loss import (  # noqa: E402
-    ChunkedLossConfig, chunked_head_loss, disable_chunked_loss, enable_chunked_loss, is_chunked_loss_enabled)
+    ChunkedLossConfig, chunked_head_loss, chunked_loss_config, disable_chunked_loss, enable_chunked_loss,
+    is_chunked_loss_enabled)
 
 V = 211
 
@@ -143,7 +144,7 @@ def test_chunked_loss_enable_disable_roundtrip(seed):
     model.forward = sentinel
     enable_chunked_loss(model, ChunkedLossConfig(memory_budget=1 << 20))
     enable_chunked_loss(model, chunk_size=3)  # again: only the config changes
-    assert model._quickloris_chunked_loss["config"].chunk_size == 3
+    assert chunked_loss_config(model).chunk_size == 3
     assert type(model).forward is transformers.LlamaForCausalLM.forward  # the class is untouched
     disable_chunked_loss(model)
     assert model.__dict__["forward"] is sentinel and not is_chunked_loss_enabled(model)

@@ -16,7 +16,7 @@ peft = pytest.importorskip("peft")
 
 from quickloris.models.prepare import (  # noqa: E402
     DEFAULT_TARGETS, QLoRAConfig, is_prepared, prepare_model, qlora_config)
-from quickloris.nn.nf4_tensor import NF4Tensor  # noqa: E402
+from quickloris.tensor.nf4_tensor import NF4Tensor  # noqa: E402
 from quickloris.nn.qlora_linear import QLoRALinear  # noqa: E402
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from quickloris.nn.nf4_tensor import NF4Tensor
+from quickloris.tensor.nf4_tensor import NF4Tensor
 from quickloris.nn.qlora_linear import QLoRALinear
 
 

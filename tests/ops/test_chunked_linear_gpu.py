@@ -87,7 +87,7 @@ def test_chunked_cuda_qlora_model_matches_hf(seed):
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
     pytest.importorskip("bitsandbytes")
-    from quickloris.bench.loss_models import LORA_TARGETS, quantize_nf4_
+    from benchmarks.loss.models import LORA_TARGETS, quantize_nf4_
     from quickloris.models.chunked_loss import disable_chunked_loss, enable_chunked_loss
 
     cfg = transformers.LlamaConfig(vocab_size=32000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,

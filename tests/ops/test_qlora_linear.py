@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quickloris.nn.nf4_tensor import NF4Tensor
+from quickloris.tensor.nf4_tensor import NF4Tensor
 from quickloris.ops.qlora_linear import nf4_matmul, qlora_linear
 
 

@@ -283,7 +283,8 @@ def test_checkpoint_keep_is_checked():
     with pytest.raises(ValueError, match="CompileConfig.checkpoint_keep=.'linears'. needs checkpoint_in_graph"):
         CompileConfig(checkpoint_keep=["linears"])
     with pytest.raises(ValueError, match="checkpoint_keep"):
-        checkpoint_in_graph(_tiny().model.layers[0], ["mlp"])
+        tiny = _tiny()
+        checkpoint_in_graph(tiny, tiny.model.layers[0], ["mlp"])
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 
 from quickloris.models.adapters import adapter_state_dict, load_adapter, read_adapter_config  # noqa: E402
 from quickloris.models.prepare import QLoRAConfig, prepare_model  # noqa: E402
-from quickloris.nn.nf4_tensor import NF4Tensor  # noqa: E402
+from quickloris.tensor.nf4_tensor import NF4Tensor  # noqa: E402
 from quickloris.parallel import fsdp  # noqa: E402
 from quickloris.parallel.compile import CompileConfig, compile_stats, reset_compile_stats  # noqa: E402
 from quickloris.parallel.compose import CheckpointConfig, build_training_model  # noqa: E402

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from quickloris.bench.fsdp import derive, plot, summary
+from benchmarks.fsdp.bench import derive, plot, summary
 from quickloris.cli.main import main
 
 
@@ -32,6 +32,9 @@ def test_bench_fsdp_tiny_cpu(tmp_path):
     assert res["derived"]["scaling_efficiency"]["value"] > 0
     assert path.with_suffix(".png").stat().st_size > 10_000
     assert "loss_parity" in summary(res)
+    (report,) = (tmp_path / "reports").glob("fsdp_cpu_*.md")  # the readable report, PNG named beside the JSON
+    text = report.read_text()
+    assert f"## {path.name}" in text and f"`{path.with_suffix('.png').name}`" in text and "Loss parity over 4" in text
 
 
 @pytest.mark.slow

@@ -1,5 +1,7 @@
 """Checkpoints restore exactly what was saved (adapter, AdamW state, RNG, history), only complete folders count,
-and a checkpoint made with other options is refused."""
+a checkpoint made with other options is refused, a damaged one (flipped bit, truncated file) is detected by its
+manifest and skipped for the previous intact one, non-finite weights are never saved, and Ctrl-C in the middle of a
+write leaves no folder behind."""
 
 from __future__ import annotations
 
@@ -10,9 +12,9 @@ transformers = pytest.importorskip("transformers")
 
 from quickloris.models.adapters import adapter_state_dict  # noqa: E402
 from quickloris.models.prepare import QLoRAConfig, prepare_model  # noqa: E402
-from quickloris.train.checkpoint import (checkpoint_dirs, latest_checkpoint, load_checkpoint,  # noqa: E402
-                                         save_checkpoint)
-from quickloris.train.loop import LoopState  # noqa: E402
+from quickloris.train.checkpoint import (CheckpointError, checkpoint_dirs, latest_checkpoint,  # noqa: E402
+                                         load_checkpoint, resumable_checkpoint, save_checkpoint, verify)
+from quickloris.train.loop import LoopState, TrainingDiverged  # noqa: E402
 
 
 def _model(seed):
@@ -73,7 +75,7 @@ def test_only_complete_checkpoints_count_and_old_ones_go(tmp_path, seed):
     model, opt = _trained(seed)
     assert latest_checkpoint(tmp_path) is None
     for step in (3, 6):
-        save_checkpoint(tmp_path, model, opt, LoopState(step=step, total_steps=9), {})
+        save_checkpoint(tmp_path, model, opt, LoopState(step=step, total_steps=9), {}, keep=1)
     assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step-000006"]  # keep=1: the older one deleted
     save_checkpoint(tmp_path, model, opt, LoopState(step=9, total_steps=9), {}, keep=2)
     assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step-000006", "step-000009"]
@@ -81,3 +83,61 @@ def test_only_complete_checkpoints_count_and_old_ones_go(tmp_path, seed):
     (tmp_path / "checkpoints" / ".step-000012.tmp-1").mkdir()
     (tmp_path / "checkpoints" / "step-000015").mkdir()
     assert latest_checkpoint(tmp_path).name == "step-000009"
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete", "no-manifest"])
+def test_a_damaged_checkpoint_is_reported_and_the_previous_one_used(tmp_path, seed, damage):
+    model, opt = _trained(seed)
+    for step in (2, 4):
+        save_checkpoint(tmp_path, model, opt, LoopState(step=step, total_steps=9), {"seed": 1})
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step-000002", "step-000004"]  # keep=2 by default
+    newest = tmp_path / "checkpoints" / "step-000004"
+    assert verify(newest) is None
+    target = {"flip": "adapter_model.safetensors", "truncate": "trainer_state.pt", "delete": "adapter_config.json",
+              "no-manifest": "manifest.json"}[damage]
+    path = newest / target
+    data = bytearray(path.read_bytes())
+    if damage == "flip":  # one bit of one weight, somewhere after the safetensors header
+        i = len(data) - 1 - int(torch.randint(0, 64, ()).item())
+        data[i] ^= 1 << int(torch.randint(0, 8, ()).item())
+        path.write_bytes(bytes(data))
+    elif damage == "truncate":
+        path.write_bytes(bytes(data[: len(data) // 2]))
+    else:
+        path.unlink()
+    if damage == "no-manifest":  # no manifest: not a complete checkpoint at all
+        assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step-000002"]
+        return
+    problem = verify(newest)
+    assert problem is not None and target in problem
+    notices: list[str] = []
+    assert resumable_checkpoint(tmp_path, notices.append).name == "step-000002"
+    assert len(notices) == 1 and "step-000004 is damaged" in notices[0] and "resuming from step-000002" in notices[0]
+    with pytest.raises(CheckpointError, match="step-000004 is damaged: " + target):
+        load_checkpoint(newest, model, opt, {"seed": 1})
+    (tmp_path / "checkpoints" / "step-000002" / "trainer_state.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="no intact checkpoint.*step-000004: .*step-000002: trainer_state.pt"):
+        resumable_checkpoint(tmp_path)
+
+
+def test_non_finite_weights_are_never_saved(tmp_path, seed):
+    model, opt = _trained(seed)
+    with torch.no_grad():
+        next(p for p in model.parameters() if p.requires_grad).view(-1)[0] = float("nan")
+    with pytest.raises(TrainingDiverged, match="step 3: trainable weight .*lora_A"):
+        save_checkpoint(tmp_path, model, opt, LoopState(step=3, total_steps=9), {})
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_interrupted_write_leaves_nothing(tmp_path, seed, monkeypatch):
+    """Ctrl-C while trainer_state.pt is written: neither the step folder nor its temporary folder stays."""
+    model, opt = _trained(seed)
+    save_checkpoint(tmp_path, model, opt, LoopState(step=2, total_steps=9), {})
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, model, opt, LoopState(step=4, total_steps=9), {})
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000002"]

@@ -151,3 +151,44 @@ def test_packed_batch_loss_equals_padded(seed, attention):
     padded = micro_batch_loss(model, collate_padded(examples, 0), num)
     packed = micro_batch_loss(model, collate_packed(examples), num)
     torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("poison", ["loss", "inf-loss", "gradient"])
+def test_a_non_finite_step_stops_the_loop_before_the_optimizer_steps(seed, poison, monkeypatch):
+    """Step 3's loss (NaN or inf) or one gradient entry (NaN) is poisoned: the loop raises at step 3, keeps step 3's
+    record, and the weights and AdamW state are those after step 2 (a NaN step is never applied)."""
+    import quickloris.train.loop as loop
+    from quickloris.train.loop import TrainingDiverged
+
+    model = _model(seed)
+    examples = [e for e in _examples(16, seed) if e.num_trainable]
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    state = LoopState()
+    loss_of = loop.micro_batch_loss
+    value = {"loss": float("nan"), "inf-loss": float("inf"), "gradient": float("nan")}[poison]
+
+    def poisoned(*args, **kwargs):
+        loss = loss_of(*args, **kwargs)
+        if state.step == 2 and loss is not None:  # during the third step
+            if poison == "gradient":
+                params[0].register_hook(lambda g: g.index_fill(0, torch.tensor([0]), value))
+                return loss
+            return loss * value
+        return loss
+
+    monkeypatch.setattr(loop, "micro_batch_loss", poisoned)
+    snapshots = []
+    cfg = TrainConfig(max_steps=6, batch_size=4, progress=False, seed=seed % 1000)
+    with pytest.raises(TrainingDiverged) as info:
+        train_loop(model, examples, cfg, optimizer=opt, pad_token_id=0, packing=False, max_seq_len=64, state=state,
+                   on_step_end=lambda st: snapshots.append([p.detach().clone() for p in params]))
+    e = info.value
+    what = "the gradient norm" if poison == "gradient" else "the loss"
+    assert (e.step, e.what) == (3, what) and (math.isnan(e.value) or (poison == "inf-loss" and e.value == math.inf))
+    assert "training diverged at step 3" in str(e) and "--lr" in str(e)
+    assert len(snapshots) == 2 and [r["step"] for r in state.history] == [1, 2, 3]
+    assert all(torch.equal(a, p) for a, p in zip(snapshots[-1], params))  # step 3 was not applied
+    assert all(int(opt.state[p]["step"]) == 2 for p in params)
+    key = "grad_norm" if poison == "gradient" else "loss"
+    assert math.isfinite(state.history[1][key]) and not math.isfinite(state.history[2][key])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from quickloris.cli.args import add_dataclass_arguments, dataclass_from_args
+from quickloris.config import add_dataclass_arguments, dataclass_from_args
 
 
 def groups() -> list[tuple[str, type]]:

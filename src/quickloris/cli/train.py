@@ -1,15 +1,16 @@
 """`quickloris train`: QLoRA fine-tuning of a local / embedded model on JSONL or an embedded task.
 
 Options come from the dataclasses `quickloris.train.config.ModelConfig`, `quickloris.data.config.DataConfig`,
-`quickloris.models.prepare.QLoRAConfig`, `quickloris.train.config.TrainConfig` and `EvalConfig`, one argument group
-each (a new group, e.g. FSDP, is one more entry in `GROUPS`). The work is `quickloris.train.run.run_train`.
+`quickloris.models.prepare.QLoRAConfig`, `quickloris.train.config.TrainConfig` (its nested compile and activation
+checkpointing configs included), `EvalConfig` and `quickloris.parallel.fsdp.FSDPOptions`, one argument group each
+(a new group is one more entry in `groups`). The work is `quickloris.train.run.run_train`.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from quickloris.cli.args import add_dataclass_arguments, dataclass_from_args
+from quickloris.config import add_dataclass_arguments, dataclass_from_args
 
 
 def groups() -> list[tuple[str, type]]:

@@ -11,39 +11,36 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from quickloris.cli.args import field
+from quickloris.config import Config, at_least, field
 from quickloris.data.chat import TokenizedExample, TokenizeStats, check_max_seq_len, tokenize_records
 from quickloris.data.jsonl import load_jsonl
-from quickloris.data.tasks import DEFAULT_TASK, TaskExample, get_task
+from quickloris.data.tasks import DEFAULT_TASK, TASKS, TaskExample, get_task
+
+
+def known_task(name: str) -> str | None:
+    """Check of a task name (`quickloris.config.field`): None if it is an embedded task."""
+    return None if name in TASKS else f"{name!r} is an unknown task; choose one of {', '.join(sorted(TASKS))}"
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Config):
     """Training data: a JSONL file or the embedded task, and how it is tokenized and batched."""
 
     data: str | None = field(None, help="training data: a JSONL file with a {'messages': [...]} or a "
                              "{'prompt', 'completion'} object per line; none: the embedded task (see --task)")
     task: str = field(DEFAULT_TASK, help="embedded task generated when --data is none, and the task scored "
-                      "by evaluation: 'addition' (sum of two 3-digit numbers) or 'reverse' (reverse 5-7 digits)")
-    num_train: int = field(1200, help="training problems generated for the embedded task")
-    num_eval: int = field(200, help="held-out problems of the embedded task scored by exact match")
+                      "by evaluation: 'addition' (sum of two 3-digit numbers) or 'reverse' (reverse 5-7 digits)",
+                      check=known_task)
+    num_train: int = field(1200, help="training problems generated for the embedded task", check=at_least(1))
+    num_eval: int = field(200, help="held-out problems of the embedded task scored by exact match",
+                          check=at_least(1), fingerprint=False)
     max_seq_len: int = field(256, help="longest tokenized example (at most the model's "
-                             "max_position_embeddings); longer examples are handled by --overflow")
+                             "max_position_embeddings); longer examples are handled by --overflow", check=at_least(2))
     overflow: Literal["drop", "error"] = field("drop", help="an example longer than --max-seq-len is dropped "
                                                "(and counted) or raises")
     packing: bool = field(False, help="padding-free packing: concatenate examples into rows of up to "
                           "--max-seq-len tokens, position ids restarting per example")
     chat_template: str | None = field(None, help="a Jinja chat template file used instead of the tokenizer's")
-
-    def __post_init__(self) -> None:
-        for name in ("num_train", "num_eval"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        check_max_seq_len(self.max_seq_len)
-        if self.overflow not in ("drop", "error"):
-            raise ValueError(f"overflow must be 'drop' or 'error', got {self.overflow!r}")
-        get_task(self.task)  # unknown names fail here, before any model is loaded
 
 
 @dataclass

@@ -23,13 +23,12 @@ from typing import Any, Literal
 
 import torch
 
-from quickloris.cli.args import field as cli_field
+from quickloris.config import field as cli_field
 from quickloris.export import arch as _arch
 from quickloris.export import merge as _merge
 from quickloris.export.merge_base import MERGE_BASES, resolve_merge_base
 from quickloris.export.quants import GGMLType, Preset, check_preset, file_type, tensor_type
 from quickloris.export.tokenizer import tokenizer_metadata
-from quickloris.export.writer import GGUFValueType as V
 from quickloris.export.writer import GGUFWriter
 from quickloris.models.adapter_base import NF4Base, nf4_base
 

@@ -71,13 +71,14 @@ def _check(packed, absmax, absmax2, code2, offset, code, shape, blocksize, out_d
 
 
 
-def _dequant_into(packed, absmax, absmax2, code2, offset, code, shape, blocksize, out, kernel=None) -> torch.Tensor:
+def _dequant_into(packed, absmax, absmax2, code2, offset, code, shape, blocksize, out, kernel=None,
+                  inline_ptx=None) -> torch.Tensor:
     n = out.numel()
     if packed.device.type == "cuda" or (interpreting() and packed.device.type == "cpu"):
         if triton is None:
             raise RuntimeError("the NF4 GPU kernel needs triton; install it (pip install triton)")
         launch(kernel or nf4_dequant_kernel, packed, absmax, absmax2, code2, offset, code, out, n, blocksize,
-                use_asm(packed.device))
+                use_asm(packed.device, inline_ptx))
     else:  # CPU without the Triton interpreter (or another device): the pure-PyTorch reference
         state = NF4State(shape=torch.Size(shape), dtype=out.dtype, blocksize=blocksize, absmax=absmax, code=code,
                          offset=offset, absmax2=absmax2, code2=code2)
@@ -87,17 +88,18 @@ def _dequant_into(packed, absmax, absmax2, code2, offset, code, shape, blocksize
 
 def _op_body(packed: torch.Tensor, absmax: torch.Tensor, absmax2: torch.Tensor | None, code2: torch.Tensor | None,
              offset: torch.Tensor | None, code: torch.Tensor, shape: list[int], blocksize: int,
-             dtype: torch.dtype) -> torch.Tensor:
+             dtype: torch.dtype, inline_ptx: bool | None = None) -> torch.Tensor:
     out = torch.empty(shape, dtype=dtype, device=packed.device)
     kernel = None if interpreting() else torch.library.wrap_triton(nf4_dequant_kernel)
-    return _dequant_into(packed, absmax, absmax2, code2, offset, code, shape, blocksize, out, kernel)
+    return _dequant_into(packed, absmax, absmax2, code2, offset, code, shape, blocksize, out, kernel, inline_ptx)
 
 
 def _op_out_body(packed: torch.Tensor, absmax: torch.Tensor, absmax2: torch.Tensor | None,
                  code2: torch.Tensor | None, offset: torch.Tensor | None, code: torch.Tensor, blocksize: int,
-                 out: torch.Tensor) -> None:
+                 out: torch.Tensor, inline_ptx: bool | None = None) -> None:
     kernel = None if interpreting() else torch.library.wrap_triton(nf4_dequant_kernel)
-    _dequant_into(packed, absmax, absmax2, code2, offset, code, list(out.shape), blocksize, out, kernel)
+    _dequant_into(packed, absmax, absmax2, code2, offset, code, list(out.shape), blocksize, out, kernel,
+                  inline_ptx)
 
 
 def _register_ops() -> bool:
@@ -113,7 +115,7 @@ def _register_ops() -> bool:
         op = torch.library.custom_op("quickloris::dequantize_nf4", mutates_args=())(_op_body)
 
         @op.register_fake
-        def _(packed, absmax, absmax2, code2, offset, code, shape, blocksize, dtype):
+        def _(packed, absmax, absmax2, code2, offset, code, shape, blocksize, dtype, inline_ptx=None):
             return torch.empty(shape, dtype=dtype, device=packed.device)
 
         torch.library.custom_op("quickloris::dequantize_nf4_out", mutates_args=("out",))(_op_out_body)
@@ -127,7 +129,7 @@ _HAS_OP = _register_ops()
 
 
 def dequantize_nf4(weight: Any, quant_state: Any = None, *, out: torch.Tensor | None = None,
-                   dtype: torch.dtype | None = None) -> torch.Tensor:
+                   dtype: torch.dtype | None = None, inline_ptx: bool | None = None) -> torch.Tensor:
     """Dequantize an NF4 weight (bitsandbytes layout, nested or not) to a dense fp16/bf16/fp32 tensor.
 
     Args:
@@ -137,30 +139,36 @@ def dequantize_nf4(weight: Any, quant_state: Any = None, *, out: torch.Tensor | 
             `weight` when omitted).
         out: optional preallocated output (contiguous, the weight's shape); nothing else is allocated.
         dtype: output dtype (default: `out`'s dtype, else the weight's original dtype).
+        inline_ptx: the kernel's unpack/table step: None (default) inline PTX wherever it can run (CUDA, compiled
+            Triton), False the plain-Triton twin, True inline PTX or a ValueError where it cannot run. Both give
+            the same bits; the switch exists to compare them.
 
     Returns the ``[out_features, in_features]`` matrix, bit-identical to ``bitsandbytes.functional.dequantize_4bit``.
     One kernel launch on CUDA; on CPU the Triton kernel runs under ``TRITON_INTERPRET=1``, else the reference.
     """
     compiling = torch.compiler.is_compiling()
     if not compiling:
-        result = planned(weight, quant_state, out, dtype)
+        result = planned(weight, quant_state, out, dtype, inline_ptx)
         if result is not None:
             return result
     packed, state = _resolve(weight, quant_state)
     absmax, absmax2, code2, offset, code, shape, state_dtype, blocksize = state_fields(state)
     out_dtype = dtype or (out.dtype if out is not None else state_dtype)
     _check(packed, absmax, absmax2, code2, offset, code, shape, blocksize, out_dtype, out)
+    if inline_ptx:
+        use_asm(packed.device, inline_ptx)  # says here, before any dispatch, where inline PTX cannot run
     if _HAS_OP and compiling:
         if out is None:
             return torch.ops.quickloris.dequantize_nf4(packed, absmax, absmax2, code2, offset, code, list(shape),
-                                                       blocksize, out_dtype)
-        torch.ops.quickloris.dequantize_nf4_out(packed, absmax, absmax2, code2, offset, code, blocksize, out)
+                                                       blocksize, out_dtype, inline_ptx)
+        torch.ops.quickloris.dequantize_nf4_out(packed, absmax, absmax2, code2, offset, code, blocksize, out,
+                                                inline_ptx)
         return out
     if out is None:
         out = torch.empty(shape, dtype=out_dtype, device=packed.device)
     if packed.is_cuda and out_dtype == state_dtype and triton is not None:
         launched = launch(nf4_dequant_kernel, packed, absmax, absmax2, code2, offset, code, out, out.numel(),
-                           blocksize, use_asm(packed.device))
+                           blocksize, use_asm(packed.device, inline_ptx))
         make_plan(weight, packed, state, out, launched)
         return out
-    return _dequant_into(packed, absmax, absmax2, code2, offset, code, shape, blocksize, out)
+    return _dequant_into(packed, absmax, absmax2, code2, offset, code, shape, blocksize, out, inline_ptx=inline_ptx)

@@ -3,12 +3,17 @@
 Triton's per-call argument binding costs ~10 us of Python, more than the kernel takes on small weights, so
 eager calls reuse (a) compiled kernels keyed like Triton's own specialization and (b) per-weight plans that
 re-validate by identity and launch the compiled kernel directly.
+
+That direct launch repeats what Triton's `JITFunction.run` does with its private pieces (`CompiledKernel.run`
+and its launcher's argument order, `knobs.runtime` launch hooks, torch's raw stream handle). They are checked once
+(`direct_launch_problem`); if any is missing or differs, every launch takes the public ``kernel[grid](...)`` path:
+the same kernel and bits, ~10 us more host time per call.
 """
 
 from __future__ import annotations
 
 import functools
-import os
+import inspect
 import weakref
 from typing import Any
 
@@ -16,6 +21,7 @@ import torch
 
 from quickloris.kernels.nf4_kernel import interpreting, nf4_dequant_kernel, tl, triton
 from quickloris.quant.nf4 import NF4State, state_from_bnb
+
 
 def state_fields(state: Any) -> tuple:
     """(absmax, absmax2, code2, offset, code, shape, dtype, blocksize) of an NF4State or bitsandbytes QuantState."""
@@ -58,9 +64,64 @@ def _spec_key(tensors, ints, constexprs, warps, device_index) -> tuple:
             *((i == 1, i % 16 == 0, i >= 2**31) for i in ints))
 
 
+# What `JITFunction.run` does to launch a compiled kernel (whitespace removed): the direct launch does the same.
+_JIT_LAUNCH = ("launch_metadata=kernel.launch_metadata(grid,stream,*bound_args.values())",
+               "kernel.run(grid_0,grid_1,grid_2,stream,kernel.function,kernel.packed_metadata,launch_metadata,"
+               "knobs.runtime.launch_enter_hook,knobs.runtime.launch_exit_hook,*bound_args.values())")
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
+@functools.lru_cache(maxsize=None)
+def direct_launch_problem() -> str | None:
+    """Why eager calls cannot launch compiled kernels directly (None: they can), checked once per process."""
+    if triton is None or interpreting():
+        return "no compiled Triton"
+    return internals_problem()
+
+
+def internals_problem() -> str | None:
+    """What differs from the internals the direct launch was written against (None: nothing): torch's raw stream
+    handle, Triton's launch hooks, and Triton's own launch sequence in `JITFunction.run`, which the direct launch
+    repeats argument for argument."""
+    if not callable(getattr(torch._C, "_cuda_getCurrentRawStream", None)):
+        return "torch._C._cuda_getCurrentRawStream is missing"
+    runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
+    if not all(hasattr(runtime, hook) for hook in ("launch_enter_hook", "launch_exit_hook")):
+        return "triton.knobs.runtime has no launch_enter_hook / launch_exit_hook"
+    try:
+        from triton.compiler.compiler import CompiledKernel
+        from triton.runtime.jit import JITFunction
+
+        source = "".join(inspect.getsource(JITFunction.run).split())
+        meta = list(inspect.signature(CompiledKernel.launch_metadata).parameters.values())
+    except (ImportError, AttributeError, OSError, TypeError, ValueError) as e:
+        return f"Triton's launch internals cannot be read ({type(e).__name__}: {e})"
+    if not all(step in source for step in _JIT_LAUNCH):
+        return "triton.runtime.jit.JITFunction.run launches compiled kernels differently"
+    if [p.kind for p in meta[1:]] != [inspect.Parameter.POSITIONAL_OR_KEYWORD] * 2 + [inspect.Parameter.VAR_POSITIONAL]:
+        return "CompiledKernel.launch_metadata(grid, stream, *args) has another signature"
+    return None
+
+
+def _launchable(compiled: Any) -> bool:
+    """`compiled` has what the direct launch calls: a loaded `function`, `packed_metadata`, `launch_metadata` and a
+    launcher `run(gridX, gridY, gridZ, stream, function, *args)`."""
+    run = getattr(compiled, "run", None)
+    if getattr(compiled, "function", None) is None or not hasattr(compiled, "packed_metadata") \
+            or not callable(getattr(compiled, "launch_metadata", None)) or not callable(run):
+        return False
+    try:
+        params = list(inspect.signature(run).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    return [p.kind in _POSITIONAL for p in params[:5]] == [True] * 5 and len(params) == 6 \
+        and params[5].kind == inspect.Parameter.VAR_POSITIONAL
+
+
 def launch(kernel, packed, absmax, absmax2, code2, offset, code, out, n, blocksize, use_asm, config=None):
     """Launch the kernel once. `use_asm` selects the inline-PTX unpack; the `.rn` multiply is always used on GPUs.
-    `config` = (absmax blocks per program, warps, streaming stores) overrides the defaults (for the sweep)."""
+    `config` = (absmax blocks per program, warps, streaming stores) overrides the defaults (for the sweep).
+    Returns (compiled kernel or None when it cannot be launched directly, grid, launch arguments)."""
     nblocks = absmax.numel()
     blocks, warps, stream = config or default_config(n, blocksize)
     nested = absmax2 is not None
@@ -74,7 +135,8 @@ def launch(kernel, packed, absmax, absmax2, code2, offset, code, out, n, blocksi
                   n % (blocks * blocksize) == 0, stream and out.is_cuda)
     grid = (triton.cdiv(nblocks, blocks),)
     # Direct launches only from eager code on the current device (Triton launches in the current context).
-    direct = kernel is nf4_dequant_kernel and out.is_cuda and out.device.index == torch.cuda.current_device()
+    direct = kernel is nf4_dequant_kernel and out.is_cuda and out.device.index == torch.cuda.current_device() \
+        and direct_launch_problem() is None
     if direct:
         key = _spec_key(tensors, (n, nblocks), constexprs, warps, out.device.index)
         compiled = _COMPILED.get(key)
@@ -86,8 +148,9 @@ def launch(kernel, packed, absmax, absmax2, code2, offset, code, out, n, blocksi
                          *tensors, n, nblocks, *constexprs)
             return compiled, grid, (*tensors, n, nblocks, *constexprs)
     compiled = kernel[grid](*tensors, n, nblocks, **dict(zip(_CONSTEXPR_NAMES, constexprs)), num_warps=warps)
-    if direct and compiled is not None:
-        _COMPILED[key] = compiled
+    if not (direct and _launchable(compiled)):
+        return None, grid, (*tensors, n, nblocks, *constexprs)
+    _COMPILED[key] = compiled
     return compiled, grid, (*tensors, n, nblocks, *constexprs)
 
 
@@ -96,11 +159,17 @@ _CONSTEXPR_NAMES = ("BLOCKSIZE", "BLOCKS", "NESTED", "UNPACK_ASM", "MUL_ASM", "S
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32} if triton else {}
 
 
-def use_asm(device: torch.device) -> bool:
-    return device.type == "cuda" and not interpreting() and os.environ.get("QUICKLORIS_NF4_ASM", "1") != "0"
-
-
-
+def use_asm(device: torch.device, inline_ptx: bool | None = None) -> bool:
+    """Whether the kernel unpacks with inline PTX: `inline_ptx` when given (True needs a CUDA device and compiled
+    Triton; False: the plain-Triton twin, bit-identical), else wherever it can (CUDA without TRITON_INTERPRET=1)."""
+    possible = device.type == "cuda" and not interpreting()
+    if inline_ptx is None:
+        return possible
+    if inline_ptx and not possible:
+        raise ValueError(f"inline_ptx=True needs a CUDA tensor and compiled Triton (not TRITON_INTERPRET=1); the "
+                         f"weight is on {device}{' under the interpreter' if interpreting() else ''}: pass "
+                         "inline_ptx=None or False")
+    return bool(inline_ptx)
 
 
 class _Plan:
@@ -114,7 +183,7 @@ class _Plan:
     """
 
     __slots__ = ("source", "packed", "packed_ptr", "tensors", "shape", "dtype", "device", "device_index",
-                 "compiled", "grid", "head", "tail")
+                 "compiled", "grid", "head", "tail", "asm")
 
     def __init__(self, source, packed, tensors, shape, dtype, device, compiled, grid, args):
         self.source = weakref.ref(source)
@@ -123,6 +192,7 @@ class _Plan:
         self.device, self.device_index = device, device.index
         self.compiled, self.grid = compiled, grid
         self.head, self.tail = args[:6], args[7:]  # (packed .. code), out, (n, nblocks, constexprs...)
+        self.asm = args[9 + _CONSTEXPR_NAMES.index("UNPACK_ASM")]  # the unpack this plan's kernel was compiled for
 
     def launch(self, out: torch.Tensor) -> torch.Tensor:
         stream = torch._C._cuda_getCurrentRawStream(self.device_index)
@@ -142,7 +212,9 @@ def _listening(hook) -> bool:
     return hook is not None and bool(getattr(hook, "calls", True))
 
 
-# id(quantization state) -> (weak reference to it, plan). By id: bitsandbytes' QuantState is not hashable.
+# id(quantization state) -> (weak reference to it, plan). By id because bitsandbytes' QuantState is not hashable;
+# an id outlives its object and may be reused, so an entry counts only while its weak reference still returns the
+# very object asked about, and a dead object's entry is dropped only if no newer object took its id meanwhile.
 _PLANS: dict[int, tuple[weakref.ref, _Plan]] = {}
 
 
@@ -151,12 +223,21 @@ def plan_for(state: Any) -> _Plan | None:
     return entry[1] if entry is not None and entry[0]() is state else None
 
 
-def planned(weight: Any, quant_state: Any, out: torch.Tensor | None, dtype: torch.dtype | None):
+def _forget(key: int, ref: weakref.ref) -> None:
+    entry = _PLANS.get(key)
+    if entry is not None and entry[0] is ref:
+        del _PLANS[key]
+
+
+def planned(weight: Any, quant_state: Any, out: torch.Tensor | None, dtype: torch.dtype | None,
+            inline_ptx: bool | None = None):
     """The output of a direct launch if `weight` has a valid plan, else None (then the checked path runs)."""
     source = getattr(weight, "weight", None) if isinstance(weight, torch.nn.Module) else weight
     state = quant_state if quant_state is not None else getattr(source, "quant_state", None)
     plan = plan_for(state) if state is not None else None
-    if plan is None or plan.source() is not source or not isinstance(source, torch.Tensor):
+    # Plans exist only where inline PTX is possible, so there the default (None) means inline PTX.
+    if plan is None or plan.source() is not source or not isinstance(source, torch.Tensor) \
+            or (inline_ptx is None or bool(inline_ptx)) != plan.asm:
         return None
     absmax, absmax2, code2, offset, code, shape, _, _ = state_fields(state)
     t = plan.tensors
@@ -180,7 +261,7 @@ def make_plan(weight, packed, state, out, launched) -> None:
     absmax, absmax2, code2, offset, code, shape, _, _ = state_fields(state)
     key = id(state)
     try:
-        ref = weakref.ref(state, lambda _, key=key: _PLANS.pop(key, None))
+        ref = weakref.ref(state, functools.partial(_forget, key))
         plan = _Plan(source, packed, (absmax, absmax2, code2, offset, code), shape, out.dtype, out.device,
                      compiled, grid, args)
     except TypeError:  # not weak-referenceable: no plan

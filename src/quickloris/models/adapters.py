@@ -17,7 +17,6 @@ atomically. Only what quickloris' layers express is accepted: plain LoRA (no DoR
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import json
 import math
@@ -28,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from quickloris.nn.qlora_linear import QLoRALinear
+from quickloris.nn.qlora_linear import QLoRALinear, lora_scaling
 from quickloris.utils.atomic import atomic_open, atomic_write_text
 
 CONFIG_NAME = "adapter_config.json"
@@ -41,13 +40,36 @@ def lora_layers(model: nn.Module) -> dict[str, QLoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, QLoRALinear) and m.r > 0}
 
 
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole matrix of a parameter: itself, or for an FSDP2 shard (a DTensor) the all-gathered tensor."""
+    from torch.distributed.tensor import DTensor
+
+    t = t.detach()
+    if not isinstance(t, DTensor):
+        return t
+    mesh = t.device_mesh
+    if t.device.type != mesh.device_type:  # CPU-offloaded shards: gather on the mesh's device
+        device = torch.device("cuda", torch.cuda.current_device()) if mesh.device_type == "cuda" else mesh.device_type
+        t = DTensor.from_local(t.to_local().to(device), mesh, t.placements, run_check=False, shape=t.shape,
+                               stride=t.stride())
+    return t.full_tensor()
+
+
+def _is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for m in lora_layers(model).values() for p in m.lora_weights)
+
+
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``{PEFT key: tensor}`` of every LoRA matrix, on CPU, in the parameters' dtype."""
+    """``{PEFT key: tensor}`` of every LoRA matrix, on CPU, in the parameters' dtype.
+
+    For a model sharded by FSDP2 the matrices are all-gathered: a collective, so every rank must call it."""
     out: dict[str, torch.Tensor] = {}
     for path, m in lora_layers(model).items():
         A, B = m.lora_weights
-        out[f"{PREFIX}{path}.lora_A.weight"] = A.detach().to("cpu").contiguous()
-        out[f"{PREFIX}{path}.lora_B.weight"] = B.detach().to("cpu").contiguous()
+        out[f"{PREFIX}{path}.lora_A.weight"] = _full(A).to("cpu").contiguous()
+        out[f"{PREFIX}{path}.lora_B.weight"] = _full(B).to("cpu").contiguous()
     if not out:
         raise ValueError(f"{type(model).__name__} has no LoRA layers (prepare it with quickloris.prepare_model)")
     return out
@@ -67,7 +89,7 @@ def _jsonable(value: Any) -> Any:
 
 def adapter_config(model: nn.Module) -> dict[str, Any]:
     """PEFT ``LoraConfig`` fields describing `model`'s adapters (one rank / alpha / dropout for all layers)."""
-    from quickloris.models.prepare import qlora_config
+    from quickloris.models import surgery
 
     layers = lora_layers(model)
     if not layers:
@@ -78,11 +100,9 @@ def adapter_config(model: nn.Module) -> dict[str, Any]:
                          "written here needs one setting")
     r, alpha, rslora, dropout = settings.pop()
     targets = sorted({path.rsplit(".", 1)[-1] for path in layers})
-    try:
-        cfg = qlora_config(model)
+    cfg = surgery.state(model, "prepare")
+    if cfg is not None:
         alpha = cfg.lora_alpha
-    except ValueError:
-        pass
     name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     fields = dict(r=r, lora_alpha=alpha if alpha != int(alpha) else int(alpha), lora_dropout=dropout,
                   use_rslora=rslora, target_modules=targets, bias="none", task_type="CAUSAL_LM",
@@ -94,19 +114,42 @@ def adapter_config(model: nn.Module) -> dict[str, Any]:
     return _jsonable(LoraConfig(**fields).to_dict())
 
 
-def save_adapter(model: nn.Module, folder: str | os.PathLike) -> Path:
-    """Write `adapter_config.json` and `adapter_model.safetensors` (PEFT format) to `folder`; returns it."""
+def save_adapter(model: nn.Module, folder: str | os.PathLike, *, write: bool | None = None) -> Path:
+    """Write `adapter_config.json` and `adapter_model.safetensors` (PEFT format) to `folder`; returns it.
+
+    A model sharded by FSDP2 is gathered first (every rank must call this); `write` (default: on rank 0 only)
+    says whether this process writes the files, and the ranks wait for the writer before returning.
+    """
+    import torch.distributed as dist
     from safetensors.torch import save
 
     tensors = adapter_state_dict(model)
-    config = adapter_config(model)
+    sharded = _is_sharded(model)
+    if write is None:
+        write = not dist.is_initialized() or dist.get_rank() == 0
     out = Path(folder)
-    out.mkdir(parents=True, exist_ok=True)
-    blob = save(tensors, metadata={"format": "pt"})
-    with atomic_open(out / WEIGHTS_NAME, "wb") as f:
-        f.write(blob)
-    atomic_write_text(out / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if write:
+        config = adapter_config(model)
+        out.mkdir(parents=True, exist_ok=True)
+        blob = save(tensors, metadata={"format": "pt"})
+        with atomic_open(out / WEIGHTS_NAME, "wb") as f:
+            f.write(blob)
+        atomic_write_text(out / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if sharded and dist.is_initialized():
+        dist.barrier()
     return out
+
+
+def save_pretrained(self: nn.Module, save_directory, *args, is_main_process: bool = True, **kwargs) -> None:
+    """``model.save_pretrained`` of a prepared model (`quickloris.models.prepare` installs it on the object): the
+    LoRA adapter in PEFT's format, not the frozen NF4 base. On a sharded model every rank must call it (HF
+    ``Trainer`` does); rank 0 writes when `is_main_process`."""
+    import torch.distributed as dist
+
+    sharded = _is_sharded(self)
+    if is_main_process or sharded:
+        rank0 = not dist.is_initialized() or dist.get_rank() == 0
+        save_adapter(self, save_directory, write=is_main_process and (rank0 or not sharded))
 
 
 def read_adapter_config(folder: str | os.PathLike) -> dict[str, Any]:
@@ -134,18 +177,6 @@ def read_adapter_config(folder: str | os.PathLike) -> dict[str, Any]:
     return cfg
 
 
-def config_from_adapter(folder: str | os.PathLike, base=None):
-    """A `QLoRAConfig` with the folder's rank, alpha, dropout, rsLoRA and target layers."""
-    from quickloris.models.prepare import QLoRAConfig
-
-    cfg = read_adapter_config(folder)
-    targets = cfg["target_modules"]
-    targets = ["all-linear"] if targets == "all-linear" else sorted(targets)
-    return dataclasses.replace(base or QLoRAConfig(), r=int(cfg["r"]), lora_alpha=float(cfg["lora_alpha"]),
-                               lora_dropout=float(cfg.get("lora_dropout", 0.0)),
-                               use_rslora=bool(cfg.get("use_rslora", False)), target_modules=targets)
-
-
 def load_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
     """Copy a PEFT LoRA adapter's weights into `model`'s QLoRA layers (same layers, rank and scaling required)."""
     from safetensors.torch import load_file
@@ -156,7 +187,7 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
         raise FileNotFoundError(f"adapter folder {os.fspath(folder)!r} has no {WEIGHTS_NAME}")
     tensors = load_file(os.fspath(weights))
     r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
-    scaling = alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
+    scaling = lora_scaling(r, alpha, bool(cfg.get("use_rslora")))
     layers = lora_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no LoRA layers: prepare it first (prepare_model(model, "

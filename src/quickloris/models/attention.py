@@ -43,10 +43,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from quickloris.models import surgery
+
 FLEX = "quickloris_flex"
 CUDNN = "quickloris_sdpa_cudnn"
 BLOCK = 128
-_HOOK = "_quickloris_flex_hook"
+STEP = "attention"
 
 
 def _flex_fn():
@@ -256,12 +258,15 @@ def set_attention(model: torch.nn.Module, implementation: str) -> torch.nn.Modul
                              f"{model.config.attention_dropout}")
     if implementation == "sdpa_cudnn":
         register_sdpa_cudnn()
+    surgery.undo(model, STEP)  # a second call replaces the first (its hook removed, its backend restored)
+    previous = model.config._attn_implementation
     model.set_attn_implementation(names[implementation])
-    handle = decoder.__dict__.pop(_HOOK, None)
-    if handle is not None:
-        handle.remove()
+    surgery.record(model, STEP, "model.config._attn_implementation", f"attention: {implementation}",
+                   undo_fn=lambda m: m.set_attn_implementation(previous))
     if implementation == "flex":
-        decoder.__dict__[_HOOK] = decoder.register_forward_pre_hook(_flex_mask_hook, with_kwargs=True)
+        handle = decoder.register_forward_pre_hook(_flex_mask_hook, with_kwargs=True)
+        surgery.record(model, STEP, "model.model (forward pre-hook)", "2-D mask + position ids -> one BlockMask",
+                       undo_fn=lambda m: handle.remove())
     return model
 
 

@@ -28,10 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quickloris.models import surgery
 from quickloris.ops import linear_losses
 from quickloris.ops.chunked_linear import MemoryEfficientLinear, chunked_linear_loss
 
-_STATE = "_quickloris_chunked_loss"
+STEP = "loss"
 
 
 @dataclasses.dataclass
@@ -56,18 +57,8 @@ class ChunkedLossConfig:
                 raise ValueError(f"ChunkedLossConfig.{name} must be a positive int or None, got {v!r}")
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The transformers model inside PEFT / other wrappers exposing `get_base_model()`."""
-    seen = 0
-    while hasattr(model, "get_base_model") and seen < 4:
-        inner = model.get_base_model()
-        if inner is model:
-            break
-        model, seen = inner, seen + 1
-    return model
-
-
-def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+def causal_lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(decoder, output head) of a causal LM: ``model.<base_model_prefix>`` and ``get_output_embeddings()``."""
     prefix = getattr(model, "base_model_prefix", None)
     decoder = getattr(model, prefix, None) if isinstance(prefix, str) else None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -105,16 +96,24 @@ def chunked_head_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.Tenso
     return out / count.clamp_min(1)
 
 
-def forward_with_head_loss(self, state: dict, head_loss, input_ids=None, attention_mask=None, position_ids=None,
-                           past_key_values=None, inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0,
-                           **kwargs):
-    """A causal LM's forward whose training loss is ``head_loss(hidden, head, targets, num_items, ignore_index,
-    softcap)`` over the decoder's hidden states: no logits tensor. Without labels, or in eval mode, the model's
-    own forward (``state["original"]``) runs. Shared by the eager chunked loss and the compiled one."""
+def eager_head_loss(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, num_items, ignore_index: int,
+                    softcap: float | None, config: ChunkedLossConfig) -> torch.Tensor:
+    """The default per-model head loss: `chunked_head_loss` in eager PyTorch (any head module)."""
+    options: dict[str, Any] = {"ignore_index": ignore_index}
+    if softcap is not None:
+        options["softcap"] = softcap
+    return chunked_head_loss(hidden, head, targets, num_items=num_items, config=config, **options)
+
+
+def _loss_forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                  inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+    """A causal LM's forward whose training loss is the recorded head loss over the decoder's hidden states: no
+    logits tensor. Without labels, or in eval mode, the model's own forward runs."""
+    loss_state = surgery.state(self, STEP)
     if labels is None or not self.training:
-        return state["original"](input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                 past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
-                                 use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
+        return loss_state["original"](input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                      past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
+                                      use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     return_dict = kwargs.pop("return_dict", None)
@@ -123,7 +122,7 @@ def forward_with_head_loss(self, state: dict, head_loss, input_ids=None, attenti
     num_items = kwargs.pop("num_items_in_batch", None)
     shift_labels = kwargs.pop("shift_labels", None)
     ignore_index = kwargs.pop("ignore_index", -100)
-    decoder, head = _parts(self)
+    decoder, head = causal_lm_parts(self)
     outputs = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                       past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
     hidden = outputs[0]
@@ -134,63 +133,63 @@ def forward_with_head_loss(self, state: dict, head_loss, input_ids=None, attenti
         raise ValueError(f"labels give targets of shape {tuple(targets.shape)} but the model kept hidden states "
                          f"of shape {tuple(hidden.shape[:-1])} (logits_to_keep={logits_to_keep!r})")
     softcap = getattr(self.config, "final_logit_softcapping", None)
-    loss = head_loss(hidden, head, targets.to(hidden.device), num_items, ignore_index,
-                     None if softcap is None else float(softcap))
+    loss = loss_state["head_loss"](hidden, head, targets.to(hidden.device), num_items, ignore_index,
+                                   None if softcap is None else float(softcap), loss_state["config"])
     out = CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
                                  hidden_states=getattr(outputs, "hidden_states", None),
                                  attentions=getattr(outputs, "attentions", None))
     return out if return_dict else out.to_tuple()
 
 
-def _chunked_forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                     inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
-    state = getattr(self, _STATE)
-
-    def head_loss(hidden, head, targets, num_items, ignore_index, softcap):
-        options: dict[str, Any] = {"ignore_index": ignore_index}
-        if softcap is not None:
-            options["softcap"] = softcap
-        return chunked_head_loss(hidden, head, targets, num_items=num_items, config=state["config"], **options)
-
-    return forward_with_head_loss(self, state, head_loss, input_ids=input_ids, attention_mask=attention_mask,
-                                  position_ids=position_ids, past_key_values=past_key_values,
-                                  inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
-                                  logits_to_keep=logits_to_keep, **kwargs)
-
-
 def enable_chunked_loss(model: nn.Module, config: ChunkedLossConfig | None = None, **overrides: Any) -> nn.Module:
     """Make `model` (or the transformers model inside a PEFT wrapper) compute its training loss chunked.
 
-    Only this object changes: its `forward` becomes an instance attribute. Returns `model`. Keyword overrides
-    set `ChunkedLossConfig` fields. Calling it again replaces the config.
+    Installs the loss once: an instance ``forward`` on that one object (`quickloris.models.surgery` records it and
+    the forward it shadows). Calling it again only replaces the config. Keyword overrides set `ChunkedLossConfig`
+    fields. Returns `model`.
     """
     cfg = dataclasses.replace(config or ChunkedLossConfig(), **overrides)
-    target = _unwrap(model)
-    _parts(target)
+    target = surgery.unwrap(model)
+    causal_lm_parts(target)
     if not hasattr(target, "config") or not hasattr(type(target), "forward"):
         raise TypeError(f"{type(target).__name__} is not a transformers model")
-    if hasattr(target, _STATE):
-        getattr(target, _STATE)["config"] = cfg
+    current = surgery.state(target, STEP)
+    if current is not None:
+        current["config"] = cfg
         return model
     saved = target.__dict__.get("forward")  # an instance forward someone installed before us
     original = saved if saved is not None else types.MethodType(type(target).forward, target)
-    object.__setattr__(target, _STATE, {"config": cfg, "original": original, "saved": saved})
-    target.forward = types.MethodType(_chunked_forward, target)
+    surgery.set_state(target, STEP, {"config": cfg, "original": original, "head_loss": eager_head_loss})
+    surgery.set_attribute(target, STEP, target, "forward", types.MethodType(_loss_forward, target),
+                          "training loss: lm_head + cross-entropy chunk by chunk (no [tokens, vocab] logits)",
+                          path="model")
     return model
+
+
+def set_head_loss(model: nn.Module, head_loss, step: str, what: str) -> None:
+    """Let the installed loss forward compute its head loss with `head_loss` (same signature as `eager_head_loss`),
+    recorded as `step`'s edit (undo puts the eager one back). The forward itself is not touched."""
+    loss_state = surgery.state(model, STEP)
+    if loss_state is None:
+        raise ValueError("the chunked loss is not enabled on this model (enable_chunked_loss first)")
+    loss_state["head_loss"] = head_loss
+
+    def restore(m: nn.Module) -> None:
+        surgery.state(m, STEP)["head_loss"] = eager_head_loss
+
+    surgery.record(model, step, "model.forward (head loss)", what, undo_fn=restore)
 
 
 def disable_chunked_loss(model: nn.Module) -> nn.Module:
     """Undo `enable_chunked_loss` (restores the instance forward that was there before, if any)."""
-    target = _unwrap(model)
-    state = target.__dict__.get(_STATE)
-    if state is None:
-        return model
-    del target.__dict__["forward"]
-    if state["saved"] is not None:
-        target.forward = state["saved"]
-    del target.__dict__[_STATE]
+    surgery.undo(model, STEP)
     return model
 
 
+def chunked_loss_config(model: nn.Module) -> ChunkedLossConfig | None:
+    loss_state = surgery.state(model, STEP)
+    return None if loss_state is None else loss_state["config"]
+
+
 def is_chunked_loss_enabled(model: nn.Module) -> bool:
-    return _STATE in _unwrap(model).__dict__
+    return surgery.state(model, STEP) is not None

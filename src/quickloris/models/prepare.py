@@ -21,6 +21,8 @@ patched):
 6. Gives the object a ``save_pretrained`` that writes the adapter in PEFT's format
    (`quickloris.models.adapters`), so ``Trainer.save_model`` and checkpoints produce PEFT adapter folders.
 
+Every change is made through `quickloris.models.surgery` and listed in ``model.quickloris_edits``.
+
 Checkpointing and compilation come after, in `quickloris.parallel.compose` (quantize/LoRA -> checkpointing ->
 compile).
 """
@@ -34,29 +36,41 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from quickloris.cli.args import field
-from quickloris.nn.nf4_tensor import NF4Tensor
-from quickloris.nn.qlora_linear import QLoRALinear
+from quickloris.config import Config, at_least, comma_list, field, in_range
+from quickloris.models import adapters as adapters_mod, surgery
+from quickloris.nn.qlora_linear import QLoRALinear, lora_scaling
+from quickloris.tensor.nf4_tensor import NF4Tensor
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-_STATE = "_quickloris_qlora"
+STEP = "prepare"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def _targets(names: list[str]) -> str | None:
+    if not names:
+        return "must name at least one layer"
+    if "lm_head" in names or "embed_tokens" in names:
+        return f"got {names}: LoRA on lm_head / embed_tokens is not supported; target decoder linears such as " \
+               f"{','.join(DEFAULT_TARGETS)}"
+    return None
+
+
 @dataclasses.dataclass
-class QLoRAConfig:
+class QLoRAConfig(Config):
     """How `prepare_model` turns a causal LM into a QLoRA model (LoRA fields mean what PEFT's LoraConfig's do)."""
 
-    r: int = field(16, help="LoRA rank")
-    lora_alpha: float = field(32.0, help="LoRA alpha: updates are scaled by alpha / r (alpha / sqrt(r) with rsLoRA)")
-    lora_dropout: float = field(0.0, help="dropout probability on the input of the LoRA branch (training only)")
+    r: int = field(16, help="LoRA rank", check=at_least(1))
+    lora_alpha: float = field(32.0, help="LoRA alpha: updates are scaled by alpha / r (alpha / sqrt(r) with rsLoRA)",
+                              check=in_range(0.0, low_open=True))
+    lora_dropout: float = field(0.0, help="dropout probability on the input of the LoRA branch (training only)",
+                                check=in_range(0.0, 1.0, high_open=True))
     use_rslora: bool = field(False, help="rank-stabilised LoRA: scale by alpha / sqrt(r)")
     target_modules: list[str] = field(list(DEFAULT_TARGETS), help="names of the decoder linear layers that get LoRA "
-                                      "(comma-separated), or all-linear")
+                                      "(comma-separated), or all-linear", convert=comma_list(), check=_targets)
     quantize: bool = field(True, help="quantize 16-bit target layers to NF4; with --no-quantize the model must "
                            "already hold 4-bit (bitsandbytes NF4) weights")
-    blocksize: int = field(64, help="NF4 block size when quantizing (bitsandbytes' default 64)")
+    blocksize: int = field(64, help="NF4 block size when quantizing (bitsandbytes' default 64)", check=at_least(1))
     double_quant: bool = field(True, help="quantize the NF4 block scales too (bitsandbytes' compress_statistics)")
     lora_dtype: Literal["float32", "bfloat16", "float16"] = field(
         "float32", help="dtype of the LoRA parameters (the math runs in the activations' dtype)")
@@ -67,31 +81,8 @@ class QLoRAConfig:
         "(quickloris' FlexAttention with document masks), eager, keep")
     chunked_loss: bool = field(True, help="compute the training loss without materialising [tokens, vocab] logits")
 
-    def __post_init__(self):
-        if isinstance(self.target_modules, str):
-            self.target_modules = [t for t in self.target_modules.split(",") if t]
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
-            raise ValueError(f"QLoRAConfig.r must be a positive int, got {self.r!r}")
-        if not self.lora_alpha > 0:
-            raise ValueError(f"QLoRAConfig.lora_alpha must be positive, got {self.lora_alpha!r}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"QLoRAConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        if not self.target_modules:
-            raise ValueError("QLoRAConfig.target_modules must name at least one layer")
-        if "lm_head" in self.target_modules or "embed_tokens" in self.target_modules:
-            raise ValueError("QLoRAConfig.target_modules: LoRA on lm_head / embed_tokens is not supported; "
-                             f"target decoder linears such as {DEFAULT_TARGETS}")
-        if self.lora_dtype not in _DTYPES:
-            raise ValueError(f"QLoRAConfig.lora_dtype must be one of {sorted(_DTYPES)}, got {self.lora_dtype!r}")
-        if self.attention not in ("sdpa", "sdpa_cudnn", "flex", "eager", "keep"):
-            raise ValueError(f"QLoRAConfig.attention must be sdpa, sdpa_cudnn, flex, eager or keep, got "
-                             f"{self.attention!r}")
-        if self.init_lora_weights not in ("default", "gaussian", "random"):
-            raise ValueError(f"QLoRAConfig.init_lora_weights must be default, gaussian or random, "
-                             f"got {self.init_lora_weights!r}")
-
     def scaling(self) -> float:
-        return self.lora_alpha / (self.r ** 0.5 if self.use_rslora else self.r)
+        return lora_scaling(self.r, self.lora_alpha, self.use_rslora)
 
 
 def check_architecture(model: Any) -> None:
@@ -192,25 +183,29 @@ def prepare_model(model: nn.Module, config: QLoRAConfig | None = None, *, adapte
     """Turn `model` into a QLoRA model in place (see the module docstring); returns it.
 
     `adapter`: a PEFT LoRA adapter folder to start from: its rank, alpha, dropout, rsLoRA and targets become the
-    config (explicit `overrides` must agree) and its weights are loaded.
+    config (explicit `overrides` must agree) and its weights are loaded. Every change is recorded in
+    ``model.quickloris_edits`` (`quickloris.models.surgery`).
     """
-    from quickloris.models import adapters as adapters_mod
-
     check_architecture(model)
-    if hasattr(model, _STATE):
+    if surgery.applied(model, STEP):
         raise ValueError("this model was already prepared by quickloris.prepare_model")
     cfg = config or QLoRAConfig()
     if adapter is not None:
-        cfg = adapters_mod.config_from_adapter(adapter, cfg)
+        cfg = config_from_adapter(adapter, cfg)
     if overrides:
         cfg = dataclasses.replace(cfg, **overrides)
-    replace_linears(model, cfg)
+    layers = replace_linears(model, cfg)
+    surgery.record(model, STEP, "model.model.*", f"decoder linears -> QLoRALinear: NF4 base, LoRA r={cfg.r} on "
+                   f"{len(layers)} ({','.join(cfg.target_modules)}); the 16-bit weights are dropped")
     for name, p in model.named_parameters():
         p.requires_grad_(".lora_A." in name or ".lora_B." in name)
-    if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer = None  # every bitsandbytes layer is now a quickloris NF4 layer
-    model.config.use_cache = False
-    object.__setattr__(model, _STATE, cfg)
+    surgery.record(model, STEP, "model.parameters()", "frozen but the LoRA matrices")
+    if getattr(model, "hf_quantizer", None) is not None:  # every bitsandbytes layer is now a quickloris NF4 layer
+        surgery.set_attribute(model, STEP, model, "hf_quantizer", None, "bitsandbytes quantizer handle dropped",
+                              path="model")
+    surgery.set_attribute(model, STEP, model.config, "use_cache", False, "no KV cache in training",
+                          path="model.config")
+    surgery.set_state(model, STEP, cfg)
     if cfg.chunked_loss:
         from quickloris.models.chunked_loss import enable_chunked_loss
 
@@ -219,27 +214,30 @@ def prepare_model(model: nn.Module, config: QLoRAConfig | None = None, *, adapte
         from quickloris.models.attention import set_attention
 
         set_attention(model, cfg.attention)
-    model.save_pretrained = types.MethodType(_save_pretrained, model)
+    surgery.set_attribute(model, STEP, model, "save_pretrained", types.MethodType(adapters_mod.save_pretrained, model),
+                          "writes the LoRA adapter (PEFT format), not the model", path="model")
     if adapter is not None:
         adapters_mod.load_adapter(model, adapter)
     return model
 
 
+def config_from_adapter(folder, base: QLoRAConfig | None = None) -> QLoRAConfig:
+    """A `QLoRAConfig` with the adapter folder's rank, alpha, dropout, rsLoRA and target layers."""
+    cfg = adapters_mod.read_adapter_config(folder)
+    targets = cfg["target_modules"]
+    targets = ["all-linear"] if targets == "all-linear" else sorted(targets)
+    return dataclasses.replace(base or QLoRAConfig(), r=int(cfg["r"]), lora_alpha=float(cfg["lora_alpha"]),
+                               lora_dropout=float(cfg.get("lora_dropout", 0.0)),
+                               use_rslora=bool(cfg.get("use_rslora", False)), target_modules=targets)
+
+
 def qlora_config(model: nn.Module) -> QLoRAConfig:
     """The config `model` was prepared with (ValueError if it was not prepared)."""
-    cfg = getattr(model, _STATE, None)
+    cfg = surgery.state(model, STEP)
     if cfg is None:
         raise ValueError(f"{type(model).__name__} was not prepared by quickloris.prepare_model")
     return cfg
 
 
 def is_prepared(model: nn.Module) -> bool:
-    return hasattr(model, _STATE)
-
-
-def _save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs) -> None:
-    """Write the LoRA adapter (PEFT format) to `save_directory`; the frozen NF4 base is not saved."""
-    from quickloris.models.adapters import save_adapter
-
-    if is_main_process:
-        save_adapter(self, save_directory)
+    return surgery.state(model, STEP) is not None

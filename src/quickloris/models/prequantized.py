@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from quickloris.nn.nf4_tensor import NF4Tensor
+from quickloris.tensor.nf4_tensor import NF4Tensor
 
 _QS = ".quant_state.bitsandbytes__"
 

@@ -20,8 +20,13 @@ import math
 import torch
 from torch import nn
 
-from quickloris.nn.nf4_tensor import NF4Tensor
 from quickloris.ops.qlora_linear import qlora_linear
+from quickloris.tensor.nf4_tensor import NF4Tensor
+
+
+def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
+    """PEFT's LoRA scale: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA (0 without an adapter)."""
+    return (lora_alpha / (math.sqrt(r) if use_rslora else r)) if r else 0.0
 
 
 class QLoRALinear(nn.Module):
@@ -60,7 +65,7 @@ class QLoRALinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         self.r, self.lora_alpha, self.lora_dropout = r, float(lora_alpha), float(lora_dropout)
         self.use_rslora = use_rslora
-        self.scaling = (self.lora_alpha / (math.sqrt(r) if use_rslora else r)) if r else 0.0
+        self.scaling = lora_scaling(r, self.lora_alpha, use_rslora)
         self.adapter_name = adapter_name
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()

@@ -192,7 +192,7 @@ def qlora_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None, lora
     dtype and their gradients returned in their own), or both None for the frozen base alone. `dropout` is the
     probability of zeroing an input of the LoRA branch (pass 0 in eval mode).
     """
-    from quickloris.nn.nf4_tensor import NF4Tensor
+    from quickloris.tensor.nf4_tensor import NF4Tensor
 
     if not isinstance(weight, NF4Tensor):
         raise TypeError(f"weight must be a quickloris NF4Tensor, got {type(weight).__name__}")

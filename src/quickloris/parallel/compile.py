@@ -44,14 +44,17 @@ from __future__ import annotations
 import dataclasses
 import functools
 import types
-from typing import Any
+from typing import Any, Literal, get_args
 
 from torch import nn
 
-from quickloris.cli.args import field
+from quickloris.config import Config, field
+from quickloris.models import surgery
+from quickloris.parallel.regions import compile_region, without_duck_sizing  # noqa: F401 - re-exported
 
-_STATE = "_quickloris_compile"
-CHECKPOINT_KEEP = ("attention", "linears")
+STEP = "compile"
+Keep = Literal["attention", "linears"]
+CHECKPOINT_KEEP = get_args(Keep)
 _CONTEXT_FNS: dict[str, Any] = {}  # in-graph checkpoint context functions by policy (see checkpoint_in_graph)
 # The attention kernels' forward ops (their outputs are what backward needs besides q, k, v), by (namespace, name).
 _ATTENTION_OPS = frozenset({("aten", name) for name in (
@@ -61,12 +64,18 @@ _ATTENTION_OPS = frozenset({("aten", name) for name in (
     | {("higher_order", "flex_attention")})
 
 
-@dataclasses.dataclass
-class CompileConfig:
-    """Regional torch.compile settings."""
+def _backend(name: str) -> str | None:
+    return None if name else "must be a backend name, got ''"
 
-    enabled: bool = field(True, help="compile each decoder layer, the final norm and the loss (regional compile)")
-    backend: str = field("inductor", help="torch.compile backend (inductor; aot_eager for debugging)")
+
+@dataclasses.dataclass
+class CompileConfig(Config):
+    """Regional torch.compile settings (`enabled` None: decided by the device, `resolved`)."""
+
+    enabled: bool | None = field(True, help="compile each decoder layer, the final norm and the loss (regional "
+                                 "compile); unset: on with a GPU (the fast path), off on CPU (compiling costs more "
+                                 "than it saves there)", flag="--compile")
+    backend: str = field("inductor", help="torch.compile backend (inductor; aot_eager for debugging)", check=_backend)
     mode: str | None = field(None, help="inductor mode, e.g. max-autotune-no-cudagraphs (none: default)")
     dynamic: bool = field(True, help="compile for symbolic shapes: one graph for all sequence lengths")
     loss: bool = field(True, help="compile the lm_head + cross-entropy chunk (models on the chunked loss with a "
@@ -74,15 +83,21 @@ class CompileConfig:
     norm: bool = field(True, help="compile the final RMSNorm")
     checkpoint_in_graph: bool = field(False, help="trace each checkpointed decoder layer's checkpoint into its "
                                       "compiled graph: the replay runs inside the compiled backward (faster than "
-                                      "transformers' eager checkpoint around the compiled layer)")
-    checkpoint_keep: list[str] = field([], help="what an in-graph checkpoint keeps besides each layer's input: "
-                                       "attention (its outputs: no attention forward replayed) and/or linears (the "
-                                       "NF4 matmul outputs: no GEMM replayed); empty: replay everything")
+                                      "transformers' eager checkpoint around the compiled layer)",
+                                      flag="--checkpoint-in-graph")
+    checkpoint_keep: list[Keep] = field(
+        [], help="with --checkpoint-in-graph: what each layer keeps besides its input, comma-separated: attention "
+        "(its outputs: no attention forward replayed) and/or linears (the NF4 matmul outputs: no GEMM replayed); "
+        "faster, more memory; empty: replay everything", flag="--checkpoint-keep")
 
-    def __post_init__(self):
-        if not isinstance(self.backend, str) or not self.backend:
-            raise ValueError(f"CompileConfig.backend must be a backend name, got {self.backend!r}")
-        check_checkpoint_keep(self.checkpoint_keep, self.checkpoint_in_graph, "CompileConfig.")
+    def validate(self) -> None:
+        if self.checkpoint_keep and not self.checkpoint_in_graph:
+            raise self.error("checkpoint_keep", f"={self.checkpoint_keep} needs {{checkpoint_in_graph}} (the eager "
+                             "checkpoint keeps only each layer's input)", "checkpoint_in_graph")
+
+    def resolved(self, device_type: str) -> CompileConfig:
+        """This config with `enabled` decided: unset compiles on a GPU only."""
+        return self if self.enabled is not None else dataclasses.replace(self, enabled=device_type == "cuda")
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -94,18 +109,19 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 def compile_model(model: nn.Module, config: CompileConfig | None = None) -> nn.Module:
     """Compile `model`'s regions in place (see the module docstring); returns it."""
-    cfg = config or CompileConfig()
+    cfg = (config or CompileConfig()).resolved(next(model.parameters()).device.type)
     if not cfg.enabled:
         return model
-    if getattr(model, _STATE, None) is not None:
+    if surgery.applied(model, STEP):
         raise ValueError("this model's regions are compiled already")
     kw: dict[str, Any] = dict(fullgraph=True, dynamic=cfg.dynamic, backend=cfg.backend, mode=cfg.mode)
-    for layer in decoder_layers(model):
+    layers = decoder_layers(model)
+    for i, layer in enumerate(layers):
         if cfg.checkpoint_in_graph:
-            checkpoint_in_graph(layer, cfg.checkpoint_keep)
-        compile_region(layer, **kw)
+            checkpoint_in_graph(model, layer, cfg.checkpoint_keep, path=f"model.model.layers.{i}")
+        _compile(model, layer, kw, f"model.model.layers.{i}")
     if cfg.norm and isinstance(getattr(model.model, "norm", None), nn.Module):
-        compile_region(model.model.norm, **kw)
+        _compile(model, model.model.norm, kw, "model.model.norm")
     if cfg.loss:
         from quickloris.models.chunked_loss import is_chunked_loss_enabled
         from quickloris.parallel.compiled_loss import enable_compiled_loss, supports_compiled_loss
@@ -114,8 +130,22 @@ def compile_model(model: nn.Module, config: CompileConfig | None = None) -> nn.M
         # head (QLoRA's): otherwise the eager chunked loss stays, which handles every head.
         if is_chunked_loss_enabled(model) and supports_compiled_loss(model):
             enable_compiled_loss(model, backend=cfg.backend, mode=cfg.mode)
-    object.__setattr__(model, _STATE, cfg)
+    surgery.set_state(model, STEP, cfg)
     return model
+
+
+def _compile(model: nn.Module, module: nn.Module, kw: dict[str, Any], path: str) -> None:
+    compile_region(module, **kw)
+
+    def undo(m: nn.Module) -> None:
+        module._compiled_call_impl = None
+
+    surgery.record(model, STEP, path, f"torch.compile (fullgraph, {kw['backend']}, dynamic={kw['dynamic']})", undo)
+
+
+def compile_config(model: nn.Module) -> CompileConfig | None:
+    """The config `model`'s regions were compiled with (None: not compiled)."""
+    return surgery.state(model, STEP)
 
 
 def check_checkpoint_keep(keep, in_graph: bool = True, owner: str = "") -> None:
@@ -176,7 +206,7 @@ def _checkpointed_forward(self, *args, **kwargs):
     if not self.training:
         return type(self).forward(self, *args, **kwargs)
     return torch.utils.checkpoint.checkpoint(type(self).forward, self, *args, use_reentrant=False,
-                                             context_fn=_CONTEXT_FNS[self._quickloris_checkpoint_keep],
+                                             context_fn=_CONTEXT_FNS[self.quickloris_checkpoint_keep],
                                              **kwargs)
 
 
@@ -185,7 +215,7 @@ def _pass_through(function, *args, **kwargs):
     return function(*args, **kwargs)
 
 
-def checkpoint_in_graph(layer: nn.Module, keep=()) -> bool:
+def checkpoint_in_graph(model: nn.Module, layer: nn.Module, keep=(), *, path: str | None = None) -> bool:
     """Move `layer`'s activation checkpoint from transformers' eager wrapper into its forward (module docstring);
     it keeps the layer's input, random draws and the kinds in `keep` (``attention``, ``linears``).
 
@@ -209,43 +239,18 @@ def checkpoint_in_graph(layer: nn.Module, keep=()) -> bool:
     # attribute is not guarded: a second model with another policy would silently reuse the first one's graph).
     key = ",".join(sorted(set(keep)))
     _CONTEXT_FNS.setdefault(key, functools.partial(create_selective_checkpoint_contexts, policy))
-    layer._quickloris_checkpoint_keep = key
-    layer.forward = types.MethodType(_checkpointed_forward, layer)
-    layer._gradient_checkpointing_func = _pass_through
+    what = f"in-graph selective checkpoint (keeps: input{', ' + key if key else ''})"
+    surgery.set_attribute(model, STEP, layer, "quickloris_checkpoint_keep", key, "the policy the forward reads",
+                          path=path)
+    surgery.set_attribute(model, STEP, layer, "forward", types.MethodType(_checkpointed_forward, layer), what,
+                          path=path)
+    surgery.set_attribute(model, STEP, layer, "_gradient_checkpointing_func", _pass_through,
+                          "transformers' checkpoint wrapper becomes a pass-through", path=path)
     return True
 
 
 def is_checkpointed_in_graph(layer: nn.Module) -> bool:
     return getattr(layer, "_gradient_checkpointing_func", None) is _pass_through
-
-
-def compile_region(module: nn.Module, **kw: Any) -> nn.Module:
-    """``module.compile(**kw)``, its compilations traced without duck sizing.
-
-    Duck sizing gives input dimensions that happen to be equal at the first trace one shared symbol, guarded
-    equal from then on: a BlockMask with 2 blocks at batch size 2 would make every later length recompile. Each
-    dimension gets its own symbol instead (the setting is read when dynamo starts a trace, i.e. inside the call).
-    """
-    module.compile(**kw)
-    inner = getattr(module, "_compiled_call_impl", None)
-    if inner is not None:
-        module._compiled_call_impl = without_duck_sizing(inner)
-    return module
-
-
-def without_duck_sizing(fn):
-    """`fn` (a compiled callable) with dynamo's traces made under ``use_duck_shape=False``."""
-    import torch.fx.experimental._config as fx_config
-
-    if not hasattr(fx_config, "use_duck_shape"):  # pragma: no cover - other torch versions
-        return fn
-
-    @functools.wraps(fn)
-    def call(*args, **kwargs):
-        with fx_config.patch(use_duck_shape=False):
-            return fn(*args, **kwargs)
-
-    return call
 
 
 def compile_stats() -> dict[str, int]:

@@ -18,23 +18,22 @@ in x's dtype: the gradient-in-forward schedule, one head matmul fewer than recom
 and the softmax-minus-one-hot gradient into a few kernels around the two matmuls.
 
 It applies when the head is a plain frozen ``nn.Linear`` without bias (QLoRA: lm_head is frozen); otherwise the
-model keeps the eager chunked loss. `enable_compiled_loss(model)` installs it on one model object (an instance
-`forward`, as `enable_chunked_loss` does, whose config and bookkeeping it reuses); `disable_compiled_loss` undoes
-it.
+model keeps the eager chunked loss. The loss forward is installed once, by `quickloris.models.chunked_loss`;
+`enable_compiled_loss(model)` only gives it this per-chunk function instead of the eager one (recorded in
+``model.quickloris_edits`` as a ``compile`` edit), with the same config; `disable_compiled_loss` puts the eager one
+back.
 """
 
 from __future__ import annotations
 
-import types
-
 import torch
 from torch import nn
 
-from quickloris.models.chunked_loss import _parts, _unwrap, forward_with_head_loss
+from quickloris.models import surgery
+from quickloris.models.chunked_loss import STEP as LOSS, causal_lm_parts, eager_head_loss, set_head_loss
 from quickloris.ops.chunked_core import choose_chunk_size
 from quickloris.ops.linear_losses import cross_entropy
-
-_STATE = "_quickloris_compiled_loss"
+from quickloris.parallel.regions import without_duck_sizing
 
 
 def _chunk_value_and_grad(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor,
@@ -51,8 +50,6 @@ def _chunk_value_and_grad(x: torch.Tensor, weight: torch.Tensor, labels: torch.T
 
 def make_chunk_fn(backend: str = "inductor", mode: str | None = None, options: dict | None = None):
     """The compiled per-chunk function (one per model: its own dynamo cache entry)."""
-    from quickloris.parallel.compile import without_duck_sizing
-
     return without_duck_sizing(torch.compile(_chunk_value_and_grad, fullgraph=True, dynamic=True, backend=backend,
                                              mode=mode, options=options))
 
@@ -101,70 +98,50 @@ def compiled_head_loss(chunk_fn, hidden: torch.Tensor, weight: torch.Tensor, lab
     return CompiledChunkedCE.apply(chunk_fn, x, weight.detach(), y, scale, chunk, options)
 
 
-def _forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-             inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
-    state = self.__dict__[_STATE]
-    cfg = state["config"]
+class CompiledHeadLoss:
+    """The head loss a compiled model's loss forward calls (`quickloris.models.chunked_loss.eager_head_loss`'s
+    signature), holding that model's compiled chunk function."""
 
-    def head_loss(hidden, head, targets, num_items, ignore_index, softcap):
-        return compiled_head_loss(state["chunk_fn"], hidden, head.weight, targets, num_items=num_items,
-                                  ignore_index=ignore_index, softcap=softcap,
-                                  chunk_size=cfg.chunk_size if cfg else None,
-                                  memory_budget=cfg.memory_budget if cfg else None)
+    def __init__(self, chunk_fn):
+        self.chunk_fn = chunk_fn
 
-    return forward_with_head_loss(self, state, head_loss, input_ids=input_ids, attention_mask=attention_mask,
-                                  position_ids=position_ids, past_key_values=past_key_values,
-                                  inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
-                                  logits_to_keep=logits_to_keep, **kwargs)
+    def __call__(self, hidden, head, targets, num_items, ignore_index, softcap, config):
+        return compiled_head_loss(self.chunk_fn, hidden, head.weight, targets, num_items=num_items,
+                                  ignore_index=ignore_index, softcap=softcap, chunk_size=config.chunk_size,
+                                  memory_budget=config.memory_budget)
 
 
 def supports_compiled_loss(model: nn.Module) -> bool:
     """True when the head is a frozen bias-free nn.Linear (what the compiled region differentiates through)."""
-    _, head = _parts(_unwrap(model))
+    _, head = causal_lm_parts(surgery.unwrap(model))
     return type(head) is nn.Linear and head.bias is None and not head.weight.requires_grad
 
 
 def enable_compiled_loss(model: nn.Module, *, backend: str = "inductor", mode: str | None = None,
                          options: dict | None = None) -> nn.Module:
-    """Make `model`'s training loss the compiled chunk region (replacing the eager chunked loss if enabled)."""
-    from quickloris.models.chunked_loss import _STATE as CHUNKED, disable_chunked_loss
-
-    target = _unwrap(model)
-    if not supports_compiled_loss(target):
+    """Make `model`'s chunked training loss (enabled already) run each chunk through one compiled region."""
+    if surgery.state(model, LOSS) is None:
+        raise ValueError("the compiled loss replaces the chunked loss's per-chunk step: enable the chunked loss first "
+                         "(prepare_model does, with QLoRAConfig.chunked_loss)")
+    if not supports_compiled_loss(model):
         raise ValueError("the compiled loss needs a frozen, bias-free nn.Linear lm_head (as QLoRA has)")
-    if _STATE in target.__dict__:
-        disable_compiled_loss(model)
-    chunked = target.__dict__.get(CHUNKED)
-    config = chunked["config"] if chunked else None
-    if chunked:
-        disable_chunked_loss(target)
-    saved = target.__dict__.get("forward")
-    original = saved if saved is not None else types.MethodType(type(target).forward, target)
-    target.__dict__[_STATE] = {"original": original, "saved": saved, "chunked_config": config, "config": config,
-                               "chunk_fn": make_chunk_fn(backend, mode, options)}
-    target.forward = types.MethodType(_forward, target)
+    set_head_loss(model, CompiledHeadLoss(make_chunk_fn(backend, mode, options)), "compile",
+                  f"lm_head + cross-entropy chunk compiled ({backend})")
     return model
 
 
 def disable_compiled_loss(model: nn.Module) -> nn.Module:
-    """Undo `enable_compiled_loss` (the eager chunked loss comes back if it was there)."""
-    from quickloris.models.chunked_loss import enable_chunked_loss
-
-    target = _unwrap(model)
-    state = target.__dict__.pop(_STATE, None)
-    if state is None:
-        return model
-    del target.__dict__["forward"]
-    if state["saved"] is not None:
-        target.forward = state["saved"]
-    if state["chunked_config"] is not None:
-        enable_chunked_loss(target, state["chunked_config"])
+    """Put the eager per-chunk step back (the chunked loss stays)."""
+    loss_state = surgery.state(model, LOSS)
+    if loss_state is not None and isinstance(loss_state["head_loss"], CompiledHeadLoss):
+        loss_state["head_loss"] = eager_head_loss
     return model
 
 
 def is_compiled_loss_enabled(model: nn.Module) -> bool:
-    return _STATE in _unwrap(model).__dict__
+    loss_state = surgery.state(model, LOSS)
+    return loss_state is not None and isinstance(loss_state["head_loss"], CompiledHeadLoss)
 
 
 __all__ = ["enable_compiled_loss", "disable_compiled_loss", "compiled_head_loss", "make_chunk_fn", "chunk_spans",
-           "supports_compiled_loss", "is_compiled_loss_enabled"]
+           "supports_compiled_loss", "is_compiled_loss_enabled", "CompiledHeadLoss"]

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from quickloris.cli.args import field
+from quickloris.config import Config, ConfigError, at_least, field
 from quickloris.models.prepare import QLoRAConfig, prepare_model
 from quickloris.parallel.compile import CompileConfig, compile_model
 
@@ -33,33 +33,37 @@ if TYPE_CHECKING:
 
 
 @dataclasses.dataclass
-class CheckpointConfig:
-    """Activation checkpointing of the decoder layers."""
+class CheckpointConfig(Config):
+    """Activation checkpointing of the decoder layers (`gradient_checkpointing` None: decided by the device)."""
 
-    gradient_checkpointing: bool = field(True, help="recompute each decoder layer in backward instead of keeping "
-                                         "its activations (non-reentrant torch.utils.checkpoint)")
-    every_n_layers: int = field(1, help="checkpoint one decoder layer in n (1: all; 2: half, faster, more memory)")
+    gradient_checkpointing: bool | None = field(True, help="recompute each decoder layer in backward instead of "
+                                                "keeping its activations (non-reentrant torch.utils.checkpoint); "
+                                                "unset: on with a GPU, off on CPU",
+                                                flag="--gradient-checkpointing")
+    every_n_layers: int = field(1, help="checkpoint one decoder layer in n (1: all; 2: half, faster, more memory)",
+                                check=at_least(1))
     skip_last: int = field(0, help="leave the last k decoder layers un-checkpointed: their backward needs no "
-                           "recompute, for k layers' activations of memory (use spare memory for speed)")
+                           "recompute, for k layers' activations of memory (use spare memory for speed)",
+                           check=at_least(0), flag="--skip-checkpoint-last")
     offload: bool = field(False, help="keep the checkpointed layer inputs in pinned CPU memory (longest contexts)")
 
-    def __post_init__(self):
-        if not isinstance(self.every_n_layers, int) or isinstance(self.every_n_layers, bool) or self.every_n_layers < 1:
-            raise ValueError(f"CheckpointConfig.every_n_layers must be a positive int, got {self.every_n_layers!r}")
-        if not isinstance(self.skip_last, int) or isinstance(self.skip_last, bool) or self.skip_last < 0:
-            raise ValueError(f"CheckpointConfig.skip_last must be an int >= 0, got {self.skip_last!r}")
+    def resolved(self, device_type: str) -> CheckpointConfig:
+        """This config with `gradient_checkpointing` decided: unset checkpoints on a GPU only."""
+        if self.gradient_checkpointing is not None:
+            return self
+        return dataclasses.replace(self, gradient_checkpointing=device_type == "cuda")
 
 
 def apply_checkpointing(model: nn.Module, config: CheckpointConfig | None = None) -> nn.Module:
     """Enable (or disable) activation checkpointing of `model`'s decoder layers through transformers' own API."""
-    cfg = config or CheckpointConfig()
+    cfg = (config or CheckpointConfig()).resolved(next(model.parameters()).device.type)
     if not cfg.gradient_checkpointing:
         if getattr(model, "is_gradient_checkpointing", False):
             model.gradient_checkpointing_disable()
         return model
     if cfg.offload and next(model.parameters()).device.type == "cpu":
-        raise ValueError("CheckpointConfig.offload moves checkpointed activations from the GPU to pinned CPU memory; "
-                         "this model is on the CPU already")
+        raise ConfigError(CheckpointConfig, "offload", "moves checkpointed activations from the GPU to pinned CPU "
+                          "memory; this model is on the CPU already")
     params = inspect.signature(model.gradient_checkpointing_enable).parameters
     kwargs: dict = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
     for name, value, default in (("every_n_layers", cfg.every_n_layers, 1), ("offload", cfg.offload, False)):
@@ -74,7 +78,8 @@ def apply_checkpointing(model: nn.Module, config: CheckpointConfig | None = None
 
         layers = decoder_layers(model)
         if cfg.skip_last > len(layers):
-            raise ValueError(f"CheckpointConfig.skip_last={cfg.skip_last} exceeds the model's {len(layers)} layers")
+            raise ConfigError(CheckpointConfig, "skip_last", f"={cfg.skip_last} exceeds the model's {len(layers)} "
+                              "layers")
         for layer in layers[len(layers) - cfg.skip_last:]:
             layer.gradient_checkpointing = False
     return model

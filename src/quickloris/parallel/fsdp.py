@@ -5,7 +5,7 @@
 * one FSDP2 unit per decoder layer plus the root (embeddings, final norm, lm_head); each unit's parameters are
   stored 1/N per rank (dim 0), all-gathered just before its forward (and again before its backward, unless
   ``reshard_after_forward=False``) and freed after; LoRA gradients are reduce-scattered.
-* NF4 base weights (`quickloris.nn.NF4Tensor`) are sharded as what they are, 4-bit bytes: the tensor implements
+* NF4 base weights (`quickloris.tensor.NF4Tensor`) are sharded as what they are, 4-bit bytes: the tensor implements
   FSDP2's all-gather extension, so the collective moves the packed uint8 codes, the uint8 absmax codes and the
   fp32 absmax2 scales of each shard (the per-tensor ``offset`` and the code tables are replicated) and the
   gathered weight is bit-identical to the unsharded one. A shard must hold whole groups of 64 * 256 = 16384 values
@@ -27,8 +27,8 @@ count all-reduced first: `global_num_items`) and backpropagates ``N * L_r``: FSD
 ranks, so the reduced gradient is ``sum_r dL_r = dL`` (HF ``Trainer`` scales the same way when
 ``average_tokens_across_devices``). The reported loss is ``sum_r L_r`` (`all_reduce_sum`).
 
-Adapters: `save_adapter` gathers the LoRA matrices (every rank must call it; rank 0 writes) in PEFT's format,
-loadable on one GPU. Launch: ``torchrun --nproc-per-node N script.py`` (or ``accelerate launch``), then
+Adapters: `quickloris.models.adapters.save_adapter` (and the prepared model's ``save_pretrained``) gathers the LoRA
+matrices of a sharded model (every rank must call it; rank 0 writes) in PEFT's format, loadable on one GPU. Launch: ``torchrun --nproc-per-node N script.py`` (or ``accelerate launch``), then
 `init_distributed`. The stack order (quantize/LoRA -> checkpointing -> sharding -> compile) is
 `quickloris.parallel.compose.build_training_model`'s.
 """
@@ -38,26 +38,26 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import inspect
-import json
 import os
 import socket
-import types
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from quickloris.cli.args import field
-from quickloris.nn.nf4_tensor import NF4Tensor
+from quickloris.config import Config, field
+from quickloris.models import surgery
+from quickloris.models.adapters import adapter_state_dict as gather_adapter_state_dict  # noqa: F401 - re-exported
+from quickloris.models.adapters import save_adapter  # noqa: F401 - re-exported (gathers a sharded model)
+from quickloris.tensor.nf4_tensor import NF4Tensor
 
-_STATE = "_quickloris_fsdp"
+STEP = "fsdp"
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 @dataclasses.dataclass
-class FSDPConfig:
+class FSDPConfig(Config):
     """FSDP2 sharding of a QLoRA model over the ranks of a 1-D device mesh (see `quickloris.parallel.fsdp`)."""
 
     mixed_precision: bool = field(True, help="gather parameters in --param-dtype and reduce gradients in "
@@ -72,13 +72,6 @@ class FSDPConfig:
     unshardable: Literal["replicate", "error"] = field(
         "replicate", help="an NF4 weight that cannot be split into whole 16384-value groups per rank: keep it whole "
         "on every rank (replicate), or raise (error)")
-
-    def __post_init__(self):
-        if self.param_dtype not in _DTYPES or self.reduce_dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"FSDPConfig: param_dtype must be one of {sorted(_DTYPES)} and reduce_dtype float32 or "
-                             f"bfloat16, got {self.param_dtype!r}, {self.reduce_dtype!r}")
-        if self.unshardable not in ("replicate", "error"):
-            raise ValueError(f"FSDPConfig.unshardable must be replicate or error, got {self.unshardable!r}")
 
 
 @dataclasses.dataclass
@@ -233,9 +226,9 @@ def shard_model(model: nn.Module, config: FSDPConfig | None = None, mesh=None) -
     if not is_prepared(model):
         raise ValueError(f"{type(model).__name__} was not prepared by quickloris.prepare_model: FSDP2 shards the "
                          "NF4 weights and LoRA adapters it creates (call prepare_model or build_training_model first)")
-    if getattr(model, _STATE, None) is not None:
+    if surgery.applied(model, STEP):
         raise ValueError("this model is sharded already")
-    if getattr(model, "_quickloris_compile", None) is not None:
+    if surgery.applied(model, "compile"):
         raise ValueError("shard the model before compiling it (compile traces the sharded modules)")
     mesh = mesh if mesh is not None else init_distributed().mesh
     if mesh.ndim != 1:
@@ -258,18 +251,19 @@ def shard_model(model: nn.Module, config: FSDPConfig | None = None, mesh=None) -
     for layer in decoder_layers(model):
         fully_shard(layer, reshard_after_forward=cfg.reshard_after_forward, **kw)
     fully_shard(model, **kw)  # root: embeddings, final norm, lm_head (kept gathered from forward to backward)
-    object.__setattr__(model, _STATE, {"config": cfg, "world_size": world, "plan": plan, "mesh": mesh})
-    model.save_pretrained = types.MethodType(_save_pretrained, model)
+    surgery.record(model, STEP, "model.model.layers.*, model", f"fully_shard over {world} ranks: one unit per decoder "
+                   f"layer + the root ({len(replicate)} NF4 weights replicated)")
+    surgery.set_state(model, STEP, {"config": cfg, "world_size": world, "plan": plan, "mesh": mesh})
     return model
 
 
 def is_sharded(model: nn.Module) -> bool:
-    return getattr(model, _STATE, None) is not None
+    return surgery.state(model, STEP) is not None
 
 
 def sharding_summary(model: nn.Module) -> dict[str, Any]:
     """World size, config, and the NF4 weights sharded / replicated (names) of a model `shard_model` sharded."""
-    state = getattr(model, _STATE, None)
+    state = surgery.state(model, STEP)
     if state is None:
         raise ValueError(f"{type(model).__name__} was not sharded by quickloris.parallel.fsdp.shard_model")
     plan = state["plan"]
@@ -300,7 +294,9 @@ def trainer_fsdp_config(model: nn.Module) -> dict[str, Any]:
 
 def count_targets(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Target tokens of a causal-LM batch: labels after the shift by one (position i predicts label i + 1)."""
-    return (labels[..., 1:] != ignore_index).sum()
+    from quickloris.models.chunked_loss import shift_for_causal_lm
+
+    return (shift_for_causal_lm(labels, ignore_index) != ignore_index).sum()
 
 
 def all_reduce_sum(value: torch.Tensor | float, group=None) -> torch.Tensor:
@@ -330,64 +326,6 @@ def gradient_scale(group=None) -> float:
     import torch.distributed as dist
 
     return float(dist.get_world_size(group)) if dist.is_initialized() else 1.0
-
-
-# ----------------------------------------------------------------------------------------------------------
-# adapters
-
-
-def gather_adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """PEFT-keyed full LoRA matrices on CPU (a collective for a sharded model: call on every rank)."""
-    from torch.distributed.tensor import DTensor
-
-    from quickloris.models.adapters import PREFIX, lora_layers
-
-    out: dict[str, torch.Tensor] = {}
-    for path, m in lora_layers(model).items():
-        for kind, t in zip(("lora_A", "lora_B"), m.lora_weights):
-            t = t.detach()
-            if isinstance(t, DTensor):
-                mesh = t.device_mesh
-                if t.device.type != mesh.device_type:  # CPU-offloaded shards: gather on the mesh's device
-                    t = DTensor.from_local(t.to_local().to(mesh_device(mesh)), mesh, t.placements, run_check=False,
-                                           shape=t.shape, stride=t.stride())
-                t = t.full_tensor()
-            out[f"{PREFIX}{path}.{kind}.weight"] = t.to("cpu").contiguous()
-    if not out:
-        raise ValueError(f"{type(model).__name__} has no LoRA layers")
-    return out
-
-
-def save_adapter(model: nn.Module, folder: str | os.PathLike, *, is_main_process: bool | None = None) -> Path:
-    """Write the adapter of a (sharded) model in PEFT's format; every rank calls it, the main process writes."""
-    import torch.distributed as dist
-    from safetensors.torch import save
-
-    from quickloris.models.adapters import CONFIG_NAME, WEIGHTS_NAME, adapter_config
-    from quickloris.utils.atomic import atomic_open, atomic_write_text
-
-    tensors = gather_adapter_state_dict(model)
-    main = (not dist.is_initialized() or dist.get_rank() == 0) if is_main_process is None else is_main_process
-    out = Path(folder)
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        with atomic_open(out / WEIGHTS_NAME, "wb") as f:
-            f.write(save(tensors, metadata={"format": "pt"}))
-        atomic_write_text(out / CONFIG_NAME, json.dumps(adapter_config(model), indent=2, sort_keys=True) + "\n")
-    if dist.is_initialized():
-        dist.barrier()
-    return out
-
-
-def _save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs) -> None:
-    """``model.save_pretrained`` of a sharded model: PEFT adapter; a collective (call it on every rank)."""
-    save_adapter(self, save_directory, is_main_process=is_main_process and _rank() == 0)
-
-
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_initialized() else 0
 
 
 __all__ = ["FSDPConfig", "FSDPOptions", "DistContext", "init_distributed", "shard_model", "sharding_plan", "sharding_summary",

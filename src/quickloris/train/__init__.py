@@ -1,10 +1,13 @@
 """quickloris' own training loop and the `quickloris train` / `quickloris eval` runs built on it.
 
 * `quickloris.train.config`     -- `ModelConfig`, `TrainConfig`, `EvalConfig`, `EvalTaskConfig` (CLI options)
-* `quickloris.train.loop`       -- the loop: token-normalised gradient accumulation, warm-up + decay, progress bar
-* `quickloris.train.checkpoint` -- resumable checkpoints (adapter, AdamW, RNG, step, loss history), atomic
+* `quickloris.train.loop`       -- the loop: token-normalised gradient accumulation, warm-up + decay, progress bar,
+                                   stop on a non-finite loss / gradient norm
+* `quickloris.train.checkpoint` -- resumable checkpoints (adapter, AdamW, RNG, step, loss history), atomic, with a
+                                   checksum manifest; the data fingerprint
+* `quickloris.train.rundir`     -- what --output-dir may be (marker, --overwrite, the --model / --adapter folders)
 * `quickloris.train.report`     -- loss-curve PNG, metrics.json
-* `quickloris.train.runtime`    -- device, dtype, CPU threads, position limit, --eval-data problems
+* `quickloris.train.runtime`    -- device, dtype, CPU threads, position limit, --eval-data problems, input checks
 * `quickloris.train.run`        -- `run_train`: load, prepare, evaluate, train, save, evaluate
 * `quickloris.train.evaluation` -- `run_eval`: exact-match accuracy of a model (+ adapter)
 

@@ -19,6 +19,10 @@ embedded chat tasks ~5 of ~33 positions, ~20 % of a CPU step for SmolLM2 (docs/d
 Learning rate at step s (0-based) with warm-up W over T steps: ``lr·(s+1)/(W+1)`` for s < W, then
 ``lr·f(p)`` with ``p = (s-W)/(T-W)``: cosine ``f = (1+cos πp)/2``, linear ``f = 1-p``, constant ``f = 1``. It is
 a function of s alone, so the schedule's whole state is the step counter.
+
+Divergence: a step whose loss or gradient norm is not finite (with trained tokens) raises `TrainingDiverged` before
+the optimizer steps, so the weights stay those of the step before; its record (non-finite values) is kept. Under
+FSDP both numbers are the all-reduced ones, the same on every rank, so all ranks stop at the same step.
 """
 
 from __future__ import annotations
@@ -33,9 +37,39 @@ from typing import Any
 
 import torch
 
+from quickloris.config import ConfigError
 from quickloris.data.chat import IGNORE_INDEX, TokenizedExample
 from quickloris.data.packing import collate, epoch_batches
 from quickloris.train.config import TrainConfig
+
+
+class TrainingDiverged(RuntimeError):
+    """Training stopped at `step` because `what` (the loss, the gradient norm, a weight) was `value`."""
+
+    exit_code = 1  # `quickloris train`: one line, no traceback, exit status 1
+    reported_elsewhere = False  # True on FSDP ranks other than 0: rank 0 prints the line
+
+    def __init__(self, step: int, what: str, value: float, checkpoint: str | None = None):
+        super().__init__(step, what, value, checkpoint)
+        self.step, self.what, self.value, self.checkpoint = step, what, value, checkpoint
+
+    def __str__(self) -> str:
+        last = f"last good checkpoint {self.checkpoint}" if self.checkpoint else "no checkpoint was saved"
+        return (f"training diverged at step {self.step}: {self.what} is {self.value}; {last}; try a lower --lr "
+                "(or --max-grad-norm) in a new run")
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run: where it stopped and the checkpoint to continue from."""
+
+    def __init__(self, step: int, checkpoint: str | None):
+        super().__init__(step, checkpoint)
+        self.step, self.checkpoint = step, checkpoint
+
+    def __str__(self) -> str:
+        if self.checkpoint is None:
+            return f"interrupted at step {self.step}; no checkpoint was saved yet, so a new run starts over"
+        return f"interrupted at step {self.step}; last checkpoint {self.checkpoint}; continue with --resume"
 
 
 def lr_at(step: int, *, lr: float, schedule: str, warmup: int, total: int) -> float:
@@ -144,6 +178,14 @@ def plan_steps(stream: BatchStream, cfg: TrainConfig) -> tuple[int, int | None]:
     return -(-limit // cfg.grad_accum), limit
 
 
+def total_steps(examples: Sequence[TokenizedExample], cfg: TrainConfig, *, packing: bool,
+                max_seq_len: int | None) -> int:
+    """The optimizer steps `train_loop` runs for these examples and options."""
+    stream = BatchStream(examples, batch_size=cfg.batch_size, seed=cfg.seed, packing=packing,
+                         max_seq_len=max_seq_len)
+    return plan_steps(stream, cfg)[0]
+
+
 def train_loop(model: torch.nn.Module, examples: Sequence[TokenizedExample], cfg: TrainConfig, *,
                optimizer: torch.optim.Optimizer, pad_token_id: int, packing: bool, max_seq_len: int,
                state: LoopState | None = None, device: torch.device | None = None,
@@ -167,6 +209,9 @@ def train_loop(model: torch.nn.Module, examples: Sequence[TokenizedExample], cfg
     stream = BatchStream(examples, batch_size=cfg.batch_size, seed=cfg.seed, packing=packing, max_seq_len=max_seq_len)
     total, limit = plan_steps(stream, cfg)
     state = state or LoopState()
+    if state.step > total:
+        raise ConfigError(TrainConfig, "max_steps", f"gives {total} steps, fewer than the {state.step} the resumed "
+                          "run has done already")
     state.total_steps = total
     params = [p for g in optimizer.param_groups for p in g["params"]]
     clip = cfg.max_grad_norm if cfg.max_grad_norm else math.inf
@@ -203,10 +248,12 @@ def train_loop(model: torch.nn.Module, examples: Sequence[TokenizedExample], cfg
 
                 loss_sum = all_reduce_sum(loss_sum)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip)) if trained else 0.0
-            if trained:  # a step without trained tokens has no loss: the weights (and AdamW moments) stay
+            loss_value = float(loss_sum) if trained else float("nan")
+            bad = [(w, v) for w, v in (("the loss", loss_value), ("the gradient norm", grad_norm))
+                   if trained and not math.isfinite(v)]
+            if trained and not bad:  # a step without trained tokens has no loss: the weights (and AdamW) stay
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            loss_value = float(loss_sum) if trained else float("nan")
             seconds = time.perf_counter() - t0
             state.elapsed += seconds
             state.step = s + 1
@@ -215,6 +262,8 @@ def train_loop(model: torch.nn.Module, examples: Sequence[TokenizedExample], cfg
                       "tokens_per_s": round(tokens / seconds, 1), "memory_gib": round(memory_gib(device), 3),
                       "epoch": stream.locate(ks[0])[0]}
             state.history.append(record)
+            if bad:
+                raise TrainingDiverged(s + 1, *bad[0])
             bar.set_postfix_str(f"loss {loss_value:.4f}  tok/s {record['tokens_per_s']:.0f}  "
                                 f"mem {record['memory_gib']:.2f} GiB", refresh=False)
             bar.update(1)

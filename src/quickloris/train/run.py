@@ -1,25 +1,32 @@
 """`quickloris train` as one call: load, prepare, evaluate, train, save, evaluate again.
 
-`run_train` does, in this order (cheap checks first, so bad input fails before a model is loaded):
+`run_train` does, in this order (checks first, so bad input fails before a model is loaded or a file written):
 
-1. resolve the device, dtype and CPU threads; refuse an output folder that holds another run unless --resume;
-2. find the model (`quickloris.models.loading.resolve_model`) and check --max-seq-len against its position limit
-   read from its files; read --eval-data;
+1. resolve the device, dtype and CPU threads, compile and activation checkpointing (unset: on with a GPU);
+2. find the model (`quickloris.models.loading.resolve_model`) and check, from files only: the output folder
+   (`quickloris.train.rundir.check_output_dir`), the input files, the architecture, --target-modules, the
+   tokenizer files and --max-seq-len (`quickloris.train.runtime.check_inputs`); read --eval-data;
 3. load the tokenizer, tokenize the data (`quickloris.data.config.prepare_data`: line-numbered format errors, a
    dataset with nothing to train on);
 4. load the model and make it trainable (`quickloris.parallel.compose.build_training_model`: NF4 + LoRA, activation
-   checkpointing, regional compile), AdamW on the LoRA matrices; restore the last checkpoint with --resume;
-5. write config.json, score the held-out problems (before), run `quickloris.train.loop.train_loop` with a
-   checkpoint (+ metrics.json and loss.png) every --save-every steps, save the adapter (PEFT format) under
-   ``adapter/``, score again (after), write metrics.json and loss.png.
+   checkpointing, regional compile), AdamW on the LoRA matrices; with --resume restore the newest intact
+   checkpoint (`quickloris.train.checkpoint.resumable_checkpoint`; its options and data must match);
+5. claim the output folder (`quickloris.train.rundir.claim`: the marker is the first file written), write
+   config.json, score the held-out problems (before), run `quickloris.train.loop.train_loop` with a checkpoint
+   (+ metrics.json and loss.png) every --save-every steps, save the adapter (PEFT format) under ``adapter/``,
+   score again (after), write metrics.json and loss.png.
 
-Evaluation happens on the model being trained (NF4 base + LoRA), with compiled regions run eagerly.
+A diverging run (`TrainingDiverged`) and Ctrl-C (`TrainingInterrupted`) still write metrics.json and loss.png up
+to the step where they stopped. Resuming with a larger --max-steps (or --epochs) extends a run: the remaining steps
+follow the learning-rate schedule of the new length (the steps done keep the old schedule's), so an extended run
+equals a run started with the new length only where the schedule does not depend on it (--lr-schedule constant,
+or steps still in warm-up). Evaluation happens on the model being trained (NF4 base + LoRA), with compiled regions
+run eagerly.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,18 +35,17 @@ from typing import Any
 
 import torch
 
+from quickloris.config import ConfigError, flatten
 from quickloris.data.config import DataConfig, PreparedData, prepare_data, read_chat_template
 from quickloris.models.prepare import QLoRAConfig
 from quickloris.train.config import EvalConfig, ModelConfig, TrainConfig
-from quickloris.train.loop import LoopState, train_loop
-from quickloris.train.runtime import (cpu_cores, eager_regions, load_average, load_eval_examples,
-                                      max_position_embeddings, resolve_device, resolve_dtype, resolve_threads)
+from quickloris.train.loop import LoopState, TrainingDiverged, TrainingInterrupted, total_steps, train_loop
+from quickloris.train.report import jsonable
+from quickloris.train.rundir import ADAPTER_DIR, check_output_dir, claim
+from quickloris.train.runtime import (check_inputs, check_max_seq_len_option, cpu_cores, eager_regions,
+                                      load_average, load_eval_examples, max_position_embeddings, resolve_device,
+                                      resolve_dtype, resolve_threads)
 from quickloris.utils.atomic import atomic_write_json
-
-ADAPTER_DIR = "adapter"
-# Options that do not change the trajectory (where to write, how often to report, speed switches).
-_NOT_TRAJECTORY = {"output_dir", "resume", "save_every", "log_every", "progress", "compile", "gradient_checkpointing",
-                   "checkpoint_in_graph", "checkpoint_keep", "skip_checkpoint_last", "eval_before", "eval_after"}
 
 
 @dataclass
@@ -50,24 +56,15 @@ class TrainResult:
     metrics: dict[str, Any]
 
 
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, float) and math.isnan(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    return obj
-
-
 def fingerprint(model_cfg: ModelConfig, data_cfg: DataConfig, qlora_cfg: QLoRAConfig, train_cfg: TrainConfig,
-                dtype: torch.dtype) -> dict[str, Any]:
-    """Every option that changes what a run computes (compared when resuming)."""
+                dtype: torch.dtype, data: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every option that changes what a run computes (the fields declared ``fingerprint=True``), and the data's
+    own fingerprint (`quickloris.train.checkpoint.data_fingerprint`): compared when resuming."""
     fp: dict[str, Any] = {"model": model_cfg.model, "adapter": model_cfg.adapter, "dtype": str(dtype)}
-    fp.update({f"data.{k}": v for k, v in dataclasses.asdict(data_cfg).items() if k != "num_eval"})
-    fp.update({f"qlora.{k}": v for k, v in dataclasses.asdict(qlora_cfg).items()})
-    fp.update({f"train.{k}": v for k, v in dataclasses.asdict(train_cfg).items() if k not in _NOT_TRAJECTORY})
-    return _jsonable(fp)
+    for name, cfg in (("data", data_cfg), ("qlora", qlora_cfg), ("train", train_cfg)):
+        fp.update({f"{name}.{k}": v for k, v in flatten(cfg, compared_only=True).items()})
+    fp.update(data or {})
+    return jsonable(fp)
 
 
 def evaluate(model: Any, tokenizer: Any, examples: list, eval_cfg: EvalConfig, chat_template: str | None,
@@ -111,13 +108,12 @@ def run_train(model_cfg: ModelConfig, data_cfg: DataConfig, qlora_cfg: QLoRAConf
     (`train_loop`'s ``dist``), rank 0 alone prints and writes files, the adapter is gathered from the shards.
     Resumable checkpoints are not written for a sharded run (--resume is refused).
     """
-    from quickloris.data.chat import check_max_seq_len
     from quickloris.models.adapters import save_adapter
     from quickloris.models.loading import load_model, load_tokenizer, max_positions, resolve_model
     from quickloris.models.prepare import qlora_config
-    from quickloris.parallel.compile import CompileConfig
-    from quickloris.parallel.compose import CheckpointConfig, build_training_model
-    from quickloris.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from quickloris.parallel.compose import build_training_model
+    from quickloris.train.checkpoint import (checkpoint_step, data_fingerprint, load_checkpoint, resumable_checkpoint,
+                                             save_checkpoint)
     from quickloris.train.report import plot_loss, write_metrics
 
     started = time.perf_counter()
@@ -139,19 +135,28 @@ def run_train(model_cfg: ModelConfig, data_cfg: DataConfig, qlora_cfg: QLoRAConf
     threads, why = resolve_threads(model_cfg)
     if device.type == "cpu" or model_cfg.threads is not None:
         torch.set_num_threads(threads)
-    compile_on = train_cfg.compile if train_cfg.compile is not None else device.type == "cuda"
-    checkpointing = (train_cfg.gradient_checkpointing if train_cfg.gradient_checkpointing is not None
-                     else device.type == "cuda")
-    ckpt = latest_checkpoint(out)
-    if ckpt is not None and not train_cfg.resume:
-        raise ValueError(f"output_dir {str(out)!r} already holds a run (checkpoint {ckpt.name}); pass --resume to "
-                         "continue it, or choose another --output-dir")
-    echo(f"device: {device} ({str(dtype).replace('torch.', '')})" + (f", {why}" if device.type == "cpu" else "")
-         + f", compile {'on' if compile_on else 'off'}, gradient checkpointing {'on' if checkpointing else 'off'}")
+    compile_cfg = train_cfg.compile.resolved(device.type)
+    checkpoint_cfg = train_cfg.checkpointing.resolved(device.type)
 
-    source = resolve_model(model_cfg.model)
+    try:
+        source = resolve_model(model_cfg.model)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(ModelConfig, "model", f": {e}") from None
+    protected = {"model": source.path, "adapter": model_cfg.adapter}
+    has_run = check_output_dir(train_cfg, protected)
+    ckpt = None
+    if train_cfg.resume and has_run:
+        ckpt = resumable_checkpoint(out, echo)
+        if ckpt is None:
+            raise ConfigError(TrainConfig, "resume", f": {str(out)!r} holds a run without a checkpoint to continue "
+                              "from; start over with {overwrite}", ("overwrite",))
+    elif train_cfg.resume:
+        echo(f"--resume: no run to continue in {out}, starting from step 0")
     limit = max_position_embeddings(source)
-    check_max_seq_len(data_cfg.max_seq_len, limit)
+    check_inputs(source, model_cfg, data_cfg, qlora_cfg, eval_cfg, limit)
+    echo(f"device: {device} ({str(dtype).replace('torch.', '')})" + (f", {why}" if device.type == "cpu" else "")
+         + f", compile {'on' if compile_cfg.enabled else 'off'}, gradient checkpointing "
+         + ("on" if checkpoint_cfg.gradient_checkpointing else "off"))
     preloaded = load_eval_examples(eval_cfg.eval_data) if eval_cfg.eval_data is not None else None
     chat_template = read_chat_template(data_cfg.chat_template)
     echo(f"model: {source.describe()}")
@@ -164,18 +169,16 @@ def run_train(model_cfg: ModelConfig, data_cfg: DataConfig, qlora_cfg: QLoRAConf
          + (", packed" if data_cfg.packing else ""))
     examples_eval, eval_what = _eval_examples(data_cfg, eval_cfg, prepared, preloaded)
     echo(f"eval: {eval_what}")
+    total = total_steps(prepared.examples, train_cfg, packing=data_cfg.packing, max_seq_len=data_cfg.max_seq_len)
+    if ckpt is not None and total < checkpoint_step(ckpt):
+        raise ConfigError(TrainConfig, "max_steps", f"gives {total} steps, fewer than the {checkpoint_step(ckpt)} "
+                          "the resumed run has done already")
 
     model = load_model(source, dtype=dtype, device=device)
-    check_max_seq_len(data_cfg.max_seq_len, max_positions(model.config))
+    check_max_seq_len_option(data_cfg, max_positions(model.config))
     torch.manual_seed(train_cfg.seed)  # the LoRA initialisation
-    model = build_training_model(model, qlora_cfg, adapter=model_cfg.adapter,
-                                 checkpointing=CheckpointConfig(gradient_checkpointing=checkpointing,
-                                                                skip_last=train_cfg.skip_checkpoint_last),
-                                 compile=CompileConfig(enabled=compile_on,
-                                                       checkpoint_in_graph=train_cfg.checkpoint_in_graph,
-                                                       checkpoint_keep=train_cfg.checkpoint_keep),
-                                 sharding=sharding,
-                                 mesh=ctx.mesh if ctx is not None else None)
+    model = build_training_model(model, qlora_cfg, adapter=model_cfg.adapter, checkpointing=checkpoint_cfg,
+                                 compile=compile_cfg, sharding=sharding, mesh=ctx.mesh if ctx is not None else None)
     if ctx is not None:
         from torch.distributed.fsdp import register_fsdp_forward_method
 
@@ -191,50 +194,73 @@ def run_train(model_cfg: ModelConfig, data_cfg: DataConfig, qlora_cfg: QLoRAConf
          f"LoRA parameters (r={qlora_cfg.r}, alpha={qlora_cfg.lora_alpha:g}, {','.join(qlora_cfg.target_modules)})")
     optimizer = torch.optim.AdamW(params, lr=train_cfg.lr, betas=tuple(train_cfg.adam_betas),
                                   weight_decay=train_cfg.weight_decay)
-    fp = fingerprint(model_cfg, data_cfg, qlora_cfg, train_cfg, dtype)
+    fp = fingerprint(model_cfg, data_cfg, qlora_cfg, train_cfg, dtype,
+                     data_fingerprint(prepared.examples, data_cfg.data))
     state = LoopState()
-    if train_cfg.resume:
-        if ckpt is None:
-            echo(f"--resume: no checkpoint in {out}, starting from step 0")
-        else:
-            state = load_checkpoint(ckpt, model, optimizer, fp)
-            echo(f"resumed from {ckpt} (step {state.step} of {state.total_steps})")
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model, optimizer, fp)
+        echo(f"resumed from {ckpt} (step {state.step} of {state.total_steps})")
+        if total != state.total_steps and total >= state.step:
+            echo(f"the run now has {total} steps instead of {state.total_steps}: steps {state.step + 1}-{total} follow "
+                 f"the learning-rate schedule of {total} steps (steps 1-{state.step} followed the {state.total_steps}-"
+                 "step one)")
     resolved = {"device": str(device), "dtype": str(dtype), "threads": threads if device.type == "cpu" else None,
-                "compile": compile_on, "gradient_checkpointing": checkpointing, "model_format": source.format,
-                "model_path": str(source.path), "max_position_embeddings": max_positions(model.config)}
+                "compile": compile_cfg.enabled, "gradient_checkpointing": checkpoint_cfg.gradient_checkpointing,
+                "model_format": source.format, "model_path": str(source.path),
+                "max_position_embeddings": max_positions(model.config)}
     if ctx is not None:
         resolved["fsdp"] = {**plan, "rank_devices": f"{ctx.world_size} x {device.type}"}
     if main:
+        claim(train_cfg, protected, echo)
         _write_config(out, model_cfg, data_cfg, qlora_cfg, train_cfg, eval_cfg, resolved, prepared)
-    if train_cfg.eval_before and examples_eval and state.step == 0 and "before" not in state.evals:
-        state.evals["before"] = evaluate(model, tokenizer, examples_eval, eval_cfg, chat_template, "before", echo)
     title = f"{source.path.name}: {prepared.source}"
+    last = {"checkpoint": ckpt.name if ckpt is not None else None}
 
-    def write_reports(st: LoopState, **extra: Any) -> dict[str, Any]:
+    def write_reports(st: LoopState, diverged: TrainingDiverged | None = None, **extra: Any) -> dict[str, Any]:
         if not main:
             return {}
-        plot_loss(st.history, out / "loss.png", title=title, evals=st.evals)
-        return write_metrics(out / "metrics.json", _jsonable(st.history), st.elapsed, _jsonable(st.evals),
+        if diverged is not None:
+            extra["diverged"] = {"step": diverged.step, "what": diverged.what, "value": str(diverged.value)}
+        plot_loss(st.history, out / "loss.png", title=title, evals=st.evals,
+                  diverged_at=diverged.step if diverged is not None else None)
+        return write_metrics(out / "metrics.json", st.history, st.elapsed, st.evals,
                              {"resolved": resolved, "total_steps": st.total_steps, **extra})
 
     def after_step(st: LoopState) -> None:
         if train_cfg.save_every and st.step % train_cfg.save_every == 0 and st.step < st.total_steps:
             if ctx is None:
-                save_checkpoint(out, model, optimizer, st, fp)
+                last["checkpoint"] = save_checkpoint(out, model, optimizer, st, fp).name
             write_reports(st)
         if on_step_end is not None:
             on_step_end(st)
 
-    state = train_loop(model, prepared.examples, train_cfg, optimizer=optimizer, pad_token_id=tokenizer.pad_token_id,
-                       packing=data_cfg.packing, max_seq_len=data_cfg.max_seq_len, state=state, device=device,
-                       on_step_end=after_step, dist=ctx)
-    if ctx is None:
-        save_checkpoint(out, model, optimizer, state, fp)
-        adapter_dir = save_adapter(model, out / ADAPTER_DIR)
-    else:
-        from quickloris.parallel.fsdp import save_adapter as save_sharded_adapter
+    try:
+        if train_cfg.eval_before and examples_eval and state.step == 0 and "before" not in state.evals:
+            state.evals["before"] = evaluate(model, tokenizer, examples_eval, eval_cfg, chat_template, "before", echo)
+        state = train_loop(model, prepared.examples, train_cfg, optimizer=optimizer,
+                           pad_token_id=tokenizer.pad_token_id, packing=data_cfg.packing,
+                           max_seq_len=data_cfg.max_seq_len, state=state, device=device, on_step_end=after_step,
+                           dist=ctx)
+        if ctx is None:
+            last["checkpoint"] = save_checkpoint(out, model, optimizer, state, fp).name
+            adapter_dir = save_adapter(model, out / ADAPTER_DIR)
+        else:
+            from quickloris.parallel.fsdp import save_adapter as save_sharded_adapter
 
-        adapter_dir = save_sharded_adapter(model, out / ADAPTER_DIR)  # every rank: gathered, rank 0 writes
+            adapter_dir = save_sharded_adapter(model, out / ADAPTER_DIR)  # every rank: gathered, rank 0 writes
+    except TrainingDiverged as e:  # under FSDP every rank is here, at the same step (the loop's checks)
+        e.checkpoint = last["checkpoint"]
+        write_reports(state, e, wall_seconds=round(time.perf_counter() - started, 1))
+        if ctx is not None:  # a rank that exits first makes the launcher stop the others: rank 0 has written
+            torch.distributed.barrier()
+            e.reported_elsewhere = not main  # rank 0 says it
+        raise
+    except KeyboardInterrupt:
+        try:
+            write_reports(state)
+        except (Exception, KeyboardInterrupt):  # noqa: BLE001 - a second Ctrl-C, or a failure: the message first
+            pass
+        raise TrainingInterrupted(state.step, last["checkpoint"]) from None
     if train_cfg.eval_after and examples_eval:
         state.evals["after"] = evaluate(model, tokenizer, examples_eval, eval_cfg, chat_template, "after", echo)
     metrics = write_reports(state, wall_seconds=round(time.perf_counter() - started, 1))

@@ -1,4 +1,5 @@
-"""Where and how a run executes: device, dtype, CPU threads, the model's position limit, eval problems.
+"""Where and how a run executes: device, dtype, CPU threads, the model's position limit, eval problems, and the
+checks of the inputs that need no model (`check_inputs`).
 
 Kept apart from the loop so `quickloris train` and `quickloris eval` resolve these the same way.
 """
@@ -9,12 +10,16 @@ import contextlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from quickloris.config import ConfigError
+from quickloris.data.config import DataConfig
 from quickloris.data.jsonl import DataFormatError, load_jsonl
-from quickloris.train.config import ModelConfig
+from quickloris.models.prepare import DEFAULT_TARGETS, SUPPORTED_ARCHITECTURES, QLoRAConfig
+from quickloris.train.config import EvalConfig, ModelConfig
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -25,14 +30,16 @@ def resolve_device(cfg: ModelConfig) -> torch.device:
     try:
         device = torch.device(cfg.device)
     except RuntimeError as e:
-        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {cfg.device!r} ({e})") from None
+        raise ConfigError(ModelConfig, "device", f"must be 'cpu', 'cuda' or 'cuda:N', got {cfg.device!r} ({e})") \
+            from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device={cfg.device!r} but no CUDA GPU is visible; use --device cpu")
+            raise ConfigError(ModelConfig, "device", f"is {cfg.device!r} but no CUDA GPU is visible; use cpu")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"device={cfg.device!r} but only {torch.cuda.device_count()} GPU(s) are visible")
+            raise ConfigError(ModelConfig, "device", f"is {cfg.device!r} but only {torch.cuda.device_count()} GPU(s) "
+                              "are visible")
     elif device.type != "cpu":
-        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {cfg.device!r}")
+        raise ConfigError(ModelConfig, "device", f"must be 'cpu', 'cuda' or 'cuda:N', got {cfg.device!r}")
     return device
 
 
@@ -87,6 +94,63 @@ def max_position_embeddings(source: Any) -> int | None:
             value = gguf_metadata(source.path, {f"{arch}.context_length"}).get(f"{arch}.context_length")
             return int(value) if value is not None else None
     return None
+
+
+# Files transformers builds a tokenizer from (one of them, or the pair); a GGUF file carries its own.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json + merges.txt", "vocab.txt", "tiktoken.model")
+# The decoder linears of every architecture in SUPPORTED_ARCHITECTURES (Llama, Mistral, Qwen2, Qwen3 name them alike).
+DECODER_LINEARS = tuple(DEFAULT_TARGETS)
+
+
+def _missing_file(owner: type, name: str, path: Any, *, folder: bool = False) -> None:
+    if path is None:
+        return
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ConfigError(owner, name, f"{str(path)!r} does not exist")
+    if folder != p.is_dir():
+        raise ConfigError(owner, name, f"{str(path)!r} is {'a file' if folder else 'a folder'}, not "
+                          f"{'a folder' if folder else 'a file'}")
+
+
+def has_tokenizer(folder: Path) -> bool:
+    return any(all((folder / part).is_file() for part in names.split(" + ")) for names in TOKENIZER_FILES)
+
+
+def check_max_seq_len_option(data_cfg: DataConfig, limit: int | None) -> None:
+    if limit is not None and data_cfg.max_seq_len > limit:
+        raise ConfigError(DataConfig, "max_seq_len", f"={data_cfg.max_seq_len} is longer than the model can take "
+                          f"(max_position_embeddings={limit}); use at most that")
+
+
+def check_inputs(source: Any, model_cfg: ModelConfig, data_cfg: DataConfig, qlora_cfg: QLoRAConfig,
+                 eval_cfg: EvalConfig, limit: int | None) -> None:
+    """What can be checked from files before a model is loaded: the input files exist, the model's architecture
+    (its config.json) is supported and has the --target-modules layers, its tokenizer files are there, and
+    --max-seq-len fits its position limit (`limit`). Errors name the option (`ConfigError`)."""
+    _missing_file(DataConfig, "data", data_cfg.data)
+    _missing_file(DataConfig, "chat_template", data_cfg.chat_template)
+    _missing_file(EvalConfig, "eval_data", eval_cfg.eval_data)
+    _missing_file(ModelConfig, "adapter", model_cfg.adapter, folder=True)
+    if model_cfg.adapter is not None and not (Path(model_cfg.adapter).expanduser() / "adapter_config.json").is_file():
+        raise ConfigError(ModelConfig, "adapter", f"{model_cfg.adapter!r} is not a PEFT adapter folder (no "
+                          "adapter_config.json)")
+    if source.config is not None:
+        archs = source.config.get("architectures") or []
+        arch = archs[0] if archs else None
+        if arch not in SUPPORTED_ARCHITECTURES:
+            what = arch or "model without an architecture in its config.json"
+            raise ConfigError(ModelConfig, "model", f": {str(source.path)!r} is a {what}; quickloris supports "
+                              f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+    if model_cfg.adapter is None:  # with an adapter, its own targets count (checked when it is read)
+        unknown = [t for t in qlora_cfg.target_modules if t not in DECODER_LINEARS and t != "all-linear"]
+        if unknown:
+            raise ConfigError(QLoRAConfig, "target_modules", f"names {', '.join(unknown)}, not a linear layer of "
+                              f"this model's decoder ({','.join(DECODER_LINEARS)}, or all-linear)")
+    if not source.is_gguf and not has_tokenizer(source.folder):
+        raise ConfigError(ModelConfig, "model", f": no tokenizer in {str(source.folder)!r} (looked for "
+                          f"{', '.join(TOKENIZER_FILES)})")
+    check_max_seq_len_option(data_cfg, limit)
 
 
 @contextlib.contextmanager

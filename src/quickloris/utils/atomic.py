@@ -1,7 +1,8 @@
 """Atomic file writes: write to a temporary file in the target's folder, fsync, then rename.
 
 A crash or an exception mid-write leaves the previous file (or nothing) under the target name,
-never a truncated one.
+never a truncated one. The file gets the mode a plain ``open()`` would give it (0666 less the umask, e.g. 0644),
+not the 0600 of `tempfile.mkstemp`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,21 @@ from pathlib import Path
 from typing import IO, Any
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where Linux shows it (os.umask can only be read by setting it,
+    which would briefly change it for other threads)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """Open a temporary sibling of `path` for writing; rename it onto `path` on success."""
@@ -24,6 +40,8 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             yield f
             f.flush()

@@ -22,7 +22,7 @@ absmax codes and the absmax2 scales, which is a valid NF4 weight of its own when
 never cast) and the gathered weight views the gathered buffers, so it is bit-identical to the unsharded one. The
 per-tensor ``offset`` and the code tables are the same on every rank and are not gathered. The views
 ``fully_shard`` takes at init (chunk, new_zeros, narrow, view(-1), as_strided, pin_memory) are in
-`quickloris.nn.nf4_views`.
+`quickloris.tensor.nf4_views`, which registers them with `implements`.
 
 `__torch_dispatch__` implements, explicitly, only what moving a frozen parameter around needs:
 
@@ -124,7 +124,7 @@ class NF4Tensor(torch.Tensor):
                              f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
         packed, state = quantize_nf4(weight, blocksize=blocksize, double_quant=double_quant, rounding=rounding)
         if dtype is not None:
-            state.dtype = _check_dtype(dtype)
+            state.dtype = check_dtype(dtype)
         return cls(packed, state)
 
     # -- access ------------------------------------------------------------------------------------------------
@@ -190,7 +190,7 @@ class NF4Tensor(torch.Tensor):
     @staticmethod
     def __tensor_unflatten__(inner: dict[str, torch.Tensor], ctx, outer_size, outer_stride):
         dtype, blocksize, nested_blocksize = ctx
-        return NF4Tensor(inner["packed"], _state(inner, torch.Size(outer_size), dtype, blocksize, nested_blocksize),
+        return NF4Tensor(inner["packed"], state_of(inner, torch.Size(outer_size), dtype, blocksize, nested_blocksize),
                          _validate=False)
 
     # -- FSDP2 (torch.distributed.fsdp.fully_shard) -------------------------------------------------------------
@@ -240,7 +240,7 @@ class NF4Tensor(torch.Tensor):
                 if mine is not None and mine.data_ptr() != got.data_ptr():
                     mine.copy_(got)
             return None
-        state = NF4State(shape=torch.Size(shape), dtype=_check_dtype(param_dtype), blocksize=blocksize,
+        state = NF4State(shape=torch.Size(shape), dtype=check_dtype(param_dtype), blocksize=blocksize,
                          absmax=absmax, code=code, offset=offset, absmax2=absmax2, code2=code2,
                          nested_blocksize=nested_blocksize)
         return NF4Tensor(packed, state, _validate=False), tuple(outputs)
@@ -258,28 +258,44 @@ class NF4Tensor(torch.Tensor):
         return handler(*args, **kwargs)
 
 
-def _check_dtype(dtype: Any) -> torch.dtype:
+# aten op -> handler, filled below and by `quickloris.tensor.nf4_views` (the views FSDP2 takes) through
+# `implements`; the package's __init__ imports both modules, so the table is complete whenever NF4Tensor is usable.
+_HANDLERS: dict[Any, Any] = {}
+
+
+def implements(*ops):
+    """Register the decorated function as NF4Tensor's handler of the aten `ops`."""
+
+    def register(fn):
+        for op in ops:
+            _HANDLERS[op] = fn
+        return fn
+
+    return register
+
+
+def check_dtype(dtype: Any) -> torch.dtype:
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"an NF4 weight dequantizes to one of {FLOAT_DTYPES}, got {dtype}")
     return dtype
 
 
-def _state(inner: Mapping[str, torch.Tensor], shape: torch.Size, dtype: torch.dtype, blocksize: int,
+def state_of(inner: Mapping[str, torch.Tensor], shape: torch.Size, dtype: torch.dtype, blocksize: int,
            nested_blocksize: int = NESTED_BLOCKSIZE) -> NF4State:
     return NF4State(shape=shape, dtype=dtype, blocksize=blocksize, absmax=inner["absmax"], code=inner["code"],
                     offset=inner.get("offset"), absmax2=inner.get("absmax2"), code2=inner.get("code2"),
                     nested_blocksize=nested_blocksize)
 
 
-def _rebuild(t: NF4Tensor, fn, dtype: torch.dtype | None = None) -> NF4Tensor:
+def rebuild(t: NF4Tensor, fn, dtype: torch.dtype | None = None) -> NF4Tensor:
     """A new NF4Tensor whose inner tensors are `fn(inner)` (same format, optionally another dtype)."""
     inner = {k: fn(v) for k, v in t._inner_tensors().items()}
-    return NF4Tensor(inner["packed"], _state(inner, t.shape, dtype or t.dtype, t.blocksize, t.nested_blocksize),
+    return NF4Tensor(inner["packed"], state_of(inner, t.shape, dtype or t.dtype, t.blocksize, t.nested_blocksize),
                      _validate=False)
 
 
 def _detach(t: NF4Tensor) -> NF4Tensor:
-    return _rebuild(t, lambda v: v)
+    return rebuild(t, lambda v: v)
 
 
 def _to_copy(t: NF4Tensor, *, dtype=None, layout=None, device=None, pin_memory=None, non_blocking=False,
@@ -287,16 +303,16 @@ def _to_copy(t: NF4Tensor, *, dtype=None, layout=None, device=None, pin_memory=N
     if layout not in (None, torch.strided):
         raise TypeError(f"NF4Tensor only has the strided layout, got {layout}")
     if dtype is not None:
-        _check_dtype(dtype)
+        check_dtype(dtype)
     move = (lambda v: v.to(device=device, non_blocking=non_blocking)) if device is not None else (lambda v: v)
     if pin_memory:
         base = move
         move = lambda v: base(v).pin_memory()  # noqa: E731
-    return _rebuild(t, move, dtype)
+    return rebuild(t, move, dtype)
 
 
 def _clone(t: NF4Tensor, *, memory_format=None) -> NF4Tensor:
-    return _rebuild(t, lambda v: v.clone())
+    return rebuild(t, lambda v: v.clone())
 
 
 def _copy_(dst: NF4Tensor, src: Any, non_blocking: bool = False) -> NF4Tensor:
@@ -310,17 +326,13 @@ def _copy_(dst: NF4Tensor, src: Any, non_blocking: bool = False) -> NF4Tensor:
     return dst
 
 
-# The views FSDP2 takes of a parameter live next door (they need NF4Tensor, defined above).
-from quickloris.nn.nf4_views import VIEW_HANDLERS  # noqa: E402
-
-_HANDLERS = {
+_HANDLERS.update({
     aten.detach.default: _detach,
     aten.alias.default: _detach,
     aten._to_copy.default: _to_copy,
     aten.clone.default: _clone,
     aten.copy_.default: _copy_,
-    **VIEW_HANDLERS,
-}
+})
 
 
 def is_nf4(t: Any) -> bool:
@@ -335,7 +347,7 @@ def nf4_fields(w: NF4Tensor) -> dict[str, Any]:
 
 def replace_dtype(w: NF4Tensor, dtype: torch.dtype) -> NF4Tensor:
     """The same bytes, dequantizing to `dtype`."""
-    return _rebuild(w, lambda v: v, _check_dtype(dtype))
+    return rebuild(w, lambda v: v, check_dtype(dtype))
 
 
-__all__ = ["NF4Tensor", "is_nf4", "nf4_fields", "replace_dtype"]
+__all__ = ["NF4Tensor", "is_nf4", "nf4_fields", "replace_dtype", "implements", "rebuild", "state_of", "check_dtype"]

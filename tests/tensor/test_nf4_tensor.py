@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from quickloris.nn.nf4_tensor import NF4Tensor, nf4_fields
+from quickloris.tensor.nf4_tensor import NF4Tensor, nf4_fields
 from quickloris.quant.nf4 import dequantize_nf4_reference, quantize_nf4
 
 

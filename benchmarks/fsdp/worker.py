@@ -1,4 +1,4 @@
-"""One rank of `quickloris bench fsdp` (started by torchrun from `quickloris.bench.fsdp`; see that module).
+"""One rank of `quickloris bench fsdp` (started by torchrun from `benchmarks.fsdp.bench`; see that module).
 
 Every rank builds the same random-init base directly in NF4 on its GPU, layer by layer (`train_models.build_base`:
 an 8B model never exists in 16-bit), then parks it in pinned CPU memory so that no phase's peak includes it. Each
@@ -34,7 +34,7 @@ TINY = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_l
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m quickloris.bench.fsdp_worker")
+    p = argparse.ArgumentParser(prog="python -m benchmarks.fsdp.worker")
     p.add_argument("--shape", default="llama-3.1-8b")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--phases", default=",".join(PHASES))
@@ -70,7 +70,7 @@ def _park(t: torch.Tensor) -> torch.Tensor:
 
 def build_parked_base(shape: dict, device: torch.device):
     """`train_models.build_base` on `device`, then every tensor moved to (pinned) CPU memory."""
-    from quickloris.bench.train_models import build_base
+    from benchmarks.train.models import build_base
 
     base = build_base(shape, device=device.type)
     for name in list(base.nf4):
@@ -193,7 +193,7 @@ def lora_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[st
 def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
-    from quickloris.bench.train_models import LLAMA_8B, SHAPES
+    from benchmarks.train.models import LLAMA_8B, SHAPES
     from quickloris.models.adapters import adapter_state_dict
     from quickloris.models.prepare import QLoRAConfig
     from quickloris.parallel import fsdp

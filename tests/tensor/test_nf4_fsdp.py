@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from quickloris.nn.nf4_tensor import NF4Tensor
+from quickloris.tensor.nf4_tensor import NF4Tensor
 from quickloris.quant.nf4 import dequantize_nf4_reference
 from tests.parallel.dist_utils import run_ranks
 

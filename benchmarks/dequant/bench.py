@@ -288,7 +288,8 @@ def run(args: argparse.Namespace) -> int:
     from peft.utils.integrations import dequantize_module_weight
 
     import quickloris
-    from quickloris.kernels.nf4_launch import default_config
+    from benchmarks.report import after_record
+    from quickloris.kernels.nf4_launch import default_config, direct_launch_problem
     from quickloris.utils.provenance import record
 
     unsloth_fx, unsloth_source = _unsloth_fast_dequantize()
@@ -302,6 +303,8 @@ def run(args: argparse.Namespace) -> int:
     results: dict[str, Any] = {"unsloth_source": unsloth_source}
     copy_tbs = _copy_bandwidth()
     results["copy_bandwidth_TBps"] = round(copy_tbs, 3)
+    # eager calls launch compiled kernels directly unless Triton's / torch's internals differ (then: Triton's launcher)
+    results["eager_direct_launch"] = direct_launch_problem() or "used"
     print(f"copy bandwidth: {copy_tbs:.2f} TB/s; unsloth: {unsloth_source}")
 
     results["config_sweep_14336x4096_bf16"] = sweep = _config_sweep()
@@ -343,6 +346,5 @@ def run(args: argparse.Namespace) -> int:
         results["speedup_vs_peft"] = round(med["peft_dequantize_module_weight"] / med["quickloris"], 3)
         print(f"harness median: {med}; speedup vs unsloth {results['speedup_vs_unsloth']}x")
 
-    path = record("dequant", "dequant", results, args.out)
-    print(f"wrote {path}")
+    after_record(record("dequant", "dequant", results, args.out))
     return 0

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from quickloris.bench.loss_models import LLAMA_1B, LORA_TARGETS
-from quickloris.nn.nf4_tensor import NF4Tensor
+from benchmarks.loss.models import LLAMA_1B, LORA_TARGETS
+from quickloris.tensor.nf4_tensor import NF4Tensor
 
 LLAMA_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                 num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False,

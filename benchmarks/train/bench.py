@@ -3,7 +3,7 @@
 Same config for every stack: random-init Llama shapes, bf16, NF4 double quant (the *same* bytes, shared), LoRA
 r=16 alpha=32 on q,k,v,o,gate,up,down with the same initialisation, AdamW lr 1e-4, non-reentrant gradient
 checkpointing, SDPA, ``model.train()``; peak memory is ``max_memory_allocated`` after a reset taken once the
-model is built (weights included); tokens/s is the median over steps 3..N. Stacks (`quickloris.bench.train_models`):
+model is built (weights included); tokens/s is the median over steps 3..N. Stacks (`benchmarks.train.models`):
 ``hf_eager``, ``hf_compiled`` (each decoder layer torch.compiled, static shapes), ``ql_eager``, ``ql_compiled``
 (regional compile: layers, final norm, loss chunk; dynamic shapes).
 
@@ -78,7 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _setup(args) -> dict[str, Any]:
-    from quickloris.bench import train_models as tm
+    from benchmarks.train import models as tm
 
     if args.tiny:
         return dict(device="cpu", backend="aot_eager", shape_1b=tm.TINY, shape_8b=tm.TINY, batch_1b=2, seq_1b=64,
@@ -226,7 +226,8 @@ def part_maxlen(tm, base, env, args, vocab: int) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from quickloris.bench import train_models as tm
+    from benchmarks.report import after_record
+    from benchmarks.train import models as tm
     from quickloris.utils.provenance import record
 
     parts = _csv(args.parts)
@@ -281,7 +282,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"  [{part}] {json.dumps(_headline(part, results.get(part)), default=str)}", flush=True)
     path = record("train", "train", results, args.out)
     print(summary(results))
-    print(f"wrote {path}")
+    after_record(path)
     return 0 if not any(isinstance(results.get(p), dict) and "error" in results[p] for p in parts) else 1
 
 

@@ -7,7 +7,7 @@ Parts (`--parts`, default all):
   trainable and frozen (QLoRA's lm_head); plus a memory-budget sweep at `--sweep-tokens`.
 * spec: the specification's `test_comparison` (batch 4, seq 512, hidden 1024, vocab 32000, fp32), its
   NaiveLinear vs `MemoryEfficientLinear.apply(X, linear, labels, transformation_function[, chunk_size])`.
-* train60 and grpo run `quickloris.bench.loss_models`:
+* train60 and grpo run `benchmarks.loss.models`:
   train60: a random-init Llama-3.2-1B-shaped model, NF4 double-quant (bitsandbytes) + LoRA r=16 on
   q,k,v,o,gate,up,down, trained `--steps` steps on the same data from the same LoRA init with HF's loss and
   with `enable_chunked_loss` (both schedules): per-step losses, max relative difference, peak memory, time.
@@ -276,7 +276,8 @@ def run(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         print("quickloris bench loss needs a CUDA GPU (see docs/device.md); nothing was measured.")
         return 2
-    from quickloris.bench.loss_models import LLAMA_1B, SMALL_LLAMA, grpo_compare, train_compare
+    from benchmarks.loss.models import LLAMA_1B, SMALL_LLAMA, grpo_compare, train_compare
+    from benchmarks.report import after_record
     from quickloris.utils.provenance import record
 
     results: dict[str, Any] = {"parts": parts}
@@ -297,7 +298,7 @@ def run(args: argparse.Namespace) -> int:
         torch.cuda.empty_cache()
     path = record("loss", "loss", results, args.out)
     print(summary(results))
-    print(f"wrote {path}")
+    after_record(path)
     return 0
 
 

@@ -1,6 +1,6 @@
 """`quickloris bench fsdp`: QLoRA with FSDP2 on 2 GPUs vs 1 GPU (Llama-3.1-8B shape), one command.
 
-It launches ``torchrun --standalone --nproc-per-node G`` of `quickloris.bench.fsdp_worker` (G = ``--gpus``, 2) and
+It launches ``torchrun --standalone --nproc-per-node G`` of `benchmarks.fsdp.worker` (G = ``--gpus``, 2) and
 turns what rank 0 reports into one JSON record (`quickloris.utils.provenance.record("fsdp", ...)`) plus a PNG of
 the loss curves, both under ``<out>/fsdp/``. Phases (all on the same global batches: G sequences of 1 x ``--seq``
 tokens per step, token ids drawn from a 512-id subset of the vocabulary so the LoRA has something to learn; AdamW,
@@ -34,6 +34,9 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+# The ranks import `benchmarks.fsdp.worker` from this checkout, whatever their working directory.
+_CHECKOUT = str(Path(__file__).resolve().parents[2])
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,7 +75,7 @@ def worker_command(args: argparse.Namespace, result: str) -> list[str]:
         shape, seq, backend = "tiny", min(seq, 64), "aot_eager"
         steps, timing, comp = min(steps, 4), min(timing, 3), min(comp, 2)
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.gpus}",
-            "-m", "quickloris.bench.fsdp_worker", "--shape", shape, "--device", args.device, "--seq", str(seq),
+            "-m", "benchmarks.fsdp.worker", "--shape", shape, "--device", args.device, "--seq", str(seq),
             "--steps", str(steps), "--timing-steps", str(timing), "--compile-steps", str(comp), "--lr", str(args.lr),
             "--phases", args.phases, "--backend", backend, "--result", result,
             "--profile-steps", str(0 if args.tiny else args.profile_steps)] + (
@@ -161,6 +164,7 @@ def summary(results: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from benchmarks.report import after_record
     from quickloris.utils.provenance import record
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -174,7 +178,8 @@ def run(args: argparse.Namespace) -> int:
         result = os.path.join(tmp, "result.json")
         cmd = worker_command(args, result)
         print(" ".join(cmd), flush=True)
-        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+                   PYTHONPATH=os.pathsep.join(filter(None, (_CHECKOUT, os.environ.get("PYTHONPATH")))))
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, env=env, start_new_session=True)  # its own group: stoppable with its ranks
         try:
@@ -198,5 +203,7 @@ def run(args: argparse.Namespace) -> int:
     path = record("fsdp", "fsdp", results, args.out)
     png = plot(results, path.with_suffix(".png"))
     print(summary(results))
-    print(f"wrote {path}" + (f" and {png}" if png else ""))
+    if png:
+        print(f"wrote {png}")
+    after_record(path)
     return 1 if problem else 0

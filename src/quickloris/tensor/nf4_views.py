@@ -1,5 +1,5 @@
 """The views FSDP2's `fully_shard` takes of an `NF4Tensor` parameter: chunk/split, new_zeros, narrow (slice), view(-1),
-as_strided, pin_memory (used by `quickloris.nn.nf4_tensor`'s ``__torch_dispatch__``).
+as_strided, pin_memory (registered with `quickloris.tensor.nf4_tensor.implements` for its ``__torch_dispatch__``).
 
 NF4 data is a flat row-major stream, so a view is a relabelled shape, and rows ``[a, b)`` of an ``[out, in]``
 weight are slices of each inner tensor - bytes ``[a·in/2, b·in/2)``, absmax ``[a·in/B, ⌈b·in/B⌉)``, absmax2
@@ -13,13 +13,13 @@ import math
 
 import torch
 
-from quickloris.nn.nf4_tensor import NF4Tensor, _check_dtype, _rebuild, _state
+from quickloris.tensor.nf4_tensor import NF4Tensor, check_dtype, implements, rebuild, state_of
 
 aten = torch.ops.aten
 
 
 def _make(t: NF4Tensor, inner: dict[str, torch.Tensor], shape, dtype: torch.dtype | None = None) -> NF4Tensor:
-    return NF4Tensor(inner["packed"], _state(inner, torch.Size(shape), dtype or t.dtype, t.blocksize,
+    return NF4Tensor(inner["packed"], state_of(inner, torch.Size(shape), dtype or t.dtype, t.blocksize,
                                              t.nested_blocksize), _validate=False)
 
 
@@ -109,26 +109,23 @@ def _new_zeros(t: NF4Tensor, size, *, dtype=None, layout=None, device=None, pin_
                  absmax=zeros(nblocks, t.absmax))
     if t.nested:
         inner["absmax2"] = zeros(-(-nblocks // t.nested_blocksize), t.absmax2)
-    out = _make(t, inner, shape, None if dtype is None else _check_dtype(dtype))
-    return _rebuild(out, lambda v: v.pin_memory()) if pin_memory else out
+    out = _make(t, inner, shape, None if dtype is None else check_dtype(dtype))
+    return rebuild(out, lambda v: v.pin_memory()) if pin_memory else out
 
 
 def _pin(t: NF4Tensor, device=None) -> NF4Tensor:
-    return _rebuild(t, lambda v: v.pin_memory())
+    return rebuild(t, lambda v: v.pin_memory())
 
 
 def _is_pinned(t: NF4Tensor, device=None) -> bool:
     return t.packed.is_pinned()
 
 
-VIEW_HANDLERS = {
-    aten.split.Tensor: _split,
-    aten.split_with_sizes.default: _split_sizes,
-    aten.slice.Tensor: _slice,
-    aten.view.default: _view,
-    aten.as_strided.default: _as_strided,
-    aten.new_zeros.default: _new_zeros,
-    aten.new_empty.default: _new_zeros,
-    aten._pin_memory.default: _pin,
-    aten.is_pinned.default: _is_pinned,
-}
+implements(aten.split.Tensor)(_split)
+implements(aten.split_with_sizes.default)(_split_sizes)
+implements(aten.slice.Tensor)(_slice)
+implements(aten.view.default)(_view)
+implements(aten.as_strided.default)(_as_strided)
+implements(aten.new_zeros.default, aten.new_empty.default)(_new_zeros)
+implements(aten._pin_memory.default)(_pin)
+implements(aten.is_pinned.default)(_is_pinned)

@@ -1,0 +1,1 @@
+"""`quickloris bench dequant`: NF4 dequantization against Unsloth, bitsandbytes and PEFT (bench.py)."""

@@ -1,0 +1,1 @@
+"""`quickloris bench fsdp` (bench.py launches worker.py under torchrun); link_bandwidth.py: NCCL bandwidth."""

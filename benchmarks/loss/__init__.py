@@ -1,0 +1,1 @@
+"""`quickloris bench loss`: chunked linear + loss vs full logits (bench.py; models.py: the model-level runs)."""

@@ -1,1 +1,0 @@
-"""Benchmarks behind `quickloris bench ...`; results carry provenance (utils/provenance.py)."""
