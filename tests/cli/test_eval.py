@@ -127,7 +127,8 @@ def test_checks_before_loading(run, tmp_path, monkeypatch, capsys, case):
         args, match = ["--gguf", tmp_path / "x.gguf"], r"--gguf \S+x\.gguf is not a file"
     elif case == "not-gguf":
         (tmp_path / "x.gguf").write_text("not a model")
-        args, match = ["--gguf", tmp_path / "x.gguf"], r"--gguf \S+x\.gguf is not a GGUF file \(it does not start"
+        args = ["--gguf", tmp_path / "x.gguf"]
+        match = r"--gguf \S+x\.gguf is not a GGUF file \(it does not start with 'GGUF'\)"
     else:  # the same model with a wider MLP: the adapter's down_proj no longer fits
         model = shutil.copytree(run["model"], tmp_path / "wider")
         cfg = json.loads((model / "config.json").read_text())

@@ -107,7 +107,7 @@ def test_an_adapter_for_another_model_is_one_line(model_format, tmp_path, helper
         model = tmp_path / "model.gguf"
         export_gguf(base, model, tokenizer=bpe_tokenizer, quant="f32")
     message = cli_error(["export", "gguf", "--model", model, "--adapter", tmp_path / "adapter",
-                         "--out", tmp_path / "x.gguf"])
+                         "--out", tmp_path / "x.gguf"], after_load=model_format == "gguf")
     assert re.fullmatch(r"--adapter \S+adapter does not fit --model \S+model(\.gguf)?: model\.layers\.0\.mlp\."
                         r"down_proj takes 128 inputs, but the adapter's lora_A is \[2, 64\]", message), message
     assert not (tmp_path / "x.gguf").exists()
