@@ -64,7 +64,7 @@ def main() -> None:
 
     for quant in ("f16", "q8_0", "q4_k_m"):
         path = os.path.join(args.out_dir, f"smollm2-quickloris-{quant}.gguf")
-        result = export_gguf(model, path, tokenizer=tok, quant=quant)
+        result = export_gguf(model, path, tokenizer=tok, quant=quant, overwrite=True)  # the example's own files
         print(f"\n{quant}: {path}, {result.tensor_bytes / 2**20:.1f} MiB in {result.seconds:.1f} s "
               f"(types: {sorted(set(result.tensor_types.values()))})")
         llm = llama_cpp.Llama(model_path=path, n_ctx=256, verbose=False)

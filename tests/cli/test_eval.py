@@ -87,7 +87,7 @@ def test_clear_errors(run, tmp_path, case, capsys):
     """One line naming the option or file:line, exit status 2, no traceback."""
     d = tmp_path
     if case == "no-nf4-adapter":
-        args, match = ["--adapter", run["out"] / "adapter", "--no-nf4"], "NF4 base"
+        args, match = ["--adapter", run["out"] / "adapter", "--no-nf4"], "--no-nf4 with --adapter: an adapter is scored"
     elif case == "multi-line-answer":
         f = write_jsonl(d / "e.jsonl", [FIXED[0], {"messages": [{"role": "user", "content": "q"},
                                                                 {"role": "assistant", "content": "a\nb"}]}])
@@ -103,6 +103,115 @@ def test_clear_errors(run, tmp_path, case, capsys):
     capsys.readouterr()
     assert main(["eval", "--model", str(run["model"]), "--threads", "1", *map(str, args)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    if case == "no-nf4-adapter":  # checked after the model loads (run_eval), so transformers' progress bar precedes
-        err = err[-1:]
     assert len(err) == 1 and err[0].startswith("quickloris eval: error: ") and re.search(match, err[0]), err
+
+
+@pytest.mark.parametrize("case", ["no-nf4-adapter", "missing-adapter", "missing-gguf", "not-gguf", "adapter-misfit"])
+def test_checks_before_loading(run, tmp_path, monkeypatch, capsys, case):
+    """Checks that need no model fail in one line naming the options (exit status 2), before the tokenizer or the
+    model is loaded."""
+    import shutil
+
+    from quickloris.models import loading
+
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("the model was loaded before the check"))
+    monkeypatch.setattr(loading, "load_tokenizer", lambda *a, **k: pytest.fail("loaded before the check"))
+    model, adapter = run["model"], run["out"] / "adapter"
+    if case == "no-nf4-adapter":
+        args, match = ["--adapter", adapter, "--no-nf4"], r"--no-nf4 with --adapter: an adapter is scored on the NF4 " \
+            r"base it was trained on; to score it merged into the 16-bit weights, export it with `quickloris export " \
+            r"gguf --merge-base original --quant f16` and score the file with --gguf"
+    elif case == "missing-adapter":
+        args, match = ["--adapter", tmp_path / "nope"], r"--adapter \S+nope is not a folder"
+    elif case == "missing-gguf":
+        args, match = ["--gguf", tmp_path / "x.gguf"], r"--gguf \S+x\.gguf is not a file"
+    elif case == "not-gguf":
+        (tmp_path / "x.gguf").write_text("not a model")
+        args = ["--gguf", tmp_path / "x.gguf"]
+        match = r"--gguf \S+x\.gguf is not a GGUF file \(it does not start with 'GGUF'\)"
+    else:  # the same model with a wider MLP: the adapter's down_proj no longer fits
+        model = shutil.copytree(run["model"], tmp_path / "wider")
+        cfg = json.loads((model / "config.json").read_text())
+        (model / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 128}))
+        args = ["--adapter", adapter]
+        match = r"--adapter \S+adapter does not fit --model \S+wider: model\.layers\.0\.mlp\.down_proj takes 128 " \
+                r"inputs, but the adapter's lora_A is \[16, 96\]"
+    capsys.readouterr()
+    assert main(["eval", "--model", str(model), "--threads", "1", *map(str, args)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.fullmatch(f"quickloris eval: error: {match}", err[0]), err
+
+
+def _greedy_margins(run, prompts_ids, max_new_tokens):
+    """Top-1 minus top-2 logit at every greedy step of the model `eval --adapter` scores, and the largest |logit|."""
+    from quickloris.models.loading import load_model, resolve_model
+    from quickloris.models.prepare import prepare_model
+    from quickloris.train.evaluation import run_quantization
+
+    adapter = run["out"] / "adapter"
+    model = prepare_model(load_model(resolve_model(str(run["model"]))), run_quantization(adapter),
+                          adapter=str(adapter)).eval()
+    model.config.use_cache = True
+    margins, largest = [], 0.0
+    with torch.no_grad():
+        for ids in prompts_ids:
+            out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=max_new_tokens,
+                                 output_scores=True, return_dict_in_generate=True)
+            for step in out.scores:
+                top = step[0].float().topk(2).values
+                margins.append(float(top[0] - top[1]))
+                largest = max(largest, float(step[0].abs().max()))
+    return min(margins), largest
+
+
+def test_gguf_export_scores_like_the_adapter(run, tmp_path, capsys):
+    """The default (NF4-merge) F32 export, scored through llama.cpp, gives the adapter's replies: llama.cpp's
+    logits differ from the scored model's by float32 reassociation only (< 1e-4 of the largest logit, see
+    tests/export/test_merge_base.py), and every greedy step of these prompts has a top-1/top-2 gap far larger,
+    so no argmax can flip. The before / after / exported table shows all three."""
+    from quickloris.hf.evaluate import prompt_ids
+
+    f32 = tmp_path / "f32.gguf"
+    assert main(["export", "gguf", "--model", str(run["model"]), "--adapter", str(run["out"] / "adapter"),
+                 "--quant", "f32", "--out", str(f32)]) == 0
+    capsys.readouterr()
+    from quickloris.data.tasks import get_task
+    from quickloris.models.loading import load_tokenizer, resolve_model
+    from quickloris.train.runtime import load_eval_examples
+
+    tok = load_tokenizer(resolve_model(str(run["model"])))
+    cases = {"held": (["--eval-data", run["held"]], load_eval_examples(str(run["held"]))),
+             "reverse": (["--task", "reverse", "--num-eval", 12], get_task("reverse").generate("heldout", 12, 0))}
+    for name, (extra, examples) in cases.items():
+        result = _eval(run, "--adapter", run["out"] / "adapter", "--gguf", f32, *extra)
+        before, after, exported = result["rows"]
+        assert [r["row"] for r in result["rows"]] == ["before", "after", "exported"]
+        assert (exported["correct"], exported["samples"]) == (after["correct"], after["samples"])
+        assert (result["accuracy"], result["gguf"], result["nf4"]) == (after["accuracy"], str(f32), True)
+        nf4_only = _eval(run, "--nf4", *extra)
+        assert (before["correct"], before["samples"]) == (nf4_only["correct"], nf4_only["samples"])
+        alone = _eval(run, "--gguf", f32, *extra)  # the file alone: the model is not loaded
+        assert (alone["correct"], alone["samples"], alone["nf4"]) == (exported["correct"], exported["samples"], None)
+        assert "rows" not in alone
+        if name == "held":  # the run's own numbers, and something was learnt
+            metrics = run["metrics"]["eval"]
+            assert (before["accuracy"], after["accuracy"]) == (metrics["before"]["accuracy"],
+                                                               metrics["after"]["accuracy"])
+            assert after["accuracy"] > before["accuracy"]
+        ids = prompt_ids(tok, [ex.prompt_messages() for ex in examples])
+        margin, largest = _greedy_margins(run, ids, after["max_new_tokens"])
+        assert margin > 100 * 1e-4 * largest, f"{name}: near-tie {margin} (largest logit {largest})"
+    out = capsys.readouterr().out
+    assert "exact match on --eval-data" in out and "  exported  " in out and "f32.gguf (llama.cpp)" in out
+
+
+def test_readme_documents_every_eval_option():
+    import dataclasses
+    from pathlib import Path
+
+    from quickloris.train.config import EvalTaskConfig
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("`quickloris eval` takes the **model** and **evaluation** options above and:"):]
+    for f in dataclasses.fields(EvalTaskConfig):
+        assert f"| `--{f.name.replace('_', '-')}" in section, f"README lacks --{f.name}"

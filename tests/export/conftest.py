@@ -116,3 +116,23 @@ def helpers():
 
     return types.SimpleNamespace(make_tokenizer=make_tokenizer, tiny_model=tiny_model,
                                  llama_cpp_logits=llama_cpp_logits, hf_logits=hf_logits)
+
+
+@pytest.fixture
+def cli_error(capsys):
+    """Run ``quickloris ARGV`` expecting a user error: exit status 2 and one line on stderr (``after_load``: the
+    last line); returns the message after ``quickloris COMMAND: error: ``."""
+    from quickloris.cli.main import main
+
+    def run(argv: list, *, after_load: bool = False) -> str:
+        capsys.readouterr()
+        code = main([str(a) for a in argv])
+        err = capsys.readouterr().err.strip().splitlines()
+        if after_load:  # transformers' loading progress bars precede the error on stderr
+            err = err[-1:]
+        assert code == 2 and len(err) == 1, (code, err)
+        prefix = f"quickloris {argv[0]}: error: "
+        assert err[0].startswith(prefix), err
+        return err[0][len(prefix):]
+
+    return run

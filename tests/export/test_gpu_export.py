@@ -6,6 +6,8 @@ the file must hold the same weights as the CPU path computes from the same NF4 b
 
 from __future__ import annotations
 
+import copy
+
 import gguf
 import numpy as np
 import pytest
@@ -60,3 +62,33 @@ def test_export_from_a_cuda_qlora_model(tmp_path, seed, helpers, bpe_tokenizer):
         ref = model(torch.tensor([ids], device="cuda")).logits[0].float().cpu().numpy()
     ours = helpers.llama_cpp_logits(str(tmp_path / "f32.gguf"), ids)
     assert np.abs(ours - ref).max() < 2e-3 * np.abs(ref).max(), f"seed {seed}"
+
+
+def test_nf4_merge_base_is_what_gpu_training_computes_with(seed, helpers, bpe_tokenizer, monkeypatch):
+    """A run on a GPU (bf16, quantized on CUDA, dequantized by the Triton kernel): the export's NF4 base is the
+    very weight the run computed with. Quantized on the GPU when one is present: bit for bit. Reproduced on a CPU
+    (bitsandbytes' CUDA rounding in PyTorch): only the float32 mean of a tensor's block scales (the double-quant
+    offset) is summed in another order, which moves a scale code only at a rounding boundary: < 0.1 % of blocks."""
+    from quickloris.export import merge as M
+    from quickloris.export.merge_base import resolve_merge_base
+    from quickloris.models.adapter_base import NF4Base
+    from quickloris.models.prepare import QLoRAConfig, prepare_model
+
+    model = helpers.tiny_model(vocab_size=len(bpe_tokenizer), hidden=512, inter=1024, layers=2)
+    gpu_model = copy.deepcopy(model).to(device="cuda", dtype=torch.bfloat16)  # loaded with --dtype bfloat16
+    prepare_model(gpu_model, QLoRAConfig(chunked_loss=False))  # what `quickloris train` does on a GPU
+    base = NF4Base(blocksize=64, double_quant=True, dtype="bfloat16", rounding="bnb-cuda")
+    _, params, _ = M.resolve(model, None)
+    how = resolve_merge_base("nf4", model, params, folder_adapter=False, nf4=base)
+    assert len(how.linears) == 2 * 7
+    for name in sorted(how.linears):
+        used = gpu_model.get_submodule(name[: -len(".weight")]).weight.dequantize().float().cpu()
+        assert torch.equal(how.weight(name, params[name]), used), name
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    blocks = differing = 0
+    for name in sorted(how.linears):
+        used = gpu_model.get_submodule(name[: -len(".weight")]).weight.dequantize().float().cpu()
+        same = (how.weight(name, params[name]) == used).reshape(-1, 64).all(dim=1)
+        blocks, differing = blocks + same.numel(), differing + int((~same).sum())
+    print(f"\nCPU reproduction of the CUDA NF4 base: {differing} of {blocks} blocks differ")
+    assert differing <= blocks // 1000

@@ -187,7 +187,8 @@ def test_adapter_folder_gives_the_same_file(fine_tuned, tmp_path):
     model, base, tok = fine_tuned
     model.save_pretrained(tmp_path / "adapter")
     export_gguf(model, tmp_path / "attached.gguf", tokenizer=tok, quant="q8_0", threads=2)
-    export_gguf(base, tmp_path / "folder.gguf", tokenizer=tok, quant="q8_0", threads=2, adapter=tmp_path / "adapter")
+    export_gguf(base, tmp_path / "folder.gguf", tokenizer=tok, quant="q8_0", threads=2, adapter=tmp_path / "adapter",
+                merge_base="original")  # PEFT trained this adapter on the 16-bit model
     a = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(tmp_path / "attached.gguf").tensors}
     b = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(tmp_path / "folder.gguf").tensors}
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)

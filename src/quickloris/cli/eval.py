@@ -1,4 +1,5 @@
-"""`quickloris eval`: exact-match accuracy of a model (+ an optional LoRA adapter) on held-out problems.
+"""`quickloris eval`: exact-match accuracy of a model (+ an optional LoRA adapter, + an exported GGUF file) on
+held-out problems.
 
 Options come from `quickloris.train.config.ModelConfig`, `EvalTaskConfig` and `EvalConfig`; the work is
 `quickloris.train.evaluation.run_eval`.
@@ -22,7 +23,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "eval", help="exact-match accuracy of a model (+ adapter) on an embedded task or a JSONL file",
         description="Greedy replies to held-out problems, the first line compared exactly with the answer. With "
                     "--adapter the base is quantized to NF4 as in training, so the number equals a train run's "
-                    "'after' accuracy.")
+                    "'after' accuracy. --gguf FILE scores an exported file through llama.cpp on the same problems; "
+                    "with --adapter too, one table shows before / after / exported.")
     for title, cls in groups():
         add_dataclass_arguments(parser, cls, group=title)
     parser.set_defaults(func=_run)

@@ -17,7 +17,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     formats = parser.add_subparsers(dest="format", metavar="FORMAT", required=True)
     gguf = formats.add_parser("gguf", help="one GGUF file: LoRA merged, quantized in C++ (e.g. --quant q4_k_m)",
                               description="Merge LoRA adapters into the base weights and write a GGUF file "
-                                          "that llama.cpp, Ollama and LM Studio load.")
+                                          "that llama.cpp, Ollama and LM Studio load. By default the adapter is "
+                                          "merged into the NF4 base it was trained on, so the file answers like "
+                                          "`quickloris eval --adapter`; `quickloris eval --gguf FILE` scores it.")
     add_dataclass_arguments(gguf, GGUFExportConfig, group="export options")
     gguf.set_defaults(func=_run_gguf)
 
@@ -26,7 +28,7 @@ def _run_gguf(args: argparse.Namespace) -> int:
     from quickloris.export.gguf_export import GGUFExportConfig, export_from_config
 
     cfg = dataclass_from_args(GGUFExportConfig, args)
-    result = export_from_config(cfg)
+    result = export_from_config(cfg, echo=lambda m: print(m, flush=True))
     counts: dict[str, int] = {}
     for qtype in result.tensor_types.values():
         counts[qtype] = counts.get(qtype, 0) + 1
@@ -34,4 +36,5 @@ def _run_gguf(args: argparse.Namespace) -> int:
     print(f"wrote {result.path}: {len(result.tensor_types)} tensors "
           f"({', '.join(f'{n} {t}' for t, n in sorted(counts.items()))}), {mib:.1f} MiB, {result.quant}, "
           f"{result.seconds:.1f} s after loading")
+    print(f"merge base: {result.merge_base}")
     return 0

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -261,11 +262,17 @@ def resolve(model: Any, adapter: str | os.PathLike | None) -> tuple[Any, dict[st
     return model, base_parameters(model), plan
 
 
-def merged_weight(name: str, params: dict[str, torch.Tensor], plan: AdapterPlan) -> torch.Tensor:
-    """Parameter `name` with its replacement or LoRA deltas applied, as a new float32 CPU tensor."""
+def merged_weight(name: str, params: dict[str, torch.Tensor], plan: AdapterPlan,
+                  base_weight: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Parameter `name` with its replacement or LoRA deltas applied, as a new float32 CPU tensor.
+
+    `base_weight(name, param)`: the float32 base weight to merge into (`quickloris.export.merge_base`); default
+    the parameter as held (NF4 dequantized)."""
     base = plan.replacements.get(name)
-    w = base.detach().to(device="cpu", dtype=torch.float32, copy=True) if base is not None \
-        else dequantize_base_weight(params[name])
+    if base is not None:
+        w = base.detach().to(device="cpu", dtype=torch.float32, copy=True)
+    else:
+        w = (base_weight or (lambda _, p: dequantize_base_weight(p)))(name, params[name])
     if name.endswith(".weight"):
         for d in plan.deltas.get(name[: -len(".weight")], []):
             delta = d.delta().to("cpu")  # computed where the adapter lives (a GPU, if the model is there)

@@ -14,8 +14,10 @@ contiguous dimension).
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import os
+import secrets
 from collections.abc import Sequence
 from typing import Any
 
@@ -74,9 +76,15 @@ def _encode(vtype: GGUFValueType, value: Any, elem: GGUFValueType | None) -> Any
 
 
 class GGUFWriter:
-    """Writes one GGUF file atomically (temporary sibling + fsync + rename)."""
+    """Writes one GGUF file atomically (temporary sibling + fsync + rename).
 
-    def __init__(self, path: str | os.PathLike, *, alignment: int = 32, threads: int = 0) -> None:
+    `overwrite=False`: the finished file is put in place only if nothing exists under `path` at that moment
+    (a hard link, which fails instead of replacing), so a file that appeared during the export is kept and
+    FileExistsError raised; the finished data is then deleted.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, alignment: int = 32, threads: int = 0,
+                 overwrite: bool = True) -> None:
         if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
             raise ValueError(f"alignment must be a power of two, got {alignment!r}")
         self.path = os.fspath(path)
@@ -84,7 +92,12 @@ class GGUFWriter:
         if not os.path.isdir(parent):
             raise FileNotFoundError(f"output folder {parent!r} does not exist")
         self.threads = threads or (os.cpu_count() or 1)
-        self._native = _native.GGUFWriter(os.path.abspath(self.path), alignment)
+        self.overwrite = overwrite
+        target = os.path.abspath(self.path)
+        if not overwrite:  # the native writer renames onto a private name; `finish` links that to `path`
+            target = os.path.join(parent, f".{os.path.basename(self.path)}.{os.getpid()}-{secrets.token_hex(4)}.done")
+        self._target = target
+        self._native = _native.GGUFWriter(target, alignment)
         self._shapes: list[tuple[int, ...]] = []
         self._types: list[GGMLType] = []
         self.keys: list[str] = []
@@ -149,6 +162,22 @@ class GGUFWriter:
 
     def finish(self) -> None:
         self._native.finish()
+        if self.overwrite:
+            return
+        try:
+            try:
+                os.link(self._target, self.path)
+            except FileExistsError:
+                raise FileExistsError(f"{self.path} appeared while it was being written; it was left as it is "
+                                      "and nothing was written") from None
+            except OSError:  # a file system without hard links: check, then rename (a narrow race remains)
+                if os.path.lexists(self.path):
+                    raise FileExistsError(f"{self.path} appeared while it was being written; it was left as it "
+                                          "is and nothing was written") from None
+                os.rename(self._target, self.path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._target)
 
     def abort(self) -> None:
         self._native.abort()

@@ -7,6 +7,12 @@ answer (`quickloris.data.tasks.extract_answer`), compared to the reference exact
 
 `max_new_tokens` defaults to the longest reference answer plus a few tokens of slack: an answer followed
 by more text on the same line must be seen as wrong, so generation has to run past the answer's length.
+
+`evaluate_exact_match_gguf` scores a GGUF file the same way through llama.cpp (llama-cpp-python): the same
+prompt token ids (rendered and tokenized by the HF tokenizer), greedy decoding as the first index of the largest
+logit (what ``torch.argmax`` picks, and HF's greedy search), the same stop tokens (the HF model's EOS ids), the
+same decoding of the reply and the same exact-match rule. Prompts run one at a time (no padding), with an F32
+KV cache so the number measures the file's weights rather than llama.cpp's default F16 cache rounding.
 """
 
 from __future__ import annotations
@@ -46,6 +52,14 @@ def _pad_id(tokenizer: Any) -> int:
     return int(pad)
 
 
+def prompt_ids(tokenizer: Any, prompts: Sequence[Sequence[dict[str, str]]],
+               chat_template: str | None = None) -> list[list[int]]:
+    """Token ids of each chat prompt, rendered with the chat template and the generation prompt appended."""
+    texts = [tokenizer.apply_chat_template(list(p), tokenize=False, add_generation_prompt=True,
+                                           chat_template=chat_template) for p in prompts]
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
 @torch.no_grad()
 def generate_replies(model: Any, tokenizer: Any, prompts: Sequence[Sequence[dict[str, str]]], *,
                      max_new_tokens: int, batch_size: int = 64, chat_template: str | None = None) -> list[str]:
@@ -63,10 +77,7 @@ def generate_replies(model: Any, tokenizer: Any, prompts: Sequence[Sequence[dict
     replies: list[str] = []
     try:
         for start in range(0, len(prompts), batch_size):
-            texts = [tokenizer.apply_chat_template(list(p), tokenize=False, add_generation_prompt=True,
-                                                   chat_template=chat_template)
-                     for p in prompts[start:start + batch_size]]
-            enc = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+            enc = prompt_ids(tokenizer, prompts[start:start + batch_size], chat_template)
             width = max(map(len, enc))
             ids = torch.full((len(enc), width), pad_id, dtype=torch.long)
             mask = torch.zeros((len(enc), width), dtype=torch.long)
@@ -87,15 +98,24 @@ def evaluate_exact_match(model: Any, tokenizer: Any, examples: Sequence[TaskExam
                          scorer: Callable[[str, str], bool] = exact_match,
                          chat_template: str | None = None) -> EvalResult:
     """Exact-match accuracy of greedy replies on `examples` (the held-out split of a task, usually)."""
+    max_new_tokens = _max_new_tokens(tokenizer, examples, max_new_tokens)
+    t0 = time.perf_counter()
+    replies = generate_replies(model, tokenizer, [ex.prompt_messages() for ex in examples],
+                               max_new_tokens=max_new_tokens, batch_size=batch_size, chat_template=chat_template)
+    return _score(examples, replies, time.perf_counter() - t0, max_new_tokens, num_samples, scorer)
+
+
+def _max_new_tokens(tokenizer: Any, examples: Sequence[TaskExample], max_new_tokens: int | None) -> int:
     if not examples:
         raise ValueError("no examples to evaluate")
     if max_new_tokens is None:
         longest = max(len(tokenizer(ex.answer, add_special_tokens=False)["input_ids"]) for ex in examples)
         max_new_tokens = longest + _SLACK_TOKENS
-    t0 = time.perf_counter()
-    replies = generate_replies(model, tokenizer, [ex.prompt_messages() for ex in examples],
-                               max_new_tokens=max_new_tokens, batch_size=batch_size, chat_template=chat_template)
-    seconds = time.perf_counter() - t0
+    return max_new_tokens
+
+
+def _score(examples: Sequence[TaskExample], replies: list[str], seconds: float, max_new_tokens: int,
+           num_samples: int, scorer: Callable[[str, str], bool]) -> EvalResult:
     hits = [bool(scorer(r, ex.answer)) for r, ex in zip(replies, examples)]
     samples = [{"question": ex.question, "answer": ex.answer, "reply": r, "correct": h}
                for ex, r, h in list(zip(examples, replies, hits))[:num_samples]]
@@ -105,3 +125,59 @@ def evaluate_exact_match(model: Any, tokenizer: Any, examples: Sequence[TaskExam
 def evaluate_task(model: Any, tokenizer: Any, task: str, *, n: int = 200, seed: int = 0, **kwargs: Any) -> EvalResult:
     """Exact-match accuracy on `n` held-out problems of the embedded task `task`."""
     return evaluate_exact_match(model, tokenizer, get_task(task).generate("heldout", n, seed), **kwargs)
+
+
+def generate_replies_gguf(path: str, tokenizer: Any, prompts: Sequence[Sequence[dict[str, str]]], *,
+                          max_new_tokens: int, stop_ids: Sequence[int], chat_template: str | None = None,
+                          threads: int | None = None) -> tuple[list[str], int]:
+    """Greedy replies of the GGUF model `path` through llama.cpp, and how many prompts llama.cpp's own tokenizer
+    splits differently from `tokenizer` (0 when the file carries the same tokenizer; the replies always start from
+    `tokenizer`'s ids)."""
+    import numpy as np
+
+    try:
+        import llama_cpp
+    except ImportError:
+        raise ModuleNotFoundError("scoring a GGUF file needs llama-cpp-python: pip install llama-cpp-python") from None
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    ids = prompt_ids(tokenizer, prompts, chat_template)
+    stops = {int(t) for t in stop_ids}
+    n_ctx = max(map(len, ids)) + max_new_tokens
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads,
+                          n_threads_batch=threads, type_k=0, type_v=0, verbose=False)  # type 0 = F32 KV cache
+    try:
+        n_vocab = llm.n_vocab()
+        retokenized = 0
+        replies = []
+        for prompt in ids:
+            text = tokenizer.decode(prompt)
+            retokenized += llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) != prompt
+            llm.reset()
+            llm.eval(prompt)
+            new: list[int] = []
+            while True:
+                logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,))
+                token = int(np.argmax(logits))  # the first largest logit, as torch.argmax / HF greedy search
+                new.append(token)
+                if token in stops or len(new) == max_new_tokens:
+                    break
+                llm.eval([token])
+            replies.append(tokenizer.decode(new, skip_special_tokens=True))
+    finally:
+        llm.close()
+    return replies, retokenized
+
+
+def evaluate_exact_match_gguf(path: str, tokenizer: Any, examples: Sequence[TaskExample], *,
+                              stop_ids: Sequence[int], max_new_tokens: int | None = None, num_samples: int = 5,
+                              scorer: Callable[[str, str], bool] = exact_match, chat_template: str | None = None,
+                              threads: int | None = None) -> tuple[EvalResult, int]:
+    """`evaluate_exact_match` for a GGUF file run by llama.cpp (see the module docstring); also returns the count
+    of prompts llama.cpp's tokenizer splits differently."""
+    max_new_tokens = _max_new_tokens(tokenizer, examples, max_new_tokens)
+    t0 = time.perf_counter()
+    replies, retokenized = generate_replies_gguf(path, tokenizer, [ex.prompt_messages() for ex in examples],
+                                                 max_new_tokens=max_new_tokens, stop_ids=stop_ids,
+                                                 chat_template=chat_template, threads=threads)
+    return _score(examples, replies, time.perf_counter() - t0, max_new_tokens, num_samples, scorer), retokenized

@@ -129,3 +129,7 @@ class EvalTaskConfig(Config):
     output: str | None = field(None, help="write the result (accuracy, samples) to this JSON file")
     nf4: bool | None = field(None, help="quantize the base linears to NF4 first (as training does); unset: yes "
                              "with --adapter, no without")
+    gguf: str | None = field(None, help="also score this GGUF file (e.g. from quickloris export gguf) through "
+                             "llama.cpp on the same problems, prompts and exact-match rule; with --adapter the table "
+                             "shows before / after / exported; without --adapter or --nf4 only the file is scored "
+                             "(--model gives the tokenizer and chat template)")

@@ -1,16 +1,29 @@
-"""`quickloris eval`: exact-match accuracy of a model, optionally with a LoRA adapter, on held-out problems.
+"""`quickloris eval`: exact-match accuracy of a model, optionally with a LoRA adapter, and of an exported GGUF file,
+on held-out problems.
 
 With ``--adapter`` the model is evaluated as quickloris trained it: base linears in NF4 (quantized here, or the
 bytes of a ``*-bnb-4bit`` folder) plus the adapter (`quickloris.models.prepare.prepare_model(model, adapter=...)`),
 so the accuracy equals the "after" number of the `quickloris train` run that wrote the adapter. Without an adapter
 the model is scored as loaded, unless ``--nf4`` asks for its NF4 version (what training starts from: the "before"
 number of a train run).
+
+``--gguf FILE`` scores a GGUF file through llama.cpp on the same problems, with the same prompt tokens, greedy
+decoding, stop tokens and exact-match rule (`quickloris.hf.evaluate.evaluate_exact_match_gguf`). With ``--adapter``
+too, the NF4 base alone is scored as well and one table shows before / after / exported: a file exported with
+``quickloris export gguf`` (default ``--merge-base nf4``, F32 or F16) scores like "after", a quantized one shows
+what its quantization costs. Without ``--adapter`` or an explicit ``--nf4`` / ``--no-nf4``, only the file is scored
+(``--model`` then only supplies the tokenizer, chat template and EOS ids).
+
+Checks that need no model run first: ``--no-nf4`` with ``--adapter`` (an adapter is scored on the NF4 base it was
+trained on), a missing ``--adapter`` folder or ``--gguf`` file, and for Hugging Face folders whether the adapter's
+shapes fit the model's config (a GGUF model is checked right after loading).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
+import importlib.util
 import os
 import time
 from collections.abc import Callable
@@ -29,31 +42,109 @@ def run_quantization(adapter: str | os.PathLike) -> Any:
     defaults. Rank, alpha and targets always come from the adapter itself."""
     from quickloris.models.prepare import QLoRAConfig
 
+    from quickloris.models.adapter_base import run_config
+
     base = QLoRAConfig(chunked_loss=False)
+    found = run_config(adapter)
     try:
-        q = json.loads((Path(adapter).parent / "config.json").read_text(encoding="utf-8"))["qlora"]
+        q = found[1]["qlora"]
         return dataclasses.replace(base, blocksize=int(q["blocksize"]), double_quant=bool(q["double_quant"]),
                                    lora_dtype=q["lora_dtype"])
-    except (OSError, KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError):
         return base
+
+
+def check_eval_options(model_cfg: ModelConfig, task_cfg: EvalTaskConfig) -> None:
+    """The checks that need no model (one line each, naming the options)."""
+    if model_cfg.adapter is not None:
+        if task_cfg.nf4 is False:
+            raise ValueError("--no-nf4 with --adapter: an adapter is scored on the NF4 base it was trained on; to "
+                             "score it merged into the 16-bit weights, export it with `quickloris export gguf "
+                             "--merge-base original --quant f16` and score the file with --gguf")
+        if not os.path.isdir(model_cfg.adapter):
+            raise FileNotFoundError(f"--adapter {model_cfg.adapter} is not a folder")
+    if task_cfg.gguf is not None:
+        path = Path(task_cfg.gguf)
+        if not path.is_file():
+            raise FileNotFoundError(f"--gguf {task_cfg.gguf} is not a file")
+        with path.open("rb") as f:
+            if f.read(4) != b"GGUF":
+                raise ValueError(f"--gguf {task_cfg.gguf} is not a GGUF file (it does not start with 'GGUF')")
+        if importlib.util.find_spec("llama_cpp") is None:
+            raise ModuleNotFoundError("--gguf scores the file through llama.cpp, which needs llama-cpp-python: "
+                                      "pip install llama-cpp-python")
+
+
+def stop_ids(source: Any) -> list[int]:
+    """The EOS ids HF's `generate` stops at for this model: its generation config's (a GGUF file: its EOS id)."""
+    from quickloris.models.loading import gguf_special_token_ids
+
+    if source.is_gguf:
+        ids = gguf_special_token_ids(source.path)
+        return [ids["eos"]] if "eos" in ids else []
+    from transformers import AutoConfig, GenerationConfig
+
+    try:
+        gen = GenerationConfig.from_pretrained(str(source.folder))
+    except OSError:  # no generation_config.json: transformers derives it from config.json
+        gen = GenerationConfig.from_model_config(AutoConfig.from_pretrained(str(source.folder)))
+    eos = gen.eos_token_id
+    return [int(eos)] if isinstance(eos, int) else [int(e) for e in (eos or [])]
+
+
+@contextlib.contextmanager
+def lora_off(model: Any):
+    """The NF4 base alone: every LoRA B matrix zero (the LoRA term is then exactly 0), restored afterwards."""
+    from quickloris.models.adapters import lora_layers
+
+    saved = []
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            b = layer.lora_weights[1]
+            saved.append((b, b.detach().clone()))
+            b.zero_()
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for b, value in saved:
+                b.copy_(value)
+
+
+def _echo_result(echo: Callable[[str], None], label: str, result: dict[str, Any]) -> None:
+    echo(f"eval {label}: exact match {100 * result['accuracy']:.1f}% ({result['correct']}/{result['total']}) in "
+         f"{result['seconds']:.1f} s")
+    for s in result["samples"][:3]:
+        reply = s["reply"].strip().splitlines()[0] if s["reply"].strip() else ""
+        verdict = "right" if s["correct"] else "wrong"
+        echo(f"    {s['question']!r} -> {reply[:60]!r}  (expected {s['answer']!r}: {verdict})")
 
 
 def run_eval(model_cfg: ModelConfig, task_cfg: EvalTaskConfig, eval_cfg: EvalConfig, *,
              echo: Callable[[str], None] = lambda m: print(m, flush=True)) -> dict[str, Any]:
-    """Score the model; returns the result as a dict (also written to ``--output`` when given)."""
+    """Score the model and/or the --gguf file; returns the result as a dict (also written to ``--output``).
+
+    One model scored: its result. Several (``--gguf`` with ``--adapter`` or ``--nf4``): the main one's result (the
+    adapter's, else the model's) plus ``rows``, each row's result, also printed as one table."""
     from quickloris.data.config import read_chat_template
     from quickloris.data.tasks import get_task
+    from quickloris.hf.evaluate import evaluate_exact_match_gguf
+    from quickloris.models.adapter_base import check_adapter_fits, folder_parameter_shapes, model_parameter_shapes
     from quickloris.models.loading import load_model, load_tokenizer, resolve_model
     from quickloris.models.prepare import QLoRAConfig, prepare_model
     from quickloris.train.run import evaluate
     from quickloris.utils.atomic import atomic_write_json
 
+    check_eval_options(model_cfg, task_cfg)
+    adapter, gguf = model_cfg.adapter, task_cfg.gguf
     device = resolve_device(model_cfg)
     dtype = resolve_dtype(model_cfg, device)
     threads, why = resolve_threads(model_cfg)
     if device.type == "cpu" or model_cfg.threads is not None:
         torch.set_num_threads(threads)
     source = resolve_model(model_cfg.model)
+    if adapter is not None and not source.is_gguf:
+        check_adapter_fits(adapter, folder_parameter_shapes(source.folder), model=str(source.path))
     if eval_cfg.eval_data is not None:
         examples, what = load_eval_examples(eval_cfg.eval_data), f"--eval-data {eval_cfg.eval_data}"
     else:
@@ -61,24 +152,57 @@ def run_eval(model_cfg: ModelConfig, task_cfg: EvalTaskConfig, eval_cfg: EvalCon
         examples = task.generate("heldout", task_cfg.num_eval, task_cfg.seed)
         what = f"{len(examples)} held-out problems of task {task.name!r} (seed {task_cfg.seed})"
     chat_template = read_chat_template(task_cfg.chat_template)
-    nf4 = task_cfg.nf4 if task_cfg.nf4 is not None else model_cfg.adapter is not None
-    echo(f"model: {source.describe()}" + (f" + adapter {model_cfg.adapter}" if model_cfg.adapter else "")
-         + (", NF4 base" if nf4 else "") + f"; device {device}" + (f", {why}" if device.type == "cpu" else ""))
+    nf4 = task_cfg.nf4 if task_cfg.nf4 is not None else adapter is not None
+    score_model = gguf is None or adapter is not None or task_cfg.nf4 is not None
+    described = (f"model: {source.describe()}" + (f" + adapter {adapter}" if adapter else "")
+                 + (", NF4 base" if nf4 and score_model else "") + f"; device {device}")
+    if gguf is not None:
+        described += f"; GGUF file {gguf} (llama.cpp)" + ("" if score_model else "; the model itself is not scored")
+    echo(described + (f", {why}" if device.type == "cpu" or gguf is not None else ""))
     echo(f"eval: {what}")
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(source)
-    model = load_model(source, dtype=dtype, device=device)
-    if model_cfg.adapter is not None:
-        if not nf4:
-            raise ValueError("--adapter is evaluated on the NF4 base it was trained on; drop --no-nf4")
-        prepare_model(model, run_quantization(model_cfg.adapter), adapter=model_cfg.adapter)
-    elif nf4:
-        prepare_model(model, QLoRAConfig(chunked_loss=False))  # LoRA B = 0: exactly the NF4 base
-    model.eval()
-    echo(f"loaded in {time.perf_counter() - t0:.1f} s")
-    result = evaluate(model, tokenizer, examples, eval_cfg, chat_template, "", echo)
-    result = {"model": str(source.path), "adapter": model_cfg.adapter, "nf4": nf4, "eval": what, **result}
+    rows: list[tuple[str, str, dict[str, Any]]] = []
+    if score_model:
+        model = load_model(source, dtype=dtype, device=device)
+        if adapter is not None:
+            if source.is_gguf:
+                check_adapter_fits(adapter, model_parameter_shapes(model), model=str(source.path))
+            prepare_model(model, run_quantization(adapter), adapter=adapter)
+        elif nf4:
+            prepare_model(model, QLoRAConfig(chunked_loss=False))  # LoRA B = 0: exactly the NF4 base
+        model.eval()
+        echo(f"loaded in {time.perf_counter() - t0:.1f} s")
+        table = gguf is not None
+        if adapter is not None and table:
+            with lora_off(model):
+                rows.append(("before", "NF4 base", evaluate(model, tokenizer, examples, eval_cfg, chat_template,
+                                                             "before", echo)))
+        label = ("after" if adapter is not None else "model") if table else ""
+        name = f"NF4 base + adapter {adapter}" if adapter else ("NF4 base" if nf4 else f"{source.path.name}")
+        rows.append((label or "model", name, evaluate(model, tokenizer, examples, eval_cfg, chat_template, label,
+                                                      echo)))
+        del model
+    if gguf is not None:
+        result, retokenized = evaluate_exact_match_gguf(
+            gguf, tokenizer, examples, stop_ids=stop_ids(source), max_new_tokens=eval_cfg.max_new_tokens,
+            num_samples=3, chat_template=chat_template, threads=threads)
+        if retokenized:
+            echo(f"note: llama.cpp's tokenizer in {gguf} splits {retokenized} of {len(examples)} prompts differently "
+                 f"from the tokenizer of --model {source.path}; scored from --model's tokens (another model's file?)")
+        rows.append(("exported", f"{gguf} (llama.cpp)", result.to_dict()))
+        _echo_result(echo, "exported", rows[-1][2])
+    if len(rows) > 1:
+        width = max(len(name) for _, name, _ in rows)
+        echo(f"exact match on {what}:")
+        for label, name, r in rows:
+            echo(f"  {label:9s} {name:<{width}}  {100 * r['accuracy']:5.1f}%  ({r['correct']}/{r['total']})")
+    main = next(r for label, _, r in rows if label in ("after", "model")) if score_model else rows[-1][2]
+    out = {"model": str(source.path), "adapter": adapter, "nf4": nf4 if score_model else None, "gguf": gguf,
+           "eval": what, **main}
+    if len(rows) > 1:
+        out["rows"] = [{"row": label, "what": name, **r} for label, name, r in rows]
     if task_cfg.output is not None:
-        atomic_write_json(task_cfg.output, result)
+        atomic_write_json(task_cfg.output, out)
         echo(f"result written to {task_cfg.output}")
-    return result
+    return out
