@@ -18,7 +18,6 @@ layers replace the base weights they stand for.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from collections.abc import Callable
@@ -26,6 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from quickloris.nn.qlora_linear import lora_scaling
 
 
 @dataclass
@@ -242,7 +243,7 @@ def plan_from_folder(path: str | os.PathLike) -> AdapterPlan:
         if r != a.shape[0]:
             raise ValueError(f"adapter module {module!r}: rank {a.shape[0]} in the weights, {r} in the config")
         alpha = float(_pattern_value(cfg.get("alpha_pattern") or {}, module, cfg["lora_alpha"]))
-        scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+        scale = lora_scaling(r, alpha, bool(cfg.get("use_rslora")))
         plan.deltas[module] = [LoraDelta(a, b, scale, embedding=emb)]
     return plan
 
