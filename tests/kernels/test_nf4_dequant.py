@@ -97,6 +97,34 @@ def test_compiles_fullgraph_without_graph_breaks(seed):
     assert torch.equal(got, x @ bnbF.dequantize_4bit(q, qs).t())
 
 
+def test_compiles_fullgraph_through_bitsandbytes_linear4bit_modules(seed):
+    """The public entry point users call, inside the challenge's MLP harness: bitsandbytes Linear4bit layers whose
+    weights are dequantized by `quickloris.dequantize_nf4(layer.weight)` in a fullgraph-compiled forward (on a GPU
+    the op is a triton_op whose body is traced on fake tensors: nothing in it may ask for a data pointer)."""
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    gate, up, down = linear4bit(256, 384, dtype), linear4bit(256, 384, dtype), linear4bit(384, 256, dtype)
+
+    def mlp(x):
+        g = x @ quickloris.dequantize_nf4(gate.weight).t()
+        u = x @ quickloris.dequantize_nf4(up.weight).t()
+        return (torch.nn.functional.silu(g) * u) @ quickloris.dequantize_nf4(down.weight).t()
+
+    def reference(x):
+        w = [bnbF.dequantize_4bit(m.weight.data, m.weight.quant_state) for m in (gate, up, down)]
+        return (torch.nn.functional.silu(x @ w[0].t()) * (x @ w[1].t())) @ w[2].t()
+
+    counters.clear()
+    torch._dynamo.reset()
+    compiled = torch.compile(mlp, fullgraph=True, backend="inductor" if DEVICE == "cuda" else "aot_eager")
+    # aot_eager runs the same kernels as eager: equal bits. Inductor may fuse the SiLU-gate into the matmul
+    # epilogues (another rounding order in bf16): bf16's default tolerance.
+    tol = {"rtol": 0, "atol": 0} if DEVICE == "cpu" else {}
+    for rows in (3, 17):
+        x = torch.randn(rows, 256, dtype=dtype, device=DEVICE)
+        torch.testing.assert_close(compiled(x), reference(x), **tol)
+    assert not counters["graph_break"]
+
+
 @pytest.mark.parametrize("mutate, exc, match", [
     (lambda q, qs: (q[:-1], qs), ValueError, "bytes"),
     (lambda q, qs: (q.view(-1)[::2], qs), ValueError, "bytes|contiguous"),

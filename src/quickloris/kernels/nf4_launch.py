@@ -118,6 +118,20 @@ def _launchable(compiled: Any) -> bool:
         and params[5].kind == inspect.Parameter.VAR_POSITIONAL
 
 
+def byte_aligned(t: torch.Tensor, k: int) -> bool:
+    """Whether `t`'s first element sits at an address divisible by `k` bytes.
+
+    A real tensor answers from its pointer. While torch.compile traces (a triton_op body runs on fake tensors,
+    which have no pointer) it answers from the storage offset: every PyTorch allocator aligns a storage's start to
+    at least 16 bytes (the CUDA caching allocator to 512), so a view is k-aligned iff its byte offset is.
+    """
+    from torch._subclasses.fake_tensor import is_fake
+
+    if is_fake(t):
+        return (t.storage_offset() * t.element_size()) % k == 0
+    return t.data_ptr() % k == 0
+
+
 def launch(kernel, packed, absmax, absmax2, code2, offset, code, out, n, blocksize, use_asm, config=None):
     """Launch the kernel once. `use_asm` selects the inline-PTX unpack; the `.rn` multiply is always used on GPUs.
     `config` = (absmax blocks per program, warps, streaming stores) overrides the defaults (for the sweep).
@@ -127,7 +141,7 @@ def launch(kernel, packed, absmax, absmax2, code2, offset, code, out, n, blocksi
     nested = absmax2 is not None
     interp = interpreting()
     # 16-bit outputs go out as one 32-bit word per packed byte when n is even and the output 4-byte aligned.
-    pairs = out.dtype != torch.float32 and n % 2 == 0 and out.data_ptr() % 4 == 0
+    pairs = out.dtype != torch.float32 and n % 2 == 0 and byte_aligned(out, 4)
     tensors = (packed, absmax, absmax2 if nested else absmax, code2 if nested else code, offset if nested else code,
                code, out)
     constexprs = (blocksize, blocks, nested, use_asm, out.is_cuda and not interp,
