@@ -1,4 +1,5 @@
-"""`quickloris eval`: exact-match accuracy of a model, optionally with a LoRA adapter, on held-out problems.
+"""`quickloris eval`: exact-match accuracy of a model, optionally with a LoRA adapter, on held-out problems (a
+sequence classifier's accuracy and macro-F1 with ``--task-type classification``: `quickloris.train.classify`).
 
 With ``--adapter`` the model is evaluated as quickloris trained it: base linears in NF4 (quantized here, or the
 bytes of a ``*-bnb-4bit`` folder) plus the adapter (`quickloris.models.prepare.prepare_model(model, adapter=...)`),
@@ -40,8 +41,14 @@ def run_quantization(adapter: str | os.PathLike) -> Any:
 
 def run_eval(model_cfg: ModelConfig, task_cfg: EvalTaskConfig, eval_cfg: EvalConfig, *,
              echo: Callable[[str], None] = lambda m: print(m, flush=True)) -> dict[str, Any]:
-    """Score the model; returns the result as a dict (also written to ``--output`` when given)."""
-    from quickloris.data.config import read_chat_template
+    """Score the model; returns the result as a dict (also written to ``--output`` when given). A classifier
+    (``--task-type classification``) is scored by `quickloris.train.classify.run_eval_classification`."""
+    if model_cfg.task_type == "classification":
+        from quickloris.train.classify import run_eval_classification
+
+        quantization = run_quantization(model_cfg.adapter) if model_cfg.adapter is not None else None
+        return run_eval_classification(model_cfg, task_cfg, eval_cfg, quantization=quantization, echo=echo)
+    from quickloris.data.config import read_chat_template, task_name
     from quickloris.data.tasks import get_task
     from quickloris.models.loading import load_model, load_tokenizer, resolve_model
     from quickloris.models.prepare import QLoRAConfig, prepare_model
@@ -57,7 +64,7 @@ def run_eval(model_cfg: ModelConfig, task_cfg: EvalTaskConfig, eval_cfg: EvalCon
     if eval_cfg.eval_data is not None:
         examples, what = load_eval_examples(eval_cfg.eval_data), f"--eval-data {eval_cfg.eval_data}"
     else:
-        task = get_task(task_cfg.task)
+        task = get_task(task_name(EvalTaskConfig, task_cfg.task, "causal_lm"))
         examples = task.generate("heldout", task_cfg.num_eval, task_cfg.seed)
         what = f"{len(examples)} held-out problems of task {task.name!r} (seed {task_cfg.seed})"
     chat_template = read_chat_template(task_cfg.chat_template)
