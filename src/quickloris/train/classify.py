@@ -158,6 +158,8 @@ def tokenize_eval_rows(tokenizer: Any, rows: Sequence[Any], labels: Sequence[str
     tokens (the model's position limit) each."""
     from quickloris.data.classification import tokenize_classification
 
+    if not rows:
+        return []
     label2id = {n: i for i, n in enumerate(labels)}
     examples, _ = tokenize_classification(tokenizer, rows, label2id, max_seq_len=limit or 1 << 30, overflow="error",
                                           what="the training data (the adapter's labels)")
