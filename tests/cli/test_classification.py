@@ -210,3 +210,12 @@ def test_adapter_mismatches_and_eval_errors(files, tmp_path, capsys):
     assert main(["eval", "--task-type", "classification", "--model", str(files["model"]), "--adapter",
                  str(out / "adapter"), "--eval-data", str(bad)]) == 2
     assert re.search(r"bad\.jsonl:3: label 'meh' is not one of the labels of the adapter", capsys.readouterr().err)
+    # --overwrite with a causal run removes the classifier's files (labels.json too: a file a run writes)
+    assert main(["train", "--model", str(files["model"]), "--output-dir", str(out), "--overwrite", "--data",
+                 str(chat), "--max-steps", "1", "--threads", "1", "--no-progress", "--no-eval-before",
+                 "--no-eval-after"]) == 0
+    assert sorted(p.name for p in (out / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    capsys.readouterr()
+    assert main(["eval", "--task-type", "classification", "--model", str(files["model"]), "--adapter",
+                 str(out / "adapter"), "--eval-data", str(files["eval"])]) == 2
+    assert "has no labels.json: it is not a sequence classification adapter" in capsys.readouterr().err

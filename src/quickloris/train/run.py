@@ -217,7 +217,8 @@ def run_train(model_cfg: ModelConfig, data_cfg: DataConfig, qlora_cfg: QLoRAConf
 
         from quickloris.parallel.fsdp import sharding_summary
 
-        register_fsdp_forward_method(model, "generate")  # evaluation generates on all ranks, in step
+        if not classify:  # a classifier's evaluation calls forward, which FSDP2 hooks already
+            register_fsdp_forward_method(model, "generate")  # evaluation generates on all ranks, in step
         plan = sharding_summary(model)
         echo(f"FSDP2 over {ctx.world_size} ranks: {plan['nf4_sharded']} NF4 weights sharded, "
              f"{len(plan['nf4_replicated'])} replicated (not splittable on whole 16384-value groups)")
