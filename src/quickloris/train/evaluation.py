@@ -1,5 +1,6 @@
 """`quickloris eval`: exact-match accuracy of a model, optionally with a LoRA adapter, and of an exported GGUF file,
-on held-out problems.
+on held-out problems (a sequence classifier's accuracy and macro-F1 with ``--task-type classification``:
+`quickloris.train.classify`).
 
 With ``--adapter`` the model is evaluated as quickloris trained it: base linears in NF4 (quantized here, or the
 bytes of a ``*-bnb-4bit`` folder) plus the adapter (`quickloris.models.prepare.prepare_model(model, adapter=...)`),
@@ -125,8 +126,14 @@ def run_eval(model_cfg: ModelConfig, task_cfg: EvalTaskConfig, eval_cfg: EvalCon
     """Score the model and/or the --gguf file; returns the result as a dict (also written to ``--output``).
 
     One model scored: its result. Several (``--gguf`` with ``--adapter`` or ``--nf4``): the main one's result (the
-    adapter's, else the model's) plus ``rows``, each row's result, also printed as one table."""
-    from quickloris.data.config import read_chat_template
+    adapter's, else the model's) plus ``rows``, each row's result, also printed as one table. A classifier
+    (``--task-type classification``) is scored by `quickloris.train.classify.run_eval_classification`."""
+    if model_cfg.task_type == "classification":
+        from quickloris.train.classify import run_eval_classification
+
+        quantization = run_quantization(model_cfg.adapter) if model_cfg.adapter is not None else None
+        return run_eval_classification(model_cfg, task_cfg, eval_cfg, quantization=quantization, echo=echo)
+    from quickloris.data.config import read_chat_template, task_name
     from quickloris.data.tasks import get_task
     from quickloris.hf.evaluate import evaluate_exact_match_gguf
     from quickloris.models.adapter_base import check_adapter_fits, folder_parameter_shapes, model_parameter_shapes
@@ -148,7 +155,7 @@ def run_eval(model_cfg: ModelConfig, task_cfg: EvalTaskConfig, eval_cfg: EvalCon
     if eval_cfg.eval_data is not None:
         examples, what = load_eval_examples(eval_cfg.eval_data), f"--eval-data {eval_cfg.eval_data}"
     else:
-        task = get_task(task_cfg.task)
+        task = get_task(task_name(EvalTaskConfig, task_cfg.task, "causal_lm"))
         examples = task.generate("heldout", task_cfg.num_eval, task_cfg.seed)
         what = f"{len(examples)} held-out problems of task {task.name!r} (seed {task_cfg.seed})"
     chat_template = read_chat_template(task_cfg.chat_template)

@@ -20,6 +20,10 @@ Learning rate at step s (0-based) with warm-up W over T steps: ``lr·(s+1)/(W+1)
 ``lr·f(p)`` with ``p = (s-W)/(T-W)``: cosine ``f = (1+cos πp)/2``, linear ``f = 1-p``, constant ``f = 1``. It is
 a function of s alone, so the schedule's whole state is the step counter.
 
+The objective (`CausalLM`: the loss above; `quickloris.train.classify.Classification`: one class per text, ``N`` =
+the step's labelled texts) collates the micro-batches, counts what a step's loss is normalised by, and computes a
+micro-batch's share of it.
+
 Divergence: a step whose loss or gradient norm is not finite (with trained tokens) raises `TrainingDiverged` before
 the optimizer steps, so the weights stay those of the step before; its record (non-finite values) is kept. Under
 FSDP both numbers are the all-reduced ones, the same on every rank, so all ranks stop at the same step.
@@ -143,6 +147,28 @@ def micro_batch_loss(model: torch.nn.Module, batch: dict[str, Any], num_items: t
     return out.loss
 
 
+class CausalLM:
+    """Next-token cross-entropy on the labelled (response) tokens: the module docstring's loss."""
+
+    name = "causal_lm"
+
+    def collate(self, examples: Sequence[TokenizedExample], batch: Any, *, packing: bool,
+                pad_token_id: int) -> dict[str, Any]:
+        return collate(examples, batch, packing=packing, pad_token_id=pad_token_id)
+
+    def count(self, batch: dict[str, Any]) -> int:
+        """What the step's loss is normalised by: the micro-batch's trained tokens."""
+        return int((shifted_labels(batch["labels"]) != IGNORE_INDEX).sum())
+
+    def keep(self, batch: dict[str, Any]) -> torch.Tensor | None:
+        """The positions every rank scores (computed over the whole micro-batch before its rows are split)."""
+        return (shifted_labels(batch["labels"]) != IGNORE_INDEX).any(dim=0).nonzero().flatten()
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, Any], num_items: torch.Tensor,
+             keep: torch.Tensor | None) -> torch.Tensor | None:
+        return micro_batch_loss(model, batch, num_items, keep)
+
+
 def memory_gib(device: torch.device) -> float:
     """Peak CUDA memory allocated by tensors on a GPU; resident memory of this process on CPU."""
     if device.type == "cuda":
@@ -191,18 +217,20 @@ def train_loop(model: torch.nn.Module, examples: Sequence[TokenizedExample], cfg
                optimizer: torch.optim.Optimizer, pad_token_id: int, packing: bool, max_seq_len: int,
                state: LoopState | None = None, device: torch.device | None = None,
                on_step_end: Callable[[LoopState], None] | None = None, log: Callable[[str], None] | None = None,
-               dist: Any = None) -> LoopState:
+               dist: Any = None, objective: Any = None) -> LoopState:
     """Run optimizer steps ``state.step … total - 1`` on `model`'s trainable parameters; returns the state.
 
     `on_step_end(state)` runs after every step (the caller saves checkpoints there; raising stops the run).
     `dist`: the `quickloris.parallel.fsdp.DistContext` of an FSDP2-sharded model: every rank reads the same
     micro-batches and keeps rows ``rank::world_size`` of each; the token count ``N`` and the labelled positions are
     the whole micro-batch's, each rank backpropagates ``world_size ·`` its share (FSDP2 averages over ranks), so
-    gradients and the (all-reduced) loss are the one-process ones.
+    gradients and the (all-reduced) loss are the one-process ones. `objective`: what is trained (default
+    `CausalLM`; the records' ``trained_tokens`` count what it normalises by: labelled texts for a classifier).
     """
     from tqdm.auto import tqdm
 
     device = device or next(model.parameters()).device
+    objective = objective or CausalLM()
     rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
     if world > 1 and (packing or cfg.batch_size % world):
         raise ValueError(f"with FSDP over {world} ranks each micro-batch's rows are split between the ranks: "
@@ -229,8 +257,9 @@ def train_loop(model: torch.nn.Module, examples: Sequence[TokenizedExample], cfg
                 g["lr"] = lr
             ks = range(s * cfg.grad_accum, (s + 1) * cfg.grad_accum if limit is None else
                        min((s + 1) * cfg.grad_accum, limit))
-            batches = [collate(examples, stream.get(k), packing=packing, pad_token_id=pad_token_id) for k in ks]
-            trained = sum(int((shifted_labels(b["labels"]) != IGNORE_INDEX).sum()) for b in batches)
+            batches = [objective.collate(examples, stream.get(k), packing=packing, pad_token_id=pad_token_id)
+                       for k in ks]
+            trained = sum(objective.count(b) for b in batches)
             tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
                          for b in batches)
             num_items = torch.tensor(max(trained, 1), device=device)
@@ -238,9 +267,10 @@ def train_loop(model: torch.nn.Module, examples: Sequence[TokenizedExample], cfg
             for b in batches:
                 keep = None
                 if world > 1:  # this rank's rows, the whole batch's positions: every rank runs the same calls
-                    keep = (shifted_labels(b["labels"]) != IGNORE_INDEX).any(dim=0).nonzero().flatten().to(device)
+                    keep = objective.keep(b)
+                    keep = keep.to(device) if keep is not None else None
                     b = {k: v[rank::world] if torch.is_tensor(v) else v for k, v in b.items()}
-                loss = micro_batch_loss(model, _to(b, device), num_items, keep)
+                loss = objective.loss(model, _to(b, device), num_items, keep)
                 if loss is not None:
                     (loss * world if world > 1 else loss).backward()
                     loss_sum += loss.detach().float()

@@ -46,8 +46,10 @@ def smooth(values: Sequence[float | None], beta: float = 0.9) -> list[float]:
 
 
 def accuracy_title(evals: dict[str, Any]) -> str:
-    parts = [f"{name} {100 * r['accuracy']:.1f}%" for name, r in evals.items() if r and "accuracy" in r]
-    return ("exact match: " + ", ".join(parts)) if parts else ""
+    parts = [f"{name} {100 * r['accuracy']:.1f}%" + (f" (macro-F1 {100 * r['macro_f1']:.1f}%)" if "macro_f1" in r
+                                                     else "") for name, r in evals.items() if r and "accuracy" in r]
+    kind = "accuracy" if any(r and "macro_f1" in r for r in evals.values()) else "exact match"
+    return (f"{kind}: " + ", ".join(parts)) if parts else ""
 
 
 def plot_loss(history: Sequence[dict[str, Any]], path: str | os.PathLike, *, title: str = "",

@@ -16,6 +16,12 @@
    (+ metrics.json and loss.png) every --save-every steps, save the adapter (PEFT format) under ``adapter/``,
    score again (after), write metrics.json and loss.png.
 
+With ``--task-type classification`` the model is the source's sequence classifier (`quickloris.models.
+classification`: its decoder, a score head seeded with --seed), the data ``{"text", "label"}`` rows (label set read
+from them; `quickloris.data.config.prepare_classification_data`), the loop's objective `quickloris.train.classify.
+Classification` (with --class-weights), and evaluation accuracy + macro-F1 on the held-out texts; the adapter folder
+also holds the score head (PEFT ``modules_to_save``) and the class names.
+
 A diverging run (`TrainingDiverged`) and Ctrl-C (`TrainingInterrupted`) still write metrics.json and loss.png up
 to the step where they stopped. Resuming with a larger --max-steps (or --epochs) extends a run: the remaining steps
 follow the learning-rate schedule of the new length (the steps done keep the old schedule's), so an extended run
@@ -36,7 +42,8 @@ from typing import Any
 import torch
 
 from quickloris.config import ConfigError, flatten
-from quickloris.data.config import DataConfig, PreparedData, prepare_data, read_chat_template
+from quickloris.data.config import (DataConfig, PreparedData, prepare_classification_data, prepare_data,
+                                    read_chat_template, task_name)
 from quickloris.models.prepare import QLoRAConfig
 from quickloris.train.config import EvalConfig, ModelConfig, TrainConfig
 from quickloris.train.loop import LoopState, TrainingDiverged, TrainingInterrupted, total_steps, train_loop
@@ -63,6 +70,8 @@ def fingerprint(model_cfg: ModelConfig, data_cfg: DataConfig, qlora_cfg: QLoRACo
     fp: dict[str, Any] = {"model": model_cfg.model, "adapter": model_cfg.adapter, "dtype": str(dtype)}
     for name, cfg in (("data", data_cfg), ("qlora", qlora_cfg), ("train", train_cfg)):
         fp.update({f"{name}.{k}": v for k, v in flatten(cfg, compared_only=True).items()})
+    if model_cfg.task_type != "causal_lm":  # only then: checkpoints of causal runs keep their fingerprint
+        fp.update({"task_type": model_cfg.task_type, "train.class_weights": train_cfg.class_weights})
     fp.update(data or {})
     return jsonable(fp)
 
@@ -94,7 +103,8 @@ def _eval_examples(data_cfg: DataConfig, eval_cfg: EvalConfig, prepared: Prepare
     if preloaded is not None:
         return preloaded, f"--eval-data {eval_cfg.eval_data}"
     if data_cfg.data is None and prepared is not None:
-        return prepared.eval_examples, f"{len(prepared.eval_examples)} held-out problems of task {data_cfg.task!r}"
+        task = task_name(DataConfig, data_cfg.task, "causal_lm")
+        return prepared.eval_examples, f"{len(prepared.eval_examples)} held-out problems of task {task!r}"
     return None, "no evaluation: training on --data without --eval-data"
 
 
@@ -131,6 +141,10 @@ def run_train(model_cfg: ModelConfig, data_cfg: DataConfig, qlora_cfg: QLoRAConf
         if not ctx.is_main:
             echo = lambda m: None  # noqa: E731 - one rank reports
     main = ctx is None or ctx.is_main
+    classify = model_cfg.task_type == "classification"
+    if not classify and train_cfg.class_weights != "none":
+        raise ConfigError(TrainConfig, "class_weights", "weighs the classes of --task-type classification; this "
+                          "run trains a causal LM")
     dtype = resolve_dtype(model_cfg, device)
     threads, why = resolve_threads(model_cfg)
     if device.type == "cpu" or model_cfg.threads is not None:
@@ -157,24 +171,43 @@ def run_train(model_cfg: ModelConfig, data_cfg: DataConfig, qlora_cfg: QLoRAConf
     echo(f"device: {device} ({str(dtype).replace('torch.', '')})" + (f", {why}" if device.type == "cpu" else "")
          + f", compile {'on' if compile_cfg.enabled else 'off'}, gradient checkpointing "
          + ("on" if checkpoint_cfg.gradient_checkpointing else "off"))
-    preloaded = load_eval_examples(eval_cfg.eval_data) if eval_cfg.eval_data is not None else None
+    preloaded = load_eval_examples(eval_cfg.eval_data) if eval_cfg.eval_data is not None and not classify else None
     chat_template = read_chat_template(data_cfg.chat_template)
     echo(f"model: {source.describe()}")
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(source)
-    prepared = prepare_data(data_cfg, tokenizer, seed=train_cfg.seed, max_position_embeddings=limit)
+    if classify:
+        from quickloris.train.classify import Classification, resolve_class_weights, tokenize_eval_rows
+
+        prepared = prepare_classification_data(data_cfg, tokenizer, seed=train_cfg.seed, eval_data=eval_cfg.eval_data,
+                                               max_position_embeddings=limit)
+        weights = resolve_class_weights(train_cfg.class_weights, prepared.labels, prepared.examples)
+        _check_adapter_labels(model_cfg, prepared.labels)
+        examples_eval = tokenize_eval_rows(tokenizer, prepared.eval_rows, prepared.labels, limit)
+        eval_what = prepared.eval_source
+    else:
+        prepared = prepare_data(data_cfg, tokenizer, seed=train_cfg.seed, max_position_embeddings=limit)
+        examples_eval, eval_what = _eval_examples(data_cfg, eval_cfg, prepared, preloaded)
     st = prepared.stats
-    echo(f"data: {prepared.source}: {st.kept} examples ({st.dropped_too_long} longer than --max-seq-len dropped), "
-         f"{st.tokens} tokens, {st.trainable_tokens} trained (response only), longest {st.longest}"
-         + (", packed" if data_cfg.packing else ""))
-    examples_eval, eval_what = _eval_examples(data_cfg, eval_cfg, prepared, preloaded)
+    what = f"texts, labels {', '.join(prepared.labels)}" if classify else "examples"
+    echo(f"data: {prepared.source}: {st.kept} {what} ({st.dropped_too_long} longer than --max-seq-len dropped), "
+         f"{st.tokens} tokens" + ("" if classify else f", {st.trainable_tokens} trained (response only)")
+         + f", longest {st.longest}" + (", packed" if data_cfg.packing else ""))
+    if classify and weights is not None:
+        echo("class weights: " + ", ".join(f"{n} {w:.4g}" for n, w in zip(prepared.labels, weights)))
     echo(f"eval: {eval_what}")
     total = total_steps(prepared.examples, train_cfg, packing=data_cfg.packing, max_seq_len=data_cfg.max_seq_len)
     if ckpt is not None and total < checkpoint_step(ckpt):
         raise ConfigError(TrainConfig, "max_steps", f"gives {total} steps, fewer than the {checkpoint_step(ckpt)} "
                           "the resumed run has done already")
 
-    model = load_model(source, dtype=dtype, device=device)
+    if classify:
+        from quickloris.models.classification import load_classifier
+
+        model = load_classifier(source, prepared.labels, pad_token_id=tokenizer.pad_token_id, seed=train_cfg.seed,
+                                dtype=dtype, device=device)
+    else:
+        model = load_model(source, dtype=dtype, device=device)
     check_max_seq_len_option(data_cfg, max_positions(model.config))
     torch.manual_seed(train_cfg.seed)  # the LoRA initialisation
     model = build_training_model(model, qlora_cfg, adapter=model_cfg.adapter, checkpointing=checkpoint_cfg,
@@ -184,14 +217,20 @@ def run_train(model_cfg: ModelConfig, data_cfg: DataConfig, qlora_cfg: QLoRAConf
 
         from quickloris.parallel.fsdp import sharding_summary
 
-        register_fsdp_forward_method(model, "generate")  # evaluation generates on all ranks, in step
+        if not classify:  # a classifier's evaluation calls forward, which FSDP2 hooks already
+            register_fsdp_forward_method(model, "generate")  # evaluation generates on all ranks, in step
         plan = sharding_summary(model)
         echo(f"FSDP2 over {ctx.world_size} ranks: {plan['nf4_sharded']} NF4 weights sharded, "
              f"{len(plan['nf4_replicated'])} replicated (not splittable on whole 16384-value groups)")
     qlora_cfg = qlora_config(model)  # with --adapter: rank, alpha and targets come from the adapter
+    if classify:
+        from quickloris.models.classification import set_class_weights
+
+        set_class_weights(model, weights)
     params = [p for p in model.parameters() if p.requires_grad]
     echo(f"loaded and prepared in {time.perf_counter() - t0:.1f} s: {sum(p.numel() for p in params):,} trainable "
-         f"LoRA parameters (r={qlora_cfg.r}, alpha={qlora_cfg.lora_alpha:g}, {','.join(qlora_cfg.target_modules)})")
+         f"{'LoRA + score head' if classify else 'LoRA'} parameters (r={qlora_cfg.r}, alpha="
+         f"{qlora_cfg.lora_alpha:g}, {','.join(qlora_cfg.target_modules)})")
     optimizer = torch.optim.AdamW(params, lr=train_cfg.lr, betas=tuple(train_cfg.adam_betas),
                                   weight_decay=train_cfg.weight_decay)
     fp = fingerprint(model_cfg, data_cfg, qlora_cfg, train_cfg, dtype,
@@ -208,6 +247,8 @@ def run_train(model_cfg: ModelConfig, data_cfg: DataConfig, qlora_cfg: QLoRAConf
                 "compile": compile_cfg.enabled, "gradient_checkpointing": checkpoint_cfg.gradient_checkpointing,
                 "model_format": source.format, "model_path": str(source.path),
                 "max_position_embeddings": max_positions(model.config)}
+    if classify:
+        resolved.update(task_type="classification", labels=prepared.labels, class_weights=weights)
     if ctx is not None:
         resolved["fsdp"] = {**plan, "rank_devices": f"{ctx.world_size} x {device.type}"}
     if main:
@@ -234,13 +275,22 @@ def run_train(model_cfg: ModelConfig, data_cfg: DataConfig, qlora_cfg: QLoRAConf
         if on_step_end is not None:
             on_step_end(st)
 
+    def score(label: str) -> dict[str, Any]:
+        if not classify:
+            return evaluate(model, tokenizer, examples_eval, eval_cfg, chat_template, label, echo)
+        from quickloris.train.classify import evaluate_classification
+
+        return evaluate_classification(model, examples_eval, [r.text for r in prepared.eval_rows], prepared.labels,
+                                       batch_size=eval_cfg.eval_batch_size, pad_token_id=tokenizer.pad_token_id,
+                                       label=label, echo=echo)
+
     try:
         if train_cfg.eval_before and examples_eval and state.step == 0 and "before" not in state.evals:
-            state.evals["before"] = evaluate(model, tokenizer, examples_eval, eval_cfg, chat_template, "before", echo)
+            state.evals["before"] = score("before")
         state = train_loop(model, prepared.examples, train_cfg, optimizer=optimizer,
                            pad_token_id=tokenizer.pad_token_id, packing=data_cfg.packing,
                            max_seq_len=data_cfg.max_seq_len, state=state, device=device, on_step_end=after_step,
-                           dist=ctx)
+                           dist=ctx, objective=Classification() if classify else None)
         if ctx is None:
             last["checkpoint"] = save_checkpoint(out, model, optimizer, state, fp).name
         adapter_dir = save_adapter(model, out / ADAPTER_DIR)  # sharded: every rank gathers, rank 0 writes
@@ -258,7 +308,7 @@ def run_train(model_cfg: ModelConfig, data_cfg: DataConfig, qlora_cfg: QLoRAConf
             pass
         raise TrainingInterrupted(state.step, last["checkpoint"]) from None
     if train_cfg.eval_after and examples_eval:
-        state.evals["after"] = evaluate(model, tokenizer, examples_eval, eval_cfg, chat_template, "after", echo)
+        state.evals["after"] = score("after")
     metrics = write_reports(state, wall_seconds=round(time.perf_counter() - started, 1))
     if not main:
         return TrainResult(out, adapter_dir, state, metrics)
@@ -267,6 +317,21 @@ def run_train(model_cfg: ModelConfig, data_cfg: DataConfig, qlora_cfg: QLoRAConf
     echo(f"done in {metrics['wall_seconds']:.0f} s" + (f" (load average now {load:.2f} on {cpu_cores()} cores)"
                                                        if device.type == "cpu" and load is not None else ""))
     return TrainResult(out, adapter_dir, state, metrics)
+
+
+def _check_adapter_labels(model_cfg: ModelConfig, labels: list[str]) -> None:
+    """A classification run started from --adapter: the adapter's classes must be the data's."""
+    if model_cfg.adapter is None:
+        return
+    from quickloris.models.adapters import read_labels
+
+    try:
+        theirs = read_labels(model_cfg.adapter)
+    except FileNotFoundError as e:
+        raise ConfigError(ModelConfig, "adapter", f": {e}") from None
+    if theirs != labels:
+        raise ConfigError(ModelConfig, "adapter", f"{model_cfg.adapter!r} classifies {', '.join(theirs)}, but the "
+                          f"data's labels are {', '.join(labels)}")
 
 
 def _write_config(out: Path, model_cfg, data_cfg, qlora_cfg, train_cfg, eval_cfg, resolved, prepared) -> None:
@@ -287,7 +352,10 @@ def _print_summary(echo: Callable[[str], None], metrics: dict[str, Any], out: Pa
              f"steps), {s['steps']} steps in {s['train_seconds']:.0f} s, {s['tokens_per_s']:.0f} tokens/s, "
              f"peak memory {s['peak_memory_gib']:.2f} GiB")
     ev = metrics["eval"]
-    if ev:
+    if ev and all("macro_f1" in v for v in ev.values()):
+        echo("accuracy / macro-F1: " + ", ".join(f"{k} {100 * v['accuracy']:.1f}% / {100 * v['macro_f1']:.1f}% "
+                                                 f"({v['correct']}/{v['total']})" for k, v in ev.items()))
+    elif ev:
         echo("exact match: " + ", ".join(f"{k} {100 * v['accuracy']:.1f}% ({v['correct']}/{v['total']})"
                                          for k, v in ev.items()))
     echo(f"adapter (PEFT format): {adapter_dir}")

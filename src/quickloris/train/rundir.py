@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from quickloris.config import ConfigError
-from quickloris.models.adapters import CONFIG_NAME, WEIGHTS_NAME
+from quickloris.models.adapters import CONFIG_NAME, LABELS_NAME, WEIGHTS_NAME
 from quickloris.train.config import TrainConfig
 from quickloris.utils.atomic import atomic_write_json
 
@@ -32,7 +32,7 @@ CHECKPOINTS = "checkpoints"
 ADAPTER_DIR = "adapter"
 REPORT_FILES = ("config.json", "metrics.json", "loss.png")
 RUN_FILES = (MARKER, *REPORT_FILES, ADAPTER_DIR, CHECKPOINTS)
-ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME)
+ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, LABELS_NAME)  # the class names: a classifier's adapter only
 STATE_FILE = "trainer_state.pt"  # checkpoints/step-N/: ADAPTER_FILES, this, MANIFEST (quickloris.train.checkpoint)
 MANIFEST = "manifest.json"
 CHECKPOINT_FILES = (*ADAPTER_FILES, STATE_FILE, MANIFEST)
