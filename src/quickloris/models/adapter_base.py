@@ -32,6 +32,8 @@ import torch
 
 _ROUNDING_NAMES = {"bnb-cuda": "CUDA", "bnb-cpu": "CPU"}
 _PREFIX = "base_model.model."
+# The heads a sequence-classification adapter replaces (PEFT lists these as its SEQ_CLS modules_to_save).
+CLASSIFIER_HEADS = ("score", "classifier")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,6 +138,10 @@ def check_adapter_fits(adapter: str | os.PathLike, shapes: dict[str, tuple[int, 
                 break
         else:
             if name not in shapes:
+                module = name.split(".", 1)[0]
+                if module in CLASSIFIER_HEADS:
+                    raise ValueError(f"{option} {folder} holds a classification head ({module}): load it into a "
+                                     "sequence classifier (--task-type classification)")
                 raise ValueError(f"{head}: the adapter replaces {name}, which the model does not have")
             if tuple(shapes[name]) != shape:
                 raise ValueError(f"{head}: the adapter's {name} is {list(shape)}, the model's {list(shapes[name])}")

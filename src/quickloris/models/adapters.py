@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from quickloris.models.adapter_base import CLASSIFIER_HEADS
 from quickloris.nn.qlora_linear import QLoRALinear, lora_scaling
 from quickloris.utils.atomic import atomic_open, atomic_write_text
 
@@ -43,8 +44,6 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LABELS_NAME = "labels.json"
 PREFIX = "base_model.model."
-# Heads PEFT's sequence-classification models train whole (PeftModelForSequenceClassification adds both names).
-CLASSIFIER_HEADS = ("classifier", "score")
 _SAVED = "modules_to_save"  # the surgery state key of the registered modules
 
 

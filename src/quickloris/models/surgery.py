@@ -27,7 +27,22 @@ from typing import Any
 from torch import nn
 
 ATTR = "quickloris_edits"
-_MISSING = object()
+
+
+class _Missing:
+    """Marks "no instance attribute was there" in a record; one object, also in a deep copy of the record."""
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __repr__(self) -> str:
+        return "<missing>"
+
+
+_MISSING = _Missing()
 
 
 @dataclasses.dataclass
