@@ -70,10 +70,10 @@ def _compiled_flex():
     return torch.compile(_flex_fn(), dynamic=True, fullgraph=True)
 
 
-@functools.lru_cache(maxsize=None)
-def softcap_score_mod(cap: float):
-    """The score_mod of a logit softcap: ``s -> cap * tanh(s / cap)`` (one function per cap: compiled code and
-    the shared compiled flex key on its identity)."""
+def softcap_score_mod(cap: torch.Tensor):
+    """The score_mod of a logit softcap: ``s -> cap * tanh(s / cap)``. `cap` is a 0-d tensor on the scores'
+    device: a Python float would reach a compiled flex_attention as a symbolic float (dynamo does not specialise
+    floats), which its score_mod buffers cannot hold; a tensor is a buffer like any other."""
     def score_mod(score, b, h, q_idx, kv_idx):
         return torch.tanh(score / cap) * cap
 
@@ -95,14 +95,14 @@ def flex_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
         raise ValueError("quickloris flex attention needs the BlockMask built by set_attention(model, 'flex'); got "
                          f"{type(attention_mask).__name__}")
     gqa = query.shape[1] != key.shape[1]
-    cap = float(softcap) if softcap is not None else None
     if not query.is_cuda and torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
-        out = _dense_fallback(query, key, value, attention_mask, scaling, gqa, cap)
+        out = _dense_fallback(query, key, value, attention_mask, scaling, gqa, softcap)
     else:
         # Traced by the enclosing compile; eager on GPU: one shared compiled flex; eager on CPU: the reference.
         fn = _flex_fn() if torch.compiler.is_compiling() or not query.is_cuda else _compiled_flex()
-        out = fn(query, key, value, score_mod=softcap_score_mod(cap) if cap is not None else None,
-                 block_mask=attention_mask, scale=scaling, enable_gqa=gqa)
+        score_mod = None if softcap is None else softcap_score_mod(
+            torch.full((), softcap, dtype=torch.float32, device=query.device))
+        out = fn(query, key, value, score_mod=score_mod, block_mask=attention_mask, scale=scaling, enable_gqa=gqa)
     return out.transpose(1, 2).contiguous(), None
 
 
