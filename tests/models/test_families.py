@@ -216,3 +216,45 @@ def test_inductor_compiles_gemma2_flex_softcap_step(seed):
     assert_close_rel(got[0], want[0], FWD, "loss")
     for name, g in want[1].items():  # inductor fuses and reorders more: 4x the reordered sums
         assert_close_rel(got[1][name], g, 4 * BWD, name)
+
+
+@pytest.mark.parametrize("row", ROWS)
+def test_spec_matches_the_model(row):
+    """What the spec declares is what the transformers model has: classes, decoder-layer class and place, linear
+    names, q/k norms, norm kind, embedding scale, tied default, softcap attributes, layer types, model_type."""
+    model = tiny_model(row)
+    spec = family_of(model)
+    cfg = model.config
+    assert spec.registered and spec.fast_path and spec.gguf_arch
+    assert type(model).__name__ == spec.causal_lm and hasattr(transformers, spec.sequence_classification)
+    assert family_of(cfg) is spec and family_of(cfg.to_dict()) is spec
+    assert family_of({"architectures": [spec.causal_lm]}) is spec
+    layers = spec.layers_of(model)
+    assert len(layers) == cfg.num_hidden_layers and {type(x).__name__ for x in layers} == {spec.decoder_layer}
+    linears = {n.rsplit(".", 1)[-1] for n, m in layers[0].named_modules() if isinstance(m, torch.nn.Linear)}
+    assert linears == set(spec.linears) and set(spec.fused) <= linears
+    attn = layers[0].self_attn
+    assert hasattr(attn, "q_norm") == spec.attention.qk_norm
+    assert not spec.attention.sinks and not hasattr(attn, "sinks")
+    norm = layers[0].input_layernorm
+    x = torch.randn(3, cfg.hidden_size)
+    eps = norm.eps if hasattr(norm, "eps") else norm.variance_epsilon
+    with torch.no_grad():
+        unit = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        w = norm.weight
+        expected = unit * (1 + w) if spec.norm == "rms_one_plus_fp32" else unit * w
+        torch.testing.assert_close(norm(x), expected)
+    scale = getattr(model.model.embed_tokens, "scalar_embed_scale", 1.0)
+    assert scale == (cfg.hidden_size ** 0.5 if spec.embedding_scale == "sqrt_hidden" else 1.0)
+    assert type(cfg)().tie_word_embeddings == spec.tied_embeddings
+    for attr in (spec.final_logit_softcap, spec.attention.logit_softcap):
+        assert attr is None or hasattr(cfg, attr)
+    assert spec.logit_softcap(cfg) == getattr(cfg, "final_logit_softcapping", None)
+    assert (spec.attention.sliding_window == "per_layer") == (getattr(cfg, "layer_types", None) is not None)
+    windows = spec.windows(cfg)
+    if spec.attention.sliding_window == "per_layer":
+        assert set(windows) == set(cfg.layer_types)
+        assert all((w is None) == (t == "full_attention") or cfg.sliding_window is None for t, w in windows.items())
+    else:
+        assert windows == {None: cfg.sliding_window if spec.attention.sliding_window == "model" else None}
+    assert cfg.model_type in spec.model_types

@@ -148,9 +148,9 @@ def resolve_targets(spec: FamilySpec, targets: list[str]) -> list[str]:
                               f"computes {','.join(parts)} in one fused layer, {fused} (LoRA adapts the fused "
                               f"weight): name {fused} instead")
         if named:
-            at = targets.index(named[0])
+            at = min(targets.index(p) for p in named)  # where the first part was named
             targets = [t for t in targets if t not in parts]
-            targets.insert(min(at, len(targets)), fused)
+            targets.insert(at, fused)
     if spec.linears:
         unknown = [t for t in targets if t not in spec.linears]
         if unknown:
