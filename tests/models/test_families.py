@@ -258,3 +258,36 @@ def test_spec_matches_the_model(row):
     else:
         assert windows == {None: cfg.sliding_window if spec.attention.sliding_window == "model" else None}
     assert cfg.model_type in spec.model_types
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("row", ROWS)
+def test_gpu_compiled_flex_training_matches_eager_attention(seed, row):
+    """On a GPU the fast path is the real thing: inductor-compiled layers with the FlexAttention kernel (forward and
+    backward: per-layer-type BlockMasks, the softcap score_mod) and the compiled loss, bf16, packed rows of several
+    lengths; its losses and LoRA gradients follow the same model on HF's eager attention (bf16: 2 % on the loss,
+    5 % on each gradient's norm-relative error), with no graph break."""
+    from quickloris.parallel.compose import CheckpointConfig, build_training_model
+
+    dense = tiny_model(row).to("cuda", torch.bfloat16)
+    gen = torch.Generator().manual_seed(seed)
+    batches = [packed_and_padded(lens, VOCAB, gen=gen)[0] for lens in ([150, 90, 61], [700], [129, 300, 40])]
+    out = {}
+    for impl, compile_cfg in (("eager", None), ("flex", CompileConfig())):
+        torch.manual_seed(seed)
+        model = build_training_model(copy.deepcopy(dense), QLoRAConfig(r=R, lora_alpha=ALPHA, attention=impl,
+                                                                      init_lora_weights="random"),
+                                     checkpointing=CheckpointConfig(), compile=compile_cfg)
+        reset_compile_stats()
+        steps = []
+        for packed in batches:
+            batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in packed.items()}
+            steps.append(_step(model, batch, batch.pop("labels")))
+        out[impl] = steps
+        if compile_cfg is not None:
+            assert compile_stats()["graph_breaks"] == 0
+    for (loss, grads), (want, want_grads) in zip(out["flex"], out["eager"]):
+        assert float(loss) == pytest.approx(float(want), rel=2e-2)
+        for name, g in want_grads.items():
+            err = float((grads[name].float() - g.float()).norm() / g.float().norm().clamp_min(1e-12))
+            assert err < 5e-2, (row, name, err)
