@@ -59,6 +59,8 @@ GENERIC_CONFIGS: dict[str, tuple[Callable[..., Any], str]] = {
     "olmo2": (_cfg("Olmo2Config"), "Olmo2ForCausalLM"),
     "smollm3": (_cfg("SmolLM3Config", no_rope_layers=[1, 0]), "SmolLM3ForCausalLM"),
     "starcoder2": (_cfg("Starcoder2Config", use_bias=True), "Starcoder2ForCausalLM"),
+    # decoder at model.gpt_neox.layers, head model.embed_out, fused query_key_value (a plain Linear to quickloris)
+    "gpt_neox": (_cfg("GPTNeoXConfig"), "GPTNeoXForCausalLM"),
     # logits / 4 after the head: the chunked loss cannot compute it, the model keeps its own loss
     "granite": (_cfg("GraniteConfig", logits_scaling=4.0, embedding_multiplier=2.0, residual_multiplier=0.5,
                      attention_multiplier=0.2), "GraniteForCausalLM"),

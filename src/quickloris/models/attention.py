@@ -276,11 +276,9 @@ def set_attention(model: torch.nn.Module, implementation: str) -> torch.nn.Modul
     names = NAMES
     if implementation not in names:
         raise ValueError(f"attention must be one of {sorted(names)}, got {implementation!r}")
-    decoder = getattr(model, "model", None)
-    if decoder is None or not hasattr(model, "set_attn_implementation"):
-        raise TypeError(f"{type(model).__name__} is not a transformers causal LM with a decoder at .model")
+    if not hasattr(model, "set_attn_implementation"):
+        raise TypeError(f"{type(model).__name__} is not a transformers model (no set_attn_implementation)")
     spec = family_of(model)
-    decoder = spec.decoder(model)
     if implementation == "flex":
         if not spec.fast_path:
             raise ValueError(f"flex attention needs a registered model family; {type(model).__name__} is on the "
@@ -305,7 +303,7 @@ def set_attention(model: torch.nn.Module, implementation: str) -> torch.nn.Modul
     surgery.record(model, STEP, "model.config._attn_implementation", f"attention: {implementation}",
                    undo_fn=lambda m: m.set_attn_implementation(previous))
     if implementation == "flex":
-        handle = decoder.register_forward_pre_hook(functools.partial(_flex_mask_hook, windows), with_kwargs=True)
+        handle = spec.decoder(model).register_forward_pre_hook(functools.partial(_flex_mask_hook, windows), with_kwargs=True)
         what = "2-D mask + position ids -> one BlockMask" + (
             "" if None in windows else f" per layer type ({', '.join(f'{k}: window {v}' for k, v in windows.items())})")
         surgery.record(model, STEP, f"model.{model.base_model_prefix} (forward pre-hook)", what,

@@ -116,7 +116,7 @@ def compile_model(model: nn.Module, config: CompileConfig | None = None) -> nn.M
 
     A model on the generic path (an unregistered family, `quickloris.models.families`) stays eager: its layers
     were never checked to trace without a graph break. `prepare_model` said so already; otherwise this warns."""
-    from quickloris.models.families import family_of
+    from quickloris.models.families import STATE, family_of
 
     cfg = (config or CompileConfig()).resolved(next(model.parameters()).device.type)
     if not cfg.enabled:
@@ -125,7 +125,7 @@ def compile_model(model: nn.Module, config: CompileConfig | None = None) -> nn.M
         raise ValueError("this model's regions are compiled already")
     spec = family_of(model)
     if not spec.fast_path:
-        if surgery.state(model, "family") is None:  # prepare_model's warning covers it
+        if surgery.state(model, STATE) is None:  # prepare_model's warning covers it
             import warnings
 
             warnings.warn(f"{type(surgery.unwrap(model)).__name__}: not a registered family: the regional compile "
