@@ -22,7 +22,7 @@ from quickloris.models.families import decoder_layers, family_of, registered  # 
 from quickloris.models.prepare import DEFAULT_TARGETS, FamilyWarning, QLoRAConfig, prepare_model  # noqa: E402
 from quickloris.models.prepare import resolve_targets  # noqa: E402
 from quickloris.parallel.compile import CompileConfig, compile_config, compile_model  # noqa: E402
-from tests.helpers import assert_close_rel, dequantized_twin, lora_grads, peft_twin  # noqa: E402
+from tests.helpers import assert_close_rel, lora_grads, peft_twin  # noqa: E402
 from tests.models.test_families import FWD, BWD, _padded_batch  # noqa: E402
 from tests.tiny import GENERIC_CONFIGS, tiny_model  # noqa: E402
 

@@ -303,7 +303,8 @@ def set_attention(model: torch.nn.Module, implementation: str) -> torch.nn.Modul
     surgery.record(model, STEP, "model.config._attn_implementation", f"attention: {implementation}",
                    undo_fn=lambda m: m.set_attn_implementation(previous))
     if implementation == "flex":
-        handle = spec.decoder(model).register_forward_pre_hook(functools.partial(_flex_mask_hook, windows), with_kwargs=True)
+        hook = functools.partial(_flex_mask_hook, windows)
+        handle = spec.decoder(model).register_forward_pre_hook(hook, with_kwargs=True)
         what = "2-D mask + position ids -> one BlockMask" + (
             "" if None in windows else f" per layer type ({', '.join(f'{k}: window {v}' for k, v in windows.items())})")
         surgery.record(model, STEP, f"model.{model.base_model_prefix} (forward pre-hook)", what,
