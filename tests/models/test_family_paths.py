@@ -182,3 +182,19 @@ def test_family_survives_fsdp_renaming_and_peft_wrapping():
     assert family_of(model).name == "phi3" and decoder_layers(model) is model.model.layers
     pm = peft.get_peft_model(tiny_model("gemma3"), peft.LoraConfig(r=2, target_modules=["q_proj"]))
     assert family_of(pm).name == "gemma3" and decoder_layers(pm) is pm.get_base_model().model.layers
+
+
+@pytest.mark.slow  # transformers compiles its flex mask builder for each new cache length (~45 s on 2 cores)
+def test_gemma2_cached_generation_with_flex_matches_transformers(seed):
+    """Generation (KV cache: transformers' own flex masks, sliding layers keeping their window of keys) with
+    quickloris' flex attention and softcap gives HF eager's greedy tokens, past the sliding window."""
+    from tests.helpers import dequantized_twin
+
+    ref = tiny_model("gemma2")
+    model = prepare_model(copy.deepcopy(ref), QLoRAConfig(r=2, attention="flex"))
+    twin = dequantized_twin(ref, model)
+    ids = torch.randint(3, ref.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        got = model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=True)
+        want = twin.generate(ids, max_new_tokens=6, do_sample=False, use_cache=True)
+    assert torch.equal(got, want)
