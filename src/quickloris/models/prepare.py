@@ -263,6 +263,8 @@ def head_is_plain(model: nn.Module, spec: FamilySpec) -> bool:
         model.eval()
         with torch.no_grad():
             logits = model(input_ids=ids, use_cache=False).logits
+    except Exception:  # a forward that needs more than token ids: not one the chunked loss can stand in for
+        return False
     finally:
         model.train(training)
         for h in hooks:
