@@ -39,7 +39,7 @@ Checkpoint offload (pinned CPU copies) always stays transformers' eager wrapper.
 
 Only registered families (`quickloris.models.families`, ``fast_path``) are compiled: their layers are tested to trace
 with no graph break. A model on the generic path stays eager (`prepare_model` says so in its one warning line).
-The decoder layers are found through the family spec (`decoder_layers`, the registry's).
+The decoder layers are found through the family spec (`quickloris.models.families.decoder_layers`).
 See `quickloris.parallel.compose` for the order in which the stack is assembled.
 """
 
@@ -54,6 +54,7 @@ from torch import nn
 
 from quickloris.config import Config, field
 from quickloris.models import surgery
+from quickloris.models.families import decoder_layers  # noqa: F401 - the registry's; re-exported for old callers
 from quickloris.parallel.regions import compile_region, without_duck_sizing  # noqa: F401 - re-exported
 
 STEP = "compile"
@@ -102,13 +103,6 @@ class CompileConfig(Config):
     def resolved(self, device_type: str) -> CompileConfig:
         """This config with `enabled` decided: unset compiles on a GPU only."""
         return self if self.enabled is not None else dataclasses.replace(self, enabled=device_type == "cuda")
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The model's decoder layers, from its family spec (`quickloris.models.families.decoder_layers`)."""
-    from quickloris.models.families import decoder_layers as layers_of
-
-    return layers_of(model)
 
 
 def compile_model(model: nn.Module, config: CompileConfig | None = None) -> nn.Module:
