@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import dataclasses
 import types
-import warnings
 from typing import Any, Literal
 
 import torch
@@ -52,17 +51,14 @@ from torch import nn
 
 from quickloris.config import Config, ConfigError, at_least, comma_list, field, in_range
 from quickloris.models import adapters as adapters_mod, surgery
-from quickloris.models.families import STATE as FAMILY, FamilySpec, family_of, supported_line
+from quickloris.models.families import STATE as FAMILY, FamilySpec, family_of, supported_line, warn
+from quickloris.models.families import FamilyWarning  # noqa: F401 - re-exported: prepare_model's warning
 from quickloris.nn.qlora_linear import QLoRALinear, lora_scaling
 from quickloris.tensor.nf4_tensor import NF4Tensor
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 STEP = "prepare"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class FamilyWarning(UserWarning):
-    """One line about how quickloris runs this model (the generic path, or a backend it had to change)."""
 
 
 def _targets(names: list[str]) -> str | None:
@@ -350,7 +346,7 @@ def prepare_model(model: nn.Module, config: QLoRAConfig | None = None, *, adapte
     if adapter is not None:
         adapters_mod.load_adapter(model, adapter)
     if notes:
-        warnings.warn(f"{type(model).__name__}: {'; '.join(notes)}", FamilyWarning, stacklevel=2)
+        warn(f"{type(model).__name__}: {'; '.join(notes)}")
     return model
 
 

@@ -110,7 +110,7 @@ def compile_model(model: nn.Module, config: CompileConfig | None = None) -> nn.M
 
     A model on the generic path (an unregistered family, `quickloris.models.families`) stays eager: its layers
     were never checked to trace without a graph break. `prepare_model` said so already; otherwise this warns."""
-    from quickloris.models.families import STATE, family_of
+    from quickloris.models.families import STATE, family_of, warn
 
     cfg = (config or CompileConfig()).resolved(next(model.parameters()).device.type)
     if not cfg.enabled:
@@ -120,10 +120,8 @@ def compile_model(model: nn.Module, config: CompileConfig | None = None) -> nn.M
     spec = family_of(model)
     if not spec.fast_path:
         if surgery.state(model, STATE) is None:  # prepare_model's warning covers it
-            import warnings
-
-            warnings.warn(f"{type(surgery.unwrap(model)).__name__}: not a registered family: the regional compile "
-                          "(fast path) is off, the model stays eager", UserWarning, stacklevel=2)
+            warn(f"{type(surgery.unwrap(model)).__name__}: not a registered family: the regional compile (fast "
+                 "path) is off, the model stays eager")
         return model
     kw: dict[str, Any] = dict(fullgraph=True, dynamic=cfg.dynamic, backend=cfg.backend, mode=cfg.mode)
     layers = decoder_layers(model)

@@ -32,6 +32,18 @@ GENERIC = FamilySpec(name="generic", causal_lm="*ForCausalLM", sequence_classifi
                      model_types=(), decoder_layer="", layers="", linears=(), fast_path=False, registered=False)
 
 
+class FamilyWarning(UserWarning):
+    """One line about how quickloris runs a model (the generic path, or a backend it had to change)."""
+
+
+def warn(message: str) -> None:
+    """Issue `message` as a `FamilyWarning` that prints as one line: ``quickloris: FamilyWarning: <message>`` (no
+    source line is quoted, since the location is not a file). Filters on the category or this module apply."""
+    import warnings
+
+    warnings.warn_explicit(message, FamilyWarning, filename="quickloris", lineno=0, module=__name__)
+
+
 @functools.lru_cache(maxsize=None)
 def registered() -> dict[str, FamilySpec]:
     """{family name: spec} of every module in this package defining ``SPEC``."""
@@ -191,5 +203,5 @@ def generic_spec(model: Any) -> FamilySpec:
             config, "tie_word_embeddings", False)), final_logit_softcap=softcap, fast_path=False, registered=False)
 
 
-__all__ = ["FamilySpec", "Attention", "GENERIC", "LLAMA_LINEARS", "registered", "registered_classes", "family_of",
-           "decoder_layers", "generic_spec", "supported_line"]
+__all__ = ["FamilySpec", "Attention", "FamilyWarning", "warn", "GENERIC", "LLAMA_LINEARS", "STATE", "registered",
+           "registered_classes", "family_of", "decoder_layers", "generic_spec", "supported_line"]
