@@ -113,8 +113,11 @@ def test_generic_path(seed, row):
         warnings.simplefilter("always")
         model = prepare_model(copy.deepcopy(ref), QLoRAConfig(r=4, lora_alpha=8, attention="flex",
                                                               init_lora_weights="random"))
-    lines = [str(w.message) for w in caught if w.category is FamilyWarning]
+    mine = [w for w in caught if w.category is FamilyWarning]
+    lines = [str(w.message) for w in mine]
     assert len(lines) == 1 and "\n" not in lines[0], lines
+    shown = warnings.formatwarning(mine[0].message, FamilyWarning, mine[0].filename, mine[0].lineno, mine[0].line)
+    assert shown == f"quickloris:0: FamilyWarning: {lines[0]}\n"  # what a terminal shows: one line
     assert lines[0].startswith(f"{type(ref).__name__}: not a registered family: generic path") and \
         "the fast path (regional compile, flex attention, compiled loss) is off" in lines[0]
     spec = family_of(model)
