@@ -80,6 +80,11 @@ def softcap_score_mod(cap: torch.Tensor):
     return score_mod
 
 
+@functools.lru_cache(maxsize=None)
+def _eager_softcap_mod(cap: float, device: str):
+    return softcap_score_mod(torch.full((), cap, dtype=torch.float32, device=device))
+
+
 def flex_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                            attention_mask: Any, scaling: float | None = None, dropout: float = 0.0,
                            softcap: float | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
@@ -100,8 +105,12 @@ def flex_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
     else:
         # Traced by the enclosing compile; eager on GPU: one shared compiled flex; eager on CPU: the reference.
         fn = _flex_fn() if torch.compiler.is_compiling() or not query.is_cuda else _compiled_flex()
-        score_mod = None if softcap is None else softcap_score_mod(
-            torch.full((), softcap, dtype=torch.float32, device=query.device))
+        if softcap is None:
+            score_mod = None
+        elif torch.compiler.is_compiling():  # traced: a fresh closure is just graph code
+            score_mod = softcap_score_mod(torch.full((), softcap, dtype=torch.float32, device=query.device))
+        else:  # eager: one function per cap and device, so the shared compiled flex is not re-guarded per call
+            score_mod = _eager_softcap_mod(float(softcap), str(query.device))
         out = fn(query, key, value, score_mod=score_mod, block_mask=attention_mask, scale=scaling, enable_gqa=gqa)
     return out.transpose(1, 2).contiguous(), None
 
