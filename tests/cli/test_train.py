@@ -179,7 +179,8 @@ CASES = {  # option values -> the one line printed (after "quickloris train: err
     "folder-without-config": (lambda d: ["--model", _folder(d / "empty")],
                               "--model: unknown model format.*no config.json"),
     "unsupported-architecture": (lambda d: ["--model", _model_copy(d, architectures=["GPT2LMHeadModel"])],
-                                 r"--model: '.*' is a GPT2LMHeadModel; quickloris supports LlamaForCausalLM"),
+                                 r"--model: '.*' is a GPT2LMHeadModel: not a decoder-only \*ForCausalLM; "
+                                 r"quickloris supports Gemma2ForCausalLM, .*LlamaForCausalLM"),
     "no-tokenizer": (lambda d: ["--model", _model_copy(d, tokenizer=False)],
                      r"--model: no tokenizer in '.*' \(looked for tokenizer\.json, tokenizer\.model, vocab\.json "
                      r"\+ merges\.txt"),

@@ -106,9 +106,12 @@ def test_flex_matches_sdpa_on_packed_and_padded_batches(seed):
     torch.testing.assert_close(out["flex"][1][valid], out["sdpa"][1][valid], rtol=1e-4, atol=1e-4)
 
 
-def test_flex_sliding_window_matches_sdpa(seed):
-    """Mistral's model-wide sliding window goes into the BlockMask; per-layer windows are refused."""
-    model = prepare_model(tiny("mistral", sliding_window=100), QLoRAConfig(r=4, init_lora_weights="random"))
+@pytest.mark.parametrize("arch,kw", [("mistral", dict(sliding_window=100)),
+                                     ("qwen2", dict(use_sliding_window=True, sliding_window=64, max_window_layers=1))])
+def test_flex_sliding_window_matches_sdpa(seed, arch, kw):
+    """Mistral's model-wide sliding window goes into the one BlockMask; Qwen2's per-layer windows (layer 0 full,
+    layer 1 sliding) into one BlockMask per layer type."""
+    model = prepare_model(tiny(arch, **kw), QLoRAConfig(r=4, init_lora_weights="random"))
     ids, pos, mask = _packed_and_padded(300)
     out = {}
     for impl in ("sdpa", "flex"):
@@ -116,9 +119,6 @@ def test_flex_sliding_window_matches_sdpa(seed):
         with torch.no_grad():
             out[impl] = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
     torch.testing.assert_close(out["flex"][mask.bool()], out["sdpa"][mask.bool()], rtol=1e-4, atol=1e-4)
-    mixed = tiny("qwen2", use_sliding_window=True, sliding_window=64, max_window_layers=1)
-    with pytest.raises(ValueError, match="per-layer sliding"):
-        set_attention(mixed, "flex")
 
 
 def test_flex_training_matches_sdpa(seed):

@@ -171,12 +171,13 @@ def test_prequantized_folder(seed, tmp_path):
 
 
 def test_clear_errors(seed):
-    with pytest.raises(ValueError, match="unsupported architecture GPT2LMHeadModel: quickloris supports Llama"):
+    with pytest.raises(ValueError, match="GPT2LMHeadModel cannot be trained: it is not a decoder-only "
+                       r"\*ForCausalLM .*quickloris supports Gemma2ForCausalLM"):
         prepare_model(transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2,
                                                                            vocab_size=V)))
     with pytest.raises(ValueError, match="quantize=False requires a model with 4-bit weights"):
         prepare_model(tiny(), QLoRAConfig(quantize=False))
-    with pytest.raises(ValueError, match="match no linear layer"):
+    with pytest.raises(ValueError, match="target_modules names qkv_proj, not a linear layer of this model's decoder"):
         prepare_model(tiny(), QLoRAConfig(target_modules=["q_proj", "qkv_proj"]))
     with pytest.raises(ValueError, match="lm_head"):
         QLoRAConfig(target_modules=["lm_head"])

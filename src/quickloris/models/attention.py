@@ -14,7 +14,15 @@ The mask is causal within documents::
 with ``doc`` numbering the documents of each row: a new document starts wherever ``position_ids`` does not
 continue by +1 (packed sequences, as transformers' own packed-sequence detection does), and padding tokens
 (``attention_mask == 0``) form document -1, which real tokens never attend to. A plain batch is one document.
-A model-wide sliding window (Mistral's ``sliding_window``) adds ``q - k < window``; per-layer windows raise.
+A sliding window adds ``q - k < window``: model-wide (Mistral, Phi-3: ``config.sliding_window``) in the one mask,
+or per layer (Gemma-2/3, Qwen2/3 with ``use_sliding_window``: ``config.layer_types``), where the pre-hook builds
+one `BlockMask` per layer type and passes ``{"full_attention": ..., "sliding_attention": ...}``, the mapping these
+decoders take as a prepared mask (each layer picks its type's). What the model has is read from its family spec
+(`quickloris.models.families`); models on the generic path have no flex.
+
+Attention logit softcapping (Gemma-2: ``attn_logit_softcapping``, passed by the attention module as ``softcap``)
+is a ``score_mod``: ``s -> cap * tanh(s / cap)`` on the scaled score, before the mask and the softmax, as the
+model's eager attention computes it. SDPA has no such hook, so `set_attention` refuses SDPA for a model with a cap.
 
 The `BlockMask` is built in eager PyTorch, block by block (128 x 128), with no `create_block_mask` compile and no
 dense [S, S] mask: per block the min and max document id give "empty" (no overlap or above the diagonal),
@@ -62,10 +70,27 @@ def _compiled_flex():
     return torch.compile(_flex_fn(), dynamic=True, fullgraph=True)
 
 
+def softcap_score_mod(cap: torch.Tensor):
+    """The score_mod of a logit softcap: ``s -> cap * tanh(s / cap)``. `cap` is a 0-d tensor on the scores'
+    device: a Python float would reach a compiled flex_attention as a symbolic float (dynamo does not specialise
+    floats), which its score_mod buffers cannot hold; a tensor is a buffer like any other."""
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return torch.tanh(score / cap) * cap
+
+    return score_mod
+
+
+@functools.lru_cache(maxsize=None)
+def _eager_softcap_mod(cap: float, device: str):
+    return softcap_score_mod(torch.full((), cap, dtype=torch.float32, device=device))
+
+
 def flex_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                            attention_mask: Any, scaling: float | None = None, dropout: float = 0.0,
-                           **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """transformers' attention signature: q [B, Hq, S, D], k/v [B, Hkv, S, D] -> ([B, S, Hq, D], None)."""
+                           softcap: float | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers' attention signature: q [B, Hq, S, D], k/v [B, Hkv, S, D] -> ([B, S, Hq, D], None).
+
+    `softcap`: the attention logit cap the module passes (Gemma-2), applied as a score_mod."""
     from torch.nn.attention.flex_attention import BlockMask
 
     if dropout:
@@ -76,11 +101,17 @@ def flex_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
                          f"{type(attention_mask).__name__}")
     gqa = query.shape[1] != key.shape[1]
     if not query.is_cuda and torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
-        out = _dense_fallback(query, key, value, attention_mask, scaling, gqa)
+        out = _dense_fallback(query, key, value, attention_mask, scaling, gqa, softcap)
     else:
         # Traced by the enclosing compile; eager on GPU: one shared compiled flex; eager on CPU: the reference.
         fn = _flex_fn() if torch.compiler.is_compiling() or not query.is_cuda else _compiled_flex()
-        out = fn(query, key, value, block_mask=attention_mask, scale=scaling, enable_gqa=gqa)
+        if softcap is None:
+            score_mod = None
+        elif torch.compiler.is_compiling():  # traced: a fresh closure is just graph code
+            score_mod = softcap_score_mod(torch.full((), softcap, dtype=torch.float32, device=query.device))
+        else:  # eager: one function per cap and device, so the shared compiled flex is not re-guarded per call
+            score_mod = _eager_softcap_mod(float(softcap), str(query.device))
+        out = fn(query, key, value, score_mod=score_mod, block_mask=attention_mask, scale=scaling, enable_gqa=gqa)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -95,16 +126,26 @@ def sdpa_cudnn_attention_forward(module: torch.nn.Module, query: torch.Tensor, k
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
-def _dense_fallback(query, key, value, block_mask, scaling, gqa):
+def _dense_fallback(query, key, value, block_mask, scaling, gqa, softcap=None):
     """CPU training only (PyTorch has no FlexAttention backward on CPU): the same mask_mod, evaluated densely by
-    broadcasting, applied through SDPA. Exact, O(S^2) memory: for tests and CPU runs, never taken on a GPU."""
+    broadcasting, applied through SDPA, or with a softcap (which SDPA lacks) through the explicit math
+    ``softmax(mask(cap * tanh(scale * q k^T / cap))) v`` (softmax in fp32, as HF's eager attention). Exact, O(S^2)
+    memory: for tests and CPU runs, never taken on a GPU."""
     B, S, K = query.shape[0], query.shape[2], key.shape[2]
     dev = query.device
     b = torch.arange(B, device=dev).view(B, 1, 1, 1)
     h = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=dev)
     allowed = block_mask.mask_mod(b, h, torch.arange(S, device=dev).view(1, 1, S, 1),
                                   torch.arange(K, device=dev).view(1, 1, 1, K))
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scaling, enable_gqa=gqa)
+    if softcap is None:
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scaling, enable_gqa=gqa)
+    if gqa:  # query head j reads key / value head j // (Hq / Hkv), as repeat_kv does
+        rep = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    scores = torch.tanh(torch.matmul(query, key.transpose(-1, -2)) * scale / softcap) * softcap
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype), value)
 
 
 def document_ids(batch: int, seq: int, device, attention_mask: torch.Tensor | None = None,
@@ -184,40 +225,32 @@ def build_block_mask(doc: torch.Tensor, block: int = BLOCK, window: int | None =
 _DECODER_ARGS = ("input_ids", "attention_mask", "position_ids", "past_key_values", "inputs_embeds")
 
 
-def _flex_mask_hook(module, args, kwargs):
-    """Decoder forward pre-hook: replace the 2-D mask / position ids by the batch's BlockMask (training path)."""
+def _flex_mask_hook(windows, module, args, kwargs):
+    """Decoder forward pre-hook: replace the 2-D mask / position ids by the batch's BlockMask(s) (training path).
+
+    `windows`: the family's `FamilySpec.windows` of this config - ``{None: window}`` (one mask) or
+    ``{layer type: window}`` (a mask per layer type, passed as the mapping the decoder takes)."""
     if getattr(module.config, "_attn_implementation", None) != FLEX:
         return None
     bound = dict(zip(_DECODER_ARGS, args))
     get = lambda name: kwargs.get(name, bound.get(name))  # noqa: E731
     mask, cache = get("attention_mask"), get("past_key_values")
-    if cache is not None or (mask is not None and mask.dim() != 2):
-        return None  # cached generation / a prepared 4-D mask: transformers' own mask path
+    if cache is not None or isinstance(mask, dict) or (mask is not None and mask.dim() != 2):
+        return None  # cached generation / a prepared 4-D mask or mapping: transformers' own mask path
     ids, embeds = get("input_ids"), get("inputs_embeds")
     ref = ids if ids is not None else embeds
     if ref is None:
         return None
     batch, seq = ref.shape[0], ref.shape[1]
     doc = document_ids(batch, seq, ref.device, mask, get("position_ids"))
-    block_mask = build_block_mask(doc, window=sliding_window(module.config))
+    masks = {kind: build_block_mask(doc, window=window) for kind, window in windows.items()}
+    block_mask = masks[None] if None in masks else masks
     args = list(args)
     if len(args) > 1:
         args[1] = block_mask
     else:
         kwargs["attention_mask"] = block_mask
     return tuple(args), kwargs
-
-
-def sliding_window(config) -> int | None:
-    """The model's sliding window when every layer uses it (Mistral); per-layer windows are refused."""
-    types = set(getattr(config, "layer_types", None) or [])
-    if len(types) > 1:
-        raise ValueError(f"flex attention: layers of different attention types {sorted(types)} (per-layer sliding "
-                         "windows) are not supported; use attention='sdpa'")
-    window = getattr(config, "sliding_window", None)
-    if window is None or types == {"full_attention"}:
-        return None
-    return int(window)
 
 
 def register_flex() -> None:
@@ -243,19 +276,34 @@ NAMES = {"sdpa": "sdpa", "sdpa_cudnn": CUDNN, "flex": FLEX, "eager": "eager"}
 
 def set_attention(model: torch.nn.Module, implementation: str) -> torch.nn.Module:
     """Select the attention of `model`: ``"sdpa"``, ``"sdpa_cudnn"`` (SDPA, cuDNN first), ``"flex"`` (quickloris'
-    FlexAttention) or ``"eager"``."""
+    FlexAttention) or ``"eager"``.
+
+    flex needs a registered family (its spec says where windows apply); SDPA is refused for a model whose
+    attention caps its scores (Gemma-2), since it would run without the cap."""
+    from quickloris.models.families import family_of
+
     names = NAMES
     if implementation not in names:
         raise ValueError(f"attention must be one of {sorted(names)}, got {implementation!r}")
-    decoder = getattr(model, "model", None)
-    if decoder is None or not hasattr(model, "set_attn_implementation"):
-        raise TypeError(f"{type(model).__name__} is not a transformers causal LM with a decoder at .model")
+    if not hasattr(model, "set_attn_implementation"):
+        raise TypeError(f"{type(model).__name__} is not a transformers model (no set_attn_implementation)")
+    spec = family_of(model)
     if implementation == "flex":
-        register_flex()
-        sliding_window(model.config)  # raises on per-layer windows
+        if not spec.fast_path:
+            raise ValueError(f"flex attention needs a registered model family; {type(model).__name__} is on the "
+                             "generic path: use attention='sdpa' or 'eager'")
+        windows = spec.windows(model.config)
         if getattr(model.config, "attention_dropout", 0.0):
             raise ValueError(f"flex attention has no attention dropout, but the config sets attention_dropout="
                              f"{model.config.attention_dropout}")
+        if getattr(model.config, "use_bidirectional_attention", False):
+            raise ValueError(f"flex attention builds causal masks, but {type(model).__name__}'s config sets "
+                             "use_bidirectional_attention; use attention='sdpa'")
+        register_flex()
+    cap = spec.attention_softcap(model.config)
+    if cap is not None and implementation in ("sdpa", "sdpa_cudnn"):
+        raise ValueError(f"{type(model).__name__} caps attention scores ({spec.attention.logit_softcap}={cap:g}) "
+                         f"and SDPA cannot: use attention='flex' or 'eager'")
     if implementation == "sdpa_cudnn":
         register_sdpa_cudnn()
     surgery.undo(model, STEP)  # a second call replaces the first (its hook removed, its backend restored)
@@ -264,8 +312,11 @@ def set_attention(model: torch.nn.Module, implementation: str) -> torch.nn.Modul
     surgery.record(model, STEP, "model.config._attn_implementation", f"attention: {implementation}",
                    undo_fn=lambda m: m.set_attn_implementation(previous))
     if implementation == "flex":
-        handle = decoder.register_forward_pre_hook(_flex_mask_hook, with_kwargs=True)
-        surgery.record(model, STEP, "model.model (forward pre-hook)", "2-D mask + position ids -> one BlockMask",
+        hook = functools.partial(_flex_mask_hook, windows)
+        handle = spec.decoder(model).register_forward_pre_hook(hook, with_kwargs=True)
+        what = "2-D mask + position ids -> one BlockMask" + (
+            "" if None in windows else f" per layer type ({', '.join(f'{k}: window {v}' for k, v in windows.items())})")
+        surgery.record(model, STEP, f"model.{model.base_model_prefix} (forward pre-hook)", what,
                        undo_fn=lambda m: handle.remove())
     return model
 
@@ -275,5 +326,5 @@ def attention_of(model: torch.nn.Module) -> str:
     return {v: k for k, v in NAMES.items()}.get(impl, impl)
 
 
-__all__ = ["FLEX", "CUDNN", "set_attention", "register_flex", "register_sdpa_cudnn", "sdpa_cudnn_attention_forward", "build_block_mask", "document_ids", "flex_attention_forward",
-           "attention_of"]
+__all__ = ["FLEX", "CUDNN", "set_attention", "register_flex", "register_sdpa_cudnn", "sdpa_cudnn_attention_forward",
+           "build_block_mask", "document_ids", "flex_attention_forward", "softcap_score_mod", "attention_of"]

@@ -3,10 +3,15 @@
 `prepare_model(model, QLoRAConfig(...))` changes that one model object through explicit calls (no class is
 patched):
 
-1. Checks the architecture (`SUPPORTED_ARCHITECTURES`; anything else raises listing them).
-2. Replaces every decoder linear layer named in ``target_modules`` by a `QLoRALinear` (NF4 base + LoRA), and
-   every other decoder linear by a `QLoRALinear` without adapter (the whole decoder is 4-bit, as after a
-   bitsandbytes 4-bit load; lm_head and embeddings stay 16-bit and frozen). The NF4 base comes from
+1. Finds the model's family (`quickloris.models.families.family_of`): a registered family's ``*ForCausalLM`` or
+   ``*ForSequenceClassification`` (Llama, Mistral, Qwen2, Qwen3, Gemma-2, Gemma-3, Phi-3, ...), or the generic path
+   for any other decoder-only ``*ForCausalLM``; encoder-decoder models, models without decoder layers and
+   decoders with non-``nn.Linear`` projections are refused in one line.
+2. Replaces every decoder linear layer named in ``target_modules`` (`resolve_targets`: the family's names; the
+   default list means every decoder linear, e.g. Phi-3's fused ``qkv_proj, o_proj, gate_up_proj, down_proj``) by a
+   `QLoRALinear` (NF4 base + LoRA), and every other decoder linear by a `QLoRALinear` without adapter (the whole
+   decoder is 4-bit, as after a bitsandbytes 4-bit load; lm_head / the score head and embeddings stay 16-bit and
+   frozen). The NF4 base comes from
    * a bitsandbytes ``Linear4bit`` (a model loaded with ``BitsAndBytesConfig(load_in_4bit=True, nf4)``): its bytes
      are wrapped, not copied or re-quantized (`NF4Tensor.from_bnb`);
    * a 16-bit ``nn.Linear``: quantized now, bit-exactly as bitsandbytes would on that device (``quantize=True``;
@@ -16,11 +21,19 @@ patched):
 3. Freezes everything but the LoRA matrices (and a sequence classifier's score head:
    `quickloris.models.classification`); the bitsandbytes quantizer handle (``model.hf_quantizer``) is
    dropped, since no bitsandbytes layer is left (HF ``Trainer`` then sees a model with trainable adapters).
-4. Computes the training loss chunked (`quickloris.models.chunked_loss`: no [tokens, vocab] logits), gradient
-   in forward (one head matmul fewer; the head is frozen).
-5. Sets the attention backend (`quickloris.models.attention`: ``sdpa``, ``sdpa_cudnn`` or ``flex``) and ``use_cache=False``.
+4. Computes a causal LM's training loss chunked (`quickloris.models.chunked_loss`: no [tokens, vocab] logits),
+   gradient in forward (one head matmul fewer; the head is frozen). A sequence classifier keeps its own loss.
+5. Sets the attention backend (`quickloris.models.attention`: ``sdpa``, ``sdpa_cudnn`` or ``flex``) and
+   ``use_cache=False``. A family whose attention caps its scores (Gemma-2) gets ``flex`` where ``sdpa`` was asked
+   (SDPA has no softcap: it would silently drop it), with a warning.
 6. Gives the object a ``save_pretrained`` that writes the adapter in PEFT's format
    (`quickloris.models.adapters`), so ``Trainer.save_model`` and checkpoints produce PEFT adapter folders.
+
+The generic path (an unregistered family) is steps 1-6 without the fast path: SDPA (eager where the model has no
+SDPA) instead of flex, no regional compile (`quickloris.parallel.compile` leaves such a model eager), and the
+chunked loss only after a check that the model's logits are its plain linear head applied to the decoder's last
+hidden state (one forward of 4 tokens; otherwise the model's own loss). It says so in one warning line
+(`FamilyWarning`).
 
 Every change is made through `quickloris.models.surgery` and listed in ``model.quickloris_edits``.
 
@@ -37,12 +50,13 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from quickloris.config import Config, at_least, comma_list, field, in_range
+from quickloris.config import Config, ConfigError, at_least, comma_list, field, in_range
 from quickloris.models import adapters as adapters_mod, surgery
+from quickloris.models.families import STATE as FAMILY, FamilySpec, family_of, supported_line, warn
+from quickloris.models.families import FamilyWarning  # noqa: F401 - re-exported: prepare_model's warning
 from quickloris.nn.qlora_linear import QLoRALinear, lora_scaling
 from quickloris.tensor.nf4_tensor import NF4Tensor
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 STEP = "prepare"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -68,7 +82,9 @@ class QLoRAConfig(Config):
                                 check=in_range(0.0, 1.0, high_open=True))
     use_rslora: bool = field(False, help="rank-stabilised LoRA: scale by alpha / sqrt(r)")
     target_modules: list[str] = field(list(DEFAULT_TARGETS), help="names of the decoder linear layers that get LoRA "
-                                      "(comma-separated), or all-linear", convert=comma_list(), check=_targets)
+                                      "(comma-separated), or all-linear; the default means every decoder linear, "
+                                      "under the family's names (Phi-3: qkv_proj,o_proj,gate_up_proj,down_proj)",
+                                      convert=comma_list(), check=_targets)
     quantize: bool = field(True, help="quantize 16-bit target layers to NF4; with --no-quantize the model must "
                            "already hold 4-bit (bitsandbytes NF4) weights")
     blocksize: int = field(64, help="NF4 block size when quantizing (bitsandbytes' default 64)", check=at_least(1))
@@ -79,25 +95,65 @@ class QLoRAConfig(Config):
         "default", help="LoRA init: default = PEFT's (A Kaiming-uniform, B zero); random: B random too (tests)")
     attention: Literal["sdpa", "sdpa_cudnn", "flex", "eager", "keep"] = field(
         "sdpa", help="attention backend: sdpa, sdpa_cudnn (SDPA trying cuDNN's kernel first: fastest on H100), flex "
-        "(quickloris' FlexAttention with document masks), eager, keep")
+        "(quickloris' FlexAttention with document masks, sliding windows and softcapping; used instead of sdpa for "
+        "Gemma-2, whose attention softcap SDPA cannot apply), eager, keep")
     chunked_loss: bool = field(True, help="compute the training loss without materialising [tokens, vocab] logits")
 
     def scaling(self) -> float:
         return lora_scaling(self.r, self.lora_alpha, self.use_rslora)
 
 
-def check_architecture(model: Any) -> None:
-    """Raise unless `model` is a plain transformers causal LM of a supported architecture."""
+def check_architecture(model: Any) -> FamilySpec:
+    """The family of `model`; raises unless it is a plain transformers model quickloris can prepare."""
     if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
         raise TypeError("pass the plain transformers model, not a PEFT model: quickloris adds its own LoRA layers "
                         "(load existing PEFT adapters with prepare_model(model, adapter=folder))")
-    name = type(model).__name__
-    # A sequence classifier of a supported family (its decoder is the causal LM's; the family registry replaces this).
-    if name.replace("ForSequenceClassification", "ForCausalLM") not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(f"unsupported architecture {name}: quickloris supports {', '.join(SUPPORTED_ARCHITECTURES)}"
-                         " and their *ForSequenceClassification")
-    if not isinstance(getattr(model, "model", None), nn.Module) or not hasattr(model.model, "layers"):
-        raise TypeError(f"{name} has no decoder at model.model.layers")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected a transformers model, got {type(model).__name__}; {supported_line()}")
+    spec = family_of(model)
+    spec.layers_of(model)  # raises if the decoder layers are not where the spec says
+    return spec
+
+
+def is_classifier(model: nn.Module, spec: FamilySpec) -> bool:
+    """Whether `model` is the family's *ForSequenceClassification (else its *ForCausalLM)."""
+    return bool(spec.sequence_classification) and any(
+        k.__name__ == spec.sequence_classification for k in type(surgery.unwrap(model)).__mro__)
+
+
+def resolve_targets(spec: FamilySpec, targets: list[str]) -> list[str]:
+    """`targets` (``--target-modules``) in the names of `spec`'s decoder linears.
+
+    ``all-linear`` stays. The default list (`DEFAULT_TARGETS`, in any order) means every decoder linear: the
+    family's `FamilySpec.default_targets` (Phi-3: ``qkv_proj, o_proj, gate_up_proj, down_proj``; the generic
+    path: ``all-linear``). On a family with fused projections, naming every part of a fused layer (``q_proj,
+    k_proj, v_proj``) means the fused layer (``qkv_proj``); naming only some is refused, since LoRA adapts the
+    fused weight as a whole. Other names must be linears of the family (unknown for a config-only generic spec:
+    then checked when the model is prepared). Errors are `ConfigError`s of ``target_modules``.
+    """
+    targets = list(dict.fromkeys(targets))
+    if targets == ["all-linear"]:
+        return targets
+    if "all-linear" in targets:
+        raise ConfigError(QLoRAConfig, "target_modules", f"={','.join(targets)}: all-linear stands alone")
+    if sorted(targets) == sorted(DEFAULT_TARGETS):
+        return list(spec.default_targets()) if spec.registered else ["all-linear"]
+    for fused, parts in spec.fused.items():
+        named = [p for p in parts if p in targets]
+        if named and len(named) < len(parts):
+            raise ConfigError(QLoRAConfig, "target_modules", f"names {','.join(named)}, but {spec.causal_lm} "
+                              f"computes {','.join(parts)} in one fused layer, {fused} (LoRA adapts the fused "
+                              f"weight): name {fused} instead")
+        if named:
+            at = min(targets.index(p) for p in named)  # where the first part was named
+            targets = [t for t in targets if t not in parts]
+            targets.insert(at, fused)
+    if spec.linears:
+        unknown = [t for t in targets if t not in spec.linears]
+        if unknown:
+            raise ConfigError(QLoRAConfig, "target_modules", f"names {', '.join(unknown)}, not a linear layer of this "
+                              f"model's decoder ({','.join(spec.linears)}, or all-linear)")
+    return targets
 
 
 def _is_4bit(module: nn.Module) -> bool:
@@ -135,9 +191,12 @@ def _init_arg(cfg: QLoRAConfig) -> bool | str:
     return {"default": True, "gaussian": "gaussian", "random": False}[cfg.init_lora_weights]
 
 
-def replace_linears(model: nn.Module, cfg: QLoRAConfig) -> dict[str, QLoRALinear]:
-    """Swap the decoder's linear layers for `QLoRALinear`s; returns them by module path (LoRA ones only)."""
-    decoder = model.model
+def replace_linears(model: nn.Module, cfg: QLoRAConfig, spec: FamilySpec | None = None) -> dict[str, QLoRALinear]:
+    """Swap the decoder layers' linears for `QLoRALinear`s; returns them by module path (LoRA ones only).
+
+    `cfg.target_modules` are names as `resolve_targets` gives them (the family's names, or all-linear)."""
+    spec = spec or family_of(model)
+    prefix = spec.layers_path(model)
     targets = set(cfg.target_modules)
     all_linear = targets == {"all-linear"}
     found: dict[str, QLoRALinear] = {}
@@ -145,12 +204,12 @@ def replace_linears(model: nn.Module, cfg: QLoRAConfig) -> dict[str, QLoRALinear
     lora = dict(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, use_rslora=cfg.use_rslora,
                 lora_dtype=_DTYPES[cfg.lora_dtype], init_lora_weights=_init_arg(cfg))
     plan: list[tuple[nn.Module, str, str, nn.Module, bool]] = []
-    for path, module in decoder.named_modules():
+    for path, module in spec.layers_of(model).named_modules():
         for child_name, child in module.named_children():
             kind = _linear_kind(child)
             if kind is None:
                 continue
-            full = f"model.{path + '.' if path else ''}{child_name}"
+            full = f"{prefix}.{path + '.' if path else ''}{child_name}"
             is_target = all_linear or child_name in targets
             if kind == "qlora":
                 raise ValueError(f"{full} is already a QLoRALinear: the model was prepared already")
@@ -181,6 +240,59 @@ def replace_linears(model: nn.Module, cfg: QLoRAConfig) -> dict[str, QLoRALinear
     return found
 
 
+def head_is_plain(model: nn.Module, spec: FamilySpec) -> bool:
+    """Whether `model`'s logits are ``head(h)`` (capped by the spec's final softcap) with ``h`` the decoder's last
+    hidden state and ``head`` a plain nn.Linear: what the chunked loss computes. Checked by one no-grad forward
+    of 4 tokens (the generic path: a family may scale its logits after the head, as Granite does)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if type(head) is not nn.Linear:
+        return False
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(key: str, value: torch.Tensor) -> None:  # a hook returning a value would replace the output
+        seen.setdefault(key, value)
+
+    hooks = [head.register_forward_hook(lambda m, i, o: keep("x", i[0])),
+             spec.decoder(model).register_forward_hook(lambda m, i, o: keep("h", o[0]))]
+    ids = (torch.arange(4, device=head.weight.device) % head.weight.shape[0]).view(1, 4)
+    training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            logits = model(input_ids=ids, use_cache=False).logits
+    except Exception:  # a forward that needs more than token ids: not one the chunked loss can stand in for
+        return False
+    finally:
+        model.train(training)
+        for h in hooks:
+            h.remove()
+    x, h = seen.get("x"), seen.get("h")
+    if x is None or h is None or x.shape != h.shape or not torch.equal(x, h):
+        return False
+    with torch.no_grad():
+        z = torch.nn.functional.linear(x, head.weight, head.bias)
+        cap = spec.logit_softcap(model.config)
+        if cap is not None:
+            z = torch.tanh(z / cap) * cap
+    return z.shape == logits.shape and torch.allclose(z.float(), logits.float(), rtol=1e-5, atol=0)
+
+
+def _attention_choice(model: nn.Module, spec: FamilySpec, wanted: str, notes: list[str]) -> str:
+    """The backend to set: `wanted`, unless the family cannot take it (see the module docstring)."""
+    if wanted == "keep":
+        return wanted
+    if not spec.fast_path and wanted == "flex":
+        wanted = "sdpa"
+    if wanted in ("sdpa", "sdpa_cudnn") and not getattr(model, "_supports_sdpa", True):
+        wanted = "eager"
+    softcap = spec.attention_softcap(model.config)
+    if softcap is not None and wanted in ("sdpa", "sdpa_cudnn"):
+        notes.append(f"its attention caps scores at {spec.attention.logit_softcap}={softcap:g}, which SDPA cannot "
+                     "apply: attention='flex' is used instead")
+        wanted = "flex"
+    return wanted
+
+
 def prepare_model(model: nn.Module, config: QLoRAConfig | None = None, *, adapter: str | None = None,
                   **overrides: Any) -> nn.Module:
     """Turn `model` into a QLoRA model in place (see the module docstring); returns it.
@@ -189,17 +301,19 @@ def prepare_model(model: nn.Module, config: QLoRAConfig | None = None, *, adapte
     config (explicit `overrides` must agree) and its weights are loaded. Every change is recorded in
     ``model.quickloris_edits`` (`quickloris.models.surgery`).
     """
-    check_architecture(model)
-    if surgery.applied(model, STEP):
+    if isinstance(model, nn.Module) and surgery.applied(model, STEP):
         raise ValueError("this model was already prepared by quickloris.prepare_model")
+    spec = check_architecture(model)
     cfg = config or QLoRAConfig()
     if adapter is not None:
         cfg = config_from_adapter(adapter, cfg)
     if overrides:
         cfg = dataclasses.replace(cfg, **overrides)
-    layers = replace_linears(model, cfg)
-    surgery.record(model, STEP, "model.model.*", f"decoder linears -> QLoRALinear: NF4 base, LoRA r={cfg.r} on "
-                   f"{len(layers)} ({','.join(cfg.target_modules)}); the 16-bit weights are dropped")
+    cfg = dataclasses.replace(cfg, target_modules=resolve_targets(spec, cfg.target_modules))
+    classifier = is_classifier(model, spec)
+    layers = replace_linears(model, cfg, spec)
+    surgery.record(model, STEP, f"model.{spec.layers_path(model)}.*", f"decoder linears -> QLoRALinear: NF4 base, "
+                   f"LoRA r={cfg.r} on {len(layers)} ({','.join(cfg.target_modules)}); the 16-bit weights are dropped")
     for name, p in model.named_parameters():
         p.requires_grad_(".lora_A." in name or ".lora_B." in name)
     surgery.record(model, STEP, "model.parameters()", "frozen but the LoRA matrices")
@@ -209,22 +323,36 @@ def prepare_model(model: nn.Module, config: QLoRAConfig | None = None, *, adapte
     surgery.set_attribute(model, STEP, model.config, "use_cache", False, "no KV cache in training",
                           path="model.config")
     surgery.set_state(model, STEP, cfg)
-    from quickloris.models.classification import enable_classification, is_sequence_classifier
+    surgery.set_state(model, FAMILY, spec)
+    notes: list[str] = []
+    loss = "its own loss" if classifier else "the chunked loss"
+    if classifier:  # trainable score head + pooled classification loss (no vocabulary head)
+        from quickloris.models.classification import enable_classification
 
-    if is_sequence_classifier(model):  # trainable score head + pooled classification loss (no vocabulary head)
         enable_classification(model, head_dtype=_DTYPES[cfg.lora_dtype])
+        loss = "the pooled classification loss"
     elif cfg.chunked_loss:
-        from quickloris.models.chunked_loss import enable_chunked_loss
+        if spec.fast_path or head_is_plain(model, spec):
+            from quickloris.models.chunked_loss import enable_chunked_loss
 
-        enable_chunked_loss(model, grad_in_forward=True)
-    if cfg.attention != "keep":
+            enable_chunked_loss(model, grad_in_forward=True)
+        else:
+            loss = "its own loss (its logits are not a plain linear head of the last hidden state)"
+    attention = _attention_choice(model, spec, cfg.attention, notes)
+    if attention != "keep":
         from quickloris.models.attention import set_attention
 
-        set_attention(model, cfg.attention)
+        set_attention(model, attention)
+    if not spec.fast_path:
+        notes.insert(0, f"not a registered family: generic path (NF4 + LoRA on its decoder linears "
+                     f"{','.join(spec.linears)}; {attention} attention; {loss}); the fast path (regional compile, "
+                     "flex attention, compiled loss) is off")
     surgery.set_attribute(model, STEP, model, "save_pretrained", types.MethodType(adapters_mod.save_pretrained, model),
                           "writes the LoRA adapter (PEFT format), not the model", path="model")
     if adapter is not None:
         adapters_mod.load_adapter(model, adapter)
+    if notes:
+        warn(f"{type(model).__name__}: {'; '.join(notes)}")
     return model
 
 
@@ -248,3 +376,8 @@ def qlora_config(model: nn.Module) -> QLoRAConfig:
 
 def is_prepared(model: nn.Module) -> bool:
     return surgery.state(model, STEP) is not None
+
+
+def prepared_family(model: nn.Module) -> FamilySpec | None:
+    """The family spec `prepare_model` found for `model` (None: not prepared)."""
+    return surgery.state(model, FAMILY)

@@ -36,6 +36,10 @@ inside the QLoRA autograd.Function, on 2.13 they replay them). Everything is rep
   replays no GEMM (Llama-3.2-1B at 8192 tokens: q, k, v, gate, up = 304 MiB per layer).
 
 Checkpoint offload (pinned CPU copies) always stays transformers' eager wrapper.
+
+Only registered families (`quickloris.models.families`, ``fast_path``) are compiled: their layers are tested to trace
+with no graph break. A model on the generic path stays eager (`prepare_model` says so in its one warning line).
+The decoder layers are found through the family spec (`quickloris.models.families.decoder_layers`).
 See `quickloris.parallel.compose` for the order in which the stack is assembled.
 """
 
@@ -50,6 +54,7 @@ from torch import nn
 
 from quickloris.config import Config, field
 from quickloris.models import surgery
+from quickloris.models.families import decoder_layers  # noqa: F401 - the registry's; re-exported for old callers
 from quickloris.parallel.regions import compile_region, without_duck_sizing  # noqa: F401 - re-exported
 
 STEP = "compile"
@@ -100,28 +105,34 @@ class CompileConfig(Config):
         return self if self.enabled is not None else dataclasses.replace(self, enabled=device_type == "cuda")
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if not isinstance(layers, nn.ModuleList) or not len(layers):
-        raise TypeError(f"{type(model).__name__} has no decoder layers at model.model.layers")
-    return layers
-
-
 def compile_model(model: nn.Module, config: CompileConfig | None = None) -> nn.Module:
-    """Compile `model`'s regions in place (see the module docstring); returns it."""
+    """Compile `model`'s regions in place (see the module docstring); returns it.
+
+    A model on the generic path (an unregistered family, `quickloris.models.families`) stays eager: its layers
+    were never checked to trace without a graph break. `prepare_model` said so already; otherwise this warns."""
+    from quickloris.models.families import STATE, family_of, warn
+
     cfg = (config or CompileConfig()).resolved(next(model.parameters()).device.type)
     if not cfg.enabled:
         return model
     if surgery.applied(model, STEP):
         raise ValueError("this model's regions are compiled already")
+    spec = family_of(model)
+    if not spec.fast_path:
+        if surgery.state(model, STATE) is None:  # prepare_model's warning covers it
+            warn(f"{type(surgery.unwrap(model)).__name__}: not a registered family: the regional compile (fast "
+                 "path) is off, the model stays eager")
+        return model
     kw: dict[str, Any] = dict(fullgraph=True, dynamic=cfg.dynamic, backend=cfg.backend, mode=cfg.mode)
     layers = decoder_layers(model)
+    prefix = f"model.{spec.layers_path(surgery.unwrap(model))}"
     for i, layer in enumerate(layers):
         if cfg.checkpoint_in_graph:
-            checkpoint_in_graph(model, layer, cfg.checkpoint_keep, path=f"model.model.layers.{i}")
-        _compile(model, layer, kw, f"model.model.layers.{i}")
-    if cfg.norm and isinstance(getattr(model.model, "norm", None), nn.Module):
-        _compile(model, model.model.norm, kw, "model.model.norm")
+            checkpoint_in_graph(model, layer, cfg.checkpoint_keep, path=f"{prefix}.{i}")
+        _compile(model, layer, kw, f"{prefix}.{i}")
+    base = spec.decoder(surgery.unwrap(model))
+    if cfg.norm and isinstance(getattr(base, "norm", None), nn.Module):
+        _compile(model, base.norm, kw, f"model.{surgery.unwrap(model).base_model_prefix}.norm")
     if cfg.loss:
         from quickloris.models.chunked_loss import is_chunked_loss_enabled
         from quickloris.parallel.compiled_loss import enable_compiled_loss, supports_compiled_loss

@@ -74,7 +74,7 @@ def apply_checkpointing(model: nn.Module, config: CheckpointConfig | None = None
                              f"gradient_checkpointing_enable() accepts {name}")
     model.gradient_checkpointing_enable(**kwargs)
     if cfg.skip_last:
-        from quickloris.parallel.compile import decoder_layers
+        from quickloris.models.families import decoder_layers
 
         layers = decoder_layers(model)
         if cfg.skip_last > len(layers):

@@ -217,7 +217,7 @@ def shard_model(model: nn.Module, config: FSDPConfig | None = None, mesh=None) -
     from torch.distributed.fsdp import fully_shard
 
     from quickloris.models.prepare import is_prepared
-    from quickloris.parallel.compile import decoder_layers
+    from quickloris.models.families import decoder_layers
 
     cfg = config or FSDPConfig()
     if not isinstance(cfg, FSDPConfig):
@@ -279,7 +279,7 @@ def trainer_fsdp_config(model: nn.Module) -> dict[str, Any]:
     an FSDP2 module and leaves it alone; `fully_shard` renamed that class (``LlamaDecoderLayer`` ->
     ``FSDPLlamaDecoderLayer``), so the name it looks for is given here. Checkpointing and mixed precision stay
     quickloris' (``gradient_checkpointing=False, bf16=False`` in the arguments)."""
-    from quickloris.parallel.compile import decoder_layers
+    from quickloris.models.families import decoder_layers
 
     if not is_sharded(model):
         raise ValueError(f"{type(model).__name__} is not sharded: call quickloris.parallel.fsdp.shard_model first")

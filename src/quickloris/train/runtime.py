@@ -18,7 +18,7 @@ import torch
 from quickloris.config import ConfigError
 from quickloris.data.config import DataConfig
 from quickloris.data.jsonl import DataFormatError, load_jsonl
-from quickloris.models.prepare import DEFAULT_TARGETS, SUPPORTED_ARCHITECTURES, QLoRAConfig
+from quickloris.models.prepare import QLoRAConfig
 from quickloris.train.config import EvalConfig, ModelConfig
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -98,8 +98,6 @@ def max_position_embeddings(source: Any) -> int | None:
 
 # Files transformers builds a tokenizer from (one of them, or the pair); a GGUF file carries its own.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json + merges.txt", "vocab.txt", "tiktoken.model")
-# The decoder linears of every architecture in SUPPORTED_ARCHITECTURES (Llama, Mistral, Qwen2, Qwen3 name them alike).
-DECODER_LINEARS = tuple(DEFAULT_TARGETS)
 
 
 def _missing_file(owner: type, name: str, path: Any, *, folder: bool = False) -> None:
@@ -135,18 +133,22 @@ def check_inputs(source: Any, model_cfg: ModelConfig, data_cfg: DataConfig, qlor
     if model_cfg.adapter is not None and not (Path(model_cfg.adapter).expanduser() / "adapter_config.json").is_file():
         raise ConfigError(ModelConfig, "adapter", f"{model_cfg.adapter!r} is not a PEFT adapter folder (no "
                           "adapter_config.json)")
+    from quickloris.models.families import GENERIC, family_of, registered
+    from quickloris.models.prepare import resolve_targets
+
+    spec = GENERIC  # the generic path's placeholder: target names are checked when the model is prepared
     if source.config is not None:
-        archs = source.config.get("architectures") or []
-        arch = archs[0] if archs else None
-        if arch not in SUPPORTED_ARCHITECTURES:
-            what = arch or "model without an architecture in its config.json"
-            raise ConfigError(ModelConfig, "model", f": {str(source.path)!r} is a {what}; quickloris supports "
-                              f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+        try:
+            spec = family_of(source.config)
+        except ValueError as e:
+            raise ConfigError(ModelConfig, "model", f": {str(source.path)!r} is a {e}") from None
+    elif source.is_gguf:
+        from quickloris.models.loading import gguf_metadata
+
+        arch = gguf_metadata(source.path, {"general.architecture"}).get("general.architecture")
+        spec = next((s for s in registered().values() if s.gguf_arch == arch), GENERIC)
     if model_cfg.adapter is None:  # with an adapter, its own targets count (checked when it is read)
-        unknown = [t for t in qlora_cfg.target_modules if t not in DECODER_LINEARS and t != "all-linear"]
-        if unknown:
-            raise ConfigError(QLoRAConfig, "target_modules", f"names {', '.join(unknown)}, not a linear layer of "
-                              f"this model's decoder ({','.join(DECODER_LINEARS)}, or all-linear)")
+        resolve_targets(spec, qlora_cfg.target_modules)
     if not source.is_gguf and not has_tokenizer(source.folder):
         raise ConfigError(ModelConfig, "model", f": no tokenizer in {str(source.folder)!r} (looked for "
                           f"{', '.join(TOKENIZER_FILES)})")
