@@ -15,9 +15,9 @@ def test_unsupported_architecture_lists_the_supported_ones(tmp_path, bpe_tokeniz
     from transformers import GPT2Config, GPT2LMHeadModel
 
     model = GPT2LMHeadModel(GPT2Config(vocab_size=len(bpe_tokenizer), n_embd=32, n_layer=1, n_head=2))
-    with pytest.raises(ValueError, match=r"^GGUF export supports the model types llama, mistral, qwen2, qwen3, gemma2, "
-                                         r"gemma3_text, phi3 \(llama.cpp's llama, qwen2, qwen3, gemma2, gemma3, phi3\); "
-                                         r"got model_type 'gpt2'$"):
+    with pytest.raises(ValueError, match=r"^GGUF export supports the model types llama, mistral, qwen2, qwen3, "
+                                         r"gemma2, gemma3_text, phi3 \(llama.cpp's llama, qwen2, qwen3, gemma2, "
+                                         r"gemma3, phi3\); got model_type 'gpt2'$"):
         export_gguf(model, tmp_path / "x.gguf", tokenizer=bpe_tokenizer)
     assert not list(tmp_path.iterdir())
 

@@ -107,8 +107,8 @@ def test_nemo_head_dim_and_gemma_keys_are_written(tmp_path, bpe_tokenizer):
     """Mistral-Nemo's head_dim != hidden / heads as key/value_length; Gemma-3's local RoPE base, window and (only
     where it is not llama.cpp's default) the per-layer pattern; Gemma-2's caps; Phi-3's LongRoPE keys."""
     n = len(bpe_tokenizer)
-    cases = [("mistral", {}), ("gemma2", {}), ("gemma3", dict(layers=2, layer_types=["full_attention", "sliding_attention"])),
-             ("gemma3", {}), ("phi3", longrope(16, 64))]
+    pattern = dict(layers=2, layer_types=["full_attention", "sliding_attention"])
+    cases = [("mistral", {}), ("gemma2", {}), ("gemma3", pattern), ("gemma3", {}), ("phi3", longrope(16, 64))]
     files = []
     for i, (kind, extra) in enumerate(cases):
         path, _ = _export(family_model(kind, vocab_size=n, **extra), tmp_path, bpe_tokenizer, name=f"{kind}{i}")
@@ -300,8 +300,8 @@ def test_notes_say_where_llama_cpp_differs(tmp_path, bpe_tokenizer, capsys):
 
     model = family_model("phi3", vocab_size=len(bpe_tokenizer), sliding_window=100)
     _, result = _export(model, tmp_path, bpe_tokenizer)
-    assert result.notes == ["llama.cpp's phi3 attends over the whole context, the HF model over the last 100 tokens "
-                            "(sliding_window): their outputs differ from position 100 on"]
+    assert result.notes == [("llama.cpp's phi3 attends over the whole context, the HF model over the last 100 tokens "
+                            "(sliding_window): their outputs differ from position 100 on")]
     mistral = family_model("mistral", vocab_size=len(bpe_tokenizer), sliding_window=64)
     assert architecture_for(mistral.config).notes(mistral.config)[0].startswith("llama.cpp's llama attends")
     assert not architecture_for(mistral.config).notes(family_model("mistral", vocab_size=8).config)

@@ -6,8 +6,9 @@ Pipeline, one tensor at a time (peak memory: the model plus one float32 tensor):
   2. write header, metadata (architecture hyper-parameters, tokenizer) and tensor infos;
   3. per tensor: the base weight as float32 (`merge_base`: the NF4 base the adapter was trained on, the
      weights as stored, or as held), add the LoRA delta s * B @ A in float32, bring it to llama.cpp's layout
-     (`quickloris.export.archs`: q/k rows permuted for llama, Gemma's norm offset), quantize in C++ (multithreaded) and stream the bytes to a temporary file in the target's
-     folder that is renamed onto `path` only when complete (without `overwrite`, only if `path` is still free).
+     (`quickloris.export.archs`: q/k rows permuted for llama, Gemma's norm offset), quantize in C++
+     (multithreaded) and stream the bytes to a temporary file in the target's folder that is renamed onto
+     `path` only when complete (without `overwrite`, only if `path` is still free).
 
 `export_from_config` (the CLI) checks the output path and the options before loading anything
 (`quickloris.export.out_path`), and the adapter against the model's shapes before the merge.
@@ -92,7 +93,8 @@ def export_gguf(model: Any, path: str | os.PathLike, *, tokenizer: Any, adapter:
                 tokenizer_pre: str | None = None, merge_base: str | None = None, nf4: NF4Base | None = None,
                 overwrite: bool = False, log: Any = None) -> ExportResult:
     """Write `model` (an HF causal LM of an architecture in `quickloris.export.archs` - Llama, Mistral, Qwen2,
-    Qwen3, Gemma-2, Gemma-3 text, Phi-3 - a PeftModel around one, or a quickloris `prepare_model` model; base weights 16/32-bit or NF4) with its LoRA adapters merged to the GGUF file `path`.
+    Qwen3, Gemma-2, Gemma-3 text, Phi-3 - a PeftModel around one, or a quickloris `prepare_model` model; base
+    weights 16/32-bit or NF4) with its LoRA adapters merged to the GGUF file `path`.
 
     `adapter`: a PEFT adapter folder to merge into a plain HF `model`. `merge_base`: ``"nf4"`` (the NF4 base the
     adapter was trained on, made with `nf4`, default: the settings of the run that wrote `adapter`,

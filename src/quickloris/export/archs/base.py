@@ -167,6 +167,6 @@ def common_hparams(a: str, config: Any, rope: dict[str, Any]) -> list[KV]:
 def sliding_window_note(a: str, config: Any, window: int | None) -> list[str]:
     """A note when HF limits attention to `window` tokens below the model's context and llama.cpp's `a` does not."""
     if window and window < config.max_position_embeddings:
-        return [f"llama.cpp's {a} attends over the whole context, the HF model over the last {window} tokens "
-                f"(sliding_window): their outputs differ from position {window} on"]
+        return [(f"llama.cpp's {a} attends over the whole context, the HF model over the last {window} tokens "
+                f"(sliding_window): their outputs differ from position {window} on")]
     return []
