@@ -18,14 +18,13 @@ peft = pytest.importorskip("peft")
 
 from quickloris.models.chunked_loss import (  # noqa: E402
     ChunkedLossConfig, chunked_head_loss, disable_chunked_loss, enable_chunked_loss, is_chunked_loss_enabled)
+from tests.tiny import tiny_model  # noqa: E402
 
 V = 211
 
 
 def _llama(tied: bool, **kw):
-    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied, **kw)
-    return transformers.LlamaForCausalLM(cfg).train()
+    return tiny_model(vocab_size=V, tie_word_embeddings=tied, **kw).train()
 
 
 def _batch(B=3, S=17):

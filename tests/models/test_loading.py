@@ -10,32 +10,19 @@ import torch
 
 from quickloris.models.loading import (ModelSource, gguf_metadata, gguf_special_token_ids, load_model,
                                        load_model_and_tokenizer, load_tokenizer, max_positions, resolve_model)
+from tests.tiny import bpe_tokenizer, tiny_model
 
 transformers = pytest.importorskip("transformers")
 
 
 def _tiny_llama(vocab=64, **kw):
-    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=96,
-                                   bos_token_id=0, eos_token_id=1, **kw)
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return tiny_model(vocab_size=vocab, max_position_embeddings=96, bos_token_id=0, eos_token_id=1, **kw).eval()
 
 
 def _tiny_tokenizer(pad: bool):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    tk.decoder = decoders.ByteLevel()
-    specials = ["<|bos|>", "<|eos|>"] + (["<|pad|>"] if pad else [])
-    tk.train_from_iterator(["hello world 123"] * 10, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
-    extra = {"pad_token": "<|pad|>"} if pad else {}
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|bos|>", eos_token="<|eos|>",
-                                                chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}",
-                                                **extra)
+    return bpe_tokenizer("smollm", 300, corpus=["hello world 123"],
+                         specials=("<|bos|>", "<|eos|>", "<|pad|>") if pad else ("<|bos|>", "<|eos|>"),
+                         chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
 
 
 # ---- format detection (no model loads) ---------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from quickloris.parallel.compile import (  # noqa: E402
     CompileConfig, compile_model, compile_stats, reset_compile_stats)
 from quickloris.parallel.compiled_loss import is_compiled_loss_enabled  # noqa: E402
 from quickloris.parallel.compose import CheckpointConfig, apply_checkpointing, build_training_model  # noqa: E402
+from tests.tiny import tiny_model  # noqa: E402
 
 V = 101
 
@@ -30,9 +31,7 @@ def _fresh_dynamo():
 
 
 def _tiny():
-    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2)
-    return transformers.LlamaForCausalLM(cfg)
+    return tiny_model(vocab_size=V)
 
 
 def _chains(gen, lengths):

@@ -21,16 +21,13 @@ from quickloris.parallel.compile import CompileConfig, compile_stats, reset_comp
 from quickloris.parallel.compose import CheckpointConfig, build_training_model  # noqa: E402
 from quickloris.quant.nf4 import NF4State, nf4_code, signed_dynamic_map  # noqa: E402
 from tests.parallel.dist_utils import run_ranks  # noqa: E402
+from tests.tiny import tiny_model  # noqa: E402
 
 V, STEPS, MICRO = 128, 3, 2
 
 
 def _tiny(kv_heads: int = 2, tied: bool = False):
-    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=kv_heads, head_dim=64,
-                                   tie_word_embeddings=tied)
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(cfg)
+    return tiny_model(seed=0, vocab_size=V, hidden=256, kv_heads=kv_heads, head_dim=64, tie_word_embeddings=tied)
 
 
 def _qcfg():
