@@ -42,5 +42,5 @@ def tiny_tokenizer():
     from tests.tiny import bpe_tokenizer
 
     corpus = ["The answer is 42.", "Add the two numbers.", "user assistant system\n"] * 2
-    return bpe_tokenizer("gpt-2", 300, corpus=corpus, specials=("<|bos|>", "<|eos|>", "<|im_start|>", "<|im_end|>"), add_bos=True,
-                         chat_template=CHATML)
+    return bpe_tokenizer("gpt-2", 300, corpus=corpus, specials=("<|bos|>", "<|eos|>", "<|im_start|>", "<|im_end|>"),
+                         add_bos=True, chat_template=CHATML)
