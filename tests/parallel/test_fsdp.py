@@ -20,6 +20,7 @@ from quickloris.parallel import fsdp  # noqa: E402
 from quickloris.parallel.compile import CompileConfig, compile_stats, reset_compile_stats  # noqa: E402
 from quickloris.parallel.compose import CheckpointConfig, build_training_model  # noqa: E402
 from quickloris.quant.nf4 import NF4State, nf4_code, signed_dynamic_map  # noqa: E402
+from tests.helpers import require  # noqa: E402
 from tests.parallel.dist_utils import run_ranks  # noqa: E402
 from tests.tiny import tiny_model  # noqa: E402
 
@@ -178,7 +179,7 @@ def _accelerate_ranks(ctx):
 
 
 def test_trainer_fsdp_config_names_the_sharded_layer_class():
-    pytest.importorskip("accelerate")
+    require("accelerate")
     run_ranks(_accelerate_ranks, 1, timeout=120)
     with pytest.raises(ValueError, match="is not sharded"):
         fsdp.trainer_fsdp_config(_tiny())
@@ -200,7 +201,7 @@ class FakeMesh:
 
 
 def test_bitsandbytes_params4bit_is_refused():
-    bnb = pytest.importorskip("bitsandbytes")
+    bnb = require("bitsandbytes")
     model = _tiny()
     lin = model.model.layers[0].mlp.up_proj
     q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=False, quant_type="nf4")
