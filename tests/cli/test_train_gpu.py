@@ -5,7 +5,6 @@ torch.compile (0 graph breaks), checkpointing on; evaluation runs the compiled m
 from __future__ import annotations
 
 import pytest
-import torch
 
 transformers = pytest.importorskip("transformers")
 
