@@ -18,10 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import re
 import subprocess
 import sys
 import tempfile
+import time
 import xml.etree.ElementTree as ET
 from collections import defaultdict
 from pathlib import Path
@@ -91,6 +93,23 @@ def report(outcomes: dict, used: dict) -> dict:
     return tests
 
 
+def environment(python: str) -> dict:
+    """Where the margins were measured: commit, CPU, torch's vector ISA and threads (what rounding depends on)."""
+    probe = ("import json, os, platform, torch; print(json.dumps({'torch': torch.__version__, "
+             "'cpu_capability': torch.backends.cpu.get_cpu_capability(), 'threads': torch.get_num_threads(), "
+             "'machine': platform.machine()}))")
+    env = json.loads(subprocess.run([python, "-c", probe], capture_output=True, text=True, check=True).stdout)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                           text=True).stdout.strip()
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    return {**env, "commit": commit + ("-dirty" if dirty else ""), "cpu": cpu,
+            "ATEN_CPU_CAPABILITY": os.environ.get("ATEN_CPU_CAPABILITY"),
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", default="0-49", help="seed range A-B (inclusive), default 0-49")
@@ -111,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         for where, c in checks[1:]:
             print(f"{'':<115}{c['used']:.3g} ({c['margin'] or float('inf'):.3g}x) seed {c['seed']} at {where}")
     if args.out:
-        Path(args.out).write_text(json.dumps({"seeds": args.seeds, "pytest_args": pytest_args, "tests": tests},
-                                             indent=1))
+        Path(args.out).write_text(json.dumps({"seeds": args.seeds, "pytest_args": pytest_args,
+                                              "environment": environment(args.python), "tests": tests}, indent=1))
     return 1 if any(t["failed_seeds"] for t in tests.values()) else 0
 
 
