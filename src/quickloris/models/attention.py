@@ -41,7 +41,6 @@ import functools
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 FLEX = "quickloris_flex"
 CUDNN = "quickloris_sdpa_cudnn"
@@ -74,7 +73,7 @@ def flex_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
                          f"{type(attention_mask).__name__}")
     gqa = query.shape[1] != key.shape[1]
     if not query.is_cuda and torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
-        out = _dense_fallback(query, key, value, attention_mask, scaling, gqa)
+        out = _flex_operator(query, key, value, attention_mask, scaling)
     else:
         # Traced by the enclosing compile; eager on GPU: one shared compiled flex; eager on CPU: the reference.
         fn = _flex_fn() if torch.compiler.is_compiling() or not query.is_cuda else _compiled_flex()
@@ -93,16 +92,24 @@ def sdpa_cudnn_attention_forward(module: torch.nn.Module, query: torch.Tensor, k
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
-def _dense_fallback(query, key, value, block_mask, scaling, gqa):
-    """CPU training only (PyTorch has no FlexAttention backward on CPU): the same mask_mod, evaluated densely by
-    broadcasting, applied through SDPA. Exact, O(S^2) memory: for tests and CPU runs, never taken on a GPU."""
-    B, S, K = query.shape[0], query.shape[2], key.shape[2]
-    dev = query.device
-    b = torch.arange(B, device=dev).view(B, 1, 1, 1)
-    h = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=dev)
-    allowed = block_mask.mask_mod(b, h, torch.arange(S, device=dev).view(1, 1, S, 1),
-                                  torch.arange(K, device=dev).view(1, 1, 1, K))
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scaling, enable_gqa=gqa)
+def _flex_operator(query, key, value, block_mask, scaling):
+    """CPU training: PyTorch's FlexAttention operator itself, forward and backward. The public `flex_attention`
+    refuses gradients on the CPU, the operator under it (what it calls, and what a compiled graph holds) has them:
+    its reference implementation evaluates mask_mod on every (q, k) and differentiates the softmax densely, the
+    same math the fused GPU kernels tile. O(S^2) memory: for tests and CPU runs, never taken on a GPU."""
+    from torch._higher_order_ops.flex_attention import flex_attention as flex_op
+
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    # The options the public API fills in (its defaults), with the logsumexp kept: the backward reads it.
+    options = {"BACKEND": "AUTO", "PRESCALE_QK": False, "ROWS_GUARANTEED_SAFE": False, "BLOCKS_ARE_CONTIGUOUS": False,
+               "WRITE_DQ": True, "OUTPUT_LOGSUMEXP": True, "OUTPUT_MAX": False}
+    out, _, _ = flex_op(query.contiguous(), key.contiguous(), value.contiguous(), _no_score_mod,
+                        block_mask.as_tuple(), scale, options)
+    return out
+
+
+def _no_score_mod(score, b, h, q_idx, kv_idx):
+    return score
 
 
 def document_ids(batch: int, seq: int, device, attention_mask: torch.Tensor | None = None,
