@@ -15,7 +15,8 @@ import torch
 
 pytest.importorskip("transformers")
 
-from tests.train.tiny import CHATML, chat_tokenizer, write_jsonl  # noqa: E402
+from tests.tiny import chat_tokenizer, tiny_model  # noqa: E402
+from tests.train.tiny import write_jsonl  # noqa: E402
 
 ROWS = [{"messages": [{"role": "system", "content": "Reverse the digits."}, {"role": "user", "content": q},
                       {"role": "assistant", "content": q[::-1]}]} for q in ("12345", "67890", "24680", "13579")]
@@ -23,16 +24,10 @@ ROWS = [{"messages": [{"role": "system", "content": "Reverse the digits."}, {"ro
 
 def _shardable_llama(folder):
     """A tiny Llama whose NF4 weights split over 2 ranks on whole 16384-value groups, with the tests' tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tok = chat_tokenizer()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=256,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None,
-                      tie_word_embeddings=True)
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    tok.chat_template = CHATML
+    tok = chat_tokenizer()  # with its ChatML template
+    tiny_model(seed=0, vocab_size=len(tok), hidden=256, head_dim=64, max_position_embeddings=256,
+               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None,
+               tie_word_embeddings=True).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
 
