@@ -7,7 +7,7 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/quickloris-out}
 mkdir -p "$OUT"
-default="tests/kernels,tests/quant,tests/ops,tests/tensor,tests/nn,tests/bench;tests/export,tests/cli,tests/hf,tests/train,tests/data;tests/models;tests/parallel"
+default="tests/kernels,tests/quant,tests/ops,tests/tensor,tests/nn,tests/bench;tests/export,tests/cli,tests/train,tests/data;tests/models;tests/parallel"
 IFS=';' read -r -a shards <<< "${GPU_SUITE_SHARDS:-$default}"
 pids=()
 for i in "${!shards[@]}"; do

@@ -79,7 +79,7 @@ def fingerprint(model_cfg: ModelConfig, data_cfg: DataConfig, qlora_cfg: QLoRACo
 def evaluate(model: Any, tokenizer: Any, examples: list, eval_cfg: EvalConfig, chat_template: str | None,
              label: str, echo: Callable[[str], None]) -> dict[str, Any]:
     """Exact-match accuracy of `model` on `examples`; prints it with a few replies."""
-    from quickloris.hf.evaluate import evaluate_exact_match
+    from quickloris.train.exact_match import evaluate_exact_match
 
     # prepare_model turns the KV cache off for training; generation needs it (else every token re-reads the prompt).
     use_cache = model.config.use_cache
