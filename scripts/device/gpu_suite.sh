@@ -5,6 +5,9 @@
 #   GPU_SUITE_SHARDS  comma-separated groups of test paths separated by ';' (default: four groups below)
 # Writes $OUT/gpu-tests.log: one section per shard (its pytest output) and a last line per shard with its exit status.
 set -uo pipefail
+# llama-cpp-python and the C++ extension are not built on the device (runs use the source tree): tests needing them
+# skip with the reason in the log instead of failing (CI, where `make test` builds both, fails them).
+export QUICKLORIS_TEST_ALLOW_MISSING=1
 OUT=${OUT:-/tmp/quickloris-out}
 mkdir -p "$OUT"
 default="tests/kernels,tests/quant,tests/ops,tests/tensor,tests/nn,tests/bench;tests/export,tests/cli,tests/train,tests/data;tests/models;tests/parallel"
