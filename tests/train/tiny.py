@@ -15,9 +15,16 @@ def save_tiny_llama(folder: Path, *, max_position_embeddings: int = 256, seed: i
     import torch
 
     tok = chat_tokenizer()
-    model = tiny_model(seed=seed, vocab_size=len(tok), hidden=48, max_position_embeddings=max_position_embeddings,
-                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None,
-                       tie_word_embeddings=True)
+    model = tiny_model(
+        seed=seed,
+        vocab_size=len(tok),
+        hidden=48,
+        max_position_embeddings=max_position_embeddings,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=True,
+    )
     with torch.no_grad():  # HF's 0.02 init leaves logits within ~±1: too flat for a LoRA to sharpen the tied head
         model.model.embed_tokens.weight.normal_(0, 0.3)
     model.save_pretrained(folder)

@@ -35,10 +35,22 @@ import torch
 
 # The 16 NF4 levels (QLoRA, Dettmers et al. 2023): quantiles of N(0, 1) rescaled to [-1, 1], with an exact 0.
 NF4_LEVELS = (
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
 )
 NF4_ZERO_CODE = 7
 NESTED_BLOCKSIZE = 256
@@ -110,8 +122,14 @@ class NF4State:
 
     def to(self, device: torch.device | str) -> NF4State:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return dataclasses.replace(self, absmax=move(self.absmax), code=move(self.code), offset=move(self.offset),
-                                   absmax2=move(self.absmax2), code2=move(self.code2))
+        return dataclasses.replace(
+            self,
+            absmax=move(self.absmax),
+            code=move(self.code),
+            offset=move(self.offset),
+            absmax2=move(self.absmax2),
+            code2=move(self.code2),
+        )
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return tuple(t for t in (self.absmax, self.code, self.offset, self.absmax2, self.code2) if t is not None)
@@ -126,8 +144,10 @@ class NF4State:
             raise ValueError(f"NF4 code table must be float32 [16], got {self.code.dtype} {tuple(self.code.shape)}")
         nb = self.nblocks
         if self.absmax.numel() != nb:
-            raise ValueError(f"absmax has {self.absmax.numel()} entries, expected {nb} for shape "
-                             f"{tuple(self.shape)} and blocksize {self.blocksize}")
+            raise ValueError(
+                f"absmax has {self.absmax.numel()} entries, expected {nb} for shape "
+                f"{tuple(self.shape)} and blocksize {self.blocksize}"
+            )
         if self.nested:
             if self.absmax.dtype != torch.uint8:
                 raise TypeError(f"nested absmax must be uint8 codes, got {self.absmax.dtype}")
@@ -139,21 +159,28 @@ class NF4State:
                 raise ValueError(f"nested blocksize must be {NESTED_BLOCKSIZE}, got {self.nested_blocksize}")
             nb2 = -(-nb // self.nested_blocksize)
             if self.absmax2.dtype != torch.float32 or self.absmax2.numel() != nb2:
-                raise ValueError(f"absmax2 must be float32 [{nb2}], got {self.absmax2.dtype} "
-                                 f"{tuple(self.absmax2.shape)}")
+                raise ValueError(
+                    f"absmax2 must be float32 [{nb2}], got {self.absmax2.dtype} {tuple(self.absmax2.shape)}"
+                )
             if self.offset.dtype != torch.float32 or self.offset.numel() != 1:
                 raise ValueError(f"offset must be a float32 scalar, got {self.offset.dtype} {tuple(self.offset.shape)}")
         elif self.absmax.dtype != torch.float32:
             raise TypeError(f"absmax must be float32 (not nested) or uint8 (nested), got {self.absmax.dtype}")
         if packed is not None:
             if packed.dtype != torch.uint8:
-                raise TypeError(f"packed NF4 data must be uint8 (view other storage dtypes as uint8), got {packed.dtype}")
+                raise TypeError(
+                    f"packed NF4 data must be uint8 (view other storage dtypes as uint8), got {packed.dtype}"
+                )
             if packed.numel() != (self.numel + 1) // 2:
-                raise ValueError(f"packed data has {packed.numel()} bytes, expected {(self.numel + 1) // 2} "
-                                 f"for shape {tuple(self.shape)}")
+                raise ValueError(
+                    f"packed data has {packed.numel()} bytes, expected {(self.numel + 1) // 2} "
+                    f"for shape {tuple(self.shape)}"
+                )
             devices = {t.device for t in (packed, *self.tensors())}
             if len(devices) != 1:
-                raise ValueError(f"packed data and quantization state are on different devices: {sorted(map(str, devices))}")
+                raise ValueError(
+                    f"packed data and quantization state are on different devices: {sorted(map(str, devices))}"
+                )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -279,8 +306,9 @@ def quantize_nf4(
         nibbles = torch.cat([nibbles, nibbles.new_full((1,), NF4_ZERO_CODE)])
     packed = ((nibbles[0::2] << 4) | nibbles[1::2]).unsqueeze(1)
 
-    state = NF4State(shape=weight.shape, dtype=weight.dtype, blocksize=blocksize, absmax=absmax,
-                     code=nf4_code(weight.device))
+    state = NF4State(
+        shape=weight.shape, dtype=weight.dtype, blocksize=blocksize, absmax=absmax, code=nf4_code(weight.device)
+    )
     if double_quant:
         state.absmax, state.absmax2, state.offset = _quantize_absmax(absmax, rounding)
         state.code2 = signed_dynamic_map(weight.device)
@@ -326,11 +354,24 @@ def state_from_bnb(quant_state) -> NF4State:
         offset = quant_state.offset
         if not isinstance(offset, torch.Tensor):
             offset = torch.tensor(float(offset), dtype=torch.float32, device=quant_state.absmax.device)
-        return NF4State(shape=shape, dtype=quant_state.dtype, blocksize=quant_state.blocksize,
-                        absmax=quant_state.absmax, code=quant_state.code, offset=offset, absmax2=s2.absmax,
-                        code2=s2.code, nested_blocksize=s2.blocksize)
-    return NF4State(shape=shape, dtype=quant_state.dtype, blocksize=quant_state.blocksize,
-                    absmax=quant_state.absmax, code=quant_state.code)
+        return NF4State(
+            shape=shape,
+            dtype=quant_state.dtype,
+            blocksize=quant_state.blocksize,
+            absmax=quant_state.absmax,
+            code=quant_state.code,
+            offset=offset,
+            absmax2=s2.absmax,
+            code2=s2.code,
+            nested_blocksize=s2.blocksize,
+        )
+    return NF4State(
+        shape=shape,
+        dtype=quant_state.dtype,
+        blocksize=quant_state.blocksize,
+        absmax=quant_state.absmax,
+        code=quant_state.code,
+    )
 
 
 def as_packed_uint8(data: torch.Tensor) -> torch.Tensor:
@@ -359,8 +400,13 @@ def state_from_checkpoint(tensors: Mapping[str, torch.Tensor], prefix: str) -> t
     meta = json.loads(bytes(tensors[meta_keys[0]].to(torch.uint8).tolist()).decode("utf-8"))
     get = lambda name: tensors[f"{prefix}.{name}"]  # noqa: E731
     packed = as_packed_uint8(tensors[prefix])
-    state = NF4State(shape=torch.Size(meta["shape"]), dtype=getattr(torch, meta["dtype"]),
-                     blocksize=int(meta["blocksize"]), absmax=get("absmax"), code=get("quant_map").float())
+    state = NF4State(
+        shape=torch.Size(meta["shape"]),
+        dtype=getattr(torch, meta["dtype"]),
+        blocksize=int(meta["blocksize"]),
+        absmax=get("absmax"),
+        code=get("quant_map").float(),
+    )
     if f"{prefix}.nested_absmax" in tensors:
         state.absmax2 = get("nested_absmax")
         state.code2 = get("nested_quant_map")
@@ -373,12 +419,17 @@ def state_from_checkpoint(tensors: Mapping[str, torch.Tensor], prefix: str) -> t
 def state_to_checkpoint(packed: torch.Tensor, state: NF4State, prefix: str) -> dict[str, torch.Tensor]:
     """The tensors bitsandbytes writes for one NF4 weight (inverse of :func:`state_from_checkpoint`)."""
     state.validate(packed)
-    meta: dict = {"quant_type": "nf4", "blocksize": state.blocksize,
-                  "dtype": str(state.dtype).removeprefix("torch."), "shape": list(state.shape)}
+    meta: dict = {
+        "quant_type": "nf4",
+        "blocksize": state.blocksize,
+        "dtype": str(state.dtype).removeprefix("torch."),
+        "shape": list(state.shape),
+    }
     out = {prefix: packed, f"{prefix}.absmax": state.absmax, f"{prefix}.quant_map": state.code}
     if state.nested:
-        meta.update(nested_blocksize=state.nested_blocksize, nested_dtype="float32",
-                    nested_offset=float(state.offset.item()))
+        meta.update(
+            nested_blocksize=state.nested_blocksize, nested_dtype="float32", nested_offset=float(state.offset.item())
+        )
         out[f"{prefix}.nested_absmax"] = state.absmax2
         out[f"{prefix}.nested_quant_map"] = state.code2
     out[f"{prefix}.{_QS_SUFFIX}nf4"] = torch.tensor(list(json.dumps(meta).encode("utf-8")), dtype=torch.uint8)
