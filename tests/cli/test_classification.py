@@ -454,6 +454,7 @@ def test_gpu_fast_path_classifier_learns_without_graph_breaks(files, tmp_path, a
     from quickloris.parallel.compile import compile_stats, reset_compile_stats
 
     out = tmp_path / "run"
+    model = save_tiny_llama(tmp_path / "model", heads=3, kv_heads=1)  # head_dim 16: flex's GPU kernels need >= 16
     reset_compile_stats()
     assert (
         main(
@@ -462,7 +463,7 @@ def test_gpu_fast_path_classifier_learns_without_graph_breaks(files, tmp_path, a
                 "--task-type",
                 "classification",
                 "--model",
-                str(files["model"]),
+                str(model),
                 "--output-dir",
                 str(out),
                 "--no-progress",
@@ -502,7 +503,7 @@ def test_gpu_fast_path_classifier_learns_without_graph_breaks(files, tmp_path, a
                 "--task-type",
                 "classification",
                 "--model",
-                str(files["model"]),
+                str(model),
                 "--adapter",
                 str(out / "adapter"),
                 "--eval-data",

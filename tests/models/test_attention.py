@@ -226,12 +226,15 @@ def test_set_attention_errors(seed):
 
 @pytest.mark.gpu
 def test_gpu_flex_training_compiled_matches_sdpa(seed):
-    """The real FlexAttention kernels (forward and backward, Triton, inside compiled layers) vs SDPA's, bf16, varying
+    """The real FlexAttention kernels (forward and backward, Triton, inside compiled layers) vs SDPA's, varying
     lengths of packed documents: the losses and every LoRA gradient (accumulated over the 4 batches, no optimizer
-    step: the same weights throughout) agree to bf16 rounding."""
+    step: the same weights throughout) agree to float32 rounding. In float32 (bf16 is the learning tests' and the
+    benchmarks'): the kernels tile the same sums in other orders, u = 6e-8 per term, ~u * sqrt(S) * depth < 1e-5 of
+    each gradient's norm; the bound, 1e-3, is 100x that, while a wrong mask entry or derivative moves a gradient by
+    O(1) of its norm (bf16 rounding noise, ~5 % on some gradients, left no bound to state)."""
     from quickloris.parallel.compose import CheckpointConfig, build_training_model
 
-    dense = tiny().to("cuda", torch.bfloat16)
+    dense = tiny().to("cuda")
     losses, grads = {}, {}
     for impl in ("sdpa", "flex"):
         torch.manual_seed(0)
@@ -254,12 +257,10 @@ def test_gpu_flex_training_compiled_matches_sdpa(seed):
         grads[impl] = {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
         stats = compile_stats()
         assert stats["graph_breaks"] == 0 and stats["unique_graphs"] <= 4, (impl, stats)
-    # bf16 (u = 2^-9 = 2e-3): the two kernels round the attention output differently, by ~u relative; the mean token
-    # loss moves by less than that relative, each LoRA gradient (a sum over all tokens) by a few u of its norm.
-    assert losses["flex"] == pytest.approx(losses["sdpa"], rel=1e-2)
+    assert losses["flex"] == pytest.approx(losses["sdpa"], rel=1e-4)
     assert grads["flex"].keys() == grads["sdpa"].keys() and len(grads["sdpa"]) == 2 * 2 * 7
     for n, g in grads["sdpa"].items():
-        within(float((grads["flex"][n] - g).norm()), 5e-2 * float(g.norm()), f"seed {seed}: gradient {n}")
+        within(float((grads["flex"][n] - g).norm()), 1e-3 * float(g.norm()), f"seed {seed}: gradient {n}")
 
 
 def test_sdpa_cudnn_equals_sdpa_where_cudnn_is_unavailable(seed):

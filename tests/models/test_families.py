@@ -271,12 +271,14 @@ def test_spec_matches_the_model(row):
 @pytest.mark.parametrize("row", ROWS)
 def test_gpu_compiled_flex_training_matches_eager_attention(seed, row):
     """On a GPU the fast path is the real thing: inductor-compiled layers with the FlexAttention kernel (forward and
-    backward: per-layer-type BlockMasks, the softcap score_mod) and the compiled loss, bf16, packed rows of several
-    lengths; its losses and LoRA gradients follow the same model on HF's eager attention (bf16: 2 % on the loss,
-    5 % on each gradient's norm-relative error), with no graph break."""
+    backward: per-layer-type BlockMasks, the softcap score_mod) and the compiled loss, packed rows of several
+    lengths; its losses and LoRA gradients follow the same model on HF's eager attention, with no graph break. In
+    float32 (bf16 is the learning tests' and the benchmarks'): the two differ by the order of their sums, ~u * sqrt(S)
+    * depth < 1e-5 relative (u = 6e-8); bounds 1e-4 on the loss and 1e-3 on each gradient's norm-relative error are
+    far above that and far below the O(1) a wrong window, softcap or derivative makes (bf16 noise reached ~6 %)."""
     from quickloris.parallel.compose import CheckpointConfig, build_training_model
 
-    dense = family_model(row).to("cuda", torch.bfloat16)
+    dense = family_model(row).to("cuda")
     gen = torch.Generator().manual_seed(seed)
     batches = [packed_and_padded(lens, VOCAB, gen=gen)[0] for lens in ([150, 90, 61], [700], [129, 300, 40])]
     out = {}
@@ -297,7 +299,7 @@ def test_gpu_compiled_flex_training_matches_eager_attention(seed, row):
         if compile_cfg is not None:
             assert compile_stats()["graph_breaks"] == 0
     for (loss, grads), (want, want_grads) in zip(out["flex"], out["eager"]):
-        assert float(loss) == pytest.approx(float(want), rel=2e-2)
+        assert float(loss) == pytest.approx(float(want), rel=1e-4)
         for name, g in want_grads.items():
             err = float((grads[name].float() - g.float()).norm() / g.float().norm().clamp_min(1e-12))
-            assert err < 5e-2, (row, name, err)
+            assert err < 1e-3, (row, name, err)

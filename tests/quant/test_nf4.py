@@ -205,3 +205,17 @@ def test_validate_catches_inconsistent_state():
         bad.validate()
     with pytest.raises(ValueError, match="different devices"):
         state.validate(packed.to("meta"))
+
+
+@pytest.mark.parametrize("rounding", ["bnb-cuda", "bnb-cpu"])
+def test_odd_count_pad_nibble_follows_the_backend(rounding):
+    """An odd count pads the last low nibble as a 0.0 of the last block: code 7 (NF4's zero), except in an all-zero
+    last block under CUDA rounding, which bitsandbytes' kernel writes as code 0 like the block's values."""
+    w = torch.randn(3, 43)  # 129 values: a last block of one value
+    packed, _ = nf4.quantize_nf4(w, rounding=rounding)
+    assert int(packed[-1, 0]) & 15 == 7
+    w.view(-1)[-1] = 0.0  # the last block is now all zeros
+    packed, state = nf4.quantize_nf4(w, rounding=rounding)
+    assert int(packed[-1, 0]) == (0 if rounding == "bnb-cuda" else 0x77)
+    packed, state = nf4.quantize_nf4(w, rounding=rounding, double_quant=False)  # exact scales: the block is +-0
+    assert float(nf4.dequantize_nf4_reference(packed, state).view(-1)[-1]) == 0.0

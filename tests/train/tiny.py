@@ -10,8 +10,11 @@ from pathlib import Path
 from tests.tiny import CHATML, chat_tokenizer, tiny_model  # noqa: F401  (CHATML, chat_tokenizer: re-exported)
 
 
-def save_tiny_llama(folder: Path, *, max_position_embeddings: int = 256, seed: int = 0) -> Path:
-    """A random-init 2-layer Llama (hidden 48) + its tokenizer in `folder` (config.json, safetensors, tokenizer)."""
+def save_tiny_llama(
+    folder: Path, *, max_position_embeddings: int = 256, seed: int = 0, heads: int = 4, kv_heads: int = 2
+) -> Path:
+    """A random-init 2-layer Llama (hidden 48) + its tokenizer in `folder` (config.json, safetensors, tokenizer).
+    GPU tests with flex attention pass ``heads=3, kv_heads=1``: PyTorch's fused flex kernels need head_dim >= 16."""
     import torch
 
     tok = chat_tokenizer()
@@ -19,6 +22,8 @@ def save_tiny_llama(folder: Path, *, max_position_embeddings: int = 256, seed: i
         seed=seed,
         vocab_size=len(tok),
         hidden=48,
+        heads=heads,
+        kv_heads=kv_heads,
         max_position_embeddings=max_position_embeddings,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,

@@ -56,6 +56,12 @@ import torch.nn.functional as F
 from quickloris.models import surgery
 
 FLEX = "quickloris_flex"
+# PyTorch's fused flex kernels (Triton, forward and backward) take head dimensions from 16 up.
+MIN_GPU_HEAD_DIM = 16
+_HEAD_DIM_MESSAGE = (
+    "flex attention on a GPU needs head_dim >= 16 (PyTorch's fused FlexAttention kernels); this model's is {}: use "
+    "attention='sdpa'"
+)
 CUDNN = "quickloris_sdpa_cudnn"
 BLOCK = 128
 STEP = "attention"
@@ -114,6 +120,8 @@ def flex_attention_forward(
             "quickloris flex attention needs the BlockMask built by set_attention(model, 'flex'); got "
             f"{type(attention_mask).__name__}"
         )
+    if query.is_cuda and query.shape[-1] < MIN_GPU_HEAD_DIM:
+        raise ValueError(_HEAD_DIM_MESSAGE.format(query.shape[-1]))
     gqa = query.shape[1] != key.shape[1]
     if not query.is_cuda and torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
         if torch.compiler.is_compiling():  # inductor has no CPU flex backward: the same math, densely
@@ -365,6 +373,11 @@ def set_attention(model: torch.nn.Module, implementation: str) -> torch.nn.Modul
                 f"flex attention builds causal masks, but {type(model).__name__}'s config sets "
                 "use_bidirectional_attention; use attention='sdpa'"
             )
+        head_dim = (
+            getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
+        )
+        if head_dim < MIN_GPU_HEAD_DIM and any(p.is_cuda for p in model.parameters()):
+            raise ValueError(_HEAD_DIM_MESSAGE.format(head_dim))
         register_flex()
     cap = spec.attention_softcap(model.config)
     if cap is not None and implementation in ("sdpa", "sdpa_cudnn"):

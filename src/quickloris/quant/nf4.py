@@ -3,7 +3,8 @@
 Layout of a weight W with n = W.numel() values (row-major, `[out, in]`), blocksize B (64 by default):
 
 * ``packed``: uint8 ``[ceil(n/2), 1]``; byte j holds value 2j in its high nibble and 2j+1 in its low nibble
-  (an odd n pads the last low nibble with code 7, i.e. 0.0).
+  (an odd n pads the last low nibble with code 7, i.e. 0.0; code 0 where bitsandbytes' CUDA kernel does: in an
+  all-zero last block).
 * ``absmax``: one scale per block of B values. Without double quantization it is float32
   ``absmax[b] = max |W[bB:(b+1)B]|``. With double quantization ("nested") it is uint8 codes into the
   256-entry signed dynamic map ``code2``, one float32 ``absmax2`` per 256 absmax values, and a float32
@@ -303,7 +304,9 @@ def quantize_nf4(
     zero_block = (absmax == 0).repeat_interleave(blocksize)[: flat.numel()]
     nibbles = _nf4_nibbles(_scaled(flat, absmax, blocksize), zero_block, rounding).to(torch.uint8)
     if nibbles.numel() % 2:
-        nibbles = torch.cat([nibbles, nibbles.new_full((1,), NF4_ZERO_CODE)])
+        # The pad is quantized as a 0.0 of the last block: code 7, or, in an all-zero block on CUDA, code 0.
+        pad = 0 if rounding == "bnb-cuda" and bool(zero_block[-1]) else NF4_ZERO_CODE
+        nibbles = torch.cat([nibbles, nibbles.new_full((1,), pad)])
     packed = ((nibbles[0::2] << 4) | nibbles[1::2]).unsqueeze(1)
 
     state = NF4State(
