@@ -219,3 +219,16 @@ def test_odd_count_pad_nibble_follows_the_backend(rounding):
     assert int(packed[-1, 0]) == (0 if rounding == "bnb-cuda" else 0x77)
     packed, state = nf4.quantize_nf4(w, rounding=rounding, double_quant=False)  # exact scales: the block is +-0
     assert float(nf4.dequantize_nf4_reference(packed, state).view(-1)[-1]) == 0.0
+
+
+def test_cuda_rounding_uses_the_kernels_float32_thresholds():
+    """bitsandbytes' CUDA kernel compares with decimal literals rounded to float32 by the compiler; 4 of its 15
+    thresholds sit one float32 step from the float32 midpoints the CPU backend uses. A value exactly at such a
+    midpoint gets a different code per backend (the GPU test checks the CUDA side against the kernel itself)."""
+    c = nf4.nf4_code()
+    mids = (c[:-1] + c[1:]) / 2
+    cuda = torch.tensor(nf4._cuda_thresholds())
+    assert (cuda != mids).sum() == 4 and ((cuda - mids).abs() <= torch.finfo(torch.float32).eps).all()
+    x = torch.tensor([1.0, float(mids[14])])  # absmax 1: the second value is scaled to the midpoint itself
+    codes = {r: int(nf4.quantize_nf4(x, rounding=r, double_quant=False)[0][0, 0]) & 15 for r in ("bnb-cpu", "bnb-cuda")}
+    assert codes == {"bnb-cpu": 14, "bnb-cuda": 15}

@@ -27,6 +27,8 @@ Memory: 4 bits per value + 8 bits per 64 values + 32 bits per 16384 values ≈ 4
 from __future__ import annotations
 
 import dataclasses
+import fractions
+import functools
 import json
 import math
 from collections.abc import Mapping
@@ -203,8 +205,33 @@ def _scaled(flat: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.T
     return flat * inv
 
 
+@functools.cache
+def _cuda_thresholds() -> tuple[float, ...]:
+    """The 15 decision thresholds of bitsandbytes' CUDA NF4 kernel, as float32 values.
+
+    The kernel compares with decimal literals: the shortest decimal of each float64 midpoint of the NF4 levels
+    (``repr``), which the CUDA compiler rounds to float32 from the decimal. For 4 of the 15 that lands one float32
+    step away from the float32 midpoint the CPU backend computes (the decimal sits within 1e-16 of a tie between two
+    float32 values, on the other side): values exactly between the two then get another code (measured: 5 of
+    58.7M values of a float32 [4096, 14336] weight). Each decimal is rounded here exactly (rational arithmetic,
+    ties to even), never through float64."""
+    levels = [float(v) for v in NF4_LEVELS]
+    out = []
+    for lo, hi in zip(levels[:-1], levels[1:]):
+        exact = fractions.Fraction(repr((lo + hi) / 2))
+        f = torch.tensor(float(exact), dtype=torch.float32)
+        near = [torch.nextafter(f, torch.tensor(-2.0)), f, torch.nextafter(f, torch.tensor(2.0))]
+        out.append(
+            float(min(near, key=lambda c: (abs(fractions.Fraction(float(c)) - exact), int(c.view(torch.int32)) & 1)))
+        )
+    return tuple(out)
+
+
 def _nf4_nibbles(scaled: torch.Tensor, zero_block: torch.Tensor, rounding: Rounding) -> torch.Tensor:
-    thresholds = (nf4_code(scaled.device)[:-1] + nf4_code(scaled.device)[1:]) / 2  # == the CUDA kernel's literals
+    if rounding == "bnb-cuda":
+        thresholds = torch.tensor(_cuda_thresholds(), dtype=torch.float32, device=scaled.device)
+    else:  # the CPU backend's bounds: float32 midpoints
+        thresholds = (nf4_code(scaled.device)[:-1] + nf4_code(scaled.device)[1:]) / 2
     q = torch.bucketize(scaled, thresholds)  # x > t[i] -> above bucket i (ties go down), as the CUDA tree
     # An all-zero block has absmax 0: CUDA computes 0 * (1/0) = NaN, which its comparison tree maps to code 0;
     # the CPU backend clamps absmax to 1e-38 and gets code 7. Either dequantizes to (-)0.
