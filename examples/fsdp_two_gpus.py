@@ -116,7 +116,7 @@ def _keep_model_as_is(trainer) -> None:
 
 def score(args, tokenizer, adapter: str | None) -> dict | None:
     """Rank 0: exact match on held-out problems of an unsharded model (+ the adapter), as one GPU would run it."""
-    from quickloris.hf.evaluate import evaluate_task
+    from quickloris.train.exact_match import evaluate_task
 
     if args.eval <= 0:
         return None

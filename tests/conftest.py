@@ -4,6 +4,10 @@
   set before any `@triton.jit` is decorated, so it happens here at import time.
 * `gpu` / `multigpu` tests skip with a reason where the hardware is missing (run them on the device:
   docs/device.md).
+* `seed`: a fresh random seed per test, printed (shown with a failure) and reproducible with
+  ``QUICKLORIS_TEST_SEED=N``; ``QUICKLORIS_TEST_SEEDS=A-B`` runs every randomized test once per seed in A..B.
+* tests/helpers.py: `require` (a dependency CI installs: missing, the test fails), `within` (a bound whose margin
+  scripts/seed_margins.py reports); tests/tiny.py: the tiny random models and tokenizers of the suite.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import os
 
 import pytest
 import torch
+
+import tests.helpers  # noqa: F401  (margin runs: measures torch.testing.assert_close from the start)
 
 HAS_CUDA = torch.cuda.is_available()
 N_GPUS = torch.cuda.device_count() if HAS_CUDA else 0
@@ -30,10 +36,28 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_multi)
 
 
+def _seed_range(text: str) -> list[int]:
+    lo, _, hi = text.partition("-")
+    return list(range(int(lo), int(hi or lo) + 1))
+
+
+def pytest_generate_tests(metafunc):
+    seeds = os.environ.get("QUICKLORIS_TEST_SEEDS")
+    if seeds and "seed" in metafunc.fixturenames:
+        metafunc.parametrize("seed", _seed_range(seeds), indirect=True, ids=lambda s: f"seed{s}")
+
+
 @pytest.fixture
-def seed():
-    """A fresh seed per test run (printed on failure), so each run checks new random inputs."""
-    value = int.from_bytes(os.urandom(4), "little")
+def seed(request):
+    """A fresh seed per test run, printed (pytest shows it with a failure), so each run checks new random inputs;
+    QUICKLORIS_TEST_SEED=N replays a run."""
+    if hasattr(request, "param"):
+        value = int(request.param)
+    elif os.environ.get("QUICKLORIS_TEST_SEED"):
+        value = int(os.environ["QUICKLORIS_TEST_SEED"])
+    else:
+        value = int.from_bytes(os.urandom(4), "little")
+    print(f"seed {value} (replay: QUICKLORIS_TEST_SEED={value} pytest {request.node.nodeid})")
     torch.manual_seed(value)
     return value
 
@@ -46,3 +70,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def _name_the_test(request):
+    """Margin runs: tolerance checks (also in processes the test spawns) record under this test's name."""
+    if os.environ.get("QUICKLORIS_MARGIN_LOG"):
+        os.environ["QUICKLORIS_MARGIN_TEST"] = request.node.nodeid
+        yield
+        os.environ.pop("QUICKLORIS_MARGIN_TEST", None)
+    else:
+        yield

@@ -169,7 +169,7 @@ def test_gguf_export_scores_like_the_adapter(run, tmp_path, capsys):
     logits differ from the scored model's by float32 reassociation only (< 1e-4 of the largest logit, see
     tests/export/test_merge_base.py), and every greedy step of these prompts has a top-1/top-2 gap far larger,
     so no argmax can flip. The before / after / exported table shows all three."""
-    from quickloris.hf.evaluate import prompt_ids
+    from quickloris.train.exact_match import prompt_ids
 
     f32 = tmp_path / "f32.gguf"
     assert main(["export", "gguf", "--model", str(run["model"]), "--adapter", str(run["out"] / "adapter"),

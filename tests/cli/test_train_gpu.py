@@ -5,7 +5,6 @@ torch.compile (0 graph breaks), checkpointing on; evaluation runs the compiled m
 from __future__ import annotations
 
 import pytest
-import torch
 
 transformers = pytest.importorskip("transformers")
 
@@ -54,14 +53,12 @@ def test_fast_path_learns_without_graph_breaks(tmp_path, attention, packing):
 def test_smollm2_shapes_random_weights(tmp_path):
     """The demo's model shapes (hidden 576, 30 layers, 9/3 heads, vocab 49152), random weights, on the embedded
     addition task: steps run compiled; prints the step time a GPU `make demo` would see."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tests.tiny import tiny_model
 
     tok = chat_tokenizer()
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                      num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
-                      tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "model")
+    tiny_model(seed=0, vocab_size=49152, hidden=576, inter=1536, layers=30, heads=9, kv_heads=3,
+               max_position_embeddings=8192, tie_word_embeddings=True, eos_token_id=tok.eos_token_id,
+               pad_token_id=tok.pad_token_id).save_pretrained(tmp_path / "model")
     tok.save_pretrained(tmp_path / "model")
     data = write_jsonl(tmp_path / "train.jsonl", task_rows("addition", 160))
     reset_compile_stats()

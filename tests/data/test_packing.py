@@ -27,13 +27,9 @@ def _examples(rng, n, lo=1, hi=13):
 
 @pytest.fixture(scope="module")
 def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tests.tiny import tiny_model
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    cfg._attn_implementation = "sdpa"
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_model(seed=0, vocab_size=VOCAB, max_position_embeddings=128, attn_implementation="sdpa").eval()
 
 
 def test_pack_greedy_properties(seed):

@@ -9,55 +9,24 @@ import numpy as np
 import pytest
 
 from quickloris.export import ggml_reference
-
-
-_CORPUS = ["The quick brown fox jumps over the lazy dog 12345 times.", "Hello world! def f(x): return x * 2\n",
-           "Ünïcødé 日本語のテキスト, numbers 2024 and 3.14159;  spaces\tand\ttabs",
-           "I'm sure they'll say we've done it"]
+from tests.helpers import missing_dependency, require
+from tests.tiny import bpe_tokenizer as shared_bpe_tokenizer
+from tests.tiny import tiny_model as shared_tiny_model
 
 
 def make_tokenizer(pre: str, vocab_size: int = 400):
-    """Train a tiny byte-level BPE with the pre-tokenizer llama.cpp calls `pre`."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from quickloris.export.tokenizer import _LLAMA3_REGEX, _QWEN2_REGEX
-
-    tk = Tokenizer(models.BPE())
-    if pre == "gpt-2":
-        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    elif pre == "smollm":
-        tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                    pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    elif pre in ("llama-bpe", "qwen2"):
-        regex = _LLAMA3_REGEX if pre == "llama-bpe" else _QWEN2_REGEX
-        tk.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(regex), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    else:
-        raise ValueError(pre)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|bos|>", "<|eos|>", "<|pad|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tk.train_from_iterator(_CORPUS * 10, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|bos|>", eos_token="<|eos|>",
-                                   pad_token="<|pad|>")
+    """Train a tiny byte-level BPE with the pre-tokenizer llama.cpp calls `pre` (tests/tiny.py)."""
+    return shared_bpe_tokenizer(pre, vocab_size)
 
 
 def tiny_model(kind: str = "llama", *, vocab_size: int, hidden: int = 64, layers: int = 2, heads: int = 4,
                kv_heads: int = 2, inter: int = 128, tied: bool = False, **extra):
     """A random-init Llama / Mistral / Qwen2 / Qwen3 causal LM of tiny size (real architecture, fp32, eval mode)."""
     import torch
-    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
-    classes = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
-               "qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM)}
-    config_cls, model_cls = classes[kind]
-    cfg = config_cls(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                     num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
-                     tie_word_embeddings=tied, bos_token_id=0, eos_token_id=1, pad_token_id=2, **extra)
-    model = model_cls(cfg).eval()
+    model = shared_tiny_model(kind, vocab_size=vocab_size, hidden=hidden, inter=inter, layers=layers, heads=heads,
+                              kv_heads=kv_heads, max_position_embeddings=512, tie_word_embeddings=tied,
+                              bos_token_id=0, eos_token_id=1, pad_token_id=2, **extra).eval()
     with torch.no_grad():  # larger-than-init weights so that errors in the export show in the logits
         for name, p in model.named_parameters():
             if p.dim() == 2:
@@ -93,14 +62,14 @@ def hf_logits(model, ids: list[int]) -> np.ndarray:
 @pytest.fixture(scope="session")
 def ggml() -> ggml_reference.GGMLReference:
     ref = ggml_reference.load()
-    if ref is None:
-        pytest.skip("llama-cpp-python (with its bundled libggml-base) is not installed")
+    if ref is None:  # the README's byte-equality claims rest on it: fail, never skip, where CI lacks it
+        missing_dependency("llama_cpp", "make test builds llama-cpp-python (with its bundled libggml-base)")
     return ref
 
 
 @pytest.fixture(scope="session")
 def llama_cpp_available() -> None:
-    pytest.importorskip("llama_cpp")
+    require("llama_cpp")
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import copy
 import ctypes
 
 import gguf
@@ -15,8 +16,17 @@ import numpy as np
 import pytest
 
 from quickloris.export import export_gguf
+from tests.helpers import within
 
 TEXT = "The quick brown fox jumps over the lazy dog 12345 times. def f(x): return x * 2"
+
+# llama.cpp's logits of an F32 file against HF's, relative to max |logit|. Both run the model in fp32 (F32 weights,
+# F32 KV cache) and differ only in rounding: sums in another order, RoPE angles (up to ~30 rad here, each within an
+# ulp of ~2e-6) and exp / rsqrt computed by other code. Each step errs by a few units of fp32 rounding
+# (u = 6e-8) relative to the values involved, and a 2-layer model chains some tens of such steps: measured 4e-7 to
+# 9e-7 of max |logit|. 2e-5 (~300 u) bounds that with ~20x to spare, and a real mapping error lands far above it:
+# an rms_norm_eps 10x wrong moves the logits by ~1e-3 of max (test_a_10x_wrong_rms_norm_eps_is_caught).
+LOGIT_TOL = 2e-5
 
 CASES = {
     "llama-gqa": dict(kind="llama"),
@@ -40,10 +50,24 @@ def test_f32_export_logits_match_hf(case, tmp_path, seed, helpers, bpe_tokenizer
     ours = helpers.llama_cpp_logits(path, ids)
     ref = helpers.hf_logits(model, ids)
     assert ref.std() > 0.1  # logits that depend on every weight, not a flat distribution
-    err = np.abs(ours - ref).max()
-    assert err < 2e-3 * np.abs(ref).max(), f"seed {seed}: max |llama.cpp - HF| = {err}"
+    within(np.abs(ours - ref).max(), LOGIT_TOL * np.abs(ref).max(), f"seed {seed}: max |llama.cpp - HF|")
     assert (ours.argmax(-1) == ref.argmax(-1)).all()
     assert ("output.weight" in result.tensor_types) == (not CASES[case].get("tied", False))
+
+
+def test_a_10x_wrong_rms_norm_eps_is_caught(tmp_path, seed, helpers, bpe_tokenizer, llama_cpp_available):
+    """The logit check above must see a small mapping error: a file whose rms_norm_eps is 10x the model's (exported
+    from a copy with that config) gives llama.cpp logits far outside LOGIT_TOL of HF's (~50-70x; 2e-3 allowed it)."""
+    model = helpers.tiny_model(vocab_size=len(bpe_tokenizer))
+    wrong = copy.deepcopy(model)
+    wrong.config.rms_norm_eps = 10 * model.config.rms_norm_eps
+    path = str(tmp_path / "wrong-eps.gguf")
+    export_gguf(wrong, path, tokenizer=bpe_tokenizer, quant="f32")
+    ids = bpe_tokenizer(TEXT)["input_ids"]
+    ours, ref = helpers.llama_cpp_logits(path, ids), helpers.hf_logits(model, ids)
+    err = np.abs(ours - ref).max() / np.abs(ref).max()
+    print(f"10x rms_norm_eps: max |llama.cpp - HF| = {err:.2e} of max |logit| ({err / LOGIT_TOL:.0f}x LOGIT_TOL)")
+    assert err > 5 * LOGIT_TOL, f"seed {seed}: a 10x rms_norm_eps moved the logits by only {err:.2e} of max"
 
 
 PRESETS = {"q8_0": 7, "q4_0": 2, "q4_k_s": 14, "q4_k_m": 15, "q5_k_s": 16, "q5_k_m": 17, "q6_k": 18}

@@ -13,6 +13,7 @@ import torch
 
 from quickloris.export import export_gguf
 from quickloris.export import merge as M
+from tests.helpers import require, within
 
 
 def peft_model(helpers, vocab, *, rslora=False, tied=False, embed_lora=True, modules_to_save=("lm_head",)):
@@ -73,7 +74,7 @@ def test_export_does_not_modify_the_model_and_runs_like_peft(tmp_path, seed, hel
     assert "output.weight" in result.tensor_types
     ids = bpe_tokenizer("Hello world! def f(x): return x * 2")["input_ids"]
     ours, ref = helpers.llama_cpp_logits(path, ids), helpers.hf_logits(model, ids)
-    assert np.abs(ours - ref).max() < 2e-3 * np.abs(ref).max(), f"seed {seed}"
+    within(np.abs(ours - ref).max(), 2e-5 * np.abs(ref).max(), f"seed {seed}")  # test_llama_cpp.LOGIT_TOL
     with model.disable_adapter():
         assert np.abs(ref - helpers.hf_logits(model, ids)).max() > 0.1  # the adapters do change the model
 
@@ -89,7 +90,7 @@ def test_tied_embedding_lora_keeps_the_base_output_matrix(helpers, bpe_tokenizer
 
 
 def test_nf4_base_is_dequantized_and_merged(tmp_path, seed, helpers, bpe_tokenizer, llama_cpp_available):
-    pytest.importorskip("bitsandbytes")
+    require("bitsandbytes")
     import bitsandbytes.functional as bnbf
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -118,7 +119,7 @@ def test_nf4_base_is_dequantized_and_merged(tmp_path, seed, helpers, bpe_tokeniz
     # math of the merged model; its eval path on AVX512-BF16 CPUs computes in bf16 instead.
     model.train()
     ours, ref = helpers.llama_cpp_logits(path, ids), helpers.hf_logits(model, ids)
-    assert np.abs(ours - ref).max() < 2e-3 * np.abs(ref).max(), f"seed {seed}"
+    within(np.abs(ours - ref).max(), 2e-5 * np.abs(ref).max(), f"seed {seed}")  # test_llama_cpp.LOGIT_TOL
 
 
 def test_nf4_weights_repacked_by_a_cpu_forward_are_decoded(helpers, bpe_tokenizer, tmp_path):
@@ -185,6 +186,6 @@ def test_quickloris_qlora_model_exports_like_it_runs(tmp_path, seed, helpers, bp
     export_gguf(model, path, tokenizer=bpe_tokenizer, quant="f32")
     ids = bpe_tokenizer("The quick brown fox 12345")["input_ids"]
     ours, ref = helpers.llama_cpp_logits(path, ids), helpers.hf_logits(model, ids)
-    assert np.abs(ours - ref).max() < 2e-3 * np.abs(ref).max(), f"seed {seed}"
+    within(np.abs(ours - ref).max(), 2e-5 * np.abs(ref).max(), f"seed {seed}")  # test_llama_cpp.LOGIT_TOL
     with pytest.raises(ValueError, match="already carries quickloris LoRA layers"):
         export_gguf(model, tmp_path / "x.gguf", tokenizer=bpe_tokenizer, adapter=tmp_path)

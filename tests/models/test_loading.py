@@ -10,32 +10,20 @@ import torch
 
 from quickloris.models.loading import (ModelSource, gguf_metadata, gguf_special_token_ids, load_model,
                                        load_model_and_tokenizer, load_tokenizer, max_positions, resolve_model)
+from tests.helpers import require
+from tests.tiny import bpe_tokenizer, tiny_model
 
 transformers = pytest.importorskip("transformers")
 
 
 def _tiny_llama(vocab=64, **kw):
-    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=96,
-                                   bos_token_id=0, eos_token_id=1, **kw)
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return tiny_model(vocab_size=vocab, max_position_embeddings=96, bos_token_id=0, eos_token_id=1, **kw).eval()
 
 
 def _tiny_tokenizer(pad: bool):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    tk.decoder = decoders.ByteLevel()
-    specials = ["<|bos|>", "<|eos|>"] + (["<|pad|>"] if pad else [])
-    tk.train_from_iterator(["hello world 123"] * 10, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
-    extra = {"pad_token": "<|pad|>"} if pad else {}
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|bos|>", eos_token="<|eos|>",
-                                                chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}",
-                                                **extra)
+    return bpe_tokenizer("smollm", 300, corpus=["hello world 123"],
+                         specials=("<|bos|>", "<|eos|>", "<|pad|>") if pad else ("<|bos|>", "<|eos|>"),
+                         chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
 
 
 # ---- format detection (no model loads) ---------------------------------------------------------------------------
@@ -109,9 +97,8 @@ def test_hf_folder_round_trip(tmp_path, seed):
 def test_gguf_round_trip(tmp_path, seed):
     """A tiny model written by quickloris' GGUF exporter (f32) loads dense, with the logits of the original,
     and its tokenizer keeps EOS != BOS (transformers' GGUF converter swaps them)."""
-    pytest.importorskip("quickloris._native", reason="GGUF part needs the C++ extension (pip install builds it)",
-                        exc_type=ImportError)
-    export = pytest.importorskip("quickloris.export.gguf_export")
+    require("quickloris._native")
+    import quickloris.export.gguf_export as export
     tok = _tiny_tokenizer(pad=True)
     model = _tiny_llama(vocab=len(tok), pad_token_id=tok.pad_token_id)
     path = tmp_path / "tiny.gguf"
@@ -121,7 +108,7 @@ def test_gguf_round_trip(tmp_path, seed):
     assert resolve_model(tmp_path).path == path  # a folder holding a single .gguf
     assert gguf_special_token_ids(path) == {"bos": 0, "eos": 1, "pad": 2}
     # the header-only reader agrees with the gguf package on every scalar / string field
-    gguf = pytest.importorskip("gguf")
+    gguf = require("gguf")
     ref = {k: f.contents() for k, f in gguf.GGUFReader(str(path)).fields.items()
            if not k.startswith("GGUF.") and not isinstance(f.contents(), list)}
     assert len(ref) > 10 and gguf_metadata(path, set(ref) | {"absent.key"}) == pytest.approx(ref)
@@ -174,7 +161,7 @@ def test_default_model_is_dense_and_answers(default_tokenizer):
 # ---- pre-quantized bitsandbytes NF4 folder --------------------------------------------------------------------------
 
 def test_bnb_4bit_folder(tmp_path, seed):
-    bnb = pytest.importorskip("bitsandbytes")
+    bnb = require("bitsandbytes")
     model = _tiny_llama()
     model.save_pretrained(tmp_path / "fp")
     qcfg = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
@@ -206,9 +193,8 @@ def test_load_to_cuda(tmp_path):
     gpu = load_model(resolve_model(tmp_path / "hf"), device="cuda")
     assert gpu.device.type == "cuda"
     torch.testing.assert_close(gpu(x.cuda()).logits.cpu(), ref, rtol=1e-3, atol=1e-3)
-    pytest.importorskip("quickloris._native", reason="GGUF part needs the C++ extension (pip install builds it)",
-                        exc_type=ImportError)
-    export = pytest.importorskip("quickloris.export.gguf_export")
+    require("quickloris._native")
+    import quickloris.export.gguf_export as export
     tok = _tiny_tokenizer(pad=True)
     gmodel = _tiny_llama(vocab=len(tok), pad_token_id=tok.pad_token_id)
     export.export_gguf(gmodel, tmp_path / "t.gguf", tokenizer=tok, quant="f32", tokenizer_pre="smollm")

@@ -18,6 +18,7 @@ from quickloris.models.prepare import (  # noqa: E402
     DEFAULT_TARGETS, QLoRAConfig, is_prepared, prepare_model, qlora_config)
 from quickloris.tensor.nf4_tensor import NF4Tensor  # noqa: E402
 from quickloris.nn.qlora_linear import QLoRALinear  # noqa: E402
+from tests.tiny import tiny_model  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -26,14 +27,9 @@ V = 97
 
 
 def tiny(arch: str = "llama", **kw) -> nn.Module:
-    common = dict(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, **kw)
-    cls = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"),
-           "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}[arch]
     if arch == "qwen3":
-        common["head_dim"] = 16
-    cfg = getattr(transformers, cls[0])(**common)
-    return getattr(transformers, cls[1])(cfg).eval()
+        kw["head_dim"] = 16
+    return tiny_model(arch, vocab_size=V, hidden=64, **kw).eval()
 
 
 def bnb_twin(dense: nn.Module, prepared: nn.Module, compute_dtype=torch.float32) -> nn.Module:

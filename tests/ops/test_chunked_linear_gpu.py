@@ -84,16 +84,16 @@ def test_chunked_cuda_compile_inductor_fullgraph(seed):
 
 def test_chunked_cuda_qlora_model_matches_hf(seed):
     """Tiny Llama, bitsandbytes NF4 (double quant) + LoRA, bf16: chunked loss vs HF's, loss and LoRA grads."""
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
     pytest.importorskip("bitsandbytes")
     from benchmarks.loss.models import LORA_TARGETS, quantize_nf4_
     from quickloris.models.chunked_loss import disable_chunked_loss, enable_chunked_loss
 
-    cfg = transformers.LlamaConfig(vocab_size=32000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    from tests.tiny import tiny_model
+
     with torch.device("cuda"):
-        model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
+        model = tiny_model(vocab_size=32000, hidden=256, tie_word_embeddings=True).to(torch.bfloat16)
     model = peft.get_peft_model(quantize_nf4_(model), peft.LoraConfig(r=8, target_modules=LORA_TARGETS,
                                                                        init_lora_weights=False)).train()
     ids = torch.randint(0, 32000, (2, 384), device="cuda")

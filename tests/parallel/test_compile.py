@@ -15,6 +15,8 @@ from quickloris.parallel.compile import (  # noqa: E402
     CompileConfig, compile_model, compile_stats, reset_compile_stats)
 from quickloris.parallel.compiled_loss import is_compiled_loss_enabled  # noqa: E402
 from quickloris.parallel.compose import CheckpointConfig, apply_checkpointing, build_training_model  # noqa: E402
+from tests.helpers import within  # noqa: E402
+from tests.tiny import tiny_model  # noqa: E402
 
 V = 101
 
@@ -30,9 +32,7 @@ def _fresh_dynamo():
 
 
 def _tiny():
-    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2)
-    return transformers.LlamaForCausalLM(cfg)
+    return tiny_model(vocab_size=V)
 
 
 def _chains(gen, lengths):
@@ -84,8 +84,10 @@ def test_60_steps_random_lengths_few_graphs_same_losses(seed, in_graph):
     print(f"60 steps, lengths {min(b.shape[1] for b in batches)}..{max(b.shape[1] for b in batches)}: {stats}; "
           f"loss {want[0]:.3f} -> {want[-1]:.3f}")
     assert stats["graph_breaks"] == 0
-    assert stats["unique_graphs"] <= 8, stats  # decoder layer, final norm, loss chunk (+ a batch/size-1 variant)
+    assert stats["unique_graphs"] == 3, stats  # decoder layer, final norm, loss chunk: dynamic shapes, no recompile
     assert sum(want[-10:]) < sum(want[:10]) - 0.2, want  # it learns (the mean falls 0.06-0.15 over seeds 0-29)
+    # fp32 both (u = 6e-8), the compiled graphs reorder the same arithmetic; AdamW (lr 1e-3) on a learnable task
+    # keeps the two trajectories together: per-step losses within 1e-4 relative (README: "within 1e-4 of eager").
     torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-4, atol=1e-5)
 
 
@@ -287,6 +289,34 @@ def test_checkpoint_keep_is_checked():
         checkpoint_in_graph(tiny, tiny.model.layers[0], ["mlp"])
 
 
+def test_inductor_on_cpu_small_step_matches_eager(seed):
+    """Inductor (the GPU default) in CI: each decoder layer, the final norm and the loss chunk compiled to C++ by
+    inductor, one training step of one small batch, fixed shapes (one compile, ~10-20 s on 2 cores): 0 graph breaks,
+    the loss and every LoRA gradient equal eager's to fp32 rounding. Inductor fuses and reorders the same fp32
+    arithmetic (u = 6e-8), so the loss agrees to a few u. A LoRA gradient is a sum over tokens of terms that largely
+    cancel at a random init (kappa = sum |terms| / |sum| of 1e2-1e3 here: measured <= 2e-5 of its norm), so per tensor
+    within 1e-3 of its norm (room for kappa up to ~1e4); a wrong kernel (a lost term, a wrong derivative) moves it
+    by O(1)."""
+    base = _tiny()
+    ids = torch.randint(0, V, (2, 48))
+    qcfg = QLoRAConfig(r=4, init_lora_weights="random")
+    out = {}
+    for name, comp in (("eager", None), ("inductor", CompileConfig(backend="inductor", dynamic=False))):
+        torch.manual_seed(seed)  # the same LoRA init
+        model = build_training_model(copy.deepcopy(base), qcfg, compile=comp)
+        reset_compile_stats()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        if comp is not None:
+            stats = compile_stats()
+            assert stats["graph_breaks"] == 0 and stats["unique_graphs"] >= 3, stats  # layer, norm, loss chunk
+        out[name] = (loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(out["inductor"][0], out["eager"][0], rtol=1e-5, atol=0)
+    assert out["inductor"][1].keys() == out["eager"][1].keys() and len(out["eager"][1]) == 2 * 2 * 7
+    for n, g in out["eager"][1].items():
+        within(float((out["inductor"][1][n] - g).norm()), 1e-3 * float(g.norm()), f"seed {seed}: gradient {n}")
+
+
 @pytest.mark.slow
 def test_inductor_on_cpu_matches_eager(seed):
     base = _tiny()
@@ -304,13 +334,14 @@ def test_inductor_on_cpu_matches_eager(seed):
 @pytest.mark.gpu
 @pytest.mark.parametrize("attention", ["sdpa", "flex"])
 def test_gpu_60_steps_inductor(seed, attention):
-    """On the GPU: inductor, bf16, the NF4 Triton kernel, lengths 64..2048: 0 breaks, <= 8 graphs, eager losses."""
-    cfg = transformers.LlamaConfig(vocab_size=32000, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+    """On the GPU: inductor, bf16, the NF4 Triton kernel, lengths 64..2048 of a learnable task (as on the CPU: pure
+    noise lets AdamW amplify rounding): 0 breaks, 3 graphs (decoder layer, final norm, loss chunk), eager's losses
+    to bf16 rounding."""
+    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
                                    num_attention_heads=8, num_key_value_heads=4)
     base = transformers.LlamaForCausalLM(cfg).to("cuda", torch.bfloat16)
     gen = torch.Generator().manual_seed(seed)
-    batches = [torch.randint(0, 32000, (2, int(torch.randint(64, 2049, (1,), generator=gen))), generator=gen).cuda()
-               for _ in range(60)]
+    batches = [b.cuda() for b in _chains(gen, [int(torch.randint(64, 2049, (1,), generator=gen)) for _ in range(60)])]
     qcfg = QLoRAConfig(r=16, lora_alpha=32, attention=attention)
     torch.manual_seed(0)
     eager = build_training_model(copy.deepcopy(base), qcfg)
@@ -320,7 +351,11 @@ def test_gpu_60_steps_inductor(seed, attention):
     reset_compile_stats()
     got = _train(compiled, batches, lr=1e-3)
     stats = compile_stats()
-    print(f"GPU 60 steps ({attention}): {stats}; max rel loss diff "
-          f"{max(abs(a - b) / abs(b) for a, b in zip(got, want)):.2e}")
-    assert stats["graph_breaks"] == 0 and stats["unique_graphs"] <= 8, stats
-    assert max(abs(a - b) / abs(b) for a, b in zip(got, want)) < 2e-2
+    rel = max(abs(a - b) / abs(b) for a, b in zip(got, want))
+    print(f"GPU 60 steps ({attention}): {stats}; max rel loss diff {rel:.2e}; loss {want[0]:.3f} -> {want[-1]:.3f}")
+    assert stats["graph_breaks"] == 0
+    assert stats["unique_graphs"] == 3 if attention == "sdpa" else stats["unique_graphs"] <= 4, stats
+    assert sum(want[-10:]) < sum(want[:10]) - 0.2, want  # it learns
+    # bf16 (u = 2^-9 = 2e-3): inductor rounds intermediates differently from eager (fp32 inside fused kernels), by a
+    # few u of the activations; the per-step losses stay within 2e-2 (~5u) relative over the 60 steps.
+    assert rel < 2e-2

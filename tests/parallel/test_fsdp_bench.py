@@ -27,8 +27,10 @@ def test_bench_fsdp_tiny_cpu(tmp_path):
     assert off["fsdp"]["world_size"] == 2 and off["fsdp"]["nf4_sharded"] == 14 and not off["fsdp"]["nf4_replicated"]
     assert off["fsdp"]["config"]["cpu_offload"] and not res["phases"]["sharded"]["fsdp"]["config"]["cpu_offload"]
     parity = res["derived"]["loss_parity"]
-    assert parity["steps"] == 4 and parity["max_rel_diff"] <= 1e-3 and parity["ok"]
-    assert parity["lora_vs_single"]["rel_fro"] <= 1e-3
+    # Identical, not close: the one-process phase runs the same micro-batches with the same kernels, and with 2
+    # ranks each reduced gradient entry is a sum of two terms, whose order cannot change its rounding.
+    assert parity["steps"] == 4 and parity["max_rel_diff"] == 0.0 and parity["ok"]
+    assert parity["lora_vs_single"]["rel_fro"] == 0.0 and parity["lora_vs_single"]["max_abs"] == 0.0
     assert res["derived"]["scaling_efficiency"]["value"] > 0
     assert path.with_suffix(".png").stat().st_size > 10_000
     assert "loss_parity" in summary(res)

@@ -16,6 +16,8 @@ import torch
 
 pytest.importorskip("transformers")
 
+from tests.helpers import require  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "fsdp_two_gpus.py"
 
@@ -60,8 +62,8 @@ def test_trainer_two_ranks_match_one_rank_and_adapter_loads(tmp_path):
 
 
 def test_sft_trainer_two_ranks(tmp_path):
-    pytest.importorskip("trl")
-    pytest.importorskip("datasets")
+    require("trl")
+    require("datasets")
     res = torchrun(2, tmp_path / "sft", "--steps", "2", "--trainer", "sft", "--no-offload")
     assert res["trainer"] == "sft" and len(res["losses"]) == 2 and not res["offload"]
     assert (tmp_path / "sft" / "adapter_model.safetensors").is_file()

@@ -15,7 +15,8 @@ import torch
 
 pytest.importorskip("transformers")
 
-from tests.train.tiny import CHATML, chat_tokenizer, write_jsonl  # noqa: E402
+from tests.tiny import chat_tokenizer, tiny_model  # noqa: E402
+from tests.train.tiny import write_jsonl  # noqa: E402
 
 ROWS = [{"messages": [{"role": "system", "content": "Reverse the digits."}, {"role": "user", "content": q},
                       {"role": "assistant", "content": q[::-1]}]} for q in ("12345", "67890", "24680", "13579")]
@@ -23,16 +24,10 @@ ROWS = [{"messages": [{"role": "system", "content": "Reverse the digits."}, {"ro
 
 def _shardable_llama(folder):
     """A tiny Llama whose NF4 weights split over 2 ranks on whole 16384-value groups, with the tests' tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tok = chat_tokenizer()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=256,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None,
-                      tie_word_embeddings=True)
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    tok.chat_template = CHATML
+    tok = chat_tokenizer()  # with its ChatML template
+    tiny_model(seed=0, vocab_size=len(tok), hidden=256, head_dim=64, max_position_embeddings=256,
+               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None,
+               tie_word_embeddings=True).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
 
@@ -104,3 +99,35 @@ def test_train_fsdp_refuses_what_it_cannot_do(tmp_path):
     with pytest.raises(ValueError, match="--batch-size \\(3\\) must be a multiple of 2"):
         train_loop(torch.nn.Linear(2, 2), [], TrainConfig(batch_size=3), optimizer=None, pad_token_id=0,
                    packing=False, max_seq_len=8, dist=Ctx(), device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize("callers", [False, True], ids=["started-here", "callers"])
+def test_run_train_ends_the_process_group_it_started_and_keeps_a_callers(tmp_path, monkeypatch, callers):
+    """A gloo group left to the interpreter's exit aborts a rank now and then ("terminate called without an active
+    exception", SIGABRT: CI saw it on the two-rank run above); `run_train` ends the group it started, on every
+    path, and leaves one its caller started. In-process job of one (no launcher)."""
+    import torch.distributed as dist
+
+    from quickloris.cli.main import main
+    from quickloris.parallel.fsdp import free_port
+    from tests.train.tiny import save_tiny_llama, task_rows
+
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(key, "")  # recorded, so the job-of-one values init_distributed sets are undone after
+        monkeypatch.delenv(key)
+    assert not dist.is_initialized()
+    if callers:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        data = write_jsonl(tmp_path / "data.jsonl", task_rows("reverse", 8))
+        args = ["train", "--model", str(save_tiny_llama(tmp_path / "model")), "--data", str(data), "--output-dir",
+                str(tmp_path / "run"), "--threads", "1", "--no-progress", "--batch-size", "4", "--max-steps", "1",
+                "--fsdp", "--no-mixed-precision"]
+        assert main(args) == 0
+        assert dist.is_initialized() == callers
+        assert main([*args[:6], str(tmp_path / "bad"), *args[7:], "--lr", "1e30", "--max-steps", "3",
+                     "--warmup-steps", "0"]) != 0  # diverges: the raising path ends the group too
+        assert dist.is_initialized() == callers
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,4 +1,5 @@
-"""quickloris.quant.nf4 against the real bitsandbytes (CPU backend here; tests/kernels covers CUDA)."""
+"""quickloris.quant.nf4 against the real bitsandbytes: its CPU backend, and (`gpu` tests) its CUDA kernels, whose
+rounding of the nested absmax differs; the CUDA dequantization kernel is tests/kernels'."""
 
 from __future__ import annotations
 
@@ -26,15 +27,17 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 def assert_same_quantization(ours, theirs):
     packed, state = ours
     q, qs = theirs
+    assert packed.device == q.device
+    packed, q = packed.cpu(), q.cpu()
     assert torch.equal(packed, q)
     assert packed.shape == q.shape
-    assert torch.equal(state.absmax, qs.absmax)
+    assert torch.equal(state.absmax.cpu(), qs.absmax.cpu())
     assert state.nested == qs.nested
     if qs.nested:
-        assert torch.equal(state.absmax2, qs.state2.absmax)
-        assert torch.equal(state.code2, qs.state2.code)
-        assert torch.equal(state.offset, qs.offset)
-    assert torch.equal(state.code, qs.code)
+        assert torch.equal(state.absmax2.cpu(), qs.state2.absmax.cpu())
+        assert torch.equal(state.code2.cpu(), qs.state2.code.cpu())
+        assert torch.equal(state.offset.cpu(), qs.offset.cpu())
+    assert torch.equal(state.code.cpu(), qs.code.cpu())
 
 
 def test_tables_match_bitsandbytes():
@@ -65,6 +68,30 @@ def test_real_layer_shapes(seed, shape):
     assert_same_quantization(ours, theirs)
     deq = nf4.dequantize_nf4_reference(*ours)
     assert torch.equal(bits(deq), bits(bnbF.dequantize_4bit(*theirs)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(300, 128), (129, 257), (3, 5), (64, 64 * 256 + 64), (4096, 14336)])
+def test_quantize_equals_bitsandbytes_cuda(seed, dtype, shape):
+    """The CUDA half of "quantize_nf4 reproduces bitsandbytes' bytes": on a CUDA tensor quantize_nf4 follows
+    bitsandbytes' CUDA kernel (nearest nested-absmax code by binary search, all-zero blocks to nibble 0), byte for
+    byte, scales included; an all-zero block and a zero row are part of the input."""
+    w = (torch.randn(shape, dtype=dtype) * torch.rand(1).item() * 0.1).cuda()
+    w.view(-1)[:64] = 0  # one all-zero block (the backends encode it differently)
+    w[-1] = 0
+    ours, theirs = nf4.quantize_nf4(w), bnb_quantize(w)
+    assert_same_quantization(ours, theirs)
+    assert torch.equal(bits(nf4.dequantize_nf4_reference(*ours).cpu()), bits(bnbF.dequantize_4bit(*theirs).cpu()))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("blocksize", [32, 64, 128, 256])
+def test_blocksizes_and_non_nested_cuda(seed, blocksize):
+    w = torch.randn(96, 200, dtype=torch.bfloat16, device="cuda")
+    assert_same_quantization(nf4.quantize_nf4(w, blocksize=blocksize, double_quant=False),
+                             bnb_quantize(w, nested=False, blocksize=blocksize))
+    assert_same_quantization(nf4.quantize_nf4(w, blocksize=blocksize), bnb_quantize(w, blocksize=blocksize))
 
 
 def test_all_zero_blocks_follow_each_backend():

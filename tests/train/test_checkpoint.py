@@ -15,13 +15,11 @@ from quickloris.models.prepare import QLoRAConfig, prepare_model  # noqa: E402
 from quickloris.train.checkpoint import (CheckpointError, checkpoint_dirs, latest_checkpoint,  # noqa: E402
                                          load_checkpoint, resumable_checkpoint, save_checkpoint, verify)
 from quickloris.train.loop import LoopState, TrainingDiverged  # noqa: E402
+from tests.tiny import tiny_model  # noqa: E402
 
 
 def _model(seed):
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                   num_attention_heads=4, num_key_value_heads=2)
-    torch.manual_seed(0)
-    base = transformers.LlamaForCausalLM(cfg)
+    base = tiny_model(seed=0, vocab_size=64, layers=1)
     torch.manual_seed(seed)
     return prepare_model(base, QLoRAConfig(r=4, init_lora_weights="random"))
 

@@ -19,6 +19,7 @@ from quickloris.models.prepare import QLoRAConfig  # noqa: E402
 from quickloris.parallel.compose import CheckpointConfig, build_training_model  # noqa: E402
 from quickloris.train.config import TrainConfig  # noqa: E402
 from quickloris.train.loop import BatchStream, LoopState, lr_at, micro_batch_loss, plan_steps, train_loop  # noqa: E402
+from tests.tiny import tiny_model  # noqa: E402
 
 V = 101
 
@@ -27,10 +28,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(seed):
-    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
-    torch.manual_seed(seed)
-    return build_training_model(transformers.LlamaForCausalLM(cfg), QLoRAConfig(r=4, init_lora_weights="random"),
+    return build_training_model(tiny_model(seed=seed, vocab_size=V, pad_token_id=0),
+                                QLoRAConfig(r=4, init_lora_weights="random"),
                                 checkpointing=CheckpointConfig(gradient_checkpointing=False))
 
 

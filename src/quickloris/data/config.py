@@ -2,7 +2,7 @@
 
 `prepare_data(cfg, tokenizer, seed=...)` reads the JSONL file (or generates the embedded task), tokenizes
 with response-only labels, drops or rejects over-long examples and checks that something is left to train
-on. The embedded task also gives the held-out problems that `quickloris.hf.evaluate` scores.
+on. The embedded task also gives the held-out problems that `quickloris.train.exact_match` scores.
 `prepare_classification_data` does the same for sequence classification (`quickloris.data.classification`): the
 label set comes from the training rows, and the held-out rows (the embedded task's, or an evaluation file's) must
 use those labels.

@@ -21,6 +21,8 @@ _LAZY = {
     "dequantize": "quickloris.export.quants:dequantize",
     "PRESETS": "quickloris.export.quants:PRESETS",
     "SUPPORTED_ARCHITECTURES": "quickloris.export.arch:SUPPORTED_ARCHITECTURES",
+    "ARCHITECTURES": "quickloris.export.archs:ARCHITECTURES",
+    "gguf_arch_for": "quickloris.export.archs:gguf_arch_for",
 }
 
 __all__ = list(_LAZY)

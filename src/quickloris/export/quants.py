@@ -94,11 +94,14 @@ def _more_bits(layer: int, n_layers: int) -> bool:
     return layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
 
 
-def tensor_type(preset: str, name: str, shape: tuple[int, ...], *, n_layers: int, tied_output: bool) -> GGMLType:
+def tensor_type(preset: str, name: str, shape: tuple[int, ...], *, n_layers: int, tied_output: bool,
+                more_bits_attn_v: bool | None = None) -> GGMLType:
     """ggml type of GGUF tensor `name` (PyTorch-order `shape`) under `preset`.
 
     `tied_output`: the model has no separate `output.weight`, so `token_embd.weight` doubles as the
-    output matrix and is typed like it.
+    output matrix and is typed like it. A fused `attn_qkv` (Phi-3) is typed like `attn_v`, as llama.cpp does.
+    `more_bits_attn_v`: llama.cpp types the model as 70B (an 80-layer GQA llama or qwen2: the architecture
+    says, `GGUFArch.more_bits_for_attn_v`), so Q4_K attn_v becomes Q5_K; None: 80 layers.
     """
     default = _PRESET_INFO[check_preset(preset)][0]
     if len(shape) < 2 or not name.endswith(".weight") or name.endswith("_norm.weight"):
@@ -113,12 +116,12 @@ def tensor_type(preset: str, name: str, shape: tuple[int, ...], *, n_layers: int
     if name == "output.weight" or (tied_output and name == "token_embd.weight"):
         if default != GGMLType.Q8_0:
             qtype = GGMLType.Q8_0 if ncols % 256 else GGMLType.Q6_K
-    elif kind == "attn_v":
+    elif kind in ("attn_v", "attn_qkv"):
         if preset in ("q4_k_m", "q5_k_m") and _more_bits(layer, n_layers):
             qtype = GGMLType.Q6_K
         elif preset == "q4_k_s" and layer < 4:
             qtype = GGMLType.Q5_K
-        if n_layers == 80 and qtype == GGMLType.Q4_K:
+        if (n_layers == 80 if more_bits_attn_v is None else more_bits_attn_v) and qtype == GGMLType.Q4_K:
             qtype = GGMLType.Q5_K  # llama.cpp's 70B rule: attn_v is 8x smaller there (GQA), so spend bits
     elif kind == "ffn_down":
         if preset in ("q4_k_m", "q5_k_m") and _more_bits(layer, n_layers):

@@ -30,7 +30,9 @@ dense [S, S] mask: per block the min and max document id give "empty" (no overla
 evaluated per element). Sequence lengths vary freely: the tensors only change shape, the `mask_mod` code is
 always the same function, so a compiled decoder layer (`torch.compile(dynamic=True)`) does not recompile per
 length. Inside a compiled region ``flex_attention`` is traced (the fused Triton kernel); called eagerly on a
-GPU it goes through one shared ``torch.compile(flex_attention, dynamic=True)``.
+GPU it goes through one shared ``torch.compile(flex_attention, dynamic=True)``. CPU training (no fused CPU
+backward) runs PyTorch's FlexAttention operator itself, its reference forward and backward evaluating the same
+mask_mod / score_mod; a compiled CPU graph (inductor lowers CPU flex for inference only) the same math densely.
 
 SDPA (``set_attention(model, "sdpa")``) is transformers' implementation: ``is_causal`` fast path for plain
 batches, a boolean mask (built by transformers) for padding and packed sequences.
@@ -101,7 +103,10 @@ def flex_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
                          f"{type(attention_mask).__name__}")
     gqa = query.shape[1] != key.shape[1]
     if not query.is_cuda and torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
-        out = _dense_fallback(query, key, value, attention_mask, scaling, gqa, softcap)
+        if torch.compiler.is_compiling():  # inductor has no CPU flex backward: the same math, densely
+            out = _dense_fallback(query, key, value, attention_mask, scaling, gqa, softcap)
+        else:
+            out = _flex_operator(query, key, value, attention_mask, scaling, softcap)
     else:
         # Traced by the enclosing compile; eager on GPU: one shared compiled flex; eager on CPU: the reference.
         fn = _flex_fn() if torch.compiler.is_compiling() or not query.is_cuda else _compiled_flex()
@@ -127,10 +132,10 @@ def sdpa_cudnn_attention_forward(module: torch.nn.Module, query: torch.Tensor, k
 
 
 def _dense_fallback(query, key, value, block_mask, scaling, gqa, softcap=None):
-    """CPU training only (PyTorch has no FlexAttention backward on CPU): the same mask_mod, evaluated densely by
-    broadcasting, applied through SDPA, or with a softcap (which SDPA lacks) through the explicit math
-    ``softmax(mask(cap * tanh(scale * q k^T / cap))) v`` (softmax in fp32, as HF's eager attention). Exact, O(S^2)
-    memory: for tests and CPU runs, never taken on a GPU."""
+    """Compiled CPU training (inductor lowers FlexAttention on the CPU for inference only): the same mask_mod,
+    evaluated densely by broadcasting, applied through SDPA, or with a softcap (which SDPA lacks) through the
+    explicit math ``softmax(mask(cap * tanh(scale * q k^T / cap))) v`` (softmax in fp32, as HF's eager attention).
+    Exact, O(S^2) memory: for tests and CPU runs, never taken on a GPU."""
     B, S, K = query.shape[0], query.shape[2], key.shape[2]
     dev = query.device
     b = torch.arange(B, device=dev).view(B, 1, 1, 1)
@@ -146,6 +151,28 @@ def _dense_fallback(query, key, value, block_mask, scaling, gqa, softcap=None):
     scores = torch.tanh(torch.matmul(query, key.transpose(-1, -2)) * scale / softcap) * softcap
     scores = scores.masked_fill(~allowed, float("-inf"))
     return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype), value)
+
+
+def _flex_operator(query, key, value, block_mask, scaling, softcap=None):
+    """CPU training: PyTorch's FlexAttention operator itself, forward and backward. The public `flex_attention`
+    refuses gradients on the CPU, the operator under it (what it calls, and what a compiled graph holds) has them:
+    its reference implementation evaluates mask_mod on every (q, k) and differentiates the softmax densely, the
+    same math the fused GPU kernels tile, a softcap as its score_mod. O(S^2) memory: for tests and CPU runs, never
+    taken on a GPU."""
+    from torch._higher_order_ops.flex_attention import flex_attention as flex_op
+
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    # The options the public API fills in (its defaults), with the logsumexp kept: the backward reads it.
+    options = {"BACKEND": "AUTO", "PRESCALE_QK": False, "ROWS_GUARANTEED_SAFE": False, "BLOCKS_ARE_CONTIGUOUS": False,
+               "WRITE_DQ": True, "OUTPUT_LOGSUMEXP": True, "OUTPUT_MAX": False}
+    score_mod = _no_score_mod if softcap is None else _eager_softcap_mod(float(softcap), str(query.device))
+    out, _, _ = flex_op(query.contiguous(), key.contiguous(), value.contiguous(), score_mod,
+                        block_mask.as_tuple(), scale, options)
+    return out
+
+
+def _no_score_mod(score, b, h, q_idx, kv_idx):
+    return score
 
 
 def document_ids(batch: int, seq: int, device, attention_mask: torch.Tensor | None = None,

@@ -9,8 +9,9 @@
 * `quickloris.train.report`     -- loss-curve PNG, metrics.json
 * `quickloris.train.runtime`    -- device, dtype, CPU threads, position limit, --eval-data problems, input checks
 * `quickloris.train.run`        -- `run_train`: load, prepare, evaluate, train, save, evaluate
+* `quickloris.train.exact_match` -- batched greedy generation scored by exact match (HF model or GGUF file)
 * `quickloris.train.evaluation` -- `run_eval`: exact-match accuracy of a model (+ adapter)
 
-It sits above `quickloris.hf` (it uses `hf.evaluate`), `parallel`, `models` and `data`; it imports transformers
+It sits above `parallel`, `export`, `models` and `data`; it imports transformers
 only through `quickloris.models.loading`.
 """

@@ -9,7 +9,7 @@ the model is scored as loaded, unless ``--nf4`` asks for its NF4 version (what t
 number of a train run).
 
 ``--gguf FILE`` scores a GGUF file through llama.cpp on the same problems, with the same prompt tokens, greedy
-decoding, stop tokens and exact-match rule (`quickloris.hf.evaluate.evaluate_exact_match_gguf`). With ``--adapter``
+decoding, stop tokens and exact-match rule (`quickloris.train.exact_match.evaluate_exact_match_gguf`). With ``--adapter``
 too, the NF4 base alone is scored as well and one table shows before / after / exported: a file exported with
 ``quickloris export gguf`` (default ``--merge-base nf4``, F32 or F16) scores like "after", a quantized one shows
 what its quantization costs. Without ``--adapter`` or an explicit ``--nf4`` / ``--no-nf4``, only the file is scored
@@ -135,7 +135,7 @@ def run_eval(model_cfg: ModelConfig, task_cfg: EvalTaskConfig, eval_cfg: EvalCon
         return run_eval_classification(model_cfg, task_cfg, eval_cfg, quantization=quantization, echo=echo)
     from quickloris.data.config import read_chat_template, task_name
     from quickloris.data.tasks import get_task
-    from quickloris.hf.evaluate import evaluate_exact_match_gguf
+    from quickloris.train.exact_match import evaluate_exact_match_gguf
     from quickloris.models.adapter_base import check_adapter_fits, folder_parameter_shapes, model_parameter_shapes
     from quickloris.models.loading import load_model, load_tokenizer, resolve_model
     from quickloris.models.prepare import QLoRAConfig, prepare_model

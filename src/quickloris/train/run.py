@@ -79,7 +79,7 @@ def fingerprint(model_cfg: ModelConfig, data_cfg: DataConfig, qlora_cfg: QLoRACo
 def evaluate(model: Any, tokenizer: Any, examples: list, eval_cfg: EvalConfig, chat_template: str | None,
              label: str, echo: Callable[[str], None]) -> dict[str, Any]:
     """Exact-match accuracy of `model` on `examples`; prints it with a few replies."""
-    from quickloris.hf.evaluate import evaluate_exact_match
+    from quickloris.train.exact_match import evaluate_exact_match
 
     # prepare_model turns the KV cache off for training; generation needs it (else every token re-reads the prompt).
     use_cache = model.config.use_cache
@@ -116,8 +116,29 @@ def run_train(model_cfg: ModelConfig, data_cfg: DataConfig, qlora_cfg: QLoRAConf
     `fsdp_opts` (`quickloris.parallel.fsdp.FSDPOptions` with ``fsdp=True``, under torchrun): the model is sharded
     with FSDP2 after checkpointing and before compile, each rank takes its rows of every micro-batch
     (`train_loop`'s ``dist``), rank 0 alone prints and writes files, the adapter is gathered from the shards.
-    Resumable checkpoints are not written for a sharded run (--resume is refused).
+    Resumable checkpoints are not written for a sharded run (--resume is refused). A process group this call
+    started is ended before it returns or raises (one a caller started is left to the caller).
     """
+    import torch.distributed as dist
+
+    owned = (fsdp_opts is not None and fsdp_opts.sharding() is not None and dist.is_available()
+             and not dist.is_initialized())
+    try:
+        result = _run_train(model_cfg, data_cfg, qlora_cfg, train_cfg, eval_cfg, fsdp_opts, on_step_end=on_step_end,
+                            echo=echo)
+        if owned and dist.is_initialized():
+            dist.barrier()  # every rank done with its collectives before any tears the group down
+        return result
+    finally:
+        # A gloo group left to the interpreter's exit can abort the process ("terminate called without an
+        # active exception") when the other rank has already gone: end it here, on every path.
+        if owned and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run_train(model_cfg: ModelConfig, data_cfg: DataConfig, qlora_cfg: QLoRAConfig, train_cfg: TrainConfig,
+               eval_cfg: EvalConfig, fsdp_opts: Any, *, on_step_end: Callable[[LoopState], None] | None,
+               echo: Callable[[str], None]) -> TrainResult:
     from quickloris.models.adapters import save_adapter
     from quickloris.models.loading import load_model, load_tokenizer, max_positions, resolve_model
     from quickloris.models.prepare import qlora_config

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from quickloris.data.tasks import TaskExample, get_task
-from quickloris.hf.evaluate import evaluate_exact_match, evaluate_task, generate_replies
+from quickloris.train.exact_match import evaluate_exact_match, evaluate_task, generate_replies
 
 
 def test_batched_left_padded_equals_one_by_one(tiny_llama, chat_tokenizer, seed):

@@ -16,6 +16,8 @@ from quickloris.models.adapters import CONFIG_NAME, WEIGHTS_NAME, adapter_state_
 from quickloris.models.prepare import QLoRAConfig, prepare_model  # noqa: E402
 from quickloris.parallel.compile import CompileConfig, compile_stats, reset_compile_stats  # noqa: E402
 from quickloris.parallel.compose import build_training_model  # noqa: E402
+from tests.helpers import require  # noqa: E402
+from tests.tiny import tiny_model  # noqa: E402
 
 V = 97
 
@@ -24,9 +26,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny():
-    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, eos_token_id=1)
-    return transformers.LlamaForCausalLM(cfg)
+    return tiny_model(vocab_size=V, pad_token_id=0, eos_token_id=1)
 
 
 def _recorder(model, seen):
@@ -100,8 +100,8 @@ def test_trainer_grad_accumulation_is_token_normalised_and_saves_adapters(seed, 
 
 
 def test_sft_trainer_trains_with_token_normalised_loss(seed, tmp_path):
-    trl = pytest.importorskip("trl")
-    datasets = pytest.importorskip("datasets")
+    trl = require("trl")
+    datasets = require("datasets")
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     vocab = {"<pad>": 0, "</s>": 1, **{f"w{i}": i + 2 for i in range(V - 2)}}
