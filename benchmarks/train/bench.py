@@ -21,11 +21,13 @@ Parts (``--parts``; default ``1b,counts,8b``; options can also come from $QUICKL
 * ``families``: other families' real shapes (`benchmarks.train.families`: ``--family-shapes``, default
   Gemma-3-1B 4 x 2048 and Phi-3-mini-4k 2 x 2048), the stacks of ``--family-stacks`` (default all four), LoRA on
   every decoder linear under the family's names (Phi-3: the fused ``qkv_proj``, ``gate_up_proj``), the quickloris
-  stacks on ``--family-attention`` (default flex); per-step losses compared with ``hf_eager``. A stack or shape
-  that fails records its error and the rest still run.
+  stacks on ``--family-attention`` (default flex); ``--family-steps`` steps (default 5: 2 warm-up, 3 timed) on
+  the same batches, per-step losses compared with ``hf_eager``. One base at a time, each stack's model freed
+  before the next; a stack or shape that fails (out of memory, say) records its error and the rest still run.
 
 ``--quick`` trims steps and lengths (a smoke run); ``--tiny`` runs everything on a tiny model on CPU (aot_eager
-compile backend): the tests use it. Without CUDA (and without --tiny) it prints why and measures nothing. Results:
+compile backend; the families part in fp32): the tests use it. ``--seed`` draws other base weights and batches.
+Without CUDA (and without --tiny) it prints why and measures nothing. Results:
 ``quickloris.utils.provenance.record("train", ...)`` under ``--out``; each part's numbers are also printed as it ends.
 """
 
@@ -38,7 +40,8 @@ import shlex
 import time
 from typing import Any
 
-from benchmarks.train.families import DEFAULT_FAMILY_SHAPES, FAMILY_SHAPES, failed, parse_shapes, part_families
+from benchmarks.train.families import (DEFAULT_FAMILY_SHAPES, FAMILY_SHAPES, failed, parse_shapes, part_families,
+                                       summary_lines)
 
 PARTS = ("1b", "counts", "8b", "maxlen", "families")
 DEFAULT_PARTS = "1b,counts,8b"
@@ -81,6 +84,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stacks of the families part")
     parser.add_argument("--family-attention", choices=["sdpa", "sdpa_cudnn", "flex"], default="flex",
                         help="attention of the ql stacks in the families part (the HF stacks use transformers' sdpa)")
+    parser.add_argument("--family-steps", type=int, default=5,
+                        help="training steps per stack in the families part (default 5: 2 warm-up, 3 timed)")
+    parser.add_argument("--seed", type=int, default=0, help="random base weights (batches: seed + 1)")
     parser.add_argument("--quick", action="store_true", help="fewer steps and lengths (smoke run)")
     parser.add_argument("--tiny", action="store_true", help="tiny model on CPU (tests); not a measurement")
     extra = os.environ.get("QUICKLORIS_BENCH_TRAIN_ARGS")
@@ -158,9 +164,10 @@ def _stack_runs(tm, base, env, args, plan: list[tuple[str, list[int], int]], voc
             build_s = time.perf_counter() - t0
             for seq in seqs:
                 reset_compile_stats()
-                run = tm.train_run(model, tm.make_batches(args.steps, batch, seq, vocab), device=env["device"],
-                                   lr=args.lr)
-                run.update(build_s=build_s, compile=compile_stats() if stack.endswith("compiled") else None)
+                run = tm.train_run(model, tm.make_batches(args.steps, batch, seq, vocab, seed=args.seed + 1),
+                                   device=env["device"], lr=args.lr)
+                run.update(build_s=build_s, compile=compile_stats() if stack.endswith("compiled") else None,
+                           attention=model.config._attn_implementation)  # what ran (transformers' registry name)
                 out.setdefault(f"{batch}x{seq}", {})[stack] = run
                 print(f"  {stack:12s} {batch}x{seq}: {run['tokens_per_s']:,.0f} tok/s, peak "
                       f"{run['peak_gib'] or 0:.2f} GiB, first step {run['first_step_s']:.1f} s, losses "
@@ -270,6 +277,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"{option}: unknown {sorted(bad_stacks)}; choose from {','.join(tm.STACKS)}")
     if "families" in parts:
         parse_shapes(args.family_shapes)  # a typo is reported before anything is built
+        if args.family_steps < 3:
+            raise ValueError(f"--family-steps: {args.family_steps}; at least 3 (tokens/s is the median of steps 3..N)")
     if not args.tiny and not torch.cuda.is_available():
         print("quickloris bench train needs a CUDA GPU (see docs/device.md); nothing was measured.")
         return 2
@@ -277,7 +286,7 @@ def run(args: argparse.Namespace) -> int:
     results: dict[str, Any] = {"parts": parts, "steps": args.steps, "lr": args.lr, "attention": args.attention,
                                "skip_last_1b": args.skip_last_1b, "skip_last_8b": args.skip_last_8b,
                                "in_graph_1b": args.in_graph_1b, "in_graph_8b": args.in_graph_8b,
-                               "quick": args.quick, "tiny": args.tiny, "device": env["device"]}
+                               "quick": args.quick, "tiny": args.tiny, "device": env["device"], "seed": args.seed}
     bases: dict[str, Any] = {}
 
     def drop_bases() -> None:
@@ -289,7 +298,7 @@ def run(args: argparse.Namespace) -> int:
         if key not in bases:
             drop_bases()
             t0 = time.perf_counter()
-            bases[key] = tm.build_base(env[f"shape_{key}"], device=env["device"])
+            bases[key] = tm.build_base(env[f"shape_{key}"], device=env["device"], seed=args.seed)
             results[f"build_{key}_s"] = round(time.perf_counter() - t0, 1)
         return bases[key]
 
@@ -369,15 +378,7 @@ def summary(results: dict[str, Any]) -> str:
                 lines.append(f"{shape}: {res.get('error')}")
             continue
         lines += _table(shape, res)
-    fam = results.get("families")
-    if isinstance(fam, dict):
-        if "error" in fam:
-            lines.append(f"families: {fam['error']}")
-        for name, r in fam.items() if "error" not in fam else ():
-            if "error" in r:
-                lines.append(f"{name}: {r['error']}")
-            else:
-                lines += _table(name, {f"{r['batch']}x{r['seq']}": r["runs"]})
+    lines += summary_lines(results.get("families"), _table)
     c = results.get("counts")
     if isinstance(c, dict) and "compile" in c:
         lines.append(f"compile counts, {c['steps']} steps of lengths {c['lengths'][0]}..{c['lengths'][1]}: "

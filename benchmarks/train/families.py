@@ -21,6 +21,7 @@ per layer type's window; the HF stacks run transformers' SDPA with its sliding-w
 
 from __future__ import annotations
 
+import argparse
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -33,12 +34,15 @@ GEMMA3_1B = dict(vocab_size=262144, hidden_size=1152, intermediate_size=6912, nu
                  rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                                   "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}})
 PHI3_MINI_4K = dict(sliding_window=2047)
-# CPU tests: the same features at toy size (a window shorter than the tiny sequence; Gemma's two layer types)
+# CPU tests: the same features at toy size (a window shorter than the tiny sequence; Gemma's two layer types),
+# matrices drawn at std TINY_STD, larger than the 0.02 of the real shapes, so that attention patterns move the loss
+TINY_STD = 0.08
 TINY_GEMMA3 = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16, sliding_window=16,
                    max_position_embeddings=256, layer_types=["sliding_attention", "full_attention"])
 TINY_PHI3 = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=4, sliding_window=31, max_position_embeddings=256)
+                 num_key_value_heads=4, sliding_window=31, max_position_embeddings=256, pad_token_id=0,
+                 bos_token_id=1, eos_token_id=2)  # Phi3Config's default ids (32000) are outside a tiny vocabulary
 
 
 @dataclass(frozen=True)
@@ -83,8 +87,14 @@ def parse_shapes(text: str) -> list[tuple[str, int | None, int | None]]:
 
 
 def part_families(tm, env: dict[str, Any], args, stack_runs: Callable[..., dict[str, Any]]) -> dict[str, Any]:
-    """Per shape: one shared NF4 base, the stacks of ``--family-stacks`` on it (`stack_runs`: per-step losses vs
-    ``hf_eager``); a shape that fails records its error and the next one still runs."""
+    """Per shape: one shared NF4 base, the stacks of ``--family-stacks`` on it (`stack_runs`: ``--family-steps``
+    steps each on the same batches, per-step losses vs ``hf_eager``); a shape that fails records its error and the
+    next one still runs. ``--tiny``: the shapes' toy configs in fp32 on CPU (the stacks then differ only in the
+    order of their floating-point sums: the tests compare their losses tightly); otherwise bf16."""
+    import torch
+
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    sub = argparse.Namespace(**{**vars(args), "steps": args.family_steps})
     out: dict[str, Any] = {}
     for name, batch, seq in parse_shapes(args.family_shapes):
         shape = FAMILY_SHAPES[name]
@@ -93,18 +103,20 @@ def part_families(tm, env: dict[str, Any], args, stack_runs: Callable[..., dict[
         else:
             cfg, batch, seq = shape.config, batch or shape.batch, seq or shape.seq
         rec: dict[str, Any] = {"architecture": shape.architecture, "source": shape.source, "config": cfg,
-                               "batch": batch, "seq": seq, "ql_attention": args.family_attention,
+                               "batch": batch, "seq": seq, "dtype": str(dtype).removeprefix("torch."),
+                               "steps": sub.steps, "seed": args.seed, "ql_attention": args.family_attention,
                                "hf_attention": "sdpa"}
-        print(f"  {name} ({shape.architecture}), {batch}x{seq}", flush=True)
+        print(f"  {name} ({shape.architecture}), {batch}x{seq}, {sub.steps} steps", flush=True)
+        torch._dynamo.reset()  # the previous shape's compiled graphs (and the modules their guards hold) go
         t0 = time.perf_counter()
         base = None
         try:
-            base = tm.build_base(cfg, device=env["device"], architecture=shape.architecture)
+            base = tm.build_base(cfg, device=env["device"], architecture=shape.architecture, dtype=dtype,
+                                 seed=args.seed, **({"std": TINY_STD} if args.tiny else {}))
             rec.update(build_base_s=round(time.perf_counter() - t0, 1), lora_targets=base.targets(),
                        params=base.param_count())
-            runs = stack_runs(tm, base, env, args, [(s, [seq], batch) for s in args.family_stacks],
-                              base.config.vocab_size, attention=args.family_attention,
-                              keep_going=True)
+            runs = stack_runs(tm, base, env, sub, [(s, [seq], batch) for s in args.family_stacks],
+                              base.config.vocab_size, attention=args.family_attention, keep_going=True)
             rec["runs"] = runs[f"{batch}x{seq}"]
         except Exception as e:  # keep the other shapes' numbers; the error is part of the record
             rec["error"] = f"{type(e).__name__}: {e}"
@@ -122,3 +134,15 @@ def failed(res: Any) -> bool:
         return False
     return "error" in res or any(isinstance(r, dict) and ("error" in r or any(
         isinstance(s, dict) and "error" in s for s in (r.get("runs") or {}).values())) for r in res.values())
+
+
+def summary_lines(res: Any, table: Callable[[str, dict[str, Any]], list[str]]) -> list[str]:
+    """The summary's lines for the families part: `table` (label, {batch x seq: {stack: run}}) per shape."""
+    if not isinstance(res, dict):
+        return []
+    if "error" in res:
+        return [f"families: {res['error']}"]
+    lines: list[str] = []
+    for name, r in res.items():
+        lines += [f"{name}: {r['error']}"] if "error" in r else table(name, {f"{r['batch']}x{r['seq']}": r["runs"]})
+    return lines

@@ -97,8 +97,9 @@ def _materialise_buffers(model: nn.Module, device: str) -> None:
     for name, module in list(model.named_modules()):
         if type(module).__name__.endswith("RotaryEmbedding"):
             parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child,
-                    type(module)(config=model.config, device=device).to(device))
+            with torch.device("cpu"):  # the tables computed on CPU, as from_pretrained does, then moved
+                rebuilt = type(module)(config=model.config)
+            setattr(model.get_submodule(parent) if parent else model, child, rebuilt.to(device))
         elif hasattr(module, "scalar_embed_scale") and getattr(module, "embed_scale", None) is not None:
             module.embed_scale = torch.tensor(float(module.scalar_embed_scale), device=device)
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
@@ -107,10 +108,15 @@ def _materialise_buffers(model: nn.Module, device: str) -> None:
 
 
 def _skeleton(base: SharedBase, device: str, linear_factory) -> nn.Module:
+    import copy
+
     import transformers
 
+    # a config of its own: quickloris' set_attention writes the backend into model.config, which must not carry
+    # over to the stack built next on this base (the HF stacks would then run quickloris' attention)
+    config = copy.deepcopy(base.config)
     with torch.device("meta"):
-        model = getattr(transformers, base.architecture)(base.config)
+        model = getattr(transformers, base.architecture)(config)
     for name, nf4 in base.nf4.items():
         parent, child = name.rsplit(".", 1)
         setattr(model.get_submodule(parent), child, linear_factory(nf4))
@@ -138,6 +144,8 @@ def hf_stack(base: SharedBase, *, device: str, compiled: bool, r: int = 16, alph
     from quickloris.models.families import decoder_layers
 
     model = _skeleton(base, device, linear4bit)
+    if model.config._attn_implementation != "sdpa":
+        raise RuntimeError(f"hf stack: attention {model.config._attn_implementation!r}, not sdpa")
     model.is_loaded_in_4bit = True
     model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=base.targets()))
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
