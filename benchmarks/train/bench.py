@@ -37,7 +37,9 @@ import argparse
 import json
 import os
 import shlex
+import sys
 import time
+import traceback
 from typing import Any
 
 from benchmarks.train.families import (DEFAULT_FAMILY_SHAPES, FAMILY_SHAPES, failed, parse_shapes, part_families,
@@ -175,6 +177,7 @@ def _stack_runs(tm, base, env, args, plan: list[tuple[str, list[int], int]], voc
         except Exception as e:
             if not keep_going:
                 raise
+            traceback.print_exc(file=sys.stdout)  # the log keeps where it failed; the record keeps the message
             for seq in seqs:
                 out.setdefault(f"{batch}x{seq}", {}).setdefault(stack, {"error": f"{type(e).__name__}: {e}"})
             print(f"  {stack:12s} failed: {type(e).__name__}: {e}", flush=True)

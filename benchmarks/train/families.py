@@ -107,7 +107,7 @@ def part_families(tm, env: dict[str, Any], args, stack_runs: Callable[..., dict[
                                "steps": sub.steps, "seed": args.seed, "ql_attention": args.family_attention,
                                "hf_attention": "sdpa"}
         print(f"  {name} ({shape.architecture}), {batch}x{seq}, {sub.steps} steps", flush=True)
-        torch._dynamo.reset()  # the previous shape's compiled graphs (and the modules their guards hold) go
+        torch._dynamo.reset()  # drop the previous shape's compiled graphs (their guards hold its modules)
         t0 = time.perf_counter()
         base = None
         try:
