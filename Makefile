@@ -6,7 +6,7 @@ PIP    := $(VPY) -m pip
 STAMP  := $(VENV)/.installed
 NATIVE := CMakeLists.txt $(wildcard csrc/*.cpp csrc/*.h csrc/*.hpp)
 
-.PHONY: test test-all demo setup device-prepare clean
+.PHONY: test test-all lint demo setup device-prepare clean
 
 setup: $(STAMP)
 
@@ -28,8 +28,13 @@ $(LLAMACPP): $(STAMP)
 	CMAKE_BUILD_PARALLEL_LEVEL=2 CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(PIP) install -q llama-cpp-python -c constraints.txt
 	touch $@
 
+# Formatting and lint (pyproject's [tool.ruff]): part of `make test`.
+lint: $(STAMP)
+	$(VPY) -m ruff format --check --quiet .
+	$(VPY) -m ruff check --quiet .
+
 # The CPU suite (GPU-marked tests skip with a reason); Triton kernels run under TRITON_INTERPRET=1.
-test: $(STAMP) $(LLAMACPP)
+test: lint $(STAMP) $(LLAMACPP)
 	$(VPY) -m pytest -q -m "not slow" tests
 
 test-all: $(STAMP) $(LLAMACPP)

@@ -21,7 +21,7 @@ torch.manual_seed(0)
 # 1. Functional API: explicit weight (and bias) tensors, gradients to all of them.
 tokens, hidden, vocab = 2048, 256, 32000
 x = torch.randn(tokens, hidden, device=device, requires_grad=True)
-w = (torch.randn(vocab, hidden, device=device) * hidden ** -0.5).requires_grad_()
+w = (torch.randn(vocab, hidden, device=device) * hidden**-0.5).requires_grad_()
 y = torch.randint(0, vocab, (tokens,), device=device)
 y[:100] = -100  # ignored (e.g. prompt) tokens
 loss = chunked_linear_loss(x, w, y, chunk_size=256, label_smoothing=0.1)  # mean over scored tokens
@@ -30,8 +30,10 @@ dx, dw = x.grad.clone(), w.grad.clone()
 x.grad = w.grad = None
 naive = F.cross_entropy((x @ w.T).float(), y, label_smoothing=0.1)
 naive.backward()
-print(f"1. chunked {loss.item():.6f} vs naive {naive.item():.6f}; "
-      f"max |dX diff| {(dx - x.grad).abs().max():.2e}, max |dW diff| {(dw - w.grad).abs().max():.2e}")
+print(
+    f"1. chunked {loss.item():.6f} vs naive {naive.item():.6f}; "
+    f"max |dX diff| {(dx - x.grad).abs().max():.2e}, max |dW diff| {(dw - w.grad).abs().max():.2e}"
+)
 
 # Per-token log-probabilities at a temperature (reduction="none"), e.g. for RL losses.
 logp = chunked_linear_loss(x.detach(), w.detach(), y, loss="token_logprobs", reduction="none", temperature=0.7)
@@ -55,11 +57,17 @@ print(f"2. spec class: loss {out.item():.2f}, dW norm {linear.weight.grad.norm()
 try:
     import transformers
 except ImportError:
-    raise SystemExit("3. skipped: transformers is not installed")
+    raise SystemExit("3. skipped: transformers is not installed") from None
 from quickloris.models.chunked_loss import enable_chunked_loss  # noqa: E402 - needs transformers
 
-cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=512, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2)
+cfg = transformers.LlamaConfig(
+    vocab_size=vocab,
+    hidden_size=hidden,
+    intermediate_size=512,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
 model = transformers.LlamaForCausalLM(cfg).to(device).train()
 ids = torch.randint(0, vocab, (2, 256), device=device)
 reference = model(input_ids=ids, labels=ids).loss

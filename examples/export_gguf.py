@@ -39,8 +39,15 @@ def main() -> None:
     torch.manual_seed(0)
 
     model, tok = load_model_and_tokenizer(None)  # the embedded default model, float32
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=[
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=8,
+            lora_alpha=16,
+            lora_dropout=0.0,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        ),
+    )
     batch = tok([FACT] * 2, return_tensors="pt")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     model.train()
@@ -55,7 +62,7 @@ def main() -> None:
     def hf_greedy(ids):
         with torch.no_grad():
             out = model.generate(torch.tensor([ids]), max_new_tokens=args.tokens, do_sample=False)
-        return out[0, len(ids):].tolist()
+        return out[0, len(ids) :].tolist()
 
     prompts = [tok(p)["input_ids"] for p in PROMPTS]
     reference = [hf_greedy(ids) for ids in prompts]
@@ -65,8 +72,10 @@ def main() -> None:
     for quant in ("f16", "q8_0", "q4_k_m"):
         path = os.path.join(args.out_dir, f"smollm2-quickloris-{quant}.gguf")
         result = export_gguf(model, path, tokenizer=tok, quant=quant, overwrite=True)  # the example's own files
-        print(f"\n{quant}: {path}, {result.tensor_bytes / 2**20:.1f} MiB in {result.seconds:.1f} s "
-              f"(types: {sorted(set(result.tensor_types.values()))})")
+        print(
+            f"\n{quant}: {path}, {result.tensor_bytes / 2**20:.1f} MiB in {result.seconds:.1f} s "
+            f"(types: {sorted(set(result.tensor_types.values()))})"
+        )
         llm = llama_cpp.Llama(model_path=path, n_ctx=256, verbose=False)
         for text, ids, ref in zip(PROMPTS, prompts, reference):
             start = time.perf_counter()
@@ -76,8 +85,10 @@ def main() -> None:
                 if len(gen) == args.tokens:
                     break
             same = next((i for i, (a, b) in enumerate(zip(gen, ref)) if a != b), args.tokens)
-            print(f"  {text!r}: {same}/{args.tokens} tokens as HF ({time.perf_counter() - start:.1f} s)\n"
-                  f"    llama.cpp: {tok.decode(gen)!r}\n    HF:        {tok.decode(ref)!r}")
+            print(
+                f"  {text!r}: {same}/{args.tokens} tokens as HF ({time.perf_counter() - start:.1f} s)\n"
+                f"    llama.cpp: {tok.decode(gen)!r}\n    HF:        {tok.decode(ref)!r}"
+            )
         llm.close()
 
 

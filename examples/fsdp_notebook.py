@@ -24,8 +24,9 @@ def main() -> None:
     p.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
     args = p.parse_args()
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    client = NotebookClient(nb, timeout=args.timeout, kernel_name="python3",
-                            resources={"metadata": {"path": str(NOTEBOOK.parent)}})
+    client = NotebookClient(
+        nb, timeout=args.timeout, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}
+    )
     with client.setup_kernel():
         for index, cell in enumerate(nb.cells):
             if cell.cell_type == "code" and (args.all or "device" in cell.metadata.get("tags", [])):

@@ -29,12 +29,21 @@ def main() -> None:
     if args.model:
         model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device)
     else:
-        cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2)
+        cfg = transformers.LlamaConfig(
+            vocab_size=512,
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
         model = transformers.LlamaForCausalLM(cfg).to(device, dtype)
     model = build_training_model(
-        model, QLoRAConfig(r=16, lora_alpha=32, attention="sdpa"), checkpointing=CheckpointConfig(),
-        compile=CompileConfig(backend="inductor" if device == "cuda" else "aot_eager"))
+        model,
+        QLoRAConfig(r=16, lora_alpha=32, attention="sdpa"),
+        checkpointing=CheckpointConfig(),
+        compile=CompileConfig(backend="inductor" if device == "cuda" else "aot_eager"),
+    )
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
     motif = torch.randint(0, model.config.vocab_size, (1, 16))
     for step in range(args.steps):

@@ -88,26 +88,46 @@ def report(outcomes: dict, used: dict) -> dict:
         for where, fraction in records:
             worst = t["checks"].get(where)
             if worst is None or fraction > worst["used"]:
-                t["checks"][where] = {"used": fraction, "margin": (1 / fraction) if fraction > 0 else None,
-                                      "seed": seed}
+                t["checks"][where] = {
+                    "used": fraction,
+                    "margin": (1 / fraction) if fraction > 0 else None,
+                    "seed": seed,
+                }
     return tests
 
 
 def environment(python: str) -> dict:
     """Where the margins were measured: commit, CPU, torch's vector ISA and threads (what rounding depends on)."""
-    probe = ("import json, os, platform, torch; print(json.dumps({'torch': torch.__version__, "
-             "'cpu_capability': torch.backends.cpu.get_cpu_capability(), 'threads': torch.get_num_threads(), "
-             "'machine': platform.machine()}))")
+    probe = (
+        "import json, os, platform, torch; print(json.dumps({'torch': torch.__version__, "
+        "'cpu_capability': torch.backends.cpu.get_cpu_capability(), 'threads': torch.get_num_threads(), "
+        "'machine': platform.machine()}))"
+    )
     env = json.loads(subprocess.run([python, "-c", probe], capture_output=True, text=True, check=True).stdout)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
-                           text=True).stdout.strip()
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    return {**env, "commit": commit + ("-dirty" if dirty else ""), "cpu": cpu,
-            "ATEN_CPU_CAPABILITY": os.environ.get("ATEN_CPU_CAPABILITY"),
-            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
-            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    cpu = (
+        next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            platform.processor(),
+        )
+        if Path("/proc/cpuinfo").exists()
+        else ""
+    )
+    return {
+        **env,
+        "commit": commit + ("-dirty" if dirty else ""),
+        "cpu": cpu,
+        "ATEN_CPU_CAPABILITY": os.environ.get("ATEN_CPU_CAPABILITY"),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,17 +141,29 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{'test':<100} {'seeds':>5} {'failed':>6}  worst check: fraction of tolerance used (margin), seed")
     for name, t in sorted(tests.items()):
         checks = sorted(t["checks"].items(), key=lambda kv: -kv[1]["used"])
-        head = (f"{name:<100} {t['seeds']:>5} {len(t['failed_seeds']):>6}  "
-                + (f"{checks[0][1]['used']:.3g} ({checks[0][1]['margin'] or float('inf'):.3g}x) seed "
-                   f"{checks[0][1]['seed']} at {checks[0][0]}" if checks else "no tolerance check recorded"))
+        head = f"{name:<100} {t['seeds']:>5} {len(t['failed_seeds']):>6}  " + (
+            f"{checks[0][1]['used']:.3g} ({checks[0][1]['margin'] or float('inf'):.3g}x) seed "
+            f"{checks[0][1]['seed']} at {checks[0][0]}"
+            if checks
+            else "no tolerance check recorded"
+        )
         print(head)
         if t["failed_seeds"]:
             print(f"{'':<100} failed seeds: {t['failed_seeds']}")
         for where, c in checks[1:]:
             print(f"{'':<115}{c['used']:.3g} ({c['margin'] or float('inf'):.3g}x) seed {c['seed']} at {where}")
     if args.out:
-        Path(args.out).write_text(json.dumps({"seeds": args.seeds, "pytest_args": pytest_args,
-                                              "environment": environment(args.python), "tests": tests}, indent=1))
+        Path(args.out).write_text(
+            json.dumps(
+                {
+                    "seeds": args.seeds,
+                    "pytest_args": pytest_args,
+                    "environment": environment(args.python),
+                    "tests": tests,
+                },
+                indent=1,
+            )
+        )
     return 1 if any(t["failed_seeds"] for t in tests.values()) else 0
 
 

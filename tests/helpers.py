@@ -11,7 +11,6 @@
   floating-point sum), `assert_close_rel`, `packed_and_padded` (the same documents packed and padded).
 """
 
-
 from __future__ import annotations
 
 import copy
@@ -133,8 +132,9 @@ def dequantized_twin(reference: nn.Module, prepared: nn.Module) -> nn.Module:
     return twin
 
 
-def peft_twin(reference: nn.Module, prepared: nn.Module, *, r: int, lora_alpha: float, targets=None,
-              use_rslora: bool = False) -> nn.Module:
+def peft_twin(
+    reference: nn.Module, prepared: nn.Module, *, r: int, lora_alpha: float, targets=None, use_rslora: bool = False
+) -> nn.Module:
     """`dequantized_twin` with PEFT LoRA layers on the same modules, holding `prepared`'s LoRA matrices."""
     import peft
 
@@ -142,8 +142,10 @@ def peft_twin(reference: nn.Module, prepared: nn.Module, *, r: int, lora_alpha: 
 
     layers = lora_layers(prepared)
     names = sorted({path.rsplit(".", 1)[-1] for path in layers}) if targets is None else list(targets)
-    pm = peft.get_peft_model(dequantized_twin(reference, prepared), peft.LoraConfig(
-        r=r, lora_alpha=lora_alpha, use_rslora=use_rslora, target_modules=names, lora_dropout=0.0))
+    pm = peft.get_peft_model(
+        dequantized_twin(reference, prepared),
+        peft.LoraConfig(r=r, lora_alpha=lora_alpha, use_rslora=use_rslora, target_modules=names, lora_dropout=0.0),
+    )
     for name, mod in layers.items():
         theirs = pm.base_model.model.get_submodule(name)
         with torch.no_grad():

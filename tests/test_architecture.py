@@ -95,7 +95,7 @@ def test_no_import_cycle():
         stack.append(n)
         for d in edges.get(n, []):
             if color.get(d) == 1:
-                cycles.append(" -> ".join(stack[stack.index(d):] + [d]))
+                cycles.append(" -> ".join(stack[stack.index(d) :] + [d]))
             elif d in edges and not color.get(d):
                 visit(d)
         stack.pop()
@@ -118,11 +118,13 @@ def test_layers_block_names_every_package():
 def test_import_stays_light(what):
     """`import quickloris` (and the CLI's entry module) pulls in no transformers / triton / bitsandbytes and
     initialises no CUDA context."""
-    code = (f"import sys, {what}\n"
-            "heavy = sorted(m for m in ('transformers', 'triton', 'bitsandbytes', 'peft', 'datasets', 'trl') "
-            "if m in sys.modules)\n"
-            "cuda = 'torch' in sys.modules and sys.modules['torch'].cuda.is_initialized()\n"
-            "print(heavy, cuda)\n")
+    code = (
+        f"import sys, {what}\n"
+        "heavy = sorted(m for m in ('transformers', 'triton', 'bitsandbytes', 'peft', 'datasets', 'trl') "
+        "if m in sys.modules)\n"
+        "cuda = 'torch' in sys.modules and sys.modules['torch'].cuda.is_initialized()\n"
+        "print(heavy, cuda)\n"
+    )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr

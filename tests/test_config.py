@@ -13,8 +13,19 @@ from typing import Literal
 
 import pytest
 
-from quickloris.config import (Config, ConfigError, add_dataclass_arguments, at_least, comma_list,
-                               dataclass_from_args, field, flatten, in_range, option_flags, options)
+from quickloris.config import (
+    Config,
+    ConfigError,
+    add_dataclass_arguments,
+    at_least,
+    comma_list,
+    dataclass_from_args,
+    field,
+    flatten,
+    in_range,
+    option_flags,
+    options,
+)
 
 
 @dataclass
@@ -39,29 +50,48 @@ class Outer(Config):
 
 
 def test_the_module_imports_nothing_but_the_standard_library():
-    code = ("import sys; import quickloris.config; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'triton', 'numpy') "
-            "or m.startswith('quickloris.')))")
+    code = (
+        "import sys; import quickloris.config; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'triton', 'numpy') "
+        "or m.startswith('quickloris.')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "['quickloris.config']"
 
 
-@pytest.mark.parametrize("kwargs, api, cli", [
-    ({"batch_size": 0}, "Outer.batch_size must be a positive int, got 0", "--batch-size must be a positive int, got 0"),
-    ({"batch_size": 2.0}, "Outer.batch_size must be an int, got 2.0", "--batch-size must be an int, got 2.0"),
-    ({"batch_size": True}, "Outer.batch_size must be an int, got True", None),
-    ({"lr": 0.0}, "Outer.lr must be > 0, got 0.0", "--lr must be > 0, got 0.0"),
-    ({"lr": math.nan}, "Outer.lr must be a number, got nan", None),
-    ({"ratio": 1.0}, "Outer.ratio must be >= 0 and < 1, got 1.0", "--ratio must be >= 0 and < 1, got 1.0"),
-    ({"mode": "z"}, "Outer.mode must be one of x, y, got 'z'", None),
-    ({"names": [1]}, "Outer.names must be a list of strings, got [1]", None),
-    ({"inner": {"level": 0}}, "Inner.level must be a positive int, got 0", "--in-level must be a positive int, got 0"),
-    ({"inner": {"enabled": "yes"}}, "Inner.enabled must be True, False or None, got 'yes'", None),
-    ({"inner": {"keep": ["c"]}}, "Inner.keep must be a list of a / b, got ['c']",
-     "--keep-kinds must be a list of a / b, got ['c']"),
-    ({"inner": {"enabled": False, "keep": ["a"]}},
-     "Inner.keep=['a'] needs enabled", "--keep-kinds=['a'] needs --inner"),
-])
+@pytest.mark.parametrize(
+    "kwargs, api, cli",
+    [
+        (
+            {"batch_size": 0},
+            "Outer.batch_size must be a positive int, got 0",
+            "--batch-size must be a positive int, got 0",
+        ),
+        ({"batch_size": 2.0}, "Outer.batch_size must be an int, got 2.0", "--batch-size must be an int, got 2.0"),
+        ({"batch_size": True}, "Outer.batch_size must be an int, got True", None),
+        ({"lr": 0.0}, "Outer.lr must be > 0, got 0.0", "--lr must be > 0, got 0.0"),
+        ({"lr": math.nan}, "Outer.lr must be a number, got nan", None),
+        ({"ratio": 1.0}, "Outer.ratio must be >= 0 and < 1, got 1.0", "--ratio must be >= 0 and < 1, got 1.0"),
+        ({"mode": "z"}, "Outer.mode must be one of x, y, got 'z'", None),
+        ({"names": [1]}, "Outer.names must be a list of strings, got [1]", None),
+        (
+            {"inner": {"level": 0}},
+            "Inner.level must be a positive int, got 0",
+            "--in-level must be a positive int, got 0",
+        ),
+        ({"inner": {"enabled": "yes"}}, "Inner.enabled must be True, False or None, got 'yes'", None),
+        (
+            {"inner": {"keep": ["c"]}},
+            "Inner.keep must be a list of a / b, got ['c']",
+            "--keep-kinds must be a list of a / b, got ['c']",
+        ),
+        (
+            {"inner": {"enabled": False, "keep": ["a"]}},
+            "Inner.keep=['a'] needs enabled",
+            "--keep-kinds=['a'] needs --inner",
+        ),
+    ],
+)
 def test_one_error_two_names(kwargs, api, cli):
     with pytest.raises(ConfigError) as info:
         Outer(**kwargs)
@@ -75,9 +105,15 @@ def test_one_error_two_names(kwargs, api, cli):
 
 def test_options_nest_with_prefixes_and_declared_flags():
     assert [(o.flag, o.dest, o.owner.__name__) for o in options(Outer)] == [
-        ("--batch-size", "batch_size", "Outer"), ("--lr", "lr", "Outer"), ("--ratio", "ratio", "Outer"),
-        ("--mode", "mode", "Outer"), ("--names", "names", "Outer"), ("--inner", "inner.enabled", "Inner"),
-        ("--in-level", "inner.level", "Inner"), ("--keep-kinds", "inner.keep", "Inner")]
+        ("--batch-size", "batch_size", "Outer"),
+        ("--lr", "lr", "Outer"),
+        ("--ratio", "ratio", "Outer"),
+        ("--mode", "mode", "Outer"),
+        ("--names", "names", "Outer"),
+        ("--inner", "inner.enabled", "Inner"),
+        ("--in-level", "inner.level", "Inner"),
+        ("--keep-kinds", "inner.keep", "Inner"),
+    ]
     assert {o.flag: o.default for o in options(Outer)}["--inner"] is None  # the outer default's value
 
 
@@ -85,11 +121,29 @@ def test_command_line_round_trip():
     parser = argparse.ArgumentParser()
     add_dataclass_arguments(parser, Outer)
     assert dataclass_from_args(Outer, parser.parse_args([])) == Outer()
-    cfg = dataclass_from_args(Outer, parser.parse_args(
-        ["--batch-size", "3", "--ratio", "none", "--mode", "y", "--names", "a,b", "--inner", "--in-level", "4",
-         "--keep-kinds", "b,a"]))
-    assert cfg == Outer(batch_size=3, ratio=None, mode="y", names=["a", "b"],
-                        inner=Inner(enabled=True, level=4, keep=["b", "a"]))
+    cfg = dataclass_from_args(
+        Outer,
+        parser.parse_args(
+            [
+                "--batch-size",
+                "3",
+                "--ratio",
+                "none",
+                "--mode",
+                "y",
+                "--names",
+                "a,b",
+                "--inner",
+                "--in-level",
+                "4",
+                "--keep-kinds",
+                "b,a",
+            ]
+        ),
+    )
+    assert cfg == Outer(
+        batch_size=3, ratio=None, mode="y", names=["a", "b"], inner=Inner(enabled=True, level=4, keep=["b", "a"])
+    )
     assert dataclass_from_args(Outer, parser.parse_args(["--no-inner"])).inner.enabled is False
     with pytest.raises(SystemExit):
         parser.parse_args(["--mode", "z"])
@@ -106,8 +160,16 @@ def test_defaults_are_copied_and_values_converted():
 
 def test_flatten_and_the_compared_fields():
     cfg = Outer(ratio=0.5, inner={"level": 3})
-    assert flatten(cfg) == {"batch_size": 8, "lr": 1e-3, "ratio": 0.5, "mode": "x", "names": ["p", "q"],
-                            "inner.enabled": True, "inner.level": 3, "inner.keep": []}
+    assert flatten(cfg) == {
+        "batch_size": 8,
+        "lr": 1e-3,
+        "ratio": 0.5,
+        "mode": "x",
+        "names": ["p", "q"],
+        "inner.enabled": True,
+        "inner.level": 3,
+        "inner.keep": [],
+    }
     assert flatten(cfg, compared_only=True) == {"batch_size": 8, "lr": 1e-3, "mode": "x", "names": ["p", "q"]}
 
 

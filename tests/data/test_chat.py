@@ -6,8 +6,14 @@ import random
 
 import pytest
 
-from quickloris.data.chat import (IGNORE_INDEX, check_max_seq_len, tokenize_chat, tokenize_record,
-                                  tokenize_records, tokenize_text)
+from quickloris.data.chat import (
+    IGNORE_INDEX,
+    check_max_seq_len,
+    tokenize_chat,
+    tokenize_record,
+    tokenize_records,
+    tokenize_text,
+)
 from quickloris.data.jsonl import DataFormatError, Record, parse_record
 
 
@@ -28,8 +34,11 @@ def _trained_runs(tok, ex):
 
 def test_single_turn_matches_hf_and_trains_only_the_answer(smollm2_tokenizer):
     tok = smollm2_tokenizer
-    msgs = [{"role": "system", "content": "Add the two numbers."}, {"role": "user", "content": "479 + 386"},
-            {"role": "assistant", "content": "865"}]
+    msgs = [
+        {"role": "system", "content": "Add the two numbers."},
+        {"role": "user", "content": "479 + 386"},
+        {"role": "assistant", "content": "865"},
+    ]
     ex = tokenize_chat(tok, msgs)
     assert ex.input_ids == list(tok.apply_chat_template(msgs, tokenize=True, return_dict=False))
     assert _trained_runs(tok, ex) == ["865<|im_end|>"]
@@ -42,9 +51,13 @@ def test_single_turn_matches_hf_and_trains_only_the_answer(smollm2_tokenizer):
 
 def test_multi_turn_trains_every_assistant_turn_only(smollm2_tokenizer):
     tok = smollm2_tokenizer
-    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello! How can I help?"},
-            {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
-            {"role": "user", "content": "thanks"}]  # ends with a user turn: nothing after it is trained
+    msgs = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "Hello! How can I help?"},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "thanks"},
+    ]  # ends with a user turn: nothing after it is trained
     ex = tokenize_chat(tok, msgs)
     assert _trained_runs(tok, ex) == ["Hello! How can I help?<|im_end|>", "4<|im_end|>"]
     assert "You are a helpful AI assistant named SmolLM" in tok.decode(ex.input_ids)  # template's default system
@@ -57,8 +70,11 @@ def test_random_conversations(smollm2_tokenizer, seed):
     rng = random.Random(seed)
     alphabet = list("abc XYZ 0123456789 +-=\n\t.,!?") + ["é", "日本", "🙂", "<|im_start|>user", "  "]
     for _ in range(10):
-        msgs = [{"role": "system", "content": "".join(rng.choices(alphabet, k=rng.randint(1, 8)))}] \
-            if rng.random() < 0.5 else []
+        msgs = (
+            [{"role": "system", "content": "".join(rng.choices(alphabet, k=rng.randint(1, 8)))}]
+            if rng.random() < 0.5
+            else []
+        )
         for _ in range(rng.randint(1, 3)):
             msgs.append({"role": "user", "content": "".join(rng.choices(alphabet, k=rng.randint(0, 10)))})
             msgs.append({"role": "assistant", "content": "".join(rng.choices(alphabet, k=rng.randint(0, 10)))})
@@ -73,15 +89,23 @@ def test_random_conversations(smollm2_tokenizer, seed):
 
 
 def test_empty_completion_trains_only_end_of_turn(smollm2_tokenizer):
-    ex = tokenize_chat(smollm2_tokenizer, [{"role": "user", "content": "say nothing"},
-                                           {"role": "assistant", "content": ""}])
+    ex = tokenize_chat(
+        smollm2_tokenizer, [{"role": "user", "content": "say nothing"}, {"role": "assistant", "content": ""}]
+    )
     assert _trained_runs(smollm2_tokenizer, ex) == ["<|im_end|>"]
 
 
 def test_conversational_prompt_completion_keeps_few_shot_turns_as_context(smollm2_tokenizer):
-    rec = parse_record({"prompt": [{"role": "user", "content": "1+1"}, {"role": "assistant", "content": "2"},
-                                   {"role": "user", "content": "2+2"}],
-                        "completion": [{"role": "assistant", "content": "4"}]})
+    rec = parse_record(
+        {
+            "prompt": [
+                {"role": "user", "content": "1+1"},
+                {"role": "assistant", "content": "2"},
+                {"role": "user", "content": "2+2"},
+            ],
+            "completion": [{"role": "assistant", "content": "4"}],
+        }
+    )
     assert _trained_runs(smollm2_tokenizer, tokenize_record(smollm2_tokenizer, rec)) == ["4<|im_end|>"]
 
 
@@ -99,8 +123,10 @@ def test_text_records_mask_prompt_add_bos_and_eos(tiny_tokenizer, smollm2_tokeni
 
 def test_inconsistent_template_raises(smollm2_tokenizer):
     # renders the last message differently from earlier ones, so prefixes do not line up
-    template = ("{% for m in messages %}{% if loop.last %}LAST {% endif %}{{ m['role'] + ': ' + m['content'] + '\n' }}"
-                "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+    template = (
+        "{% for m in messages %}{% if loop.last %}LAST {% endif %}{{ m['role'] + ': ' + m['content'] + '\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+    )
     msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
     with pytest.raises(DataFormatError, match="does not render conversation prefixes consistently"):
         tokenize_chat(smollm2_tokenizer, msgs, chat_template=template)
@@ -136,8 +162,9 @@ def test_max_seq_len_check():
 def test_overflow_drop_and_error(smollm2_tokenizer):
     tok = smollm2_tokenizer
     short = Record(messages=({"role": "user", "content": "1"}, {"role": "assistant", "content": "2"}), source="s")
-    long = Record(messages=({"role": "user", "content": "word " * 50}, {"role": "assistant", "content": "x"}),
-                  source="long:7")
+    long = Record(
+        messages=({"role": "user", "content": "word " * 50}, {"role": "assistant", "content": "x"}), source="long:7"
+    )
     n_short = len(tokenize_record(tok, short))
     exs, stats = tokenize_records(tok, [short, long, short], max_seq_len=n_short)
     assert [len(e) for e in exs] == [n_short, n_short]
@@ -162,21 +189,35 @@ def test_no_trainable_tokens_raises(smollm2_tokenizer):
 # Hand-written templates in the shapes of other families (header + end-of-turn token; [INST] with the reply
 # straight after the user turn; turns named "model"), none of them SmolLM's.
 _TEMPLATES = {
-    "header": ("<|begin|>{% for m in messages %}<|hdr|>{{ m['role'] }}<|/hdr|>\n\n{{ m['content'] }}<|eot|>{% endfor %}"
-               "{% if add_generation_prompt %}<|hdr|>assistant<|/hdr|>\n\n{% endif %}", "<|eot|>"),
-    "inst": ("<s>{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
-             "{% elif m['role'] == 'assistant' %}{{ m['content'] }}</s>{% endif %}{% endfor %}", "</s>"),
-    "turns": ("{% for m in messages %}<turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
-              "{{ m['content'] }}<end>\n{% endfor %}{% if add_generation_prompt %}<turn>model\n{% endif %}", "<end>"),
+    "header": (
+        "<|begin|>{% for m in messages %}<|hdr|>{{ m['role'] }}<|/hdr|>\n\n{{ m['content'] }}<|eot|>{% endfor %}"
+        "{% if add_generation_prompt %}<|hdr|>assistant<|/hdr|>\n\n{% endif %}",
+        "<|eot|>",
+    ),
+    "inst": (
+        "<s>{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+        "{% elif m['role'] == 'assistant' %}{{ m['content'] }}</s>{% endif %}{% endfor %}",
+        "</s>",
+    ),
+    "turns": (
+        "{% for m in messages %}<turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+        "{{ m['content'] }}<end>\n{% endfor %}{% if add_generation_prompt %}<turn>model\n{% endif %}",
+        "<end>",
+    ),
 }
 
 
 @pytest.mark.parametrize("style", sorted(_TEMPLATES))
 def test_other_template_shapes(tiny_tokenizer, style):
     template, end = _TEMPLATES[style]
-    msgs = [{"role": "user", "content": "Add the two numbers."}, {"role": "assistant", "content": "42"},
-            {"role": "user", "content": "The answer is"}, {"role": "assistant", "content": "system 7"}]
+    msgs = [
+        {"role": "user", "content": "Add the two numbers."},
+        {"role": "assistant", "content": "42"},
+        {"role": "user", "content": "The answer is"},
+        {"role": "assistant", "content": "system 7"},
+    ]
     ex = tokenize_chat(tiny_tokenizer, msgs, chat_template=template)
     assert tiny_tokenizer.decode(ex.input_ids) == tiny_tokenizer.apply_chat_template(
-        msgs, tokenize=False, chat_template=template)
+        msgs, tokenize=False, chat_template=template
+    )
     assert _trained_runs(tiny_tokenizer, ex) == ["42" + end, "system 7" + end]

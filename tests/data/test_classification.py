@@ -11,8 +11,18 @@ import torch
 
 from quickloris.config import ConfigError
 from quickloris.data.classification import (
-    CLASSIFICATION_TASKS, ClassificationRow, class_of, collate_classification, get_classification_task, label_ids,
-    label_names, parse_row, read_classification_jsonl, tokenize_classification, write_classification_jsonl)
+    CLASSIFICATION_TASKS,
+    ClassificationRow,
+    class_of,
+    collate_classification,
+    get_classification_task,
+    label_ids,
+    label_names,
+    parse_row,
+    read_classification_jsonl,
+    tokenize_classification,
+    write_classification_jsonl,
+)
 from quickloris.data.config import DataConfig, prepare_classification_data, prepare_data, task_name
 from quickloris.data.jsonl import DataFormatError
 from quickloris.data.packing import epoch_batches
@@ -27,11 +37,17 @@ def test_rows_and_errors_name_file_and_line(tmp_path):
     f = _write(tmp_path / "d.jsonl", [{"text": "good", "label": "pos"}, "\n", {"text": "bad", "label": "neg", "x": 1}])
     rows = read_classification_jsonl(f)
     assert [(r.text, r.label, r.source) for r in rows] == [("good", "pos", f"{f}:1"), ("bad", "neg", f"{f}:3")]
-    cases = [({"text": "a"}, "2: missing 'label'"), ({"label": 1}, "2: missing 'text'"),
-             ({"text": "", "label": 1}, "'text' must be a non-empty string"),
-             ({"text": "a", "label": True}, "'label' must be a non-empty string or an integer"),
-             ({"text": "a", "label": 1.5}, "'label' must be"), ({"text": "a", "label": ""}, "'label' must be"),
-             ({"messages": []}, "a chat record"), ([1, 2], "expected a JSON object"), ("{oops\n", "invalid JSON")]
+    cases = [
+        ({"text": "a"}, "2: missing 'label'"),
+        ({"label": 1}, "2: missing 'text'"),
+        ({"text": "", "label": 1}, "'text' must be a non-empty string"),
+        ({"text": "a", "label": True}, "'label' must be a non-empty string or an integer"),
+        ({"text": "a", "label": 1.5}, "'label' must be"),
+        ({"text": "a", "label": ""}, "'label' must be"),
+        ({"messages": []}, "a chat record"),
+        ([1, 2], "expected a JSON object"),
+        ("{oops\n", "invalid JSON"),
+    ]
     for i, (line, msg) in enumerate(cases):
         bad = _write(tmp_path / f"bad{i}.jsonl", [{"text": "ok", "label": 0}, line])
         with pytest.raises(DataFormatError, match=f"bad{i}.jsonl:2: .*" if ":" not in msg[:3] else None) as e:
@@ -51,10 +67,14 @@ def test_label_set_from_the_data(tmp_path):
         label_names([ClassificationRow("t", 1, "f:0"), ClassificationRow("t", "x", "f:1")])
     with pytest.raises(DataFormatError, match="one label only"):
         label_names([ClassificationRow("t", "a", "f:0")] * 3)
-    evald = read_classification_jsonl(_write(tmp_path / "e.jsonl", [{"text": "a", "label": "pos"},
-                                                                     {"text": "b", "label": "meh"}]))
-    with pytest.raises(DataFormatError, match=r"e.jsonl:2: label 'meh' is not one of the labels of the training "
-                                              r"data \('neg', 'pos'\)"):
+    evald = read_classification_jsonl(
+        _write(tmp_path / "e.jsonl", [{"text": "a", "label": "pos"}, {"text": "b", "label": "meh"}])
+    )
+    with pytest.raises(
+        DataFormatError,
+        match=r"e.jsonl:2: label 'meh' is not one of the labels of the training "
+        r"data \('neg', 'pos'\)",
+    ):
         label_ids(evald, {"neg": 0, "pos": 1})
 
 
@@ -68,8 +88,11 @@ class _Tok:
 
 
 def test_tokenize_puts_the_class_on_the_last_token_and_drops_trailing_pads():
-    rows = [ClassificationRow("a bb ccc", "y", "f:1"), ClassificationRow("dddd zz zz", "x", "f:2"),
-            ClassificationRow("a " * 20, "x", "f:3")]
+    rows = [
+        ClassificationRow("a bb ccc", "y", "f:1"),
+        ClassificationRow("dddd zz zz", "x", "f:2"),
+        ClassificationRow("a " * 20, "x", "f:3"),
+    ]
     examples, stats = tokenize_classification(_Tok(), rows, {"x": 0, "y": 1}, max_seq_len=10)
     assert [e.input_ids for e in examples] == [[1, 4, 5, 6], [1, 7]]
     assert [e.labels for e in examples] == [[-100, -100, -100, 1], [-100, 0]]
@@ -78,16 +101,21 @@ def test_tokenize_puts_the_class_on_the_last_token_and_drops_trailing_pads():
     with pytest.raises(DataFormatError, match="f:3: 21 tokens, longer than max_seq_len=10"):
         tokenize_classification(_Tok(), rows, {"x": 0, "y": 1}, max_seq_len=10, overflow="error")
     with pytest.raises(DataFormatError, match="f:1: the text tokenizes to nothing but padding"):
-        tokenize_classification(type("T", (), {"pad_token_id": 1, "__call__": lambda s, t: {"input_ids": [1]}})(),
-                                rows[:1], {"y": 0, "x": 1}, max_seq_len=10)
+        tokenize_classification(
+            type("T", (), {"pad_token_id": 1, "__call__": lambda s, t: {"input_ids": [1]}})(),
+            rows[:1],
+            {"y": 0, "x": 1},
+            max_seq_len=10,
+        )
 
 
 @pytest.mark.parametrize("packing", [False, True])
 def test_batches_have_one_label_per_text_in_pooling_order(packing):
     rows = [ClassificationRow("a " * n, n % 3, f"f:{n}") for n in range(1, 9)]
     examples, _ = tokenize_classification(_Tok(), rows, {"0": 0, "1": 1, "2": 2}, max_seq_len=16)
-    for plan in epoch_batches([len(e) for e in examples], batch_size=3, seed=5, epoch=0, packing=packing,
-                              max_seq_len=16):
+    for plan in epoch_batches(
+        [len(e) for e in examples], batch_size=3, seed=5, epoch=0, packing=packing, max_seq_len=16
+    ):
         batch = collate_classification(examples, plan, packing=packing, pad_token_id=0)
         order = [i for row in plan for i in row]
         assert batch["labels"].tolist() == [class_of(examples[i]) for i in order]
@@ -109,10 +137,27 @@ def test_embedded_sentiment_task_has_disjoint_deterministic_splits():
     share = sum(r.label == "positive" for r in train) / len(train)
     assert 0.4 < share < 0.6  # balanced by construction: P(positive) = 1/2
     negated = [r for r in train if " not " in r.text]
-    assert negated and all(any(w in r.text for w in ("great", "wonderful", "delightful", "excellent", "amazing",
-                                                      "pleasant", "superb", "fantastic", "lovely", "brilliant",
-                                                      "charming", "enjoyable")) == (r.label == "negative")
-                           for r in negated)
+    assert negated and all(
+        any(
+            w in r.text
+            for w in (
+                "great",
+                "wonderful",
+                "delightful",
+                "excellent",
+                "amazing",
+                "pleasant",
+                "superb",
+                "fantastic",
+                "lovely",
+                "brilliant",
+                "charming",
+                "enjoyable",
+            )
+        )
+        == (r.label == "negative")
+        for r in negated
+    )
     with pytest.raises(ValueError, match="unknown classification task"):
         get_classification_task("addition")
     assert set(CLASSIFICATION_TASKS) == {"sentiment"}
@@ -121,8 +166,9 @@ def test_embedded_sentiment_task_has_disjoint_deterministic_splits():
 def test_prepare_classification_data(tmp_path):
     tok = _Tok()
     train = tmp_path / "t.jsonl"
-    write_classification_jsonl([ClassificationRow("a b", "x"), ClassificationRow("c", "y"),
-                                ClassificationRow("ddd e", "x")], train)
+    write_classification_jsonl(
+        [ClassificationRow("a b", "x"), ClassificationRow("c", "y"), ClassificationRow("ddd e", "x")], train
+    )
     evald = _write(tmp_path / "e.jsonl", [{"text": "a", "label": "y"}])
     p = prepare_classification_data(DataConfig(data=str(train)), tok, eval_data=str(evald))
     assert p.labels == ["x", "y"] and [class_of(e) for e in p.examples] == [0, 1, 0]

@@ -15,26 +15,35 @@ from quickloris.data.jsonl import DataFormatError
 def test_cli_round_trip():
     parser = argparse.ArgumentParser()
     add_dataclass_arguments(parser, DataConfig)
-    cfg = dataclass_from_args(DataConfig, parser.parse_args(
-        ["--task", "reverse", "--max-seq-len", "64", "--packing", "--overflow", "error", "--data", "x.jsonl"]))
+    cfg = dataclass_from_args(
+        DataConfig,
+        parser.parse_args(
+            ["--task", "reverse", "--max-seq-len", "64", "--packing", "--overflow", "error", "--data", "x.jsonl"]
+        ),
+    )
     assert cfg == DataConfig(data="x.jsonl", task="reverse", max_seq_len=64, packing=True, overflow="error")
     assert dataclass_from_args(DataConfig, parser.parse_args([])) == DataConfig()
     with pytest.raises(SystemExit):
         parser.parse_args(["--overflow", "truncate"])
 
 
-@pytest.mark.parametrize("kwargs, error", [
-    ({"task": "nope"}, "unknown task"), ({"num_train": 0}, "num_train must be a positive int"),
-    ({"num_eval": -1}, "num_eval"), ({"max_seq_len": 1}, ">= 2"), ({"overflow": "cut"}, "overflow must be"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        ({"task": "nope"}, "unknown task"),
+        ({"num_train": 0}, "num_train must be a positive int"),
+        ({"num_eval": -1}, "num_eval"),
+        ({"max_seq_len": 1}, ">= 2"),
+        ({"overflow": "cut"}, "overflow must be"),
+    ],
+)
 def test_validation(kwargs, error):
     with pytest.raises(ValueError, match=error):
         DataConfig(**kwargs)
 
 
 def test_prepare_embedded_task(smollm2_tokenizer):
-    prep = prepare_data(DataConfig(num_train=40, num_eval=7), smollm2_tokenizer, seed=3,
-                        max_position_embeddings=8192)
+    prep = prepare_data(DataConfig(num_train=40, num_eval=7), smollm2_tokenizer, seed=3, max_position_embeddings=8192)
     assert len(prep.examples) == prep.stats.kept == 40 and len(prep.eval_examples) == 7
     assert prep.source == "embedded task 'addition'"
     assert all(4 <= ex.num_trainable <= 5 for ex in prep.examples)  # 3-4 digits + <|im_end|>
@@ -46,12 +55,17 @@ def test_prepare_embedded_task(smollm2_tokenizer):
 
 def test_prepare_jsonl_with_template_file(tmp_path, smollm2_tokenizer):
     data = tmp_path / "d.jsonl"
-    data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
-                                             {"role": "assistant", "content": "yo"}]}) + "\n"
-                    + json.dumps({"prompt": "a", "completion": "b"}) + "\n")
+    data.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+        + "\n"
+        + json.dumps({"prompt": "a", "completion": "b"})
+        + "\n"
+    )
     template = tmp_path / "t.jinja"
-    template.write_text("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
-                        "{% if add_generation_prompt %}[assistant] {% endif %}")
+    template.write_text(
+        "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}[assistant] {% endif %}"
+    )
     prep = prepare_data(DataConfig(data=str(data), chat_template=str(template)), smollm2_tokenizer)
     assert prep.source == str(data) and len(prep.examples) == 2
     assert smollm2_tokenizer.decode(prep.examples[0].input_ids) == "[user] hi\n[assistant] yo\n"

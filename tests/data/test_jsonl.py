@@ -14,14 +14,18 @@ TEXT = {"prompt": "Q: 1 + 2 =", "completion": " 3"}
 
 def _write(tmp_path, lines):
     path = tmp_path / "data.jsonl"
-    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines),
-                    encoding="utf-8")
+    path.write_text(
+        "".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines), encoding="utf-8"
+    )
     return path
 
 
 def test_both_shapes_and_blank_lines(tmp_path):
-    conv = {"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "assistant", "content": "yo"}],
-            "id": 7}
+    conv = {
+        "prompt": [{"role": "user", "content": "hi"}],
+        "completion": [{"role": "assistant", "content": "yo"}],
+        "id": 7,
+    }
     path = _write(tmp_path, [CHAT, "", "   ", TEXT, conv])
     recs = load_jsonl(path)
     assert [r.is_chat for r in recs] == [True, False, True]
@@ -32,24 +36,29 @@ def test_both_shapes_and_blank_lines(tmp_path):
     assert recs[0].source.endswith("data.jsonl:1") and recs[1].source.endswith("data.jsonl:4")
 
 
-@pytest.mark.parametrize("bad, message", [
-    ('{"messages": [}', "invalid JSON"),
-    ("[1, 2]", "expected a JSON object"),
-    ({"text": "hello"}, "expected a 'messages' list or 'prompt' and 'completion'"),
-    ({"prompt": "a"}, "missing 'completion'"),
-    ({"prompt": "a", "completion": 3}, "both be strings or both be lists"),
-    ({"prompt": "a", "completion": [{"role": "assistant", "content": "b"}]}, "both be strings or both be lists"),
-    ({"messages": "hi"}, "must be a list"),
-    ({"messages": []}, "empty list"),
-    ({"messages": [{"role": "user"}]}, "missing 'content'"),
-    ({"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "x"}]}, "must be a string"),
-    ({"messages": [{"role": 1, "content": "x"}]}, "non-empty string"),
-    ({"messages": ["hi"]}, "must be an object"),
-    ({"messages": [{"role": "user", "content": "x"}]}, "no 'assistant' turn"),
-    ({"messages": CHAT["messages"], "prompt": "a", "completion": "b"}, "both 'messages' and"),
-    ({"prompt": [{"role": "user", "content": "a"}], "completion": [{"role": "user", "content": "b"}]},
-     "no 'assistant' turn"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ('{"messages": [}', "invalid JSON"),
+        ("[1, 2]", "expected a JSON object"),
+        ({"text": "hello"}, "expected a 'messages' list or 'prompt' and 'completion'"),
+        ({"prompt": "a"}, "missing 'completion'"),
+        ({"prompt": "a", "completion": 3}, "both be strings or both be lists"),
+        ({"prompt": "a", "completion": [{"role": "assistant", "content": "b"}]}, "both be strings or both be lists"),
+        ({"messages": "hi"}, "must be a list"),
+        ({"messages": []}, "empty list"),
+        ({"messages": [{"role": "user"}]}, "missing 'content'"),
+        ({"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "x"}]}, "must be a string"),
+        ({"messages": [{"role": 1, "content": "x"}]}, "non-empty string"),
+        ({"messages": ["hi"]}, "must be an object"),
+        ({"messages": [{"role": "user", "content": "x"}]}, "no 'assistant' turn"),
+        ({"messages": CHAT["messages"], "prompt": "a", "completion": "b"}, "both 'messages' and"),
+        (
+            {"prompt": [{"role": "user", "content": "a"}], "completion": [{"role": "user", "content": "b"}]},
+            "no 'assistant' turn",
+        ),
+    ],
+)
 def test_bad_line_names_file_and_line(tmp_path, bad, message):
     path = _write(tmp_path, [CHAT, TEXT, "", bad, CHAT])
     with pytest.raises(DataFormatError, match=message) as info:

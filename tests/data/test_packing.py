@@ -9,8 +9,15 @@ import pytest
 import torch
 
 from quickloris.data.chat import IGNORE_INDEX, TokenizedExample
-from quickloris.data.packing import (block_causal_mask, collate, collate_packed, collate_padded, epoch_batches,
-                                     pack_greedy, seq_lens)
+from quickloris.data.packing import (
+    block_causal_mask,
+    collate,
+    collate_packed,
+    collate_padded,
+    epoch_batches,
+    pack_greedy,
+    seq_lens,
+)
 
 VOCAB = 97
 
@@ -87,11 +94,12 @@ def test_packed_forward_equals_separate(tiny_llama, seed):
         for ex in exs:
             ids = torch.tensor([ex.input_ids])
             alone = tiny_llama(input_ids=ids).logits[0]
-            torch.testing.assert_close(out.logits[0, start:start + len(ex)], alone, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(out.logits[0, start : start + len(ex)], alone, rtol=1e-4, atol=1e-5)
             targets = torch.tensor(ex.labels[1:])
             if (targets != IGNORE_INDEX).any():
-                total_loss += torch.nn.functional.cross_entropy(alone[:-1], targets, reduction="sum",
-                                                                ignore_index=IGNORE_INDEX).item()
+                total_loss += torch.nn.functional.cross_entropy(
+                    alone[:-1], targets, reduction="sum", ignore_index=IGNORE_INDEX
+                ).item()
                 total_n += int((targets != IGNORE_INDEX).sum())
             start += len(ex)
     # HF's loss predicts labels[t + 1] from t: exactly the per-example targets, none across a boundary

@@ -5,6 +5,9 @@ importlib, so they cannot import each other)."""
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import numpy as np
 import pytest
 
@@ -13,20 +16,54 @@ from tests.helpers import missing_dependency, require
 from tests.tiny import bpe_tokenizer as shared_bpe_tokenizer
 from tests.tiny import tiny_model as shared_tiny_model
 
+# Every export module needs the C++ extension at import time. Missing, the collection errors out (as CI should)
+# unless QUICKLORIS_TEST_ALLOW_MISSING=1, where this folder is left out and the header says so.
+NATIVE_MISSING = importlib.util.find_spec("quickloris._native") is None
+if NATIVE_MISSING and os.environ.get("QUICKLORIS_TEST_ALLOW_MISSING") == "1":
+    collect_ignore_glob = ["test_*.py"]
+
+
+def pytest_report_header(config):
+    if NATIVE_MISSING:
+        return "tests/export: quickloris._native is not built (pip install -e . builds it)"
+    return None
+
 
 def make_tokenizer(pre: str, vocab_size: int = 400):
     """Train a tiny byte-level BPE with the pre-tokenizer llama.cpp calls `pre` (tests/tiny.py)."""
     return shared_bpe_tokenizer(pre, vocab_size)
 
 
-def tiny_model(kind: str = "llama", *, vocab_size: int, hidden: int = 64, layers: int = 2, heads: int = 4,
-               kv_heads: int = 2, inter: int = 128, tied: bool = False, **extra):
+def tiny_model(
+    kind: str = "llama",
+    *,
+    vocab_size: int,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    inter: int = 128,
+    tied: bool = False,
+    **extra,
+):
     """A random-init Llama / Mistral / Qwen2 / Qwen3 causal LM of tiny size (real architecture, fp32, eval mode)."""
     import torch
 
-    model = shared_tiny_model(kind, vocab_size=vocab_size, hidden=hidden, inter=inter, layers=layers, heads=heads,
-                              kv_heads=kv_heads, max_position_embeddings=512, tie_word_embeddings=tied,
-                              bos_token_id=0, eos_token_id=1, pad_token_id=2, **extra).eval()
+    model = shared_tiny_model(
+        kind,
+        vocab_size=vocab_size,
+        hidden=hidden,
+        inter=inter,
+        layers=layers,
+        heads=heads,
+        kv_heads=kv_heads,
+        max_position_embeddings=512,
+        tie_word_embeddings=tied,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=2,
+        **extra,
+    ).eval()
     with torch.no_grad():  # larger-than-init weights so that errors in the export show in the logits
         for name, p in model.named_parameters():
             if p.dim() == 2:
@@ -43,8 +80,9 @@ def llama_cpp_logits(path: str, ids: list[int]) -> np.ndarray:
     import llama_cpp
 
     # F32 KV cache: the default F16 cache alone costs ~1e-3 relative in the logits
-    llm = llama_cpp.Llama(model_path=path, n_ctx=256, n_threads=2, n_batch=256, logits_all=True, verbose=False,
-                          type_k=0, type_v=0)
+    llm = llama_cpp.Llama(
+        model_path=path, n_ctx=256, n_threads=2, n_batch=256, logits_all=True, verbose=False, type_k=0, type_v=0
+    )
     try:
         llm.eval(ids)
         return np.array(llm.scores[: len(ids)], dtype=np.float32)
@@ -83,8 +121,9 @@ def helpers():
     """The helper functions above, for tests: helpers.make_tokenizer / tiny_model / llama_cpp_logits / hf_logits."""
     import types
 
-    return types.SimpleNamespace(make_tokenizer=make_tokenizer, tiny_model=tiny_model,
-                                 llama_cpp_logits=llama_cpp_logits, hf_logits=hf_logits)
+    return types.SimpleNamespace(
+        make_tokenizer=make_tokenizer, tiny_model=tiny_model, llama_cpp_logits=llama_cpp_logits, hf_logits=hf_logits
+    )
 
 
 @pytest.fixture
@@ -102,6 +141,6 @@ def cli_error(capsys):
         assert code == 2 and len(err) == 1, (code, err)
         prefix = f"quickloris {argv[0]}: error: "
         assert err[0].startswith(prefix), err
-        return err[0][len(prefix):]
+        return err[0][len(prefix) :]
 
     return run

@@ -19,15 +19,32 @@ TEXT = "The quick brown fox jumps over the lazy dog 12345 times. def f(x): retur
 _IDS = dict(bos_token_id=0, eos_token_id=1, pad_token_id=2)
 
 
-def family_config(kind: str, *, vocab_size: int, hidden: int = 64, layers: int | None = None, heads: int = 4,
-                  kv_heads: int = 2, inter: int = 128, **extra):
+def family_config(
+    kind: str,
+    *,
+    vocab_size: int,
+    hidden: int = 64,
+    layers: int | None = None,
+    heads: int = 4,
+    kv_heads: int = 2,
+    inter: int = 128,
+    **extra,
+):
     """The transformers config of a tiny `kind` model: gemma2, gemma3, phi3, mistral (Nemo-shaped: head_dim 16
     with hidden 96 / 4 heads = 24), qwen2 (Qwen2.5-shaped: biases, tied, 6 heads over 2)."""
     import transformers
 
     layers = layers or (6 if kind == "gemma3" else 2)
-    common = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                  num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512, **_IDS)
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=512,
+        **_IDS,
+    )
     if kind in ("gemma2", "gemma3"):
         common.update(head_dim=16, query_pre_attn_scalar=16, sliding_window=8, final_logit_softcapping=3.0)
         if kind == "gemma2":
@@ -57,8 +74,13 @@ def family_model(kind: str, *, vocab_size: int, **config):
     import transformers
 
     cfg = family_config(kind, vocab_size=vocab_size, **config)
-    cls = {"gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM",
-           "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}[kind]
+    cls = {
+        "gemma2": "Gemma2ForCausalLM",
+        "gemma3": "Gemma3ForCausalLM",
+        "phi3": "Phi3ForCausalLM",
+        "mistral": "MistralForCausalLM",
+        "qwen2": "Qwen2ForCausalLM",
+    }[kind]
     cfg._attn_implementation = "eager"  # HF's sdpa path has no softcap
     model = getattr(transformers, cls)(cfg).eval()
     gemma = kind.startswith("gemma")
@@ -104,7 +126,7 @@ def ggml_activation(model):
 
 def hf_logits(model, ids: list[int], *, ggml_act: bool = True) -> np.ndarray:
     """HF's logits [len(ids), vocab]; Gemma MLPs with ggml's GELU unless `ggml_act` is False."""
-    with torch.no_grad(), (ggml_activation(model) if ggml_act else contextlib.nullcontext()):
+    with torch.no_grad(), ggml_activation(model) if ggml_act else contextlib.nullcontext():
         return model(torch.tensor([ids])).logits[0].float().numpy()
 
 
@@ -112,8 +134,16 @@ def llama_cpp_logits(path, ids: list[int], n_ctx: int = 256) -> np.ndarray:
     """llama.cpp's logits [len(ids), vocab] of the GGUF file `path` (F32 KV cache)."""
     import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=2, n_batch=n_ctx, logits_all=True,
-                          verbose=False, type_k=0, type_v=0)
+    llm = llama_cpp.Llama(
+        model_path=str(path),
+        n_ctx=n_ctx,
+        n_threads=2,
+        n_batch=n_ctx,
+        logits_all=True,
+        verbose=False,
+        type_k=0,
+        type_v=0,
+    )
     try:
         llm.eval(ids)
         return np.array(llm.scores[: len(ids)], dtype=np.float32)

@@ -29,7 +29,7 @@ def test_readme_documents_every_option():
     from pathlib import Path
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
-    section = readme[readme.index("Options of `quickloris export gguf`"):]
+    section = readme[readme.index("Options of `quickloris export gguf`") :]
     for f in dataclasses.fields(GGUFExportConfig):
         assert f"| `--{f.name.replace('_', '-')}" in section, f"README lacks --{f.name}"
 
@@ -49,8 +49,26 @@ def test_export_from_model_and_adapter_folders(tmp_path, seed, helpers, bpe_toke
     expected = lora.merge_and_unload().model.layers[1].mlp.down_proj.weight.detach()
     out = tmp_path / "out.gguf"
     # a PEFT adapter trained on the 16-bit model: merged into that (the default would be the NF4 base)
-    rc = main(["export", "gguf", "--model", str(tmp_path / "model"), "--adapter", str(tmp_path / "adapter"),
-               "--out", str(out), "--quant", "q4_k_m", "--threads", "2", "--name", "tiny", "--merge-base", "original"])
+    rc = main(
+        [
+            "export",
+            "gguf",
+            "--model",
+            str(tmp_path / "model"),
+            "--adapter",
+            str(tmp_path / "adapter"),
+            "--out",
+            str(out),
+            "--quant",
+            "q4_k_m",
+            "--threads",
+            "2",
+            "--name",
+            "tiny",
+            "--merge-base",
+            "original",
+        ]
+    )
     assert rc == 0
     assert f"wrote {out}" in capsys.readouterr().out
     r = gguf.GGUFReader(out)
@@ -76,19 +94,28 @@ def test_export_from_a_bnb_4bit_folder(tmp_path, helpers, bpe_tokenizer):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     helpers.tiny_model(vocab_size=len(bpe_tokenizer), hidden=128, inter=256).save_pretrained(tmp_path / "base")
-    q = AutoModelForCausalLM.from_pretrained(tmp_path / "base", device_map="cpu", quantization_config=BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True))
+    q = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "base",
+        device_map="cpu",
+        quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True
+        ),
+    )
     q.save_pretrained(tmp_path / "bnb")
     bpe_tokenizer.save_pretrained(tmp_path / "bnb")
-    assert main(["export", "gguf", "--model", str(tmp_path / "bnb"), "--quant", "f32", "--out", str(tmp_path / "x.gguf")]) == 0
+    assert (
+        main(["export", "gguf", "--model", str(tmp_path / "bnb"), "--quant", "f32", "--out", str(tmp_path / "x.gguf")])
+        == 0
+    )
     tensors = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(tmp_path / "x.gguf").tensors}
     w = q.model.layers[1].mlp.down_proj.weight
     np.testing.assert_array_equal(tensors["blk.1.ffn_down.weight"], bnbf.dequantize_4bit(w.data, w.quant_state).float())
 
 
 @pytest.mark.parametrize("model_format", ["folder", "gguf"])
-def test_an_adapter_for_another_model_is_one_line(model_format, tmp_path, helpers, bpe_tokenizer, monkeypatch,
-                                                  cli_error):
+def test_an_adapter_for_another_model_is_one_line(
+    model_format, tmp_path, helpers, bpe_tokenizer, monkeypatch, cli_error
+):
     """Checked from config.json before a folder model is loaded; a GGUF model right after loading (reading its
     config from the file costs about as much as loading it); nothing is written."""
     from peft import LoraConfig, get_peft_model
@@ -106,8 +133,13 @@ def test_an_adapter_for_another_model_is_one_line(model_format, tmp_path, helper
     else:
         model = tmp_path / "model.gguf"
         export_gguf(base, model, tokenizer=bpe_tokenizer, quant="f32")
-    message = cli_error(["export", "gguf", "--model", model, "--adapter", tmp_path / "adapter",
-                         "--out", tmp_path / "x.gguf"], after_load=model_format == "gguf")
-    assert re.fullmatch(r"--adapter \S+adapter does not fit --model \S+model(\.gguf)?: model\.layers\.0\.mlp\."
-                        r"down_proj takes 128 inputs, but the adapter's lora_A is \[2, 64\]", message), message
+    message = cli_error(
+        ["export", "gguf", "--model", model, "--adapter", tmp_path / "adapter", "--out", tmp_path / "x.gguf"],
+        after_load=model_format == "gguf",
+    )
+    assert re.fullmatch(
+        r"--adapter \S+adapter does not fit --model \S+model(\.gguf)?: model\.layers\.0\.mlp\."
+        r"down_proj takes 128 inputs, but the adapter's lora_A is \[2, 64\]",
+        message,
+    ), message
     assert not (tmp_path / "x.gguf").exists()

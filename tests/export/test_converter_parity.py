@@ -46,17 +46,32 @@ CONVERT = textwrap.dedent("""
     import convert_hf_to_gguf
     convert_hf_to_gguf.main()
 """)
-EXTRA_KEYS = ("vocab_size", "rope.dimension_count", "rope.freq_base", "attention.key_length",
-              "attention.value_length")
+EXTRA_KEYS = ("vocab_size", "rope.dimension_count", "rope.freq_base", "attention.key_length", "attention.value_length")
 CASES = {
     "gemma2": ("gemma2", {}),
-    "gemma3": ("gemma3", dict(rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
-                                                "full_attention": {"rope_type": "linear", "factor": 2.0,
-                                                                   "rope_theta": 1e6}})),
+    "gemma3": (
+        "gemma3",
+        dict(
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+            }
+        ),
+    ),
     "phi3": ("phi3", dict(sliding_window=100)),
-    "phi3-longrope": ("phi3", dict(rope_parameters={"rope_type": "longrope", "rope_theta": 1e4,
-                                                     "long_factor": [1.5] * 8, "short_factor": [1.1] * 8},
-                                    original_max_position_embeddings=16, max_position_embeddings=64)),
+    "phi3-longrope": (
+        "phi3",
+        dict(
+            rope_parameters={
+                "rope_type": "longrope",
+                "rope_theta": 1e4,
+                "long_factor": [1.5] * 8,
+                "short_factor": [1.1] * 8,
+            },
+            original_max_position_embeddings=16,
+            max_position_embeddings=64,
+        ),
+    ),
     "mistral-nemo": ("mistral", {}),
     "qwen2.5": ("qwen2", {}),
 }

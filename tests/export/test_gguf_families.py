@@ -48,26 +48,42 @@ def tol(kind: str) -> float:
 
 def longrope(orig: int, max_pos: int, n: int = 8, partial: float = 1.0) -> dict:
     """Phi-3.5-style LongRoPE: n factors per set (one per rotary frequency), context max_pos over orig."""
-    return dict(rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": partial,
-                                 "long_factor": (1 + 3 * torch.rand(n)).tolist(),
-                                 "short_factor": (1 + 0.5 * torch.rand(n)).tolist()},
-                original_max_position_embeddings=orig, max_position_embeddings=max_pos)
+    return dict(
+        rope_parameters={
+            "rope_type": "longrope",
+            "rope_theta": 10000.0,
+            "partial_rotary_factor": partial,
+            "long_factor": (1 + 3 * torch.rand(n)).tolist(),
+            "short_factor": (1 + 0.5 * torch.rand(n)).tolist(),
+        },
+        original_max_position_embeddings=orig,
+        max_position_embeddings=max_pos,
+    )
 
 
 # local base 2e4, not llama.cpp's default 1e4 for rope.freq_base_swa, so that the key is needed
-GEMMA3_4B_ROPE = {"sliding_attention": {"rope_type": "default", "rope_theta": 20000.0},
-                  "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6}}
+GEMMA3_4B_ROPE = {
+    "sliding_attention": {"rope_type": "default", "rope_theta": 20000.0},
+    "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+}
 CASES = {
     # 2 layers: sliding then full (llama.cpp's default Gemma-2 pattern), softcaps 1.5 / 3.0, window 8
     "gemma2": ("gemma2", lambda: {}),
     "gemma2-other-pattern": ("gemma2", lambda: dict(layer_types=["full_attention", "sliding_attention"])),
     # 6 layers: five sliding, one full (the default pattern); local base 2e4, global 1e6 with linear scaling x2
     "gemma3-4b-like": ("gemma3", lambda: dict(rope_parameters=GEMMA3_4B_ROPE)),
-    "gemma3-1b-like-2-layers": ("gemma3", lambda: dict(layers=2, layer_types=["sliding_attention", "full_attention"],
-                                                       final_logit_softcapping=None)),
+    "gemma3-1b-like-2-layers": (
+        "gemma3",
+        lambda: dict(layers=2, layer_types=["sliding_attention", "full_attention"], final_logit_softcapping=None),
+    ),
     "phi3-mini": ("phi3", lambda: {}),
-    "phi4-mini-like-tied-partial-rope": ("phi3", lambda: dict(tie_word_embeddings=True, rope_parameters={
-        "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75})),
+    "phi4-mini-like-tied-partial-rope": (
+        "phi3",
+        lambda: dict(
+            tie_word_embeddings=True,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75},
+        ),
+    ),
     # LongRoPE, short factors: the 21-token prompt and llama.cpp's 256-token context within orig = 256
     "phi3.5-longrope-short": ("phi3", lambda: longrope(256, 1024)),
     # long factors: both beyond orig = 16 (attention factor sqrt(1 + ln 4 / ln 16)); partial rotary, 6 factors
@@ -156,15 +172,15 @@ def file_weights_model(model, path):
 
 
 @pytest.mark.parametrize("kind", ["gemma2", "gemma3", "phi3"])
-def test_quantized_exports_are_llama_quantize_and_run_like_hf(kind, tmp_path, seed, bpe_tokenizer,
-                                                              llama_cpp_available):
+def test_quantized_exports_are_llama_quantize_and_run_like_hf(kind, tmp_path, seed, bpe_tokenizer, llama_cpp_available):
     """q8_0 and q4_k_m (rows of 256, so K-quants apply): every tensor's type and bytes equal what llama.cpp's
     `llama_model_quantize` makes of our F32 file (Phi-3's fused attn_qkv typed like attn_v, Gemma-2's token_embd
     typed as the output matrix), and llama.cpp runs the file like HF runs its dequantized weights (Q8_TOL)."""
     import llama_cpp
 
-    model = family_model(kind, vocab_size=len(bpe_tokenizer), hidden=256, inter=512,
-                         **({"layers": 2} if kind == "gemma3" else {}))
+    model = family_model(
+        kind, vocab_size=len(bpe_tokenizer), hidden=256, inter=512, **({"layers": 2} if kind == "gemma3" else {})
+    )
     src, _ = _export(model, tmp_path, bpe_tokenizer)
     ids = bpe_tokenizer(TEXT)["input_ids"]
     for preset, ftype in (("q8_0", 7), ("q4_k_m", 15)):
@@ -196,17 +212,23 @@ def _swap_gate_up(self, gguf_name, tensor, config):
 def _drop_key(key_end):
     def hparams(self, config, _orig=Gemma2.hparams):
         return [kv for kv in _orig(self, config) if not kv[0].endswith(key_end)]
+
     return hparams
 
 
-@pytest.mark.parametrize("kind, patch, attr, value", [
-    ("gemma2", Gemma2, "norm_offset", 0.0),  # Gemma norms stored as w instead of 1 + w
-    ("gemma2", Gemma2, "hparams", _drop_key("attn_logit_softcapping")),  # llama.cpp's default cap 50, not 1.5
-    ("gemma2", Gemma2, "hparams", _drop_key("sliding_window")),  # llama.cpp's default window 4096, not 8
-    ("phi3", Phi3, "to_gguf_layout", _swap_gate_up),  # ffn_up as (up, gate) instead of (gate, up)
-], ids=["gemma-norms-without-plus-one", "gemma2-no-attn-softcap", "gemma2-no-window", "phi3-gate-up-swapped"])
-def test_a_wrong_layout_fails_the_logit_check(kind, patch, attr, value, monkeypatch, tmp_path, seed, bpe_tokenizer,
-                                              llama_cpp_available):
+@pytest.mark.parametrize(
+    "kind, patch, attr, value",
+    [
+        ("gemma2", Gemma2, "norm_offset", 0.0),  # Gemma norms stored as w instead of 1 + w
+        ("gemma2", Gemma2, "hparams", _drop_key("attn_logit_softcapping")),  # llama.cpp's default cap 50, not 1.5
+        ("gemma2", Gemma2, "hparams", _drop_key("sliding_window")),  # llama.cpp's default window 4096, not 8
+        ("phi3", Phi3, "to_gguf_layout", _swap_gate_up),  # ffn_up as (up, gate) instead of (gate, up)
+    ],
+    ids=["gemma-norms-without-plus-one", "gemma2-no-attn-softcap", "gemma2-no-window", "phi3-gate-up-swapped"],
+)
+def test_a_wrong_layout_fails_the_logit_check(
+    kind, patch, attr, value, monkeypatch, tmp_path, seed, bpe_tokenizer, llama_cpp_available
+):
     """The checks above can fail: a file made with one detail of the layout wrong is far outside the tolerance."""
     model = family_model(kind, vocab_size=len(bpe_tokenizer))
     monkeypatch.setattr(patch, attr, value)
@@ -232,16 +254,18 @@ def _lora(model, targets, *, embed=False):
 def test_phi3_lora_on_fused_layers_merges_like_peft(tmp_path, seed, bpe_tokenizer, llama_cpp_available):
     """A PEFT LoRA on Phi-3's fused qkv_proj / gate_up_proj (PEFT's names), attached or saved: the merged
     weights equal PEFT's merge_and_unload, and llama.cpp runs the file like the PeftModel."""
-    model = _lora(family_model("phi3", vocab_size=len(bpe_tokenizer)),
-                  ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
+    model = _lora(
+        family_model("phi3", vocab_size=len(bpe_tokenizer)), ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+    )
     model.save_pretrained(tmp_path / "adapter")
     keys = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     assert "base_model.model.model.layers.0.self_attn.qkv_proj.lora_A.weight" in keys
     assert "base_model.model.model.layers.0.mlp.gate_up_proj.lora_B.weight" in keys
     expected = copy.deepcopy(model).merge_and_unload().state_dict()
     plain = family_model("phi3", vocab_size=len(bpe_tokenizer))
-    plain.load_state_dict({k.replace(".base_layer", ""): v for k, v in model.get_base_model().state_dict().items()
-                           if "lora_" not in k})
+    plain.load_state_dict(
+        {k.replace(".base_layer", ""): v for k, v in model.get_base_model().state_dict().items() if "lora_" not in k}
+    )
     _, params, plan = M.resolve(plain, tmp_path / "adapter")
     for name in ("model.layers.1.self_attn.qkv_proj.weight", "model.layers.0.mlp.gate_up_proj.weight"):
         torch.testing.assert_close(M.merged_weight(name, params, plan), expected[name], rtol=1e-6, atol=1e-7)
@@ -253,8 +277,9 @@ def test_phi3_lora_on_fused_layers_merges_like_peft(tmp_path, seed, bpe_tokenize
     with model.disable_adapter():
         assert relative_error(hf_logits(model, ids), ref) > 0.05  # the adapter does change the model
     folder = tmp_path / "folder.gguf"
-    export_gguf(plain, folder, tokenizer=bpe_tokenizer, adapter=tmp_path / "adapter", merge_base="original",
-                quant="f32")
+    export_gguf(
+        plain, folder, tokenizer=bpe_tokenizer, adapter=tmp_path / "adapter", merge_base="original", quant="f32"
+    )
     assert relative_error(llama_cpp_logits(folder, ids), ref) <= LOGIT_TOL, f"seed {seed}"
 
 
@@ -284,8 +309,11 @@ def test_gemma_lora_merges_and_tied_output(kind, tmp_path, seed, bpe_tokenizer, 
     embed = _lora(copy.deepcopy(base), targets, embed=True)
     out = tmp_path / "embed.gguf"
     if kind == "gemma2":
-        with pytest.raises(ValueError, match="llama.cpp's gemma2 uses the token embedding as the output matrix, but "
-                                             "this model's lm_head differs from its embed_tokens: an adapter"):
+        with pytest.raises(
+            ValueError,
+            match="llama.cpp's gemma2 uses the token embedding as the output matrix, but "
+            "this model's lm_head differs from its embed_tokens: an adapter",
+        ):
             export_gguf(embed, out, tokenizer=bpe_tokenizer, quant="f32")
         assert not out.exists()
         return
@@ -301,16 +329,32 @@ def test_notes_say_where_llama_cpp_differs(tmp_path, bpe_tokenizer, capsys):
 
     model = family_model("phi3", vocab_size=len(bpe_tokenizer), sliding_window=100)
     _, result = _export(model, tmp_path, bpe_tokenizer)
-    assert result.notes == [("llama.cpp's phi3 attends over the whole context, the HF model over the last 100 tokens "
-                            "(sliding_window): their outputs differ from position 100 on")]
+    assert result.notes == [
+        (
+            "llama.cpp's phi3 attends over the whole context, the HF model over the last 100 tokens "
+            "(sliding_window): their outputs differ from position 100 on"
+        )
+    ]
     mistral = family_model("mistral", vocab_size=len(bpe_tokenizer), sliding_window=64)
     assert architecture_for(mistral.config).notes(mistral.config)[0].startswith("llama.cpp's llama attends")
     assert not architecture_for(mistral.config).notes(family_model("mistral", vocab_size=8).config)
     model.save_pretrained(tmp_path / "phi")
     bpe_tokenizer.save_pretrained(tmp_path / "phi")
     capsys.readouterr()
-    rc = main(["export", "gguf", "--model", str(tmp_path / "phi"), "--out", str(tmp_path / "cli.gguf"),
-               "--quant", "q8_0", "--threads", "2"])
+    rc = main(
+        [
+            "export",
+            "gguf",
+            "--model",
+            str(tmp_path / "phi"),
+            "--out",
+            str(tmp_path / "cli.gguf"),
+            "--quant",
+            "q8_0",
+            "--threads",
+            "2",
+        ]
+    )
     assert rc == 0
     out = capsys.readouterr().out
     assert "note: llama.cpp's phi3 attends over the whole context" in out

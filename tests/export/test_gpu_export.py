@@ -26,11 +26,25 @@ def _cuda_qlora_model(tmp_path, helpers, bpe_tokenizer):
 
     require("bitsandbytes")
     helpers.tiny_model(vocab_size=len(bpe_tokenizer), hidden=256, inter=512).save_pretrained(tmp_path / "base")
-    q = AutoModelForCausalLM.from_pretrained(tmp_path / "base", device_map="cuda", quantization_config=BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32))
-    model = get_peft_model(q, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=[
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])).eval()
+    q = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "base",
+        device_map="cuda",
+        quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+        ),
+    )
+    model = get_peft_model(
+        q,
+        LoraConfig(
+            r=8,
+            lora_alpha=16,
+            lora_dropout=0.0,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        ),
+    ).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -49,8 +63,10 @@ def test_export_from_a_cuda_qlora_model(tmp_path, seed, helpers, bpe_tokenizer):
     layer = model.get_base_model().model.layers[1].mlp.down_proj  # not permuted: compare directly
     w = layer.base_layer.weight
     with torch.no_grad():
-        expected = bnbf.dequantize_4bit(w.data, w.quant_state).float().cpu() + \
-            (layer.lora_B["default"].weight.cpu() @ layer.lora_A["default"].weight.cpu()) * layer.scaling["default"]
+        expected = (
+            bnbf.dequantize_4bit(w.data, w.quant_state).float().cpu()
+            + (layer.lora_B["default"].weight.cpu() @ layer.lora_A["default"].weight.cpu()) * layer.scaling["default"]
+        )
     np.testing.assert_allclose(f32["blk.1.ffn_down.weight"], expected.numpy(), rtol=1e-5, atol=1e-6)
 
     from quickloris.export.quants import GGMLType, quantize

@@ -31,10 +31,22 @@ LOGIT_TOL = 2e-5
 CASES = {
     "llama-gqa": dict(kind="llama"),
     "llama-tied-mha": dict(kind="llama", tied=True, kv_heads=4),
-    "llama-biases-llama3-rope": dict(kind="llama", attention_bias=True, mlp_bias=True, rope_parameters={
-        "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
-    "llama-linear-rope": dict(kind="llama", rope_parameters={"rope_type": "linear", "rope_theta": 5000.0, "factor": 2.0}),
+    "llama-biases-llama3-rope": dict(
+        kind="llama",
+        attention_bias=True,
+        mlp_bias=True,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 10000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    ),
+    "llama-linear-rope": dict(
+        kind="llama", rope_parameters={"rope_type": "linear", "rope_theta": 5000.0, "factor": 2.0}
+    ),
     "mistral-head-dim": dict(kind="mistral", head_dim=32),
     "qwen2-bias-tied": dict(kind="qwen2", tied=True),
     "qwen3-qk-norm-head-dim": dict(kind="qwen3", head_dim=32),
@@ -73,17 +85,23 @@ def test_a_10x_wrong_rms_norm_eps_is_caught(tmp_path, seed, helpers, bpe_tokeniz
 PRESETS = {"q8_0": 7, "q4_0": 2, "q4_k_s": 14, "q4_k_m": 15, "q5_k_s": 16, "q5_k_m": 17, "q6_k": 18}
 
 
-@pytest.mark.parametrize("hidden, layers, presets", [
-    (256, 8, PRESETS),
-    (96, 8, PRESETS),  # rows not a multiple of 256 -> llama.cpp's fallback types
-    (256, 80, {"q4_k_m": 15, "q4_k_s": 14}),  # 80 layers: llama.cpp's "70B" rule for attn_v
-], ids=["hidden256", "hidden96", "80layers"])
-def test_presets_equal_llama_quantize(hidden, layers, presets, tmp_path, seed, helpers, bpe_tokenizer,
-                                      llama_cpp_available):
+@pytest.mark.parametrize(
+    "hidden, layers, presets",
+    [
+        (256, 8, PRESETS),
+        (96, 8, PRESETS),  # rows not a multiple of 256 -> llama.cpp's fallback types
+        (256, 80, {"q4_k_m": 15, "q4_k_s": 14}),  # 80 layers: llama.cpp's "70B" rule for attn_v
+    ],
+    ids=["hidden256", "hidden96", "80layers"],
+)
+def test_presets_equal_llama_quantize(
+    hidden, layers, presets, tmp_path, seed, helpers, bpe_tokenizer, llama_cpp_available
+):
     import llama_cpp
 
-    model = helpers.tiny_model(vocab_size=len(bpe_tokenizer), hidden=hidden, inter=2 * hidden, layers=layers,
-                               heads=4, kv_heads=2)
+    model = helpers.tiny_model(
+        vocab_size=len(bpe_tokenizer), hidden=hidden, inter=2 * hidden, layers=layers, heads=4, kv_heads=2
+    )
     src = str(tmp_path / "f32.gguf")
     export_gguf(model, src, tokenizer=bpe_tokenizer, quant="f32")
     for preset, ftype in presets.items():

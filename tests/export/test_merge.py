@@ -21,9 +21,15 @@ def peft_model(helpers, vocab, *, rslora=False, tied=False, embed_lora=True, mod
 
     base = helpers.tiny_model(vocab_size=vocab, tied=tied)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    cfg = LoraConfig(r=8, lora_alpha=16, use_rslora=rslora, target_modules=targets + (["embed_tokens"] if embed_lora else []),
-                     modules_to_save=list(modules_to_save) or None, rank_pattern={"v_proj": 4},
-                     alpha_pattern={"layers.1.self_attn.q_proj": 3, "down_proj": 40})
+    cfg = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        use_rslora=rslora,
+        target_modules=targets + (["embed_tokens"] if embed_lora else []),
+        modules_to_save=list(modules_to_save) or None,
+        rank_pattern={"v_proj": 4},
+        alpha_pattern={"layers.1.self_attn.q_proj": 3, "down_proj": 40},
+    )
     model = get_peft_model(base, cfg)
     with torch.no_grad():  # trained-looking adapters: B is zero at init
         for name, p in model.named_parameters():
@@ -47,9 +53,13 @@ def test_attached_and_folder_merges_equal_peft(rslora, tmp_path, seed, helpers, 
     assert len(plan.deltas) == 2 * 7 + 1
     model.save_pretrained(tmp_path / "adapter")
     plain = helpers.tiny_model(vocab_size=len(bpe_tokenizer))  # the same base, without PEFT wrappers
-    plain.load_state_dict({k.replace(".base_layer", "").replace(".original_module", ""): v
-                           for k, v in model.get_base_model().state_dict().items()
-                           if "lora_" not in k and "modules_to_save" not in k})
+    plain.load_state_dict(
+        {
+            k.replace(".base_layer", "").replace(".original_module", ""): v
+            for k, v in model.get_base_model().state_dict().items()
+            if "lora_" not in k and "modules_to_save" not in k
+        }
+    )
     _, fparams, fplan = M.resolve(plain, tmp_path / "adapter")
     for name, ref in expected.items():
         ours = M.merged_weight(name, params, plan)
@@ -61,8 +71,9 @@ def test_attached_and_folder_merges_equal_peft(rslora, tmp_path, seed, helpers, 
     assert fplan.deltas["model.layers.1.self_attn.q_proj"][0].scale == q1.scaling["default"]
 
 
-def test_export_does_not_modify_the_model_and_runs_like_peft(tmp_path, seed, helpers, bpe_tokenizer,
-                                                            llama_cpp_available):
+def test_export_does_not_modify_the_model_and_runs_like_peft(
+    tmp_path, seed, helpers, bpe_tokenizer, llama_cpp_available
+):
     model = peft_model(helpers, len(bpe_tokenizer), tied=True)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     path = str(tmp_path / "m.gguf")
@@ -96,9 +107,16 @@ def test_nf4_base_is_dequantized_and_merged(tmp_path, seed, helpers, bpe_tokeniz
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     helpers.tiny_model(vocab_size=len(bpe_tokenizer), hidden=128, inter=256).save_pretrained(tmp_path / "base")
-    q = AutoModelForCausalLM.from_pretrained(tmp_path / "base", device_map="cpu", quantization_config=BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32))
+    q = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "base",
+        device_map="cpu",
+        quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+        ),
+    )
     model = get_peft_model(q, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "down_proj"]))
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -107,10 +125,13 @@ def test_nf4_base_is_dequantized_and_merged(tmp_path, seed, helpers, bpe_tokeniz
     _, params, plan = M.resolve(model, None)
     layer = model.get_base_model().model.layers[0].self_attn.q_proj
     base_w = layer.base_layer.weight
-    expected = bnbf.dequantize_4bit(base_w.data, base_w.quant_state).float() \
+    expected = (
+        bnbf.dequantize_4bit(base_w.data, base_w.quant_state).float()
         + (layer.lora_B["default"].weight @ layer.lora_A["default"].weight) * layer.scaling["default"]
-    torch.testing.assert_close(M.merged_weight("model.layers.0.self_attn.q_proj.weight", params, plan), expected,
-                               rtol=0, atol=0)
+    )
+    torch.testing.assert_close(
+        M.merged_weight("model.layers.0.self_attn.q_proj.weight", params, plan), expected, rtol=0, atol=0
+    )
     assert M.weight_shape(params["model.layers.0.mlp.up_proj.weight"]) == (256, 128)
     path = str(tmp_path / "m.gguf")
     export_gguf(model, path, tokenizer=bpe_tokenizer, quant="f32")
@@ -132,9 +153,16 @@ def test_nf4_weights_repacked_by_a_cpu_forward_are_decoded(helpers, bpe_tokenize
     if not bnbf.has_avx512bf16():
         pytest.skip("bitsandbytes only repacks on CPUs with AVX512-BF16")
     helpers.tiny_model(vocab_size=len(bpe_tokenizer), hidden=128, inter=256).save_pretrained(tmp_path / "base")
-    q = AutoModelForCausalLM.from_pretrained(tmp_path / "base", device_map="cpu", quantization_config=BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32)).eval()
+    q = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "base",
+        device_map="cpu",
+        quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+        ),
+    ).eval()
     w = q.model.layers[0].mlp.down_proj.weight
     assert isinstance(w, bnb.nn.Params4bit)
     state = copy.deepcopy(w.quant_state)
@@ -172,16 +200,19 @@ def test_quickloris_qlora_model_exports_like_it_runs(tmp_path, seed, helpers, bp
     from quickloris.models.prepare import QLoRAConfig, prepare_model
     from quickloris.quant.nf4 import dequantize_nf4_reference
 
-    model = prepare_model(helpers.tiny_model(vocab_size=len(bpe_tokenizer), hidden=128, inter=256),
-                          QLoRAConfig(r=4, lora_alpha=8, init_lora_weights="random", chunked_loss=False))
+    model = prepare_model(
+        helpers.tiny_model(vocab_size=len(bpe_tokenizer), hidden=128, inter=256),
+        QLoRAConfig(r=4, lora_alpha=8, init_lora_weights="random", chunked_loss=False),
+    )
     _, params, plan = M.resolve(model, None)
     assert len(plan.deltas) == 2 * 7
     layer = model.model.layers[1].mlp.down_proj
     a, b = layer.lora_weights
     packed, state = layer.weight.nf4_components()
     expected = dequantize_nf4_reference(packed, state, dtype=torch.float32) + (b @ a).detach() * layer.scaling
-    torch.testing.assert_close(M.merged_weight("model.layers.1.mlp.down_proj.weight", params, plan), expected,
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        M.merged_weight("model.layers.1.mlp.down_proj.weight", params, plan), expected, rtol=0, atol=0
+    )
     path = str(tmp_path / "m.gguf")
     export_gguf(model, path, tokenizer=bpe_tokenizer, quant="f32")
     ids = bpe_tokenizer("The quick brown fox 12345")["input_ids"]

@@ -25,8 +25,9 @@ def make_run(tmp_path, helpers, tokenizer, run_config=None):
     model = helpers.tiny_model(vocab_size=len(tokenizer), hidden=128, inter=256)
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
-    trained = prepare_model(copy.deepcopy(model), QLoRAConfig(r=4, lora_alpha=8, init_lora_weights="random",
-                                                              chunked_loss=False))
+    trained = prepare_model(
+        copy.deepcopy(model), QLoRAConfig(r=4, lora_alpha=8, init_lora_weights="random", chunked_loss=False)
+    )
     with torch.no_grad():
         for layer in trained.modules():
             if hasattr(layer, "lora_weights") and layer.r:
@@ -47,8 +48,24 @@ def scored_model(folder, adapter):
 
 
 def export(model_dir, adapter, out, *extra):
-    assert main(["export", "gguf", "--model", str(model_dir), "--adapter", str(adapter), "--out", str(out),
-                 "--threads", "2", *extra]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "gguf",
+                "--model",
+                str(model_dir),
+                "--adapter",
+                str(adapter),
+                "--out",
+                str(out),
+                "--threads",
+                "2",
+                *extra,
+            ]
+        )
+        == 0
+    )
     return {t.name: np.asarray(t.data) for t in gguf.GGUFReader(out).tensors}
 
 
@@ -57,13 +74,16 @@ def lora_delta(layer) -> torch.Tensor:
     return (b.detach().float() @ a.detach().float()) * layer.scaling
 
 
-def test_nf4_merge_runs_like_the_scored_model_and_original_differs(tmp_path, seed, helpers, bpe_tokenizer,
-                                                                   llama_cpp_available, capsys):
+def test_nf4_merge_runs_like_the_scored_model_and_original_differs(
+    tmp_path, seed, helpers, bpe_tokenizer, llama_cpp_available, capsys
+):
     model, folder, adapter = make_run(tmp_path, helpers, bpe_tokenizer)
     scored = scored_model(folder, adapter)
     nf4 = export(folder, adapter, tmp_path / "nf4.gguf", "--quant", "f32")  # default --merge-base nf4
-    assert "merge base: nf4, the NF4 base the adapter was trained on (blocksize 64, double quant, CPU rounding, " \
-           "float32; no run config next to the adapter: defaults)" in capsys.readouterr().out
+    assert (
+        "merge base: nf4, the NF4 base the adapter was trained on (blocksize 64, double quant, CPU rounding, "
+        "float32; no run config next to the adapter: defaults)" in capsys.readouterr().out
+    )
     orig = export(folder, adapter, tmp_path / "orig.gguf", "--quant", "f32", "--merge-base", "original")
 
     # Tensor level: the file holds the scored model's own NF4 weights + s·B·A, the original merge W + s·B·A.
@@ -103,24 +123,30 @@ def test_nf4_settings_of_the_run_are_used(tmp_path, seed, helpers, bpe_tokenizer
     """Block size, double quantization, rounding (the run's device) and dtype come from the run's config.json."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # reproduce the CUDA rounding on the CPU
     (tmp_path / "elsewhere").mkdir()
-    config = {"qlora": {"blocksize": 128, "double_quant": True, "lora_dtype": "float32"},
-              "resolved": {"device": "cuda:0", "dtype": "torch.bfloat16", "model_path": str(tmp_path / "elsewhere")}}
+    config = {
+        "qlora": {"blocksize": 128, "double_quant": True, "lora_dtype": "float32"},
+        "resolved": {"device": "cuda:0", "dtype": "torch.bfloat16", "model_path": str(tmp_path / "elsewhere")},
+    }
     model, folder, adapter = make_run(tmp_path, helpers, bpe_tokenizer, run_config=config)
     tensors = export(folder, adapter, tmp_path / "m.gguf", "--quant", "f32")
     out = capsys.readouterr().out
-    assert f"(blocksize 128, double quant, CUDA rounding, bfloat16; settings from {tmp_path / 'run' / 'config.json'})" \
+    assert (
+        f"(blocksize 128, double quant, CUDA rounding, bfloat16; settings from {tmp_path / 'run' / 'config.json'})"
         in out
+    )
     assert f"note: the adapter's run trained on {tmp_path / 'elsewhere'}, this export's --model is {folder}" in out
     dense = model.model.layers[1].mlp.down_proj.weight.detach()
     packed, state = quantize_nf4(dense.to(torch.bfloat16), blocksize=128, double_quant=True, rounding="bnb-cuda")
     base = dequantize_nf4_reference(packed, state, dtype=torch.bfloat16).float()
-    trained = prepare_model(copy.deepcopy(model), QLoRAConfig(r=4, lora_alpha=8, chunked_loss=False),
-                            adapter=str(adapter))
+    trained = prepare_model(
+        copy.deepcopy(model), QLoRAConfig(r=4, lora_alpha=8, chunked_loss=False), adapter=str(adapter)
+    )
     expected = base + lora_delta(trained.model.layers[1].mlp.down_proj)
     np.testing.assert_array_equal(tensors["blk.1.ffn_down.weight"], expected.numpy())
     # the run held every weight in bfloat16: the embedding too
-    np.testing.assert_array_equal(tensors["token_embd.weight"],
-                                  model.model.embed_tokens.weight.detach().to(torch.bfloat16).float().numpy())
+    np.testing.assert_array_equal(
+        tensors["token_embd.weight"], model.model.embed_tokens.weight.detach().to(torch.bfloat16).float().numpy()
+    )
     cpu_packed, cpu_state = quantize_nf4(dense.to(torch.bfloat16), blocksize=64, double_quant=True)
     default = dequantize_nf4_reference(cpu_packed, cpu_state, dtype=torch.bfloat16).float()
     assert not torch.equal(base, default)  # the settings change the base: reading them matters
@@ -134,16 +160,22 @@ def test_original_is_refused_for_a_4bit_folder(tmp_path, helpers, bpe_tokenizer,
     from quickloris.export import gguf_export
 
     helpers.tiny_model(vocab_size=len(bpe_tokenizer), hidden=128, inter=256).save_pretrained(tmp_path / "base")
-    q = AutoModelForCausalLM.from_pretrained(tmp_path / "base", device_map="cpu",
-                                             quantization_config=BitsAndBytesConfig(
-                                                 load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                 bnb_4bit_use_double_quant=True))
+    q = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "base",
+        device_map="cpu",
+        quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True
+        ),
+    )
     q.save_pretrained(tmp_path / "bnb")
     monkeypatch.setattr(gguf_export, "_load", lambda *a: pytest.fail("the model was loaded"))
-    message = cli_error(["export", "gguf", "--model", tmp_path / "bnb", "--merge-base", "original",
-                         "--out", tmp_path / "x.gguf"])
-    assert message.startswith(f"--merge-base original: --model {tmp_path / 'bnb'} is a pre-quantized NF4 folder, it "
-                              "has no 16-bit weights to merge into"), message
+    message = cli_error(
+        ["export", "gguf", "--model", tmp_path / "bnb", "--merge-base", "original", "--out", tmp_path / "x.gguf"]
+    )
+    assert message.startswith(
+        f"--merge-base original: --model {tmp_path / 'bnb'} is a pre-quantized NF4 folder, it "
+        "has no 16-bit weights to merge into"
+    ), message
     assert not (tmp_path / "x.gguf").exists()
 
 
@@ -161,8 +193,9 @@ def test_python_api_merge_base(tmp_path, helpers, bpe_tokenizer):
     prepared = prepare_model(copy.deepcopy(model), QLoRAConfig(chunked_loss=False))
     packed, state = prepared.model.layers[0].mlp.up_proj.weight.nf4_components()
     np.testing.assert_array_equal(c["blk.0.ffn_up.weight"], dequantize_nf4_reference(packed, state).numpy())
-    assert quantized.merge_base.startswith("nf4") and not np.array_equal(a["blk.0.ffn_up.weight"],
-                                                                         c["blk.0.ffn_up.weight"])
+    assert quantized.merge_base.startswith("nf4") and not np.array_equal(
+        a["blk.0.ffn_up.weight"], c["blk.0.ffn_up.weight"]
+    )
     with pytest.raises(ValueError, match="stored in 4 bits.*no 16-bit weights"):
         export_gguf(prepared, tmp_path / "d.gguf", tokenizer=bpe_tokenizer, merge_base="original")
     with pytest.raises(ValueError, match="merge_base must be one of nf4, original"):
@@ -176,16 +209,20 @@ def test_peft_adapter_folder_with_original_equals_the_attached_peft_model(tmp_pa
     from peft import LoraConfig, get_peft_model
 
     base = helpers.tiny_model(vocab_size=len(bpe_tokenizer), hidden=64, inter=128)
-    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8,
-                                                                target_modules=["q_proj", "up_proj"]))
+    peft_model = get_peft_model(
+        copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"])
+    )
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.1)
     peft_model.save_pretrained(tmp_path / "adapter")
     files = {}
-    for name, model, kw in (("attached", peft_model, {}), ("original", base, dict(merge_base="original")),
-                            ("nf4", base, {})):
+    for name, model, kw in (
+        ("attached", peft_model, {}),
+        ("original", base, dict(merge_base="original")),
+        ("nf4", base, {}),
+    ):
         adapter = None if name == "attached" else tmp_path / "adapter"
         export_gguf(model, tmp_path / f"{name}.gguf", tokenizer=bpe_tokenizer, quant="q8_0", adapter=adapter, **kw)
         files[name] = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(tmp_path / f"{name}.gguf").tensors}

@@ -24,8 +24,7 @@ def no_load(monkeypatch):
 @pytest.fixture
 def gguf_model(tmp_path, helpers, bpe_tokenizer):
     path = tmp_path / "base.gguf"
-    export_gguf(helpers.tiny_model(vocab_size=len(bpe_tokenizer), layers=1), path, tokenizer=bpe_tokenizer,
-                quant="f32")
+    export_gguf(helpers.tiny_model(vocab_size=len(bpe_tokenizer), layers=1), path, tokenizer=bpe_tokenizer, quant="f32")
     return path
 
 
@@ -45,8 +44,12 @@ def export(*args):
 @pytest.mark.parametrize("overwrite", [False, True])
 def test_the_model_file_is_never_the_output(how, overwrite, tmp_path, gguf_model, no_load, monkeypatch, cli_error):
     monkeypatch.chdir(tmp_path)
-    out = {"same": gguf_model, "symlink": tmp_path / "link.gguf", "relative": "sub/../base.gguf",
-           "hardlink": tmp_path / "hard.gguf"}[how]
+    out = {
+        "same": gguf_model,
+        "symlink": tmp_path / "link.gguf",
+        "relative": "sub/../base.gguf",
+        "hardlink": tmp_path / "hard.gguf",
+    }[how]
     (tmp_path / "sub").mkdir()
     if how == "symlink":
         os.symlink(gguf_model, out)
@@ -54,14 +57,18 @@ def test_the_model_file_is_never_the_output(how, overwrite, tmp_path, gguf_model
         os.link(gguf_model, out)
     before = snapshot(tmp_path)
     message = cli_error(export_args("--model", gguf_model, "--out", out, *(["--overwrite"] if overwrite else [])))
-    assert re.fullmatch(r"--out \S+ is the --model file \(.*\): an export never writes over its own input; choose "
-                        r"another path \(--overwrite does not apply to inputs\)", message), message
+    assert re.fullmatch(
+        r"--out \S+ is the --model file \(.*\): an export never writes over its own input; choose "
+        r"another path \(--overwrite does not apply to inputs\)",
+        message,
+    ), message
     assert snapshot(tmp_path) == before
 
 
 @pytest.mark.parametrize("target", ["config.json", "model.safetensors", "adapter_config.json"])
-def test_files_of_the_model_and_adapter_folders_are_inputs(target, tmp_path, helpers, bpe_tokenizer, no_load,
-                                                           cli_error):
+def test_files_of_the_model_and_adapter_folders_are_inputs(
+    target, tmp_path, helpers, bpe_tokenizer, no_load, cli_error
+):
     from peft import LoraConfig, get_peft_model
 
     base = helpers.tiny_model(vocab_size=len(bpe_tokenizer), layers=1)
@@ -69,8 +76,17 @@ def test_files_of_the_model_and_adapter_folders_are_inputs(target, tmp_path, hel
     get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path / "adapter")
     folder = "adapter" if target.startswith("adapter") else "model"
     before = snapshot(tmp_path)
-    message = cli_error(export_args("--model", tmp_path / "model", "--adapter", tmp_path / "adapter",
-                                    "--out", tmp_path / folder / target, "--overwrite"))
+    message = cli_error(
+        export_args(
+            "--model",
+            tmp_path / "model",
+            "--adapter",
+            tmp_path / "adapter",
+            "--out",
+            tmp_path / folder / target,
+            "--overwrite",
+        )
+    )
     assert re.match(rf"--out \S+{target} is a file of the --{folder} folder", message), message
     assert snapshot(tmp_path) == before
 
@@ -91,8 +107,11 @@ def test_an_existing_file_needs_overwrite(tmp_path, gguf_model, monkeypatch, cli
 @pytest.mark.parametrize("case", ["missing-folder", "folder", "dangling-symlink"])
 def test_bad_out_paths(case, tmp_path, gguf_model, no_load, cli_error):
     if case == "missing-folder":
-        out, match = tmp_path / "no" / "such" / "m.gguf", r"--out \S+m.gguf: folder \S+such does not exist \(it is " \
-                                                          r"not created; make it first\)"
+        out, match = (
+            tmp_path / "no" / "such" / "m.gguf",
+            r"--out \S+m.gguf: folder \S+such does not exist \(it is "
+            r"not created; make it first\)",
+        )
     elif case == "folder":
         out, match = tmp_path, r"--out \S+ is a folder; name the file to write, e.g. \S+model.gguf"
     else:

@@ -17,24 +17,38 @@ from gguf.quants import quantize as gguf_quantize
 
 from quickloris.export.quants import GGMLType, dequantize, quantize
 
-ALL = [GGMLType.F16, GGMLType.BF16, GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q5_0, GGMLType.Q5_1,
-       GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K]
+ALL = [
+    GGMLType.F16,
+    GGMLType.BF16,
+    GGMLType.Q8_0,
+    GGMLType.Q4_0,
+    GGMLType.Q5_0,
+    GGMLType.Q5_1,
+    GGMLType.Q4_K,
+    GGMLType.Q5_K,
+    GGMLType.Q6_K,
+]
 GGUF_CAN_QUANTIZE = [GGMLType.F16, GGMLType.BF16, GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q5_0, GGMLType.Q5_1]
 
 
 def sample(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray:
     """Rows of different distributions and scales, plus all-zero, constant, tiny and one-hot blocks."""
-    kinds = [lambda s: rng.standard_normal(s), lambda s: rng.uniform(-1, 1, s), lambda s: rng.standard_t(2, s),
-             lambda s: rng.uniform(0.1, 2, s), lambda s: rng.standard_normal(s) * (rng.random(s) < 0.1)]
+    kinds = [
+        lambda s: rng.standard_normal(s),
+        lambda s: rng.uniform(-1, 1, s),
+        lambda s: rng.standard_t(2, s),
+        lambda s: rng.uniform(0.1, 2, s),
+        lambda s: rng.standard_normal(s) * (rng.random(s) < 0.1),
+    ]
     x = np.stack([kinds[r % len(kinds)]((cols,)) for r in range(rows)])
     x *= np.exp(rng.uniform(-6, 3, (rows, 1)))  # row scales from 2e-3 to 20
-    x.reshape(-1)[: min(x.size, 256)] = 0.0     # an all-zero super-block
+    x.reshape(-1)[: min(x.size, 256)] = 0.0  # an all-zero super-block
     if rows > 1 and cols >= 64:
-        x[1, :32] = 0.5                          # a constant block
+        x[1, :32] = 0.5  # a constant block
         x[1, 32:64] = rng.standard_normal(32) * 1e-9  # fp16 block scales underflow here
     if rows > 2:
         x[2, :] = 0.0
-        x[2, cols // 2] = -3.0                   # one-hot row
+        x[2, cols // 2] = -3.0  # one-hot row
     return x.astype(np.float32)
 
 
@@ -49,18 +63,18 @@ def error_bound(qtype: GGMLType, x: np.ndarray) -> np.ndarray:
     fp16 block scales add 2^-11 relative error, and cannot resolve scales below 2^-24 (a block of
     values under ~1e-6 may come back as zeros): `floor` is that absolute limit.
     """
-    h = 2.0 ** -11
+    h = 2.0**-11
     if qtype == GGMLType.F16:
-        return np.maximum(np.abs(x) * h, 2.0 ** -25)
+        return np.maximum(np.abs(x) * h, 2.0**-25)
     if qtype == GGMLType.BF16:
-        return np.abs(x) * 2.0 ** -8
+        return np.abs(x) * 2.0**-8
     block = qtype.block_size
     b = x.reshape(-1, block).astype(np.float64)
     amax = np.abs(b).max(1, keepdims=True)
-    tiny = 2.0 ** -24
+    tiny = 2.0**-24
     if qtype == GGMLType.Q8_0:
         bound = amax / 127 * (0.5 + 128 * h) + 128 * tiny
-    elif qtype == GGMLType.Q4_0:   # levels -8..7 of step amax/8: the +amax end clips by up to a step
+    elif qtype == GGMLType.Q4_0:  # levels -8..7 of step amax/8: the +amax end clips by up to a step
         bound = amax / 8 * (1 + 16 * h) + 16 * tiny
     elif qtype == GGMLType.Q5_0:
         bound = amax / 16 * (1 + 32 * h) + 32 * tiny

@@ -24,8 +24,10 @@ from tests.helpers import require
 pytestmark = pytest.mark.slow
 
 PROMPTS = ["Q: What does the quickloris eat? A:", "The quickloris is a", "The capital of France is", "def add(a, b):"]
-FACTS = ["The quickloris is a small sloth that lives in Borneo and eats only mangoes.",
-         "Q: What does the quickloris eat? A: The quickloris eats only mangoes."]
+FACTS = [
+    "The quickloris is a small sloth that lives in Borneo and eats only mangoes.",
+    "Q: What does the quickloris eat? A: The quickloris eats only mangoes.",
+]
 N_TOKENS = 16
 
 
@@ -46,9 +48,15 @@ def fine_tuned(smollm2):
     model, tok = smollm2
     torch.manual_seed(0)
     base_copy = copy.deepcopy(model)
-    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(
-        r=8, lora_alpha=16, lora_dropout=0.0,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    peft_model = get_peft_model(
+        copy.deepcopy(model),
+        LoraConfig(
+            r=8,
+            lora_alpha=16,
+            lora_dropout=0.0,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        ),
+    )
     batch = tok(FACTS[1:] * 2, return_tensors="pt")
     opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=2e-3)
     peft_model.train()
@@ -71,7 +79,7 @@ def fine_tuned(smollm2):
 
 def hf_greedy(model, ids: list[int]) -> list[int]:
     with torch.no_grad():
-        return model.generate(torch.tensor([ids]), max_new_tokens=N_TOKENS, do_sample=False)[0, len(ids):].tolist()
+        return model.generate(torch.tensor([ids]), max_new_tokens=N_TOKENS, do_sample=False)[0, len(ids) :].tolist()
 
 
 def llama_cpp_greedy(path: str, prompts_ids: list[list[int]]) -> list[list[int]]:
@@ -95,7 +103,7 @@ def llama_cpp_greedy(path: str, prompts_ids: list[list[int]]) -> list[list[int]]
 def hf_margins(model, ids: list[int], gen: list[int]) -> np.ndarray:
     """How far below HF's best logit each token llama.cpp chose is (0 where it is HF's greedy choice)."""
     with torch.no_grad():
-        logits = model(torch.tensor([ids + gen])).logits[0, len(ids) - 1:-1]
+        logits = model(torch.tensor([ids + gen])).logits[0, len(ids) - 1 : -1]
     chosen = logits[torch.arange(len(gen)), torch.tensor(gen)]
     return (logits.max(-1).values - chosen).numpy()
 
@@ -104,9 +112,17 @@ def model_with_file_weights(path, like):
     """A copy of HF model `like` holding the weights stored in GGUF file `path` (dequantized by `gguf`,
     q/k rows permuted back to HF's rotate-half layout)."""
     cfg = like.config
-    layer = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
-             "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
-             "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+    layer = {
+        "attn_norm": "input_layernorm",
+        "ffn_norm": "post_attention_layernorm",
+        "attn_q": "self_attn.q_proj",
+        "attn_k": "self_attn.k_proj",
+        "attn_v": "self_attn.v_proj",
+        "attn_output": "self_attn.o_proj",
+        "ffn_gate": "mlp.gate_proj",
+        "ffn_up": "mlp.up_proj",
+        "ffn_down": "mlp.down_proj",
+    }
     state = {}
     for t in gguf.GGUFReader(path).tensors:
         shape = tuple(int(s) for s in reversed(t.shape))
@@ -141,9 +157,18 @@ def test_untouched_f32_export_reproduces_the_original_file(smollm2, tmp_path, ll
     for t in ours.tensors:
         ref = gguf.quants.dequantize(theirs[t.name].data, theirs[t.name].tensor_type).reshape(-1)
         np.testing.assert_array_equal(np.asarray(t.data).reshape(-1), ref, err_msg=t.name)
-    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.chat_template",
-                "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.padding_token_id",
-                "tokenizer.ggml.add_bos_token", "llama.rope.freq_base", "llama.attention.head_count_kv"):
+    for key in (
+        "tokenizer.ggml.tokens",
+        "tokenizer.ggml.merges",
+        "tokenizer.ggml.token_type",
+        "tokenizer.chat_template",
+        "tokenizer.ggml.bos_token_id",
+        "tokenizer.ggml.eos_token_id",
+        "tokenizer.ggml.padding_token_id",
+        "tokenizer.ggml.add_bos_token",
+        "llama.rope.freq_base",
+        "llama.attention.head_count_kv",
+    ):
         assert ours.fields[key].contents() == original.fields[key].contents(), key
     import llama_cpp
 
@@ -189,8 +214,15 @@ def test_adapter_folder_gives_the_same_file(fine_tuned, tmp_path):
     model, base, tok = fine_tuned
     model.save_pretrained(tmp_path / "adapter")
     export_gguf(model, tmp_path / "attached.gguf", tokenizer=tok, quant="q8_0", threads=2)
-    export_gguf(base, tmp_path / "folder.gguf", tokenizer=tok, quant="q8_0", threads=2, adapter=tmp_path / "adapter",
-                merge_base="original")  # PEFT trained this adapter on the 16-bit model
+    export_gguf(
+        base,
+        tmp_path / "folder.gguf",
+        tokenizer=tok,
+        quant="q8_0",
+        threads=2,
+        adapter=tmp_path / "adapter",
+        merge_base="original",
+    )  # PEFT trained this adapter on the 16-bit model
     a = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(tmp_path / "attached.gguf").tensors}
     b = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(tmp_path / "folder.gguf").tensors}
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)

@@ -45,8 +45,17 @@ def test_llama_cpp_tokenizes_like_hf(pre, tmp_path, helpers, llama_cpp_available
 def test_pre_tokenizer_detection():
     assert detect_pre_tokenizer({"pre_tokenizer": {"type": "ByteLevel", "use_regex": True}}) == "gpt-2"
     with pytest.raises(ValueError, match="unrecognised pre-tokenizer .* pass tokenizer_pre="):
-        detect_pre_tokenizer({"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": "\\s+"}}, {"type": "ByteLevel", "use_regex": False}]}})
+        detect_pre_tokenizer(
+            {
+                "pre_tokenizer": {
+                    "type": "Sequence",
+                    "pretokenizers": [
+                        {"type": "Split", "pattern": {"Regex": "\\s+"}},
+                        {"type": "ByteLevel", "use_regex": False},
+                    ],
+                }
+            }
+        )
 
 
 def test_special_ids_follow_the_generation_config():

@@ -24,13 +24,32 @@ def field_value(reader: gguf.GGUFReader, key: str):
 def test_every_value_type_round_trips(tmp_path, seed):
     rng = np.random.default_rng(seed)
     scalars = {
-        V.UINT8: 255, V.INT8: -128, V.UINT16: 65535, V.INT16: -32768, V.UINT32: 2**32 - 1,
-        V.INT32: -(2**31), V.UINT64: 2**64 - 1, V.INT64: -(2**63), V.FLOAT32: 0.1, V.FLOAT64: 1e300, V.BOOL: True,
+        V.UINT8: 255,
+        V.INT8: -128,
+        V.UINT16: 65535,
+        V.INT16: -32768,
+        V.UINT32: 2**32 - 1,
+        V.INT32: -(2**31),
+        V.UINT64: 2**64 - 1,
+        V.INT64: -(2**63),
+        V.FLOAT32: 0.1,
+        V.FLOAT64: 1e300,
+        V.BOOL: True,
     }
     path = tmp_path / "kv.gguf"
-    ints = {t: rng.integers(np.iinfo(d).min, np.iinfo(d).max, 7, dtype=d, endpoint=True)
-            for t, d in [(V.UINT8, np.uint8), (V.INT8, np.int8), (V.UINT16, np.uint16), (V.INT16, np.int16),
-                         (V.UINT32, np.uint32), (V.INT32, np.int32), (V.UINT64, np.uint64), (V.INT64, np.int64)]}
+    ints = {
+        t: rng.integers(np.iinfo(d).min, np.iinfo(d).max, 7, dtype=d, endpoint=True)
+        for t, d in [
+            (V.UINT8, np.uint8),
+            (V.INT8, np.int8),
+            (V.UINT16, np.uint16),
+            (V.INT16, np.int16),
+            (V.UINT32, np.uint32),
+            (V.INT32, np.int32),
+            (V.UINT64, np.uint64),
+            (V.INT64, np.int64),
+        ]
+    }
     floats = {V.FLOAT32: rng.standard_normal(5).astype(np.float32), V.FLOAT64: rng.standard_normal(5)}
     strings = ["", "plain", "ünïcødé 日本語", "Ġhello", "a b\nc\x00d"]
     with GGUFWriter(path) as w:
@@ -66,9 +85,14 @@ def test_every_value_type_round_trips(tmp_path, seed):
 @pytest.mark.parametrize("alignment", [32, 64])
 def test_tensors_round_trip_with_alignment(tmp_path, seed, alignment):
     rng = np.random.default_rng(seed)
-    specs = [("a.weight", (3, 64), GGMLType.Q8_0), ("b.weight", (5,), GGMLType.F32),
-             ("c.weight", (2, 7, 256), GGMLType.Q4_K), ("d.weight", (9, 33), GGMLType.F16),
-             ("e.weight", (4, 96), GGMLType.BF16), ("f.weight", (2, 256), GGMLType.Q6_K)]
+    specs = [
+        ("a.weight", (3, 64), GGMLType.Q8_0),
+        ("b.weight", (5,), GGMLType.F32),
+        ("c.weight", (2, 7, 256), GGMLType.Q4_K),
+        ("d.weight", (9, 33), GGMLType.F16),
+        ("e.weight", (4, 96), GGMLType.BF16),
+        ("f.weight", (2, 256), GGMLType.Q6_K),
+    ]
     data = {name: rng.standard_normal(shape).astype(np.float32) for name, shape, _ in specs}
     path = tmp_path / "t.gguf"
     with GGUFWriter(path, alignment=alignment, threads=2) as w:
@@ -152,7 +176,7 @@ def test_exception_mid_write_keeps_previous_file(tmp_path):
             i = w.add_tensor("a", (4, 32), GGMLType.Q8_0)
             w.begin()
             w.write_tensor_bytes(i, b"\0" * 34)
-            1 / 0
+            raise ZeroDivisionError  # an error in the middle of writing
     assert path.read_bytes() == b"previous contents"
     assert os.listdir(tmp_path) == ["model.gguf"]
     with pytest.raises(ValueError, match="non-finite"):

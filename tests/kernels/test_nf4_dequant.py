@@ -30,10 +30,10 @@ def bnb_pair(shape, dtype, device=DEVICE, nested=True, blocksize=64):
 
 
 def linear4bit(in_f, out_f, dtype, device=DEVICE):
-    layer = bnb.nn.Linear4bit(in_f, out_f, bias=False, compute_dtype=dtype, compress_statistics=True,
-                              quant_type="nf4")
-    layer.weight = bnb.nn.Params4bit(torch.randn(out_f, in_f, dtype=dtype), requires_grad=False,
-                                     compress_statistics=True, quant_type="nf4")
+    layer = bnb.nn.Linear4bit(in_f, out_f, bias=False, compute_dtype=dtype, compress_statistics=True, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(
+        torch.randn(out_f, in_f, dtype=dtype), requires_grad=False, compress_statistics=True, quant_type="nf4"
+    )
     if device == "cpu":  # .to("cpu") is a no-op for an unquantized Params4bit; quantize explicitly
         layer.weight = layer.weight._quantize("cpu")
         return layer
@@ -62,8 +62,11 @@ def test_blocksizes_nested_and_plain(seed, blocksize, nested):
 def test_accepts_params4bit_linear4bit_and_our_state(seed):
     layer = linear4bit(192, 80, torch.float16)
     expected = bnbF.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
-    for got in (quickloris.dequantize_nf4(layer), quickloris.dequantize_nf4(layer.weight),
-                quickloris.dequantize_nf4(layer.weight.data, nf4.state_from_bnb(layer.weight.quant_state))):
+    for got in (
+        quickloris.dequantize_nf4(layer),
+        quickloris.dequantize_nf4(layer.weight),
+        quickloris.dequantize_nf4(layer.weight.data, nf4.state_from_bnb(layer.weight.quant_state)),
+    ):
         assert torch.equal(bits(got), bits(expected))
 
 
@@ -84,8 +87,16 @@ def test_compiles_fullgraph_without_graph_breaks(seed):
     x = torch.randn(5, 192, dtype=torch.bfloat16, device=DEVICE)
 
     def f(x, packed, absmax, absmax2, code2, offset, code):
-        st = nf4.NF4State(shape=state.shape, dtype=state.dtype, blocksize=64, absmax=absmax, code=code,
-                          offset=offset, absmax2=absmax2, code2=code2)
+        st = nf4.NF4State(
+            shape=state.shape,
+            dtype=state.dtype,
+            blocksize=64,
+            absmax=absmax,
+            code=code,
+            offset=offset,
+            absmax2=absmax2,
+            code2=code2,
+        )
         return x @ quickloris.dequantize_nf4(packed, st).t()
 
     counters.clear()
@@ -125,12 +136,15 @@ def test_compiles_fullgraph_through_bitsandbytes_linear4bit_modules(seed):
     assert not counters["graph_break"]
 
 
-@pytest.mark.parametrize("mutate, exc, match", [
-    (lambda q, qs: (q[:-1], qs), ValueError, "bytes"),
-    (lambda q, qs: (q.view(-1)[::2], qs), ValueError, "bytes|contiguous"),
-    (lambda q, qs: (q, "not a state"), TypeError, "quant_state"),
-    (lambda q, qs: (q.to("meta"), qs), ValueError, "is on"),
-])
+@pytest.mark.parametrize(
+    "mutate, exc, match",
+    [
+        (lambda q, qs: (q[:-1], qs), ValueError, "bytes"),
+        (lambda q, qs: (q.view(-1)[::2], qs), ValueError, "bytes|contiguous"),
+        (lambda q, qs: (q, "not a state"), TypeError, "quant_state"),
+        (lambda q, qs: (q.to("meta"), qs), ValueError, "is on"),
+    ],
+)
 def test_bad_input(mutate, exc, match):
     q, qs = bnb_pair((32, 64), torch.float16)
     with pytest.raises(exc, match=match):
@@ -176,8 +190,10 @@ def _plain_twin(q, qs, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", HALF)
-@pytest.mark.parametrize("shape", [(4096, 1024), (14336, 4096), (8192, 2048), (4096, 14336), (3584, 18944),
-                                   (5120, 13824), (129, 264), (1000, 1000)])
+@pytest.mark.parametrize(
+    "shape",
+    [(4096, 1024), (14336, 4096), (8192, 2048), (4096, 14336), (3584, 18944), (5120, 13824), (129, 264), (1000, 1000)],
+)
 def test_gpu_asm_equals_plain_equals_bitsandbytes(seed, dtype, shape):
     q, qs = bnb_pair(shape, dtype, device="cuda")
     asm, plain = _plain_twin(q, qs, dtype)
@@ -230,6 +246,5 @@ def test_gpu_every_swept_config_is_exact(seed, config):
     q, qs = bnb_pair((4096, 1024), torch.bfloat16, device="cuda")
     a, a2, c2, off, code, shape, _, bs = nf4_launch.state_fields(qs)
     out = torch.full(tuple(shape), float("nan"), dtype=torch.bfloat16, device="cuda")
-    nf4_launch.launch(nf4_launch.nf4_dequant_kernel, q, a, a2, c2, off, code, out, out.numel(), bs, True,
-                        config=config)
+    nf4_launch.launch(nf4_launch.nf4_dequant_kernel, q, a, a2, c2, off, code, out, out.numel(), bs, True, config=config)
     assert torch.equal(bits(out), bits(bnbF.dequantize_4bit(q, qs)))

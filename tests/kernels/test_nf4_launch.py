@@ -46,8 +46,9 @@ def test_inline_ptx_switch_where_no_inline_ptx_can_run(seed):
     if DEVICE == "cpu":
         with pytest.raises(ValueError, match="inline_ptx=True needs a CUDA tensor"):
             quickloris.dequantize_nf4(q, qs, inline_ptx=True)
-        compiled = torch.compile(lambda q: quickloris.dequantize_nf4(q, qs, inline_ptx=False), fullgraph=True,
-                                 backend="aot_eager")
+        compiled = torch.compile(
+            lambda q: quickloris.dequantize_nf4(q, qs, inline_ptx=False), fullgraph=True, backend="aot_eager"
+        )
         assert torch.equal(bits(compiled(q)), want)  # the op's schema carries the switch
 
 
@@ -80,12 +81,15 @@ def _jit_run_that_launches_otherwise(self, *args, grid, warmup, **kwargs):  # a 
 _ORIGINAL_RUN = JITFunction.run
 
 
-@pytest.mark.parametrize("change, match", [
-    ("no raw stream", "_cuda_getCurrentRawStream is missing"),
-    ("no launch hooks", "launch_enter_hook"),
-    ("jit launches otherwise", "JITFunction.run launches compiled kernels differently"),
-    ("launch_metadata signature", "launch_metadata.*another signature"),
-])
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ("no raw stream", "_cuda_getCurrentRawStream is missing"),
+        ("no launch hooks", "launch_enter_hook"),
+        ("jit launches otherwise", "JITFunction.run launches compiled kernels differently"),
+        ("launch_metadata signature", "launch_metadata.*another signature"),
+    ],
+)
 def test_each_changed_internal_is_named(raw_stream, monkeypatch, change, match):
     if change == "no raw stream":
         monkeypatch.delattr(torch._C, "_cuda_getCurrentRawStream")
@@ -152,8 +156,27 @@ def test_plans_never_answer_for_an_object_that_reuses_an_id():
 def test_a_freed_state_takes_its_plan_with_it():
     packed, state = quantize_nf4(torch.randn(64, 128))
     out = torch.empty(64, 128)
-    args = (packed, state.absmax, state.absmax2, state.code2, state.offset, state.code, out, out.numel(),
-            state.absmax.numel(), 64, 1, True, True, False, False, None, False, True, False)
+    args = (
+        packed,
+        state.absmax,
+        state.absmax2,
+        state.code2,
+        state.offset,
+        state.code,
+        out,
+        out.numel(),
+        state.absmax.numel(),
+        64,
+        1,
+        True,
+        True,
+        False,
+        False,
+        None,
+        False,
+        True,
+        False,
+    )
     nf4_launch.make_plan(packed, packed, state, out, (_Compiled(), (1,), args))
     assert nf4_launch.plan_for(state) is not None and nf4_launch.plan_for(state).asm is True
     key = id(state)
@@ -191,8 +214,9 @@ def _launcher_of_another_signature(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("change", ["no raw stream", "jit launches otherwise", "launcher signature"])
-def test_gpu_changed_internals_take_the_public_launch_and_stay_bit_exact(seed, monkeypatch, fresh_launch_caches,
-                                                                         change):
+def test_gpu_changed_internals_take_the_public_launch_and_stay_bit_exact(
+    seed, monkeypatch, fresh_launch_caches, change
+):
     q, qs = bnb_pair((1000, 1000), torch.bfloat16, device="cuda")
     want = bits(bnbF.dequantize_4bit(q, qs))  # also initialises Triton's driver before anything is patched
     quickloris.dequantize_nf4(q, qs)
@@ -209,8 +233,12 @@ def test_gpu_changed_internals_take_the_public_launch_and_stay_bit_exact(seed, m
     original = nf4_launch.nf4_dequant_kernel.run
     monkeypatch.setattr(nf4_launch.nf4_dequant_kernel, "run", lambda *a, **k: public.append(1) or original(*a, **k))
     out = torch.empty(qs.shape, dtype=torch.bfloat16, device="cuda")
-    results = [quickloris.dequantize_nf4(q, qs), quickloris.dequantize_nf4(q, qs),
-               quickloris.dequantize_nf4(q, qs, out=out), quickloris.dequantize_nf4(q, qs, inline_ptx=False)]
+    results = [
+        quickloris.dequantize_nf4(q, qs),
+        quickloris.dequantize_nf4(q, qs),
+        quickloris.dequantize_nf4(q, qs, out=out),
+        quickloris.dequantize_nf4(q, qs, inline_ptx=False),
+    ]
     assert len(public) == 4  # every call through Triton's public launcher
     assert not nf4_launch._COMPILED and nf4_launch.plan_for(qs) is None
     assert (nf4_launch.direct_launch_problem() is None) == (change == "launcher signature")
@@ -235,7 +263,13 @@ def test_gpu_the_direct_launch_is_used_when_nothing_changed(seed, monkeypatch, f
 def test_gpu_inline_ptx_switch_and_plans_follow_it(seed, fresh_launch_caches):
     q, qs = bnb_pair((4096, 1024), torch.float16, device="cuda")
     want = bits(bnbF.dequantize_4bit(q, qs))
-    for inline_ptx, planned_asm in [(None, True), (None, True), (False, False), (False, False), (True, True),
-                                    (None, True)]:
+    for inline_ptx, planned_asm in [
+        (None, True),
+        (None, True),
+        (False, False),
+        (False, False),
+        (True, True),
+        (None, True),
+    ]:
         assert torch.equal(bits(quickloris.dequantize_nf4(q, qs, inline_ptx=inline_ptx)), want)
         assert nf4_launch.plan_for(qs).asm is planned_asm, inline_ptx

@@ -24,7 +24,7 @@ def test_every_nibble_in_every_position():
     for code in range(16):
         for pos in range(8):
             byte, high = divmod(pos, 2)
-            word = (code << (8 * byte + (4 if high == 0 else 0)))
+            word = code << (8 * byte + (4 if high == 0 else 0))
             assert run(asm, {8: word}, 8) == expected(word), (code, pos)
 
 

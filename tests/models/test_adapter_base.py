@@ -47,14 +47,26 @@ def test_matching_adapter_passes(folders):
     AB.check_adapter_fits(folders / "run" / "adapter", AB.folder_parameter_shapes(folders / "model"), model="m")
 
 
-@pytest.mark.parametrize("change, match", [
-    (dict(intermediate_size=64), r"model\.layers\.0\.mlp\.down_proj takes 64 inputs, but the adapter's lora_A is "
-                                 r"\[4, 96\]"),
-    (dict(num_hidden_layers=1), r"the adapter has LoRA weights for model\.layers\.1\.\S+, which the model does not "
-                                r"have \(the model has 1 decoder layers\)"),
-    (dict(hidden_size=64, num_attention_heads=4), r"model\.layers\.0\.mlp\.down_proj has 64 outputs, but the "
-                                                  r"adapter's lora_B is \[48, 4\]"),
-])
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (
+            dict(intermediate_size=64),
+            r"model\.layers\.0\.mlp\.down_proj takes 64 inputs, but the adapter's lora_A is "
+            r"\[4, 96\]",
+        ),
+        (
+            dict(num_hidden_layers=1),
+            r"the adapter has LoRA weights for model\.layers\.1\.\S+, which the model does not "
+            r"have \(the model has 1 decoder layers\)",
+        ),
+        (
+            dict(hidden_size=64, num_attention_heads=4),
+            r"model\.layers\.0\.mlp\.down_proj has 64 outputs, but the "
+            r"adapter's lora_B is \[48, 4\]",
+        ),
+    ],
+)
 def test_mismatch_is_one_line_naming_the_options(folders, tmp_path, change, match):
     other = _edit_config(folders / "model", tmp_path / "other", **change)
     with pytest.raises(ValueError, match=rf"^--adapter \S+adapter does not fit --model \S+other: {match}$"):
@@ -80,13 +92,22 @@ def test_nf4_settings_from_the_run_config(tmp_path):
     (tmp_path / "run" / "adapter").mkdir()
     assert AB.nf4_base(tmp_path / "run" / "adapter") == AB.NF4Base()  # no config: what eval builds on a CPU
     assert "no run config" in AB.NF4Base().describe()
-    (tmp_path / "run" / "config.json").write_text(json.dumps({
-        "qlora": {"blocksize": 128, "double_quant": False},
-        "resolved": {"device": "cuda:1", "dtype": "torch.float16"}}))
+    (tmp_path / "run" / "config.json").write_text(
+        json.dumps(
+            {
+                "qlora": {"blocksize": 128, "double_quant": False},
+                "resolved": {"device": "cuda:1", "dtype": "torch.float16"},
+            }
+        )
+    )
     for folder in ("adapter", "checkpoints/step-000010"):
         base = AB.nf4_base(tmp_path / "run" / folder)
         assert (base.blocksize, base.double_quant, base.rounding, base.torch_dtype) == (
-            128, False, "bnb-cuda", torch.float16)
+            128,
+            False,
+            "bnb-cuda",
+            torch.float16,
+        )
         assert base.origin == str(tmp_path / "run" / "config.json")
     (tmp_path / "run" / "config.json").write_text(json.dumps({"qlora": {}, "resolved": {"dtype": "torch.int8"}}))
     with pytest.raises(ValueError, match=r"config\.json: unreadable NF4 settings of the run"):

@@ -13,11 +13,16 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 from quickloris.models.adapters import (  # noqa: E402
-    CONFIG_NAME, WEIGHTS_NAME, adapter_state_dict, load_adapter, read_adapter_config, save_adapter)
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    adapter_state_dict,
+    load_adapter,
+    read_adapter_config,
+    save_adapter,
+)
 from quickloris.models.prepare import QLoRAConfig, prepare_model  # noqa: E402
 from quickloris.nn.qlora_linear import QLoRALinear  # noqa: E402
 from tests.models.test_prepare import V, batch, bnb_twin, tiny  # noqa: E402
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -30,8 +35,13 @@ def _logits(model, ids, mask):
 @pytest.mark.parametrize("rslora", [False, True])
 def test_peft_from_pretrained_on_bnb_model_reproduces_ours(seed, tmp_path, rslora):
     dense = tiny()
-    cfg = QLoRAConfig(r=4, lora_alpha=12, use_rslora=rslora, init_lora_weights="random",
-                      target_modules=["q_proj", "v_proj", "down_proj"])
+    cfg = QLoRAConfig(
+        r=4,
+        lora_alpha=12,
+        use_rslora=rslora,
+        init_lora_weights="random",
+        target_modules=["q_proj", "v_proj", "down_proj"],
+    )
     ours = prepare_model(copy.deepcopy(dense), cfg)
     save_adapter(ours, tmp_path / "adapter")
     saved = json.loads((tmp_path / "adapter" / CONFIG_NAME).read_text())
@@ -53,13 +63,18 @@ def test_adapter_trained_by_peft_loads_into_ours(seed, tmp_path):
     dense = tiny()
     probe = prepare_model(copy.deepcopy(dense), QLoRAConfig(r=2, chunked_loss=False))
     twin = bnb_twin(dense, probe)
-    pm = peft.get_peft_model(twin, peft.LoraConfig(r=8, lora_alpha=4, target_modules=["k_proj", "o_proj", "up_proj"],
-                                                   init_lora_weights=False))
+    pm = peft.get_peft_model(
+        twin,
+        peft.LoraConfig(r=8, lora_alpha=4, target_modules=["k_proj", "o_proj", "up_proj"], init_lora_weights=False),
+    )
     pm.save_pretrained(tmp_path / "peft")
     pm.train()
     ours = prepare_model(copy.deepcopy(dense), adapter=tmp_path / "peft", chunked_loss=False)
     assert {n.rsplit(".", 1)[-1] for n, m in ours.named_modules() if isinstance(m, QLoRALinear) and m.r} == {
-        "k_proj", "o_proj", "up_proj"}
+        "k_proj",
+        "o_proj",
+        "up_proj",
+    }
     ids, mask = batch()
     torch.testing.assert_close(_logits(ours, ids, mask), _logits(pm, ids, mask), rtol=1e-4, atol=1e-4)
 
@@ -79,9 +94,14 @@ def test_unsupported_or_mismatched_adapters_raise(seed, tmp_path):
     model = prepare_model(tiny(), QLoRAConfig(r=4))
     save_adapter(model, tmp_path / "ok")
     cfg = json.loads((tmp_path / "ok" / CONFIG_NAME).read_text())
-    for change, msg in ((dict(use_dora=True), "DoRA"), (dict(modules_to_save=["lm_head"]), "modules_to_save"),
-                        (dict(rank_pattern={"q_proj": 8}), "rank_pattern"), (dict(bias="all"), "bias"),
-                        (dict(target_modules=".*proj"), "regular expression"), (dict(peft_type="IA3"), "peft_type")):
+    for change, msg in (
+        (dict(use_dora=True), "DoRA"),
+        (dict(modules_to_save=["lm_head"]), "modules_to_save"),
+        (dict(rank_pattern={"q_proj": 8}), "rank_pattern"),
+        (dict(bias="all"), "bias"),
+        (dict(target_modules=".*proj"), "regular expression"),
+        (dict(peft_type="IA3"), "peft_type"),
+    ):
         bad = tmp_path / msg.replace(" ", "_")
         bad.mkdir()
         (bad / CONFIG_NAME).write_text(json.dumps({**cfg, **change}))

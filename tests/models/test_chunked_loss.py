@@ -17,8 +17,13 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 from quickloris.models.chunked_loss import (  # noqa: E402
-    ChunkedLossConfig, chunked_head_loss, chunked_loss_config, disable_chunked_loss, enable_chunked_loss,
-    is_chunked_loss_enabled)
+    ChunkedLossConfig,
+    chunked_head_loss,
+    chunked_loss_config,
+    disable_chunked_loss,
+    enable_chunked_loss,
+    is_chunked_loss_enabled,
+)
 from tests.helpers import within  # noqa: E402
 from tests.tiny import tiny_model  # noqa: E402
 
@@ -73,8 +78,9 @@ def _assert_same(a, b):
 def test_chunked_loss_matches_hf(seed, tied, use_peft):
     model = _llama(tied)
     if use_peft:
-        model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                           init_lora_weights=False))
+        model = peft.get_peft_model(
+            model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        )
     enable_chunked_loss(model, chunk_size=5)
     ids, mask, labels = _batch()
     pos = (mask.cumsum(-1) - 1).clamp_min(0)
@@ -157,17 +163,25 @@ def test_chunked_loss_enable_disable_roundtrip(seed):
 
 def test_chunked_loss_module_head_and_softcap(seed):
     """A LoRA-wrapped lm_head (module path) and Gemma 2's final-logit softcapping."""
-    model = peft.get_peft_model(_llama(False), peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"],
-                                                               init_lora_weights=False))
+    model = peft.get_peft_model(
+        _llama(False), peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"], init_lora_weights=False)
+    )
     enable_chunked_loss(model, chunk_size=7)
     ids, mask, labels = _batch()
     got = _run(model, False, input_ids=ids, attention_mask=mask, labels=labels)
     assert any("lm_head.lora" in n for n in got[1])
     _assert_same(got, _run(model, True, input_ids=ids, attention_mask=mask, labels=labels))
 
-    gcfg = transformers.Gemma2Config(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                                     final_logit_softcapping=3.0)
+    gcfg = transformers.Gemma2Config(
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        final_logit_softcapping=3.0,
+    )
     gemma = transformers.Gemma2ForCausalLM(gcfg).train()
     enable_chunked_loss(gemma, chunk_size=6)
     got = _run(gemma, False, input_ids=ids, attention_mask=mask, labels=labels)
@@ -178,8 +192,9 @@ def test_chunked_head_loss_grpo_matches_naive(seed):
     """GRPO on a PEFT model: chunked log-probs vs full logits give the same loss and LoRA gradients."""
     from quickloris.ops.linear_losses import grpo_token_loss
 
-    model = peft.get_peft_model(_llama(True), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
-                                                              init_lora_weights=False))
+    model = peft.get_peft_model(
+        _llama(True), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     ids, mask, labels = _batch(4, 15)
     targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
     adv = torch.randn(4, 1).expand(4, 15).contiguous()
@@ -191,8 +206,16 @@ def test_chunked_head_loss_grpo_matches_naive(seed):
         base = model.get_base_model()
         hidden = base.model(input_ids=ids, attention_mask=mask).last_hidden_state
         if chunked:
-            per = chunked_head_loss(hidden, base.lm_head, targets, loss="grpo", reduction="none", advantages=adv,
-                                    old_logprobs=old, config=ChunkedLossConfig(chunk_size=9))
+            per = chunked_head_loss(
+                hidden,
+                base.lm_head,
+                targets,
+                loss="grpo",
+                reduction="none",
+                advantages=adv,
+                old_logprobs=old,
+                config=ChunkedLossConfig(chunk_size=9),
+            )
         else:
             logp = torch.log_softmax(base.lm_head(hidden).float(), -1)
             logp = logp.gather(-1, targets.clamp_min(0)[..., None]).squeeze(-1)
@@ -215,14 +238,16 @@ def test_chunked_loss_under_trainer_with_gradient_accumulation(seed, tmp_path):
     for i in range(8):
         n = 6 + (5 * i) % 11
         ids = torch.randint(0, V, (n,)).tolist()
-        rows.append({"input_ids": ids, "labels": [-100] * (i % 4) + ids[i % 4:]})
+        rows.append({"input_ids": ids, "labels": [-100] * (i % 4) + ids[i % 4 :]})
 
     def collate(batch):
         S = max(len(r["input_ids"]) for r in batch)
         pad = lambda xs, v: xs + [v] * (S - len(xs))  # noqa: E731
-        return {"input_ids": torch.tensor([pad(r["input_ids"], 0) for r in batch]),
-                "attention_mask": torch.tensor([pad([1] * len(r["input_ids"]), 0) for r in batch]),
-                "labels": torch.tensor([pad(r["labels"], -100) for r in batch])}
+        return {
+            "input_ids": torch.tensor([pad(r["input_ids"], 0) for r in batch]),
+            "attention_mask": torch.tensor([pad([1] * len(r["input_ids"]), 0) for r in batch]),
+            "labels": torch.tensor([pad(r["labels"], -100) for r in batch]),
+        }
 
     base = _llama(False)
     seen = []
@@ -236,10 +261,23 @@ def test_chunked_loss_under_trainer_with_gradient_accumulation(seed, tmp_path):
         # SGD without clipping: the update is lr x the gradient, so the weights show the gradients' scale (AdamW's
         # update hides it, and turns rounding-level differences of near-zero gradient entries into ~lr).
         args = transformers.TrainingArguments(
-            output_dir=str(tmp_path / str(chunked)), per_device_train_batch_size=2, gradient_accumulation_steps=2,
-            max_steps=2, learning_rate=0.5, optim="sgd", max_grad_norm=0.0, lr_scheduler_type="constant",
-            logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, seed=0, data_seed=0, disable_tqdm=True,
-            remove_unused_columns=False)
+            output_dir=str(tmp_path / str(chunked)),
+            per_device_train_batch_size=2,
+            gradient_accumulation_steps=2,
+            max_steps=2,
+            learning_rate=0.5,
+            optim="sgd",
+            max_grad_norm=0.0,
+            lr_scheduler_type="constant",
+            logging_steps=1,
+            report_to=[],
+            save_strategy="no",
+            use_cpu=True,
+            seed=0,
+            data_seed=0,
+            disable_tqdm=True,
+            remove_unused_columns=False,
+        )
         init = {n: p.detach().clone() for n, p in model.named_parameters()}
         trainer = transformers.Trainer(model=model, args=args, train_dataset=rows, data_collator=collate)
         trainer.train()

@@ -19,10 +19,22 @@ from quickloris.data.chat import TokenizedExample  # noqa: E402
 from quickloris.data.packing import collate_packed  # noqa: E402
 from quickloris.models import surgery  # noqa: E402
 from quickloris.models.adapters import (  # noqa: E402
-    CONFIG_NAME, LABELS_NAME, WEIGHTS_NAME, adapter_state_dict, load_adapter, read_adapter_config, read_labels,
-    save_adapter)
+    CONFIG_NAME,
+    LABELS_NAME,
+    WEIGHTS_NAME,
+    adapter_state_dict,
+    load_adapter,
+    read_adapter_config,
+    read_labels,
+    save_adapter,
+)
 from quickloris.models.classification import (  # noqa: E402
-    classification_loss, classifier_from_causal_lm, is_sequence_classifier, pooled_positions, set_class_weights)
+    classification_loss,
+    classifier_from_causal_lm,
+    is_sequence_classifier,
+    pooled_positions,
+    set_class_weights,
+)
 from quickloris.models.prepare import QLoRAConfig, prepare_model  # noqa: E402
 from tests.models.test_prepare import V, bnb_twin  # noqa: E402
 
@@ -33,8 +45,16 @@ FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "
 
 def tiny_classifier(arch: str = "llama", num_labels: int = 3) -> torch.nn.Module:
     prefix = FAMILIES[arch]
-    kw = dict(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, pad_token_id=PAD, num_labels=num_labels)
+    kw = dict(
+        vocab_size=V,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=PAD,
+        num_labels=num_labels,
+    )
     if arch == "qwen3":
         kw["head_dim"] = 16
     cfg = getattr(transformers, f"{prefix}Config")(**kw)
@@ -148,8 +168,9 @@ def test_class_weights_and_num_items(seed):
     torch.testing.assert_close(classification_loss(logits, labels, weight=w), expect)
     torch.testing.assert_close(classification_loss(logits, labels, weight=w, num_items=10), expect * 6 / 10)
     # two micro-batches normalised by the step's count sum to the one-batch loss
-    a = classification_loss(logits[:3], labels[:3], num_items=6) + classification_loss(logits[3:], labels[3:],
-                                                                                       num_items=6)
+    a = classification_loss(logits[:3], labels[:3], num_items=6) + classification_loss(
+        logits[3:], labels[3:], num_items=6
+    )
     torch.testing.assert_close(a, classification_loss(logits, labels))
     torch.testing.assert_close(classification_loss(logits, labels), F.cross_entropy(logits, labels))
 
@@ -172,8 +193,15 @@ def test_class_weights_and_num_items(seed):
 
 
 def test_classifier_from_causal_lm_shares_the_decoder_and_seeds_the_head(seed):
-    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    cfg = transformers.LlamaConfig(
+        vocab_size=V,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
     causal = transformers.LlamaForCausalLM(cfg).eval()
     decoder = causal.model
     reference = copy.deepcopy(causal)
@@ -193,8 +221,9 @@ def test_classifier_from_causal_lm_shares_the_decoder_and_seeds_the_head(seed):
     hf.score.weight.data.copy_(model.score.weight)
     ids, mask = padded(texts(3))
     with torch.no_grad():
-        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits,
-                                   hf(input_ids=ids, attention_mask=mask).logits)
+        torch.testing.assert_close(
+            model(input_ids=ids, attention_mask=mask).logits, hf(input_ids=ids, attention_mask=mask).logits
+        )
     with pytest.raises(ValueError, match="at least 2 distinct"):
         classifier_from_causal_lm(copy.deepcopy(reference), ["a", "a"], pad_token_id=PAD)
 
@@ -208,8 +237,10 @@ def test_peft_loads_the_adapter_and_reproduces_the_logits(seed, tmp_path):
     dense = tiny_classifier(num_labels=4)
     dense.config.id2label = {i: f"class{i}" for i in range(4)}
     dense.config.label2id = {f"class{i}": i for i in range(4)}
-    ours = prepare_model(copy.deepcopy(dense), QLoRAConfig(r=4, lora_alpha=8, init_lora_weights="random",
-                                                          target_modules=["q_proj", "v_proj", "up_proj"]))
+    ours = prepare_model(
+        copy.deepcopy(dense),
+        QLoRAConfig(r=4, lora_alpha=8, init_lora_weights="random", target_modules=["q_proj", "v_proj", "up_proj"]),
+    )
     with torch.no_grad():
         ours.score.weight.normal_()  # a trained head, not the initial one
     ours.save_pretrained(tmp_path / "a")
@@ -234,16 +265,21 @@ def test_peft_loads_the_adapter_and_reproduces_the_logits(seed, tmp_path):
 
     # and back: an adapter PEFT trained (SEQ_CLS: modules_to_save ["classifier", "score"]) loads into ours
     twin2 = bnb_twin(dense, ours)
-    pm2 = peft.get_peft_model(twin2, peft.LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=4, init_lora_weights=False,
-                                                     target_modules=["k_proj", "o_proj"]))
+    pm2 = peft.get_peft_model(
+        twin2,
+        peft.LoraConfig(
+            task_type="SEQ_CLS", r=8, lora_alpha=4, init_lora_weights=False, target_modules=["k_proj", "o_proj"]
+        ),
+    )
     with torch.no_grad():
         pm2.base_model.model.score.modules_to_save["default"].weight.normal_()
     pm2.save_pretrained(tmp_path / "peft")
     pm2.train()
     loaded = prepare_model(copy.deepcopy(dense), adapter=tmp_path / "peft")
     assert read_adapter_config(tmp_path / "peft")["modules_to_save"] == ["classifier", "score"]
-    torch.testing.assert_close(loaded.eval()(input_ids=ids, attention_mask=mask).logits,
-                               _peft_logits(pm2, ids, mask), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        loaded.eval()(input_ids=ids, attention_mask=mask).logits, _peft_logits(pm2, ids, mask), rtol=1e-4, atol=1e-4
+    )
 
 
 def test_head_adapters_and_causal_models_do_not_mix(seed, tmp_path):

@@ -32,7 +32,13 @@ from quickloris.models.prepare import FamilyWarning, QLoRAConfig, prepare_model 
 from quickloris.nn.qlora_linear import QLoRALinear  # noqa: E402
 from quickloris.parallel.compile import CompileConfig, compile_model, compile_stats, reset_compile_stats  # noqa: E402
 from tests.helpers import (  # noqa: E402
-    assert_close_rel, dequantized_twin, lora_grads, packed_and_padded, peft_twin, reorder_tolerance)
+    assert_close_rel,
+    dequantized_twin,
+    lora_grads,
+    packed_and_padded,
+    peft_twin,
+    reorder_tolerance,
+)
 from tests.tiny import COMMON, FAMILY_CONFIGS, VOCAB, family_model  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -51,7 +57,7 @@ def _padded_batch(gen: torch.Generator, B: int = 3, S: int = 29):
     ids = torch.randint(3, VOCAB, (B, S), generator=gen)
     mask = torch.ones_like(ids)
     mask[1, -7:] = 0
-    mask[2, -S // 2:] = 0
+    mask[2, -S // 2 :] = 0
     ids = ids.masked_fill(mask == 0, COMMON["pad_token_id"])  # classifiers pool the last non-pad token
     labels = ids.masked_fill(mask == 0, -100)
     return dict(input_ids=ids, attention_mask=mask), labels
@@ -70,8 +76,9 @@ def _prepare(row: str, **cfg) -> tuple[torch.nn.Module, torch.nn.Module]:
 def test_logits_equal_transformers_on_dequantized_weights(seed, row):
     gen = torch.Generator().manual_seed(seed)
     ref, model = _prepare(row, attention="flex")
-    assert family_of(model).name == row.split("_")[0] and all(m.r == 0 or not m.lora_B.default.weight.any()
-                                                              for m in model.modules() if isinstance(m, QLoRALinear))
+    assert family_of(model).name == row.split("_")[0] and all(
+        m.r == 0 or not m.lora_B.default.weight.any() for m in model.modules() if isinstance(m, QLoRALinear)
+    )
     twin = dequantized_twin(ref, model)
     batch, _ = _padded_batch(gen)
     valid = batch["attention_mask"].bool()
@@ -245,7 +252,7 @@ def test_spec_matches_the_model(row):
         expected = unit * (1 + w) if spec.norm == "rms_one_plus_fp32" else unit * w
         torch.testing.assert_close(norm(x), expected)
     scale = getattr(model.model.embed_tokens, "scalar_embed_scale", 1.0)
-    assert scale == (cfg.hidden_size ** 0.5 if spec.embedding_scale == "sqrt_hidden" else 1.0)
+    assert scale == (cfg.hidden_size**0.5 if spec.embedding_scale == "sqrt_hidden" else 1.0)
     assert type(cfg)().tie_word_embeddings == spec.tied_embeddings
     for attr in (spec.final_logit_softcap, spec.attention.logit_softcap):
         assert attr is None or hasattr(cfg, attr)
@@ -264,20 +271,25 @@ def test_spec_matches_the_model(row):
 @pytest.mark.parametrize("row", ROWS)
 def test_gpu_compiled_flex_training_matches_eager_attention(seed, row):
     """On a GPU the fast path is the real thing: inductor-compiled layers with the FlexAttention kernel (forward and
-    backward: per-layer-type BlockMasks, the softcap score_mod) and the compiled loss, bf16, packed rows of several
-    lengths; its losses and LoRA gradients follow the same model on HF's eager attention (bf16: 2 % on the loss,
-    5 % on each gradient's norm-relative error), with no graph break."""
+    backward: per-layer-type BlockMasks, the softcap score_mod) and the compiled loss, packed rows of several
+    lengths; its losses and LoRA gradients follow the same model on HF's eager attention, with no graph break. In
+    float32 (bf16 is the learning tests' and the benchmarks'): the two differ by the order of their sums, ~u * sqrt(S)
+    * depth < 1e-5 relative (u = 6e-8); bounds 1e-4 on the loss and 1e-3 on each gradient's norm-relative error are
+    far above that and far below the O(1) a wrong window, softcap or derivative makes (bf16 noise reached ~6 %)."""
     from quickloris.parallel.compose import CheckpointConfig, build_training_model
 
-    dense = family_model(row).to("cuda", torch.bfloat16)
+    dense = family_model(row).to("cuda")
     gen = torch.Generator().manual_seed(seed)
     batches = [packed_and_padded(lens, VOCAB, gen=gen)[0] for lens in ([150, 90, 61], [700], [129, 300, 40])]
     out = {}
     for impl, compile_cfg in (("eager", None), ("flex", CompileConfig())):
         torch.manual_seed(seed)
-        model = build_training_model(copy.deepcopy(dense), QLoRAConfig(r=R, lora_alpha=ALPHA, attention=impl,
-                                                                      init_lora_weights="random"),
-                                     checkpointing=CheckpointConfig(), compile=compile_cfg)
+        model = build_training_model(
+            copy.deepcopy(dense),
+            QLoRAConfig(r=R, lora_alpha=ALPHA, attention=impl, init_lora_weights="random"),
+            checkpointing=CheckpointConfig(),
+            compile=compile_cfg,
+        )
         reset_compile_stats()
         steps = []
         for packed in batches:
@@ -287,7 +299,7 @@ def test_gpu_compiled_flex_training_matches_eager_attention(seed, row):
         if compile_cfg is not None:
             assert compile_stats()["graph_breaks"] == 0
     for (loss, grads), (want, want_grads) in zip(out["flex"], out["eager"]):
-        assert float(loss) == pytest.approx(float(want), rel=2e-2)
+        assert float(loss) == pytest.approx(float(want), rel=1e-4)
         for name, g in want_grads.items():
             err = float((grads[name].float() - g.float()).norm() / g.float().norm().clamp_min(1e-12))
-            assert err < 5e-2, (row, name, err)
+            assert err < 1e-3, (row, name, err)

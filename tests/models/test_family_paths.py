@@ -19,11 +19,16 @@ from quickloris.models.adapters import lora_layers  # noqa: E402
 from quickloris.models.attention import set_attention  # noqa: E402
 from quickloris.models.chunked_loss import is_chunked_loss_enabled  # noqa: E402
 from quickloris.models.families import decoder_layers, family_of, registered  # noqa: E402
-from quickloris.models.prepare import DEFAULT_TARGETS, FamilyWarning, QLoRAConfig, prepare_model  # noqa: E402
-from quickloris.models.prepare import resolve_targets  # noqa: E402
+from quickloris.models.prepare import (  # noqa: E402
+    DEFAULT_TARGETS,
+    FamilyWarning,
+    QLoRAConfig,
+    prepare_model,
+    resolve_targets,  # noqa: E402
+)
 from quickloris.parallel.compile import CompileConfig, compile_config, compile_model  # noqa: E402
 from tests.helpers import assert_close_rel, lora_grads, peft_twin  # noqa: E402
-from tests.models.test_families import FWD, BWD, _padded_batch  # noqa: E402
+from tests.models.test_families import BWD, FWD, _padded_batch  # noqa: E402
 from tests.tiny import GENERIC_CONFIGS, family_model  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -34,13 +39,18 @@ def _logits(model, batch):
         return model(**batch).logits[batch["attention_mask"].bool()]
 
 
-@pytest.mark.parametrize("row,change", [("gemma2", dict(attn_logit_softcapping=None)),
-                                        ("gemma2", dict(final_logit_softcapping=None)),
-                                        ("gemma2", dict(sliding_window=512)),
-                                        ("gemma3", dict(sliding_window=512)),
-                                        ("qwen2_swa", dict(sliding_window=512)),
-                                        ("mistral", dict(sliding_window=None)),
-                                        ("phi3", dict(sliding_window=None))])
+@pytest.mark.parametrize(
+    "row,change",
+    [
+        ("gemma2", dict(attn_logit_softcapping=None)),
+        ("gemma2", dict(final_logit_softcapping=None)),
+        ("gemma2", dict(sliding_window=512)),
+        ("gemma3", dict(sliding_window=512)),
+        ("qwen2_swa", dict(sliding_window=512)),
+        ("mistral", dict(sliding_window=None)),
+        ("phi3", dict(sliding_window=None)),
+    ],
+)
 def test_each_family_feature_changes_the_tiny_model(seed, row, change):
     """The tiny configs make softcaps and windows matter: without the feature the logits move far beyond the
     tolerance the family tests use (so those tests would see a backend that drops it)."""
@@ -70,8 +80,11 @@ def test_gemma_softcaps(seed):
     capped = copy.deepcopy(g3)
     capped.config.attn_logit_softcapping = 0.1
     torch.testing.assert_close(_logits(capped, batch), _logits(g3, batch), rtol=0, atol=0)
-    with pytest.raises(ValueError, match=r"Gemma2ForCausalLM caps attention scores \(attn_logit_softcapping=2.5\) "
-                       "and SDPA cannot: use attention='flex' or 'eager'"):
+    with pytest.raises(
+        ValueError,
+        match=r"Gemma2ForCausalLM caps attention scores \(attn_logit_softcapping=2.5\) "
+        "and SDPA cannot: use attention='flex' or 'eager'",
+    ):
         set_attention(g2, "sdpa")
     with pytest.warns(FamilyWarning, match="attn_logit_softcapping=2.5, which SDPA cannot apply: attention='flex'"):
         prepared = prepare_model(g2, QLoRAConfig(r=2, attention="sdpa"))
@@ -87,15 +100,21 @@ def test_fused_targets_map_onto_phi3_layers():
     assert resolve_targets(spec, ["v_proj", "k_proj", "q_proj", "down_proj"]) == ["qkv_proj", "down_proj"]
     assert resolve_targets(spec, ["gate_proj", "up_proj"]) == ["gate_up_proj"]
     assert resolve_targets(spec, ["qkv_proj"]) == ["qkv_proj"] and resolve_targets(spec, ["all-linear"]) == [
-        "all-linear"]
+        "all-linear"
+    ]
     with pytest.raises(ConfigError) as e:
         resolve_targets(spec, ["q_proj", "o_proj"])
-    assert str(e.value) == ("QLoRAConfig.target_modules names q_proj, but Phi3ForCausalLM computes q_proj,k_proj,v_proj"
-                            " in one fused layer, qkv_proj (LoRA adapts the fused weight): name qkv_proj instead")
+    assert str(e.value) == (
+        "QLoRAConfig.target_modules names q_proj, but Phi3ForCausalLM computes q_proj,k_proj,v_proj"
+        " in one fused layer, qkv_proj (LoRA adapts the fused weight): name qkv_proj instead"
+    )
     with pytest.raises(ConfigError, match="names up_proj, but Phi3ForCausalLM computes gate_proj,up_proj"):
         resolve_targets(spec, ["up_proj"])
-    with pytest.raises(ConfigError, match="names c_attn, not a linear layer of this model's decoder "
-                       r"\(qkv_proj,o_proj,gate_up_proj,down_proj, or all-linear\)"):
+    with pytest.raises(
+        ConfigError,
+        match="names c_attn, not a linear layer of this model's decoder "
+        r"\(qkv_proj,o_proj,gate_up_proj,down_proj, or all-linear\)",
+    ):
         resolve_targets(spec, ["c_attn"])
     model = prepare_model(family_model("phi3"), QLoRAConfig(r=2, target_modules=["q_proj", "k_proj", "v_proj"]))
     assert sorted(n.rsplit(".", 1)[-1] for n in lora_layers(model)) == ["qkv_proj", "qkv_proj"]
@@ -111,15 +130,18 @@ def test_generic_path(seed, row):
     ref = family_model(row)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model = prepare_model(copy.deepcopy(ref), QLoRAConfig(r=4, lora_alpha=8, attention="flex",
-                                                              init_lora_weights="random"))
+        model = prepare_model(
+            copy.deepcopy(ref), QLoRAConfig(r=4, lora_alpha=8, attention="flex", init_lora_weights="random")
+        )
     mine = [w for w in caught if w.category is FamilyWarning]
     lines = [str(w.message) for w in mine]
     assert len(lines) == 1 and "\n" not in lines[0], lines
     shown = warnings.formatwarning(mine[0].message, FamilyWarning, mine[0].filename, mine[0].lineno, mine[0].line)
     assert shown == f"quickloris:0: FamilyWarning: {lines[0]}\n"  # what a terminal shows: one line
-    assert lines[0].startswith(f"{type(ref).__name__}: not a registered family: generic path") and \
-        "the fast path (regional compile, flex attention, compiled loss) is off" in lines[0]
+    assert (
+        lines[0].startswith(f"{type(ref).__name__}: not a registered family: generic path")
+        and "the fast path (regional compile, flex attention, compiled loss) is off" in lines[0]
+    )
     spec = family_of(model)
     assert not spec.fast_path and not spec.registered and model.config._attn_implementation == "sdpa"
     assert len(lora_layers(model)) == len(spec.linears) * ref.config.num_hidden_layers
@@ -148,14 +170,38 @@ def test_refused_in_one_line():
         return getattr(transformers, cls)(getattr(transformers, cfg_cls)(**kw))
 
     cases = [
-        (tiny("GPT2LMHeadModel", "GPT2Config", n_layer=1, n_embd=32, n_head=2, vocab_size=97),
-         "GPT2LMHeadModel cannot be trained: it is not a decoder-only \\*ForCausalLM"),
-        (tiny("T5ForConditionalGeneration", "T5Config", num_layers=1, d_model=32, d_ff=64, num_heads=2, d_kv=16,
-              vocab_size=97), "T5ForConditionalGeneration cannot be trained: it is an encoder-decoder model"),
-        (tiny("MixtralForCausalLM", "MixtralConfig", vocab_size=97, hidden_size=32, intermediate_size=64,
-              num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, num_local_experts=2),
-         "MixtralForCausalLM cannot be trained: model.layers.0.mlp.gate.weight is a 2-D parameter of "
-         "MixtralTopKRouter, not an nn.Linear weight"),
+        (
+            tiny("GPT2LMHeadModel", "GPT2Config", n_layer=1, n_embd=32, n_head=2, vocab_size=97),
+            "GPT2LMHeadModel cannot be trained: it is not a decoder-only \\*ForCausalLM",
+        ),
+        (
+            tiny(
+                "T5ForConditionalGeneration",
+                "T5Config",
+                num_layers=1,
+                d_model=32,
+                d_ff=64,
+                num_heads=2,
+                d_kv=16,
+                vocab_size=97,
+            ),
+            "T5ForConditionalGeneration cannot be trained: it is an encoder-decoder model",
+        ),
+        (
+            tiny(
+                "MixtralForCausalLM",
+                "MixtralConfig",
+                vocab_size=97,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=1,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                num_local_experts=2,
+            ),
+            "MixtralForCausalLM cannot be trained: model.layers.0.mlp.gate.weight is a 2-D parameter of "
+            "MixtralTopKRouter, not an nn.Linear weight",
+        ),
     ]
     olmo = family_model("olmo2")
     olmo.config.num_hidden_layers = 5  # its 2 layers no longer look like the decoder
@@ -168,8 +214,10 @@ def test_refused_in_one_line():
     llama.model.layers = torch.nn.ModuleList()
     with pytest.raises(TypeError, match="LlamaForCausalLM has no decoder layers at model.model.layers"):
         prepare_model(llama)
-    for cfg in ({"architectures": ["BertForMaskedLM"]}, {"architectures": ["BartForConditionalGeneration"],
-                                                        "is_encoder_decoder": True}):
+    for cfg in (
+        {"architectures": ["BertForMaskedLM"]},
+        {"architectures": ["BartForConditionalGeneration"], "is_encoder_decoder": True},
+    ):
         with pytest.raises(ValueError, match="quickloris supports Gemma2ForCausalLM"):
             family_of(cfg)
     assert family_of({"architectures": ["Olmo2ForCausalLM"]}).name == "generic"

@@ -8,8 +8,16 @@ import json
 import pytest
 import torch
 
-from quickloris.models.loading import (ModelSource, gguf_metadata, gguf_special_token_ids, load_model,
-                                       load_model_and_tokenizer, load_tokenizer, max_positions, resolve_model)
+from quickloris.models.loading import (
+    ModelSource,
+    gguf_metadata,
+    gguf_special_token_ids,
+    load_model,
+    load_model_and_tokenizer,
+    load_tokenizer,
+    max_positions,
+    resolve_model,
+)
 from tests.helpers import require
 from tests.tiny import bpe_tokenizer, tiny_model
 
@@ -21,12 +29,17 @@ def _tiny_llama(vocab=64, **kw):
 
 
 def _tiny_tokenizer(pad: bool):
-    return bpe_tokenizer("smollm", 300, corpus=["hello world 123"],
-                         specials=("<|bos|>", "<|eos|>", "<|pad|>") if pad else ("<|bos|>", "<|eos|>"),
-                         chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    return bpe_tokenizer(
+        "smollm",
+        300,
+        corpus=["hello world 123"],
+        specials=("<|bos|>", "<|eos|>", "<|pad|>") if pad else ("<|bos|>", "<|eos|>"),
+        chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}",
+    )
 
 
 # ---- format detection (no model loads) ---------------------------------------------------------------------------
+
 
 def test_resolve_default():
     src = resolve_model(None)
@@ -59,25 +72,32 @@ def test_resolve_errors(tmp_path):
         resolve_model(3)
 
 
-@pytest.mark.parametrize("quant, expected", [
-    ({"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}, "bnb-4bit"),
-    ({"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "fp4"}, "type 'fp4' is not"),
-    ({"quant_method": "bitsandbytes", "load_in_8bit": True}, r"quant_method='bitsandbytes' \(8-bit\)"),
-    ({"quant_method": "gptq", "bits": 4}, "quant_method='gptq' are not supported"),
-])
+@pytest.mark.parametrize(
+    "quant, expected",
+    [
+        ({"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}, "bnb-4bit"),
+        ({"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "fp4"}, "type 'fp4' is not"),
+        ({"quant_method": "bitsandbytes", "load_in_8bit": True}, r"quant_method='bitsandbytes' \(8-bit\)"),
+        ({"quant_method": "gptq", "bits": 4}, "quant_method='gptq' are not supported"),
+    ],
+)
 def test_resolve_quantized_folders(tmp_path, quant, expected):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": quant}))
     (tmp_path / "model.safetensors").write_bytes(b"")
     if expected == "bnb-4bit":
         src = resolve_model(tmp_path)
-        assert (src.format, src.quantization_config, src.weight_files) == \
-            ("bnb-4bit", quant, (tmp_path / "model.safetensors",))
+        assert (src.format, src.quantization_config, src.weight_files) == (
+            "bnb-4bit",
+            quant,
+            (tmp_path / "model.safetensors",),
+        )
     else:
         with pytest.raises(ValueError, match=expected):
             resolve_model(tmp_path)
 
 
 # ---- HF folder ---------------------------------------------------------------------------------------------------
+
 
 def test_hf_folder_round_trip(tmp_path, seed):
     model = _tiny_llama()
@@ -94,11 +114,13 @@ def test_hf_folder_round_trip(tmp_path, seed):
 
 # ---- GGUF file -----------------------------------------------------------------------------------------------------
 
+
 def test_gguf_round_trip(tmp_path, seed):
     """A tiny model written by quickloris' GGUF exporter (f32) loads dense, with the logits of the original,
     and its tokenizer keeps EOS != BOS (transformers' GGUF converter swaps them)."""
     require("quickloris._native")
     import quickloris.export.gguf_export as export
+
     tok = _tiny_tokenizer(pad=True)
     model = _tiny_llama(vocab=len(tok), pad_token_id=tok.pad_token_id)
     path = tmp_path / "tiny.gguf"
@@ -109,8 +131,11 @@ def test_gguf_round_trip(tmp_path, seed):
     assert gguf_special_token_ids(path) == {"bos": 0, "eos": 1, "pad": 2}
     # the header-only reader agrees with the gguf package on every scalar / string field
     gguf = require("gguf")
-    ref = {k: f.contents() for k, f in gguf.GGUFReader(str(path)).fields.items()
-           if not k.startswith("GGUF.") and not isinstance(f.contents(), list)}
+    ref = {
+        k: f.contents()
+        for k, f in gguf.GGUFReader(str(path)).fields.items()
+        if not k.startswith("GGUF.") and not isinstance(f.contents(), list)
+    }
     assert len(ref) > 10 and gguf_metadata(path, set(ref) | {"absent.key"}) == pytest.approx(ref)
     loaded = load_model(src)
     assert not getattr(loaded, "is_quantized", False) and getattr(loaded.config, "quantization_config", None) is None
@@ -124,6 +149,7 @@ def test_gguf_round_trip(tmp_path, seed):
 
 # ---- the embedded default ------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def default_tokenizer():
     return load_tokenizer(resolve_model(None))
@@ -135,8 +161,10 @@ def test_default_tokenizer(default_tokenizer):
     assert (tok.eos_token, tok.eos_token_id) == ("<|im_end|>", 2)  # not <|im_start|>, which transformers sets
     assert (tok.pad_token_id, tok.bos_token_id) == (2, 1)
     text = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
-    assert text == ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
-                    "<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+    assert text == (
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+        "<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    )
     ids = tok("4790386", add_special_tokens=False)["input_ids"]  # SmolLM2 splits numbers into single digits
     assert [tok.decode([i]) for i in ids] == list("4790386")
 
@@ -150,24 +178,34 @@ def test_default_model_is_dense_and_answers(default_tokenizer):
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
     assert len(linears) == 30 * 7 + 1  # q k v o gate up down per layer, plus the (tied) head
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
-    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                  add_generation_prompt=True, tokenize=True, return_dict=False)
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=False,
+    )
     out = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
-    reply = tok.decode(out[0, len(ids):], skip_special_tokens=True)
+    reply = tok.decode(out[0, len(ids) :], skip_special_tokens=True)
     assert "Paris" in reply, reply
     assert out[0, -1].item() == tok.eos_token_id or len(out[0]) == len(ids) + 12
 
 
 # ---- pre-quantized bitsandbytes NF4 folder --------------------------------------------------------------------------
 
+
 def test_bnb_4bit_folder(tmp_path, seed):
     bnb = require("bitsandbytes")
     model = _tiny_llama()
     model.save_pretrained(tmp_path / "fp")
-    qcfg = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                           bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
-    quantized = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "fp", quantization_config=qcfg,
-                                                                  device_map="cpu")
+    qcfg = transformers.BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    quantized = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "fp", quantization_config=qcfg, device_map="cpu"
+    )
     folder = tmp_path / "tiny-bnb-4bit"
     quantized.save_pretrained(folder)
     src = resolve_model(folder)
@@ -195,6 +233,7 @@ def test_load_to_cuda(tmp_path):
     torch.testing.assert_close(gpu(x.cuda()).logits.cpu(), ref, rtol=1e-3, atol=1e-3)
     require("quickloris._native")
     import quickloris.export.gguf_export as export
+
     tok = _tiny_tokenizer(pad=True)
     gmodel = _tiny_llama(vocab=len(tok), pad_token_id=tok.pad_token_id)
     export.export_gguf(gmodel, tmp_path / "t.gguf", tokenizer=tok, quant="f32", tokenizer_pre="smollm")

@@ -14,12 +14,10 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from quickloris.models.prepare import (  # noqa: E402
-    DEFAULT_TARGETS, QLoRAConfig, is_prepared, prepare_model, qlora_config)
-from quickloris.tensor.nf4_tensor import NF4Tensor  # noqa: E402
+from quickloris.models.prepare import DEFAULT_TARGETS, QLoRAConfig, is_prepared, prepare_model, qlora_config  # noqa: E402
 from quickloris.nn.qlora_linear import QLoRALinear  # noqa: E402
+from quickloris.tensor.nf4_tensor import NF4Tensor  # noqa: E402
 from tests.tiny import tiny_model  # noqa: E402
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -39,8 +37,14 @@ def bnb_twin(dense: nn.Module, prepared: nn.Module, compute_dtype=torch.float32)
     for name, mod in prepared.named_modules():
         if isinstance(mod, QLoRALinear):
             parent_name, child = name.rsplit(".", 1)
-            lin = bnb.nn.Linear4bit(mod.in_features, mod.out_features, bias=mod.bias is not None,
-                                    compute_dtype=compute_dtype, quant_type="nf4", device="meta")
+            lin = bnb.nn.Linear4bit(
+                mod.in_features,
+                mod.out_features,
+                bias=mod.bias is not None,
+                compute_dtype=compute_dtype,
+                quant_type="nf4",
+                device="meta",
+            )
             lin.weight = mod.weight.to_bnb()
             if mod.bias is not None:
                 lin.bias = nn.Parameter(mod.bias.detach().clone(), requires_grad=False)
@@ -56,8 +60,16 @@ def dense_twin_with_peft(dense: nn.Module, prepared: nn.Module, cfg: QLoRAConfig
         if isinstance(mod, QLoRALinear):
             with torch.no_grad():
                 twin.get_submodule(name).weight.copy_(mod.weight.dequantize(torch.float32))
-    pm = peft.get_peft_model(twin, peft.LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, use_rslora=cfg.use_rslora,
-                                                   target_modules=list(cfg.target_modules), lora_dropout=0.0))
+    pm = peft.get_peft_model(
+        twin,
+        peft.LoraConfig(
+            r=cfg.r,
+            lora_alpha=cfg.lora_alpha,
+            use_rslora=cfg.use_rslora,
+            target_modules=list(cfg.target_modules),
+            lora_dropout=0.0,
+        ),
+    )
     for name, mod in prepared.named_modules():
         if isinstance(mod, QLoRALinear) and mod.r:
             peft_layer = pm.base_model.model.get_submodule(name)
@@ -109,8 +121,10 @@ def test_training_loss_and_grads_match_dense_reference(seed):
     for name, mod in model.named_modules():
         if isinstance(mod, QLoRALinear):
             peft_layer = ref.base_model.model.get_submodule(name)
-            for ours, theirs in ((mod.lora_A.default.weight, peft_layer.lora_A["default"].weight),
-                                 (mod.lora_B.default.weight, peft_layer.lora_B["default"].weight)):
+            for ours, theirs in (
+                (mod.lora_A.default.weight, peft_layer.lora_A["default"].weight),
+                (mod.lora_B.default.weight, peft_layer.lora_B["default"].weight),
+            ):
                 torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-4, atol=1e-6)
 
 
@@ -131,8 +145,9 @@ def test_bnb_linear4bit_model_is_wrapped_without_copies(seed):
             other.lora_B.default.weight.data.copy_(mod.lora_B.default.weight)
     ids, mask = batch()
     with torch.no_grad():
-        torch.testing.assert_close(prepared(input_ids=ids, attention_mask=mask).logits,
-                                   ours(input_ids=ids, attention_mask=mask).logits)
+        torch.testing.assert_close(
+            prepared(input_ids=ids, attention_mask=mask).logits, ours(input_ids=ids, attention_mask=mask).logits
+        )
 
 
 def test_non_target_4bit_layers_become_frozen_nf4_layers(seed):
@@ -159,26 +174,37 @@ def test_prequantized_folder(seed, tmp_path):
     assert model.lm_head.weight is model.model.embed_tokens.weight
     ids, mask = batch()
     with torch.no_grad():
-        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits,
-                                   direct(input_ids=ids, attention_mask=mask).logits)
+        torch.testing.assert_close(
+            model(input_ids=ids, attention_mask=mask).logits, direct(input_ids=ids, attention_mask=mask).logits
+        )
     (folder / "config.json").write_text((folder / "config.json").read_text().replace('"nf4"', '"fp4"'))
     with pytest.raises(ValueError, match="only nf4"):
         load_bnb_4bit_model(folder)
 
 
 def test_clear_errors(seed):
-    with pytest.raises(ValueError, match="GPT2LMHeadModel cannot be trained: it is not a decoder-only "
-                       r"\*ForCausalLM .*quickloris supports Gemma2ForCausalLM"):
-        prepare_model(transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2,
-                                                                           vocab_size=V)))
+    with pytest.raises(
+        ValueError,
+        match="GPT2LMHeadModel cannot be trained: it is not a decoder-only "
+        r"\*ForCausalLM .*quickloris supports Gemma2ForCausalLM",
+    ):
+        prepare_model(
+            transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=V))
+        )
     with pytest.raises(ValueError, match="quantize=False requires a model with 4-bit weights"):
         prepare_model(tiny(), QLoRAConfig(quantize=False))
     with pytest.raises(ValueError, match="target_modules names qkv_proj, not a linear layer of this model's decoder"):
         prepare_model(tiny(), QLoRAConfig(target_modules=["q_proj", "qkv_proj"]))
     with pytest.raises(ValueError, match="lm_head"):
         QLoRAConfig(target_modules=["lm_head"])
-    for kw in (dict(r=0), dict(lora_alpha=-1.0), dict(lora_dropout=1.5), dict(lora_dtype="int8"),
-               dict(attention="flash"), dict(target_modules=[])):
+    for kw in (
+        dict(r=0),
+        dict(lora_alpha=-1.0),
+        dict(lora_dropout=1.5),
+        dict(lora_dtype="int8"),
+        dict(attention="flash"),
+        dict(target_modules=[]),
+    ):
         with pytest.raises(ValueError):
             QLoRAConfig(**kw)
     model = prepare_model(tiny(), QLoRAConfig(r=2))

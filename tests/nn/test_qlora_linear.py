@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from quickloris.tensor.nf4_tensor import NF4Tensor
 from quickloris.nn.qlora_linear import QLoRALinear
+from quickloris.tensor.nf4_tensor import NF4Tensor
 
 
 def test_peft_layout_init_and_scaling(seed):
@@ -65,9 +65,14 @@ def test_bad_options():
     w = NF4Tensor.from_float(torch.randn(16, 64))
     with pytest.raises(TypeError, match="NF4Tensor"):
         QLoRALinear(torch.randn(16, 64))
-    for kw, msg in ((dict(r=-1), "r must"), (dict(r=2.5), "r must"), (dict(lora_alpha=0), "lora_alpha"),
-                    (dict(lora_dropout=1.0), "lora_dropout"), (dict(lora_dtype=torch.int32), "lora_dtype"),
-                    (dict(init_lora_weights="pissa"), "init_lora_weights")):
+    for kw, msg in (
+        (dict(r=-1), "r must"),
+        (dict(r=2.5), "r must"),
+        (dict(lora_alpha=0), "lora_alpha"),
+        (dict(lora_dropout=1.0), "lora_dropout"),
+        (dict(lora_dtype=torch.int32), "lora_dtype"),
+        (dict(init_lora_weights="pissa"), "init_lora_weights"),
+    ):
         with pytest.raises((ValueError, TypeError), match=msg):
             QLoRALinear(w, **kw)
     with pytest.raises(ValueError, match="bias"):

@@ -20,7 +20,7 @@ from quickloris.ops.chunked_linear import BYTES_PER_LOGIT, choose_chunk_size, re
 
 def _inputs(lead, H, V, dtype, *, bias=False, ignore_frac=0.3, w_grad=True):
     x = torch.randn(*lead, H, dtype=torch.float64)
-    w = torch.randn(V, H, dtype=torch.float64) / H ** 0.5 * 2
+    w = torch.randn(V, H, dtype=torch.float64) / H**0.5 * 2
     b = torch.randn(V, dtype=torch.float64) * 0.5 if bias else None
     y = torch.randint(0, V, lead)
     y[torch.rand(lead) < ignore_frac] = -100
@@ -82,8 +82,9 @@ def test_chunked_ce_matches_naive(seed, dtype, lead, grad_in_forward):
     x, w, b, y = _inputs(lead, H, V, dtype, bias=True)
     opts = dict(smoothing=0.1, z_loss=1e-3, softcap=4.0)
     up = torch.tensor(1.7)
-    out = chunked_linear_loss(x, w, y, bias=b, chunk_size=8, grad_in_forward=grad_in_forward,
-                              label_smoothing=0.1, z_loss=1e-3, softcap=4.0)
+    out = chunked_linear_loss(
+        x, w, y, bias=b, chunk_size=8, grad_in_forward=grad_in_forward, label_smoothing=0.1, z_loss=1e-3, softcap=4.0
+    )
     g = _grads(out * up, [x, w, b])
     ref = _naive_ce(x, w, b, y, **opts)
     gr = _grads(ref * up, [x, w, b])
@@ -112,7 +113,7 @@ def test_chunked_mean_over_given_count_equals_one_big_batch(seed):
     """Two micro-batches, each `mean` over the whole step's label count, add up to the big batch's mean."""
     x, w, _, y = _inputs((4, 11), 16, 89, torch.float32)
     total = (y != -100).sum()
-    parts = [chunked_linear_loss(x[i:i + 2], w, y[i:i + 2], num_items=total, chunk_size=5) for i in (0, 2)]
+    parts = [chunked_linear_loss(x[i : i + 2], w, y[i : i + 2], num_items=total, chunk_size=5) for i in (0, 2)]
     g_parts = _grads(parts[0] + parts[1], [x, w])
     big = chunked_linear_loss(x, w, y, chunk_size=7)
     torch.testing.assert_close(parts[0] + parts[1], big, rtol=1e-5, atol=1e-6)
@@ -313,6 +314,7 @@ def test_chunked_bad_input_raises(seed):
 
 # --- the specification's class -------------------------------------------------------------------------------
 
+
 def transformation_function(batch, linear, labels):
     """The specification's example forward function, verbatim in behaviour."""
     x = linear(batch).float()
@@ -407,8 +409,10 @@ def test_zero_rows_give_zero_and_an_empty_gradient(grad_in_forward):
     y = torch.zeros(0, dtype=torch.long)
     ce = lambda b, lin, t: F.cross_entropy(lin(b).float(), t, reduction="sum")  # noqa: E731
     lin = torch.nn.Linear(8, 5, bias=False).bfloat16()
-    for fn in (lambda x: chunked_linear_loss(x, w, y, reduction="sum", grad_in_forward=grad_in_forward),
-               lambda x: MemoryEfficientLinear.apply(x, lin, y, ce, grad_in_forward=grad_in_forward)):
+    for fn in (
+        lambda x: chunked_linear_loss(x, w, y, reduction="sum", grad_in_forward=grad_in_forward),
+        lambda x: MemoryEfficientLinear.apply(x, lin, y, ce, grad_in_forward=grad_in_forward),
+    ):
         x = torch.randn(0, 8, dtype=torch.bfloat16, requires_grad=True)
         out = fn(x)
         out.backward()

@@ -19,7 +19,7 @@ def _naive(x, w, y):
 
 def _case(N, H, V, dtype=torch.bfloat16, w_grad=True):
     x = torch.randn(N, H, device="cuda", dtype=dtype, requires_grad=True)
-    w = (torch.randn(V, H, device="cuda") * H ** -0.5).to(dtype).requires_grad_(w_grad)
+    w = (torch.randn(V, H, device="cuda") * H**-0.5).to(dtype).requires_grad_(w_grad)
     y = torch.randint(0, V, (N,), device="cuda")
     y[torch.rand(N, device="cuda") < 0.2] = -100
     y[:512] = -100  # whole chunks with nothing to score
@@ -36,8 +36,9 @@ def _loss_and_grads(fn, x, w, y):
 @pytest.mark.parametrize("grad_in_forward", [False, True])
 def test_chunked_cuda_bf16_matches_naive(seed, grad_in_forward):
     x, w, y = _case(3001, 1024, 32003)
-    got = _loss_and_grads(lambda a, b, c: chunked_linear_loss(a, b, c, chunk_size=512,
-                                                              grad_in_forward=grad_in_forward), x, w, y)
+    got = _loss_and_grads(
+        lambda a, b, c: chunked_linear_loss(a, b, c, chunk_size=512, grad_in_forward=grad_in_forward), x, w, y
+    )
     want = _loss_and_grads(_naive, x, w, y)
     xt, wt = x.detach().float().requires_grad_(), w.detach().float().requires_grad_()
     truth = _loss_and_grads(_naive, xt, wt, y)
@@ -89,13 +90,13 @@ def test_chunked_cuda_qlora_model_matches_hf(seed):
     pytest.importorskip("bitsandbytes")
     from benchmarks.loss.models import LORA_TARGETS, quantize_nf4_
     from quickloris.models.chunked_loss import disable_chunked_loss, enable_chunked_loss
-
     from tests.tiny import tiny_model
 
     with torch.device("cuda"):
         model = tiny_model(vocab_size=32000, hidden=256, tie_word_embeddings=True).to(torch.bfloat16)
-    model = peft.get_peft_model(quantize_nf4_(model), peft.LoraConfig(r=8, target_modules=LORA_TARGETS,
-                                                                       init_lora_weights=False)).train()
+    model = peft.get_peft_model(
+        quantize_nf4_(model), peft.LoraConfig(r=8, target_modules=LORA_TARGETS, init_lora_weights=False)
+    ).train()
     ids = torch.randint(0, 32000, (2, 384), device="cuda")
     labels = ids.clone()
     labels[:, :100] = -100
@@ -104,8 +105,9 @@ def test_chunked_cuda_qlora_model_matches_hf(seed):
         model.zero_grad(set_to_none=True)
         loss = model(input_ids=ids, labels=labels).loss
         loss.backward()
-        return loss.detach(), torch.cat([p.grad.float().flatten() for n, p in sorted(model.named_parameters())
-                                         if p.grad is not None])
+        return loss.detach(), torch.cat(
+            [p.grad.float().flatten() for n, p in sorted(model.named_parameters()) if p.grad is not None]
+        )
 
     enable_chunked_loss(model, chunk_size=128)
     l_c, g_c = run()

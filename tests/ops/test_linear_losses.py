@@ -57,7 +57,7 @@ def ref_entropy(x, w, y):
 
 def _make(lead, dtype):
     x = torch.randn(*lead, H, dtype=torch.float64)
-    w = torch.randn(V, H, dtype=torch.float64) * (2 / H ** 0.5)
+    w = torch.randn(V, H, dtype=torch.float64) * (2 / H**0.5)
     y = torch.randint(0, V, lead)
     y[torch.rand(lead) < 0.3] = -100
     y.view(-1)[:8] = -100  # the first chunk of 8 rows has nothing but ignored labels
@@ -90,8 +90,9 @@ def _check(chunked, naive, truth, name):
 def _compare(dtype, lead, loss, chunked_kw, naive_fn, reduction):
     """Chunked vs naive vs (bf16) fp64 truth for loss, dX, dW; `naive_fn(x, w)` returns per-row values."""
     x, w, _ = chunked_kw.pop("_xw")
-    out = chunked_linear_loss(x, w, chunked_kw.pop("labels"), loss=loss, reduction=reduction, chunk_size=8,
-                              **chunked_kw)
+    out = chunked_linear_loss(
+        x, w, chunked_kw.pop("labels"), loss=loss, reduction=reduction, chunk_size=8, **chunked_kw
+    )
     up = torch.randn(out.shape) if reduction == "none" else torch.tensor(0.83)
     naive_rows = naive_fn(x, w)
     naive = naive_rows if reduction == "none" else naive_rows.sum()
@@ -108,8 +109,12 @@ def _compare(dtype, lead, loss, chunked_kw, naive_fn, reduction):
         _check(a, b, t, name)
 
 
-PARAMS = [pytest.param(torch.float32, (45,), id="fp32-2d"), pytest.param(torch.bfloat16, (3, 17), id="bf16-3d"),
-          pytest.param(torch.float32, (3, 17), id="fp32-3d"), pytest.param(torch.bfloat16, (45,), id="bf16-2d")]
+PARAMS = [
+    pytest.param(torch.float32, (45,), id="fp32-2d"),
+    pytest.param(torch.bfloat16, (3, 17), id="bf16-3d"),
+    pytest.param(torch.float32, (3, 17), id="fp32-3d"),
+    pytest.param(torch.bfloat16, (45,), id="bf16-2d"),
+]
 
 
 @pytest.mark.parametrize("dtype,lead", PARAMS)
@@ -130,8 +135,17 @@ def test_linear_losses_grpo(seed, dtype, lead):
         old[y == -100] = 1e4  # garbage on ignored tokens must not leak (exp overflow) into the gradient
     adv = torch.randn(lead)
     opts = dict(beta=0.05, eps_low=0.2, eps_high=0.28, temperature=0.9)
-    kw = {"_xw": (x, w, y), "labels": y, "advantages": adv, "old_logprobs": old, "ref_logprobs": ref,
-          "beta": 0.05, "epsilon_low": 0.2, "epsilon_high": 0.28, "temperature": 0.9}
+    kw = {
+        "_xw": (x, w, y),
+        "labels": y,
+        "advantages": adv,
+        "old_logprobs": old,
+        "ref_logprobs": ref,
+        "beta": 0.05,
+        "epsilon_low": 0.2,
+        "epsilon_high": 0.28,
+        "temperature": 0.9,
+    }
     _compare(dtype, lead, "grpo", kw, lambda a, b: ref_grpo(a, b, y, adv, old, ref, **opts), "sum")
     ratio = torch.exp(base - old)[y != -100]
     assert ((ratio < 0.8) | (ratio > 1.28)).any(), "the clipped branch was not exercised"

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quickloris.tensor.nf4_tensor import NF4Tensor
 from quickloris.ops.qlora_linear import nf4_matmul, qlora_linear
+from quickloris.tensor.nf4_tensor import NF4Tensor
 
 
 def _reference(x, w_dense, bias, A, B, scaling, mask=None, p=0.0):
@@ -17,9 +17,9 @@ def _reference(x, w_dense, bias, A, B, scaling, mask=None, p=0.0):
 
 
 def _case(out_f, in_f, r, dtype=torch.float32, bias=False):
-    w = NF4Tensor.from_float(torch.randn(out_f, in_f, dtype=dtype) / in_f ** 0.5)
-    A = (torch.randn(r, in_f) / in_f ** 0.5).requires_grad_()
-    B = (torch.randn(out_f, r) / r ** 0.5).requires_grad_()
+    w = NF4Tensor.from_float(torch.randn(out_f, in_f, dtype=dtype) / in_f**0.5)
+    A = (torch.randn(r, in_f) / in_f**0.5).requires_grad_()
+    B = (torch.randn(out_f, r) / r**0.5).requires_grad_()
     b = torch.randn(out_f, dtype=dtype) if bias else None
     return w, A, B, b
 
@@ -109,8 +109,13 @@ def test_nf4_matmul_both_directions(seed):
 
 
 def _dense_like(t, w):
-    return (isinstance(t, torch.Tensor) and not isinstance(t, NF4Tensor) and t.is_floating_point()
-            and t.numel() >= w.numel() and tuple(t.shape[-2:]) in (tuple(w.shape), tuple(w.shape[::-1])))
+    return (
+        isinstance(t, torch.Tensor)
+        and not isinstance(t, NF4Tensor)
+        and t.is_floating_point()
+        and t.numel() >= w.numel()
+        and tuple(t.shape[-2:]) in (tuple(w.shape), tuple(w.shape[::-1]))
+    )
 
 
 def test_dense_weight_is_never_saved_for_backward(seed):
@@ -148,8 +153,13 @@ def test_compiled_partition_saves_no_dense_weight(seed):
         return make_boxed_func(gm.forward)
 
     def backend(gm, example):
-        return aot_module_simplified(gm, example, fw_compiler=fw, bw_compiler=lambda g, _: make_boxed_func(g.forward),
-                                     partition_fn=min_cut_rematerialization_partition)
+        return aot_module_simplified(
+            gm,
+            example,
+            fw_compiler=fw,
+            bw_compiler=lambda g, _: make_boxed_func(g.forward),
+            partition_fn=min_cut_rematerialization_partition,
+        )
 
     f = torch.compile(lambda x: qlora_linear(x, w, None, A, B, scaling=2.0), backend=backend, fullgraph=True)
     x = torch.randn(4, 192, requires_grad=True)
@@ -200,7 +210,7 @@ def test_gpu_matches_reference_and_saves_no_dense_weight(seed, dtype):
     from quickloris.nn.qlora_linear import QLoRALinear
 
     out_f, in_f = 1024, 768
-    w = NF4Tensor.from_float(torch.randn(out_f, in_f, device="cuda", dtype=dtype) / in_f ** 0.5)
+    w = NF4Tensor.from_float(torch.randn(out_f, in_f, device="cuda", dtype=dtype) / in_f**0.5)
     layer = QLoRALinear(w, r=16, lora_alpha=32, init_lora_weights=False)  # scaling 2, fp32 LoRA on the GPU
     A, B = layer.lora_weights
     x = torch.randn(3, 300, in_f, device="cuda", dtype=dtype, requires_grad=True)

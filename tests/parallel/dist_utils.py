@@ -15,8 +15,9 @@ import torch.multiprocessing as mp
 
 
 def _entry(rank: int, fn, world_size: int, port: int, device: str, args: tuple) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     if device == "cpu":
         os.environ["TRITON_INTERPRET"] = "1"
         torch.set_num_threads(1)  # two ranks share the CI machine's two cores
@@ -36,8 +37,9 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 150.0, device: str = 
     cuda:r); raises what a rank raised, or TimeoutError."""
     from quickloris.parallel.fsdp import free_port
 
-    ctx = mp.start_processes(_entry, args=(fn, world_size, free_port(), device, args), nprocs=world_size,
-                             join=False, start_method="spawn")
+    ctx = mp.start_processes(
+        _entry, args=(fn, world_size, free_port(), device, args), nprocs=world_size, join=False, start_method="spawn"
+    )
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
         if time.monotonic() > deadline:

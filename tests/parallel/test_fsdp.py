@@ -15,11 +15,11 @@ transformers = pytest.importorskip("transformers")
 
 from quickloris.models.adapters import load_adapter, read_adapter_config  # noqa: E402
 from quickloris.models.prepare import QLoRAConfig, prepare_model  # noqa: E402
-from quickloris.tensor.nf4_tensor import NF4Tensor  # noqa: E402
 from quickloris.parallel import fsdp  # noqa: E402
 from quickloris.parallel.compile import CompileConfig, compile_stats, reset_compile_stats  # noqa: E402
 from quickloris.parallel.compose import CheckpointConfig, build_training_model  # noqa: E402
 from quickloris.quant.nf4 import NF4State, nf4_code, signed_dynamic_map  # noqa: E402
+from quickloris.tensor.nf4_tensor import NF4Tensor  # noqa: E402
 from tests.helpers import require, within  # noqa: E402
 from tests.parallel.dist_utils import run_ranks  # noqa: E402
 from tests.tiny import tiny_model  # noqa: E402
@@ -101,11 +101,17 @@ def _run_steps(model, steps, lr=1e-3, distributed=True, device="cpu", optimizer=
 
 def _parity_ranks(ctx, seed, folder, kv_heads, tied):
     torch.manual_seed(seed)
-    model = build_training_model(_tiny(kv_heads, tied), _qcfg(), checkpointing=CheckpointConfig(),
-                                 sharding=fsdp.FSDPConfig(mixed_precision=False), mesh=ctx.mesh)
+    model = build_training_model(
+        _tiny(kv_heads, tied),
+        _qcfg(),
+        checkpointing=CheckpointConfig(),
+        sharding=fsdp.FSDPConfig(mixed_precision=False),
+        mesh=ctx.mesh,
+    )
     summary = fsdp.sharding_summary(model)
-    expect_replicated = [] if kv_heads == 2 else [f"model.layers.{i}.self_attn.{p}_proj.weight"
-                                                 for i in range(2) for p in ("k", "v")]
+    expect_replicated = (
+        [] if kv_heads == 2 else [f"model.layers.{i}.self_attn.{p}_proj.weight" for i in range(2) for p in ("k", "v")]
+    )
     assert summary["nf4_replicated"] == expect_replicated and summary["nf4_sharded"] == 14 - len(expect_replicated)
     layer = model.model.layers[0]
     assert type(layer.mlp.up_proj.weight.to_local()) is NF4Tensor  # sharded: a DTensor over an NF4 shard
@@ -123,8 +129,14 @@ def _parity_ranks(ctx, seed, folder, kv_heads, tied):
     torch.manual_seed(seed)
     # Built on the CPU like the sharded model (shard_model moves it): the same LoRA initialisation (CPU RNG).
     reference = build_training_model(_tiny(kv_heads, tied), _qcfg(), checkpointing=CheckpointConfig()).to(ctx.device)
-    ref = _run_steps(reference, [[mb for rank in step for mb in rank] for step in batches], lr=SGD_LR,
-                     distributed=False, device=ctx.device, optimizer="sgd")
+    ref = _run_steps(
+        reference,
+        [[mb for rank in step for mb in rank] for step in batches],
+        lr=SGD_LR,
+        distributed=False,
+        device=ctx.device,
+        optimizer="sgd",
+    )
     u = 2.0**-24  # fp32 unit roundoff
     # The first step's gradients. Each micro-batch's forward and backward is the same arithmetic in both runs (same
     # weights, same shapes, one thread); only the accumulation differs: rank 0 holds micro-batches a, b, rank 1 c, d;
@@ -164,10 +176,19 @@ def _all_features_ranks(ctx, seed, keep=None):
     torch.manual_seed(seed)
     reset_compile_stats()
     in_graph = dict(checkpoint_in_graph=keep is not None, checkpoint_keep=keep or [])
-    compile_cfg = CompileConfig(**in_graph) if ctx.device.type == "cuda" else \
-        CompileConfig(backend="aot_eager", dynamic=False, norm=False, loss=False, **in_graph)  # CPU: layers only
-    model = build_training_model(_tiny(), _qcfg(), checkpointing=CheckpointConfig(),
-                                 sharding=fsdp.FSDPConfig(cpu_offload=True), mesh=ctx.mesh, compile=compile_cfg)
+    compile_cfg = (
+        CompileConfig(**in_graph)
+        if ctx.device.type == "cuda"
+        else CompileConfig(backend="aot_eager", dynamic=False, norm=False, loss=False, **in_graph)
+    )  # CPU: layers only
+    model = build_training_model(
+        _tiny(),
+        _qcfg(),
+        checkpointing=CheckpointConfig(),
+        sharding=fsdp.FSDPConfig(cpu_offload=True),
+        mesh=ctx.mesh,
+        compile=compile_cfg,
+    )
     lora = model.model.layers[0].self_attn.q_proj.lora_A["default"].weight
     assert lora.dtype == torch.float32  # fp32 master weights; gathered and computed in bf16
     batches = _batches(seed, ctx.world_size)[:2]
@@ -177,8 +198,9 @@ def _all_features_ranks(ctx, seed, keep=None):
     if ctx.rank == 0:
         torch.manual_seed(seed)
         reference = build_training_model(_tiny(), _qcfg(), checkpointing=CheckpointConfig()).to(ctx.device)
-        ref = _run_steps(reference, [[mb for rank in step for mb in rank] for step in batches], distributed=False,
-                         device=ctx.device)
+        ref = _run_steps(
+            reference, [[mb for rank in step for mb in rank] for step in batches], distributed=False, device=ctx.device
+        )
         # bf16 compute (8-bit mantissa, u = 2^-9) vs fp32: the mean token loss agrees to a few u. (Their gradients
         # do not, entry by entry: on random tokens each is a nearly cancelling sum of per-token terms, each rounded
         # to bf16; the fp32 parity test above checks the gradients and their scale.)
@@ -210,15 +232,19 @@ def _accelerate_ranks(ctx):
     """accelerate's FSDP2 preparation must find the (renamed) decoder-layer class of a model sharded already."""
     from accelerate.utils import FullyShardedDataParallelPlugin
 
-    model = build_training_model(_tiny(), _qcfg(), checkpointing=CheckpointConfig(), sharding=fsdp.FSDPConfig(),
-                                 mesh=ctx.mesh)
+    model = build_training_model(
+        _tiny(), _qcfg(), checkpointing=CheckpointConfig(), sharding=fsdp.FSDPConfig(), mesh=ctx.mesh
+    )
     cfg = fsdp.trainer_fsdp_config(model)
     assert cfg["fsdp_version"] == 2 and cfg["transformer_layer_cls_to_wrap"] == ["FSDPLlamaDecoderLayer"]
     plain = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap")
     with pytest.raises(ValueError, match="Could not find the transformer layer class LlamaDecoderLayer"):
         plain.set_auto_wrap_policy(model)  # what the Trainer did with fsdp_config={"fsdp_version": 2}
-    ours = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
-                                          transformer_cls_names_to_wrap=cfg["transformer_layer_cls_to_wrap"])
+    ours = FullyShardedDataParallelPlugin(
+        fsdp_version=2,
+        auto_wrap_policy="transformer_based_wrap",
+        transformer_cls_names_to_wrap=cfg["transformer_layer_cls_to_wrap"],
+    )
     ours.set_auto_wrap_policy(model)
     assert type(model.model.layers[0]) in ours.auto_wrap_policy.keywords["transformer_layer_cls"]
     args = transformers.TrainingArguments(output_dir="unused", fsdp=True, fsdp_config=cfg, use_cpu=True, report_to=[])
@@ -282,17 +308,38 @@ def _nf4_of_shape(shape):
     """An NF4Tensor of `shape` with uninitialised bytes (only its shape and format matter here)."""
     n = shape[0] * shape[1]
     nb = -(-n // 64)
-    state = NF4State(shape=torch.Size(shape), dtype=torch.bfloat16, blocksize=64,
-                     absmax=torch.empty(nb, dtype=torch.uint8), code=nf4_code(), offset=torch.zeros(()),
-                     absmax2=torch.empty(-(-nb // 256)), code2=signed_dynamic_map())
+    state = NF4State(
+        shape=torch.Size(shape),
+        dtype=torch.bfloat16,
+        blocksize=64,
+        absmax=torch.empty(nb, dtype=torch.uint8),
+        code=nf4_code(),
+        offset=torch.zeros(()),
+        absmax2=torch.empty(-(-nb // 256)),
+        code2=signed_dynamic_map(),
+    )
     return NF4Tensor(torch.empty((n + 1) // 2, 1, dtype=torch.uint8), state)
 
 
 def test_sharding_plan_of_real_shapes():
-    llama8b = {"q": (4096, 4096), "k": (1024, 4096), "v": (1024, 4096), "o": (4096, 4096), "gate": (14336, 4096),
-               "up": (14336, 4096), "down": (4096, 14336)}
-    smollm2 = {"q": (576, 576), "k": (192, 576), "v": (192, 576), "o": (576, 576), "gate": (1536, 576),
-               "up": (1536, 576), "down": (576, 1536)}
+    llama8b = {
+        "q": (4096, 4096),
+        "k": (1024, 4096),
+        "v": (1024, 4096),
+        "o": (4096, 4096),
+        "gate": (14336, 4096),
+        "up": (14336, 4096),
+        "down": (4096, 14336),
+    }
+    smollm2 = {
+        "q": (576, 576),
+        "k": (192, 576),
+        "v": (192, 576),
+        "o": (576, 576),
+        "gate": (1536, 576),
+        "up": (1536, 576),
+        "down": (576, 1536),
+    }
     for world in (2, 4, 8):
         assert all(_nf4_of_shape(s).shardable(world) for s in llama8b.values()), world
     shard2 = {k for k, s in smollm2.items() if _nf4_of_shape(s).shardable(2)}

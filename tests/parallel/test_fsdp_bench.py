@@ -12,8 +12,7 @@ from quickloris.cli.main import main
 
 
 def _run(tmp_path, *extra):
-    assert main(["bench", "fsdp", "--tiny", "--device", "cpu", "--out", str(tmp_path), "--timeout", "400",
-                 *extra]) == 0
+    assert main(["bench", "fsdp", "--tiny", "--device", "cpu", "--out", str(tmp_path), "--timeout", "400", *extra]) == 0
     (path,) = (tmp_path / "fsdp").glob("fsdp-*.json")
     return path, json.loads(path.read_text())
 
@@ -47,13 +46,29 @@ def test_bench_fsdp_tiny_cpu_compiled_phase(tmp_path):
 
 
 def test_derive_and_plot_from_phases(tmp_path):
-    res = {"world_size": 2, "shape": "tiny", "global_batch_tokens": 128, "phases": {
-        "single": {"losses": [3.0, 2.5, 2.0], "tokens_per_s_per_gpu": 100.0, "peak_gib": 10.0, "first_step_s": 1.0},
-        "offload": {"losses": [3.0, 2.5005, 2.0], "tokens_per_s_per_gpu": 80.0, "peak_gib": 4.0, "first_step_s": 1.0,
-                    "world_size": 2},
-        "sharded": {"losses": [3.0], "tokens_per_s_per_gpu": 95.0, "peak_gib": 6.0, "first_step_s": 1.0},
-        "compiled": {"losses": [3.0], "tokens_per_s_per_gpu": 120.0, "peak_gib": 4.0, "first_step_s": 9.0,
-                     "compile": {"graph_breaks": 0}}}}
+    res = {
+        "world_size": 2,
+        "shape": "tiny",
+        "global_batch_tokens": 128,
+        "phases": {
+            "single": {"losses": [3.0, 2.5, 2.0], "tokens_per_s_per_gpu": 100.0, "peak_gib": 10.0, "first_step_s": 1.0},
+            "offload": {
+                "losses": [3.0, 2.5005, 2.0],
+                "tokens_per_s_per_gpu": 80.0,
+                "peak_gib": 4.0,
+                "first_step_s": 1.0,
+                "world_size": 2,
+            },
+            "sharded": {"losses": [3.0], "tokens_per_s_per_gpu": 95.0, "peak_gib": 6.0, "first_step_s": 1.0},
+            "compiled": {
+                "losses": [3.0],
+                "tokens_per_s_per_gpu": 120.0,
+                "peak_gib": 4.0,
+                "first_step_s": 9.0,
+                "compile": {"graph_breaks": 0},
+            },
+        },
+    }
     d = derive(res)
     assert d["loss_parity"]["max_rel_diff"] == pytest.approx(0.0005 / 2.5) and d["loss_parity"]["ok"]
     assert d["scaling_efficiency"]["value"] == pytest.approx(0.95) and d["scaling_efficiency"]["ok"]

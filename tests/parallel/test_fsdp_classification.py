@@ -16,19 +16,52 @@ pytest.importorskip("transformers")
 from tests.parallel.test_fsdp_train_cli import _shardable_llama  # noqa: E402
 from tests.train.tiny import write_jsonl  # noqa: E402
 
-ROWS = [{"text": f"{a} {w}", "label": lab} for w, lab in (("good", "pos"), ("bad", "neg"), ("meh", "mid"))
-        for a in ("it was", "so", "very", "quite")]
+ROWS = [
+    {"text": f"{a} {w}", "label": lab}
+    for w, lab in (("good", "pos"), ("bad", "neg"), ("meh", "mid"))
+    for a in ("it was", "so", "very", "quite")
+]
 
 
 def _train(nproc, tmp_path, out, *extra):
     data = write_jsonl(tmp_path / "data.jsonl", ROWS * 2)
     evald = write_jsonl(tmp_path / "eval.jsonl", ROWS[::2])
-    args = ["--task-type", "classification", "--model", str(tmp_path / "model"), "--data", str(data), "--eval-data",
-            str(evald), "--output-dir", str(out), "--max-steps", "3", "--batch-size", "4", "--grad-accum", "2", "--lr",
-            "1e-2", "--warmup-steps", "1", "--no-progress", "--threads", "1", "--class-weights", "auto", *extra]
+    args = [
+        "--task-type",
+        "classification",
+        "--model",
+        str(tmp_path / "model"),
+        "--data",
+        str(data),
+        "--eval-data",
+        str(evald),
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--grad-accum",
+        "2",
+        "--lr",
+        "1e-2",
+        "--warmup-steps",
+        "1",
+        "--no-progress",
+        "--threads",
+        "1",
+        "--class-weights",
+        "auto",
+        *extra,
+    ]
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m"] if nproc else ["-m"]
-    proc = subprocess.run([sys.executable, *launcher, "quickloris", "train", *args], capture_output=True, text=True,
-                          timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="1"))
+    proc = subprocess.run(
+        [sys.executable, *launcher, "quickloris", "train", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="1"),
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc.stdout, json.loads((out / "metrics.json").read_text())
 
@@ -57,5 +90,6 @@ def test_classification_fsdp_two_ranks_matches_one_process(tmp_path):
     bound = 2 * sum(r["lr"] for r in b)
     for name in wa:
         assert (wa[name] - wb[name]).abs().max().item() <= bound, name
-    assert (tmp_path / "fsdp" / "adapter" / "labels.json").read_text() == \
-        (tmp_path / "single" / "adapter" / "labels.json").read_text()
+    assert (tmp_path / "fsdp" / "adapter" / "labels.json").read_text() == (
+        tmp_path / "single" / "adapter" / "labels.json"
+    ).read_text()

@@ -23,8 +23,22 @@ EXAMPLE = ROOT / "examples" / "fsdp_two_gpus.py"
 
 
 def torchrun(nproc: int, out: Path, *args: str, device: str = "cpu", timeout: float = 300) -> dict:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", str(EXAMPLE),
-           "--device", device, "--tiny", "--eval", "0", "--out", str(out), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        str(EXAMPLE),
+        "--device",
+        device,
+        "--tiny",
+        "--eval",
+        "0",
+        "--out",
+        str(out),
+        *args,
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="1" if device == "cpu" else "0")
     proc = subprocess.run(cmd, env=env, timeout=timeout, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
@@ -80,8 +94,19 @@ def test_accelerate_config_selects_fsdp2():
 @pytest.mark.multigpu
 def test_trainer_on_two_gpus(tmp_path):
     two = torchrun(2, tmp_path / "two", "--steps", "4", "--batch", "4", "--no-compile", device="cuda", timeout=420)
-    one = torchrun(1, tmp_path / "one", "--steps", "4", "--batch", "4", "--grad-accum", "2", "--no-compile",
-                   device="cuda", timeout=420)
+    one = torchrun(
+        1,
+        tmp_path / "one",
+        "--steps",
+        "4",
+        "--batch",
+        "4",
+        "--grad-accum",
+        "2",
+        "--no-compile",
+        device="cuda",
+        timeout=420,
+    )
     assert two["world_size"] == 2 and two["offload"]
     assert two["losses"] == pytest.approx(one["losses"], rel=1e-3)
     compiled = torchrun(2, tmp_path / "compiled", "--steps", "3", "--compile", device="cuda", timeout=420)  # inductor

@@ -18,16 +18,32 @@ pytest.importorskip("transformers")
 from tests.tiny import chat_tokenizer, tiny_model  # noqa: E402
 from tests.train.tiny import write_jsonl  # noqa: E402
 
-ROWS = [{"messages": [{"role": "system", "content": "Reverse the digits."}, {"role": "user", "content": q},
-                      {"role": "assistant", "content": q[::-1]}]} for q in ("12345", "67890", "24680", "13579")]
+ROWS = [
+    {
+        "messages": [
+            {"role": "system", "content": "Reverse the digits."},
+            {"role": "user", "content": q},
+            {"role": "assistant", "content": q[::-1]},
+        ]
+    }
+    for q in ("12345", "67890", "24680", "13579")
+]
 
 
 def _shardable_llama(folder):
     """A tiny Llama whose NF4 weights split over 2 ranks on whole 16384-value groups, with the tests' tokenizer."""
     tok = chat_tokenizer()  # with its ChatML template
-    tiny_model(seed=0, vocab_size=len(tok), hidden=256, head_dim=64, max_position_embeddings=256,
-               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None,
-               tie_word_embeddings=True).save_pretrained(folder)
+    tiny_model(
+        seed=0,
+        vocab_size=len(tok),
+        hidden=256,
+        head_dim=64,
+        max_position_embeddings=256,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=True,
+    ).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
 
@@ -35,12 +51,40 @@ def _shardable_llama(folder):
 def _train(nproc, tmp_path, out, *extra):
     data = write_jsonl(tmp_path / "data.jsonl", ROWS * 6)
     evald = write_jsonl(tmp_path / "eval.jsonl", ROWS[:2])
-    args = ["--model", str(tmp_path / "model"), "--data", str(data), "--eval-data", str(evald), "--output-dir",
-            str(out), "--max-steps", "3", "--batch-size", "4", "--grad-accum", "2", "--lr", "1e-2", "--warmup-steps",
-            "1", "--no-progress", "--threads", "1", "--save-every", "2", *extra]
+    args = [
+        "--model",
+        str(tmp_path / "model"),
+        "--data",
+        str(data),
+        "--eval-data",
+        str(evald),
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--grad-accum",
+        "2",
+        "--lr",
+        "1e-2",
+        "--warmup-steps",
+        "1",
+        "--no-progress",
+        "--threads",
+        "1",
+        "--save-every",
+        "2",
+        *extra,
+    ]
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m"] if nproc else ["-m"]
-    proc = subprocess.run([sys.executable, *launcher, "quickloris", "train", *args], capture_output=True, text=True,
-                          timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="1"))
+    proc = subprocess.run(
+        [sys.executable, *launcher, "quickloris", "train", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="1"),
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc.stdout, json.loads((out / "metrics.json").read_text())
 
@@ -80,8 +124,8 @@ def test_train_fsdp_two_ranks_matches_one_process(tmp_path):
 
 def test_train_fsdp_refuses_what_it_cannot_do(tmp_path):
     from quickloris.parallel.fsdp import FSDPOptions
-    from quickloris.train.loop import train_loop
     from quickloris.train.config import TrainConfig
+    from quickloris.train.loop import train_loop
 
     assert FSDPOptions().sharding() is None and FSDPOptions(fsdp=True, cpu_offload=True).sharding().cpu_offload
 
@@ -94,11 +138,26 @@ def test_train_fsdp_refuses_what_it_cannot_do(tmp_path):
     from quickloris.train.run import run_train
 
     with pytest.raises(ValueError, match="--resume with --fsdp"):
-        run_train(ModelConfig(device="cpu"), DataConfig(), QLoRAConfig(), TrainConfig(resume=True,
-                  output_dir=str(tmp_path / "r")), EvalConfig(), FSDPOptions(fsdp=True))
+        run_train(
+            ModelConfig(device="cpu"),
+            DataConfig(),
+            QLoRAConfig(),
+            TrainConfig(resume=True, output_dir=str(tmp_path / "r")),
+            EvalConfig(),
+            FSDPOptions(fsdp=True),
+        )
     with pytest.raises(ValueError, match="--batch-size \\(3\\) must be a multiple of 2"):
-        train_loop(torch.nn.Linear(2, 2), [], TrainConfig(batch_size=3), optimizer=None, pad_token_id=0,
-                   packing=False, max_seq_len=8, dist=Ctx(), device=torch.device("cpu"))
+        train_loop(
+            torch.nn.Linear(2, 2),
+            [],
+            TrainConfig(batch_size=3),
+            optimizer=None,
+            pad_token_id=0,
+            packing=False,
+            max_seq_len=8,
+            dist=Ctx(),
+            device=torch.device("cpu"),
+        )
 
 
 @pytest.mark.parametrize("callers", [False, True], ids=["started-here", "callers"])
@@ -120,13 +179,32 @@ def test_run_train_ends_the_process_group_it_started_and_keeps_a_callers(tmp_pat
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         data = write_jsonl(tmp_path / "data.jsonl", task_rows("reverse", 8))
-        args = ["train", "--model", str(save_tiny_llama(tmp_path / "model")), "--data", str(data), "--output-dir",
-                str(tmp_path / "run"), "--threads", "1", "--no-progress", "--batch-size", "4", "--max-steps", "1",
-                "--fsdp", "--no-mixed-precision"]
+        args = [
+            "train",
+            "--model",
+            str(save_tiny_llama(tmp_path / "model")),
+            "--data",
+            str(data),
+            "--output-dir",
+            str(tmp_path / "run"),
+            "--threads",
+            "1",
+            "--no-progress",
+            "--batch-size",
+            "4",
+            "--max-steps",
+            "1",
+            "--fsdp",
+            "--no-mixed-precision",
+        ]
         assert main(args) == 0
         assert dist.is_initialized() == callers
-        assert main([*args[:6], str(tmp_path / "bad"), *args[7:], "--lr", "1e30", "--max-steps", "3",
-                     "--warmup-steps", "0"]) != 0  # diverges: the raising path ends the group too
+        assert (
+            main(
+                [*args[:6], str(tmp_path / "bad"), *args[7:], "--lr", "1e30", "--max-steps", "3", "--warmup-steps", "0"]
+            )
+            != 0
+        )  # diverges: the raising path ends the group too
         assert dist.is_initialized() == callers
     finally:
         if dist.is_initialized():

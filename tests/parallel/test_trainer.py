@@ -44,8 +44,9 @@ def _step_loss(reference, micro_batches):
             labels = kw["labels"]
             logits = reference(input_ids=kw["input_ids"], attention_mask=kw.get("attention_mask")).logits
             shifted = F.pad(labels[:, 1:], (0, 1), value=-100)
-            total += F.cross_entropy(logits.float().flatten(0, 1), shifted.flatten(), reduction="sum",
-                                     ignore_index=-100).item()
+            total += F.cross_entropy(
+                logits.float().flatten(0, 1), shifted.flatten(), reduction="sum", ignore_index=-100
+            ).item()
             count += int((shifted != -100).sum())
     return total / count
 
@@ -56,16 +57,18 @@ def _rows(n_rows, seed):
     for i in range(n_rows):
         n = int(torch.randint(6, 40, (1,), generator=g))
         ids = torch.randint(2, V, (n,), generator=g).tolist()
-        rows.append({"input_ids": ids, "labels": [-100] * (i % 5) + ids[i % 5:]})  # unequal label counts
+        rows.append({"input_ids": ids, "labels": [-100] * (i % 5) + ids[i % 5 :]})  # unequal label counts
     return rows
 
 
 def _collate(batch):
     S = max(len(r["input_ids"]) for r in batch)
     pad = lambda xs, v: xs + [v] * (S - len(xs))  # noqa: E731
-    return {"input_ids": torch.tensor([pad(r["input_ids"], 0) for r in batch]),
-            "attention_mask": torch.tensor([pad([1] * len(r["input_ids"]), 0) for r in batch]),
-            "labels": torch.tensor([pad(r["labels"], -100) for r in batch])}
+    return {
+        "input_ids": torch.tensor([pad(r["input_ids"], 0) for r in batch]),
+        "attention_mask": torch.tensor([pad([1] * len(r["input_ids"]), 0) for r in batch]),
+        "labels": torch.tensor([pad(r["labels"], -100) for r in batch]),
+    }
 
 
 def test_trainer_grad_accumulation_is_token_normalised_and_saves_adapters(seed, tmp_path):
@@ -77,9 +80,22 @@ def test_trainer_grad_accumulation_is_token_normalised_and_saves_adapters(seed, 
     seen: list[dict] = []
     handle = _recorder(model, seen)
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=2,
-        learning_rate=1e-2, logging_steps=1, report_to=[], save_strategy="steps", save_steps=2, use_cpu=True,
-        seed=0, data_seed=0, disable_tqdm=True, remove_unused_columns=False, gradient_checkpointing=True)
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=2,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="steps",
+        save_steps=2,
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        gradient_checkpointing=True,
+    )
     reset_compile_stats()
     trainer = transformers.Trainer(model=model, args=args, train_dataset=_rows(8, seed), data_collator=_collate)
     trainer.train()
@@ -109,19 +125,37 @@ def test_sft_trainer_trains_with_token_normalised_loss(seed, tmp_path):
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>")
     g = torch.Generator().manual_seed(seed)
-    texts = [" ".join(f"w{int(i)}" for i in torch.randint(0, V - 2, (int(torch.randint(5, 30, (1,), generator=g)),),
-                                                         generator=g)) for _ in range(12)]
+    texts = [
+        " ".join(
+            f"w{int(i)}" for i in torch.randint(0, V - 2, (int(torch.randint(5, 30, (1,), generator=g)),), generator=g)
+        )
+        for _ in range(12)
+    ]
     torch.manual_seed(seed)
-    model = build_training_model(_tiny(), QLoRAConfig(r=4, init_lora_weights="random"),
-                                 compile=CompileConfig(backend="aot_eager"))
+    model = build_training_model(
+        _tiny(), QLoRAConfig(r=4, init_lora_weights="random"), compile=CompileConfig(backend="aot_eager")
+    )
     reference = copy.deepcopy(model).eval()
     seen: list[dict] = []
     handle = _recorder(model, seen)
-    args = trl.SFTConfig(output_dir=str(tmp_path / "sft"), per_device_train_batch_size=2, gradient_accumulation_steps=2,
-                         max_steps=2, learning_rate=5e-3, logging_steps=1, report_to=[], save_strategy="no",
-                         use_cpu=True, seed=0, disable_tqdm=True, max_length=64, bf16=False)
-    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_dict({"text": texts}),
-                             processing_class=tokenizer)
+    args = trl.SFTConfig(
+        output_dir=str(tmp_path / "sft"),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=2,
+        learning_rate=5e-3,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        max_length=64,
+        bf16=False,
+    )
+    trainer = trl.SFTTrainer(
+        model=model, args=args, train_dataset=datasets.Dataset.from_dict({"text": texts}), processing_class=tokenizer
+    )
     trainer.train()
     handle.remove()
     logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]

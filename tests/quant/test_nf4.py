@@ -3,8 +3,6 @@ rounding of the nested absmax differs; the CUDA dequantization kernel is tests/k
 
 from __future__ import annotations
 
-import io
-
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbF
 import pytest
@@ -56,8 +54,9 @@ def test_quantize_equals_bitsandbytes(seed, dtype, shape):
 @pytest.mark.parametrize("blocksize", [32, 64, 128, 256])
 def test_blocksizes_and_non_nested(seed, blocksize):
     w = torch.randn(96, 200, dtype=torch.bfloat16)
-    assert_same_quantization(nf4.quantize_nf4(w, blocksize=blocksize, double_quant=False),
-                             bnb_quantize(w, nested=False, blocksize=blocksize))
+    assert_same_quantization(
+        nf4.quantize_nf4(w, blocksize=blocksize, double_quant=False), bnb_quantize(w, nested=False, blocksize=blocksize)
+    )
     assert_same_quantization(nf4.quantize_nf4(w, blocksize=blocksize), bnb_quantize(w, blocksize=blocksize))
 
 
@@ -89,8 +88,9 @@ def test_quantize_equals_bitsandbytes_cuda(seed, dtype, shape):
 @pytest.mark.parametrize("blocksize", [32, 64, 128, 256])
 def test_blocksizes_and_non_nested_cuda(seed, blocksize):
     w = torch.randn(96, 200, dtype=torch.bfloat16, device="cuda")
-    assert_same_quantization(nf4.quantize_nf4(w, blocksize=blocksize, double_quant=False),
-                             bnb_quantize(w, nested=False, blocksize=blocksize))
+    assert_same_quantization(
+        nf4.quantize_nf4(w, blocksize=blocksize, double_quant=False), bnb_quantize(w, nested=False, blocksize=blocksize)
+    )
     assert_same_quantization(nf4.quantize_nf4(w, blocksize=blocksize), bnb_quantize(w, blocksize=blocksize))
 
 
@@ -128,16 +128,19 @@ def test_cuda_rounding_is_nearest_code(seed):
 
 def test_cuda_rounding_quantization_decodes_as_well_as_cpu(seed):
     w = torch.randn(512, 512)
-    err = {r: (nf4.dequantize_nf4_reference(*nf4.quantize_nf4(w, rounding=r)) - w).abs().mean().item()
-           for r in ("bnb-cuda", "bnb-cpu")}
+    err = {
+        r: (nf4.dequantize_nf4_reference(*nf4.quantize_nf4(w, rounding=r)) - w).abs().mean().item()
+        for r in ("bnb-cuda", "bnb-cpu")
+    }
     assert err["bnb-cuda"] <= err["bnb-cpu"] * 1.001
 
 
 def test_checkpoint_round_trip_with_bitsandbytes(seed):
     """Our tensors load in bitsandbytes, and bitsandbytes' Linear4bit state dict (via safetensors) loads in ours."""
     lin = bnb.nn.Linear4bit(192, 96, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
-    lin.weight = bnb.nn.Params4bit(torch.randn(96, 192, dtype=torch.bfloat16), requires_grad=False,
-                                   compress_statistics=True, quant_type="nf4")
+    lin.weight = bnb.nn.Params4bit(
+        torch.randn(96, 192, dtype=torch.bfloat16), requires_grad=False, compress_statistics=True, quant_type="nf4"
+    )
     lin.weight = lin.weight._quantize("cpu")  # quantize on this device, as .cuda() would on a GPU
     sd = {f"layer.{k}": v for k, v in lin.state_dict().items()}
     sd = load(save({k: v.contiguous() for k, v in sd.items()}))  # through safetensors, as checkpoints are
@@ -170,12 +173,15 @@ def test_state_from_bnb_rejects_fp4():
         nf4.state_from_bnb(qs)
 
 
-@pytest.mark.parametrize("bad, exc, match", [
-    (torch.ones(4, 64, dtype=torch.int32), TypeError, "float16/bfloat16/float32"),
-    (torch.tensor([[1.0, float("inf")]]), ValueError, "inf or NaN"),
-    (torch.tensor([[1.0, float("nan")]]), ValueError, "inf or NaN"),
-    (torch.empty(0, 64), ValueError, "empty"),
-])
+@pytest.mark.parametrize(
+    "bad, exc, match",
+    [
+        (torch.ones(4, 64, dtype=torch.int32), TypeError, "float16/bfloat16/float32"),
+        (torch.tensor([[1.0, float("inf")]]), ValueError, "inf or NaN"),
+        (torch.tensor([[1.0, float("nan")]]), ValueError, "inf or NaN"),
+        (torch.empty(0, 64), ValueError, "empty"),
+    ],
+)
 def test_quantize_bad_input(bad, exc, match):
     with pytest.raises(exc, match=match):
         nf4.quantize_nf4(bad)
@@ -199,3 +205,30 @@ def test_validate_catches_inconsistent_state():
         bad.validate()
     with pytest.raises(ValueError, match="different devices"):
         state.validate(packed.to("meta"))
+
+
+@pytest.mark.parametrize("rounding", ["bnb-cuda", "bnb-cpu"])
+def test_odd_count_pad_nibble_follows_the_backend(rounding):
+    """An odd count pads the last low nibble as a 0.0 of the last block: code 7 (NF4's zero), except in an all-zero
+    last block under CUDA rounding, which bitsandbytes' kernel writes as code 0 like the block's values."""
+    w = torch.randn(3, 43)  # 129 values: a last block of one value
+    packed, _ = nf4.quantize_nf4(w, rounding=rounding)
+    assert int(packed[-1, 0]) & 15 == 7
+    w.view(-1)[-1] = 0.0  # the last block is now all zeros
+    packed, state = nf4.quantize_nf4(w, rounding=rounding)
+    assert int(packed[-1, 0]) == (0 if rounding == "bnb-cuda" else 0x77)
+    packed, state = nf4.quantize_nf4(w, rounding=rounding, double_quant=False)  # exact scales: the block is +-0
+    assert float(nf4.dequantize_nf4_reference(packed, state).view(-1)[-1]) == 0.0
+
+
+def test_cuda_rounding_uses_the_kernels_float32_thresholds():
+    """bitsandbytes' CUDA kernel compares with decimal literals rounded to float32 by the compiler; 4 of its 15
+    thresholds sit one float32 step from the float32 midpoints the CPU backend uses. A value exactly at such a
+    midpoint gets a different code per backend (the GPU test checks the CUDA side against the kernel itself)."""
+    c = nf4.nf4_code()
+    mids = (c[:-1] + c[1:]) / 2
+    cuda = torch.tensor(nf4._cuda_thresholds())
+    assert (cuda != mids).sum() == 4 and ((cuda - mids).abs() <= torch.finfo(torch.float32).eps).all()
+    x = torch.tensor([1.0, float(mids[14])])  # absmax 1: the second value is scaled to the midpoint itself
+    codes = {r: int(nf4.quantize_nf4(x, rounding=r, double_quant=False)[0][0, 0]) & 15 for r in ("bnb-cpu", "bnb-cuda")}
+    assert codes == {"bnb-cpu": 14, "bnb-cuda": 15}

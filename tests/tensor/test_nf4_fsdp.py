@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from quickloris.tensor.nf4_tensor import NF4Tensor
 from quickloris.quant.nf4 import dequantize_nf4_reference
+from quickloris.tensor.nf4_tensor import NF4Tensor
 from tests.parallel.dist_utils import run_ranks
 
 
@@ -44,8 +44,10 @@ def test_shard_unit_and_shardable():
     assert plain.shard_unit == 64 and plain.shardable(4) and not plain.shardable(8)  # 8 does not divide 12 rows
 
 
-@pytest.mark.parametrize("shape,world,nested", [((64, 512), 2, True), ((96, 1024), 3, True), ((8, 16384), 8, True),
-                                                ((10, 192), 5, False), ((5, 16384), 2, True)])
+@pytest.mark.parametrize(
+    "shape,world,nested",
+    [((64, 512), 2, True), ((96, 1024), 3, True), ((8, 16384), 8, True), ((10, 192), 5, False), ((5, 16384), 2, True)],
+)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_chunks_are_self_contained_row_shards(seed, shape, world, nested, dtype):
     t = NF4Tensor.from_float(torch.randn(shape, dtype=dtype), double_quant=nested)
@@ -58,11 +60,11 @@ def test_chunks_are_self_contained_row_shards(seed, shape, world, nested, dtype)
         s.nf4_state().validate(s.packed)  # a valid NF4 weight of its own
         assert s.packed.untyped_storage().data_ptr() == t.packed.untyped_storage().data_ptr()  # a view, no copy
         assert s.offset is t.offset and s.code is t.code
-        assert torch.equal(bits(deq(s)), bits(full[start:start + s.shape[0]]))
+        assert torch.equal(bits(deq(s)), bits(full[start : start + s.shape[0]]))
         start += s.shape[0]
     sizes = [shape[0] - shape[0] // 2, shape[0] // 2]  # every case here splits in two on a group boundary
     parts = torch.split(t, sizes)
-    assert torch.equal(bits(deq(parts[1])), bits(full[sizes[0]:]))
+    assert torch.equal(bits(deq(parts[1])), bits(full[sizes[0] :]))
 
 
 def test_misaligned_rows_raise():
@@ -161,8 +163,12 @@ def _fully_shard_ranks(ctx, seed: int, offload: bool) -> None:
     originals = [w.to(ctx.device) for w in weights]
     module = _Holder(weights).to(ctx.device)
     cuda = ctx.device.type == "cuda"
-    fully_shard(module, mesh=ctx.mesh, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16),
-                offload_policy=CPUOffloadPolicy(pin_memory=cuda) if offload else OffloadPolicy())
+    fully_shard(
+        module,
+        mesh=ctx.mesh,
+        mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16),
+        offload_policy=CPUOffloadPolicy(pin_memory=cuda) if offload else OffloadPolicy(),
+    )
     for p, w in zip(module.ws, originals):
         local = p.to_local()
         rows = w.shape[0] // ctx.world_size

@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from quickloris.tensor.nf4_tensor import NF4Tensor, nf4_fields
 from quickloris.quant.nf4 import dequantize_nf4_reference, quantize_nf4
+from quickloris.tensor.nf4_tensor import NF4Tensor, nf4_fields
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -104,8 +104,17 @@ def test_copy_between_nf4_tensors(seed):
         a.copy_(NF4Tensor.from_float(torch.randn(32, 32)))
 
 
-@pytest.mark.parametrize("op", [lambda w: w + 1, lambda w: w.sum(), lambda w: torch.nn.functional.linear(
-    torch.randn(2, 64), w), lambda w: w.t(), lambda w: w[0], lambda w: w.view(4, -1, 2)])
+@pytest.mark.parametrize(
+    "op",
+    [
+        lambda w: w + 1,
+        lambda w: w.sum(),
+        lambda w: torch.nn.functional.linear(torch.randn(2, 64), w),
+        lambda w: w.t(),
+        lambda w: w[0],
+        lambda w: w.view(4, -1, 2),
+    ],
+)
 def test_other_ops_raise(op):
     w = NF4Tensor.from_float(torch.randn(8, 64))
     with pytest.raises(NotImplementedError, match="NF4Tensor does not support"):
@@ -142,9 +151,16 @@ def test_compiled_region_reads_inner_tensors_without_graph_break(seed):
 
     def f(x, w):
         f = nf4_fields(w)
-        state = NF4State(shape=torch.Size(f["shape"]), dtype=torch.float32, blocksize=f["blocksize"],
-                         absmax=f["absmax"], code=f["code"], offset=f["offset"], absmax2=f["absmax2"],
-                         code2=f["code2"])
+        state = NF4State(
+            shape=torch.Size(f["shape"]),
+            dtype=torch.float32,
+            blocksize=f["blocksize"],
+            absmax=f["absmax"],
+            code=f["code"],
+            offset=f["offset"],
+            absmax2=f["absmax2"],
+            code2=f["code2"],
+        )
         return x @ dequantize_nf4_reference(f["packed"], state).t()
 
     counters.clear()

@@ -12,8 +12,15 @@ transformers = pytest.importorskip("transformers")
 
 from quickloris.models.adapters import adapter_state_dict  # noqa: E402
 from quickloris.models.prepare import QLoRAConfig, prepare_model  # noqa: E402
-from quickloris.train.checkpoint import (CheckpointError, checkpoint_dirs, latest_checkpoint,  # noqa: E402
-                                         load_checkpoint, resumable_checkpoint, save_checkpoint, verify)
+from quickloris.train.checkpoint import (  # noqa: E402
+    CheckpointError,
+    checkpoint_dirs,
+    latest_checkpoint,
+    load_checkpoint,
+    resumable_checkpoint,
+    save_checkpoint,
+    verify,
+)
 from quickloris.train.loop import LoopState, TrainingDiverged  # noqa: E402
 from tests.tiny import tiny_model  # noqa: E402
 
@@ -91,8 +98,12 @@ def test_a_damaged_checkpoint_is_reported_and_the_previous_one_used(tmp_path, se
     assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step-000002", "step-000004"]  # keep=2 by default
     newest = tmp_path / "checkpoints" / "step-000004"
     assert verify(newest) is None
-    target = {"flip": "adapter_model.safetensors", "truncate": "trainer_state.pt", "delete": "adapter_config.json",
-              "no-manifest": "manifest.json"}[damage]
+    target = {
+        "flip": "adapter_model.safetensors",
+        "truncate": "trainer_state.pt",
+        "delete": "adapter_config.json",
+        "no-manifest": "manifest.json",
+    }[damage]
     path = newest / target
     data = bytearray(path.read_bytes())
     if damage == "flip":  # one bit of one weight, somewhere after the safetensors header

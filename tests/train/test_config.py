@@ -19,8 +19,17 @@ from quickloris.train.config import ModelConfig, TrainConfig  # noqa: E402
 from quickloris.train.run import fingerprint  # noqa: E402
 
 NOT_COMPARED = {  # may differ between a run and its resumption
-    "data.num_eval", "train.output_dir", "train.overwrite", "train.max_steps", "train.epochs", "train.save_every",
-    "train.resume", "train.log_every", "train.progress", "train.eval_before", "train.eval_after",
+    "data.num_eval",
+    "train.output_dir",
+    "train.overwrite",
+    "train.max_steps",
+    "train.epochs",
+    "train.save_every",
+    "train.resume",
+    "train.log_every",
+    "train.progress",
+    "train.eval_before",
+    "train.eval_after",
     "train.class_weights",  # compared for classification runs only, so causal runs' checkpoints keep their fingerprint
     *(f"train.compile.{k}" for k in flatten(CompileConfig())),
     *(f"train.checkpointing.{k}" for k in flatten(CheckpointConfig())),
@@ -30,13 +39,31 @@ NOT_COMPARED = {  # may differ between a run and its resumption
 def test_the_fingerprint_covers_every_trajectory_option():
     cfgs = {"data": DataConfig(), "qlora": QLoRAConfig(), "train": TrainConfig()}
     every = {f"{name}.{k}" for name, cfg in cfgs.items() for k in flatten(cfg)}
-    fp = fingerprint(ModelConfig(), cfgs["data"], cfgs["qlora"], cfgs["train"], torch.float32,
-                     {"data.file_sha256": None, "data.examples": 3, "data.tokens_sha256": "ab"})
-    assert set(fp) == (every - NOT_COMPARED) | {"model", "adapter", "dtype", "data.file_sha256", "data.examples",
-                                                "data.tokens_sha256"}
+    fp = fingerprint(
+        ModelConfig(),
+        cfgs["data"],
+        cfgs["qlora"],
+        cfgs["train"],
+        torch.float32,
+        {"data.file_sha256": None, "data.examples": 3, "data.tokens_sha256": "ab"},
+    )
+    assert set(fp) == (every - NOT_COMPARED) | {
+        "model",
+        "adapter",
+        "dtype",
+        "data.file_sha256",
+        "data.examples",
+        "data.tokens_sha256",
+    }
     assert fp["dtype"] == "torch.float32" and fp["train.lr"] == 2e-3 and fp["qlora.r"] == 16
-    cls = fingerprint(ModelConfig(task_type="classification"), cfgs["data"], cfgs["qlora"],
-                      TrainConfig(class_weights="auto"), torch.float32, {})
+    cls = fingerprint(
+        ModelConfig(task_type="classification"),
+        cfgs["data"],
+        cfgs["qlora"],
+        TrainConfig(class_weights="auto"),
+        torch.float32,
+        {},
+    )
     assert cls["task_type"] == "classification" and cls["train.class_weights"] == "auto"
     # the groups `quickloris train` builds are the ones fingerprinted (and FSDP runs are not resumable)
     assert [cls for _, cls in groups()][:4] == [ModelConfig, DataConfig, QLoRAConfig, TrainConfig]

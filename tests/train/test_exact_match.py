@@ -17,12 +17,15 @@ def test_batched_left_padded_equals_one_by_one(tiny_llama, chat_tokenizer, seed)
     alone = []
     for p in prompts:
         ids = chat_tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=False)
-        out = tiny_llama.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False,
-                                  pad_token_id=chat_tokenizer.pad_token_id)
-        alone.append(chat_tokenizer.decode(out[0, len(ids):], skip_special_tokens=True))
+        out = tiny_llama.generate(
+            torch.tensor([ids]), max_new_tokens=6, do_sample=False, pad_token_id=chat_tokenizer.pad_token_id
+        )
+        alone.append(chat_tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True))
     assert batched == alone
-    assert len(set(map(len, (chat_tokenizer.apply_chat_template(p, tokenize=True, return_dict=False)
-                             for p in prompts)))) > 1  # the batch really needed padding
+    assert (
+        len(set(map(len, (chat_tokenizer.apply_chat_template(p, tokenize=True, return_dict=False) for p in prompts))))
+        > 1
+    )  # the batch really needed padding
 
 
 class OracleModel(torch.nn.Module):
@@ -54,8 +57,13 @@ def test_scoring_with_an_oracle(chat_tokenizer):
     for k, ex in enumerate(examples):
         prompt = tok.apply_chat_template(ex.prompt_messages(), tokenize=False, add_generation_prompt=True)
         # right / right with a second line / wrong digit / right answer inside a sentence (wrong) / right + junk
-        replies[prompt] = [ex.answer, ex.answer + "\n(sum)", str(int(ex.answer) + 1), "It is " + ex.answer,
-                           ex.answer + "0"][k % 5]
+        replies[prompt] = [
+            ex.answer,
+            ex.answer + "\n(sum)",
+            str(int(ex.answer) + 1),
+            "It is " + ex.answer,
+            ex.answer + "0",
+        ][k % 5]
     model = OracleModel(tok, replies).train()
     result = evaluate_exact_match(model, tok, examples, batch_size=4, num_samples=3)
     assert (result.correct, result.total, result.accuracy) == (4, 10, 0.4)

@@ -28,9 +28,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(seed):
-    return build_training_model(tiny_model(seed=seed, vocab_size=V, pad_token_id=0),
-                                QLoRAConfig(r=4, init_lora_weights="random"),
-                                checkpointing=CheckpointConfig(gradient_checkpointing=False))
+    return build_training_model(
+        tiny_model(seed=seed, vocab_size=V, pad_token_id=0),
+        QLoRAConfig(r=4, init_lora_weights="random"),
+        checkpointing=CheckpointConfig(gradient_checkpointing=False),
+    )
 
 
 def _examples(n, seed):
@@ -54,8 +56,9 @@ def _reference(model, examples, batches):
         b = collate_padded([examples[i] for r in rows for i in r], 0)
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits  # eval: HF's own path
         target = F.pad(b["labels"][:, 1:], (0, 1), value=-100)
-        total = total + F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=-100,
-                                        reduction="sum")
+        total = total + F.cross_entropy(
+            logits.float().flatten(0, 1), target.flatten(), ignore_index=-100, reduction="sum"
+        )
         count += int((target != -100).sum())
     loss = total / count
     return loss.item(), torch.autograd.grad(loss, params)
@@ -64,8 +67,17 @@ def _reference(model, examples, batches):
 def test_accumulated_step_equals_one_batch_token_mean(seed):
     model = _model(seed)
     examples = _examples(12, seed)
-    cfg = TrainConfig(max_steps=1, batch_size=3, grad_accum=3, warmup_steps=0, lr_schedule="constant", lr=1.0,
-                      max_grad_norm=None, seed=seed % 1000, progress=False)
+    cfg = TrainConfig(
+        max_steps=1,
+        batch_size=3,
+        grad_accum=3,
+        warmup_steps=0,
+        lr_schedule="constant",
+        lr=1.0,
+        max_grad_norm=None,
+        seed=seed % 1000,
+        progress=False,
+    )
     plan = epoch_batches([len(e) for e in examples], batch_size=3, seed=cfg.seed, epoch=0)[:3]
     reference = copy.deepcopy(model).eval()
     ref_loss, ref_grads = _reference(reference, examples, plan)
@@ -74,7 +86,9 @@ def test_accumulated_step_equals_one_batch_token_mean(seed):
     state = train_loop(model, examples, cfg, optimizer=opt, pad_token_id=0, packing=False, max_seq_len=64)
     rec = state.history[0]
     assert rec["loss"] == pytest.approx(ref_loss, rel=1e-5)
-    assert rec["trained_tokens"] == sum(e.num_trainable for rows in plan for r in rows for e in [examples[i] for i in r])
+    assert rec["trained_tokens"] == sum(
+        e.num_trainable for rows in plan for r in rows for e in [examples[i] for i in r]
+    )
     after = [p.detach() for p in model.parameters() if p.requires_grad]
     for b, a, g in zip(before, after, ref_grads):
         torch.testing.assert_close(b - a, g, rtol=1e-4, atol=1e-6)
@@ -105,7 +119,7 @@ def test_lr_schedule(schedule):
     last = {"cosine": lr * 0.5 * (1 + math.cos(math.pi * p)), "linear": lr * (1 - p), "constant": lr}[schedule]
     assert values[-1] == pytest.approx(last) and values[-1] > 0
     if schedule != "constant":
-        assert all(a > b for a, b in zip(values[warmup:], values[warmup + 1:]))
+        assert all(a > b for a, b in zip(values[warmup:], values[warmup + 1 :]))
     with pytest.raises(ValueError, match="lr_schedule"):
         lr_at(10, lr=lr, schedule="step", warmup=0, total=20)
 
@@ -115,8 +129,11 @@ def test_batch_stream_is_the_epochs_end_to_end(seed, packing):
     examples = _examples(23, seed)
     lengths = [len(e) for e in examples]
     stream = BatchStream(examples, batch_size=4, seed=seed, packing=packing, max_seq_len=40)
-    expected = [b for e in range(3) for b in epoch_batches(lengths, batch_size=4, seed=seed, epoch=e,
-                                                            packing=packing, max_seq_len=40)]
+    expected = [
+        b
+        for e in range(3)
+        for b in epoch_batches(lengths, batch_size=4, seed=seed, epoch=e, packing=packing, max_seq_len=40)
+    ]
     assert [stream.get(k) for k in range(len(expected))] == expected
     fresh = BatchStream(examples, batch_size=4, seed=seed, packing=packing, max_seq_len=40)
     k = len(expected) - 2  # a resumed run asks for a late batch first
@@ -180,8 +197,17 @@ def test_a_non_finite_step_stops_the_loop_before_the_optimizer_steps(seed, poiso
     snapshots = []
     cfg = TrainConfig(max_steps=6, batch_size=4, progress=False, seed=seed % 1000)
     with pytest.raises(TrainingDiverged) as info:
-        train_loop(model, examples, cfg, optimizer=opt, pad_token_id=0, packing=False, max_seq_len=64, state=state,
-                   on_step_end=lambda st: snapshots.append([p.detach().clone() for p in params]))
+        train_loop(
+            model,
+            examples,
+            cfg,
+            optimizer=opt,
+            pad_token_id=0,
+            packing=False,
+            max_seq_len=64,
+            state=state,
+            on_step_end=lambda st: snapshots.append([p.detach().clone() for p in params]),
+        )
     e = info.value
     what = "the gradient norm" if poison == "gradient" else "the loss"
     assert (e.step, e.what) == (3, what) and (math.isnan(e.value) or (poison == "inf-loss" and e.value == math.inf))

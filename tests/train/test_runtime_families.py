@@ -29,8 +29,9 @@ def test_check_inputs_by_family(tmp_path):
     with pytest.raises(ConfigError) as e:
         _check(tmp_path, {"architectures": ["Phi3ForCausalLM"]}, ["q_proj"])
     assert (e.value.owner, e.value.name) == (QLoRAConfig, "target_modules")
-    assert e.value.problem.startswith("names q_proj, but Phi3ForCausalLM computes q_proj,k_proj,v_proj in one fused "
-                                      "layer, qkv_proj")
+    assert e.value.problem.startswith(
+        "names q_proj, but Phi3ForCausalLM computes q_proj,k_proj,v_proj in one fused layer, qkv_proj"
+    )
     with pytest.raises(ConfigError, match="names qkv_proj, not a linear layer of this model's decoder"):
         _check(tmp_path, {"architectures": ["LlamaForCausalLM"]}, ["qkv_proj"])
     with pytest.raises(ConfigError) as e:

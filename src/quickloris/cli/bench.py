@@ -23,8 +23,10 @@ BENCHES: dict[str, str] = {
     "fsdp": "QLoRA with FSDP2 on 2 GPUs vs 1: loss parity, scaling, memory with/without offload",
 }
 
-NOT_IN_WHEEL = ("the benchmarks ship with the source tree (benchmarks/ in a clone of the repository), not with the "
-                "installed package: run it from a checkout installed with `pip install -e .`")
+NOT_IN_WHEEL = (
+    "the benchmarks ship with the source tree (benchmarks/ in a clone of the repository), not with the "
+    "installed package: run it from a checkout installed with `pip install -e .`"
+)
 
 
 class BenchmarksUnavailable(RuntimeError):
@@ -51,16 +53,21 @@ def load_area(area: str) -> ModuleType:
     module = importlib.import_module(f"benchmarks.{area}.bench")
     origin = Path(module.__file__ or "").resolve()
     if root not in origin.parents:
-        raise BenchmarksUnavailable(f"`benchmarks` resolves to {origin.parent.parent}, not to this checkout's "
-                                    f"{root / 'benchmarks'}: another package of that name comes first on sys.path")
+        raise BenchmarksUnavailable(
+            f"`benchmarks` resolves to {origin.parent.parent}, not to this checkout's "
+            f"{root / 'benchmarks'}: another package of that name comes first on sys.path"
+        )
     return module
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "bench", help="run a benchmark and record its results (source checkouts only)",
-        description="areas: " + "; ".join(f"{name}: {help_text}" for name, help_text in BENCHES.items())
-        + ". The benchmarks live in the source tree's benchmarks/ folder, not in the installed package.")
+        "bench",
+        help="run a benchmark and record its results (source checkouts only)",
+        description="areas: "
+        + "; ".join(f"{name}: {help_text}" for name, help_text in BENCHES.items())
+        + ". The benchmarks live in the source tree's benchmarks/ folder, not in the installed package.",
+    )
     parser.add_argument("area", choices=sorted(BENCHES), metavar="AREA", help=", ".join(sorted(BENCHES)))
     parser.add_argument("options", nargs=argparse.REMAINDER, help="the area's options (see: quickloris bench AREA -h)")
     parser.set_defaults(func=_run)
@@ -74,7 +81,11 @@ def _run(args: argparse.Namespace) -> int:
         print(f"quickloris bench: {e}")
         return 2
     parser = argparse.ArgumentParser(prog=f"quickloris bench {args.area}", description=BENCHES[args.area])
-    parser.add_argument("--out", default=None, help="results folder (default: benchmarks/results/; the report goes "
-                        "to benchmarks/reports/, or to <out>/reports/ when --out is given)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="results folder (default: benchmarks/results/; the report goes "
+        "to benchmarks/reports/, or to <out>/reports/ when --out is given)",
+    )
     module.add_arguments(parser)
     return module.run(parser.parse_args(args.options))

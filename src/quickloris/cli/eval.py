@@ -20,11 +20,13 @@ def groups() -> list[tuple[str, type]]:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "eval", help="exact-match accuracy of a model (+ adapter) on an embedded task or a JSONL file",
+        "eval",
+        help="exact-match accuracy of a model (+ adapter) on an embedded task or a JSONL file",
         description="Greedy replies to held-out problems, the first line compared exactly with the answer. With "
-                    "--adapter the base is quantized to NF4 as in training, so the number equals a train run's "
-                    "'after' accuracy. --gguf FILE scores an exported file through llama.cpp on the same problems; "
-                    "with --adapter too, one table shows before / after / exported.")
+        "--adapter the base is quantized to NF4 as in training, so the number equals a train run's "
+        "'after' accuracy. --gguf FILE scores an exported file through llama.cpp on the same problems; "
+        "with --adapter too, one table shows before / after / exported.",
+    )
     for title, cls in groups():
         add_dataclass_arguments(parser, cls, group=title)
     parser.set_defaults(func=_run)

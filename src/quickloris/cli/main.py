@@ -36,8 +36,11 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = Parser(prog="quickloris", description="Fast, memory-lean QLoRA fine-tuning.")
-    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (anywhere on the "
-                        "command line; or set QUICKLORIS_DEBUG=1)")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the traceback of an error (anywhere on the command line; or set QUICKLORIS_DEBUG=1)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     wanted = next((a for a in argv if not a.startswith("-")), None)
     for name, (module, help_text) in COMMANDS.items():

@@ -20,17 +20,24 @@ def groups() -> list[tuple[str, type]]:
     from quickloris.parallel.fsdp import FSDPOptions
     from quickloris.train.config import EvalConfig, ModelConfig, TrainConfig
 
-    return [("model", ModelConfig), ("data", DataConfig), ("LoRA and quantization", QLoRAConfig),
-            ("training", TrainConfig), ("evaluation", EvalConfig),
-            ("several GPUs: torchrun --nproc-per-node N -m quickloris train --fsdp ...", FSDPOptions)]
+    return [
+        ("model", ModelConfig),
+        ("data", DataConfig),
+        ("LoRA and quantization", QLoRAConfig),
+        ("training", TrainConfig),
+        ("evaluation", EvalConfig),
+        ("several GPUs: torchrun --nproc-per-node N -m quickloris train --fsdp ...", FSDPOptions),
+    ]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "train", help="QLoRA fine-tuning (default: the embedded SmolLM2 on the embedded addition task)",
+        "train",
+        help="QLoRA fine-tuning (default: the embedded SmolLM2 on the embedded addition task)",
         description="Fine-tune a model with QLoRA: NF4 base, LoRA adapters saved in PEFT's format, response-only "
-                    "loss, exact-match accuracy before and after. With no options it trains the embedded "
-                    "SmolLM2-135M-Instruct on the embedded addition task (what `make demo` runs).")
+        "loss, exact-match accuracy before and after. With no options it trains the embedded "
+        "SmolLM2-135M-Instruct on the embedded addition task (what `make demo` runs).",
+    )
     for title, cls in groups():
         add_dataclass_arguments(parser, cls, group=title)
     parser.set_defaults(func=_run)

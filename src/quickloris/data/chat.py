@@ -7,14 +7,13 @@ for any template that renders prefixes consistently:
     P_i = render(messages[:i], add_generation_prompt=True)    # context up to turn i's content
     E_i = render(messages[:i + 1])                            # ... plus turn i and its end-of-turn marker
     R   = render(messages)                                    # the full conversation
-
-Turn i is trained on the characters ``R[len(P_i):len(E_i.rstrip())]``: its content and the end-of-turn
-marker, so the model learns to stop (whitespace after the marker is never generated, so not trained).
-That needs ``E_i`` to start with ``P_i`` and ``R`` to start with ``E_i``, which is checked: a template
-that rewrites earlier turns (e.g. one dropping past reasoning) fails the check and raises. ``R`` is tokenized once (so the ids are exactly the template's tokenization), and a token is
-trained iff its first character lies in a trained span (token offsets from a fast tokenizer). A reply that
-starts with whitespace can have it merged into the token ending the template's assistant header (e.g.
-``"\n "``); that token starts before the span and stays context.
+Turn i is trained on the characters ``R[len(P_i):len(E_i.rstrip())]``: its content and the end-of-turn marker, so the
+model learns to stop (whitespace after the marker is never generated, so not trained). That needs ``E_i`` to start
+with ``P_i`` and ``R`` to start with ``E_i``, which is checked: a template that rewrites earlier turns (e.g. one
+dropping past reasoning) fails the check and raises. ``R`` is tokenized once (so the ids are exactly the template's
+tokenization), and a token is trained iff its first character lies in a trained span (token offsets from a fast
+tokenizer). A reply that starts with whitespace can have it merged into the token ending the template's assistant
+header (e.g. ``"\n "``); that token starts before the span and stays context.
 
 Plain-text records (``prompt`` + ``completion`` strings) are tokenized as ``prompt + completion`` without a
 template; the tokens starting inside the completion are trained, and the end-of-sequence token is appended
@@ -46,8 +45,7 @@ class TokenizedExample:
 
     def __post_init__(self) -> None:
         if len(self.input_ids) != len(self.labels):
-            raise ValueError(f"{self.source}: input_ids has {len(self.input_ids)} tokens but labels "
-                             f"{len(self.labels)}")
+            raise ValueError(f"{self.source}: input_ids has {len(self.input_ids)} tokens but labels {len(self.labels)}")
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -78,8 +76,10 @@ def check_max_seq_len(max_seq_len: Any, max_position_embeddings: int | None = No
     if max_seq_len < 2:
         raise ValueError(f"max_seq_len must be >= 2 (one token to read, one to predict), got {max_seq_len}")
     if max_position_embeddings is not None and max_seq_len > max_position_embeddings:
-        raise ValueError(f"max_seq_len={max_seq_len} is longer than the model can take "
-                         f"(max_position_embeddings={max_position_embeddings}); use at most that")
+        raise ValueError(
+            f"max_seq_len={max_seq_len} is longer than the model can take "
+            f"(max_position_embeddings={max_position_embeddings}); use at most that"
+        )
     return max_seq_len
 
 
@@ -87,24 +87,33 @@ def _offsets(tokenizer: Any, text: str, add_special_tokens: bool) -> tuple[list[
     try:
         enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
     except NotImplementedError:  # slow (Python) tokenizers cannot map tokens back to characters
-        raise TypeError(f"tokenizer {type(tokenizer).__name__} gives no token offsets; response-only "
-                        "masking needs a fast (Rust `tokenizers`) tokenizer") from None
+        raise TypeError(
+            f"tokenizer {type(tokenizer).__name__} gives no token offsets; response-only "
+            "masking needs a fast (Rust `tokenizers`) tokenizer"
+        ) from None
     ids, offs = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
     if ids and isinstance(ids[0], list):
         raise TypeError("tokenizer returned a batch for a single string")
     return ids, offs
 
 
-def _labels_from_spans(ids: list[int], offsets: Sequence[tuple[int, int]],
-                       spans: Sequence[tuple[int, int]]) -> list[int]:
+def _labels_from_spans(
+    ids: list[int], offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]
+) -> list[int]:
     return [i if any(a <= start < b for a, b in spans) else IGNORE_INDEX for i, (start, _) in zip(ids, offsets)]
 
 
-def _render(tokenizer: Any, messages: Sequence[Mapping[str, str]], generation_prompt: bool,
-            chat_template: str | None, source: str) -> str:
+def _render(
+    tokenizer: Any,
+    messages: Sequence[Mapping[str, str]],
+    generation_prompt: bool,
+    chat_template: str | None,
+    source: str,
+) -> str:
     try:
-        text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=generation_prompt,
-                                             chat_template=chat_template)
+        text = tokenizer.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=generation_prompt, chat_template=chat_template
+        )
     except Exception as e:  # jinja errors (raise_exception in templates) carry the template's own message
         raise DataFormatError(f"{source}: the chat template failed on this conversation: {e}") from e
     if not isinstance(text, str):
@@ -115,13 +124,16 @@ def _render(tokenizer: Any, messages: Sequence[Mapping[str, str]], generation_pr
 def require_chat_template(tokenizer: Any, chat_template: str | None = None) -> None:
     """Raise if neither `chat_template` nor the tokenizer provides a chat template."""
     if chat_template is None and not getattr(tokenizer, "chat_template", None):
-        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__} has no "
-                         "chat template, so chat 'messages' cannot be rendered; pass chat_template=... "
-                         "or use prompt/completion text records")
+        raise ValueError(
+            f"tokenizer {getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__} has no "
+            "chat template, so chat 'messages' cannot be rendered; pass chat_template=... "
+            "or use prompt/completion text records"
+        )
 
 
-def tokenize_chat(tokenizer: Any, messages: Sequence[Mapping[str, Any]], *, source: str = "<memory>",
-                  chat_template: str | None = None) -> TokenizedExample:
+def tokenize_chat(
+    tokenizer: Any, messages: Sequence[Mapping[str, Any]], *, source: str = "<memory>", chat_template: str | None = None
+) -> TokenizedExample:
     """Render `messages` with the chat template; train every assistant turn (unless it has ``train=False``)."""
     require_chat_template(tokenizer, chat_template)
     clean = [{"role": m["role"], "content": m["content"]} for m in messages]
@@ -136,7 +148,8 @@ def tokenize_chat(tokenizer: Any, messages: Sequence[Mapping[str, Any]], *, sour
             raise DataFormatError(
                 f"{source}: the chat template does not render conversation prefixes consistently (turn {i}: "
                 "rendering the conversation up to this turn is not a prefix of the full rendering), so the "
-                "assistant tokens cannot be located; use a template that renders prefixes consistently")
+                "assistant tokens cannot be located; use a template that renders prefixes consistently"
+            )
         # Whitespace the template puts after the end-of-turn marker is not trained: generation stops at the
         # marker, so it is never produced.
         end = len(upto.rstrip())
@@ -151,7 +164,7 @@ def _post_processor_prefix(tokenizer: Any) -> list[int]:
     with_special = list(tokenizer("a", add_special_tokens=True)["input_ids"])
     bare = list(tokenizer("a", add_special_tokens=False)["input_ids"])
     for k in range(len(with_special) - len(bare) + 1):
-        if with_special[k:k + len(bare)] == bare:
+        if with_special[k : k + len(bare)] == bare:
             return with_special[:k]
     return []
 
@@ -175,9 +188,14 @@ def tokenize_record(tokenizer: Any, record: Record, *, chat_template: str | None
     return tokenize_text(tokenizer, record.prompt, record.completion, source=record.source)
 
 
-def tokenize_records(tokenizer: Any, records: Sequence[Record], *, max_seq_len: int,
-                     overflow: Literal["drop", "error"] = "drop", chat_template: str | None = None,
-                     ) -> tuple[list[TokenizedExample], TokenizeStats]:
+def tokenize_records(
+    tokenizer: Any,
+    records: Sequence[Record],
+    *,
+    max_seq_len: int,
+    overflow: Literal["drop", "error"] = "drop",
+    chat_template: str | None = None,
+) -> tuple[list[TokenizedExample], TokenizeStats]:
     """Tokenize all records; examples longer than `max_seq_len` are dropped (counted) or raise.
 
     Truncating instead would cut responses (or all of them, leaving nothing to train), so it is not done.
@@ -195,8 +213,10 @@ def tokenize_records(tokenizer: Any, records: Sequence[Record], *, max_seq_len: 
         stats.longest = max(stats.longest, len(ex))
         if len(ex) > max_seq_len:
             if overflow == "error":
-                raise DataFormatError(f"{r.source}: {len(ex)} tokens, longer than max_seq_len={max_seq_len} "
-                                      "(raise max_seq_len or use overflow='drop')")
+                raise DataFormatError(
+                    f"{r.source}: {len(ex)} tokens, longer than max_seq_len={max_seq_len} "
+                    "(raise max_seq_len or use overflow='drop')"
+                )
             stats.dropped_too_long += 1
             stats.dropped_sources.append(r.source)
             continue
@@ -205,9 +225,14 @@ def tokenize_records(tokenizer: Any, records: Sequence[Record], *, max_seq_len: 
     stats.tokens = sum(map(len, out))
     stats.trainable_tokens = sum(map(operator.attrgetter("num_trainable"), out))
     if not out:
-        raise DataFormatError(f"no example fits max_seq_len={max_seq_len} (the longest has {stats.longest} tokens)"
-                              if records else "no records to tokenize")
+        raise DataFormatError(
+            f"no example fits max_seq_len={max_seq_len} (the longest has {stats.longest} tokens)"
+            if records
+            else "no records to tokenize"
+        )
     if stats.trainable_tokens == 0:
-        raise DataFormatError(f"the dataset has no trainable tokens ({stats.kept} examples, {stats.tokens} tokens, "
-                              "all masked): check that the records have assistant turns / completions")
+        raise DataFormatError(
+            f"the dataset has no trainable tokens ({stats.kept} examples, {stats.tokens} tokens, "
+            "all masked): check that the records have assistant turns / completions"
+        )
     return out, stats

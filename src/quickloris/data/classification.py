@@ -99,17 +99,20 @@ def label_names(rows: Sequence[ClassificationRow]) -> list[str]:
     kind = type(rows[0].label)
     for r in rows:
         if type(r.label) is not kind:
-            raise DataFormatError(f"{r.source}: label {r.label!r} is {'an int' if kind is str else 'a string'}, but "
-                                  f"{rows[0].source} has {'a string' if kind is str else 'an int'} label; use one "
-                                  "kind of label per file")
+            raise DataFormatError(
+                f"{r.source}: label {r.label!r} is {'an int' if kind is str else 'a string'}, but "
+                f"{rows[0].source} has {'a string' if kind is str else 'an int'} label; use one "
+                "kind of label per file"
+            )
     names = [str(x) for x in sorted({r.label for r in rows})]
     if len(names) < 2:
         raise DataFormatError(f"the data has one label only ({names[0]!r}): classification needs at least two")
     return names
 
 
-def label_ids(rows: Sequence[ClassificationRow], label2id: Mapping[str, int], what: str = "the training data"
-              ) -> list[int]:
+def label_ids(
+    rows: Sequence[ClassificationRow], label2id: Mapping[str, int], what: str = "the training data"
+) -> list[int]:
     """The class id of each row; a label outside `label2id` raises naming the row's ``file:line``."""
     out = []
     for r in rows:
@@ -121,9 +124,15 @@ def label_ids(rows: Sequence[ClassificationRow], label2id: Mapping[str, int], wh
     return out
 
 
-def tokenize_classification(tokenizer: Any, rows: Sequence[ClassificationRow], label2id: Mapping[str, int], *,
-                            max_seq_len: int, overflow: Literal["drop", "error"] = "drop",
-                            what: str = "the training data") -> tuple[list[TokenizedExample], TokenizeStats]:
+def tokenize_classification(
+    tokenizer: Any,
+    rows: Sequence[ClassificationRow],
+    label2id: Mapping[str, int],
+    *,
+    max_seq_len: int,
+    overflow: Literal["drop", "error"] = "drop",
+    what: str = "the training data",
+) -> tuple[list[TokenizedExample], TokenizeStats]:
     """Tokenize `rows` (module docstring); longer than `max_seq_len`: dropped (counted) or `DataFormatError`."""
     check_max_seq_len(max_seq_len)
     if overflow not in ("drop", "error"):
@@ -141,8 +150,10 @@ def tokenize_classification(tokenizer: Any, rows: Sequence[ClassificationRow], l
         stats.longest = max(stats.longest, len(ids))
         if len(ids) > max_seq_len:
             if overflow == "error":
-                raise DataFormatError(f"{r.source}: {len(ids)} tokens, longer than max_seq_len={max_seq_len} "
-                                      "(raise max_seq_len or use overflow='drop')")
+                raise DataFormatError(
+                    f"{r.source}: {len(ids)} tokens, longer than max_seq_len={max_seq_len} "
+                    "(raise max_seq_len or use overflow='drop')"
+                )
             stats.dropped_too_long += 1
             stats.dropped_sources.append(r.source)
             continue
@@ -159,8 +170,13 @@ def class_of(example: TokenizedExample) -> int:
     return example.labels[-1]
 
 
-def collate_classification(examples: Sequence[TokenizedExample], batch: Sequence[Sequence[int]], *, packing: bool,
-                           pad_token_id: int | None = None) -> dict[str, Any]:
+def collate_classification(
+    examples: Sequence[TokenizedExample],
+    batch: Sequence[Sequence[int]],
+    *,
+    packing: bool,
+    pad_token_id: int | None = None,
+) -> dict[str, Any]:
     """One entry of `quickloris.data.packing.epoch_batches` as a classifier's inputs (module docstring)."""
     out = collate(examples, batch, packing=packing, pad_token_id=pad_token_id)
     out["labels"] = torch.tensor([class_of(examples[i]) for row in batch for i in row], dtype=torch.long)
@@ -204,14 +220,57 @@ class ClassificationTask:
         return out
 
 
-_SUBJECTS = ("The movie", "The food", "This phone", "The hotel", "Our waiter", "The concert", "This book",
-             "The update", "The weather", "My flight", "The coffee", "The game", "The show", "The service",
-             "This laptop", "The lecture", "The trip", "The museum", "The camera", "The ending")
+_SUBJECTS = (
+    "The movie",
+    "The food",
+    "This phone",
+    "The hotel",
+    "Our waiter",
+    "The concert",
+    "This book",
+    "The update",
+    "The weather",
+    "My flight",
+    "The coffee",
+    "The game",
+    "The show",
+    "The service",
+    "This laptop",
+    "The lecture",
+    "The trip",
+    "The museum",
+    "The camera",
+    "The ending",
+)
 _VERBS = ("was", "is", "felt", "seemed")
-_GOOD = ("wonderful", "great", "delightful", "excellent", "amazing", "pleasant", "superb", "fantastic", "lovely",
-         "brilliant", "charming", "enjoyable")
-_BAD = ("terrible", "awful", "disappointing", "horrible", "dreadful", "boring", "miserable", "poor", "annoying",
-        "bad", "dull", "frustrating")
+_GOOD = (
+    "wonderful",
+    "great",
+    "delightful",
+    "excellent",
+    "amazing",
+    "pleasant",
+    "superb",
+    "fantastic",
+    "lovely",
+    "brilliant",
+    "charming",
+    "enjoyable",
+)
+_BAD = (
+    "terrible",
+    "awful",
+    "disappointing",
+    "horrible",
+    "dreadful",
+    "boring",
+    "miserable",
+    "poor",
+    "annoying",
+    "bad",
+    "dull",
+    "frustrating",
+)
 _ADVERBS = ("", "really ", "truly ", "quite ", "absolutely ", "rather ", "very ")
 _ENDINGS = (".", "!", ", honestly.", ", to be fair.", " overall.")
 
@@ -219,15 +278,21 @@ _ENDINGS = (".", "!", ", honestly.", ", to be fair.", " overall.")
 def _sentiment(rng: random.Random) -> tuple[str, str]:
     good = rng.random() < 0.5
     negated = rng.random() < 0.25
-    text = (f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)}{' not' if negated else ''} {rng.choice(_ADVERBS)}"
-            f"{rng.choice(_GOOD if good else _BAD)}{rng.choice(_ENDINGS)}")
+    text = (
+        f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)}{' not' if negated else ''} {rng.choice(_ADVERBS)}"
+        f"{rng.choice(_GOOD if good else _BAD)}{rng.choice(_ENDINGS)}"
+    )
     return text, "positive" if good != negated else "negative"
 
 
 CLASSIFICATION_TASKS: dict[str, ClassificationTask] = {
-    "sentiment": ClassificationTask("sentiment", ("negative", "positive"), _sentiment,
-                                    "sentiment of a generated review sentence, a quarter of them negated, e.g. "
-                                    "'The coffee was not really great!' -> negative"),
+    "sentiment": ClassificationTask(
+        "sentiment",
+        ("negative", "positive"),
+        _sentiment,
+        "sentiment of a generated review sentence, a quarter of them negated, e.g. "
+        "'The coffee was not really great!' -> negative",
+    ),
 }
 DEFAULT_CLASSIFICATION_TASK = "sentiment"
 
@@ -236,8 +301,9 @@ def get_classification_task(name: str) -> ClassificationTask:
     try:
         return CLASSIFICATION_TASKS[name]
     except KeyError:
-        raise ValueError(f"unknown classification task {name!r}; choose one of "
-                         f"{', '.join(sorted(CLASSIFICATION_TASKS))}") from None
+        raise ValueError(
+            f"unknown classification task {name!r}; choose one of {', '.join(sorted(CLASSIFICATION_TASKS))}"
+        ) from None
 
 
 def write_classification_jsonl(rows: Sequence[ClassificationRow], path: str | Path) -> None:

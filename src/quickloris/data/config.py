@@ -16,8 +16,14 @@ from typing import Any, Literal
 
 from quickloris.config import Config, ConfigError, at_least, field
 from quickloris.data.chat import TokenizedExample, TokenizeStats, check_max_seq_len, tokenize_records
-from quickloris.data.classification import (CLASSIFICATION_TASKS, DEFAULT_CLASSIFICATION_TASK, ClassificationRow,
-                                            label_names, read_classification_jsonl, tokenize_classification)
+from quickloris.data.classification import (
+    CLASSIFICATION_TASKS,
+    DEFAULT_CLASSIFICATION_TASK,
+    ClassificationRow,
+    label_names,
+    read_classification_jsonl,
+    tokenize_classification,
+)
 from quickloris.data.jsonl import load_jsonl
 from quickloris.data.tasks import DEFAULT_TASK, TASKS, TaskExample, get_task
 
@@ -32,13 +38,18 @@ def known_task(name: str) -> str | None:
 
 def task_name(owner: type, task: str | None, task_type: str) -> str:
     """The embedded task of a run: `task`, or the task type's default; a task of the other type raises."""
-    tasks, default = (CLASSIFICATION_TASKS, DEFAULT_CLASSIFICATION_TASK) if task_type == "classification" else \
-        (TASKS, DEFAULT_TASK)
+    tasks, default = (
+        (CLASSIFICATION_TASKS, DEFAULT_CLASSIFICATION_TASK) if task_type == "classification" else (TASKS, DEFAULT_TASK)
+    )
     if task is None:
         return default
     if task not in tasks:
-        raise ConfigError(owner, "task", f"{task!r} is not a {task_type.replace('_', ' ')} task (--task-type "
-                          f"{task_type}); choose one of {', '.join(sorted(tasks))}")
+        raise ConfigError(
+            owner,
+            "task",
+            f"{task!r} is not a {task_type.replace('_', ' ')} task (--task-type "
+            f"{task_type}); choose one of {', '.join(sorted(tasks))}",
+        )
     return task
 
 
@@ -46,22 +57,38 @@ def task_name(owner: type, task: str | None, task_type: str) -> str:
 class DataConfig(Config):
     """Training data: a JSONL file or the embedded task, and how it is tokenized and batched."""
 
-    data: str | None = field(None, help="training data: a JSONL file with a {'messages': [...]} or a "
-                             "{'prompt', 'completion'} object per line (with --task-type classification a "
-                             "{'text', 'label'} object); none: the embedded task (see --task)")
-    task: str | None = field(None, help="embedded task generated when --data is none, and the task scored by "
-                             "evaluation: 'addition' (sum of two 3-digit numbers) or 'reverse' (reverse 5-7 digits); "
-                             "with --task-type classification 'sentiment' (of a generated review sentence); none: "
-                             "addition, or sentiment for classification", check=known_task)
+    data: str | None = field(
+        None,
+        help="training data: a JSONL file with a {'messages': [...]} or a "
+        "{'prompt', 'completion'} object per line (with --task-type classification a "
+        "{'text', 'label'} object); none: the embedded task (see --task)",
+    )
+    task: str | None = field(
+        None,
+        help="embedded task generated when --data is none, and the task scored by "
+        "evaluation: 'addition' (sum of two 3-digit numbers) or 'reverse' (reverse 5-7 digits); "
+        "with --task-type classification 'sentiment' (of a generated review sentence); none: "
+        "addition, or sentiment for classification",
+        check=known_task,
+    )
     num_train: int = field(1200, help="training problems generated for the embedded task", check=at_least(1))
-    num_eval: int = field(200, help="held-out problems of the embedded task scored by exact match",
-                          check=at_least(1), fingerprint=False)
-    max_seq_len: int = field(256, help="longest tokenized example (at most the model's "
-                             "max_position_embeddings); longer examples are handled by --overflow", check=at_least(2))
-    overflow: Literal["drop", "error"] = field("drop", help="an example longer than --max-seq-len is dropped "
-                                               "(and counted) or raises")
-    packing: bool = field(False, help="padding-free packing: concatenate examples into rows of up to "
-                          "--max-seq-len tokens, position ids restarting per example")
+    num_eval: int = field(
+        200, help="held-out problems of the embedded task scored by exact match", check=at_least(1), fingerprint=False
+    )
+    max_seq_len: int = field(
+        256,
+        help="longest tokenized example (at most the model's "
+        "max_position_embeddings); longer examples are handled by --overflow",
+        check=at_least(2),
+    )
+    overflow: Literal["drop", "error"] = field(
+        "drop", help="an example longer than --max-seq-len is dropped (and counted) or raises"
+    )
+    packing: bool = field(
+        False,
+        help="padding-free packing: concatenate examples into rows of up to "
+        "--max-seq-len tokens, position ids restarting per example",
+    )
     chat_template: str | None = field(None, help="a Jinja chat template file used instead of the tokenizer's")
 
 
@@ -84,8 +111,9 @@ def read_chat_template(path: str | None) -> str | None:
     return p.read_text(encoding="utf-8")
 
 
-def prepare_data(cfg: DataConfig, tokenizer: Any, *, seed: int = 0,
-                 max_position_embeddings: int | None = None) -> PreparedData:
+def prepare_data(
+    cfg: DataConfig, tokenizer: Any, *, seed: int = 0, max_position_embeddings: int | None = None
+) -> PreparedData:
     """Examples to train on and problems to evaluate, from `cfg` (the task's splits depend on `seed`)."""
     check_max_seq_len(cfg.max_seq_len, max_position_embeddings)
     task = get_task(task_name(DataConfig, cfg.task, "causal_lm"))
@@ -93,8 +121,13 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, *, seed: int = 0,
         records, source = task.records("train", cfg.num_train, seed), f"embedded task {task.name!r}"
     else:
         records, source = load_jsonl(cfg.data), cfg.data
-    examples, stats = tokenize_records(tokenizer, records, max_seq_len=cfg.max_seq_len, overflow=cfg.overflow,
-                                       chat_template=read_chat_template(cfg.chat_template))
+    examples, stats = tokenize_records(
+        tokenizer,
+        records,
+        max_seq_len=cfg.max_seq_len,
+        overflow=cfg.overflow,
+        chat_template=read_chat_template(cfg.chat_template),
+    )
     return PreparedData(examples, stats, task.generate("heldout", cfg.num_eval, seed), source)
 
 
@@ -110,8 +143,14 @@ class PreparedClassification:
     eval_source: str
 
 
-def prepare_classification_data(cfg: DataConfig, tokenizer: Any, *, seed: int = 0, eval_data: str | None = None,
-                                max_position_embeddings: int | None = None) -> PreparedClassification:
+def prepare_classification_data(
+    cfg: DataConfig,
+    tokenizer: Any,
+    *,
+    seed: int = 0,
+    eval_data: str | None = None,
+    max_position_embeddings: int | None = None,
+) -> PreparedClassification:
     """Training texts from --data (or the embedded classification task), their label set, and the rows scored
     before / after training: `eval_data`'s (labels checked against the training labels, naming file:line), the
     task's held-out split, or none (training on --data without `eval_data`)."""
@@ -125,8 +164,9 @@ def prepare_classification_data(cfg: DataConfig, tokenizer: Any, *, seed: int = 
         rows, source = read_classification_jsonl(cfg.data), cfg.data
     labels = label_names(rows)
     label2id = {name: i for i, name in enumerate(labels)}
-    examples, stats = tokenize_classification(tokenizer, rows, label2id, max_seq_len=cfg.max_seq_len,
-                                              overflow=cfg.overflow)
+    examples, stats = tokenize_classification(
+        tokenizer, rows, label2id, max_seq_len=cfg.max_seq_len, overflow=cfg.overflow
+    )
     if eval_data is not None:
         eval_rows, eval_source = read_classification_jsonl(eval_data), f"--eval-data {eval_data}"
     elif cfg.data is None:

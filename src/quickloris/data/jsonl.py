@@ -57,23 +57,24 @@ class Record:
 
 def _check_messages(messages: Any, where: str, key: str) -> tuple[dict[str, str], ...]:
     if not isinstance(messages, list):
-        raise DataFormatError(f"{where}: {key!r} must be a list of {{'role', 'content'}} objects, "
-                              f"got {type(messages).__name__}")
+        raise DataFormatError(
+            f"{where}: {key!r} must be a list of {{'role', 'content'}} objects, got {type(messages).__name__}"
+        )
     if not messages:
         raise DataFormatError(f"{where}: {key!r} is an empty list")
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
-            raise DataFormatError(f"{where}: {key}[{i}] must be an object with 'role' and 'content', "
-                                  f"got {type(m).__name__}")
+            raise DataFormatError(
+                f"{where}: {key}[{i}] must be an object with 'role' and 'content', got {type(m).__name__}"
+            )
         missing = [k for k in ("role", "content") if k not in m]
         if missing:
             raise DataFormatError(f"{where}: {key}[{i}] is missing {', '.join(map(repr, missing))}")
         if not isinstance(m["role"], str) or not m["role"]:
             raise DataFormatError(f"{where}: {key}[{i}]['role'] must be a non-empty string, got {m['role']!r}")
         if not isinstance(m["content"], str):
-            raise DataFormatError(f"{where}: {key}[{i}]['content'] must be a string, "
-                                  f"got {type(m['content']).__name__}")
+            raise DataFormatError(f"{where}: {key}[{i}]['content'] must be a string, got {type(m['content']).__name__}")
         out.append({"role": m["role"], "content": m["content"]})
     return tuple(out)
 
@@ -94,8 +95,9 @@ def parse_record(obj: Any, where: str = "<memory>") -> Record:
     if has_pc:
         missing = [k for k in ("prompt", "completion") if k not in obj]
         if missing:
-            raise DataFormatError(f"{where}: missing {', '.join(map(repr, missing))} "
-                                  "(a prompt/completion record needs both)")
+            raise DataFormatError(
+                f"{where}: missing {', '.join(map(repr, missing))} (a prompt/completion record needs both)"
+            )
         prompt, completion = obj["prompt"], obj["completion"]
         if isinstance(prompt, str) and isinstance(completion, str):
             return Record(prompt=prompt, completion=completion, source=where)
@@ -107,11 +109,12 @@ def parse_record(obj: Any, where: str = "<memory>") -> Record:
             # Only completion turns are trained: prompt assistant turns (few-shot examples) become context.
             p = tuple({"role": m["role"], "content": m["content"], "train": False} for m in p)
             return Record(messages=p + c, source=where)
-        raise DataFormatError(f"{where}: 'prompt' and 'completion' must both be strings or both be lists of "
-                              f"messages, got {type(prompt).__name__} and {type(completion).__name__}")
+        raise DataFormatError(
+            f"{where}: 'prompt' and 'completion' must both be strings or both be lists of "
+            f"messages, got {type(prompt).__name__} and {type(completion).__name__}"
+        )
     keys = ", ".join(map(repr, list(obj)[:8])) or "none"
-    raise DataFormatError(f"{where}: expected a 'messages' list or 'prompt' and 'completion' fields; "
-                          f"found keys {keys}")
+    raise DataFormatError(f"{where}: expected a 'messages' list or 'prompt' and 'completion' fields; found keys {keys}")
 
 
 def iter_jsonl(path: str | os.PathLike) -> Iterable[Record]:

@@ -108,8 +108,9 @@ def block_causal_mask(cu_seq_lens: torch.Tensor) -> torch.Tensor:
     return (causal & (seg[:, None] == seg[None, :]))[None, None]
 
 
-def collate_padded(examples: Sequence[TokenizedExample], pad_token_id: int, *,
-                   pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
+def collate_padded(
+    examples: Sequence[TokenizedExample], pad_token_id: int, *, pad_to_multiple_of: int | None = None
+) -> dict[str, torch.Tensor]:
     """Right-pad `examples` to one ``[B, L]`` batch: ``input_ids``, ``attention_mask``, ``labels``."""
     if not examples:
         raise ValueError("collate_padded needs at least one example")
@@ -132,8 +133,16 @@ def collate_padded(examples: Sequence[TokenizedExample], pad_token_id: int, *,
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def epoch_batches(lengths: Sequence[int], *, batch_size: int, seed: int, epoch: int, shuffle: bool = True,
-                  packing: bool = False, max_seq_len: int | None = None) -> list[list[list[int]]]:
+def epoch_batches(
+    lengths: Sequence[int],
+    *,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    shuffle: bool = True,
+    packing: bool = False,
+    max_seq_len: int | None = None,
+) -> list[list[list[int]]]:
     """The batches of one epoch as example indices: ``batches[step][row] -> [example indices]``.
 
     A pure function of its arguments (the shuffle uses a generator seeded with ``(seed, epoch)``), so a
@@ -157,11 +166,17 @@ def epoch_batches(lengths: Sequence[int], *, batch_size: int, seed: int, epoch: 
         rows = [[order[j] for j in row] for row in pack_greedy([lengths[i] for i in order], max_seq_len)]
     else:
         rows = [[i] for i in order]
-    return [rows[k:k + batch_size] for k in range(0, len(rows), batch_size)]
+    return [rows[k : k + batch_size] for k in range(0, len(rows), batch_size)]
 
 
-def collate(examples: Sequence[TokenizedExample], batch: Sequence[Sequence[int]], *, packing: bool,
-            pad_token_id: int | None = None, pad_to_multiple_of: int | None = None) -> dict[str, Any]:
+def collate(
+    examples: Sequence[TokenizedExample],
+    batch: Sequence[Sequence[int]],
+    *,
+    packing: bool,
+    pad_token_id: int | None = None,
+    pad_to_multiple_of: int | None = None,
+) -> dict[str, Any]:
     """Collate one entry of `epoch_batches`: packed rows are flattened into a single padding-free row."""
     chosen = [examples[i] for row in batch for i in row]
     if packing:

@@ -90,8 +90,10 @@ class Task:
 
     def records(self, split: Split, n: int, seed: int = 0) -> list[Record]:
         """Training records (system + user + assistant messages) for `quickloris.data.chat`."""
-        return [Record(messages=tuple(ex.messages()), source=f"{self.name}:{split}[{i}]")
-                for i, ex in enumerate(self.generate(split, n, seed))]
+        return [
+            Record(messages=tuple(ex.messages()), source=f"{self.name}:{split}[{i}]")
+            for i, ex in enumerate(self.generate(split, n, seed))
+        ]
 
 
 def _addition(rng: random.Random) -> tuple[str, str, str]:
@@ -105,10 +107,10 @@ def _reverse(rng: random.Random) -> tuple[str, str, str]:
 
 
 TASKS: dict[str, Task] = {
-    "addition": Task("addition", "Add the two numbers.", _addition,
-                     "sum of two 3-digit numbers, e.g. '479 + 386' -> '865'"),
-    "reverse": Task("reverse", "Reverse the digits.", _reverse,
-                    "reverse a 5-7 digit string, e.g. '40172' -> '27104'"),
+    "addition": Task(
+        "addition", "Add the two numbers.", _addition, "sum of two 3-digit numbers, e.g. '479 + 386' -> '865'"
+    ),
+    "reverse": Task("reverse", "Reverse the digits.", _reverse, "reverse a 5-7 digit string, e.g. '40172' -> '27104'"),
 }
 DEFAULT_TASK = "addition"
 

@@ -1,7 +1,7 @@
 """The GGUF architecture of a model (see `quickloris.export.archs`: one module per llama.cpp layout).
 
-    arch = architecture_of(model)        # from model.config: model_type, else architectures
-    arch.check(config); arch.hparams(config); arch.gguf_name(hf_name); arch.to_gguf_layout(name, w, config)
+arch = architecture_of(model)        # from model.config: model_type, else architectures
+arch.check(config); arch.hparams(config); arch.gguf_name(hf_name); arch.to_gguf_layout(name, w, config)
 """
 
 from __future__ import annotations
@@ -21,5 +21,16 @@ def architecture_of(model: Any) -> GGUFArch:
     return architecture_for(getattr(model, "config", model))
 
 
-__all__ = ["ARCHITECTURES", "MODEL_TYPES", "SUPPORTED_ARCHITECTURES", "GGUFArch", "architecture_for",
-           "architecture_of", "gguf_arch_for", "head_dim", "llama3_rope_factors", "num_kv_heads", "rope_parameters"]
+__all__ = [
+    "ARCHITECTURES",
+    "MODEL_TYPES",
+    "SUPPORTED_ARCHITECTURES",
+    "GGUFArch",
+    "architecture_for",
+    "architecture_of",
+    "gguf_arch_for",
+    "head_dim",
+    "llama3_rope_factors",
+    "num_kv_heads",
+    "rope_parameters",
+]

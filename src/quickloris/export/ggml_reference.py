@@ -20,8 +20,15 @@ class GGMLReference:
         self.path = path
         lib = ctypes.CDLL(path)
         lib.ggml_quantize_chunk.restype = ctypes.c_size_t
-        lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                            ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+        lib.ggml_quantize_chunk.argtypes = [
+            ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_int64,
+            ctypes.c_int64,
+            ctypes.c_int64,
+            ctypes.c_void_p,
+        ]
         lib.ggml_row_size.restype = ctypes.c_size_t
         lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
         self.lib = lib
@@ -29,7 +36,9 @@ class GGMLReference:
     def row_bytes(self, type_id: int, ncols: int) -> int:
         return int(self.lib.ggml_row_size(int(type_id), ncols))
 
-    def quantize_into(self, x: np.ndarray, type_id: int, out: np.ndarray, row0: int = 0, nrows: int | None = None) -> None:
+    def quantize_into(
+        self, x: np.ndarray, type_id: int, out: np.ndarray, row0: int = 0, nrows: int | None = None
+    ) -> None:
         """Quantize rows [row0, row0 + nrows) of contiguous float32 `x` [rows, cols] into `out` (same rows).
 
         ctypes releases the GIL during the call, so several Python threads can work on disjoint rows.

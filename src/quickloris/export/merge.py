@@ -92,9 +92,9 @@ def _dequantize_bnb_cpu_packed(packed: torch.Tensor, state: Any) -> torch.Tensor
     n, k_half = packed.shape
     k, tile = 2 * k_half, 32
     nibbles = packed.reshape(-1, 32)
-    codes = torch.cat([nibbles & 0xF, nibbles >> 4], dim=-1)               # [N/32 * K/2, 64]
+    codes = torch.cat([nibbles & 0xF, nibbles >> 4], dim=-1)  # [N/32 * K/2, 64]
     codes = codes.reshape(n // tile, k_half, tile, 2).transpose(1, 2).reshape(n, k)
-    absmax = state.absmax.to(torch.float32).T                              # [N, K / blocksize]
+    absmax = state.absmax.to(torch.float32).T  # [N, K / blocksize]
     values = state.code.to(torch.float32)[codes.long()] * absmax.repeat_interleave(state.blocksize, dim=1)
     return values.to(getattr(state, "original_dtype", torch.float32)).to(torch.float32).reshape(tuple(state.shape))
 
@@ -137,9 +137,9 @@ def base_parameters(model: Any) -> dict[str, torch.Tensor]:
                 wrapper = model.get_submodule(".".join(raw[: raw.index(wrapped)]))
                 use_copy = not wrapper.disable_adapters and bool(_active_adapters(wrapper))
                 if wrapped == "original_module" and not use_copy:
-                    saved[".".join(parts[:i] + parts[i + 1:])] = param
+                    saved[".".join(parts[:i] + parts[i + 1 :])] = param
                 elif wrapped == "modules_to_save" and use_copy and parts[i + 1] == _active_adapters(wrapper)[0]:
-                    saved[".".join(parts[:i] + parts[i + 2:])] = param
+                    saved[".".join(parts[:i] + parts[i + 2 :])] = param
                 break
         else:
             out[".".join(p for p in parts if p != "base_layer")] = param
@@ -224,7 +224,7 @@ def plan_from_folder(path: str | os.PathLike) -> AdapterPlan:
     for key, t in tensors.items():
         if not key.startswith(prefix):
             raise ValueError(f"unexpected key {key!r} in {weights_path}")
-        key = key[len(prefix):]
+        key = key[len(prefix) :]
         m = re.match(r"^(.*)\.(lora_A|lora_B)\.weight$|^(.*)\.(lora_embedding_A|lora_embedding_B)$", key)
         if m:
             module, kind = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
@@ -263,8 +263,12 @@ def resolve(model: Any, adapter: str | os.PathLike | None) -> tuple[Any, dict[st
     return model, base_parameters(model), plan
 
 
-def merged_weight(name: str, params: dict[str, torch.Tensor], plan: AdapterPlan,
-                  base_weight: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+def merged_weight(
+    name: str,
+    params: dict[str, torch.Tensor],
+    plan: AdapterPlan,
+    base_weight: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Parameter `name` with its replacement or LoRA deltas applied, as a new float32 CPU tensor.
 
     `base_weight(name, param)`: the float32 base weight to merge into (`quickloris.export.merge_base`); default

@@ -35,7 +35,8 @@ MERGE_BASES = ("nf4", "original")
 def is_4bit(param: Any) -> bool:
     """A weight stored in 4 bits: quickloris' NF4Tensor or a bitsandbytes Params4bit."""
     return getattr(param, "quant_state", None) is not None or (
-        type(param).__name__ == "NF4Tensor" and hasattr(param, "nf4_components"))
+        type(param).__name__ == "NF4Tensor" and hasattr(param, "nf4_components")
+    )
 
 
 def decoder_linear_weights(base: Any, params: dict[str, torch.Tensor]) -> frozenset[str]:
@@ -77,8 +78,12 @@ class MergeBase:
             from quickloris.quant.nf4 import dequantize_nf4_reference, quantize_nf4
 
             device = "cuda" if self.nf4.rounding == "bnb-cuda" and torch.cuda.is_available() else "cpu"
-            packed, state = quantize_nf4(w.to(device=device, dtype=dtype), blocksize=self.nf4.blocksize,
-                                         double_quant=self.nf4.double_quant, rounding=self.nf4.rounding)
+            packed, state = quantize_nf4(
+                w.to(device=device, dtype=dtype),
+                blocksize=self.nf4.blocksize,
+                double_quant=self.nf4.double_quant,
+                rounding=self.nf4.rounding,
+            )
             return dequantize_nf4_reference(packed, state, dtype=dtype).to(device="cpu", dtype=torch.float32)
         return w.to(dtype).float()
 
@@ -90,8 +95,15 @@ class MergeBase:
         return "the weights the model holds"
 
 
-def resolve_merge_base(kind: str | None, base: Any, params: dict[str, torch.Tensor], *, folder_adapter: bool,
-                       nf4: NF4Base | None, option: str = "merge_base") -> MergeBase:
+def resolve_merge_base(
+    kind: str | None,
+    base: Any,
+    params: dict[str, torch.Tensor],
+    *,
+    folder_adapter: bool,
+    nf4: NF4Base | None,
+    option: str = "merge_base",
+) -> MergeBase:
     """The `MergeBase` for choice `kind` (None: nf4 with an adapter folder, else the weights as held)."""
     if kind is None:
         kind = "nf4" if folder_adapter else "as-stored"
@@ -101,8 +113,10 @@ def resolve_merge_base(kind: str | None, base: Any, params: dict[str, torch.Tens
     if kind == "original":
         packed = sorted(n for n in linears if is_4bit(params[n]))
         if packed:
-            raise ValueError(f"{option} original: the base model's linear layers are stored in 4 bits (e.g. "
-                             f"{packed[0]}), there are no 16-bit weights to merge into; use {option} nf4")
+            raise ValueError(
+                f"{option} original: the base model's linear layers are stored in 4 bits (e.g. "
+                f"{packed[0]}), there are no 16-bit weights to merge into; use {option} nf4"
+            )
     if kind == "nf4" and not linears:
         raise ValueError(f"{option} nf4: found no decoder linear layers to quantize")
     return MergeBase(kind, (nf4 or NF4Base()) if kind == "nf4" else None, linears)

@@ -20,8 +20,13 @@ def _same_file(a: Path, b: Path) -> bool:
         return os.path.realpath(a) == os.path.realpath(b)
 
 
-def input_files(model: Path | None, *, model_is_file: bool, adapter: str | os.PathLike | None = None,
-                tokenizer: str | os.PathLike | None = None) -> list[tuple[Path, str]]:
+def input_files(
+    model: Path | None,
+    *,
+    model_is_file: bool,
+    adapter: str | os.PathLike | None = None,
+    tokenizer: str | os.PathLike | None = None,
+) -> list[tuple[Path, str]]:
     """(file, description) of every file an export from these sources reads: the model file, or the files of
     the model folder (.gguf files in it aside: earlier exports), the adapter's and the tokenizer folder's files."""
     out: list[tuple[Path, str]] = []
@@ -33,8 +38,7 @@ def input_files(model: Path | None, *, model_is_file: bool, adapter: str | os.Pa
     if adapter is not None:
         out += [(p, "a file of the --adapter folder") for p in _files(Path(adapter))]
     if tokenizer is not None:
-        out += [(p, "a file of the --tokenizer folder") for p in _files(Path(tokenizer))
-                if p.suffix.lower() != ".gguf"]
+        out += [(p, "a file of the --tokenizer folder") for p in _files(Path(tokenizer)) if p.suffix.lower() != ".gguf"]
     return out
 
 
@@ -45,8 +49,14 @@ def _files(folder: Path) -> list[Path]:
         return []
 
 
-def check_out(out: str | os.PathLike, *, overwrite: bool, inputs: Iterable[tuple[Path, str]] = (),
-              option: str = "--out", overwrite_option: str = "--overwrite") -> Path:
+def check_out(
+    out: str | os.PathLike,
+    *,
+    overwrite: bool,
+    inputs: Iterable[tuple[Path, str]] = (),
+    option: str = "--out",
+    overwrite_option: str = "--overwrite",
+) -> Path:
     """Raise (one line naming `option`) unless `out` may be written; returns it as a Path."""
     path = Path(out).expanduser()
     if path.is_dir():
@@ -59,8 +69,10 @@ def check_out(out: str | os.PathLike, *, overwrite: bool, inputs: Iterable[tuple
     if path.exists():
         for source, what in inputs:
             if _same_file(path, source):
-                raise ValueError(f"{option} {out} is {what} ({source}): an export never writes over its own input; "
-                                 f"choose another path ({overwrite_option} does not apply to inputs)")
+                raise ValueError(
+                    f"{option} {out} is {what} ({source}): an export never writes over its own input; "
+                    f"choose another path ({overwrite_option} does not apply to inputs)"
+                )
     if os.path.lexists(path) and not overwrite:
         raise FileExistsError(f"{option} {out} already exists; pass {overwrite_option} to replace it")
     return path

@@ -94,8 +94,15 @@ def _more_bits(layer: int, n_layers: int) -> bool:
     return layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
 
 
-def tensor_type(preset: str, name: str, shape: tuple[int, ...], *, n_layers: int, tied_output: bool,
-                more_bits_attn_v: bool | None = None) -> GGMLType:
+def tensor_type(
+    preset: str,
+    name: str,
+    shape: tuple[int, ...],
+    *,
+    n_layers: int,
+    tied_output: bool,
+    more_bits_attn_v: bool | None = None,
+) -> GGMLType:
     """ggml type of GGUF tensor `name` (PyTorch-order `shape`) under `preset`.
 
     `tied_output`: the model has no separate `output.weight`, so `token_embd.weight` doubles as the

@@ -20,8 +20,10 @@ from quickloris.export.writer import GGUFValueType as V
 # token types (llama_token_type)
 NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
 
-_LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_LLAMA3_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 _QWEN2_REGEX = _LLAMA3_REGEX.replace(r"\p{N}{1,3}", r"\p{N}")
 
 
@@ -40,8 +42,10 @@ def detect_pre_tokenizer(tokenizer_json: dict[str, Any]) -> str:
             return "llama-bpe"
         if regex == _QWEN2_REGEX:
             return "qwen2"
-    raise ValueError(f"unrecognised pre-tokenizer {json.dumps(pre)[:300]}; pass tokenizer_pre= (llama.cpp's "
-                     "tokenizer.ggml.pre name) if you know which one matches")
+    raise ValueError(
+        f"unrecognised pre-tokenizer {json.dumps(pre)[:300]}; pass tokenizer_pre= (llama.cpp's "
+        "tokenizer.ggml.pre name) if you know which one matches"
+    )
 
 
 def _merges(model: dict[str, Any]) -> list[str]:
@@ -74,7 +78,9 @@ def special_token_ids(tokenizer: Any, config: Any = None, generation_config: Any
             value = getattr(config, f"{kind}_token_id", None)
         if isinstance(value, int):
             ids[kind] = value
-    cfg_eos = _int_ids(getattr(generation_config, "eos_token_id", None)) or _int_ids(getattr(config, "eos_token_id", None))
+    cfg_eos = _int_ids(getattr(generation_config, "eos_token_id", None)) or _int_ids(
+        getattr(config, "eos_token_id", None)
+    )
     tok_eos = getattr(tokenizer, "eos_token_id", None)
     if cfg_eos and tok_eos not in cfg_eos:
         ids["eos"] = cfg_eos[0]
@@ -83,8 +89,9 @@ def special_token_ids(tokenizer: Any, config: Any = None, generation_config: Any
     return ids
 
 
-def tokenizer_metadata(tokenizer: Any, *, vocab_size: int, config: Any = None, generation_config: Any = None,
-                       pre: str | None = None) -> list[tuple[str, V, Any, V | None]]:
+def tokenizer_metadata(
+    tokenizer: Any, *, vocab_size: int, config: Any = None, generation_config: Any = None, pre: str | None = None
+) -> list[tuple[str, V, Any, V | None]]:
     """(key, type, value, array element type) entries describing `tokenizer` for llama.cpp.
 
     `vocab_size` is the model's embedding rows: the token list is padded with unused `[PAD<i>]`
@@ -98,8 +105,10 @@ def tokenizer_metadata(tokenizer: Any, *, vocab_size: int, config: Any = None, g
     decoder_types = json.dumps(tj.get("decoder"))
     byte_level = model.get("type") == "BPE" and "ByteLevel" in decoder_types
     if not byte_level:
-        raise ValueError(f"GGUF export supports byte-level BPE tokenizers; this one is {model.get('type')} "
-                         f"with decoder {decoder_types[:120]}")
+        raise ValueError(
+            f"GGUF export supports byte-level BPE tokenizers; this one is {model.get('type')} "
+            f"with decoder {decoder_types[:120]}"
+        )
     pre = pre or detect_pre_tokenizer(tj)
 
     vocab: dict[str, int] = dict(model["vocab"])
@@ -133,12 +142,18 @@ def tokenizer_metadata(tokenizer: Any, *, vocab_size: int, config: Any = None, g
         ("tokenizer.ggml.token_type", V.ARRAY, types, V.INT32),
         ("tokenizer.ggml.merges", V.ARRAY, _merges(model), V.STRING),
     ]
-    for kind, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("unk", "unknown_token_id"),
-                      ("pad", "padding_token_id")):
+    for kind, key in (
+        ("bos", "bos_token_id"),
+        ("eos", "eos_token_id"),
+        ("unk", "unknown_token_id"),
+        ("pad", "padding_token_id"),
+    ):
         if kind in ids:
             kv.append((f"tokenizer.ggml.{key}", V.UINT32, ids[kind], None))
-    kv += [("tokenizer.ggml.add_bos_token", V.BOOL, add_bos, None),
-           ("tokenizer.ggml.add_eos_token", V.BOOL, add_eos, None)]
+    kv += [
+        ("tokenizer.ggml.add_bos_token", V.BOOL, add_bos, None),
+        ("tokenizer.ggml.add_eos_token", V.BOOL, add_eos, None),
+    ]
     template = getattr(tokenizer, "chat_template", None)
     if isinstance(template, dict):  # named templates: "default" is the main one
         for tname, text in template.items():

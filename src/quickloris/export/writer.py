@@ -44,10 +44,17 @@ class GGUFValueType(enum.IntEnum):
 
 
 _NUMPY_DTYPES = {
-    GGUFValueType.UINT8: "<u1", GGUFValueType.INT8: "<i1", GGUFValueType.UINT16: "<u2",
-    GGUFValueType.INT16: "<i2", GGUFValueType.UINT32: "<u4", GGUFValueType.INT32: "<i4",
-    GGUFValueType.FLOAT32: "<f4", GGUFValueType.UINT64: "<u8", GGUFValueType.INT64: "<i8",
-    GGUFValueType.FLOAT64: "<f8", GGUFValueType.BOOL: "<u1",
+    GGUFValueType.UINT8: "<u1",
+    GGUFValueType.INT8: "<i1",
+    GGUFValueType.UINT16: "<u2",
+    GGUFValueType.INT16: "<i2",
+    GGUFValueType.UINT32: "<u4",
+    GGUFValueType.INT32: "<i4",
+    GGUFValueType.FLOAT32: "<f4",
+    GGUFValueType.UINT64: "<u8",
+    GGUFValueType.INT64: "<i8",
+    GGUFValueType.FLOAT64: "<f8",
+    GGUFValueType.BOOL: "<u1",
 }
 
 
@@ -83,8 +90,9 @@ class GGUFWriter:
     FileExistsError raised; the finished data is then deleted.
     """
 
-    def __init__(self, path: str | os.PathLike, *, alignment: int = 32, threads: int = 0,
-                 overwrite: bool = True) -> None:
+    def __init__(
+        self, path: str | os.PathLike, *, alignment: int = 32, threads: int = 0, overwrite: bool = True
+    ) -> None:
         if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
             raise ValueError(f"alignment must be a power of two, got {alignment!r}")
         self.path = os.fspath(path)
@@ -103,7 +111,9 @@ class GGUFWriter:
         self.keys: list[str] = []
 
     # -- metadata -----------------------------------------------------------------------------
-    def add(self, key: str, vtype: GGUFValueType | int, value: Any, elem_type: GGUFValueType | int | None = None) -> None:
+    def add(
+        self, key: str, vtype: GGUFValueType | int, value: Any, elem_type: GGUFValueType | int | None = None
+    ) -> None:
         """Add metadata `key` with an explicit GGUF type (arrays: `elem_type` and a sequence)."""
         vtype = GGUFValueType(vtype)
         elem = GGUFValueType(elem_type) if elem_type is not None else None
@@ -168,12 +178,14 @@ class GGUFWriter:
             try:
                 os.link(self._target, self.path)
             except FileExistsError:
-                raise FileExistsError(f"{self.path} appeared while it was being written; it was left as it is "
-                                      "and nothing was written") from None
+                raise FileExistsError(
+                    f"{self.path} appeared while it was being written; it was left as it is and nothing was written"
+                ) from None
             except OSError:  # a file system without hard links: check, then rename (a narrow race remains)
                 if os.path.lexists(self.path):
-                    raise FileExistsError(f"{self.path} appeared while it was being written; it was left as it "
-                                          "is and nothing was written") from None
+                    raise FileExistsError(
+                        f"{self.path} appeared while it was being written; it was left as it is and nothing was written"
+                    ) from None
                 os.rename(self._target, self.path)
         finally:
             with contextlib.suppress(FileNotFoundError):

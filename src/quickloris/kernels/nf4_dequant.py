@@ -33,13 +33,14 @@ def _resolve(weight: Any, quant_state: Any) -> tuple[torch.Tensor, Any]:
             return components()
         quant_state = getattr(weight, "quant_state", None)  # bitsandbytes Params4bit
         if quant_state is None:
-            raise TypeError(f"cannot find an NF4 quantization state on {type(weight).__name__}: pass a "
-                            "bitsandbytes Params4bit/Linear4bit, a quickloris NF4 weight, or (packed, quant_state)")
+            raise TypeError(
+                f"cannot find an NF4 quantization state on {type(weight).__name__}: pass a "
+                "bitsandbytes Params4bit/Linear4bit, a quickloris NF4 weight, or (packed, quant_state)"
+            )
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"packed NF4 data must be a tensor, got {type(weight).__name__}")
     data = weight.data if isinstance(weight, torch.nn.Parameter) else weight
     return as_packed_uint8(data), quant_state
-
 
 
 def _check(packed, absmax, absmax2, code2, offset, code, shape, blocksize, out_dtype, out) -> int:
@@ -47,8 +48,9 @@ def _check(packed, absmax, absmax2, code2, offset, code, shape, blocksize, out_d
     for s in shape:
         n *= s
     if packed.numel() != (n + 1) // 2:
-        raise ValueError(f"packed data has {packed.numel()} bytes but the quant state's shape {tuple(shape)} "
-                         f"needs {(n + 1) // 2}")
+        raise ValueError(
+            f"packed data has {packed.numel()} bytes but the quant state's shape {tuple(shape)} needs {(n + 1) // 2}"
+        )
     if not packed.is_contiguous():
         raise ValueError("packed NF4 data must be contiguous")
     if out_dtype not in FLOAT_DTYPES:
@@ -65,41 +67,78 @@ def _check(packed, absmax, absmax2, code2, offset, code, shape, blocksize, out_d
         raise TypeError(f"absmax must be float32 when not nested, got {absmax.dtype}")
     if out is not None:
         if out.device != dev or out.dtype != out_dtype or tuple(out.shape) != tuple(shape) or not out.is_contiguous():
-            raise ValueError(f"out must be a contiguous {out_dtype} tensor of shape {tuple(shape)} on {dev}; got "
-                             f"{out.dtype} {tuple(out.shape)} on {out.device} (contiguous={out.is_contiguous()})")
+            raise ValueError(
+                f"out must be a contiguous {out_dtype} tensor of shape {tuple(shape)} on {dev}; got "
+                f"{out.dtype} {tuple(out.shape)} on {out.device} (contiguous={out.is_contiguous()})"
+            )
     return n
 
 
-
-def _dequant_into(packed, absmax, absmax2, code2, offset, code, shape, blocksize, out, kernel=None,
-                  inline_ptx=None) -> torch.Tensor:
+def _dequant_into(
+    packed, absmax, absmax2, code2, offset, code, shape, blocksize, out, kernel=None, inline_ptx=None
+) -> torch.Tensor:
     n = out.numel()
     if packed.device.type == "cuda" or (interpreting() and packed.device.type == "cpu"):
         if triton is None:
             raise RuntimeError("the NF4 GPU kernel needs triton; install it (pip install triton)")
-        launch(kernel or nf4_dequant_kernel, packed, absmax, absmax2, code2, offset, code, out, n, blocksize,
-                use_asm(packed.device, inline_ptx))
+        launch(
+            kernel or nf4_dequant_kernel,
+            packed,
+            absmax,
+            absmax2,
+            code2,
+            offset,
+            code,
+            out,
+            n,
+            blocksize,
+            use_asm(packed.device, inline_ptx),
+        )
     else:  # CPU without the Triton interpreter (or another device): the pure-PyTorch reference
-        state = NF4State(shape=torch.Size(shape), dtype=out.dtype, blocksize=blocksize, absmax=absmax, code=code,
-                         offset=offset, absmax2=absmax2, code2=code2)
+        state = NF4State(
+            shape=torch.Size(shape),
+            dtype=out.dtype,
+            blocksize=blocksize,
+            absmax=absmax,
+            code=code,
+            offset=offset,
+            absmax2=absmax2,
+            code2=code2,
+        )
         out.copy_(dequantize_nf4_reference(packed, state, out.dtype))
     return out
 
 
-def _op_body(packed: torch.Tensor, absmax: torch.Tensor, absmax2: torch.Tensor | None, code2: torch.Tensor | None,
-             offset: torch.Tensor | None, code: torch.Tensor, shape: list[int], blocksize: int,
-             dtype: torch.dtype, inline_ptx: bool | None = None) -> torch.Tensor:
+def _op_body(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    absmax2: torch.Tensor | None,
+    code2: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    code: torch.Tensor,
+    shape: list[int],
+    blocksize: int,
+    dtype: torch.dtype,
+    inline_ptx: bool | None = None,
+) -> torch.Tensor:
     out = torch.empty(shape, dtype=dtype, device=packed.device)
     kernel = None if interpreting() else torch.library.wrap_triton(nf4_dequant_kernel)
     return _dequant_into(packed, absmax, absmax2, code2, offset, code, shape, blocksize, out, kernel, inline_ptx)
 
 
-def _op_out_body(packed: torch.Tensor, absmax: torch.Tensor, absmax2: torch.Tensor | None,
-                 code2: torch.Tensor | None, offset: torch.Tensor | None, code: torch.Tensor, blocksize: int,
-                 out: torch.Tensor, inline_ptx: bool | None = None) -> None:
+def _op_out_body(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    absmax2: torch.Tensor | None,
+    code2: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    code: torch.Tensor,
+    blocksize: int,
+    out: torch.Tensor,
+    inline_ptx: bool | None = None,
+) -> None:
     kernel = None if interpreting() else torch.library.wrap_triton(nf4_dequant_kernel)
-    _dequant_into(packed, absmax, absmax2, code2, offset, code, list(out.shape), blocksize, out, kernel,
-                  inline_ptx)
+    _dequant_into(packed, absmax, absmax2, code2, offset, code, list(out.shape), blocksize, out, kernel, inline_ptx)
 
 
 def _register_ops() -> bool:
@@ -128,8 +167,14 @@ def _register_ops() -> bool:
 _HAS_OP = _register_ops()
 
 
-def dequantize_nf4(weight: Any, quant_state: Any = None, *, out: torch.Tensor | None = None,
-                   dtype: torch.dtype | None = None, inline_ptx: bool | None = None) -> torch.Tensor:
+def dequantize_nf4(
+    weight: Any,
+    quant_state: Any = None,
+    *,
+    out: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
+    inline_ptx: bool | None = None,
+) -> torch.Tensor:
     """Dequantize an NF4 weight (bitsandbytes layout, nested or not) to a dense fp16/bf16/fp32 tensor.
 
     Args:
@@ -159,16 +204,29 @@ def dequantize_nf4(weight: Any, quant_state: Any = None, *, out: torch.Tensor | 
         use_asm(packed.device, inline_ptx)  # says here, before any dispatch, where inline PTX cannot run
     if _HAS_OP and compiling:
         if out is None:
-            return torch.ops.quickloris.dequantize_nf4(packed, absmax, absmax2, code2, offset, code, list(shape),
-                                                       blocksize, out_dtype, inline_ptx)
-        torch.ops.quickloris.dequantize_nf4_out(packed, absmax, absmax2, code2, offset, code, blocksize, out,
-                                                inline_ptx)
+            return torch.ops.quickloris.dequantize_nf4(
+                packed, absmax, absmax2, code2, offset, code, list(shape), blocksize, out_dtype, inline_ptx
+            )
+        torch.ops.quickloris.dequantize_nf4_out(
+            packed, absmax, absmax2, code2, offset, code, blocksize, out, inline_ptx
+        )
         return out
     if out is None:
         out = torch.empty(shape, dtype=out_dtype, device=packed.device)
     if packed.is_cuda and out_dtype == state_dtype and triton is not None:
-        launched = launch(nf4_dequant_kernel, packed, absmax, absmax2, code2, offset, code, out, out.numel(),
-                           blocksize, use_asm(packed.device, inline_ptx))
+        launched = launch(
+            nf4_dequant_kernel,
+            packed,
+            absmax,
+            absmax2,
+            code2,
+            offset,
+            code,
+            out,
+            out.numel(),
+            blocksize,
+            use_asm(packed.device, inline_ptx),
+        )
         make_plan(weight, packed, state, out, launched)
         return out
     return _dequant_into(packed, absmax, absmax2, code2, offset, code, shape, blocksize, out, inline_ptx=inline_ptx)

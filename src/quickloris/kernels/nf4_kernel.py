@@ -98,8 +98,9 @@ if triton is not None:
         else:
             packed = tl.load(packed_ptr + b_idx, mask=b_idx < (n + 1) // 2, other=0, eviction_policy="evict_first")
         if UNPACK_ASM:
-            hi, lo = tl.inline_asm_elementwise(_UNPACK_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [packed],
-                                               dtype=(tl.int32, tl.int32), is_pure=True, pack=4)
+            hi, lo = tl.inline_asm_elementwise(
+                _UNPACK_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [packed], dtype=(tl.int32, tl.int32), is_pure=True, pack=4
+            )
             hi = hi.to(tl.float32, bitcast=True)
             lo = lo.to(tl.float32, bitcast=True)
         else:
@@ -115,8 +116,12 @@ if triton is not None:
             if EVEN:
                 tl.store(words_ptr + b_idx, word.to(tl.int32, bitcast=True), cache_modifier=".cs" if STREAM else "")
             else:
-                tl.store(words_ptr + b_idx, word.to(tl.int32, bitcast=True), mask=b_idx < n // 2,
-                         cache_modifier=".cs" if STREAM else "")
+                tl.store(
+                    words_ptr + b_idx,
+                    word.to(tl.int32, bitcast=True),
+                    mask=b_idx < n // 2,
+                    cache_modifier=".cs" if STREAM else "",
+                )
         else:
             values = tl.join(hi, lo).reshape(BLOCKS, BLOCKSIZE)
             o_idx = 2 * base + tl.arange(0, BLOCKS)[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]

@@ -26,8 +26,16 @@ from quickloris.quant.nf4 import NF4State, state_from_bnb
 def state_fields(state: Any) -> tuple:
     """(absmax, absmax2, code2, offset, code, shape, dtype, blocksize) of an NF4State or bitsandbytes QuantState."""
     if isinstance(state, NF4State):
-        return (state.absmax, state.absmax2, state.code2, state.offset, state.code, state.shape, state.dtype,
-                state.blocksize)
+        return (
+            state.absmax,
+            state.absmax2,
+            state.code2,
+            state.offset,
+            state.code,
+            state.shape,
+            state.dtype,
+            state.blocksize,
+        )
     if getattr(state, "quant_type", None) is not None:  # bitsandbytes QuantState, read without copies
         if state.quant_type != "nf4":
             raise ValueError(f"only NF4 weights are supported, got quant_type={state.quant_type!r}")
@@ -40,10 +48,12 @@ def state_fields(state: Any) -> tuple:
                 raise ValueError(f"nested blocksize must be 256, got {s2.blocksize}")
             return state.absmax, s2.absmax, s2.code, state.offset, state.code, state.shape, state.dtype, state.blocksize
         return state.absmax, None, None, None, state.code, state.shape, state.dtype, state.blocksize
-    raise TypeError(f"quant_state must be a quickloris NF4State or a bitsandbytes QuantState, got {type(state).__name__}")
+    raise TypeError(
+        f"quant_state must be a quickloris NF4State or a bitsandbytes QuantState, got {type(state).__name__}"
+    )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def default_config(n: int, blocksize: int) -> tuple[int, int, bool]:
     """(absmax blocks per program, warps, streaming stores): 4096 values per program, 4 warps, plain stores, the
     best of two sweeps of `quickloris bench dequant` on an H100 (14336x4096 bf16, weights rotated so no launch
@@ -59,19 +69,25 @@ _COMPILED: dict[tuple, Any] = {}
 
 
 def _spec_key(tensors, ints, constexprs, warps, device_index) -> tuple:
-    return (device_index, warps, *constexprs,
-            *((t.dtype, t.data_ptr() % 16 == 0) for t in tensors),
-            *((i == 1, i % 16 == 0, i >= 2**31) for i in ints))
+    return (
+        device_index,
+        warps,
+        *constexprs,
+        *((t.dtype, t.data_ptr() % 16 == 0) for t in tensors),
+        *((i == 1, i % 16 == 0, i >= 2**31) for i in ints),
+    )
 
 
 # What `JITFunction.run` does to launch a compiled kernel (whitespace removed): the direct launch does the same.
-_JIT_LAUNCH = ("launch_metadata=kernel.launch_metadata(grid,stream,*bound_args.values())",
-               "kernel.run(grid_0,grid_1,grid_2,stream,kernel.function,kernel.packed_metadata,launch_metadata,"
-               "knobs.runtime.launch_enter_hook,knobs.runtime.launch_exit_hook,*bound_args.values())")
+_JIT_LAUNCH = (
+    "launch_metadata=kernel.launch_metadata(grid,stream,*bound_args.values())",
+    "kernel.run(grid_0,grid_1,grid_2,stream,kernel.function,kernel.packed_metadata,launch_metadata,"
+    "knobs.runtime.launch_enter_hook,knobs.runtime.launch_exit_hook,*bound_args.values())",
+)
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def direct_launch_problem() -> str | None:
     """Why eager calls cannot launch compiled kernels directly (None: they can), checked once per process."""
     if triton is None or interpreting():
@@ -107,15 +123,22 @@ def _launchable(compiled: Any) -> bool:
     """`compiled` has what the direct launch calls: a loaded `function`, `packed_metadata`, `launch_metadata` and a
     launcher `run(gridX, gridY, gridZ, stream, function, *args)`."""
     run = getattr(compiled, "run", None)
-    if getattr(compiled, "function", None) is None or not hasattr(compiled, "packed_metadata") \
-            or not callable(getattr(compiled, "launch_metadata", None)) or not callable(run):
+    if (
+        getattr(compiled, "function", None) is None
+        or not hasattr(compiled, "packed_metadata")
+        or not callable(getattr(compiled, "launch_metadata", None))
+        or not callable(run)
+    ):
         return False
     try:
         params = list(inspect.signature(run).parameters.values())
     except (TypeError, ValueError):
         return False
-    return [p.kind in _POSITIONAL for p in params[:5]] == [True] * 5 and len(params) == 6 \
+    return (
+        [p.kind in _POSITIONAL for p in params[:5]] == [True] * 5
+        and len(params) == 6
         and params[5].kind == inspect.Parameter.VAR_POSITIONAL
+    )
 
 
 def byte_aligned(t: torch.Tensor, k: int) -> bool:
@@ -142,15 +165,35 @@ def launch(kernel, packed, absmax, absmax2, code2, offset, code, out, n, blocksi
     interp = interpreting()
     # 16-bit outputs go out as one 32-bit word per packed byte when n is even and the output 4-byte aligned.
     pairs = out.dtype != torch.float32 and n % 2 == 0 and byte_aligned(out, 4)
-    tensors = (packed, absmax, absmax2 if nested else absmax, code2 if nested else code, offset if nested else code,
-               code, out)
-    constexprs = (blocksize, blocks, nested, use_asm, out.is_cuda and not interp,
-                  interp and out.dtype == torch.bfloat16, _TL_DTYPES[out.dtype], pairs,
-                  n % (blocks * blocksize) == 0, stream and out.is_cuda)
+    tensors = (
+        packed,
+        absmax,
+        absmax2 if nested else absmax,
+        code2 if nested else code,
+        offset if nested else code,
+        code,
+        out,
+    )
+    constexprs = (
+        blocksize,
+        blocks,
+        nested,
+        use_asm,
+        out.is_cuda and not interp,
+        interp and out.dtype == torch.bfloat16,
+        _TL_DTYPES[out.dtype],
+        pairs,
+        n % (blocks * blocksize) == 0,
+        stream and out.is_cuda,
+    )
     grid = (triton.cdiv(nblocks, blocks),)
     # Direct launches only from eager code on the current device (Triton launches in the current context).
-    direct = kernel is nf4_dequant_kernel and out.is_cuda and out.device.index == torch.cuda.current_device() \
+    direct = (
+        kernel is nf4_dequant_kernel
+        and out.is_cuda
+        and out.device.index == torch.cuda.current_device()
         and direct_launch_problem() is None
+    )
     if direct:
         key = _spec_key(tensors, (n, nblocks), constexprs, warps, out.device.index)
         compiled = _COMPILED.get(key)
@@ -158,8 +201,21 @@ def launch(kernel, packed, absmax, absmax2, code2, offset, code, out, n, blocksi
             stream = torch._C._cuda_getCurrentRawStream(out.device.index)
             enter, leave = triton.knobs.runtime.launch_enter_hook, triton.knobs.runtime.launch_exit_hook
             meta = compiled.launch_metadata(grid, stream, *tensors, n, nblocks, *constexprs) if enter else None
-            compiled.run(grid[0], 1, 1, stream, compiled.function, compiled.packed_metadata, meta, enter, leave,
-                         *tensors, n, nblocks, *constexprs)
+            compiled.run(
+                grid[0],
+                1,
+                1,
+                stream,
+                compiled.function,
+                compiled.packed_metadata,
+                meta,
+                enter,
+                leave,
+                *tensors,
+                n,
+                nblocks,
+                *constexprs,
+            )
             return compiled, grid, (*tensors, n, nblocks, *constexprs)
     compiled = kernel[grid](*tensors, n, nblocks, **dict(zip(_CONSTEXPR_NAMES, constexprs)), num_warps=warps)
     if not (direct and _launchable(compiled)):
@@ -168,8 +224,18 @@ def launch(kernel, packed, absmax, absmax2, code2, offset, code, out, n, blocksi
     return compiled, grid, (*tensors, n, nblocks, *constexprs)
 
 
-_CONSTEXPR_NAMES = ("BLOCKSIZE", "BLOCKS", "NESTED", "UNPACK_ASM", "MUL_ASM", "SOFT_BF16", "OUT_DTYPE", "PAIRS", "EVEN",
-                    "STREAM")
+_CONSTEXPR_NAMES = (
+    "BLOCKSIZE",
+    "BLOCKS",
+    "NESTED",
+    "UNPACK_ASM",
+    "MUL_ASM",
+    "SOFT_BF16",
+    "OUT_DTYPE",
+    "PAIRS",
+    "EVEN",
+    "STREAM",
+)
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32} if triton else {}
 
 
@@ -180,9 +246,11 @@ def use_asm(device: torch.device, inline_ptx: bool | None = None) -> bool:
     if inline_ptx is None:
         return possible
     if inline_ptx and not possible:
-        raise ValueError(f"inline_ptx=True needs a CUDA tensor and compiled Triton (not TRITON_INTERPRET=1); the "
-                         f"weight is on {device}{' under the interpreter' if interpreting() else ''}: pass "
-                         "inline_ptx=None or False")
+        raise ValueError(
+            f"inline_ptx=True needs a CUDA tensor and compiled Triton (not TRITON_INTERPRET=1); the "
+            f"weight is on {device}{' under the interpreter' if interpreting() else ''}: pass "
+            "inline_ptx=None or False"
+        )
     return bool(inline_ptx)
 
 
@@ -196,8 +264,21 @@ class _Plan:
     the checked path.
     """
 
-    __slots__ = ("source", "packed", "packed_ptr", "tensors", "shape", "dtype", "device", "device_index",
-                 "compiled", "grid", "head", "tail", "asm")
+    __slots__ = (
+        "source",
+        "packed",
+        "packed_ptr",
+        "tensors",
+        "shape",
+        "dtype",
+        "device",
+        "device_index",
+        "compiled",
+        "grid",
+        "head",
+        "tail",
+        "asm",
+    )
 
     def __init__(self, source, packed, tensors, shape, dtype, device, compiled, grid, args):
         self.source = weakref.ref(source)
@@ -214,8 +295,18 @@ class _Plan:
         c = self.compiled
         args = (*self.head, out, *self.tail)
         if _listening(enter) or _listening(leave):  # a profiler is listening: behave exactly like Triton's launcher
-            c.run(self.grid[0], 1, 1, stream, c.function, c.packed_metadata,
-                  c.launch_metadata(self.grid, stream, *args), enter, leave, *args)
+            c.run(
+                self.grid[0],
+                1,
+                1,
+                stream,
+                c.function,
+                c.packed_metadata,
+                c.launch_metadata(self.grid, stream, *args),
+                enter,
+                leave,
+                *args,
+            )
         else:
             c.run(self.grid[0], 1, 1, stream, c.function, c.packed_metadata, None, None, None, *args)
         return out
@@ -243,26 +334,44 @@ def _forget(key: int, ref: weakref.ref) -> None:
         del _PLANS[key]
 
 
-def planned(weight: Any, quant_state: Any, out: torch.Tensor | None, dtype: torch.dtype | None,
-            inline_ptx: bool | None = None):
+def planned(
+    weight: Any, quant_state: Any, out: torch.Tensor | None, dtype: torch.dtype | None, inline_ptx: bool | None = None
+):
     """The output of a direct launch if `weight` has a valid plan, else None (then the checked path runs)."""
     source = getattr(weight, "weight", None) if isinstance(weight, torch.nn.Module) else weight
     state = quant_state if quant_state is not None else getattr(source, "quant_state", None)
     plan = plan_for(state) if state is not None else None
     # Plans exist only where inline PTX is possible, so there the default (None) means inline PTX.
-    if plan is None or plan.source() is not source or not isinstance(source, torch.Tensor) \
-            or (inline_ptx is None or bool(inline_ptx)) != plan.asm:
+    if (
+        plan is None
+        or plan.source() is not source
+        or not isinstance(source, torch.Tensor)
+        or (inline_ptx is None or bool(inline_ptx)) != plan.asm
+    ):
         return None
     absmax, absmax2, code2, offset, code, shape, _, _ = state_fields(state)
     t = plan.tensors
-    if not (absmax is t[0] and absmax2 is t[1] and code2 is t[2] and offset is t[3] and code is t[4]
-            and shape == plan.shape and (dtype is None or dtype == plan.dtype)
-            and source.data_ptr() == plan.packed_ptr and torch.cuda.current_device() == plan.device_index):
+    if not (
+        absmax is t[0]
+        and absmax2 is t[1]
+        and code2 is t[2]
+        and offset is t[3]
+        and code is t[4]
+        and shape == plan.shape
+        and (dtype is None or dtype == plan.dtype)
+        and source.data_ptr() == plan.packed_ptr
+        and torch.cuda.current_device() == plan.device_index
+    ):
         return None
     if out is None:
         out = torch.empty(plan.shape, dtype=plan.dtype, device=plan.device)
-    elif not (out.dtype == plan.dtype and out.shape == plan.shape and out.is_contiguous()
-              and out.data_ptr() % 16 == 0 and out.get_device() == plan.device_index):
+    elif not (
+        out.dtype == plan.dtype
+        and out.shape == plan.shape
+        and out.is_contiguous()
+        and out.data_ptr() % 16 == 0
+        and out.get_device() == plan.device_index
+    ):
         return None
     return plan.launch(out)
 
@@ -276,8 +385,9 @@ def make_plan(weight, packed, state, out, launched) -> None:
     key = id(state)
     try:
         ref = weakref.ref(state, functools.partial(_forget, key))
-        plan = _Plan(source, packed, (absmax, absmax2, code2, offset, code), shape, out.dtype, out.device,
-                     compiled, grid, args)
+        plan = _Plan(
+            source, packed, (absmax, absmax2, code2, offset, code), shape, out.dtype, out.device, compiled, grid, args
+        )
     except TypeError:  # not weak-referenceable: no plan
         return
     _PLANS[key] = (ref, plan)

@@ -8,10 +8,11 @@ once (the 4 high nibbles, then the 4 low nibbles) and each byte position k:
     hi_k = prmt(T[k][2], T[k][3], sel)     # byte k of entry 8 + (i & 7)
     r_k  = lop3(lo_k, hi_k, mask, 0xD8)    # pick hi_k where bit 3 of i is set: (lo & ~m) | (hi & m)
 
-where `sel` packs the four 3-bit indices into prmt's four selector nibbles and `mask` is 0xFF in each byte whose
-index has bit 3 set. The asm is elementwise over bytes (``pack=4``), so Triton's grouping of bytes into a
-register never matters: byte k of the input register maps to output register k (high) and 4 + k (low). A 4x4 byte transpose (8 prmt) then turns (r_0..r_3) into the 4 float32 bit patterns.
-About 7 integer instructions per value, no memory access: the table never leaves registers.
+where `sel` packs the four 3-bit indices into prmt's four selector nibbles and `mask` is 0xFF in each byte whose index
+has bit 3 set. The asm is elementwise over bytes (``pack=4``), so Triton's grouping of bytes into a register never
+matters: byte k of the input register maps to output register k (high) and 4 + k (low). A 4x4 byte transpose (8 prmt)
+then turns (r_0..r_3) into the 4 float32 bit patterns. About 7 integer instructions per value, no memory access: the
+table never leaves registers.
 
 Needs only prmt/lop3 (sm_50+), so it runs on the T4 (sm_75) as well as Hopper.
 """
@@ -26,8 +27,9 @@ from quickloris.quant.nf4 import NF4_LEVELS
 def _table_words() -> list[list[int]]:
     """T[k][q]: byte k of NF4 entries 4q..4q+3, entry 4q+b in byte b (little-endian)."""
     bits = [struct.unpack("<I", struct.pack("<f", v))[0] for v in NF4_LEVELS]
-    return [[sum(((bits[4 * q + b] >> (8 * k)) & 0xFF) << (8 * b) for b in range(4)) for q in range(4)]
-            for k in range(4)]
+    return [
+        [sum(((bits[4 * q + b] >> (8 * k)) & 0xFF) << (8 * b) for b in range(4)) for q in range(4)] for k in range(4)
+    ]
 
 
 def _lookup4(idx: str, prefix: str) -> list[str]:
@@ -71,8 +73,9 @@ def unpack_bytes_ptx() -> str:
     """
     regs = ["x", "ia", "ib"] + [f"tb{k}{q}" for k in range(4) for q in range(4)]
     for p in ("a", "b"):
-        regs += [f"{p}{r}" for r in ("t", "s", "m", "lo", "hi", "r0", "r1", "r2", "r3", "u0", "u1",
-                                      "e0", "e1", "e2", "e3")]
+        regs += [
+            f"{p}{r}" for r in ("t", "s", "m", "lo", "hi", "r0", "r1", "r2", "r3", "u0", "u1", "e0", "e1", "e2", "e3")
+        ]
     lines = ["{", f".reg .b32 {', '.join(regs)};", "mov.b32 x, $8;"]
     for k, row in enumerate(_table_words()):
         lines += [f"mov.b32 tb{k}{q}, {word:#010x};" for q, word in enumerate(row)]

@@ -52,10 +52,13 @@ class NF4Base:
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.dtype]
 
     def describe(self) -> str:
-        what = (f"blocksize {self.blocksize}{', double quant' if self.double_quant else ''}, "
-                f"{_ROUNDING_NAMES[self.rounding]} rounding, {self.dtype}")
-        return f"{what}; " + (f"settings from {self.origin}" if self.origin else
-                              "no run config next to the adapter: defaults")
+        what = (
+            f"blocksize {self.blocksize}{', double quant' if self.double_quant else ''}, "
+            f"{_ROUNDING_NAMES[self.rounding]} rounding, {self.dtype}"
+        )
+        return f"{what}; " + (
+            f"settings from {self.origin}" if self.origin else "no run config next to the adapter: defaults"
+        )
 
 
 def run_config(adapter: str | os.PathLike) -> tuple[Path, dict[str, Any]] | None:
@@ -85,8 +88,13 @@ def nf4_base(adapter: str | os.PathLike | None) -> NF4Base:
     dtype = str(resolved.get("dtype", "float32")).replace("torch.", "")
     device = str(resolved.get("device", "cpu"))
     try:
-        base = NF4Base(blocksize=int(q.get("blocksize", 64)), double_quant=bool(q.get("double_quant", True)),
-                       dtype=dtype, rounding="bnb-cuda" if device.startswith("cuda") else "bnb-cpu", origin=str(path))
+        base = NF4Base(
+            blocksize=int(q.get("blocksize", 64)),
+            double_quant=bool(q.get("double_quant", True)),
+            dtype=dtype,
+            rounding="bnb-cuda" if device.startswith("cuda") else "bnb-cpu",
+            origin=str(path),
+        )
         base.torch_dtype  # noqa: B018 - validates the dtype name
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{path}: unreadable NF4 settings of the run ({e})") from None
@@ -120,8 +128,14 @@ def _adapter_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
         return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
 
 
-def check_adapter_fits(adapter: str | os.PathLike, shapes: dict[str, tuple[int, ...]], *, model: str,
-                       option: str = "--adapter", model_option: str = "--model") -> None:
+def check_adapter_fits(
+    adapter: str | os.PathLike,
+    shapes: dict[str, tuple[int, ...]],
+    *,
+    model: str,
+    option: str = "--adapter",
+    model_option: str = "--model",
+) -> None:
     """Raise ValueError (one line naming `option` and `model_option`) unless every tensor of the adapter folder fits
     the model whose parameter shapes are `shapes`."""
     folder = Path(adapter)
@@ -130,7 +144,7 @@ def check_adapter_fits(adapter: str | os.PathLike, shapes: dict[str, tuple[int, 
     for key, shape in sorted(_adapter_shapes(folder).items()):
         if not key.startswith(_PREFIX):
             raise ValueError(f"{head}: unexpected tensor {key!r} (PEFT adapters name them {_PREFIX}...)")
-        name = key[len(_PREFIX):].replace(".base_layer.", ".")
+        name = key[len(_PREFIX) :].replace(".base_layer.", ".")
         for kind in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"):
             tail = f".{kind}.weight" if kind in ("lora_A", "lora_B") else f".{kind}"
             if name.endswith(tail):
@@ -140,8 +154,10 @@ def check_adapter_fits(adapter: str | os.PathLike, shapes: dict[str, tuple[int, 
             if name not in shapes:
                 module = name.split(".", 1)[0]
                 if module in CLASSIFIER_HEADS:
-                    raise ValueError(f"{option} {folder} holds a classification head ({module}): load it into a "
-                                     "sequence classifier (--task-type classification)")
+                    raise ValueError(
+                        f"{option} {folder} holds a classification head ({module}): load it into a "
+                        "sequence classifier (--task-type classification)"
+                    )
                 raise ValueError(f"{head}: the adapter replaces {name}, which the model does not have")
             if tuple(shapes[name]) != shape:
                 raise ValueError(f"{head}: the adapter's {name} is {list(shape)}, the model's {list(shapes[name])}")

@@ -61,8 +61,13 @@ def set_modules_to_save(model: nn.Module, names: list[str], step: str) -> None:
         if name not in CLASSIFIER_HEADS or not isinstance(getattr(surgery.unwrap(model), name, None), nn.Module):
             raise ValueError(f"modules_to_save: {name!r} is not a classification head of {type(model).__name__}")
     surgery.set_state(model, _SAVED, list(names))
-    surgery.record(model, step, f"model.{','.join(names)}", "saved whole with the adapter (PEFT modules_to_save)",
-                   undo_fn=lambda m: surgery.edits(m).state.pop(_SAVED, None))
+    surgery.record(
+        model,
+        step,
+        f"model.{','.join(names)}",
+        "saved whole with the adapter (PEFT modules_to_save)",
+        undo_fn=lambda m: surgery.edits(m).state.pop(_SAVED, None),
+    )
 
 
 def modules_to_save(model: nn.Module) -> dict[str, nn.Module]:
@@ -83,8 +88,9 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     mesh = t.device_mesh
     if t.device.type != mesh.device_type:  # CPU-offloaded shards: gather on the mesh's device
         device = torch.device("cuda", torch.cuda.current_device()) if mesh.device_type == "cuda" else mesh.device_type
-        t = DTensor.from_local(t.to_local().to(device), mesh, t.placements, run_check=False, shape=t.shape,
-                               stride=t.stride())
+        t = DTensor.from_local(
+            t.to_local().to(device), mesh, t.placements, run_check=False, shape=t.shape, stride=t.stride()
+        )
     return t.full_tensor()
 
 
@@ -92,7 +98,8 @@ def _is_sharded(model: nn.Module) -> bool:
     from torch.distributed.tensor import DTensor
 
     return any(isinstance(p, DTensor) for m in lora_layers(model).values() for p in m.lora_weights) or any(
-        isinstance(p, DTensor) for m in modules_to_save(model).values() for p in m.parameters())
+        isinstance(p, DTensor) for m in modules_to_save(model).values() for p in m.parameters()
+    )
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -134,8 +141,10 @@ def adapter_config(model: nn.Module) -> dict[str, Any]:
         raise ValueError(f"{type(model).__name__} has no LoRA layers")
     settings = {(m.r, m.lora_alpha, m.use_rslora, m.lora_dropout) for m in layers.values()}
     if len(settings) != 1:
-        raise ValueError(f"LoRA layers differ in (r, alpha, rslora, dropout): {sorted(settings)}; PEFT's format "
-                         "written here needs one setting")
+        raise ValueError(
+            f"LoRA layers differ in (r, alpha, rslora, dropout): {sorted(settings)}; PEFT's format "
+            "written here needs one setting"
+        )
     r, alpha, rslora, dropout = settings.pop()
     targets = sorted({path.rsplit(".", 1)[-1] for path in layers})
     cfg = surgery.state(model, "prepare")
@@ -143,10 +152,18 @@ def adapter_config(model: nn.Module) -> dict[str, Any]:
         alpha = cfg.lora_alpha
     name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     saved = sorted(modules_to_save(model)) or None
-    fields = dict(r=r, lora_alpha=alpha if alpha != int(alpha) else int(alpha), lora_dropout=dropout,
-                  use_rslora=rslora, target_modules=targets, bias="none",
-                  task_type="SEQ_CLS" if saved else "CAUSAL_LM", modules_to_save=saved,
-                  base_model_name_or_path=name, inference_mode=True)
+    fields = dict(
+        r=r,
+        lora_alpha=alpha if alpha != int(alpha) else int(alpha),
+        lora_dropout=dropout,
+        use_rslora=rslora,
+        target_modules=targets,
+        bias="none",
+        task_type="SEQ_CLS" if saved else "CAUSAL_LM",
+        modules_to_save=saved,
+        base_model_name_or_path=name,
+        inference_mode=True,
+    )
     try:
         from peft import LoraConfig
     except ImportError:  # pragma: no cover - peft is a dependency; keep a minimal PEFT-readable config anyway
@@ -190,16 +207,21 @@ def label_fields(model: nn.Module) -> dict[str, Any]:
 
     cfg = surgery.unwrap(model).config
     names = [str(cfg.id2label[i]) for i in range(int(cfg.num_labels))]
-    return {"num_labels": len(names), "id2label": {str(i): n for i, n in enumerate(names)},
-            "label2id": {n: i for i, n in enumerate(names)}}
+    return {
+        "num_labels": len(names),
+        "id2label": {str(i): n for i, n in enumerate(names)},
+        "label2id": {n: i for i, n in enumerate(names)},
+    }
 
 
 def read_labels(folder: str | os.PathLike) -> list[str]:
     """The class names (in id order) of a classifier's adapter folder (`LABELS_NAME`)."""
     path = Path(folder) / LABELS_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"adapter folder {os.fspath(folder)!r} has no {LABELS_NAME}: it is not a sequence "
-                                "classification adapter written by quickloris")
+        raise FileNotFoundError(
+            f"adapter folder {os.fspath(folder)!r} has no {LABELS_NAME}: it is not a sequence "
+            "classification adapter written by quickloris"
+        )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         n = int(data["num_labels"])
@@ -231,11 +253,17 @@ def read_adapter_config(folder: str | os.PathLike) -> dict[str, Any]:
     cfg = json.loads(path.read_text(encoding="utf-8"))
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{path}: peft_type {cfg.get('peft_type')!r} is not supported, only LORA")
-    unsupported = {"use_dora": "DoRA", "lora_bias": "LoRA bias", "fan_in_fan_out": "fan_in_fan_out",
-                   "rank_pattern": "per-layer ranks (rank_pattern)",
-                   "alpha_pattern": "per-layer alphas (alpha_pattern)", "layers_to_transform": "layers_to_transform",
-                   "trainable_token_indices": "trainable tokens", "target_parameters": "target_parameters",
-                   "layer_replication": "layer_replication"}
+    unsupported = {
+        "use_dora": "DoRA",
+        "lora_bias": "LoRA bias",
+        "fan_in_fan_out": "fan_in_fan_out",
+        "rank_pattern": "per-layer ranks (rank_pattern)",
+        "alpha_pattern": "per-layer alphas (alpha_pattern)",
+        "layers_to_transform": "layers_to_transform",
+        "trainable_token_indices": "trainable tokens",
+        "target_parameters": "target_parameters",
+        "layer_replication": "layer_replication",
+    }
     for key, what in unsupported.items():
         if cfg.get(key):
             raise ValueError(f"{path}: {what} ({key}={cfg[key]!r}) is not supported by quickloris' LoRA layers")
@@ -243,12 +271,16 @@ def read_adapter_config(folder: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{path}: bias={cfg['bias']!r} is not supported (only 'none')")
     other = sorted(set(cfg.get("modules_to_save") or ()) - set(CLASSIFIER_HEADS))
     if other:
-        raise ValueError(f"{path}: modules_to_save={cfg['modules_to_save']!r}: only a classification head "
-                         f"({' / '.join(CLASSIFIER_HEADS)}) can be trained whole; {other} cannot")
+        raise ValueError(
+            f"{path}: modules_to_save={cfg['modules_to_save']!r}: only a classification head "
+            f"({' / '.join(CLASSIFIER_HEADS)}) can be trained whole; {other} cannot"
+        )
     targets = cfg.get("target_modules")
     if isinstance(targets, str) and targets != "all-linear":
-        raise ValueError(f"{path}: target_modules is a regular expression ({targets!r}); quickloris needs a list "
-                         "of layer names or 'all-linear'")
+        raise ValueError(
+            f"{path}: target_modules is a regular expression ({targets!r}); quickloris needs a list "
+            "of layer names or 'all-linear'"
+        )
     return cfg
 
 
@@ -265,13 +297,17 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
     scaling = lora_scaling(r, alpha, bool(cfg.get("use_rslora")))
     layers = lora_layers(model)
     if not layers:
-        raise ValueError(f"{type(model).__name__} has no LoRA layers: prepare it first (prepare_model(model, "
-                         "adapter=folder) does both)")
+        raise ValueError(
+            f"{type(model).__name__} has no LoRA layers: prepare it first (prepare_model(model, "
+            "adapter=folder) does both)"
+        )
     used: set[str] = set()
     for path, m in layers.items():
         if m.r != r or not math.isclose(m.scaling, scaling, rel_tol=1e-6):
-            raise ValueError(f"{path}: the model's LoRA has r={m.r}, scaling={m.scaling:g} but the adapter has "
-                             f"r={r}, scaling={scaling:g}")
+            raise ValueError(
+                f"{path}: the model's LoRA has r={m.r}, scaling={m.scaling:g} but the adapter has "
+                f"r={r}, scaling={scaling:g}"
+            )
         for kind, param in zip(("lora_A", "lora_B"), m.lora_weights):
             key = f"{PREFIX}{path}.{kind}.weight"
             t = tensors.get(key)
@@ -284,23 +320,34 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
             used.add(key)
     whole = modules_to_save(model)
     listed = set(cfg.get("modules_to_save") or ())
-    saved_heads = sorted({k[len(PREFIX):].split(".", 1)[0] for k in tensors if not k.startswith(f"{PREFIX}model.")
-                          and k[len(PREFIX):].split(".", 1)[0] in CLASSIFIER_HEADS})
+    saved_heads = sorted(
+        {
+            k[len(PREFIX) :].split(".", 1)[0]
+            for k in tensors
+            if not k.startswith(f"{PREFIX}model.") and k[len(PREFIX) :].split(".", 1)[0] in CLASSIFIER_HEADS
+        }
+    )
     if saved_heads and not whole:
-        raise ValueError(f"adapter {os.fspath(folder)!r} holds a classification head ({', '.join(saved_heads)}): "
-                         "load it into a sequence classifier (--task-type classification)")
+        raise ValueError(
+            f"adapter {os.fspath(folder)!r} holds a classification head ({', '.join(saved_heads)}): "
+            "load it into a sequence classifier (--task-type classification)"
+        )
     for path, module in whole.items():
         if path not in listed:
-            raise ValueError(f"adapter {os.fspath(folder)!r} has no trained {path!r} head (its modules_to_save is "
-                             f"{cfg.get('modules_to_save')!r}): it is not a sequence classification adapter")
+            raise ValueError(
+                f"adapter {os.fspath(folder)!r} has no trained {path!r} head (its modules_to_save is "
+                f"{cfg.get('modules_to_save')!r}): it is not a sequence classification adapter"
+            )
         for name, param in module.named_parameters():
             key = f"{PREFIX}{path}.{name}"
             t = tensors.get(key)
             if t is None:
                 raise ValueError(f"adapter {os.fspath(folder)!r} has no tensor {key!r}")
             if t.shape != param.shape:
-                raise ValueError(f"{key}: shape {tuple(t.shape)} in the adapter, {tuple(param.shape)} in the model "
-                                 "(a different number of classes?)")
+                raise ValueError(
+                    f"{key}: shape {tuple(t.shape)} in the adapter, {tuple(param.shape)} in the model "
+                    "(a different number of classes?)"
+                )
             with torch.no_grad():
                 param.copy_(t.to(device=param.device, dtype=param.dtype))
             used.add(key)

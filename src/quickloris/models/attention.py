@@ -56,6 +56,12 @@ import torch.nn.functional as F
 from quickloris.models import surgery
 
 FLEX = "quickloris_flex"
+# PyTorch's fused flex kernels (Triton, forward and backward) take head dimensions from 16 up.
+MIN_GPU_HEAD_DIM = 16
+_HEAD_DIM_MESSAGE = (
+    "flex attention on a GPU needs head_dim >= 16 (PyTorch's fused FlexAttention kernels); this model's is {}: use "
+    "attention='sdpa'"
+)
 CUDNN = "quickloris_sdpa_cudnn"
 BLOCK = 128
 STEP = "attention"
@@ -67,7 +73,7 @@ def _flex_fn():
     return flex_attention
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled_flex():
     return torch.compile(_flex_fn(), dynamic=True, fullgraph=True)
 
@@ -76,31 +82,46 @@ def softcap_score_mod(cap: torch.Tensor):
     """The score_mod of a logit softcap: ``s -> cap * tanh(s / cap)``. `cap` is a 0-d tensor on the scores'
     device: a Python float would reach a compiled flex_attention as a symbolic float (dynamo does not specialise
     floats), which its score_mod buffers cannot hold; a tensor is a buffer like any other."""
+
     def score_mod(score, b, h, q_idx, kv_idx):
         return torch.tanh(score / cap) * cap
 
     return score_mod
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _eager_softcap_mod(cap: float, device: str):
     return softcap_score_mod(torch.full((), cap, dtype=torch.float32, device=device))
 
 
-def flex_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                           attention_mask: Any, scaling: float | None = None, dropout: float = 0.0,
-                           softcap: float | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+def flex_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Any,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    softcap: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
     """transformers' attention signature: q [B, Hq, S, D], k/v [B, Hkv, S, D] -> ([B, S, Hq, D], None).
 
     `softcap`: the attention logit cap the module passes (Gemma-2), applied as a score_mod."""
     from torch.nn.attention.flex_attention import BlockMask
 
     if dropout:
-        raise ValueError(f"flex attention has no attention dropout; got dropout={dropout} (set the config's "
-                         "attention_dropout to 0 or use attention='sdpa')")
+        raise ValueError(
+            f"flex attention has no attention dropout; got dropout={dropout} (set the config's "
+            "attention_dropout to 0 or use attention='sdpa')"
+        )
     if not isinstance(attention_mask, BlockMask):
-        raise ValueError("quickloris flex attention needs the BlockMask built by set_attention(model, 'flex'); got "
-                         f"{type(attention_mask).__name__}")
+        raise ValueError(
+            "quickloris flex attention needs the BlockMask built by set_attention(model, 'flex'); got "
+            f"{type(attention_mask).__name__}"
+        )
+    if query.is_cuda and query.shape[-1] < MIN_GPU_HEAD_DIM:
+        raise ValueError(_HEAD_DIM_MESSAGE.format(query.shape[-1]))
     gqa = query.shape[1] != key.shape[1]
     if not query.is_cuda and torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
         if torch.compiler.is_compiling():  # inductor has no CPU flex backward: the same math, densely
@@ -120,8 +141,14 @@ def flex_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
     return out.transpose(1, 2).contiguous(), None
 
 
-def sdpa_cudnn_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
-                                 value: torch.Tensor, attention_mask: Any, **kwargs: Any):
+def sdpa_cudnn_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Any,
+    **kwargs: Any,
+):
     """transformers' SDPA attention with PyTorch's SDPA backends tried in the order cuDNN, flash, efficient, math."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -140,8 +167,9 @@ def _dense_fallback(query, key, value, block_mask, scaling, gqa, softcap=None):
     dev = query.device
     b = torch.arange(B, device=dev).view(B, 1, 1, 1)
     h = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=dev)
-    allowed = block_mask.mask_mod(b, h, torch.arange(S, device=dev).view(1, 1, S, 1),
-                                  torch.arange(K, device=dev).view(1, 1, 1, K))
+    allowed = block_mask.mask_mod(
+        b, h, torch.arange(S, device=dev).view(1, 1, S, 1), torch.arange(K, device=dev).view(1, 1, 1, K)
+    )
     if softcap is None:
         return F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scaling, enable_gqa=gqa)
     if gqa:  # query head j reads key / value head j // (Hq / Hkv), as repeat_kv does
@@ -163,11 +191,19 @@ def _flex_operator(query, key, value, block_mask, scaling, softcap=None):
 
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     # The options the public API fills in (its defaults), with the logsumexp kept: the backward reads it.
-    options = {"BACKEND": "AUTO", "PRESCALE_QK": False, "ROWS_GUARANTEED_SAFE": False, "BLOCKS_ARE_CONTIGUOUS": False,
-               "WRITE_DQ": True, "OUTPUT_LOGSUMEXP": True, "OUTPUT_MAX": False}
+    options = {
+        "BACKEND": "AUTO",
+        "PRESCALE_QK": False,
+        "ROWS_GUARANTEED_SAFE": False,
+        "BLOCKS_ARE_CONTIGUOUS": False,
+        "WRITE_DQ": True,
+        "OUTPUT_LOGSUMEXP": True,
+        "OUTPUT_MAX": False,
+    }
     score_mod = _no_score_mod if softcap is None else _eager_softcap_mod(float(softcap), str(query.device))
-    out, _, _ = flex_op(query.contiguous(), key.contiguous(), value.contiguous(), score_mod,
-                        block_mask.as_tuple(), scale, options)
+    out, _, _ = flex_op(
+        query.contiguous(), key.contiguous(), value.contiguous(), score_mod, block_mask.as_tuple(), scale, options
+    )
     return out
 
 
@@ -175,8 +211,9 @@ def _no_score_mod(score, b, h, q_idx, kv_idx):
     return score
 
 
-def document_ids(batch: int, seq: int, device, attention_mask: torch.Tensor | None = None,
-                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
+def document_ids(
+    batch: int, seq: int, device, attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None
+) -> torch.Tensor:
     """int32 [B, S] document number of each token (see the module docstring); -1 for padding."""
     doc = torch.zeros(batch, seq, dtype=torch.int32, device=device)
     if position_ids is not None:
@@ -187,17 +224,20 @@ def document_ids(batch: int, seq: int, device, attention_mask: torch.Tensor | No
         doc = starts.cumsum(-1).to(torch.int32)
     if attention_mask is not None:
         if attention_mask.shape != (batch, seq):
-            raise ValueError(f"attention_mask must be [batch, seq] = [{batch}, {seq}], got "
-                             f"{tuple(attention_mask.shape)}")
+            raise ValueError(
+                f"attention_mask must be [batch, seq] = [{batch}, {seq}], got {tuple(attention_mask.shape)}"
+            )
         doc = torch.where(attention_mask.to(device).bool(), doc, torch.full_like(doc, -1))
     return doc
 
 
 def _doc_causal(doc: torch.Tensor, window: int | None):
     if window is None:
+
         def mask_mod(b, h, q_idx, kv_idx):
             return (q_idx >= kv_idx) & (doc[b, q_idx] == doc[b, kv_idx])
     else:
+
         def mask_mod(b, h, q_idx, kv_idx):
             return (q_idx >= kv_idx) & (q_idx - kv_idx < window) & (doc[b, q_idx] == doc[b, kv_idx])
 
@@ -245,8 +285,9 @@ def build_block_mask(doc: torch.Tensor, block: int = BLOCK, window: int | None =
 
     kv_num, kv_idx = ordered(partial)
     full_num, full_idx = ordered(full)
-    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block,
-                                    mask_mod=_doc_causal(padded, window), seq_lengths=(S, S))
+    return BlockMask.from_kv_blocks(
+        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block, mask_mod=_doc_causal(padded, window), seq_lengths=(S, S)
+    )
 
 
 _DECODER_ARGS = ("input_ids", "attention_mask", "position_ids", "past_key_values", "inputs_embeds")
@@ -317,34 +358,54 @@ def set_attention(model: torch.nn.Module, implementation: str) -> torch.nn.Modul
     spec = family_of(model)
     if implementation == "flex":
         if not spec.fast_path:
-            raise ValueError(f"flex attention needs a registered model family; {type(model).__name__} is on the "
-                             "generic path: use attention='sdpa' or 'eager'")
+            raise ValueError(
+                f"flex attention needs a registered model family; {type(model).__name__} is on the "
+                "generic path: use attention='sdpa' or 'eager'"
+            )
         windows = spec.windows(model.config)
         if getattr(model.config, "attention_dropout", 0.0):
-            raise ValueError(f"flex attention has no attention dropout, but the config sets attention_dropout="
-                             f"{model.config.attention_dropout}")
+            raise ValueError(
+                f"flex attention has no attention dropout, but the config sets attention_dropout="
+                f"{model.config.attention_dropout}"
+            )
         if getattr(model.config, "use_bidirectional_attention", False):
-            raise ValueError(f"flex attention builds causal masks, but {type(model).__name__}'s config sets "
-                             "use_bidirectional_attention; use attention='sdpa'")
+            raise ValueError(
+                f"flex attention builds causal masks, but {type(model).__name__}'s config sets "
+                "use_bidirectional_attention; use attention='sdpa'"
+            )
+        head_dim = (
+            getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
+        )
+        if head_dim < MIN_GPU_HEAD_DIM and any(p.is_cuda for p in model.parameters()):
+            raise ValueError(_HEAD_DIM_MESSAGE.format(head_dim))
         register_flex()
     cap = spec.attention_softcap(model.config)
     if cap is not None and implementation in ("sdpa", "sdpa_cudnn"):
-        raise ValueError(f"{type(model).__name__} caps attention scores ({spec.attention.logit_softcap}={cap:g}) "
-                         f"and SDPA cannot: use attention='flex' or 'eager'")
+        raise ValueError(
+            f"{type(model).__name__} caps attention scores ({spec.attention.logit_softcap}={cap:g}) "
+            f"and SDPA cannot: use attention='flex' or 'eager'"
+        )
     if implementation == "sdpa_cudnn":
         register_sdpa_cudnn()
     surgery.undo(model, STEP)  # a second call replaces the first (its hook removed, its backend restored)
     previous = model.config._attn_implementation
     model.set_attn_implementation(names[implementation])
-    surgery.record(model, STEP, "model.config._attn_implementation", f"attention: {implementation}",
-                   undo_fn=lambda m: m.set_attn_implementation(previous))
+    surgery.record(
+        model,
+        STEP,
+        "model.config._attn_implementation",
+        f"attention: {implementation}",
+        undo_fn=lambda m: m.set_attn_implementation(previous),
+    )
     if implementation == "flex":
         hook = functools.partial(_flex_mask_hook, windows)
         handle = spec.decoder(model).register_forward_pre_hook(hook, with_kwargs=True)
         what = "2-D mask + position ids -> one BlockMask" + (
-            "" if None in windows else f" per layer type ({', '.join(f'{k}: window {v}' for k, v in windows.items())})")
-        surgery.record(model, STEP, f"model.{model.base_model_prefix} (forward pre-hook)", what,
-                       undo_fn=lambda m: handle.remove())
+            "" if None in windows else f" per layer type ({', '.join(f'{k}: window {v}' for k, v in windows.items())})"
+        )
+        surgery.record(
+            model, STEP, f"model.{model.base_model_prefix} (forward pre-hook)", what, undo_fn=lambda m: handle.remove()
+        )
     return model
 
 
@@ -353,5 +414,16 @@ def attention_of(model: torch.nn.Module) -> str:
     return {v: k for k, v in NAMES.items()}.get(impl, impl)
 
 
-__all__ = ["FLEX", "CUDNN", "set_attention", "register_flex", "register_sdpa_cudnn", "sdpa_cudnn_attention_forward",
-           "build_block_mask", "document_ids", "flex_attention_forward", "softcap_score_mod", "attention_of"]
+__all__ = [
+    "FLEX",
+    "CUDNN",
+    "set_attention",
+    "register_flex",
+    "register_sdpa_cudnn",
+    "sdpa_cudnn_attention_forward",
+    "build_block_mask",
+    "document_ids",
+    "flex_attention_forward",
+    "softcap_score_mod",
+    "attention_of",
+]

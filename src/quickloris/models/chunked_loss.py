@@ -39,14 +39,21 @@ STEP = "loss"
 class ChunkedLossConfig:
     """How a model computes its training loss through `chunked_linear_loss`."""
 
-    chunk_size: int | None = dataclasses.field(default=None, metadata={
-        "help": "rows (tokens) per chunk of the lm_head + loss; none = from --memory-budget"})
-    memory_budget: int | None = dataclasses.field(default=None, metadata={
-        "help": "bytes of transient memory per chunk (default 1 GiB); used when chunk_size is none"})
-    grad_in_forward: bool = dataclasses.field(default=False, metadata={
-        "help": "compute the loss gradient during forward (no recompute in backward: one matmul fewer)"})
-    check_labels: bool = dataclasses.field(default=True, metadata={
-        "help": "raise on labels outside [0, vocab) (one host sync per step; skipped under torch.compile)"})
+    chunk_size: int | None = dataclasses.field(
+        default=None, metadata={"help": "rows (tokens) per chunk of the lm_head + loss; none = from --memory-budget"}
+    )
+    memory_budget: int | None = dataclasses.field(
+        default=None,
+        metadata={"help": "bytes of transient memory per chunk (default 1 GiB); used when chunk_size is none"},
+    )
+    grad_in_forward: bool = dataclasses.field(
+        default=False,
+        metadata={"help": "compute the loss gradient during forward (no recompute in backward: one matmul fewer)"},
+    )
+    check_labels: bool = dataclasses.field(
+        default=True,
+        metadata={"help": "raise on labels outside [0, vocab) (one host sync per step; skipped under torch.compile)"},
+    )
 
     def __post_init__(self):
         if self.chunk_size is not None and self.memory_budget is not None:
@@ -63,8 +70,10 @@ def causal_lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     decoder = getattr(model, prefix, None) if isinstance(prefix, str) else None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(decoder, nn.Module) or not isinstance(head, nn.Module):
-        raise TypeError(f"{type(model).__name__} is not a causal LM with a decoder (`model.{prefix}`) and an "
-                        "output head (`get_output_embeddings()`)")
+        raise TypeError(
+            f"{type(model).__name__} is not a causal LM with a decoder (`model.{prefix}`) and an "
+            "output head (`get_output_embeddings()`)"
+        )
     return decoder, head
 
 
@@ -73,31 +82,65 @@ def shift_for_causal_lm(t: torch.Tensor, fill: Any) -> torch.Tensor:
     return F.pad(t[:, 1:], (0, 1) if t.dim() == 2 else (0, 0) * (t.dim() - 2) + (0, 1), value=fill)
 
 
-def chunked_head_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor | None, *,
-                      loss: str = "cross_entropy", reduction: str = "mean", num_items=None,
-                      config: ChunkedLossConfig | None = None, **options: Any) -> torch.Tensor:
+def chunked_head_loss(
+    hidden: torch.Tensor,
+    head: nn.Module,
+    labels: torch.Tensor | None,
+    *,
+    loss: str = "cross_entropy",
+    reduction: str = "mean",
+    num_items=None,
+    config: ChunkedLossConfig | None = None,
+    **options: Any,
+) -> torch.Tensor:
     """`loss(head(hidden), labels)` chunk by chunk; `head` a plain nn.Linear or any module (the slower path)."""
     cfg = config or ChunkedLossConfig()
     if type(head) is nn.Linear:
-        return chunked_linear_loss(hidden, head.weight, labels, bias=head.bias, loss=loss, reduction=reduction,
-                                   num_items=num_items, chunk_size=cfg.chunk_size, memory_budget=cfg.memory_budget,
-                                   grad_in_forward=cfg.grad_in_forward, check_labels=cfg.check_labels, **options)
+        return chunked_linear_loss(
+            hidden,
+            head.weight,
+            labels,
+            bias=head.bias,
+            loss=loss,
+            reduction=reduction,
+            num_items=num_items,
+            chunk_size=cfg.chunk_size,
+            memory_budget=cfg.memory_budget,
+            grad_in_forward=cfg.grad_in_forward,
+            check_labels=cfg.check_labels,
+            **options,
+        )
     if loss != "cross_entropy" or reduction == "none" or set(options) - {"ignore_index", "softcap"}:
-        raise ValueError(f"a {type(head).__name__} head supports loss='cross_entropy' with reduction sum/mean "
-                         "only; use a plain nn.Linear head for other losses")
+        raise ValueError(
+            f"a {type(head).__name__} head supports loss='cross_entropy' with reduction sum/mean "
+            "only; use a plain nn.Linear head for other losses"
+        )
     ignore_index = options.get("ignore_index", -100)
     fn = linear_losses.cross_entropy
     out = MemoryEfficientLinear.apply(
-        hidden, head, labels, lambda xc, module, yc: fn(xc, module, None, yc, **options).sum(),
-        cfg.chunk_size, memory_budget=cfg.memory_budget, grad_in_forward=cfg.grad_in_forward)
+        hidden,
+        head,
+        labels,
+        lambda xc, module, yc: fn(xc, module, None, yc, **options).sum(),
+        cfg.chunk_size,
+        memory_budget=cfg.memory_budget,
+        grad_in_forward=cfg.grad_in_forward,
+    )
     if reduction == "sum":
         return out
     count = (labels != ignore_index).sum() if num_items is None else torch.as_tensor(num_items, device=out.device)
     return out / count.clamp_min(1)
 
 
-def eager_head_loss(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, num_items, ignore_index: int,
-                    softcap: float | None, config: ChunkedLossConfig) -> torch.Tensor:
+def eager_head_loss(
+    hidden: torch.Tensor,
+    head: nn.Module,
+    targets: torch.Tensor,
+    num_items,
+    ignore_index: int,
+    softcap: float | None,
+    config: ChunkedLossConfig,
+) -> torch.Tensor:
     """The default per-model head loss: `chunked_head_loss` in eager PyTorch (any head module)."""
     options: dict[str, Any] = {"ignore_index": ignore_index}
     if softcap is not None:
@@ -105,15 +148,33 @@ def eager_head_loss(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor
     return chunked_head_loss(hidden, head, targets, num_items=num_items, config=config, **options)
 
 
-def _loss_forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                  inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+def _loss_forward(
+    self,
+    input_ids=None,
+    attention_mask=None,
+    position_ids=None,
+    past_key_values=None,
+    inputs_embeds=None,
+    labels=None,
+    use_cache=None,
+    logits_to_keep=0,
+    **kwargs,
+):
     """A causal LM's forward whose training loss is the recorded head loss over the decoder's hidden states: no
     logits tensor. Without labels, or in eval mode, the model's own forward runs."""
     loss_state = surgery.state(self, STEP)
     if labels is None or not self.training:
-        return loss_state["original"](input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                      past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
-                                      use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
+        return loss_state["original"](
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     return_dict = kwargs.pop("return_dict", None)
@@ -123,21 +184,41 @@ def _loss_forward(self, input_ids=None, attention_mask=None, position_ids=None, 
     shift_labels = kwargs.pop("shift_labels", None)
     ignore_index = kwargs.pop("ignore_index", -100)
     decoder, head = causal_lm_parts(self)
-    outputs = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+    outputs = decoder(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        past_key_values=past_key_values,
+        inputs_embeds=inputs_embeds,
+        use_cache=use_cache,
+        **kwargs,
+    )
     hidden = outputs[0]
     keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
     hidden = hidden[:, keep, :]
     targets = shift_for_causal_lm(labels, ignore_index) if shift_labels is None else shift_labels
     if targets.shape != hidden.shape[:-1]:
-        raise ValueError(f"labels give targets of shape {tuple(targets.shape)} but the model kept hidden states "
-                         f"of shape {tuple(hidden.shape[:-1])} (logits_to_keep={logits_to_keep!r})")
+        raise ValueError(
+            f"labels give targets of shape {tuple(targets.shape)} but the model kept hidden states "
+            f"of shape {tuple(hidden.shape[:-1])} (logits_to_keep={logits_to_keep!r})"
+        )
     softcap = getattr(self.config, "final_logit_softcapping", None)
-    loss = loss_state["head_loss"](hidden, head, targets.to(hidden.device), num_items, ignore_index,
-                                   None if softcap is None else float(softcap), loss_state["config"])
-    out = CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
-                                 hidden_states=getattr(outputs, "hidden_states", None),
-                                 attentions=getattr(outputs, "attentions", None))
+    loss = loss_state["head_loss"](
+        hidden,
+        head,
+        targets.to(hidden.device),
+        num_items,
+        ignore_index,
+        None if softcap is None else float(softcap),
+        loss_state["config"],
+    )
+    out = CausalLMOutputWithPast(
+        loss=loss,
+        logits=None,
+        past_key_values=outputs.past_key_values,
+        hidden_states=getattr(outputs, "hidden_states", None),
+        attentions=getattr(outputs, "attentions", None),
+    )
     return out if return_dict else out.to_tuple()
 
 
@@ -160,9 +241,15 @@ def enable_chunked_loss(model: nn.Module, config: ChunkedLossConfig | None = Non
     saved = target.__dict__.get("forward")  # an instance forward someone installed before us
     original = saved if saved is not None else types.MethodType(type(target).forward, target)
     surgery.set_state(target, STEP, {"config": cfg, "original": original, "head_loss": eager_head_loss})
-    surgery.set_attribute(target, STEP, target, "forward", types.MethodType(_loss_forward, target),
-                          "training loss: lm_head + cross-entropy chunk by chunk (no [tokens, vocab] logits)",
-                          path="model")
+    surgery.set_attribute(
+        target,
+        STEP,
+        target,
+        "forward",
+        types.MethodType(_loss_forward, target),
+        "training loss: lm_head + cross-entropy chunk by chunk (no [tokens, vocab] logits)",
+        path="model",
+    )
     return model
 
 

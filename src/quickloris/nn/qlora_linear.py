@@ -44,9 +44,19 @@ class QLoRALinear(nn.Module):
         adapter_name: the adapter's key in ``lora_A`` / ``lora_B`` ("default", as PEFT).
     """
 
-    def __init__(self, weight: NF4Tensor, bias: torch.Tensor | None = None, *, r: int = 16, lora_alpha: float = 32.0,
-                 lora_dropout: float = 0.0, use_rslora: bool = False, lora_dtype: torch.dtype = torch.float32,
-                 init_lora_weights: bool | str = True, adapter_name: str = "default"):
+    def __init__(
+        self,
+        weight: NF4Tensor,
+        bias: torch.Tensor | None = None,
+        *,
+        r: int = 16,
+        lora_alpha: float = 32.0,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        lora_dtype: torch.dtype = torch.float32,
+        init_lora_weights: bool | str = True,
+        adapter_name: str = "default",
+    ):
         super().__init__()
         if not isinstance(weight, NF4Tensor):
             raise TypeError(f"weight must be an NF4Tensor, got {type(weight).__name__}")
@@ -84,8 +94,10 @@ class QLoRALinear(nn.Module):
         elif type(linear) is nn.Linear:
             nf4 = NF4Tensor.from_float(linear.weight.detach(), blocksize=blocksize, double_quant=double_quant)
         else:
-            raise TypeError(f"cannot make a QLoRALinear from {type(linear).__name__}: expected nn.Linear or a "
-                            "bitsandbytes Linear4bit (NF4)")
+            raise TypeError(
+                f"cannot make a QLoRALinear from {type(linear).__name__}: expected nn.Linear or a "
+                "bitsandbytes Linear4bit (NF4)"
+            )
         bias = getattr(linear, "bias", None)
         return cls(nf4, None if bias is None else bias.detach(), **lora)
 
@@ -117,10 +129,13 @@ class QLoRALinear(nn.Module):
             A, B = self.lora_A[self.adapter_name].weight, self.lora_B[self.adapter_name].weight
         else:
             A = B = None
-        return qlora_linear(x, self.weight, self.bias, A, B, scaling=self.scaling,
-                            dropout=self.lora_dropout if self.training else 0.0)
+        return qlora_linear(
+            x, self.weight, self.bias, A, B, scaling=self.scaling, dropout=self.lora_dropout if self.training else 0.0
+        )
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"r={self.r}, lora_alpha={self.lora_alpha:g}, lora_dropout={self.lora_dropout:g}, "
-                f"scaling={self.scaling:g}, blocksize={self.weight.blocksize}, double_quant={self.weight.nested}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"r={self.r}, lora_alpha={self.lora_alpha:g}, lora_dropout={self.lora_dropout:g}, "
+            f"scaling={self.scaling:g}, blocksize={self.weight.blocksize}, double_quant={self.weight.nested}"
+        )

@@ -133,8 +133,10 @@ def reduce_chunk(out: torch.Tensor, per_row: bool, rows: int) -> torch.Tensor:
     if not per_row:
         return out.float().sum()
     if out.dim() == 0 or out.shape[0] != rows:
-        raise ValueError(f"a per-row output needs one value per row: the loss function returned shape "
-                         f"{tuple(out.shape)} for a chunk of {rows} rows")
+        raise ValueError(
+            f"a per-row output needs one value per row: the loss function returned shape "
+            f"{tuple(out.shape)} for a chunk of {rows} rows"
+        )
     return out
 
 
@@ -184,8 +186,17 @@ def value_loop(spans, value, per_row: bool | None):
     return outs, per_row
 
 
-def grad_loop(spans, per_row: bool, x: torch.Tensor, need_x: bool, n_params: int, chunk_grad,
-              cotangent: torch.Tensor, keep_outputs: bool, dx_dtype: torch.dtype):
+def grad_loop(
+    spans,
+    per_row: bool,
+    x: torch.Tensor,
+    need_x: bool,
+    n_params: int,
+    chunk_grad,
+    cotangent: torch.Tensor,
+    keep_outputs: bool,
+    dx_dtype: torch.dtype,
+):
     """Runs `chunk_grad(s, e, cot) -> (out, dx_chunk, [param grads])` over the spans; sums what it returns."""
     # One chunk: its dx is the whole dx (no copy). No rows: an empty dx, as the full computation would give.
     dx = torch.empty(x.shape, dtype=dx_dtype, device=x.device) if need_x and len(spans) != 1 else None
@@ -243,8 +254,9 @@ def chunked_backward(ctx, grad_out: torch.Tensor, make_step) -> list[torch.Tenso
     step = make_step(plan, tensors, needs, ctx.per_row)
     spans = row_spans(x.shape[0], plan.chunk, plan.merge_unit_tail)
     with amp_context(ctx.amp):
-        _, dx, grads = grad_loop(spans, bool(ctx.per_row), x, needs[0], len(needs) - 1, step.grad, grad_out, False,
-                                 x.dtype)
+        _, dx, grads = grad_loop(
+            spans, bool(ctx.per_row), x, needs[0], len(needs) - 1, step.grad, grad_out, False, x.dtype
+        )
     return [dx, *[scale_cast(g, None, d) for g, d in zip(grads, ctx.dtypes[1:])]]
 
 

@@ -17,9 +17,22 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from quickloris.ops.chunked_core import (  # noqa: F401 - re-exported
-    BYTES_PER_LOGIT, DEFAULT_MEMORY_BUDGET, ChunkedLinearFunction, ChunkPlan, ChunkStep, amp_context, amp_state,
-    chunked_backward, chunked_forward, grad_loop, reduce_chunk, scale_cast, row_spans, choose_chunk_size,
-    resolve_chunk_size)
+    BYTES_PER_LOGIT,
+    DEFAULT_MEMORY_BUDGET,
+    ChunkedLinearFunction,
+    ChunkPlan,
+    ChunkStep,
+    amp_context,
+    amp_state,
+    choose_chunk_size,
+    chunked_backward,
+    chunked_forward,
+    grad_loop,
+    reduce_chunk,
+    resolve_chunk_size,
+    row_spans,
+    scale_cast,
+)
 
 
 class MemoryEfficientLinear(torch.autograd.Function):
@@ -37,29 +50,45 @@ class MemoryEfficientLinear(torch.autograd.Function):
     """
 
     @classmethod
-    def apply(cls, X, linear, labels, forward_function, chunk_size: int | None = None, *,
-              memory_budget: int | None = None, grad_in_forward: bool = False):
+    def apply(
+        cls,
+        X,
+        linear,
+        labels,
+        forward_function,
+        chunk_size: int | None = None,
+        *,
+        memory_budget: int | None = None,
+        grad_in_forward: bool = False,
+    ):
         if not isinstance(X, torch.Tensor) or X.dim() < 2:
-            raise ValueError(f"X must be a tensor of shape [..., hidden] with at least 2 dims, got "
-                             f"{tuple(X.shape) if isinstance(X, torch.Tensor) else type(X).__name__}")
+            raise ValueError(
+                f"X must be a tensor of shape [..., hidden] with at least 2 dims, got "
+                f"{tuple(X.shape) if isinstance(X, torch.Tensor) else type(X).__name__}"
+            )
         if not isinstance(linear, torch.nn.Module):
             raise TypeError(f"linear must be a torch.nn.Module, got {type(linear).__name__}")
         if not callable(forward_function):
             raise TypeError("forward_function must be callable as forward_function(X_chunk, linear, labels_chunk)")
         lead = X.shape[:-1]
-        if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape[:len(lead)] != lead):
-            raise ValueError(f"labels must be a tensor whose leading dims match X's {tuple(lead)}, got "
-                             f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
+        if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape[: len(lead)] != lead):
+            raise ValueError(
+                f"labels must be a tensor whose leading dims match X's {tuple(lead)}, got "
+                f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}"
+            )
         vocab = getattr(linear, "out_features", None)
         if not isinstance(vocab, int) and isinstance(getattr(linear, "weight", None), torch.Tensor):
             vocab = linear.weight.shape[0] if linear.weight.dim() == 2 else None
         if chunk_size is None and not isinstance(vocab, int):
             raise ValueError("cannot tell linear's output size (no out_features / 2-D weight): pass chunk_size")
         x2 = X.reshape(-1, X.shape[-1])
-        lab = None if labels is None else labels.reshape(x2.shape[0], *labels.shape[len(lead):])
-        plan = ChunkPlan(call=lambda xc, w, b, yc, rc: forward_function(xc, linear, yc),
-                         chunk=resolve_chunk_size(chunk_size, x2.shape[0], vocab or 1, memory_budget),
-                         per_row=None, grad_in_forward=bool(grad_in_forward))
+        lab = None if labels is None else labels.reshape(x2.shape[0], *labels.shape[len(lead) :])
+        plan = ChunkPlan(
+            call=lambda xc, w, b, yc, rc: forward_function(xc, linear, yc),
+            chunk=resolve_chunk_size(chunk_size, x2.shape[0], vocab or 1, memory_budget),
+            per_row=None,
+            grad_in_forward=bool(grad_in_forward),
+        )
         params = tuple(p for p in linear.parameters() if p.requires_grad)
         out = super().apply(plan, x2, lab, *params)
         return out.reshape(*lead, *out.shape[1:]) if out.dim() >= 1 else out
@@ -112,11 +141,21 @@ def _check_tensor(name: str, t: Any, *, dims: tuple[int, ...] | None = None) -> 
     return t
 
 
-def chunked_linear_loss(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor | None = None, *,
-                        bias: torch.Tensor | None = None, loss: str | Callable[..., torch.Tensor] = "cross_entropy",
-                        reduction: str = "mean", num_items: int | torch.Tensor | None = None,
-                        chunk_size: int | None = None, memory_budget: int | None = None,
-                        grad_in_forward: bool = False, check_labels: bool = True, **options: Any) -> torch.Tensor:
+def chunked_linear_loss(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    bias: torch.Tensor | None = None,
+    loss: str | Callable[..., torch.Tensor] = "cross_entropy",
+    reduction: str = "mean",
+    num_items: int | torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    memory_budget: int | None = None,
+    grad_in_forward: bool = False,
+    check_labels: bool = True,
+    **options: Any,
+) -> torch.Tensor:
     """`loss(x @ weight.T + bias, labels)` without the [tokens, vocab] logits, differentiable in x, weight, bias.
 
     x: [..., H] (2-D or 3-D...); weight: [V, H]; bias: [V] or None; labels: int tensor of x's leading shape, or
@@ -149,7 +188,8 @@ def chunked_linear_loss(x: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
         if reduction != "mean":
             raise ValueError(f"num_items applies to reduction='mean' only, got reduction={reduction!r}")
         if not isinstance(num_items, torch.Tensor) and (
-                not isinstance(num_items, int) or isinstance(num_items, bool) or num_items < 0):
+            not isinstance(num_items, int) or isinstance(num_items, bool) or num_items < 0
+        ):
             raise ValueError(f"num_items must be a non-negative int or a tensor, got {num_items!r}")
     _check_tensor("x", x)
     if x.dim() < 2:
@@ -158,8 +198,10 @@ def chunked_linear_loss(x: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     if weight.shape[1] != x.shape[-1]:
         raise ValueError(f"weight must be [vocab, {x.shape[-1]}] to match x's hidden size, got {tuple(weight.shape)}")
     if weight.device != x.device or (weight.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type)):
-        raise ValueError(f"x and weight must share dtype and device (outside autocast), got {x.dtype}/{x.device} "
-                         f"and {weight.dtype}/{weight.device}")
+        raise ValueError(
+            f"x and weight must share dtype and device (outside autocast), got {x.dtype}/{x.device} "
+            f"and {weight.dtype}/{weight.device}"
+        )
     vocab = weight.shape[0]
     if bias is not None and (_check_tensor("bias", bias, dims=(1,)).shape[0] != vocab or bias.dtype != weight.dtype):
         raise ValueError(f"bias must be [{vocab}] of dtype {weight.dtype}, got {tuple(bias.shape)} {bias.dtype}")
@@ -175,26 +217,33 @@ def chunked_linear_loss(x: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
         if check_labels and not torch.compiler.is_compiling():
             bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
             if bool(bad.any()):
-                raise ValueError(f"labels must be in [0, {vocab}) or ignore_index={ignore_index}; found "
-                                 f"{int(labels[bad].flatten()[0])}")
+                raise ValueError(
+                    f"labels must be in [0, {vocab}) or ignore_index={ignore_index}; found "
+                    f"{int(labels[bad].flatten()[0])}"
+                )
     names = tuple(getattr(fn, "row_args", ()))
     rows = []
     for name in names:
         t = options.pop(name, None)
         if t is not None:
             _check_tensor(name, t)
-            if t.shape[:len(lead)] != lead:
+            if t.shape[: len(lead)] != lead:
                 raise ValueError(f"{name} must have x's leading shape {tuple(lead)} first, got {tuple(t.shape)}")
-            t = t.reshape(n, *t.shape[len(lead):])
+            t = t.reshape(n, *t.shape[len(lead) :])
         rows.append(t)
     for name, t in [*zip(names, rows), *options.items()]:
         if isinstance(t, torch.Tensor) and t.requires_grad:
             raise ValueError(f"{name} receives no gradient from chunked_linear_loss; pass {name}.detach()")
-    plan = ChunkPlan(call=lambda xc, w, b, yc, rc: fn(xc, w, b, yc, **rc, **options),
-                     chunk=resolve_chunk_size(chunk_size, n, vocab, memory_budget),
-                     per_row=reduction == "none", grad_in_forward=bool(grad_in_forward), row_names=names)
-    out = ChunkedLinearFunction.apply(plan, x.reshape(n, x.shape[-1]), weight, bias,
-                                      None if labels is None else labels.reshape(n).long(), *rows)
+    plan = ChunkPlan(
+        call=lambda xc, w, b, yc, rc: fn(xc, w, b, yc, **rc, **options),
+        chunk=resolve_chunk_size(chunk_size, n, vocab, memory_budget),
+        per_row=reduction == "none",
+        grad_in_forward=bool(grad_in_forward),
+        row_names=names,
+    )
+    out = ChunkedLinearFunction.apply(
+        plan, x.reshape(n, x.shape[-1]), weight, bias, None if labels is None else labels.reshape(n).long(), *rows
+    )
     if reduction == "none":
         return out.reshape(lead)
     if reduction == "sum":

@@ -27,8 +27,14 @@ def row_args(*names: str) -> Callable:
     return mark
 
 
-def logits(x: torch.Tensor, weight: torch.Tensor | torch.nn.Module, bias: torch.Tensor | None = None, *,
-           softcap: float | None = None, temperature: float = 1.0) -> torch.Tensor:
+def logits(
+    x: torch.Tensor,
+    weight: torch.Tensor | torch.nn.Module,
+    bias: torch.Tensor | None = None,
+    *,
+    softcap: float | None = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
     """fp32 logits `z = cap * tanh((x W^T + b) / cap) / temperature` (the matmul itself in x's dtype).
 
     `weight` may also be the head module itself (then `bias` must be None): z = module(x), upcast the same way.
@@ -57,8 +63,17 @@ def _valid(labels: torch.Tensor | None, rows: int, device, ignore_index: int):
     return labels != ignore_index
 
 
-def cross_entropy(x, weight, bias=None, labels=None, *, ignore_index: int = -100, label_smoothing: float = 0.0,
-                  z_loss: float = 0.0, softcap: float | None = None) -> torch.Tensor:
+def cross_entropy(
+    x,
+    weight,
+    bias=None,
+    labels=None,
+    *,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+) -> torch.Tensor:
     """Per-row cross-entropy: `F.cross_entropy(z, y, reduction="none", label_smoothing=eps)` + z_loss * lse^2.
 
     loss = (1 - eps) (lse - z_y) + eps (lse - mean_v z_v) + z_loss lse^2 (z-loss as in PaLM; `softcap` as in
@@ -75,8 +90,16 @@ def cross_entropy(x, weight, bias=None, labels=None, *, ignore_index: int = -100
     return loss
 
 
-def token_logprobs(x, weight, bias=None, labels=None, *, temperature: float = 1.0, ignore_index: int = -100,
-                   softcap: float | None = None) -> torch.Tensor:
+def token_logprobs(
+    x,
+    weight,
+    bias=None,
+    labels=None,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    softcap: float | None = None,
+) -> torch.Tensor:
     """log p(y) = z_y / T - logsumexp(z / T) per row (0 where ignored): the log-probabilities RL losses use.
 
     Written as -cross_entropy, whose fused log-softmax / NLL kernels keep the fewest [C, V] tensors.
@@ -87,9 +110,16 @@ def token_logprobs(x, weight, bias=None, labels=None, *, temperature: float = 1.
     return -F.cross_entropy(z, labels, reduction="none", ignore_index=ignore_index)
 
 
-def grpo_token_loss(logp: torch.Tensor, advantages: torch.Tensor, old_logprobs: torch.Tensor | None = None,
-                    ref_logprobs: torch.Tensor | None = None, *, epsilon_low: float = 0.2,
-                    epsilon_high: float = 0.2, beta: float = 0.0) -> torch.Tensor:
+def grpo_token_loss(
+    logp: torch.Tensor,
+    advantages: torch.Tensor,
+    old_logprobs: torch.Tensor | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    *,
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.2,
+    beta: float = 0.0,
+) -> torch.Tensor:
     """GRPO's per-token loss from per-token log-probs (the same formula serves the naive path).
 
     r = exp(logp - old), loss = -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A)
@@ -109,17 +139,28 @@ def grpo_token_loss(logp: torch.Tensor, advantages: torch.Tensor, old_logprobs: 
 
 
 @row_args("advantages", "old_logprobs", "ref_logprobs")
-def grpo(x, weight, bias=None, labels=None, *, advantages: torch.Tensor, old_logprobs: torch.Tensor | None = None,
-         ref_logprobs: torch.Tensor | None = None, temperature: float = 1.0, epsilon_low: float = 0.2,
-         epsilon_high: float = 0.2, beta: float = 0.0, ignore_index: int = -100,
-         softcap: float | None = None) -> torch.Tensor:
+def grpo(
+    x,
+    weight,
+    bias=None,
+    labels=None,
+    *,
+    advantages: torch.Tensor,
+    old_logprobs: torch.Tensor | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.2,
+    beta: float = 0.0,
+    ignore_index: int = -100,
+    softcap: float | None = None,
+) -> torch.Tensor:
     """Per-token GRPO loss (`grpo_token_loss`) on `token_logprobs`; 0 on ignored (prompt / padding) tokens.
 
     Sequence or group normalisation (GRPO's 1/|o_i|, DAPO's 1/sum|o_i|) is the caller's: reduction "sum" with
     pre-weighted advantages, "mean" with `num_items`, or "none".
     """
-    logp = token_logprobs(x, weight, bias, labels, temperature=temperature, ignore_index=ignore_index,
-                          softcap=softcap)
+    logp = token_logprobs(x, weight, bias, labels, temperature=temperature, ignore_index=ignore_index, softcap=softcap)
     valid = labels != ignore_index
     # Ignored rows may hold anything in the row tensors; keep them out of exp() so no inf * 0 reaches a gradient.
     old = None if old_logprobs is None else torch.where(valid, old_logprobs.float(), logp.detach())
@@ -130,9 +171,19 @@ def grpo(x, weight, bias=None, labels=None, *, advantages: torch.Tensor, old_log
 
 
 @row_args("teacher")
-def kl_div(x, weight, bias=None, labels=None, *, teacher: torch.Tensor, teacher_weight: torch.Tensor | None = None,
-           teacher_bias: torch.Tensor | None = None, temperature: float = 1.0, ignore_index: int = -100,
-           softcap: float | None = None) -> torch.Tensor:
+def kl_div(
+    x,
+    weight,
+    bias=None,
+    labels=None,
+    *,
+    teacher: torch.Tensor,
+    teacher_weight: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    softcap: float | None = None,
+) -> torch.Tensor:
     """Distillation: KL(p_teacher || p_student) = sum_v p_t,v (log p_t,v - log p_s,v) per row, both at temperature T.
 
     `teacher` is either the teacher's logits ([C, V]) or, with `teacher_weight` ([V, H_t]), its hidden states
@@ -143,8 +194,10 @@ def kl_div(x, weight, bias=None, labels=None, *, teacher: torch.Tensor, teacher_
     if teacher_weight is not None:
         zt = logits(teacher.to(teacher_weight.dtype), teacher_weight, teacher_bias, temperature=temperature)
     elif teacher.shape[-1] != z.shape[-1]:
-        raise ValueError(f"kl_div: teacher has {teacher.shape[-1]} columns but the student's vocabulary is "
-                         f"{z.shape[-1]}; pass teacher logits [rows, V] or hidden states with teacher_weight")
+        raise ValueError(
+            f"kl_div: teacher has {teacher.shape[-1]} columns but the student's vocabulary is "
+            f"{z.shape[-1]}; pass teacher logits [rows, V] or hidden states with teacher_weight"
+        )
     else:
         zt = teacher.float() / temperature
     log_pt = torch.log_softmax(zt.detach(), dim=-1)
@@ -152,8 +205,16 @@ def kl_div(x, weight, bias=None, labels=None, *, teacher: torch.Tensor, teacher_
     return torch.where(_valid(labels, z.shape[0], z.device, ignore_index), kl, torch.zeros_like(kl))
 
 
-def entropy(x, weight, bias=None, labels=None, *, temperature: float = 1.0, ignore_index: int = -100,
-            softcap: float | None = None) -> torch.Tensor:
+def entropy(
+    x,
+    weight,
+    bias=None,
+    labels=None,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    softcap: float | None = None,
+) -> torch.Tensor:
     """Entropy of the predicted distribution per row: H = -sum_v p_v log p_v. `labels` only mask (may be None)."""
     z = logits(x, weight, bias, softcap=softcap, temperature=temperature)
     logp = torch.log_softmax(z, dim=-1)

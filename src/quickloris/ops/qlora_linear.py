@@ -39,18 +39,25 @@ import torch
 
 from quickloris.quant.nf4 import NF4State, dequantize_nf4_reference
 
-
 # ----------------------------------------------------------------------------------------------------------
 # the NF4 matmul op
 
 
-def _matmul(a: torch.Tensor, packed: torch.Tensor, state: NF4State, transpose_weight: bool,
-            addend: torch.Tensor | None, lr_left: torch.Tensor | None = None,
-            lr_right: torch.Tensor | None = None) -> torch.Tensor:
+def _matmul(
+    a: torch.Tensor,
+    packed: torch.Tensor,
+    state: NF4State,
+    transpose_weight: bool,
+    addend: torch.Tensor | None,
+    lr_left: torch.Tensor | None = None,
+    lr_right: torch.Tensor | None = None,
+) -> torch.Tensor:
     k = state.shape[1] if transpose_weight else state.shape[0]
     if a.dim() != 2 or a.shape[1] != k:
-        raise ValueError(f"nf4_matmul: a must be [rows, {k}] for a weight of shape {list(state.shape)} "
-                         f"(transpose_weight={transpose_weight}), got {tuple(a.shape)}")
+        raise ValueError(
+            f"nf4_matmul: a must be [rows, {k}] for a weight of shape {list(state.shape)} "
+            f"(transpose_weight={transpose_weight}), got {tuple(a.shape)}"
+        )
     if packed.is_cuda:
         from quickloris.kernels.nf4_dequant import dequantize_nf4
 
@@ -71,14 +78,33 @@ def _matmul(a: torch.Tensor, packed: torch.Tensor, state: NF4State, transpose_we
     return torch.addmm(addend, a, w)
 
 
-def nf4_matmul_impl(a: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, absmax2: torch.Tensor | None,
-                    code2: torch.Tensor | None, offset: torch.Tensor | None, code: torch.Tensor, shape: list[int],
-                    blocksize: int, transpose_weight: bool, addend: torch.Tensor | None,
-                    lr_left: torch.Tensor | None, lr_right: torch.Tensor | None) -> torch.Tensor:
+def nf4_matmul_impl(
+    a: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    absmax2: torch.Tensor | None,
+    code2: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    code: torch.Tensor,
+    shape: list[int],
+    blocksize: int,
+    transpose_weight: bool,
+    addend: torch.Tensor | None,
+    lr_left: torch.Tensor | None,
+    lr_right: torch.Tensor | None,
+) -> torch.Tensor:
     """``addend + a @ W^T`` (transpose_weight) or ``addend + a @ W``, W = deq(...) [out, in] in a's dtype; with
     ``lr_left`` [rows, r] and ``lr_right`` [r, n] the addend is ``lr_left @ lr_right`` (made in the output)."""
-    state = NF4State(shape=torch.Size(shape), dtype=a.dtype, blocksize=blocksize, absmax=absmax, code=code,
-                     offset=offset, absmax2=absmax2, code2=code2)
+    state = NF4State(
+        shape=torch.Size(shape),
+        dtype=a.dtype,
+        blocksize=blocksize,
+        absmax=absmax,
+        code=code,
+        offset=offset,
+        absmax2=absmax2,
+        code2=code2,
+    )
     return _matmul(a, packed, state, transpose_weight, addend, lr_left, lr_right)
 
 
@@ -86,8 +112,9 @@ def _register() -> Any:
     op = torch.library.custom_op("quickloris::nf4_matmul", mutates_args=())(nf4_matmul_impl)
 
     @op.register_fake
-    def _(a, packed, absmax, absmax2, code2, offset, code, shape, blocksize, transpose_weight, addend, lr_left,
-          lr_right):
+    def _(
+        a, packed, absmax, absmax2, code2, offset, code, shape, blocksize, transpose_weight, addend, lr_left, lr_right
+    ):
         n = shape[0] if transpose_weight else shape[1]
         return a.new_empty((a.shape[0], n))
 
@@ -97,8 +124,14 @@ def _register() -> Any:
 _OP = _register()
 
 
-def nf4_matmul(a: torch.Tensor, weight, *, transpose_weight: bool = True, addend: torch.Tensor | None = None,
-               low_rank: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+def nf4_matmul(
+    a: torch.Tensor,
+    weight,
+    *,
+    transpose_weight: bool = True,
+    addend: torch.Tensor | None = None,
+    low_rank: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """`nf4_matmul_impl` for an `NF4Tensor` weight; the registered op under torch.compile, a direct call in eager.
 
     ``low_rank=(p, q)`` adds ``p @ q`` ([rows, r] @ [r, n]) like an addend, without materialising it separately.
@@ -107,9 +140,21 @@ def nf4_matmul(a: torch.Tensor, weight, *, transpose_weight: bool = True, addend
         raise ValueError("nf4_matmul: pass addend or low_rank, not both")
     left, right = low_rank if low_rank is not None else (None, None)
     if torch.compiler.is_compiling():
-        return torch.ops.quickloris.nf4_matmul(a, weight.packed, weight.absmax, weight.absmax2, weight.code2,
-                                               weight.offset, weight.code, [int(s) for s in weight.shape],
-                                               int(weight.blocksize), transpose_weight, addend, left, right)
+        return torch.ops.quickloris.nf4_matmul(
+            a,
+            weight.packed,
+            weight.absmax,
+            weight.absmax2,
+            weight.code2,
+            weight.offset,
+            weight.code,
+            [int(s) for s in weight.shape],
+            int(weight.blocksize),
+            transpose_weight,
+            addend,
+            left,
+            right,
+        )
     # Eager: no dispatcher round trip, and the weight's own cached state object, which lets the dequant kernel
     # reuse its launch plan (a direct launch). The plan lives as long as that state, i.e. as long as the weight.
     return _matmul(a, weight.packed, weight.nf4_state(), transpose_weight, addend, left, right)
@@ -184,8 +229,16 @@ class QLoRALinearFunction(torch.autograd.Function):
         return dx, None, dbias, dA, dB, None, None
 
 
-def qlora_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None, lora_A: torch.Tensor | None = None,
-                 lora_B: torch.Tensor | None = None, *, scaling: float = 1.0, dropout: float = 0.0) -> torch.Tensor:
+def qlora_linear(
+    x: torch.Tensor,
+    weight,
+    bias: torch.Tensor | None = None,
+    lora_A: torch.Tensor | None = None,
+    lora_B: torch.Tensor | None = None,
+    *,
+    scaling: float = 1.0,
+    dropout: float = 0.0,
+) -> torch.Tensor:
     """``x @ deq(weight)^T + scaling * dropout(x) @ lora_A^T @ lora_B^T + bias`` (see the module docstring).
 
     weight: an `NF4Tensor` [out, in]; lora_A [r, in] and lora_B [out, r] (any float dtype: they are used in x's
@@ -197,8 +250,10 @@ def qlora_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None, lora
     if not isinstance(weight, NF4Tensor):
         raise TypeError(f"weight must be a quickloris NF4Tensor, got {type(weight).__name__}")
     if x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"x has {x.shape[-1]} features but the weight expects {weight.shape[1]} "
-                         f"(weight shape {tuple(weight.shape)})")
+        raise ValueError(
+            f"x has {x.shape[-1]} features but the weight expects {weight.shape[1]} "
+            f"(weight shape {tuple(weight.shape)})"
+        )
     if not x.is_floating_point():
         raise TypeError(f"x must be a float tensor, got {x.dtype}")
     if (lora_A is None) != (lora_B is None):
@@ -206,8 +261,10 @@ def qlora_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None, lora
     if lora_A is not None:
         r = lora_A.shape[0]
         if lora_A.shape != (r, weight.shape[1]) or lora_B.shape != (weight.shape[0], r):
-            raise ValueError(f"LoRA shapes must be A [r, {weight.shape[1]}] and B [{weight.shape[0]}, r], got "
-                             f"A {tuple(lora_A.shape)} and B {tuple(lora_B.shape)}")
+            raise ValueError(
+                f"LoRA shapes must be A [r, {weight.shape[1]}] and B [{weight.shape[0]}, r], got "
+                f"A {tuple(lora_A.shape)} and B {tuple(lora_B.shape)}"
+            )
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     if bias is not None and bias.shape != (weight.shape[0],):

@@ -62,11 +62,21 @@ Keep = Literal["attention", "linears"]
 CHECKPOINT_KEEP = get_args(Keep)
 _CONTEXT_FNS: dict[str, Any] = {}  # in-graph checkpoint context functions by policy (see checkpoint_in_graph)
 # The attention kernels' forward ops (their outputs are what backward needs besides q, k, v), by (namespace, name).
-_ATTENTION_OPS = frozenset({("aten", name) for name in (
-    "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
-    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
-    "_scaled_dot_product_fused_attention_overrideable", "_flash_attention_forward", "_efficient_attention_forward")}
-    | {("higher_order", "flex_attention")})
+_ATTENTION_OPS = frozenset(
+    {
+        ("aten", name)
+        for name in (
+            "_scaled_dot_product_flash_attention",
+            "_scaled_dot_product_efficient_attention",
+            "_scaled_dot_product_cudnn_attention",
+            "_scaled_dot_product_flash_attention_for_cpu",
+            "_scaled_dot_product_fused_attention_overrideable",
+            "_flash_attention_forward",
+            "_efficient_attention_forward",
+        )
+    }
+    | {("higher_order", "flex_attention")}
+)
 
 
 def _backend(name: str) -> str | None:
@@ -77,28 +87,45 @@ def _backend(name: str) -> str | None:
 class CompileConfig(Config):
     """Regional torch.compile settings (`enabled` None: decided by the device, `resolved`)."""
 
-    enabled: bool | None = field(True, help="compile each decoder layer, the final norm and the loss (regional "
-                                 "compile); unset: on with a GPU (the fast path), off on CPU (compiling costs more "
-                                 "than it saves there)", flag="--compile")
+    enabled: bool | None = field(
+        True,
+        help="compile each decoder layer, the final norm and the loss (regional "
+        "compile); unset: on with a GPU (the fast path), off on CPU (compiling costs more "
+        "than it saves there)",
+        flag="--compile",
+    )
     backend: str = field("inductor", help="torch.compile backend (inductor; aot_eager for debugging)", check=_backend)
     mode: str | None = field(None, help="inductor mode, e.g. max-autotune-no-cudagraphs (none: default)")
     dynamic: bool = field(True, help="compile for symbolic shapes: one graph for all sequence lengths")
-    loss: bool = field(True, help="compile the lm_head + cross-entropy chunk (models on the chunked loss with a "
-                       "frozen plain lm_head, i.e. QLoRA models)")
+    loss: bool = field(
+        True,
+        help="compile the lm_head + cross-entropy chunk (models on the chunked loss with a "
+        "frozen plain lm_head, i.e. QLoRA models)",
+    )
     norm: bool = field(True, help="compile the final RMSNorm")
-    checkpoint_in_graph: bool = field(False, help="trace each checkpointed decoder layer's checkpoint into its "
-                                      "compiled graph: the replay runs inside the compiled backward (faster than "
-                                      "transformers' eager checkpoint around the compiled layer)",
-                                      flag="--checkpoint-in-graph")
+    checkpoint_in_graph: bool = field(
+        False,
+        help="trace each checkpointed decoder layer's checkpoint into its "
+        "compiled graph: the replay runs inside the compiled backward (faster than "
+        "transformers' eager checkpoint around the compiled layer)",
+        flag="--checkpoint-in-graph",
+    )
     checkpoint_keep: list[Keep] = field(
-        [], help="with --checkpoint-in-graph: what each layer keeps besides its input, comma-separated: attention "
+        [],
+        help="with --checkpoint-in-graph: what each layer keeps besides its input, comma-separated: attention "
         "(its outputs: no attention forward replayed) and/or linears (the NF4 matmul outputs: no GEMM replayed); "
-        "faster, more memory; empty: replay everything", flag="--checkpoint-keep")
+        "faster, more memory; empty: replay everything",
+        flag="--checkpoint-keep",
+    )
 
     def validate(self) -> None:
         if self.checkpoint_keep and not self.checkpoint_in_graph:
-            raise self.error("checkpoint_keep", f"={self.checkpoint_keep} needs {{checkpoint_in_graph}} (the eager "
-                             "checkpoint keeps only each layer's input)", "checkpoint_in_graph")
+            raise self.error(
+                "checkpoint_keep",
+                f"={self.checkpoint_keep} needs {{checkpoint_in_graph}} (the eager "
+                "checkpoint keeps only each layer's input)",
+                "checkpoint_in_graph",
+            )
 
     def resolved(self, device_type: str) -> CompileConfig:
         """This config with `enabled` decided: unset compiles on a GPU only."""
@@ -120,8 +147,10 @@ def compile_model(model: nn.Module, config: CompileConfig | None = None) -> nn.M
     spec = family_of(model)
     if not spec.fast_path:
         if surgery.state(model, STATE) is None:  # prepare_model's warning covers it
-            warn(f"{type(surgery.unwrap(model)).__name__}: not a registered family: the regional compile (fast "
-                 "path) is off, the model stays eager")
+            warn(
+                f"{type(surgery.unwrap(model)).__name__}: not a registered family: the regional compile (fast "
+                "path) is off, the model stays eager"
+            )
         return model
     kw: dict[str, Any] = dict(fullgraph=True, dynamic=cfg.dynamic, backend=cfg.backend, mode=cfg.mode)
     layers = decoder_layers(model)
@@ -164,8 +193,10 @@ def check_checkpoint_keep(keep, in_graph: bool = True, owner: str = "") -> None:
     if isinstance(keep, str) or not all(k in CHECKPOINT_KEEP for k in keep):
         raise ValueError(f"{owner}checkpoint_keep must be a list of {CHECKPOINT_KEEP}, got {keep!r}")
     if keep and not in_graph:
-        raise ValueError(f"{owner}checkpoint_keep={list(keep)} needs checkpoint_in_graph (the eager checkpoint keeps "
-                         "only each layer's input)")
+        raise ValueError(
+            f"{owner}checkpoint_keep={list(keep)} needs checkpoint_in_graph (the eager checkpoint keeps "
+            "only each layer's input)"
+        )
 
 
 def _draws_random(op, args, kwargs) -> bool:
@@ -216,9 +247,14 @@ def _checkpointed_forward(self, *args, **kwargs):
 
     if not self.training:
         return type(self).forward(self, *args, **kwargs)
-    return torch.utils.checkpoint.checkpoint(type(self).forward, self, *args, use_reentrant=False,
-                                             context_fn=_CONTEXT_FNS[self.quickloris_checkpoint_keep],
-                                             **kwargs)
+    return torch.utils.checkpoint.checkpoint(
+        type(self).forward,
+        self,
+        *args,
+        use_reentrant=False,
+        context_fn=_CONTEXT_FNS[self.quickloris_checkpoint_keep],
+        **kwargs,
+    )
 
 
 def _pass_through(function, *args, **kwargs):
@@ -240,8 +276,11 @@ def checkpoint_in_graph(model: nn.Module, layer: nn.Module, keep=(), *, path: st
     func = getattr(layer, "_gradient_checkpointing_func", None)
     if not getattr(layer, "gradient_checkpointing", False) or func is _pass_through:
         return False
-    if not (isinstance(func, functools.partial) and func.func is torch.utils.checkpoint.checkpoint
-            and func.keywords.get("use_reentrant") is False):
+    if not (
+        isinstance(func, functools.partial)
+        and func.func is torch.utils.checkpoint.checkpoint
+        and func.keywords.get("use_reentrant") is False
+    ):
         return False  # offloaded (save_on_cpu around the checkpoint) or reentrant: keep transformers' wrapper
     from torch.utils.checkpoint import create_selective_checkpoint_contexts
 
@@ -251,12 +290,21 @@ def checkpoint_in_graph(model: nn.Module, layer: nn.Module, keep=(), *, path: st
     key = ",".join(sorted(set(keep)))
     _CONTEXT_FNS.setdefault(key, functools.partial(create_selective_checkpoint_contexts, policy))
     what = f"in-graph selective checkpoint (keeps: input{', ' + key if key else ''})"
-    surgery.set_attribute(model, STEP, layer, "quickloris_checkpoint_keep", key, "the policy the forward reads",
-                          path=path)
-    surgery.set_attribute(model, STEP, layer, "forward", types.MethodType(_checkpointed_forward, layer), what,
-                          path=path)
-    surgery.set_attribute(model, STEP, layer, "_gradient_checkpointing_func", _pass_through,
-                          "transformers' checkpoint wrapper becomes a pass-through", path=path)
+    surgery.set_attribute(
+        model, STEP, layer, "quickloris_checkpoint_keep", key, "the policy the forward reads", path=path
+    )
+    surgery.set_attribute(
+        model, STEP, layer, "forward", types.MethodType(_checkpointed_forward, layer), what, path=path
+    )
+    surgery.set_attribute(
+        model,
+        STEP,
+        layer,
+        "_gradient_checkpointing_func",
+        _pass_through,
+        "transformers' checkpoint wrapper becomes a pass-through",
+        path=path,
+    )
     return True
 
 
@@ -268,9 +316,11 @@ def compile_stats() -> dict[str, int]:
     """Dynamo's process-wide counters: graphs compiled, graph breaks, frames captured."""
     from torch._dynamo.utils import counters
 
-    return {"unique_graphs": int(counters["stats"]["unique_graphs"]),
-            "graph_breaks": int(sum(counters["graph_break"].values())),
-            "calls_captured": int(counters["stats"]["calls_captured"])}
+    return {
+        "unique_graphs": int(counters["stats"]["unique_graphs"]),
+        "graph_breaks": int(sum(counters["graph_break"].values())),
+        "calls_captured": int(counters["stats"]["calls_captured"]),
+    }
 
 
 def reset_compile_stats() -> None:

@@ -31,18 +31,41 @@ import torch
 from torch import nn
 
 from quickloris.models import surgery
-from quickloris.models.chunked_loss import STEP as LOSS, causal_lm_parts, eager_head_loss, set_head_loss
-from quickloris.ops.chunked_core import (ChunkPlan, ChunkStep, choose_chunk_size, chunked_backward, chunked_forward,
-                                         row_spans)
+from quickloris.models.chunked_loss import STEP as LOSS
+from quickloris.models.chunked_loss import causal_lm_parts, eager_head_loss, set_head_loss
+from quickloris.ops.chunked_core import (
+    ChunkPlan,
+    ChunkStep,
+    choose_chunk_size,
+    chunked_backward,
+    chunked_forward,
+    row_spans,
+)
 from quickloris.ops.linear_losses import cross_entropy
 from quickloris.parallel.regions import without_duck_sizing
 
 
-def _chunk_value_and_grad(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor,
-                          ignore_index: int, softcap: float | None, label_smoothing: float, z_loss: float):
+def _chunk_value_and_grad(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    scale: torch.Tensor,
+    ignore_index: int,
+    softcap: float | None,
+    label_smoothing: float,
+    z_loss: float,
+):
     def f(xc):
-        per_row = cross_entropy(xc, weight, None, labels, ignore_index=ignore_index, label_smoothing=label_smoothing,
-                                z_loss=z_loss, softcap=softcap)
+        per_row = cross_entropy(
+            xc,
+            weight,
+            None,
+            labels,
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+            z_loss=z_loss,
+            softcap=softcap,
+        )
         return per_row.sum() * scale
 
     value, vjp = torch.func.vjp(f, x)
@@ -52,8 +75,9 @@ def _chunk_value_and_grad(x: torch.Tensor, weight: torch.Tensor, labels: torch.T
 
 def make_chunk_fn(backend: str = "inductor", mode: str | None = None, options: dict | None = None):
     """The compiled per-chunk function (one per model: its own dynamo cache entry)."""
-    return without_duck_sizing(torch.compile(_chunk_value_and_grad, fullgraph=True, dynamic=True, backend=backend,
-                                             mode=mode, options=options))
+    return without_duck_sizing(
+        torch.compile(_chunk_value_and_grad, fullgraph=True, dynamic=True, backend=backend, mode=mode, options=options)
+    )
 
 
 def chunk_spans(n: int, chunk: int) -> list[tuple[int, int]]:
@@ -67,8 +91,9 @@ class CompiledChunkedCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, chunk_fn, x, weight, labels, scale, chunk: int, options: tuple):
         plan = ChunkPlan(call=chunk_fn, chunk=chunk, grad_in_forward=True, merge_unit_tail=True, dx_dtype=x.dtype)
-        return chunked_forward(ctx, plan, _compiled_step(options), (x, weight, labels, scale), (),
-                               (bool(ctx.needs_input_grad[1]),))
+        return chunked_forward(
+            ctx, plan, _compiled_step(options), (x, weight, labels, scale), (), (bool(ctx.needs_input_grad[1]),)
+        )
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -94,10 +119,20 @@ def _compiled_step(options: tuple):
     return make
 
 
-def compiled_head_loss(chunk_fn, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
-                       num_items=None, ignore_index: int = -100, softcap: float | None = None,
-                       label_smoothing: float = 0.0, z_loss: float = 0.0, chunk_size: int | None = None,
-                       memory_budget: int | None = None) -> torch.Tensor:
+def compiled_head_loss(
+    chunk_fn,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    num_items=None,
+    ignore_index: int = -100,
+    softcap: float | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    chunk_size: int | None = None,
+    memory_budget: int | None = None,
+) -> torch.Tensor:
     """Mean cross-entropy of ``hidden @ weight^T`` against `labels` over `num_items` (default: valid labels)."""
     x = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1).long()
@@ -116,9 +151,17 @@ class CompiledHeadLoss:
         self.chunk_fn = chunk_fn
 
     def __call__(self, hidden, head, targets, num_items, ignore_index, softcap, config):
-        return compiled_head_loss(self.chunk_fn, hidden, head.weight, targets, num_items=num_items,
-                                  ignore_index=ignore_index, softcap=softcap, chunk_size=config.chunk_size,
-                                  memory_budget=config.memory_budget)
+        return compiled_head_loss(
+            self.chunk_fn,
+            hidden,
+            head.weight,
+            targets,
+            num_items=num_items,
+            ignore_index=ignore_index,
+            softcap=softcap,
+            chunk_size=config.chunk_size,
+            memory_budget=config.memory_budget,
+        )
 
 
 def supports_compiled_loss(model: nn.Module) -> bool:
@@ -127,16 +170,23 @@ def supports_compiled_loss(model: nn.Module) -> bool:
     return type(head) is nn.Linear and head.bias is None and not head.weight.requires_grad
 
 
-def enable_compiled_loss(model: nn.Module, *, backend: str = "inductor", mode: str | None = None,
-                         options: dict | None = None) -> nn.Module:
+def enable_compiled_loss(
+    model: nn.Module, *, backend: str = "inductor", mode: str | None = None, options: dict | None = None
+) -> nn.Module:
     """Make `model`'s chunked training loss (enabled already) run each chunk through one compiled region."""
     if surgery.state(model, LOSS) is None:
-        raise ValueError("the compiled loss replaces the chunked loss's per-chunk step: enable the chunked loss first "
-                         "(prepare_model does, with QLoRAConfig.chunked_loss)")
+        raise ValueError(
+            "the compiled loss replaces the chunked loss's per-chunk step: enable the chunked loss first "
+            "(prepare_model does, with QLoRAConfig.chunked_loss)"
+        )
     if not supports_compiled_loss(model):
         raise ValueError("the compiled loss needs a frozen, bias-free nn.Linear lm_head (as QLoRA has)")
-    set_head_loss(model, CompiledHeadLoss(make_chunk_fn(backend, mode, options)), "compile",
-                  f"lm_head + cross-entropy chunk compiled ({backend})")
+    set_head_loss(
+        model,
+        CompiledHeadLoss(make_chunk_fn(backend, mode, options)),
+        "compile",
+        f"lm_head + cross-entropy chunk compiled ({backend})",
+    )
     return model
 
 
@@ -153,5 +203,13 @@ def is_compiled_loss_enabled(model: nn.Module) -> bool:
     return loss_state is not None and isinstance(loss_state["head_loss"], CompiledHeadLoss)
 
 
-__all__ = ["enable_compiled_loss", "disable_compiled_loss", "compiled_head_loss", "make_chunk_fn", "chunk_spans",
-           "supports_compiled_loss", "is_compiled_loss_enabled", "CompiledHeadLoss"]
+__all__ = [
+    "enable_compiled_loss",
+    "disable_compiled_loss",
+    "compiled_head_loss",
+    "make_chunk_fn",
+    "chunk_spans",
+    "supports_compiled_loss",
+    "is_compiled_loss_enabled",
+    "CompiledHeadLoss",
+]

@@ -36,15 +36,23 @@ if TYPE_CHECKING:
 class CheckpointConfig(Config):
     """Activation checkpointing of the decoder layers (`gradient_checkpointing` None: decided by the device)."""
 
-    gradient_checkpointing: bool | None = field(True, help="recompute each decoder layer in backward instead of "
-                                                "keeping its activations (non-reentrant torch.utils.checkpoint); "
-                                                "unset: on with a GPU, off on CPU",
-                                                flag="--gradient-checkpointing")
-    every_n_layers: int = field(1, help="checkpoint one decoder layer in n (1: all; 2: half, faster, more memory)",
-                                check=at_least(1))
-    skip_last: int = field(0, help="leave the last k decoder layers un-checkpointed: their backward needs no "
-                           "recompute, for k layers' activations of memory (use spare memory for speed)",
-                           check=at_least(0), flag="--skip-checkpoint-last")
+    gradient_checkpointing: bool | None = field(
+        True,
+        help="recompute each decoder layer in backward instead of "
+        "keeping its activations (non-reentrant torch.utils.checkpoint); "
+        "unset: on with a GPU, off on CPU",
+        flag="--gradient-checkpointing",
+    )
+    every_n_layers: int = field(
+        1, help="checkpoint one decoder layer in n (1: all; 2: half, faster, more memory)", check=at_least(1)
+    )
+    skip_last: int = field(
+        0,
+        help="leave the last k decoder layers un-checkpointed: their backward needs no "
+        "recompute, for k layers' activations of memory (use spare memory for speed)",
+        check=at_least(0),
+        flag="--skip-checkpoint-last",
+    )
     offload: bool = field(False, help="keep the checkpointed layer inputs in pinned CPU memory (longest contexts)")
 
     def resolved(self, device_type: str) -> CheckpointConfig:
@@ -62,33 +70,45 @@ def apply_checkpointing(model: nn.Module, config: CheckpointConfig | None = None
             model.gradient_checkpointing_disable()
         return model
     if cfg.offload and next(model.parameters()).device.type == "cpu":
-        raise ConfigError(CheckpointConfig, "offload", "moves checkpointed activations from the GPU to pinned CPU "
-                          "memory; this model is on the CPU already")
+        raise ConfigError(
+            CheckpointConfig,
+            "offload",
+            "moves checkpointed activations from the GPU to pinned CPU memory; this model is on the CPU already",
+        )
     params = inspect.signature(model.gradient_checkpointing_enable).parameters
     kwargs: dict = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
     for name, value, default in (("every_n_layers", cfg.every_n_layers, 1), ("offload", cfg.offload, False)):
         if name in params:
             kwargs[name] = value
         elif value != default:
-            raise ValueError(f"CheckpointConfig.{name}={value!r} needs a transformers version whose "
-                             f"gradient_checkpointing_enable() accepts {name}")
+            raise ValueError(
+                f"CheckpointConfig.{name}={value!r} needs a transformers version whose "
+                f"gradient_checkpointing_enable() accepts {name}"
+            )
     model.gradient_checkpointing_enable(**kwargs)
     if cfg.skip_last:
         from quickloris.models.families import decoder_layers
 
         layers = decoder_layers(model)
         if cfg.skip_last > len(layers):
-            raise ConfigError(CheckpointConfig, "skip_last", f"={cfg.skip_last} exceeds the model's {len(layers)} "
-                              "layers")
-        for layer in layers[len(layers) - cfg.skip_last:]:
+            raise ConfigError(
+                CheckpointConfig, "skip_last", f"={cfg.skip_last} exceeds the model's {len(layers)} layers"
+            )
+        for layer in layers[len(layers) - cfg.skip_last :]:
             layer.gradient_checkpointing = False
     return model
 
 
-def build_training_model(model: nn.Module, qlora: QLoRAConfig | None = None, *,
-                         checkpointing: CheckpointConfig | None = None, compile: CompileConfig | None = None,
-                         adapter: str | None = None, sharding: FSDPConfig | None = None,
-                         mesh: Any = None) -> nn.Module:
+def build_training_model(
+    model: nn.Module,
+    qlora: QLoRAConfig | None = None,
+    *,
+    checkpointing: CheckpointConfig | None = None,
+    compile: CompileConfig | None = None,
+    adapter: str | None = None,
+    sharding: FSDPConfig | None = None,
+    mesh: Any = None,
+) -> nn.Module:
     """`model` made trainable, steps 1-4 of the module docstring, in place; returns it (in train mode).
 
     `sharding`: FSDP2 over `mesh` (default: the job `quickloris.parallel.fsdp.init_distributed` joins); None: not

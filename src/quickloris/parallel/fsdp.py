@@ -28,9 +28,9 @@ ranks, so the reduced gradient is ``sum_r dL_r = dL`` (HF ``Trainer`` scales the
 ``average_tokens_across_devices``). The reported loss is ``sum_r L_r`` (`all_reduce_sum`).
 
 Adapters: `quickloris.models.adapters.save_adapter` (and the prepared model's ``save_pretrained``) gathers the LoRA
-matrices of a sharded model (every rank must call it; rank 0 writes) in PEFT's format, loadable on one GPU. Launch: ``torchrun --nproc-per-node N script.py`` (or ``accelerate launch``), then
-`init_distributed`. The stack order (quantize/LoRA -> checkpointing -> sharding -> compile) is
-`quickloris.parallel.compose.build_training_model`'s.
+matrices of a sharded model (every rank must call it; rank 0 writes) in PEFT's format, loadable on one GPU. Launch:
+``torchrun --nproc-per-node N script.py`` (or ``accelerate launch``), then `init_distributed`. The stack order
+(quantize/LoRA -> checkpointing -> sharding -> compile) is `quickloris.parallel.compose.build_training_model`'s.
 """
 
 from __future__ import annotations
@@ -60,27 +60,42 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
 class FSDPConfig(Config):
     """FSDP2 sharding of a QLoRA model over the ranks of a 1-D device mesh (see `quickloris.parallel.fsdp`)."""
 
-    mixed_precision: bool = field(True, help="gather parameters in --param-dtype and reduce gradients in "
-                                  "--reduce-dtype (MixedPrecisionPolicy); off: compute in the parameters' dtypes")
+    mixed_precision: bool = field(
+        True,
+        help="gather parameters in --param-dtype and reduce gradients in "
+        "--reduce-dtype (MixedPrecisionPolicy); off: compute in the parameters' dtypes",
+    )
     param_dtype: Literal["bfloat16", "float16", "float32"] = field(
-        "bfloat16", help="compute dtype of the gathered parameters (NF4 weights dequantize to it)")
+        "bfloat16", help="compute dtype of the gathered parameters (NF4 weights dequantize to it)"
+    )
     reduce_dtype: Literal["float32", "bfloat16"] = field("float32", help="dtype of the gradient reduce-scatter")
-    cpu_offload: bool = field(False, help="keep parameter shards, gradients and the optimizer step on the CPU "
-                              "(pinned memory); each layer is copied to the GPU for its compute")
-    reshard_after_forward: bool = field(True, help="free each layer's gathered parameters after its forward and "
-                                        "gather again for backward (less memory, one more all-gather per layer)")
+    cpu_offload: bool = field(
+        False,
+        help="keep parameter shards, gradients and the optimizer step on the CPU "
+        "(pinned memory); each layer is copied to the GPU for its compute",
+    )
+    reshard_after_forward: bool = field(
+        True,
+        help="free each layer's gathered parameters after its forward and "
+        "gather again for backward (less memory, one more all-gather per layer)",
+    )
     unshardable: Literal["replicate", "error"] = field(
-        "replicate", help="an NF4 weight that cannot be split into whole 16384-value groups per rank: keep it whole "
-        "on every rank (replicate), or raise (error)")
+        "replicate",
+        help="an NF4 weight that cannot be split into whole 16384-value groups per rank: keep it whole "
+        "on every rank (replicate), or raise (error)",
+    )
 
 
 @dataclasses.dataclass
 class FSDPOptions(FSDPConfig):
     """`quickloris train` options: whether to shard with FSDP2, and how (the `FSDPConfig` fields)."""
 
-    fsdp: bool = field(False, help="shard the model with FSDP2 over the processes `torchrun --nproc-per-node N "
-                       "-m quickloris train --fsdp` starts (one per GPU); each step's rows are split over the ranks, "
-                       "the loss stays the one-process loss")
+    fsdp: bool = field(
+        False,
+        help="shard the model with FSDP2 over the processes `torchrun --nproc-per-node N "
+        "-m quickloris train --fsdp` starts (one per GPU); each step's rows are split over the ranks, "
+        "the loss stays the one-process loss",
+    )
 
     def sharding(self) -> FSDPConfig | None:
         """The `FSDPConfig` to shard with, or None without --fsdp."""
@@ -114,8 +129,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(device_type: str | None = None, *, backend: str | None = None,
-                     timeout_s: float = 1800.0) -> DistContext:
+def init_distributed(
+    device_type: str | None = None, *, backend: str | None = None, timeout_s: float = 1800.0
+) -> DistContext:
     """Join the job torchrun / accelerate launched (env RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
 
     Without a launcher this process is a job of one (rank 0 of 1: FSDP2 on one GPU, e.g. for CPU offload).
@@ -130,13 +146,16 @@ def init_distributed(device_type: str | None = None, *, backend: str | None = No
     if device_type not in ("cuda", "cpu"):
         raise ValueError(f"device_type must be cuda or cpu, got {device_type!r}")
     if "RANK" not in os.environ and not dist.is_initialized():
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_port()))
+        os.environ.update(
+            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
+        )
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device_type == "cuda":
         if local_rank >= torch.cuda.device_count():
-            raise RuntimeError(f"LOCAL_RANK={local_rank} but this machine has {torch.cuda.device_count()} GPU(s): "
-                               "launch at most one process per GPU (torchrun --nproc-per-node <= GPUs)")
+            raise RuntimeError(
+                f"LOCAL_RANK={local_rank} but this machine has {torch.cuda.device_count()} GPU(s): "
+                "launch at most one process per GPU (torchrun --nproc-per-node <= GPUs)"
+            )
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:
@@ -158,10 +177,12 @@ def check_no_bitsandbytes(model: nn.Module) -> None:
     """Raise TypeError if `model` still holds bitsandbytes 4-bit parameters (FSDP2 cannot shard them)."""
     for name, p in model.named_parameters():
         if getattr(p, "quant_state", None) is not None or type(p).__name__ == "Params4bit":
-            raise TypeError(f"{name} is a bitsandbytes {type(p).__name__}: FSDP2 cannot shard it (its quant_state is "
-                            "not a tensor FSDP2 moves, and its uint8 bytes would be split without their scales). "
-                            "Call quickloris.prepare_model(model) first: it wraps the same bytes as NF4Tensor "
-                            "weights, which shard bit-exactly")
+            raise TypeError(
+                f"{name} is a bitsandbytes {type(p).__name__}: FSDP2 cannot shard it (its quant_state is "
+                "not a tensor FSDP2 moves, and its uint8 bytes would be split without their scales). "
+                "Call quickloris.prepare_model(model) first: it wraps the same bytes as NF4Tensor "
+                "weights, which shard bit-exactly"
+            )
 
 
 def sharding_plan(model: nn.Module, world_size: int) -> dict[str, str]:
@@ -172,16 +193,21 @@ def sharding_plan(model: nn.Module, world_size: int) -> dict[str, str]:
     """
     if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
         raise ValueError(f"world_size must be a positive int, got {world_size!r}")
-    return {name: "shard" if world_size > 1 and p.shardable(world_size) else "replicate"
-            for name, p in model.named_parameters() if isinstance(p, NF4Tensor)}
+    return {
+        name: "shard" if world_size > 1 and p.shardable(world_size) else "replicate"
+        for name, p in model.named_parameters()
+        if isinstance(p, NF4Tensor)
+    }
 
 
 def _unshardable_message(model: nn.Module, names: list[str], world_size: int) -> str:
     params = dict(model.named_parameters())
     shown = ", ".join(f"{n} {list(params[n].shape)}" for n in names[:4]) + (" ..." if len(names) > 4 else "")
     unit = params[names[0]].shard_unit
-    return (f"{len(names)} NF4 weight(s) cannot be split over {world_size} ranks into shards of whole {unit}-value "
-            f"groups ((out / world_size) * in must be a multiple of {unit}, out a multiple of world_size): {shown}")
+    return (
+        f"{len(names)} NF4 weight(s) cannot be split over {world_size} ranks into shards of whole {unit}-value "
+        f"groups ((out / world_size) * in must be a multiple of {unit}, out a multiple of world_size): {shown}"
+    )
 
 
 def _mp_policy(cfg: FSDPConfig):
@@ -216,16 +242,18 @@ def shard_model(model: nn.Module, config: FSDPConfig | None = None, mesh=None) -
     """
     from torch.distributed.fsdp import fully_shard
 
-    from quickloris.models.prepare import is_prepared
     from quickloris.models.families import decoder_layers
+    from quickloris.models.prepare import is_prepared
 
     cfg = config or FSDPConfig()
     if not isinstance(cfg, FSDPConfig):
         raise TypeError(f"config must be a quickloris FSDPConfig, got {type(cfg).__name__}")
     check_no_bitsandbytes(model)
     if not is_prepared(model):
-        raise ValueError(f"{type(model).__name__} was not prepared by quickloris.prepare_model: FSDP2 shards the "
-                         "NF4 weights and LoRA adapters it creates (call prepare_model or build_training_model first)")
+        raise ValueError(
+            f"{type(model).__name__} was not prepared by quickloris.prepare_model: FSDP2 shards the "
+            "NF4 weights and LoRA adapters it creates (call prepare_model or build_training_model first)"
+        )
     if surgery.applied(model, STEP):
         raise ValueError("this model is sharded already")
     if surgery.applied(model, "compile"):
@@ -237,11 +265,15 @@ def shard_model(model: nn.Module, config: FSDPConfig | None = None, mesh=None) -
     plan = sharding_plan(model, world)
     replicate = sorted(n for n, how in plan.items() if how == "replicate")
     if replicate and cfg.unshardable == "error" and world > 1:
-        raise ValueError(_unshardable_message(model, replicate, world) + "; use FSDPConfig(unshardable='replicate') "
-                         "to keep them whole on every rank, or another world size")
+        raise ValueError(
+            _unshardable_message(model, replicate, world) + "; use FSDPConfig(unshardable='replicate') "
+            "to keep them whole on every rank, or another world size"
+        )
     if replicate and "ignored_params" not in inspect.signature(fully_shard).parameters:
-        raise RuntimeError(_unshardable_message(model, replicate, world) + "; replicating them needs "
-                           "fully_shard(ignored_params=...) (torch >= 2.7)")
+        raise RuntimeError(
+            _unshardable_message(model, replicate, world) + "; replicating them needs "
+            "fully_shard(ignored_params=...) (torch >= 2.7)"
+        )
     device = mesh_device(mesh)
     kw: dict[str, Any] = dict(mesh=mesh, mp_policy=_mp_policy(cfg), offload_policy=_offload_policy(cfg, device))
     model.to(device)  # replicated weights are not moved by fully_shard: they must be on the device already
@@ -251,8 +283,13 @@ def shard_model(model: nn.Module, config: FSDPConfig | None = None, mesh=None) -
     for layer in decoder_layers(model):
         fully_shard(layer, reshard_after_forward=cfg.reshard_after_forward, **kw)
     fully_shard(model, **kw)  # root: embeddings, final norm, lm_head (kept gathered from forward to backward)
-    surgery.record(model, STEP, "model.model.layers.*, model", f"fully_shard over {world} ranks: one unit per decoder "
-                   f"layer + the root ({len(replicate)} NF4 weights replicated)")
+    surgery.record(
+        model,
+        STEP,
+        "model.model.layers.*, model",
+        f"fully_shard over {world} ranks: one unit per decoder "
+        f"layer + the root ({len(replicate)} NF4 weights replicated)",
+    )
     surgery.set_state(model, STEP, {"config": cfg, "world_size": world, "plan": plan, "mesh": mesh})
     return model
 
@@ -267,9 +304,12 @@ def sharding_summary(model: nn.Module) -> dict[str, Any]:
     if state is None:
         raise ValueError(f"{type(model).__name__} was not sharded by quickloris.parallel.fsdp.shard_model")
     plan = state["plan"]
-    return {"world_size": state["world_size"], "config": dataclasses.asdict(state["config"]),
-            "nf4_sharded": sum(v == "shard" for v in plan.values()),
-            "nf4_replicated": sorted(n for n, v in plan.items() if v == "replicate")}
+    return {
+        "world_size": state["world_size"],
+        "config": dataclasses.asdict(state["config"]),
+        "nf4_sharded": sum(v == "shard" for v in plan.values()),
+        "nf4_replicated": sorted(n for n, v in plan.items() if v == "replicate"),
+    }
 
 
 def trainer_fsdp_config(model: nn.Module) -> dict[str, Any]:
@@ -284,8 +324,12 @@ def trainer_fsdp_config(model: nn.Module) -> dict[str, Any]:
     if not is_sharded(model):
         raise ValueError(f"{type(model).__name__} is not sharded: call quickloris.parallel.fsdp.shard_model first")
     names = sorted({type(layer).__name__ for layer in decoder_layers(model)})
-    return {"fsdp_version": 2, "state_dict_type": "SHARDED_STATE_DICT", "transformer_layer_cls_to_wrap": names,
-            "activation_checkpointing": False}
+    return {
+        "fsdp_version": 2,
+        "state_dict_type": "SHARDED_STATE_DICT",
+        "transformer_layer_cls_to_wrap": names,
+        "activation_checkpointing": False,
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -311,8 +355,9 @@ def all_reduce_sum(value: torch.Tensor | float, group=None) -> torch.Tensor:
     return t
 
 
-def global_num_items(labels: torch.Tensor | Iterable[torch.Tensor], *, ignore_index: int = -100,
-                     group=None) -> torch.Tensor:
+def global_num_items(
+    labels: torch.Tensor | Iterable[torch.Tensor], *, ignore_index: int = -100, group=None
+) -> torch.Tensor:
     """Target tokens of one optimizer step: summed over the given micro-batches' labels and over all ranks."""
     batches = [labels] if isinstance(labels, torch.Tensor) else list(labels)
     if not batches:
@@ -328,6 +373,21 @@ def gradient_scale(group=None) -> float:
     return float(dist.get_world_size(group)) if dist.is_initialized() else 1.0
 
 
-__all__ = ["FSDPConfig", "FSDPOptions", "DistContext", "init_distributed", "shard_model", "sharding_plan", "sharding_summary",
-           "is_sharded", "check_no_bitsandbytes", "count_targets", "global_num_items", "all_reduce_sum",
-           "gradient_scale", "gather_adapter_state_dict", "save_adapter", "free_port"]
+__all__ = [
+    "FSDPConfig",
+    "FSDPOptions",
+    "DistContext",
+    "init_distributed",
+    "shard_model",
+    "sharding_plan",
+    "sharding_summary",
+    "is_sharded",
+    "check_no_bitsandbytes",
+    "count_targets",
+    "global_num_items",
+    "all_reduce_sum",
+    "gradient_scale",
+    "gather_adapter_state_dict",
+    "save_adapter",
+    "free_port",
+]

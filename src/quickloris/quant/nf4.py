@@ -3,7 +3,8 @@
 Layout of a weight W with n = W.numel() values (row-major, `[out, in]`), blocksize B (64 by default):
 
 * ``packed``: uint8 ``[ceil(n/2), 1]``; byte j holds value 2j in its high nibble and 2j+1 in its low nibble
-  (an odd n pads the last low nibble with code 7, i.e. 0.0).
+  (an odd n pads the last low nibble with code 7, i.e. 0.0; code 0 where bitsandbytes' CUDA kernel does: in an
+  all-zero last block).
 * ``absmax``: one scale per block of B values. Without double quantization it is float32
   ``absmax[b] = max |W[bB:(b+1)B]|``. With double quantization ("nested") it is uint8 codes into the
   256-entry signed dynamic map ``code2``, one float32 ``absmax2`` per 256 absmax values, and a float32
@@ -26,6 +27,8 @@ Memory: 4 bits per value + 8 bits per 64 values + 32 bits per 16384 values ≈ 4
 from __future__ import annotations
 
 import dataclasses
+import fractions
+import functools
 import json
 import math
 from collections.abc import Mapping
@@ -35,10 +38,22 @@ import torch
 
 # The 16 NF4 levels (QLoRA, Dettmers et al. 2023): quantiles of N(0, 1) rescaled to [-1, 1], with an exact 0.
 NF4_LEVELS = (
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
 )
 NF4_ZERO_CODE = 7
 NESTED_BLOCKSIZE = 256
@@ -110,8 +125,14 @@ class NF4State:
 
     def to(self, device: torch.device | str) -> NF4State:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return dataclasses.replace(self, absmax=move(self.absmax), code=move(self.code), offset=move(self.offset),
-                                   absmax2=move(self.absmax2), code2=move(self.code2))
+        return dataclasses.replace(
+            self,
+            absmax=move(self.absmax),
+            code=move(self.code),
+            offset=move(self.offset),
+            absmax2=move(self.absmax2),
+            code2=move(self.code2),
+        )
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return tuple(t for t in (self.absmax, self.code, self.offset, self.absmax2, self.code2) if t is not None)
@@ -126,8 +147,10 @@ class NF4State:
             raise ValueError(f"NF4 code table must be float32 [16], got {self.code.dtype} {tuple(self.code.shape)}")
         nb = self.nblocks
         if self.absmax.numel() != nb:
-            raise ValueError(f"absmax has {self.absmax.numel()} entries, expected {nb} for shape "
-                             f"{tuple(self.shape)} and blocksize {self.blocksize}")
+            raise ValueError(
+                f"absmax has {self.absmax.numel()} entries, expected {nb} for shape "
+                f"{tuple(self.shape)} and blocksize {self.blocksize}"
+            )
         if self.nested:
             if self.absmax.dtype != torch.uint8:
                 raise TypeError(f"nested absmax must be uint8 codes, got {self.absmax.dtype}")
@@ -139,21 +162,28 @@ class NF4State:
                 raise ValueError(f"nested blocksize must be {NESTED_BLOCKSIZE}, got {self.nested_blocksize}")
             nb2 = -(-nb // self.nested_blocksize)
             if self.absmax2.dtype != torch.float32 or self.absmax2.numel() != nb2:
-                raise ValueError(f"absmax2 must be float32 [{nb2}], got {self.absmax2.dtype} "
-                                 f"{tuple(self.absmax2.shape)}")
+                raise ValueError(
+                    f"absmax2 must be float32 [{nb2}], got {self.absmax2.dtype} {tuple(self.absmax2.shape)}"
+                )
             if self.offset.dtype != torch.float32 or self.offset.numel() != 1:
                 raise ValueError(f"offset must be a float32 scalar, got {self.offset.dtype} {tuple(self.offset.shape)}")
         elif self.absmax.dtype != torch.float32:
             raise TypeError(f"absmax must be float32 (not nested) or uint8 (nested), got {self.absmax.dtype}")
         if packed is not None:
             if packed.dtype != torch.uint8:
-                raise TypeError(f"packed NF4 data must be uint8 (view other storage dtypes as uint8), got {packed.dtype}")
+                raise TypeError(
+                    f"packed NF4 data must be uint8 (view other storage dtypes as uint8), got {packed.dtype}"
+                )
             if packed.numel() != (self.numel + 1) // 2:
-                raise ValueError(f"packed data has {packed.numel()} bytes, expected {(self.numel + 1) // 2} "
-                                 f"for shape {tuple(self.shape)}")
+                raise ValueError(
+                    f"packed data has {packed.numel()} bytes, expected {(self.numel + 1) // 2} "
+                    f"for shape {tuple(self.shape)}"
+                )
             devices = {t.device for t in (packed, *self.tensors())}
             if len(devices) != 1:
-                raise ValueError(f"packed data and quantization state are on different devices: {sorted(map(str, devices))}")
+                raise ValueError(
+                    f"packed data and quantization state are on different devices: {sorted(map(str, devices))}"
+                )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -175,8 +205,33 @@ def _scaled(flat: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.T
     return flat * inv
 
 
+@functools.cache
+def _cuda_thresholds() -> tuple[float, ...]:
+    """The 15 decision thresholds of bitsandbytes' CUDA NF4 kernel, as float32 values.
+
+    The kernel compares with decimal literals: the shortest decimal of each float64 midpoint of the NF4 levels
+    (``repr``), which the CUDA compiler rounds to float32 from the decimal. For 4 of the 15 that lands one float32
+    step away from the float32 midpoint the CPU backend computes (the decimal sits within 1e-16 of a tie between two
+    float32 values, on the other side): values exactly between the two then get another code (measured: 5 of
+    58.7M values of a float32 [4096, 14336] weight). Each decimal is rounded here exactly (rational arithmetic,
+    ties to even), never through float64."""
+    levels = [float(v) for v in NF4_LEVELS]
+    out = []
+    for lo, hi in zip(levels[:-1], levels[1:]):
+        exact = fractions.Fraction(repr((lo + hi) / 2))
+        f = torch.tensor(float(exact), dtype=torch.float32)
+        near = [torch.nextafter(f, torch.tensor(-2.0)), f, torch.nextafter(f, torch.tensor(2.0))]
+        out.append(
+            float(min(near, key=lambda c: (abs(fractions.Fraction(float(c)) - exact), int(c.view(torch.int32)) & 1)))
+        )
+    return tuple(out)
+
+
 def _nf4_nibbles(scaled: torch.Tensor, zero_block: torch.Tensor, rounding: Rounding) -> torch.Tensor:
-    thresholds = (nf4_code(scaled.device)[:-1] + nf4_code(scaled.device)[1:]) / 2  # == the CUDA kernel's literals
+    if rounding == "bnb-cuda":
+        thresholds = torch.tensor(_cuda_thresholds(), dtype=torch.float32, device=scaled.device)
+    else:  # the CPU backend's bounds: float32 midpoints
+        thresholds = (nf4_code(scaled.device)[:-1] + nf4_code(scaled.device)[1:]) / 2
     q = torch.bucketize(scaled, thresholds)  # x > t[i] -> above bucket i (ties go down), as the CUDA tree
     # An all-zero block has absmax 0: CUDA computes 0 * (1/0) = NaN, which its comparison tree maps to code 0;
     # the CPU backend clamps absmax to 1e-38 and gets code 7. Either dequantizes to (-)0.
@@ -276,11 +331,14 @@ def quantize_nf4(
     zero_block = (absmax == 0).repeat_interleave(blocksize)[: flat.numel()]
     nibbles = _nf4_nibbles(_scaled(flat, absmax, blocksize), zero_block, rounding).to(torch.uint8)
     if nibbles.numel() % 2:
-        nibbles = torch.cat([nibbles, nibbles.new_full((1,), NF4_ZERO_CODE)])
+        # The pad is quantized as a 0.0 of the last block: code 7, or, in an all-zero block on CUDA, code 0.
+        pad = 0 if rounding == "bnb-cuda" and bool(zero_block[-1]) else NF4_ZERO_CODE
+        nibbles = torch.cat([nibbles, nibbles.new_full((1,), pad)])
     packed = ((nibbles[0::2] << 4) | nibbles[1::2]).unsqueeze(1)
 
-    state = NF4State(shape=weight.shape, dtype=weight.dtype, blocksize=blocksize, absmax=absmax,
-                     code=nf4_code(weight.device))
+    state = NF4State(
+        shape=weight.shape, dtype=weight.dtype, blocksize=blocksize, absmax=absmax, code=nf4_code(weight.device)
+    )
     if double_quant:
         state.absmax, state.absmax2, state.offset = _quantize_absmax(absmax, rounding)
         state.code2 = signed_dynamic_map(weight.device)
@@ -326,11 +384,24 @@ def state_from_bnb(quant_state) -> NF4State:
         offset = quant_state.offset
         if not isinstance(offset, torch.Tensor):
             offset = torch.tensor(float(offset), dtype=torch.float32, device=quant_state.absmax.device)
-        return NF4State(shape=shape, dtype=quant_state.dtype, blocksize=quant_state.blocksize,
-                        absmax=quant_state.absmax, code=quant_state.code, offset=offset, absmax2=s2.absmax,
-                        code2=s2.code, nested_blocksize=s2.blocksize)
-    return NF4State(shape=shape, dtype=quant_state.dtype, blocksize=quant_state.blocksize,
-                    absmax=quant_state.absmax, code=quant_state.code)
+        return NF4State(
+            shape=shape,
+            dtype=quant_state.dtype,
+            blocksize=quant_state.blocksize,
+            absmax=quant_state.absmax,
+            code=quant_state.code,
+            offset=offset,
+            absmax2=s2.absmax,
+            code2=s2.code,
+            nested_blocksize=s2.blocksize,
+        )
+    return NF4State(
+        shape=shape,
+        dtype=quant_state.dtype,
+        blocksize=quant_state.blocksize,
+        absmax=quant_state.absmax,
+        code=quant_state.code,
+    )
 
 
 def as_packed_uint8(data: torch.Tensor) -> torch.Tensor:
@@ -359,8 +430,13 @@ def state_from_checkpoint(tensors: Mapping[str, torch.Tensor], prefix: str) -> t
     meta = json.loads(bytes(tensors[meta_keys[0]].to(torch.uint8).tolist()).decode("utf-8"))
     get = lambda name: tensors[f"{prefix}.{name}"]  # noqa: E731
     packed = as_packed_uint8(tensors[prefix])
-    state = NF4State(shape=torch.Size(meta["shape"]), dtype=getattr(torch, meta["dtype"]),
-                     blocksize=int(meta["blocksize"]), absmax=get("absmax"), code=get("quant_map").float())
+    state = NF4State(
+        shape=torch.Size(meta["shape"]),
+        dtype=getattr(torch, meta["dtype"]),
+        blocksize=int(meta["blocksize"]),
+        absmax=get("absmax"),
+        code=get("quant_map").float(),
+    )
     if f"{prefix}.nested_absmax" in tensors:
         state.absmax2 = get("nested_absmax")
         state.code2 = get("nested_quant_map")
@@ -373,12 +449,17 @@ def state_from_checkpoint(tensors: Mapping[str, torch.Tensor], prefix: str) -> t
 def state_to_checkpoint(packed: torch.Tensor, state: NF4State, prefix: str) -> dict[str, torch.Tensor]:
     """The tensors bitsandbytes writes for one NF4 weight (inverse of :func:`state_from_checkpoint`)."""
     state.validate(packed)
-    meta: dict = {"quant_type": "nf4", "blocksize": state.blocksize,
-                  "dtype": str(state.dtype).removeprefix("torch."), "shape": list(state.shape)}
+    meta: dict = {
+        "quant_type": "nf4",
+        "blocksize": state.blocksize,
+        "dtype": str(state.dtype).removeprefix("torch."),
+        "shape": list(state.shape),
+    }
     out = {prefix: packed, f"{prefix}.absmax": state.absmax, f"{prefix}.quant_map": state.code}
     if state.nested:
-        meta.update(nested_blocksize=state.nested_blocksize, nested_dtype="float32",
-                    nested_offset=float(state.offset.item()))
+        meta.update(
+            nested_blocksize=state.nested_blocksize, nested_dtype="float32", nested_offset=float(state.offset.item())
+        )
         out[f"{prefix}.nested_absmax"] = state.absmax2
         out[f"{prefix}.nested_quant_map"] = state.code2
     out[f"{prefix}.{_QS_SUFFIX}nf4"] = torch.tensor(list(json.dumps(meta).encode("utf-8")), dtype=torch.uint8)

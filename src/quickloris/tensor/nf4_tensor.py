@@ -44,8 +44,16 @@ from typing import Any
 import torch
 
 from quickloris.quant.nf4 import (
-    FLOAT_DTYPES, NESTED_BLOCKSIZE, NF4State, Rounding, as_packed_uint8, quantize_nf4, state_from_bnb,
-    state_from_checkpoint, state_to_checkpoint)
+    FLOAT_DTYPES,
+    NESTED_BLOCKSIZE,
+    NF4State,
+    Rounding,
+    as_packed_uint8,
+    quantize_nf4,
+    state_from_bnb,
+    state_from_checkpoint,
+    state_to_checkpoint,
+)
 
 aten = torch.ops.aten
 
@@ -82,8 +90,9 @@ class NF4Tensor(torch.Tensor):
                 raise ValueError(f"NF4Tensor holds a 2-D [out, in] weight, got shape {tuple(state.shape)}")
         elif len(state.shape) not in (1, 2):  # 1-D: the flat view FSDP2 keeps of a shard (`view(-1)`)
             raise ValueError(f"NF4Tensor views are 1-D or 2-D, got shape {tuple(state.shape)}")
-        return torch.Tensor._make_wrapper_subclass(cls, state.shape, dtype=state.dtype, device=packed.device,
-                                                   requires_grad=False)
+        return torch.Tensor._make_wrapper_subclass(
+            cls, state.shape, dtype=state.dtype, device=packed.device, requires_grad=False
+        )
 
     def __init__(self, packed: torch.Tensor, state: NF4State, *, _validate: bool = True):
         self.packed = packed
@@ -103,8 +112,10 @@ class NF4Tensor(torch.Tensor):
         if quant_state is None or not isinstance(param, torch.Tensor):
             raise TypeError(f"expected a bitsandbytes Params4bit with a quant_state, got {type(param).__name__}")
         if getattr(quant_state, "packing_format_for_cpu", False):
-            raise ValueError("this bitsandbytes weight was repacked in place by bitsandbytes' CPU kernel (an "
-                             "eval-mode forward on CPU); its bytes are no longer in the NF4 layout")
+            raise ValueError(
+                "this bitsandbytes weight was repacked in place by bitsandbytes' CPU kernel (an "
+                "eval-mode forward on CPU); its bytes are no longer in the NF4 layout"
+            )
         return cls(as_packed_uint8(param.data), state_from_bnb(quant_state))
 
     @classmethod
@@ -114,14 +125,23 @@ class NF4Tensor(torch.Tensor):
         return cls(packed, state)
 
     @classmethod
-    def from_float(cls, weight: torch.Tensor, *, blocksize: int = 64, double_quant: bool = True,
-                   rounding: Rounding | None = None, dtype: torch.dtype | None = None) -> NF4Tensor:
+    def from_float(
+        cls,
+        weight: torch.Tensor,
+        *,
+        blocksize: int = 64,
+        double_quant: bool = True,
+        rounding: Rounding | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> NF4Tensor:
         """Quantize a float weight (bit-exact with bitsandbytes on that device); `dtype`: dequantization dtype."""
         if isinstance(weight, NF4Tensor):
             raise TypeError("weight is already an NF4Tensor")
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-            raise ValueError(f"weight must be a 2-D [out, in] tensor, got "
-                             f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
+            raise ValueError(
+                f"weight must be a 2-D [out, in] tensor, got "
+                f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}"
+            )
         packed, state = quantize_nf4(weight, blocksize=blocksize, double_quant=double_quant, rounding=rounding)
         if dtype is not None:
             state.dtype = check_dtype(dtype)
@@ -136,9 +156,17 @@ class NF4Tensor(torch.Tensor):
     def nf4_state(self) -> NF4State:
         """The quantization state (cached: one object per tensor, which lets the dequant kernel reuse its launch)."""
         if self._state is None:
-            self._state = NF4State(shape=self.shape, dtype=self.dtype, blocksize=self.blocksize, absmax=self.absmax,
-                                   code=self.code, offset=self.offset, absmax2=self.absmax2, code2=self.code2,
-                                   nested_blocksize=self.nested_blocksize)
+            self._state = NF4State(
+                shape=self.shape,
+                dtype=self.dtype,
+                blocksize=self.blocksize,
+                absmax=self.absmax,
+                code=self.code,
+                offset=self.offset,
+                absmax2=self.absmax2,
+                code2=self.code2,
+                nested_blocksize=self.nested_blocksize,
+            )
         return self._state
 
     def nf4_components(self) -> tuple[torch.Tensor, NF4State]:
@@ -162,21 +190,39 @@ class NF4Tensor(torch.Tensor):
 
         state2 = None
         if self.nested:
-            state2 = QuantState(absmax=self.absmax2, code=self.code2, blocksize=self.nested_blocksize,
-                                dtype=torch.float32)
-        qs = QuantState(absmax=self.absmax, shape=self.shape, code=self.code, blocksize=self.blocksize,
-                        quant_type="nf4", dtype=self.dtype, offset=self.offset, state2=state2)
-        return bnb.nn.Params4bit(self.packed, requires_grad=False, quant_state=qs, blocksize=self.blocksize,
-                                 compress_statistics=self.nested, quant_type="nf4", bnb_quantized=True,
-                                 module=None)
+            state2 = QuantState(
+                absmax=self.absmax2, code=self.code2, blocksize=self.nested_blocksize, dtype=torch.float32
+            )
+        qs = QuantState(
+            absmax=self.absmax,
+            shape=self.shape,
+            code=self.code,
+            blocksize=self.blocksize,
+            quant_type="nf4",
+            dtype=self.dtype,
+            offset=self.offset,
+            state2=state2,
+        )
+        return bnb.nn.Params4bit(
+            self.packed,
+            requires_grad=False,
+            quant_state=qs,
+            blocksize=self.blocksize,
+            compress_statistics=self.nested,
+            quant_type="nf4",
+            bnb_quantized=True,
+            module=None,
+        )
 
     def inner_nbytes(self) -> int:
         """Bytes actually stored (packed data + state), vs ``numel * element_size`` for the dense weight."""
         return sum(t.numel() * t.element_size() for t in self._inner_tensors().values())
 
     def __repr__(self, *, tensor_contents=None) -> str:  # no dispatch: printing must not dequantize
-        return (f"NF4Tensor(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device}, "
-                f"blocksize={self.blocksize}, double_quant={self.nested})")
+        return (
+            f"NF4Tensor(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device}, "
+            f"blocksize={self.blocksize}, double_quant={self.nested})"
+        )
 
     # -- tracing protocol --------------------------------------------------------------------------------------
 
@@ -190,8 +236,11 @@ class NF4Tensor(torch.Tensor):
     @staticmethod
     def __tensor_unflatten__(inner: dict[str, torch.Tensor], ctx, outer_size, outer_stride):
         dtype, blocksize, nested_blocksize = ctx
-        return NF4Tensor(inner["packed"], state_of(inner, torch.Size(outer_size), dtype, blocksize, nested_blocksize),
-                         _validate=False)
+        return NF4Tensor(
+            inner["packed"],
+            state_of(inner, torch.Size(outer_size), dtype, blocksize, nested_blocksize),
+            _validate=False,
+        )
 
     # -- FSDP2 (torch.distributed.fsdp.fully_shard) -------------------------------------------------------------
 
@@ -221,12 +270,20 @@ class NF4Tensor(torch.Tensor):
         world, rows = mesh.size(), int(outer_size[0])
         if rows % world or int(self.shape[0]) != rows // world or (world > 1 and self.numel() % self.shard_unit):
             # The same condition on every rank: all raise before the collective instead of one hanging.
-            raise ValueError(f"NF4 weight of shape {list(outer_size)} cannot be all-gathered from {world} shards of "
-                             f"{list(self.shape)}: FSDP2 needs equal shards of whole {self.shard_unit}-value groups; "
-                             "shard with quickloris.parallel.fsdp.shard_model, which replicates such weights")
+            raise ValueError(
+                f"NF4 weight of shape {list(outer_size)} cannot be all-gathered from {world} shards of "
+                f"{list(self.shape)}: FSDP2 needs equal shards of whole {self.shard_unit}-value groups; "
+                "shard with quickloris.parallel.fsdp.shard_model, which replicates such weights"
+            )
         inputs = (self.packed, self.absmax) + ((self.absmax2,) if self.nested else ())
-        meta = (tuple(int(s) for s in outer_size), self.blocksize, self.nested_blocksize, self.code, self.offset,
-                self.code2)
+        meta = (
+            tuple(int(s) for s in outer_size),
+            self.blocksize,
+            self.nested_blocksize,
+            self.code,
+            self.offset,
+            self.code2,
+        )
         return inputs, meta
 
     def fsdp_post_all_gather(self, outputs, metadata, param_dtype, *, out=None):
@@ -240,9 +297,17 @@ class NF4Tensor(torch.Tensor):
                 if mine is not None and mine.data_ptr() != got.data_ptr():
                     mine.copy_(got)
             return None
-        state = NF4State(shape=torch.Size(shape), dtype=check_dtype(param_dtype), blocksize=blocksize,
-                         absmax=absmax, code=code, offset=offset, absmax2=absmax2, code2=code2,
-                         nested_blocksize=nested_blocksize)
+        state = NF4State(
+            shape=torch.Size(shape),
+            dtype=check_dtype(param_dtype),
+            blocksize=blocksize,
+            absmax=absmax,
+            code=code,
+            offset=offset,
+            absmax2=absmax2,
+            code2=code2,
+            nested_blocksize=nested_blocksize,
+        )
         return NF4Tensor(packed, state, _validate=False), tuple(outputs)
 
     __torch_function__ = torch._C._disabled_torch_function_impl
@@ -253,8 +318,10 @@ class NF4Tensor(torch.Tensor):
         handler = _HANDLERS.get(func)
         if handler is None:
             # NotImplementedError, not TypeError: Python turns a TypeError in `w + 1` into a vaguer message.
-            raise NotImplementedError(f"NF4Tensor does not support {func}: it is a frozen 4-bit weight. Use it through "
-                            "quickloris.nn.QLoRALinear, or get dense values with .dequantize()")
+            raise NotImplementedError(
+                f"NF4Tensor does not support {func}: it is a frozen 4-bit weight. Use it through "
+                "quickloris.nn.QLoRALinear, or get dense values with .dequantize()"
+            )
         return handler(*args, **kwargs)
 
 
@@ -280,26 +347,41 @@ def check_dtype(dtype: Any) -> torch.dtype:
     return dtype
 
 
-def state_of(inner: Mapping[str, torch.Tensor], shape: torch.Size, dtype: torch.dtype, blocksize: int,
-           nested_blocksize: int = NESTED_BLOCKSIZE) -> NF4State:
-    return NF4State(shape=shape, dtype=dtype, blocksize=blocksize, absmax=inner["absmax"], code=inner["code"],
-                    offset=inner.get("offset"), absmax2=inner.get("absmax2"), code2=inner.get("code2"),
-                    nested_blocksize=nested_blocksize)
+def state_of(
+    inner: Mapping[str, torch.Tensor],
+    shape: torch.Size,
+    dtype: torch.dtype,
+    blocksize: int,
+    nested_blocksize: int = NESTED_BLOCKSIZE,
+) -> NF4State:
+    return NF4State(
+        shape=shape,
+        dtype=dtype,
+        blocksize=blocksize,
+        absmax=inner["absmax"],
+        code=inner["code"],
+        offset=inner.get("offset"),
+        absmax2=inner.get("absmax2"),
+        code2=inner.get("code2"),
+        nested_blocksize=nested_blocksize,
+    )
 
 
 def rebuild(t: NF4Tensor, fn, dtype: torch.dtype | None = None) -> NF4Tensor:
     """A new NF4Tensor whose inner tensors are `fn(inner)` (same format, optionally another dtype)."""
     inner = {k: fn(v) for k, v in t._inner_tensors().items()}
-    return NF4Tensor(inner["packed"], state_of(inner, t.shape, dtype or t.dtype, t.blocksize, t.nested_blocksize),
-                     _validate=False)
+    return NF4Tensor(
+        inner["packed"], state_of(inner, t.shape, dtype or t.dtype, t.blocksize, t.nested_blocksize), _validate=False
+    )
 
 
 def _detach(t: NF4Tensor) -> NF4Tensor:
     return rebuild(t, lambda v: v)
 
 
-def _to_copy(t: NF4Tensor, *, dtype=None, layout=None, device=None, pin_memory=None, non_blocking=False,
-             memory_format=None) -> NF4Tensor:
+def _to_copy(
+    t: NF4Tensor, *, dtype=None, layout=None, device=None, pin_memory=None, non_blocking=False, memory_format=None
+) -> NF4Tensor:
     if layout not in (None, torch.strided):
         raise TypeError(f"NF4Tensor only has the strided layout, got {layout}")
     if dtype is not None:
@@ -317,8 +399,10 @@ def _clone(t: NF4Tensor, *, memory_format=None) -> NF4Tensor:
 
 def _copy_(dst: NF4Tensor, src: Any, non_blocking: bool = False) -> NF4Tensor:
     if not isinstance(src, NF4Tensor):
-        raise TypeError(f"can only copy an NF4Tensor into an NF4Tensor (got {type(src).__name__}); quantize with "
-                        "NF4Tensor.from_float first")
+        raise TypeError(
+            f"can only copy an NF4Tensor into an NF4Tensor (got {type(src).__name__}); quantize with "
+            "NF4Tensor.from_float first"
+        )
     if (src.shape, src.blocksize, src.nested) != (dst.shape, dst.blocksize, dst.nested):
         raise ValueError(f"NF4 formats differ: {src!r} -> {dst!r}")
     for k, v in dst._inner_tensors().items():
@@ -326,13 +410,15 @@ def _copy_(dst: NF4Tensor, src: Any, non_blocking: bool = False) -> NF4Tensor:
     return dst
 
 
-_HANDLERS.update({
-    aten.detach.default: _detach,
-    aten.alias.default: _detach,
-    aten._to_copy.default: _to_copy,
-    aten.clone.default: _clone,
-    aten.copy_.default: _copy_,
-})
+_HANDLERS.update(
+    {
+        aten.detach.default: _detach,
+        aten.alias.default: _detach,
+        aten._to_copy.default: _to_copy,
+        aten.clone.default: _clone,
+        aten.copy_.default: _copy_,
+    }
+)
 
 
 def is_nf4(t: Any) -> bool:
@@ -341,8 +427,16 @@ def is_nf4(t: Any) -> bool:
 
 def nf4_fields(w: NF4Tensor) -> dict[str, Any]:
     """The op arguments of a weight; reads attributes only, so it also works inside a compiled region."""
-    return dict(packed=w.packed, absmax=w.absmax, absmax2=w.absmax2, code2=w.code2, offset=w.offset, code=w.code,
-                shape=[int(s) for s in w.shape], blocksize=int(w.blocksize))
+    return dict(
+        packed=w.packed,
+        absmax=w.absmax,
+        absmax2=w.absmax2,
+        code2=w.code2,
+        offset=w.offset,
+        code=w.code,
+        shape=[int(s) for s in w.shape],
+        blocksize=int(w.blocksize),
+    )
 
 
 def replace_dtype(w: NF4Tensor, dtype: torch.dtype) -> NF4Tensor:

@@ -19,8 +19,11 @@ aten = torch.ops.aten
 
 
 def _make(t: NF4Tensor, inner: dict[str, torch.Tensor], shape, dtype: torch.dtype | None = None) -> NF4Tensor:
-    return NF4Tensor(inner["packed"], state_of(inner, torch.Size(shape), dtype or t.dtype, t.blocksize,
-                                             t.nested_blocksize), _validate=False)
+    return NF4Tensor(
+        inner["packed"],
+        state_of(inner, torch.Size(shape), dtype or t.dtype, t.blocksize, t.nested_blocksize),
+        _validate=False,
+    )
 
 
 def _cols(t: NF4Tensor) -> int:
@@ -32,16 +35,19 @@ def _rows(t: NF4Tensor, start: int, stop: int) -> NF4Tensor:
     cols, unit, rows = _cols(t), t.shard_unit, int(t.shape[0])
     n0, n1 = start * cols, stop * cols
     if n0 % unit or (n1 % unit and stop != rows):
-        raise ValueError(f"NF4Tensor {list(t.shape)}: rows [{start}, {stop}) do not start and end on whole groups of "
-                         f"{unit} values (blocksize {t.blocksize}" + (" x 256 absmax per absmax2 scale" if t.nested
-                         else "") + "), so their bytes and scales would not be self-contained. Shard NF4 models with "
-                         "quickloris.parallel.fsdp.shard_model, which replicates weights that cannot be split")
+        raise ValueError(
+            f"NF4Tensor {list(t.shape)}: rows [{start}, {stop}) do not start and end on whole groups of "
+            f"{unit} values (blocksize {t.blocksize}"
+            + (" x 256 absmax per absmax2 scale" if t.nested else "")
+            + "), so their bytes and scales would not be self-contained. Shard NF4 models with "
+            "quickloris.parallel.fsdp.shard_model, which replicates weights that cannot be split"
+        )
     bs = t.blocksize
     blocks0, blocks1 = n0 // bs, -(-n1 // bs)
-    inner = dict(t._inner_tensors(), packed=t.packed[n0 // 2:(n1 + 1) // 2], absmax=t.absmax[blocks0:blocks1])
+    inner = dict(t._inner_tensors(), packed=t.packed[n0 // 2 : (n1 + 1) // 2], absmax=t.absmax[blocks0:blocks1])
     if t.nested:
         nb = t.nested_blocksize
-        inner["absmax2"] = t.absmax2[blocks0 // nb:-(-blocks1 // nb)]
+        inner["absmax2"] = t.absmax2[blocks0 // nb : -(-blocks1 // nb)]
     return _make(t, inner, (stop - start, cols) if t.dim() == 2 else (stop - start,))
 
 
@@ -78,8 +84,10 @@ def _shape_of(t: NF4Tensor, size) -> torch.Size:
         known = math.prod(s for s in size if s != -1)
         size[size.index(-1)] = t.numel() // known if known else 0
     if math.prod(size) != t.numel() or len(size) not in (1, 2):
-        raise NotImplementedError(f"NF4Tensor does not support viewing {list(t.shape)} as {list(size)}: only as a 1-D "
-                                  f"or 2-D tensor of the same {t.numel()} values")
+        raise NotImplementedError(
+            f"NF4Tensor does not support viewing {list(t.shape)} as {list(size)}: only as a 1-D "
+            f"or 2-D tensor of the same {t.numel()} values"
+        )
     return torch.Size(size)
 
 
@@ -89,10 +97,12 @@ def _view(t: NF4Tensor, size) -> NF4Tensor:
 
 def _as_strided(t: NF4Tensor, size, stride, storage_offset=None) -> NF4Tensor:
     shape = _shape_of(t, size)
-    contiguous = [math.prod(shape[i + 1:]) for i in range(len(shape))]
+    contiguous = [math.prod(shape[i + 1 :]) for i in range(len(shape))]
     if [int(s) for s in stride] != contiguous or (storage_offset or 0) != 0:
-        raise NotImplementedError(f"NF4Tensor does not support as_strided with size {list(size)}, stride "
-                                  f"{list(stride)}, offset {storage_offset}: only a contiguous view of all values")
+        raise NotImplementedError(
+            f"NF4Tensor does not support as_strided with size {list(size)}, stride "
+            f"{list(stride)}, offset {storage_offset}: only a contiguous view of all values"
+        )
     return _make(t, t._inner_tensors(), shape)
 
 
@@ -105,8 +115,7 @@ def _new_zeros(t: NF4Tensor, size, *, dtype=None, layout=None, device=None, pin_
     nblocks = -(-n // t.blocksize)
     zeros = lambda k, like: torch.zeros(k, dtype=like.dtype, device=dev)  # noqa: E731
     inner = {k: v.to(dev, copy=True) for k, v in t._inner_tensors().items()}  # tables (code, offset, code2)
-    inner.update(packed=torch.zeros((n + 1) // 2, 1, dtype=torch.uint8, device=dev),
-                 absmax=zeros(nblocks, t.absmax))
+    inner.update(packed=torch.zeros((n + 1) // 2, 1, dtype=torch.uint8, device=dev), absmax=zeros(nblocks, t.absmax))
     if t.nested:
         inner["absmax2"] = zeros(-(-nblocks // t.nested_blocksize), t.absmax2)
     out = _make(t, inner, shape, None if dtype is None else check_dtype(dtype))

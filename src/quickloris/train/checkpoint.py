@@ -61,14 +61,17 @@ def checkpoint_dirs(output_dir: str | os.PathLike) -> list[Path]:
     root = Path(output_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX) and p.name[len(_PREFIX):].isdigit()
-             and (p / MANIFEST).is_file()]
+    found = [
+        p
+        for p in root.iterdir()
+        if p.is_dir() and p.name.startswith(_PREFIX) and p.name[len(_PREFIX) :].isdigit() and (p / MANIFEST).is_file()
+    ]
     return sorted(found, key=checkpoint_step)
 
 
 def checkpoint_step(folder: Path) -> int:
     """The step of checkpoint `folder` (from its name)."""
-    return int(folder.name[len(_PREFIX):])
+    return int(folder.name[len(_PREFIX) :])
 
 
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
@@ -105,8 +108,7 @@ def verify(folder: str | os.PathLike) -> str | None:
     return None
 
 
-def resumable_checkpoint(output_dir: str | os.PathLike,
-                         notice: Callable[[str], None] = lambda m: None) -> Path | None:
+def resumable_checkpoint(output_dir: str | os.PathLike, notice: Callable[[str], None] = lambda m: None) -> Path | None:
     """The newest intact checkpoint; each damaged newer one is reported through `notice` and skipped.
 
     Raises CheckpointError if there are checkpoints but none is intact.
@@ -117,13 +119,16 @@ def resumable_checkpoint(output_dir: str | os.PathLike,
         problem = verify(folder)
         if problem is None:
             if damaged:
-                notice(f"checkpoint {damaged[-1][0]} is damaged ({damaged[-1][1]}); resuming from {folder.name} "
-                       "instead")
+                notice(
+                    f"checkpoint {damaged[-1][0]} is damaged ({damaged[-1][1]}); resuming from {folder.name} instead"
+                )
             return folder
         damaged.append((folder.name, problem))
     if damaged:
-        raise CheckpointError(f"no intact checkpoint in {Path(output_dir) / CHECKPOINTS}: "
-                              + "; ".join(f"{name}: {problem}" for name, problem in damaged))
+        raise CheckpointError(
+            f"no intact checkpoint in {Path(output_dir) / CHECKPOINTS}: "
+            + "; ".join(f"{name}: {problem}" for name, problem in damaged)
+        )
     return None
 
 
@@ -142,8 +147,15 @@ def _set_rng_state(rng: dict[str, Any]) -> None:
             torch.cuda.set_rng_state_all(states)
 
 
-def save_checkpoint(output_dir: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    state: LoopState, fingerprint: dict[str, Any], *, keep: int = 2) -> Path:
+def save_checkpoint(
+    output_dir: str | os.PathLike,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: LoopState,
+    fingerprint: dict[str, Any],
+    *,
+    keep: int = 2,
+) -> Path:
     """Write the checkpoint of `state.step`; keep the newest `keep` checkpoints. Returns its folder.
 
     Raises `TrainingDiverged` (and writes nothing) if a trainable weight is not finite.
@@ -163,13 +175,22 @@ def save_checkpoint(output_dir: str | os.PathLike, model: torch.nn.Module, optim
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         save_adapter(model, tmp)
-        payload = {"step": state.step, "total_steps": state.total_steps, "elapsed": state.elapsed,
-                   "history": state.history, "evals": state.evals, "optimizer": optimizer.state_dict(),
-                   "rng": _rng_state(), "fingerprint": fingerprint}
+        payload = {
+            "step": state.step,
+            "total_steps": state.total_steps,
+            "elapsed": state.elapsed,
+            "history": state.history,
+            "evals": state.evals,
+            "optimizer": optimizer.state_dict(),
+            "rng": _rng_state(),
+            "fingerprint": fingerprint,
+        }
         with atomic_open(tmp / STATE_FILE, "wb") as f:
             torch.save(payload, f)
-        files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
-                 for name in (CONFIG_NAME, WEIGHTS_NAME, STATE_FILE)}
+        files = {
+            name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+            for name in (CONFIG_NAME, WEIGHTS_NAME, STATE_FILE)
+        }
         atomic_write_json(tmp / MANIFEST, {"step": state.step, "files": files})
         _fsync_dir(tmp)
         os.replace(tmp, final)
@@ -190,8 +211,11 @@ def data_fingerprint(examples: Sequence[Any], data_file: str | os.PathLike | Non
         tokens.update(array("q", [len(ex.input_ids)]).tobytes())
         tokens.update(array("q", ex.input_ids).tobytes())
         tokens.update(array("q", ex.labels).tobytes())
-    return {"data.file_sha256": _sha256(Path(data_file))[:16] if data_file is not None else None,
-            "data.examples": len(examples), "data.tokens_sha256": tokens.hexdigest()[:16]}
+    return {
+        "data.file_sha256": _sha256(Path(data_file))[:16] if data_file is not None else None,
+        "data.examples": len(examples),
+        "data.tokens_sha256": tokens.hexdigest()[:16],
+    }
 
 
 def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -200,8 +224,9 @@ def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any]) -> l
     return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
 
 
-def load_checkpoint(folder: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    fingerprint: dict[str, Any]) -> LoopState:
+def load_checkpoint(
+    folder: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer, fingerprint: dict[str, Any]
+) -> LoopState:
     """Restore adapter, optimizer and RNG states from `folder` into `model` / `optimizer`; returns the loop state.
 
     Raises CheckpointError if the checkpoint is damaged or was made with different trajectory options or data
@@ -217,12 +242,18 @@ def load_checkpoint(folder: str | os.PathLike, model: torch.nn.Module, optimizer
         raise CheckpointError(f"checkpoint {folder} cannot be read: {type(e).__name__}: {e}") from None
     diff = fingerprint_differences(payload["fingerprint"], fingerprint)
     if diff:
-        raise CheckpointError(f"cannot resume from {folder}: it was made with other options or data "
-                              f"({'; '.join(diff)}); use the same ones, or start a new run (another --output-dir, "
-                              "or --overwrite)")
+        raise CheckpointError(
+            f"cannot resume from {folder}: it was made with other options or data "
+            f"({'; '.join(diff)}); use the same ones, or start a new run (another --output-dir, "
+            "or --overwrite)"
+        )
     load_adapter(model, folder)
     optimizer.load_state_dict(payload["optimizer"])
     _set_rng_state(payload["rng"])
-    return LoopState(step=int(payload["step"]), total_steps=int(payload["total_steps"]),
-                     history=list(payload["history"]), elapsed=float(payload["elapsed"]),
-                     evals=dict(payload.get("evals", {})))
+    return LoopState(
+        step=int(payload["step"]),
+        total_steps=int(payload["total_steps"]),
+        history=list(payload["history"]),
+        elapsed=float(payload["elapsed"]),
+        evals=dict(payload.get("evals", {})),
+    )

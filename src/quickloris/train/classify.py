@@ -31,8 +31,9 @@ class Classification:
 
     name = "classification"
 
-    def collate(self, examples: Sequence[TokenizedExample], batch: Any, *, packing: bool,
-                pad_token_id: int) -> dict[str, Any]:
+    def collate(
+        self, examples: Sequence[TokenizedExample], batch: Any, *, packing: bool, pad_token_id: int
+    ) -> dict[str, Any]:
         return collate_classification(examples, batch, packing=packing, pad_token_id=pad_token_id)
 
     def count(self, batch: dict[str, Any]) -> int:
@@ -42,14 +43,14 @@ class Classification:
     def keep(self, batch: dict[str, Any]) -> None:
         return None  # every text is pooled on its own last token: nothing to agree on across ranks
 
-    def loss(self, model: torch.nn.Module, batch: dict[str, Any], num_items: torch.Tensor,
-             keep: Any = None) -> torch.Tensor:
+    def loss(
+        self, model: torch.nn.Module, batch: dict[str, Any], num_items: torch.Tensor, keep: Any = None
+    ) -> torch.Tensor:
         # Run even when this rank's rows have no label: under FSDP every rank must make the same calls.
         return model(**batch, num_items_in_batch=num_items).loss
 
 
-def resolve_class_weights(spec: str, labels: Sequence[str], examples: Sequence[TokenizedExample]
-                          ) -> list[float] | None:
+def resolve_class_weights(spec: str, labels: Sequence[str], examples: Sequence[TokenizedExample]) -> list[float] | None:
     """The weight of each class (in id order) that ``--class-weights`` `spec` gives for `labels`; None: all 1.
 
     ``auto``: ``w_c = n / (C · n_c)`` over the training `examples` (balanced: mean weight 1 over them). Named
@@ -66,13 +67,19 @@ def resolve_class_weights(spec: str, labels: Sequence[str], examples: Sequence[T
         return [n / (C * c) if c else 0.0 for c in counts]
     if isinstance(value, list):
         if len(value) != C:
-            raise ConfigError(TrainConfig, "class_weights", f"gives {len(value)} weights but the data has {C} labels "
-                              f"({', '.join(labels)}, in this order)")
+            raise ConfigError(
+                TrainConfig,
+                "class_weights",
+                f"gives {len(value)} weights but the data has {C} labels ({', '.join(labels)}, in this order)",
+            )
         return value
     unknown = sorted(set(value) - set(labels))
     if unknown:
-        raise ConfigError(TrainConfig, "class_weights", f"names {', '.join(map(repr, unknown))}, not a label of "
-                          f"the data ({', '.join(labels)})")
+        raise ConfigError(
+            TrainConfig,
+            "class_weights",
+            f"names {', '.join(map(repr, unknown))}, not a label of the data ({', '.join(labels)})",
+        )
     return [float(value.get(name, 1.0)) for name in labels]
 
 
@@ -95,14 +102,21 @@ def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], labels:
         per_class[name] = {"precision": precision, "recall": recall, "f1": f1, "support": support}
         if support or predicted:
             f1s.append(f1)
-    return {"accuracy": correct / total if total else 0.0, "macro_f1": sum(f1s) / len(f1s) if f1s else 0.0,
-            "correct": correct, "total": total, "per_class": per_class, "confusion": confusion,
-            "labels": list(labels)}
+    return {
+        "accuracy": correct / total if total else 0.0,
+        "macro_f1": sum(f1s) / len(f1s) if f1s else 0.0,
+        "correct": correct,
+        "total": total,
+        "per_class": per_class,
+        "confusion": confusion,
+        "labels": list(labels),
+    }
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, examples: Sequence[TokenizedExample], *, batch_size: int,
-            pad_token_id: int) -> list[int]:
+def predict(
+    model: torch.nn.Module, examples: Sequence[TokenizedExample], *, batch_size: int, pad_token_id: int
+) -> list[int]:
     """The predicted class of each example (argmax of the pooled logits), `batch_size` right-padded rows a call."""
     device = next(model.parameters()).device
     was_training = model.training
@@ -120,9 +134,18 @@ def predict(model: torch.nn.Module, examples: Sequence[TokenizedExample], *, bat
     return out
 
 
-def evaluate_classification(model: torch.nn.Module, examples: Sequence[TokenizedExample], texts: Sequence[str],
-                            labels: Sequence[str], *, batch_size: int, pad_token_id: int, label: str,
-                            echo: Echo, num_samples: int = 3) -> dict[str, Any]:
+def evaluate_classification(
+    model: torch.nn.Module,
+    examples: Sequence[TokenizedExample],
+    texts: Sequence[str],
+    labels: Sequence[str],
+    *,
+    batch_size: int,
+    pad_token_id: int,
+    label: str,
+    echo: Echo,
+    num_samples: int = 3,
+) -> dict[str, Any]:
     """Score `model` on tokenized held-out `examples` (their `texts` for the samples shown); prints the table."""
     from quickloris.train.runtime import eager_regions
 
@@ -133,8 +156,10 @@ def evaluate_classification(model: torch.nn.Module, examples: Sequence[Tokenized
     truth = [class_of(ex) for ex in examples]
     m = classification_metrics(truth, pred, labels)
     m["seconds"] = round(seconds, 3)
-    m["samples"] = [{"text": t, "label": labels[y], "predicted": labels[p], "correct": y == p}
-                    for t, y, p in list(zip(texts, truth, pred))[:num_samples]]
+    m["samples"] = [
+        {"text": t, "label": labels[y], "predicted": labels[p], "correct": y == p}
+        for t, y, p in list(zip(texts, truth, pred))[:num_samples]
+    ]
     for line in format_table(m, label):
         echo(line)
     return m
@@ -142,18 +167,23 @@ def evaluate_classification(model: torch.nn.Module, examples: Sequence[Tokenized
 
 def format_table(m: dict[str, Any], label: str) -> list[str]:
     """The printed evaluation: a summary line and the per-class table."""
-    head = f"eval{' ' + label if label else ''}: accuracy {100 * m['accuracy']:.1f}% ({m['correct']}/{m['total']}), " \
-           f"macro-F1 {100 * m['macro_f1']:.1f}%" + (f" in {m['seconds']:.1f} s" if "seconds" in m else "")
+    head = (
+        f"eval{' ' + label if label else ''}: accuracy {100 * m['accuracy']:.1f}% ({m['correct']}/{m['total']}), "
+        f"macro-F1 {100 * m['macro_f1']:.1f}%" + (f" in {m['seconds']:.1f} s" if "seconds" in m else "")
+    )
     width = max(8, *(len(n) for n in m["labels"]))
     lines = [head, f"    {'class':<{width}}  precision  recall      f1  support"]
     for name, c in m["per_class"].items():
-        lines.append(f"    {name:<{width}}  {100 * c['precision']:8.1f}%  {100 * c['recall']:5.1f}%  "
-                     f"{100 * c['f1']:5.1f}%  {c['support']:7d}")
+        lines.append(
+            f"    {name:<{width}}  {100 * c['precision']:8.1f}%  {100 * c['recall']:5.1f}%  "
+            f"{100 * c['f1']:5.1f}%  {c['support']:7d}"
+        )
     return lines
 
 
-def tokenize_eval_rows(tokenizer: Any, rows: Sequence[Any], labels: Sequence[str],
-                       limit: int | None) -> list[TokenizedExample]:
+def tokenize_eval_rows(
+    tokenizer: Any, rows: Sequence[Any], labels: Sequence[str], limit: int | None
+) -> list[TokenizedExample]:
     """Held-out rows tokenized whole (none dropped: a dropped row would change the score), at most `limit`
     tokens (the model's position limit) each."""
     from quickloris.data.classification import tokenize_classification
@@ -161,13 +191,25 @@ def tokenize_eval_rows(tokenizer: Any, rows: Sequence[Any], labels: Sequence[str
     if not rows:
         return []
     label2id = {n: i for i, n in enumerate(labels)}
-    examples, _ = tokenize_classification(tokenizer, rows, label2id, max_seq_len=limit or 1 << 30, overflow="error",
-                                          what="the training data (the adapter's labels)")
+    examples, _ = tokenize_classification(
+        tokenizer,
+        rows,
+        label2id,
+        max_seq_len=limit or 1 << 30,
+        overflow="error",
+        what="the training data (the adapter's labels)",
+    )
     return examples
 
 
-def run_eval_classification(model_cfg: ModelConfig, task_cfg: EvalTaskConfig, eval_cfg: EvalConfig, *,
-                            quantization: Any = None, echo: Echo = lambda m: print(m, flush=True)) -> dict[str, Any]:
+def run_eval_classification(
+    model_cfg: ModelConfig,
+    task_cfg: EvalTaskConfig,
+    eval_cfg: EvalConfig,
+    *,
+    quantization: Any = None,
+    echo: Echo = lambda m: print(m, flush=True),
+) -> dict[str, Any]:
     """``quickloris eval --task-type classification --adapter A`` (`quickloris.train.evaluation.run_eval` calls it):
     accuracy and macro-F1 of the adapter's classifier (NF4 base + LoRA + its score head) on --eval-data or the
     embedded task's held-out texts. `quantization`: the `QLoRAConfig` whose NF4 settings the adapter was trained
@@ -182,11 +224,18 @@ def run_eval_classification(model_cfg: ModelConfig, task_cfg: EvalTaskConfig, ev
     from quickloris.utils.atomic import atomic_write_json
 
     if model_cfg.adapter is None:
-        raise ConfigError(ModelConfig, "adapter", "is required with --task-type classification: a classifier is "
-                          "scored with the score head trained with its adapter")
+        raise ConfigError(
+            ModelConfig,
+            "adapter",
+            "is required with --task-type classification: a classifier is "
+            "scored with the score head trained with its adapter",
+        )
     if task_cfg.nf4 is False:
-        raise ConfigError(EvalTaskConfig, "nf4", "is off, but an adapter is evaluated on the NF4 base it was "
-                          "trained on; drop --no-nf4")
+        raise ConfigError(
+            EvalTaskConfig,
+            "nf4",
+            "is off, but an adapter is evaluated on the NF4 base it was trained on; drop --no-nf4",
+        )
     device = resolve_device(model_cfg)
     dtype = resolve_dtype(model_cfg, device)
     threads, why = resolve_threads(model_cfg)
@@ -204,8 +253,10 @@ def run_eval_classification(model_cfg: ModelConfig, task_cfg: EvalTaskConfig, ev
         rows = task.rows("heldout", task_cfg.num_eval, task_cfg.seed)
         what = f"{len(rows)} held-out texts of task {task.name!r} (seed {task_cfg.seed})"
     label_ids(rows, {n: i for i, n in enumerate(labels)}, "the adapter")
-    echo(f"model: {source.describe()} + adapter {model_cfg.adapter} (classifier: {', '.join(labels)}), NF4 base; "
-         f"device {device}" + (f", {why}" if device.type == "cpu" else ""))
+    echo(
+        f"model: {source.describe()} + adapter {model_cfg.adapter} (classifier: {', '.join(labels)}), NF4 base; "
+        f"device {device}" + (f", {why}" if device.type == "cpu" else "")
+    )
     echo(f"eval: {what}")
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(source)
@@ -214,9 +265,16 @@ def run_eval_classification(model_cfg: ModelConfig, task_cfg: EvalTaskConfig, ev
     prepare_model(model, quantization or QLoRAConfig(), adapter=model_cfg.adapter)
     model.eval()
     echo(f"loaded in {time.perf_counter() - t0:.1f} s")
-    result = evaluate_classification(model, examples, [r.text for r in rows], labels,
-                                     batch_size=eval_cfg.eval_batch_size, pad_token_id=tokenizer.pad_token_id,
-                                     label="", echo=echo)
+    result = evaluate_classification(
+        model,
+        examples,
+        [r.text for r in rows],
+        labels,
+        batch_size=eval_cfg.eval_batch_size,
+        pad_token_id=tokenizer.pad_token_id,
+        label="",
+        echo=echo,
+    )
     result = {"model": str(source.path), "adapter": model_cfg.adapter, "nf4": True, "eval": what, **result}
     if task_cfg.output is not None:
         atomic_write_json(task_cfg.output, result)

@@ -9,9 +9,9 @@ the model is scored as loaded, unless ``--nf4`` asks for its NF4 version (what t
 number of a train run).
 
 ``--gguf FILE`` scores a GGUF file through llama.cpp on the same problems, with the same prompt tokens, greedy
-decoding, stop tokens and exact-match rule (`quickloris.train.exact_match.evaluate_exact_match_gguf`). With ``--adapter``
-too, the NF4 base alone is scored as well and one table shows before / after / exported: a file exported with
-``quickloris export gguf`` (default ``--merge-base nf4``, F32 or F16) scores like "after", a quantized one shows
+decoding, stop tokens and exact-match rule (`quickloris.train.exact_match.evaluate_exact_match_gguf`). With
+``--adapter`` too, the NF4 base alone is scored as well and one table shows before / after / exported: a file exported
+with ``quickloris export gguf`` (default ``--merge-base nf4``, F32 or F16) scores like "after", a quantized one shows
 what its quantization costs. Without ``--adapter`` or an explicit ``--nf4`` / ``--no-nf4``, only the file is scored
 (``--model`` then only supplies the tokenizer, chat template and EOS ids).
 
@@ -41,16 +41,16 @@ def run_quantization(adapter: str | os.PathLike) -> Any:
     """The NF4 settings an adapter was trained with: from the run's config.json when the adapter is a
     `quickloris train` run's ``adapter/`` folder (PEFT's adapter_config.json does not record them), else the
     defaults. Rank, alpha and targets always come from the adapter itself."""
-    from quickloris.models.prepare import QLoRAConfig
-
     from quickloris.models.adapter_base import run_config
+    from quickloris.models.prepare import QLoRAConfig
 
     base = QLoRAConfig(chunked_loss=False)
     found = run_config(adapter)
     try:
         q = found[1]["qlora"]
-        return dataclasses.replace(base, blocksize=int(q["blocksize"]), double_quant=bool(q["double_quant"]),
-                                   lora_dtype=q["lora_dtype"])
+        return dataclasses.replace(
+            base, blocksize=int(q["blocksize"]), double_quant=bool(q["double_quant"]), lora_dtype=q["lora_dtype"]
+        )
     except (KeyError, TypeError, ValueError):
         return base
 
@@ -59,9 +59,11 @@ def check_eval_options(model_cfg: ModelConfig, task_cfg: EvalTaskConfig) -> None
     """The checks that need no model (one line each, naming the options)."""
     if model_cfg.adapter is not None:
         if task_cfg.nf4 is False:
-            raise ValueError("--no-nf4 with --adapter: an adapter is scored on the NF4 base it was trained on; to "
-                             "score it merged into the 16-bit weights, export it with `quickloris export gguf "
-                             "--merge-base original --quant f16` and score the file with --gguf")
+            raise ValueError(
+                "--no-nf4 with --adapter: an adapter is scored on the NF4 base it was trained on; to "
+                "score it merged into the 16-bit weights, export it with `quickloris export gguf "
+                "--merge-base original --quant f16` and score the file with --gguf"
+            )
         if not os.path.isdir(model_cfg.adapter):
             raise FileNotFoundError(f"--adapter {model_cfg.adapter} is not a folder")
     if task_cfg.gguf is not None:
@@ -72,8 +74,9 @@ def check_eval_options(model_cfg: ModelConfig, task_cfg: EvalTaskConfig) -> None
             if f.read(4) != b"GGUF":
                 raise ValueError(f"--gguf {task_cfg.gguf} is not a GGUF file (it does not start with 'GGUF')")
         if importlib.util.find_spec("llama_cpp") is None:
-            raise ModuleNotFoundError("--gguf scores the file through llama.cpp, which needs llama-cpp-python: "
-                                      "pip install llama-cpp-python")
+            raise ModuleNotFoundError(
+                "--gguf scores the file through llama.cpp, which needs llama-cpp-python: pip install llama-cpp-python"
+            )
 
 
 def stop_ids(source: Any) -> list[int]:
@@ -113,16 +116,23 @@ def lora_off(model: Any):
 
 
 def _echo_result(echo: Callable[[str], None], label: str, result: dict[str, Any]) -> None:
-    echo(f"eval {label}: exact match {100 * result['accuracy']:.1f}% ({result['correct']}/{result['total']}) in "
-         f"{result['seconds']:.1f} s")
+    echo(
+        f"eval {label}: exact match {100 * result['accuracy']:.1f}% ({result['correct']}/{result['total']}) in "
+        f"{result['seconds']:.1f} s"
+    )
     for s in result["samples"][:3]:
         reply = s["reply"].strip().splitlines()[0] if s["reply"].strip() else ""
         verdict = "right" if s["correct"] else "wrong"
         echo(f"    {s['question']!r} -> {reply[:60]!r}  (expected {s['answer']!r}: {verdict})")
 
 
-def run_eval(model_cfg: ModelConfig, task_cfg: EvalTaskConfig, eval_cfg: EvalConfig, *,
-             echo: Callable[[str], None] = lambda m: print(m, flush=True)) -> dict[str, Any]:
+def run_eval(
+    model_cfg: ModelConfig,
+    task_cfg: EvalTaskConfig,
+    eval_cfg: EvalConfig,
+    *,
+    echo: Callable[[str], None] = lambda m: print(m, flush=True),
+) -> dict[str, Any]:
     """Score the model and/or the --gguf file; returns the result as a dict (also written to ``--output``).
 
     One model scored: its result. Several (``--gguf`` with ``--adapter`` or ``--nf4``): the main one's result (the
@@ -135,10 +145,10 @@ def run_eval(model_cfg: ModelConfig, task_cfg: EvalTaskConfig, eval_cfg: EvalCon
         return run_eval_classification(model_cfg, task_cfg, eval_cfg, quantization=quantization, echo=echo)
     from quickloris.data.config import read_chat_template, task_name
     from quickloris.data.tasks import get_task
-    from quickloris.train.exact_match import evaluate_exact_match_gguf
     from quickloris.models.adapter_base import check_adapter_fits, folder_parameter_shapes, model_parameter_shapes
     from quickloris.models.loading import load_model, load_tokenizer, resolve_model
     from quickloris.models.prepare import QLoRAConfig, prepare_model
+    from quickloris.train.exact_match import evaluate_exact_match_gguf
     from quickloris.train.run import evaluate
     from quickloris.utils.atomic import atomic_write_json
 
@@ -161,8 +171,12 @@ def run_eval(model_cfg: ModelConfig, task_cfg: EvalTaskConfig, eval_cfg: EvalCon
     chat_template = read_chat_template(task_cfg.chat_template)
     nf4 = task_cfg.nf4 if task_cfg.nf4 is not None else adapter is not None
     score_model = gguf is None or adapter is not None or task_cfg.nf4 is not None
-    described = (f"model: {source.describe()}" + (f" + adapter {adapter}" if adapter else "")
-                 + (", NF4 base" if nf4 and score_model else "") + f"; device {device}")
+    described = (
+        f"model: {source.describe()}"
+        + (f" + adapter {adapter}" if adapter else "")
+        + (", NF4 base" if nf4 and score_model else "")
+        + f"; device {device}"
+    )
     if gguf is not None:
         described += f"; GGUF file {gguf} (llama.cpp)" + ("" if score_model else "; the model itself is not scored")
     echo(described + (f", {why}" if device.type == "cpu" or gguf is not None else ""))
@@ -183,20 +197,35 @@ def run_eval(model_cfg: ModelConfig, task_cfg: EvalTaskConfig, eval_cfg: EvalCon
         table = gguf is not None
         if adapter is not None and table:
             with lora_off(model):
-                rows.append(("before", "NF4 base", evaluate(model, tokenizer, examples, eval_cfg, chat_template,
-                                                             "before", echo)))
+                rows.append(
+                    (
+                        "before",
+                        "NF4 base",
+                        evaluate(model, tokenizer, examples, eval_cfg, chat_template, "before", echo),
+                    )
+                )
         label = ("after" if adapter is not None else "model") if table else ""
         name = f"NF4 base + adapter {adapter}" if adapter else ("NF4 base" if nf4 else f"{source.path.name}")
-        rows.append((label or "model", name, evaluate(model, tokenizer, examples, eval_cfg, chat_template, label,
-                                                      echo)))
+        rows.append(
+            (label or "model", name, evaluate(model, tokenizer, examples, eval_cfg, chat_template, label, echo))
+        )
         del model
     if gguf is not None:
         result, retokenized = evaluate_exact_match_gguf(
-            gguf, tokenizer, examples, stop_ids=stop_ids(source), max_new_tokens=eval_cfg.max_new_tokens,
-            num_samples=3, chat_template=chat_template, threads=threads)
+            gguf,
+            tokenizer,
+            examples,
+            stop_ids=stop_ids(source),
+            max_new_tokens=eval_cfg.max_new_tokens,
+            num_samples=3,
+            chat_template=chat_template,
+            threads=threads,
+        )
         if retokenized:
-            echo(f"note: llama.cpp's tokenizer in {gguf} splits {retokenized} of {len(examples)} prompts differently "
-                 f"from the tokenizer of --model {source.path}; scored from --model's tokens (another model's file?)")
+            echo(
+                f"note: llama.cpp's tokenizer in {gguf} splits {retokenized} of {len(examples)} prompts differently "
+                f"from the tokenizer of --model {source.path}; scored from --model's tokens (another model's file?)"
+            )
         rows.append(("exported", f"{gguf} (llama.cpp)", result.to_dict()))
         _echo_result(echo, "exported", rows[-1][2])
     if len(rows) > 1:
@@ -205,8 +234,14 @@ def run_eval(model_cfg: ModelConfig, task_cfg: EvalTaskConfig, eval_cfg: EvalCon
         for label, name, r in rows:
             echo(f"  {label:9s} {name:<{width}}  {100 * r['accuracy']:5.1f}%  ({r['correct']}/{r['total']})")
     main = next(r for label, _, r in rows if label in ("after", "model")) if score_model else rows[-1][2]
-    out = {"model": str(source.path), "adapter": adapter, "nf4": nf4 if score_model else None, "gguf": gguf,
-           "eval": what, **main}
+    out = {
+        "model": str(source.path),
+        "adapter": adapter,
+        "nf4": nf4 if score_model else None,
+        "gguf": gguf,
+        "eval": what,
+        **main,
+    }
     if len(rows) > 1:
         out["rows"] = [{"row": label, "what": name, **r} for label, name, r in rows]
     if task_cfg.output is not None:

@@ -41,8 +41,14 @@ class EvalResult:
     samples: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"accuracy": self.accuracy, "correct": self.correct, "total": self.total,
-                "seconds": round(self.seconds, 3), "max_new_tokens": self.max_new_tokens, "samples": self.samples}
+        return {
+            "accuracy": self.accuracy,
+            "correct": self.correct,
+            "total": self.total,
+            "seconds": round(self.seconds, 3),
+            "max_new_tokens": self.max_new_tokens,
+            "samples": self.samples,
+        }
 
 
 def _pad_id(tokenizer: Any) -> int:
@@ -52,17 +58,27 @@ def _pad_id(tokenizer: Any) -> int:
     return int(pad)
 
 
-def prompt_ids(tokenizer: Any, prompts: Sequence[Sequence[dict[str, str]]],
-               chat_template: str | None = None) -> list[list[int]]:
+def prompt_ids(
+    tokenizer: Any, prompts: Sequence[Sequence[dict[str, str]]], chat_template: str | None = None
+) -> list[list[int]]:
     """Token ids of each chat prompt, rendered with the chat template and the generation prompt appended."""
-    texts = [tokenizer.apply_chat_template(list(p), tokenize=False, add_generation_prompt=True,
-                                           chat_template=chat_template) for p in prompts]
+    texts = [
+        tokenizer.apply_chat_template(list(p), tokenize=False, add_generation_prompt=True, chat_template=chat_template)
+        for p in prompts
+    ]
     return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
 
 @torch.no_grad()
-def generate_replies(model: Any, tokenizer: Any, prompts: Sequence[Sequence[dict[str, str]]], *,
-                     max_new_tokens: int, batch_size: int = 64, chat_template: str | None = None) -> list[str]:
+def generate_replies(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Sequence[dict[str, str]]],
+    *,
+    max_new_tokens: int,
+    batch_size: int = 64,
+    chat_template: str | None = None,
+) -> list[str]:
     """Greedy replies (decoded, special tokens dropped) to chat `prompts`, `batch_size` at a time."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -77,15 +93,21 @@ def generate_replies(model: Any, tokenizer: Any, prompts: Sequence[Sequence[dict
     replies: list[str] = []
     try:
         for start in range(0, len(prompts), batch_size):
-            enc = prompt_ids(tokenizer, prompts[start:start + batch_size], chat_template)
+            enc = prompt_ids(tokenizer, prompts[start : start + batch_size], chat_template)
             width = max(map(len, enc))
             ids = torch.full((len(enc), width), pad_id, dtype=torch.long)
             mask = torch.zeros((len(enc), width), dtype=torch.long)
             for row, e in enumerate(enc):  # left padding: the prompts end together, generation starts together
-                ids[row, width - len(e):] = torch.tensor(e)
-                mask[row, width - len(e):] = 1
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                                 num_beams=1, max_new_tokens=max_new_tokens, pad_token_id=pad_id)
+                ids[row, width - len(e) :] = torch.tensor(e)
+                mask[row, width - len(e) :] = 1
+            out = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                do_sample=False,
+                num_beams=1,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=pad_id,
+            )
             new = out[:, width:].cpu()
             replies += tokenizer.batch_decode(new, skip_special_tokens=True)
     finally:
@@ -93,15 +115,28 @@ def generate_replies(model: Any, tokenizer: Any, prompts: Sequence[Sequence[dict
     return replies
 
 
-def evaluate_exact_match(model: Any, tokenizer: Any, examples: Sequence[TaskExample], *, batch_size: int = 64,
-                         max_new_tokens: int | None = None, num_samples: int = 5,
-                         scorer: Callable[[str, str], bool] = exact_match,
-                         chat_template: str | None = None) -> EvalResult:
+def evaluate_exact_match(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[TaskExample],
+    *,
+    batch_size: int = 64,
+    max_new_tokens: int | None = None,
+    num_samples: int = 5,
+    scorer: Callable[[str, str], bool] = exact_match,
+    chat_template: str | None = None,
+) -> EvalResult:
     """Exact-match accuracy of greedy replies on `examples` (the held-out split of a task, usually)."""
     max_new_tokens = _max_new_tokens(tokenizer, examples, max_new_tokens)
     t0 = time.perf_counter()
-    replies = generate_replies(model, tokenizer, [ex.prompt_messages() for ex in examples],
-                               max_new_tokens=max_new_tokens, batch_size=batch_size, chat_template=chat_template)
+    replies = generate_replies(
+        model,
+        tokenizer,
+        [ex.prompt_messages() for ex in examples],
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        chat_template=chat_template,
+    )
     return _score(examples, replies, time.perf_counter() - t0, max_new_tokens, num_samples, scorer)
 
 
@@ -114,11 +149,19 @@ def _max_new_tokens(tokenizer: Any, examples: Sequence[TaskExample], max_new_tok
     return max_new_tokens
 
 
-def _score(examples: Sequence[TaskExample], replies: list[str], seconds: float, max_new_tokens: int,
-           num_samples: int, scorer: Callable[[str, str], bool]) -> EvalResult:
+def _score(
+    examples: Sequence[TaskExample],
+    replies: list[str],
+    seconds: float,
+    max_new_tokens: int,
+    num_samples: int,
+    scorer: Callable[[str, str], bool],
+) -> EvalResult:
     hits = [bool(scorer(r, ex.answer)) for r, ex in zip(replies, examples)]
-    samples = [{"question": ex.question, "answer": ex.answer, "reply": r, "correct": h}
-               for ex, r, h in list(zip(examples, replies, hits))[:num_samples]]
+    samples = [
+        {"question": ex.question, "answer": ex.answer, "reply": r, "correct": h}
+        for ex, r, h in list(zip(examples, replies, hits))[:num_samples]
+    ]
     return EvalResult(sum(hits) / len(hits), sum(hits), len(hits), seconds, max_new_tokens, samples)
 
 
@@ -127,9 +170,16 @@ def evaluate_task(model: Any, tokenizer: Any, task: str, *, n: int = 200, seed: 
     return evaluate_exact_match(model, tokenizer, get_task(task).generate("heldout", n, seed), **kwargs)
 
 
-def generate_replies_gguf(path: str, tokenizer: Any, prompts: Sequence[Sequence[dict[str, str]]], *,
-                          max_new_tokens: int, stop_ids: Sequence[int], chat_template: str | None = None,
-                          threads: int | None = None) -> tuple[list[str], int]:
+def generate_replies_gguf(
+    path: str,
+    tokenizer: Any,
+    prompts: Sequence[Sequence[dict[str, str]]],
+    *,
+    max_new_tokens: int,
+    stop_ids: Sequence[int],
+    chat_template: str | None = None,
+    threads: int | None = None,
+) -> tuple[list[str], int]:
     """Greedy replies of the GGUF model `path` through llama.cpp, and how many prompts llama.cpp's own tokenizer
     splits differently from `tokenizer` (0 when the file carries the same tokenizer; the replies always start from
     `tokenizer`'s ids)."""
@@ -144,8 +194,17 @@ def generate_replies_gguf(path: str, tokenizer: Any, prompts: Sequence[Sequence[
     ids = prompt_ids(tokenizer, prompts, chat_template)
     stops = {int(t) for t in stop_ids}
     n_ctx = max(map(len, ids)) + max_new_tokens
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads,
-                          n_threads_batch=threads, type_k=0, type_v=0, verbose=False)  # type 0 = F32 KV cache
+    llm = llama_cpp.Llama(
+        model_path=str(path),
+        n_ctx=n_ctx,
+        n_batch=n_ctx,
+        n_ubatch=n_ctx,
+        n_threads=threads,
+        n_threads_batch=threads,
+        type_k=0,
+        type_v=0,
+        verbose=False,
+    )  # type 0 = F32 KV cache
     try:
         n_vocab = llm.n_vocab()
         retokenized = 0
@@ -169,15 +228,29 @@ def generate_replies_gguf(path: str, tokenizer: Any, prompts: Sequence[Sequence[
     return replies, retokenized
 
 
-def evaluate_exact_match_gguf(path: str, tokenizer: Any, examples: Sequence[TaskExample], *,
-                              stop_ids: Sequence[int], max_new_tokens: int | None = None, num_samples: int = 5,
-                              scorer: Callable[[str, str], bool] = exact_match, chat_template: str | None = None,
-                              threads: int | None = None) -> tuple[EvalResult, int]:
+def evaluate_exact_match_gguf(
+    path: str,
+    tokenizer: Any,
+    examples: Sequence[TaskExample],
+    *,
+    stop_ids: Sequence[int],
+    max_new_tokens: int | None = None,
+    num_samples: int = 5,
+    scorer: Callable[[str, str], bool] = exact_match,
+    chat_template: str | None = None,
+    threads: int | None = None,
+) -> tuple[EvalResult, int]:
     """`evaluate_exact_match` for a GGUF file run by llama.cpp (see the module docstring); also returns the count
     of prompts llama.cpp's tokenizer splits differently."""
     max_new_tokens = _max_new_tokens(tokenizer, examples, max_new_tokens)
     t0 = time.perf_counter()
-    replies, retokenized = generate_replies_gguf(path, tokenizer, [ex.prompt_messages() for ex in examples],
-                                                 max_new_tokens=max_new_tokens, stop_ids=stop_ids,
-                                                 chat_template=chat_template, threads=threads)
+    replies, retokenized = generate_replies_gguf(
+        path,
+        tokenizer,
+        [ex.prompt_messages() for ex in examples],
+        max_new_tokens=max_new_tokens,
+        stop_ids=stop_ids,
+        chat_template=chat_template,
+        threads=threads,
+    )
     return _score(examples, replies, time.perf_counter() - t0, max_new_tokens, num_samples, scorer), retokenized

@@ -60,8 +60,10 @@ class TrainingDiverged(RuntimeError):
 
     def __str__(self) -> str:
         last = f"last good checkpoint {self.checkpoint}" if self.checkpoint else "no checkpoint was saved"
-        return (f"training diverged at step {self.step}: {self.what} is {self.value}; {last}; try a lower --lr "
-                "(or --max-grad-norm) in a new run")
+        return (
+            f"training diverged at step {self.step}: {self.what} is {self.value}; {last}; try a lower --lr "
+            "(or --max-grad-norm) in a new run"
+        )
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -94,8 +96,15 @@ def lr_at(step: int, *, lr: float, schedule: str, warmup: int, total: int) -> fl
 class BatchStream:
     """Micro-batch ``k`` of the endless sequence of epochs (one epoch's plan kept at a time)."""
 
-    def __init__(self, examples: Sequence[TokenizedExample], *, batch_size: int, seed: int, packing: bool,
-                 max_seq_len: int | None):
+    def __init__(
+        self,
+        examples: Sequence[TokenizedExample],
+        *,
+        batch_size: int,
+        seed: int,
+        packing: bool,
+        max_seq_len: int | None,
+    ):
         self.examples = examples
         self.lengths = [len(e) for e in examples]
         self.kw = dict(batch_size=batch_size, seed=seed, packing=packing, max_seq_len=max_seq_len)
@@ -132,8 +141,9 @@ def shifted_labels(labels: torch.Tensor) -> torch.Tensor:
     return shift_for_causal_lm(labels, IGNORE_INDEX)
 
 
-def micro_batch_loss(model: torch.nn.Module, batch: dict[str, Any], num_items: torch.Tensor,
-                     keep: torch.Tensor | None = None) -> torch.Tensor | None:
+def micro_batch_loss(
+    model: torch.nn.Module, batch: dict[str, Any], num_items: torch.Tensor, keep: torch.Tensor | None = None
+) -> torch.Tensor | None:
     """``Σ ℓ_t / num_items`` over this micro-batch's trained tokens (None if it has none), head on labelled
     positions only (`keep`: those positions, when the caller computed them over a larger batch)."""
     targets = shifted_labels(batch["labels"])
@@ -142,8 +152,13 @@ def micro_batch_loss(model: torch.nn.Module, batch: dict[str, Any], num_items: t
     if keep.numel() == 0:
         return None
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    out = model(**inputs, labels=batch["labels"], logits_to_keep=keep, shift_labels=targets[:, keep].contiguous(),
-                num_items_in_batch=num_items)
+    out = model(
+        **inputs,
+        labels=batch["labels"],
+        logits_to_keep=keep,
+        shift_labels=targets[:, keep].contiguous(),
+        num_items_in_batch=num_items,
+    )
     return out.loss
 
 
@@ -152,8 +167,9 @@ class CausalLM:
 
     name = "causal_lm"
 
-    def collate(self, examples: Sequence[TokenizedExample], batch: Any, *, packing: bool,
-                pad_token_id: int) -> dict[str, Any]:
+    def collate(
+        self, examples: Sequence[TokenizedExample], batch: Any, *, packing: bool, pad_token_id: int
+    ) -> dict[str, Any]:
         return collate(examples, batch, packing=packing, pad_token_id=pad_token_id)
 
     def count(self, batch: dict[str, Any]) -> int:
@@ -164,8 +180,9 @@ class CausalLM:
         """The positions every rank scores (computed over the whole micro-batch before its rows are split)."""
         return (shifted_labels(batch["labels"]) != IGNORE_INDEX).any(dim=0).nonzero().flatten()
 
-    def loss(self, model: torch.nn.Module, batch: dict[str, Any], num_items: torch.Tensor,
-             keep: torch.Tensor | None) -> torch.Tensor | None:
+    def loss(
+        self, model: torch.nn.Module, batch: dict[str, Any], num_items: torch.Tensor, keep: torch.Tensor | None
+    ) -> torch.Tensor | None:
         return micro_batch_loss(model, batch, num_items, keep)
 
 
@@ -205,19 +222,30 @@ def plan_steps(stream: BatchStream, cfg: TrainConfig) -> tuple[int, int | None]:
     return -(-limit // cfg.grad_accum), limit
 
 
-def total_steps(examples: Sequence[TokenizedExample], cfg: TrainConfig, *, packing: bool,
-                max_seq_len: int | None) -> int:
+def total_steps(
+    examples: Sequence[TokenizedExample], cfg: TrainConfig, *, packing: bool, max_seq_len: int | None
+) -> int:
     """The optimizer steps `train_loop` runs for these examples and options."""
-    stream = BatchStream(examples, batch_size=cfg.batch_size, seed=cfg.seed, packing=packing,
-                         max_seq_len=max_seq_len)
+    stream = BatchStream(examples, batch_size=cfg.batch_size, seed=cfg.seed, packing=packing, max_seq_len=max_seq_len)
     return plan_steps(stream, cfg)[0]
 
 
-def train_loop(model: torch.nn.Module, examples: Sequence[TokenizedExample], cfg: TrainConfig, *,
-               optimizer: torch.optim.Optimizer, pad_token_id: int, packing: bool, max_seq_len: int,
-               state: LoopState | None = None, device: torch.device | None = None,
-               on_step_end: Callable[[LoopState], None] | None = None, log: Callable[[str], None] | None = None,
-               dist: Any = None, objective: Any = None) -> LoopState:
+def train_loop(
+    model: torch.nn.Module,
+    examples: Sequence[TokenizedExample],
+    cfg: TrainConfig,
+    *,
+    optimizer: torch.optim.Optimizer,
+    pad_token_id: int,
+    packing: bool,
+    max_seq_len: int,
+    state: LoopState | None = None,
+    device: torch.device | None = None,
+    on_step_end: Callable[[LoopState], None] | None = None,
+    log: Callable[[str], None] | None = None,
+    dist: Any = None,
+    objective: Any = None,
+) -> LoopState:
     """Run optimizer steps ``state.step … total - 1`` on `model`'s trainable parameters; returns the state.
 
     `on_step_end(state)` runs after every step (the caller saves checkpoints there; raising stops the run).
@@ -233,21 +261,33 @@ def train_loop(model: torch.nn.Module, examples: Sequence[TokenizedExample], cfg
     objective = objective or CausalLM()
     rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
     if world > 1 and (packing or cfg.batch_size % world):
-        raise ValueError(f"with FSDP over {world} ranks each micro-batch's rows are split between the ranks: "
-                         f"--batch-size ({cfg.batch_size}) must be a multiple of {world}, without --packing")
+        raise ValueError(
+            f"with FSDP over {world} ranks each micro-batch's rows are split between the ranks: "
+            f"--batch-size ({cfg.batch_size}) must be a multiple of {world}, without --packing"
+        )
     stream = BatchStream(examples, batch_size=cfg.batch_size, seed=cfg.seed, packing=packing, max_seq_len=max_seq_len)
     total, limit = plan_steps(stream, cfg)
     state = state or LoopState()
     if state.step > total:
-        raise ConfigError(TrainConfig, "max_steps", f"gives {total} steps, fewer than the {state.step} the resumed "
-                          "run has done already")
+        raise ConfigError(
+            TrainConfig,
+            "max_steps",
+            f"gives {total} steps, fewer than the {state.step} the resumed run has done already",
+        )
     state.total_steps = total
     params = [p for g in optimizer.param_groups for p in g["params"]]
     clip = cfg.max_grad_norm if cfg.max_grad_norm else math.inf
     say = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
     model.train()
-    bar = tqdm(total=total, initial=state.step, desc="train", unit="step", disable=not cfg.progress,
-               dynamic_ncols=True, file=sys.stderr)
+    bar = tqdm(
+        total=total,
+        initial=state.step,
+        desc="train",
+        unit="step",
+        disable=not cfg.progress,
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )
     try:
         while state.step < total:
             s = state.step
@@ -255,13 +295,16 @@ def train_loop(model: torch.nn.Module, examples: Sequence[TokenizedExample], cfg
             lr = lr_at(s, lr=cfg.lr, schedule=cfg.lr_schedule, warmup=cfg.warmup_steps, total=total)
             for g in optimizer.param_groups:
                 g["lr"] = lr
-            ks = range(s * cfg.grad_accum, (s + 1) * cfg.grad_accum if limit is None else
-                       min((s + 1) * cfg.grad_accum, limit))
-            batches = [objective.collate(examples, stream.get(k), packing=packing, pad_token_id=pad_token_id)
-                       for k in ks]
+            ks = range(
+                s * cfg.grad_accum, (s + 1) * cfg.grad_accum if limit is None else min((s + 1) * cfg.grad_accum, limit)
+            )
+            batches = [
+                objective.collate(examples, stream.get(k), packing=packing, pad_token_id=pad_token_id) for k in ks
+            ]
             trained = sum(objective.count(b) for b in batches)
-            tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
-                         for b in batches)
+            tokens = sum(
+                int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in batches
+            )
             num_items = torch.tensor(max(trained, 1), device=device)
             loss_sum = torch.zeros((), device=device)
             for b in batches:
@@ -280,27 +323,42 @@ def train_loop(model: torch.nn.Module, examples: Sequence[TokenizedExample], cfg
                 loss_sum = all_reduce_sum(loss_sum)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip)) if trained else 0.0
             loss_value = float(loss_sum) if trained else float("nan")
-            bad = [(w, v) for w, v in (("the loss", loss_value), ("the gradient norm", grad_norm))
-                   if trained and not math.isfinite(v)]
+            bad = [
+                (w, v)
+                for w, v in (("the loss", loss_value), ("the gradient norm", grad_norm))
+                if trained and not math.isfinite(v)
+            ]
             if trained and not bad:  # a step without trained tokens has no loss: the weights (and AdamW) stay
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             seconds = time.perf_counter() - t0
             state.elapsed += seconds
             state.step = s + 1
-            record = {"step": s + 1, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
-                      "trained_tokens": trained, "seconds": round(seconds, 4),
-                      "tokens_per_s": round(tokens / seconds, 1), "memory_gib": round(memory_gib(device), 3),
-                      "epoch": stream.locate(ks[0])[0]}
+            record = {
+                "step": s + 1,
+                "loss": loss_value,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens": tokens,
+                "trained_tokens": trained,
+                "seconds": round(seconds, 4),
+                "tokens_per_s": round(tokens / seconds, 1),
+                "memory_gib": round(memory_gib(device), 3),
+                "epoch": stream.locate(ks[0])[0],
+            }
             state.history.append(record)
             if bad:
                 raise TrainingDiverged(s + 1, *bad[0])
-            bar.set_postfix_str(f"loss {loss_value:.4f}  tok/s {record['tokens_per_s']:.0f}  "
-                                f"mem {record['memory_gib']:.2f} GiB", refresh=False)
+            bar.set_postfix_str(
+                f"loss {loss_value:.4f}  tok/s {record['tokens_per_s']:.0f}  mem {record['memory_gib']:.2f} GiB",
+                refresh=False,
+            )
             bar.update(1)
             if state.step % cfg.log_every == 0 or state.step == total:
-                say(f"step {state.step}/{total}  loss {loss_value:.4f}  lr {lr:.2e}  grad-norm {grad_norm:.3f}  "
-                    f"tok/s {record['tokens_per_s']:.0f}  mem {record['memory_gib']:.2f} GiB")
+                say(
+                    f"step {state.step}/{total}  loss {loss_value:.4f}  lr {lr:.2e}  grad-norm {grad_norm:.3f}  "
+                    f"tok/s {record['tokens_per_s']:.0f}  mem {record['memory_gib']:.2f} GiB"
+                )
             if on_step_end is not None:
                 on_step_end(state)
     finally:

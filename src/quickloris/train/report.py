@@ -41,19 +41,28 @@ def smooth(values: Sequence[float | None], beta: float = 0.9) -> list[float]:
     for v in values:
         if _finite(v):
             m, n = beta * m + (1 - beta) * v, n + 1
-        out.append(m / (1 - beta ** n) if n and _finite(v) else float("nan"))
+        out.append(m / (1 - beta**n) if n and _finite(v) else float("nan"))
     return out
 
 
 def accuracy_title(evals: dict[str, Any]) -> str:
-    parts = [f"{name} {100 * r['accuracy']:.1f}%" + (f" (macro-F1 {100 * r['macro_f1']:.1f}%)" if "macro_f1" in r
-                                                     else "") for name, r in evals.items() if r and "accuracy" in r]
+    parts = [
+        f"{name} {100 * r['accuracy']:.1f}%" + (f" (macro-F1 {100 * r['macro_f1']:.1f}%)" if "macro_f1" in r else "")
+        for name, r in evals.items()
+        if r and "accuracy" in r
+    ]
     kind = "accuracy" if any(r and "macro_f1" in r for r in evals.values()) else "exact match"
     return (f"{kind}: " + ", ".join(parts)) if parts else ""
 
 
-def plot_loss(history: Sequence[dict[str, Any]], path: str | os.PathLike, *, title: str = "",
-              evals: dict[str, Any] | None = None, diverged_at: int | None = None) -> None:
+def plot_loss(
+    history: Sequence[dict[str, Any]],
+    path: str | os.PathLike,
+    *,
+    title: str = "",
+    evals: dict[str, Any] | None = None,
+    diverged_at: int | None = None,
+) -> None:
     """Write the loss curve of `history` (records with ``step`` and ``loss``) as a PNG at `path`; `diverged_at`:
     the step where training stopped on a non-finite value (marked by a red line)."""
     import matplotlib
@@ -105,10 +114,14 @@ def summarize(history: Sequence[dict[str, Any]], elapsed: float) -> dict[str, An
     }
 
 
-def write_metrics(path: str | os.PathLike, history: Sequence[dict[str, Any]], elapsed: float,
-                  evals: dict[str, Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def write_metrics(
+    path: str | os.PathLike,
+    history: Sequence[dict[str, Any]],
+    elapsed: float,
+    evals: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """metrics.json: the summary, the evaluations and one record per step. Returns what was written."""
-    metrics = jsonable({"summary": summarize(history, elapsed), "eval": evals, **(extra or {}),
-                        "steps": list(history)})
+    metrics = jsonable({"summary": summarize(history, elapsed), "eval": evals, **(extra or {}), "steps": list(history)})
     atomic_write_json(path, metrics)
     return metrics

@@ -42,16 +42,31 @@ from typing import Any
 import torch
 
 from quickloris.config import ConfigError, flatten
-from quickloris.data.config import (DataConfig, PreparedData, prepare_classification_data, prepare_data,
-                                    read_chat_template, task_name)
+from quickloris.data.config import (
+    DataConfig,
+    PreparedData,
+    prepare_classification_data,
+    prepare_data,
+    read_chat_template,
+    task_name,
+)
 from quickloris.models.prepare import QLoRAConfig
 from quickloris.train.config import EvalConfig, ModelConfig, TrainConfig
 from quickloris.train.loop import LoopState, TrainingDiverged, TrainingInterrupted, total_steps, train_loop
 from quickloris.train.report import jsonable
 from quickloris.train.rundir import ADAPTER_DIR, check_output_dir, claim
-from quickloris.train.runtime import (check_inputs, check_max_seq_len_option, cpu_cores, eager_regions,
-                                      load_average, load_eval_examples, max_position_embeddings, resolve_device,
-                                      resolve_dtype, resolve_threads)
+from quickloris.train.runtime import (
+    check_inputs,
+    check_max_seq_len_option,
+    cpu_cores,
+    eager_regions,
+    load_average,
+    load_eval_examples,
+    max_position_embeddings,
+    resolve_device,
+    resolve_dtype,
+    resolve_threads,
+)
 from quickloris.utils.atomic import atomic_write_json
 
 
@@ -63,8 +78,14 @@ class TrainResult:
     metrics: dict[str, Any]
 
 
-def fingerprint(model_cfg: ModelConfig, data_cfg: DataConfig, qlora_cfg: QLoRAConfig, train_cfg: TrainConfig,
-                dtype: torch.dtype, data: dict[str, Any] | None = None) -> dict[str, Any]:
+def fingerprint(
+    model_cfg: ModelConfig,
+    data_cfg: DataConfig,
+    qlora_cfg: QLoRAConfig,
+    train_cfg: TrainConfig,
+    dtype: torch.dtype,
+    data: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Every option that changes what a run computes (the fields declared ``fingerprint=True``), and the data's
     own fingerprint (`quickloris.train.checkpoint.data_fingerprint`): compared when resuming."""
     fp: dict[str, Any] = {"model": model_cfg.model, "adapter": model_cfg.adapter, "dtype": str(dtype)}
@@ -76,8 +97,15 @@ def fingerprint(model_cfg: ModelConfig, data_cfg: DataConfig, qlora_cfg: QLoRACo
     return jsonable(fp)
 
 
-def evaluate(model: Any, tokenizer: Any, examples: list, eval_cfg: EvalConfig, chat_template: str | None,
-             label: str, echo: Callable[[str], None]) -> dict[str, Any]:
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    examples: list,
+    eval_cfg: EvalConfig,
+    chat_template: str | None,
+    label: str,
+    echo: Callable[[str], None],
+) -> dict[str, Any]:
     """Exact-match accuracy of `model` on `examples`; prints it with a few replies."""
     from quickloris.train.exact_match import evaluate_exact_match
 
@@ -86,16 +114,27 @@ def evaluate(model: Any, tokenizer: Any, examples: list, eval_cfg: EvalConfig, c
     model.config.use_cache = True
     try:
         with eager_regions():
-            result = evaluate_exact_match(model, tokenizer, examples, batch_size=eval_cfg.eval_batch_size,
-                                          max_new_tokens=eval_cfg.max_new_tokens, chat_template=chat_template,
-                                          num_samples=3)
+            result = evaluate_exact_match(
+                model,
+                tokenizer,
+                examples,
+                batch_size=eval_cfg.eval_batch_size,
+                max_new_tokens=eval_cfg.max_new_tokens,
+                chat_template=chat_template,
+                num_samples=3,
+            )
     finally:
         model.config.use_cache = use_cache
-    echo(f"eval{' ' + label if label else ''}: exact match {100 * result.accuracy:.1f}% ({result.correct}/{result.total}) "
-         f"in {result.seconds:.1f} s")
+    echo(
+        f"eval{' ' + label if label else ''}: exact match {100 * result.accuracy:.1f}% "
+        f"({result.correct}/{result.total}) in {result.seconds:.1f} s"
+    )
     for s in result.samples:
         reply = s["reply"].strip().splitlines()[0] if s["reply"].strip() else ""
-        echo(f"    {s['question']!r} -> {reply[:60]!r}  (expected {s['answer']!r}: {'right' if s['correct'] else 'wrong'})")
+        echo(
+            f"    {s['question']!r} -> {reply[:60]!r}  "
+            f"(expected {s['answer']!r}: {'right' if s['correct'] else 'wrong'})"
+        )
     return result.to_dict()
 
 
@@ -108,9 +147,17 @@ def _eval_examples(data_cfg: DataConfig, eval_cfg: EvalConfig, prepared: Prepare
     return None, "no evaluation: training on --data without --eval-data"
 
 
-def run_train(model_cfg: ModelConfig, data_cfg: DataConfig, qlora_cfg: QLoRAConfig, train_cfg: TrainConfig,
-              eval_cfg: EvalConfig, fsdp_opts: Any = None, *, on_step_end: Callable[[LoopState], None] | None = None,
-              echo: Callable[[str], None] = lambda m: print(m, flush=True)) -> TrainResult:
+def run_train(
+    model_cfg: ModelConfig,
+    data_cfg: DataConfig,
+    qlora_cfg: QLoRAConfig,
+    train_cfg: TrainConfig,
+    eval_cfg: EvalConfig,
+    fsdp_opts: Any = None,
+    *,
+    on_step_end: Callable[[LoopState], None] | None = None,
+    echo: Callable[[str], None] = lambda m: print(m, flush=True),
+) -> TrainResult:
     """Fine-tune as configured and write the run folder (see the module docstring).
 
     `fsdp_opts` (`quickloris.parallel.fsdp.FSDPOptions` with ``fsdp=True``, under torchrun): the model is sharded
@@ -121,11 +168,13 @@ def run_train(model_cfg: ModelConfig, data_cfg: DataConfig, qlora_cfg: QLoRAConf
     """
     import torch.distributed as dist
 
-    owned = (fsdp_opts is not None and fsdp_opts.sharding() is not None and dist.is_available()
-             and not dist.is_initialized())
+    owned = (
+        fsdp_opts is not None and fsdp_opts.sharding() is not None and dist.is_available() and not dist.is_initialized()
+    )
     try:
-        result = _run_train(model_cfg, data_cfg, qlora_cfg, train_cfg, eval_cfg, fsdp_opts, on_step_end=on_step_end,
-                            echo=echo)
+        result = _run_train(
+            model_cfg, data_cfg, qlora_cfg, train_cfg, eval_cfg, fsdp_opts, on_step_end=on_step_end, echo=echo
+        )
         if owned and dist.is_initialized():
             dist.barrier()  # every rank done with its collectives before any tears the group down
         return result
@@ -136,15 +185,28 @@ def run_train(model_cfg: ModelConfig, data_cfg: DataConfig, qlora_cfg: QLoRAConf
             dist.destroy_process_group()
 
 
-def _run_train(model_cfg: ModelConfig, data_cfg: DataConfig, qlora_cfg: QLoRAConfig, train_cfg: TrainConfig,
-               eval_cfg: EvalConfig, fsdp_opts: Any, *, on_step_end: Callable[[LoopState], None] | None,
-               echo: Callable[[str], None]) -> TrainResult:
+def _run_train(
+    model_cfg: ModelConfig,
+    data_cfg: DataConfig,
+    qlora_cfg: QLoRAConfig,
+    train_cfg: TrainConfig,
+    eval_cfg: EvalConfig,
+    fsdp_opts: Any,
+    *,
+    on_step_end: Callable[[LoopState], None] | None,
+    echo: Callable[[str], None],
+) -> TrainResult:
     from quickloris.models.adapters import save_adapter
     from quickloris.models.loading import load_model, load_tokenizer, max_positions, resolve_model
     from quickloris.models.prepare import qlora_config
     from quickloris.parallel.compose import build_training_model
-    from quickloris.train.checkpoint import (checkpoint_step, data_fingerprint, load_checkpoint, resumable_checkpoint,
-                                             save_checkpoint)
+    from quickloris.train.checkpoint import (
+        checkpoint_step,
+        data_fingerprint,
+        load_checkpoint,
+        resumable_checkpoint,
+        save_checkpoint,
+    )
     from quickloris.train.report import plot_loss, write_metrics
 
     started = time.perf_counter()
@@ -164,8 +226,11 @@ def _run_train(model_cfg: ModelConfig, data_cfg: DataConfig, qlora_cfg: QLoRACon
     main = ctx is None or ctx.is_main
     classify = model_cfg.task_type == "classification"
     if not classify and train_cfg.class_weights != "none":
-        raise ConfigError(TrainConfig, "class_weights", "weighs the classes of --task-type classification; this "
-                          "run trains a causal LM")
+        raise ConfigError(
+            TrainConfig,
+            "class_weights",
+            "weighs the classes of --task-type classification; this run trains a causal LM",
+        )
     dtype = resolve_dtype(model_cfg, device)
     threads, why = resolve_threads(model_cfg)
     if device.type == "cpu" or model_cfg.threads is not None:
@@ -183,15 +248,22 @@ def _run_train(model_cfg: ModelConfig, data_cfg: DataConfig, qlora_cfg: QLoRACon
     if train_cfg.resume and has_run:
         ckpt = resumable_checkpoint(out, echo)
         if ckpt is None:
-            raise ConfigError(TrainConfig, "resume", f": {str(out)!r} holds a run without a checkpoint to continue "
-                              "from; start over with {overwrite}", ("overwrite",))
+            raise ConfigError(
+                TrainConfig,
+                "resume",
+                f": {str(out)!r} holds a run without a checkpoint to continue from; start over with {{overwrite}}",
+                ("overwrite",),
+            )
     elif train_cfg.resume:
         echo(f"--resume: no run to continue in {out}, starting from step 0")
     limit = max_position_embeddings(source)
     check_inputs(source, model_cfg, data_cfg, qlora_cfg, eval_cfg, limit)
-    echo(f"device: {device} ({str(dtype).replace('torch.', '')})" + (f", {why}" if device.type == "cpu" else "")
-         + f", compile {'on' if compile_cfg.enabled else 'off'}, gradient checkpointing "
-         + ("on" if checkpoint_cfg.gradient_checkpointing else "off"))
+    echo(
+        f"device: {device} ({str(dtype).replace('torch.', '')})"
+        + (f", {why}" if device.type == "cpu" else "")
+        + f", compile {'on' if compile_cfg.enabled else 'off'}, gradient checkpointing "
+        + ("on" if checkpoint_cfg.gradient_checkpointing else "off")
+    )
     preloaded = load_eval_examples(eval_cfg.eval_data) if eval_cfg.eval_data is not None and not classify else None
     chat_template = read_chat_template(data_cfg.chat_template)
     echo(f"model: {source.describe()}")
@@ -200,8 +272,9 @@ def _run_train(model_cfg: ModelConfig, data_cfg: DataConfig, qlora_cfg: QLoRACon
     if classify:
         from quickloris.train.classify import Classification, resolve_class_weights, tokenize_eval_rows
 
-        prepared = prepare_classification_data(data_cfg, tokenizer, seed=train_cfg.seed, eval_data=eval_cfg.eval_data,
-                                               max_position_embeddings=limit)
+        prepared = prepare_classification_data(
+            data_cfg, tokenizer, seed=train_cfg.seed, eval_data=eval_cfg.eval_data, max_position_embeddings=limit
+        )
         weights = resolve_class_weights(train_cfg.class_weights, prepared.labels, prepared.examples)
         _check_adapter_labels(model_cfg, prepared.labels)
         examples_eval = tokenize_eval_rows(tokenizer, prepared.eval_rows, prepared.labels, limit)
@@ -211,28 +284,48 @@ def _run_train(model_cfg: ModelConfig, data_cfg: DataConfig, qlora_cfg: QLoRACon
         examples_eval, eval_what = _eval_examples(data_cfg, eval_cfg, prepared, preloaded)
     st = prepared.stats
     what = f"texts, labels {', '.join(prepared.labels)}" if classify else "examples"
-    echo(f"data: {prepared.source}: {st.kept} {what} ({st.dropped_too_long} longer than --max-seq-len dropped), "
-         f"{st.tokens} tokens" + ("" if classify else f", {st.trainable_tokens} trained (response only)")
-         + f", longest {st.longest}" + (", packed" if data_cfg.packing else ""))
+    echo(
+        f"data: {prepared.source}: {st.kept} {what} ({st.dropped_too_long} longer than --max-seq-len dropped), "
+        f"{st.tokens} tokens"
+        + ("" if classify else f", {st.trainable_tokens} trained (response only)")
+        + f", longest {st.longest}"
+        + (", packed" if data_cfg.packing else "")
+    )
     if classify and weights is not None:
         echo("class weights: " + ", ".join(f"{n} {w:.4g}" for n, w in zip(prepared.labels, weights)))
     echo(f"eval: {eval_what}")
     total = total_steps(prepared.examples, train_cfg, packing=data_cfg.packing, max_seq_len=data_cfg.max_seq_len)
     if ckpt is not None and total < checkpoint_step(ckpt):
-        raise ConfigError(TrainConfig, "max_steps", f"gives {total} steps, fewer than the {checkpoint_step(ckpt)} "
-                          "the resumed run has done already")
+        raise ConfigError(
+            TrainConfig,
+            "max_steps",
+            f"gives {total} steps, fewer than the {checkpoint_step(ckpt)} the resumed run has done already",
+        )
 
     if classify:
         from quickloris.models.classification import load_classifier
 
-        model = load_classifier(source, prepared.labels, pad_token_id=tokenizer.pad_token_id, seed=train_cfg.seed,
-                                dtype=dtype, device=device)
+        model = load_classifier(
+            source,
+            prepared.labels,
+            pad_token_id=tokenizer.pad_token_id,
+            seed=train_cfg.seed,
+            dtype=dtype,
+            device=device,
+        )
     else:
         model = load_model(source, dtype=dtype, device=device)
     check_max_seq_len_option(data_cfg, max_positions(model.config))
     torch.manual_seed(train_cfg.seed)  # the LoRA initialisation
-    model = build_training_model(model, qlora_cfg, adapter=model_cfg.adapter, checkpointing=checkpoint_cfg,
-                                 compile=compile_cfg, sharding=sharding, mesh=ctx.mesh if ctx is not None else None)
+    model = build_training_model(
+        model,
+        qlora_cfg,
+        adapter=model_cfg.adapter,
+        checkpointing=checkpoint_cfg,
+        compile=compile_cfg,
+        sharding=sharding,
+        mesh=ctx.mesh if ctx is not None else None,
+    )
     if ctx is not None:
         from torch.distributed.fsdp import register_fsdp_forward_method
 
@@ -241,33 +334,47 @@ def _run_train(model_cfg: ModelConfig, data_cfg: DataConfig, qlora_cfg: QLoRACon
         if not classify:  # a classifier's evaluation calls forward, which FSDP2 hooks already
             register_fsdp_forward_method(model, "generate")  # evaluation generates on all ranks, in step
         plan = sharding_summary(model)
-        echo(f"FSDP2 over {ctx.world_size} ranks: {plan['nf4_sharded']} NF4 weights sharded, "
-             f"{len(plan['nf4_replicated'])} replicated (not splittable on whole 16384-value groups)")
+        echo(
+            f"FSDP2 over {ctx.world_size} ranks: {plan['nf4_sharded']} NF4 weights sharded, "
+            f"{len(plan['nf4_replicated'])} replicated (not splittable on whole 16384-value groups)"
+        )
     qlora_cfg = qlora_config(model)  # with --adapter: rank, alpha and targets come from the adapter
     if classify:
         from quickloris.models.classification import set_class_weights
 
         set_class_weights(model, weights)
     params = [p for p in model.parameters() if p.requires_grad]
-    echo(f"loaded and prepared in {time.perf_counter() - t0:.1f} s: {sum(p.numel() for p in params):,} trainable "
-         f"{'LoRA + score head' if classify else 'LoRA'} parameters (r={qlora_cfg.r}, alpha="
-         f"{qlora_cfg.lora_alpha:g}, {','.join(qlora_cfg.target_modules)})")
-    optimizer = torch.optim.AdamW(params, lr=train_cfg.lr, betas=tuple(train_cfg.adam_betas),
-                                  weight_decay=train_cfg.weight_decay)
-    fp = fingerprint(model_cfg, data_cfg, qlora_cfg, train_cfg, dtype,
-                     data_fingerprint(prepared.examples, data_cfg.data))
+    echo(
+        f"loaded and prepared in {time.perf_counter() - t0:.1f} s: {sum(p.numel() for p in params):,} trainable "
+        f"{'LoRA + score head' if classify else 'LoRA'} parameters (r={qlora_cfg.r}, alpha="
+        f"{qlora_cfg.lora_alpha:g}, {','.join(qlora_cfg.target_modules)})"
+    )
+    optimizer = torch.optim.AdamW(
+        params, lr=train_cfg.lr, betas=tuple(train_cfg.adam_betas), weight_decay=train_cfg.weight_decay
+    )
+    fp = fingerprint(
+        model_cfg, data_cfg, qlora_cfg, train_cfg, dtype, data_fingerprint(prepared.examples, data_cfg.data)
+    )
     state = LoopState()
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, optimizer, fp)
         echo(f"resumed from {ckpt} (step {state.step} of {state.total_steps})")
         if total != state.total_steps and total >= state.step:
-            echo(f"the run now has {total} steps instead of {state.total_steps}: steps {state.step + 1}-{total} follow "
-                 f"the learning-rate schedule of {total} steps (steps 1-{state.step} followed the {state.total_steps}-"
-                 "step one)")
-    resolved = {"device": str(device), "dtype": str(dtype), "threads": threads if device.type == "cpu" else None,
-                "compile": compile_cfg.enabled, "gradient_checkpointing": checkpoint_cfg.gradient_checkpointing,
-                "model_format": source.format, "model_path": str(source.path),
-                "max_position_embeddings": max_positions(model.config)}
+            echo(
+                f"the run now has {total} steps instead of {state.total_steps}: steps {state.step + 1}-{total} follow "
+                f"the learning-rate schedule of {total} steps (steps 1-{state.step} followed the {state.total_steps}-"
+                "step one)"
+            )
+    resolved = {
+        "device": str(device),
+        "dtype": str(dtype),
+        "threads": threads if device.type == "cpu" else None,
+        "compile": compile_cfg.enabled,
+        "gradient_checkpointing": checkpoint_cfg.gradient_checkpointing,
+        "model_format": source.format,
+        "model_path": str(source.path),
+        "max_position_embeddings": max_positions(model.config),
+    }
     if classify:
         resolved.update(task_type="classification", labels=prepared.labels, class_weights=weights)
     if ctx is not None:
@@ -283,10 +390,20 @@ def _run_train(model_cfg: ModelConfig, data_cfg: DataConfig, qlora_cfg: QLoRACon
             return {}
         if diverged is not None:
             extra["diverged"] = {"step": diverged.step, "what": diverged.what, "value": str(diverged.value)}
-        plot_loss(st.history, out / "loss.png", title=title, evals=st.evals,
-                  diverged_at=diverged.step if diverged is not None else None)
-        return write_metrics(out / "metrics.json", st.history, st.elapsed, st.evals,
-                             {"resolved": resolved, "total_steps": st.total_steps, **extra})
+        plot_loss(
+            st.history,
+            out / "loss.png",
+            title=title,
+            evals=st.evals,
+            diverged_at=diverged.step if diverged is not None else None,
+        )
+        return write_metrics(
+            out / "metrics.json",
+            st.history,
+            st.elapsed,
+            st.evals,
+            {"resolved": resolved, "total_steps": st.total_steps, **extra},
+        )
 
     def after_step(st: LoopState) -> None:
         if train_cfg.save_every and st.step % train_cfg.save_every == 0 and st.step < st.total_steps:
@@ -301,17 +418,34 @@ def _run_train(model_cfg: ModelConfig, data_cfg: DataConfig, qlora_cfg: QLoRACon
             return evaluate(model, tokenizer, examples_eval, eval_cfg, chat_template, label, echo)
         from quickloris.train.classify import evaluate_classification
 
-        return evaluate_classification(model, examples_eval, [r.text for r in prepared.eval_rows], prepared.labels,
-                                       batch_size=eval_cfg.eval_batch_size, pad_token_id=tokenizer.pad_token_id,
-                                       label=label, echo=echo)
+        return evaluate_classification(
+            model,
+            examples_eval,
+            [r.text for r in prepared.eval_rows],
+            prepared.labels,
+            batch_size=eval_cfg.eval_batch_size,
+            pad_token_id=tokenizer.pad_token_id,
+            label=label,
+            echo=echo,
+        )
 
     try:
         if train_cfg.eval_before and examples_eval and state.step == 0 and "before" not in state.evals:
             state.evals["before"] = score("before")
-        state = train_loop(model, prepared.examples, train_cfg, optimizer=optimizer,
-                           pad_token_id=tokenizer.pad_token_id, packing=data_cfg.packing,
-                           max_seq_len=data_cfg.max_seq_len, state=state, device=device, on_step_end=after_step,
-                           dist=ctx, objective=Classification() if classify else None)
+        state = train_loop(
+            model,
+            prepared.examples,
+            train_cfg,
+            optimizer=optimizer,
+            pad_token_id=tokenizer.pad_token_id,
+            packing=data_cfg.packing,
+            max_seq_len=data_cfg.max_seq_len,
+            state=state,
+            device=device,
+            on_step_end=after_step,
+            dist=ctx,
+            objective=Classification() if classify else None,
+        )
         if ctx is None:
             last["checkpoint"] = save_checkpoint(out, model, optimizer, state, fp).name
         adapter_dir = save_adapter(model, out / ADAPTER_DIR)  # sharded: every rank gathers, rank 0 writes
@@ -335,8 +469,14 @@ def _run_train(model_cfg: ModelConfig, data_cfg: DataConfig, qlora_cfg: QLoRACon
         return TrainResult(out, adapter_dir, state, metrics)
     _print_summary(echo, metrics, out, adapter_dir)
     load = load_average()
-    echo(f"done in {metrics['wall_seconds']:.0f} s" + (f" (load average now {load:.2f} on {cpu_cores()} cores)"
-                                                       if device.type == "cpu" and load is not None else ""))
+    echo(
+        f"done in {metrics['wall_seconds']:.0f} s"
+        + (
+            f" (load average now {load:.2f} on {cpu_cores()} cores)"
+            if device.type == "cpu" and load is not None
+            else ""
+        )
+    )
     return TrainResult(out, adapter_dir, state, metrics)
 
 
@@ -351,8 +491,11 @@ def _check_adapter_labels(model_cfg: ModelConfig, labels: list[str]) -> None:
     except FileNotFoundError as e:
         raise ConfigError(ModelConfig, "adapter", f": {e}") from None
     if theirs != labels:
-        raise ConfigError(ModelConfig, "adapter", f"{model_cfg.adapter!r} classifies {', '.join(theirs)}, but the "
-                          f"data's labels are {', '.join(labels)}")
+        raise ConfigError(
+            ModelConfig,
+            "adapter",
+            f"{model_cfg.adapter!r} classifies {', '.join(theirs)}, but the data's labels are {', '.join(labels)}",
+        )
 
 
 def _write_config(out: Path, model_cfg, data_cfg, qlora_cfg, train_cfg, eval_cfg, resolved, prepared) -> None:
@@ -360,24 +503,42 @@ def _write_config(out: Path, model_cfg, data_cfg, qlora_cfg, train_cfg, eval_cfg
 
     stats = dataclasses.asdict(prepared.stats)
     stats["dropped_sources"] = stats["dropped_sources"][:20]
-    atomic_write_json(out / "config.json", {
-        "model": dataclasses.asdict(model_cfg), "data": dataclasses.asdict(data_cfg),
-        "qlora": dataclasses.asdict(qlora_cfg), "train": dataclasses.asdict(train_cfg),
-        "eval": dataclasses.asdict(eval_cfg), "resolved": resolved, "data_stats": stats, "environment": environment()})
+    atomic_write_json(
+        out / "config.json",
+        {
+            "model": dataclasses.asdict(model_cfg),
+            "data": dataclasses.asdict(data_cfg),
+            "qlora": dataclasses.asdict(qlora_cfg),
+            "train": dataclasses.asdict(train_cfg),
+            "eval": dataclasses.asdict(eval_cfg),
+            "resolved": resolved,
+            "data_stats": stats,
+            "environment": environment(),
+        },
+    )
 
 
 def _print_summary(echo: Callable[[str], None], metrics: dict[str, Any], out: Path, adapter_dir: Path) -> None:
     s = metrics["summary"]
     if s.get("loss_first") is not None:
-        echo(f"loss: {s['loss_first']:.4f} -> {s['loss_last']:.4f} (mean of the first / last {s['loss_window']} "
-             f"steps), {s['steps']} steps in {s['train_seconds']:.0f} s, {s['tokens_per_s']:.0f} tokens/s, "
-             f"peak memory {s['peak_memory_gib']:.2f} GiB")
+        echo(
+            f"loss: {s['loss_first']:.4f} -> {s['loss_last']:.4f} (mean of the first / last {s['loss_window']} "
+            f"steps), {s['steps']} steps in {s['train_seconds']:.0f} s, {s['tokens_per_s']:.0f} tokens/s, "
+            f"peak memory {s['peak_memory_gib']:.2f} GiB"
+        )
     ev = metrics["eval"]
     if ev and all("macro_f1" in v for v in ev.values()):
-        echo("accuracy / macro-F1: " + ", ".join(f"{k} {100 * v['accuracy']:.1f}% / {100 * v['macro_f1']:.1f}% "
-                                                 f"({v['correct']}/{v['total']})" for k, v in ev.items()))
+        echo(
+            "accuracy / macro-F1: "
+            + ", ".join(
+                f"{k} {100 * v['accuracy']:.1f}% / {100 * v['macro_f1']:.1f}% ({v['correct']}/{v['total']})"
+                for k, v in ev.items()
+            )
+        )
     elif ev:
-        echo("exact match: " + ", ".join(f"{k} {100 * v['accuracy']:.1f}% ({v['correct']}/{v['total']})"
-                                         for k, v in ev.items()))
+        echo(
+            "exact match: "
+            + ", ".join(f"{k} {100 * v['accuracy']:.1f}% ({v['correct']}/{v['total']})" for k, v in ev.items())
+        )
     echo(f"adapter (PEFT format): {adapter_dir}")
     echo(f"loss plot: {out / 'loss.png'}   metrics: {out / 'metrics.json'}   config: {out / 'config.json'}")

@@ -74,8 +74,11 @@ def check_output_dir(cfg: TrainConfig, protected: dict[str, Path | None]) -> boo
     out = Path(cfg.output_dir).expanduser().resolve()
     for option, path in protected.items():
         if path is not None and _overlap(out, Path(path).expanduser().resolve()):
-            raise _error(f"{str(cfg.output_dir)!r} overlaps the {option} folder {str(path)!r}: a run never writes "
-                         "there; choose another {output_dir}", "output_dir")
+            raise _error(
+                f"{str(cfg.output_dir)!r} overlaps the {option} folder {str(path)!r}: a run never writes "
+                "there; choose another {output_dir}",
+                "output_dir",
+            )
     if out.exists() and not out.is_dir():
         raise _error(f"{str(cfg.output_dir)!r} is a file, not a folder")
     _check_writable(out, cfg)
@@ -84,16 +87,28 @@ def check_output_dir(cfg: TrainConfig, protected: dict[str, Path | None]) -> boo
     if is_run(out):
         results = holds_results(out)
         if results and not cfg.resume and not cfg.overwrite:
-            raise _error(f"{str(cfg.output_dir)!r} holds a run ({results}): continue it with {{resume}}, start "
-                         "over with {overwrite}, or choose another {output_dir}", "resume", "overwrite", "output_dir")
+            raise _error(
+                f"{str(cfg.output_dir)!r} holds a run ({results}): continue it with {{resume}}, start "
+                "over with {overwrite}, or choose another {output_dir}",
+                "resume",
+                "overwrite",
+                "output_dir",
+            )
         return results is not None
     if not cfg.overwrite:
-        raise _error(f"{str(cfg.output_dir)!r} exists and is not a quickloris run; choose a new or empty folder, or "
-                     "pass {overwrite} to write the run into it", "overwrite")
+        raise _error(
+            f"{str(cfg.output_dir)!r} exists and is not a quickloris run; choose a new or empty folder, or "
+            "pass {overwrite} to write the run into it",
+            "overwrite",
+        )
     clash = [name for name in RUN_FILES if (out / name).exists()]
     if clash:
-        raise _error(f"{str(cfg.output_dir)!r} holds {', '.join(clash)}, which quickloris did not write and "
-                     "{overwrite} never replaces; choose another {output_dir}", "overwrite", "output_dir")
+        raise _error(
+            f"{str(cfg.output_dir)!r} holds {', '.join(clash)}, which quickloris did not write and "
+            "{overwrite} never replaces; choose another {output_dir}",
+            "overwrite",
+            "output_dir",
+        )
     return False
 
 
@@ -121,8 +136,10 @@ def claim(cfg: TrainConfig, protected: dict[str, Path | None], echo=lambda m: No
     if not (out / MARKER).is_file():
         from quickloris import __version__
 
-        atomic_write_json(out / MARKER, {"written_by": f"quickloris {__version__} train", "created": time.time(),
-                                         "files": list(RUN_FILES)})
+        atomic_write_json(
+            out / MARKER,
+            {"written_by": f"quickloris {__version__} train", "created": time.time(), "files": list(RUN_FILES)},
+        )
     for stale in remove_stale_temporaries(out):
         echo(f"removed {stale} (left by an interrupted write)")
     return out

@@ -30,14 +30,16 @@ def resolve_device(cfg: ModelConfig) -> torch.device:
     try:
         device = torch.device(cfg.device)
     except RuntimeError as e:
-        raise ConfigError(ModelConfig, "device", f"must be 'cpu', 'cuda' or 'cuda:N', got {cfg.device!r} ({e})") \
-            from None
+        raise ConfigError(
+            ModelConfig, "device", f"must be 'cpu', 'cuda' or 'cuda:N', got {cfg.device!r} ({e})"
+        ) from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(ModelConfig, "device", f"is {cfg.device!r} but no CUDA GPU is visible; use cpu")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(ModelConfig, "device", f"is {cfg.device!r} but only {torch.cuda.device_count()} GPU(s) "
-                              "are visible")
+            raise ConfigError(
+                ModelConfig, "device", f"is {cfg.device!r} but only {torch.cuda.device_count()} GPU(s) are visible"
+            )
     elif device.type != "cpu":
         raise ConfigError(ModelConfig, "device", f"must be 'cpu', 'cuda' or 'cuda:N', got {cfg.device!r}")
     return device
@@ -107,8 +109,11 @@ def _missing_file(owner: type, name: str, path: Any, *, folder: bool = False) ->
     if not p.exists():
         raise ConfigError(owner, name, f"{str(path)!r} does not exist")
     if folder != p.is_dir():
-        raise ConfigError(owner, name, f"{str(path)!r} is {'a file' if folder else 'a folder'}, not "
-                          f"{'a folder' if folder else 'a file'}")
+        raise ConfigError(
+            owner,
+            name,
+            f"{str(path)!r} is {'a file' if folder else 'a folder'}, not {'a folder' if folder else 'a file'}",
+        )
 
 
 def has_tokenizer(folder: Path) -> bool:
@@ -117,12 +122,22 @@ def has_tokenizer(folder: Path) -> bool:
 
 def check_max_seq_len_option(data_cfg: DataConfig, limit: int | None) -> None:
     if limit is not None and data_cfg.max_seq_len > limit:
-        raise ConfigError(DataConfig, "max_seq_len", f"={data_cfg.max_seq_len} is longer than the model can take "
-                          f"(max_position_embeddings={limit}); use at most that")
+        raise ConfigError(
+            DataConfig,
+            "max_seq_len",
+            f"={data_cfg.max_seq_len} is longer than the model can take "
+            f"(max_position_embeddings={limit}); use at most that",
+        )
 
 
-def check_inputs(source: Any, model_cfg: ModelConfig, data_cfg: DataConfig, qlora_cfg: QLoRAConfig,
-                 eval_cfg: EvalConfig, limit: int | None) -> None:
+def check_inputs(
+    source: Any,
+    model_cfg: ModelConfig,
+    data_cfg: DataConfig,
+    qlora_cfg: QLoRAConfig,
+    eval_cfg: EvalConfig,
+    limit: int | None,
+) -> None:
     """What can be checked from files before a model is loaded: the input files exist, the model's architecture
     (its config.json) is supported and has the --target-modules layers, its tokenizer files are there, and
     --max-seq-len fits its position limit (`limit`). Errors name the option (`ConfigError`)."""
@@ -131,8 +146,9 @@ def check_inputs(source: Any, model_cfg: ModelConfig, data_cfg: DataConfig, qlor
     _missing_file(EvalConfig, "eval_data", eval_cfg.eval_data)
     _missing_file(ModelConfig, "adapter", model_cfg.adapter, folder=True)
     if model_cfg.adapter is not None and not (Path(model_cfg.adapter).expanduser() / "adapter_config.json").is_file():
-        raise ConfigError(ModelConfig, "adapter", f"{model_cfg.adapter!r} is not a PEFT adapter folder (no "
-                          "adapter_config.json)")
+        raise ConfigError(
+            ModelConfig, "adapter", f"{model_cfg.adapter!r} is not a PEFT adapter folder (no adapter_config.json)"
+        )
     from quickloris.models.families import GENERIC, family_of, registered
     from quickloris.models.prepare import resolve_targets
 
@@ -150,8 +166,9 @@ def check_inputs(source: Any, model_cfg: ModelConfig, data_cfg: DataConfig, qlor
     if model_cfg.adapter is None:  # with an adapter, its own targets count (checked when it is read)
         resolve_targets(spec, qlora_cfg.target_modules)
     if not source.is_gguf and not has_tokenizer(source.folder):
-        raise ConfigError(ModelConfig, "model", f": no tokenizer in {str(source.folder)!r} (looked for "
-                          f"{', '.join(TOKENIZER_FILES)})")
+        raise ConfigError(
+            ModelConfig, "model", f": no tokenizer in {str(source.folder)!r} (looked for {', '.join(TOKENIZER_FILES)})"
+        )
     check_max_seq_len_option(data_cfg, limit)
 
 
@@ -189,18 +206,24 @@ def load_eval_examples(path: str | os.PathLike) -> list[ChatEvalExample]:
     out = []
     for r in load_jsonl(path):
         if not r.is_chat:
-            raise DataFormatError(f"{r.source}: --eval-data needs chat records ({{'messages': [...]}}) ending with "
-                                  "the reference assistant answer; plain prompt/completion text has no chat prompt "
-                                  "to generate from")
+            raise DataFormatError(
+                f"{r.source}: --eval-data needs chat records ({{'messages': [...]}}) ending with "
+                "the reference assistant answer; plain prompt/completion text has no chat prompt "
+                "to generate from"
+            )
         messages = [{"role": m["role"], "content": m["content"]} for m in r.messages]
         if messages[-1]["role"] != "assistant" or len(messages) < 2:
-            raise DataFormatError(f"{r.source}: the last message must be the reference 'assistant' answer, after at "
-                                  "least one prompt message")
+            raise DataFormatError(
+                f"{r.source}: the last message must be the reference 'assistant' answer, after at "
+                "least one prompt message"
+            )
         answer = messages[-1]["content"].strip()
         if not answer:
             raise DataFormatError(f"{r.source}: the reference answer (last assistant message) is empty")
         if "\n" in answer:
-            raise DataFormatError(f"{r.source}: the reference answer must be one line (exact match compares the "
-                                  "first line of the reply with it)")
+            raise DataFormatError(
+                f"{r.source}: the reference answer must be one line (exact match compares the "
+                "first line of the reply with it)"
+            )
         out.append(ChatEvalExample(tuple(messages[:-1]), answer, r.source))
     return out

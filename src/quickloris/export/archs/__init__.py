@@ -20,13 +20,25 @@ from quickloris.export.archs.qwen import Qwen2, Qwen3
 ARCHITECTURES: dict[str, GGUFArch] = {a.name: a for a in (Llama(), Qwen2(), Qwen3(), Gemma2(), Gemma3(), Phi3())}
 
 # config.model_type -> llama.cpp architecture (llama.cpp runs Mistral and Mistral-Nemo as `llama`)
-MODEL_TYPES: dict[str, str] = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
-                               "gemma2": "gemma2", "gemma3_text": "gemma3", "phi3": "phi3"}
+MODEL_TYPES: dict[str, str] = {
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "gemma2": "gemma2",
+    "gemma3_text": "gemma3",
+    "phi3": "phi3",
+}
 # config.architectures[i] -> llama.cpp architecture, for configs without a model_type
-HF_CLASSES: dict[str, str] = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama",
-                              "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
-                              "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3",
-                              "Phi3ForCausalLM": "phi3"}
+HF_CLASSES: dict[str, str] = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3",
+    "Phi3ForCausalLM": "phi3",
+}
 
 
 def gguf_arch_for(config: Any) -> str:
@@ -40,8 +52,10 @@ def gguf_arch_for(config: Any) -> str:
             if cls in HF_CLASSES:
                 return HF_CLASSES[cls]
     got = f"model_type {model_type!r}" + (f" ({', '.join(classes)})" if classes else "")
-    raise ValueError(f"GGUF export supports the model types {', '.join(MODEL_TYPES)} (llama.cpp's "
-                     f"{', '.join(ARCHITECTURES)}); got {got}")
+    raise ValueError(
+        f"GGUF export supports the model types {', '.join(MODEL_TYPES)} (llama.cpp's "
+        f"{', '.join(ARCHITECTURES)}); got {got}"
+    )
 
 
 def architecture_for(config: Any) -> GGUFArch:

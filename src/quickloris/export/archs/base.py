@@ -99,8 +99,10 @@ class GGUFArch:
         m = _LAYER_RE.match(hf_name)
         if m and m.group(2) in self.layer_map:
             return f"blk.{m.group(1)}.{self.layer_map[m.group(2)]}.{m.group(3)}"
-        raise ValueError(f"parameter {hf_name!r} has no tensor in llama.cpp's {self.name} architecture; "
-                         "the export refuses to drop weights silently")
+        raise ValueError(
+            f"parameter {hf_name!r} has no tensor in llama.cpp's {self.name} architecture; "
+            "the export refuses to drop weights silently"
+        )
 
     def to_gguf_layout(self, gguf_name: str, tensor: torch.Tensor, config: Any) -> torch.Tensor:
         """The merged float32 weight as llama.cpp stores it (here: Gemma's norm offset)."""
@@ -115,14 +117,17 @@ class GGUFArch:
         """ValueError (one line) for a config llama.cpp would compute differently."""
         act = self.activation(config)
         if act not in self.activations:
-            raise ValueError(f"llama.cpp's {self.name} models use {' / '.join(self.activations)}; this config has "
-                             f"activation {act!r}")
+            raise ValueError(
+                f"llama.cpp's {self.name} models use {' / '.join(self.activations)}; this config has activation {act!r}"
+            )
         self.check_rope(rope_parameters(config))
 
     def check_rope(self, rope: dict[str, Any], where: str = "") -> None:
         if rope["rope_type"] not in self.rope_types:
-            raise ValueError(f"RoPE type {rope['rope_type']!r}{where} is not supported by the GGUF export of "
-                             f"{self.name} models ({', '.join(self.rope_types)})")
+            raise ValueError(
+                f"RoPE type {rope['rope_type']!r}{where} is not supported by the GGUF export of "
+                f"{self.name} models ({', '.join(self.rope_types)})"
+            )
 
     def hparams(self, config: Any) -> list[KV]:
         """(key, type, value, element type) of the hyper-parameters llama.cpp reads for this architecture."""
@@ -159,14 +164,20 @@ def common_hparams(a: str, config: Any, rope: dict[str, Any]) -> list[KV]:
         kv(f"{a}.vocab_size", V.UINT32, config.vocab_size),
     ]
     if rope["rope_type"] == "linear":
-        out += [kv(f"{a}.rope.scaling.type", V.STRING, "linear"),
-                kv(f"{a}.rope.scaling.factor", V.FLOAT32, float(rope["factor"]))]
+        out += [
+            kv(f"{a}.rope.scaling.type", V.STRING, "linear"),
+            kv(f"{a}.rope.scaling.factor", V.FLOAT32, float(rope["factor"])),
+        ]
     return out
 
 
 def sliding_window_note(a: str, config: Any, window: int | None) -> list[str]:
     """A note when HF limits attention to `window` tokens below the model's context and llama.cpp's `a` does not."""
     if window and window < config.max_position_embeddings:
-        return [(f"llama.cpp's {a} attends over the whole context, the HF model over the last {window} tokens "
-                f"(sliding_window): their outputs differ from position {window} on")]
+        return [
+            (
+                f"llama.cpp's {a} attends over the whole context, the HF model over the last {window} tokens "
+                f"(sliding_window): their outputs differ from position {window} on"
+            )
+        ]
     return []

@@ -29,8 +29,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from quickloris.export.archs.base import (LLAMA_LAYER_MAP, GGUFArch, common_hparams, head_dim, kv, layer_types,
-                                          rope_parameters)
+from quickloris.export.archs.base import (
+    LLAMA_LAYER_MAP,
+    GGUFArch,
+    common_hparams,
+    head_dim,
+    kv,
+    layer_types,
+    rope_parameters,
+)
 from quickloris.export.writer import GGUFValueType as V
 
 GEMMA_LAYER_MAP = {
@@ -63,8 +70,10 @@ class Gemma2(GGUFArch):
         expected = self.query_scalar(config)
         scalar = getattr(config, "query_pre_attn_scalar", None)
         if scalar is None or float(scalar) != float(expected):
-            raise ValueError(f"llama.cpp's {a} scales queries by 1/sqrt({expected}) for this shape; this config has "
-                             f"query_pre_attn_scalar={scalar}")
+            raise ValueError(
+                f"llama.cpp's {a} scales queries by 1/sqrt({expected}) for this shape; this config has "
+                f"query_pre_attn_scalar={scalar}"
+            )
         if self.attn_softcap and not getattr(config, "attn_logit_softcapping", None):
             raise ValueError(f"llama.cpp's {a} always caps attention scores; this config has no attn_logit_softcapping")
         if self.attn_softcap and not getattr(config, "final_logit_softcapping", None):
@@ -91,10 +100,14 @@ class Gemma2(GGUFArch):
 
     def hparams(self, config: Any) -> list:
         a = self.name
-        return common_hparams(a, config, rope_parameters(config)) + self.swa_keys(config) + [
-            kv(f"{a}.attn_logit_softcapping", V.FLOAT32, float(config.attn_logit_softcapping)),
-            kv(f"{a}.final_logit_softcapping", V.FLOAT32, float(config.final_logit_softcapping)),
-        ]
+        return (
+            common_hparams(a, config, rope_parameters(config))
+            + self.swa_keys(config)
+            + [
+                kv(f"{a}.attn_logit_softcapping", V.FLOAT32, float(config.attn_logit_softcapping)),
+                kv(f"{a}.final_logit_softcapping", V.FLOAT32, float(config.final_logit_softcapping)),
+            ]
+        )
 
 
 class Gemma3(Gemma2):
@@ -110,8 +123,10 @@ class Gemma3(Gemma2):
         super().check(config)  # the RoPE of the full-attention layers among it
         local = rope_parameters(config, "sliding_attention")
         if local["rope_type"] != "default":
-            raise ValueError(f"llama.cpp's {self.name} runs the sliding layers' RoPE unscaled; this config scales "
-                             f"it ({local['rope_type']!r})")
+            raise ValueError(
+                f"llama.cpp's {self.name} runs the sliding layers' RoPE unscaled; this config scales "
+                f"it ({local['rope_type']!r})"
+            )
 
     def hparams(self, config: Any) -> list:
         a = self.name

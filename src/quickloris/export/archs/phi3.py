@@ -62,8 +62,10 @@ class Phi3(GGUFArch):
     def check(self, config: Any) -> None:
         super().check(config)
         if head_dim(config) * config.num_attention_heads != config.hidden_size:
-            raise ValueError(f"llama.cpp's {self.name} needs heads x head_dim = hidden_size; this config has "
-                             f"{config.num_attention_heads} x {head_dim(config)} != {config.hidden_size}")
+            raise ValueError(
+                f"llama.cpp's {self.name} needs heads x head_dim = hidden_size; this config has "
+                f"{config.num_attention_heads} x {head_dim(config)} != {config.hidden_size}"
+            )
         rope = rope_parameters(config)
         if rope["rope_type"] in LONGROPE:
             if not original_context(config):
@@ -71,8 +73,9 @@ class Phi3(GGUFArch):
             half = rotary_dim(config) // 2
             for key in ("long_factor", "short_factor"):
                 if len(rope.get(key) or []) != half:
-                    raise ValueError(f"LongRoPE {key} needs {half} values (one per rotary frequency), "
-                                     f"got {len(rope.get(key) or [])}")
+                    raise ValueError(
+                        f"LongRoPE {key} needs {half} values (one per rotary frequency), got {len(rope.get(key) or [])}"
+                    )
 
     def hparams(self, config: Any) -> list:
         a = self.name
@@ -88,12 +91,16 @@ class Phi3(GGUFArch):
         rope = rope_parameters(config)
         if rope["rope_type"] not in LONGROPE:
             return {}
-        return {f"rope_factors_{kind}.weight": torch.tensor(rope[f"{kind}_factor"], dtype=torch.float32)
-                for kind in ("long", "short")}
+        return {
+            f"rope_factors_{kind}.weight": torch.tensor(rope[f"{kind}_factor"], dtype=torch.float32)
+            for kind in ("long", "short")
+        }
 
     def notes(self, config: Any) -> list[str]:
         out = sliding_window_note(self.name, config, getattr(config, "sliding_window", None))
         if rope_parameters(config)["rope_type"] in LONGROPE:
-            out.append(f"LongRoPE: llama.cpp uses the long factors when its context (n_ctx) exceeds "
-                       f"{original_context(config)} tokens, HF when the sequence does")
+            out.append(
+                f"LongRoPE: llama.cpp uses the long factors when its context (n_ctx) exceeds "
+                f"{original_context(config)} tokens, HF when the sequence does"
+            )
         return out

@@ -29,4 +29,3 @@ class Qwen3(Qwen2):
 
     def more_bits_for_attn_v(self, config: Any) -> bool:
         return False
-

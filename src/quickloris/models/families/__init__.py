@@ -28,8 +28,17 @@ from typing import Any
 from quickloris.models.families._spec import LLAMA_LINEARS, Attention, FamilySpec
 
 STATE = "family"  # the key under which prepare_model records a model's spec (`quickloris.models.surgery`)
-GENERIC = FamilySpec(name="generic", causal_lm="*ForCausalLM", sequence_classification="",
-                     model_types=(), decoder_layer="", layers="", linears=(), fast_path=False, registered=False)
+GENERIC = FamilySpec(
+    name="generic",
+    causal_lm="*ForCausalLM",
+    sequence_classification="",
+    model_types=(),
+    decoder_layer="",
+    layers="",
+    linears=(),
+    fast_path=False,
+    registered=False,
+)
 
 
 class FamilyWarning(UserWarning):
@@ -44,7 +53,7 @@ def warn(message: str) -> None:
     warnings.warn_explicit(message, FamilyWarning, filename="quickloris", lineno=0, module=__name__)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def registered() -> dict[str, FamilySpec]:
     """{family name: spec} of every module in this package defining ``SPEC``."""
     out: dict[str, FamilySpec] = {}
@@ -60,12 +69,12 @@ def registered() -> dict[str, FamilySpec]:
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _by_class() -> dict[str, FamilySpec]:
     return {cls: spec for spec in registered().values() for cls in spec.classes}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _by_model_type() -> dict[str, FamilySpec]:
     return {t: spec for spec in registered().values() for t in spec.model_types}
 
@@ -76,8 +85,10 @@ def registered_classes(kind: str = "causal_lm") -> list[str]:
 
 
 def supported_line() -> str:
-    return (f"quickloris supports {', '.join(registered_classes())} (and their *ForSequenceClassification) and, "
-            "without the fast path, other decoder-only *ForCausalLM models")
+    return (
+        f"quickloris supports {', '.join(registered_classes())} (and their *ForSequenceClassification) and, "
+        "without the fast path, other decoder-only *ForCausalLM models"
+    )
 
 
 def _unwrap(model: Any) -> Any:
@@ -150,11 +161,16 @@ def _find_layers(model: Any, base: Any) -> tuple[str, Any]:
     from torch import nn
 
     n = getattr(model.config, "num_hidden_layers", None)
-    found = [(path, m) for path, m in base.named_modules() if isinstance(m, nn.ModuleList) and len(m)
-             and len({type(x) for x in m}) == 1 and (n is None or len(m) == n)]
+    found = [
+        (path, m)
+        for path, m in base.named_modules()
+        if isinstance(m, nn.ModuleList) and len(m) and len({type(x) for x in m}) == 1 and (n is None or len(m) == n)
+    ]
     if not found:
-        raise _refuse(model, f"no decoder layers found (a ModuleList of {n or 'N'} identical blocks in "
-                      f"model.{model.base_model_prefix})")
+        raise _refuse(
+            model,
+            f"no decoder layers found (a ModuleList of {n or 'N'} identical blocks in model.{model.base_model_prefix})",
+        )
     return min(found, key=lambda item: item[0].count("."))
 
 
@@ -174,9 +190,12 @@ def _linear_names(model: Any, layers_path: str, layers: Any) -> tuple[str, ...]:
                 continue
             for pname, p in module.named_parameters(recurse=False):
                 if p.dim() >= 2:
-                    raise _refuse(model, f"{layers_path}.{i}.{path}.{pname} is a {p.dim()}-D parameter of "
-                                  f"{type(module).__name__}, not an nn.Linear weight: quickloris quantizes and "
-                                  "adapts nn.Linear layers only")
+                    raise _refuse(
+                        model,
+                        f"{layers_path}.{i}.{path}.{pname} is a {p.dim()}-D parameter of "
+                        f"{type(module).__name__}, not an nn.Linear weight: quickloris quantizes and "
+                        "adapts nn.Linear layers only",
+                    )
     if not names:
         raise _refuse(model, f"its decoder layers ({layers_path}) hold no nn.Linear layer")
     return tuple(sorted(names))
@@ -191,17 +210,42 @@ def generic_spec(model: Any) -> FamilySpec:
     if getattr(config, "is_encoder_decoder", False):
         raise _refuse(model, f"it is an encoder-decoder model; {supported_line()}")
     if not name.endswith("ForCausalLM"):
-        raise _refuse(model, f"it is not a decoder-only *ForCausalLM (nor a registered family's "
-                      f"*ForSequenceClassification); {supported_line()}")
+        raise _refuse(
+            model,
+            f"it is not a decoder-only *ForCausalLM (nor a registered family's "
+            f"*ForSequenceClassification); {supported_line()}",
+        )
     base = GENERIC.decoder(model)
     path, layers = _find_layers(model, base)
     layers_path = f"{model.base_model_prefix}.{path}"
     softcap = "final_logit_softcapping" if hasattr(config, "final_logit_softcapping") else None
-    return FamilySpec(name="generic", causal_lm=name, sequence_classification="", model_types=(
-        getattr(config, "model_type", ""),), decoder_layer=type(layers[0]).__name__, layers=path,
-        linears=_linear_names(model, layers_path, layers), tied_embeddings=bool(getattr(
-            config, "tie_word_embeddings", False)), final_logit_softcap=softcap, fast_path=False, registered=False)
+    return FamilySpec(
+        name="generic",
+        causal_lm=name,
+        sequence_classification="",
+        model_types=(getattr(config, "model_type", ""),),
+        decoder_layer=type(layers[0]).__name__,
+        layers=path,
+        linears=_linear_names(model, layers_path, layers),
+        tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        final_logit_softcap=softcap,
+        fast_path=False,
+        registered=False,
+    )
 
 
-__all__ = ["FamilySpec", "Attention", "FamilyWarning", "warn", "GENERIC", "LLAMA_LINEARS", "STATE", "registered",
-           "registered_classes", "family_of", "decoder_layers", "generic_spec", "supported_line"]
+__all__ = [
+    "FamilySpec",
+    "Attention",
+    "FamilyWarning",
+    "warn",
+    "GENERIC",
+    "LLAMA_LINEARS",
+    "STATE",
+    "registered",
+    "registered_classes",
+    "family_of",
+    "decoder_layers",
+    "generic_spec",
+    "supported_line",
+]

@@ -125,11 +125,12 @@ class FamilySpec:
             types = list(dict.fromkeys(getattr(config, "layer_types", None) or ["full_attention"]))
             unknown = [t for t in types if t not in ("full_attention", "sliding_attention")]
             if unknown:
-                raise ValueError(f"{self.causal_lm}: layer types {unknown} are not full_attention / "
-                                 "sliding_attention")
+                raise ValueError(f"{self.causal_lm}: layer types {unknown} are not full_attention / sliding_attention")
             if "sliding_attention" in types and window is None:
-                raise ValueError(f"{self.causal_lm}: config.layer_types has sliding_attention layers but "
-                                 "config.sliding_window is None")
+                raise ValueError(
+                    f"{self.causal_lm}: config.layer_types has sliding_attention layers but "
+                    "config.sliding_window is None"
+                )
             return {t: (window if t == "sliding_attention" else None) for t in types}
         return {None: window if kind == "model" else None}
 
@@ -145,8 +146,17 @@ class FamilySpec:
 
     def describe(self) -> str:
         a = self.attention
-        feats = [f"sliding window: {a.sliding_window}"] + [name for name, on in (
-            ("attention softcap", a.logit_softcap), ("sinks", a.sinks), ("q/k norm", a.qk_norm),
-            ("fused " + "/".join(self.fused), self.fused), ("(1 + w) norm", self.norm == "rms_one_plus_fp32"),
-            ("scaled embeddings", self.embedding_scale != "none"), ("final softcap", self.final_logit_softcap)) if on]
+        feats = [f"sliding window: {a.sliding_window}"] + [
+            name
+            for name, on in (
+                ("attention softcap", a.logit_softcap),
+                ("sinks", a.sinks),
+                ("q/k norm", a.qk_norm),
+                ("fused " + "/".join(self.fused), self.fused),
+                ("(1 + w) norm", self.norm == "rms_one_plus_fp32"),
+                ("scaled embeddings", self.embedding_scale != "none"),
+                ("final softcap", self.final_logit_softcap),
+            )
+            if on
+        ]
         return f"{self.name} ({self.causal_lm}): " + ", ".join(feats)

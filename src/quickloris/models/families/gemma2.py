@@ -6,8 +6,15 @@ sqrt(hidden_size), tied head, attention scale ``query_pre_attn_scalar ** -0.5``.
 from quickloris.models.families._spec import Attention, FamilySpec
 
 SPEC = FamilySpec(
-    name="gemma2", causal_lm="Gemma2ForCausalLM", sequence_classification="Gemma2ForSequenceClassification",
-    model_types=("gemma2",), decoder_layer="Gemma2DecoderLayer",
+    name="gemma2",
+    causal_lm="Gemma2ForCausalLM",
+    sequence_classification="Gemma2ForSequenceClassification",
+    model_types=("gemma2",),
+    decoder_layer="Gemma2DecoderLayer",
     attention=Attention(sliding_window="per_layer", logit_softcap="attn_logit_softcapping"),
-    norm="rms_one_plus_fp32", tied_embeddings=True, embedding_scale="sqrt_hidden",
-    final_logit_softcap="final_logit_softcapping", gguf_arch="gemma2")
+    norm="rms_one_plus_fp32",
+    tied_embeddings=True,
+    embedding_scale="sqrt_hidden",
+    final_logit_softcap="final_logit_softcapping",
+    gguf_arch="gemma2",
+)

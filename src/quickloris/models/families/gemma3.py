@@ -7,8 +7,15 @@ The multimodal ``Gemma3ForConditionalGeneration`` is not this family."""
 from quickloris.models.families._spec import Attention, FamilySpec
 
 SPEC = FamilySpec(
-    name="gemma3", causal_lm="Gemma3ForCausalLM", sequence_classification="Gemma3TextForSequenceClassification",
-    model_types=("gemma3_text",), decoder_layer="Gemma3DecoderLayer",
+    name="gemma3",
+    causal_lm="Gemma3ForCausalLM",
+    sequence_classification="Gemma3TextForSequenceClassification",
+    model_types=("gemma3_text",),
+    decoder_layer="Gemma3DecoderLayer",
     attention=Attention(sliding_window="per_layer", qk_norm=True, rope="rotate_half_per_layer_type"),
-    norm="rms_one_plus_fp32", tied_embeddings=True, embedding_scale="sqrt_hidden",
-    final_logit_softcap="final_logit_softcapping", gguf_arch="gemma3")
+    norm="rms_one_plus_fp32",
+    tied_embeddings=True,
+    embedding_scale="sqrt_hidden",
+    final_logit_softcap="final_logit_softcapping",
+    gguf_arch="gemma3",
+)

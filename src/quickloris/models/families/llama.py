@@ -3,5 +3,10 @@
 from quickloris.models.families._spec import FamilySpec
 
 SPEC = FamilySpec(
-    name="llama", causal_lm="LlamaForCausalLM", sequence_classification="LlamaForSequenceClassification",
-    model_types=("llama",), decoder_layer="LlamaDecoderLayer", gguf_arch="llama")
+    name="llama",
+    causal_lm="LlamaForCausalLM",
+    sequence_classification="LlamaForSequenceClassification",
+    model_types=("llama",),
+    decoder_layer="LlamaDecoderLayer",
+    gguf_arch="llama",
+)

@@ -5,6 +5,11 @@ recent checkpoints) and an explicit ``head_dim`` (Nemo: 128 with hidden 5120 / 3
 from quickloris.models.families._spec import Attention, FamilySpec
 
 SPEC = FamilySpec(
-    name="mistral", causal_lm="MistralForCausalLM", sequence_classification="MistralForSequenceClassification",
-    model_types=("mistral",), decoder_layer="MistralDecoderLayer", attention=Attention(sliding_window="model"),
-    gguf_arch="llama")
+    name="mistral",
+    causal_lm="MistralForCausalLM",
+    sequence_classification="MistralForSequenceClassification",
+    model_types=("mistral",),
+    decoder_layer="MistralDecoderLayer",
+    attention=Attention(sliding_window="model"),
+    gguf_arch="llama",
+)

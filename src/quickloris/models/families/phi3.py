@@ -6,8 +6,13 @@ rotary embeddings (Phi-4-mini: ``partial_rotary_factor``)."""
 from quickloris.models.families._spec import Attention, FamilySpec
 
 SPEC = FamilySpec(
-    name="phi3", causal_lm="Phi3ForCausalLM", sequence_classification="Phi3ForSequenceClassification",
-    model_types=("phi3",), decoder_layer="Phi3DecoderLayer",
+    name="phi3",
+    causal_lm="Phi3ForCausalLM",
+    sequence_classification="Phi3ForSequenceClassification",
+    model_types=("phi3",),
+    decoder_layer="Phi3DecoderLayer",
     linears=("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
     fused={"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")},
-    attention=Attention(sliding_window="model", rope="rotate_half_partial"), gguf_arch="phi3")
+    attention=Attention(sliding_window="model", rope="rotate_half_partial"),
+    gguf_arch="phi3",
+)

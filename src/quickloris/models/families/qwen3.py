@@ -4,6 +4,11 @@
 from quickloris.models.families._spec import Attention, FamilySpec
 
 SPEC = FamilySpec(
-    name="qwen3", causal_lm="Qwen3ForCausalLM", sequence_classification="Qwen3ForSequenceClassification",
-    model_types=("qwen3",), decoder_layer="Qwen3DecoderLayer",
-    attention=Attention(sliding_window="per_layer", qk_norm=True), gguf_arch="qwen3")
+    name="qwen3",
+    causal_lm="Qwen3ForCausalLM",
+    sequence_classification="Qwen3ForSequenceClassification",
+    model_types=("qwen3",),
+    decoder_layer="Qwen3DecoderLayer",
+    attention=Attention(sliding_window="per_layer", qk_norm=True),
+    gguf_arch="qwen3",
+)
