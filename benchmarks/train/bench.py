@@ -42,8 +42,14 @@ import time
 import traceback
 from typing import Any
 
-from benchmarks.train.families import (DEFAULT_FAMILY_SHAPES, FAMILY_SHAPES, failed, parse_shapes, part_families,
-                                       summary_lines)
+from benchmarks.train.families import (
+    DEFAULT_FAMILY_SHAPES,
+    FAMILY_SHAPES,
+    failed,
+    parse_shapes,
+    part_families,
+    summary_lines,
+)
 
 PARTS = ("1b", "counts", "8b", "maxlen", "families")
 DEFAULT_PARTS = "1b,counts,8b"

@@ -23,26 +23,55 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 _GEMMA3_LAYERS = 26
-GEMMA3_1B = dict(vocab_size=262144, hidden_size=1152, intermediate_size=6912, num_attention_heads=4,
-                 num_key_value_heads=1, sliding_window=512, max_position_embeddings=32768,
-                 layer_types=["full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
-                              for i in range(_GEMMA3_LAYERS)],
-                 rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-                                  "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}})
+GEMMA3_1B = dict(
+    vocab_size=262144,
+    hidden_size=1152,
+    intermediate_size=6912,
+    num_attention_heads=4,
+    num_key_value_heads=1,
+    sliding_window=512,
+    max_position_embeddings=32768,
+    layer_types=["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(_GEMMA3_LAYERS)],
+    rope_parameters={
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+    },
+)
 PHI3_MINI_4K = dict(sliding_window=2047)
 # CPU tests: the same features at toy size (a window shorter than the tiny sequence; Gemma's two layer types),
 # matrices drawn at std TINY_STD, larger than the 0.02 of the real shapes, so that attention patterns move the loss
 TINY_STD = 0.08
-TINY_GEMMA3 = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16, sliding_window=16,
-                   max_position_embeddings=256, layer_types=["sliding_attention", "full_attention"])
-TINY_PHI3 = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=4, sliding_window=31, max_position_embeddings=256, pad_token_id=0,
-                 bos_token_id=1, eos_token_id=2)  # Phi3Config's default ids (32000) are outside a tiny vocabulary
+TINY_GEMMA3 = dict(
+    vocab_size=300,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=1,
+    head_dim=16,
+    query_pre_attn_scalar=16,
+    sliding_window=16,
+    max_position_embeddings=256,
+    layer_types=["sliding_attention", "full_attention"],
+)
+TINY_PHI3 = dict(
+    vocab_size=300,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    sliding_window=31,
+    max_position_embeddings=256,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)  # Phi3Config's default ids (32000) are outside a tiny vocabulary
 
 
 @dataclass(frozen=True)
@@ -57,10 +86,10 @@ class FamilyShape:
 
 
 FAMILY_SHAPES = {
-    "gemma3-1b": FamilyShape("Gemma3ForCausalLM", "google/gemma-3-1b-pt", GEMMA3_1B, TINY_GEMMA3, 4, 2048,
-                             999_885_952),
-    "phi3-mini": FamilyShape("Phi3ForCausalLM", "microsoft/Phi-3-mini-4k-instruct", PHI3_MINI_4K, TINY_PHI3, 2,
-                             2048, 3_821_079_552),
+    "gemma3-1b": FamilyShape("Gemma3ForCausalLM", "google/gemma-3-1b-pt", GEMMA3_1B, TINY_GEMMA3, 4, 2048, 999_885_952),
+    "phi3-mini": FamilyShape(
+        "Phi3ForCausalLM", "microsoft/Phi-3-mini-4k-instruct", PHI3_MINI_4K, TINY_PHI3, 2, 2048, 3_821_079_552
+    ),
 }
 DEFAULT_FAMILY_SHAPES = "gemma3-1b,phi3-mini"
 TINY_BATCH, TINY_SEQ = 2, 64
@@ -102,21 +131,44 @@ def part_families(tm, env: dict[str, Any], args, stack_runs: Callable[..., dict[
             cfg, batch, seq = shape.tiny, TINY_BATCH, TINY_SEQ
         else:
             cfg, batch, seq = shape.config, batch or shape.batch, seq or shape.seq
-        rec: dict[str, Any] = {"architecture": shape.architecture, "source": shape.source, "config": cfg,
-                               "batch": batch, "seq": seq, "dtype": str(dtype).removeprefix("torch."),
-                               "steps": sub.steps, "seed": args.seed, "ql_attention": args.family_attention,
-                               "hf_attention": "sdpa"}
+        rec: dict[str, Any] = {
+            "architecture": shape.architecture,
+            "source": shape.source,
+            "config": cfg,
+            "batch": batch,
+            "seq": seq,
+            "dtype": str(dtype).removeprefix("torch."),
+            "steps": sub.steps,
+            "seed": args.seed,
+            "ql_attention": args.family_attention,
+            "hf_attention": "sdpa",
+        }
         print(f"  {name} ({shape.architecture}), {batch}x{seq}, {sub.steps} steps", flush=True)
         torch._dynamo.reset()  # drop the previous shape's compiled graphs (their guards hold its modules)
         t0 = time.perf_counter()
         base = None
         try:
-            base = tm.build_base(cfg, device=env["device"], architecture=shape.architecture, dtype=dtype,
-                                 seed=args.seed, **({"std": TINY_STD} if args.tiny else {}))
-            rec.update(build_base_s=round(time.perf_counter() - t0, 1), lora_targets=base.targets(),
-                       params=base.param_count())
-            runs = stack_runs(tm, base, env, sub, [(s, [seq], batch) for s in args.family_stacks],
-                              base.config.vocab_size, attention=args.family_attention, keep_going=True)
+            base = tm.build_base(
+                cfg,
+                device=env["device"],
+                architecture=shape.architecture,
+                dtype=dtype,
+                seed=args.seed,
+                **({"std": TINY_STD} if args.tiny else {}),
+            )
+            rec.update(
+                build_base_s=round(time.perf_counter() - t0, 1), lora_targets=base.targets(), params=base.param_count()
+            )
+            runs = stack_runs(
+                tm,
+                base,
+                env,
+                sub,
+                [(s, [seq], batch) for s in args.family_stacks],
+                base.config.vocab_size,
+                attention=args.family_attention,
+                keep_going=True,
+            )
             rec["runs"] = runs[f"{batch}x{seq}"]
         except Exception as e:  # keep the other shapes' numbers; the error is part of the record
             rec["error"] = f"{type(e).__name__}: {e}"
@@ -132,8 +184,11 @@ def failed(res: Any) -> bool:
     """Whether the families part's record holds an error (the part's, a shape's or a stack's)."""
     if not isinstance(res, dict):
         return False
-    return "error" in res or any(isinstance(r, dict) and ("error" in r or any(
-        isinstance(s, dict) and "error" in s for s in (r.get("runs") or {}).values())) for r in res.values())
+    return "error" in res or any(
+        isinstance(r, dict)
+        and ("error" in r or any(isinstance(s, dict) and "error" in s for s in (r.get("runs") or {}).values()))
+        for r in res.values()
+    )
 
 
 def summary_lines(res: Any, table: Callable[[str, dict[str, Any]], list[str]]) -> list[str]:

@@ -37,8 +37,10 @@ from tests.helpers import reorder_tolerance, within  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TARGETS = {"gemma3-1b": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-           "phi3-mini": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]}
+TARGETS = {
+    "gemma3-1b": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "phi3-mini": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+}
 
 
 def _args(*argv: str) -> argparse.Namespace:
@@ -62,8 +64,9 @@ def _first_step_bound(name: str, seed: int) -> float:
     """2 * reorder tolerance * Z for the tiny base of `name` drawn with `seed` (module docstring); also checks the
     bound's premise: bitsandbytes dequantizes each NF4 weight to quickloris' fp32 values, bit for bit."""
     shape = FAMILY_SHAPES[name]
-    base = tm.build_base(shape.tiny, device="cpu", architecture=shape.architecture, dtype=torch.float32, seed=seed,
-                         std=TINY_STD)
+    base = tm.build_base(
+        shape.tiny, device="cpu", architecture=shape.architecture, dtype=torch.float32, seed=seed, std=TINY_STD
+    )
     for path, nf4 in base.nf4.items():
         p = nf4.to_bnb()
         theirs = bnb.functional.dequantize_4bit(p.data, p.quant_state)
@@ -98,8 +101,19 @@ def _check_shape_record(name: str, rec: dict, stacks: set[str], steps: int, seed
 
 
 def test_tiny_families_part_eager_stacks(tmp_path, capsys, seed):
-    args = _args("--tiny", "--parts", "families", "--family-stacks", "ql_eager,hf_eager", "--family-steps", "3",
-                 "--seed", str(seed), "--out", str(tmp_path))
+    args = _args(
+        "--tiny",
+        "--parts",
+        "families",
+        "--family-stacks",
+        "ql_eager,hf_eager",
+        "--family-steps",
+        "3",
+        "--seed",
+        str(seed),
+        "--out",
+        str(tmp_path),
+    )
     assert bench.run(args) == 0
     (path,) = (tmp_path / "train").glob("train-*.json")
     results = json.loads(path.read_text())["results"]
@@ -115,8 +129,9 @@ def test_tiny_families_part_eager_stacks(tmp_path, capsys, seed):
     text = report.read_text()
     assert "families gemma3-1b 2x64, phi3-mini 2x64" in text and "the four stacks on one shared NF4 base" in text
     for name, rec in fam.items():
-        assert f"{name} shape ({rec['architecture']}, config of {rec['source']}, {num(rec['params'])} parameters)" \
-            in text
+        assert (
+            f"{name} shape ({rec['architecture']}, config of {rec['source']}, {num(rec['params'])} parameters)" in text
+        )
     assert text.count(f"| ql_eager | {num(fam['phi3-mini']['runs']['ql_eager']['tokens_per_s'])} |") == 1
 
 
@@ -135,8 +150,19 @@ def test_a_failing_stack_or_shape_is_recorded_and_the_rest_run(tmp_path, monkeyp
 
     monkeypatch.setattr(tm, "hf_stack", hf_stack)
     monkeypatch.setattr(tm, "build_base", build_base)
-    args = _args("--tiny", "--parts", "families", "--family-stacks", "ql_eager,hf_compiled,hf_eager",
-                 "--family-steps", "3", "--seed", str(seed), "--out", str(tmp_path))
+    args = _args(
+        "--tiny",
+        "--parts",
+        "families",
+        "--family-stacks",
+        "ql_eager,hf_compiled,hf_eager",
+        "--family-steps",
+        "3",
+        "--seed",
+        str(seed),
+        "--out",
+        str(tmp_path),
+    )
     assert bench.run(args) == 1  # something failed: the exit status says so
     fam = json.loads(next((tmp_path / "train").glob("train-*.json")).read_text())["results"]["families"]
     assert fam["gemma3-1b"]["error"] == "RuntimeError: no Gemma today (simulated)" and "runs" not in fam["gemma3-1b"]
@@ -153,13 +179,19 @@ def test_a_failing_stack_or_shape_is_recorded_and_the_rest_run(tmp_path, monkeyp
     assert "failed: `RuntimeError: no Gemma today (simulated)`" in text
 
 
-@pytest.mark.parametrize("argv, says", [
-    (["--family-shapes", "gemma3-2b"], "--family-shapes: unknown shape 'gemma3-2b'; choose from gemma3-1b,phi3-mini"),
-    (["--family-shapes", "phi3-mini:2by2048"], "--family-shapes: 'phi3-mini:2by2048': write batch x sequence as "),
-    (["--family-shapes", ","], "--family-shapes: name at least one of gemma3-1b,phi3-mini"),
-    (["--family-stacks", "ql_eager,unsloth"], "--family-stacks: unknown ['unsloth']"),
-    (["--family-steps", "2"], "--family-steps: 2; at least 3"),
-])
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (
+            ["--family-shapes", "gemma3-2b"],
+            "--family-shapes: unknown shape 'gemma3-2b'; choose from gemma3-1b,phi3-mini",
+        ),
+        (["--family-shapes", "phi3-mini:2by2048"], "--family-shapes: 'phi3-mini:2by2048': write batch x sequence as "),
+        (["--family-shapes", ","], "--family-shapes: name at least one of gemma3-1b,phi3-mini"),
+        (["--family-stacks", "ql_eager,unsloth"], "--family-stacks: unknown ['unsloth']"),
+        (["--family-steps", "2"], "--family-steps: 2; at least 3"),
+    ],
+)
 def test_bad_family_options_get_one_line(argv, says, capsys):
     # checked before anything is built or CUDA is looked for: the same line on any machine
     assert main(["bench", "train", "--parts", "families", *argv]) == 2
