@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from benchmarks.report.markdown import columns, num, percent, ratio, table
+from benchmarks.report.markdown import cell_text, columns, num, percent, ratio, table
 
 _SHAPES = {"1b": "Llama-3.2-1B shape", "8b": "Llama-3.1-8B shape"}
 
@@ -19,6 +19,10 @@ def what(kind: str, r: dict[str, Any]) -> str:
             opts.append(f"in-graph checkpoint {part}" + (f" keep {keep}" if isinstance(keep, str) and keep else ""))
         if r.get(f"skip_last_{part}"):
             opts.append(f"skip-last {part} {r[f'skip_last_{part}']}")
+    fam = r.get("families")
+    if isinstance(fam, dict) and "error" not in fam:
+        opts.append("families " + ", ".join(f"{n} {f.get('batch')}x{f.get('seq')}" for n, f in fam.items()
+                                            if isinstance(f, dict)))
     flags = [f for f in ("quick", "tiny") if r.get(f)]
     return f"bench train: {', '.join(r.get('parts', []))}" + (f" ({'; '.join(opts + flags)})" if opts or flags else "")
 
@@ -41,12 +45,22 @@ def protocol(kind: str, r: dict[str, Any]) -> str:
             f"layers, final norm and loss chunk, dynamic shapes; attention `{r.get('attention', 'sdpa')}`). counts: "
             "60 steps of random lengths from a cleared dynamo cache, graphs and graph breaks counted, per-step "
             "losses vs eager. maxlen: the longest 1 x S of the 8B shape that trains one step (doubling, then "
-            "bisection).")
+            "bisection).") + (_FAMILIES if "families" in (r.get("parts") or []) else "")
+
+
+_FAMILIES = (" families: other families' real shapes (`benchmarks/train/families.py`: the public config of the "
+             "named checkpoint, random init), LoRA on every decoder linear under the family's names (Phi-3: the fused "
+             "qkv_proj, gate_up_proj), the four stacks on one shared NF4 base per shape (HF stacks: transformers' "
+             "SDPA; quickloris: the attention named per shape), the same LoRA init and batches, the part's own step "
+             "count (tokens/s = median over steps 3..N).")
 
 
 def _stack_rows(runs: dict[str, Any]) -> list[list[Any]]:
     rows = []
     for stack, s in runs.items():
+        if "error" in s:  # a stack that failed (out of memory, say): its error in place of the numbers
+            rows.append([stack, cell_text(f"failed: {s['error']}")] + [None] * 8)
+            continue
         comp = s.get("compile") or {}
         rows.append([stack, s.get("tokens_per_s"), ratio(s.get("speedup_vs_hf_eager")),
                      ratio(s.get("speedup_vs_hf_compiled")), s.get("peak_gib"), percent(s.get("memory_vs_hf_eager")),
@@ -72,6 +86,7 @@ def headline(kind: str, r: dict[str, Any]) -> list[str]:
             out += table(["stack", "tokens/s", "x hf_eager", "x hf_compiled", "peak GiB", "of hf_eager's",
                           "of hf_compiled's", "max rel loss diff vs hf_eager", "first step s", "compile"],
                          _stack_rows(runs))
+    out += _families(r.get("families"))
     c = r.get("counts")
     if isinstance(c, dict) and "compile" in c:
         out += ["Compile counts:", ""]
@@ -89,6 +104,28 @@ def headline(kind: str, r: dict[str, Any]) -> list[str]:
                        next((t["peak_gib"] for t in x["trials"] if t["seq"] == x["longest"] and t["fits"]), None),
                        ", ".join(f"{t['seq']}: {'ok' if t['fits'] else 'OOM'}" for t in x["trials"])]
                       for stack, x in m.items()])
+    return out
+
+
+def _families(fam: Any) -> list[str]:
+    """The families part: per shape, its source checkpoint and the stacks' table (or the error)."""
+    if not isinstance(fam, dict):
+        return []
+    if "error" in fam:
+        return [f"Families: failed: `{fam['error']}`", ""]
+    out: list[str] = []
+    for name, f in fam.items():
+        head = (f"{name} shape ({f.get('architecture')}, config of {f.get('source')}, {num(f.get('params'))} "
+                f"parameters), {f.get('dtype')}, batch x tokens {f.get('batch')}x{f.get('seq')}, "
+                f"{num(f.get('steps'))} steps, LoRA on {', '.join(f.get('lora_targets') or [])}, attention: ql "
+                f"{f.get('ql_attention')}, hf {f.get('hf_attention')}")
+        if "error" in f:
+            out += [f"{head}: failed: `{cell_text(f['error'])}`", ""]
+            continue
+        out += [head + ":", ""]
+        out += table(["stack", "tokens/s", "x hf_eager", "x hf_compiled", "peak GiB", "of hf_eager's",
+                      "of hf_compiled's", "max rel loss diff vs hf_eager", "first step s", "compile"],
+                     _stack_rows(f.get("runs") or {}))
     return out
 
 

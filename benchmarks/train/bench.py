@@ -18,9 +18,16 @@ Parts (``--parts``; default ``1b,counts,8b``; options can also come from $QUICKL
 * ``maxlen``: the longest 1 x S that trains (one optimizer step) for the 8B shape, ``hf_eager`` and
   ``ql_compiled``: S doubles from ``--maxlen-start`` until out of memory (or ``--maxlen-cap``), then bisects to
   ``--maxlen-resolution`` tokens.
+* ``families``: other families' real shapes (`benchmarks.train.families`: ``--family-shapes``, default
+  Gemma-3-1B 4 x 2048 and Phi-3-mini-4k 2 x 2048), the stacks of ``--family-stacks`` (default all four), LoRA on
+  every decoder linear under the family's names (Phi-3: the fused ``qkv_proj``, ``gate_up_proj``), the quickloris
+  stacks on ``--family-attention`` (default flex); ``--family-steps`` steps (default 5: 2 warm-up, 3 timed) on
+  the same batches, per-step losses compared with ``hf_eager``. One base at a time, each stack's model freed
+  before the next; a stack or shape that fails (out of memory, say) records its error and the rest still run.
 
 ``--quick`` trims steps and lengths (a smoke run); ``--tiny`` runs everything on a tiny model on CPU (aot_eager
-compile backend): the tests use it. Without CUDA (and without --tiny) it prints why and measures nothing. Results:
+compile backend; the families part in fp32): the tests use it. ``--seed`` draws other base weights and batches.
+Without CUDA (and without --tiny) it prints why and measures nothing. Results:
 ``quickloris.utils.provenance.record("train", ...)`` under ``--out``; each part's numbers are also printed as it ends.
 """
 
@@ -30,10 +37,21 @@ import argparse
 import json
 import os
 import shlex
+import sys
 import time
+import traceback
 from typing import Any
 
-PARTS = ("1b", "counts", "8b", "maxlen")
+from benchmarks.train.families import (
+    DEFAULT_FAMILY_SHAPES,
+    FAMILY_SHAPES,
+    failed,
+    parse_shapes,
+    part_families,
+    summary_lines,
+)
+
+PARTS = ("1b", "counts", "8b", "maxlen", "families")
 DEFAULT_PARTS = "1b,counts,8b"
 
 
@@ -66,6 +84,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "comma-separated: attention, linears) is what it keeps besides the layer input")
     parser.add_argument("--in-graph-8b", nargs="?", const="", default=None, metavar="KEEP",
                         help="the same for the 8B part")
+    parser.add_argument("--family-shapes", default=DEFAULT_FAMILY_SHAPES, metavar="NAME[:BxS],...",
+                        help=f"families: shapes ({','.join(FAMILY_SHAPES)}), each optionally with batch x sequence "
+                        f"(default {DEFAULT_FAMILY_SHAPES}: "
+                        + ", ".join(f"{n} {f.batch}x{f.seq}" for n, f in FAMILY_SHAPES.items()) + ")")
+    parser.add_argument("--family-stacks", type=_csv, default=["ql_eager", "ql_compiled", "hf_eager", "hf_compiled"],
+                        help="stacks of the families part")
+    parser.add_argument("--family-attention", choices=["sdpa", "sdpa_cudnn", "flex"], default="flex",
+                        help="attention of the ql stacks in the families part (the HF stacks use transformers' sdpa)")
+    parser.add_argument("--family-steps", type=int, default=5,
+                        help="training steps per stack in the families part (default 5: 2 warm-up, 3 timed)")
+    parser.add_argument("--seed", type=int, default=0, help="random base weights (batches: seed + 1)")
     parser.add_argument("--quick", action="store_true", help="fewer steps and lengths (smoke run)")
     parser.add_argument("--tiny", action="store_true", help="tiny model on CPU (tests); not a measurement")
     extra = os.environ.get("QUICKLORIS_BENCH_TRAIN_ARGS")
@@ -92,14 +121,17 @@ def _setup(args) -> dict[str, Any]:
                         args.maxlen_resolution * (2 if args.quick else 1)))
 
 
-def _build(tm, stack: str, base, env, args, lora_init, skip_last: int = 0, in_graph: str | None = None):
-    """`in_graph`: None (transformers' eager checkpoint) or the in-graph checkpoint's keep list, comma-separated."""
+def _build(tm, stack: str, base, env, args, lora_init, skip_last: int = 0, in_graph: str | None = None,
+           attention: str | None = None):
+    """`in_graph`: None (transformers' eager checkpoint) or the in-graph checkpoint's keep list, comma-separated;
+    `attention`: the ql stacks' (default ``--attention``)."""
     compiled = stack.endswith("compiled")
     if stack.startswith("hf"):
         model = tm.hf_stack(base, device=env["device"], compiled=compiled, compile_backend=env["backend"])
     else:
         model = tm.ql_stack(base, device=env["device"], compiled=compiled, compile_backend=env["backend"],
-                            attention=args.attention, skip_last=skip_last, checkpoint_in_graph=in_graph is not None,
+                            attention=attention or args.attention, skip_last=skip_last,
+                            checkpoint_in_graph=in_graph is not None,
                             checkpoint_keep=[k for k in (in_graph or "").split(",") if k])
     if lora_init is not None:
         tm.apply_lora_init(lora_init, model)
@@ -107,6 +139,7 @@ def _build(tm, stack: str, base, env, args, lora_init, skip_last: int = 0, in_gr
 
 
 def _compare(runs: dict[str, dict], ref: str = "hf_eager") -> None:
+    runs = {name: run for name, run in runs.items() if "error" not in run}  # a stack that failed has no numbers
     if ref not in runs:
         return
     base_loss = runs[ref]["losses"]
@@ -121,27 +154,39 @@ def _compare(runs: dict[str, dict], ref: str = "hf_eager") -> None:
 
 
 def _stack_runs(tm, base, env, args, plan: list[tuple[str, list[int], int]], vocab: int,
-                skip_last: int = 0, in_graph: str | None = None) -> dict[str, Any]:
-    """plan: (stack, lengths, batch). One model per stack, run at each length; LoRA init shared by all stacks."""
+                skip_last: int = 0, in_graph: str | None = None, attention: str | None = None,
+                keep_going: bool = False) -> dict[str, Any]:
+    """plan: (stack, lengths, batch). One model per stack, run at each length; LoRA init shared by all stacks.
+    `keep_going`: a stack that raises gets ``{"error": ...}`` at its lengths and the next stack runs."""
     from quickloris.parallel.compile import compile_stats, reset_compile_stats
 
     out: dict[str, Any] = {}
     lora_init = None
     for stack, seqs, batch in sorted(plan, key=lambda p: not p[0].startswith("ql")):  # ql first: it sets the init
         t0 = time.perf_counter()
-        model = _build(tm, stack, base, env, args, lora_init, skip_last, in_graph)
-        if lora_init is None and stack.startswith("ql"):
-            lora_init = tm.lora_init_of(model)
-        build_s = time.perf_counter() - t0
-        for seq in seqs:
-            reset_compile_stats()
-            run = tm.train_run(model, tm.make_batches(args.steps, batch, seq, vocab), device=env["device"],
-                               lr=args.lr)
-            run.update(build_s=build_s, compile=compile_stats() if stack.endswith("compiled") else None)
-            out.setdefault(f"{batch}x{seq}", {})[stack] = run
-            print(f"  {stack:12s} {batch}x{seq}: {run['tokens_per_s']:,.0f} tok/s, peak {run['peak_gib'] or 0:.2f} "
-                  f"GiB, first step {run['first_step_s']:.1f} s, losses {[round(x, 4) for x in run['losses'][:3]]}",
-                  flush=True)
+        model = None
+        try:
+            model = _build(tm, stack, base, env, args, lora_init, skip_last, in_graph, attention)
+            if lora_init is None and stack.startswith("ql"):
+                lora_init = tm.lora_init_of(model)
+            build_s = time.perf_counter() - t0
+            for seq in seqs:
+                reset_compile_stats()
+                run = tm.train_run(model, tm.make_batches(args.steps, batch, seq, vocab, seed=args.seed + 1),
+                                   device=env["device"], lr=args.lr)
+                run.update(build_s=build_s, compile=compile_stats() if stack.endswith("compiled") else None,
+                           attention=model.config._attn_implementation)  # what ran (transformers' registry name)
+                out.setdefault(f"{batch}x{seq}", {})[stack] = run
+                print(f"  {stack:12s} {batch}x{seq}: {run['tokens_per_s']:,.0f} tok/s, peak "
+                      f"{run['peak_gib'] or 0:.2f} GiB, first step {run['first_step_s']:.1f} s, losses "
+                      f"{[round(x, 4) for x in run['losses'][:3]]}", flush=True)
+        except Exception as e:
+            if not keep_going:
+                raise
+            traceback.print_exc(file=sys.stdout)  # the log keeps where it failed; the record keeps the message
+            for seq in seqs:
+                out.setdefault(f"{batch}x{seq}", {}).setdefault(stack, {"error": f"{type(e).__name__}: {e}"})
+            print(f"  {stack:12s} failed: {type(e).__name__}: {e}", flush=True)
         del model
         tm.release(env["device"])
     for runs in out.values():
@@ -234,9 +279,15 @@ def run(args: argparse.Namespace) -> int:
     unknown = set(parts) - set(PARTS)
     if unknown or not parts:
         raise ValueError(f"--parts: unknown {sorted(unknown)}; choose from {','.join(PARTS)}")
-    bad_stacks = (set(args.stacks) | set(args.stacks_8b)) - set(tm.STACKS)
-    if bad_stacks:
-        raise ValueError(f"--stacks: unknown {sorted(bad_stacks)}; choose from {','.join(tm.STACKS)}")
+    for option, stacks in (("--stacks", args.stacks), ("--stacks-8b", args.stacks_8b),
+                           ("--family-stacks", args.family_stacks)):
+        bad_stacks = set(stacks) - set(tm.STACKS)
+        if bad_stacks or not stacks:
+            raise ValueError(f"{option}: unknown {sorted(bad_stacks)}; choose from {','.join(tm.STACKS)}")
+    if "families" in parts:
+        parse_shapes(args.family_shapes)  # a typo is reported before anything is built
+        if args.family_steps < 3:
+            raise ValueError(f"--family-steps: {args.family_steps}; at least 3 (tokens/s is the median of steps 3..N)")
     if not args.tiny and not torch.cuda.is_available():
         print("quickloris bench train needs a CUDA GPU (see docs/device.md); nothing was measured.")
         return 2
@@ -244,16 +295,19 @@ def run(args: argparse.Namespace) -> int:
     results: dict[str, Any] = {"parts": parts, "steps": args.steps, "lr": args.lr, "attention": args.attention,
                                "skip_last_1b": args.skip_last_1b, "skip_last_8b": args.skip_last_8b,
                                "in_graph_1b": args.in_graph_1b, "in_graph_8b": args.in_graph_8b,
-                               "quick": args.quick, "tiny": args.tiny, "device": env["device"]}
+                               "quick": args.quick, "tiny": args.tiny, "device": env["device"], "seed": args.seed}
     bases: dict[str, Any] = {}
+
+    def drop_bases() -> None:
+        for other in list(bases):
+            del bases[other]  # one base at a time: the other's weights would count in this one's peaks
+        tm.release(env["device"])
 
     def base_for(key: str):
         if key not in bases:
-            for other in list(bases):
-                del bases[other]  # one base at a time: the other's weights would count in this one's peaks
-            tm.release(env["device"])
+            drop_bases()
             t0 = time.perf_counter()
-            bases[key] = tm.build_base(env[f"shape_{key}"], device=env["device"])
+            bases[key] = tm.build_base(env[f"shape_{key}"], device=env["device"], seed=args.seed)
             results[f"build_{key}_s"] = round(time.perf_counter() - t0, 1)
         return bases[key]
 
@@ -275,6 +329,9 @@ def run(args: argparse.Namespace) -> int:
                                             args.skip_last_8b, args.in_graph_8b)
             elif part == "maxlen":
                 results[part] = part_maxlen(tm, base_for("8b"), env, args, env["shape_8b"]["vocab_size"])
+            elif part == "families":
+                drop_bases()
+                results[part] = part_families(tm, env, args, _stack_runs)
         except Exception as e:  # keep the other parts' numbers; the error is part of the record
             results[part] = {"error": f"{type(e).__name__}: {e}"}
             print(f"  {part} failed: {results[part]['error']}", flush=True)
@@ -283,15 +340,41 @@ def run(args: argparse.Namespace) -> int:
     path = record("train", "train", results, args.out)
     print(summary(results))
     after_record(path)
-    return 0 if not any(isinstance(results.get(p), dict) and "error" in results[p] for p in parts) else 1
+    return 0 if not any(isinstance(results.get(p), dict) and "error" in results[p] for p in parts) and not failed(
+        results.get("families")) else 1
+
+
+def _brief_runs(runs: dict[str, Any]) -> dict[str, Any]:
+    return {s: {k: v for k, v in r.items() if k not in ("losses", "step_s")} for s, r in runs.items()}
 
 
 def _headline(part: str, res: Any) -> Any:
+    if part == "families" and isinstance(res, dict) and "error" not in res:
+        return {name: {k: (_brief_runs(v) if k == "runs" else v) for k, v in r.items() if k != "config"}
+                for name, r in res.items()}
     if not isinstance(res, dict) or "error" in res or part not in ("1b", "8b"):
         return res if part != "counts" or not isinstance(res, dict) else {
             k: v for k, v in res.items() if not k.startswith("losses")}
-    return {shape: {s: {k: v for k, v in r.items() if k not in ("losses", "step_s")} for s, r in runs.items()}
-            for shape, runs in res.items()}
+    return {shape: _brief_runs(runs) for shape, runs in res.items()}
+
+
+def _table(label: str, res: dict[str, dict[str, Any]]) -> list[str]:
+    """Rows of the summary table for {batch x seq: {stack: run}}."""
+    lines = [f"{label:<14} {'stack':<12} {'tok/s':>9} {'x hf_eager':>10} {'x hf_comp':>9} {'peak GiB':>9} "
+             f"{'/hf_eager':>9} {'/hf_comp':>8} {'loss diff':>9}  compile"]
+    for bs, runs in res.items():
+        for name, r in runs.items():
+            if "error" in r:
+                lines.append(f"  {bs:<12} {name:<12} failed: {r['error']}")
+                continue
+            f = lambda k, fmt: format(r[k], fmt) if isinstance(r.get(k), float) else "-"  # noqa: E731
+            comp = r.get("compile")
+            lines.append(f"  {bs:<12} {name:<12} {r['tokens_per_s']:>9,.0f} {f('speedup_vs_hf_eager', '.2f'):>10} "
+                         f"{f('speedup_vs_hf_compiled', '.2f'):>9} {f('peak_gib', '.2f'):>9} "
+                         f"{f('memory_vs_hf_eager', '.0%'):>9} {f('memory_vs_hf_compiled', '.0%'):>8} "
+                         f"{f('max_rel_loss_diff_vs_hf_eager', '.1e'):>9}  "
+                         + (f"{comp['unique_graphs']} graphs, {comp['graph_breaks']} breaks" if comp else ""))
+    return lines
 
 
 def summary(results: dict[str, Any]) -> str:
@@ -303,17 +386,8 @@ def summary(results: dict[str, Any]) -> str:
             if res:
                 lines.append(f"{shape}: {res.get('error')}")
             continue
-        lines.append(f"{shape}   {'stack':<12} {'tok/s':>9} {'x hf_eager':>10} {'x hf_comp':>9} {'peak GiB':>9} "
-                     f"{'/hf_eager':>9} {'/hf_comp':>8} {'loss diff':>9}  compile")
-        for bs, runs in res.items():
-            for name, r in runs.items():
-                f = lambda k, fmt: format(r[k], fmt) if isinstance(r.get(k), float) else "-"  # noqa: E731
-                comp = r.get("compile")
-                lines.append(f"  {bs:<12} {name:<12} {r['tokens_per_s']:>9,.0f} {f('speedup_vs_hf_eager', '.2f'):>10} "
-                             f"{f('speedup_vs_hf_compiled', '.2f'):>9} {f('peak_gib', '.2f'):>9} "
-                             f"{f('memory_vs_hf_eager', '.0%'):>9} {f('memory_vs_hf_compiled', '.0%'):>8} "
-                             f"{f('max_rel_loss_diff_vs_hf_eager', '.1e'):>9}  "
-                             + (f"{comp['unique_graphs']} graphs, {comp['graph_breaks']} breaks" if comp else ""))
+        lines += _table(shape, res)
+    lines += summary_lines(results.get("families"), _table)
     c = results.get("counts")
     if isinstance(c, dict) and "compile" in c:
         lines.append(f"compile counts, {c['steps']} steps of lengths {c['lengths'][0]}..{c['lengths'][1]}: "

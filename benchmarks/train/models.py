@@ -3,9 +3,11 @@
 One random-init base is built once, directly in NF4 on the device, layer by layer (an 8B model never exists in
 16-bit: each weight is drawn, quantized and dropped before the next): `SharedBase` holds the NF4 weights and the
 16-bit embeddings / norms / head. Both stacks are built on top of the *same* tensors, one at a time, on
-meta-device skeletons (no weight memory):
+meta-device skeletons (no weight memory) of the base's architecture (``LlamaForCausalLM``, or another family's
+``*ForCausalLM``: `benchmarks.train.families`), with LoRA on every decoder linear under the family's names
+(`quickloris.models.families`: Phi-3's fused ``qkv_proj`` / ``gate_up_proj`` on both stacks):
 
-* ``hf_*``: what a user runs today - ``LlamaForCausalLM`` whose decoder linears are bitsandbytes ``Linear4bit``
+* ``hf_*``: what a user runs today - the ``*ForCausalLM`` whose decoder linears are bitsandbytes ``Linear4bit``
   (``Params4bit`` objects wrapping the shared NF4 bytes: the same bytes a ``BitsAndBytesConfig`` load makes),
   PEFT ``get_peft_model`` LoRA (fp32 adapters, PEFT's default), transformers' non-reentrant gradient
   checkpointing, HF's full-logits loss; ``hf_compiled`` adds ``torch.compile`` of each decoder layer
@@ -25,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmarks.loss.models import LLAMA_1B, LORA_TARGETS
+from benchmarks.loss.models import LLAMA_1B
 from quickloris.tensor.nf4_tensor import NF4Tensor
 
 LLAMA_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -42,44 +44,85 @@ class SharedBase:
     config: Any
     nf4: dict[str, NF4Tensor] = field(default_factory=dict)  # "model.layers.0.mlp.up_proj" -> weight
     dense: dict[str, torch.Tensor] = field(default_factory=dict)  # state-dict name -> tensor
+    architecture: str = "LlamaForCausalLM"  # the transformers *ForCausalLM class both stacks are built as
+
+    def targets(self) -> list[str]:
+        """LoRA targets: every decoder linear, under the family's names (both stacks use these)."""
+        from quickloris.models.families import family_of
+
+        return list(family_of(self.config).linears)
+
+    def param_count(self) -> int:
+        """Parameters of the model (a tied head counted once), as a checkpoint of this shape has them."""
+        return sum(t.shape.numel() for t in self.nf4.values()) + sum(t.numel() for t in self.dense.values())
 
 
-def build_base(shape: dict, *, device: str, dtype=torch.bfloat16, seed: int = 0, std: float = 0.02) -> SharedBase:
-    """A random-init model of `shape`: decoder linears drawn one at a time and quantized to NF4 on `device`."""
+def build_base(shape: dict, *, device: str, architecture: str = "LlamaForCausalLM", dtype=torch.bfloat16,
+               seed: int = 0, std: float = 0.02) -> SharedBase:
+    """A random-init `architecture` (a transformers ``*ForCausalLM``, configured by `shape`): decoder linears
+    drawn one at a time and quantized to NF4 on `device`; norm weights at the value that makes them the identity
+    (1, or 0 for Gemma's zero-centred ``(1 + w)`` norms), other tensors N(0, std)."""
     import transformers
 
-    config = transformers.LlamaConfig(**shape)
+    from quickloris.models.families import family_of
+
+    cls = getattr(transformers, architecture)
+    config = cls.config_class(**shape)
     config._attn_implementation = "sdpa"
+    spec = family_of(config)
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.device("meta"):
-        skeleton = transformers.LlamaForCausalLM(config)
-    base = SharedBase(config)
+        skeleton = cls(config)
+    prefix = spec.layers_path(skeleton) + "."
+    base = SharedBase(config, architecture=architecture)
     for name, module in skeleton.named_modules():
-        if type(module) is nn.Linear and name.startswith("model.layers."):
+        if type(module) is nn.Linear and name.startswith(prefix):
             w = torch.randn(module.out_features, module.in_features, generator=gen, device=device, dtype=dtype) * std
             base.nf4[name] = NF4Tensor.from_float(w)
             del w
+    norm = torch.zeros if spec.norm == "rms_one_plus_fp32" else torch.ones
     for name, t in skeleton.state_dict().items():
         if name.rsplit(".weight", 1)[0] in base.nf4 or (name == "lm_head.weight" and config.tie_word_embeddings):
             continue
         if name.endswith("norm.weight"):
-            base.dense[name] = torch.ones(t.shape, device=device, dtype=dtype)
+            base.dense[name] = norm(t.shape, device=device, dtype=dtype)
         else:
             base.dense[name] = torch.randn(t.shape, generator=gen, device=device, dtype=dtype) * std
     return base
 
 
+def _materialise_buffers(model: nn.Module, device: str) -> None:
+    """The buffers a meta-device skeleton leaves on meta (not in the state dict): rotary tables (the module is
+    rebuilt from the config) and Gemma's embedding scale (its recorded float); anything else is an error."""
+    for name, module in list(model.named_modules()):
+        if type(module).__name__.endswith("RotaryEmbedding"):
+            parent, _, child = name.rpartition(".")
+            with torch.device("cpu"):  # the tables computed on CPU, as from_pretrained does, then moved
+                rebuilt = type(module)(config=model.config)
+            setattr(model.get_submodule(parent) if parent else model, child, rebuilt.to(device))
+        elif hasattr(module, "scalar_embed_scale") and getattr(module, "embed_scale", None) is not None:
+            module.embed_scale = torch.tensor(float(module.scalar_embed_scale), device=device)
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise RuntimeError(f"{type(model).__name__}: no value for {left[:5]} (extend _materialise_buffers)")
+
+
 def _skeleton(base: SharedBase, device: str, linear_factory) -> nn.Module:
+    import copy
+
     import transformers
 
+    # a config of its own: quickloris' set_attention writes the backend into model.config, which must not carry
+    # over to the stack built next on this base (the HF stacks would then run quickloris' attention)
+    config = copy.deepcopy(base.config)
     with torch.device("meta"):
-        model = transformers.LlamaForCausalLM(base.config)
+        model = getattr(transformers, base.architecture)(config)
     for name, nf4 in base.nf4.items():
         parent, child = name.rsplit(".", 1)
         setattr(model.get_submodule(parent), child, linear_factory(nf4))
     model.load_state_dict(base.dense, strict=False, assign=True)
     model.tie_weights()
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=model.config).to(device)
+    _materialise_buffers(model, device)
     for p in model.parameters():
         p.requires_grad_(False)
     return model
@@ -98,12 +141,16 @@ def hf_stack(base: SharedBase, *, device: str, compiled: bool, r: int = 16, alph
         lin.weight.module = lin
         return lin
 
+    from quickloris.models.families import decoder_layers
+
     model = _skeleton(base, device, linear4bit)
+    if model.config._attn_implementation != "sdpa":
+        raise RuntimeError(f"hf stack: attention {model.config._attn_implementation!r}, not sdpa")
     model.is_loaded_in_4bit = True
-    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=LORA_TARGETS))
+    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=base.targets()))
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if compiled:  # not fullgraph: a break in bitsandbytes / PEFT code is the baseline's to have (counted, not fatal)
-        for layer in model.get_base_model().model.layers:
+        for layer in decoder_layers(model):
             layer.compile(dynamic=False, backend=compile_backend)
     return model.train()
 
@@ -124,7 +171,8 @@ def ql_stack(base: SharedBase, *, device: str, compiled: bool, r: int = 16, alph
         return lin
 
     model = _skeleton(base, device, holder)
-    return build_training_model(model, QLoRAConfig(r=r, lora_alpha=alpha, quantize=False, attention=attention),
+    return build_training_model(model, QLoRAConfig(r=r, lora_alpha=alpha, quantize=False, attention=attention,
+                                                   target_modules=base.targets()),
                                 checkpointing=CheckpointConfig(offload=offload, skip_last=skip_last),
                                 compile=CompileConfig(backend=compile_backend, checkpoint_in_graph=checkpoint_in_graph,
                                                       checkpoint_keep=list(checkpoint_keep or []))
