@@ -29,10 +29,10 @@ import time
 
 import numpy as np
 
+from benchmarks.report import after_record
 from quickloris.export import ggml_reference
 from quickloris.export.quants import GGMLType, quantize, tensor_type
 from quickloris.export.writer import GGUFWriter
-from benchmarks.report import after_record
 from quickloris.utils.provenance import record
 
 
@@ -40,11 +40,17 @@ def llama32_1b_tensors(layers: int) -> list[tuple[str, tuple[int, ...]]]:
     hidden, inter, vocab, kv = 2048, 8192, 128256, 512
     out = [("token_embd.weight", (vocab, hidden))]
     for i in range(layers):
-        out += [(f"blk.{i}.attn_norm.weight", (hidden,)), (f"blk.{i}.attn_q.weight", (hidden, hidden)),
-                (f"blk.{i}.attn_k.weight", (kv, hidden)), (f"blk.{i}.attn_v.weight", (kv, hidden)),
-                (f"blk.{i}.attn_output.weight", (hidden, hidden)), (f"blk.{i}.ffn_norm.weight", (hidden,)),
-                (f"blk.{i}.ffn_gate.weight", (inter, hidden)), (f"blk.{i}.ffn_up.weight", (inter, hidden)),
-                (f"blk.{i}.ffn_down.weight", (hidden, inter))]
+        out += [
+            (f"blk.{i}.attn_norm.weight", (hidden,)),
+            (f"blk.{i}.attn_q.weight", (hidden, hidden)),
+            (f"blk.{i}.attn_k.weight", (kv, hidden)),
+            (f"blk.{i}.attn_v.weight", (kv, hidden)),
+            (f"blk.{i}.attn_output.weight", (hidden, hidden)),
+            (f"blk.{i}.ffn_norm.weight", (hidden,)),
+            (f"blk.{i}.ffn_gate.weight", (inter, hidden)),
+            (f"blk.{i}.ffn_up.weight", (inter, hidden)),
+            (f"blk.{i}.ffn_down.weight", (hidden, inter)),
+        ]
     return out + [("output_norm.weight", (hidden,))]
 
 
@@ -83,8 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--out", default=None, help="results folder (default: benchmarks/results/)")
     parser.add_argument("--skip-numpy", action="store_true", help="skip gguf's (slow) numpy Q8_0 path")
-    parser.add_argument("--ggml-lib", default=None,
-                        help="another libggml-base.so to compare with (default: llama-cpp-python's bundled one)")
+    parser.add_argument(
+        "--ggml-lib",
+        default=None,
+        help="another libggml-base.so to compare with (default: llama-cpp-python's bundled one)",
+    )
     parser.add_argument("--name", default="quantize_llama32_1b", help="result file name prefix")
     args = parser.parse_args(argv)
 
@@ -116,8 +125,10 @@ def main(argv: list[str] | None = None) -> int:
             from gguf.quants import quantize as gguf_quantize
 
             secs["numpy_q8_0"] += timed(gguf_quantize, x, GGMLQuantizationType.Q8_0)[1]
-        print(f"{name:28s} {qt.name:5s} {tuple(shape)} ours {secs['ours_q4_k_m']:.1f} s ggml {secs['ggml_q4_k_m']:.1f} s",
-              file=sys.stderr)
+        print(
+            f"{name:28s} {qt.name:5s} {tuple(shape)} ours {secs['ours_q4_k_m']:.1f} s ggml {secs['ggml_q4_k_m']:.1f} s",
+            file=sys.stderr,
+        )
 
     # The whole Q4_K_M file through the writer (quantize + stream + fsync + rename), random data regenerated.
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
@@ -126,8 +137,10 @@ def main(argv: list[str] | None = None) -> int:
         gen = 0.0
         with GGUFWriter(os.path.join(tmp, "llama32-1b-q4_k_m.gguf"), threads=args.threads) as w:
             w.add_string("general.architecture", "llama")
-            idx = [w.add_tensor(n, s, tensor_type("q4_k_m", n, s, n_layers=args.layers, tied_output=True))
-                   for n, s in tensors]
+            idx = [
+                w.add_tensor(n, s, tensor_type("q4_k_m", n, s, n_layers=args.layers, tied_output=True))
+                for n, s in tensors
+            ]
             w.begin()
             for i, (_, shape) in zip(idx, tensors):
                 g0 = time.perf_counter()

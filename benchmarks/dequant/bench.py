@@ -16,7 +16,8 @@ from __future__ import annotations
 import argparse
 import ctypes
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 HARNESS_CONFIGS = [  # (bsz, qlen, hd, m, seed, dtype name), verbatim from the specification
     (5, 777, 1024, 4096, 3409, "bfloat16"),
@@ -54,12 +55,30 @@ def _unsloth_fast_dequantize() -> tuple[Callable, str]:
             out_absmax = torch.empty(n_absmax, dtype=torch.float32, device=device, requires_grad=False)
             ptr = lambda t: ctypes.c_void_p(t.data_ptr()) if t is not None else None  # noqa: E731
             with torch.cuda.device(device):
-                lib.cdequantize_blockwise_fp32(ptr(s2.code), ptr(qs.absmax), ptr(s2.absmax), ptr(out_absmax),
-                                               ctypes.c_int(s2.blocksize), ctypes.c_int(n_absmax), stream)
+                lib.cdequantize_blockwise_fp32(
+                    ptr(s2.code),
+                    ptr(qs.absmax),
+                    ptr(s2.absmax),
+                    ptr(out_absmax),
+                    ctypes.c_int(s2.blocksize),
+                    ctypes.c_int(n_absmax),
+                    stream,
+                )
                 out_absmax += qs.offset
-                fx = lib.cdequantize_blockwise_fp16_nf4 if qs.dtype == torch.float16 else lib.cdequantize_blockwise_bf16_nf4
-                fx(None, ptr(W), ptr(out_absmax), ptr(out), ctypes.c_int(qs.blocksize), ctypes.c_int(out.numel()),
-                   stream)
+                fx = (
+                    lib.cdequantize_blockwise_fp16_nf4
+                    if qs.dtype == torch.float16
+                    else lib.cdequantize_blockwise_bf16_nf4
+                )
+                fx(
+                    None,
+                    ptr(W),
+                    ptr(out_absmax),
+                    ptr(out),
+                    ctypes.c_int(qs.blocksize),
+                    ctypes.c_int(out.numel()),
+                    stream,
+                )
             return out.t() if W.shape[0] == 1 else out
 
     return fast_dequantize, f"emulated call sequence through bitsandbytes' C library (unsloth import failed: {reason})"
@@ -76,8 +95,14 @@ def _harness(dequantize_fx: Callable, unsloth_fx: Callable, iters: int, check: b
     class MLP(nn.Module):
         def __init__(self, hd, m, dtype):
             super().__init__()
-            mk = lambda i, o: Linear4bit(i, o, bias=None, compute_dtype=dtype, compress_statistics=True,  # noqa: E731
-                                         quant_type="nf4")
+            mk = lambda i, o: Linear4bit(  # noqa: E731
+                i,
+                o,
+                bias=None,
+                compute_dtype=dtype,
+                compress_statistics=True,
+                quant_type="nf4",
+            )
             self.gate_proj, self.up_proj, self.down_proj = mk(hd, m), mk(hd, m), mk(m, hd)
             self.act_fn = ACT2FN["silu"]
 
@@ -90,9 +115,12 @@ def _harness(dequantize_fx: Callable, unsloth_fx: Callable, iters: int, check: b
         return (mlp.act_fn(gate) * up) @ fx(mlp.down_proj).t()
 
     def mlp_dequantize(mlp, fx):
-        a = fx(mlp.up_proj).t(); torch.cuda.synchronize()  # noqa: E702
-        b = fx(mlp.gate_proj).t(); torch.cuda.synchronize()  # noqa: E702
-        c = fx(mlp.down_proj).t(); torch.cuda.synchronize()  # noqa: E702
+        a = fx(mlp.up_proj).t()
+        torch.cuda.synchronize()  # noqa: E702
+        b = fx(mlp.gate_proj).t()
+        torch.cuda.synchronize()  # noqa: E702
+        c = fx(mlp.down_proj).t()
+        torch.cuda.synchronize()  # noqa: E702
         return a, b, c
 
     def assert_same(x, y, dtype):
@@ -136,8 +164,9 @@ def _nf4_layer(out_f: int, in_f: int, dtype):
     from bitsandbytes.nn import Linear4bit, Params4bit
 
     layer = Linear4bit(in_f, out_f, bias=False, compute_dtype=dtype, compress_statistics=True, quant_type="nf4")
-    layer.weight = Params4bit(torch.randn(out_f, in_f, dtype=dtype) * 0.02, requires_grad=False,
-                              compress_statistics=True, quant_type="nf4")
+    layer.weight = Params4bit(
+        torch.randn(out_f, in_f, dtype=dtype) * 0.02, requires_grad=False, compress_statistics=True, quant_type="nf4"
+    )
     return layer.to("cuda")
 
 
@@ -157,21 +186,32 @@ def _per_matrix(fns: dict[str, Callable], copy_tbs: float) -> list[dict[str, Any
     from triton.testing import do_bench
 
     rows = []
-    for out_f, in_f, dt_name in [(4096, 1024, "bfloat16"), (14336, 4096, "bfloat16"), (4096, 14336, "bfloat16"),
-                                 (8192, 2048, "float16")]:
+    for out_f, in_f, dt_name in [
+        (4096, 1024, "bfloat16"),
+        (14336, 4096, "bfloat16"),
+        (4096, 14336, "bfloat16"),
+        (8192, 2048, "float16"),
+    ]:
         dt = getattr(torch, dt_name)
         layers = []  # rotate 4 weights so consecutive launches do not hit a warm L2
         for _ in range(4):
             layers.append(_nf4_layer(out_f, in_f, dt))
         n = out_f * in_f
         nbytes = n // 2 + n // 64 + 4 * -(-n // (64 * 256)) + dt.itemsize * n
-        row: dict[str, Any] = {"shape": [out_f, in_f], "dtype": dt_name, "bytes": nbytes,
-                               "floor_us": nbytes / (copy_tbs * 1e12) * 1e6}
+        row: dict[str, Any] = {
+            "shape": [out_f, in_f],
+            "dtype": dt_name,
+            "bytes": nbytes,
+            "floor_us": nbytes / (copy_tbs * 1e12) * 1e6,
+        }
         for name, fx in fns.items():
             i = iter(range(10**9))
             us = do_bench(lambda: fx(layers[next(i) % 4]), warmup=25, rep=200, return_mode="median") * 1e3
-            row[name] = {"us": round(us, 2), "GBps": round(nbytes / (us * 1e-6) / 1e9, 1),
-                         "fraction_of_copy_bw": round(nbytes / (us * 1e-6) / (copy_tbs * 1e12), 3)}
+            row[name] = {
+                "us": round(us, 2),
+                "GBps": round(nbytes / (us * 1e-6) / 1e9, 1),
+                "fraction_of_copy_bw": round(nbytes / (us * 1e-6) / (copy_tbs * 1e12), 3),
+            }
         rows.append(row)
         torch.cuda.empty_cache()
     return rows
@@ -219,16 +259,32 @@ def _correctness_and_launches() -> dict[str, Any]:
         return t.view(torch.int16) if t.dtype != torch.float32 else t.view(torch.int32)
 
     exact = []
-    for out_f, in_f, dt_name in [(4096, 1024, "bfloat16"), (14336, 4096, "bfloat16"), (8192, 2048, "float16"),
-                                 (4096, 14336, "bfloat16"), (1000, 1000, "float16"), (129, 264, "bfloat16")]:
+    for out_f, in_f, dt_name in [
+        (4096, 1024, "bfloat16"),
+        (14336, 4096, "bfloat16"),
+        (8192, 2048, "float16"),
+        (4096, 14336, "bfloat16"),
+        (1000, 1000, "float16"),
+        (129, 264, "bfloat16"),
+    ]:
         dt = getattr(torch, dt_name)
-        q, qs = bnbF.quantize_4bit(torch.randn(out_f, in_f, dtype=dt, device="cuda") * 0.05, blocksize=64,
-                                   compress_statistics=True, quant_type="nf4")
+        q, qs = bnbF.quantize_4bit(
+            torch.randn(out_f, in_f, dtype=dt, device="cuda") * 0.05,
+            blocksize=64,
+            compress_statistics=True,
+            quant_type="nf4",
+        )
         ref = bits(bnbF.dequantize_4bit(q, qs))
         ours = bits(quickloris.dequantize_nf4(q, qs))
         plain = bits(_plain_twin(q, qs))
-        exact.append({"shape": [out_f, in_f], "dtype": dt_name, "inline_ptx_bit_exact": bool(torch.equal(ours, ref)),
-                      "plain_twin_bit_exact": bool(torch.equal(plain, ref))})
+        exact.append(
+            {
+                "shape": [out_f, in_f],
+                "dtype": dt_name,
+                "inline_ptx_bit_exact": bool(torch.equal(ours, ref)),
+                "plain_twin_bit_exact": bool(torch.equal(plain, ref)),
+            }
+        )
     layer = _nf4_layer(4096, 1024, torch.bfloat16)
     quickloris.dequantize_nf4(layer)
     torch.cuda.synchronize()
@@ -270,11 +326,29 @@ def _config_sweep() -> list[dict[str, Any]]:
         def fn():
             i = next(turn)
             a, a2, c2, off, code, shape, _, bs = fields[i]
-            K.launch(K.nf4_dequant_kernel, layers[i].weight.data, a, a2, c2, off, code, out, out.numel(), bs,
-                      True, config=(blocks, warps, stream))
+            K.launch(
+                K.nf4_dequant_kernel,
+                layers[i].weight.data,
+                a,
+                a2,
+                c2,
+                off,
+                code,
+                out,
+                out.numel(),
+                bs,
+                True,
+                config=(blocks, warps, stream),
+            )
 
-        rows.append({"blocks": blocks, "warps": warps, "streaming_stores": stream,
-                     "us": round(do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3, 2)})
+        rows.append(
+            {
+                "blocks": blocks,
+                "warps": warps,
+                "streaming_stores": stream,
+                "us": round(do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3, 2),
+            }
+        )
     return rows
 
 
@@ -309,15 +383,22 @@ def run(args: argparse.Namespace) -> int:
 
     results["config_sweep_14336x4096_bf16"] = sweep = _config_sweep()
     best = min(sweep, key=lambda r: r["us"])
-    print("config sweep (blocks, warps, .cs -> us): " + ", ".join(
-        f"({r['blocks']},{r['warps']},{int(r['streaming_stores'])})={r['us']}" for r in sweep))
+    print(
+        "config sweep (blocks, warps, .cs -> us): "
+        + ", ".join(f"({r['blocks']},{r['warps']},{int(r['streaming_stores'])})={r['us']}" for r in sweep)
+    )
     print(f"best config: {best}; default: {default_config(14336 * 4096, 64)}")
 
     timed = {**fns, "quickloris_plain_twin": lambda layer: _plain_twin(layer.weight.data, layer.weight.quant_state)}
     results["correctness"] = corr = _correctness_and_launches()
-    print(f"launches per call: {corr['kernel_launches_per_call']} {corr['kernels']}; bit-exact vs bitsandbytes: "
-          + ", ".join(f"{r['shape'][0]}x{r['shape'][1]} {r['dtype']} ptx={r['inline_ptx_bit_exact']} "
-                      f"plain={r['plain_twin_bit_exact']}" for r in corr["bit_exact_vs_bitsandbytes"]))
+    print(
+        f"launches per call: {corr['kernel_launches_per_call']} {corr['kernels']}; bit-exact vs bitsandbytes: "
+        + ", ".join(
+            f"{r['shape'][0]}x{r['shape'][1]} {r['dtype']} ptx={r['inline_ptx_bit_exact']} "
+            f"plain={r['plain_twin_bit_exact']}"
+            for r in corr["bit_exact_vs_bitsandbytes"]
+        )
+    )
 
     results["write_only_floor_14336x4096_bf16"] = wf = _write_floor()
     print(f"write-only floor (fill_ of the 14336x4096 bf16 output, 117 MB): {wf['us']} us = {wf['TBps']} TB/s")
@@ -330,8 +411,11 @@ def run(args: argparse.Namespace) -> int:
     print("host time per call, 4096x1024 (us): " + "  ".join(f"{k}={v}" for k, v in host.items()))
 
     if not args.skip_harness:
-        floor = lambda layer: torch.empty(layer.weight.quant_state.shape, dtype=layer.weight.quant_state.dtype,  # noqa: E731
-                                          device="cuda")
+        floor = lambda layer: torch.empty(  # noqa: E731
+            layer.weight.quant_state.shape,
+            dtype=layer.weight.quant_state.dtype,
+            device="cuda",
+        )
         harness: dict[str, list[float]] = {k: [] for k in (*fns, "torch_empty_floor")}
         for rep in range(args.repeats):
             for name, fx in fns.items():

@@ -25,8 +25,9 @@ def _planar(bytes_ptr, out_ptr, N, BLOCK: tl.constexpr):
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = i < N
     b = tl.load(bytes_ptr + i, mask=m, other=0)
-    hi, lo = tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [b], dtype=(tl.int32, tl.int32),
-                                       is_pure=True, pack=4)
+    hi, lo = tl.inline_asm_elementwise(
+        ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [b], dtype=(tl.int32, tl.int32), is_pure=True, pack=4
+    )
     tl.store(out_ptr + i, hi, mask=m)
     tl.store(out_ptr + N + i, lo, mask=m)
 

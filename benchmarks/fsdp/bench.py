@@ -46,19 +46,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=60, help="steps of the single and offload phases (loss parity)")
     parser.add_argument("--timing-steps", type=int, default=12, help="steps of the sharded (no offload) phase")
     parser.add_argument("--compile-steps", type=int, default=12, help="steps of the compiled phase (0: skip it)")
-    parser.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (QLoRA's for 7-13B models; "
-                        "5e-4 on this random-token data makes the loss spike and the runs amplify rounding)")
-    parser.add_argument("--reshard-after-forward", action=argparse.BooleanOptionalAction, default=True,
-                        help="FSDP2: free each layer's gathered weights after its forward (and gather them again "
-                        "for backward); --no-reshard-after-forward gathers once per step (more memory, half the "
-                        "all-gathers: for slow links)")
-    parser.add_argument("--profile-steps", type=int, default=2, help="extra steps of the sharded phase under "
-                        "torch.profiler (top kernels / CPU ops in the record; 0: none)")
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=2e-4,
+        help="AdamW learning rate (QLoRA's for 7-13B models; "
+        "5e-4 on this random-token data makes the loss spike and the runs amplify rounding)",
+    )
+    parser.add_argument(
+        "--reshard-after-forward",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="FSDP2: free each layer's gathered weights after its forward (and gather them again "
+        "for backward); --no-reshard-after-forward gathers once per step (more memory, half the "
+        "all-gathers: for slow links)",
+    )
+    parser.add_argument(
+        "--profile-steps",
+        type=int,
+        default=2,
+        help="extra steps of the sharded phase under torch.profiler (top kernels / CPU ops in the record; 0: none)",
+    )
     parser.add_argument("--phases", default="single,offload,sharded,compiled", help="comma-separated phases")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: gloo ranks (with --tiny)")
     parser.add_argument("--tiny", action="store_true", help="tiny model, short steps (the CPU test); not a measurement")
-    parser.add_argument("--timeout", type=float, default=480.0, help="seconds before the ranks are stopped (the "
-                        "phases finished by then are recorded): below the device's 10-minute limit per command")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=480.0,
+        help="seconds before the ranks are stopped (the "
+        "phases finished by then are recorded): below the device's 10-minute limit per command",
+    )
     extra = os.environ.get("QUICKLORIS_BENCH_FSDP_ARGS")
     if extra:  # device runs pass options through the environment
         ns, unknown = parser.parse_known_args(shlex.split(extra))
@@ -74,12 +92,37 @@ def worker_command(args: argparse.Namespace, result: str) -> list[str]:
     if args.tiny:
         shape, seq, backend = "tiny", min(seq, 64), "aot_eager"
         steps, timing, comp = min(steps, 4), min(timing, 3), min(comp, 2)
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.gpus}",
-            "-m", "benchmarks.fsdp.worker", "--shape", shape, "--device", args.device, "--seq", str(seq),
-            "--steps", str(steps), "--timing-steps", str(timing), "--compile-steps", str(comp), "--lr", str(args.lr),
-            "--phases", args.phases, "--backend", backend, "--result", result,
-            "--profile-steps", str(0 if args.tiny else args.profile_steps)] + (
-            [] if args.reshard_after_forward else ["--no-reshard-after-forward"])
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={args.gpus}",
+        "-m",
+        "benchmarks.fsdp.worker",
+        "--shape",
+        shape,
+        "--device",
+        args.device,
+        "--seq",
+        str(seq),
+        "--steps",
+        str(steps),
+        "--timing-steps",
+        str(timing),
+        "--compile-steps",
+        str(comp),
+        "--lr",
+        str(args.lr),
+        "--phases",
+        args.phases,
+        "--backend",
+        backend,
+        "--result",
+        result,
+        "--profile-steps",
+        str(0 if args.tiny else args.profile_steps),
+    ] + ([] if args.reshard_after_forward else ["--no-reshard-after-forward"])
 
 
 def derive(results: dict[str, Any]) -> dict[str, Any]:
@@ -90,20 +133,34 @@ def derive(results: dict[str, Any]) -> dict[str, Any]:
     if single and off:
         n = min(len(single["losses"]), len(off["losses"]))
         rel = [abs(a - b) / abs(b) for a, b in zip(off["losses"][:n], single["losses"][:n])]
-        out["loss_parity"] = {"steps": n, "max_rel_diff": max(rel), "goal": 1e-3, "ok": max(rel) <= 1e-3,
-                              "first_loss": single["losses"][0], "last_loss_single": single["losses"][n - 1],
-                              "last_loss_fsdp": off["losses"][n - 1], "lora_vs_single": off.get("lora_vs_single")}
+        out["loss_parity"] = {
+            "steps": n,
+            "max_rel_diff": max(rel),
+            "goal": 1e-3,
+            "ok": max(rel) <= 1e-3,
+            "first_loss": single["losses"][0],
+            "last_loss_single": single["losses"][n - 1],
+            "last_loss_fsdp": off["losses"][n - 1],
+            "lora_vs_single": off.get("lora_vs_single"),
+        }
     if single and sharded:
         eff = sharded["tokens_per_s_per_gpu"] / single["tokens_per_s_per_gpu"]
-        out["scaling_efficiency"] = {"value": eff, "goal": 0.9, "ok": eff >= 0.9,
-                                     "tokens_per_s_1gpu": single["tokens_per_s_per_gpu"],
-                                     "tokens_per_s_per_gpu_fsdp": sharded["tokens_per_s_per_gpu"]}
+        out["scaling_efficiency"] = {
+            "value": eff,
+            "goal": 0.9,
+            "ok": eff >= 0.9,
+            "tokens_per_s_1gpu": single["tokens_per_s_per_gpu"],
+            "tokens_per_s_per_gpu_fsdp": sharded["tokens_per_s_per_gpu"],
+        }
     mem = {k: ph[k]["peak_gib"] for k in ("single", "offload", "sharded", "compiled") if k in ph}
     if mem:
         out["peak_gib_per_gpu"] = mem
     if off and comp:
-        out["compile"] = {"speedup_vs_eager_offload": comp["tokens_per_s_per_gpu"] / off["tokens_per_s_per_gpu"],
-                          "first_step_s": comp["first_step_s"], **(comp.get("compile") or {})}
+        out["compile"] = {
+            "speedup_vs_eager_offload": comp["tokens_per_s_per_gpu"] / off["tokens_per_s_per_gpu"],
+            "first_step_s": comp["first_step_s"],
+            **(comp.get("compile") or {}),
+        }
     return out
 
 
@@ -124,8 +181,14 @@ def plot(results: dict[str, Any], path: Path) -> Path | None:
     steps = list(range(1, n + 1))
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True, height_ratios=[3, 2])
     top.plot(steps, a[:n], label="1 GPU (no FSDP, gradient accumulation)", lw=2.2, color="tab:blue")
-    top.plot(steps, b[:n], "--", label=f"{results['world_size']} GPUs (FSDP2: CPU offload + checkpointing + bf16)",
-             lw=1.6, color="tab:orange")
+    top.plot(
+        steps,
+        b[:n],
+        "--",
+        label=f"{results['world_size']} GPUs (FSDP2: CPU offload + checkpointing + bf16)",
+        lw=1.6,
+        color="tab:orange",
+    )
     top.set_ylabel("loss (token mean over the global batch)")
     top.set_title(f"QLoRA {results['shape']}, {results['global_batch_tokens']} tokens / step: loss parity")
     top.legend()
@@ -145,17 +208,24 @@ def plot(results: dict[str, Any], path: Path) -> Path | None:
 def summary(results: dict[str, Any]) -> str:
     lines = ["", "=== quickloris bench fsdp: summary ==="]
     for name, r in results.get("phases", {}).items():
-        lines.append(f"  {name:9s} {r.get('world_size', 1)} GPU(s): {r['tokens_per_s_per_gpu']:>9,.0f} tok/s/GPU, peak "
-                     f"{(r.get('peak_gib') or 0):6.2f} GiB/GPU, {len(r['losses'])} steps, first step "
-                     f"{r['first_step_s']:.1f} s" + (f", compile {r['compile']}" if r.get("compile") else ""))
+        lines.append(
+            f"  {name:9s} {r.get('world_size', 1)} GPU(s): {r['tokens_per_s_per_gpu']:>9,.0f} tok/s/GPU, peak "
+            f"{(r.get('peak_gib') or 0):6.2f} GiB/GPU, {len(r['losses'])} steps, first step "
+            f"{r['first_step_s']:.1f} s" + (f", compile {r['compile']}" if r.get("compile") else "")
+        )
     for k, v in results.get("derived", {}).items():
         lines.append(f"  {k}: {json.dumps(v, default=str)}")
     prof = results.get("phases", {}).get("sharded", {}).get("profile")
     if prof:
-        lines.append(f"  sharded profile: GPU busy {prof['gpu_total_ms_per_step']} ms per step of "
-                     f"{1e3 * sum(prof['step_s']) / len(prof['step_s']):.0f} ms (all streams summed); top kernels:")
+        lines.append(
+            f"  sharded profile: GPU busy {prof['gpu_total_ms_per_step']} ms per step of "
+            f"{1e3 * sum(prof['step_s']) / len(prof['step_s']):.0f} ms (all streams summed); top kernels:"
+        )
         lines += [f"    {r['ms_per_step']:8.2f} ms x{r['calls_per_step']:g}  {r['name']}" for r in prof["top_gpu"][:10]]
-        lines += [f"    cpu {r['ms_per_step']:8.2f} ms x{r['calls_per_step']:g}  {r['name']}" for r in prof["top_cpu_self"][:6]]
+        lines += [
+            f"    cpu {r['ms_per_step']:8.2f} ms x{r['calls_per_step']:g}  {r['name']}"
+            for r in prof["top_cpu_self"][:6]
+        ]
     if results.get("incomplete"):
         lines.append(f"  INCOMPLETE: {results['incomplete']}")
     return "\n".join(lines)
@@ -171,15 +241,20 @@ def run(args: argparse.Namespace) -> int:
         print("quickloris bench fsdp needs CUDA GPUs (or --tiny --device cpu); nothing was measured.")
         return 2
     if args.device == "cuda" and torch.cuda.device_count() < args.gpus:
-        print(f"quickloris bench fsdp: --gpus {args.gpus} but {torch.cuda.device_count()} GPU(s) here; nothing was "
-              "measured.")
+        print(
+            f"quickloris bench fsdp: --gpus {args.gpus} but {torch.cuda.device_count()} GPU(s) here; nothing was "
+            "measured."
+        )
         return 2
     with tempfile.TemporaryDirectory() as tmp:
         result = os.path.join(tmp, "result.json")
         cmd = worker_command(args, result)
         print(" ".join(cmd), flush=True)
-        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
-                   PYTHONPATH=os.pathsep.join(filter(None, (_CHECKOUT, os.environ.get("PYTHONPATH")))))
+        env = dict(
+            os.environ,
+            OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+            PYTHONPATH=os.pathsep.join(filter(None, (_CHECKOUT, os.environ.get("PYTHONPATH")))),
+        )
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, env=env, start_new_session=True)  # its own group: stoppable with its ranks
         try:
@@ -195,8 +270,12 @@ def run(args: argparse.Namespace) -> int:
             return 1
         with open(result, encoding="utf-8") as f:
             results = json.load(f)
-    results.update(total_s=round(time.perf_counter() - t0, 1), tiny=args.tiny, device=args.device,
-                   options={k: v for k, v in vars(args).items() if k not in ("func",)})
+    results.update(
+        total_s=round(time.perf_counter() - t0, 1),
+        tiny=args.tiny,
+        device=args.device,
+        options={k: v for k, v in vars(args).items() if k not in ("func",)},
+    )
     if problem:
         results["incomplete"] = problem  # the phases listed are complete; the others did not finish
     results["derived"] = derive(results)

@@ -53,8 +53,16 @@ def main() -> None:
             else:
                 fn = lambda: dist.reduce_scatter_tensor(part, full)  # noqa: E731
             s = timed(fn)
-            rows.append({"op": op, "dtype": str(dtype).split(".")[1], "mib": mib, "ms": round(s * 1e3, 3),
-                         "algbw_gbs": round(n / s / 1e9, 1), "busbw_gbs": round(n / s / 1e9 * (world - 1) / world, 1)})
+            rows.append(
+                {
+                    "op": op,
+                    "dtype": str(dtype).split(".")[1],
+                    "mib": mib,
+                    "ms": round(s * 1e3, 3),
+                    "algbw_gbs": round(n / s / 1e9, 1),
+                    "busbw_gbs": round(n / s / 1e9 * (world - 1) / world, 1),
+                }
+            )
             if rank == 0:
                 print(rows[-1], flush=True)
     if rank == 0:
@@ -63,9 +71,17 @@ def main() -> None:
         except (OSError, subprocess.SubprocessError) as exc:
             topo = f"nvidia-smi topo -m failed: {exc}"
         print(topo)
-        path = record("fsdp", "link_bandwidth", {"world_size": world, "rows": rows, "nvidia_smi_topo": topo,
-                                                  "nccl_env": {k: v for k, v in os.environ.items() if k.startswith("NCCL")}},
-                      os.path.dirname(os.path.abspath(args.out)))
+        path = record(
+            "fsdp",
+            "link_bandwidth",
+            {
+                "world_size": world,
+                "rows": rows,
+                "nvidia_smi_topo": topo,
+                "nccl_env": {k: v for k, v in os.environ.items() if k.startswith("NCCL")},
+            },
+            os.path.dirname(os.path.abspath(args.out)),
+        )
         after_record(path)
     dist.destroy_process_group()
 

@@ -29,8 +29,16 @@ from torch import nn
 
 PHASES = ("single", "offload", "sharded", "compiled")
 # Shardable tiny shapes (every NF4 weight splits over 2 ranks on whole 16384-value groups), for CPU smoke runs.
-TINY = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=64, tie_word_embeddings=False)
+TINY = dict(
+    vocab_size=512,
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,
+    tie_word_embeddings=False,
+)
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,8 +54,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vocab-subset", type=int, default=512)
     p.add_argument("--backend", default="inductor")
     p.add_argument("--reshard-after-forward", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--profile-steps", type=int, default=0, help="profile this many extra steps of the sharded "
-                   "phase (torch.profiler; the top kernels and CPU ops go into the results)")
+    p.add_argument(
+        "--profile-steps",
+        type=int,
+        default=0,
+        help="profile this many extra steps of the sharded "
+        "phase (torch.profiler; the top kernels and CPU ops go into the results)",
+    )
     p.add_argument("--result", required=True)
     return p.parse_args(argv)
 
@@ -111,15 +124,32 @@ def _profile_tables(prof, steps: int) -> dict[str, Any]:
 
     def top(key: str, n: int) -> list[dict[str, Any]]:
         rows = sorted(events, key=lambda e: getattr(e, key), reverse=True)[:n]
-        return [{"name": e.key[:120], "ms_per_step": round(getattr(e, key) / 1e3 / steps, 3),
-                 "calls_per_step": e.count / steps} for e in rows]
+        return [
+            {
+                "name": e.key[:120],
+                "ms_per_step": round(getattr(e, key) / 1e3 / steps, 3),
+                "calls_per_step": e.count / steps,
+            }
+            for e in rows
+        ]
 
-    return {"steps": steps, "gpu_total_ms_per_step": round(sum(getattr(e, gpu_key) for e in events) / 1e3 / steps, 1),
-            "top_gpu": top(gpu_key, 25), "top_cpu_self": top("self_cpu_time_total", 15)}
+    return {
+        "steps": steps,
+        "gpu_total_ms_per_step": round(sum(getattr(e, gpu_key) for e in events) / 1e3 / steps, 1),
+        "top_gpu": top(gpu_key, 25),
+        "top_cpu_self": top("self_cpu_time_total", 15),
+    }
 
 
-def train(model: nn.Module, steps: list[list[torch.Tensor]], *, device: torch.device, lr: float,
-          distributed: bool, profile: int = 0) -> dict[str, Any]:
+def train(
+    model: nn.Module,
+    steps: list[list[torch.Tensor]],
+    *,
+    device: torch.device,
+    lr: float,
+    distributed: bool,
+    profile: int = 0,
+) -> dict[str, Any]:
     """AdamW steps over this process' micro-batches; loss normalised by the step's global target count.
 
     ``profile`` > 0: that many more steps (the first batches again) under torch.profiler, not in the timings."""
@@ -163,11 +193,16 @@ def train(model: nn.Module, steps: list[list[torch.Tensor]], *, device: torch.de
         losses, times = losses[:-profile], times[:-profile]
     timed = times[2:] or times
     tokens = sum(m.numel() for m in steps[0])
-    out = {"losses": losses, "step_s": times, "tokens_per_step_per_gpu": tokens,
-           "tokens_per_s_per_gpu": tokens / statistics.median(timed), "first_step_s": times[0],
-           "resident_gib": resident,
-           "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
-           "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if device.type == "cuda" else None}
+    out = {
+        "losses": losses,
+        "step_s": times,
+        "tokens_per_step_per_gpu": tokens,
+        "tokens_per_s_per_gpu": tokens / statistics.median(timed),
+        "first_step_s": times[0],
+        "resident_gib": resident,
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+        "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if device.type == "cuda" else None,
+    }
     if profiled is not None:
         out["profile"] = profiled
     del opt
@@ -209,8 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     shape = {**SHAPES, "tiny": TINY, "llama-3.1-8b": LLAMA_8B}[args.shape]
     t0 = time.perf_counter()
     base = build_parked_base(shape, ctx.device)
-    checksum = torch.tensor([float(sum(int(t.packed[:4096].sum()) for t in base.nf4.values()))], dtype=torch.float64,
-                            device=ctx.device)
+    checksum = torch.tensor(
+        [float(sum(int(t.packed[:4096].sum()) for t in base.nf4.values()))], dtype=torch.float64, device=ctx.device
+    )
     low, high = checksum.clone(), checksum.clone()
     dist.all_reduce(low, op=dist.ReduceOp.MIN)
     dist.all_reduce(high, op=dist.ReduceOp.MAX)
@@ -218,10 +254,16 @@ def main(argv: list[str] | None = None) -> int:
         raise RuntimeError("the ranks built different NF4 bases (different GPU models?): no parity run is possible")
     G = ctx.world_size
     batches = make_batches(args.steps, G, args.seq, args.vocab_subset)
-    results: dict[str, Any] = {"world_size": G, "shape": args.shape, "seq": args.seq, "lr": args.lr,
-                               "reshard_after_forward": args.reshard_after_forward,
-                               "global_batch_tokens": G * args.seq, "build_s": round(time.perf_counter() - t0, 1),
-                               "phases": {}}
+    results: dict[str, Any] = {
+        "world_size": G,
+        "shape": args.shape,
+        "seq": args.seq,
+        "lr": args.lr,
+        "reshard_after_forward": args.reshard_after_forward,
+        "global_batch_tokens": G * args.seq,
+        "build_s": round(time.perf_counter() - t0, 1),
+        "phases": {},
+    }
     qcfg = QLoRAConfig(r=16, lora_alpha=32, quantize=False)
     ckpt = CheckpointConfig()
     single_lora = None
@@ -237,8 +279,9 @@ def main(argv: list[str] | None = None) -> int:
         if phase == "single":
             if ctx.is_main:  # built on the CPU like the sharded phases: the same LoRA initialisation (CPU RNG)
                 model = build_training_model(skeleton(base), qcfg, checkpointing=ckpt).to(ctx.device)
-                run = train(model, [[m for m in step] for step in batches], device=ctx.device, lr=args.lr,
-                            distributed=False)
+                run = train(
+                    model, [[m for m in step] for step in batches], device=ctx.device, lr=args.lr, distributed=False
+                )
                 single_lora = adapter_state_dict(model)
                 run["world_size"] = 1
                 results["phases"][phase] = run
@@ -246,17 +289,25 @@ def main(argv: list[str] | None = None) -> int:
             _release(ctx.device)
             dist.barrier()
         else:
-            sharding = fsdp.FSDPConfig(cpu_offload=phase in ("offload", "compiled"),
-                                       reshard_after_forward=args.reshard_after_forward)
+            sharding = fsdp.FSDPConfig(
+                cpu_offload=phase in ("offload", "compiled"), reshard_after_forward=args.reshard_after_forward
+            )
             compile_cfg = CompileConfig(backend=args.backend) if phase == "compiled" else None
             n = {"offload": args.steps, "sharded": args.timing_steps, "compiled": args.compile_steps}[phase]
             if n <= 0:
                 continue
             reset_compile_stats()
-            model = build_training_model(skeleton(base), qcfg, checkpointing=ckpt, sharding=sharding, mesh=ctx.mesh,
-                                         compile=compile_cfg)
-            run = train(model, [[step[ctx.rank]] for step in batches[:n]], device=ctx.device, lr=args.lr,
-                        distributed=True, profile=args.profile_steps if phase == "sharded" else 0)
+            model = build_training_model(
+                skeleton(base), qcfg, checkpointing=ckpt, sharding=sharding, mesh=ctx.mesh, compile=compile_cfg
+            )
+            run = train(
+                model,
+                [[step[ctx.rank]] for step in batches[:n]],
+                device=ctx.device,
+                lr=args.lr,
+                distributed=True,
+                profile=args.profile_steps if phase == "sharded" else 0,
+            )
             run["peak_gib"] = _max_over_ranks(run["peak_gib"], ctx.device)
             run["peak_reserved_gib"] = _max_over_ranks(run["peak_reserved_gib"], ctx.device)
             run["resident_gib"] = _max_over_ranks(run["resident_gib"], ctx.device)
@@ -275,8 +326,10 @@ def main(argv: list[str] | None = None) -> int:
         results["phases"].get(phase, {})["phase_s"] = round(time.perf_counter() - t0, 1)
         if phase in results["phases"]:
             r = results["phases"][phase]
-            log(f"[{phase}] {r['tokens_per_s_per_gpu']:,.0f} tok/s/GPU, peak {r['peak_gib'] or 0:.2f} GiB, first step "
-                f"{r['first_step_s']:.1f} s, {r['phase_s']} s, losses {[round(x, 4) for x in r['losses'][:3]]}")
+            log(
+                f"[{phase}] {r['tokens_per_s_per_gpu']:,.0f} tok/s/GPU, peak {r['peak_gib'] or 0:.2f} GiB, first step "
+                f"{r['first_step_s']:.1f} s, {r['phase_s']} s, losses {[round(x, 4) for x in r['losses'][:3]]}"
+            )
         if ctx.is_main:  # after every phase: a run stopped by a time limit keeps the phases it finished
             atomic_write_json(args.result, results)
     dist.barrier()

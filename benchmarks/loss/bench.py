@@ -21,7 +21,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 PARTS = ("memory", "spec", "train60", "grpo")
 
@@ -37,14 +38,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vocab", type=int, default=128256, help="memory: vocabulary size")
     parser.add_argument("--reps", type=int, default=5, help="memory: timed repetitions (median)")
     parser.add_argument("--sweep-tokens", type=int, default=16384, help="memory: tokens of the budget sweep")
-    parser.add_argument("--budgets-mib", type=_ints, default=[256, 512, 2048, 4096],
-                        help="memory: chunk memory budgets to sweep, MiB (the default 1024 is always measured)")
+    parser.add_argument(
+        "--budgets-mib",
+        type=_ints,
+        default=[256, 512, 2048, 4096],
+        help="memory: chunk memory budgets to sweep, MiB (the default 1024 is always measured)",
+    )
     parser.add_argument("--steps", type=int, default=60, help="train60: optimizer steps per run")
     parser.add_argument("--batch", type=int, default=2, help="train60: sequences per step")
     parser.add_argument("--seq", type=int, default=1024, help="train60: tokens per sequence")
 
 
 # --- helpers -------------------------------------------------------------------------------------------------
+
 
 def _peak_over_base(fn: Callable[[], Any], device: str = "cuda") -> float | None:
     """GB allocated at peak while `fn` runs, beyond what was allocated before it (None off CUDA)."""
@@ -101,6 +107,7 @@ def _oom_safe(fn: Callable[[], Any]) -> Any:
 
 # --- part: memory ----------------------------------------------------------------------------------------------
 
+
 def part_memory(args: argparse.Namespace, device: str = "cuda") -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
@@ -110,7 +117,7 @@ def part_memory(args: argparse.Namespace, device: str = "cuda") -> dict[str, Any
 
     H, V = args.hidden, args.vocab
     gen = torch.Generator(device=device).manual_seed(0)
-    W0 = torch.randn(V, H, device=device, dtype=torch.bfloat16, generator=gen) * H ** -0.5
+    W0 = torch.randn(V, H, device=device, dtype=torch.bfloat16, generator=gen) * H**-0.5
     # First use allocates cuBLAS workspaces: do it before any peak is measured.
     x = torch.randn(256, H, device=device, dtype=torch.bfloat16, requires_grad=True)
     y0 = torch.zeros(256, dtype=torch.long, device=device)
@@ -160,13 +167,17 @@ def part_memory(args: argparse.Namespace, device: str = "cuda") -> dict[str, Any
 
 
 def _naive_of(row: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    return next((r for r in rows if r["method"] == "naive" and r["tokens"] == row["tokens"]
-                 and r["w_grad"] == row["w_grad"]), None)
+    return next(
+        (r for r in rows if r["method"] == "naive" and r["tokens"] == row["tokens"] and r["w_grad"] == row["w_grad"]),
+        None,
+    )
 
 
 def _fmt_memory_row(row: dict[str, Any], rows: list[dict[str, Any]]) -> str:
-    text = (f"N={row['tokens']:>6} W {'trainable' if row['w_grad'] else 'frozen   '} {row['method']:<15} "
-            f"chunk={row.get('chunk_rows', '-'):>5} peak={row['peak_gb']} GB")
+    text = (
+        f"N={row['tokens']:>6} W {'trainable' if row['w_grad'] else 'frozen   '} {row['method']:<15} "
+        f"chunk={row.get('chunk_rows', '-'):>5} peak={row['peak_gb']} GB"
+    )
     naive = _naive_of(row, rows)
     if isinstance(row.get("ms"), float):
         text += f"  {row['ms']:.1f} ms"
@@ -177,8 +188,10 @@ def _fmt_memory_row(row: dict[str, Any], rows: list[dict[str, Any]]) -> str:
 
 # --- part: spec ------------------------------------------------------------------------------------------------
 
-def part_spec(args: argparse.Namespace, device: str = "cuda", sizes=(4, 512, 1024, 32000),
-              chunks=(None, 512, 128)) -> dict[str, Any]:
+
+def part_spec(
+    args: argparse.Namespace, device: str = "cuda", sizes=(4, 512, 1024, 32000), chunks=(None, 512, 128)
+) -> dict[str, Any]:
     """The specification's test_comparison (`sizes` = batch, seq, hidden, vocab), its NaiveLinear and
     transformation_function, at several chunk sizes."""
     import torch
@@ -240,31 +253,41 @@ def part_spec(args: argparse.Namespace, device: str = "cuda", sizes=(4, 512, 102
         lin_ref.weight.data.copy_(lin_naive.weight.data)
         ref = transformation_function(X_ref, lin_ref, labels)
         ref.backward()
-        return {"chunk_size": chunk or "auto", "naive_loss": out["naive"].item(), "eff_loss": out["eff"].item(),
-                "loss_close": close(out["naive"].detach().cpu(), out["eff"].detach().cpu()),
-                "grad_X_close": close(X.grad, X_eff.grad),
-                "grad_W_close": close(lin_naive.weight.grad, lin_eff.weight.grad),
-                "autograd_loss_close": close(ref.detach(), out["eff"].detach()),
-                "autograd_grad_X_close": close(X_ref.grad, X_eff.grad),
-                "autograd_grad_W_close": close(lin_ref.weight.grad, lin_eff.weight.grad),
-                "spec_naive_dX_over_autograd_dX": (X.grad.norm() / X_ref.grad.norm()).item(),
-                "naive_peak_gb": naive_peak, "eff_peak_gb": eff_peak, "memory_saved": _less(eff_peak, naive_peak)}
+        return {
+            "chunk_size": chunk or "auto",
+            "naive_loss": out["naive"].item(),
+            "eff_loss": out["eff"].item(),
+            "loss_close": close(out["naive"].detach().cpu(), out["eff"].detach().cpu()),
+            "grad_X_close": close(X.grad, X_eff.grad),
+            "grad_W_close": close(lin_naive.weight.grad, lin_eff.weight.grad),
+            "autograd_loss_close": close(ref.detach(), out["eff"].detach()),
+            "autograd_grad_X_close": close(X_ref.grad, X_eff.grad),
+            "autograd_grad_W_close": close(lin_ref.weight.grad, lin_eff.weight.grad),
+            "spec_naive_dX_over_autograd_dX": (X.grad.norm() / X_ref.grad.norm()).item(),
+            "naive_peak_gb": naive_peak,
+            "eff_peak_gb": eff_peak,
+            "memory_saved": _less(eff_peak, naive_peak),
+        }
 
     results = []
     for chunk in chunks:
         row = one(chunk)
         results.append(row)
-        print(f"spec chunk={row['chunk_size']}: loss {row['naive_loss']:.4f} vs {row['eff_loss']:.4f}; spec checks "
-              f"loss/dX/dW {row['loss_close']}/{row['grad_X_close']}/{row['grad_W_close']}; vs plain autograd "
-              f"{row['autograd_loss_close']}/{row['autograd_grad_X_close']}/{row['autograd_grad_W_close']} (spec "
-              f"NaiveLinear dX = {row['spec_naive_dX_over_autograd_dX']:.3f} x autograd's); peak "
-              f"{row['naive_peak_gb']} GB -> {row['eff_peak_gb']} GB ({row['memory_saved']} saved)", flush=True)
+        print(
+            f"spec chunk={row['chunk_size']}: loss {row['naive_loss']:.4f} vs {row['eff_loss']:.4f}; spec checks "
+            f"loss/dX/dW {row['loss_close']}/{row['grad_X_close']}/{row['grad_W_close']}; vs plain autograd "
+            f"{row['autograd_loss_close']}/{row['autograd_grad_X_close']}/{row['autograd_grad_W_close']} (spec "
+            f"NaiveLinear dX = {row['spec_naive_dX_over_autograd_dX']:.3f} x autograd's); peak "
+            f"{row['naive_peak_gb']} GB -> {row['eff_peak_gb']} GB ({row['memory_saved']} saved)",
+            flush=True,
+        )
         if device == "cuda":
             torch.cuda.empty_cache()
     return {"rows": results}
 
 
 # --- entry point -----------------------------------------------------------------------------------------------
+
 
 def run(args: argparse.Namespace) -> int:
     import torch
@@ -289,11 +312,19 @@ def run(args: argparse.Namespace) -> int:
         elif part == "spec":
             results[part] = part_spec(args)
         elif part == "train60":
-            results[part] = train_compare(LLAMA_1B, steps=args.steps, batch=args.batch, seq=args.seq, device="cuda",
-                                          dtype=torch.bfloat16, quantize=True)
+            results[part] = train_compare(
+                LLAMA_1B,
+                steps=args.steps,
+                batch=args.batch,
+                seq=args.seq,
+                device="cuda",
+                dtype=torch.bfloat16,
+                quantize=True,
+            )
         elif part == "grpo":
-            results[part] = [grpo_compare(SMALL_LLAMA, device="cuda", dtype=dt)
-                             for dt in (torch.float32, torch.bfloat16)]
+            results[part] = [
+                grpo_compare(SMALL_LLAMA, device="cuda", dtype=dt) for dt in (torch.float32, torch.bfloat16)
+            ]
         results[f"{part}_seconds"] = round(time.perf_counter() - t0, 1)
         torch.cuda.empty_cache()
     path = record("loss", "loss", results, args.out)
@@ -323,33 +354,49 @@ def summary(results: dict[str, Any]) -> str:
     lines = ["", "=== quickloris bench loss: summary ==="]
     mem = results.get("memory")
     if mem:
-        lines.append(f"memory (H {mem['hidden']}, V {mem['vocab']}, bf16): peak GB over inputs (% less than naive), "
-                     "fwd+bwd ms (x naive)")
+        lines.append(
+            f"memory (H {mem['hidden']}, V {mem['vocab']}, bf16): peak GB over inputs (% less than naive), "
+            "fwd+bwd ms (x naive)"
+        )
         lines.append(f"{'tokens':>6} {'W':<9} {'naive':>16} {'recompute':>26} {'grad_in_forward':>26}")
         for N in sorted({r["tokens"] for r in mem["rows"]}):
             for w_grad in (True, False):
-                cells = [_cell(r, mem["rows"]) for method in ("naive", "recompute", "grad_in_forward")
-                         for r in mem["rows"] if (r["tokens"], r["w_grad"], r["method"]) == (N, w_grad, method)]
-                lines.append(f"{N:>6} {'trainable' if w_grad else 'frozen':<9} " +
-                             " ".join(f"{c:>{w}}" for c, w in zip(cells, (16, 26, 26))))
+                cells = [
+                    _cell(r, mem["rows"])
+                    for method in ("naive", "recompute", "grad_in_forward")
+                    for r in mem["rows"]
+                    if (r["tokens"], r["w_grad"], r["method"]) == (N, w_grad, method)
+                ]
+                lines.append(
+                    f"{N:>6} {'trainable' if w_grad else 'frozen':<9} "
+                    + " ".join(f"{c:>{w}}" for c, w in zip(cells, (16, 26, 26)))
+                )
         for r in mem.get("budget_sweep", []):
-            lines.append(f"  budget {r['budget_mib']:>5} MiB ({r['chunk_rows']} rows) N={r['tokens']} "
-                         f"{'trainable' if r['w_grad'] else 'frozen'} {r['method']}: {_cell(r, mem['rows'])}")
+            lines.append(
+                f"  budget {r['budget_mib']:>5} MiB ({r['chunk_rows']} rows) N={r['tokens']} "
+                f"{'trainable' if r['w_grad'] else 'frozen'} {r['method']}: {_cell(r, mem['rows'])}"
+            )
     for row in (results.get("spec") or {}).get("rows", []):
-        lines.append(f"spec test_comparison chunk={row['chunk_size']}: close loss/dX/dW vs spec NaiveLinear "
-                     f"{row['loss_close']}/{row['grad_X_close']}/{row['grad_W_close']}, vs autograd "
-                     f"{row['autograd_loss_close']}/{row['autograd_grad_X_close']}/{row['autograd_grad_W_close']}, "
-                     f"memory saved {row['memory_saved']}")
+        lines.append(
+            f"spec test_comparison chunk={row['chunk_size']}: close loss/dX/dW vs spec NaiveLinear "
+            f"{row['loss_close']}/{row['grad_X_close']}/{row['grad_W_close']}, vs autograd "
+            f"{row['autograd_loss_close']}/{row['autograd_grad_X_close']}/{row['autograd_grad_W_close']}, "
+            f"memory saved {row['memory_saved']}"
+        )
     tr = results.get("train60")
     if tr:
         for mode in ("chunked", "chunked_grad_in_forward"):
             if mode in tr:
-                lines.append(f"train60 {mode}: max rel loss diff vs HF {tr[mode]['max_rel_diff_vs_hf']:.2e} "
-                             f"(within 1e-3: {tr[mode]['within_1e-3']}), peak {_gb(tr[mode]['peak_gb'])} vs HF "
-                             f"{_gb(tr['hf']['peak_gb'])}, {tr[mode]['median_step_s'] * 1e3:.0f} vs "
-                             f"{tr['hf']['median_step_s'] * 1e3:.0f} ms/step")
+                lines.append(
+                    f"train60 {mode}: max rel loss diff vs HF {tr[mode]['max_rel_diff_vs_hf']:.2e} "
+                    f"(within 1e-3: {tr[mode]['within_1e-3']}), peak {_gb(tr[mode]['peak_gb'])} vs HF "
+                    f"{_gb(tr['hf']['peak_gb'])}, {tr[mode]['median_step_s'] * 1e3:.0f} vs "
+                    f"{tr['hf']['median_step_s'] * 1e3:.0f} ms/step"
+                )
     for g in results.get("grpo") or []:
-        lines.append(f"grpo {g['dtype']}: loss rel diff {g['loss_rel_diff']:.1e}, LoRA grad rel diff "
-                     f"{g['lora_grad_rel_diff']:.1e} (cosine {g['lora_grad_cosine']:.6f}), peak naive "
-                     f"{_gb(g['peak_gb']['naive'])} vs chunked {_gb(g['peak_gb']['chunked'])}")
+        lines.append(
+            f"grpo {g['dtype']}: loss rel diff {g['loss_rel_diff']:.1e}, LoRA grad rel diff "
+            f"{g['lora_grad_rel_diff']:.1e} (cosine {g['lora_grad_cosine']:.6f}), peak naive "
+            f"{_gb(g['peak_gb']['naive'])} vs chunked {_gb(g['peak_gb']['chunked'])}"
+        )
     return "\n".join(lines)

@@ -13,8 +13,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__)
     p.add_argument("files", nargs="*", type=Path, help="result files (default: every one under --results)")
     p.add_argument("--results", type=Path, default=RESULTS, help="results folder (default: benchmarks/results/)")
-    p.add_argument("--reports", type=Path, default=None, help="reports folder (default: benchmarks/reports/ for "
-                   "benchmarks/results/, else <results>/reports/)")
+    p.add_argument(
+        "--reports",
+        type=Path,
+        default=None,
+        help="reports folder (default: benchmarks/reports/ for benchmarks/results/, else <results>/reports/)",
+    )
     args = p.parse_args(argv)
     if not args.results.is_dir():
         print(f"--results: {args.results} is not a folder")

@@ -64,8 +64,7 @@ def summary(v: Any) -> str:
         if not v:
             return "[]"
         if _numbers(v) and len(v) > _LIST_INLINE:
-            return (f"{len(v)} values: first {num(v[0])}, last {num(v[-1])}, min {num(min(v))}, "
-                    f"max {num(max(v))}")
+            return f"{len(v)} values: first {num(v[0])}, last {num(v[-1])}, min {num(min(v))}, max {num(max(v))}"
         if all(_scalar(x) for x in v):
             shown = ", ".join(num(x) for x in v[:_LIST_INLINE])
             return f"[{shown}" + (f", ... ({len(v)} in all)]" if len(v) > _LIST_INLINE else "]")
@@ -94,8 +93,9 @@ def _row_table(rows: dict[str, dict[str, Any]], first: str) -> list[str]:
         columns += [c for c in r if c not in columns]
     # a field that is a dict in some rows and None in others: its flattened columns say it all
     columns = [c for c in columns if not any(d.startswith(c + ".") for d in columns)]
-    return table([first, *columns], [[cell_text(str(name)), *(_cell(r.get(c, "")) for c in columns)]
-                                     for name, r in flat.items()])
+    return table(
+        [first, *columns], [[cell_text(str(name)), *(_cell(r.get(c, "")) for c in columns)] for name, r in flat.items()]
+    )
 
 
 def _cell(v: Any) -> str:
@@ -104,8 +104,11 @@ def _cell(v: Any) -> str:
 
 def _flat_enough(v: Any) -> bool:
     """Fits one table cell (or a few flattened columns): a scalar, a list of scalars, a dict of scalars."""
-    return _scalar(v) or isinstance(v, (list, dict)) and all(_scalar(x) for x in (v.values() if isinstance(v, dict)
-                                                                                  else v))
+    return (
+        _scalar(v)
+        or isinstance(v, (list, dict))
+        and all(_scalar(x) for x in (v.values() if isinstance(v, dict) else v))
+    )
 
 
 def render_value(title: str, value: Any, level: int = 3) -> list[str]:
@@ -122,23 +125,33 @@ def render_value(title: str, value: Any, level: int = 3) -> list[str]:
         for i, x in enumerate(value):
             out += render_value(f"{title}[{i}]", x, level + 1)
         return out
-    if isinstance(value, dict) and value and all(isinstance(x, dict) for x in value.values()) \
-            and all(all(_flat_enough(y) for y in x.values()) for x in value.values()):
+    if (
+        isinstance(value, dict)
+        and value
+        and all(isinstance(x, dict) for x in value.values())
+        and all(all(_flat_enough(y) for y in x.values()) for x in value.values())
+    ):
         return head + _row_table(value, "")
     out = list(head)
-    scalars = {k: v for k, v in value.items() if _scalar(v) or _numbers(v)
-               or isinstance(v, list) and all(_scalar(x) for x in v)}
+    scalars = {
+        k: v
+        for k, v in value.items()
+        if _scalar(v) or _numbers(v) or isinstance(v, list) and all(_scalar(x) for x in v)
+    }
     if scalars:
-        out += table(["", "value"], [[cell_text(k), _cell(v) if not isinstance(v, list) else summary(v)]
-                                     for k, v in scalars.items()])
+        out += table(
+            ["", "value"],
+            [[cell_text(k), _cell(v) if not isinstance(v, list) else summary(v)] for k, v in scalars.items()],
+        )
     for k, v in value.items():
         if k not in scalars:
             out += render_value(f"{title}.{k}" if title else k, v, level + 1)
     return out
 
 
-def columns(rows: dict[str, dict[str, Any]] | list[dict[str, Any]], first: str,
-            cols: list[tuple[str, str, Any]]) -> list[str]:
+def columns(
+    rows: dict[str, dict[str, Any]] | list[dict[str, Any]], first: str, cols: list[tuple[str, str, Any]]
+) -> list[str]:
     """A table of chosen fields: `cols` = (header, dotted key, formatter or None for `num`); missing: blank."""
     items = rows.items() if isinstance(rows, dict) else ((None, r) for r in rows)
     out = []

@@ -60,40 +60,85 @@ def _csv(text: str) -> list[str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--parts", default=DEFAULT_PARTS,
-                        help=f"comma-separated subset of {','.join(PARTS)} (default {DEFAULT_PARTS})")
+    parser.add_argument(
+        "--parts", default=DEFAULT_PARTS, help=f"comma-separated subset of {','.join(PARTS)} (default {DEFAULT_PARTS})"
+    )
     parser.add_argument("--steps", type=int, default=8, help="training steps per stack (tokens/s: median of 3..N)")
     parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
-    parser.add_argument("--stacks", type=_csv, default=["ql_eager", "ql_compiled", "hf_eager", "hf_compiled"],
-                        help="stacks of the 1b part")
-    parser.add_argument("--stacks-8b", type=_csv, default=["ql_compiled", "hf_eager", "hf_compiled"],
-                        help="stacks of the 8b part at its first length (later lengths: hf_eager, ql_compiled)")
-    parser.add_argument("--seqs-8b", type=lambda t: [int(x) for x in _csv(t)], default=[8192, 16384],
-                        help="8b: sequence lengths (batch 1); lengths after the first run hf_eager and ql_compiled")
+    parser.add_argument(
+        "--stacks",
+        type=_csv,
+        default=["ql_eager", "ql_compiled", "hf_eager", "hf_compiled"],
+        help="stacks of the 1b part",
+    )
+    parser.add_argument(
+        "--stacks-8b",
+        type=_csv,
+        default=["ql_compiled", "hf_eager", "hf_compiled"],
+        help="stacks of the 8b part at its first length (later lengths: hf_eager, ql_compiled)",
+    )
+    parser.add_argument(
+        "--seqs-8b",
+        type=lambda t: [int(x) for x in _csv(t)],
+        default=[8192, 16384],
+        help="8b: sequence lengths (batch 1); lengths after the first run hf_eager and ql_compiled",
+    )
     parser.add_argument("--counts-steps", type=int, default=60, help="counts: steps of random length")
     parser.add_argument("--maxlen-start", type=int, default=8192, help="maxlen: first length tried")
     parser.add_argument("--maxlen-cap", type=int, default=131072, help="maxlen: longest length tried")
     parser.add_argument("--maxlen-resolution", type=int, default=4096, help="maxlen: bisection stops at this gap")
-    parser.add_argument("--attention", choices=["sdpa", "sdpa_cudnn", "flex"], default="sdpa",
-                        help="attention of the ql stacks (the HF stacks use transformers' sdpa)")
-    parser.add_argument("--skip-last-1b", type=int, default=0,
-                        help="ql stacks, 1B part: leave the last k decoder layers un-checkpointed (memory for speed)")
+    parser.add_argument(
+        "--attention",
+        choices=["sdpa", "sdpa_cudnn", "flex"],
+        default="sdpa",
+        help="attention of the ql stacks (the HF stacks use transformers' sdpa)",
+    )
+    parser.add_argument(
+        "--skip-last-1b",
+        type=int,
+        default=0,
+        help="ql stacks, 1B part: leave the last k decoder layers un-checkpointed (memory for speed)",
+    )
     parser.add_argument("--skip-last-8b", type=int, default=0, help="the same for the 8B part")
-    parser.add_argument("--in-graph-1b", nargs="?", const="", default=None, metavar="KEEP",
-                        help="ql_compiled, 1B part: checkpoint traced into each compiled layer; KEEP (optional, "
-                        "comma-separated: attention, linears) is what it keeps besides the layer input")
-    parser.add_argument("--in-graph-8b", nargs="?", const="", default=None, metavar="KEEP",
-                        help="the same for the 8B part")
-    parser.add_argument("--family-shapes", default=DEFAULT_FAMILY_SHAPES, metavar="NAME[:BxS],...",
-                        help=f"families: shapes ({','.join(FAMILY_SHAPES)}), each optionally with batch x sequence "
-                        f"(default {DEFAULT_FAMILY_SHAPES}: "
-                        + ", ".join(f"{n} {f.batch}x{f.seq}" for n, f in FAMILY_SHAPES.items()) + ")")
-    parser.add_argument("--family-stacks", type=_csv, default=["ql_eager", "ql_compiled", "hf_eager", "hf_compiled"],
-                        help="stacks of the families part")
-    parser.add_argument("--family-attention", choices=["sdpa", "sdpa_cudnn", "flex"], default="flex",
-                        help="attention of the ql stacks in the families part (the HF stacks use transformers' sdpa)")
-    parser.add_argument("--family-steps", type=int, default=5,
-                        help="training steps per stack in the families part (default 5: 2 warm-up, 3 timed)")
+    parser.add_argument(
+        "--in-graph-1b",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="KEEP",
+        help="ql_compiled, 1B part: checkpoint traced into each compiled layer; KEEP (optional, "
+        "comma-separated: attention, linears) is what it keeps besides the layer input",
+    )
+    parser.add_argument(
+        "--in-graph-8b", nargs="?", const="", default=None, metavar="KEEP", help="the same for the 8B part"
+    )
+    parser.add_argument(
+        "--family-shapes",
+        default=DEFAULT_FAMILY_SHAPES,
+        metavar="NAME[:BxS],...",
+        help=f"families: shapes ({','.join(FAMILY_SHAPES)}), each optionally with batch x sequence "
+        f"(default {DEFAULT_FAMILY_SHAPES}: "
+        + ", ".join(f"{n} {f.batch}x{f.seq}" for n, f in FAMILY_SHAPES.items())
+        + ")",
+    )
+    parser.add_argument(
+        "--family-stacks",
+        type=_csv,
+        default=["ql_eager", "ql_compiled", "hf_eager", "hf_compiled"],
+        help="stacks of the families part",
+    )
+    parser.add_argument(
+        "--family-attention",
+        choices=["sdpa", "sdpa_cudnn", "flex"],
+        default="flex",
+        help="attention of the ql stacks in the families part (the HF stacks use transformers' sdpa)",
+    )
+    parser.add_argument(
+        "--family-steps",
+        type=int,
+        default=5,
+        help="training steps per stack in the families part (default 5: 2 warm-up, 3 timed)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="random base weights (batches: seed + 1)")
     parser.add_argument("--quick", action="store_true", help="fewer steps and lengths (smoke run)")
     parser.add_argument("--tiny", action="store_true", help="tiny model on CPU (tests); not a measurement")
@@ -110,29 +155,64 @@ def _setup(args) -> dict[str, Any]:
     from benchmarks.train import models as tm
 
     if args.tiny:
-        return dict(device="cpu", backend="aot_eager", shape_1b=tm.TINY, shape_8b=tm.TINY, batch_1b=2, seq_1b=64,
-                    seqs_8b=[48, 96], counts_range=(8, 96), maxlen=(32, 256, 32))
+        return dict(
+            device="cpu",
+            backend="aot_eager",
+            shape_1b=tm.TINY,
+            shape_8b=tm.TINY,
+            batch_1b=2,
+            seq_1b=64,
+            seqs_8b=[48, 96],
+            counts_range=(8, 96),
+            maxlen=(32, 256, 32),
+        )
     if args.quick:
         args.steps = min(args.steps, 5)
         args.counts_steps = min(args.counts_steps, 20)
-    return dict(device="cuda", backend="inductor", shape_1b=tm.LLAMA_1B, shape_8b=tm.LLAMA_8B, batch_1b=4,
-                seq_1b=2048, seqs_8b=args.seqs_8b[:1] if args.quick else args.seqs_8b, counts_range=(64, 2048),
-                maxlen=(args.maxlen_start, min(args.maxlen_cap, 65536) if args.quick else args.maxlen_cap,
-                        args.maxlen_resolution * (2 if args.quick else 1)))
+    return dict(
+        device="cuda",
+        backend="inductor",
+        shape_1b=tm.LLAMA_1B,
+        shape_8b=tm.LLAMA_8B,
+        batch_1b=4,
+        seq_1b=2048,
+        seqs_8b=args.seqs_8b[:1] if args.quick else args.seqs_8b,
+        counts_range=(64, 2048),
+        maxlen=(
+            args.maxlen_start,
+            min(args.maxlen_cap, 65536) if args.quick else args.maxlen_cap,
+            args.maxlen_resolution * (2 if args.quick else 1),
+        ),
+    )
 
 
-def _build(tm, stack: str, base, env, args, lora_init, skip_last: int = 0, in_graph: str | None = None,
-           attention: str | None = None):
+def _build(
+    tm,
+    stack: str,
+    base,
+    env,
+    args,
+    lora_init,
+    skip_last: int = 0,
+    in_graph: str | None = None,
+    attention: str | None = None,
+):
     """`in_graph`: None (transformers' eager checkpoint) or the in-graph checkpoint's keep list, comma-separated;
     `attention`: the ql stacks' (default ``--attention``)."""
     compiled = stack.endswith("compiled")
     if stack.startswith("hf"):
         model = tm.hf_stack(base, device=env["device"], compiled=compiled, compile_backend=env["backend"])
     else:
-        model = tm.ql_stack(base, device=env["device"], compiled=compiled, compile_backend=env["backend"],
-                            attention=attention or args.attention, skip_last=skip_last,
-                            checkpoint_in_graph=in_graph is not None,
-                            checkpoint_keep=[k for k in (in_graph or "").split(",") if k])
+        model = tm.ql_stack(
+            base,
+            device=env["device"],
+            compiled=compiled,
+            compile_backend=env["backend"],
+            attention=attention or args.attention,
+            skip_last=skip_last,
+            checkpoint_in_graph=in_graph is not None,
+            checkpoint_keep=[k for k in (in_graph or "").split(",") if k],
+        )
     if lora_init is not None:
         tm.apply_lora_init(lora_init, model)
     return model
@@ -153,9 +233,18 @@ def _compare(runs: dict[str, dict], ref: str = "hf_eager") -> None:
                     run[f"memory_vs_{other}"] = run["peak_gib"] / o["peak_gib"]
 
 
-def _stack_runs(tm, base, env, args, plan: list[tuple[str, list[int], int]], vocab: int,
-                skip_last: int = 0, in_graph: str | None = None, attention: str | None = None,
-                keep_going: bool = False) -> dict[str, Any]:
+def _stack_runs(
+    tm,
+    base,
+    env,
+    args,
+    plan: list[tuple[str, list[int], int]],
+    vocab: int,
+    skip_last: int = 0,
+    in_graph: str | None = None,
+    attention: str | None = None,
+    keep_going: bool = False,
+) -> dict[str, Any]:
     """plan: (stack, lengths, batch). One model per stack, run at each length; LoRA init shared by all stacks.
     `keep_going`: a stack that raises gets ``{"error": ...}`` at its lengths and the next stack runs."""
     from quickloris.parallel.compile import compile_stats, reset_compile_stats
@@ -172,14 +261,24 @@ def _stack_runs(tm, base, env, args, plan: list[tuple[str, list[int], int]], voc
             build_s = time.perf_counter() - t0
             for seq in seqs:
                 reset_compile_stats()
-                run = tm.train_run(model, tm.make_batches(args.steps, batch, seq, vocab, seed=args.seed + 1),
-                                   device=env["device"], lr=args.lr)
-                run.update(build_s=build_s, compile=compile_stats() if stack.endswith("compiled") else None,
-                           attention=model.config._attn_implementation)  # what ran (transformers' registry name)
+                run = tm.train_run(
+                    model,
+                    tm.make_batches(args.steps, batch, seq, vocab, seed=args.seed + 1),
+                    device=env["device"],
+                    lr=args.lr,
+                )
+                run.update(
+                    build_s=build_s,
+                    compile=compile_stats() if stack.endswith("compiled") else None,
+                    attention=model.config._attn_implementation,
+                )  # what ran (transformers' registry name)
                 out.setdefault(f"{batch}x{seq}", {})[stack] = run
-                print(f"  {stack:12s} {batch}x{seq}: {run['tokens_per_s']:,.0f} tok/s, peak "
-                      f"{run['peak_gib'] or 0:.2f} GiB, first step {run['first_step_s']:.1f} s, losses "
-                      f"{[round(x, 4) for x in run['losses'][:3]]}", flush=True)
+                print(
+                    f"  {stack:12s} {batch}x{seq}: {run['tokens_per_s']:,.0f} tok/s, peak "
+                    f"{run['peak_gib'] or 0:.2f} GiB, first step {run['first_step_s']:.1f} s, losses "
+                    f"{[round(x, 4) for x in run['losses'][:3]]}",
+                    flush=True,
+                )
         except Exception as e:
             if not keep_going:
                 raise
@@ -212,12 +311,18 @@ def part_counts(tm, base, env, args, vocab: int) -> dict[str, Any]:
     compiled = _build(tm, "ql_compiled", base, env, args, init, in_graph=args.in_graph_1b)
     got = tm.train_run(compiled, batches, device=env["device"], lr=args.lr)
     rel = [abs(a - b) / abs(b) for a, b in zip(got["losses"], want["losses"])]
-    out = {"steps": len(lengths), "lengths": [min(lengths), max(lengths)], "compile": compile_stats(),
-           "checkpoint_in_graph": args.in_graph_1b,
-           "max_rel_loss_diff_vs_eager": max(rel), "losses_compiled": got["losses"], "losses_eager": want["losses"],
-           "compiled_total_s": sum(got["step_s"]), "eager_total_s": sum(want["step_s"])}
-    print(f"  counts: {out['compile']}, max rel loss diff vs eager {out['max_rel_loss_diff_vs_eager']:.2e}",
-          flush=True)
+    out = {
+        "steps": len(lengths),
+        "lengths": [min(lengths), max(lengths)],
+        "compile": compile_stats(),
+        "checkpoint_in_graph": args.in_graph_1b,
+        "max_rel_loss_diff_vs_eager": max(rel),
+        "losses_compiled": got["losses"],
+        "losses_eager": want["losses"],
+        "compiled_total_s": sum(got["step_s"]),
+        "eager_total_s": sum(want["step_s"]),
+    }
+    print(f"  counts: {out['compile']}, max rel loss diff vs eager {out['max_rel_loss_diff_vs_eager']:.2e}", flush=True)
     del compiled
     tm.release(env["device"])
     return out
@@ -250,8 +355,10 @@ def _maxlen_of(tm, model, stack: str, env, args, vocab: int) -> dict[str, Any]:
     def fits(seq: int) -> bool:
         ok, peak, note = tm.one_step(model, opt, seq, vocab, device=env["device"])
         trials.append({"seq": seq, "fits": ok, "peak_gib": peak, "note": note})
-        print(f"  {stack:12s} 1x{seq}: {'ok' if ok else 'OOM'} {note}" + (f", peak {peak:.1f} GiB" if peak else ""),
-              flush=True)
+        print(
+            f"  {stack:12s} 1x{seq}: {'ok' if ok else 'OOM'} {note}" + (f", peak {peak:.1f} GiB" if peak else ""),
+            flush=True,
+        )
         return ok
 
     good, bad = longest_fitting(fits, start, cap, resolution)
@@ -279,8 +386,11 @@ def run(args: argparse.Namespace) -> int:
     unknown = set(parts) - set(PARTS)
     if unknown or not parts:
         raise ValueError(f"--parts: unknown {sorted(unknown)}; choose from {','.join(PARTS)}")
-    for option, stacks in (("--stacks", args.stacks), ("--stacks-8b", args.stacks_8b),
-                           ("--family-stacks", args.family_stacks)):
+    for option, stacks in (
+        ("--stacks", args.stacks),
+        ("--stacks-8b", args.stacks_8b),
+        ("--family-stacks", args.family_stacks),
+    ):
         bad_stacks = set(stacks) - set(tm.STACKS)
         if bad_stacks or not stacks:
             raise ValueError(f"{option}: unknown {sorted(bad_stacks)}; choose from {','.join(tm.STACKS)}")
@@ -292,10 +402,20 @@ def run(args: argparse.Namespace) -> int:
         print("quickloris bench train needs a CUDA GPU (see docs/device.md); nothing was measured.")
         return 2
     env = _setup(args)
-    results: dict[str, Any] = {"parts": parts, "steps": args.steps, "lr": args.lr, "attention": args.attention,
-                               "skip_last_1b": args.skip_last_1b, "skip_last_8b": args.skip_last_8b,
-                               "in_graph_1b": args.in_graph_1b, "in_graph_8b": args.in_graph_8b,
-                               "quick": args.quick, "tiny": args.tiny, "device": env["device"], "seed": args.seed}
+    results: dict[str, Any] = {
+        "parts": parts,
+        "steps": args.steps,
+        "lr": args.lr,
+        "attention": args.attention,
+        "skip_last_1b": args.skip_last_1b,
+        "skip_last_8b": args.skip_last_8b,
+        "in_graph_1b": args.in_graph_1b,
+        "in_graph_8b": args.in_graph_8b,
+        "quick": args.quick,
+        "tiny": args.tiny,
+        "device": env["device"],
+        "seed": args.seed,
+    }
     bases: dict[str, Any] = {}
 
     def drop_bases() -> None:
@@ -317,16 +437,31 @@ def run(args: argparse.Namespace) -> int:
         try:
             if part == "1b":
                 vocab = env["shape_1b"]["vocab_size"]
-                results[part] = _stack_runs(tm, base_for("1b"), env, args,
-                                            [(s, [env["seq_1b"]], env["batch_1b"]) for s in args.stacks], vocab,
-                                            args.skip_last_1b, args.in_graph_1b)
+                results[part] = _stack_runs(
+                    tm,
+                    base_for("1b"),
+                    env,
+                    args,
+                    [(s, [env["seq_1b"]], env["batch_1b"]) for s in args.stacks],
+                    vocab,
+                    args.skip_last_1b,
+                    args.in_graph_1b,
+                )
             elif part == "counts":
                 results[part] = part_counts(tm, base_for("1b"), env, args, env["shape_1b"]["vocab_size"])
             elif part == "8b":
                 seqs = env["seqs_8b"]
                 plan = [(s, seqs if s in ("hf_eager", "ql_compiled") else seqs[:1], 1) for s in args.stacks_8b]
-                results[part] = _stack_runs(tm, base_for("8b"), env, args, plan, env["shape_8b"]["vocab_size"],
-                                            args.skip_last_8b, args.in_graph_8b)
+                results[part] = _stack_runs(
+                    tm,
+                    base_for("8b"),
+                    env,
+                    args,
+                    plan,
+                    env["shape_8b"]["vocab_size"],
+                    args.skip_last_8b,
+                    args.in_graph_8b,
+                )
             elif part == "maxlen":
                 results[part] = part_maxlen(tm, base_for("8b"), env, args, env["shape_8b"]["vocab_size"])
             elif part == "families":
@@ -340,8 +475,12 @@ def run(args: argparse.Namespace) -> int:
     path = record("train", "train", results, args.out)
     print(summary(results))
     after_record(path)
-    return 0 if not any(isinstance(results.get(p), dict) and "error" in results[p] for p in parts) and not failed(
-        results.get("families")) else 1
+    return (
+        0
+        if not any(isinstance(results.get(p), dict) and "error" in results[p] for p in parts)
+        and not failed(results.get("families"))
+        else 1
+    )
 
 
 def _brief_runs(runs: dict[str, Any]) -> dict[str, Any]:
@@ -350,18 +489,25 @@ def _brief_runs(runs: dict[str, Any]) -> dict[str, Any]:
 
 def _headline(part: str, res: Any) -> Any:
     if part == "families" and isinstance(res, dict) and "error" not in res:
-        return {name: {k: (_brief_runs(v) if k == "runs" else v) for k, v in r.items() if k != "config"}
-                for name, r in res.items()}
+        return {
+            name: {k: (_brief_runs(v) if k == "runs" else v) for k, v in r.items() if k != "config"}
+            for name, r in res.items()
+        }
     if not isinstance(res, dict) or "error" in res or part not in ("1b", "8b"):
-        return res if part != "counts" or not isinstance(res, dict) else {
-            k: v for k, v in res.items() if not k.startswith("losses")}
+        return (
+            res
+            if part != "counts" or not isinstance(res, dict)
+            else {k: v for k, v in res.items() if not k.startswith("losses")}
+        )
     return {shape: _brief_runs(runs) for shape, runs in res.items()}
 
 
 def _table(label: str, res: dict[str, dict[str, Any]]) -> list[str]:
     """Rows of the summary table for {batch x seq: {stack: run}}."""
-    lines = [f"{label:<14} {'stack':<12} {'tok/s':>9} {'x hf_eager':>10} {'x hf_comp':>9} {'peak GiB':>9} "
-             f"{'/hf_eager':>9} {'/hf_comp':>8} {'loss diff':>9}  compile"]
+    lines = [
+        f"{label:<14} {'stack':<12} {'tok/s':>9} {'x hf_eager':>10} {'x hf_comp':>9} {'peak GiB':>9} "
+        f"{'/hf_eager':>9} {'/hf_comp':>8} {'loss diff':>9}  compile"
+    ]
     for bs, runs in res.items():
         for name, r in runs.items():
             if "error" in r:
@@ -369,11 +515,13 @@ def _table(label: str, res: dict[str, dict[str, Any]]) -> list[str]:
                 continue
             f = lambda k, fmt: format(r[k], fmt) if isinstance(r.get(k), float) else "-"  # noqa: E731
             comp = r.get("compile")
-            lines.append(f"  {bs:<12} {name:<12} {r['tokens_per_s']:>9,.0f} {f('speedup_vs_hf_eager', '.2f'):>10} "
-                         f"{f('speedup_vs_hf_compiled', '.2f'):>9} {f('peak_gib', '.2f'):>9} "
-                         f"{f('memory_vs_hf_eager', '.0%'):>9} {f('memory_vs_hf_compiled', '.0%'):>8} "
-                         f"{f('max_rel_loss_diff_vs_hf_eager', '.1e'):>9}  "
-                         + (f"{comp['unique_graphs']} graphs, {comp['graph_breaks']} breaks" if comp else ""))
+            lines.append(
+                f"  {bs:<12} {name:<12} {r['tokens_per_s']:>9,.0f} {f('speedup_vs_hf_eager', '.2f'):>10} "
+                f"{f('speedup_vs_hf_compiled', '.2f'):>9} {f('peak_gib', '.2f'):>9} "
+                f"{f('memory_vs_hf_eager', '.0%'):>9} {f('memory_vs_hf_compiled', '.0%'):>8} "
+                f"{f('max_rel_loss_diff_vs_hf_eager', '.1e'):>9}  "
+                + (f"{comp['unique_graphs']} graphs, {comp['graph_breaks']} breaks" if comp else "")
+            )
     return lines
 
 
@@ -390,12 +538,16 @@ def summary(results: dict[str, Any]) -> str:
     lines += summary_lines(results.get("families"), _table)
     c = results.get("counts")
     if isinstance(c, dict) and "compile" in c:
-        lines.append(f"compile counts, {c['steps']} steps of lengths {c['lengths'][0]}..{c['lengths'][1]}: "
-                     f"{c['compile']['unique_graphs']} graphs, {c['compile']['graph_breaks']} graph breaks; per-step "
-                     f"loss vs eager: max rel diff {c['max_rel_loss_diff_vs_eager']:.1e}")
+        lines.append(
+            f"compile counts, {c['steps']} steps of lengths {c['lengths'][0]}..{c['lengths'][1]}: "
+            f"{c['compile']['unique_graphs']} graphs, {c['compile']['graph_breaks']} graph breaks; per-step "
+            f"loss vs eager: max rel diff {c['max_rel_loss_diff_vs_eager']:.1e}"
+        )
     m = results.get("maxlen")
     if isinstance(m, dict) and "error" not in m:
         for stack, r in m.items():
-            lines.append(f"longest 8B context, {stack}: {r['longest']:,} tokens" +
-                         (" (cap reached)" if r["capped"] else f" (out of memory at {r['first_oom']:,})"))
+            lines.append(
+                f"longest 8B context, {stack}: {r['longest']:,} tokens"
+                + (" (cap reached)" if r["capped"] else f" (out of memory at {r['first_oom']:,})")
+            )
     return "\n".join(lines)

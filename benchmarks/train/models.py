@@ -30,11 +30,29 @@ from torch import nn
 from benchmarks.loss.models import LLAMA_1B
 from quickloris.tensor.nf4_tensor import NF4Tensor
 
-LLAMA_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False,
-                rope_theta=500000.0, max_position_embeddings=131072, rms_norm_eps=1e-5)
-TINY = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)
+LLAMA_8B = dict(
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    tie_word_embeddings=False,
+    rope_theta=500000.0,
+    max_position_embeddings=131072,
+    rms_norm_eps=1e-5,
+)
+TINY = dict(
+    vocab_size=300,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    tie_word_embeddings=True,
+)
 SHAPES = {"llama-3.2-1b": LLAMA_1B, "llama-3.1-8b": LLAMA_8B, "tiny": TINY}
 STACKS = ("hf_eager", "hf_compiled", "ql_eager", "ql_compiled")
 
@@ -57,8 +75,15 @@ class SharedBase:
         return sum(t.shape.numel() for t in self.nf4.values()) + sum(t.numel() for t in self.dense.values())
 
 
-def build_base(shape: dict, *, device: str, architecture: str = "LlamaForCausalLM", dtype=torch.bfloat16,
-               seed: int = 0, std: float = 0.02) -> SharedBase:
+def build_base(
+    shape: dict,
+    *,
+    device: str,
+    architecture: str = "LlamaForCausalLM",
+    dtype=torch.bfloat16,
+    seed: int = 0,
+    std: float = 0.02,
+) -> SharedBase:
     """A random-init `architecture` (a transformers ``*ForCausalLM``, configured by `shape`): decoder linears
     drawn one at a time and quantized to NF4 on `device`; norm weights at the value that makes them the identity
     (1, or 0 for Gemma's zero-centred ``(1 + w)`` norms), other tensors N(0, std)."""
@@ -128,15 +153,23 @@ def _skeleton(base: SharedBase, device: str, linear_factory) -> nn.Module:
     return model
 
 
-def hf_stack(base: SharedBase, *, device: str, compiled: bool, r: int = 16, alpha: int = 32,
-             compile_backend: str = "inductor") -> nn.Module:
+def hf_stack(
+    base: SharedBase, *, device: str, compiled: bool, r: int = 16, alpha: int = 32, compile_backend: str = "inductor"
+) -> nn.Module:
     """HF + PEFT + bitsandbytes on the shared NF4 bytes (see the module docstring)."""
     import bitsandbytes as bnb
     from peft import LoraConfig, get_peft_model
 
     def linear4bit(nf4: NF4Tensor) -> nn.Module:
-        lin = bnb.nn.Linear4bit(nf4.shape[1], nf4.shape[0], bias=False, compute_dtype=nf4.dtype, quant_type="nf4",
-                                compress_statistics=nf4.nested, device="meta")
+        lin = bnb.nn.Linear4bit(
+            nf4.shape[1],
+            nf4.shape[0],
+            bias=False,
+            compute_dtype=nf4.dtype,
+            quant_type="nf4",
+            compress_statistics=nf4.nested,
+            device="meta",
+        )
         lin.weight = nf4.to_bnb()
         lin.weight.module = lin
         return lin
@@ -155,9 +188,20 @@ def hf_stack(base: SharedBase, *, device: str, compiled: bool, r: int = 16, alph
     return model.train()
 
 
-def ql_stack(base: SharedBase, *, device: str, compiled: bool, r: int = 16, alpha: int = 32,
-             compile_backend: str = "inductor", attention: str = "sdpa", offload: bool = False, skip_last: int = 0,
-             checkpoint_in_graph: bool = False, checkpoint_keep: list[str] | None = None) -> nn.Module:
+def ql_stack(
+    base: SharedBase,
+    *,
+    device: str,
+    compiled: bool,
+    r: int = 16,
+    alpha: int = 32,
+    compile_backend: str = "inductor",
+    attention: str = "sdpa",
+    offload: bool = False,
+    skip_last: int = 0,
+    checkpoint_in_graph: bool = False,
+    checkpoint_keep: list[str] | None = None,
+) -> nn.Module:
     """quickloris' stack on the shared NF4 tensors (see the module docstring); `skip_last` decoder layers are left
     un-checkpointed, `checkpoint_in_graph` traces the checkpoint into each compiled layer, keeping `checkpoint_keep`
     besides the layer input (`quickloris.parallel.compile`)."""
@@ -171,12 +215,18 @@ def ql_stack(base: SharedBase, *, device: str, compiled: bool, r: int = 16, alph
         return lin
 
     model = _skeleton(base, device, holder)
-    return build_training_model(model, QLoRAConfig(r=r, lora_alpha=alpha, quantize=False, attention=attention,
-                                                   target_modules=base.targets()),
-                                checkpointing=CheckpointConfig(offload=offload, skip_last=skip_last),
-                                compile=CompileConfig(backend=compile_backend, checkpoint_in_graph=checkpoint_in_graph,
-                                                      checkpoint_keep=list(checkpoint_keep or []))
-                                if compiled else None)
+    return build_training_model(
+        model,
+        QLoRAConfig(r=r, lora_alpha=alpha, quantize=False, attention=attention, target_modules=base.targets()),
+        checkpointing=CheckpointConfig(offload=offload, skip_last=skip_last),
+        compile=CompileConfig(
+            backend=compile_backend,
+            checkpoint_in_graph=checkpoint_in_graph,
+            checkpoint_keep=list(checkpoint_keep or []),
+        )
+        if compiled
+        else None,
+    )
 
 
 def lora_init_of(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -218,8 +268,9 @@ def release(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def train_run(model: nn.Module, batches: list[torch.Tensor], *, device: str, lr: float = 1e-4,
-              timed_from: int = 3) -> dict[str, Any]:
+def train_run(
+    model: nn.Module, batches: list[torch.Tensor], *, device: str, lr: float = 1e-4, timed_from: int = 3
+) -> dict[str, Any]:
     """Steps of AdamW on `batches`; tokens/s = median over steps `timed_from`.. (1-based), peak memory."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -239,10 +290,15 @@ def train_run(model: nn.Module, batches: list[torch.Tensor], *, device: str, lr:
         losses.append(loss.item())  # synchronizes
         _sync(device)
         times.append(time.perf_counter() - t0)
-    timed = times[timed_from - 1:] or times
-    out = {"losses": losses, "step_s": times, "tokens_per_step": tokens,
-           "tokens_per_s": tokens / statistics.median(timed), "first_step_s": times[0],
-           "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None}
+    timed = times[timed_from - 1 :] or times
+    out = {
+        "losses": losses,
+        "step_s": times,
+        "tokens_per_step": tokens,
+        "tokens_per_s": tokens / statistics.median(timed),
+        "first_step_s": times[0],
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None,
+    }
     del opt
     return out
 

@@ -57,11 +57,13 @@ def part_attention() -> dict:
         res = {}
         for backend in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
             for gqa in (True, False):
+
                 def step(backend=backend, gqa=gqa):
                     kk, vv = (k, v) if gqa else (k.repeat_interleave(h // kv, 1), v.repeat_interleave(h // kv, 1))
                     with sdpa_kernel(getattr(SDPBackend, backend)):
                         o = F.scaled_dot_product_attention(q, kk, vv, is_causal=True, enable_gqa=gqa)
                     o.backward(g)
+
                 key = f"{backend.lower()}{'_gqa' if gqa else '_expanded'}"
                 try:
                     t = timed(step)
@@ -72,6 +74,7 @@ def part_attention() -> dict:
 
         def fstep():
             flex(q, k, v, block_mask=bm, enable_gqa=True).backward(g)
+
         try:
             t = timed(fstep)
             res["flex_gqa"] = {"ms": round(t * 1e3, 3), "tflops": round(flops / t / 1e12, 1)}
@@ -89,16 +92,16 @@ def _in_graph(mode: str) -> dict:
     return {"checkpoint_in_graph": kind == "graph", "checkpoint_keep": keep}
 
 
-def part_train(tm, key: str, shape: dict, batch: int, seq: int, variants: list[tuple[int, str, str]], steps: int,
-               hf: bool) -> dict:
+def part_train(
+    tm, key: str, shape: dict, batch: int, seq: int, variants: list[tuple[int, str, str]], steps: int, hf: bool
+) -> dict:
     base = tm.build_base(shape, device="cuda")
     vocab = shape["vocab_size"]
     res = {}
     init = None
     for k, attention, mode in variants:
         torch._dynamo.reset()
-        model = tm.ql_stack(base, device="cuda", compiled=True, attention=attention, skip_last=k,
-                            **_in_graph(mode))
+        model = tm.ql_stack(base, device="cuda", compiled=True, attention=attention, skip_last=k, **_in_graph(mode))
         if init is None:
             init = tm.lora_init_of(model)
         tm.apply_lora_init(init, model)
@@ -124,9 +127,14 @@ def part_train(tm, key: str, shape: dict, batch: int, seq: int, variants: list[t
     return res
 
 
-GROUPS = [("gemm", r"gemm|cutlass|nvjet|xmma|sm90_|ampere_|cublas"), ("attention", r"flash|fmha|cudnn|attention|sdpa"),
-          ("nf4_dequant", r"dequant|nf4"), ("inductor_triton", r"^triton_"), ("copy/elementwise", r"elementwise|copy|fill"),
-          ("reduce", r"reduce")]
+GROUPS = [
+    ("gemm", r"gemm|cutlass|nvjet|xmma|sm90_|ampere_|cublas"),
+    ("attention", r"flash|fmha|cudnn|attention|sdpa"),
+    ("nf4_dequant", r"dequant|nf4"),
+    ("inductor_triton", r"^triton_"),
+    ("copy/elementwise", r"elementwise|copy|fill"),
+    ("reduce", r"reduce"),
+]
 
 
 def part_profile(tm, attention: str, steps: int = 2) -> dict:
@@ -160,11 +168,15 @@ def part_profile(tm, attention: str, steps: int = 2) -> dict:
         g = next((g for g, pat in GROUPS if re.search(pat, name, re.I)), "other")
         groups[g] = groups.get(g, 0.0) + t / 1e3 / steps
     top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:40]
-    res = {"wall_ms_per_step": round(wall * 1e3 / steps, 1),
-           "kernel_ms_per_step": round(sum(t for t, _ in kernels.values()) / 1e3 / steps, 1),
-           "groups_ms_per_step": {g: round(t, 1) for g, t in sorted(groups.items(), key=lambda kv: -kv[1])},
-           "top_kernels": [{"name": n[:160], "ms_per_step": round(t / 1e3 / steps, 2), "calls_per_step": c // steps}
-                           for n, (t, c) in top]}
+    res = {
+        "wall_ms_per_step": round(wall * 1e3 / steps, 1),
+        "kernel_ms_per_step": round(sum(t for t, _ in kernels.values()) / 1e3 / steps, 1),
+        "groups_ms_per_step": {g: round(t, 1) for g, t in sorted(groups.items(), key=lambda kv: -kv[1])},
+        "top_kernels": [
+            {"name": n[:160], "ms_per_step": round(t / 1e3 / steps, 2), "calls_per_step": c // steps}
+            for n, (t, c) in top
+        ],
+    }
     print(res["wall_ms_per_step"], res["kernel_ms_per_step"], res["groups_ms_per_step"], flush=True)
     for row in res["top_kernels"][:25]:
         print(f"  {row['ms_per_step']:8.2f} ms {row['calls_per_step']:5d}x {row['name'][:110]}")
@@ -185,8 +197,14 @@ def part_saved(tm, modes: list[str], device: str = "cuda", batch: int = 4, seq: 
     for mode in modes:  # attention:checkpoint, checkpoint in graph / eager / none
         attention, ckpt = mode.split(":")
         torch._dynamo.reset()
-        model = tm.ql_stack(base, device=device, compiled=True, attention=attention, skip_last=2 if ckpt == "none" else 0,
-                            **_in_graph(ckpt))
+        model = tm.ql_stack(
+            base,
+            device=device,
+            compiled=True,
+            attention=attention,
+            skip_last=2 if ckpt == "none" else 0,
+            **_in_graph(ckpt),
+        )
         for _ in range(2):  # compile, then measure
             seen: dict[str, list] = {}
 
@@ -194,6 +212,7 @@ def part_saved(tm, modes: list[str], device: str = "cuda", batch: int = 4, seq: 
                 key = f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}"
                 seen.setdefault(key, [0, t.numel() * t.element_size()])[0] += 1
                 return t
+
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -201,9 +220,11 @@ def part_saved(tm, modes: list[str], device: str = "cuda", batch: int = 4, seq: 
             out.float().pow(2).mean().backward()
             model.zero_grad(set_to_none=True)
         rows = sorted(((k, c, b) for k, (c, b) in seen.items()), key=lambda r: -r[1] * r[2])
-        res[mode] = {"saved_mib": round(sum(c * b for _, c, b in rows) / 2**20, 1),
-                     "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
-                     "largest": [f"{c}x {k} ({c * b / 2**20:.1f} MiB)" for k, c, b in rows[:14]]}
+        res[mode] = {
+            "saved_mib": round(sum(c * b for _, c, b in rows) / 2**20, 1),
+            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
+            "largest": [f"{c}x {k} ({c * b / 2**20:.1f} MiB)" for k, c, b in rows[:14]],
+        }
         print(mode, res[mode], flush=True)
         del model, out
         tm.release(device)
@@ -221,15 +242,24 @@ def main() -> None:
     p.add_argument("--out", default=None)
     p.add_argument("--parts", default=os.environ.get("QUICKLORIS_PROBE_PARTS", "attention,1b,profile,8b"))
     p.add_argument("--steps", type=int, default=6)
-    p.add_argument("--variants-1b", default=os.environ.get(
-        "QUICKLORIS_PROBE_1B", "0:sdpa_cudnn:eager,0:sdpa_cudnn:graph,0:sdpa_cudnn:graph+attention,"
-        "0:sdpa_cudnn:graph+linears,0:sdpa_cudnn:graph+attention+linears"),
-                   help="k:attention:checkpoint: k last layers un-checkpointed, attention backend, checkpoint in the "
-                        "compiled graph (graph, graph+linears, graph+attention+linears: what it keeps besides the "
-                        "layer input) or transformers' eager wrapper around it (eager)")
-    p.add_argument("--variants-8b", default=os.environ.get(
-        "QUICKLORIS_PROBE_8B", "2:sdpa_cudnn:eager,2:sdpa_cudnn:graph,1:sdpa_cudnn:graph+attention,"
-        "0:sdpa_cudnn:graph+attention"))
+    p.add_argument(
+        "--variants-1b",
+        default=os.environ.get(
+            "QUICKLORIS_PROBE_1B",
+            "0:sdpa_cudnn:eager,0:sdpa_cudnn:graph,0:sdpa_cudnn:graph+attention,"
+            "0:sdpa_cudnn:graph+linears,0:sdpa_cudnn:graph+attention+linears",
+        ),
+        help="k:attention:checkpoint: k last layers un-checkpointed, attention backend, checkpoint in the "
+        "compiled graph (graph, graph+linears, graph+attention+linears: what it keeps besides the "
+        "layer input) or transformers' eager wrapper around it (eager)",
+    )
+    p.add_argument(
+        "--variants-8b",
+        default=os.environ.get(
+            "QUICKLORIS_PROBE_8B",
+            "2:sdpa_cudnn:eager,2:sdpa_cudnn:graph,1:sdpa_cudnn:graph+attention,0:sdpa_cudnn:graph+attention",
+        ),
+    )
     p.add_argument("--profile-attention", default=os.environ.get("QUICKLORIS_PROBE_PROFILE_ATTN", "sdpa_cudnn"))
     p.add_argument("--saved-device", default="cuda", help="saved part: cuda, or cpu (the same tensors, smaller)")
     p.add_argument("--saved-tokens", default="4x2048", help="saved part: batch x sequence length")
@@ -241,6 +271,7 @@ def main() -> None:
 
     def variants(text):
         return [(int(k), a, m) for k, a, m in (v.split(":") for v in text.split(","))]
+
     for part in args.parts.split(","):
         t0 = time.perf_counter()
         try:
@@ -249,13 +280,21 @@ def main() -> None:
             elif part == "1b":
                 results[part] = part_train(tm, part, LLAMA_1B, 4, 2048, variants(args.variants_1b), args.steps, True)
             elif part == "8b":
-                results[part] = part_train(tm, part, tm.LLAMA_8B, 1, 8192, variants(args.variants_8b), args.steps,
-                                           False)
+                results[part] = part_train(
+                    tm, part, tm.LLAMA_8B, 1, 8192, variants(args.variants_8b), args.steps, False
+                )
             elif part == "saved":
-                results[part] = part_saved(tm, os.environ.get("QUICKLORIS_PROBE_SAVED", "sdpa_cudnn:eager,sdpa_cudnn:graph,"
-                                                             "sdpa_cudnn:graph+attention,sdpa_cudnn:graph+linears,"
-                                                             "sdpa_cudnn:none").split(","),
-                                           args.saved_device, *map(int, args.saved_tokens.split("x")))
+                results[part] = part_saved(
+                    tm,
+                    os.environ.get(
+                        "QUICKLORIS_PROBE_SAVED",
+                        "sdpa_cudnn:eager,sdpa_cudnn:graph,"
+                        "sdpa_cudnn:graph+attention,sdpa_cudnn:graph+linears,"
+                        "sdpa_cudnn:none",
+                    ).split(","),
+                    args.saved_device,
+                    *map(int, args.saved_tokens.split("x")),
+                )
             elif part == "profile":
                 results[part] = part_profile(tm, args.profile_attention)
         except Exception as e:

@@ -51,8 +51,9 @@ def isolated_benchmarks_modules():
     sys.modules.update(saved)
 
 
-def test_another_benchmarks_package_first_on_the_path_is_refused(tmp_path, monkeypatch, isolated_benchmarks_modules,
-                                                                  capsys):
+def test_another_benchmarks_package_first_on_the_path_is_refused(
+    tmp_path, monkeypatch, isolated_benchmarks_modules, capsys
+):
     (tmp_path / "benchmarks" / "train").mkdir(parents=True)
     (tmp_path / "benchmarks" / "__init__.py").write_text("")
     (tmp_path / "benchmarks" / "train" / "__init__.py").write_text("")

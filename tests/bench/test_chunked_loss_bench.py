@@ -14,21 +14,47 @@ pytest.importorskip("peft")
 from benchmarks.loss import bench  # noqa: E402
 from benchmarks.loss import models as loss_models  # noqa: E402
 
-TINY = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)
+TINY = dict(
+    vocab_size=300,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    tie_word_embeddings=True,
+)
 
 
 @pytest.mark.parametrize("quantize", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["lora", "qlora"])
 def test_chunked_bench_train_and_grpo_on_cpu(seed, quantize):
     if quantize:
         pytest.importorskip("bitsandbytes")
-    train = loss_models.train_compare(TINY, steps=3, batch=2, seq=40, device="cpu", dtype=torch.float32,
-                                      quantize=quantize, lr=1e-3, seed=seed % 1000, log=lambda s: None)
+    train = loss_models.train_compare(
+        TINY,
+        steps=3,
+        batch=2,
+        seq=40,
+        device="cpu",
+        dtype=torch.float32,
+        quantize=quantize,
+        lr=1e-3,
+        seed=seed % 1000,
+        log=lambda s: None,
+    )
     for mode in ("chunked", "chunked_grad_in_forward"):
         assert len(train[mode]["losses"]) == 3 and train[mode]["within_1e-3"]
         assert train[mode]["max_rel_diff_vs_hf"] < 1e-5  # fp32: the same numbers up to rounding order
-    grpo = loss_models.grpo_compare(dict(TINY, tie_word_embeddings=False), device="cpu", dtype=torch.float32,
-                              group_size=4, prompt=16, completion=32, chunk_size=40, seed=seed % 1000)
+    grpo = loss_models.grpo_compare(
+        dict(TINY, tie_word_embeddings=False),
+        device="cpu",
+        dtype=torch.float32,
+        group_size=4,
+        prompt=16,
+        completion=32,
+        chunk_size=40,
+        seed=seed % 1000,
+    )
     assert grpo["same_grad_names"] and grpo["lora_params"] == 2 * 7 * 2
     assert grpo["loss_rel_diff"] < 1e-5 and grpo["lora_grad_rel_diff"] < 1e-4
     table = bench.summary({"train60": train, "grpo": [grpo]})
@@ -50,8 +76,22 @@ def test_chunked_bench_memory_and_spec_parts_on_cpu(seed):
     """The memory and spec parts' code at toy sizes (peak memory is only measured on CUDA: reported as None)."""
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
-    args = parser.parse_args(["--tokens", "48", "--hidden", "32", "--vocab", "500", "--reps", "1",
-                              "--sweep-tokens", "64", "--budgets-mib", "1"])
+    args = parser.parse_args(
+        [
+            "--tokens",
+            "48",
+            "--hidden",
+            "32",
+            "--vocab",
+            "500",
+            "--reps",
+            "1",
+            "--sweep-tokens",
+            "64",
+            "--budgets-mib",
+            "1",
+        ]
+    )
     mem = bench.part_memory(args, device="cpu")
     assert len(mem["rows"]) == 2 * 3 and len(mem["budget_sweep"]) == 4
     losses = {(r["tokens"], r["w_grad"]): set() for r in mem["rows"]}

@@ -38,8 +38,9 @@ def test_committed_reports_are_what_the_results_give():
     assert {report_name(k) for k in groups} == {p.name for p in REPORTS.glob("*.md")}
     for key, runs in groups.items():
         committed = (REPORTS / report_name(key)).read_text(encoding="utf-8")
-        assert committed == render(key, runs, REPORTS.resolve()), f"{report_name(key)} is stale: python -m " \
-            "benchmarks.report"
+        assert committed == render(key, runs, REPORTS.resolve()), (
+            f"{report_name(key)} is stale: python -m benchmarks.report"
+        )
         for run in runs:
             assert f"## {run.name}\n" in committed
             missing = {n for n in _numbers(run.results, set()) if n not in committed}
@@ -56,18 +57,38 @@ def test_every_result_file_the_readme_cites_has_a_report():
         assert f"## {name}\n" in reports, f"no report covers {name}"
 
 
-_ENV = {"date_utc": "2027-01-05T10:10:10+00:00", "commit": "abc123", "python": "3.12.3", "host": "h", "cpu_count": 16,
-        "versions": {"torch": "2.11.0", "triton": "3.6.0"}, "cuda": "13.0",
-        "gpus": [{"name": "NVIDIA H100 80GB HBM3", "capability": "9.0", "memory_gib": 79.2, "sm_count": 132}] * 2}
-_STACK = {"losses": [12.5, 12.25, 12.0], "step_s": [9.0, 0.5, 0.5], "tokens_per_step": 8192,
-          "tokens_per_s": 12345.678, "first_step_s": 9.0, "peak_gib": 7.4766, "build_s": 0.3,
-          "compile": {"unique_graphs": 3, "graph_breaks": 0, "calls_captured": 32}}
+_ENV = {
+    "date_utc": "2027-01-05T10:10:10+00:00",
+    "commit": "abc123",
+    "python": "3.12.3",
+    "host": "h",
+    "cpu_count": 16,
+    "versions": {"torch": "2.11.0", "triton": "3.6.0"},
+    "cuda": "13.0",
+    "gpus": [{"name": "NVIDIA H100 80GB HBM3", "capability": "9.0", "memory_gib": 79.2, "sm_count": 132}] * 2,
+}
+_STACK = {
+    "losses": [12.5, 12.25, 12.0],
+    "step_s": [9.0, 0.5, 0.5],
+    "tokens_per_step": 8192,
+    "tokens_per_s": 12345.678,
+    "first_step_s": 9.0,
+    "peak_gib": 7.4766,
+    "build_s": 0.3,
+    "compile": {"unique_graphs": 3, "graph_breaks": 0, "calls_captured": 32},
+}
 
 
 def _record(root: Path, stamp: str, date: str, tokens_per_s: float) -> Path:
     env = dict(_ENV, date_utc=date)
-    res = {"parts": ["1b"], "steps": 3, "lr": 1e-4, "attention": "sdpa", "tiny": False,
-           "1b": {"4x2048": {"ql_compiled": dict(copy.deepcopy(_STACK), tokens_per_s=tokens_per_s)}}}
+    res = {
+        "parts": ["1b"],
+        "steps": 3,
+        "lr": 1e-4,
+        "attention": "sdpa",
+        "tiny": False,
+        "1b": {"4x2048": {"ql_compiled": dict(copy.deepcopy(_STACK), tokens_per_s=tokens_per_s)}},
+    }
     path = root / "train" / f"train-{stamp}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"environment": env, "results": res}))
@@ -91,8 +112,15 @@ def test_runs_group_by_topic_machine_and_month(tmp_path):
     assert sorted(p.name for p in write_all(tmp_path)) == ["train_2xh100_202701.md", "train_2xh100_202702.md"]
 
 
-@pytest.mark.parametrize("gpus, machine", [(["NVIDIA H100 80GB HBM3"], "h100"), (["NVIDIA H200"] * 2, "2xh200"),
-                                           (["NVIDIA GeForce RTX 4090"], "geforce-rtx-4090"), ([], "cpu")])
+@pytest.mark.parametrize(
+    "gpus, machine",
+    [
+        (["NVIDIA H100 80GB HBM3"], "h100"),
+        (["NVIDIA H200"] * 2, "2xh200"),
+        (["NVIDIA GeForce RTX 4090"], "geforce-rtx-4090"),
+        ([], "cpu"),
+    ],
+)
 def test_machine_names(tmp_path, gpus, machine):
     path = tmp_path / "t" / "x.json"
     path.parent.mkdir()

@@ -17,7 +17,6 @@ pytest.importorskip("bitsandbytes")
 from benchmarks.report.markdown import num  # noqa: E402
 from benchmarks.train import bench  # noqa: E402
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -29,8 +28,21 @@ def _args(*argv: str) -> argparse.Namespace:
 
 
 def test_tiny_run_of_1b_and_counts_parts(tmp_path, capsys):
-    args = _args("--tiny", "--parts", "1b,counts", "--steps", "3", "--counts-steps", "5", "--stacks",
-                 "ql_eager,ql_compiled,hf_eager", "--in-graph-1b", "linears", "--out", str(tmp_path))
+    args = _args(
+        "--tiny",
+        "--parts",
+        "1b,counts",
+        "--steps",
+        "3",
+        "--counts-steps",
+        "5",
+        "--stacks",
+        "ql_eager,ql_compiled,hf_eager",
+        "--in-graph-1b",
+        "linears",
+        "--out",
+        str(tmp_path),
+    )
     assert bench.run(args) == 0
     files = list((tmp_path / "train").glob("train-*.json"))
     assert len(files) == 1
