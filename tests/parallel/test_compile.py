@@ -393,7 +393,9 @@ def test_gpu_60_steps_inductor(seed, attention):
     rel = max(abs(a - b) / abs(b) for a, b in zip(got, want))
     print(f"GPU 60 steps ({attention}): {stats}; max rel loss diff {rel:.2e}; loss {want[0]:.3f} -> {want[-1]:.3f}")
     assert stats["graph_breaks"] == 0
-    assert stats["unique_graphs"] == 3 if attention == "sdpa" else stats["unique_graphs"] <= 4, stats
+    # The CPU test's 3 graphs (layer, final norm, loss chunk); inductor on an H100 compiled one more for sdpa
+    # (gpu-tests log at aed10ca: 4, no break), where the flex layer may take one more per BlockMask layout.
+    assert stats["unique_graphs"] <= 4, stats
     assert sum(want[-10:]) < sum(want[:10]) - 0.2, want  # it learns
     # bf16 (u = 2^-9 = 2e-3): inductor rounds intermediates differently from eager (fp32 inside fused kernels), by a
     # few u of the activations; the per-step losses stay within 2e-2 (~5u) relative over the 60 steps.
