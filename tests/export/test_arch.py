@@ -214,3 +214,15 @@ def test_an_untied_gemma2_head_is_refused(tmp_path, bpe_tokenizer):
     with pytest.raises(ValueError, match="lm_head differs from its embed_tokens: it is untied"):
         export_gguf(model, tmp_path / "x.gguf", tokenizer=bpe_tokenizer)
     assert not list(tmp_path.iterdir())
+
+
+def test_family_specs_and_export_agree_on_the_gguf_architecture():
+    """Two places name llama.cpp's architecture: each family spec (`gguf_arch`, what training reports) and the
+    export's table (what the file says). For every registered family's own config they must agree."""
+    import transformers
+
+    from quickloris.models.families import registered
+
+    for spec in registered().values():
+        cfg = getattr(transformers, spec.causal_lm).config_class()
+        assert gguf_arch_for(cfg) == spec.gguf_arch, spec.causal_lm

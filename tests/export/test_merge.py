@@ -5,6 +5,7 @@ the caller's model is never modified, and the merged model runs in llama.cpp lik
 from __future__ import annotations
 
 import copy
+import json
 
 import gguf
 import numpy as np
@@ -191,6 +192,12 @@ def test_unsupported_adapters_are_rejected(tmp_path, helpers, bpe_tokenizer):
         export_gguf(smaller, tmp_path / "x.gguf", tokenizer=bpe_tokenizer, adapter=tmp_path / "adapter")
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         export_gguf(base, tmp_path / "x.gguf", tokenizer=bpe_tokenizer, adapter=tmp_path)
+    # A sequence classifier's adapter (what `quickloris train --task-type classification` writes: PEFT's
+    # SEQ_CLS with the score head as modules_to_save) has no place in a causal LM's file: refused, not dropped.
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**config, "task_type": "SEQ_CLS"}))
+    with pytest.raises(ValueError, match="is a sequence classifier"):
+        export_gguf(base, tmp_path / "x.gguf", tokenizer=bpe_tokenizer, adapter=tmp_path / "adapter")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
 
 

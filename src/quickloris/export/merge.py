@@ -212,6 +212,11 @@ def plan_from_folder(path: str | os.PathLike) -> AdapterPlan:
         cfg = json.load(f)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"adapter {folder!r} is {cfg.get('peft_type')}; only LoRA adapters can be merged")
+    if cfg.get("task_type") == "SEQ_CLS":  # its score head has no place in a causal LM's GGUF file
+        raise ValueError(
+            f"adapter {folder!r} is a sequence classifier (task_type SEQ_CLS, with a trained score head); a GGUF "
+            "file holds a causal language model: only causal-LM adapters can be exported"
+        )
     for key, what in (("use_dora", "DoRA"), ("lora_bias", "LoRA bias"), ("fan_in_fan_out", "fan_in_fan_out")):
         if cfg.get(key):
             raise ValueError(f"adapter {folder!r} uses {what}, which the GGUF export does not support")
