@@ -43,9 +43,10 @@ def run(asm: str, inputs: dict[int, int], n_outputs: int) -> list[int]:
             return int(tok, 0) & MASK
         raise KeyError(f"read of unset register {tok!r}")
 
-    for raw in asm.splitlines():
-        line = raw.strip().rstrip(";")
-        if not line or line in "{}" or line.startswith(".reg"):
+    # Statements end with ';' (the asm is one line, as inductor needs it); braces open and close the scope.
+    for raw in re.split(r"[;{}]", asm):
+        line = raw.strip()
+        if not line or line.startswith(".reg"):
             continue
         op, rest = line.split(None, 1)
         args = [t.strip() for t in rest.split(",")]

@@ -83,7 +83,10 @@ def unpack_bytes_ptx() -> str:
     lines += _lookup4("ia", "a") + _lookup4("ib", "b")
     lines += [f"mov.b32 ${j}, ae{j};" for j in range(4)] + [f"mov.b32 ${4 + j}, be{j};" for j in range(4)]
     lines.append("}")
-    return "\n".join(lines)
+    # One line: inductor copies this string into the Python source it generates for a compiled graph (a user
+    # Triton kernel's globals) as a plain quoted literal, where a newline ended the string (SyntaxError on a GPU
+    # compile through `quickloris.dequantize_nf4`). PTX needs no newlines: each statement ends with ';'.
+    return " ".join(lines)
 
 
 # Explicit round-to-nearest multiply: ptxas never contracts an `.rn` multiply into a fused multiply-add, which
