@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import random
-import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +31,7 @@ import torch
 from quickloris.data.chat import IGNORE_INDEX, TokenizedExample, TokenizeStats, check_max_seq_len
 from quickloris.data.jsonl import DataFormatError
 from quickloris.data.packing import collate
-
-Split = Literal["train", "heldout"]
-_HELDOUT_MOD = 8  # 1 text in 8 is held out
+from quickloris.data.tasks import Split, draw_split, split_of
 
 
 @dataclass(frozen=True)
@@ -196,28 +193,12 @@ class ClassificationTask:
     description: str
 
     def split_of(self, text: str) -> Split:
-        return "heldout" if zlib.crc32(f"{self.name}:{text}".encode()) % _HELDOUT_MOD == 0 else "train"
+        return split_of(self.name, text)
 
     def rows(self, split: Split, n: int, seed: int = 0) -> list[ClassificationRow]:
         """`n` distinct texts of `split`, the same list for the same (split, n, seed) on any machine."""
-        if split not in ("train", "heldout"):
-            raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"n must be a positive int, got {n!r}")
-        rng = random.Random(f"quickloris:{self.name}:{split}:{int(seed)}")  # str seeds hash stably (sha512)
-        out: list[ClassificationRow] = []
-        seen: set[str] = set()
-        tries = 0
-        while len(out) < n:
-            tries += 1
-            if tries > 100 * n + 10_000:
-                raise ValueError(f"task {self.name!r} cannot produce {n} distinct {split} texts")
-            text, label = self.sample(rng)
-            if text in seen or self.split_of(text) != split:
-                continue
-            seen.add(text)
-            out.append(ClassificationRow(text, label, f"{self.name}:{split}[{len(out)}]"))
-        return out
+        draws = draw_split(self.name, split, n, seed, self.sample, distinct=lambda d: d[0], key=lambda d: d[0])
+        return [ClassificationRow(text, label, f"{self.name}:{split}[{i}]") for i, (text, label) in enumerate(draws)]
 
 
 _SUBJECTS = (
