@@ -4,16 +4,11 @@ micro-batch's rows split over the ranks, normalised by the whole step's text cou
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
 pytest.importorskip("transformers")
 
-from tests.parallel.test_fsdp_train_cli import _shardable_llama  # noqa: E402
+from tests.parallel.test_fsdp_train_cli import _shardable_llama, train_cli  # noqa: E402
 from tests.train.tiny import write_jsonl  # noqa: E402
 
 ROWS = [
@@ -54,16 +49,7 @@ def _train(nproc, tmp_path, out, *extra):
         "auto",
         *extra,
     ]
-    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m"] if nproc else ["-m"]
-    proc = subprocess.run(
-        [sys.executable, *launcher, "quickloris", "train", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="1"),
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return proc.stdout, json.loads((out / "metrics.json").read_text())
+    return train_cli(nproc, args, out)
 
 
 @pytest.mark.slow  # 89 s on the shared 2-core CPU machine (two ranks + one process, each loading transformers)

@@ -48,6 +48,21 @@ def _shardable_llama(folder):
     return folder
 
 
+def train_cli(nproc, args, out):
+    """`quickloris train ARGS` in one process (nproc 0) or under torchrun on `nproc` CPU ranks
+    (gloo): its stdout and the run's metrics.json."""
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m"] if nproc else ["-m"]
+    proc = subprocess.run(
+        [sys.executable, *launcher, "quickloris", "train", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="1"),
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc.stdout, json.loads((out / "metrics.json").read_text())
+
+
 def _train(nproc, tmp_path, out, *extra):
     data = write_jsonl(tmp_path / "data.jsonl", ROWS * 6)
     evald = write_jsonl(tmp_path / "eval.jsonl", ROWS[:2])
@@ -77,16 +92,7 @@ def _train(nproc, tmp_path, out, *extra):
         "2",
         *extra,
     ]
-    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m"] if nproc else ["-m"]
-    proc = subprocess.run(
-        [sys.executable, *launcher, "quickloris", "train", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="1"),
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return proc.stdout, json.loads((out / "metrics.json").read_text())
+    return train_cli(nproc, args, out)
 
 
 def test_train_fsdp_two_ranks_matches_one_process(tmp_path):
