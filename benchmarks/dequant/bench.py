@@ -1,34 +1,30 @@
-"""`quickloris bench dequant`: NF4 dequantization against Unsloth, bitsandbytes and PEFT, in one process.
+"""`quickloris bench dequant`: NF4 dequantization against Unsloth, bitsandbytes and PEFT.
 
 1. The specification's `test_dequantize` harness (part A of the challenge notebook): three MLP configs,
-   1000 iterations, a synchronize after each matrix; wall-clock seconds per function, run `--repeats` times
-   interleaved so that drift on a shared machine hits every function alike. Also the harness' own floor
-   (`torch.empty` in place of a dequantization).
-2. Per matrix: CUDA-event median (`triton.testing.do_bench`), GB/s over the bytes that must move
-   (packed n/2 + absmax n/64 + absmax2 + output 2n) and the fraction of the device's measured copy bandwidth.
-
-Unsloth: its real `fast_dequantize` if `unsloth` imports, else its exact call sequence (two bitsandbytes CUDA
-launches through ctypes and an in-place add: absmax decode, `+= offset`, NF4 decode); the result says which.
+   1000 iterations, a synchronize after each matrix; wall-clock seconds per implementation, each in a process of
+   its own (`benchmarks.dequant.harness`: Unsloth's *real* `fast_dequantize` from $QUICKLORIS_UNSLOTH_SITE),
+   `--rounds` rounds in turn x `--repeats` runs; the harness floor (its `torch.empty` run + the bytes at copy
+   bandwidth) and quickloris' median as a fraction of it.
+2. Per matrix, in this process: CUDA-event median (`triton.testing.do_bench`), GB/s over the bytes that must
+   move (packed n/2 + absmax n/64 + absmax2 + output 2n) and the fraction of the device's measured copy
+   bandwidth. Unsloth there: its real `fast_dequantize` if `unsloth` imports in this process, else its call
+   sequence (bitsandbytes' CUDA launches through ctypes and an in-place add); `unsloth_source` says which.
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import statistics
 import time
 from collections.abc import Callable
 from typing import Any
 
-HARNESS_CONFIGS = [  # (bsz, qlen, hd, m, seed, dtype name), verbatim from the specification
-    (5, 777, 1024, 4096, 3409, "bfloat16"),
-    (3, 2048, 4096, 14336, 3408, "bfloat16"),
-    (2, 3333, 2048, 8192, 3407, "float16"),
-]
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iters", type=int, default=1000, help="harness iterations per config (spec: 1000)")
-    parser.add_argument("--repeats", type=int, default=5, help="interleaved harness repetitions")
+    parser.add_argument("--rounds", type=int, default=2, help="harness rounds (each implementation once per round)")
+    parser.add_argument("--repeats", type=int, default=3, help="harness runs per implementation and round")
     parser.add_argument("--skip-harness", action="store_true", help="only the per-matrix timings")
 
 
@@ -82,80 +78,6 @@ def _unsloth_fast_dequantize() -> tuple[Callable, str]:
             return out.t() if W.shape[0] == 1 else out
 
     return fast_dequantize, f"emulated call sequence through bitsandbytes' C library (unsloth import failed: {reason})"
-
-
-def _harness(dequantize_fx: Callable, unsloth_fx: Callable, iters: int, check: bool) -> float:
-    """The specification's `test_dequantize`, unchanged in what it times (asserts skipped for the floor)."""
-    import torch
-    import torch.nn as nn
-    from bitsandbytes.nn import Linear4bit
-    from transformers import set_seed
-    from transformers.activations import ACT2FN
-
-    class MLP(nn.Module):
-        def __init__(self, hd, m, dtype):
-            super().__init__()
-            mk = lambda i, o: Linear4bit(  # noqa: E731
-                i,
-                o,
-                bias=None,
-                compute_dtype=dtype,
-                compress_statistics=True,
-                quant_type="nf4",
-            )
-            self.gate_proj, self.up_proj, self.down_proj = mk(hd, m), mk(hd, m), mk(m, hd)
-            self.act_fn = ACT2FN["silu"]
-
-        def forward(self, x):
-            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
-
-    def mlp_forward(X, mlp, fx):
-        up = X @ fx(mlp.up_proj).t()
-        gate = X @ fx(mlp.gate_proj).t()
-        return (mlp.act_fn(gate) * up) @ fx(mlp.down_proj).t()
-
-    def mlp_dequantize(mlp, fx):
-        a = fx(mlp.up_proj).t()
-        torch.cuda.synchronize()  # noqa: E702
-        b = fx(mlp.gate_proj).t()
-        torch.cuda.synchronize()  # noqa: E702
-        c = fx(mlp.down_proj).t()
-        torch.cuda.synchronize()  # noqa: E702
-        return a, b, c
-
-    def assert_same(x, y, dtype):
-        assert x.dtype == dtype
-        torch.testing.assert_close(x, y, check_stride=True)
-
-    elapsed = 0.0
-    default_dtype = torch.get_default_dtype()
-    try:
-        for bsz, qlen, hd, m, seed, dt_name in HARNESS_CONFIGS:
-            dt = getattr(torch, dt_name)
-            set_seed(seed)
-            torch.set_default_dtype(dt)
-            mlp = MLP(hd, m, dt).to("cuda")
-            X = torch.randn((bsz, qlen, hd), device="cuda")
-            torch.cuda.synchronize()
-            for _ in range(2):  # warm-up with the specification's correctness checks
-                if check:
-                    assert_same(mlp_forward(X, mlp, dequantize_fx), mlp(X), dt)
-                    a, b, c = mlp_dequantize(mlp, dequantize_fx)
-                    A, B, C = mlp_dequantize(mlp, unsloth_fx)
-                    for x, y in ((a, A), (b, B), (c, C)):
-                        assert_same(x, y, dt)
-                else:
-                    mlp_dequantize(mlp, dequantize_fx)
-            torch.cuda.synchronize()
-            start = time.time()
-            for _ in range(iters):
-                mlp_dequantize(mlp, dequantize_fx)
-            elapsed += time.time() - start
-            del mlp, X
-            torch.cuda.empty_cache()
-    finally:
-        torch.set_default_dtype(default_dtype)
-    return elapsed
 
 
 def _nf4_layer(out_f: int, in_f: int, dtype):
@@ -373,7 +295,6 @@ def run(args: argparse.Namespace) -> int:
         "bnb_dequantize_4bit": lambda layer: bnbF.dequantize_4bit(layer.weight.data, layer.weight.quant_state),
         "peft_dequantize_module_weight": dequantize_module_weight,
     }
-    unsloth_ref = fns["unsloth_fast_dequantize"]  # the specification's `unsloth_dequantize(layer)`
     results: dict[str, Any] = {"unsloth_source": unsloth_source}
     copy_tbs = _copy_bandwidth()
     results["copy_bandwidth_TBps"] = round(copy_tbs, 3)
@@ -411,24 +332,48 @@ def run(args: argparse.Namespace) -> int:
     print("host time per call, 4096x1024 (us): " + "  ".join(f"{k}={v}" for k, v in host.items()))
 
     if not args.skip_harness:
-        floor = lambda layer: torch.empty(  # noqa: E731
-            layer.weight.quant_state.shape,
-            dtype=layer.weight.quant_state.dtype,
-            device="cuda",
-        )
-        harness: dict[str, list[float]] = {k: [] for k in (*fns, "torch_empty_floor")}
-        for rep in range(args.repeats):
-            for name, fx in fns.items():
-                harness[name].append(round(_harness(fx, unsloth_ref, args.iters, check=True), 4))
-            harness["torch_empty_floor"].append(round(_harness(floor, unsloth_ref, args.iters, check=False), 4))
-            print(f"harness repeat {rep}: " + "  ".join(f"{k}={v[-1]:.3f}s" for k, v in harness.items()))
-        results["harness_seconds"] = harness
-        med = {k: sorted(v)[len(v) // 2] for k, v in harness.items()}
-        results["harness_median_seconds"] = med
-        results["speedup_vs_unsloth"] = round(med["unsloth_fast_dequantize"] / med["quickloris"], 3)
-        results["speedup_vs_bnb"] = round(med["bnb_dequantize_4bit"] / med["quickloris"], 3)
-        results["speedup_vs_peft"] = round(med["peft_dequantize_module_weight"] / med["quickloris"], 3)
-        print(f"harness median: {med}; speedup vs unsloth {results['speedup_vs_unsloth']}x")
-
+        results["harness"] = _harness_rounds(args, copy_tbs)
     after_record(record("dequant", "dequant", results, args.out))
     return 0
+
+
+def _harness_rounds(args: argparse.Namespace, copy_tbs: float) -> dict[str, Any]:
+    """The specification's harness, each implementation in its own process (`benchmarks.dequant.harness`),
+    `--rounds` rounds in turn (drift on a shared machine hits every implementation alike), `--repeats` runs per
+    process; medians over all runs, quickloris as a fraction of the harness floor."""
+    from benchmarks.dequant.harness import FUNCTIONS, harness_bytes, run_in_process
+
+    runs: dict[str, dict[str, Any]] = {name: {"seconds": []} for name in FUNCTIONS}
+    for rnd in range(args.rounds):
+        for name in FUNCTIONS:
+            got = run_in_process(name, args.iters, args.repeats)
+            if "error" in got:
+                runs[name].setdefault("errors", []).append(got["error"])
+            runs[name]["seconds"] += got.get("seconds", [])
+            if "version" in got:
+                runs[name]["version"] = got["version"]
+            print(f"harness round {rnd} {name}: {got}", flush=True)
+    med = {k: statistics.median(v["seconds"]) for k, v in runs.items() if v["seconds"]}
+    out: dict[str, Any] = {"runs": runs, "median_seconds": med, "iters": args.iters}
+    bytes_s = harness_bytes(args.iters) / (copy_tbs * 1e12)
+    if "torch_empty_floor" in med:
+        out["floor_seconds"] = floor = med["torch_empty_floor"] + bytes_s
+        out["floor_parts"] = {"python_and_sync_s": med["torch_empty_floor"], "bytes_at_copy_bandwidth_s": bytes_s}
+        if "quickloris" in med:
+            out["quickloris_fraction_of_floor"] = {
+                "median": floor / med["quickloris"],
+                "best": floor / min(runs["quickloris"]["seconds"]),
+                "worst": floor / max(runs["quickloris"]["seconds"]),
+            }
+    for name, key in (
+        ("unsloth_fast_dequantize", "speedup_vs_unsloth"),
+        ("bnb_dequantize_4bit", "speedup_vs_bnb"),
+        ("peft_dequantize_module_weight", "speedup_vs_peft"),
+    ):
+        if name in med and "quickloris" in med:
+            out[key] = med[name] / med["quickloris"]
+    print(
+        f"harness medians (s): {med}; "
+        + ", ".join(f"{k} {v}" for k, v in out.items() if k.startswith(("speedup", "quickloris_")))
+    )
+    return out

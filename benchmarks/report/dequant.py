@@ -16,6 +16,17 @@ _FNS = (
 
 
 def what(kind: str, r: dict[str, Any]) -> str:
+    h = r.get("harness")
+    if isinstance(h, dict):  # one process per implementation (from 2026-12-06)
+        med = h.get("median_seconds") or {}
+        text = "bench dequant" + (
+            f": harness median quickloris {num(med['quickloris'])} s" if "quickloris" in med else ""
+        )
+        if "speedup_vs_unsloth" in h:
+            text += f", {ratio(h['speedup_vs_unsloth'])} vs Unsloth's real fast_dequantize"
+        if "quickloris_fraction_of_floor" in h:
+            text += f", {percent(h['quickloris_fraction_of_floor']['median'])} of the harness floor"
+        return text
     med = r.get("harness_median_seconds") or {}
     text = "bench dequant" + (f": harness median quickloris {num(med['quickloris'])} s" if "quickloris" in med else "")
     if "speedup_vs_unsloth" in r:
@@ -24,6 +35,22 @@ def what(kind: str, r: dict[str, Any]) -> str:
 
 
 def protocol(kind: str, r: dict[str, Any]) -> str:
+    h = r.get("harness")
+    if isinstance(h, dict):
+        runs = h.get("runs") or {}
+        n = max((len(v.get("seconds", [])) for v in runs.values()), default=0)
+        return (
+            "`quickloris bench dequant`. Harness: the challenge's `test_dequantize` (three MLP configs of "
+            "bitsandbytes `Linear4bit` NF4 double-quant weights, each matrix dequantized with a synchronize after "
+            f"it, {h.get('iters')} iterations, correctness checks against bitsandbytes' `dequantize_4bit` in the "
+            "warm-up), wall-clock seconds, each implementation in a process of its own (Unsloth's real "
+            f"`unsloth.kernels.utils.fast_dequantize`), rounds in turn, {n} runs each, median reported; "
+            "`torch_empty_floor` times the harness with `torch.empty` in place of a dequantization; floor = that "
+            "+ the bytes every dequantization must move at the measured copy bandwidth. Per matrix (in the main "
+            "process): CUDA-event median of `triton.testing.do_bench` rotating over 4 weights; GB/s over the bytes "
+            "that must move and the fraction of the copy bandwidth. Unsloth per matrix: "
+            f"{r.get('unsloth_source', 'not recorded')}."
+        )
     reps = len(next(iter((r.get("harness_seconds") or {"": []}).values())))
     return (
         "`quickloris bench dequant`, one process. Harness: the challenge's `test_dequantize` (three MLP configs "
@@ -40,6 +67,11 @@ def protocol(kind: str, r: dict[str, Any]) -> str:
 def headline(kind: str, r: dict[str, Any]) -> list[str]:
     out: list[str] = []
     med, reps = r.get("harness_median_seconds"), r.get("harness_seconds") or {}
+    h = r.get("harness")
+    if isinstance(h, dict):
+        med = h.get("median_seconds")
+        reps = {k: v.get("seconds", []) for k, v in (h.get("runs") or {}).items()}
+        errors = {k: v["errors"][0] for k, v in (h.get("runs") or {}).items() if v.get("errors")}
     if med:
         base = med.get("quickloris")
         out += ["Challenge harness (seconds, all configs):", ""]
@@ -50,6 +82,18 @@ def headline(kind: str, r: dict[str, Any]) -> list[str]:
                 for k, v in med.items()
             ],
         )
+        if isinstance(h, dict):
+            f = h.get("quickloris_fraction_of_floor")
+            if f:
+                parts = h["floor_parts"]
+                out += [
+                    f"Harness floor {num(h['floor_seconds'])} s (Python + synchronisation "
+                    f"{num(parts['python_and_sync_s'])} s + bytes at copy bandwidth "
+                    f"{num(parts['bytes_at_copy_bandwidth_s'])} s): quickloris at {percent(f['median'])} of it "
+                    f"(median; best {percent(f['best'])}, worst {percent(f['worst'])}).",
+                    "",
+                ]
+            out += [f"{k}: failed: `{v}`" for k, v in errors.items()] + ([""] if errors else [])
     rows = r.get("per_matrix") or []
     if rows:
         fns = [f for f in _FNS if any(f in row for row in rows)]

@@ -63,11 +63,27 @@ _FAMILIES = (
 )
 
 
+STACK_COLUMNS = [
+    "stack",
+    "tokens/s",
+    "x hf_eager",
+    "x hf_compiled",
+    "x unsloth",
+    "peak GiB",
+    "of hf_eager's",
+    "of hf_compiled's",
+    "of unsloth's",
+    "max rel loss diff vs hf_eager",
+    "first step s",
+    "compile",
+]
+
+
 def _stack_rows(runs: dict[str, Any]) -> list[list[Any]]:
     rows = []
     for stack, s in runs.items():
         if "error" in s:  # a stack that failed (out of memory, say): its error in place of the numbers
-            rows.append([stack, cell_text(f"failed: {s['error']}")] + [None] * 8)
+            rows.append([stack, cell_text(f"failed: {s['error']}")] + [None] * (len(STACK_COLUMNS) - 2))
             continue
         comp = s.get("compile") or {}
         rows.append(
@@ -76,9 +92,11 @@ def _stack_rows(runs: dict[str, Any]) -> list[list[Any]]:
                 s.get("tokens_per_s"),
                 ratio(s.get("speedup_vs_hf_eager")),
                 ratio(s.get("speedup_vs_hf_compiled")),
+                ratio(s.get("speedup_vs_unsloth")),
                 s.get("peak_gib"),
                 percent(s.get("memory_vs_hf_eager")),
                 percent(s.get("memory_vs_hf_compiled")),
+                percent(s.get("memory_vs_unsloth")),
                 s.get("max_rel_loss_diff_vs_hf_eager"),
                 s.get("first_step_s"),
                 f"{comp.get('unique_graphs')} graphs, {comp.get('graph_breaks')} breaks" if comp else "-",
@@ -101,18 +119,7 @@ def headline(kind: str, r: dict[str, Any]) -> list[str]:
         for shape, runs in res.items():
             out += [f"{_SHAPES[part]}, batch x tokens {shape}:", ""]
             out += table(
-                [
-                    "stack",
-                    "tokens/s",
-                    "x hf_eager",
-                    "x hf_compiled",
-                    "peak GiB",
-                    "of hf_eager's",
-                    "of hf_compiled's",
-                    "max rel loss diff vs hf_eager",
-                    "first step s",
-                    "compile",
-                ],
+                STACK_COLUMNS,
                 _stack_rows(runs),
             )
     out += _families(r.get("families"))
@@ -151,6 +158,7 @@ def headline(kind: str, r: dict[str, Any]) -> list[str]:
                 "first out of memory",
                 "cap reached",
                 "peak GiB at longest",
+                "step s at longest",
                 "trials (tokens: fits)",
             ],
             [
@@ -160,9 +168,11 @@ def headline(kind: str, r: dict[str, Any]) -> list[str]:
                     x["first_oom"],
                     x["capped"],
                     next((t["peak_gib"] for t in x["trials"] if t["seq"] == x["longest"] and t["fits"]), None),
+                    next((t.get("step_s") for t in x["trials"] if t["seq"] == x["longest"] and t["fits"]), None),
                     ", ".join(f"{t['seq']}: {'ok' if t['fits'] else 'OOM'}" for t in x["trials"]),
                 ]
                 for stack, x in m.items()
+                if "longest" in x
             ],
         )
     return out
@@ -187,18 +197,7 @@ def _families(fam: Any) -> list[str]:
             continue
         out += [head + ":", ""]
         out += table(
-            [
-                "stack",
-                "tokens/s",
-                "x hf_eager",
-                "x hf_compiled",
-                "peak GiB",
-                "of hf_eager's",
-                "of hf_compiled's",
-                "max rel loss diff vs hf_eager",
-                "first step s",
-                "compile",
-            ],
+            STACK_COLUMNS,
             _stack_rows(f.get("runs") or {}),
         )
     return out

@@ -50,6 +50,7 @@ from benchmarks.train.families import (
     part_families,
     summary_lines,
 )
+from benchmarks.train.unsloth_stack import run_unsloth
 
 PARTS = ("1b", "counts", "8b", "maxlen", "families")
 DEFAULT_PARTS = "1b,counts,8b"
@@ -87,6 +88,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--maxlen-start", type=int, default=8192, help="maxlen: first length tried")
     parser.add_argument("--maxlen-cap", type=int, default=131072, help="maxlen: longest length tried")
     parser.add_argument("--maxlen-resolution", type=int, default=4096, help="maxlen: bisection stops at this gap")
+    parser.add_argument(
+        "--maxlen-stacks",
+        type=_csv,
+        default=["ql_compiled", "unsloth", "hf_eager", "hf_compiled", "ql_eager"],
+        help="maxlen: the stacks probed",
+    )
     parser.add_argument(
         "--attention",
         choices=["sdpa", "sdpa_cudnn", "flex"],
@@ -225,7 +232,7 @@ def _compare(runs: dict[str, dict], ref: str = "hf_eager") -> None:
     base_loss = runs[ref]["losses"]
     for run in runs.values():
         run["max_rel_loss_diff_vs_" + ref] = max(abs(a - b) / abs(b) for a, b in zip(run["losses"], base_loss))
-        for other in ("hf_eager", "hf_compiled"):
+        for other in ("hf_eager", "hf_compiled", "unsloth"):
             o = runs.get(other)
             if o and o is not run:
                 run[f"speedup_vs_{other}"] = run["tokens_per_s"] / o["tokens_per_s"]
@@ -254,6 +261,9 @@ def _stack_runs(
     for stack, seqs, batch in sorted(plan, key=lambda p: not p[0].startswith("ql")):  # ql first: it sets the init
         t0 = time.perf_counter()
         model = None
+        if stack == "unsloth":
+            _unsloth_runs(base, env, args, seqs, batch, out)
+            continue
         try:
             model = _build(tm, stack, base, env, args, lora_init, skip_last, in_graph, attention)
             if lora_init is None and stack.startswith("ql"):
@@ -291,6 +301,21 @@ def _stack_runs(
     for runs in out.values():
         _compare(runs)
     return out
+
+
+def _unsloth_runs(base, env, args, seqs: list[int], batch: int, out: dict[str, Any]) -> None:
+    """The ``unsloth`` stack (`benchmarks.train.unsloth_stack`: its own process) at `seqs` into `out`."""
+    if env["device"] != "cuda":
+        res: dict[str, Any] = {"error": "Unsloth runs on CUDA only"}
+    else:
+        res = run_unsloth(base, env, args, plan=[(seqs, batch)])
+    for seq in seqs:
+        run = res.get(f"{batch}x{seq}", {"error": res.get("error", "no result")})
+        if "error" not in run:
+            run["versions"] = res.get("versions")
+        out.setdefault(f"{batch}x{seq}", {})["unsloth"] = run
+        if "error" in run:
+            print(f"  {'unsloth':12s} {batch}x{seq} failed: {run['error']}", flush=True)
 
 
 def part_counts(tm, base, env, args, vocab: int) -> dict[str, Any]:
@@ -353,8 +378,8 @@ def _maxlen_of(tm, model, stack: str, env, args, vocab: int) -> dict[str, Any]:
     trials: list[dict[str, Any]] = []
 
     def fits(seq: int) -> bool:
-        ok, peak, note = tm.one_step(model, opt, seq, vocab, device=env["device"])
-        trials.append({"seq": seq, "fits": ok, "peak_gib": peak, "note": note})
+        ok, peak, note, step_s = tm.one_step(model, opt, seq, vocab, device=env["device"])
+        trials.append({"seq": seq, "fits": ok, "peak_gib": peak, "step_s": step_s, "note": note})
         print(
             f"  {stack:12s} 1x{seq}: {'ok' if ok else 'OOM'} {note}" + (f", peak {peak:.1f} GiB" if peak else ""),
             flush=True,
@@ -367,7 +392,11 @@ def _maxlen_of(tm, model, stack: str, env, args, vocab: int) -> dict[str, Any]:
 
 def part_maxlen(tm, base, env, args, vocab: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for stack in ("hf_eager", "ql_compiled"):
+    for stack in args.maxlen_stacks:
+        if stack == "unsloth":
+            res = run_unsloth(base, env, args, maxlen=env["maxlen"])
+            out[stack] = res.get("maxlen", res) | {"cap": env["maxlen"][1], "versions": res.get("versions")}
+            continue
         model = _build(tm, stack, base, env, args, None)
         out[stack] = _maxlen_of(tm, model, stack, env, args, vocab)
         del model
@@ -390,10 +419,12 @@ def run(args: argparse.Namespace) -> int:
         ("--stacks", args.stacks),
         ("--stacks-8b", args.stacks_8b),
         ("--family-stacks", args.family_stacks),
+        ("--maxlen-stacks", args.maxlen_stacks),
     ):
-        bad_stacks = set(stacks) - set(tm.STACKS)
+        known = (*tm.STACKS, "unsloth") if option != "--family-stacks" else tm.STACKS
+        bad_stacks = set(stacks) - set(known)
         if bad_stacks or not stacks:
-            raise ValueError(f"{option}: unknown {sorted(bad_stacks)}; choose from {','.join(tm.STACKS)}")
+            raise ValueError(f"{option}: unknown {sorted(bad_stacks)}; choose from {','.join(known)}")
     if "families" in parts:
         parse_shapes(args.family_shapes)  # a typo is reported before anything is built
         if args.family_steps < 3:
@@ -505,8 +536,8 @@ def _headline(part: str, res: Any) -> Any:
 def _table(label: str, res: dict[str, dict[str, Any]]) -> list[str]:
     """Rows of the summary table for {batch x seq: {stack: run}}."""
     lines = [
-        f"{label:<14} {'stack':<12} {'tok/s':>9} {'x hf_eager':>10} {'x hf_comp':>9} {'peak GiB':>9} "
-        f"{'/hf_eager':>9} {'/hf_comp':>8} {'loss diff':>9}  compile"
+        f"{label:<14} {'stack':<12} {'tok/s':>9} {'x hf_eager':>10} {'x hf_comp':>9} {'x unsloth':>9} {'peak GiB':>9} "
+        f"{'/hf_eager':>9} {'/hf_comp':>8} {'/unsloth':>8} {'loss diff':>9}  compile"
     ]
     for bs, runs in res.items():
         for name, r in runs.items():
@@ -517,8 +548,10 @@ def _table(label: str, res: dict[str, dict[str, Any]]) -> list[str]:
             comp = r.get("compile")
             lines.append(
                 f"  {bs:<12} {name:<12} {r['tokens_per_s']:>9,.0f} {f('speedup_vs_hf_eager', '.2f'):>10} "
-                f"{f('speedup_vs_hf_compiled', '.2f'):>9} {f('peak_gib', '.2f'):>9} "
+                f"{f('speedup_vs_hf_compiled', '.2f'):>9} "
+                f"{f('speedup_vs_unsloth', '.2f'):>9} {f('peak_gib', '.2f'):>9} "
                 f"{f('memory_vs_hf_eager', '.0%'):>9} {f('memory_vs_hf_compiled', '.0%'):>8} "
+                f"{f('memory_vs_unsloth', '.0%'):>8} "
                 f"{f('max_rel_loss_diff_vs_hf_eager', '.1e'):>9}  "
                 + (f"{comp['unique_graphs']} graphs, {comp['graph_breaks']} breaks" if comp else "")
             )
@@ -546,8 +579,15 @@ def summary(results: dict[str, Any]) -> str:
     m = results.get("maxlen")
     if isinstance(m, dict) and "error" not in m:
         for stack, r in m.items():
+            if "longest" not in r:
+                lines.append(f"longest 8B context, {stack}: failed: {r.get('error')}")
+                continue
+            ok = [t for t in r["trials"] if t["fits"]]
+            at = max(ok, key=lambda t: t["seq"]) if ok else None
             lines.append(
                 f"longest 8B context, {stack}: {r['longest']:,} tokens"
-                + (" (cap reached)" if r["capped"] else f" (out of memory at {r['first_oom']:,})")
+                + (" (cap reached)" if r["first_oom"] is None else f" (out of memory at {r['first_oom']:,})")
+                + (f", {at['peak_gib']:.1f} GiB" if at and at.get("peak_gib") else "")
+                + (f", {at['step_s']:.1f} s a step there" if at and at.get("step_s") else "")
             )
     return "\n".join(lines)

@@ -303,23 +303,28 @@ def train_run(
     return out
 
 
-def one_step(model: nn.Module, opt, seq: int, vocab: int, *, device: str) -> tuple[bool, float | None, str]:
-    """One optimizer step at batch 1 x `seq`: (fits, peak GiB, note). Out-of-memory is caught and cleaned up."""
+def one_step(
+    model: nn.Module, opt, seq: int, vocab: int, *, device: str
+) -> tuple[bool, float | None, str, float | None]:
+    """One optimizer step at batch 1 x `seq`: (fits, peak GiB, note, seconds). Out-of-memory is caught and cleaned
+    up."""
     release(device)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    fits, note = False, "out of memory"
+    fits, note, step_s = False, "out of memory", None
     try:
         ids = torch.randint(0, vocab, (1, seq), device=device)
         t0 = time.perf_counter()
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
-        fits, note = True, f"loss {loss.item():.3f}, {time.perf_counter() - t0:.1f} s"
+        loss_value = loss.item()  # synchronizes
+        step_s = time.perf_counter() - t0
+        fits, note = True, f"loss {loss_value:.3f}, {step_s:.1f} s"
     except torch.cuda.OutOfMemoryError:
         pass
     ids = loss = None  # noqa: F841 - drop the graph before measuring and freeing
     opt.zero_grad(set_to_none=True)
     peak = torch.cuda.max_memory_allocated() / 2**30 if fits and device.startswith("cuda") else None
     release(device)
-    return fits, peak, note
+    return fits, peak, note, step_s

@@ -2,6 +2,9 @@
 # Prepares `.device/`, the one folder every device run carries (see docs/device.md):
 #   .device/wheels/   what the device image lacks, as wheels for its Python 3.12:
 #                     bitsandbytes trimmed to its CUDA 13.0 library, trl, datasets (+dill, multiprocess), gguf
+#   .device/unsloth-wheels/  Unsloth and what it pins (trl <= 1.15, datasets < 5), installed on the device into a
+#                     folder of its own (run.sh: $QUICKLORIS_UNSLOTH_SITE) for the `unsloth` stack of bench train;
+#                     its wheel trimmed of `studio/` (a web UI, 26 of its 29 MiB, that training never imports)
 #   .device/commit.txt the commit being measured (the device copy has no .git)
 #   .device/notebook-wheels/  only with QUICKLORIS_DEVICE_NOTEBOOK=1: Jupyter's kernel and executor (run.sh notebook)
 # Stays far under the 64 MiB carry limit (about 8 MiB).
@@ -39,6 +42,34 @@ for whl in sorted(src.glob("*.whl")):
 print("\n".join(f"{p.name}: {p.stat().st_size / 2**20:.1f} MiB" for p in sorted(dst.glob("*.whl"))))
 PYEOF
 rm -rf "$D/download"
+
+# Unsloth, the peer `quickloris bench train` compares with (benchmarks/train/unsloth_stack.py), with the versions
+# of trl and datasets it accepts; bitsandbytes, dill and multiprocess come from wheels/ above.
+mkdir -p "$D/unsloth-download" "$D/unsloth-wheels"
+"$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform any \
+  -d "$D/unsloth-download" unsloth==2026.10.9 unsloth_zoo==2026.10.9 trl==1.15.0 datasets==4.8.5 cut_cross_entropy==25.1.1
+"$PY" - "$D/unsloth-download" "$D/unsloth-wheels" <<'PYEOF'
+import pathlib, shutil, sys, zipfile
+src, dst = map(pathlib.Path, sys.argv[1:])
+for whl in sorted(src.glob("*.whl")):
+    out = dst / whl.name
+    if not whl.name.startswith("unsloth-"):
+        shutil.copy(whl, out)
+        continue
+    keep = lambda n: not n.startswith("studio/")
+    with zipfile.ZipFile(whl) as zin, zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zout:
+        for info in zin.infolist():
+            if not keep(info.filename):
+                continue
+            data = zin.read(info.filename)
+            if info.filename.endswith(".dist-info/RECORD"):
+                data = ("\n".join(l for l in data.decode().splitlines() if keep(l.split(",")[0])) + "\n").encode()
+            elif info.filename.endswith(".dist-info/top_level.txt"):
+                data = ("\n".join(l for l in data.decode().splitlines() if l != "studio") + "\n").encode()
+            zout.writestr(info, data)
+print("\n".join(f"{p.name}: {p.stat().st_size / 2**20:.1f} MiB" for p in sorted(dst.glob("*.whl"))))
+PYEOF
+rm -rf "$D/unsloth-download"
 
 # Optional (QUICKLORIS_DEVICE_NOTEBOOK=1): what executing a notebook there needs (nbclient, nbformat, ipykernel and
 # their dependencies, ~15 MiB), for run.sh's `notebook` step; the image's own packages are not carried again.

@@ -18,6 +18,14 @@ cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/quickloris-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps .device/wheels/*.whl 2>&1 | grep -v "^WARNING" || true
+# Unsloth (bench train's `unsloth` stack) goes into a folder of its own: it pins trl and datasets versions that
+# the other stacks must not see; benchmarks/train/unsloth_stack.py puts the folder on its child's PYTHONPATH.
+if ls .device/unsloth-wheels/*.whl >/dev/null 2>&1; then
+  export QUICKLORIS_UNSLOTH_SITE=/tmp/quickloris-unsloth-site
+  [ -d "$QUICKLORIS_UNSLOTH_SITE" ] || python3 -m pip install -q --no-index --no-deps --target "$QUICKLORIS_UNSLOTH_SITE" \
+    .device/unsloth-wheels/*.whl .device/wheels/bitsandbytes-*.whl .device/wheels/dill-*.whl \
+    .device/wheels/multiprocess-*.whl 2>&1 | grep -v "^WARNING" || true
+fi
 # src/: the library; the repository root: the `benchmarks` package (part of the source tree, not of the wheel)
 export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export QUICKLORIS_COMMIT="$(cat .device/commit.txt 2>/dev/null || echo unknown)"

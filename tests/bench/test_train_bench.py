@@ -74,6 +74,9 @@ def test_tiny_run_of_8b_and_maxlen_parts(tmp_path):
     res = json.loads(next((tmp_path / "train").glob("train-*.json")).read_text())["results"]
     assert set(res["8b"]) == {"1x48", "1x96"} and set(res["8b"]["1x96"]) == {"ql_compiled", "hf_eager"}
     assert res["maxlen"]["ql_compiled"]["longest"] >= 32
+    # every stack is probed; Unsloth (its own process, CUDA only) records why it did not run
+    assert set(res["maxlen"]) == {"ql_compiled", "ql_eager", "hf_eager", "hf_compiled", "unsloth"}
+    assert "QUICKLORIS_UNSLOTH_SITE" in res["maxlen"]["unsloth"]["error"]
 
 
 def test_without_cuda_and_bad_options(capsys):
@@ -84,7 +87,7 @@ def test_without_cuda_and_bad_options(capsys):
     with pytest.raises(ValueError, match="--parts"):
         bench.run(_args("--parts", "2b"))
     with pytest.raises(ValueError, match="--stacks"):
-        bench.run(_args("--stacks", "hf_eager,unsloth"))
+        bench.run(_args("--stacks", "hf_eager,unslot"))
     with pytest.raises(ValueError, match="--stacks"):
         bench.run(_args("--stacks-8b", "ql"))
 
@@ -111,3 +114,22 @@ def test_options_from_the_environment(monkeypatch):
     monkeypatch.setenv("QUICKLORIS_BENCH_TRAIN_ARGS", "--partz 1b")
     with pytest.raises(ValueError, match="unknown options"):
         _args()
+
+
+def test_unsloth_checkpoint_is_the_shared_base(tmp_path, seed):
+    """The checkpoint Unsloth's process loads holds the shared base: transformers reads back exactly the
+    dequantized NF4 weights and the dense tensors (bf16 both ways: nothing to round)."""
+    import transformers
+
+    from benchmarks.train import models as tm
+    from benchmarks.train.unsloth_stack import save_checkpoint
+
+    base = tm.build_base(tm.TINY, device="cpu", seed=seed)
+    save_checkpoint(base, tmp_path / "ckpt")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.bfloat16)
+    state = model.state_dict()
+    for name, w in base.nf4.items():
+        assert torch.equal(state[name + ".weight"], w.dequantize(torch.bfloat16)), name
+    for name, t in base.dense.items():
+        assert torch.equal(state[name], t), name
+    assert type(model).__name__ == base.architecture
