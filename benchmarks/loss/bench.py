@@ -3,7 +3,8 @@
 Parts (`--parts`, default all):
 * memory: peak memory over inputs (max_memory_allocated after a reset, minus what was allocated before) and
   fwd+bwd time (CUDA events, warm-up, median) of the naive path `F.cross_entropy((X @ W.T).float(), y)` vs
-  `chunked_linear_loss` (recompute and grad_in_forward schedules), bf16, H 4096, V 128256, `--tokens`, with W
+  `chunked_linear_loss` (schedules: recompute and grad_in_forward over row chunks; with W trainable also
+  vocab_blocked, `quickloris.ops.vocab_blocked_ce`, the default there), bf16, H 4096, V 128256, `--tokens`, with W
   trainable and frozen (QLoRA's lm_head); plus a memory-budget sweep at `--sweep-tokens`.
 * spec: the specification's `test_comparison` (batch 4, seq 512, hidden 1024, vocab 32000, fp32), its
   NaiveLinear vs `MemoryEfficientLinear.apply(X, linear, labels, transformation_function[, chunk_size])`.
@@ -136,7 +137,14 @@ def part_memory(args: argparse.Namespace, device: str = "cuda") -> dict[str, Any
             if method == "naive":
                 loss = F.cross_entropy((X @ W.T).float(), y)
             else:
-                loss = chunked_linear_loss(X, W, y, memory_budget=budget, grad_in_forward=method == "grad_in_forward")
+                loss = chunked_linear_loss(
+                    X,
+                    W,
+                    y,
+                    memory_budget=budget,
+                    grad_in_forward=method == "grad_in_forward",
+                    vocab_blocked=method == "vocab_blocked",
+                )
             loss.backward()
             return loss
 
@@ -154,13 +162,13 @@ def part_memory(args: argparse.Namespace, device: str = "cuda") -> dict[str, Any
     rows = []
     for N in args.tokens:
         for w_grad in (True, False):
-            for method in ("naive", "recompute", "grad_in_forward"):
+            for method in ("naive", "recompute", "grad_in_forward") + (("vocab_blocked",) if w_grad else ()):
                 rows.append(case(N, w_grad, method))
                 print(_fmt_memory_row(rows[-1], rows), flush=True)
     sweep = []
     for mib in args.budgets_mib:
         for w_grad in (True, False):
-            for method in ("recompute", "grad_in_forward"):
+            for method in ("recompute", "grad_in_forward") + (("vocab_blocked",) if w_grad else ()):
                 sweep.append(case(args.sweep_tokens, w_grad, method, mib << 20))
                 print("sweep " + _fmt_memory_row(sweep[-1], rows), flush=True)
     return {"hidden": H, "vocab": V, "dtype": "bfloat16", "rows": rows, "budget_sweep": sweep}
@@ -358,18 +366,20 @@ def summary(results: dict[str, Any]) -> str:
             f"memory (H {mem['hidden']}, V {mem['vocab']}, bf16): peak GB over inputs (% less than naive), "
             "fwd+bwd ms (x naive)"
         )
-        lines.append(f"{'tokens':>6} {'W':<9} {'naive':>16} {'recompute':>26} {'grad_in_forward':>26}")
+        lines.append(
+            f"{'tokens':>6} {'W':<9} {'naive':>16} {'recompute':>26} {'grad_in_forward':>26} {'vocab_blocked':>26}"
+        )
         for N in sorted({r["tokens"] for r in mem["rows"]}):
             for w_grad in (True, False):
                 cells = [
                     _cell(r, mem["rows"])
-                    for method in ("naive", "recompute", "grad_in_forward")
+                    for method in ("naive", "recompute", "grad_in_forward", "vocab_blocked")
                     for r in mem["rows"]
                     if (r["tokens"], r["w_grad"], r["method"]) == (N, w_grad, method)
                 ]
                 lines.append(
                     f"{N:>6} {'trainable' if w_grad else 'frozen':<9} "
-                    + " ".join(f"{c:>{w}}" for c, w in zip(cells, (16, 26, 26)))
+                    + " ".join(f"{c:>{w}}" for c, w in zip(cells, (16, 26, 26, 26)))
                 )
         for r in mem.get("budget_sweep", []):
             lines.append(

@@ -44,6 +44,7 @@ def headline(kind: str, r: dict[str, Any]) -> list[str]:
     mem = r.get("memory")
     if isinstance(mem, dict) and "rows" in mem:
         rows = mem["rows"]
+        methods = [m for m in (*_METHODS, "vocab_blocked") if any(x["method"] == m for x in rows)]
         out += ["Peak GB over the inputs (less than naive), forward + backward ms (x naive):", ""]
         body = []
         for n in sorted({x["tokens"] for x in rows}):
@@ -54,10 +55,10 @@ def headline(kind: str, r: dict[str, Any]) -> list[str]:
                         [
                             n,
                             "trainable" if w_grad else "frozen",
-                            *(_mem_cell(by[m], by.get("naive")) if m in by else "-" for m in _METHODS),
+                            *(_mem_cell(by[m], by.get("naive")) if m in by else "-" for m in methods),
                         ]
                     )
-        out += table(["tokens", "W", *_METHODS], body)
+        out += table(["tokens", "W", *methods], body)
         sweep = mem.get("budget_sweep") or []
         if sweep:
             out += ["Chunk memory budget sweep:", ""]

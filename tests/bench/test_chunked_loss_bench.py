@@ -93,7 +93,9 @@ def test_chunked_bench_memory_and_spec_parts_on_cpu(seed):
         ]
     )
     mem = bench.part_memory(args, device="cpu")
-    assert len(mem["rows"]) == 2 * 3 and len(mem["budget_sweep"]) == 4
+    # naive, recompute, grad_in_forward for both heads; vocab_blocked for the trainable one
+    assert len(mem["rows"]) == 3 + 4 and len(mem["budget_sweep"]) == 5
+    assert {r["method"] for r in mem["rows"] if not r["w_grad"]} == {"naive", "recompute", "grad_in_forward"}
     losses = {(r["tokens"], r["w_grad"]): set() for r in mem["rows"]}
     for r in mem["rows"]:
         losses[(r["tokens"], r["w_grad"])].add(round(r["loss"], 3))
@@ -105,4 +107,9 @@ def test_chunked_bench_memory_and_spec_parts_on_cpu(seed):
         # the specification's NaiveLinear doubles dX (it returns X.grad after accumulating it into the leaf)
         assert abs(row["spec_naive_dX_over_autograd_dX"] - 2.0) < 1e-4 and not row["grad_X_close"]
     table = bench.summary({"memory": mem, "spec": spec})
-    assert "grad_in_forward" in table and "budget" in table and "spec test_comparison" in table
+    assert (
+        "grad_in_forward" in table
+        and "vocab_blocked" in table
+        and "budget" in table
+        and "spec test_comparison" in table
+    )

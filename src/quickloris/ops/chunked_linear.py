@@ -153,6 +153,7 @@ def chunked_linear_loss(
     chunk_size: int | None = None,
     memory_budget: int | None = None,
     grad_in_forward: bool = False,
+    vocab_blocked: bool | None = None,
     check_labels: bool = True,
     **options: Any,
 ) -> torch.Tensor:
@@ -169,6 +170,11 @@ def chunked_linear_loss(
     number of labels != ignore_index here (rows, if labels is None); "none" = per-row values, x's leading shape.
     The result is fp32. chunk_size / memory_budget: see `choose_chunk_size`; results do not depend on them beyond
     fp32 rounding. check_labels: raise on labels outside [0, V) (one host sync; skipped under torch.compile).
+
+    vocab_blocked: plain cross-entropy (no option but `ignore_index`, reduction "sum" / "mean") with a weight that
+    requires grad goes through `quickloris.ops.vocab_blocked_ce` (backward over blocks of the vocabulary: dW in
+    one matmul per block, no fp32 [V, H] accumulator); None = whenever that applies (eager, outside autocast,
+    no `grad_in_forward`), False = never, True = always (an error where it does not apply).
     """
     from quickloris.ops.linear_losses import LOSSES
 
@@ -234,6 +240,41 @@ def chunked_linear_loss(
     for name, t in [*zip(names, rows), *options.items()]:
         if isinstance(t, torch.Tensor) and t.requires_grad:
             raise ValueError(f"{name} receives no gradient from chunked_linear_loss; pass {name}.detach()")
+    blocked = (
+        loss == "cross_entropy"
+        and set(options) <= {"ignore_index"}
+        and reduction in ("sum", "mean")
+        and not grad_in_forward
+        and labels is not None
+        and weight.dtype == x.dtype
+    )
+    if vocab_blocked and not blocked:
+        raise ValueError(
+            "vocab_blocked needs loss='cross_entropy' without options other than ignore_index, reduction 'sum' or "
+            "'mean', labels, x and weight of one dtype, and grad_in_forward=False"
+        )
+    if vocab_blocked is None:
+        blocked = blocked and weight.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        blocked = blocked and not torch.is_autocast_enabled(x.device.type)
+    else:
+        blocked = bool(vocab_blocked)
+    if blocked:
+        from quickloris.ops.vocab_blocked_ce import VocabBlockedCE
+
+        rows_per_chunk = resolve_chunk_size(chunk_size, n, vocab, memory_budget)
+        # the same bound on temporaries as the row-chunked schedules: `chunk_size` rows of logits, or the budget
+        budget = memory_budget or (rows_per_chunk * vocab * BYTES_PER_LOGIT if chunk_size else DEFAULT_MEMORY_BUDGET)
+        out = VocabBlockedCE.apply(
+            x.reshape(n, x.shape[-1]),
+            weight,
+            bias,
+            labels.reshape(n).long(),
+            ignore_index,
+            rows_per_chunk,
+            budget,
+            "auto",
+        )
+        return _reduce(out, reduction, n, labels, ignore_index, num_items)
     plan = ChunkPlan(
         call=lambda xc, w, b, yc, rc: fn(xc, w, b, yc, **rc, **options),
         chunk=resolve_chunk_size(chunk_size, n, vocab, memory_budget),
@@ -246,6 +287,12 @@ def chunked_linear_loss(
     )
     if reduction == "none":
         return out.reshape(lead)
+    return _reduce(out, reduction, n, labels, ignore_index, num_items)
+
+
+def _reduce(out, reduction: str, n: int, labels, ignore_index: int, num_items) -> torch.Tensor:
+    """ "sum": the summed loss; "mean": divided by `num_items` or the count of labels != ignore_index (rows without
+    labels), at least 1."""
     if reduction == "sum":
         return out
     if num_items is None:
