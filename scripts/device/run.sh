@@ -3,8 +3,8 @@
 # Usage: bash scripts/device/run.sh STEP [STEP ...]
 #   gpu-tests[:PATHS]  pytest -m "gpu or multigpu" over tests/ (or comma-separated PATHS)
 #   bench-AREA         quickloris bench AREA (dequant, loss, train, fsdp: benchmarks/AREA/bench.py); options from
-#                      $QUICKLORIS_BENCH_ARGS (this step's command line) or $QUICKLORIS_BENCH_TRAIN_ARGS /
-#                      $QUICKLORIS_BENCH_FSDP_ARGS (read by those benches)
+#                      $QUICKLORIS_BENCH_ARGS_<AREA> (this step's command line, e.g. QUICKLORIS_BENCH_ARGS_LOSS) or
+#                      $QUICKLORIS_BENCH_TRAIN_ARGS / $QUICKLORIS_BENCH_FSDP_ARGS (read by those benches)
 #   py:FILE            any python script (e.g. py:benchmarks/train/probe_speed.py)
 #   sh:FILE            any bash script, with OUT exported (e.g. sh:scripts/device/fsdp_launchers.sh: the FSDP2 launches
 #                      of a 2-GPU machine - quickloris train --fsdp, accelerate launch, the multigpu test - in one go)
@@ -42,8 +42,8 @@ for step in "$@"; do
   case "$step" in
     gpu-tests*)    paths=${step#gpu-tests}; paths=${paths#:}; paths=${paths//,/ }
                    python3 -m pytest -q -rs -m "gpu or multigpu" ${paths:-tests} -p no:cacheprovider 2>&1 | tee -a "$LOG"; rc=${PIPESTATUS[0]} ;;
-    bench-*)       python3 -m quickloris bench "${step#bench-}" --out "$OUT" ${QUICKLORIS_BENCH_ARGS:-} 2>&1 | tee -a "$LOG"
-                   rc=${PIPESTATUS[0]} ;;
+    bench-*)       area=${step#bench-}; var="QUICKLORIS_BENCH_ARGS_$(echo "$area" | tr a-z A-Z)"
+                   python3 -m quickloris bench "$area" --out "$OUT" ${!var:-} 2>&1 | tee -a "$LOG"; rc=${PIPESTATUS[0]} ;;
     py:*)          python3 "${step#py:}" --out "$OUT" 2>&1 | tee -a "$LOG"; rc=${PIPESTATUS[0]} ;;
     sh:*)          OUT="$OUT" bash "${step#sh:}" 2>&1 | tee -a "$LOG"; rc=${PIPESTATUS[0]} ;;
     torchrun:*)    f=${step#torchrun:}; n=$(python3 -c 'import torch; print(max(1, torch.cuda.device_count()))')
