@@ -49,7 +49,21 @@ def save_checkpoint(base, directory: Path) -> Path:
     for name, t in base.dense.items():
         tensors[name] = t.to(torch.bfloat16).cpu()
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    _save_tokenizer(config.vocab_size, directory)
     return directory
+
+
+def _save_tokenizer(vocab_size: int, directory: Path) -> None:
+    """A word-level fast tokenizer over the model's vocabulary (token i is "t<i>"): Unsloth's loader insists on
+    loading a tokenizer from the checkpoint; the benchmark feeds token ids and never uses it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", pad_token="t0", eos_token="t1", bos_token="t2")
+    fast.save_pretrained(directory)
 
 
 def _move_base(base, device: str) -> None:

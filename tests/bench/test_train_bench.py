@@ -133,3 +133,5 @@ def test_unsloth_checkpoint_is_the_shared_base(tmp_path, seed):
     for name, t in base.dense.items():
         assert torch.equal(state[name], t), name
     assert type(model).__name__ == base.architecture
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "ckpt")  # Unsloth's loader needs one
+    assert len(tok) == tm.TINY["vocab_size"] and tok.convert_tokens_to_ids("t7") == 7
