@@ -134,7 +134,7 @@ def parse_record(
 
 
 def iter_jsonl(
-    path: str | os.PathLike,
+    path: str | os.PathLike | Source,
     *,
     data_format: str = "auto",
     columns: Mapping[str, str] | None = None,
@@ -143,7 +143,7 @@ def iter_jsonl(
     """Yield the records of a data file one by one, lazily (any file `quickloris.data.sources` reads; the name is
     historical). Each row's shape is `data_format`, or detected from its keys; `seen(source, shape)` is called
     for every row before it is converted."""
-    source = open_source(path)
+    source = path if isinstance(path, Source) else open_source(path)
     for row, where in source.rows():
         row = shapes.rename(row, columns or {}, where)
         shape = shapes.detect(row, where) if data_format == "auto" else data_format
