@@ -148,7 +148,8 @@ def _require(row: Mapping[str, Any], shape: str, where: str) -> None:
     missing = [k for k in _KEYS[shape] if k not in row]
     if missing:
         raise DataFormatError(
-            f"{where}: missing {', '.join(map(repr, missing))} for a {shape} record; found keys {_keys(row)}"
+            f"{where}: missing {', '.join(map(repr, missing))} for {'an' if shape[0] in 'aeiou' else 'a'} {shape} "
+            f"record; found keys {_keys(row)}"
         )
 
 
