@@ -151,6 +151,17 @@ CASES = {
 }  # fmt: skip
 
 
+# What the first example renders to (the context around the trained tokens), where the conversion composes it.
+FIRST = {
+    "messages-parts-jsonl-gz": "<|im_start|>system\nAdd.<|im_end|>\n<|im_start|>user\n12 + 30<|im_end|>\n"
+    "<|im_start|>assistant\n42<|im_end|>\n",
+    "alpaca-csv": "<|im_start|>user\nAdd the two numbers.\n12 + 30<|im_end|>\n<|im_start|>assistant\n42<|im_end|>\n",
+    "sharegpt-parquet": "<|im_start|>system\nAdd.<|im_end|>\n<|im_start|>user\n12 + 30<|im_end|>\n"
+    "<|im_start|>assistant\n42<|im_end|>\n",
+    "columns-csv": "12 + 30 = 42<|im_end|>",
+}
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_each_format_trains_one_step_on_exactly_the_right_tokens(model, tok, tmp_path, case, capsys):
     if case.endswith(("parquet", "csv", "disk")):
@@ -170,6 +181,8 @@ def test_each_format_trains_one_step_on_exactly_the_right_tokens(model, tok, tmp
     )
     prep = prepare_data(cfg, tok)
     assert [_segments(ex, tok) for ex in prep.examples] == trained
+    if case in FIRST:
+        assert tok.decode(prep.examples[0].input_ids) == FIRST[case]
     if case.startswith("text"):  # language modelling: every token is a label
         assert all(ex.labels == ex.input_ids for ex in prep.examples)
     # the one step saw all rows (batch 8 >= rows): its trained-token count is the examples'

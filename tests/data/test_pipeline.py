@@ -76,8 +76,11 @@ def test_records_are_pulled_one_at_a_time(tiny_tokenizer):
 
     examples, stats = tokenize_stream(_Watching(tiny_tokenizer, pulled), stream(), max_seq_len=64)
     assert stats.records == stats.kept == 50 and pulled[0] == 50
-    # text records: every token is a label, EOS appended
-    assert examples[0].labels == examples[0].input_ids and examples[0].input_ids[-1] == tiny_tokenizer.eos_token_id
+    # text records: every token is a label, the tokenizer's BOS before, EOS appended (TRL's convention)
+    ids = examples[0].input_ids
+    assert examples[0].labels == ids and ids[-1] == tiny_tokenizer.eos_token_id and ids.count(ids[-1]) == 1
+    assert ids[0] == tiny_tokenizer.convert_tokens_to_ids("<|bos|>")
+    assert tiny_tokenizer.decode(ids[1:-1]) == "row 0 of many"
 
 
 def test_progress_bar_only_when_asked(tiny_tokenizer, capsys):
