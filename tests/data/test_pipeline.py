@@ -103,3 +103,19 @@ def test_bad_arguments_and_nothing_to_train(tiny_tokenizer):
         tokenize_stream(tiny_tokenizer, [], max_seq_len=8)
     with pytest.raises(DataFormatError, match=r"no example fits --max-seq-len 2 \(the longest has"):
         tokenize_stream(tiny_tokenizer, rec, max_seq_len=2)
+
+
+class _Unpicklable:
+    def __init__(self, tokenizer):
+        self._tok, self._hook = tokenizer, lambda: None  # a lambda does not pickle
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+    def __call__(self, text, **kw):
+        return self._tok(text, **kw)
+
+
+def test_a_tokenizer_that_cannot_reach_the_workers_is_one_line(tiny_tokenizer):
+    with pytest.raises(ValueError, match="--data-workers 2: the tokenizer cannot be sent to another process"):
+        tokenize_stream(_Unpicklable(tiny_tokenizer), [Record(text="abc")] * 3, max_seq_len=64, workers=2)

@@ -148,3 +148,8 @@ def test_column_mapping():
     assert "maps 'prompt' twice" in column_problem(["prompt=a", "prompt=b"])
     with pytest.raises(ValueError, match="--data-columns takes name=column"):
         parse_columns(["=x"])
+
+
+def test_alpaca_with_an_empty_instruction_keeps_the_input_alone():
+    rec = parse_record({"instruction": "", "input": "12 + 30", "output": "42"})
+    assert rec.messages[0] == {"role": "user", "content": "12 + 30"}

@@ -15,10 +15,12 @@ The progress bar (tqdm, on stderr) shows records tokenized; by default only when
 from __future__ import annotations
 
 import multiprocessing
+import pickle
 import sys
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from itertools import islice
 from typing import Any, Literal
 
@@ -60,13 +62,26 @@ def tokenized(
         initargs=(tokenizer, chat_template),
     )
     pending: deque[Future] = deque()
+
+    def result(future: Future) -> list[TokenizedExample]:
+        try:
+            return future.result()
+        except BrokenProcessPool as e:  # a worker could not start (e.g. the tokenizer does not pickle) or died
+            raise ValueError(f"--data-workers {workers}: a tokenizing process failed ({e}); use --data-workers 1")
+
     try:
         for chunk in _chunks(records, CHUNK):
-            pending.append(pool.submit(_tokenize_chunk, chunk))
+            try:  # the first submit starts the workers, pickling the tokenizer for them
+                pending.append(pool.submit(_tokenize_chunk, chunk))
+            except (pickle.PicklingError, AttributeError, TypeError) as e:
+                raise ValueError(
+                    f"--data-workers {workers}: the tokenizer cannot be sent to another process ({e}); "
+                    "use --data-workers 1"
+                ) from None
             while len(pending) >= 2 * workers:
-                yield from pending.popleft().result()
+                yield from result(pending.popleft())
         while pending:
-            yield from pending.popleft().result()
+            yield from result(pending.popleft())
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 

@@ -10,8 +10,8 @@ keys present (``--data-format`` forces one):
   excepted.
 * ``prompt_completion`` -- ``{"prompt", "completion"}``: two strings (plain text) or two message lists.
 * ``alpaca`` -- ``{"instruction", "input"?, "output", "system"?, "history"?}``, composed as LLaMA-Factory does:
-  ``[system] + history turns + user: instruction + "\\n" + input (just the instruction when input is empty) +
-  assistant: output``, a conversation rendered with the chat template.
+  ``[system] + history turns + user: instruction + "\\n" + input (the non-empty one alone when the other is
+  empty) + assistant: output``, a conversation rendered with the chat template.
 * ``sharegpt`` -- ``{"conversations": [{"from", "value"}, ...], "system"?}``: ``from`` human / user -> user, gpt /
   assistant -> assistant, system, tool (``role`` / ``content`` keys are taken too, as TRL does); a top-level
   ``system`` string becomes a first system turn.
@@ -219,7 +219,7 @@ def _alpaca(row: Mapping[str, Any], where: str) -> list[dict[str, Any]]:
         if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
             raise DataFormatError(f"{where}: history[{i}] must be an [instruction, response] pair of strings")
         messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
-    user = instruction + "\n" + query if query else instruction
+    user = "\n".join(part for part in (instruction, query) if part)
     return messages + [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
 
 

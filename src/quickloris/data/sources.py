@@ -37,6 +37,7 @@ import gzip
 import json
 import os
 import re
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,9 +151,7 @@ def _json_rows(source: Source) -> Iterator[tuple[Any, str]]:
                 obj = _json_line(p, lineno, raw)
                 if obj is not _BLANK:
                     yield obj, f"{p}:{lineno}"
-    except (gzip.BadGzipFile, EOFError, OSError) as e:
-        if isinstance(e, FileNotFoundError):
-            raise
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
         raise DataFormatError(f"{p}: cannot read it as gzip-compressed JSON ({e})") from None
 
 
