@@ -38,7 +38,6 @@ from quickloris.data.shapes import rename
 from quickloris.data.sources import open_source
 from quickloris.data.tasks import Split, draw_split, split_of
 
-
 _INT = re.compile(r"-?[0-9]+")
 
 

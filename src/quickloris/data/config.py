@@ -4,7 +4,8 @@
 of `quickloris.data.sources`, any record shape of `quickloris.data.shapes`, streamed) or generates the embedded
 task, tokenizes with response-only labels (`quickloris.data.pipeline.tokenize_stream`: --data-workers processes, a
 progress bar on a terminal), drops or rejects over-long examples and checks that something is left to train
-on; `PreparedData.header` is the one line a run prints about it. The embedded task also gives the held-out problems that `quickloris.train.exact_match` scores.
+on; `PreparedData.header` is the one line a run prints about it. The embedded task also gives the held-out
+problems that `quickloris.train.exact_match` scores.
 `prepare_classification_data` does the same for sequence classification (`quickloris.data.classification`): the
 label set comes from the training rows, and the held-out rows (the embedded task's, or an evaluation file's) must
 use those labels.

@@ -67,7 +67,9 @@ def tokenized(
         try:
             return future.result()
         except BrokenProcessPool as e:  # a worker could not start (e.g. the tokenizer does not pickle) or died
-            raise ValueError(f"--data-workers {workers}: a tokenizing process failed ({e}); use --data-workers 1")
+            raise ValueError(
+                f"--data-workers {workers}: a tokenizing process failed ({e}); use --data-workers 1"
+            ) from None
 
     try:
         for chunk in _chunks(records, CHUNK):

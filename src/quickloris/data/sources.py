@@ -113,12 +113,13 @@ def open_source(path: str | os.PathLike) -> Source:
     first = _first_char(p, gzipped)
     if first in ("{", "["):  # an unknown suffix holding JSON: read as JSON, as it was always read
         return Source(p, "json", gzipped)
-    raise DataFormatError(f"{p}: unknown data file type (suffix {''.join(p.suffixes) or 'none'}); --data takes {SUPPORTED}")
+    suffix = "".join(p.suffixes) or "none"
+    raise DataFormatError(f"{p}: unknown data file type (suffix {suffix}); --data takes {SUPPORTED}")
 
 
 def _first_char(p: Path, gzipped: bool) -> str:
     try:
-        with (gzip.open(p, "rb") if gzipped else p.open("rb")) as f:
+        with gzip.open(p, "rb") if gzipped else p.open("rb") as f:
             head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
     except (OSError, EOFError):
         return ""
