@@ -64,7 +64,7 @@ def test_gzip_and_sniffed_types(tmp_path):
 @pytest.mark.parametrize(
     "text, line, message",
     [
-        ('{"a": 1}\n{"a": }\n', 2, r"invalid JSON: Expecting value \(column 7\)"),
+        ('{"a": 1}\n{"a": }\n', 2, r"invalid JSON: Expecting value \(column 7\)$"),
         ('{"a": 1}\n{\n  "a": 1\n}\n', 2, "invalid JSON: .*one complete object per line"),
         ('[\n {"a": 1},\n {"a": 2}\n {"a": 3}\n]', 4, "invalid JSON: expected ',' or ']' after an array element"),
         ('[\n {"a": 1},\n {"a": tru}\n]', 3, r"invalid JSON: Expecting value \(column 8\)"),

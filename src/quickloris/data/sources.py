@@ -176,7 +176,7 @@ def _json_line(p: Path, lineno: int, raw: bytes) -> Any:
         return json.loads(line)
     except json.JSONDecodeError as e:
         hint = ""
-        if e.pos >= len(line.rstrip()) - 1:  # the line ends inside a value: an object spread over several lines?
+        if e.pos >= len(line.rstrip()):  # the line ends inside a value: an object spread over several lines?
             hint = "; a JSON lines file holds one complete object per line"
         raise DataFormatError(f"{where}: invalid JSON: {e.msg} (column {e.colno}){hint}") from None
 
