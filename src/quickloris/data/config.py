@@ -96,7 +96,8 @@ class DataConfig(Config):
     )
     data_workers: int = field(
         1,
-        help="processes tokenizing the data (the examples are the same with any number)",
+        help="processes tokenizing the data: each takes seconds to start (it imports transformers), so more than 1 "
+        "pays off on large data; the examples are the same with any number",
         check=at_least(1),
         fingerprint=False,
     )
