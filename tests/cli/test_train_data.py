@@ -196,8 +196,11 @@ def test_several_files_of_several_types_in_one_run(model, tmp_path, capsys):
     a = _write_jsonl_gz(tmp_path / "a.jsonl.gz", [CASES["messages-parts-jsonl-gz"][2][1]])
     b = _write_parquet(tmp_path / "b.parquet", CASES["sharegpt-parquet"][2])
     c = _write_csv(tmp_path / "c.csv", CASES["alpaca-csv"][2])
-    assert _run(model, tmp_path / "run", [a, b], "--data", c) == 0  # --data A B, and --data repeated
-    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("data: "))
+    held = _save_to_disk(tmp_path / "held", CASES["sharegpt-parquet"][2])  # --eval-data: any type, a folder too
+    assert _run(model, tmp_path / "run", [a, b], "--data", c, "--eval-data", held) == 0  # --data A B, and repeated
+    printed = capsys.readouterr().out
+    assert f"eval: --eval-data {held}" in printed and "eval after: exact match" in printed
+    line = next(ln for ln in printed.splitlines() if ln.startswith("data: "))
     assert line.startswith(
         f"data: {a} (JSON lines: messages 1), {b} (Parquet: sharegpt 2), {c} (CSV: alpaca 2): 5 examples "
         "(0 longer than --max-seq-len dropped)"

@@ -142,15 +142,15 @@ def check_inputs(
     """What can be checked from files before a model is loaded: the input files exist, the model's architecture
     (its config.json) is supported and has the --target-modules layers, its tokenizer files are there, and
     --max-seq-len fits its position limit (`limit`). Errors name the option (`ConfigError`)."""
-    for path in data_cfg.data or []:
+    data = [(DataConfig, "data", p) for p in data_cfg.data or []]
+    for owner, name, path in data + ([(EvalConfig, "eval_data", eval_cfg.eval_data)] if eval_cfg.eval_data else []):
         if not Path(path).expanduser().exists():
-            raise ConfigError(DataConfig, "data", f"{str(path)!r} does not exist")
+            raise ConfigError(owner, name, f"{str(path)!r} does not exist")
         try:
             open_source(path)  # a file type it cannot read, a folder that is not a datasets folder
         except DataFormatError as e:
-            raise ConfigError(DataConfig, "data", f": {e}") from None
+            raise ConfigError(owner, name, f": {e}") from None
     _missing_file(DataConfig, "chat_template", data_cfg.chat_template)
-    _missing_file(EvalConfig, "eval_data", eval_cfg.eval_data)
     _missing_file(ModelConfig, "adapter", model_cfg.adapter, folder=True)
     if model_cfg.adapter is not None and not (Path(model_cfg.adapter).expanduser() / "adapter_config.json").is_file():
         raise ConfigError(
