@@ -183,3 +183,22 @@ def test_a_plain_dataclass_still_makes_options():
     add_dataclass_arguments(parser, Plain)
     assert dataclass_from_args(Plain, parser.parse_args(["--threads", "2"])) == Plain(threads=2)
     assert dataclasses.fields(Plain)[0].metadata["help"] == "where"
+
+
+def test_a_several_words_list_option_takes_words_and_repeats():
+    @dataclass
+    class Files(Config):
+        paths: list[str] | None = field(None, help="files", several=True)
+        sizes: list[int] = field([1], help="sizes", several=True)
+
+    parser = argparse.ArgumentParser()
+    add_dataclass_arguments(parser, Files)
+    parse = lambda *a: dataclass_from_args(Files, parser.parse_args(list(a)))  # noqa: E731
+    assert parse() == Files() and Files().paths is None
+    assert parse("--paths", "a,b.jsonl", "c d.csv").paths == ["a,b.jsonl", "c d.csv"]  # commas stay in a path
+    assert parse("--paths", "a", "--paths", "b", "c").paths == ["a", "b", "c"]
+    assert parse("--sizes", "3", "--sizes", "4").sizes == [3, 4]  # given: replaces the default, not added to it
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--paths"])
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--sizes", "x"])

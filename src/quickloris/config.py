@@ -15,7 +15,8 @@ A config is a dataclass deriving from `Config`, its fields made with `field`::
 * `options(cls)` lists the command-line options: field ``batch_size`` is ``--batch-size``; a nested config's
   fields get the nested field's ``prefix`` (default: its name), unless a field declares its ``flag``.
   `add_dataclass_arguments` adds them to an argparse parser (``bool``: ``--x / --no-x``; ``Literal``: choices;
-  ``list``: comma-separated; ``X | None``: also the word ``none``), `dataclass_from_args` builds the config back.
+  ``list``: comma-separated, or with ``several=True`` separate words, the option repeatable (for paths, which may
+  hold commas); ``X | None``: also the word ``none``), `dataclass_from_args` builds the config back.
 * `flatten(cfg, compared_only=True)`: the values of the fields marked as changing what a run computes
   (``fingerprint=True``, the default), by dotted name: what a resumed run must match.
 
@@ -77,6 +78,7 @@ def field(
     prefix: str | None = None,
     fingerprint: bool = True,
     cli: bool = True,
+    several: bool = False,
 ) -> Any:
     """A dataclass field with its documentation and rules.
 
@@ -84,7 +86,9 @@ def field(
     check; `convert(value)`: applied first (e.g. a comma-separated string to a list); `flag`: the option name
     when it is not ``--<prefix><name>``; `prefix`: for a nested config, what its fields' options start with
     (default: this field's name); `fingerprint`: whether the value changes what a training run computes;
-    `cli`: False keeps it off the command line. A list or a config default is copied for each object.
+    `cli`: False keeps it off the command line; `several` (a list field): the option takes one or more words and
+    may be repeated (``--data a.jsonl b.csv``, ``--data a.jsonl --data b.csv``) instead of one comma-separated word.
+    A list or a config default is copied for each object.
     """
     meta = {
         "help": help,
@@ -94,6 +98,7 @@ def field(
         "prefix": prefix,
         "fingerprint": fingerprint,
         "cli": cli,
+        "several": several,
     }
     if isinstance(default, (list, dict, set)) or dataclasses.is_dataclass(default):
         value = default
@@ -325,6 +330,10 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, *, group
         if typing.get_origin(o.type) is typing.Literal:
             kwargs["choices"] = list(typing.get_args(o.type))
             kwargs["type"] = type(kwargs["choices"][0])
+        elif o.field.metadata.get("several"):
+            # "extend" adds to the default list: the default stays out of the namespace until an option is given.
+            inner = (typing.get_args(o.type) or (str,))[0]
+            kwargs.update(nargs="+", action="extend", type=_parser_for(inner, False), default=argparse.SUPPRESS)
         else:
             kwargs["type"] = _parser_for(o.type, o.optional)
         if o.default is dataclasses.MISSING:

@@ -331,7 +331,7 @@ def test_clear_errors_before_the_model_loads(files, tmp_path, case, capsys, monk
     d = tmp_path / "in"
     d.mkdir()
     extra, expected = _bad(files, d)[case]
-    data = [] if case == "generative-task" else ["--data", files["train"]]
+    data = [] if case == "generative-task" or "--data" in extra else ["--data", files["train"]]
     rc = main(_args(files, tmp_path / "out", *data, *extra))
     err = capsys.readouterr().err
     assert rc == 2, err

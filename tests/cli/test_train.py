@@ -247,7 +247,10 @@ def test_help_lists_every_option_once(capsys):
 CASES = {  # option values -> the one line printed (after "quickloris train: error: ")
     "missing-model": (lambda d: ["--model", d / "nope"], r"--model: model '.*nope' does not exist"),
     "missing-data": (lambda d: ["--data", d / "nope.jsonl"], r"--data '.*nope\.jsonl' does not exist"),
-    "data-is-a-folder": (lambda d: ["--data", d], r"--data '.*' is a folder, not a file"),
+    "data-is-a-folder": (
+        lambda d: ["--data", d],
+        r"--data: .*in: a folder that is not a datasets save_to_disk folder \(no state.json or dataset_dict.json\)",
+    ),
     "missing-eval-data": (lambda d: ["--eval-data", d / "e.jsonl"], r"--eval-data '.*e\.jsonl' does not exist"),
     "missing-adapter": (lambda d: ["--adapter", d / "lora"], r"--adapter '.*lora' does not exist"),
     "not-an-adapter": (lambda d: ["--adapter", d], r"--adapter '.*' is not a PEFT adapter folder"),

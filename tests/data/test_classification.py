@@ -190,3 +190,26 @@ def test_prepare_classification_data(tmp_path):
     with pytest.raises(ConfigError, match="unknown task; choose one of addition, reverse, sentiment"):
         DataConfig(task="nope")
     assert torch.tensor(0).item() == 0
+
+
+def test_rows_from_csv_parquet_and_several_files_with_column_names(tmp_path):
+    from tests.helpers import require
+
+    require("datasets")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    csv = tmp_path / "a.csv"
+    csv.write_text('review,stars\n"so good,\nreally",10\nbad,2\n')
+    pq.write_table(pa.Table.from_pylist([{"review": "meh", "stars": 5}]), tmp_path / "b.parquet")
+    rows = read_classification_jsonl([csv, tmp_path / "b.parquet"], {"text": "review", "label": "stars"})
+    assert [(r.text, r.label, r.source) for r in rows] == [
+        ("so good,\nreally", 10, f"{csv}:2"),  # a CSV integer is an int label: numeric class order
+        ("bad", 2, f"{csv}:4"),
+        ("meh", 5, f"{tmp_path / 'b.parquet'}:row 0"),
+    ]
+    assert label_names(rows) == ["2", "5", "10"]
+    with pytest.raises(DataFormatError, match="a.csv:2: --data-columns names 'label_'"):
+        read_classification_jsonl(csv, {"text": "review", "label": "label_"})
+    with pytest.raises(ConfigError, match="data_format is for causal LM data"):
+        prepare_classification_data(DataConfig(data=str(csv), data_format="text"), None)

@@ -74,3 +74,23 @@ def test_prepare_jsonl_with_template_file(tmp_path, smollm2_tokenizer):
     data.write_text(data.read_text() + "{oops\n")
     with pytest.raises(DataFormatError, match=r"d.jsonl:3: invalid JSON"):
         prepare_data(DataConfig(data=str(data)), smollm2_tokenizer)
+
+
+def test_data_options():
+    assert DataConfig(data="a.jsonl").data == ["a.jsonl"] and DataConfig(data=[]).data is None
+    from pathlib import Path
+
+    assert DataConfig(data=(Path("a.csv"), "b.json")).data == ["a.csv", "b.json"]
+    assert DataConfig(data_columns="prompt=q,completion=a").data_columns == ["prompt=q", "completion=a"]
+    parser = argparse.ArgumentParser()
+    add_dataclass_arguments(parser, DataConfig)
+    args = parser.parse_args(["--data", "a b.jsonl", "c,d.csv", "--data", "e", "--data-columns", "text=body"])
+    cfg = dataclass_from_args(DataConfig, args)
+    assert cfg.data == ["a b.jsonl", "c,d.csv", "e"] and cfg.data_columns == ["text=body"]
+    for kwargs, error in (
+        ({"data_columns": ["text"]}, "data_columns takes name=column items"),
+        ({"data_format": "chatml"}, "data_format must be one of auto, messages"),
+        ({"data_workers": 0}, "data_workers must be a positive int"),
+    ):
+        with pytest.raises(ValueError, match=error):
+            DataConfig(**kwargs)

@@ -41,7 +41,8 @@ def test_both_shapes_and_blank_lines(tmp_path):
     [
         ('{"messages": [}', "invalid JSON"),
         ("[1, 2]", "expected a JSON object"),
-        ({"text": "hello"}, "expected a 'messages' list or 'prompt' and 'completion'"),
+        ({"question": "hello"}, r"no known record shape in keys 'question'; shapes: messages .*--data-columns"),
+        ({"text": 3}, "'text' must be a string, got int"),
         ({"prompt": "a"}, "missing 'completion'"),
         ({"prompt": "a", "completion": 3}, "both be strings or both be lists"),
         ({"prompt": "a", "completion": [{"role": "assistant", "content": "b"}]}, "both be strings or both be lists"),
@@ -52,7 +53,10 @@ def test_both_shapes_and_blank_lines(tmp_path):
         ({"messages": [{"role": 1, "content": "x"}]}, "non-empty string"),
         ({"messages": ["hi"]}, "must be an object"),
         ({"messages": [{"role": "user", "content": "x"}]}, "no 'assistant' turn"),
-        ({"messages": CHAT["messages"], "prompt": "a", "completion": "b"}, "both 'messages' and"),
+        (
+            {"messages": CHAT["messages"], "prompt": "a", "completion": "b"},
+            r"fit several record shapes \(messages, prompt_completion\); choose one with --data-format",
+        ),
         (
             {"prompt": [{"role": "user", "content": "a"}], "completion": [{"role": "user", "content": "b"}]},
             "no 'assistant' turn",
@@ -80,7 +84,7 @@ def test_empty_missing_and_directory(tmp_path):
         load_jsonl(empty)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_jsonl(tmp_path / "nope.jsonl")
-    with pytest.raises(DataFormatError, match="not a regular file"):
+    with pytest.raises(DataFormatError, match="a folder that is not a datasets save_to_disk folder"):
         load_jsonl(tmp_path)
 
 
@@ -91,7 +95,7 @@ def test_in_memory_rows_and_record_invariants():
         records_from_dicts([CHAT, {"completion": "x"}], source="rows")
     with pytest.raises(DataFormatError, match="no records"):
         records_from_dicts([])
-    with pytest.raises(DataFormatError, match="either 'messages' or"):
+    with pytest.raises(DataFormatError, match=r"one of 'messages', 'prompt' \+ 'completion' or 'text'"):
         Record(messages=({"role": "assistant", "content": "x"},), prompt="a", completion="b")
     with pytest.raises(DataFormatError, match="must both be strings"):
         Record(prompt="a", completion=None)

@@ -150,3 +150,30 @@ def test_interrupted_write_leaves_nothing(tmp_path, seed, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(tmp_path, model, opt, LoopState(step=4, total_steps=9), {})
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000002"]
+
+
+def test_the_data_fingerprint_of_files_and_folders(tmp_path):
+    import hashlib
+
+    from quickloris.data.chat import TokenizedExample
+    from quickloris.train.checkpoint import data_fingerprint
+
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.csv"
+    a.write_text('{"text": "x"}\n')
+    b.write_text("text\ny\n")
+    ex = [TokenizedExample([1, 2], [-100, 2])]
+    fp = data_fingerprint(ex, str(a))
+    assert fp == {
+        "data.file_sha256": hashlib.sha256(a.read_bytes()).hexdigest()[:16],  # one file: its own SHA-256
+        "data.examples": 1,
+        "data.tokens_sha256": fp["data.tokens_sha256"],
+    }
+    assert data_fingerprint(ex, [str(a)]) == fp and data_fingerprint(ex, None)["data.file_sha256"] is None
+    both = data_fingerprint(ex, [a, b])["data.file_sha256"]
+    assert both not in (fp["data.file_sha256"], data_fingerprint(ex, [b, a])["data.file_sha256"])  # order counts
+    folder = tmp_path / "ds"
+    (folder / "train").mkdir(parents=True)
+    (folder / "train" / "data.arrow").write_bytes(b"1")
+    before = data_fingerprint(ex, folder)["data.file_sha256"]
+    (folder / "train" / "data.arrow").write_bytes(b"2")
+    assert data_fingerprint(ex, folder)["data.file_sha256"] != before

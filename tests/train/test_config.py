@@ -20,6 +20,7 @@ from quickloris.train.run import fingerprint  # noqa: E402
 
 NOT_COMPARED = {  # may differ between a run and its resumption
     "data.num_eval",
+    "data.data_workers",  # the examples are the same with any number of tokenizing processes
     "train.output_dir",
     "train.overwrite",
     "train.max_steps",

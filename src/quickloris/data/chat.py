@@ -16,8 +16,10 @@ tokenizer). A reply that starts with whitespace can have it merged into the toke
 header (e.g. ``"\n "``); that token starts before the span and stays context.
 
 Plain-text records (``prompt`` + ``completion`` strings) are tokenized as ``prompt + completion`` without a
-template; the tokens starting inside the completion are trained, and the end-of-sequence token is appended
-(trained) so the model learns to stop.
+template and without a separator (TRL's convention: the data holds the space or newline it wants); the tokens
+starting inside the completion are trained, and the end-of-sequence token is appended (trained) so the model
+learns to stop, unless the completion already ends with it (as TRL). Text records (language modelling) are
+tokenized the same way with every token trained.
 
 Labels are not shifted here: ``labels[t]`` is the token at position ``t`` and the loss (Hugging Face
 convention) predicts ``labels[t + 1]`` from the logits at ``t``.
@@ -177,14 +179,23 @@ def tokenize_text(tokenizer: Any, prompt: str, completion: str, *, source: str =
     head = _post_processor_prefix(tokenizer)
     ids, labels = head + ids, [IGNORE_INDEX] * len(head) + labels
     eos = getattr(tokenizer, "eos_token_id", None)
-    if eos is not None:
+    if eos is not None and ids[-1:] != [eos]:
         ids, labels = ids + [eos], labels + [eos]
     return TokenizedExample(ids, labels, source)
+
+
+def tokenize_lm(tokenizer: Any, text: str, *, source: str = "<memory>") -> TokenizedExample:
+    """Language modelling: `text` with the tokenizer's prefix (e.g. BOS) and an appended EOS, every token a label
+    (the first is never predicted, so its label does not count)."""
+    ex = tokenize_text(tokenizer, "", text, source=source)
+    return TokenizedExample(ex.input_ids, list(ex.input_ids), source)
 
 
 def tokenize_record(tokenizer: Any, record: Record, *, chat_template: str | None = None) -> TokenizedExample:
     if record.is_chat:
         return tokenize_chat(tokenizer, record.messages, source=record.source, chat_template=chat_template)
+    if record.text is not None:
+        return tokenize_lm(tokenizer, record.text, source=record.source)
     return tokenize_text(tokenizer, record.prompt, record.completion, source=record.source)
 
 

@@ -1,7 +1,9 @@
-"""Sequence-classification data: ``{"text": ..., "label": ...}`` JSONL rows, their label set, tokenization and
-batches, and an embedded task (``sentiment``) with a disjoint held-out split.
+"""Sequence-classification data: ``{"text": ..., "label": ...}`` rows (of any file `quickloris.data.sources` reads;
+``--data-columns text=...,label=...`` for other names), their label set, tokenization and batches, and an embedded
+task (``sentiment``) with a disjoint held-out split.
 
-Labels are strings or integers (one kind per file; JSON ``true`` / ``1.5`` / ``""`` are refused). The label set is
+Labels are strings or integers (one kind per file; JSON ``true`` / ``1.5`` / ``""`` are refused; a CSV cell that is
+an integer is read as one). The label set is
 read from the training data: class ids follow the sorted labels (integers numerically, so labels 0..C-1 keep their
 ids; strings in code-point order), and a class's name is its label as a string (``id2label``). A label of the
 evaluation data outside that set is an error naming ``file:line``.
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +34,11 @@ import torch
 from quickloris.data.chat import IGNORE_INDEX, TokenizedExample, TokenizeStats, check_max_seq_len
 from quickloris.data.jsonl import DataFormatError
 from quickloris.data.packing import collate
+from quickloris.data.shapes import rename
+from quickloris.data.sources import open_source
 from quickloris.data.tasks import Split, draw_split, split_of
+
+_INT = re.compile(r"-?[0-9]+")
 
 
 @dataclass(frozen=True)
@@ -64,28 +71,22 @@ def parse_row(obj: Any, where: str = "<memory>") -> ClassificationRow:
     return ClassificationRow(text, label, where)
 
 
-def read_classification_jsonl(path: str | Path) -> list[ClassificationRow]:
-    """The rows of a classification JSONL file (blank lines skipped); every problem names ``file:line``."""
-    p = Path(path)
-    if not p.is_file():
-        raise DataFormatError(f"data file {str(p)!r} does not exist or is not a regular file")
+def read_classification_jsonl(
+    paths: str | Path | Sequence[str | Path], columns: Mapping[str, str] | None = None
+) -> list[ClassificationRow]:
+    """The rows of one or more classification data files (any file `quickloris.data.sources` reads; the name is
+    historical); `columns`: ``--data-columns`` renaming (``text`` / ``label`` -> the file's columns). Every problem
+    names ``file:line`` (``file:row N``)."""
     rows = []
-    with p.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            where = f"{p}:{lineno}"
-            try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                raise DataFormatError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataFormatError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from None
+    for path in [paths] if isinstance(paths, (str, Path)) else paths:
+        start, source = len(rows), open_source(path)
+        for obj, where in source.rows():
+            obj = rename(obj, columns or {}, where)
+            if source.kind == "csv" and isinstance(obj.get("label"), str) and _INT.fullmatch(obj["label"]):
+                obj["label"] = int(obj["label"])  # CSV cells are strings: integer labels keep their numeric order
             rows.append(parse_row(obj, where))
-    if not rows:
-        raise DataFormatError(f"data file {str(p)!r} contains no rows (empty or blank lines only)")
+        if len(rows) == start:
+            raise DataFormatError(f"data file {str(path)!r} contains no rows (empty or blank lines only)")
     return rows
 
 

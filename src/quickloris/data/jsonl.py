@@ -1,58 +1,73 @@
-"""Training records from JSONL files: chat `messages` or `prompt` / `completion` pairs.
+"""Training records: the canonical `Record` every data shape becomes, its checks, and reading data files.
 
-One JSON object per line; blank lines are skipped. Two record shapes are accepted (keys other than the
-ones named here are ignored):
+A file (`quickloris.data.sources`: JSON lines / array, CSV, Parquet, Arrow, a ``save_to_disk`` folder) gives rows;
+each row's shape (`quickloris.data.shapes`: messages, prompt_completion, alpaca, sharegpt, text) is detected from its
+keys (or forced with ``--data-format``) and the row becomes one of three canonical records (keys other than the
+ones a shape reads are ignored):
 
-* ``{"messages": [{"role": "system"|"user"|"assistant"|..., "content": str}, ...]}`` -- a conversation,
-  rendered with the tokenizer's chat template; every ``assistant`` turn is trained, everything else is
-  context (labels -100).
-* ``{"prompt": P, "completion": C}`` -- either two strings (plain text, no chat template: the model is
-  trained on ``C`` plus the end-of-sequence token after ``P``, the TRL "standard" convention) or two lists
-  of messages (conversational: ``prompt + completion`` is rendered as one conversation, the completion's
-  assistant turns are trained).
+* ``messages`` -- a conversation ``[{"role": ..., "content": str}, ...]``, rendered with the tokenizer's chat
+  template; every ``assistant`` turn is trained, everything else is context (labels -100). Alpaca and ShareGPT
+  rows become conversations.
+* ``prompt`` + ``completion`` -- either two strings (plain text, no chat template: the model is trained on ``C``
+  plus the end-of-sequence token after ``P``, the TRL "standard" convention) or two lists of messages
+  (conversational: ``prompt + completion`` is rendered as one conversation, the completion's assistant turns are
+  trained).
+* ``text`` -- language modelling: every token trained, an end-of-sequence token appended (TRL's convention).
 
-Every problem is reported as a `DataFormatError` (a `ValueError`) naming the file and the 1-based line, so
-that a 100k-line file with one bad line says where to look.
+Every problem is reported as a `DataFormatError` (a `ValueError`) naming the file and the 1-based line (``file:row
+N`` for Parquet / Arrow rows), so that a 100k-line file with one bad line says where to look.
 """
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from quickloris.data import shapes
+from quickloris.data.errors import DataFormatError
+from quickloris.data.sources import Source, open_source
 
-class DataFormatError(ValueError):
-    """A record that is not valid training data; the message starts with ``file:line:``."""
+__all__ = ["DataFormatError", "Record", "iter_jsonl", "load_jsonl", "parse_record", "records_from_dicts"]
 
 
 @dataclass(frozen=True)
 class Record:
     """One training example, before tokenization.
 
-    Exactly one of the two shapes is set: ``messages`` (a conversation) or ``prompt`` + ``completion``
-    (plain text). ``source`` is ``"file:line"`` (or a caller-chosen label) for error messages.
+    Exactly one of the three kinds is set: ``messages`` (a conversation), ``prompt`` + ``completion`` (plain
+    text, the completion trained) or ``text`` (language modelling, all trained). ``source`` is ``"file:line"``
+    (or a caller-chosen label) for error messages.
     """
 
     messages: tuple[Mapping[str, str], ...] | None = None
     prompt: str | None = None
     completion: str | None = None
+    text: str | None = None
     source: str = "<memory>"
 
     def __post_init__(self) -> None:
         is_chat = self.messages is not None
-        is_text = self.prompt is not None or self.completion is not None
-        if is_chat == is_text:
-            raise DataFormatError(f"{self.source}: a record holds either 'messages' or 'prompt' + 'completion'")
-        if is_text and not (isinstance(self.prompt, str) and isinstance(self.completion, str)):
+        is_pair = self.prompt is not None or self.completion is not None
+        is_text = self.text is not None
+        if is_chat + is_pair + is_text != 1:
+            raise DataFormatError(
+                f"{self.source}: a record holds one of 'messages', 'prompt' + 'completion' or 'text'"
+            )
+        if is_pair and not (isinstance(self.prompt, str) and isinstance(self.completion, str)):
             raise DataFormatError(f"{self.source}: 'prompt' and 'completion' must both be strings")
+        if is_text and not isinstance(self.text, str):
+            raise DataFormatError(f"{self.source}: 'text' must be a string")
 
     @property
     def is_chat(self) -> bool:
         return self.messages is not None
+
+    @property
+    def kind(self) -> str:
+        """``messages``, ``prompt_completion`` or ``text``."""
+        return "messages" if self.is_chat else "text" if self.text is not None else "prompt_completion"
 
 
 def _check_messages(messages: Any, where: str, key: str) -> tuple[dict[str, str], ...]:
@@ -79,77 +94,75 @@ def _check_messages(messages: Any, where: str, key: str) -> tuple[dict[str, str]
     return tuple(out)
 
 
-def parse_record(obj: Any, where: str = "<memory>") -> Record:
-    """Validate one decoded JSON value and turn it into a `Record` (errors name `where`)."""
-    if not isinstance(obj, dict):
-        raise DataFormatError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    has_messages = "messages" in obj
-    has_pc = "prompt" in obj or "completion" in obj
-    if has_messages and has_pc:
-        raise DataFormatError(f"{where}: has both 'messages' and 'prompt'/'completion'; use one shape")
-    if has_messages:
-        messages = _check_messages(obj["messages"], where, "messages")
+def parse_record(
+    obj: Any,
+    where: str = "<memory>",
+    *,
+    shape: str = "auto",
+    columns: Mapping[str, str] | None = None,
+) -> Record:
+    """Validate one decoded row and turn it into a `Record` (errors name `where`).
+
+    `shape`: one of `quickloris.data.shapes.SHAPES`, or ``auto`` (detected from the keys); `columns`: the
+    ``--data-columns`` renaming (name -> the row's column)."""
+    row = shapes.rename(obj, columns or {}, where)
+    if shape == "auto":
+        shape = shapes.detect(row, where)
+    kind, row = shapes.convert(row, shape, where)
+    if kind == "text":
+        return Record(text=row["text"], source=where)
+    if kind == "messages":
+        messages = _check_messages(row["messages"], where, "messages")
         if not any(m["role"] == "assistant" for m in messages):
-            raise DataFormatError(f"{where}: 'messages' has no 'assistant' turn, so nothing to train on")
+            raise DataFormatError(f"{where}: the conversation has no 'assistant' turn, so nothing to train on")
         return Record(messages=messages, source=where)
-    if has_pc:
-        missing = [k for k in ("prompt", "completion") if k not in obj]
-        if missing:
-            raise DataFormatError(
-                f"{where}: missing {', '.join(map(repr, missing))} (a prompt/completion record needs both)"
-            )
-        prompt, completion = obj["prompt"], obj["completion"]
-        if isinstance(prompt, str) and isinstance(completion, str):
-            return Record(prompt=prompt, completion=completion, source=where)
-        if isinstance(prompt, list) and isinstance(completion, list):
-            p = _check_messages(prompt, where, "prompt")
-            c = _check_messages(completion, where, "completion")
-            if not any(m["role"] == "assistant" for m in c):
-                raise DataFormatError(f"{where}: 'completion' has no 'assistant' turn, so nothing to train on")
-            # Only completion turns are trained: prompt assistant turns (few-shot examples) become context.
-            p = tuple({"role": m["role"], "content": m["content"], "train": False} for m in p)
-            return Record(messages=p + c, source=where)
-        raise DataFormatError(
-            f"{where}: 'prompt' and 'completion' must both be strings or both be lists of "
-            f"messages, got {type(prompt).__name__} and {type(completion).__name__}"
-        )
-    keys = ", ".join(map(repr, list(obj)[:8])) or "none"
-    raise DataFormatError(f"{where}: expected a 'messages' list or 'prompt' and 'completion' fields; found keys {keys}")
+    prompt, completion = row["prompt"], row["completion"]
+    if isinstance(prompt, str) and isinstance(completion, str):
+        return Record(prompt=prompt, completion=completion, source=where)
+    if isinstance(prompt, list) and isinstance(completion, list):
+        p = _check_messages(prompt, where, "prompt")
+        c = _check_messages(completion, where, "completion")
+        if not any(m["role"] == "assistant" for m in c):
+            raise DataFormatError(f"{where}: 'completion' has no 'assistant' turn, so nothing to train on")
+        # Only completion turns are trained: prompt assistant turns (few-shot examples) become context.
+        p = tuple({"role": m["role"], "content": m["content"], "train": False} for m in p)
+        return Record(messages=p + c, source=where)
+    raise DataFormatError(
+        f"{where}: 'prompt' and 'completion' must both be strings or both be lists of "
+        f"messages, got {type(prompt).__name__} and {type(completion).__name__}"
+    )
 
 
-def iter_jsonl(path: str | os.PathLike) -> Iterable[Record]:
-    """Yield the records of a JSONL file one by one (see the module docstring for the shapes)."""
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"data file {str(p)!r} does not exist")
-    if not p.is_file():
-        raise DataFormatError(f"data file {str(p)!r} is not a regular file")
-    with p.open("rb") as f:  # binary + per-line decoding, so a bad byte is reported on its own line
-        for lineno, raw in enumerate(f, start=1):
-            where = f"{p}:{lineno}"
-            try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # tolerate a BOM
-            except UnicodeDecodeError as e:
-                raise DataFormatError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataFormatError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from None
-            yield parse_record(obj, where)
+def iter_jsonl(
+    path: str | os.PathLike | Source,
+    *,
+    data_format: str = "auto",
+    columns: Mapping[str, str] | None = None,
+    seen: Callable[[Source, str], None] | None = None,
+) -> Iterator[Record]:
+    """Yield the records of a data file one by one, lazily (any file `quickloris.data.sources` reads; the name is
+    historical). Each row's shape is `data_format`, or detected from its keys; `seen(source, shape)` is called
+    for every row before it is converted."""
+    source = path if isinstance(path, Source) else open_source(path)
+    for row, where in source.rows():
+        row = shapes.rename(row, columns or {}, where)
+        shape = shapes.detect(row, where) if data_format == "auto" else data_format
+        if seen is not None:
+            seen(source, shape)
+        yield parse_record(row, where, shape=shape)
 
 
-def load_jsonl(path: str | os.PathLike) -> list[Record]:
-    """All records of a JSONL file; raises `DataFormatError` for an empty file or any bad line."""
-    records = list(iter_jsonl(path))
+def load_jsonl(path: str | os.PathLike, **options: Any) -> list[Record]:
+    """All records of a data file (`iter_jsonl`'s options); raises `DataFormatError` for an empty file or a bad row."""
+    records = list(iter_jsonl(path, **options))
     if not records:
         raise DataFormatError(f"data file {str(path)!r} contains no records (empty or blank lines only)")
     return records
 
 
-def records_from_dicts(rows: Sequence[Any], source: str = "<memory>") -> list[Record]:
-    """Validate in-memory rows (same shapes as the JSONL lines); errors name ``source[index]``."""
+def records_from_dicts(rows: Sequence[Any], source: str = "<memory>", **options: Any) -> list[Record]:
+    """Validate in-memory rows (`parse_record`'s options: each row's shape detected unless `shape` is given);
+    errors name ``source[index]``."""
     if not rows:
         raise DataFormatError(f"{source}: no records")
-    return [parse_record(r, f"{source}[{i}]") for i, r in enumerate(rows)]
+    return [parse_record(r, f"{source}[{i}]", **options) for i, r in enumerate(rows)]

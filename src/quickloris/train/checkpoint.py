@@ -203,16 +203,33 @@ def save_checkpoint(
     return final
 
 
-def data_fingerprint(examples: Sequence[Any], data_file: str | os.PathLike | None) -> dict[str, Any]:
-    """What identifies the training data: the file's SHA-256 (None for the embedded task), the example count, and a
-    hash of the tokenized examples (token ids and labels: it also changes with the tokenizer or chat template)."""
+def _data_sha256(data: str | os.PathLike | Sequence[str | os.PathLike]) -> str:
+    """A file's SHA-256; for several files or a folder (a datasets save_to_disk folder), the SHA-256 of each file's
+    name and SHA-256, in order (a folder's files sorted by their path inside it)."""
+    paths = [data] if isinstance(data, (str, os.PathLike)) else list(data)
+    if len(paths) == 1 and Path(paths[0]).is_file():
+        return _sha256(Path(paths[0]))
+    whole = hashlib.sha256()
+    for p in map(Path, paths):
+        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+        for f in files:
+            whole.update(f"{f.relative_to(p) if p.is_dir() else f.name}\0{_sha256(f)}\0".encode())
+    return whole.hexdigest()
+
+
+def data_fingerprint(
+    examples: Sequence[Any], data_file: str | os.PathLike | Sequence[str | os.PathLike] | None
+) -> dict[str, Any]:
+    """What identifies the training data: the data files' SHA-256 (`_data_sha256`; None for the embedded task), the
+    example count, and a hash of the tokenized examples (token ids and labels: it also changes with the tokenizer
+    or chat template)."""
     tokens = hashlib.sha256()
     for ex in examples:
         tokens.update(array("q", [len(ex.input_ids)]).tobytes())
         tokens.update(array("q", ex.input_ids).tobytes())
         tokens.update(array("q", ex.labels).tobytes())
     return {
-        "data.file_sha256": _sha256(Path(data_file))[:16] if data_file is not None else None,
+        "data.file_sha256": _data_sha256(data_file)[:16] if data_file is not None else None,
         "data.examples": len(examples),
         "data.tokens_sha256": tokens.hexdigest()[:16],
     }

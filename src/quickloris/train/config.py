@@ -209,8 +209,8 @@ class EvalConfig(Config):
 
     eval_data: str | None = field(
         None,
-        help="a JSONL file of {'messages': [...]} conversations ending with the "
-        "reference assistant answer, scored by exact match (with --task-type "
+        help="a data file (any type --data reads) of conversations (messages, alpaca, sharegpt rows) ending with "
+        "the reference assistant answer, scored by exact match (with --task-type "
         "classification: {'text', 'label'} rows, scored by accuracy and macro-F1); none: "
         "the held-out split of the embedded task (--task), or no evaluation when training "
         "on --data",

@@ -264,7 +264,11 @@ def _run_train(
         + f", compile {'on' if compile_cfg.enabled else 'off'}, gradient checkpointing "
         + ("on" if checkpoint_cfg.gradient_checkpointing else "off")
     )
-    preloaded = load_eval_examples(eval_cfg.eval_data) if eval_cfg.eval_data is not None and not classify else None
+    preloaded = None
+    if eval_cfg.eval_data is not None and not classify:
+        from quickloris.data.shapes import parse_columns
+
+        preloaded = load_eval_examples(eval_cfg.eval_data, parse_columns(data_cfg.data_columns))
     chat_template = read_chat_template(data_cfg.chat_template)
     echo(f"model: {source.describe()}")
     t0 = time.perf_counter()
@@ -280,17 +284,23 @@ def _run_train(
         examples_eval = tokenize_eval_rows(tokenizer, prepared.eval_rows, prepared.labels, limit)
         eval_what = prepared.eval_source
     else:
-        prepared = prepare_data(data_cfg, tokenizer, seed=train_cfg.seed, max_position_embeddings=limit)
+        prepared = prepare_data(
+            data_cfg,
+            tokenizer,
+            seed=train_cfg.seed,
+            max_position_embeddings=limit,
+            progress=None if train_cfg.progress else False,
+        )
         examples_eval, eval_what = _eval_examples(data_cfg, eval_cfg, prepared, preloaded)
     st = prepared.stats
-    what = f"texts, labels {', '.join(prepared.labels)}" if classify else "examples"
-    echo(
-        f"data: {prepared.source}: {st.kept} {what} ({st.dropped_too_long} longer than --max-seq-len dropped), "
-        f"{st.tokens} tokens"
-        + ("" if classify else f", {st.trainable_tokens} trained (response only)")
-        + f", longest {st.longest}"
-        + (", packed" if data_cfg.packing else "")
-    )
+    if classify:
+        echo(
+            f"data: {prepared.source}: {st.kept} texts, labels {', '.join(prepared.labels)} ({st.dropped_too_long} "
+            f"longer than --max-seq-len dropped), {st.tokens} tokens, longest {st.longest}"
+            + (", packed" if data_cfg.packing else "")
+        )
+    else:
+        echo(prepared.header(packing=data_cfg.packing))
     if classify and weights is not None:
         echo("class weights: " + ", ".join(f"{n} {w:.4g}" for n, w in zip(prepared.labels, weights)))
     echo(f"eval: {eval_what}")
@@ -503,6 +513,8 @@ def _write_config(out: Path, model_cfg, data_cfg, qlora_cfg, train_cfg, eval_cfg
 
     stats = dataclasses.asdict(prepared.stats)
     stats["dropped_sources"] = stats["dropped_sources"][:20]
+    if getattr(prepared, "described", ""):  # causal LM data: what was read, rows per shape, empty rows dropped
+        stats.update(read=prepared.described, shapes=prepared.shapes, dropped_empty=prepared.dropped_empty)
     atomic_write_json(
         out / "config.json",
         {

@@ -18,6 +18,7 @@ import torch
 from quickloris.config import ConfigError
 from quickloris.data.config import DataConfig
 from quickloris.data.jsonl import DataFormatError, load_jsonl
+from quickloris.data.sources import open_source
 from quickloris.models.prepare import QLoRAConfig
 from quickloris.train.config import EvalConfig, ModelConfig
 
@@ -141,9 +142,15 @@ def check_inputs(
     """What can be checked from files before a model is loaded: the input files exist, the model's architecture
     (its config.json) is supported and has the --target-modules layers, its tokenizer files are there, and
     --max-seq-len fits its position limit (`limit`). Errors name the option (`ConfigError`)."""
-    _missing_file(DataConfig, "data", data_cfg.data)
+    data = [(DataConfig, "data", p) for p in data_cfg.data or []]
+    for owner, name, path in data + ([(EvalConfig, "eval_data", eval_cfg.eval_data)] if eval_cfg.eval_data else []):
+        if not Path(path).expanduser().exists():
+            raise ConfigError(owner, name, f"{str(path)!r} does not exist")
+        try:
+            open_source(path)  # a file type it cannot read, a folder that is not a datasets folder
+        except DataFormatError as e:
+            raise ConfigError(owner, name, f": {e}") from None
     _missing_file(DataConfig, "chat_template", data_cfg.chat_template)
-    _missing_file(EvalConfig, "eval_data", eval_cfg.eval_data)
     _missing_file(ModelConfig, "adapter", model_cfg.adapter, folder=True)
     if model_cfg.adapter is not None and not (Path(model_cfg.adapter).expanduser() / "adapter_config.json").is_file():
         raise ConfigError(
@@ -201,14 +208,15 @@ class ChatEvalExample:
         return [dict(m) for m in self.prompt]
 
 
-def load_eval_examples(path: str | os.PathLike) -> list[ChatEvalExample]:
-    """Exact-match problems from a JSONL file of chat records whose last message is the reference answer."""
+def load_eval_examples(path: str | os.PathLike, columns: dict[str, str] | None = None) -> list[ChatEvalExample]:
+    """Exact-match problems from a data file of chat records (messages, alpaca, sharegpt, conversational
+    prompt/completion; `columns`: the --data-columns renaming) whose last message is the reference answer."""
     out = []
-    for r in load_jsonl(path):
+    for r in load_jsonl(path, columns=columns):
         if not r.is_chat:
             raise DataFormatError(
                 f"{r.source}: --eval-data needs chat records ({{'messages': [...]}}) ending with "
-                "the reference assistant answer; plain prompt/completion text has no chat prompt "
+                "the reference assistant answer; plain prompt/completion or text records have no chat prompt "
                 "to generate from"
             )
         messages = [{"role": m["role"], "content": m["content"]} for m in r.messages]
