@@ -52,9 +52,7 @@ class Record:
         is_pair = self.prompt is not None or self.completion is not None
         is_text = self.text is not None
         if is_chat + is_pair + is_text != 1:
-            raise DataFormatError(
-                f"{self.source}: a record holds one of 'messages', 'prompt' + 'completion' or 'text'"
-            )
+            raise DataFormatError(f"{self.source}: a record holds one of 'messages', 'prompt' + 'completion' or 'text'")
         if is_pair and not (isinstance(self.prompt, str) and isinstance(self.completion, str)):
             raise DataFormatError(f"{self.source}: 'prompt' and 'completion' must both be strings")
         if is_text and not isinstance(self.text, str):
