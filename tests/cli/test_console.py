@@ -10,14 +10,13 @@ import os
 import re
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
 
 transformers = pytest.importorskip("transformers")
 
-from quickloris.cli.console import LOG_NOISE, WARNING_NOISE, command_console, quiet_noise  # noqa: E402
+from quickloris.cli.console import LOG_NOISE, command_console, quiet_noise  # noqa: E402
 from quickloris.cli.main import main  # noqa: E402
 from tests.helpers import require  # noqa: E402
 from tests.train.tiny import save_tiny_llama, task_rows, write_jsonl  # noqa: E402
@@ -61,19 +60,6 @@ def test_each_logged_message_dropped_and_nothing_else(name, prefix):
         prefix + " from a child logger: its own",  # propagated to this logger's handlers, not dropped
         prefix + " after the command",
     ]
-
-
-def test_warnings_dropped_only_from_their_module():
-    message = "`clean_up_tokenization_spaces` was not set. It will be set to `True` by default."
-    assert any(re.match(m, message) for _, m, _ in WARNING_NOISE)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        with quiet_noise():
-            warnings.warn_explicit(message, FutureWarning, "t.py", 1, module="transformers.tokenization_utils_base")
-            warnings.warn_explicit(message, FutureWarning, "t.py", 2, module="somebody_else")
-            warnings.warn_explicit("another change", FutureWarning, "t.py", 3, module="transformers.generation")
-        warnings.warn_explicit(message, FutureWarning, "t.py", 4, module="transformers.tokenization_utils_base")
-    assert [w.lineno for w in caught] == [2, 3, 4]
 
 
 @pytest.mark.parametrize("flag", [True, False, None])
