@@ -73,6 +73,15 @@ def test_transformers_bars_follow_and_are_restored(flag):
     assert hf_logging.is_progress_bar_enabled() is before
 
 
+@pytest.mark.parametrize(("rank", "flag", "expected"), [("1", None, False), ("1", True, True), ("0", None, None)])
+def test_other_ranks_draw_no_bars_unless_forced(monkeypatch, rank, flag, expected):
+    from quickloris.utils.progress import _FORCED
+
+    monkeypatch.setenv("RANK", rank)
+    with command_console(flag):
+        assert _FORCED.get() is expected
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny model whose tokenizer files ask for clean_up_tokenization_spaces (as the tokenizer transformers

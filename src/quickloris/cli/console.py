@@ -3,7 +3,8 @@
 `command_console(progress)` wraps the work of `quickloris train`, `eval` and `export`:
 
 * Progress bars follow one switch (`quickloris.utils.progress`): ``--progress`` / ``--no-progress``, unset: shown
-  when stderr is a terminal. transformers' bars that it lets callers switch off (weight loading) follow it too.
+  when stderr is a terminal, by rank 0 alone under torchrun (the ranks share the terminal). transformers' bars
+  that it lets callers switch off (weight loading) follow it too.
 * Messages that ask the user to do something they need not do are dropped, each matched by its logger and the
   start of its text (`LOG_NOISE`). Everything else those libraries say, and every error, still prints. The filters
   are added when the command starts and removed when it ends: nothing is patched, and Python callers of the
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterator
 
 from quickloris.utils.progress import bars_enabled, progress_bars
@@ -87,6 +89,8 @@ def _transformers_bars(enabled: bool) -> Iterator[None]:
 
 @contextlib.contextmanager
 def command_console(progress: bool | None) -> Iterator[None]:
-    """The output policy of one command: bars per `progress` (None: on a terminal), the noise dropped."""
+    """The output policy of one command: bars per `progress` (None: on a terminal, rank 0 only), the noise dropped."""
+    if progress is None and os.environ.get("RANK", "0") not in ("", "0"):
+        progress = False
     with progress_bars(progress), quiet_noise(), _transformers_bars(bars_enabled(progress)):
         yield
