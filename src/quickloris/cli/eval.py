@@ -33,8 +33,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from quickloris.cli.console import command_console
     from quickloris.train.evaluation import run_eval
 
     model_cfg, task_cfg, eval_cfg = (dataclass_from_args(cls, args) for _, cls in groups())
-    run_eval(model_cfg, task_cfg, eval_cfg)
+    with command_console(task_cfg.progress):
+        run_eval(model_cfg, task_cfg, eval_cfg)
     return 0

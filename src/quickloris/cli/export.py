@@ -28,10 +28,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_gguf(args: argparse.Namespace) -> int:
+    from quickloris.cli.console import command_console
     from quickloris.export.gguf_export import GGUFExportConfig, export_from_config
 
     cfg = dataclass_from_args(GGUFExportConfig, args)
-    result = export_from_config(cfg, echo=lambda m: print(m, flush=True))
+    with command_console(cfg.progress):
+        result = export_from_config(cfg, echo=lambda m: print(m, flush=True))
     counts: dict[str, int] = {}
     for qtype in result.tensor_types.values():
         counts[qtype] = counts.get(qtype, 0) + 1

@@ -49,7 +49,11 @@ def configs_from_args(args: argparse.Namespace) -> list:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from quickloris.cli.console import command_console
+    from quickloris.train.config import TrainConfig
     from quickloris.train.run import run_train
 
-    run_train(*configs_from_args(args))
+    configs = configs_from_args(args)
+    with command_console(next(c for c in configs if isinstance(c, TrainConfig)).progress):
+        run_train(*configs)
     return 0

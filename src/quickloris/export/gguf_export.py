@@ -32,6 +32,7 @@ from quickloris.export.quants import GGMLType, Preset, check_preset, file_type, 
 from quickloris.export.tokenizer import tokenizer_metadata
 from quickloris.export.writer import GGUFWriter
 from quickloris.models.adapter_base import NF4Base, nf4_base
+from quickloris.utils.progress import progress
 
 
 @dataclass
@@ -165,7 +166,7 @@ def export_gguf(
             w.add(key, vtype, value, elem)
         indices = [w.add_tensor(it.gguf_name, it.shape, it.qtype) for it in items]
         w.begin()
-        with torch.no_grad():
+        with torch.no_grad(), progress(total=len(items), desc=f"export {quant}", unit="tensor") as bar:
             for it, index in zip(items, indices):
                 if it.hf_name is None:
                     data = extra[it.gguf_name]
@@ -174,6 +175,7 @@ def export_gguf(
                     data = arch.to_gguf_layout(it.gguf_name, merged, config)
                 w.write_tensor(index, data)
                 result.tensor_types[it.gguf_name] = it.qtype.name
+                bar.update(1)
                 if log:
                     log(f"{it.gguf_name:32s} {it.qtype.name:5s} {tuple(it.shape)}")
         result.tensor_bytes = w.tensor_offsets[-1][1] + w.tensor_offsets[-1][2] if items else 0
@@ -223,6 +225,9 @@ class GGUFExportConfig:
         None,
         help="llama.cpp pre-tokenizer name (tokenizer.ggml.pre) when it "
         "cannot be recognised (e.g. llama-bpe, qwen2, gpt-2, smollm)",
+    )
+    progress: bool | None = cli_field(
+        None, help="progress bar of the tensors merged, quantized and written; unset: shown when stderr is a terminal"
     )
 
     def __post_init__(self) -> None:

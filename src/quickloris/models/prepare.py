@@ -63,6 +63,7 @@ from quickloris.models.families import (
 )
 from quickloris.nn.qlora_linear import QLoRALinear, lora_scaling
 from quickloris.tensor.nf4_tensor import NF4Tensor
+from quickloris.utils.progress import progress
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 STEP = "prepare"
@@ -279,13 +280,16 @@ def replace_linears(model: nn.Module, cfg: QLoRAConfig, spec: FamilySpec | None 
         raise ValueError(f"target_modules {sorted(missing)} match no linear layer of the decoder")
     if not plan or not any(t for *_, t in plan):
         raise ValueError("no decoder linear layer matches target_modules")
-    for parent, child_name, full, child, is_target in plan:
-        nf4 = _nf4_of(child, cfg, full)
-        bias = child.bias.detach() if getattr(child, "bias", None) is not None else None
-        new = QLoRALinear(nf4, bias, **(lora if is_target else dict(r=0)))
-        setattr(parent, child_name, new)
-        if is_target:
-            found[full] = new
+    dense = [_linear_kind(child) == "dense" for *_, child, _ in plan]
+    with progress(total=sum(dense), desc="NF4 quantize", unit="layer", enabled=None if any(dense) else False) as bar:
+        for (parent, child_name, full, child, is_target), quantized in zip(plan, dense):
+            nf4 = _nf4_of(child, cfg, full)
+            bias = child.bias.detach() if getattr(child, "bias", None) is not None else None
+            new = QLoRALinear(nf4, bias, **(lora if is_target else dict(r=0)))
+            setattr(parent, child_name, new)
+            if is_target:
+                found[full] = new
+            bar.update(int(quantized))
     return found
 
 

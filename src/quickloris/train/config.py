@@ -178,7 +178,12 @@ class TrainConfig(Config):
         check=at_least(1),
         fingerprint=False,
     )
-    progress: bool = field(True, help="show a progress bar (loss, tokens/s, memory)", fingerprint=False)
+    progress: bool | None = field(
+        None,
+        help="progress bars (training with loss, tokens/s and memory; NF4 quantization; evaluation); unset: "
+        "shown when stderr is a terminal",
+        fingerprint=False,
+    )
     class_weights: str = field(
         "none",
         help="classification: weight of each class's texts in the loss: none (all "
@@ -253,4 +258,8 @@ class EvalTaskConfig(Config):
         "llama.cpp on the same problems, prompts and exact-match rule; with --adapter the table "
         "shows before / after / exported; without --adapter or --nf4 only the file is scored "
         "(--model gives the tokenizer and chat template)",
+    )
+    progress: bool | None = field(
+        None,
+        help="progress bars (NF4 quantization, generation over the problems); unset: shown when stderr is a terminal",
     )

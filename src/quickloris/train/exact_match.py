@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from quickloris.data.tasks import TaskExample, exact_match, get_task
+from quickloris.utils.progress import progress
 
 _SLACK_TOKENS = 4
 
@@ -69,6 +70,31 @@ def prompt_ids(
     return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
 
+def _answered(bar: Any, eos_ids: Any) -> Any:
+    """A `generate` streamer that advances `bar` by each row of the batch as it emits an end-of-sequence token
+    (rows cut by ``max_new_tokens``: when the batch ends). `generate` hands it the prompt, then each step's
+    tokens, one per row."""
+    from transformers.generation.streamers import BaseStreamer
+
+    eos = torch.tensor([eos_ids] if isinstance(eos_ids, int) else list(eos_ids or []), dtype=torch.long)
+
+    class Answered(BaseStreamer):
+        done = torch.zeros(0, dtype=torch.bool)
+
+        def put(self, value: torch.Tensor) -> None:
+            if value.dim() > 1:  # the prompt
+                self.done = torch.zeros(value.shape[0], dtype=torch.bool)
+                return
+            new = torch.isin(value.view(-1), eos) & ~self.done
+            self.done |= new
+            bar.update(int(new.sum()))
+
+        def end(self) -> None:
+            bar.update(int((~self.done).sum()))
+
+    return Answered()
+
+
 @torch.no_grad()
 def generate_replies(
     model: Any,
@@ -91,6 +117,7 @@ def generate_replies(
     was_training = model.training
     model.eval()
     replies: list[str] = []
+    bar = progress(total=len(prompts), desc="eval", unit="problem")
     try:
         for start in range(0, len(prompts), batch_size):
             enc = prompt_ids(tokenizer, prompts[start : start + batch_size], chat_template)
@@ -107,10 +134,12 @@ def generate_replies(
                 num_beams=1,
                 max_new_tokens=max_new_tokens,
                 pad_token_id=pad_id,
+                streamer=None if bar.disable else _answered(bar, model.generation_config.eos_token_id),
             )
             new = out[:, width:].cpu()
             replies += tokenizer.batch_decode(new, skip_special_tokens=True)
     finally:
+        bar.close()
         model.train(was_training)
     return replies
 
@@ -209,7 +238,7 @@ def generate_replies_gguf(
         n_vocab = llm.n_vocab()
         retokenized = 0
         replies = []
-        for prompt in ids:
+        for prompt in progress(ids, desc="eval GGUF", unit="problem"):
             text = tokenizer.decode(prompt)
             retokenized += llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) != prompt
             llm.reset()

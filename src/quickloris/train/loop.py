@@ -257,6 +257,8 @@ def train_loop(
     """
     from tqdm.auto import tqdm
 
+    from quickloris.utils.progress import progress
+
     device = device or next(model.parameters()).device
     objective = objective or CausalLM()
     rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
@@ -279,15 +281,7 @@ def train_loop(
     clip = cfg.max_grad_norm if cfg.max_grad_norm else math.inf
     say = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
     model.train()
-    bar = tqdm(
-        total=total,
-        initial=state.step,
-        desc="train",
-        unit="step",
-        disable=not cfg.progress,
-        dynamic_ncols=True,
-        file=sys.stderr,
-    )
+    bar = progress(total=total, initial=state.step, desc="train", unit="step", enabled=cfg.progress)
     try:
         while state.step < total:
             s = state.step
