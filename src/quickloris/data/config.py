@@ -11,11 +11,18 @@ use those labels.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import Any, Literal
 
 from quickloris.config import Config, ConfigError, at_least, field
-from quickloris.data.chat import TokenizedExample, TokenizeStats, check_max_seq_len, tokenize_records
+from quickloris.data.chat import (
+    TokenizedExample,
+    TokenizeStats,
+    check_max_seq_len,
+    tokenize_records,
+    tool_task_template,
+)
 from quickloris.data.classification import (
     CLASSIFICATION_TASKS,
     DEFAULT_CLASSIFICATION_TASK,
@@ -26,6 +33,7 @@ from quickloris.data.classification import (
 )
 from quickloris.data.jsonl import load_jsonl
 from quickloris.data.tasks import DEFAULT_TASK, TASKS, TaskExample, get_task
+from quickloris.data.tool_task import TOOLS_TASK, ToolExample
 
 TaskType = Literal["causal_lm", "classification"]
 
@@ -66,7 +74,8 @@ class DataConfig(Config):
     task: str | None = field(
         None,
         help="embedded task generated when --data is none, and the task scored by "
-        "evaluation: 'addition' (sum of two 3-digit numbers) or 'reverse' (reverse 5-7 digits); "
+        "evaluation: 'addition' (sum of two 3-digit numbers), 'reverse' (reverse 5-7 digits) or 'tools' (call a "
+        "calculator, unit converter or stock lookup, then answer from its result); "
         "with --task-type classification 'sentiment' (of a generated review sentence); none: "
         "addition, or sentiment for classification",
         check=known_task,
@@ -98,8 +107,10 @@ class PreparedData:
 
     examples: list[TokenizedExample]
     stats: TokenizeStats
-    eval_examples: list[TaskExample]
+    eval_examples: list[TaskExample | ToolExample]
     source: str
+    chat_template: str | None = None  # the template used (None: the tokenizer's), for evaluation
+    notes: list[str] = dataclass_field(default_factory=list)  # for the user (e.g. which template --task tools uses)
 
 
 def read_chat_template(path: str | None) -> str | None:
@@ -117,6 +128,10 @@ def prepare_data(
     """Examples to train on and problems to evaluate, from `cfg` (the task's splits depend on `seed`)."""
     check_max_seq_len(cfg.max_seq_len, max_position_embeddings)
     task = get_task(task_name(DataConfig, cfg.task, "causal_lm"))
+    chat_template, notes = read_chat_template(cfg.chat_template), []
+    if task is TOOLS_TASK and cfg.data is None:
+        chat_template, note = tool_task_template(tokenizer, chat_template)
+        notes += [note] if note else []
     if cfg.data is None:
         records, source = task.records("train", cfg.num_train, seed), f"embedded task {task.name!r}"
     else:
@@ -126,9 +141,9 @@ def prepare_data(
         records,
         max_seq_len=cfg.max_seq_len,
         overflow=cfg.overflow,
-        chat_template=read_chat_template(cfg.chat_template),
+        chat_template=chat_template,
     )
-    return PreparedData(examples, stats, task.generate("heldout", cfg.num_eval, seed), source)
+    return PreparedData(examples, stats, task.generate("heldout", cfg.num_eval, seed), source, chat_template, notes)
 
 
 @dataclass

@@ -11,6 +11,10 @@ ones named here are ignored):
   of messages (conversational: ``prompt + completion`` is rendered as one conversation, the completion's
   assistant turns are trained).
 
+Tool calling (OpenAI's format, `quickloris.data.tools`): a chat row may carry a ``tools`` list of function schemas,
+assistant messages ``tool_calls`` (``content`` null, empty or text) and ``{"role": "tool", "tool_call_id": ...,
+"content": ...}`` results; they are rendered by the chat template with ``tools=``.
+
 Every problem is reported as a `DataFormatError` (a `ValueError`) naming the file and the 1-based line, so
 that a 100k-line file with one bad line says where to look.
 """
@@ -24,9 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
-class DataFormatError(ValueError):
-    """A record that is not valid training data; the message starts with ``file:line:``."""
+from quickloris.data.errors import DataFormatError
+from quickloris.data.tools import check_tool_message, check_tools, is_tool_message
 
 
 @dataclass(frozen=True)
@@ -37,10 +40,11 @@ class Record:
     (plain text). ``source`` is ``"file:line"`` (or a caller-chosen label) for error messages.
     """
 
-    messages: tuple[Mapping[str, str], ...] | None = None
+    messages: tuple[Mapping[str, Any], ...] | None = None
     prompt: str | None = None
     completion: str | None = None
     source: str = "<memory>"
+    tools: tuple[Mapping[str, Any], ...] | None = None  # function schemas the chat template renders (tools=)
 
     def __post_init__(self) -> None:
         is_chat = self.messages is not None
@@ -49,13 +53,15 @@ class Record:
             raise DataFormatError(f"{self.source}: a record holds either 'messages' or 'prompt' + 'completion'")
         if is_text and not (isinstance(self.prompt, str) and isinstance(self.completion, str)):
             raise DataFormatError(f"{self.source}: 'prompt' and 'completion' must both be strings")
+        if self.tools is not None and not is_chat:
+            raise DataFormatError(f"{self.source}: 'tools' need a chat record ('messages' or message lists)")
 
     @property
     def is_chat(self) -> bool:
         return self.messages is not None
 
 
-def _check_messages(messages: Any, where: str, key: str) -> tuple[dict[str, str], ...]:
+def _check_messages(messages: Any, where: str, key: str) -> tuple[dict[str, Any], ...]:
     if not isinstance(messages, list):
         raise DataFormatError(
             f"{where}: {key!r} must be a list of {{'role', 'content'}} objects, got {type(messages).__name__}"
@@ -68,6 +74,9 @@ def _check_messages(messages: Any, where: str, key: str) -> tuple[dict[str, str]
             raise DataFormatError(
                 f"{where}: {key}[{i}] must be an object with 'role' and 'content', got {type(m).__name__}"
             )
+        if is_tool_message(m):  # tool_calls / tool results: validated and normalised by quickloris.data.tools
+            out.append(check_tool_message(m, f"{where}: {key}[{i}]"))
+            continue
         missing = [k for k in ("role", "content") if k not in m]
         if missing:
             raise DataFormatError(f"{where}: {key}[{i}] is missing {', '.join(map(repr, missing))}")
@@ -77,6 +86,10 @@ def _check_messages(messages: Any, where: str, key: str) -> tuple[dict[str, str]
             raise DataFormatError(f"{where}: {key}[{i}]['content'] must be a string, got {type(m['content']).__name__}")
         out.append({"role": m["role"], "content": m["content"]})
     return tuple(out)
+
+
+def _row_tools(obj: dict[str, Any], where: str) -> tuple[dict[str, Any], ...] | None:
+    return None if obj.get("tools") is None else check_tools(obj["tools"], where)
 
 
 def parse_record(obj: Any, where: str = "<memory>") -> Record:
@@ -91,7 +104,7 @@ def parse_record(obj: Any, where: str = "<memory>") -> Record:
         messages = _check_messages(obj["messages"], where, "messages")
         if not any(m["role"] == "assistant" for m in messages):
             raise DataFormatError(f"{where}: 'messages' has no 'assistant' turn, so nothing to train on")
-        return Record(messages=messages, source=where)
+        return Record(messages=messages, source=where, tools=_row_tools(obj, where))
     if has_pc:
         missing = [k for k in ("prompt", "completion") if k not in obj]
         if missing:
@@ -100,15 +113,15 @@ def parse_record(obj: Any, where: str = "<memory>") -> Record:
             )
         prompt, completion = obj["prompt"], obj["completion"]
         if isinstance(prompt, str) and isinstance(completion, str):
-            return Record(prompt=prompt, completion=completion, source=where)
+            return Record(prompt=prompt, completion=completion, source=where, tools=_row_tools(obj, where))
         if isinstance(prompt, list) and isinstance(completion, list):
             p = _check_messages(prompt, where, "prompt")
             c = _check_messages(completion, where, "completion")
             if not any(m["role"] == "assistant" for m in c):
                 raise DataFormatError(f"{where}: 'completion' has no 'assistant' turn, so nothing to train on")
             # Only completion turns are trained: prompt assistant turns (few-shot examples) become context.
-            p = tuple({"role": m["role"], "content": m["content"], "train": False} for m in p)
-            return Record(messages=p + c, source=where)
+            p = tuple({**m, "train": False} for m in p)
+            return Record(messages=p + c, source=where, tools=_row_tools(obj, where))
         raise DataFormatError(
             f"{where}: 'prompt' and 'completion' must both be strings or both be lists of "
             f"messages, got {type(prompt).__name__} and {type(completion).__name__}"

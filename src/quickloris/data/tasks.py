@@ -4,6 +4,8 @@ The default, ``addition``, asks for the sum of two 3-digit numbers. SmolLM2-135M
 them exactly zero-shot (it explains how to add, and the right sum appears in only ~3 % of its replies) and
 72-86 % after 100 LoRA steps of 8 examples, 81-84 % after 120-150 (docs/demo-design.md). ``reverse``
 (reverse a 5-7 digit string) is learnt faster (99.5 % after 60 steps) and is the easier alternative.
+``tools`` (`quickloris.data.tool_task`) asks questions that need a call to one of three tools, then an answer from
+the tool's result.
 
 Train and held-out splits are disjoint by construction, for every seed and size: each problem has a
 canonical key (for addition the unordered pair, so ``a + b`` and ``b + a`` land on the same side) and
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 
 from quickloris.data.jsonl import Record
 from quickloris.data.splits import Split, draw_split, split_of  # noqa: F401  (Split: re-exported)
+from quickloris.data.tool_task import TOOLS_TASK, ToolExample, ToolTask
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,9 @@ class TaskExample:
 
     def messages(self) -> list[dict[str, str]]:
         return self.prompt_messages() + [{"role": "assistant", "content": self.answer}]
+
+    def row(self) -> dict[str, list[dict[str, str]]]:
+        return {"messages": self.messages()}
 
 
 def extract_answer(text: str) -> str:
@@ -86,24 +92,26 @@ def _reverse(rng: random.Random) -> tuple[str, str, str]:
     return digits, digits[::-1], digits
 
 
-TASKS: dict[str, Task] = {
+TASKS: dict[str, Task | ToolTask] = {
     "addition": Task(
         "addition", "Add the two numbers.", _addition, "sum of two 3-digit numbers, e.g. '479 + 386' -> '865'"
     ),
     "reverse": Task("reverse", "Reverse the digits.", _reverse, "reverse a 5-7 digit string, e.g. '40172' -> '27104'"),
+    "tools": TOOLS_TASK,  # tool calling (quickloris.data.tool_task), with the same interface
 }
 DEFAULT_TASK = "addition"
 
 
-def get_task(name: str) -> Task:
+def get_task(name: str) -> Task | ToolTask:
     try:
         return TASKS[name]
     except KeyError:
         raise ValueError(f"unknown task {name!r}; choose one of {', '.join(sorted(TASKS))}") from None
 
 
-def write_jsonl(examples: Sequence[TaskExample], path: str | os.PathLike) -> None:
-    """Write `examples` as ``{"messages": [...]}`` lines (the format `quickloris.data.jsonl` reads), atomically."""
+def write_jsonl(examples: Sequence[TaskExample | ToolExample], path: str | os.PathLike) -> None:
+    """Write `examples` as JSONL lines (the format `quickloris.data.jsonl` reads: ``{"messages": [...]}``, with
+    ``tools`` for the tool task), atomically."""
     from quickloris.utils.atomic import atomic_write_text
 
-    atomic_write_text(path, "".join(json.dumps({"messages": ex.messages()}) + "\n" for ex in examples))
+    atomic_write_text(path, "".join(json.dumps(ex.row()) + "\n" for ex in examples))

@@ -39,6 +39,7 @@ class EvalResult:
     seconds: float
     max_new_tokens: int
     samples: list[dict[str, Any]] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)  # more scores (the tool task's: call and final answer)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -47,6 +48,7 @@ class EvalResult:
             "total": self.total,
             "seconds": round(self.seconds, 3),
             "max_new_tokens": self.max_new_tokens,
+            **self.details,
             "samples": self.samples,
         }
 
@@ -58,13 +60,29 @@ def _pad_id(tokenizer: Any) -> int:
     return int(pad)
 
 
+Tools = Sequence[Sequence[dict[str, Any]] | None] | None  # per prompt: the function schemas rendered with it
+
+
 def prompt_ids(
-    tokenizer: Any, prompts: Sequence[Sequence[dict[str, str]]], chat_template: str | None = None
+    tokenizer: Any,
+    prompts: Sequence[Sequence[dict[str, Any]]],
+    chat_template: str | None = None,
+    tools: Tools = None,
 ) -> list[list[int]]:
-    """Token ids of each chat prompt, rendered with the chat template and the generation prompt appended."""
+    """Token ids of each chat prompt, rendered with the chat template (and its `tools`) and the generation prompt
+    appended."""
+    from quickloris.data.chat import template_message
+
+    per_prompt = list(tools) if tools is not None else [None] * len(prompts)
     texts = [
-        tokenizer.apply_chat_template(list(p), tokenize=False, add_generation_prompt=True, chat_template=chat_template)
-        for p in prompts
+        tokenizer.apply_chat_template(
+            [template_message(m) for m in p],
+            tokenize=False,
+            add_generation_prompt=True,
+            chat_template=chat_template,
+            **({"tools": [dict(x) for x in t]} if t else {}),
+        )
+        for p, t in zip(prompts, per_prompt)
     ]
     return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
@@ -78,8 +96,10 @@ def generate_replies(
     max_new_tokens: int,
     batch_size: int = 64,
     chat_template: str | None = None,
+    tools: Tools = None,
 ) -> list[str]:
-    """Greedy replies (decoded, special tokens dropped) to chat `prompts`, `batch_size` at a time."""
+    """Greedy replies (decoded, special tokens dropped) to chat `prompts` (each rendered with its `tools`),
+    `batch_size` at a time."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -93,7 +113,8 @@ def generate_replies(
     replies: list[str] = []
     try:
         for start in range(0, len(prompts), batch_size):
-            enc = prompt_ids(tokenizer, prompts[start : start + batch_size], chat_template)
+            chunk = None if tools is None else tools[start : start + batch_size]
+            enc = prompt_ids(tokenizer, prompts[start : start + batch_size], chat_template, chunk)
             width = max(map(len, enc))
             ids = torch.full((len(enc), width), pad_id, dtype=torch.long)
             mask = torch.zeros((len(enc), width), dtype=torch.long)
@@ -179,6 +200,7 @@ def generate_replies_gguf(
     stop_ids: Sequence[int],
     chat_template: str | None = None,
     threads: int | None = None,
+    tools: Tools = None,
 ) -> tuple[list[str], int]:
     """Greedy replies of the GGUF model `path` through llama.cpp, and how many prompts llama.cpp's own tokenizer
     splits differently from `tokenizer` (0 when the file carries the same tokenizer; the replies always start from
@@ -191,7 +213,7 @@ def generate_replies_gguf(
         raise ModuleNotFoundError("scoring a GGUF file needs llama-cpp-python: pip install llama-cpp-python") from None
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    ids = prompt_ids(tokenizer, prompts, chat_template)
+    ids = prompt_ids(tokenizer, prompts, chat_template, tools)
     stops = {int(t) for t in stop_ids}
     n_ctx = max(map(len, ids)) + max_new_tokens
     llm = llama_cpp.Llama(
