@@ -177,8 +177,8 @@ def tool_task_template(tokenizer: Any, chat_template: str | None) -> tuple[str |
     if "<|im_start|>" in vocab and "<|im_end|>" in vocab:
         return tool_template(), (
             "the model's chat template cannot render tools: --task tools uses quickloris' ChatML tool template "
-            f"({tool_template_path()}) for training and evaluation; export it into a GGUF file with "
-            f"`quickloris export gguf --chat-template {tool_template_path()}`"
+            f"({tool_template_path()}) for training and evaluation (`quickloris export gguf --adapter` stores it in "
+            "the GGUF file)"
         )
     raise ValueError(
         "--task tools: the model's chat template cannot render tools and the model does not use ChatML (for which "

@@ -34,6 +34,7 @@ from quickloris.data.classification import (
 from quickloris.data.jsonl import load_jsonl
 from quickloris.data.tasks import DEFAULT_TASK, TASKS, TaskExample, get_task
 from quickloris.data.tool_task import TOOLS_TASK, ToolExample
+from quickloris.data.tools import SHIPPED_TOOL_TEMPLATE
 
 TaskType = Literal["causal_lm", "classification"]
 
@@ -110,6 +111,7 @@ class PreparedData:
     eval_examples: list[TaskExample | ToolExample]
     source: str
     chat_template: str | None = None  # the template used (None: the tokenizer's), for evaluation
+    template_file: str | None = None  # where it came from: --chat-template, or quickloris' tool template
     notes: list[str] = dataclass_field(default_factory=list)  # for the user (e.g. which template --task tools uses)
 
 
@@ -129,9 +131,12 @@ def prepare_data(
     check_max_seq_len(cfg.max_seq_len, max_position_embeddings)
     task = get_task(task_name(DataConfig, cfg.task, "causal_lm"))
     chat_template, notes = read_chat_template(cfg.chat_template), []
+    template_file = None if cfg.chat_template is None else str(Path(cfg.chat_template).resolve())
     if task is TOOLS_TASK and cfg.data is None:
         chat_template, note = tool_task_template(tokenizer, chat_template)
-        notes += [note] if note else []
+        if note:
+            notes.append(note)
+            template_file = SHIPPED_TOOL_TEMPLATE
     if cfg.data is None:
         records, source = task.records("train", cfg.num_train, seed), f"embedded task {task.name!r}"
     else:
@@ -143,7 +148,8 @@ def prepare_data(
         overflow=cfg.overflow,
         chat_template=chat_template,
     )
-    return PreparedData(examples, stats, task.generate("heldout", cfg.num_eval, seed), source, chat_template, notes)
+    heldout = task.generate("heldout", cfg.num_eval, seed)
+    return PreparedData(examples, stats, heldout, source, chat_template, template_file, notes)
 
 
 @dataclass

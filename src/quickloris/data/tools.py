@@ -45,6 +45,26 @@ def tool_template() -> str:
     return tool_template_path().read_text(encoding="utf-8")
 
 
+SHIPPED_TOOL_TEMPLATE = f"quickloris:{TOOL_TEMPLATE_NAME}"  # how a run's config.json names the shipped template
+
+
+def template_from_run(run_config: Mapping[str, Any]) -> tuple[str | None, str]:
+    """The chat template a `quickloris train` run used when it was not the tokenizer's (its config.json's
+    ``resolved.chat_template``: `SHIPPED_TOOL_TEMPLATE` or a file), with where it came from; (None, "") when the run
+    used the tokenizer's. A file that is gone raises (one line)."""
+    name = (run_config.get("resolved") or {}).get("chat_template")
+    if not name:
+        return None, ""
+    if name == SHIPPED_TOOL_TEMPLATE:
+        return tool_template(), f"quickloris' ChatML tool template ({tool_template_path()})"
+    path = Path(name)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"the adapter's run trained with the chat template {name}, which is gone; pass --chat-template FILE"
+        )
+    return path.read_text(encoding="utf-8"), str(path)
+
+
 def _json_value(value: Any, where: str, what: str) -> Any:
     if not isinstance(value, str):
         return value

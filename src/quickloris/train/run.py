@@ -414,6 +414,8 @@ def _run_train(
     }
     if classify:
         resolved.update(task_type="classification", labels=prepared.labels, class_weights=weights)
+    elif prepared.template_file is not None:  # `quickloris export gguf --adapter` stores this template
+        resolved["chat_template"] = prepared.template_file
     if ctx is not None:
         resolved["fsdp"] = {**plan, "rank_devices": f"{ctx.world_size} x {device.type}"}
     if main:
