@@ -1,0 +1,101 @@
+"""Scoring the tool task: the call (name + arguments as JSON values) and the final answer (exact first line), generation
+lengths from the reference replies, and prompts rendered with their tools."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from quickloris.data.tool_task import TOOLS_TASK
+from quickloris.data.tools import tool_template
+from quickloris.train.exact_match import generate_replies, prompt_ids
+from quickloris.train.tool_eval import describe, evaluate_tool_calls, is_tool_task
+
+
+def _call(name, args, style="hermes"):
+    if style == "hermes":
+        return "<tool_call>\n" + json.dumps({"name": name, "arguments": args}) + "\n</tool_call>"
+    return json.dumps({"name": name, "parameters": args})  # Llama-3.1
+
+
+def test_scoring_with_an_oracle(chat_tokenizer):
+    tok, template = chat_tokenizer, tool_template()
+    examples = TOOLS_TASK.generate("heldout", 12, seed=2)
+    calls, answers = {}, {}
+    for k, ex in enumerate(examples):
+        wrong = {key: (v + 1 if isinstance(v, int) else v + "x") for key, v in ex.arguments.items()}
+        floats = {key: (float(v) if isinstance(v, int) else v) for key, v in ex.arguments.items()}
+        calls[ex.question] = [
+            _call(ex.name, ex.arguments),  # right
+            _call(ex.name, dict(reversed(list(ex.arguments.items())))),  # right: key order does not matter
+            _call(ex.name, floats, "llama"),  # right: 12.0 == 12, Llama-3.1's "parameters"
+            _call(ex.name, wrong),  # wrong arguments
+            _call("calculator" if ex.name != "calculator" else "get_stock", ex.arguments),  # wrong tool
+            _call(ex.name, ex.arguments)[:-20],  # cut off: not JSON
+        ][k % 6]
+        answers[ex.question] = [ex.answer, ex.answer + "\nmore", "It is " + ex.answer][k % 3]
+    seen = []
+
+    def generate(prompts, tools, n):
+        seen.append((len(prompts[0]), n))
+        assert tools == [list(ex.tools) for ex in examples]
+        if len(prompts[0]) == 2:  # system + question: the call
+            return [calls[p[1]["content"]] for p in prompts]
+        assert [p[2:] for p in prompts] == [ex.answer_prompt_messages()[2:] for ex in examples]  # reference call
+        return [answers[p[1]["content"]] for p in prompts]
+
+    result = evaluate_tool_calls(generate, tok, examples, chat_template=template, num_samples=4)
+    assert (result.correct, result.total, result.accuracy) == (6, 12, 0.5)
+    d = result.to_dict()
+    assert (d["call_correct"], d["call_accuracy"], d["answer_correct"], d["answer_accuracy"]) == (6, 0.5, 8, 8 / 12)
+    assert [s["correct"] for s in result.samples] == [True, True, True, False]
+    assert [s["final_correct"] for s in result.samples] == [True, True, False, True]
+    assert describe(d) == "tool call 50.0% (6/12), final answer 66.7% (8/12)"
+    # generation runs to the longest reference reply (the trained tokens: the call or answer and <|im_end|>) + 4
+    longest_call = max(
+        len(tok(_call(ex.name, ex.arguments) + "<|im_end|>", add_special_tokens=False)["input_ids"]) for ex in examples
+    )
+    longest_answer = max(len(tok(ex.answer + "<|im_end|>", add_special_tokens=False)["input_ids"]) for ex in examples)
+    assert seen == [(2, longest_call + 4), (4, longest_answer + 4)]
+    assert result.max_new_tokens == longest_call + 4 and d["max_new_tokens_answer"] == longest_answer + 4
+    # an explicit --max-new-tokens is used for both
+    seen.clear()
+    evaluate_tool_calls(generate, tok, examples, chat_template=template, max_new_tokens=7)
+    assert [n for _, n in seen] == [7, 7]
+    assert is_tool_task(examples) and not is_tool_task([]) and describe({"accuracy": 0.25, "correct": 1, "total": 4})
+
+
+def test_prompts_are_rendered_with_their_tools(tiny_llama, chat_tokenizer):
+    tok, template = chat_tokenizer, tool_template()
+    examples = TOOLS_TASK.generate("heldout", 3, seed=0)
+    prompts, tools = [ex.answer_prompt_messages() for ex in examples], [list(ex.tools) for ex in examples]
+    ids = prompt_ids(tok, prompts, template, tools)
+    for got, p, t in zip(ids, prompts, tools):
+        want = tok.apply_chat_template(
+            p, tools=t, chat_template=template, add_generation_prompt=True, return_dict=False
+        )
+        assert got == list(want)
+        assert "get_stock(item: string)" in tok.decode(got)
+    # batched (left padded) == one by one, with tools
+    batched = generate_replies(
+        tiny_llama, tok, prompts, max_new_tokens=5, batch_size=2, chat_template=template, tools=tools
+    )
+    alone = []
+    for p in ids:
+        out = tiny_llama.generate(torch.tensor([p]), max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+        alone.append(tok.decode(out[0, len(p) :], skip_special_tokens=True))
+    assert batched == alone
+
+
+def test_evaluate_on_a_real_model(tiny_llama, chat_tokenizer):
+    examples = TOOLS_TASK.generate("heldout", 4, seed=1)
+
+    def generate(prompts, tools, n):
+        return generate_replies(
+            tiny_llama, chat_tokenizer, prompts, max_new_tokens=n, chat_template=tool_template(), tools=tools
+        )
+
+    result = evaluate_tool_calls(generate, chat_tokenizer, examples, chat_template=tool_template())
+    assert result.total == 4 and result.correct == 0  # a random model does not write the call
+    assert len(result.samples) == 4 and all(isinstance(s["reply"], str) for s in result.samples)
