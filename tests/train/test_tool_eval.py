@@ -99,3 +99,43 @@ def test_evaluate_on_a_real_model(tiny_llama, chat_tokenizer):
     result = evaluate_tool_calls(generate, chat_tokenizer, examples, chat_template=tool_template())
     assert result.total == 4 and result.correct == 0  # a random model does not write the call
     assert len(result.samples) == 4 and all(isinstance(s["reply"], str) for s in result.samples)
+
+
+def test_eval_data_with_tool_calls_keeps_them_in_the_prompt(tiny_llama, chat_tokenizer, tmp_path, monkeypatch):
+    """--eval-data rows in OpenAI's tool format: the final answer is scored after the prompt with its tools, calls and
+    results; a template that cannot render them is refused (file:line), as is a row ending with a call."""
+    import pytest
+
+    from quickloris.data.errors import DataFormatError
+    from quickloris.data.tasks import write_jsonl
+    from quickloris.train.exact_match import evaluate_exact_match
+    from quickloris.train.runtime import load_eval_examples
+
+    examples = TOOLS_TASK.generate("heldout", 2, seed=4)
+    path = tmp_path / "held.jsonl"
+    write_jsonl(examples, path)
+    loaded = load_eval_examples(path)
+    assert [ex.answer for ex in loaded] == [ex.answer for ex in examples]
+    assert [list(ex.prompt_messages()) for ex in loaded] == [
+        [{k: v for k, v in m.items() if v is not None} for m in ex.answer_prompt_messages()] for ex in examples
+    ]
+    assert all(ex.tools == examples[0].tools for ex in loaded)
+    seen, generate = [], tiny_llama.generate
+
+    def spy(**kw):
+        seen.append(kw["input_ids"])
+        return generate(**kw)
+
+    monkeypatch.setattr(tiny_llama, "generate", spy)
+    result = evaluate_exact_match(tiny_llama, chat_tokenizer, loaded, max_new_tokens=3, chat_template=tool_template())
+    assert result.total == 2
+    prompts = chat_tokenizer.batch_decode(seen[0], skip_special_tokens=True)
+    for ex, prompt in zip(examples, prompts):  # generated from the prompt with the tools, the call and the result
+        assert "get_stock(item: string)" in prompt and json.dumps(ex.arguments) in prompt and ex.result in prompt
+    with pytest.raises(DataFormatError, match=rf"^{path}:1: the chat template ignores the row's 'tools'"):
+        evaluate_exact_match(tiny_llama, chat_tokenizer, loaded, max_new_tokens=3)  # its ChatML template: no tools
+    rows = [ex.row() for ex in examples]
+    rows[1]["messages"] = rows[1]["messages"][:3]  # ends with the call
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataFormatError, match=rf"^{path}:2: the last message is a tool call"):
+        load_eval_examples(path)

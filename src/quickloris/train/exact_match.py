@@ -148,7 +148,7 @@ def evaluate_exact_match(
     chat_template: str | None = None,
 ) -> EvalResult:
     """Exact-match accuracy of greedy replies on `examples` (the held-out split of a task, usually)."""
-    max_new_tokens = _max_new_tokens(tokenizer, examples, max_new_tokens)
+    max_new_tokens = _max_new_tokens(tokenizer, examples, max_new_tokens, chat_template)
     t0 = time.perf_counter()
     replies = generate_replies(
         model,
@@ -157,17 +157,35 @@ def evaluate_exact_match(
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
         chat_template=chat_template,
+        tools=[getattr(ex, "tools", None) for ex in examples],
     )
     return _score(examples, replies, time.perf_counter() - t0, max_new_tokens, num_samples, scorer)
 
 
-def _max_new_tokens(tokenizer: Any, examples: Sequence[TaskExample], max_new_tokens: int | None) -> int:
+def _max_new_tokens(
+    tokenizer: Any, examples: Sequence[TaskExample], max_new_tokens: int | None, chat_template: str | None = None
+) -> int:
     if not examples:
         raise ValueError("no examples to evaluate")
+    _check_tool_prompts(tokenizer, examples, chat_template)
     if max_new_tokens is None:
         longest = max(len(tokenizer(ex.answer, add_special_tokens=False)["input_ids"]) for ex in examples)
         max_new_tokens = longest + _SLACK_TOKENS
     return max_new_tokens
+
+
+def _check_tool_prompts(tokenizer: Any, examples: Sequence[Any], chat_template: str | None) -> None:
+    """--eval-data conversations with tools, calls or tool results: the template must render them (one line naming
+    the row otherwise, as for training data), else the prompts would be scored with them silently left out."""
+    from quickloris.data.chat import tokenize_chat
+    from quickloris.data.tools import is_tool_message
+
+    for ex in examples:
+        tools = getattr(ex, "tools", None)
+        prompt = ex.prompt_messages()
+        if tools or any(is_tool_message(m) for m in prompt):
+            messages = [*prompt, {"role": "assistant", "content": ex.answer}]
+            tokenize_chat(tokenizer, messages, source=ex.source, chat_template=chat_template, tools=tools)
 
 
 def _score(
@@ -264,7 +282,7 @@ def evaluate_exact_match_gguf(
 ) -> tuple[EvalResult, int]:
     """`evaluate_exact_match` for a GGUF file run by llama.cpp (see the module docstring); also returns the count
     of prompts llama.cpp's tokenizer splits differently."""
-    max_new_tokens = _max_new_tokens(tokenizer, examples, max_new_tokens)
+    max_new_tokens = _max_new_tokens(tokenizer, examples, max_new_tokens, chat_template)
     t0 = time.perf_counter()
     replies, retokenized = generate_replies_gguf(
         path,
@@ -274,5 +292,6 @@ def evaluate_exact_match_gguf(
         stop_ids=stop_ids,
         chat_template=chat_template,
         threads=threads,
+        tools=[getattr(ex, "tools", None) for ex in examples],
     )
     return _score(examples, replies, time.perf_counter() - t0, max_new_tokens, num_samples, scorer), retokenized
