@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from quickloris.data.tool_task import TOOLS_TASK
 from quickloris.data.tools import tool_template
-from quickloris.train.exact_match import generate_replies, prompt_ids
+from quickloris.train.exact_match import evaluate_task, generate_replies, prompt_ids
 from quickloris.train.tool_eval import describe, evaluate_tool_calls, is_tool_task
 
 
@@ -98,14 +99,14 @@ def test_evaluate_on_a_real_model(tiny_llama, chat_tokenizer):
 
     result = evaluate_tool_calls(generate, chat_tokenizer, examples, chat_template=tool_template())
     assert result.total == 4 and result.correct == 0  # a random model does not write the call
+    with pytest.raises(TypeError, match="scored by quickloris.train.tool_eval.evaluate_tool_calls"):
+        evaluate_task(tiny_llama, chat_tokenizer, "tools", n=2)
     assert len(result.samples) == 4 and all(isinstance(s["reply"], str) for s in result.samples)
 
 
 def test_eval_data_with_tool_calls_keeps_them_in_the_prompt(tiny_llama, chat_tokenizer, tmp_path, monkeypatch):
     """--eval-data rows in OpenAI's tool format: the final answer is scored after the prompt with its tools, calls and
     results; a template that cannot render them is refused (file:line), as is a row ending with a call."""
-    import pytest
-
     from quickloris.data.errors import DataFormatError
     from quickloris.data.tasks import write_jsonl
     from quickloris.train.exact_match import evaluate_exact_match

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from quickloris.data.tasks import TaskExample, exact_match, get_task
+from quickloris.data.tool_task import ToolExample
 
 _SLACK_TOKENS = 4
 
@@ -167,6 +168,8 @@ def _max_new_tokens(
 ) -> int:
     if not examples:
         raise ValueError("no examples to evaluate")
+    if isinstance(examples[0], ToolExample):  # the call and the answer are scored apart: not one exact match
+        raise TypeError("the tool task is scored by quickloris.train.tool_eval.evaluate_tool_calls")
     _check_tool_prompts(tokenizer, examples, chat_template)
     if max_new_tokens is None:
         longest = max(len(tokenizer(ex.answer, add_special_tokens=False)["input_ids"]) for ex in examples)
