@@ -89,3 +89,20 @@ def test_conversations_fit_the_default_max_seq_len(smollm2_tokenizer):
     )
     assert stats.kept == 500 and stats.longest <= 256
     assert all(ex.num_trainable > 10 for ex in examples)  # the call and the answer
+
+
+def test_signatures_are_shorter_than_json(smollm2_tokenizer):
+    """What README and the template say: the three tools take 61 SmolLM2 tokens as the template's signatures, 208 as
+    JSON schemas (one per line, as Hermes-style templates list them)."""
+    tok = smollm2_tokenizer
+    ex = TOOLS_TASK.generate("train", 1, 0)[0]
+    text = tok.apply_chat_template(
+        ex.prompt_messages(), tools=list(TOOLS), chat_template=tool_template(), tokenize=False
+    )
+    listing = text[text.index("Tools:\n") + len("Tools:\n") : text.index("\nTo call a tool")]
+    assert listing.splitlines()[0] == "calculator(expression: string) - Evaluate an arithmetic expression."
+
+    def count(s):
+        return len(tok(s, add_special_tokens=False)["input_ids"])
+
+    assert (count(listing), count("\n".join(json.dumps(t) for t in TOOLS))) == (61, 208)
