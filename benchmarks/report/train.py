@@ -1,4 +1,5 @@
-"""Report layout of `quickloris bench train` (train-*.json) and of benchmarks/train/probe_speed.py (probe_speed-*)."""
+"""Report layout of `quickloris bench train` (train-*.json), of benchmarks/train/probe_speed.py (probe_speed-*) and of
+the tool-calling notebook's run (tools-cpu-*, written by examples/tool_calling.ipynb)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ _SHAPES = {"1b": "Llama-3.2-1B shape", "8b": "Llama-3.1-8B shape"}
 
 
 def what(kind: str, r: dict[str, Any]) -> str:
+    if kind == "tools-cpu":
+        return f"tool calling: SmolLM2 --task tools, {num(r.get('steps'))} steps of {num(r.get('batch_size'))}"
     if kind == "probe_speed":
         return "probe_speed: " + ", ".join(k for k in r if not k.endswith("_seconds"))
     opts = [f"attention {r['attention']}"] if r.get("attention") else []
@@ -30,6 +33,17 @@ def what(kind: str, r: dict[str, Any]) -> str:
 
 
 def protocol(kind: str, r: dict[str, Any]) -> str:
+    if kind == "tools-cpu":
+        return (
+            "examples/tool_calling.ipynb (built and executed by examples/tool_calling_notebook.py) on the CPU: "
+            f"`quickloris train --task tools --batch-size {num(r.get('batch_size'))} --max-steps "
+            f"{num(r.get('steps'))} --num-eval {num(r.get('num_eval'))}` on the embedded SmolLM2-135M-Instruct "
+            "(NF4 + LoRA r=16 on every linear, quickloris' ChatML tool template), held-out problems scored before and "
+            "after (the tool call: name and arguments as JSON values; the final answer after the reference call and "
+            "its result: exact first line), then `quickloris export gguf --quant q8_0` and `quickloris eval --gguf` "
+            "(llama.cpp) on the same problems, and a tool loop with llama-cpp-python's `create_chat_completion` on the "
+            "file. train_minutes: the whole `quickloris train` call (loading and both evaluations included)."
+        )
     if kind == "probe_speed":
         return (
             "`benchmarks/train/probe_speed.py` (diagnostics, not the headline benchmark). attention: forward + "
@@ -106,6 +120,12 @@ def _stack_rows(runs: dict[str, Any]) -> list[list[Any]]:
 
 
 def headline(kind: str, r: dict[str, Any]) -> list[str]:
+    if kind == "tools-cpu":
+        rows = [
+            [label, f"{num(x['call_correct'])} / {num(x['total'])}", f"{num(x['answer_correct'])} / {num(x['total'])}"]
+            for label, x in (("before", r["before"]), ("after", r["after"]), ("exported Q8_0", r["exported_q8_0"]))
+        ]
+        return table(["model", "tool call", "final answer"], rows)
     if kind == "probe_speed":
         return _probe(r)
     out: list[str] = []

@@ -187,7 +187,7 @@ def test_prepare_classification_data(tmp_path):
     assert e.value.name == "task"
     with pytest.raises(ConfigError, match="'sentiment' is not a causal lm task"):
         prepare_data(DataConfig(task="sentiment"), tok)
-    with pytest.raises(ConfigError, match="unknown task; choose one of addition, reverse, sentiment"):
+    with pytest.raises(ConfigError, match="unknown task; choose one of addition, reverse, tools, sentiment"):
         DataConfig(task="nope")
     assert torch.tensor(0).item() == 0
 

@@ -11,5 +11,7 @@ call / ``apply_chat_template`` interface); ``datasets`` / pyarrow are imported o
 * `quickloris.data.pipeline` -- tokenize a stream of records (worker processes, progress bar)
 * `quickloris.data.packing`  -- padding-free packing, right-padding collator, resumable batch plans
 * `quickloris.data.tasks`    -- the embedded tasks (generated, held-out split, exact-match scoring)
+* `quickloris.data.tools`    -- tool calling: OpenAI-format tools / tool_calls / results, template checks, call parsing
+* `quickloris.data.tool_task` -- the embedded tool-calling task (`--task tools`)
 * `quickloris.data.config`   -- `DataConfig` (CLI options) and `prepare_data`
 """

@@ -15,6 +15,12 @@ tokenization), and a token is trained iff its first character lies in a trained 
 tokenizer). A reply that starts with whitespace can have it merged into the token ending the template's assistant
 header (e.g. ``"\n "``); that token starts before the span and stays context.
 
+Tool calling: a record's ``tools`` are passed to the template (``tools=``) in every render, and assistant turns with
+``tool_calls`` are located the same way, so what the assistant writes is trained (the call text the template makes of
+name and arguments, and the final answers) while the tool schemas, the system prompt and the ``tool`` results are
+context. A template that leaves tools, calls or results out is refused (`quickloris.data.tools.check_tool_rendering`)
+rather than training on a conversation with them missing.
+
 Plain-text records (``prompt`` + ``completion`` strings) are tokenized as ``prompt + completion`` without a
 template and without a separator (TRL's convention: the data holds the space or newline it wants); the tokens
 starting inside the completion are trained, and the end-of-sequence token is appended (trained) so the model
@@ -33,6 +39,13 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from quickloris.data.jsonl import DataFormatError, Record
+from quickloris.data.tools import (
+    check_tool_rendering,
+    is_tool_message,
+    renders_tools,
+    tool_template,
+    tool_template_path,
+)
 
 IGNORE_INDEX = -100
 
@@ -105,16 +118,31 @@ def _labels_from_spans(
     return [i if any(a <= start < b for a, b in spans) else IGNORE_INDEX for i, (start, _) in zip(ids, offsets)]
 
 
+_MESSAGE_KEYS = ("role", "content", "tool_calls", "tool_call_id", "name")
+
+
+def template_message(m: Mapping[str, Any]) -> dict[str, Any]:
+    """A message as the chat template sees it: quickloris' own keys (``train``) dropped, tool keys only when set
+    (Llama-3.1's template branches on ``'tool_calls' in message``)."""
+    return {k: m[k] for k in _MESSAGE_KEYS if m.get(k) is not None}
+
+
 def _render(
     tokenizer: Any,
-    messages: Sequence[Mapping[str, str]],
+    messages: Sequence[Mapping[str, Any]],
     generation_prompt: bool,
     chat_template: str | None,
     source: str,
+    tools: Sequence[Mapping[str, Any]] | None = None,
 ) -> str:
+    extra = {"tools": [dict(t) for t in tools]} if tools else {}
     try:
         text = tokenizer.apply_chat_template(
-            list(messages), tokenize=False, add_generation_prompt=generation_prompt, chat_template=chat_template
+            list(messages),
+            tokenize=False,
+            add_generation_prompt=generation_prompt,
+            chat_template=chat_template,
+            **extra,
         )
     except Exception as e:  # jinja errors (raise_exception in templates) carry the template's own message
         raise DataFormatError(f"{source}: the chat template failed on this conversation: {e}") from e
@@ -133,19 +161,58 @@ def require_chat_template(tokenizer: Any, chat_template: str | None = None) -> N
         )
 
 
+def template_renders_tools(tokenizer: Any, chat_template: str | None = None) -> bool:
+    """Whether `chat_template` (None: the tokenizer's) renders tools, calls and results (`quickloris.data.tools.
+    renders_tools`)."""
+    if chat_template is None and not getattr(tokenizer, "chat_template", None):
+        return False
+    return renders_tools(lambda msgs, gen, tools: _render(tokenizer, msgs, gen, chat_template, "probe", tools))
+
+
+def tool_task_template(tokenizer: Any, chat_template: str | None) -> tuple[str | None, str | None]:
+    """The chat template of the embedded tool-calling task and a note for the user: `chat_template` (--chat-template)
+    when given, else the model's own when it renders tools, else quickloris' ChatML tool template for a ChatML model
+    (with a note saying so); a model with neither raises (one line naming --chat-template)."""
+    if chat_template is not None or template_renders_tools(tokenizer):
+        return chat_template, None
+    vocab = tokenizer.get_vocab()
+    if "<|im_start|>" in vocab and "<|im_end|>" in vocab:
+        return tool_template(), (
+            "the model's chat template cannot render tools: --task tools uses quickloris' ChatML tool template "
+            f"({tool_template_path()}) for training and evaluation (`quickloris export gguf --adapter` stores it in "
+            "the GGUF file)"
+        )
+    raise ValueError(
+        "--task tools: the model's chat template cannot render tools and the model does not use ChatML (for which "
+        f"quickloris ships one: {tool_template_path()}); pass a template that renders tools with --chat-template FILE"
+    )
+
+
 def tokenize_chat(
-    tokenizer: Any, messages: Sequence[Mapping[str, Any]], *, source: str = "<memory>", chat_template: str | None = None
+    tokenizer: Any,
+    messages: Sequence[Mapping[str, Any]],
+    *,
+    source: str = "<memory>",
+    chat_template: str | None = None,
+    tools: Sequence[Mapping[str, Any]] | None = None,
 ) -> TokenizedExample:
-    """Render `messages` with the chat template; train every assistant turn (unless it has ``train=False``)."""
+    """Render `messages` (and `tools`) with the chat template; train every assistant turn (unless it has
+    ``train=False``)."""
     require_chat_template(tokenizer, chat_template)
-    clean = [{"role": m["role"], "content": m["content"]} for m in messages]
-    full = _render(tokenizer, clean, False, chat_template, source)
+    clean = [template_message(m) for m in messages]
+
+    def render(msgs: Sequence[Mapping[str, Any]], generation_prompt: bool, tools: Any) -> str:
+        return _render(tokenizer, msgs, generation_prompt, chat_template, source, tools)
+
+    full = render(clean, False, tools)
     spans: list[tuple[int, int]] = []
+    turns: dict[int, tuple[int, int]] = {}  # assistant turns with tool calls, for the tool rendering check
     for i, m in enumerate(messages):
-        if m["role"] != "assistant" or not m.get("train", True):
+        trained = m["role"] == "assistant" and m.get("train", True)
+        if not trained and not clean[i].get("tool_calls"):
             continue
-        prefix = _render(tokenizer, clean[:i], True, chat_template, source)
-        upto = _render(tokenizer, clean[: i + 1], False, chat_template, source)
+        prefix = render(clean[:i], True, tools)
+        upto = render(clean[: i + 1], False, tools)
         if not (upto.startswith(prefix) and full.startswith(upto)):
             raise DataFormatError(
                 f"{source}: the chat template does not render conversation prefixes consistently (turn {i}: "
@@ -155,8 +222,11 @@ def tokenize_chat(
         # Whitespace the template puts after the end-of-turn marker is not trained: generation stops at the
         # marker, so it is never produced.
         end = len(upto.rstrip())
-        if end > len(prefix):
+        turns[i] = (len(prefix), end)
+        if trained and end > len(prefix):
             spans.append((len(prefix), end))
+    if tools or any(is_tool_message(m) for m in clean):
+        check_tool_rendering(render, clean, tools, turns, full, source)
     ids, offsets = _offsets(tokenizer, full, add_special_tokens=False)
     return TokenizedExample(ids, _labels_from_spans(ids, offsets, spans), source)
 
@@ -193,7 +263,9 @@ def tokenize_lm(tokenizer: Any, text: str, *, source: str = "<memory>") -> Token
 
 def tokenize_record(tokenizer: Any, record: Record, *, chat_template: str | None = None) -> TokenizedExample:
     if record.is_chat:
-        return tokenize_chat(tokenizer, record.messages, source=record.source, chat_template=chat_template)
+        return tokenize_chat(
+            tokenizer, record.messages, source=record.source, chat_template=chat_template, tools=record.tools
+        )
     if record.text is not None:
         return tokenize_lm(tokenizer, record.text, source=record.source)
     return tokenize_text(tokenizer, record.prompt, record.completion, source=record.source)

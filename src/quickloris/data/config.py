@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import Any, Literal
 
 from quickloris.config import Config, ConfigError, at_least, comma_list, field
-from quickloris.data.chat import TokenizedExample, TokenizeStats, check_max_seq_len
+from quickloris.data.chat import TokenizedExample, TokenizeStats, check_max_seq_len, tool_task_template
 from quickloris.data.classification import (
     CLASSIFICATION_TASKS,
     DEFAULT_CLASSIFICATION_TASK,
@@ -32,6 +33,8 @@ from quickloris.data.pipeline import tokenize_stream
 from quickloris.data.records import DataFiles
 from quickloris.data.shapes import column_problem, parse_columns
 from quickloris.data.tasks import DEFAULT_TASK, TASKS, TaskExample, get_task
+from quickloris.data.tool_task import TOOLS_TASK, ToolExample
+from quickloris.data.tools import SHIPPED_TOOL_TEMPLATE
 
 TaskType = Literal["causal_lm", "classification"]
 
@@ -104,7 +107,8 @@ class DataConfig(Config):
     task: str | None = field(
         None,
         help="embedded task generated when --data is none, and the task scored by "
-        "evaluation: 'addition' (sum of two 3-digit numbers) or 'reverse' (reverse 5-7 digits); "
+        "evaluation: 'addition' (sum of two 3-digit numbers), 'reverse' (reverse 5-7 digits) or 'tools' (call a "
+        "calculator, unit converter or stock lookup, then answer from its result); "
         "with --task-type classification 'sentiment' (of a generated review sentence); none: "
         "addition, or sentiment for classification",
         check=known_task,
@@ -138,8 +142,11 @@ class PreparedData:
 
     examples: list[TokenizedExample]
     stats: TokenizeStats
-    eval_examples: list[TaskExample]
+    eval_examples: list[TaskExample | ToolExample]
     source: str
+    chat_template: str | None = None  # the template used (None: the tokenizer's), for evaluation
+    template_file: str | None = None  # where it came from: --chat-template, or quickloris' tool template
+    notes: list[str] = dataclass_field(default_factory=list)  # for the user (e.g. which template --task tools uses)
     described: str = ""
     dropped_empty: int = 0
     shapes: dict[str, int] | None = None
@@ -181,7 +188,13 @@ def prepare_data(
     `progress`: the tokenization progress bar (None: on a terminal)."""
     check_max_seq_len(cfg.max_seq_len, max_position_embeddings)
     task = get_task(task_name(DataConfig, cfg.task, "causal_lm"))
-    template = read_chat_template(cfg.chat_template)
+    chat_template, notes = read_chat_template(cfg.chat_template), []
+    template_file = None if cfg.chat_template is None else str(Path(cfg.chat_template).resolve())
+    if task is TOOLS_TASK and cfg.data is None:
+        chat_template, note = tool_task_template(tokenizer, chat_template)
+        if note:
+            notes.append(note)
+            template_file = SHIPPED_TOOL_TEMPLATE
     files = None
     if cfg.data is None:
         records = task.records("train", cfg.num_train, seed)
@@ -194,7 +207,7 @@ def prepare_data(
         records,
         max_seq_len=cfg.max_seq_len,
         overflow=cfg.overflow,
-        chat_template=template,
+        chat_template=chat_template,
         workers=cfg.data_workers,
         progress=progress,
         total=total,
@@ -208,9 +221,12 @@ def prepare_data(
         stats,
         task.generate("heldout", cfg.num_eval, seed),
         source,
-        files.describe() if files is not None else source,
-        files.dropped_empty if files is not None else 0,
-        shapes if files is not None else None,
+        chat_template=chat_template,
+        template_file=template_file,
+        notes=notes,
+        described=files.describe() if files is not None else source,
+        dropped_empty=files.dropped_empty if files is not None else 0,
+        shapes=shapes if files is not None else None,
     )
 
 

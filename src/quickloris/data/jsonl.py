@@ -14,6 +14,10 @@ ones a shape reads are ignored):
   trained).
 * ``text`` -- language modelling: every token trained, an end-of-sequence token appended (TRL's convention).
 
+Tool calling (OpenAI's format, `quickloris.data.tools`): a chat row may carry a ``tools`` list of function schemas,
+assistant messages ``tool_calls`` (``content`` null, empty or text) and ``{"role": "tool", "tool_call_id": ...,
+"content": ...}`` results; they are rendered by the chat template with ``tools=``.
+
 Every problem is reported as a `DataFormatError` (a `ValueError`) naming the file and the 1-based line (``file:row
 N`` for Parquet / Arrow rows), so that a 100k-line file with one bad line says where to look.
 """
@@ -28,6 +32,7 @@ from typing import Any
 from quickloris.data import shapes
 from quickloris.data.errors import DataFormatError
 from quickloris.data.sources import Source, open_source
+from quickloris.data.tools import check_tool_message, check_tools, is_tool_message
 
 __all__ = ["DataFormatError", "Record", "iter_jsonl", "load_jsonl", "parse_record", "records_from_dicts"]
 
@@ -41,11 +46,12 @@ class Record:
     (or a caller-chosen label) for error messages.
     """
 
-    messages: tuple[Mapping[str, str], ...] | None = None
+    messages: tuple[Mapping[str, Any], ...] | None = None
     prompt: str | None = None
     completion: str | None = None
     text: str | None = None
     source: str = "<memory>"
+    tools: tuple[Mapping[str, Any], ...] | None = None  # function schemas the chat template renders (tools=)
 
     def __post_init__(self) -> None:
         is_chat = self.messages is not None
@@ -57,6 +63,8 @@ class Record:
             raise DataFormatError(f"{self.source}: 'prompt' and 'completion' must both be strings")
         if is_text and not isinstance(self.text, str):
             raise DataFormatError(f"{self.source}: 'text' must be a string")
+        if self.tools is not None and not is_chat:
+            raise DataFormatError(f"{self.source}: 'tools' need a chat record ('messages' or message lists)")
 
     @property
     def is_chat(self) -> bool:
@@ -68,7 +76,7 @@ class Record:
         return "messages" if self.is_chat else "text" if self.text is not None else "prompt_completion"
 
 
-def _check_messages(messages: Any, where: str, key: str) -> tuple[dict[str, str], ...]:
+def _check_messages(messages: Any, where: str, key: str) -> tuple[dict[str, Any], ...]:
     if not isinstance(messages, list):
         raise DataFormatError(
             f"{where}: {key!r} must be a list of {{'role', 'content'}} objects, got {type(messages).__name__}"
@@ -81,6 +89,9 @@ def _check_messages(messages: Any, where: str, key: str) -> tuple[dict[str, str]
             raise DataFormatError(
                 f"{where}: {key}[{i}] must be an object with 'role' and 'content', got {type(m).__name__}"
             )
+        if is_tool_message(m):  # tool_calls / tool results: validated and normalised by quickloris.data.tools
+            out.append(check_tool_message(m, f"{where}: {key}[{i}]"))
+            continue
         missing = [k for k in ("role", "content") if k not in m]
         if missing:
             raise DataFormatError(f"{where}: {key}[{i}] is missing {', '.join(map(repr, missing))}")
@@ -90,6 +101,10 @@ def _check_messages(messages: Any, where: str, key: str) -> tuple[dict[str, str]
             raise DataFormatError(f"{where}: {key}[{i}]['content'] must be a string, got {type(m['content']).__name__}")
         out.append({"role": m["role"], "content": m["content"]})
     return tuple(out)
+
+
+def _row_tools(obj: dict[str, Any], where: str) -> tuple[dict[str, Any], ...] | None:
+    return None if obj.get("tools") is None else check_tools(obj["tools"], where)
 
 
 def parse_record(
@@ -113,18 +128,18 @@ def parse_record(
         messages = _check_messages(row["messages"], where, "messages")
         if not any(m["role"] == "assistant" for m in messages):
             raise DataFormatError(f"{where}: the conversation has no 'assistant' turn, so nothing to train on")
-        return Record(messages=messages, source=where)
+        return Record(messages=messages, source=where, tools=_row_tools(row, where))
     prompt, completion = row["prompt"], row["completion"]
     if isinstance(prompt, str) and isinstance(completion, str):
-        return Record(prompt=prompt, completion=completion, source=where)
+        return Record(prompt=prompt, completion=completion, source=where, tools=_row_tools(row, where))
     if isinstance(prompt, list) and isinstance(completion, list):
         p = _check_messages(prompt, where, "prompt")
         c = _check_messages(completion, where, "completion")
         if not any(m["role"] == "assistant" for m in c):
             raise DataFormatError(f"{where}: 'completion' has no 'assistant' turn, so nothing to train on")
         # Only completion turns are trained: prompt assistant turns (few-shot examples) become context.
-        p = tuple({"role": m["role"], "content": m["content"], "train": False} for m in p)
-        return Record(messages=p + c, source=where)
+        p = tuple({**m, "train": False} for m in p)
+        return Record(messages=p + c, source=where, tools=_row_tools(row, where))
     raise DataFormatError(
         f"{where}: 'prompt' and 'completion' must both be strings or both be lists of "
         f"messages, got {type(prompt).__name__} and {type(completion).__name__}"

@@ -4,6 +4,8 @@ The default, ``addition``, asks for the sum of two 3-digit numbers. SmolLM2-135M
 them exactly zero-shot (it explains how to add, and the right sum appears in only ~3 % of its replies) and
 72-86 % after 100 LoRA steps of 8 examples, 81-84 % after 120-150 (docs/demo-design.md). ``reverse``
 (reverse a 5-7 digit string) is learnt faster (99.5 % after 60 steps) and is the easier alternative.
+``tools`` (`quickloris.data.tool_task`) asks questions that need a call to one of three tools, then an answer from
+the tool's result.
 
 Train and held-out splits are disjoint by construction, for every seed and size: each problem has a
 canonical key (for addition the unordered pair, so ``a + b`` and ``b + a`` land on the same side) and
@@ -16,53 +18,12 @@ from __future__ import annotations
 import json
 import os
 import random
-import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 from quickloris.data.jsonl import Record
-
-Split = Literal["train", "heldout"]
-_HELDOUT_MOD = 8  # 1 problem in 8 is held out
-
-
-def split_of(task: str, key: str) -> Split:
-    """The split of a generated item: held out iff crc32("task:key") % 8 == 0 (stable on any machine)."""
-    return "heldout" if zlib.crc32(f"{task}:{key}".encode()) % _HELDOUT_MOD == 0 else "train"
-
-
-def draw_split(
-    task: str,
-    split: Split,
-    n: int,
-    seed: int,
-    sample: Callable[[random.Random], tuple],
-    *,
-    distinct: Callable[[tuple], str],
-    key: Callable[[tuple], str],
-) -> list[tuple]:
-    """`n` draws of `sample` whose `key` lies in `split` and whose `distinct` value is new, from an RNG seeded by
-    (task, split, seed): the same list for the same arguments on any machine (shared by the embedded LM tasks and
-    the classification tasks)."""
-    if split not in ("train", "heldout"):
-        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
-    rng = random.Random(f"quickloris:{task}:{split}:{int(seed)}")  # str seeds hash stably (sha512)
-    out: list[tuple] = []
-    seen: set[str] = set()
-    tries = 0
-    while len(out) < n:
-        tries += 1
-        if tries > 100 * n + 10_000:
-            raise ValueError(f"task {task!r} cannot produce {n} distinct {split} examples")
-        draw = sample(rng)
-        if distinct(draw) in seen or split_of(task, key(draw)) != split:
-            continue
-        seen.add(distinct(draw))
-        out.append(draw)
-    return out
+from quickloris.data.splits import Split, draw_split, split_of  # noqa: F401  (Split: re-exported)
+from quickloris.data.tool_task import TOOLS_TASK, ToolExample, ToolTask
 
 
 @dataclass(frozen=True)
@@ -78,6 +39,9 @@ class TaskExample:
 
     def messages(self) -> list[dict[str, str]]:
         return self.prompt_messages() + [{"role": "assistant", "content": self.answer}]
+
+    def row(self) -> dict[str, list[dict[str, str]]]:
+        return {"messages": self.messages()}
 
 
 def extract_answer(text: str) -> str:
@@ -128,24 +92,26 @@ def _reverse(rng: random.Random) -> tuple[str, str, str]:
     return digits, digits[::-1], digits
 
 
-TASKS: dict[str, Task] = {
+TASKS: dict[str, Task | ToolTask] = {
     "addition": Task(
         "addition", "Add the two numbers.", _addition, "sum of two 3-digit numbers, e.g. '479 + 386' -> '865'"
     ),
     "reverse": Task("reverse", "Reverse the digits.", _reverse, "reverse a 5-7 digit string, e.g. '40172' -> '27104'"),
+    "tools": TOOLS_TASK,  # tool calling (quickloris.data.tool_task), with the same interface
 }
 DEFAULT_TASK = "addition"
 
 
-def get_task(name: str) -> Task:
+def get_task(name: str) -> Task | ToolTask:
     try:
         return TASKS[name]
     except KeyError:
         raise ValueError(f"unknown task {name!r}; choose one of {', '.join(sorted(TASKS))}") from None
 
 
-def write_jsonl(examples: Sequence[TaskExample], path: str | os.PathLike) -> None:
-    """Write `examples` as ``{"messages": [...]}`` lines (the format `quickloris.data.jsonl` reads), atomically."""
+def write_jsonl(examples: Sequence[TaskExample | ToolExample], path: str | os.PathLike) -> None:
+    """Write `examples` as JSONL lines (the format `quickloris.data.jsonl` reads: ``{"messages": [...]}``, with
+    ``tools`` for the tool task), atomically."""
     from quickloris.utils.atomic import atomic_write_text
 
-    atomic_write_text(path, "".join(json.dumps({"messages": ex.messages()}) + "\n" for ex in examples))
+    atomic_write_text(path, "".join(json.dumps(ex.row()) + "\n" for ex in examples))

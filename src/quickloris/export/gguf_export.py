@@ -116,6 +116,7 @@ def export_gguf(
     nf4: NF4Base | None = None,
     overwrite: bool = False,
     log: Any = None,
+    chat_template: str | None = None,
 ) -> ExportResult:
     """Write `model` (an HF causal LM of an architecture in `quickloris.export.archs` - Llama, Mistral, Qwen2,
     Qwen3, Gemma-2, Gemma-3 text, Phi-3 - a PeftModel around one, or a quickloris `prepare_model` model; base
@@ -126,7 +127,8 @@ def export_gguf(
     `quickloris.models.adapter_base.nf4_base`), ``"original"`` (the 16/32-bit weights as stored) or None
     (``"nf4"`` with an adapter folder, else the weights as `model` holds them); see `quickloris.export.merge_base`.
     `quant`: one of `quants.PRESETS`. `threads`: quantization threads (0 = all cores). `overwrite`: replace an
-    existing `path` (else FileExistsError). The model is not modified.
+    existing `path` (else FileExistsError). `chat_template`: the Jinja chat template stored in the file instead of the
+    tokenizer's. The model is not modified.
     """
     check_preset(quant)
     if not isinstance(threads, int) or threads < 0:
@@ -162,6 +164,7 @@ def export_gguf(
             config=config,
             generation_config=generation_config,
             pre=tokenizer_pre,
+            chat_template=chat_template,
         ):
             w.add(key, vtype, value, elem)
         indices = [w.add_tensor(it.gguf_name, it.shape, it.qtype) for it in items]
@@ -228,6 +231,12 @@ class GGUFExportConfig:
     )
     progress: bool | None = cli_field(
         None, help="progress bar of the tensors merged, quantized and written; unset: shown when stderr is a terminal"
+    )
+    chat_template: str | None = cli_field(
+        None,
+        help="a Jinja chat template file stored in the GGUF instead of the tokenizer's; none: the one the "
+        "adapter's run trained with if it was not the tokenizer's (e.g. quickloris' tool template for --task "
+        "tools), else the tokenizer's",
     )
 
     def __post_init__(self) -> None:
@@ -297,6 +306,7 @@ def export_from_config(
         trained_on = (found[1].get("resolved") or {}).get("model_path") if found else None
         if trained_on and os.path.exists(trained_on) and not os.path.samefile(trained_on, source.path):
             say(f"note: the adapter's run trained on {trained_on}, this export's --model is {source.path}")
+    chat_template = _chat_template(cfg, say)
     model, tok = _load(source, cfg.tokenizer)
     if cfg.adapter is not None and source.is_gguf:
         check_adapter_fits(cfg.adapter, model_parameter_shapes(model), model=str(source.path))
@@ -312,7 +322,28 @@ def export_from_config(
         merge_base=cfg.merge_base,
         overwrite=cfg.overwrite,
         log=log,
+        chat_template=chat_template,
     )
     for note in result.notes:
         say(f"note: {note}")
     return result
+
+
+def _chat_template(cfg: GGUFExportConfig, say: Callable[[str], None]) -> str | None:
+    """--chat-template's text, else the template the adapter's run trained with when it was not the tokenizer's
+    (`quickloris.data.tools.template_from_run`), else None (the tokenizer's)."""
+    from quickloris.data.tools import template_from_run
+    from quickloris.models.adapter_base import run_config
+
+    if cfg.chat_template is not None:
+        if not os.path.isfile(cfg.chat_template):
+            raise FileNotFoundError(f"--chat-template {cfg.chat_template} is not a file")
+        with open(cfg.chat_template, encoding="utf-8") as f:
+            return f.read()
+    found = run_config(cfg.adapter) if cfg.adapter is not None else None
+    if found is None:
+        return None
+    text, where = template_from_run(found[1])
+    if text is not None:
+        say(f"chat template: {where}, the one the adapter's run trained with (--chat-template overrides)")
+    return text

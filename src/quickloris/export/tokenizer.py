@@ -90,12 +90,19 @@ def special_token_ids(tokenizer: Any, config: Any = None, generation_config: Any
 
 
 def tokenizer_metadata(
-    tokenizer: Any, *, vocab_size: int, config: Any = None, generation_config: Any = None, pre: str | None = None
+    tokenizer: Any,
+    *,
+    vocab_size: int,
+    config: Any = None,
+    generation_config: Any = None,
+    pre: str | None = None,
+    chat_template: str | None = None,
 ) -> list[tuple[str, V, Any, V | None]]:
     """(key, type, value, array element type) entries describing `tokenizer` for llama.cpp.
 
     `vocab_size` is the model's embedding rows: the token list is padded with unused `[PAD<i>]`
-    tokens up to it (llama.cpp requires one token per embedding row).
+    tokens up to it (llama.cpp requires one token per embedding row). `chat_template`: stored instead of the
+    tokenizer's (e.g. the tool template a run was trained with).
     """
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
@@ -154,7 +161,7 @@ def tokenizer_metadata(
         ("tokenizer.ggml.add_bos_token", V.BOOL, add_bos, None),
         ("tokenizer.ggml.add_eos_token", V.BOOL, add_eos, None),
     ]
-    template = getattr(tokenizer, "chat_template", None)
+    template = chat_template if chat_template is not None else getattr(tokenizer, "chat_template", None)
     if isinstance(template, dict):  # named templates: "default" is the main one
         for tname, text in template.items():
             key = "tokenizer.chat_template" if tname == "default" else f"tokenizer.chat_template.{tname}"

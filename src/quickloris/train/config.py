@@ -240,7 +240,8 @@ class EvalTaskConfig(Config):
 
     task: str | None = field(
         None,
-        help="embedded task whose held-out split is scored: addition or reverse; "
+        help="embedded task whose held-out split is scored: addition, reverse or tools (the call and the final "
+        "answer); "
         "sentiment with --task-type classification; none: addition, or sentiment for "
         "classification",
         check=known_task,

@@ -115,15 +115,41 @@ def lora_off(model: Any):
                 b.copy_(value)
 
 
-def _echo_result(echo: Callable[[str], None], label: str, result: dict[str, Any]) -> None:
-    echo(
-        f"eval {label}: exact match {100 * result['accuracy']:.1f}% ({result['correct']}/{result['total']}) in "
-        f"{result['seconds']:.1f} s"
+def _evaluate_tools_gguf(
+    gguf: str,
+    tokenizer: Any,
+    examples: list,
+    stops: list[int],
+    max_new_tokens: int | None,
+    chat_template: str | None,
+    threads: int,
+) -> tuple[Any, int]:
+    """The tool task's scores of a GGUF file through llama.cpp (`quickloris.train.tool_eval`), and how many prompts
+    llama.cpp's tokenizer splits differently."""
+    from quickloris.train.exact_match import generate_replies_gguf
+    from quickloris.train.tool_eval import evaluate_tool_calls
+
+    retokenized = 0
+
+    def generate(prompts: list, tools: list, n: int) -> list[str]:
+        nonlocal retokenized
+        replies, again = generate_replies_gguf(
+            gguf,
+            tokenizer,
+            prompts,
+            max_new_tokens=n,
+            stop_ids=stops,
+            chat_template=chat_template,
+            threads=threads,
+            tools=tools,
+        )
+        retokenized = max(retokenized, again)
+        return replies
+
+    result = evaluate_tool_calls(
+        generate, tokenizer, examples, chat_template=chat_template, max_new_tokens=max_new_tokens, num_samples=3
     )
-    for s in result["samples"][:3]:
-        reply = s["reply"].strip().splitlines()[0] if s["reply"].strip() else ""
-        verdict = "right" if s["correct"] else "wrong"
-        echo(f"    {s['question']!r} -> {reply[:60]!r}  (expected {s['answer']!r}: {verdict})")
+    return result, retokenized
 
 
 def run_eval(
@@ -143,13 +169,15 @@ def run_eval(
 
         quantization = run_quantization(model_cfg.adapter) if model_cfg.adapter is not None else None
         return run_eval_classification(model_cfg, task_cfg, eval_cfg, quantization=quantization, echo=echo)
+    from quickloris.data.chat import tool_task_template
     from quickloris.data.config import read_chat_template, task_name
     from quickloris.data.tasks import get_task
+    from quickloris.data.tool_task import TOOLS_TASK
     from quickloris.models.adapter_base import check_adapter_fits, folder_parameter_shapes, model_parameter_shapes
     from quickloris.models.loading import load_model, load_tokenizer, resolve_model
     from quickloris.models.prepare import QLoRAConfig, prepare_model
     from quickloris.train.exact_match import evaluate_exact_match_gguf
-    from quickloris.train.run import evaluate
+    from quickloris.train.run import echo_eval, evaluate
     from quickloris.utils.atomic import atomic_write_json
 
     check_eval_options(model_cfg, task_cfg)
@@ -162,6 +190,7 @@ def run_eval(
     source = resolve_model(model_cfg.model)
     if adapter is not None and not source.is_gguf:
         check_adapter_fits(adapter, folder_parameter_shapes(source.folder), model=str(source.path))
+    task = None
     if eval_cfg.eval_data is not None:
         examples, what = load_eval_examples(eval_cfg.eval_data), f"--eval-data {eval_cfg.eval_data}"
     else:
@@ -169,6 +198,7 @@ def run_eval(
         examples = task.generate("heldout", task_cfg.num_eval, task_cfg.seed)
         what = f"{len(examples)} held-out problems of task {task.name!r} (seed {task_cfg.seed})"
     chat_template = read_chat_template(task_cfg.chat_template)
+    tool_task = eval_cfg.eval_data is None and task is TOOLS_TASK
     nf4 = task_cfg.nf4 if task_cfg.nf4 is not None else adapter is not None
     score_model = gguf is None or adapter is not None or task_cfg.nf4 is not None
     described = (
@@ -183,6 +213,10 @@ def run_eval(
     echo(f"eval: {what}")
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(source)
+    if tool_task:  # the model's template when it renders tools, else quickloris' ChatML tool template
+        chat_template, note = tool_task_template(tokenizer, chat_template)
+        if note:
+            echo(f"note: {note}")
     rows: list[tuple[str, str, dict[str, Any]]] = []
     if score_model:
         model = load_model(source, dtype=dtype, device=device)
@@ -211,28 +245,38 @@ def run_eval(
         )
         del model
     if gguf is not None:
-        result, retokenized = evaluate_exact_match_gguf(
-            gguf,
-            tokenizer,
-            examples,
-            stop_ids=stop_ids(source),
-            max_new_tokens=eval_cfg.max_new_tokens,
-            num_samples=3,
-            chat_template=chat_template,
-            threads=threads,
-        )
+        if tool_task:
+            result, retokenized = _evaluate_tools_gguf(
+                gguf, tokenizer, examples, stop_ids(source), eval_cfg.max_new_tokens, chat_template, threads
+            )
+        else:
+            result, retokenized = evaluate_exact_match_gguf(
+                gguf,
+                tokenizer,
+                examples,
+                stop_ids=stop_ids(source),
+                max_new_tokens=eval_cfg.max_new_tokens,
+                num_samples=3,
+                chat_template=chat_template,
+                threads=threads,
+            )
         if retokenized:
             echo(
                 f"note: llama.cpp's tokenizer in {gguf} splits {retokenized} of {len(examples)} prompts differently "
                 f"from the tokenizer of --model {source.path}; scored from --model's tokens (another model's file?)"
             )
         rows.append(("exported", f"{gguf} (llama.cpp)", result.to_dict()))
-        _echo_result(echo, "exported", rows[-1][2])
+        echo_eval(echo, "exported", rows[-1][2])
     if len(rows) > 1:
         width = max(len(name) for _, name, _ in rows)
-        echo(f"exact match on {what}:")
+        echo(f"{'tool call / final answer' if tool_task else 'exact match'} on {what}:")
         for label, name, r in rows:
-            echo(f"  {label:9s} {name:<{width}}  {100 * r['accuracy']:5.1f}%  ({r['correct']}/{r['total']})")
+            if tool_task:
+                score = f"{100 * r['call_accuracy']:5.1f}% / {100 * r['answer_accuracy']:5.1f}%"
+                counts = f"{r['call_correct']} / {r['answer_correct']} of {r['total']}"
+                echo(f"  {label:9s} {name:<{width}}  {score}  ({counts})")
+            else:
+                echo(f"  {label:9s} {name:<{width}}  {100 * r['accuracy']:5.1f}%  ({r['correct']}/{r['total']})")
     main = next(r for label, _, r in rows if label in ("after", "model")) if score_model else rows[-1][2]
     out = {
         "model": str(source.path),

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from quickloris.data.tasks import TaskExample, exact_match, get_task
+from quickloris.data.tool_task import ToolExample
 from quickloris.utils.progress import progress
 
 _SLACK_TOKENS = 4
@@ -40,6 +41,7 @@ class EvalResult:
     seconds: float
     max_new_tokens: int
     samples: list[dict[str, Any]] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)  # more scores (the tool task's: call and final answer)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -48,6 +50,7 @@ class EvalResult:
             "total": self.total,
             "seconds": round(self.seconds, 3),
             "max_new_tokens": self.max_new_tokens,
+            **self.details,
             "samples": self.samples,
         }
 
@@ -59,13 +62,29 @@ def _pad_id(tokenizer: Any) -> int:
     return int(pad)
 
 
+Tools = Sequence[Sequence[dict[str, Any]] | None] | None  # per prompt: the function schemas rendered with it
+
+
 def prompt_ids(
-    tokenizer: Any, prompts: Sequence[Sequence[dict[str, str]]], chat_template: str | None = None
+    tokenizer: Any,
+    prompts: Sequence[Sequence[dict[str, Any]]],
+    chat_template: str | None = None,
+    tools: Tools = None,
 ) -> list[list[int]]:
-    """Token ids of each chat prompt, rendered with the chat template and the generation prompt appended."""
+    """Token ids of each chat prompt, rendered with the chat template (and its `tools`) and the generation prompt
+    appended."""
+    from quickloris.data.chat import template_message
+
+    per_prompt = list(tools) if tools is not None else [None] * len(prompts)
     texts = [
-        tokenizer.apply_chat_template(list(p), tokenize=False, add_generation_prompt=True, chat_template=chat_template)
-        for p in prompts
+        tokenizer.apply_chat_template(
+            [template_message(m) for m in p],
+            tokenize=False,
+            add_generation_prompt=True,
+            chat_template=chat_template,
+            **({"tools": [dict(x) for x in t]} if t else {}),
+        )
+        for p, t in zip(prompts, per_prompt)
     ]
     return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
@@ -104,8 +123,10 @@ def generate_replies(
     max_new_tokens: int,
     batch_size: int = 64,
     chat_template: str | None = None,
+    tools: Tools = None,
 ) -> list[str]:
-    """Greedy replies (decoded, special tokens dropped) to chat `prompts`, `batch_size` at a time."""
+    """Greedy replies (decoded, special tokens dropped) to chat `prompts` (each rendered with its `tools`),
+    `batch_size` at a time."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -120,7 +141,8 @@ def generate_replies(
     bar = progress(total=len(prompts), desc="eval", unit="problem")
     try:
         for start in range(0, len(prompts), batch_size):
-            enc = prompt_ids(tokenizer, prompts[start : start + batch_size], chat_template)
+            chunk = None if tools is None else tools[start : start + batch_size]
+            enc = prompt_ids(tokenizer, prompts[start : start + batch_size], chat_template, chunk)
             width = max(map(len, enc))
             ids = torch.full((len(enc), width), pad_id, dtype=torch.long)
             mask = torch.zeros((len(enc), width), dtype=torch.long)
@@ -156,7 +178,7 @@ def evaluate_exact_match(
     chat_template: str | None = None,
 ) -> EvalResult:
     """Exact-match accuracy of greedy replies on `examples` (the held-out split of a task, usually)."""
-    max_new_tokens = _max_new_tokens(tokenizer, examples, max_new_tokens)
+    max_new_tokens = _max_new_tokens(tokenizer, examples, max_new_tokens, chat_template)
     t0 = time.perf_counter()
     replies = generate_replies(
         model,
@@ -165,17 +187,37 @@ def evaluate_exact_match(
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
         chat_template=chat_template,
+        tools=[getattr(ex, "tools", None) for ex in examples],
     )
     return _score(examples, replies, time.perf_counter() - t0, max_new_tokens, num_samples, scorer)
 
 
-def _max_new_tokens(tokenizer: Any, examples: Sequence[TaskExample], max_new_tokens: int | None) -> int:
+def _max_new_tokens(
+    tokenizer: Any, examples: Sequence[TaskExample], max_new_tokens: int | None, chat_template: str | None = None
+) -> int:
     if not examples:
         raise ValueError("no examples to evaluate")
+    if isinstance(examples[0], ToolExample):  # the call and the answer are scored apart: not one exact match
+        raise TypeError("the tool task is scored by quickloris.train.tool_eval.evaluate_tool_calls")
+    _check_tool_prompts(tokenizer, examples, chat_template)
     if max_new_tokens is None:
         longest = max(len(tokenizer(ex.answer, add_special_tokens=False)["input_ids"]) for ex in examples)
         max_new_tokens = longest + _SLACK_TOKENS
     return max_new_tokens
+
+
+def _check_tool_prompts(tokenizer: Any, examples: Sequence[Any], chat_template: str | None) -> None:
+    """--eval-data conversations with tools, calls or tool results: the template must render them (one line naming
+    the row otherwise, as for training data), else the prompts would be scored with them silently left out."""
+    from quickloris.data.chat import tokenize_chat
+    from quickloris.data.tools import is_tool_message
+
+    for ex in examples:
+        tools = getattr(ex, "tools", None)
+        prompt = ex.prompt_messages()
+        if tools or any(is_tool_message(m) for m in prompt):
+            messages = [*prompt, {"role": "assistant", "content": ex.answer}]
+            tokenize_chat(tokenizer, messages, source=ex.source, chat_template=chat_template, tools=tools)
 
 
 def _score(
@@ -208,6 +250,7 @@ def generate_replies_gguf(
     stop_ids: Sequence[int],
     chat_template: str | None = None,
     threads: int | None = None,
+    tools: Tools = None,
 ) -> tuple[list[str], int]:
     """Greedy replies of the GGUF model `path` through llama.cpp, and how many prompts llama.cpp's own tokenizer
     splits differently from `tokenizer` (0 when the file carries the same tokenizer; the replies always start from
@@ -220,7 +263,7 @@ def generate_replies_gguf(
         raise ModuleNotFoundError("scoring a GGUF file needs llama-cpp-python: pip install llama-cpp-python") from None
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    ids = prompt_ids(tokenizer, prompts, chat_template)
+    ids = prompt_ids(tokenizer, prompts, chat_template, tools)
     stops = {int(t) for t in stop_ids}
     n_ctx = max(map(len, ids)) + max_new_tokens
     llm = llama_cpp.Llama(
@@ -271,7 +314,7 @@ def evaluate_exact_match_gguf(
 ) -> tuple[EvalResult, int]:
     """`evaluate_exact_match` for a GGUF file run by llama.cpp (see the module docstring); also returns the count
     of prompts llama.cpp's tokenizer splits differently."""
-    max_new_tokens = _max_new_tokens(tokenizer, examples, max_new_tokens)
+    max_new_tokens = _max_new_tokens(tokenizer, examples, max_new_tokens, chat_template)
     t0 = time.perf_counter()
     replies, retokenized = generate_replies_gguf(
         path,
@@ -281,5 +324,6 @@ def evaluate_exact_match_gguf(
         stop_ids=stop_ids,
         chat_template=chat_template,
         threads=threads,
+        tools=[getattr(ex, "tools", None) for ex in examples],
     )
     return _score(examples, replies, time.perf_counter() - t0, max_new_tokens, num_samples, scorer), retokenized

@@ -52,6 +52,7 @@ def accuracy_title(evals: dict[str, Any]) -> str:
         if r and "accuracy" in r
     ]
     kind = "accuracy" if any(r and "macro_f1" in r for r in evals.values()) else "exact match"
+    kind = "tool call" if any(r and "call_accuracy" in r for r in evals.values()) else kind
     return (f"{kind}: " + ", ".join(parts)) if parts else ""
 
 

@@ -106,36 +106,70 @@ def evaluate(
     label: str,
     echo: Callable[[str], None],
 ) -> dict[str, Any]:
-    """Exact-match accuracy of `model` on `examples`; prints it with a few replies."""
-    from quickloris.train.exact_match import evaluate_exact_match
+    """Exact-match accuracy of `model` on `examples` (the tool task: call and final answer accuracy,
+    `quickloris.train.tool_eval`); prints it with a few replies."""
+    from quickloris.train.exact_match import evaluate_exact_match, generate_replies
+    from quickloris.train.tool_eval import evaluate_tool_calls, is_tool_task
 
     # prepare_model turns the KV cache off for training; generation needs it (else every token re-reads the prompt).
     use_cache = model.config.use_cache
     model.config.use_cache = True
     try:
         with eager_regions():
-            result = evaluate_exact_match(
-                model,
-                tokenizer,
-                examples,
-                batch_size=eval_cfg.eval_batch_size,
-                max_new_tokens=eval_cfg.max_new_tokens,
-                chat_template=chat_template,
-                num_samples=3,
-            )
+            if is_tool_task(examples):
+                result = evaluate_tool_calls(
+                    lambda prompts, tools, n: generate_replies(
+                        model,
+                        tokenizer,
+                        prompts,
+                        max_new_tokens=n,
+                        batch_size=eval_cfg.eval_batch_size,
+                        chat_template=chat_template,
+                        tools=tools,
+                    ),
+                    tokenizer,
+                    examples,
+                    chat_template=chat_template,
+                    max_new_tokens=eval_cfg.max_new_tokens,
+                    num_samples=3,
+                )
+            else:
+                result = evaluate_exact_match(
+                    model,
+                    tokenizer,
+                    examples,
+                    batch_size=eval_cfg.eval_batch_size,
+                    max_new_tokens=eval_cfg.max_new_tokens,
+                    chat_template=chat_template,
+                    num_samples=3,
+                )
     finally:
         model.config.use_cache = use_cache
-    echo(
-        f"eval{' ' + label if label else ''}: exact match {100 * result.accuracy:.1f}% "
-        f"({result.correct}/{result.total}) in {result.seconds:.1f} s"
-    )
-    for s in result.samples:
-        reply = s["reply"].strip().splitlines()[0] if s["reply"].strip() else ""
-        echo(
-            f"    {s['question']!r} -> {reply[:60]!r}  "
-            f"(expected {s['answer']!r}: {'right' if s['correct'] else 'wrong'})"
-        )
+    echo_eval(echo, label, result.to_dict())
     return result.to_dict()
+
+
+def echo_eval(echo: Callable[[str], None], label: str, result: dict[str, Any]) -> None:
+    """One line of scores, then a few replies (the tool task: the call, whole, then the final answer's first line)."""
+    from quickloris.train.tool_eval import describe
+
+    def first_line(text: str) -> str:
+        return text.strip().splitlines()[0] if text.strip() else ""
+
+    def verdict(right: bool, expected: str) -> str:
+        return "right" if right else f"expected {expected!r}: wrong"
+
+    echo(f"eval{' ' + label if label else ''}: {describe(result)} in {result['seconds']:.1f} s")
+    for s in result["samples"]:
+        if "final_reply" in s:
+            echo(f"    {s['question']!r} -> {s['reply'].strip()[:100]!r}  ({verdict(s['correct'], s['answer'])})")
+            final = verdict(s["final_correct"], s["final_answer"])
+            echo(f"      then -> {first_line(s['final_reply'])[:60]!r}  ({final})")
+        else:
+            echo(
+                f"    {s['question']!r} -> {first_line(s['reply'])[:60]!r}  "
+                f"(expected {s['answer']!r}: {'right' if s['correct'] else 'wrong'})"
+            )
 
 
 def _eval_examples(data_cfg: DataConfig, eval_cfg: EvalConfig, prepared: PreparedData | None, preloaded: list | None):
@@ -292,6 +326,9 @@ def _run_train(
             progress=None if train_cfg.progress else False,
         )
         examples_eval, eval_what = _eval_examples(data_cfg, eval_cfg, prepared, preloaded)
+        chat_template = prepared.chat_template  # --task tools may bring quickloris' tool template
+        for note in prepared.notes:
+            echo(f"note: {note}")
     st = prepared.stats
     if classify:
         echo(
@@ -387,6 +424,8 @@ def _run_train(
     }
     if classify:
         resolved.update(task_type="classification", labels=prepared.labels, class_weights=weights)
+    elif prepared.template_file is not None:  # `quickloris export gguf --adapter` stores this template
+        resolved["chat_template"] = prepared.template_file
     if ctx is not None:
         resolved["fsdp"] = {**plan, "rank_devices": f"{ctx.world_size} x {device.type}"}
     if main:
@@ -544,6 +583,15 @@ def _print_summary(echo: Callable[[str], None], metrics: dict[str, Any], out: Pa
             "accuracy / macro-F1: "
             + ", ".join(
                 f"{k} {100 * v['accuracy']:.1f}% / {100 * v['macro_f1']:.1f}% ({v['correct']}/{v['total']})"
+                for k, v in ev.items()
+            )
+        )
+    elif ev and all("call_accuracy" in v for v in ev.values()):
+        echo(
+            "tool call / final answer: "
+            + ", ".join(
+                f"{k} {100 * v['call_accuracy']:.1f}% / {100 * v['answer_accuracy']:.1f}% ({v['call_correct']} / "
+                f"{v['answer_correct']} of {v['total']})"
                 for k, v in ev.items()
             )
         )

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from quickloris.config import ConfigError
+from quickloris.data.chat import template_message
 from quickloris.data.config import DataConfig
 from quickloris.data.jsonl import DataFormatError, load_jsonl
 from quickloris.data.sources import open_source
@@ -195,9 +196,10 @@ def eager_regions() -> Iterator[None]:
 class ChatEvalExample:
     """A held-out conversation: the prompt messages and the reference answer (the final assistant turn)."""
 
-    prompt: tuple[dict[str, str], ...]
+    prompt: tuple[dict[str, Any], ...]
     answer: str
     source: str
+    tools: tuple[dict[str, Any], ...] | None = None  # the row's tools, rendered with the prompt
 
     @property
     def question(self) -> str:
@@ -219,11 +221,16 @@ def load_eval_examples(path: str | os.PathLike, columns: dict[str, str] | None =
                 "the reference assistant answer; plain prompt/completion or text records have no chat prompt "
                 "to generate from"
             )
-        messages = [{"role": m["role"], "content": m["content"]} for m in r.messages]
+        messages = [template_message(m) for m in r.messages]  # tool calls and results stay in the prompt
         if messages[-1]["role"] != "assistant" or len(messages) < 2:
             raise DataFormatError(
                 f"{r.source}: the last message must be the reference 'assistant' answer, after at "
                 "least one prompt message"
+            )
+        if messages[-1].get("tool_calls"):
+            raise DataFormatError(
+                f"{r.source}: the last message is a tool call; --eval-data scores a final text answer (the embedded "
+                "--task tools scores calls)"
             )
         answer = messages[-1]["content"].strip()
         if not answer:
@@ -233,5 +240,5 @@ def load_eval_examples(path: str | os.PathLike, columns: dict[str, str] | None =
                 f"{r.source}: the reference answer must be one line (exact match compares the "
                 "first line of the reply with it)"
             )
-        out.append(ChatEvalExample(tuple(messages[:-1]), answer, r.source))
+        out.append(ChatEvalExample(tuple(messages[:-1]), answer, r.source, r.tools))
     return out
