@@ -1,0 +1,238 @@
+"""llama.cpp itself as the reference of the GGUF vision export: its converters and its multimodal library (libmtmd),
+from the llama.cpp tree that the llama-cpp-python sdist (the version `make test` installs) vendors.
+
+Nothing of it is committed: `source_tree` takes ``QUICKLORIS_LLAMA_CPP_SRC`` (a llama.cpp tree) if set, else the sdist
+unpacked in the cache folder (``QUICKLORIS_CACHE``, default ``~/.cache/quickloris``), fetched once with ``pip download``
+(~8 s, 77 MB). `mtmd_library` compiles libmtmd from that tree against the libllama / libggml of the installed
+llama-cpp-python (whose wheel `make test` builds without it: ~2 min on 2 cores, once per installation; the library is
+cached by the path and size of the libllama it links).
+
+The converters (run in a subprocess, as a user runs them):
+
+* Qwen2-VL / Qwen2.5-VL: ``convert_hf_to_gguf.py --mmproj`` and, for the language model, ``convert_hf_to_gguf.py``;
+* Llava 1.5 / NeXT: llama.cpp's documented route for Hugging Face checkpoints (docs/multimodal/llava.md, "LLaVA 1.6"):
+  ``llava_surgery_v2.py`` splits the checkpoint into the CLIP tower and the projector, and
+  ``convert_image_encoder_to_gguf.py --clip-model-is-vision`` converts them with a ViT ``config.json`` beside them;
+  that config is the model's ``vision_config`` plus the keys the converter reads for Llava (``vision_feature_layer``,
+  and for NeXT ``image_grid_pinpoints`` with ``mm_patch_merge_type`` ``spatial_unpad``). The language model: the Llava
+  checkpoint with ``convert_hf_to_gguf.py``; Llava-NeXT's, which that converter does not take, saved on its own as a
+  causal LM first (what the same document says to do).
+
+``convert_image_encoder_to_gguf.py`` predates transformers 5, where ``CLIPVisionModel`` lost its ``vision_model`` level
+(attribute and state-dict prefix); the subprocess gives them back to it (`_LEGACY_CLIP`), nothing else.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import textwrap
+from pathlib import Path
+
+SDIST = "llama-cpp-python==0.3.36"
+_TREE = "llama_cpp_python-0.3.36/vendor/llama.cpp"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("QUICKLORIS_CACHE") or Path.home() / ".cache" / "quickloris")
+
+
+def source_tree() -> Path:
+    """The vendored llama.cpp tree (fetched and unpacked on first use)."""
+    env = os.environ.get("QUICKLORIS_LLAMA_CPP_SRC")
+    if env:
+        return Path(env)
+    root = cache_dir() / "llama-cpp-src"
+    tree = root / _TREE
+    if (tree / "convert_hf_to_gguf.py").is_file():
+        return tree
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", SDIST, "-d", tmp],
+            check=True,
+            capture_output=True,
+        )
+        (archive,) = glob.glob(os.path.join(tmp, "*.tar.gz"))
+        unpacked = os.path.join(tmp, "unpacked")
+        with tarfile.open(archive) as tf:
+            tf.extractall(unpacked, filter="data")
+        final = root / _TREE.split("/")[0]
+        if not final.exists():
+            os.rename(os.path.join(unpacked, _TREE.split("/")[0]), final)
+    return tree
+
+
+# ---- libmtmd ----------------------------------------------------------------------------------------------------
+
+
+def _llama_lib_dir() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llama_cpp")
+    return Path(spec.origin).parent / "lib"
+
+
+def mtmd_library() -> Path:
+    """A folder holding libmtmd.so built from `source_tree` against the installed llama-cpp-python's libraries
+    (set it as ``MTMD_CPP_LIB`` before importing ``llama_cpp.mtmd_cpp``)."""
+    lib = _llama_lib_dir()
+    if (lib / "libmtmd.so").is_file():  # a llama-cpp-python built with its multimodal library
+        return lib
+    libllama = (lib / "libllama.so").resolve()
+    key = hashlib.sha1(f"{libllama}:{libllama.stat().st_size}".encode()).hexdigest()[:12]
+    out = cache_dir() / f"mtmd-{key}"
+    if (out / "libmtmd.so").is_file():
+        return out
+    src = source_tree()
+    mt = src / "tools" / "mtmd"
+    cxx = [str(mt / f) for f in ("mtmd.cpp", "mtmd-audio.cpp", "mtmd-image.cpp", "mtmd-helper.cpp", "clip.cpp")]
+    cxx += [str(mt / "mtmd-helper-gen.cpp"), str(src / "vendor/hash/hash.cpp"), str(src / "vendor/hash/sha1/sha1.c")]
+    cxx += sorted(glob.glob(str(mt / "models" / "*.cpp")))
+    cc = [str(src / "vendor/hash/xxhash/xxhash.c"), str(src / "vendor/hash/sha256/sha256.c")]
+    inc = [f"-I{src / d}" for d in ("include", "ggml/include", "tools/mtmd", "vendor", "vendor/hash")]
+    tmp = Path(tempfile.mkdtemp(dir=cache_dir()))
+    cmds = [
+        ["g++", "-x", "c++", "-O1", "-fPIC", "-std=c++17", "-w", "-DLLAMA_SHARED", "-DLLAMA_BUILD", *inc, "-c", f]
+        for f in cxx
+    ] + [["gcc", "-O1", "-fPIC", "-w", *inc, "-c", f] for f in cc]
+    objs = []
+    procs: list[subprocess.Popen] = []
+    jobs = max(1, min(os.cpu_count() or 1, 4))
+    for i, cmd in enumerate(cmds):
+        obj = str(tmp / f"{i}.o")
+        objs.append(obj)
+        procs.append(subprocess.Popen([*cmd, "-o", obj], stderr=subprocess.PIPE))
+        while sum(p.poll() is None for p in procs) >= jobs:
+            procs[[p.poll() is None for p in procs].index(True)].wait()
+    for p, cmd in zip(procs, cmds):
+        if p.wait() != 0:
+            raise RuntimeError(f"compiling {cmd[-1]} failed: {p.stderr.read().decode()[-2000:]}")
+    libs = ["-lllama", "-lggml", "-lggml-base", "-lpthread"]
+    subprocess.run(
+        ["g++", "-shared", "-o", str(tmp / "libmtmd.so"), *objs, f"-L{lib}", *libs, f"-Wl,-rpath,{lib}"], check=True
+    )
+    for obj in objs:
+        os.unlink(obj)
+    try:
+        os.rename(tmp, out)
+    except OSError:  # built meanwhile by another process
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+# ---- converters -------------------------------------------------------------------------------------------------
+
+_HF_CONVERT = textwrap.dedent("""
+    import sys
+    src, model, out, outtype, mmproj = sys.argv[1:6]
+    sys.path[:0] = [src, src + "/gguf-py"]
+    from conversion import base
+    def no_vocab(self):  # the tiny test tokenizers are not among the converter's known pre-tokenizers
+        self.gguf_writer.add_tokenizer_model("none")
+    import conversion.llama, conversion.qwenvl
+    for mod in (base, conversion.llama, conversion.qwenvl):
+        for v in vars(mod).values():
+            if isinstance(v, type) and issubclass(v, base.TextModel):
+                v.set_vocab = no_vocab
+    sys.argv = ["convert_hf_to_gguf.py", model, "--outfile", out, "--outtype", outtype]
+    sys.argv += ["--mmproj"] if mmproj == "1" else []
+    import convert_hf_to_gguf
+    convert_hf_to_gguf.main()
+""")
+
+_LEGACY_CLIP = textwrap.dedent("""
+    import runpy, sys, transformers
+    script, gguf_py = sys.argv[1:3]
+    sys.path.insert(0, gguf_py)
+
+    from transformers.models.clip.modeling_clip import CLIPVisionModel
+
+    # (this process only) CLIPVisionModel as transformers 4 had it: a `vision_model` level, also in state-dict names
+    CLIPVisionModel.vision_model = property(lambda self: self)
+    _state_dict = CLIPVisionModel.state_dict
+    CLIPVisionModel.state_dict = lambda self, *a, **k: {
+        "vision_model." + n: t for n, t in _state_dict(self, *a, **k).items()
+    }
+    sys.argv = [script] + sys.argv[3:]
+    runpy.run_path(script, run_name="__main__")
+""")
+
+
+def _run(args: list[str], cwd: str | None = None) -> None:
+    env = {**os.environ, "PYTHONPATH": ""}
+    res = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd, env=env)
+    if res.returncode != 0:
+        raise RuntimeError(f"llama.cpp converter failed ({args[:2]}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+
+
+def convert_hf(folder, out, outtype: str = "f32", *, mmproj: bool = False) -> Path:
+    """``convert_hf_to_gguf.py`` on a model folder (vocabulary left out)."""
+    _run(["-c", _HF_CONVERT, str(source_tree()), str(folder), str(out), outtype, "1" if mmproj else "0"])
+    return Path(out)
+
+
+def convert_llava_mmproj(folder, out, outtype: str = "f16") -> Path:
+    """llama.cpp's legacy Llava route (surgery + CLIP encoder converter) on a saved Llava / Llava-NeXT folder."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    src = source_tree()
+    legacy = src / "tools" / "mtmd" / "legacy-models"
+    cfg = json.loads((Path(folder) / "config.json").read_text())
+    work = Path(tempfile.mkdtemp(dir=Path(out).parent))
+    try:
+        hub = work / "hub"
+        hub.mkdir()
+        # the Hub's Llava checkpoints keep CLIPVisionModel's `vision_model` level (transformers 5 saves without it)
+        tensors = {}
+        for k, v in load_file(str(Path(folder) / "model.safetensors")).items():
+            if k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model."):
+                k = "vision_tower.vision_model." + k[len("vision_tower.") :]
+            tensors[k] = v
+        save_file(tensors, str(hub / "model.safetensors"))
+        (hub / "config.json").write_text(json.dumps(cfg))
+        _run([str(legacy / "llava_surgery_v2.py"), "-C", "-m", str(hub)])
+        vit = work / "vit"
+        vit.mkdir()
+        torch.save(torch.load(hub / "llava.clip"), vit / "pytorch_model.bin")
+        shutil.copy(hub / "llava.projector", vit / "llava.projector")
+        vcfg = dict(cfg["vision_config"], architectures=["CLIPVisionModel"])
+        vcfg["vision_feature_layer"] = cfg.get("vision_feature_layer", -2)
+        if "image_grid_pinpoints" in cfg:
+            vcfg.update(image_grid_pinpoints=cfg["image_grid_pinpoints"], mm_patch_merge_type="spatial_unpad")
+        (vit / "config.json").write_text(json.dumps(vcfg))
+        pre = json.loads((Path(folder) / "preprocessor_config.json").read_text())
+        args = [str(legacy / "convert_image_encoder_to_gguf.py"), "-m", str(vit), "--llava-projector"]
+        args += [str(vit / "llava.projector"), "--output-dir", str(work / "out"), "--clip-model-is-vision"]
+        args += ["--image-mean", *map(str, pre["image_mean"]), "--image-std", *map(str, pre["image_std"])]
+        if outtype == "f32":
+            args.append("--use-f32")
+        _run(["-c", _LEGACY_CLIP, *args[:1], str(src / "gguf-py"), *args[1:]])
+        shutil.move(str(work / "out" / f"mmproj-model-{outtype}.gguf"), str(out))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return Path(out)
+
+
+def language_model_folder(folder, out_folder) -> Path:
+    """A Llava-NeXT checkpoint's language model saved on its own as a causal LM (the route llama.cpp's docs give for
+    language models its Llava converter does not take)."""
+    import transformers
+
+    m = transformers.AutoModelForImageTextToText.from_pretrained(str(folder))
+    lm = transformers.AutoModelForCausalLM.from_config(m.config.text_config)
+    state = {
+        k.replace("model.language_model.", "model."): v for k, v in m.state_dict().items() if "language_model" in k
+    }
+    state["lm_head.weight"] = m.lm_head.weight
+    lm.load_state_dict(state, strict=True)
+    lm.save_pretrained(str(out_folder))
+    return Path(out_folder)
