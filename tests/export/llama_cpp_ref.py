@@ -130,96 +130,95 @@ def mtmd_library() -> Path:
 
 # ---- converters -------------------------------------------------------------------------------------------------
 
-_HF_CONVERT = textwrap.dedent("""
-    import sys
-    src, model, out, outtype, mmproj = sys.argv[1:6]
+# Runs llama.cpp's scripts one after the other in one process (importing torch and transformers once): argv[1] is the
+# llama.cpp tree, argv[2] a JSON list of [script, args...]. Two adjustments, for this process only: the tiny test
+# tokenizers are not among convert_hf_to_gguf.py's known pre-tokenizers, so text models are written without a
+# vocabulary; CLIPVisionModel gets back the `vision_model` level (attribute and state-dict names) that
+# convert_image_encoder_to_gguf.py, written for transformers 4, reads.
+_DRIVER = textwrap.dedent("""
+    import json, runpy, sys
+    src, steps = sys.argv[1], json.loads(sys.argv[2])
     sys.path[:0] = [src, src + "/gguf-py"]
     from conversion import base
-    def no_vocab(self):  # the tiny test tokenizers are not among the converter's known pre-tokenizers
-        self.gguf_writer.add_tokenizer_model("none")
     import conversion.llama, conversion.qwenvl
+
+    def no_vocab(self):
+        self.gguf_writer.add_tokenizer_model("none")
+
     for mod in (base, conversion.llama, conversion.qwenvl):
         for v in vars(mod).values():
             if isinstance(v, type) and issubclass(v, base.TextModel):
                 v.set_vocab = no_vocab
-    sys.argv = ["convert_hf_to_gguf.py", model, "--outfile", out, "--outtype", outtype]
-    sys.argv += ["--mmproj"] if mmproj == "1" else []
-    import convert_hf_to_gguf
-    convert_hf_to_gguf.main()
-""")
-
-_LEGACY_CLIP = textwrap.dedent("""
-    import runpy, sys, transformers
-    script, gguf_py = sys.argv[1:3]
-    sys.path.insert(0, gguf_py)
-
     from transformers.models.clip.modeling_clip import CLIPVisionModel
 
-    # (this process only) CLIPVisionModel as transformers 4 had it: a `vision_model` level, also in state-dict names
     CLIPVisionModel.vision_model = property(lambda self: self)
     _state_dict = CLIPVisionModel.state_dict
     CLIPVisionModel.state_dict = lambda self, *a, **k: {
         "vision_model." + n: t for n, t in _state_dict(self, *a, **k).items()
     }
-    sys.argv = [script] + sys.argv[3:]
-    runpy.run_path(script, run_name="__main__")
+    for script, *args in steps:
+        if script == "cp":  # a file copy between two scripts (as the docs' `cp`)
+            import shutil
+            shutil.copy(*args)
+            continue
+        sys.argv = [script, *args]
+        runpy.run_path(script, run_name="__main__")
 """)
 
 
-def _run(args: list[str], cwd: str | None = None) -> None:
+def run_steps(steps: list[list[str]]) -> None:
+    """Run llama.cpp scripts (``[script, args...]`` each, paths relative to the llama.cpp tree) in one process."""
+    src = source_tree()
+    steps = [[script if script == "cp" else str(src / script), *map(str, args)] for script, *args in steps]
     env = {**os.environ, "PYTHONPATH": ""}
-    res = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd, env=env)
+    res = subprocess.run(
+        [sys.executable, "-c", _DRIVER, str(src), json.dumps(steps)], capture_output=True, text=True, env=env
+    )
     if res.returncode != 0:
-        raise RuntimeError(f"llama.cpp converter failed ({args[:2]}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+        raise RuntimeError(f"llama.cpp's converter failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
 
 
-def convert_hf(folder, out, outtype: str = "f32", *, mmproj: bool = False) -> Path:
-    """``convert_hf_to_gguf.py`` on a model folder (vocabulary left out)."""
-    _run(["-c", _HF_CONVERT, str(source_tree()), str(folder), str(out), outtype, "1" if mmproj else "0"])
-    return Path(out)
+def hf_step(folder, out, outtype: str = "f32", *, mmproj: bool = False) -> list[str]:
+    """``convert_hf_to_gguf.py`` on a model folder."""
+    return ["convert_hf_to_gguf.py", folder, "--outfile", out, "--outtype", outtype, *(["--mmproj"] * mmproj)]
 
 
-def convert_llava_mmproj(folder, out, outtype: str = "f16") -> Path:
-    """llama.cpp's legacy Llava route (surgery + CLIP encoder converter) on a saved Llava / Llava-NeXT folder."""
-    import torch
+def llava_steps(folder, work, outs: dict[str, str]) -> list[list[str]]:
+    """llama.cpp's Llava route on a saved Llava / Llava-NeXT folder, one mmproj per type in `outs` (f16 / f32 ->
+    path): the checkpoint in the Hub's layout, llava_surgery_v2.py, the ViT folder (the surgery's CLIP weights and
+    a config), convert_image_encoder_to_gguf.py."""
     from safetensors.torch import load_file, save_file
 
-    src = source_tree()
-    legacy = src / "tools" / "mtmd" / "legacy-models"
     cfg = json.loads((Path(folder) / "config.json").read_text())
-    work = Path(tempfile.mkdtemp(dir=Path(out).parent))
-    try:
-        hub = work / "hub"
-        hub.mkdir()
-        # the Hub's Llava checkpoints keep CLIPVisionModel's `vision_model` level (transformers 5 saves without it)
-        tensors = {}
-        for k, v in load_file(str(Path(folder) / "model.safetensors")).items():
-            if k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model."):
-                k = "vision_tower.vision_model." + k[len("vision_tower.") :]
-            tensors[k] = v
-        save_file(tensors, str(hub / "model.safetensors"))
-        (hub / "config.json").write_text(json.dumps(cfg))
-        _run([str(legacy / "llava_surgery_v2.py"), "-C", "-m", str(hub)])
-        vit = work / "vit"
-        vit.mkdir()
-        torch.save(torch.load(hub / "llava.clip"), vit / "pytorch_model.bin")
-        shutil.copy(hub / "llava.projector", vit / "llava.projector")
-        vcfg = dict(cfg["vision_config"], architectures=["CLIPVisionModel"])
-        vcfg["vision_feature_layer"] = cfg.get("vision_feature_layer", -2)
-        if "image_grid_pinpoints" in cfg:
-            vcfg.update(image_grid_pinpoints=cfg["image_grid_pinpoints"], mm_patch_merge_type="spatial_unpad")
-        (vit / "config.json").write_text(json.dumps(vcfg))
-        pre = json.loads((Path(folder) / "preprocessor_config.json").read_text())
-        args = [str(legacy / "convert_image_encoder_to_gguf.py"), "-m", str(vit), "--llava-projector"]
-        args += [str(vit / "llava.projector"), "--output-dir", str(work / "out"), "--clip-model-is-vision"]
-        args += ["--image-mean", *map(str, pre["image_mean"]), "--image-std", *map(str, pre["image_std"])]
-        if outtype == "f32":
-            args.append("--use-f32")
-        _run(["-c", _LEGACY_CLIP, *args[:1], str(src / "gguf-py"), *args[1:]])
-        shutil.move(str(work / "out" / f"mmproj-model-{outtype}.gguf"), str(out))
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return Path(out)
+    work = Path(work)
+    hub, vit = work / "hub", work / "vit"
+    hub.mkdir(parents=True)
+    vit.mkdir()
+    # the Hub's Llava checkpoints keep CLIPVisionModel's `vision_model` level (transformers 5 saves without it)
+    tensors = {}
+    for k, v in load_file(str(Path(folder) / "model.safetensors")).items():
+        if k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model."):
+            k = "vision_tower.vision_model." + k[len("vision_tower.") :]
+        tensors[k] = v
+    save_file(tensors, str(hub / "model.safetensors"))
+    (hub / "config.json").write_text(json.dumps(cfg))
+    vcfg = dict(cfg["vision_config"], architectures=["CLIPVisionModel"])
+    vcfg["vision_feature_layer"] = cfg.get("vision_feature_layer", -2)
+    if "image_grid_pinpoints" in cfg:
+        vcfg.update(image_grid_pinpoints=cfg["image_grid_pinpoints"], mm_patch_merge_type="spatial_unpad")
+    (vit / "config.json").write_text(json.dumps(vcfg))
+    pre = json.loads((Path(folder) / "preprocessor_config.json").read_text())
+    steps = [
+        ["tools/mtmd/legacy-models/llava_surgery_v2.py", "-C", "-m", hub],
+        ["cp", hub / "llava.clip", vit / "pytorch_model.bin"],
+    ]
+    for outtype, out in outs.items():
+        args = ["-m", vit, "--llava-projector", hub / "llava.projector", "--output-dir", work / outtype]
+        args += ["--clip-model-is-vision", "--image-mean", *pre["image_mean"], "--image-std", *pre["image_std"]]
+        args += ["--use-f32"] if outtype == "f32" else []
+        steps.append(["tools/mtmd/legacy-models/convert_image_encoder_to_gguf.py", *args])
+        steps.append(["cp", work / outtype / f"mmproj-model-{outtype}.gguf", out])
+    return steps
 
 
 def language_model_folder(folder, out_folder) -> Path:
