@@ -27,9 +27,11 @@ llama.cpp produced.
 
 from __future__ import annotations
 
+import gguf
 import numpy as np
 import pytest
 import torch
+import transformers
 
 from quickloris.export import export_gguf
 from tests.export import llama_cpp_ref as ref
@@ -83,6 +85,12 @@ def _hf_ids(tok, family, model, n_image: int) -> tuple[list[int], list[int], lis
     return before, image, after
 
 
+def _qwen_inputs(folder, image) -> dict:
+    """pixel_values and image_grid_thw of an image whose sides are multiples of 28 (no resizing)."""
+    processor = transformers.Qwen2VLImageProcessorPil.from_pretrained(folder)  # the PIL one: no torchvision here
+    return processor(images=image, do_resize=False, return_tensors="pt")
+
+
 def _check_logits(run, hf_logits: np.ndarray, tol_rel: float, seed) -> None:
     """llama.cpp's logits after the prompt and after each generated token against HF's (teacher-forced on
     llama.cpp's tokens), and each greedy token against HF's best."""
@@ -126,8 +134,7 @@ def test_mtmd_runs_the_export_as_hf(family, qtype, tmp_path, seed, mtmd_lib):
             embeds[0, start : start + len(feats)] = torch.from_numpy(feats)
             hf_logits = model(inputs_embeds=embeds).logits[0].float().numpy()
     else:
-        ip = __import__("transformers").Qwen2VLImageProcessorPil.from_pretrained(folder)
-        inputs = ip(images=image, do_resize=False, return_tensors="pt")
+        inputs = _qwen_inputs(folder, image)
         types = R.linear_types(model, qtype)
         with torch.no_grad(), R.ggml_twin(model, types, convs=("model.visual.patch_embed.proj",)):
             feats = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
@@ -163,3 +170,58 @@ def _check_llava_next(run, tok, model, image, qtype, emb_tol, seed):
         parts.append(embed(torch.tensor(run.tokens)))
         logits = model(inputs_embeds=torch.cat(parts)[None]).logits[0].float().numpy()
     _check_logits(run, logits[-(N_GEN + 1) :], LOGIT_TOL, seed)
+
+
+def test_fine_tuned_vlm_end_to_end(tmp_path, seed, mtmd_lib):
+    """A LoRA fine-tune of the language model (and of the ViT's attention) made with PEFT, exported by the CLI and run
+    by libmtmd: its image embeddings and greedy tokens are the PeftModel's (adapter unmerged, as trained). With the
+    default merge base (NF4: the adapter's base as QLoRA trained it) the language model's linears hold the NF4 base
+    plus the delta, the other weights the base in the run's dtype (float32 without a run config)."""
+    from peft import LoraConfig, get_peft_model
+
+    from quickloris.cli.main import main
+
+    family = "qwen2_5_vl"
+    tok = V.tokenizer(family)
+    model = V.model(family, tok)
+    folder = V.save(tmp_path / "model", family, model, tok)
+    cfg = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj", "qkv"], init_lora_weights=False
+    )
+    peft_model = get_peft_model(model, cfg).eval()
+    peft_model.save_pretrained(tmp_path / "adapter")
+
+    def export(out, *more) -> None:
+        args = ["export", "gguf", "--model", folder, "--adapter", tmp_path / "adapter", "--out", out, "--quant", "f32"]
+        assert main([str(a) for a in [*args, *more]]) == 0
+
+    export(tmp_path / "tuned.gguf", "--mmproj-quant", "f32", "--merge-base", "original")
+    image = V.image(*IMAGES[family], seed=seed)
+    prompt = PROMPT[0] + R.MARKER + PROMPT[1]
+    run = R.run_mtmd(mtmd_lib, tmp_path / "tuned.gguf", tmp_path / "tuned.mmproj.gguf", prompt, image, N_GEN)
+    (emb,) = run.image_embeddings
+    before, image_ids, after = _hf_ids(tok, family, model, len(emb))
+    ids = torch.tensor([before + image_ids + after + run.tokens])
+    inputs = _qwen_inputs(folder, image)
+    base = peft_model.get_base_model()
+    with torch.no_grad(), R.ggml_twin(base, convs=("model.visual.patch_embed.proj",)):
+        feats = base.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+        feats = getattr(feats, "pooler_output", feats)
+        feats = (feats[0] if isinstance(feats, (list, tuple)) else feats).numpy()
+        kinds = (ids == model.config.image_token_id).long()
+        logits = peft_model(input_ids=ids, mm_token_type_ids=kinds, **inputs).logits[0].float().numpy()
+    emb_tol = EMB_TOL["F32"]
+    within(np.abs(emb - feats).max(), emb_tol * np.abs(feats).max(), f"seed {seed}: tuned image embeddings")
+    _check_logits(run, logits[ids.shape[1] - N_GEN - 1 :], LOGIT_TOL + emb_tol, seed)
+
+    export(tmp_path / "nf4.gguf")  # the default merge base
+    text = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(tmp_path / "nf4.gguf").tensors}
+    vision = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(tmp_path / "nf4.mmproj.gguf").tensors}
+    q = base.model.language_model.layers[0].self_attn.q_proj
+    merged = (q.base_layer.weight + 2.0 * q.lora_B["default"].weight @ q.lora_A["default"].weight).detach().numpy()
+    err = np.abs(text["blk.0.attn_q.weight"] - merged).max()
+    assert 0 < err < 0.2 * np.abs(merged).max()  # NF4's quantization error of the base, nothing else
+    norm = base.model.language_model.layers[0].post_attention_layernorm.weight
+    np.testing.assert_array_equal(text["blk.0.ffn_norm.weight"], norm.detach().numpy())
+    up = base.model.visual.blocks[1].mlp.up_proj.weight  # no adapter there: the base as stored (float32)
+    np.testing.assert_array_equal(vision["v.blk.1.ffn_up.weight"], up.detach().numpy())

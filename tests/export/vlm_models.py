@@ -12,7 +12,7 @@ has partial windows). Weights are drawn larger than HF's init (`tests.tiny.rando
 from __future__ import annotations
 
 import json
-import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -178,13 +178,12 @@ def processor_config(family: str, model_config) -> dict:
     }
 
 
-def save(folder, family: str, m, tok) -> str:
+def save(folder, family: str, m, tok) -> Path:
     """`m`, `tok` and the family's preprocessor_config.json in `folder` (as a Hub checkpoint is laid out)."""
-    folder = os.fspath(folder)
+    folder = Path(folder)
     m.save_pretrained(folder)
     tok.save_pretrained(folder)
-    with open(os.path.join(folder, "preprocessor_config.json"), "w") as f:
-        json.dump(processor_config(family, m.config), f, indent=2)
+    (folder / "preprocessor_config.json").write_text(json.dumps(processor_config(family, m.config), indent=2))
     return folder
 
 

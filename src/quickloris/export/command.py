@@ -145,7 +145,7 @@ def export_from_config(
         from quickloris.export.vlm import preflight, vlm_parameter_shapes
 
         config = AutoConfig.from_pretrained(str(source.folder))
-        preflight(config, cfg.adapter, text_only=cfg.text_only, mmproj_quant=cfg.mmproj_quant or "f16")
+        preflight(config, cfg.adapter, source.folder, text_only=cfg.text_only, mmproj_quant=cfg.mmproj_quant or "f16")
         if cfg.adapter is not None:
             check_adapter_fits(cfg.adapter, vlm_parameter_shapes(config), model=str(source.path))
     elif cfg.adapter is not None and not source.is_gguf:

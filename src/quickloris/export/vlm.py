@@ -59,6 +59,20 @@ def vision_arch_for(config: Any) -> VisionArch:
     return arch
 
 
+def processor_config(source: Any):
+    """`vision.read_processor_config`, or one line saying where it is missing."""
+    found = read_processor_config(source)
+    if found is None:
+        where = (
+            f"{os.fspath(source)} has no preprocessor_config.json or processor_config.json" if source else "none given"
+        )
+        raise ValueError(
+            f"the mmproj needs the image processor's mean and std ({where}): pass the processor's folder, an HF "
+            "processor or a dict"
+        )
+    return found
+
+
 def lm_name(name: str) -> str | None:
     """A VLM parameter's name in its language model as a causal LM, or None if it is not the language model's."""
     for prefix, new in _LM_PREFIXES:
@@ -134,12 +148,16 @@ def check_vision_adapter(
             )
 
 
-def preflight(config: Any, adapter: str | os.PathLike | None, *, text_only: bool, mmproj_quant: str) -> None:
-    """The checks of `export_vlm` that need no weights: the family, and an adapter folder against the model's
-    parameter shapes (from config.json on the meta device)."""
+def preflight(
+    config: Any, adapter: str | os.PathLike | None, processor: Any, *, text_only: bool, mmproj_quant: str
+) -> None:
+    """The checks of `export_vlm` that need no weights: the family, the image processor config against the model's,
+    and an adapter folder against the model's parameter shapes (from config.json on the meta device)."""
     from safetensors import safe_open
 
     arch = None if text_only else vision_arch_for(config)
+    if arch is not None:
+        arch.check_processor(config, processor_config(processor))
     shapes = vlm_parameter_shapes(config)
     dropped = set()
     if arch is not None:
@@ -195,12 +213,7 @@ def export_vlm(
     s = split(params, plan, arch)
     processor_cfg = None
     if arch is not None:
-        processor_cfg = read_processor_config(processor if processor is not None else config._name_or_path or None)
-        if processor_cfg is None:
-            raise ValueError(
-                "the mmproj needs the image processor's mean and std: pass processor= (a folder with "
-                "preprocessor_config.json, an HF processor or a dict)"
-            )
+        processor_cfg = processor_config(processor if processor is not None else config._name_or_path or None)
         arch.check_processor(config, processor_cfg)
         shapes = {c: _merge.weight_shape(params[n]) for c, n in s.vision_names.items()}
         tensors, dropped = arch.plan(config, shapes, mm_quant)

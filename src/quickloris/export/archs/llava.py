@@ -117,7 +117,13 @@ class Llava(VisionArch):
         size = config.vision_config.image_size
         crop = processor.get("crop_size")
         if isinstance(crop, dict):
-            check_equal(processor, "crop_size", (crop.get("height"), crop.get("width")), "image_size", (size, size))
+            check_equal(
+                processor,
+                "crop_size",
+                (crop.get("height"), crop.get("width")),
+                "vision_config.image_size",
+                (size, size),
+            )
         elif crop is not None:
             check_equal(processor, "crop_size", crop, "vision_config.image_size", size)
         shortest = (
