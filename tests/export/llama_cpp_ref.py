@@ -136,19 +136,22 @@ def mtmd_library() -> Path:
 # vocabulary; CLIPVisionModel gets back the `vision_model` level (attribute and state-dict names) that
 # convert_image_encoder_to_gguf.py, written for transformers 4, reads.
 _DRIVER = textwrap.dedent("""
-    import json, runpy, sys
+    import importlib, json, pkgutil, runpy, shutil, sys
     src, steps = sys.argv[1], json.loads(sys.argv[2])
     sys.path[:0] = [src, src + "/gguf-py"]
+    import conversion
     from conversion import base
-    import conversion.llama, conversion.qwenvl
 
     def no_vocab(self):
         self.gguf_writer.add_tokenizer_model("none")
 
-    for mod in (base, conversion.llama, conversion.qwenvl):
-        for v in vars(mod).values():
-            if isinstance(v, type) and issubclass(v, base.TextModel):
-                v.set_vocab = no_vocab
+    for info in pkgutil.iter_modules(conversion.__path__):
+        importlib.import_module(f"conversion.{info.name}")
+    todo = [base.TextModel]
+    while todo:
+        cls = todo.pop()
+        cls.set_vocab = no_vocab
+        todo += cls.__subclasses__()
     from transformers.models.clip.modeling_clip import CLIPVisionModel
 
     CLIPVisionModel.vision_model = property(lambda self: self)
@@ -158,7 +161,6 @@ _DRIVER = textwrap.dedent("""
     }
     for script, *args in steps:
         if script == "cp":  # a file copy between two scripts (as the docs' `cp`)
-            import shutil
             shutil.copy(*args)
             continue
         sys.argv = [script, *args]
