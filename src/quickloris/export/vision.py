@@ -86,7 +86,8 @@ def read_processor_config(source: Any) -> ProcessorConfig | None:
                     raise ValueError(f"{path}: not a readable JSON file ({e})") from None
                 if not isinstance(cfg, dict):
                     raise ValueError(f"{path}: expected a JSON object")
-                values.update(cfg.get("image_processor") or {} if "image_processor" in cfg else cfg)
+                # processor_config.json nests the image processor's settings
+                values.update(cfg["image_processor"] if isinstance(cfg.get("image_processor"), dict) else cfg)
                 found.append(path)
         return ProcessorConfig(values, " + ".join(found)) if found else None
     image_processor = getattr(source, "image_processor", source)
@@ -151,13 +152,13 @@ class VisionArch:
         ValueError for a vision parameter with no place."""
         raise NotImplementedError
 
-    def hparams(self, config: Any, processor: ProcessorConfig, quant: str) -> list[KV]:
+    def hparams(self, config: Any, processor: ProcessorConfig, quant: str, name: str) -> list[KV]:
+        """The mmproj's metadata after ``general.architecture`` (``clip``), in the converter's order; `name` is
+        ``general.name``."""
         raise NotImplementedError
 
     def notes(self, config: Any, processor: ProcessorConfig) -> list[str]:
-        return []
-
-    def description(self) -> list[KV]:
+        """What llama.cpp computes differently from transformers for this config (printed as ``note:`` lines)."""
         return []
 
 
@@ -200,9 +201,7 @@ def write_mmproj(
     types: dict[str, str] = {}
     with GGUFWriter(path, threads=threads, overwrite=overwrite) as w:
         w.add_string("general.architecture", "clip")
-        for key, vtype, value, elem in arch.hparams(config, processor, quant):
-            if key == "general.name":
-                value = name
+        for key, vtype, value, elem in arch.hparams(config, processor, quant, name):
             w.add(key, vtype, value, elem)
         indices = [w.add_tensor(t.gguf_name, t.shape, t.qtype) for t in tensors]
         w.begin()

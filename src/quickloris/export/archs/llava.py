@@ -169,7 +169,7 @@ class Llava(VisionArch):
             )
         return modern_type(gguf_name, shape, quant)
 
-    def hparams(self, config: Any, processor: ProcessorConfig, quant: str):
+    def hparams(self, config: Any, processor: ProcessorConfig, quant: str, name: str):
         vc = config.vision_config
         mean, std = mean_std(processor)
         out = [
@@ -177,7 +177,7 @@ class Llava(VisionArch):
             _kv("clip.has_vision_encoder", V.BOOL, True),
             _kv("clip.has_llava_projector", V.BOOL, True),
             _kv("general.file_type", V.UINT32, MMPROJ_TYPES[quant][1]),
-            _kv("general.name", V.STRING, ""),
+            _kv("general.name", V.STRING, name),
             _kv("general.description", V.STRING, "image encoder for LLaVA"),
             _kv("clip.projector_type", V.STRING, "mlp"),
             _kv("clip.vision.image_size", V.UINT32, vc.image_size),

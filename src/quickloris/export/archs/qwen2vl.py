@@ -184,7 +184,7 @@ class Qwen2VLVision(VisionArch):
                 raise ValueError(f"vision parameter {name!r} has no tensor in llama.cpp's {config.model_type} mmproj")
         return out, set()
 
-    def hparams(self, config: Any, processor: ProcessorConfig, quant: str):
+    def hparams(self, config: Any, processor: ProcessorConfig, quant: str, name: str):
         vc = config.vision_config
         mean, std = mean_std(processor)
         is25 = self._is25(config)
@@ -192,7 +192,7 @@ class Qwen2VLVision(VisionArch):
         ff = vc.intermediate_size if is25 else vc.hidden_size  # the converter's Qwen2-VL value (see the docstring)
         out = [
             _kv("general.type", V.STRING, "mmproj"),
-            _kv("general.name", V.STRING, ""),
+            _kv("general.name", V.STRING, name),
             _kv("general.file_type", V.UINT32, MMPROJ_TYPES[quant][1]),
             _kv("clip.has_vision_encoder", V.BOOL, True),
             _kv("clip.vision.projection_dim", V.UINT32, config.text_config.hidden_size),
