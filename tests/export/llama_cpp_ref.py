@@ -1,25 +1,22 @@
-"""llama.cpp itself as the reference of the GGUF vision export: its converters and its multimodal library (libmtmd),
-from the llama.cpp tree that the llama-cpp-python sdist (the version `make test` installs) vendors.
+"""llama.cpp itself as the reference of the GGUF export: its converters and its multimodal library (libmtmd), from
+the llama.cpp tree that the llama-cpp-python sdist (the version `make test` installs) vendors.
 
 Nothing of it is committed: `source_tree` takes ``QUICKLORIS_LLAMA_CPP_SRC`` (a llama.cpp tree) if set, else the sdist
 unpacked in the cache folder (``QUICKLORIS_CACHE``, default ``~/.cache/quickloris``), fetched once with ``pip download``
-(~8 s, 77 MB). `mtmd_library` compiles libmtmd from that tree against the libllama / libggml of the installed
-llama-cpp-python (whose wheel `make test` builds without it: ~2 min on 2 cores, once per installation; the library is
-cached by the path and size of the libllama it links).
+(77 MB). `mtmd_library` compiles libmtmd from that tree against the libllama / libggml of the installed
+llama-cpp-python (whose wheel `make test` builds without it), once per installation: the library is cached by the
+path and size of the libllama it links. A llama-cpp-python built with its multimodal library is used as it is.
 
-The converters (run in a subprocess, as a user runs them):
+`run_steps` runs llama.cpp's converter scripts, as a user runs them, one after the other in one subprocess:
 
-* Qwen2-VL / Qwen2.5-VL: ``convert_hf_to_gguf.py --mmproj`` and, for the language model, ``convert_hf_to_gguf.py``;
-* Llava 1.5 / NeXT: llama.cpp's documented route for Hugging Face checkpoints (docs/multimodal/llava.md, "LLaVA 1.6"):
-  ``llava_surgery_v2.py`` splits the checkpoint into the CLIP tower and the projector, and
-  ``convert_image_encoder_to_gguf.py --clip-model-is-vision`` converts them with a ViT ``config.json`` beside them;
-  that config is the model's ``vision_config`` plus the keys the converter reads for Llava (``vision_feature_layer``,
-  and for NeXT ``image_grid_pinpoints`` with ``mm_patch_merge_type`` ``spatial_unpad``). The language model: the Llava
-  checkpoint with ``convert_hf_to_gguf.py``; Llava-NeXT's, which that converter does not take, saved on its own as a
-  causal LM first (what the same document says to do).
-
-``convert_image_encoder_to_gguf.py`` predates transformers 5, where ``CLIPVisionModel`` lost its ``vision_model`` level
-(attribute and state-dict prefix); the subprocess gives them back to it (`_LEGACY_CLIP`), nothing else.
+* ``convert_hf_to_gguf.py`` (`hf_step`): text models, and with ``--mmproj`` the vision file of Qwen2-VL / 2.5-VL;
+* Llava 1.5 / NeXT (`llava_steps`): llama.cpp's documented route for Hugging Face checkpoints
+  (docs/multimodal/llava.md, "LLaVA 1.6"): ``llava_surgery_v2.py`` splits the checkpoint into the CLIP tower and the
+  projector, and ``convert_image_encoder_to_gguf.py --clip-model-is-vision`` converts them with a ViT
+  ``config.json`` beside them: the model's ``vision_config`` plus the keys the converter reads for Llava
+  (``vision_feature_layer``; for NeXT ``image_grid_pinpoints`` and ``mm_patch_merge_type`` ``spatial_unpad``). Their
+  language models: ``convert_hf_to_gguf.py`` on the Llava checkpoint; Llava-NeXT's, which that converter does not
+  take, saved on its own as a causal LM first (`language_model_folder`, what the same document says to do).
 """
 
 from __future__ import annotations

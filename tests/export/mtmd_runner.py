@@ -15,6 +15,7 @@ import ctypes
 import math
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,15 +32,14 @@ class MtmdRun:
     tokens: list[int] = field(default_factory=list)
 
 
-def _bindings(lib_dir: str):
+def _bindings(lib_dir):
     os.environ["MTMD_CPP_LIB"] = str(lib_dir)  # read when llama_cpp.mtmd_cpp is first imported
     import llama_cpp
     import llama_cpp.mtmd_cpp as mtmd
 
-    if os.path.dirname(mtmd._libmtmd._name) != os.path.abspath(lib_dir) and not str(mtmd._libmtmd._name).startswith(
-        str(lib_dir)
-    ):
-        raise RuntimeError(f"llama_cpp.mtmd_cpp was loaded from {mtmd._libmtmd._name}, not {lib_dir}")
+    loaded = Path(mtmd._libmtmd._name).resolve().parent
+    if loaded != Path(lib_dir).resolve():
+        raise RuntimeError(f"llama_cpp.mtmd_cpp was loaded from {loaded}, not {lib_dir}")
     return llama_cpp, mtmd
 
 
@@ -250,12 +250,12 @@ def pixel_values(image, mean, std) -> torch.Tensor:
 
 def file_types(model, quant: str) -> dict[str, str]:
     """{HF parameter name: ggml type} of the vision parameters in an mmproj of type `quant` (the export's plan)."""
-    from quickloris.export.merge import base_parameters, weight_shape
+    from quickloris.export.merge import AdapterPlan, base_parameters, weight_shape
     from quickloris.export.vlm import split, vision_arch_for
 
     arch = vision_arch_for(model.config)
     params = base_parameters(model)
-    s = split(params, __import__("quickloris.export.merge", fromlist=["AdapterPlan"]).AdapterPlan(), arch)
+    s = split(params, AdapterPlan(), arch)
     shapes = {c: weight_shape(params[n]) for c, n in s.vision_names.items()}
     tensors, _ = arch.plan(model.config, shapes, quant)
     return {s.vision_names[t.source]: t.qtype.name for t in tensors}

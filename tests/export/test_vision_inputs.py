@@ -204,3 +204,10 @@ def test_mismatched_processor_config_is_one_line(
     message = cli_error(["export", "gguf", "--model", folder, "--out", tmp_path / "x.gguf"])
     assert message.startswith(f"{path}: {expected}"), message
     assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "x.mmproj.gguf").exists()
+
+
+def test_the_vlm_families_are_listed_once():
+    from quickloris.export.archs import VLM_MODEL_TYPES
+    from quickloris.export.vlm import VISION_ARCHS
+
+    assert tuple(VISION_ARCHS) == VLM_MODEL_TYPES

@@ -1,12 +1,14 @@
 """Tiny random-init vision-language models of the families the GGUF vision export writes, their tokenizers,
 processors and test images (drawn with PIL), and model folders saved as `save_pretrained` writes them.
 
-Sizes: a vision tower of width 32 (4 heads of 8; MLP 48, so that its up and down matrices differ in shape), 3 layers
-(Qwen2.5-VL: 4, full attention in layers 1 and 3, windowed in 0 and 2), patches of 4 pixels; a 2-layer language model
-of width 64 (4 heads over 2 KV heads). Llava: 16 x 16 images (16 patches + CLS); Llava-NeXT: tiles of 16 over the
-grid pinpoints 16x32 / 32x16 / 32x32; Qwen2-VL / 2.5-VL: images whose sides are multiples of 8 (patch 4 x merge 2),
-e.g. 24 x 32 -> 6 x 8 patches -> 3 x 4 merged tokens, and a window of 16 pixels (2 x 2 merged tokens: the 3 x 4 grid
-has partial windows). Weights are drawn larger than HF's init (`tests.tiny.randomize`) so mapping errors show.
+Sizes: a vision tower of width 32 (4 heads of 8), 3 layers (Qwen2.5-VL: 4, full attention in layers 1 and 3,
+windowed in 0 and 2) and a 2-layer language model of width 64 (4 heads over 2 KV heads). Llava: a CLIP tower with an
+MLP of 48 (its up and down matrices differ in shape), 4-pixel patches on 16 x 16 images (16 patches + CLS);
+Llava-NeXT: tiles of 16 over the grid pinpoints 16x32 / 32x16 / 32x32. Qwen2-VL / 2.5-VL: the patch of 14 pixels,
+merges of 2 x 2 and (2.5) windows of 112 pixels that llama.cpp fixes, MLPs of 64 / 48; the tests' images have sides
+that are multiples of 28 (nothing is resized), e.g. 168 x 140 -> 12 x 10 patches -> 6 x 5 merged tokens, more than
+one 4 x 4 window (partial windows). Weights are drawn larger than HF's init (`tests.tiny.randomize`) so mapping
+errors show.
 """
 
 from __future__ import annotations
@@ -15,9 +17,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
-
-FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
 
 LLAVA_SPECIALS = ("<|bos|>", "<|eos|>", "<|pad|>", "<image>")
 QWEN_SPECIALS = (
@@ -44,7 +43,7 @@ def tokenizer(family: str):
 
 
 def config(family: str, tok, **over):
-    """The transformers config of a tiny `family` model (`FAMILIES`) for tokenizer `tok`."""
+    """The transformers config of a tiny `family` model (llava, llava_next, qwen2_vl, qwen2_5_vl) for `tok`."""
     import transformers
 
     ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
@@ -203,7 +202,3 @@ def image(width: int, height: int, seed: int = 0):
         color = tuple(int(c) for c in rng.integers(0, 256, 3))
         (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([x0, y0, x1, y1], fill=color)
     return img
-
-
-def torch_seed(seed: int) -> None:
-    torch.manual_seed(seed)
