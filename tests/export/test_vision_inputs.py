@@ -211,3 +211,24 @@ def test_the_vlm_families_are_listed_once():
     from quickloris.export.vlm import VISION_ARCHS
 
     assert tuple(VISION_ARCHS) == VLM_MODEL_TYPES
+
+
+def test_a_flat_qwen2_vl_config_exports_the_same(tmp_path, vlm_folder):
+    """Qwen2-VL's original config.json keeps the language model's settings at the top level (no ``text_config``,
+    M-RoPE as ``rope_scaling: {type: mrope}``): the same model gives the same two files."""
+    folder, _, _ = vlm_folder("qwen2_vl")
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for f in folder.iterdir():
+        (flat / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((folder / "config.json").read_text())
+    text = cfg.pop("text_config")
+    rope = text.pop("rope_parameters")
+    cfg.update({k: v for k, v in text.items() if k not in ("model_type", "architectures")})
+    cfg["rope_scaling"] = {"type": "mrope", "mrope_section": rope["mrope_section"]}
+    cfg["rope_theta"] = rope["rope_theta"]
+    (flat / "config.json").write_text(json.dumps(cfg))
+    for src, out in ((folder, tmp_path / "a.gguf"), (flat, tmp_path / "b.gguf")):
+        assert _export("--model", src, "--out", out, "--name", "same") == 0
+    for a, b in (("a.gguf", "b.gguf"), ("a.mmproj.gguf", "b.mmproj.gguf")):
+        assert (tmp_path / a).read_bytes() == (tmp_path / b).read_bytes(), a

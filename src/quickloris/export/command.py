@@ -191,7 +191,6 @@ def export_from_config(
 
 
 def is_vlm_config(config: dict | None) -> bool:
-    """config.json (as a dict) of a vision-language model: a vision and a text part."""
-    return (
-        bool(config) and isinstance(config.get("vision_config"), dict) and isinstance(config.get("text_config"), dict)
-    )
+    """config.json (as a dict) of a vision-language model: it has a vision part (the text part may be a
+    ``text_config`` or, as in Qwen2-VL's original configs, the top level)."""
+    return bool(config) and isinstance(config.get("vision_config"), dict)
