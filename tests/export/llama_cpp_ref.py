@@ -35,7 +35,16 @@ from pathlib import Path
 
 SDIST = "llama-cpp-python==0.3.36"
 _TREE = "llama_cpp_python-0.3.36/vendor/llama.cpp"
-_PARTS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "tools/mtmd/", "include/", "ggml/include/", "vendor/")
+_PARTS = (
+    "convert_hf_to_gguf.py",
+    "conversion/",
+    "gguf-py/",
+    "tools/mtmd/",
+    "include/",
+    "ggml/include/",
+    "vendor/",
+    "src/llama-ext.h",
+)
 
 
 def cache_dir() -> Path:
