@@ -232,3 +232,30 @@ def test_a_flat_qwen2_vl_config_exports_the_same(tmp_path, vlm_folder):
         assert _export("--model", src, "--out", out, "--name", "same") == 0
     for a, b in (("a.gguf", "b.gguf"), ("a.mmproj.gguf", "b.mmproj.gguf")):
         assert (tmp_path / a).read_bytes() == (tmp_path / b).read_bytes(), a
+
+
+@pytest.mark.parametrize(
+    "family, over, expected",
+    [
+        ("llava", dict(vision_feature_select_strategy="full"), "llama.cpp's Llava drops the CLS token"),
+        ("llava", dict(projector_hidden_act="relu"), "llama.cpp's Llava projector computes GELU"),
+        ("llava", dict(vision_feature_layer=[-1, -3]), "llama.cpp concatenates the layers' hidden states in ascending"),
+        ("llava", dict(vision_feature_layer=-5), "is outside the vision tower's 3 layers"),
+        ("qwen2_5_vl", dict(vision_config={"window_size": 224}), "attends in windows of 112 pixels"),
+        ("qwen2_5_vl", dict(vision_config={"fullatt_block_indexes": [1, 2]}), "attends fully in every n-th block"),
+        ("qwen2_vl", dict(vision_config={"spatial_merge_size": 3}), "ViT has 2"),
+    ],
+)
+def test_configs_llama_cpp_computes_differently_are_refused(family, over, expected):
+    from quickloris.export.vlm import vision_arch_for
+
+    tok = V.tokenizer(family)
+    cfg = V.config(family, tok)
+    for key, value in over.items():
+        if key == "vision_config":
+            for k, v in value.items():
+                setattr(cfg.vision_config, k, v)
+        else:
+            setattr(cfg, key, value)
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        vision_arch_for(cfg)

@@ -111,6 +111,11 @@ class Llava(VisionArch):
                 f"vision_feature_layer {cfg_get(config, 'vision_feature_layer')!r} is outside the vision tower's "
                 f"{vc.num_hidden_layers} layers"
             )
+        if layers != sorted(set(layers)):  # llama.cpp stacks several feature layers from the lowest up
+            raise ValueError(
+                f"vision_feature_layer {cfg_get(config, 'vision_feature_layer')!r}: llama.cpp concatenates the "
+                "layers' hidden states in ascending order, HF in the listed one"
+            )
 
     def check_processor(self, config: Any, processor: ProcessorConfig) -> None:
         mean_std(processor)
