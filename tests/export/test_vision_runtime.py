@@ -1,0 +1,239 @@
+"""The exported pair of files in llama.cpp's multimodal runtime (libmtmd, built from the sdist's llama.cpp against the
+installed llama-cpp-python: tests/export/llama_cpp_ref.py), against the Hugging Face model on the same image drawn
+with PIL, for every family and mmproj type.
+
+The reference is the HF model computing as llama.cpp's CPU code does (`mtmd_runner.ggml_twin`): the mmproj's weights
+as stored (F16 / BF16 / Q8_0 rounded by the C++ core, byte-identical to ggml), each matmul's input rounded as ggml
+rounds it for that weight type (its ``vec_dot_type``: fp16, bf16, Q8_0 blocks), GELU / quick-GELU through ggml's
+fp16 tables, the patch convolution in fp16 (ggml's im2col). With that, llama.cpp and the reference round the same
+values at the same places, and differ only where float32 noise (~1e-7) puts a value on the other side of a rounding
+boundary: that value then differs by one rounding step of its type (u = 2^-11 of its size for fp16 and the tables,
+2^-8 for bf16, 1/127 of its block's largest for Q8_0), which the following layers (gains about 1 at these sizes)
+carry to the embeddings. `EMB_TOL` allows two such steps relative to the largest embedding (measured: F32 / F16 up
+to ~2e-4 of 1e-3, BF16 ~1e-7, Q8_0 up to ~2e-3 of 1.6e-2); a mapping error moves the embeddings by their own size.
+Qwen's embeddings are also checked against the HF model as it is (float32, erf GELU), within `EXACT_TOL`.
+
+The language model (F32) then sees the image: llama.cpp's logits after the prompt and after each generated token
+equal the HF model's, given the reference's image embeddings, within LOGIT_TOL (tests/export/test_llama_cpp.py:
+F32 rounding of a 2-layer model) plus the embeddings' tolerance; every greedy token llama.cpp picks is the HF
+model's argmax, or within twice that tolerance of it where the two best logits are that close.
+
+Llava: llama.cpp's llava graph (ggml-org/llama.cpp#25814, in llama-cpp-python 0.3.36) appends CLIP's CLS token
+after the patches, shifting the position embeddings by one and projecting CLS in place of the first patch; the
+reference reproduces that (`llava_twin_features(cls_last=True)`), and a check asserts the defect is still there
+(so that a llama.cpp with the fix makes this test say so). Llava-NeXT: llama.cpp cuts the image into its own tiles
+(see `quickloris.export.archs.llava`); each tile's embedding is checked, and the language model on the embeddings
+llama.cpp produced.
+"""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from quickloris.export import export_gguf
+from tests.export import llama_cpp_ref as ref
+from tests.export import mtmd_runner as R
+from tests.export import vlm_models as V
+from tests.helpers import missing_dependency, within
+
+LOGIT_TOL = 2e-5
+EMB_TOL = {"F32": 2 * 2**-11, "F16": 2 * 2**-11, "BF16": 2 * 2**-8, "Q8_0": 2 / 127}
+# llama.cpp against the HF model as it is: the places where ggml rounds to fp16 and HF does not (pixels and patch
+# kernel, each block's and the merger's GELU tables, an F16 file's weights and matmul inputs) each cost up to one fp16
+# rounding, 2^-11 relative, and the merger's tanh GELU differs from HF's erf GELU by < 5e-4 of its input's scale:
+# some 8 such units over the tiny towers (measured: <= ~5e-4 of 3.9e-3)
+EXACT_TOL = 8 * 2**-11
+MMPROJ_TYPE = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}
+N_GEN = 4
+PROMPT = ("Describe ", " in a few words")
+IMAGES = {"llava": (16, 16), "llava_next": (32, 32), "qwen2_vl": (84, 112), "qwen2_5_vl": (168, 140)}
+CASES = [
+    ("llava", "f16"),
+    ("llava", "q8_0"),
+    ("llava_next", "f32"),
+    ("qwen2_vl", "f32"),
+    ("qwen2_vl", "bf16"),
+    ("qwen2_5_vl", "f16"),
+    ("qwen2_5_vl", "q8_0"),
+]
+
+
+@pytest.fixture(scope="session")
+def mtmd_lib():
+    try:
+        return ref.mtmd_library()
+    except Exception as e:  # noqa: BLE001 - one line: what is missing
+        missing_dependency("libmtmd", f"it could not be built from the llama-cpp-python sdist ({e})")
+
+
+def _export(tmp_path, family, qtype, seed):
+    tok = V.tokenizer(family)
+    model = V.model(family, tok)
+    folder = V.save(tmp_path / "model", family, model, tok)
+    out = tmp_path / "model.gguf"
+    result = export_gguf(model, out, tokenizer=tok, quant="f32", mmproj_quant=qtype, processor=folder)
+    image = V.image(*IMAGES[family], seed=seed)
+    return tok, model, folder, out, result, image
+
+
+def _hf_ids(tok, family, model, n_image: int) -> tuple[list[int], list[int], list[int]]:
+    """(ids before the image, the image's ids, ids after) as the HF processors lay them out."""
+    before = tok(PROMPT[0])["input_ids"]
+    after = tok(PROMPT[1], add_special_tokens=False)["input_ids"]
+    cfg = model.config
+    if family.startswith("llava"):
+        return before, [cfg.image_token_index] * n_image, after
+    image = [cfg.vision_start_token_id] + [cfg.image_token_id] * n_image + [cfg.vision_end_token_id]
+    return before, image, after
+
+
+def _qwen_inputs(folder, image) -> dict:
+    """pixel_values and image_grid_thw of an image whose sides are multiples of 28 (no resizing)."""
+    processor = transformers.Qwen2VLImageProcessorPil.from_pretrained(folder)  # the PIL one: no torchvision here
+    return processor(images=image, do_resize=False, return_tensors="pt")
+
+
+def _qwen_features(model, inputs) -> np.ndarray:
+    feats = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+    feats = getattr(feats, "pooler_output", feats)
+    return (feats[0] if isinstance(feats, (list, tuple)) else feats).numpy()
+
+
+def _check_logits(run, hf_logits: np.ndarray, tol_rel: float, seed) -> None:
+    """llama.cpp's logits after the prompt and after each generated token against HF's (teacher-forced on
+    llama.cpp's tokens), and each greedy token against HF's best."""
+    assert len(run.logits) == len(hf_logits) == N_GEN + 1
+    scale = np.abs(hf_logits).max()
+    assert hf_logits.std() > 0.1  # logits that depend on the weights, not a flat distribution
+    for step, (ours, theirs) in enumerate(zip(run.logits, hf_logits)):
+        within(np.abs(ours - theirs).max(), tol_rel * scale, f"seed {seed}: logits after step {step}")
+    for step, tok in enumerate(run.tokens):
+        best = hf_logits[step].max()
+        assert hf_logits[step, tok] >= best - 2 * tol_rel * scale, f"seed {seed}: token {step} {tok} is not HF's"
+        if np.sort(hf_logits[step])[-2] < best - 2 * tol_rel * scale:  # a clear winner: the same token
+            assert tok == int(hf_logits[step].argmax()), f"seed {seed}: step {step}"
+
+
+@pytest.mark.parametrize("family, qtype", CASES, ids=[f"{f}-{t}" for f, t in CASES])
+def test_mtmd_runs_the_export_as_hf(family, qtype, tmp_path, seed, mtmd_lib):
+    tok, model, folder, out, result, image = _export(tmp_path, family, qtype, seed)
+    run = R.run_mtmd(mtmd_lib, out, result.mmproj_path, PROMPT[0] + R.MARKER + PROMPT[1], image, N_GEN)
+    emb_tol = EMB_TOL[MMPROJ_TYPE[qtype]]
+    if family == "llava_next":
+        return _check_llava_next(run, tok, model, image, qtype, emb_tol, seed)
+    assert run.chunk_kinds == ["text", "image", "text"]
+    (emb,) = run.image_embeddings
+    before, image_ids, after = _hf_ids(tok, family, model, len(emb))
+    # the text around the image tokenizes as in HF (Qwen: libmtmd adds <|vision_start|> / <|vision_end|> itself)
+    if family == "llava":
+        assert run.text_chunks == [before, after]
+    else:
+        assert run.text_chunks == [before + image_ids[:1], image_ids[-1:] + after]
+    ids = before + image_ids + after + run.tokens
+    if family == "llava":
+        pixels = R.pixel_values(image, V.CLIP_MEAN, V.CLIP_STD)
+        feats = R.llava_twin_features(model, pixels, qtype).numpy()
+        fixed = R.llava_twin_features(model, pixels, qtype, cls_last=False).numpy()
+        # llama.cpp#25814 still there: the HF order is far off (a llama.cpp with the fix fails here: use cls_last=False)
+        assert np.abs(emb - fixed).max() > 10 * emb_tol * np.abs(fixed).max()
+        with torch.no_grad():
+            embeds = model.get_input_embeddings()(torch.tensor([ids]))
+            start = len(before)
+            embeds[0, start : start + len(feats)] = torch.from_numpy(feats)
+            hf_logits = model(inputs_embeds=embeds).logits[0].float().numpy()
+    else:
+        inputs = _qwen_inputs(folder, image)
+        types = R.linear_types(model, qtype)
+        with torch.no_grad(), R.ggml_twin(model, types, convs=("model.visual.patch_embed.proj",)):
+            feats = _qwen_features(model, inputs)
+            input_ids = torch.tensor([ids])
+            kinds = (input_ids == model.config.image_token_id).long()  # 1: image, 0: text (M-RoPE positions)
+            hf_logits = model(input_ids=input_ids, mm_token_type_ids=kinds, **inputs).logits[0].float().numpy()
+    within(np.abs(emb - feats).max(), emb_tol * np.abs(feats).max(), f"seed {seed}: image embeddings ({qtype})")
+    if family.startswith("qwen") and qtype in ("f32", "f16"):  # and the HF model as it is, in float32
+        with torch.no_grad():
+            exact = _qwen_features(model, inputs)
+        within(np.abs(emb - exact).max(), EXACT_TOL * np.abs(exact).max(), f"seed {seed}: exact HF embeddings")
+    n_prompt = len(ids) - len(run.tokens)
+    _check_logits(run, hf_logits[n_prompt - 1 :], LOGIT_TOL + emb_tol, seed)
+
+
+def _check_llava_next(run, tok, model, image, qtype, emb_tol, seed):
+    """A 32 x 32 image is the 32x32 pinpoint: four 16 x 16 tiles, which llama.cpp encodes as the HF tower (with the
+    CLS defect) encodes each tile, then its own overview (the image resized by its bicubic, not compared); the
+    language model on llama.cpp's image embeddings in llama.cpp's layout equals HF's."""
+    pixels = R.pixel_values(image, V.CLIP_MEAN, V.CLIP_STD)
+    tiles = [pixels[:, :, y : y + 16, x : x + 16] for y in (0, 16) for x in (0, 16)]
+    feats = [R.llava_twin_features(model, t, qtype).numpy() for t in tiles]
+    assert run.chunk_kinds == ["text"] + ["image"] * 5 + ["text"]
+    for i, f in enumerate(feats):  # the tiles in row-major order, then the overview
+        within(np.abs(run.image_embeddings[i] - f).max(), emb_tol * np.abs(f).max(), f"seed {seed}: tile {i}")
+    before = tok(PROMPT[0])["input_ids"]
+    after = tok(PROMPT[1], add_special_tokens=False)["input_ids"]
+    assert run.text_chunks == [before, after]
+    text, images = iter(run.text_chunks), iter(run.image_embeddings)
+    with torch.no_grad():
+        embed = model.get_input_embeddings()
+        parts = [
+            embed(torch.tensor(next(text))) if k == "text" else torch.from_numpy(next(images)) for k in run.chunk_kinds
+        ]
+        parts.append(embed(torch.tensor(run.tokens)))
+        logits = model(inputs_embeds=torch.cat(parts)[None]).logits[0].float().numpy()
+    _check_logits(run, logits[-(N_GEN + 1) :], LOGIT_TOL, seed)
+
+
+def test_fine_tuned_vlm_end_to_end(tmp_path, seed, mtmd_lib):
+    """A LoRA fine-tune of the language model (and of the ViT's attention) made with PEFT, exported by the CLI and run
+    by libmtmd: its image embeddings and greedy tokens are the PeftModel's (adapter unmerged, as trained). With the
+    default merge base (NF4: the adapter's base as QLoRA trained it) the language model's linears hold the NF4 base
+    plus the delta, the other weights the base in the run's dtype (float32 without a run config)."""
+    from peft import LoraConfig, get_peft_model
+
+    from quickloris.cli.main import main
+
+    family = "qwen2_5_vl"
+    tok = V.tokenizer(family)
+    model = V.model(family, tok)
+    folder = V.save(tmp_path / "model", family, model, tok)
+    cfg = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj", "qkv"], init_lora_weights=False
+    )
+    peft_model = get_peft_model(model, cfg).eval()
+    peft_model.save_pretrained(tmp_path / "adapter")
+
+    def export(out, *more) -> None:
+        args = ["export", "gguf", "--model", folder, "--adapter", tmp_path / "adapter", "--out", out, "--quant", "f32"]
+        assert main([str(a) for a in [*args, *more]]) == 0
+
+    export(tmp_path / "tuned.gguf", "--mmproj-quant", "f32", "--merge-base", "original")
+    image = V.image(*IMAGES[family], seed=seed)
+    prompt = PROMPT[0] + R.MARKER + PROMPT[1]
+    run = R.run_mtmd(mtmd_lib, tmp_path / "tuned.gguf", tmp_path / "tuned.mmproj.gguf", prompt, image, N_GEN)
+    (emb,) = run.image_embeddings
+    before, image_ids, after = _hf_ids(tok, family, model, len(emb))
+    ids = torch.tensor([before + image_ids + after + run.tokens])
+    inputs = _qwen_inputs(folder, image)
+    base = peft_model.get_base_model()
+    with torch.no_grad(), R.ggml_twin(base, convs=("model.visual.patch_embed.proj",)):
+        feats = _qwen_features(base, inputs)
+        kinds = (ids == model.config.image_token_id).long()
+        logits = peft_model(input_ids=ids, mm_token_type_ids=kinds, **inputs).logits[0].float().numpy()
+    emb_tol = EMB_TOL["F32"]
+    within(np.abs(emb - feats).max(), emb_tol * np.abs(feats).max(), f"seed {seed}: tuned image embeddings")
+    _check_logits(run, logits[ids.shape[1] - N_GEN - 1 :], LOGIT_TOL + emb_tol, seed)
+
+    export(tmp_path / "nf4.gguf")  # the default merge base
+    text = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(tmp_path / "nf4.gguf").tensors}
+    vision = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(tmp_path / "nf4.mmproj.gguf").tensors}
+    q = base.model.language_model.layers[0].self_attn.q_proj
+    merged = (q.base_layer.weight + 2.0 * q.lora_B["default"].weight @ q.lora_A["default"].weight).detach().numpy()
+    err = np.abs(text["blk.0.attn_q.weight"] - merged).max()
+    assert 0 < err < 0.2 * np.abs(merged).max()  # NF4's quantization error of the base, nothing else
+    norm = base.model.language_model.layers[0].post_attention_layernorm.weight
+    np.testing.assert_array_equal(text["blk.0.ffn_norm.weight"], norm.detach().numpy())
+    up = base.model.visual.blocks[1].mlp.up_proj.weight  # no adapter there: the base as stored (float32)
+    np.testing.assert_array_equal(vision["v.blk.1.ffn_up.weight"], up.detach().numpy())
