@@ -399,7 +399,7 @@ def set_attention(model: torch.nn.Module, implementation: str) -> torch.nn.Modul
     surgery.record(
         model,
         STEP,
-        "model.config._attn_implementation" if config is model.config else "model.config.text_config._attn_implementation",
+        f"model.config.{'text_config.' if config is not model.config else ''}_attn_implementation",
         f"attention: {implementation}",
         undo_fn=lambda m: m.set_attn_implementation(text_only(previous)),
     )

@@ -42,7 +42,12 @@ class LoRALinear(nn.Module):
         self.out_features, self.in_features = linear.out_features, linear.in_features
         self.weight = nn.Parameter(linear.weight.detach(), requires_grad=False)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
-        self.r, self.lora_alpha, self.lora_dropout, self.use_rslora = r, float(lora_alpha), float(lora_dropout), use_rslora
+        self.r, self.lora_alpha, self.lora_dropout, self.use_rslora = (
+            r,
+            float(lora_alpha),
+            float(lora_dropout),
+            use_rslora,
+        )
         self.scaling = lora_scaling(r, self.lora_alpha, use_rslora)
         self.adapter_name = adapter_name
         kw = dict(bias=False, device=linear.weight.device, dtype=lora_dtype)

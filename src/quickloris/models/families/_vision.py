@@ -48,8 +48,9 @@ class VisionFamilySpec(FamilySpec):
         base = super().decoder(model)
         inner = getattr(base, self.text_model, None)
         if inner is None:
-            raise TypeError(f"{type(model).__name__} has no language model at model.{model.base_model_prefix}."
-                            f"{self.text_model}")
+            raise TypeError(
+                f"{type(model).__name__} has no language model at model.{model.base_model_prefix}.{self.text_model}"
+            )
         return inner
 
     def layers_path(self, model: Any) -> str:
