@@ -81,7 +81,7 @@ def test_trained_tokens_token_by_token_in_a_mixed_batch(tmp_path, seed, row):
     start, end = tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
     header = tok("assistant\n", add_special_tokens=False)["input_ids"]
     replies = [["a dot"], ["21", "12"], ["1 2"]]
-    for b, ex in enumerate(examples):
+    for b in range(len(examples)):
         ids, labels = batch["input_ids"][b].tolist(), batch["labels"][b].tolist()
         n = int(batch["attention_mask"][b].sum())
         want = [IGNORE_INDEX] * len(ids)
