@@ -182,3 +182,40 @@ def test_training_step_matches_fp32_peft(tmp_path, seed, row, train_vision):
         assert_close_rel(ours[name], g, bwd, f"{row} {name}")
     frozen = [n for n, p in model.named_parameters() if p.grad is not None and not p.requires_grad]
     assert not frozen and bool(vision_trainable(model)) == train_vision
+
+
+@pytest.mark.parametrize("attention", ["flex", "sdpa"])
+@pytest.mark.parametrize("row", [r for r in VLM_ROWS if r != "mllama"])
+def test_packed_equals_padded(tmp_path, seed, row, attention):
+    """Padding-free packing of mixed rows (text-only and image documents in one row, position ids restarting per
+    document - Qwen's 3-D mRoPE ids too - read as document boundaries by flex's block-diagonal BlockMask and by
+    transformers' SDPA masks) gives the padded batch's loss and LoRA gradients (fp32)."""
+    records = write_data(tmp_path, seed)
+    tok, ref, model = _prepare(row, attention=attention, init_lora_weights="random")
+    proc = vlm_processing(row, tok, ref.config)
+    examples, _ = tokenize_vision_records(proc, records, max_seq_len=512)
+    model.train()
+    grads, losses = [], []
+    for packing in (False, True):
+        batch = collate_vision(proc, examples, packing=packing, pad_token_id=0)
+        model.zero_grad(set_to_none=True)
+        loss = model(**_hf_inputs(batch), labels=batch["labels"]).loss
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(lora_grads(model))
+    if row in ("qwen2_vl", "qwen2_5_vl"):
+        assert batch["position_ids"].shape == (4, 1, sum(map(len, examples)))
+    fwd, bwd = _bounds(model)
+    assert_close_rel(losses[1], losses[0], fwd, f"{row} {attention} loss")
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name, g in grads[0].items():
+        assert_close_rel(grads[1][name], g, bwd, f"{row} {attention} {name}")
+
+
+def test_mllama_refuses_packing(tmp_path, seed):
+    records = write_data(tmp_path, seed)
+    tok = vlm_tokenizer("mllama")
+    proc = vlm_processing("mllama", tok)
+    examples, _ = tokenize_vision_records(proc, records, max_seq_len=512)
+    with pytest.raises(ValueError, match="packing is not supported for Mllama"):
+        collate_vision(proc, examples, packing=True, pad_token_id=0)
