@@ -49,7 +49,7 @@ class VisionRecord:
     """A conversation whose contents may hold image parts; `images` are the files, in order of appearance."""
 
     messages: tuple[dict[str, Any], ...]
-    images: tuple[str, ...]
+    images: tuple[Any, ...]  # file paths (str), or PIL images (the embedded visual tasks)
     source: str = "<memory>"
 
 
@@ -57,7 +57,7 @@ class VisionRecord:
 class VisionExample(TokenizedExample):
     """Token ids / labels after image expansion, the images (files) and each image's token grid (Qwen's mRoPE)."""
 
-    images: tuple[str, ...] = ()
+    images: tuple[Any, ...] = ()
     grids: tuple[tuple[int, int, int] | None, ...] = ()
 
 
@@ -155,12 +155,16 @@ def resized_size(width: int, height: int, max_size: int, snap: int = 1) -> tuple
     return side(width), side(height)
 
 
-def load_image(path: str | os.PathLike, max_size: int | None = None, snap: int = 1) -> Any:
-    """The image at `path` as RGB, resized by `resized_size` when `max_size` is given."""
+def load_image(path: Any, max_size: int | None = None, snap: int = 1) -> Any:
+    """The image at `path` (or a PIL image: the embedded visual tasks draw theirs) as RGB, resized by
+    `resized_size` when `max_size` is given."""
     from PIL import Image
 
-    with Image.open(path) as im:
-        img = im.convert("RGB")
+    if isinstance(path, Image.Image):
+        img = path.convert("RGB")
+    else:
+        with Image.open(path) as im:
+            img = im.convert("RGB")
     if max_size is not None:
         size = resized_size(img.width, img.height, max_size, snap)
         if size != img.size:
@@ -350,3 +354,34 @@ __all__ = [
     "cross_attention_spans",
     "collate_vision",
 ]
+
+
+def prompt_example(
+    processing: Any,
+    messages: Sequence[dict[str, Any]],
+    images: Sequence[Any],
+    *,
+    chat_template: str | None = None,
+    image_max_size: int | None = None,
+) -> VisionExample:
+    """A generation prompt: `messages` rendered with the generation prompt appended, image placeholders expanded
+    (labels all -100)."""
+    tok = processing.tokenizer
+    text = tok.apply_chat_template(
+        list(messages), tokenize=False, add_generation_prompt=True, chat_template=chat_template
+    )
+    ids = list(tok(text, add_special_tokens=False)["input_ids"])
+    out, grids, k = [], [], 0
+    for t in ids:
+        if t != processing.placeholder_id:
+            out.append(t)
+            continue
+        if k >= len(images):
+            raise DataFormatError(f"the prompt renders more image placeholders than its {len(images)} images")
+        plan = processing.plan(load_image(images[k], image_max_size, processing.snap))
+        out += plan.tokens
+        grids.append(plan.grid)
+        k += 1
+    if k != len(images):
+        raise DataFormatError(f"the prompt renders {k} image placeholders for {len(images)} images")
+    return VisionExample(out, [IGNORE_INDEX] * len(out), "<prompt>", tuple(images), tuple(grids))

@@ -378,7 +378,7 @@ def prepare_model(
     if getattr(spec, "vision_modules", None) is not None:
         from quickloris.models.vision import prepare_vision
 
-        prepare_vision(model, spec, cfg)
+        prepare_vision(model, spec, cfg, lora_dtype=_DTYPES[cfg.lora_dtype], init=_init_arg(cfg))
     elif cfg.train_vision:
         raise ConfigError(QLoRAConfig, "train_vision", f"needs a vision-language model; {type(model).__name__} is not")
     # ----

@@ -41,9 +41,8 @@ def is_vision_model(model_or_config: Any) -> bool:
         return False
 
 
-def _vision_lora(model: nn.Module, spec: Any, cfg: Any) -> int:
+def _vision_lora(model: nn.Module, spec: Any, cfg: Any, lora_dtype: torch.dtype, init: bool | str) -> int:
     """LoRA on every nn.Linear of the vision tower and projector (their 16-bit weights stay, frozen)."""
-    from quickloris.models.prepare import _DTYPES, _init_arg
     from quickloris.nn.lora_linear import LoRALinear
 
     lora = dict(
@@ -51,8 +50,8 @@ def _vision_lora(model: nn.Module, spec: Any, cfg: Any) -> int:
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
         use_rslora=cfg.use_rslora,
-        lora_dtype=_DTYPES[cfg.lora_dtype],
-        init_lora_weights=_init_arg(cfg),
+        lora_dtype=lora_dtype,
+        init_lora_weights=init,
     )
     base = surgery.unwrap(model).get_submodule(model.base_model_prefix)
     roots = [(base, name) for name in spec.vision_modules if getattr(base, name, None) is not None]
@@ -91,12 +90,15 @@ def _image_rows_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tupl
     return args, kwargs
 
 
-def prepare_vision(model: nn.Module, spec: Any, cfg: Any) -> None:
-    """The VLM part of `prepare_model` (module docstring); called before the parameters are frozen."""
+def prepare_vision(
+    model: nn.Module, spec: Any, cfg: Any, *, lora_dtype: torch.dtype = torch.float32, init: bool | str = True
+) -> None:
+    """The VLM part of `prepare_model` (module docstring); called before the parameters are frozen. `cfg`: the
+    `QLoRAConfig`; `lora_dtype` / `init`: its LoRA dtype and initialisation, resolved."""
     parts = spec.vision_parts(model)
     dtypes = sorted({str(p.dtype).replace("torch.", "") for m in parts.values() for p in m.parameters()})
     if getattr(cfg, "train_vision", False):
-        n = _vision_lora(model, spec, cfg)
+        n = _vision_lora(model, spec, cfg, lora_dtype, init)
         if not n:
             raise ValueError(f"{type(model).__name__}: --train-vision found no nn.Linear in {', '.join(parts)}")
         surgery.record(
