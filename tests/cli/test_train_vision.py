@@ -97,7 +97,7 @@ def test_visual_task_scores_before_and_after(qwen, tmp_path, capsys):
 @pytest.mark.parametrize(
     "extra,message",
     [
-        (["--fsdp"], "--fsdp is not supported for vision-language models"),
+        (["--data", "D", "--eval-data", "D"], "--eval-data is not supported for vision-language models"),
         ([], "--visual-task or --data is needed"),
         (["--data", "D", "--visual-task", "dots"], "--visual-task and --data are exclusive"),
     ],

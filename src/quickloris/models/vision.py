@@ -133,4 +133,35 @@ def vision_trainable(model: nn.Module) -> list[torch.nn.Parameter]:
     return [p for m in parts(surgery.unwrap(model)).values() for p in m.parameters() if p.requires_grad]
 
 
-__all__ = ["STEP", "is_vision_model", "prepare_vision", "vision_trainable"]
+def vision_parameters(model: nn.Module) -> list[torch.nn.Parameter]:
+    """Every parameter of the vision tower and projector (FSDP2 leaves them whole on every rank: `reduce_vision_grads`
+    keeps their LoRA in step)."""
+    from quickloris.models.families import family_of
+
+    parts = getattr(family_of(model), "vision_parts", None)
+    return [] if parts is None else [p for m in parts(surgery.unwrap(model)).values() for p in m.parameters()]
+
+
+def reduce_vision_grads(model: nn.Module, world_size: int, group: Any = None) -> int:
+    """Average the vision LoRA gradients over the ranks of a sharded run: ``g = (1 / world) * sum_r g_r``, FSDP2's
+    reduction of the sharded parameters (each rank backpropagates ``world x`` its share of the loss). Every rank
+    reduces every trainable vision parameter in the same order, with a zero gradient where its rows had no image
+    (the tower did not run there): the collectives match whatever images each rank drew. Returns the count."""
+    import torch.distributed as dist
+
+    params = vision_trainable(model)
+    for p in params:
+        g = p.grad if p.grad is not None else torch.zeros_like(p)
+        dist.all_reduce(g, group=group)
+        p.grad = g.div_(world_size)
+    return len(params)
+
+
+__all__ = [
+    "STEP",
+    "is_vision_model",
+    "prepare_vision",
+    "reduce_vision_grads",
+    "vision_parameters",
+    "vision_trainable",
+]

@@ -63,8 +63,6 @@ def check_vision_run(vision: bool, model_cfg, data_cfg, eval_cfg, fsdp_opts, vis
         return
     if model_cfg.task_type != "causal_lm":
         raise ConfigError(type(model_cfg), "task_type", "must be causal_lm for a vision-language model")
-    if fsdp_opts is not None and fsdp_opts.sharding() is not None:
-        raise ConfigError(type(fsdp_opts), "fsdp", "is not supported for vision-language models yet")
     if eval_cfg.eval_data is not None:
         raise ConfigError(type(eval_cfg), "eval_data", "is not supported for vision-language models yet")
     if data_cfg.data is None and vision_cfg.visual_task is None:
@@ -157,9 +155,38 @@ class VisionCausalLM(CausalLM):
         from quickloris.data.vision import collate_vision
 
         chosen = [examples[i] for row in batch for i in row]
-        return collate_vision(
+        out = collate_vision(
             self.processing, chosen, packing=packing, pad_token_id=pad_token_id, image_max_size=self.image_max_size
         )
+        self._pad = pad_token_id
+        return out | {"examples": chosen}
+
+    def loss(self, model, batch, num_items, keep):
+        return super().loss(model, {k: v for k, v in batch.items() if k != "examples"}, num_items, keep)
+
+    def split(self, batch: dict[str, Any], rank: int, world: int) -> dict[str, Any]:
+        """This rank's rows (``rank::world``) collated again - their own images only - and padded to the whole
+        micro-batch's length (the positions every rank scores are the whole batch's)."""
+        from quickloris.data.chat import IGNORE_INDEX
+        from quickloris.data.vision import collate_vision
+
+        rows = batch["examples"][rank::world]
+        out = collate_vision(
+            self.processing, rows, packing=False, pad_token_id=self._pad, image_max_size=self.image_max_size
+        )
+        extra = batch["input_ids"].shape[1] - out["input_ids"].shape[1]
+        fills = {"input_ids": self._pad, "labels": IGNORE_INDEX, "attention_mask": 0, "mm_token_type_ids": 0}
+        for key, fill in fills.items():
+            if key in out and extra:
+                out[key] = torch.nn.functional.pad(out[key], (0, extra), value=fill)
+        if "cross_attention_mask" in out and extra:
+            out["cross_attention_mask"] = torch.nn.functional.pad(out["cross_attention_mask"], (0, 0, 0, 0, 0, extra))
+        return out
+
+    def after_backward(self, model, world: int) -> None:
+        from quickloris.models.vision import reduce_vision_grads
+
+        reduce_vision_grads(model, world)
 
 
 def evaluate_vision(
