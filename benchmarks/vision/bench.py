@@ -153,7 +153,10 @@ def tokenizer(words: list[str], vocab: int):
     )
 
 
-def qwen2_vl(shape: dict, tok, vocab: int, dtype, device):
+def qwen2_vl(shape: dict, tok, vocab: int, dtype, device, *, logit_room: float | None = None):
+    """A random-init Qwen2-VL of `shape`. `logit_room`: text weights drawn with std = logit_room / hidden, so that
+    the frozen random head can reach logits of about that size (the final RMSNorm fixes the hidden state's norm at
+    ~sqrt(hidden): HF's std 0.02 caps the logits near 0.02 * hidden, too flat to learn an answer from)."""
     import transformers
 
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIALS}
@@ -171,6 +174,8 @@ def qwen2_vl(shape: dict, tok, vocab: int, dtype, device):
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
     )
+    if logit_room is not None:
+        cfg.text_config.initializer_range = logit_room / shape["text"]["hidden_size"]
     with torch.device(device):
         model = transformers.Qwen2VLForConditionalGeneration(cfg)
     return model.to(dtype)
@@ -206,7 +211,7 @@ def part_learn(args, device, dtype) -> dict[str, Any]:
     vocab = 512
     tok = tokenizer(words, vocab)
     torch.manual_seed(args.seed)
-    model = qwen2_vl(TINY if args.tiny else LEARN, tok, vocab, dtype, device)
+    model = qwen2_vl(TINY if args.tiny else LEARN, tok, vocab, dtype, device, logit_room=16.0)
     proc = processing(model, tok, 56 * 56)
     model = prepare_model(model, QLoRAConfig(r=16, lora_alpha=32, attention="sdpa", train_vision=True))
     n_train = args.learn_steps * args.learn_batch
