@@ -100,6 +100,7 @@ def test_visual_task_scores_before_and_after(qwen, tmp_path, capsys):
         (["--data", "D", "--eval-data", "D"], "--eval-data is not supported for vision-language models"),
         ([], "--visual-task or --data is needed"),
         (["--data", "D", "--visual-task", "dots"], "--visual-task and --data are exclusive"),
+        (["--data", "D", "--image-max-size", "20"], "--image-max-size=20 is smaller than the model's patch multiple"),
     ],
 )
 def test_vlm_options_refused_in_one_line(qwen, tmp_path, capsys, extra, message):

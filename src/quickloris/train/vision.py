@@ -124,6 +124,12 @@ def prepare_vision_data(
         source = f"embedded visual task {task!r}"
     else:
         records, heldout, source = read_vision_jsonl(data_cfg.data), [], data_cfg.data
+    if vision_cfg.image_max_size is not None and vision_cfg.image_max_size < processing.snap:
+        raise ConfigError(
+            VisionConfig,
+            "image_max_size",
+            f"={vision_cfg.image_max_size} is smaller than the model's patch multiple ({processing.snap} pixels)",
+        )
     if data_cfg.packing and processing.kind == "mllama":
         raise ConfigError(DataConfig, "packing", "is not supported for Mllama (cross-attention reads whole rows)")
     examples, stats = tokenize_vision_records(
