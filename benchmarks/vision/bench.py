@@ -434,8 +434,9 @@ def run(args) -> int:
         if part not in PARTS:
             raise SystemExit(f"--parts: unknown part {part!r}; choose from {', '.join(PARTS)}")
         results[part] = (part_learn if part == "learn" else part_speed)(args, device, dtype)
-    path = record("vision", "vision-tiny" if args.tiny else "vision", results, args.out)
-    print(f"results: {path}")
+    from benchmarks.report import after_record
+
+    after_record(record("vision", "vision-tiny" if args.tiny else "vision", results, args.out))
     return 0
 
 
