@@ -118,3 +118,15 @@ def test_image_options_refused_for_a_text_model(tmp_path, capsys):
     assert _train(model, tmp_path / "run", "--image-max-size", "64") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--image-max-size applies to vision-language models" in err[0], err
+
+
+@pytest.mark.parametrize("row", ["llava", "mllama"])
+def test_other_families_train_in_bf16(tmp_path, row):
+    """Llava (packed) and Mllama (its image rows only through the vision tower) from saved folders, the whole model
+    in bf16 (the image processor's fp32 pixels are cast to the tower's dtype)."""
+    write_data(tmp_path, 1)
+    folder = save_vlm(row, tmp_path / row)
+    extra = ["--dtype", "bfloat16", "--data", tmp_path / "vlm.jsonl"] + (["--packing"] if row == "llava" else [])
+    assert _train(folder, tmp_path / "run", *extra) == 0
+    steps = json.loads((tmp_path / "run" / "metrics.json").read_text())["steps"]
+    assert len(steps) == 2 and all(s["loss"] == s["loss"] and s["loss"] > 0 for s in steps)

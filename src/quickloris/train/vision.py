@@ -168,7 +168,12 @@ class VisionCausalLM(CausalLM):
         return out | {"examples": chosen}
 
     def loss(self, model, batch, num_items, keep):
-        return super().loss(model, {k: v for k, v in batch.items() if k != "examples"}, num_items, keep)
+        batch = {k: v for k, v in batch.items() if k != "examples"}
+        if "pixel_values" in batch:  # the image processor's fp32 pixels, in the vision tower's dtype (bf16 on a GPU)
+            from quickloris.models.vision import vision_parameters
+
+            batch["pixel_values"] = batch["pixel_values"].to(vision_parameters(model)[0].dtype)
+        return super().loss(model, batch, num_items, keep)
 
     def split(self, batch: dict[str, Any], rank: int, world: int) -> dict[str, Any]:
         """This rank's rows (``rank::world``) collated again - their own images only - and padded to the whole
@@ -233,7 +238,9 @@ def evaluate_vision(
                 batch.pop("image_rows", None)  # one row with its image: transformers' own per-row layout
                 batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
                 if "pixel_values" in batch:
-                    batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
+                    from quickloris.models.vision import vision_parameters
+
+                    batch["pixel_values"] = batch["pixel_values"].to(vision_parameters(model)[0].dtype)
                 out = model.generate(
                     **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
                 )
