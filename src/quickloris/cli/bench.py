@@ -21,6 +21,7 @@ BENCHES: dict[str, str] = {
     "loss": "chunked linear + loss vs full logits: memory, time, 60-step QLoRA, GRPO (part E)",
     "train": "QLoRA training tokens/s + memory vs HF+PEFT+bitsandbytes, compile counts, max context",
     "fsdp": "QLoRA with FSDP2 on 2 GPUs vs 1: loss parity, scaling, memory with/without offload",
+    "vision": "vision-language QLoRA: a learning check on a visual task, Qwen2-VL-2B speed (packed / padded) vs HF",
 }
 
 NOT_IN_WHEEL = (

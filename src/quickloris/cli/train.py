@@ -19,6 +19,7 @@ def groups() -> list[tuple[str, type]]:
     from quickloris.models.prepare import QLoRAConfig
     from quickloris.parallel.fsdp import FSDPOptions
     from quickloris.train.config import EvalConfig, ModelConfig, TrainConfig
+    from quickloris.train.vision import VisionConfig
 
     return [
         ("model", ModelConfig),
@@ -27,6 +28,7 @@ def groups() -> list[tuple[str, type]]:
         ("training", TrainConfig),
         ("evaluation", EvalConfig),
         ("several GPUs: torchrun --nproc-per-node N -m quickloris train --fsdp ...", FSDPOptions),
+        ("vision-language models (Qwen2-VL, Qwen2.5-VL, Llava, LLaVA-NeXT, Pixtral, Llama-3.2-Vision)", VisionConfig),
     ]
 
 

@@ -48,8 +48,11 @@ _SAVED = "modules_to_save"  # the surgery state key of the registered modules
 
 
 def lora_layers(model: nn.Module) -> dict[str, QLoRALinear]:
-    """The QLoRA layers that carry an adapter, by module path (PEFT's names without the prefix)."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, QLoRALinear) and m.r > 0}
+    """The QLoRA layers that carry an adapter (and a VLM's 16-bit LoRA vision layers), by module path (PEFT's
+    names without the prefix)."""
+    from quickloris.nn.lora_linear import LoRALinear
+
+    return {name: m for name, m in model.named_modules() if isinstance(m, (QLoRALinear, LoRALinear)) and m.r > 0}
 
 
 def set_modules_to_save(model: nn.Module, names: list[str], step: str) -> None:

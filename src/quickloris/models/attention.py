@@ -310,7 +310,10 @@ def _flex_mask_hook(windows, module, args, kwargs):
     if ref is None:
         return None
     batch, seq = ref.shape[0], ref.shape[1]
-    doc = document_ids(batch, seq, ref.device, mask, get("position_ids"))
+    pos = get("position_ids")
+    if pos is not None and pos.dim() == 3:  # multimodal RoPE [3 or 4, B, S]: of four rows the first is the text's
+        pos = pos[0] if pos.shape[0] == 4 else None  # three: no packing to read (documents from the mask alone)
+    doc = document_ids(batch, seq, ref.device, mask, pos)
     masks = {kind: build_block_mask(doc, window=window) for kind, window in windows.items()}
     block_mask = masks[None] if None in masks else masks
     args = list(args)
@@ -356,26 +359,28 @@ def set_attention(model: torch.nn.Module, implementation: str) -> torch.nn.Modul
     if not hasattr(model, "set_attn_implementation"):
         raise TypeError(f"{type(model).__name__} is not a transformers model (no set_attn_implementation)")
     spec = family_of(model)
+    # A vision-language model: the language model's own config holds its attention settings, and only it is switched
+    # (the vision tower keeps its attention: quickloris' flex masks are the decoder's).
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     if implementation == "flex":
-        if not spec.fast_path:
+        if not spec.fast_path or not getattr(spec, "flex", True):
             raise ValueError(
-                f"flex attention needs a registered model family; {type(model).__name__} is on the "
-                "generic path: use attention='sdpa' or 'eager'"
+                f"flex attention needs a registered model family whose attention it can express; "
+                f"{type(model).__name__} is {'on the generic path' if not spec.fast_path else spec.name}: use "
+                "attention='sdpa' or 'eager'"
             )
         windows = spec.windows(model.config)
-        if getattr(model.config, "attention_dropout", 0.0):
+        if getattr(config, "attention_dropout", 0.0):
             raise ValueError(
                 f"flex attention has no attention dropout, but the config sets attention_dropout="
-                f"{model.config.attention_dropout}"
+                f"{config.attention_dropout}"
             )
-        if getattr(model.config, "use_bidirectional_attention", False):
+        if getattr(config, "use_bidirectional_attention", False):
             raise ValueError(
                 f"flex attention builds causal masks, but {type(model).__name__}'s config sets "
                 "use_bidirectional_attention; use attention='sdpa'"
             )
-        head_dim = (
-            getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
-        )
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         if head_dim < MIN_GPU_HEAD_DIM and any(p.is_cuda for p in model.parameters()):
             raise ValueError(_HEAD_DIM_MESSAGE.format(head_dim))
         register_flex()
@@ -388,14 +393,15 @@ def set_attention(model: torch.nn.Module, implementation: str) -> torch.nn.Modul
     if implementation == "sdpa_cudnn":
         register_sdpa_cudnn()
     surgery.undo(model, STEP)  # a second call replaces the first (its hook removed, its backend restored)
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(names[implementation])
+    previous = config._attn_implementation
+    text_only = (lambda name: {"text_config": name}) if config is not model.config else (lambda name: name)
+    model.set_attn_implementation(text_only(names[implementation]))
     surgery.record(
         model,
         STEP,
-        "model.config._attn_implementation",
+        f"model.config.{'text_config.' if config is not model.config else ''}_attn_implementation",
         f"attention: {implementation}",
-        undo_fn=lambda m: m.set_attn_implementation(previous),
+        undo_fn=lambda m: m.set_attn_implementation(text_only(previous)),
     )
     if implementation == "flex":
         hook = functools.partial(_flex_mask_hook, windows)
@@ -410,7 +416,8 @@ def set_attention(model: torch.nn.Module, implementation: str) -> torch.nn.Modul
 
 
 def attention_of(model: torch.nn.Module) -> str:
-    impl = model.config._attn_implementation
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    impl = config._attn_implementation
     return {v: k for k, v in NAMES.items()}.get(impl, impl)
 
 

@@ -21,6 +21,7 @@ bias as autograd inputs); any other head module (LoRA-wrapped, `modules_to_save`
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import types
 from typing import Any
 
@@ -241,12 +242,17 @@ def enable_chunked_loss(model: nn.Module, config: ChunkedLossConfig | None = Non
     saved = target.__dict__.get("forward")  # an instance forward someone installed before us
     original = saved if saved is not None else types.MethodType(type(target).forward, target)
     surgery.set_state(target, STEP, {"config": cfg, "original": original, "head_loss": eager_head_loss})
+    # generate() checks its keyword arguments against forward's signature (a VLM's pixel_values, image_grid_thw...):
+    # the installed forward is a copy of _loss_forward that shows the model class's own signature.
+    fn = types.FunctionType(_loss_forward.__code__, _loss_forward.__globals__, "forward", _loss_forward.__defaults__)
+    fn.__kwdefaults__, fn.__doc__ = _loss_forward.__kwdefaults__, _loss_forward.__doc__
+    fn.__signature__ = inspect.signature(type(target).forward)
     surgery.set_attribute(
         target,
         STEP,
         target,
         "forward",
-        types.MethodType(_loss_forward, target),
+        types.MethodType(fn, target),
         "training loss: lm_head + cross-entropy chunk by chunk (no [tokens, vocab] logits)",
         path="model",
     )

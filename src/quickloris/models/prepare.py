@@ -125,6 +125,11 @@ class QLoRAConfig(Config):
         "Gemma-2, whose attention softcap SDPA cannot apply), eager, keep",
     )
     chunked_loss: bool = field(True, help="compute the training loss without materialising [tokens, vocab] logits")
+    train_vision: bool = field(
+        False,
+        help="vision-language models: LoRA also on the vision tower's and projector's linears (over their frozen "
+        "16-bit weights); off: they stay frozen",
+    )
 
     def scaling(self) -> float:
         return lora_scaling(self.r, self.lora_alpha, self.use_rslora)
@@ -338,6 +343,9 @@ def _attention_choice(model: nn.Module, spec: FamilySpec, wanted: str, notes: li
         return wanted
     if not spec.fast_path and wanted == "flex":
         wanted = "sdpa"
+    if not getattr(spec, "flex", True) and wanted == "flex":  # a VLM family flex cannot express (Mllama)
+        notes.append(f"flex attention cannot express {spec.name}'s cross-attention masks: attention='sdpa' is used")
+        wanted = "sdpa"
     if wanted in ("sdpa", "sdpa_cudnn") and not getattr(model, "_supports_sdpa", True):
         wanted = "eager"
     softcap = spec.attention_softcap(model.config)
@@ -370,6 +378,14 @@ def prepare_model(
     cfg = dataclasses.replace(cfg, target_modules=resolve_targets(spec, cfg.target_modules))
     classifier = is_classifier(model, spec)
     layers = replace_linears(model, cfg, spec)
+    # ---- vision-language models (quickloris.models.vision): vision tower frozen / LoRA, Mllama's image rows ----
+    if getattr(spec, "vision_modules", None) is not None:
+        from quickloris.models.vision import prepare_vision
+
+        prepare_vision(model, spec, cfg, lora_dtype=_DTYPES[cfg.lora_dtype], init=_init_arg(cfg))
+    elif cfg.train_vision:
+        raise ConfigError(QLoRAConfig, "train_vision", f"needs a vision-language model; {type(model).__name__} is not")
+    # ----
     surgery.record(
         model,
         STEP,

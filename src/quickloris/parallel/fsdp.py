@@ -280,6 +280,14 @@ def shard_model(model: nn.Module, config: FSDPConfig | None = None, mesh=None) -
     if replicate:
         params = dict(model.named_parameters())
         kw["ignored_params"] = {params[n] for n in replicate}
+    # A vision-language model's vision tower and projector stay whole on every rank, outside FSDP2: a rank whose rows
+    # have no image does not run them, and FSDP2 reduces only the gradients a rank produced, so their LoRA (with
+    # --train-vision) is averaged by quickloris.models.vision.reduce_vision_grads, every parameter on every rank.
+    from quickloris.models.vision import vision_parameters
+
+    vision = vision_parameters(model)
+    if vision:
+        kw["ignored_params"] = kw.get("ignored_params", set()) | set(vision)
     for layer in decoder_layers(model):
         fully_shard(layer, reshard_after_forward=cfg.reshard_after_forward, **kw)
     fully_shard(model, **kw)  # root: embeddings, final norm, lm_head (kept gathered from forward to backward)

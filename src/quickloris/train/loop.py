@@ -186,6 +186,25 @@ class CausalLM:
         return micro_batch_loss(model, batch, num_items, keep)
 
 
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_``, also over a mix of FSDP2-sharded (DTensor) gradients and plain ones that
+    are the same on every rank (a VLM's vision LoRA, kept outside FSDP2): norm = sqrt(|g_sharded|^2 + |g_plain|^2),
+    each group scaled by the same factor."""
+    from torch.distributed.tensor import DTensor
+
+    with_grad = [p for p in params if p.grad is not None]
+    sharded = [p.grad for p in with_grad if isinstance(p.grad, DTensor)]
+    plain = [p.grad for p in with_grad if not isinstance(p.grad, DTensor)]
+    if not sharded or not plain:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    norm_s = torch.nn.utils.get_total_norm(sharded).full_tensor()
+    norm_p = torch.nn.utils.get_total_norm(plain)
+    total = torch.sqrt(norm_s.float() ** 2 + norm_p.to(norm_s.device).float() ** 2)
+    for group in (sharded, plain):
+        torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+    return total
+
+
 def memory_gib(device: torch.device) -> float:
     """Peak CUDA memory allocated by tensors on a GPU; resident memory of this process on CPU."""
     if device.type == "cuda":
@@ -306,16 +325,23 @@ def train_loop(
                 if world > 1:  # this rank's rows, the whole batch's positions: every rank runs the same calls
                     keep = objective.keep(b)
                     keep = keep.to(device) if keep is not None else None
-                    b = {k: v[rank::world] if torch.is_tensor(v) else v for k, v in b.items()}
+                    split = getattr(objective, "split", None)  # an objective whose batches need more than rows
+                    b = (
+                        split(b, rank, world)
+                        if split
+                        else {k: v[rank::world] if torch.is_tensor(v) else v for k, v in b.items()}
+                    )
                 loss = objective.loss(model, _to(b, device), num_items, keep)
                 if loss is not None:
                     (loss * world if world > 1 else loss).backward()
                     loss_sum += loss.detach().float()
+            if world > 1 and hasattr(objective, "after_backward"):  # gradients kept outside FSDP2 (a VLM's vision)
+                objective.after_backward(model, world)
             if world > 1:
                 from quickloris.parallel.fsdp import all_reduce_sum
 
                 loss_sum = all_reduce_sum(loss_sum)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip)) if trained else 0.0
+            grad_norm = float(clip_grad_norm(params, clip)) if trained else 0.0
             loss_value = float(loss_sum) if trained else float("nan")
             bad = [
                 (w, v)

@@ -188,6 +188,7 @@ def run_train(
     train_cfg: TrainConfig,
     eval_cfg: EvalConfig,
     fsdp_opts: Any = None,
+    vision_cfg: Any = None,
     *,
     on_step_end: Callable[[LoopState], None] | None = None,
     echo: Callable[[str], None] = lambda m: print(m, flush=True),
@@ -207,7 +208,15 @@ def run_train(
     )
     try:
         result = _run_train(
-            model_cfg, data_cfg, qlora_cfg, train_cfg, eval_cfg, fsdp_opts, on_step_end=on_step_end, echo=echo
+            model_cfg,
+            data_cfg,
+            qlora_cfg,
+            train_cfg,
+            eval_cfg,
+            fsdp_opts,
+            vision_cfg,
+            on_step_end=on_step_end,
+            echo=echo,
         )
         if owned and dist.is_initialized():
             dist.barrier()  # every rank done with its collectives before any tears the group down
@@ -226,6 +235,7 @@ def _run_train(
     train_cfg: TrainConfig,
     eval_cfg: EvalConfig,
     fsdp_opts: Any,
+    vision_cfg: Any,
     *,
     on_step_end: Callable[[LoopState], None] | None,
     echo: Callable[[str], None],
@@ -291,6 +301,14 @@ def _run_train(
     elif train_cfg.resume:
         echo(f"--resume: no run to continue in {out}, starting from step 0")
     limit = max_position_embeddings(source)
+    # ---- vision-language models (quickloris.train.vision) ----
+    from quickloris.train import vision as vlm
+
+    vision = vlm.is_vision_source(source)
+    vlm.check_vision_run(vision, model_cfg, data_cfg, eval_cfg, fsdp_opts, vision_cfg, qlora_cfg)
+    vision_cfg = vision_cfg or vlm.VisionConfig()
+    limit = vlm.text_limit(source) if vision else limit
+    # ----
     check_inputs(source, model_cfg, data_cfg, qlora_cfg, eval_cfg, limit)
     echo(
         f"device: {device} ({str(dtype).replace('torch.', '')})"
@@ -317,6 +335,16 @@ def _run_train(
         _check_adapter_labels(model_cfg, prepared.labels)
         examples_eval = tokenize_eval_rows(tokenizer, prepared.eval_rows, prepared.labels, limit)
         eval_what = prepared.eval_source
+    elif vision:
+        processing, chat_template = vlm.load_vision_parts(source, tokenizer, chat_template)
+        prepared, examples_eval = vlm.prepare_vision_data(
+            data_cfg, vision_cfg, processing, chat_template, train_cfg.seed
+        )
+        eval_what = (
+            f"{len(examples_eval)} held-out problems of visual task {vision_cfg.visual_task!r}"
+            if examples_eval
+            else "no evaluation: training on --data"
+        )
     else:
         prepared = prepare_data(
             data_cfg,
@@ -361,8 +389,12 @@ def _run_train(
             device=device,
         )
     else:
-        model = load_model(source, dtype=dtype, device=device)
-    check_max_seq_len_option(data_cfg, max_positions(model.config))
+        model = (
+            vlm.load_vision_model(source, dtype=dtype, device=device)
+            if vision
+            else load_model(source, dtype=dtype, device=device)
+        )
+    check_max_seq_len_option(data_cfg, limit if vision else max_positions(model.config))
     torch.manual_seed(train_cfg.seed)  # the LoRA initialisation
     model = build_training_model(
         model,
@@ -463,6 +495,17 @@ def _run_train(
             on_step_end(st)
 
     def score(label: str) -> dict[str, Any]:
+        if vision:
+            return vlm.evaluate_vision(
+                model,
+                processing,
+                examples_eval,
+                chat_template=chat_template,
+                image_max_size=vision_cfg.image_max_size,
+                max_new_tokens=eval_cfg.max_new_tokens or 8,
+                label=label,
+                echo=echo,
+            )
         if not classify:
             return evaluate(model, tokenizer, examples_eval, eval_cfg, chat_template, label, echo)
         from quickloris.train.classify import evaluate_classification
@@ -493,7 +536,11 @@ def _run_train(
             device=device,
             on_step_end=after_step,
             dist=ctx,
-            objective=Classification() if classify else None,
+            objective=Classification()
+            if classify
+            else vlm.VisionCausalLM(processing, vision_cfg.image_max_size)
+            if vision
+            else None,
         )
         if ctx is None:
             last["checkpoint"] = save_checkpoint(out, model, optimizer, state, fp).name
