@@ -21,26 +21,8 @@ mkdir -p "$D/wheels" "$D/download"
 
 # bitsandbytes ships one native library per CUDA/ROCm/XPU version (~120 MiB in all); the device runs
 # torch 2.11+cu130, so keep only the CUDA 13.0 and CPU libraries and rewrite the wheel's RECORD.
-"$PY" - "$D/download" "$D/wheels" <<'PYEOF'
-import pathlib, shutil, sys, zipfile
-src, dst = map(pathlib.Path, sys.argv[1:])
-for whl in sorted(src.glob("*.whl")):
-    out = dst / whl.name
-    if not whl.name.startswith("bitsandbytes-"):
-        shutil.copy(whl, out)
-        continue
-    keep = lambda n: not (n.startswith("bitsandbytes/libbitsandbytes_") and not n.endswith(("_cuda130.so", "_cpu.so")))
-    with zipfile.ZipFile(whl) as zin, zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zout:
-        for info in zin.infolist():
-            if not keep(info.filename):
-                continue
-            data = zin.read(info.filename)
-            if info.filename.endswith(".dist-info/RECORD"):
-                lines = [l for l in data.decode().splitlines() if keep(l.split(",")[0])]
-                data = ("\n".join(lines) + "\n").encode()
-            zout.writestr(info, data)
-print("\n".join(f"{p.name}: {p.stat().st_size / 2**20:.1f} MiB" for p in sorted(dst.glob("*.whl"))))
-PYEOF
+"$PY" scripts/device/trim_wheels.py "$D/download" "$D/wheels" bitsandbytes "bitsandbytes/libbitsandbytes_*" \
+  _cuda130.so,_cpu.so
 rm -rf "$D/download"
 
 # Unsloth, the peer `quickloris bench train` compares with (benchmarks/train/unsloth_stack.py), with the versions
@@ -48,27 +30,7 @@ rm -rf "$D/download"
 mkdir -p "$D/unsloth-download" "$D/unsloth-wheels"
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform any \
   -d "$D/unsloth-download" unsloth==2026.10.9 unsloth_zoo==2026.10.9 trl==1.15.0 datasets==4.8.5 cut_cross_entropy==25.1.1
-"$PY" - "$D/unsloth-download" "$D/unsloth-wheels" <<'PYEOF'
-import pathlib, shutil, sys, zipfile
-src, dst = map(pathlib.Path, sys.argv[1:])
-for whl in sorted(src.glob("*.whl")):
-    out = dst / whl.name
-    if not whl.name.startswith("unsloth-"):
-        shutil.copy(whl, out)
-        continue
-    keep = lambda n: not n.startswith("studio/")
-    with zipfile.ZipFile(whl) as zin, zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zout:
-        for info in zin.infolist():
-            if not keep(info.filename):
-                continue
-            data = zin.read(info.filename)
-            if info.filename.endswith(".dist-info/RECORD"):
-                data = ("\n".join(l for l in data.decode().splitlines() if keep(l.split(",")[0])) + "\n").encode()
-            elif info.filename.endswith(".dist-info/top_level.txt"):
-                data = ("\n".join(l for l in data.decode().splitlines() if l != "studio") + "\n").encode()
-            zout.writestr(info, data)
-print("\n".join(f"{p.name}: {p.stat().st_size / 2**20:.1f} MiB" for p in sorted(dst.glob("*.whl"))))
-PYEOF
+"$PY" scripts/device/trim_wheels.py "$D/unsloth-download" "$D/unsloth-wheels" unsloth studio/
 rm -rf "$D/unsloth-download"
 
 # Optional (QUICKLORIS_DEVICE_NOTEBOOK=1): what executing a notebook there needs (nbclient, nbformat, ipykernel and
