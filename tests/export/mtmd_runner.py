@@ -43,8 +43,12 @@ def _bindings(lib_dir):
     return llama_cpp, mtmd
 
 
-def run_mtmd(lib_dir, model_path, mmproj_path, prompt: str, image, n_gen: int, *, threads: int = 2) -> MtmdRun:
-    """Encode `image` and generate `n_gen` tokens greedily after `prompt` (which holds `MARKER` once)."""
+def run_mtmd(
+    lib_dir, model_path, mmproj_path, prompt: str, image, n_gen: int, *, threads: int = 2, never: tuple[int, ...] = ()
+) -> MtmdRun:
+    """Encode `image` and generate `n_gen` tokens greedily after `prompt` (which holds `MARKER` once), never choosing
+    a token of `never` (a random model may rank an image placeholder first; fed back to the HF model it would be read
+    as an image slot, a different computation). The logits are returned as computed, those tokens' included."""
     llama_cpp, M = _bindings(lib_dir)
     out = MtmdRun()
     mparams = llama_cpp.llama_model_default_params()
@@ -102,7 +106,9 @@ def run_mtmd(lib_dir, model_path, mmproj_path, prompt: str, image, n_gen: int, *
                 out.logits.append(logits)
                 if step == n_gen:
                     break
-                tok = int(logits.argmax())
+                allowed = logits.copy()
+                allowed[list(never)] = -np.inf
+                tok = int(allowed.argmax())
                 out.tokens.append(tok)
                 batch.n_tokens = 1
                 batch.token[0], batch.pos[0], batch.n_seq_id[0], batch.logits[0] = tok, pos, 1, 1

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from quickloris.cli.main import main
-from quickloris.export.command import GGUFExportConfig
+from quickloris.export.gguf_export import GGUFExportConfig
 from quickloris.export.quants import GGMLType, quantize
 
 
@@ -120,7 +120,7 @@ def test_an_adapter_for_another_model_is_one_line(
     config from the file costs about as much as loading it); nothing is written."""
     from peft import LoraConfig, get_peft_model
 
-    from quickloris.export import command, export_gguf
+    from quickloris.export import export_gguf, gguf_export
 
     other = helpers.tiny_model(vocab_size=len(bpe_tokenizer), hidden=32, inter=64)
     get_peft_model(other, LoraConfig(r=2, target_modules=["q_proj", "down_proj"])).save_pretrained(tmp_path / "adapter")
@@ -129,7 +129,7 @@ def test_an_adapter_for_another_model_is_one_line(
         base.save_pretrained(tmp_path / "model")
         bpe_tokenizer.save_pretrained(tmp_path / "model")
         model = tmp_path / "model"
-        monkeypatch.setattr(command, "_load", lambda *a: pytest.fail("the model was loaded before the check"))
+        monkeypatch.setattr(gguf_export, "_load", lambda *a: pytest.fail("the model was loaded before the check"))
     else:
         model = tmp_path / "model.gguf"
         export_gguf(base, model, tokenizer=bpe_tokenizer, quant="f32")

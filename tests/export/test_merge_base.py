@@ -157,7 +157,7 @@ def test_original_is_refused_for_a_4bit_folder(tmp_path, helpers, bpe_tokenizer,
     pytest.importorskip("bitsandbytes")
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from quickloris.export import command
+    from quickloris.export import gguf_export
 
     helpers.tiny_model(vocab_size=len(bpe_tokenizer), hidden=128, inter=256).save_pretrained(tmp_path / "base")
     q = AutoModelForCausalLM.from_pretrained(
@@ -168,7 +168,7 @@ def test_original_is_refused_for_a_4bit_folder(tmp_path, helpers, bpe_tokenizer,
         ),
     )
     q.save_pretrained(tmp_path / "bnb")
-    monkeypatch.setattr(command, "_load", lambda *a: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(gguf_export, "_load", lambda *a: pytest.fail("the model was loaded"))
     message = cli_error(
         ["export", "gguf", "--model", tmp_path / "bnb", "--merge-base", "original", "--out", tmp_path / "x.gguf"]
     )

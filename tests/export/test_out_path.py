@@ -10,7 +10,7 @@ import re
 import pytest
 
 from quickloris.cli.main import main
-from quickloris.export import command, export_gguf
+from quickloris.export import export_gguf, gguf_export
 from quickloris.export.quants import GGMLType
 from quickloris.export.writer import GGUFWriter
 
@@ -18,7 +18,7 @@ from quickloris.export.writer import GGUFWriter
 @pytest.fixture
 def no_load(monkeypatch):
     """Fail the test if the export gets as far as loading the model."""
-    monkeypatch.setattr(command, "_load", lambda *a: pytest.fail("the model was loaded before the check"))
+    monkeypatch.setattr(gguf_export, "_load", lambda *a: pytest.fail("the model was loaded before the check"))
 
 
 @pytest.fixture
@@ -95,7 +95,7 @@ def test_an_existing_file_needs_overwrite(tmp_path, gguf_model, monkeypatch, cli
     out = tmp_path / "out.gguf"
     out.write_bytes(b"the user's file")
     with monkeypatch.context() as m:
-        m.setattr(command, "_load", lambda *a: pytest.fail("the model was loaded before the check"))
+        m.setattr(gguf_export, "_load", lambda *a: pytest.fail("the model was loaded before the check"))
         message = cli_error(export_args("--model", gguf_model, "--out", out))
     assert re.fullmatch(r"--out \S+out.gguf already exists; pass --overwrite to replace it", message), message
     assert out.read_bytes() == b"the user's file"

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from quickloris.cli.main import main
-from quickloris.export import command
+from quickloris.export import gguf_export
 from tests.export import vlm_models as V
 
 
@@ -34,7 +34,7 @@ def vlm_folder(tmp_path, seed):
 
 @pytest.fixture
 def no_load(monkeypatch):
-    monkeypatch.setattr(command, "_load", lambda *a: pytest.fail("the model was loaded before the check"))
+    monkeypatch.setattr(gguf_export, "_load", lambda *a: pytest.fail("the model was loaded before the check"))
 
 
 def _export(*args) -> int:

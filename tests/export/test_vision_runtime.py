@@ -103,28 +103,39 @@ def _qwen_features(model, inputs) -> np.ndarray:
     return (feats[0] if isinstance(feats, (list, tuple)) else feats).numpy()
 
 
-def _check_logits(run, hf_logits: np.ndarray, tol_rel: float, seed) -> None:
+def _placeholders(model) -> tuple[int, ...]:
+    """The image placeholder ids of `model` (generation never picks them: `R.run_mtmd`'s `never`)."""
+    cfg = model.config
+    names = ("image_token_index", "image_token_id", "vision_start_token_id", "vision_end_token_id")
+    return tuple(int(getattr(cfg, n)) for n in names if getattr(cfg, n, None) is not None)
+
+
+def _check_logits(run, hf_logits: np.ndarray, tol_rel: float, seed, never: tuple[int, ...]) -> None:
     """llama.cpp's logits after the prompt and after each generated token against HF's (teacher-forced on
-    llama.cpp's tokens), and each greedy token against HF's best."""
+    llama.cpp's tokens), and each greedy token (never one of `never`) against HF's best of the others."""
     assert len(run.logits) == len(hf_logits) == N_GEN + 1
     scale = np.abs(hf_logits).max()
     assert hf_logits.std() > 0.1  # logits that depend on the weights, not a flat distribution
     for step, (ours, theirs) in enumerate(zip(run.logits, hf_logits)):
         within(np.abs(ours - theirs).max(), tol_rel * scale, f"seed {seed}: logits after step {step}")
+    allowed = hf_logits.copy()
+    allowed[:, list(never)] = -np.inf
     for step, tok in enumerate(run.tokens):
-        best = hf_logits[step].max()
-        assert hf_logits[step, tok] >= best - 2 * tol_rel * scale, f"seed {seed}: token {step} {tok} is not HF's"
-        if np.sort(hf_logits[step])[-2] < best - 2 * tol_rel * scale:  # a clear winner: the same token
-            assert tok == int(hf_logits[step].argmax()), f"seed {seed}: step {step}"
+        assert tok not in never
+        best = allowed[step].max()
+        assert allowed[step, tok] >= best - 2 * tol_rel * scale, f"seed {seed}: token {step} {tok} is not HF's"
+        if np.sort(allowed[step])[-2] < best - 2 * tol_rel * scale:  # a clear winner: the same token
+            assert tok == int(allowed[step].argmax()), f"seed {seed}: step {step}"
 
 
 @pytest.mark.parametrize("family, qtype", CASES, ids=[f"{f}-{t}" for f, t in CASES])
 def test_mtmd_runs_the_export_as_hf(family, qtype, tmp_path, seed, mtmd_lib):
     tok, model, folder, out, result, image = _export(tmp_path, family, qtype, seed)
-    run = R.run_mtmd(mtmd_lib, out, result.mmproj_path, PROMPT[0] + R.MARKER + PROMPT[1], image, N_GEN)
+    never = _placeholders(model)
+    run = R.run_mtmd(mtmd_lib, out, result.mmproj_path, PROMPT[0] + R.MARKER + PROMPT[1], image, N_GEN, never=never)
     emb_tol = EMB_TOL[MMPROJ_TYPE[qtype]]
     if family == "llava_next":
-        return _check_llava_next(run, tok, model, image, qtype, emb_tol, seed)
+        return _check_llava_next(run, tok, model, image, qtype, emb_tol, seed, never)
     assert run.chunk_kinds == ["text", "image", "text"]
     (emb,) = run.image_embeddings
     before, image_ids, after = _hf_ids(tok, family, model, len(emb))
@@ -159,10 +170,10 @@ def test_mtmd_runs_the_export_as_hf(family, qtype, tmp_path, seed, mtmd_lib):
             exact = _qwen_features(model, inputs)
         within(np.abs(emb - exact).max(), EXACT_TOL * np.abs(exact).max(), f"seed {seed}: exact HF embeddings")
     n_prompt = len(ids) - len(run.tokens)
-    _check_logits(run, hf_logits[n_prompt - 1 :], LOGIT_TOL + emb_tol, seed)
+    _check_logits(run, hf_logits[n_prompt - 1 :], LOGIT_TOL + emb_tol, seed, never)
 
 
-def _check_llava_next(run, tok, model, image, qtype, emb_tol, seed):
+def _check_llava_next(run, tok, model, image, qtype, emb_tol, seed, never):
     """A 32 x 32 image is the 32x32 pinpoint: four 16 x 16 tiles, which llama.cpp encodes as the HF tower (with the
     CLS defect) encodes each tile, then its own overview (the image resized by its bicubic, not compared); the
     language model on llama.cpp's image embeddings in llama.cpp's layout equals HF's."""
@@ -183,7 +194,7 @@ def _check_llava_next(run, tok, model, image, qtype, emb_tol, seed):
         ]
         parts.append(embed(torch.tensor(run.tokens)))
         logits = model(inputs_embeds=torch.cat(parts)[None]).logits[0].float().numpy()
-    _check_logits(run, logits[-(N_GEN + 1) :], LOGIT_TOL, seed)
+    _check_logits(run, logits[-(N_GEN + 1) :], LOGIT_TOL, seed, never)
 
 
 def test_fine_tuned_vlm_end_to_end(tmp_path, seed, mtmd_lib):
@@ -212,7 +223,10 @@ def test_fine_tuned_vlm_end_to_end(tmp_path, seed, mtmd_lib):
     export(tmp_path / "tuned.gguf", "--mmproj-quant", "f32", "--merge-base", "original")
     image = V.image(*IMAGES[family], seed=seed)
     prompt = PROMPT[0] + R.MARKER + PROMPT[1]
-    run = R.run_mtmd(mtmd_lib, tmp_path / "tuned.gguf", tmp_path / "tuned.mmproj.gguf", prompt, image, N_GEN)
+    never = _placeholders(model)
+    run = R.run_mtmd(
+        mtmd_lib, tmp_path / "tuned.gguf", tmp_path / "tuned.mmproj.gguf", prompt, image, N_GEN, never=never
+    )
     (emb,) = run.image_embeddings
     before, image_ids, after = _hf_ids(tok, family, model, len(emb))
     ids = torch.tensor([before + image_ids + after + run.tokens])
@@ -224,7 +238,7 @@ def test_fine_tuned_vlm_end_to_end(tmp_path, seed, mtmd_lib):
         logits = peft_model(input_ids=ids, mm_token_type_ids=kinds, **inputs).logits[0].float().numpy()
     emb_tol = EMB_TOL["F32"]
     within(np.abs(emb - feats).max(), emb_tol * np.abs(feats).max(), f"seed {seed}: tuned image embeddings")
-    _check_logits(run, logits[ids.shape[1] - N_GEN - 1 :], LOGIT_TOL + emb_tol, seed)
+    _check_logits(run, logits[ids.shape[1] - N_GEN - 1 :], LOGIT_TOL + emb_tol, seed, never)
 
     export(tmp_path / "nf4.gguf")  # the default merge base
     text = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(tmp_path / "nf4.gguf").tensors}

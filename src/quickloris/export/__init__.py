@@ -13,8 +13,8 @@ from typing import Any
 
 _LAZY = {
     "export_gguf": "quickloris.export.gguf_export:export_gguf",
-    "export_from_config": "quickloris.export.command:export_from_config",
-    "GGUFExportConfig": "quickloris.export.command:GGUFExportConfig",
+    "export_from_config": "quickloris.export.gguf_export:export_from_config",
+    "GGUFExportConfig": "quickloris.export.gguf_export:GGUFExportConfig",
     "GGUFWriter": "quickloris.export.writer:GGUFWriter",
     "GGMLType": "quickloris.export.quants:GGMLType",
     "quantize": "quickloris.export.quants:quantize",

@@ -200,7 +200,7 @@ def export_vlm(
     log: Any,
 ):
     """`export_gguf` for a vision-language model (see the module docstring)."""
-    from quickloris.export.gguf_export import ExportResult, _default_name, write_language_model
+    from quickloris.export.text import ExportResult, default_name, write_language_model
 
     config = base.config
     arch = None if text_only else vision_arch_for(config)
@@ -227,7 +227,7 @@ def export_vlm(
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config.text_config
     tok = getattr(tokenizer, "tokenizer", tokenizer)  # an HF processor carries its tokenizer
     result = ExportResult(path=os.fspath(path), quant=quant, merge_base=how.describe())
-    file_name = name or _default_name(config)
+    file_name = name or default_name(config)
     wrote_mmproj = False
     try:
         if arch is not None:

@@ -123,7 +123,9 @@ def prepare_vision_data(
         heldout = visual_problems(task, "heldout", data_cfg.num_eval, seed, size)
         source = f"embedded visual task {task!r}"
     else:
-        records, heldout, source = read_vision_jsonl(data_cfg.data), [], data_cfg.data
+        # --data takes several files (one list): their records in the order given.
+        records = [r for path in data_cfg.data for r in read_vision_jsonl(path)]
+        heldout, source = [], ", ".join(data_cfg.data)
     if vision_cfg.image_max_size is not None and vision_cfg.image_max_size < processing.snap:
         raise ConfigError(
             VisionConfig,
