@@ -253,6 +253,8 @@ def test_sigint_to_the_process(files, tmp_path):
     out = tmp_path / "run"
     cmd = [
         sys.executable,
+        "-X",
+        "faulthandler",  # a fatal signal prints every thread's Python stack: what a hang was waiting on
         "-m",
         "quickloris",
         "train",
@@ -282,7 +284,12 @@ def test_sigint_to_the_process(files, tmp_path):
             if line.startswith("step 4/"):
                 break
         proc.send_signal(signal.SIGINT)
-        _, rest = proc.communicate(timeout=120)
+        try:
+            _, rest = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)
+            _, rest = proc.communicate(timeout=60)
+            pytest.fail(f"still running 120 s after SIGINT; its stacks at SIGABRT:\n{rest[-6000:]}")
     finally:
         proc.kill()
     assert proc.returncode == 130, rest

@@ -3,10 +3,11 @@ LoRA fine-tune on CPU, export, and llama.cpp's greedy continuations against the 
 
 * untouched, an F32 export reproduces the original file's tensors bit for bit (transformers undoes
   llama.cpp's q/k permutation when loading; we redo it) and its tokenizer metadata;
-* fine-tuned, F16 / BF16 exports continue prompts like the fine-tuned HF model token for token, and
-  Q8_0 / Q4_K_M exports like the HF model holding the file's weights (read back with `gguf`), a
-  divergence being accepted only at a near-tie (< 0.1) of HF's logits; all keep what the fine-tune
-  taught. How Q8_0 / Q4_K_M continuations compare with the unquantized model is printed (-s);
+* fine-tuned, each export (F16, BF16, Q8_0, Q4_K_M) runs in llama.cpp as the HF model holding the file's weights
+  (read back with `gguf`; an F32 KV cache on llama.cpp's side): llama.cpp's logits along its greedy continuation
+  are within `LOGIT_UNITS` rounding units of the file's type of the HF model's (relative to the largest logit), and
+  each greedy token is the HF model's argmax up to a near-tie of twice that; all keep what the fine-tune taught.
+  How the continuations compare with the unquantized fine-tuned model is printed (-s);
 * an adapter folder gives the same file as the attached adapter.
 """
 
@@ -19,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import require
+from tests.helpers import require, within
 
 pytestmark = pytest.mark.slow
 
@@ -29,6 +30,15 @@ FACTS = [
     "Q: What does the quickloris eat? A: The quickloris eats only mangoes.",
 ]
 N_TOKENS = 16
+# ggml's CPU matmul rounds its input to the weight type's vec_dot_type (F16 / BF16 values, Q8_0 blocks of 32 or
+# Q8_K blocks of 256: about one unit `UNIT` relative per element), which the HF model on the file's weights does not;
+# through the 30 layers these roundings move the logits by some units of their scale (measured on 4 prompts, two
+# runs: f16 2-3 u, bf16 3 u, q8_0 4-7 u, q4_k_m 5-17 u, whose Q8_K blocks of 256 have a larger maximum than Q8_0's
+# 32), an F32 export by 2e-6 (test_llama_cpp.py). 32 u allows ~2x the worst seen; a wrong tensor, layout or
+# quantizer moves the logits by their own scale. (A twin rounding each Linear's input as the vec_dot_type says came
+# no closer to llama.cpp than the plain model: where else llama.cpp 0.3.36 rounds is not yet known.)
+UNIT = {"f16": 2**-11, "bf16": 2**-8, "q8_0": 1 / 127, "q4_k_m": 1 / 127}
+LOGIT_UNITS = 32
 
 
 @pytest.fixture(scope="module")
@@ -82,10 +92,14 @@ def hf_greedy(model, ids: list[int]) -> list[int]:
         return model.generate(torch.tensor([ids]), max_new_tokens=N_TOKENS, do_sample=False)[0, len(ids) :].tolist()
 
 
-def llama_cpp_greedy(path: str, prompts_ids: list[list[int]]) -> list[list[int]]:
+def llama_cpp_greedy(path: str, prompts_ids: list[list[int]]) -> list[tuple[list[int], np.ndarray]]:
+    """Per prompt: llama.cpp's greedy continuation (N_TOKENS) and its logits after the prompt and after each generated
+    token but the last ([N_TOKENS, vocab]); F32 KV cache, no flash attention (ggml's F16 cache would round K and V)."""
     import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=path, n_ctx=256, n_threads=2, verbose=False)
+    llm = llama_cpp.Llama(
+        model_path=path, n_ctx=256, n_threads=2, verbose=False, logits_all=True, type_k=0, type_v=0, flash_attn=False
+    )
     try:
         out = []
         for ids in prompts_ids:
@@ -94,10 +108,18 @@ def llama_cpp_greedy(path: str, prompts_ids: list[list[int]]) -> list[list[int]]
                 gen.append(token)
                 if len(gen) == N_TOKENS:
                     break
-            out.append(gen)
+            llm.reset()
+            llm.eval(ids + gen)
+            out.append((gen, np.array(llm.scores[len(ids) - 1 : len(ids) + len(gen) - 1], dtype=np.float32)))
         return out
     finally:
         llm.close()
+
+
+def hf_logits(model, ids: list[int], gen: list[int]) -> np.ndarray:
+    """The model's logits after `ids` and after each token of `gen` but the last ([len(gen), vocab])."""
+    with torch.no_grad():
+        return model(torch.tensor([ids + gen])).logits[0, len(ids) - 1 : -1].float().numpy()
 
 
 def hf_margins(model, ids: list[int], gen: list[int]) -> np.ndarray:
@@ -190,22 +212,27 @@ def test_fine_tuned_exports_continue_like_hf(fine_tuned, tmp_path, llama_cpp_ava
         before = [hf_greedy(model, ids) for ids in prompts_ids]
     assert "mangoes" in tok.decode(ref[0]) and "mangoes" not in tok.decode(before[0])  # the fine-tune took
     report = {}
+    errors = {}
     for quant in ("f16", "bf16", "q8_0", "q4_k_m"):
         path = str(tmp_path / f"{quant}.gguf")
         export_gguf(model, path, tokenizer=tok, quant=quant, threads=2)
-        gens = llama_cpp_greedy(path, prompts_ids)
-        reference = model if quant in ("f16", "bf16") else model_with_file_weights(path, base)
-        report[quant] = []
-        for ids, gen, tuned in zip(prompts_ids, gens, ref):
-            expect = tuned if reference is model else hf_greedy(reference, ids)
-            first_diff = next((i for i, (a, b) in enumerate(zip(gen, expect)) if a != b), N_TOKENS)
-            margins = hf_margins(reference, ids, gen)
-            assert first_diff == N_TOKENS or margins[first_diff] < 0.1, (quant, tok.decode(ids), first_diff, margins)
-            vs_tuned = next((i for i, (a, b) in enumerate(zip(gen, tuned)) if a != b), N_TOKENS)
-            report[quant].append(vs_tuned)
+        runs = llama_cpp_greedy(path, prompts_ids)
+        reference = model_with_file_weights(path, base)
+        tol = LOGIT_UNITS * UNIT[quant]
+        report[quant], errors[quant] = [], []
+        for ids, (gen, theirs), tuned in zip(prompts_ids, runs, ref):
+            ours = hf_logits(reference, ids, gen)
+            scale = np.abs(ours).max()
+            err = np.abs(theirs - ours).max()
+            errors[quant].append(round(float(err / scale), 6))
+            within(err, tol * scale, f"{quant}, {tok.decode(ids)!r}: llama.cpp's logits against HF's on the file")
+            chosen = ours[np.arange(len(gen)), gen]
+            assert (chosen >= ours.max(-1) - 2 * tol * scale).all(), (quant, tok.decode(ids), gen)
+            report[quant].append(next((i for i, (a, b) in enumerate(zip(gen, tuned)) if a != b), N_TOKENS))
             assert hf_margins(model, ids, gen).max() < 4.0  # whatever diverges stays a plausible continuation
-        assert "mangoes" in tok.decode(gens[0]), (quant, tok.decode(gens[0]))
-    print(f"\ntokens (of {N_TOKENS}) equal to the fine-tuned HF model's greedy continuation, per prompt:", report)
+        assert "mangoes" in tok.decode(runs[0][0]), (quant, tok.decode(runs[0][0]))
+    print(f"\nllama.cpp vs HF on the file's weights, max logit error / largest logit, per prompt: {errors}")
+    print(f"tokens (of {N_TOKENS}) equal to the fine-tuned HF model's greedy continuation, per prompt:", report)
 
 
 def test_adapter_folder_gives_the_same_file(fine_tuned, tmp_path):
