@@ -51,14 +51,16 @@ MMPROJ_TYPE = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}
 N_GEN = 4
 PROMPT = ("Describe ", " in a few words")
 IMAGES = {"llava": (16, 16), "llava_next": (32, 32), "qwen2_vl": (84, 112), "qwen2_5_vl": (168, 140)}
+# (family, mmproj type, tokenizer): "bpe" a byte-level BPE, "spm" a SentencePiece BPE as Llava-1.5's (Vicuna's)
 CASES = [
-    ("llava", "f16"),
-    ("llava", "q8_0"),
-    ("llava_next", "f32"),
-    ("qwen2_vl", "f32"),
-    ("qwen2_vl", "bf16"),
-    ("qwen2_5_vl", "f16"),
-    ("qwen2_5_vl", "q8_0"),
+    ("llava", "f16", "bpe"),
+    ("llava", "q8_0", "bpe"),
+    ("llava", "f16", "spm"),
+    ("llava_next", "f32", "bpe"),
+    ("qwen2_vl", "f32", "bpe"),
+    ("qwen2_vl", "bf16", "bpe"),
+    ("qwen2_5_vl", "f16", "bpe"),
+    ("qwen2_5_vl", "q8_0", "bpe"),
 ]
 
 
@@ -70,8 +72,8 @@ def mtmd_lib():
         missing_dependency("libmtmd", f"it could not be built from the llama-cpp-python sdist ({e})")
 
 
-def _export(tmp_path, family, qtype, seed):
-    tok = V.tokenizer(family)
+def _export(tmp_path, family, qtype, seed, tokenizer="bpe"):
+    tok = V.tokenizer(family) if tokenizer == "bpe" else V.spm_tokenizer(tmp_path / "tokenizer")
     model = V.model(family, tok)
     folder = V.save(tmp_path / "model", family, model, tok)
     out = tmp_path / "model.gguf"
@@ -80,10 +82,12 @@ def _export(tmp_path, family, qtype, seed):
     return tok, model, folder, out, result, image
 
 
-def _hf_ids(tok, family, model, n_image: int) -> tuple[list[int], list[int], list[int]]:
-    """(ids before the image, the image's ids, ids after) as the HF processors lay them out."""
+def _hf_ids(tok, family, model, n_image: int, spm: bool = False) -> tuple[list[int], list[int], list[int]]:
+    """(ids before the image, the image's ids, ids after) as the HF processors lay them out. `spm`: a SentencePiece
+    tokenizer, whose text after the image llama.cpp tokenizes as sentencepiece does, with a "▁" before its leading
+    space (tests/export/test_tokenizer_spm.py), which HF gives for the text after one more space."""
     before = tok(PROMPT[0])["input_ids"]
-    after = tok(PROMPT[1], add_special_tokens=False)["input_ids"]
+    after = tok(" " * spm + PROMPT[1], add_special_tokens=False)["input_ids"]
     cfg = model.config
     if family.startswith("llava"):
         return before, [cfg.image_token_index] * n_image, after
@@ -128,9 +132,10 @@ def _check_logits(run, hf_logits: np.ndarray, tol_rel: float, seed, never: tuple
             assert tok == int(allowed[step].argmax()), f"seed {seed}: step {step}"
 
 
-@pytest.mark.parametrize("family, qtype", CASES, ids=[f"{f}-{t}" for f, t in CASES])
-def test_mtmd_runs_the_export_as_hf(family, qtype, tmp_path, seed, mtmd_lib):
-    tok, model, folder, out, result, image = _export(tmp_path, family, qtype, seed)
+@pytest.mark.parametrize("family, qtype, tokenizer", CASES, ids=[f"{f}-{t}-{k}" for f, t, k in CASES])
+def test_mtmd_runs_the_export_as_hf(family, qtype, tokenizer, tmp_path, seed, mtmd_lib):
+    tok, model, folder, out, result, image = _export(tmp_path, family, qtype, seed, tokenizer)
+    assert gguf.GGUFReader(out).fields["tokenizer.ggml.model"].contents() == ("llama" if tokenizer == "spm" else "gpt2")
     never = _placeholders(model)
     run = R.run_mtmd(mtmd_lib, out, result.mmproj_path, PROMPT[0] + R.MARKER + PROMPT[1], image, N_GEN, never=never)
     emb_tol = EMB_TOL[MMPROJ_TYPE[qtype]]
@@ -138,7 +143,7 @@ def test_mtmd_runs_the_export_as_hf(family, qtype, tmp_path, seed, mtmd_lib):
         return _check_llava_next(run, tok, model, image, qtype, emb_tol, seed, never)
     assert run.chunk_kinds == ["text", "image", "text"]
     (emb,) = run.image_embeddings
-    before, image_ids, after = _hf_ids(tok, family, model, len(emb))
+    before, image_ids, after = _hf_ids(tok, family, model, len(emb), spm=tokenizer == "spm")
     # the text around the image tokenizes as in HF (Qwen: libmtmd adds <|vision_start|> / <|vision_end|> itself)
     if family == "llava":
         assert run.text_chunks == [before, after]
