@@ -256,3 +256,74 @@ def test_fine_tuned_vlm_end_to_end(tmp_path, seed, mtmd_lib):
     np.testing.assert_array_equal(text["blk.0.ffn_norm.weight"], norm.detach().numpy())
     up = base.model.visual.blocks[1].mlp.up_proj.weight  # no adapter there: the base as stored (float32)
     np.testing.assert_array_equal(vision["v.blk.1.ffn_up.weight"], up.detach().numpy())
+
+
+@pytest.mark.parametrize("train_vision", [False, True], ids=["language-model", "train-vision"])
+def test_quickloris_fine_tune_end_to_end(train_vision, tmp_path, seed, mtmd_lib):
+    """`quickloris train` on a tiny Qwen2-VL folder (three JSONL rows, two with images; 4 steps on the CPU), then
+    `quickloris export gguf --adapter RUN/adapter` with the default merge base (NF4, with the settings of the run's
+    config.json): libmtmd's image embeddings and greedy tokens / logits are the trained model's - the folder's model
+    prepared as the run prepared it (NF4 language-model linears + LoRA, float32; with --train-vision LoRA on the
+    vision linears too) with the run's adapter loaded - within the F32 tolerances above. The adapter moves the logits
+    (and with --train-vision the embeddings) by far more than that, so an export without it fails."""
+    import dataclasses
+
+    from quickloris.cli.main import main
+    from quickloris.models.adapters import load_adapter, read_adapter_config
+    from quickloris.models.loading import resolve_model
+    from quickloris.models.prepare import prepare_model
+    from quickloris.train.evaluation import run_quantization
+    from quickloris.train.vision import load_vision_model
+    from tests.models.test_vision import write_data
+    from tests.vlm_tiny import chat_template
+
+    family = "qwen2_vl"
+    tok = V.tokenizer(family)
+    tok.chat_template = chat_template(family)
+    folder = V.save(tmp_path / "model", family, V.model(family, tok), tok)
+    write_data(tmp_path, seed)
+    run = tmp_path / "run"
+    train = ["train", "--model", folder, "--data", tmp_path / "vlm.jsonl", "--output-dir", run, "--threads", "1"]
+    train += ["--no-progress", "--batch-size", "2", "--max-steps", "4", "--lr", "2e-2", "--r", "4"]
+    assert main([str(a) for a in train + ["--train-vision"] * train_vision]) == 0
+    out = tmp_path / "tuned.gguf"
+    export = ["export", "gguf", "--model", folder, "--adapter", run / "adapter", "--out", out, "--quant", "f32"]
+    assert main([str(a) for a in export + ["--mmproj-quant", "f32"]]) == 0
+
+    def prepared(adapter: bool):
+        # the run's targets are the default ones; prepare_model(adapter=) takes no vision targets, so the adapter's
+        # rank and alpha are given and its weights loaded after (every LoRA layer must find its tensors)
+        model = load_vision_model(resolve_model(str(folder)), dtype=torch.float32, device="cpu")
+        acfg = read_adapter_config(run / "adapter")
+        cfg = dataclasses.replace(
+            run_quantization(run / "adapter"), r=acfg["r"], lora_alpha=acfg["lora_alpha"], train_vision=train_vision
+        )
+        model = prepare_model(model, cfg).eval()
+        return load_adapter(model, run / "adapter") if adapter else model
+
+    trained, nf4_base = prepared(True), prepared(False)  # the second: the same NF4 base, LoRA B = 0
+    image = V.image(*IMAGES[family], seed=seed)
+    never = _placeholders(trained)
+    run_ = R.run_mtmd(
+        mtmd_lib, out, tmp_path / "tuned.mmproj.gguf", PROMPT[0] + R.MARKER + PROMPT[1], image, N_GEN, never=never
+    )
+    (emb,) = run_.image_embeddings
+    before, image_ids, after = _hf_ids(tok, family, trained, len(emb))
+    assert run_.text_chunks == [before + image_ids[:1], image_ids[-1:] + after]
+    ids = torch.tensor([before + image_ids + after + run_.tokens])
+    inputs = _qwen_inputs(folder, image)
+    kinds = (ids == trained.config.image_token_id).long()
+    outs = {}
+    for name, model in (("trained", trained), ("base", nf4_base)):
+        with torch.no_grad(), R.ggml_twin(model, convs=("model.visual.patch_embed.proj",)):
+            feats = _qwen_features(model, inputs)
+            logits = model(input_ids=ids, mm_token_type_ids=kinds, **inputs).logits[0].float().numpy()
+        outs[name] = feats, logits[ids.shape[1] - N_GEN - 1 :]
+    (feats, logits), (base_feats, base_logits) = outs["trained"], outs["base"]
+    emb_tol = EMB_TOL["F32"]
+    within(np.abs(emb - feats).max(), emb_tol * np.abs(feats).max(), f"seed {seed}: trained image embeddings")
+    _check_logits(run_, logits, LOGIT_TOL + emb_tol, seed, never)
+    scale = np.abs(logits).max()
+    assert np.abs(logits - base_logits).max() > 10 * (LOGIT_TOL + emb_tol) * scale, "the adapter changed nothing"
+    moved = np.abs(feats - base_feats).max() > 10 * emb_tol * np.abs(feats).max()
+    assert moved == train_vision, f"vision LoRA moved the embeddings: {moved}"
