@@ -26,7 +26,7 @@ from quickloris.export import export_gguf
 from quickloris.export.tokenizer_spm import read_sentencepiece_model, scores_from_merges
 from tests.export import llama_cpp_ref as ref
 from tests.helpers import missing_dependency, require
-from tests.tiny import tiny_model
+from tests.tiny import family_model, tiny_model
 
 PLAIN = [
     "The quick brown fox jumps over the lazy dog 12345 times.",
@@ -60,8 +60,10 @@ def spm_tokenizers(tmp_path_factory):
     return {name: spm_tokenizer(root / name, **kw) for name, kw in CONFIGS.items()}
 
 
-def _model(tok, extra_rows: int = 3):
+def _model(tok, extra_rows: int = 3, family: str = "llama"):
     ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    if family != "llama":  # Mistral 7B v0.1 and Phi-3 / 3.5 carry the Llama-2 tokenizer too
+        return family_model(family, vocab_size=len(tok) + extra_rows, **ids)
     return tiny_model("llama", vocab_size=len(tok) + extra_rows, hidden=32, layers=1, heads=2, kv_heads=1, **ids)
 
 
@@ -69,14 +71,17 @@ def _fields(path) -> dict:
     return {k: v.contents() for k, v in gguf.GGUFReader(path).fields.items() if k.startswith("tokenizer.")}
 
 
-@pytest.mark.parametrize("name", ["legacy-false", "no-prefix"])
-def test_metadata_equals_llama_cpp_converter(name, spm_tokenizers, tmp_path):
+@pytest.mark.parametrize(
+    "family, name",
+    [("llama", "legacy-false"), ("llama", "no-prefix"), ("mistral", "legacy-true"), ("phi3", "legacy-false")],
+)
+def test_metadata_equals_llama_cpp_converter(family, name, spm_tokenizers, tmp_path):
     try:
         ref.source_tree()
     except Exception as e:  # noqa: BLE001 - no network / pip: the reference is missing, say so in one line
         missing_dependency("llama.cpp's converter", f"the llama-cpp-python sdist could not be fetched ({e})")
     tok = spm_tokenizers[name]
-    model = _model(tok)
+    model = _model(tok, family=family)
     folder = tmp_path / "model"
     model.save_pretrained(folder)
     for f in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):  # the tokenizer's folder as it is
@@ -247,6 +252,23 @@ def test_unsupported_tokenizers_are_one_line(kind, words, tmp_path, cli_error):
     )
     assert words in message, message
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_gemma_tokenizer_is_refused_in_one_line():
+    """Gemma's SentencePiece tokenizer (transformers 5: Replace(" ", "▁") then a Split pre-tokenizer, no "▁" prefix)
+    is not written until it is tested against llama.cpp's Gemma converter: refused, naming what differs."""
+    from transformers import GemmaTokenizer
+
+    from quickloris.export.tokenizer import tokenizer_metadata
+
+    vocab = {t: i for i, t in enumerate(["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "a", "b", "ab"])}
+    tok = GemmaTokenizer(vocab=vocab, merges=[("a", "b")])
+    with pytest.raises(ValueError) as err:
+        tokenizer_metadata(tok, vocab_size=16)
+    assert str(err.value) == (
+        "GGUF export supports byte-level BPE and SentencePiece BPE tokenizers; this one is a SentencePiece-style BPE "
+        "with a Split pre-tokenizer, which llama.cpp's `llama` tokenizer does not have (GemmaTokenizer)"
+    )
 
 
 def test_a_unigram_tokenizer_model_is_refused(spm_tokenizers, tmp_path):

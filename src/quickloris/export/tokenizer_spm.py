@@ -125,7 +125,9 @@ def whitespace_scheme(tj: dict[str, Any]) -> bool | None:
     norms = norm.get("normalizers", [norm]) if norm.get("type") == "Sequence" else [norm]
     if pre.get("type") == "Metaspace" and pre.get("replacement") == "▁":
         if pre.get("split"):
-            raise ValueError("a Metaspace pre-tokenizer that splits words (split=true) has no llama.cpp counterpart")
+            raise ValueError(
+                "GGUF export: a Metaspace pre-tokenizer that splits words (split=true) has no llama.cpp counterpart"
+            )
         return pre.get("prepend_scheme", "always") != "never"
     replaces = any(
         n.get("type") == "Replace" and (n.get("pattern") or {}).get("String") == " " and n.get("content") == "▁"
@@ -244,5 +246,10 @@ def describe(tj: dict[str, Any]) -> str:
     if kind == "Unigram":
         return "a Unigram tokenizer (e.g. a SentencePiece unigram model)"
     if kind == "BPE" and (pre == "Metaspace" or "▁" in json.dumps(tj.get("normalizer"), ensure_ascii=False)):
-        return "a SentencePiece-style BPE" + ("" if model.get("byte_fallback") else " without byte fallback")
+        if not model.get("byte_fallback"):
+            return "a SentencePiece-style BPE without byte fallback"
+        # e.g. Gemma's (a Split pre-tokenizer after its normalizer): not written until tested against llama.cpp's
+        return (
+            f"a SentencePiece-style BPE with a {pre} pre-tokenizer, which llama.cpp's `llama` tokenizer does not have"
+        )
     return f"a {kind} tokenizer (pre-tokenizer {pre})"
