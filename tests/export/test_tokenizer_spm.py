@@ -71,28 +71,40 @@ def _fields(path) -> dict:
     return {k: v.contents() for k, v in gguf.GGUFReader(path).fields.items() if k.startswith("tokenizer.")}
 
 
-@pytest.mark.parametrize(
-    "family, name",
-    [("llama", "legacy-false"), ("llama", "no-prefix"), ("mistral", "legacy-true"), ("phi3", "legacy-false")],
-)
-def test_metadata_equals_llama_cpp_converter(family, name, spm_tokenizers, tmp_path):
+PARITY = [("llama", "legacy-false"), ("llama", "no-prefix"), ("mistral", "legacy-true"), ("phi3", "legacy-false")]
+
+
+@pytest.fixture(scope="module")
+def converted(spm_tokenizers, tmp_path_factory):
+    """(family, name) -> (our F32 file, the converter's), every folder converted in one subprocess."""
     try:
         ref.source_tree()
     except Exception as e:  # noqa: BLE001 - no network / pip: the reference is missing, say so in one line
         missing_dependency("llama.cpp's converter", f"the llama-cpp-python sdist could not be fetched ({e})")
-    tok = spm_tokenizers[name]
-    model = _model(tok, family=family)
-    folder = tmp_path / "model"
-    model.save_pretrained(folder)
-    for f in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):  # the tokenizer's folder as it is
-        shutil.copy(Path(tok.name_or_path) / f, folder / f)
-    export_gguf(model, tmp_path / "ours.gguf", tokenizer=tok, quant="f32")
-    ref.run_steps([ref.hf_step(folder, tmp_path / "ref.gguf", "f32")], vocab=True)
-    ours, theirs = _fields(tmp_path / "ours.gguf"), _fields(tmp_path / "ref.gguf")
+    root = tmp_path_factory.mktemp("spm-parity")
+    pairs, steps = {}, []
+    for family, name in PARITY:
+        tok = spm_tokenizers[name]
+        model = _model(tok, family=family)
+        folder = root / f"{family}-{name}"
+        model.save_pretrained(folder)
+        for f in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):  # the tokenizer's folder as it is
+            shutil.copy(Path(tok.name_or_path) / f, folder / f)
+        pairs[family, name] = (root / f"{family}-{name}-ours.gguf", root / f"{family}-{name}-ref.gguf")
+        export_gguf(model, pairs[family, name][0], tokenizer=tok, quant="f32")
+        steps.append(ref.hf_step(folder, pairs[family, name][1], "f32"))
+    ref.run_steps(steps, vocab=True)
+    return pairs
+
+
+@pytest.mark.parametrize("family, name", PARITY, ids=[f"{f}-{n}" for f, n in PARITY])
+def test_metadata_equals_llama_cpp_converter(family, name, converted, spm_tokenizers):
+    ours, theirs = (_fields(p) for p in converted[family, name])
     assert ours.keys() == theirs.keys()
     for key, value in theirs.items():
         assert ours[key] == value, key
-    assert ours["tokenizer.ggml.model"] == "llama" and ours["tokenizer.ggml.tokens"][-1] == f"[PAD{len(tok) + 2}]"
+    n = len(spm_tokenizers[name])
+    assert ours["tokenizer.ggml.model"] == "llama" and ours["tokenizer.ggml.tokens"][-1] == f"[PAD{n + 2}]"
 
 
 def _llama_cpp_rule(tok, text: str, prefix: bool) -> list[int]:
