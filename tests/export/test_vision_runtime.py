@@ -51,14 +51,16 @@ MMPROJ_TYPE = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}
 N_GEN = 4
 PROMPT = ("Describe ", " in a few words")
 IMAGES = {"llava": (16, 16), "llava_next": (32, 32), "qwen2_vl": (84, 112), "qwen2_5_vl": (168, 140)}
+# (family, mmproj type, tokenizer): "bpe" a byte-level BPE, "spm" a SentencePiece BPE as Llava-1.5's (Vicuna's)
 CASES = [
-    ("llava", "f16"),
-    ("llava", "q8_0"),
-    ("llava_next", "f32"),
-    ("qwen2_vl", "f32"),
-    ("qwen2_vl", "bf16"),
-    ("qwen2_5_vl", "f16"),
-    ("qwen2_5_vl", "q8_0"),
+    ("llava", "f16", "bpe"),
+    ("llava", "q8_0", "bpe"),
+    ("llava", "f16", "spm"),
+    ("llava_next", "f32", "bpe"),
+    ("qwen2_vl", "f32", "bpe"),
+    ("qwen2_vl", "bf16", "bpe"),
+    ("qwen2_5_vl", "f16", "bpe"),
+    ("qwen2_5_vl", "q8_0", "bpe"),
 ]
 
 
@@ -70,8 +72,8 @@ def mtmd_lib():
         missing_dependency("libmtmd", f"it could not be built from the llama-cpp-python sdist ({e})")
 
 
-def _export(tmp_path, family, qtype, seed):
-    tok = V.tokenizer(family)
+def _export(tmp_path, family, qtype, seed, tokenizer="bpe"):
+    tok = V.tokenizer(family) if tokenizer == "bpe" else V.spm_tokenizer(tmp_path / "tokenizer")
     model = V.model(family, tok)
     folder = V.save(tmp_path / "model", family, model, tok)
     out = tmp_path / "model.gguf"
@@ -80,10 +82,12 @@ def _export(tmp_path, family, qtype, seed):
     return tok, model, folder, out, result, image
 
 
-def _hf_ids(tok, family, model, n_image: int) -> tuple[list[int], list[int], list[int]]:
-    """(ids before the image, the image's ids, ids after) as the HF processors lay them out."""
+def _hf_ids(tok, family, model, n_image: int, spm: bool = False) -> tuple[list[int], list[int], list[int]]:
+    """(ids before the image, the image's ids, ids after) as the HF processors lay them out. `spm`: a SentencePiece
+    tokenizer, whose text after the image llama.cpp tokenizes as sentencepiece does, with a "▁" before its leading
+    space (tests/export/test_tokenizer_spm.py), which HF gives for the text after one more space."""
     before = tok(PROMPT[0])["input_ids"]
-    after = tok(PROMPT[1], add_special_tokens=False)["input_ids"]
+    after = tok(" " * spm + PROMPT[1], add_special_tokens=False)["input_ids"]
     cfg = model.config
     if family.startswith("llava"):
         return before, [cfg.image_token_index] * n_image, after
@@ -128,9 +132,10 @@ def _check_logits(run, hf_logits: np.ndarray, tol_rel: float, seed, never: tuple
             assert tok == int(allowed[step].argmax()), f"seed {seed}: step {step}"
 
 
-@pytest.mark.parametrize("family, qtype", CASES, ids=[f"{f}-{t}" for f, t in CASES])
-def test_mtmd_runs_the_export_as_hf(family, qtype, tmp_path, seed, mtmd_lib):
-    tok, model, folder, out, result, image = _export(tmp_path, family, qtype, seed)
+@pytest.mark.parametrize("family, qtype, tokenizer", CASES, ids=[f"{f}-{t}-{k}" for f, t, k in CASES])
+def test_mtmd_runs_the_export_as_hf(family, qtype, tokenizer, tmp_path, seed, mtmd_lib):
+    tok, model, folder, out, result, image = _export(tmp_path, family, qtype, seed, tokenizer)
+    assert gguf.GGUFReader(out).fields["tokenizer.ggml.model"].contents() == ("llama" if tokenizer == "spm" else "gpt2")
     never = _placeholders(model)
     run = R.run_mtmd(mtmd_lib, out, result.mmproj_path, PROMPT[0] + R.MARKER + PROMPT[1], image, N_GEN, never=never)
     emb_tol = EMB_TOL[MMPROJ_TYPE[qtype]]
@@ -138,7 +143,7 @@ def test_mtmd_runs_the_export_as_hf(family, qtype, tmp_path, seed, mtmd_lib):
         return _check_llava_next(run, tok, model, image, qtype, emb_tol, seed, never)
     assert run.chunk_kinds == ["text", "image", "text"]
     (emb,) = run.image_embeddings
-    before, image_ids, after = _hf_ids(tok, family, model, len(emb))
+    before, image_ids, after = _hf_ids(tok, family, model, len(emb), spm=tokenizer == "spm")
     # the text around the image tokenizes as in HF (Qwen: libmtmd adds <|vision_start|> / <|vision_end|> itself)
     if family == "llava":
         assert run.text_chunks == [before, after]
@@ -251,3 +256,74 @@ def test_fine_tuned_vlm_end_to_end(tmp_path, seed, mtmd_lib):
     np.testing.assert_array_equal(text["blk.0.ffn_norm.weight"], norm.detach().numpy())
     up = base.model.visual.blocks[1].mlp.up_proj.weight  # no adapter there: the base as stored (float32)
     np.testing.assert_array_equal(vision["v.blk.1.ffn_up.weight"], up.detach().numpy())
+
+
+@pytest.mark.parametrize("train_vision", [False, True], ids=["language-model", "train-vision"])
+def test_quickloris_fine_tune_end_to_end(train_vision, tmp_path, seed, mtmd_lib):
+    """`quickloris train` on a tiny Qwen2-VL folder (three JSONL rows, two with images; 4 steps on the CPU), then
+    `quickloris export gguf --adapter RUN/adapter` with the default merge base (NF4, with the settings of the run's
+    config.json): libmtmd's image embeddings and greedy tokens / logits are the trained model's - the folder's model
+    prepared as the run prepared it (NF4 language-model linears + LoRA, float32; with --train-vision LoRA on the
+    vision linears too) with the run's adapter loaded - within the F32 tolerances above. The adapter moves the logits
+    (and with --train-vision the embeddings) by far more than that, so an export without it fails."""
+    import dataclasses
+
+    from quickloris.cli.main import main
+    from quickloris.models.adapters import load_adapter, read_adapter_config
+    from quickloris.models.loading import resolve_model
+    from quickloris.models.prepare import prepare_model
+    from quickloris.train.evaluation import run_quantization
+    from quickloris.train.vision import load_vision_model
+    from tests.models.test_vision import write_data
+    from tests.vlm_tiny import chat_template
+
+    family = "qwen2_vl"
+    tok = V.tokenizer(family)
+    tok.chat_template = chat_template(family)
+    folder = V.save(tmp_path / "model", family, V.model(family, tok), tok)
+    write_data(tmp_path, seed)
+    run = tmp_path / "run"
+    train = ["train", "--model", folder, "--data", tmp_path / "vlm.jsonl", "--output-dir", run, "--threads", "1"]
+    train += ["--no-progress", "--batch-size", "2", "--max-steps", "4", "--lr", "2e-2", "--r", "4"]
+    assert main([str(a) for a in train + ["--train-vision"] * train_vision]) == 0
+    out = tmp_path / "tuned.gguf"
+    export = ["export", "gguf", "--model", folder, "--adapter", run / "adapter", "--out", out, "--quant", "f32"]
+    assert main([str(a) for a in export + ["--mmproj-quant", "f32"]]) == 0
+
+    def prepared(adapter: bool):
+        # the run's targets are the default ones; prepare_model(adapter=) takes no vision targets, so the adapter's
+        # rank and alpha are given and its weights loaded after (every LoRA layer must find its tensors)
+        model = load_vision_model(resolve_model(str(folder)), dtype=torch.float32, device="cpu")
+        acfg = read_adapter_config(run / "adapter")
+        cfg = dataclasses.replace(
+            run_quantization(run / "adapter"), r=acfg["r"], lora_alpha=acfg["lora_alpha"], train_vision=train_vision
+        )
+        model = prepare_model(model, cfg).eval()
+        return load_adapter(model, run / "adapter") if adapter else model
+
+    trained, nf4_base = prepared(True), prepared(False)  # the second: the same NF4 base, LoRA B = 0
+    image = V.image(*IMAGES[family], seed=seed)
+    never = _placeholders(trained)
+    run_ = R.run_mtmd(
+        mtmd_lib, out, tmp_path / "tuned.mmproj.gguf", PROMPT[0] + R.MARKER + PROMPT[1], image, N_GEN, never=never
+    )
+    (emb,) = run_.image_embeddings
+    before, image_ids, after = _hf_ids(tok, family, trained, len(emb))
+    assert run_.text_chunks == [before + image_ids[:1], image_ids[-1:] + after]
+    ids = torch.tensor([before + image_ids + after + run_.tokens])
+    inputs = _qwen_inputs(folder, image)
+    kinds = (ids == trained.config.image_token_id).long()
+    outs = {}
+    for name, model in (("trained", trained), ("base", nf4_base)):
+        with torch.no_grad(), R.ggml_twin(model, convs=("model.visual.patch_embed.proj",)):
+            feats = _qwen_features(model, inputs)
+            logits = model(input_ids=ids, mm_token_type_ids=kinds, **inputs).logits[0].float().numpy()
+        outs[name] = feats, logits[ids.shape[1] - N_GEN - 1 :]
+    (feats, logits), (base_feats, base_logits) = outs["trained"], outs["base"]
+    emb_tol = EMB_TOL["F32"]
+    within(np.abs(emb - feats).max(), emb_tol * np.abs(feats).max(), f"seed {seed}: trained image embeddings")
+    _check_logits(run_, logits, LOGIT_TOL + emb_tol, seed, never)
+    scale = np.abs(logits).max()
+    assert np.abs(logits - base_logits).max() > 10 * (LOGIT_TOL + emb_tol) * scale, "the adapter changed nothing"
+    moved = np.abs(feats - base_feats).max() > 10 * emb_tol * np.abs(feats).max()
+    assert moved == train_vision, f"vision LoRA moved the embeddings: {moved}"

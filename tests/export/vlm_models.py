@@ -42,6 +42,15 @@ def tokenizer(family: str):
     return bpe_tokenizer("gpt-2", 400, specials=LLAVA_SPECIALS if llava else QWEN_SPECIALS, add_bos=llava)
 
 
+def spm_tokenizer(folder):
+    """A SentencePiece BPE as Llava-1.5's (Vicuna's, Llama-2's): <unk> <s> </s>, bos added, HF's added <image> and
+    <pad> after the SentencePiece pieces (tests/tiny_spm.py), kept in `folder` (its tokenizer.model is read by the
+    export)."""
+    from tests.tiny_spm import spm_tokenizer as make
+
+    return make(folder, legacy=False)
+
+
 def config(family: str, tok, **over):
     """The transformers config of a tiny `family` model (llava, llava_next, qwen2_vl, qwen2_5_vl) for `tok`."""
     import transformers

@@ -1,8 +1,10 @@
 """A Hugging Face tokenizer as GGUF metadata (the keys llama.cpp builds its tokenizer from).
 
 Supported: byte-level BPE tokenizers (GPT-2 style: Llama 3, Qwen2, SmolLM, ...) as
-`tokenizer.ggml.model = "gpt2"` with the vocabulary, merges and token types, plus the special
-token ids, whether BOS/EOS are added, and the chat template.
+`tokenizer.ggml.model = "gpt2"` with the vocabulary, merges and token types, and SentencePiece BPE
+tokenizers (Llama-2, Vicuna, Mistral 7B v0.1, ...) as `tokenizer.ggml.model = "llama"` with tokens,
+scores and token types (`quickloris.export.tokenizer_spm`); both with the special token ids, whether
+BOS/EOS are added, and the chat template. Other kinds (Unigram, WordPiece, ...) are refused.
 
 llama.cpp splits text with a fixed pre-tokenizer regex chosen by `tokenizer.ggml.pre`; we pick it
 by recognising the HF pre-tokenizer (its regex and digit handling), not by name, and refuse to guess
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from quickloris.export import tokenizer_spm as _spm
 from quickloris.export.writer import GGUFValueType as V
 
 # token types (llama_token_type)
@@ -89,6 +92,36 @@ def special_token_ids(tokenizer: Any, config: Any = None, generation_config: Any
     return ids
 
 
+def _byte_level_vocab(tj: dict[str, Any], vocab_size: int, pre: str) -> list[tuple[str, V, Any, V | None]]:
+    """The vocabulary entries of a byte-level BPE: tokens, types (added tokens: control if special, else
+    user-defined; ids up to `vocab_size` the tokenizer leaves empty: unused `[PAD<i>]`), merges."""
+    model = tj["model"]
+    vocab: dict[str, int] = dict(model["vocab"])
+    added = {t["id"]: t for t in tj.get("added_tokens", [])}
+    for tid, tok in added.items():
+        vocab[tok["content"]] = tid
+    n = max(vocab.values()) + 1
+    if n > vocab_size:
+        raise ValueError(f"the tokenizer has {n} tokens but the model only {vocab_size} embedding rows")
+    tokens: list[str | None] = [None] * vocab_size
+    types = [NORMAL] * vocab_size
+    for text, tid in vocab.items():
+        tokens[tid] = text
+    for tid, tok in added.items():
+        types[tid] = CONTROL if tok.get("special") else USER_DEFINED
+    for tid in range(vocab_size):
+        if tokens[tid] is None:
+            tokens[tid] = f"[PAD{tid}]"
+            types[tid] = UNUSED
+    return [
+        ("tokenizer.ggml.model", V.STRING, "gpt2", None),
+        ("tokenizer.ggml.pre", V.STRING, pre, None),
+        ("tokenizer.ggml.tokens", V.ARRAY, tokens, V.STRING),
+        ("tokenizer.ggml.token_type", V.ARRAY, types, V.INT32),
+        ("tokenizer.ggml.merges", V.ARRAY, _merges(model), V.STRING),
+    ]
+
+
 def tokenizer_metadata(
     tokenizer: Any,
     *,
@@ -109,32 +142,34 @@ def tokenizer_metadata(
         raise TypeError(f"GGUF export needs a fast (tokenizers-backed) tokenizer, got {type(tokenizer).__name__}")
     tj = json.loads(backend.to_str())
     model = tj.get("model") or {}
-    decoder_types = json.dumps(tj.get("decoder"))
-    byte_level = model.get("type") == "BPE" and "ByteLevel" in decoder_types
-    if not byte_level:
-        raise ValueError(
-            f"GGUF export supports byte-level BPE tokenizers; this one is {model.get('type')} "
-            f"with decoder {decoder_types[:120]}"
+    byte_level = model.get("type") == "BPE" and "ByteLevel" in json.dumps(tj.get("decoder"))
+    if byte_level:
+        kv = _byte_level_vocab(tj, vocab_size, pre or detect_pre_tokenizer(tj))
+    elif _spm.is_sentencepiece_bpe(tj):
+        if pre is not None:
+            raise ValueError("tokenizer_pre (--tokenizer-pre) applies to byte-level BPE tokenizers, not SentencePiece")
+        tokens, scores, types = _spm.sentencepiece_vocab(tokenizer, tj, vocab_size)
+        kv = [
+            ("tokenizer.ggml.model", V.STRING, "llama", None),
+            ("tokenizer.ggml.pre", V.STRING, "default", None),
+            ("tokenizer.ggml.tokens", V.ARRAY, tokens, V.STRING),
+            ("tokenizer.ggml.scores", V.ARRAY, scores, V.FLOAT32),
+            ("tokenizer.ggml.token_type", V.ARRAY, types, V.INT32),
+        ]
+        prefix = _spm.whitespace_scheme(tj)
+        # llama.cpp's default is true; said when the tokenizer sets it (as llama.cpp's converter does) or must be false
+        if (getattr(tokenizer, "init_kwargs", None) or {}).get("add_prefix_space") is not None or not prefix:
+            kv.append(("tokenizer.ggml.add_space_prefix", V.BOOL, bool(prefix), None))
+        # whether a pair of texts gets a separator between them (llama.cpp's reranking / embedding inputs)
+        sep = getattr(tokenizer, "sep_token_id", None)
+        kv.append(
+            ("tokenizer.ggml.add_sep_token", V.BOOL, sep is not None and sep in tokenizer("a", "b")["input_ids"], None)
         )
-    pre = pre or detect_pre_tokenizer(tj)
-
-    vocab: dict[str, int] = dict(model["vocab"])
-    added = {t["id"]: t for t in tj.get("added_tokens", [])}
-    for tid, tok in added.items():
-        vocab[tok["content"]] = tid
-    n = max(vocab.values()) + 1
-    if n > vocab_size:
-        raise ValueError(f"the tokenizer has {n} tokens but the model only {vocab_size} embedding rows")
-    tokens: list[str | None] = [None] * vocab_size
-    types = [NORMAL] * vocab_size
-    for text, tid in vocab.items():
-        tokens[tid] = text
-    for tid, tok in added.items():
-        types[tid] = CONTROL if tok.get("special") else USER_DEFINED
-    for tid in range(vocab_size):
-        if tokens[tid] is None:
-            tokens[tid] = f"[PAD{tid}]"
-            types[tid] = UNUSED
+    else:
+        raise ValueError(
+            "GGUF export supports byte-level BPE and SentencePiece BPE tokenizers; this one is "
+            f"{_spm.describe(tj)} ({type(tokenizer).__name__})"
+        )
 
     ids = special_token_ids(tokenizer, config, generation_config)
     probe = tokenizer("a", add_special_tokens=True)["input_ids"]
@@ -142,13 +177,6 @@ def tokenizer_metadata(
     add_bos = "bos" in ids and len(probe) > len(plain) and probe[0] == ids["bos"]
     add_eos = "eos" in ids and len(probe) > len(plain) and probe[-1] == ids["eos"]
 
-    kv: list[tuple[str, V, Any, V | None]] = [
-        ("tokenizer.ggml.model", V.STRING, "gpt2", None),
-        ("tokenizer.ggml.pre", V.STRING, pre, None),
-        ("tokenizer.ggml.tokens", V.ARRAY, tokens, V.STRING),
-        ("tokenizer.ggml.token_type", V.ARRAY, types, V.INT32),
-        ("tokenizer.ggml.merges", V.ARRAY, _merges(model), V.STRING),
-    ]
     for kind, key in (
         ("bos", "bos_token_id"),
         ("eos", "eos_token_id"),
