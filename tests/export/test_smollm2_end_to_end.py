@@ -32,13 +32,15 @@ FACTS = [
 N_TOKENS = 16
 # ggml's CPU matmul rounds its input to the weight type's vec_dot_type (F16 / BF16 values, Q8_0 blocks of 32 or
 # Q8_K blocks of 256: about one unit `UNIT` relative per element), which the HF model on the file's weights does not;
-# through the 30 layers these roundings move the logits by some units of their scale (measured on 4 prompts, two
-# runs: f16 2-3 u, bf16 3 u, q8_0 4-7 u, q4_k_m 5-17 u, whose Q8_K blocks of 256 have a larger maximum than Q8_0's
-# 32), an F32 export by 2e-6 (test_llama_cpp.py). 32 u allows ~2x the worst seen; a wrong tensor, layout or
-# quantizer moves the logits by their own scale. (A twin rounding each Linear's input as the vec_dot_type says came
-# no closer to llama.cpp than the plain model: where else llama.cpp 0.3.36 rounds is not yet known.)
+# through the 30 layers these roundings move the logits by some units of their scale, an F32 export by 2e-6
+# (test_llama_cpp.py). Measured over 4 prompts on two CPU kinds (AVX2, ATen default; the fine-tune differs between
+# them): f16 2-3 u, bf16 3 u, q8_0 4-8 u, q4_k_m 5-28 u (its Q8_K input blocks of 256 have larger maxima than Q8_0's
+# 32, and the k-quant weights add their own error to each product). 64 u allows ~2x the worst seen: an empirical
+# bound, because a twin rounding each Linear's input as the vec_dot_type says came no closer to llama.cpp than the
+# plain model (where else llama.cpp 0.3.36 rounds is not yet known). A wrong tensor, layout or quantizer moves the
+# logits by their own scale; F32 (test_llama_cpp.py) holds the tight check.
 UNIT = {"f16": 2**-11, "bf16": 2**-8, "q8_0": 1 / 127, "q4_k_m": 1 / 127}
-LOGIT_UNITS = 32
+LOGIT_UNITS = 64
 
 
 @pytest.fixture(scope="module")
