@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 transformers = pytest.importorskip("transformers")
 
@@ -130,3 +131,27 @@ def test_other_families_train_in_bf16(tmp_path, row):
     assert _train(folder, tmp_path / "run", *extra) == 0
     steps = json.loads((tmp_path / "run" / "metrics.json").read_text())["steps"]
     assert len(steps) == 2 and all(s["loss"] == s["loss"] and s["loss"] > 0 for s in steps)
+
+
+@pytest.mark.parametrize("row", ["qwen2_vl", "llava"])
+def test_a_train_vision_adapter_loads_back(tmp_path, row):
+    """An adapter written with --train-vision (PEFT's one target list then also names vision linears that are no
+    decoder linears: Qwen's ``qkv`` / ``fc1``, CLIP's ``out_proj`` / ``fc1``) prepares the model again with its vision
+    LoRA - as eval, export and a continued run load it - and every LoRA tensor comes back as saved."""
+    from safetensors.torch import load_file
+
+    from quickloris.models.adapters import adapter_state_dict
+    from quickloris.models.prepare import prepare_model, qlora_config
+
+    write_data(tmp_path, 0)
+    folder = save_vlm(row, tmp_path / row)
+    out = tmp_path / "run"
+    assert _train(folder, out, "--data", tmp_path / "vlm.jsonl", "--train-vision", "--lr", "1e-2") == 0
+    saved = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    model = transformers.AutoModelForImageTextToText.from_pretrained(str(folder))
+    prepare_model(model, adapter=str(out / "adapter"))
+    assert qlora_config(model).train_vision
+    loaded = adapter_state_dict(model)
+    assert sorted(loaded) == sorted(saved) and any(".lora_B." in k and saved[k].abs().max() > 0 for k in saved)
+    for key, t in saved.items():
+        assert torch.equal(loaded[key].to(t.dtype), t), key

@@ -44,6 +44,7 @@ compile).
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 from typing import Any, Literal
 
@@ -373,6 +374,8 @@ def prepare_model(
     cfg = config or QLoRAConfig()
     if adapter is not None:
         cfg = config_from_adapter(adapter, cfg)
+        if getattr(spec, "vision_modules", None) is not None:
+            cfg = _vision_from_adapter(model, spec, adapter, cfg)
     if overrides:
         cfg = dataclasses.replace(cfg, **overrides)
     cfg = dataclasses.replace(cfg, target_modules=resolve_targets(spec, cfg.target_modules))
@@ -458,6 +461,26 @@ def config_from_adapter(folder, base: QLoRAConfig | None = None) -> QLoRAConfig:
         use_rslora=bool(cfg.get("use_rslora", False)),
         target_modules=targets,
     )
+
+
+def _vision_from_adapter(model: nn.Module, spec: FamilySpec, folder, cfg: QLoRAConfig) -> QLoRAConfig:
+    """A VLM adapter with LoRA tensors under the vision tower or projector was trained with --train-vision: the config
+    gets ``train_vision`` and keeps the decoder's target names (PEFT's one target list also names the vision linears,
+    e.g. CLIP's ``out_proj`` / ``fc1``, which are not decoder linears)."""
+    from safetensors import safe_open
+
+    weights = os.path.join(os.fspath(folder), adapters_mod.WEIGHTS_NAME)
+    if not os.path.isfile(weights):
+        return cfg  # load_adapter says what is missing
+    with safe_open(weights, framework="pt") as f:
+        keys = list(f.keys())
+    parts = [f"{adapters_mod.PREFIX}{path}." for path in spec.vision_parts(surgery.unwrap(model))]
+    if not any(k.startswith(tuple(parts)) for k in keys):
+        return cfg
+    targets = cfg.target_modules
+    if targets != ["all-linear"] and spec.linears:
+        targets = [t for t in targets if t in spec.linears]
+    return dataclasses.replace(cfg, train_vision=True, target_modules=targets)
 
 
 def qlora_config(model: nn.Module) -> QLoRAConfig:
