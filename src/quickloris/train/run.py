@@ -317,7 +317,7 @@ def _run_train(
         + ("on" if checkpoint_cfg.gradient_checkpointing else "off")
     )
     preloaded = None
-    if eval_cfg.eval_data is not None and not classify:
+    if eval_cfg.eval_data is not None and not classify and not vision:  # a VLM's: read with its images, below
         from quickloris.data.shapes import parse_columns
 
         preloaded = load_eval_examples(eval_cfg.eval_data, parse_columns(data_cfg.data_columns))
@@ -337,13 +337,8 @@ def _run_train(
         eval_what = prepared.eval_source
     elif vision:
         processing, chat_template = vlm.load_vision_parts(source, tokenizer, chat_template)
-        prepared, examples_eval = vlm.prepare_vision_data(
-            data_cfg, vision_cfg, processing, chat_template, train_cfg.seed
-        )
-        eval_what = (
-            f"{len(examples_eval)} held-out problems of visual task {vision_cfg.visual_task!r}"
-            if examples_eval
-            else "no evaluation: training on --data"
+        prepared, examples_eval, eval_what = vlm.prepare_vision_data(
+            data_cfg, vision_cfg, eval_cfg, processing, chat_template, train_cfg.seed
         )
     else:
         prepared = prepare_data(
@@ -496,16 +491,7 @@ def _run_train(
 
     def score(label: str) -> dict[str, Any]:
         if vision:
-            return vlm.evaluate_vision(
-                model,
-                processing,
-                examples_eval,
-                chat_template=chat_template,
-                image_max_size=vision_cfg.image_max_size,
-                max_new_tokens=eval_cfg.max_new_tokens or 8,
-                label=label,
-                echo=echo,
-            )
+            return vlm.evaluate_run(model, processing, examples_eval, chat_template, vision_cfg, eval_cfg, label, echo)
         if not classify:
             return evaluate(model, tokenizer, examples_eval, eval_cfg, chat_template, label, echo)
         from quickloris.train.classify import evaluate_classification
