@@ -188,7 +188,7 @@ def run_eval(
         load_vision_model,
         load_vision_parts,
     )
-    from quickloris.train.vision_eval import adapter_quantization, check_vision_eval, vision_problems
+    from quickloris.train.vision_eval import adapter_overrides, check_vision_eval, vision_problems
     from quickloris.utils.atomic import atomic_write_json
 
     check_eval_options(model_cfg, task_cfg)
@@ -243,8 +243,8 @@ def run_eval(
         if adapter is not None:
             if source.is_gguf:
                 check_adapter_fits(adapter, model_parameter_shapes(model), model=str(source.path))
-            quantization = adapter_quantization(model, adapter) if vision else run_quantization(adapter)
-            prepare_model(model, quantization, adapter=adapter)
+            overrides = adapter_overrides(model, adapter) if vision else {}
+            prepare_model(model, run_quantization(adapter), adapter=adapter, **overrides)
         elif nf4:
             prepare_model(model, QLoRAConfig(chunked_loss=False))  # LoRA B = 0: exactly the NF4 base
         model.eval()

@@ -12,8 +12,8 @@ greedily, one prompt at a time (no padding; ``--eval-batch-size`` does not apply
 (`quickloris.train.run.echo_eval`): `quickloris train` and `quickloris eval` report a VLM as they report a text model.
 
 `quickloris eval` on a VLM is `quickloris.train.evaluation.run_eval` with three branches taken from here:
-`check_vision_eval` (options that do not apply, one line each), `vision_problems` and `adapter_quantization` (the
-NF4 settings the adapter was trained with, and LoRA on the vision tower when the adapter holds one there).
+`check_vision_eval` (options that do not apply, one line each), `vision_problems` and `adapter_overrides` (LoRA on
+the vision tower when the adapter holds one there).
 """
 
 from __future__ import annotations
@@ -115,7 +115,9 @@ def generate_vision_replies(
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         if "pixel_values" in batch:  # the image processor's fp32 pixels, in the vision tower's dtype
             batch["pixel_values"] = batch["pixel_values"].to(vision_parameters(model)[0].dtype)
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad)
+        # use_cache: prepare_model turns the KV cache off for training; generation needs it
+        greedy = {"do_sample": False, "num_beams": 1, "use_cache": True, "pad_token_id": pad}
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, **greedy)
         replies.append(tok.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True))
     return replies
 
@@ -139,15 +141,13 @@ def evaluate_vision(
 
     n = max_new_tokens_for(processing.tokenizer, problems, max_new_tokens, chat_template)
     render = {"chat_template": chat_template, "image_max_size": image_max_size}
-    use_cache, training = model.config.use_cache, model.training
-    model.config.use_cache = True  # prepare_model turns the KV cache off for training; generation needs it
+    training = model.training
     model.eval()
     t0 = time.perf_counter()
     try:
         with eager_regions():
             replies = generate_vision_replies(model, processing, problems, max_new_tokens=n, **render)
     finally:
-        model.config.use_cache = use_cache
         model.train(training)
     result = score_replies(problems, replies, time.perf_counter() - t0, n, 3, exact_match).to_dict()
     echo_eval(echo, label, result)
@@ -181,25 +181,28 @@ def check_vision_eval(vision: bool, model_cfg: ModelConfig, task_cfg: EvalTaskCo
         raise ConfigError(VisionConfig, "visual_task", "and --eval-data are exclusive: pick what to score")
 
 
-def adapter_quantization(model: Any, adapter: str) -> Any:
-    """The `QLoRAConfig` to load `adapter` into the VLM `model` with: the run's NF4 settings
-    (`quickloris.train.evaluation.run_quantization`), and LoRA on the vision tower and projector when the adapter
-    holds tensors there (a ``--train-vision`` run)."""
+def adapter_overrides(model: Any, adapter: str) -> dict[str, Any]:
+    """`prepare_model` overrides that load `adapter` into the VLM `model`: none for a language-model adapter; for
+    one that also holds LoRA on the vision tower / projector (a ``--train-vision`` run) ``train_vision`` and the
+    language model's targets alone - its adapter_config.json lists the vision linears' names among the targets, as
+    PEFT does, which are no decoder linears."""
     from safetensors import safe_open
 
     from quickloris.models.adapters import PREFIX, WEIGHTS_NAME
     from quickloris.models.families import family_of
-    from quickloris.train.evaluation import run_quantization
 
     roots = tuple(f"{PREFIX}{model.base_model_prefix}.{name}." for name in family_of(model).vision_modules)
     with safe_open(f"{adapter}/{WEIGHTS_NAME}", "pt") as f:
-        vision = any(k.startswith(roots) for k in f.keys())
-    return dataclasses.replace(run_quantization(adapter), train_vision=vision)
+        keys = [k for k in f.keys() if k.endswith(".lora_A.weight")]
+    if not any(k.startswith(roots) for k in keys):
+        return {}
+    targets = sorted({k.rsplit(".", 3)[-3] for k in keys if not k.startswith(roots)})
+    return {"train_vision": True, "target_modules": targets}
 
 
 __all__ = [
     "VisionEvalExample",
-    "adapter_quantization",
+    "adapter_overrides",
     "check_vision_eval",
     "evaluate_vision",
     "generate_vision_replies",
