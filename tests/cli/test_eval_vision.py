@@ -94,7 +94,7 @@ def test_train_scores_eval_data_and_eval_reproduces_it(vlm, data_run, capsys):
     )
     before = _eval(vlm["dir"], vlm["model"], "--nf4", "--eval-data", data_run["held"])
     assert {k: before[k] for k in keys} == {k: ev["before"][k] for k in keys}
-    plain = _eval(vlm["dir"], vlm["model"], "--eval-data", data_run["held"])  # the 16-bit model as loaded
+    plain = _eval(vlm["dir"], vlm["model"], "--eval-data", data_run["held"])  # the model as loaded (no NF4)
     assert (plain["nf4"], plain["total"]) == (False, 5)
     text = capsys.readouterr().out
     assert text.count("eval: --eval-data") == 3 and text.count("\neval: exact match") == 3
