@@ -180,15 +180,17 @@ def run_eval(
     from quickloris.models.loading import load_model, load_tokenizer, resolve_model
     from quickloris.models.prepare import QLoRAConfig, prepare_model
     from quickloris.train.exact_match import evaluate_exact_match_gguf
-    from quickloris.train.run import echo_eval, evaluate
+    from quickloris.train.run import evaluate
+    from quickloris.train.tool_eval import echo_eval
     from quickloris.train.vision import (
         VisionConfig,
+        check_vision_eval,
         evaluate_run,
         is_vision_source,
         load_vision_model,
         load_vision_parts,
     )
-    from quickloris.train.vision_eval import adapter_overrides, check_vision_eval, vision_problems
+    from quickloris.train.vision_eval import adapter_overrides, vision_problems
     from quickloris.utils.atomic import atomic_write_json
 
     check_eval_options(model_cfg, task_cfg)

@@ -21,6 +21,7 @@ import torch
 
 from quickloris.config import Config, ConfigError, at_least, field
 from quickloris.data.config import DataConfig, PreparedData
+from quickloris.train.config import EvalConfig, EvalTaskConfig, ModelConfig
 from quickloris.train.loop import CausalLM
 
 
@@ -66,6 +67,33 @@ def check_vision_run(vision: bool, model_cfg, data_cfg, eval_cfg, fsdp_opts, vis
         raise ConfigError(VisionConfig, "visual_task", "or --data is needed to train a vision-language model")
     if data_cfg.data is not None and vision_cfg.visual_task is not None:
         raise ConfigError(VisionConfig, "visual_task", "and --data are exclusive: pick one")
+
+
+def check_vision_eval(
+    vision: bool, model_cfg: ModelConfig, task_cfg: EvalTaskConfig, eval_cfg: EvalConfig, vision_cfg: VisionConfig
+) -> None:
+    """`quickloris eval`: the options a vision-language model needs or does not take (a text model: the image
+    options), one line each naming them."""
+    if not vision:
+        if vision_cfg.image_max_size is not None or vision_cfg.visual_task is not None:
+            name = "visual_task" if vision_cfg.visual_task is not None else "image_max_size"
+            raise ConfigError(VisionConfig, name, "applies to vision-language models; this model is text-only")
+        return
+    if model_cfg.task_type != "causal_lm":
+        raise ConfigError(ModelConfig, "task_type", "must be causal_lm for a vision-language model")
+    if task_cfg.gguf is not None:
+        raise ConfigError(
+            EvalTaskConfig,
+            "gguf",
+            "scores a text model's file; a vision-language model's export (with its .mmproj.gguf) runs in "
+            "llama.cpp's multimodal tools, not scored here yet",
+        )
+    if task_cfg.task is not None:
+        raise ConfigError(EvalTaskConfig, "task", "is a text task; score a vision-language model on --visual-task")
+    if vision_cfg.visual_task is None and eval_cfg.eval_data is None:
+        raise ConfigError(VisionConfig, "visual_task", "or --eval-data is needed to score a vision-language model")
+    if vision_cfg.visual_task is not None and eval_cfg.eval_data is not None:
+        raise ConfigError(VisionConfig, "visual_task", "and --eval-data are exclusive: pick what to score")
 
 
 def _chat_template(folder: Path) -> str | None:
@@ -220,6 +248,7 @@ def evaluate_run(model, processing, problems, chat_template, vision_cfg, eval_cf
 __all__ = [
     "VisionConfig",
     "VisionCausalLM",
+    "check_vision_eval",
     "check_vision_run",
     "evaluate_run",
     "is_vision_source",

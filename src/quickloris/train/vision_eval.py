@@ -9,11 +9,12 @@ greedily, one prompt at a time (no padding; ``--eval-batch-size`` does not apply
 ``max_new_tokens`` - by default the longest reference answer's token count + 4, as for text
 (`quickloris.train.exact_match.max_new_tokens_for`). The reply's first line is compared with the answer exactly
 (`quickloris.data.tasks.exact_match`). The result is the text path's `EvalResult` dict, printed as text's is
-(`quickloris.train.run.echo_eval`): `quickloris train` and `quickloris eval` report a VLM as they report a text model.
+(`quickloris.train.tool_eval.echo_eval`): `quickloris train` and `quickloris eval` report a VLM as they report text.
 
-`quickloris eval` on a VLM is `quickloris.train.evaluation.run_eval` with three branches taken from here:
-`check_vision_eval` (options that do not apply, one line each), `vision_problems` and `adapter_overrides` (LoRA on
-the vision tower when the adapter holds one there).
+`quickloris eval` on a VLM is `quickloris.train.evaluation.run_eval` with branches taken from here -
+`vision_problems`, `adapter_overrides` (LoRA on the vision tower when the adapter holds one there) - and from
+`quickloris.train.vision` (`check_vision_eval`: options that do not apply, one line each; the model and its image
+processing, as training loads them).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 from quickloris.config import ConfigError
 from quickloris.data.errors import DataFormatError
 from quickloris.data.tasks import exact_match
-from quickloris.train.config import EvalConfig, EvalTaskConfig, ModelConfig
+from quickloris.train.config import EvalConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,8 +137,8 @@ def evaluate_vision(
     """Exact-match accuracy of greedy replies to `problems` (`VisionEvalExample` or visual-task problems), as the
     text path's result dict; printed with a few replies as text's."""
     from quickloris.train.exact_match import max_new_tokens_for, score_replies
-    from quickloris.train.run import echo_eval
     from quickloris.train.runtime import eager_regions
+    from quickloris.train.tool_eval import echo_eval
 
     n = max_new_tokens_for(processing.tokenizer, problems, max_new_tokens, chat_template)
     render = {"chat_template": chat_template, "image_max_size": image_max_size}
@@ -152,33 +153,6 @@ def evaluate_vision(
     result = score_replies(problems, replies, time.perf_counter() - t0, n, 3, exact_match).to_dict()
     echo_eval(echo, label, result)
     return result
-
-
-def check_vision_eval(vision: bool, model_cfg: ModelConfig, task_cfg: EvalTaskConfig, eval_cfg, vision_cfg) -> None:
-    """`quickloris eval`: the options a vision-language model needs or does not take (a text model: the image
-    options), one line each naming them."""
-    from quickloris.train.vision import VisionConfig
-
-    if not vision:
-        if vision_cfg.image_max_size is not None or vision_cfg.visual_task is not None:
-            name = "visual_task" if vision_cfg.visual_task is not None else "image_max_size"
-            raise ConfigError(VisionConfig, name, "applies to vision-language models; this model is text-only")
-        return
-    if model_cfg.task_type != "causal_lm":
-        raise ConfigError(ModelConfig, "task_type", "must be causal_lm for a vision-language model")
-    if task_cfg.gguf is not None:
-        raise ConfigError(
-            EvalTaskConfig,
-            "gguf",
-            "scores a text model's file; a vision-language model's export (with its .mmproj.gguf) runs in "
-            "llama.cpp's multimodal tools, not scored here yet",
-        )
-    if task_cfg.task is not None:
-        raise ConfigError(EvalTaskConfig, "task", "is a text task; score a vision-language model on --visual-task")
-    if vision_cfg.visual_task is None and eval_cfg.eval_data is None:
-        raise ConfigError(VisionConfig, "visual_task", "or --eval-data is needed to score a vision-language model")
-    if vision_cfg.visual_task is not None and eval_cfg.eval_data is not None:
-        raise ConfigError(VisionConfig, "visual_task", "and --eval-data are exclusive: pick what to score")
 
 
 def adapter_overrides(model: Any, adapter: str) -> dict[str, Any]:
@@ -203,7 +177,6 @@ def adapter_overrides(model: Any, adapter: str) -> dict[str, Any]:
 __all__ = [
     "VisionEvalExample",
     "adapter_overrides",
-    "check_vision_eval",
     "evaluate_vision",
     "generate_vision_replies",
     "read_vision_eval",
