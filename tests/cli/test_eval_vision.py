@@ -100,6 +100,26 @@ def test_train_scores_eval_data_and_eval_reproduces_it(vlm, data_run, capsys):
     assert text.count("eval: --eval-data") == 3 and text.count("\neval: exact match") == 3
 
 
+@pytest.mark.gpu
+def test_gpu_run_is_reproduced_by_eval(vlm, tmp_path):
+    """On a GPU, with the fast path's defaults (bf16, compiled regions, activation checkpointing; evaluation runs the
+    regions eagerly), `quickloris eval --device cuda` gives the run's before / after on --eval-data."""
+    data = _rows(tmp_path, "train.jsonl", 0, TRAIN, vlm["seed"])
+    held = _rows(tmp_path, "held.jsonl", 100, 3, vlm["seed"])
+    out = tmp_path / "run"
+    extra = ["--data", data, "--eval-data", held, "--max-steps", 30, "--lr", "1e-2", "--warmup-steps", 3]
+    assert _train(vlm["model"], out, *extra) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["resolved"]["dtype"] == "torch.bfloat16" and metrics["resolved"]["compile"]
+    ev = metrics["eval"]
+    keys = ("accuracy", "correct", "total", "max_new_tokens", "samples")
+    after = _eval(tmp_path, vlm["model"], "--device", "cuda", "--adapter", out / "adapter", "--eval-data", held)
+    before = _eval(tmp_path, vlm["model"], "--device", "cuda", "--nf4", "--eval-data", held)
+    assert {k: after[k] for k in keys} == {k: ev["after"][k] for k in keys}
+    assert {k: before[k] for k in keys} == {k: ev["before"][k] for k in keys}
+    assert ev["after"]["correct"] > ev["before"]["correct"]
+
+
 def _reference_count(folder, adapter, problems, max_new_tokens: int) -> tuple[int, list[str]]:
     """The adapter's model (NF4 base + LoRA, as quickloris trained it) fed transformers-built inputs, greedy
     `generate`, first lines compared here."""

@@ -136,7 +136,12 @@ def text_limit(source: Any) -> int | None:
 
 
 def prepare_vision_data(
-    data_cfg: DataConfig, vision_cfg: VisionConfig, eval_cfg: Any, processing: Any, chat_template: str | None, seed: int
+    data_cfg: DataConfig,
+    vision_cfg: VisionConfig,
+    eval_cfg: EvalConfig,
+    processing: Any,
+    chat_template: str | None,
+    seed: int,
 ) -> tuple[PreparedData, list, str]:
     """(training examples + stats, the held-out problems - --eval-data's, else the visual task's, else none - and
     what they are)."""
