@@ -5,7 +5,8 @@
 ``*ForConditionalGeneration`` from its config (eager attention, weights drawn by `tests.tiny.randomize`), in eval
 mode; `vlm_processing(row)` the `quickloris.models.vision_processing.VisionProcessing` over a ChatML byte-level BPE
 with the family's image tokens and the family's (PIL) image processor at tiny sizes; `draw(seed)` a PIL image of
-random shapes. Everything builds in well under a second.
+random shapes; `hf_inputs` a generation prompt's inputs built by transformers alone (the reference for quickloris'
+own). Everything builds in well under a second.
 """
 
 from __future__ import annotations
@@ -234,3 +235,39 @@ def draw(seed: int, size: tuple[int, int] | None = None):
         box = (x0, y0, min(w - 1, x0 + rnd.randint(2, 30)), min(h - 1, y0 + rnd.randint(2, 30)))
         d.ellipse(box, fill=tuple(rnd.randint(0, 255) for _ in range(3)))
     return img
+
+
+def hf_inputs(row: str, tok, messages: list[dict], images: list) -> dict:
+    """transformers' inputs to generate a reply to `messages` (image parts in order: `images`, files or PIL images),
+    without quickloris: the chat template's text with the generation prompt, the images through the family's image
+    processor. Qwen: each ``<|image_pad|>`` repeated grid / merge² times and ``mm_token_type_ids`` (1 on image
+    tokens), as Qwen2VLProcessor makes them (its video processor needs torchvision, so it is not built here); Llava:
+    LlavaProcessor itself."""
+    import transformers
+    from PIL import Image
+
+    pictures = [Image.open(p).convert("RGB") if not isinstance(p, Image.Image) else p.convert("RGB") for p in images]
+    plain = [  # image parts without their file names: the template renders the placeholder
+        {**m, "content": [{k: v for k, v in p.items() if k != "image"} for p in m["content"]]}
+        if isinstance(m["content"], list)
+        else m
+        for m in messages
+    ]
+    text = tok.apply_chat_template(plain, tokenize=False, add_generation_prompt=True)
+    if row == "llava":
+        proc = transformers.LlavaProcessor(
+            image_processor=image_processor(row),
+            tokenizer=tok,
+            patch_size=14,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,  # CLIP's CLS, dropped by the "default" strategy
+        )
+        return dict(proc(text=[text], images=pictures or None, return_tensors="pt"))
+    if row not in ("qwen2_vl", "qwen2_5_vl"):
+        raise ValueError(row)
+    pixels = dict(image_processor(row)(images=pictures, return_tensors="pt")) if pictures else {}
+    for grid in pixels.get("image_grid_thw", []):
+        text = text.replace("<|image_pad|>", "\0" * (int(grid.prod()) // 4), 1)
+    ids = tok(text.replace("\0", "<|image_pad|>"), return_tensors="pt", add_special_tokens=False)["input_ids"]
+    image = ids == tok.convert_tokens_to_ids("<|image_pad|>")
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "mm_token_type_ids": image.long(), **pixels}

@@ -200,7 +200,7 @@ def part_learn(args, device, dtype) -> dict[str, Any]:
     from quickloris.data.vision import collate_vision, tokenize_vision_records
     from quickloris.data.vision_tasks import COLORS, SHAPES, visual_problems
     from quickloris.models.prepare import QLoRAConfig, prepare_model
-    from quickloris.train.vision import evaluate_vision
+    from quickloris.train.vision_eval import evaluate_vision
 
     answers = {"dots": [str(i) for i in range(1, 7)], "shapes": list(SHAPES), "colors": list(COLORS)}[args.task]
     words = (

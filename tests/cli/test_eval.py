@@ -280,9 +280,14 @@ def test_readme_documents_every_eval_option():
     import dataclasses
     from pathlib import Path
 
+    from quickloris.config import iter_flags
     from quickloris.train.config import EvalTaskConfig
+    from quickloris.train.vision import VisionConfig
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
-    section = readme[readme.index("`quickloris eval` takes the **model** and **evaluation** options above and:") :]
+    start = readme.index("`quickloris eval` takes the **model** and **evaluation** options above and:")
+    section = readme[start : readme.index("## Vision-language models")]
     for f in dataclasses.fields(EvalTaskConfig):
         assert f"| `--{f.name.replace('_', '-')}" in section, f"README lacks --{f.name}"
+    for flag in iter_flags(VisionConfig):  # named there, documented in the VLM section (tests/cli/test_train.py)
+        assert f"`{flag}`" in section, f"README's eval options lack {flag}"

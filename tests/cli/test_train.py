@@ -223,6 +223,10 @@ def test_readme_documents_every_option():
     for _, cls in (g for g in groups() if g[0] in documented_here):
         for o in options(cls):
             assert f"`{o.flag}" in section, f"README lacks {o.flag}"
+    vlm = readme[readme.index("## Vision-language models") : readme.index("## GGUF export (llama.cpp")]
+    for _, cls in (g for g in groups() if g[0].startswith("vision-language models")):
+        for o in options(cls):
+            assert f"| `{o.flag}" in vlm, f"README's vision-language table lacks {o.flag}"
 
 
 def test_help_lists_every_option_once(capsys):

@@ -1,7 +1,7 @@
 """`quickloris train --model VLM_FOLDER --data vlm.jsonl` on tiny random VLMs saved as Hugging Face folders (config,
 safetensors, tokenizer with the chat template, image processor): the run folder and the PEFT adapter (language-model
 LoRA; vision LoRA with --train-vision), padded and packed, --image-max-size, the embedded visual task, and options
-that do not apply refused in one line naming them."""
+that do not apply refused in one line naming them (--eval-data on VLMs: tests/cli/test_eval_vision.py)."""
 
 from __future__ import annotations
 
@@ -98,7 +98,6 @@ def test_visual_task_scores_before_and_after(qwen, tmp_path, capsys):
 @pytest.mark.parametrize(
     "extra,message",
     [
-        (["--data", "D", "--eval-data", "D"], "--eval-data is not supported for vision-language models"),
         ([], "--visual-task or --data is needed"),
         (["--data", "D", "--visual-task", "dots"], "--visual-task and --data are exclusive"),
         (["--data", "D", "--image-max-size", "20"], "--image-max-size=20 is smaller than the model's patch multiple"),

@@ -138,5 +138,7 @@ def test_eval_data_with_tool_calls_keeps_them_in_the_prompt(tiny_llama, chat_tok
     rows = [ex.row() for ex in examples]
     rows[1]["messages"] = rows[1]["messages"][:3]  # ends with the call
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with pytest.raises(DataFormatError, match=rf"^{path}:2: the last message is a tool call"):
-        load_eval_examples(path)
+    from quickloris.config import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"^EvalConfig.eval_data: {path}:2: the last message is a tool call"):
+        load_eval_examples(path)  # one line naming --eval-data (on the command line) and the row

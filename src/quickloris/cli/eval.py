@@ -1,8 +1,8 @@
 """`quickloris eval`: exact-match accuracy of a model (+ an optional LoRA adapter, + an exported GGUF file) on
 held-out problems.
 
-Options come from `quickloris.train.config.ModelConfig`, `EvalTaskConfig` and `EvalConfig`; the work is
-`quickloris.train.evaluation.run_eval`.
+Options come from `quickloris.train.config.ModelConfig`, `EvalTaskConfig`, `EvalConfig` and
+`quickloris.train.vision.VisionConfig` (vision-language models); the work is `quickloris.train.evaluation.run_eval`.
 """
 
 from __future__ import annotations
@@ -14,8 +14,14 @@ from quickloris.config import add_dataclass_arguments, dataclass_from_args
 
 def groups() -> list[tuple[str, type]]:
     from quickloris.train.config import EvalConfig, EvalTaskConfig, ModelConfig
+    from quickloris.train.vision import VisionConfig
 
-    return [("model", ModelConfig), ("task", EvalTaskConfig), ("evaluation", EvalConfig)]
+    return [
+        ("model", ModelConfig),
+        ("task", EvalTaskConfig),
+        ("evaluation", EvalConfig),
+        ("vision-language models: --eval-data with images, or the embedded --visual-task", VisionConfig),
+    ]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -36,7 +42,7 @@ def _run(args: argparse.Namespace) -> int:
     from quickloris.cli.console import command_console
     from quickloris.train.evaluation import run_eval
 
-    model_cfg, task_cfg, eval_cfg = (dataclass_from_args(cls, args) for _, cls in groups())
+    model_cfg, task_cfg, eval_cfg, vision_cfg = (dataclass_from_args(cls, args) for _, cls in groups())
     with command_console(task_cfg.progress):
-        run_eval(model_cfg, task_cfg, eval_cfg)
+        run_eval(model_cfg, task_cfg, eval_cfg, vision_cfg)
     return 0

@@ -47,6 +47,10 @@ class VisualProblem:
         messages = ({"role": "user", "content": content}, {"role": "assistant", "content": self.answer})
         return VisionRecord(messages, (self.image,), self.source)
 
+    @property
+    def images(self) -> tuple[Any, ...]:
+        return (self.image,)
+
     def prompt_messages(self) -> list[dict[str, Any]]:
         return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.question}]}]
 

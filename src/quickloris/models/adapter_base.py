@@ -107,14 +107,18 @@ def model_parameter_shapes(model: Any) -> dict[str, tuple[int, ...]]:
 
 
 def folder_parameter_shapes(folder: str | os.PathLike) -> dict[str, tuple[int, ...]]:
-    """Parameter shapes of the Hugging Face model in `folder` from its config.json alone (no weights read)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """Parameter shapes of the Hugging Face model in `folder` from its config.json alone (no weights read): its
+    causal LM's, or a vision-language model's ``*ForConditionalGeneration``."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    from quickloris.models.vision import is_vision_model
 
     config = AutoConfig.from_pretrained(os.fspath(folder))
     if hasattr(config, "quantization_config"):  # the logical [out, in] shapes are the unquantized model's
         delattr(config, "quantization_config")
+    auto = AutoModelForImageTextToText if is_vision_model(config) else AutoModelForCausalLM
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = auto.from_config(config)
     return model_parameter_shapes(model)
 
 

@@ -156,6 +156,7 @@ def run_eval(
     model_cfg: ModelConfig,
     task_cfg: EvalTaskConfig,
     eval_cfg: EvalConfig,
+    vision_cfg: Any = None,
     *,
     echo: Callable[[str], None] = lambda m: print(m, flush=True),
 ) -> dict[str, Any]:
@@ -163,7 +164,9 @@ def run_eval(
 
     One model scored: its result. Several (``--gguf`` with ``--adapter`` or ``--nf4``): the main one's result (the
     adapter's, else the model's) plus ``rows``, each row's result, also printed as one table. A classifier
-    (``--task-type classification``) is scored by `quickloris.train.classify.run_eval_classification`."""
+    (``--task-type classification``) is scored by `quickloris.train.classify.run_eval_classification`; a
+    vision-language model (`vision_cfg`: `quickloris.train.vision.VisionConfig`) on --eval-data or --visual-task,
+    through `quickloris.train.vision_eval`."""
     if model_cfg.task_type == "classification":
         from quickloris.train.classify import run_eval_classification
 
@@ -177,10 +180,21 @@ def run_eval(
     from quickloris.models.loading import load_model, load_tokenizer, resolve_model
     from quickloris.models.prepare import QLoRAConfig, prepare_model
     from quickloris.train.exact_match import evaluate_exact_match_gguf
-    from quickloris.train.run import echo_eval, evaluate
+    from quickloris.train.run import evaluate
+    from quickloris.train.tool_eval import echo_eval
+    from quickloris.train.vision import (
+        VisionConfig,
+        check_vision_eval,
+        evaluate_run,
+        is_vision_source,
+        load_vision_model,
+        load_vision_parts,
+    )
+    from quickloris.train.vision_eval import adapter_overrides, vision_problems
     from quickloris.utils.atomic import atomic_write_json
 
     check_eval_options(model_cfg, task_cfg)
+    vision_cfg = vision_cfg or VisionConfig()
     adapter, gguf = model_cfg.adapter, task_cfg.gguf
     device = resolve_device(model_cfg)
     dtype = resolve_dtype(model_cfg, device)
@@ -188,10 +202,16 @@ def run_eval(
     if device.type == "cpu" or model_cfg.threads is not None:
         torch.set_num_threads(threads)
     source = resolve_model(model_cfg.model)
+    vision = is_vision_source(source)
+    check_vision_eval(vision, model_cfg, task_cfg, eval_cfg, vision_cfg)
     if adapter is not None and not source.is_gguf:
         check_adapter_fits(adapter, folder_parameter_shapes(source.folder), model=str(source.path))
     task = None
-    if eval_cfg.eval_data is not None:
+    if vision:
+        task_args = (vision_cfg.visual_task, task_cfg.num_eval, task_cfg.seed, vision_cfg.image_task_size)
+        examples, what = vision_problems(eval_cfg.eval_data, *task_args)
+        what += f" (seed {task_cfg.seed})" if eval_cfg.eval_data is None else ""
+    elif eval_cfg.eval_data is not None:
         examples, what = load_eval_examples(eval_cfg.eval_data), f"--eval-data {eval_cfg.eval_data}"
     else:
         task = get_task(task_name(EvalTaskConfig, task_cfg.task, "causal_lm"))
@@ -213,36 +233,37 @@ def run_eval(
     echo(f"eval: {what}")
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(source)
+    if vision:
+        processing, chat_template = load_vision_parts(source, tokenizer, chat_template)
     if tool_task:  # the model's template when it renders tools, else quickloris' ChatML tool template
         chat_template, note = tool_task_template(tokenizer, chat_template)
         if note:
             echo(f"note: {note}")
     rows: list[tuple[str, str, dict[str, Any]]] = []
     if score_model:
-        model = load_model(source, dtype=dtype, device=device)
+        model = (load_vision_model if vision else load_model)(source, dtype=dtype, device=device)
         if adapter is not None:
             if source.is_gguf:
                 check_adapter_fits(adapter, model_parameter_shapes(model), model=str(source.path))
-            prepare_model(model, run_quantization(adapter), adapter=adapter)
+            overrides = adapter_overrides(model, adapter) if vision else {}
+            prepare_model(model, run_quantization(adapter), adapter=adapter, **overrides)
         elif nf4:
             prepare_model(model, QLoRAConfig(chunked_loss=False))  # LoRA B = 0: exactly the NF4 base
         model.eval()
         echo(f"loaded in {time.perf_counter() - t0:.1f} s")
+
+        def score(label: str) -> dict[str, Any]:
+            if vision:
+                return evaluate_run(model, processing, examples, chat_template, vision_cfg, eval_cfg, label, echo)
+            return evaluate(model, tokenizer, examples, eval_cfg, chat_template, label, echo)
+
         table = gguf is not None
         if adapter is not None and table:
             with lora_off(model):
-                rows.append(
-                    (
-                        "before",
-                        "NF4 base",
-                        evaluate(model, tokenizer, examples, eval_cfg, chat_template, "before", echo),
-                    )
-                )
+                rows.append(("before", "NF4 base", score("before")))
         label = ("after" if adapter is not None else "model") if table else ""
         name = f"NF4 base + adapter {adapter}" if adapter else ("NF4 base" if nf4 else f"{source.path.name}")
-        rows.append(
-            (label or "model", name, evaluate(model, tokenizer, examples, eval_cfg, chat_template, label, echo))
-        )
+        rows.append((label or "model", name, score(label)))
         del model
     if gguf is not None:
         if tool_task:

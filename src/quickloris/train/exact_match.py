@@ -178,7 +178,7 @@ def evaluate_exact_match(
     chat_template: str | None = None,
 ) -> EvalResult:
     """Exact-match accuracy of greedy replies on `examples` (the held-out split of a task, usually)."""
-    max_new_tokens = _max_new_tokens(tokenizer, examples, max_new_tokens, chat_template)
+    max_new_tokens = max_new_tokens_for(tokenizer, examples, max_new_tokens, chat_template)
     t0 = time.perf_counter()
     replies = generate_replies(
         model,
@@ -189,12 +189,13 @@ def evaluate_exact_match(
         chat_template=chat_template,
         tools=[getattr(ex, "tools", None) for ex in examples],
     )
-    return _score(examples, replies, time.perf_counter() - t0, max_new_tokens, num_samples, scorer)
+    return score_replies(examples, replies, time.perf_counter() - t0, max_new_tokens, num_samples, scorer)
 
 
-def _max_new_tokens(
+def max_new_tokens_for(
     tokenizer: Any, examples: Sequence[TaskExample], max_new_tokens: int | None, chat_template: str | None = None
 ) -> int:
+    """`max_new_tokens`, or when None the longest reference answer's token count + a few (module docstring)."""
     if not examples:
         raise ValueError("no examples to evaluate")
     if isinstance(examples[0], ToolExample):  # the call and the answer are scored apart: not one exact match
@@ -220,7 +221,7 @@ def _check_tool_prompts(tokenizer: Any, examples: Sequence[Any], chat_template: 
             tokenize_chat(tokenizer, messages, source=ex.source, chat_template=chat_template, tools=tools)
 
 
-def _score(
+def score_replies(
     examples: Sequence[TaskExample],
     replies: list[str],
     seconds: float,
@@ -228,6 +229,7 @@ def _score(
     num_samples: int,
     scorer: Callable[[str, str], bool],
 ) -> EvalResult:
+    """Each reply scored against its example's answer; the first `num_samples` kept for a human to read."""
     hits = [bool(scorer(r, ex.answer)) for r, ex in zip(replies, examples)]
     samples = [
         {"question": ex.question, "answer": ex.answer, "reply": r, "correct": h}
@@ -314,7 +316,7 @@ def evaluate_exact_match_gguf(
 ) -> tuple[EvalResult, int]:
     """`evaluate_exact_match` for a GGUF file run by llama.cpp (see the module docstring); also returns the count
     of prompts llama.cpp's tokenizer splits differently."""
-    max_new_tokens = _max_new_tokens(tokenizer, examples, max_new_tokens, chat_template)
+    max_new_tokens = max_new_tokens_for(tokenizer, examples, max_new_tokens, chat_template)
     t0 = time.perf_counter()
     replies, retokenized = generate_replies_gguf(
         path,
@@ -326,4 +328,4 @@ def evaluate_exact_match_gguf(
         threads=threads,
         tools=[getattr(ex, "tools", None) for ex in examples],
     )
-    return _score(examples, replies, time.perf_counter() - t0, max_new_tokens, num_samples, scorer), retokenized
+    return score_replies(examples, replies, time.perf_counter() - t0, max_new_tokens, num_samples, scorer), retokenized

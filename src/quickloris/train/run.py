@@ -109,7 +109,7 @@ def evaluate(
     """Exact-match accuracy of `model` on `examples` (the tool task: call and final answer accuracy,
     `quickloris.train.tool_eval`); prints it with a few replies."""
     from quickloris.train.exact_match import evaluate_exact_match, generate_replies
-    from quickloris.train.tool_eval import evaluate_tool_calls, is_tool_task
+    from quickloris.train.tool_eval import echo_eval, evaluate_tool_calls, is_tool_task
 
     # prepare_model turns the KV cache off for training; generation needs it (else every token re-reads the prompt).
     use_cache = model.config.use_cache
@@ -147,29 +147,6 @@ def evaluate(
         model.config.use_cache = use_cache
     echo_eval(echo, label, result.to_dict())
     return result.to_dict()
-
-
-def echo_eval(echo: Callable[[str], None], label: str, result: dict[str, Any]) -> None:
-    """One line of scores, then a few replies (the tool task: the call, whole, then the final answer's first line)."""
-    from quickloris.train.tool_eval import describe
-
-    def first_line(text: str) -> str:
-        return text.strip().splitlines()[0] if text.strip() else ""
-
-    def verdict(right: bool, expected: str) -> str:
-        return "right" if right else f"expected {expected!r}: wrong"
-
-    echo(f"eval{' ' + label if label else ''}: {describe(result)} in {result['seconds']:.1f} s")
-    for s in result["samples"]:
-        if "final_reply" in s:
-            echo(f"    {s['question']!r} -> {s['reply'].strip()[:100]!r}  ({verdict(s['correct'], s['answer'])})")
-            final = verdict(s["final_correct"], s["final_answer"])
-            echo(f"      then -> {first_line(s['final_reply'])[:60]!r}  ({final})")
-        else:
-            echo(
-                f"    {s['question']!r} -> {first_line(s['reply'])[:60]!r}  "
-                f"(expected {s['answer']!r}: {'right' if s['correct'] else 'wrong'})"
-            )
 
 
 def _eval_examples(data_cfg: DataConfig, eval_cfg: EvalConfig, prepared: PreparedData | None, preloaded: list | None):
@@ -317,7 +294,7 @@ def _run_train(
         + ("on" if checkpoint_cfg.gradient_checkpointing else "off")
     )
     preloaded = None
-    if eval_cfg.eval_data is not None and not classify:
+    if eval_cfg.eval_data is not None and not classify and not vision:  # a VLM's: read with its images, below
         from quickloris.data.shapes import parse_columns
 
         preloaded = load_eval_examples(eval_cfg.eval_data, parse_columns(data_cfg.data_columns))
@@ -337,13 +314,8 @@ def _run_train(
         eval_what = prepared.eval_source
     elif vision:
         processing, chat_template = vlm.load_vision_parts(source, tokenizer, chat_template)
-        prepared, examples_eval = vlm.prepare_vision_data(
-            data_cfg, vision_cfg, processing, chat_template, train_cfg.seed
-        )
-        eval_what = (
-            f"{len(examples_eval)} held-out problems of visual task {vision_cfg.visual_task!r}"
-            if examples_eval
-            else "no evaluation: training on --data"
+        prepared, examples_eval, eval_what = vlm.prepare_vision_data(
+            data_cfg, vision_cfg, eval_cfg, processing, chat_template, train_cfg.seed
         )
     else:
         prepared = prepare_data(
@@ -496,16 +468,7 @@ def _run_train(
 
     def score(label: str) -> dict[str, Any]:
         if vision:
-            return vlm.evaluate_vision(
-                model,
-                processing,
-                examples_eval,
-                chat_template=chat_template,
-                image_max_size=vision_cfg.image_max_size,
-                max_new_tokens=eval_cfg.max_new_tokens or 8,
-                label=label,
-                echo=echo,
-            )
+            return vlm.evaluate_run(model, processing, examples_eval, chat_template, vision_cfg, eval_cfg, label, echo)
         if not classify:
             return evaluate(model, tokenizer, examples_eval, eval_cfg, chat_template, label, echo)
         from quickloris.train.classify import evaluate_classification

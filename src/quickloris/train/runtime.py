@@ -210,35 +210,44 @@ class ChatEvalExample:
         return [dict(m) for m in self.prompt]
 
 
+def reference_answer(messages: list[dict[str, Any]], source: str) -> str:
+    """The one-line reference answer of a held-out conversation: its last message, a final assistant text after at
+    least one prompt message (DataFormatError naming `source` otherwise). Shared by text and vision --eval-data."""
+    if messages[-1]["role"] != "assistant" or len(messages) < 2:
+        raise DataFormatError(
+            f"{source}: the last message must be the reference 'assistant' answer, after at least one prompt message"
+        )
+    if messages[-1].get("tool_calls"):
+        raise DataFormatError(
+            f"{source}: the last message is a tool call; --eval-data scores a final text answer (the embedded "
+            "--task tools scores calls)"
+        )
+    answer = messages[-1]["content"].strip()
+    if not answer:
+        raise DataFormatError(f"{source}: the reference answer (last assistant message) is empty")
+    if "\n" in answer:
+        raise DataFormatError(
+            f"{source}: the reference answer must be one line (exact match compares the first line of the reply "
+            "with it)"
+        )
+    return answer
+
+
 def load_eval_examples(path: str | os.PathLike, columns: dict[str, str] | None = None) -> list[ChatEvalExample]:
     """Exact-match problems from a data file of chat records (messages, alpaca, sharegpt, conversational
-    prompt/completion; `columns`: the --data-columns renaming) whose last message is the reference answer."""
+    prompt/completion; `columns`: the --data-columns renaming) whose last message is the reference answer. A bad
+    record: one line naming --eval-data and the record (`ConfigError`)."""
     out = []
-    for r in load_jsonl(path, columns=columns):
-        if not r.is_chat:
-            raise DataFormatError(
-                f"{r.source}: --eval-data needs chat records ({{'messages': [...]}}) ending with "
-                "the reference assistant answer; plain prompt/completion or text records have no chat prompt "
-                "to generate from"
-            )
-        messages = [template_message(m) for m in r.messages]  # tool calls and results stay in the prompt
-        if messages[-1]["role"] != "assistant" or len(messages) < 2:
-            raise DataFormatError(
-                f"{r.source}: the last message must be the reference 'assistant' answer, after at "
-                "least one prompt message"
-            )
-        if messages[-1].get("tool_calls"):
-            raise DataFormatError(
-                f"{r.source}: the last message is a tool call; --eval-data scores a final text answer (the embedded "
-                "--task tools scores calls)"
-            )
-        answer = messages[-1]["content"].strip()
-        if not answer:
-            raise DataFormatError(f"{r.source}: the reference answer (last assistant message) is empty")
-        if "\n" in answer:
-            raise DataFormatError(
-                f"{r.source}: the reference answer must be one line (exact match compares the "
-                "first line of the reply with it)"
-            )
-        out.append(ChatEvalExample(tuple(messages[:-1]), answer, r.source, r.tools))
+    try:
+        for r in load_jsonl(path, columns=columns):
+            if not r.is_chat:
+                raise DataFormatError(
+                    f"{r.source}: --eval-data needs chat records ({{'messages': [...]}}) ending with the reference "
+                    "assistant answer; plain prompt/completion or text records have no chat prompt to generate from"
+                )
+            messages = [template_message(m) for m in r.messages]  # tool calls and results stay in the prompt
+            answer = reference_answer(messages, r.source)
+            out.append(ChatEvalExample(tuple(messages[:-1]), answer, r.source, r.tools))
+    except DataFormatError as e:
+        raise ConfigError(EvalConfig, "eval_data", f": {e}") from None
     return out

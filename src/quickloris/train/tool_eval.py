@@ -108,3 +108,25 @@ def describe(result: dict[str, Any]) -> str:
             f"final answer {100 * result['answer_accuracy']:.1f}% ({result['answer_correct']}/{result['total']})"
         )
     return f"exact match {100 * result['accuracy']:.1f}% ({result['correct']}/{result['total']})"
+
+
+def echo_eval(echo: Callable[[str], None], label: str, result: dict[str, Any]) -> None:
+    """One line of scores, then a few replies (the tool task: the call, whole, then the final answer's first line)."""
+
+    def first_line(text: str) -> str:
+        return text.strip().splitlines()[0] if text.strip() else ""
+
+    def verdict(right: bool, expected: str) -> str:
+        return "right" if right else f"expected {expected!r}: wrong"
+
+    echo(f"eval{' ' + label if label else ''}: {describe(result)} in {result['seconds']:.1f} s")
+    for s in result["samples"]:
+        if "final_reply" in s:
+            echo(f"    {s['question']!r} -> {s['reply'].strip()[:100]!r}  ({verdict(s['correct'], s['answer'])})")
+            final = verdict(s["final_correct"], s["final_answer"])
+            echo(f"      then -> {first_line(s['final_reply'])[:60]!r}  ({final})")
+        else:
+            echo(
+                f"    {s['question']!r} -> {first_line(s['reply'])[:60]!r}  "
+                f"(expected {s['answer']!r}: {'right' if s['correct'] else 'wrong'})"
+            )

@@ -6,15 +6,14 @@ tokenizer, its image processor - transformers' PIL backend, the same with or wit
 template, which VLM folders keep beside the processor), the tokenized data (`prepare_vision_data`: ``--data`` JSONL
 with image parts, or an embedded visual task, `quickloris.data.vision_tasks`), the model (`load_vision_model`:
 ``AutoModelForImageTextToText``), the loop's objective (`VisionCausalLM`: the causal-LM loss over
-`quickloris.data.vision.collate_vision` batches) and the held-out accuracy of a visual task (`evaluate_vision`:
-greedy generation, exact match of the first line).
+`quickloris.data.vision.collate_vision` batches); the held-out problems (``--eval-data`` or the visual task's) are
+scored by `quickloris.train.vision_eval.evaluate_vision` (the text path's exact match, images in the prompts).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,7 +21,7 @@ import torch
 
 from quickloris.config import Config, ConfigError, at_least, field
 from quickloris.data.config import DataConfig, PreparedData
-from quickloris.data.tasks import exact_match
+from quickloris.train.config import EvalConfig, EvalTaskConfig, ModelConfig
 from quickloris.train.loop import CausalLM
 
 
@@ -38,8 +37,9 @@ class VisionConfig(Config):
     )
     visual_task: Literal["dots", "shapes", "colors"] | None = field(
         None,
-        help="vision-language models without --data: the embedded visual task to train on and score (images drawn "
-        "on the fly): dots (count 1-6 dots), shapes (circle / square / triangle) or colors (the shape's colour)",
+        help="vision-language models: the embedded visual task (images drawn on the fly) that train trains on "
+        "without --data and scores, and eval scores: dots (count 1-6 dots), shapes (circle / square / triangle) or "
+        "colors (the shape's colour)",
     )
     image_task_size: int = field(
         56, help="side in pixels of the images the embedded visual task draws", check=at_least(8)
@@ -63,12 +63,37 @@ def check_vision_run(vision: bool, model_cfg, data_cfg, eval_cfg, fsdp_opts, vis
         return
     if model_cfg.task_type != "causal_lm":
         raise ConfigError(type(model_cfg), "task_type", "must be causal_lm for a vision-language model")
-    if eval_cfg.eval_data is not None:
-        raise ConfigError(type(eval_cfg), "eval_data", "is not supported for vision-language models yet")
     if data_cfg.data is None and vision_cfg.visual_task is None:
         raise ConfigError(VisionConfig, "visual_task", "or --data is needed to train a vision-language model")
     if data_cfg.data is not None and vision_cfg.visual_task is not None:
         raise ConfigError(VisionConfig, "visual_task", "and --data are exclusive: pick one")
+
+
+def check_vision_eval(
+    vision: bool, model_cfg: ModelConfig, task_cfg: EvalTaskConfig, eval_cfg: EvalConfig, vision_cfg: VisionConfig
+) -> None:
+    """`quickloris eval`: the options a vision-language model needs or does not take (a text model: the image
+    options), one line each naming them."""
+    if not vision:
+        if vision_cfg.image_max_size is not None or vision_cfg.visual_task is not None:
+            name = "visual_task" if vision_cfg.visual_task is not None else "image_max_size"
+            raise ConfigError(VisionConfig, name, "applies to vision-language models; this model is text-only")
+        return
+    if model_cfg.task_type != "causal_lm":
+        raise ConfigError(ModelConfig, "task_type", "must be causal_lm for a vision-language model")
+    if task_cfg.gguf is not None:
+        raise ConfigError(
+            EvalTaskConfig,
+            "gguf",
+            "scores a text model's file; a vision-language model's export (with its .mmproj.gguf) runs in "
+            "llama.cpp's multimodal tools, not scored here yet",
+        )
+    if task_cfg.task is not None:
+        raise ConfigError(EvalTaskConfig, "task", "is a text task; score a vision-language model on --visual-task")
+    if vision_cfg.visual_task is None and eval_cfg.eval_data is None:
+        raise ConfigError(VisionConfig, "visual_task", "or --eval-data is needed to score a vision-language model")
+    if vision_cfg.visual_task is not None and eval_cfg.eval_data is not None:
+        raise ConfigError(VisionConfig, "visual_task", "and --eval-data are exclusive: pick what to score")
 
 
 def _chat_template(folder: Path) -> str | None:
@@ -111,21 +136,28 @@ def text_limit(source: Any) -> int | None:
 
 
 def prepare_vision_data(
-    data_cfg: DataConfig, vision_cfg: VisionConfig, processing: Any, chat_template: str | None, seed: int
-) -> tuple[PreparedData, list]:
-    """(training examples + stats, held-out visual problems: empty for --data)."""
+    data_cfg: DataConfig,
+    vision_cfg: VisionConfig,
+    eval_cfg: EvalConfig,
+    processing: Any,
+    chat_template: str | None,
+    seed: int,
+) -> tuple[PreparedData, list, str]:
+    """(training examples + stats, the held-out problems - --eval-data's, else the visual task's, else none - and
+    what they are)."""
     from quickloris.data.vision import read_vision_jsonl, tokenize_vision_records
     from quickloris.data.vision_tasks import visual_problems
+    from quickloris.train.vision_eval import vision_problems
 
+    task, size = vision_cfg.visual_task, vision_cfg.image_task_size
+    heldout, what = vision_problems(eval_cfg.eval_data, task, data_cfg.num_eval, seed, size)
     if data_cfg.data is None:
-        task, size = vision_cfg.visual_task, vision_cfg.image_task_size
         records = [p.record() for p in visual_problems(task, "train", data_cfg.num_train, seed, size)]
-        heldout = visual_problems(task, "heldout", data_cfg.num_eval, seed, size)
         source = f"embedded visual task {task!r}"
     else:
         # --data takes several files (one list): their records in the order given.
         records = [r for path in data_cfg.data for r in read_vision_jsonl(path)]
-        heldout, source = [], ", ".join(data_cfg.data)
+        source = ", ".join(data_cfg.data)
     if vision_cfg.image_max_size is not None and vision_cfg.image_max_size < processing.snap:
         raise ConfigError(
             VisionConfig,
@@ -142,7 +174,7 @@ def prepare_vision_data(
         chat_template=chat_template,
         image_max_size=vision_cfg.image_max_size,
     )
-    return PreparedData(examples, stats, [], source), heldout
+    return PreparedData(examples, stats, [], source), heldout, what
 
 
 def load_vision_model(source: Any, *, dtype: Any, device: Any) -> Any:
@@ -202,80 +234,28 @@ class VisionCausalLM(CausalLM):
         reduce_vision_grads(model, world)
 
 
-def evaluate_vision(
-    model: Any,
-    processing: Any,
-    problems: list,
-    *,
-    chat_template: str | None,
-    image_max_size: int | None,
-    max_new_tokens: int = 8,
-    label: str = "",
-    echo=print,
-) -> dict[str, Any]:
-    """Exact match of greedy replies to held-out visual problems (one prompt at a time: no padding to get wrong)."""
-    from quickloris.data.vision import collate_vision, prompt_example
-    from quickloris.train.runtime import eager_regions
+def evaluate_run(model, processing, problems, chat_template, vision_cfg, eval_cfg, label: str, echo) -> dict[str, Any]:
+    """`quickloris.train.vision_eval.evaluate_vision` with a command's options (--image-max-size, --max-new-tokens)."""
+    from quickloris.train.vision_eval import evaluate_vision
 
-    tok = processing.tokenizer
-    device = next(model.parameters()).device
-    use_cache, training = model.config.use_cache, model.training
-    model.config.use_cache = True
-    model.eval()
-    t0, correct, samples = time.perf_counter(), 0, []
-    try:
-        with torch.no_grad(), eager_regions():
-            for p in problems:
-                ex = prompt_example(
-                    processing,
-                    p.prompt_messages(),
-                    [p.image],
-                    chat_template=chat_template,
-                    image_max_size=image_max_size,
-                )
-                batch = collate_vision(
-                    processing, [ex], packing=False, pad_token_id=tok.pad_token_id, image_max_size=image_max_size
-                )
-                batch.pop("labels")
-                batch.pop("image_rows", None)  # one row with its image: transformers' own per-row layout
-                batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-                if "pixel_values" in batch:
-                    from quickloris.models.vision import vision_parameters
-
-                    batch["pixel_values"] = batch["pixel_values"].to(vision_parameters(model)[0].dtype)
-                out = model.generate(
-                    **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
-                )
-                reply = tok.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-                ok = exact_match(reply, p.answer)
-                correct += ok
-                if len(samples) < 3:
-                    samples.append({"question": p.question, "answer": p.answer, "reply": reply, "correct": ok})
-    finally:
-        model.config.use_cache = use_cache
-        model.train(training)
-    n = len(problems)
-    result = {
-        "accuracy": correct / n if n else 0.0,
-        "correct": correct,
-        "total": n,
-        "seconds": round(time.perf_counter() - t0, 3),
-        "samples": samples,
-    }
-    echo(
-        f"eval{' ' + label if label else ''}: exact match {100 * result['accuracy']:.1f}% ({correct}/{n}) in "
-        f"{result['seconds']:.1f} s"
+    return evaluate_vision(
+        model,
+        processing,
+        problems,
+        chat_template=chat_template,
+        image_max_size=vision_cfg.image_max_size,
+        max_new_tokens=eval_cfg.max_new_tokens,
+        label=label,
+        echo=echo,
     )
-    for s in samples:
-        echo(f"    {s['answer']!r} <- {s['reply'].strip()[:40]!r} ({'right' if s['correct'] else 'wrong'})")
-    return result
 
 
 __all__ = [
     "VisionConfig",
     "VisionCausalLM",
+    "check_vision_eval",
     "check_vision_run",
-    "evaluate_vision",
+    "evaluate_run",
     "is_vision_source",
     "load_vision_model",
     "load_vision_parts",

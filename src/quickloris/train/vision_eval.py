@@ -1,0 +1,184 @@
+"""Held-out evaluation of a vision-language model: the text path's exact match with images in the prompts.
+
+Problems: the rows of an ``--eval-data`` file in the format of a VLM's ``--data`` (`quickloris.data.vision`: image
+parts name local files relative to the file), each ending with a one-line reference assistant answer - the text
+path's rules (`quickloris.train.runtime.reference_answer`) - or the held-out split of an embedded visual task
+(`quickloris.data.vision_tasks`). Each prompt (the messages before the answer, rendered with the generation prompt,
+every image placeholder expanded to the image's tokens: `quickloris.data.vision.prompt_example`) is continued
+greedily, one prompt at a time (no padding; ``--eval-batch-size`` does not apply), up to the EOS token or
+``max_new_tokens`` - by default the longest reference answer's token count + 4, as for text
+(`quickloris.train.exact_match.max_new_tokens_for`). The reply's first line is compared with the answer exactly
+(`quickloris.data.tasks.exact_match`). The result is the text path's `EvalResult` dict, printed as text's is
+(`quickloris.train.tool_eval.echo_eval`): `quickloris train` and `quickloris eval` report a VLM as they report text.
+
+`quickloris eval` on a VLM is `quickloris.train.evaluation.run_eval` with branches taken from here -
+`vision_problems`, `adapter_overrides` (LoRA on the vision tower when the adapter holds one there) - and from
+`quickloris.train.vision` (`check_vision_eval`: options that do not apply, one line each; the model and its image
+processing, as training loads them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import torch
+
+from quickloris.config import ConfigError
+from quickloris.data.errors import DataFormatError
+from quickloris.data.tasks import exact_match
+from quickloris.train.config import EvalConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionEvalExample:
+    """A held-out conversation of an --eval-data file: the prompt messages (image parts as ``{"type": "image"}``),
+    their image files in order, and the reference answer."""
+
+    prompt: tuple[dict[str, Any], ...]
+    images: tuple[Any, ...]
+    answer: str
+    source: str
+
+    @property
+    def question(self) -> str:
+        users = [m for m in self.prompt if m["role"] == "user"] or list(self.prompt)
+        return _text(users[-1]["content"])
+
+    def prompt_messages(self) -> list[dict[str, Any]]:
+        return [dict(m) for m in self.prompt]
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    return "".join(p["text"] if p["type"] == "text" else "<image>" for p in content)
+
+
+def read_vision_eval(path: str) -> list[VisionEvalExample]:
+    """The problems of a VLM --eval-data file; a bad row (a missing image, no final one-line assistant answer, ...)
+    is one line naming --eval-data and file:line (`ConfigError`)."""
+    from quickloris.data.vision import read_vision_jsonl
+    from quickloris.train.runtime import reference_answer
+
+    try:
+        out = []
+        for r in read_vision_jsonl(path):
+            *prompt, last = r.messages
+            answer = reference_answer([*prompt, {**last, "content": _text(last["content"])}], r.source)
+            out.append(VisionEvalExample(tuple(prompt), r.images, answer, r.source))
+        return out
+    except (DataFormatError, FileNotFoundError) as e:
+        raise ConfigError(EvalConfig, "eval_data", f": {e}") from None
+
+
+def vision_problems(
+    eval_data: str | None, visual_task: str | None, num_eval: int, seed: int, image_task_size: int
+) -> tuple[list, str]:
+    """(problems, what they are): the --eval-data file's, else the visual task's held-out split, else none."""
+    if eval_data is not None:
+        return read_vision_eval(eval_data), f"--eval-data {eval_data}"
+    if visual_task is not None:
+        from quickloris.data.vision_tasks import visual_problems
+
+        problems = visual_problems(visual_task, "heldout", num_eval, seed, image_task_size)
+        return problems, f"{len(problems)} held-out problems of visual task {visual_task!r}"
+    return [], "no evaluation: training on --data without --eval-data"
+
+
+@torch.no_grad()
+def generate_vision_replies(
+    model: Any,
+    processing: Any,
+    problems: list,
+    *,
+    max_new_tokens: int,
+    chat_template: str | None,
+    image_max_size: int | None,
+) -> list[str]:
+    """Greedy replies (decoded, special tokens dropped) to each problem's prompt and images, one at a time."""
+    from quickloris.data.vision import collate_vision, prompt_example
+    from quickloris.models.vision import vision_parameters
+    from quickloris.utils.progress import progress
+
+    tok = processing.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    device = next(model.parameters()).device
+    replies = []
+    for p in progress(problems, desc="eval", unit="problem"):
+        ex = prompt_example(
+            processing, p.prompt_messages(), p.images, chat_template=chat_template, image_max_size=image_max_size
+        )
+        batch = collate_vision(processing, [ex], packing=False, pad_token_id=pad, image_max_size=image_max_size)
+        batch.pop("labels")
+        batch.pop("image_rows", None)  # one row with its image: transformers' own per-row layout
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        if "pixel_values" in batch:  # the image processor's fp32 pixels, in the vision tower's dtype
+            batch["pixel_values"] = batch["pixel_values"].to(vision_parameters(model)[0].dtype)
+        # use_cache: prepare_model turns the KV cache off for training; generation needs it
+        greedy = {"do_sample": False, "num_beams": 1, "use_cache": True, "pad_token_id": pad}
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, **greedy)
+        replies.append(tok.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True))
+    return replies
+
+
+def evaluate_vision(
+    model: Any,
+    processing: Any,
+    problems: list,
+    *,
+    chat_template: str | None,
+    image_max_size: int | None,
+    max_new_tokens: int | None = None,
+    label: str = "",
+    echo=print,
+) -> dict[str, Any]:
+    """Exact-match accuracy of greedy replies to `problems` (`VisionEvalExample` or visual-task problems), as the
+    text path's result dict; printed with a few replies as text's."""
+    from quickloris.train.exact_match import max_new_tokens_for, score_replies
+    from quickloris.train.runtime import eager_regions
+    from quickloris.train.tool_eval import echo_eval
+
+    n = max_new_tokens_for(processing.tokenizer, problems, max_new_tokens, chat_template)
+    render = {"chat_template": chat_template, "image_max_size": image_max_size}
+    training = model.training
+    model.eval()
+    t0 = time.perf_counter()
+    try:
+        with eager_regions():
+            replies = generate_vision_replies(model, processing, problems, max_new_tokens=n, **render)
+    finally:
+        model.train(training)
+    result = score_replies(problems, replies, time.perf_counter() - t0, n, 3, exact_match).to_dict()
+    echo_eval(echo, label, result)
+    return result
+
+
+def adapter_overrides(model: Any, adapter: str) -> dict[str, Any]:
+    """`prepare_model` overrides that load `adapter` into the VLM `model`: none for a language-model adapter; for
+    one that also holds LoRA on the vision tower / projector (a ``--train-vision`` run) ``train_vision`` and the
+    language model's targets alone - its adapter_config.json lists the vision linears' names among the targets, as
+    PEFT does, which are no decoder linears."""
+    from safetensors import safe_open
+
+    from quickloris.models.adapters import PREFIX, WEIGHTS_NAME
+    from quickloris.models.families import family_of
+
+    roots = tuple(f"{PREFIX}{model.base_model_prefix}.{name}." for name in family_of(model).vision_modules)
+    with safe_open(f"{adapter}/{WEIGHTS_NAME}", "pt") as f:
+        keys = [k for k in f.keys() if k.endswith(".lora_A.weight")]
+    if not any(k.startswith(roots) for k in keys):
+        return {}
+    targets = sorted({k.rsplit(".", 3)[-3] for k in keys if not k.startswith(roots)})
+    return {"train_vision": True, "target_modules": targets}
+
+
+__all__ = [
+    "VisionEvalExample",
+    "adapter_overrides",
+    "evaluate_vision",
+    "generate_vision_replies",
+    "read_vision_eval",
+    "vision_problems",
+]

@@ -1,0 +1,160 @@
+"""Held-out evaluation of vision-language models (`quickloris.train.vision_eval`) on tiny random-init VLMs:
+
+* the replies equal an independent greedy decode - transformers' own image processor / processor building the
+  inputs (the image tokens expanded as transformers' processors expand them), transformers' `generate` - on the same
+  prompts, rows with one image, two images and none; the exact-match count equals the count of reference answers
+  the test made right (half the rows get the reference reply's first line as their answer, the others a wrong one);
+* a bad --eval-data row is one line naming --eval-data and file:line.
+
+Both sides run the same model in fp32 on the same inputs through the same transformers code, so the replies are
+compared exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from quickloris.config import ConfigError  # noqa: E402
+from quickloris.data.tasks import extract_answer  # noqa: E402
+from quickloris.train.vision_eval import (  # noqa: E402
+    evaluate_vision,
+    generate_vision_replies,
+    read_vision_eval,
+)
+from tests.vlm_tiny import draw, hf_inputs, vlm_model, vlm_processing, vlm_tokenizer  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+NEW_TOKENS = 6
+
+
+def _image(i: int) -> dict:
+    return {"type": "image", "image": f"images/{i}.png"}
+
+
+def _prompts(tmp_path, seed: int) -> list[list[dict]]:
+    """Five prompts (one image, none, two, a system turn, an earlier exchange) and their images under images/."""
+    (tmp_path / "images").mkdir()
+    for i in range(5):
+        draw(seed + i).save(tmp_path / "images" / f"{i}.png")
+    return [
+        [{"role": "user", "content": [_image(0), {"type": "text", "text": "What is it?"}]}],
+        [{"role": "user", "content": "Reverse 123"}],
+        [{"role": "user", "content": [{"type": "text", "text": "Compare"}, _image(1), _image(2)]}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": [_image(3)]}],
+        [
+            {"role": "user", "content": [_image(4), {"type": "text", "text": "Count"}]},
+            {"role": "assistant", "content": "4"},
+            {"role": "user", "content": "Sure?"},
+        ],
+    ]
+
+
+@pytest.mark.parametrize("row", ["qwen2_vl", "llava"])
+def test_counts_like_an_independent_greedy_decode(tmp_path, seed, row):
+    tok = vlm_tokenizer(row)
+    model = vlm_model(row, tok)
+    prompts = _prompts(tmp_path, seed)
+    references = []
+    with torch.no_grad():
+        for messages in prompts:
+            files = [
+                p["image"] for m in messages if isinstance(m["content"], list) for p in m["content"] if "image" in p
+            ]
+            inputs = hf_inputs(row, tok, messages, [tmp_path / f for f in files])
+            out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=tok.pad_token_id)
+            references.append(tok.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
+    rng = random.Random(seed)
+    right = set(rng.sample(range(len(prompts)), 2)) | {rng.randrange(len(prompts))}
+    answers = []
+    for i, reply in enumerate(references):
+        first = extract_answer(reply)
+        answers.append(first if i in right and first else f"not {first}")
+    expected = sum(1 for i in right if extract_answer(references[i]))
+    assert 0 < expected < len(prompts), "the random replies left nothing to count: rerun with another seed"
+    path = tmp_path / "held.jsonl"
+    path.write_text(
+        "".join(
+            json.dumps({"messages": [*p, {"role": "assistant", "content": a}]}) + "\n" for p, a in zip(prompts, answers)
+        )
+    )
+    problems = read_vision_eval(str(path))
+    processing = vlm_processing(row, tok)
+    render = {"chat_template": None, "image_max_size": None}
+    replies = generate_vision_replies(model, processing, problems, max_new_tokens=NEW_TOKENS, **render)
+    assert replies == references
+    lines = []
+    result = evaluate_vision(model, processing, problems, max_new_tokens=NEW_TOKENS, echo=lines.append, **render)
+    assert (result["correct"], result["total"], result["max_new_tokens"]) == (expected, len(prompts), NEW_TOKENS)
+    assert result["accuracy"] == expected / len(prompts)
+    assert [s["correct"] for s in result["samples"]] == [answers[i] == extract_answer(references[i]) for i in range(3)]
+    assert lines[0].startswith(f"eval: exact match {100 * expected / len(prompts):.1f}% ({expected}/{len(prompts)})")
+
+
+def test_default_max_new_tokens_is_the_text_paths(tmp_path):
+    """None: the longest reference answer's tokens + 4, as for text (an answer followed by more is wrong)."""
+    from quickloris.train.exact_match import max_new_tokens_for
+
+    (tmp_path / "images").mkdir()
+    draw(0).save(tmp_path / "images" / "0.png")
+    rows = [("What is it?", "a red blob"), ("Say", "hi")]
+    path = tmp_path / "held.jsonl"
+    path.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": [_image(0), {"type": "text", "text": q}]},
+                        {"role": "assistant", "content": a},
+                    ]
+                }
+            )
+            + "\n"
+            for q, a in rows
+        )
+    )
+    tok = vlm_tokenizer("qwen2_vl")
+    problems = read_vision_eval(str(path))
+    longest = max(len(tok(a, add_special_tokens=False)["input_ids"]) for _, a in rows)
+    assert max_new_tokens_for(tok, problems, None) == longest + 4
+    assert [p.answer for p in problems] == ["a red blob", "hi"] and problems[0].question == "<image>What is it?"
+    assert problems[0].images == (str(tmp_path / "images" / "0.png"),)
+
+
+USER = {"role": "user", "content": "q"}
+
+
+@pytest.mark.parametrize(
+    "messages,message",
+    [
+        (
+            [
+                {"role": "user", "content": [_image(9), {"type": "text", "text": "x"}]},
+                {"role": "assistant", "content": "a"},
+            ],
+            "messages[0]: image 'images/9.png' not found",
+        ),
+        ([USER, {"role": "assistant", "content": "a\nb"}], "the reference answer must be one line"),
+        ([USER, {"role": "assistant", "content": [{"type": "text", "text": " "}]}], "the reference answer (last"),
+        ([USER], "'messages' has no 'assistant' turn"),
+        ([USER, {"role": "assistant", "content": "a"}, USER], "the last message must be the reference 'assistant'"),
+        ([{"role": "assistant", "content": "a"}], "after at least one prompt message"),
+    ],
+)
+def test_bad_rows_name_the_option_and_the_line(tmp_path, messages, message):
+    from quickloris.train.config import EvalConfig
+
+    (tmp_path / "images").mkdir()
+    draw(0).save(tmp_path / "images" / "0.png")
+    good = {"messages": [{"role": "user", "content": [_image(0)]}, {"role": "assistant", "content": "ok"}]}
+    path = tmp_path / "held.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps({"messages": messages}) + "\n")
+    with pytest.raises(ConfigError) as e:
+        read_vision_eval(str(path))
+    text = e.value.render({(EvalConfig, "eval_data"): "--eval-data"})
+    assert text.startswith(f"--eval-data: {path}:2: ") and message in text and "\n" not in text, text
