@@ -123,15 +123,13 @@ def test_gpu_run_is_reproduced_by_eval(vlm, tmp_path):
 def _reference_count(folder, adapter, problems, max_new_tokens: int) -> tuple[int, list[str]]:
     """The adapter's model (NF4 base + LoRA, as quickloris trained it) fed transformers-built inputs, greedy
     `generate`, first lines compared here."""
-    from quickloris.models.prepare import prepare_model
+    from quickloris.models.prepare import prepare_model, qlora_config
     from quickloris.train.evaluation import run_quantization
-    from quickloris.train.vision_eval import adapter_overrides
     from tests.vlm_tiny import hf_inputs, vlm_tokenizer
 
     model = transformers.AutoModelForImageTextToText.from_pretrained(str(folder), dtype=torch.float32)
-    overrides = adapter_overrides(model, str(adapter))
-    assert overrides["train_vision"] and "qkv" not in overrides["target_modules"]
-    prepare_model(model, run_quantization(str(adapter)), adapter=str(adapter), **overrides)
+    prepare_model(model, run_quantization(str(adapter)), adapter=str(adapter))
+    assert qlora_config(model).train_vision and "qkv" not in qlora_config(model).target_modules
     model.eval()
     tok = transformers.AutoTokenizer.from_pretrained(str(folder))
     assert tok.chat_template == vlm_tokenizer("qwen2_vl").chat_template

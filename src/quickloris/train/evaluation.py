@@ -190,7 +190,7 @@ def run_eval(
         load_vision_model,
         load_vision_parts,
     )
-    from quickloris.train.vision_eval import adapter_overrides, vision_problems
+    from quickloris.train.vision_eval import vision_problems
     from quickloris.utils.atomic import atomic_write_json
 
     check_eval_options(model_cfg, task_cfg)
@@ -245,8 +245,7 @@ def run_eval(
         if adapter is not None:
             if source.is_gguf:
                 check_adapter_fits(adapter, model_parameter_shapes(model), model=str(source.path))
-            overrides = adapter_overrides(model, adapter) if vision else {}
-            prepare_model(model, run_quantization(adapter), adapter=adapter, **overrides)
+            prepare_model(model, run_quantization(adapter), adapter=adapter)  # a vision-LoRA adapter included
         elif nf4:
             prepare_model(model, QLoRAConfig(chunked_loss=False))  # LoRA B = 0: exactly the NF4 base
         model.eval()

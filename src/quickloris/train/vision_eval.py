@@ -12,7 +12,7 @@ greedily, one prompt at a time (no padding; ``--eval-batch-size`` does not apply
 (`quickloris.train.tool_eval.echo_eval`): `quickloris train` and `quickloris eval` report a VLM as they report text.
 
 `quickloris eval` on a VLM is `quickloris.train.evaluation.run_eval` with branches taken from here -
-`vision_problems`, `adapter_overrides` (LoRA on the vision tower when the adapter holds one there) - and from
+`vision_problems` (an adapter with LoRA on the vision tower loads as any other: `prepare_model`) - and from
 `quickloris.train.vision` (`check_vision_eval`: options that do not apply, one line each; the model and its image
 processing, as training loads them).
 """
@@ -155,28 +155,8 @@ def evaluate_vision(
     return result
 
 
-def adapter_overrides(model: Any, adapter: str) -> dict[str, Any]:
-    """`prepare_model` overrides that load `adapter` into the VLM `model`: none for a language-model adapter; for
-    one that also holds LoRA on the vision tower / projector (a ``--train-vision`` run) ``train_vision`` and the
-    language model's targets alone - its adapter_config.json lists the vision linears' names among the targets, as
-    PEFT does, which are no decoder linears."""
-    from safetensors import safe_open
-
-    from quickloris.models.adapters import PREFIX, WEIGHTS_NAME
-    from quickloris.models.families import family_of
-
-    roots = tuple(f"{PREFIX}{model.base_model_prefix}.{name}." for name in family_of(model).vision_modules)
-    with safe_open(f"{adapter}/{WEIGHTS_NAME}", "pt") as f:
-        keys = [k for k in f.keys() if k.endswith(".lora_A.weight")]
-    if not any(k.startswith(roots) for k in keys):
-        return {}
-    targets = sorted({k.rsplit(".", 3)[-3] for k in keys if not k.startswith(roots)})
-    return {"train_vision": True, "target_modules": targets}
-
-
 __all__ = [
     "VisionEvalExample",
-    "adapter_overrides",
     "evaluate_vision",
     "generate_vision_replies",
     "read_vision_eval",
