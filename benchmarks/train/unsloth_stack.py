@@ -71,13 +71,50 @@ def _move_base(base, device: str) -> None:
     base.dense = {k: v.to(device) for k, v in base.dense.items()}
 
 
+def unsloth_missing() -> str | None:
+    """Why Unsloth cannot run here, or None."""
+    site = os.environ.get(SITE_ENV)
+    if not site or not Path(site).is_dir():
+        return f"Unsloth is not installed: set {SITE_ENV} to the folder its wheels went into (run.sh does)"
+    return None
+
+
+def run_child(module: str, job: dict[str, Any], tmp: Path, *, timeout: float) -> dict[str, Any]:
+    """Run `module` as ``python -m module job.json out.json`` in `tmp` with Unsloth's site first on its path (and
+    the repository's src/ and root after it); its JSON result, or ``{"error": ...}``. The vision bench's Unsloth
+    stack (`benchmarks.vision.unsloth_stack`) runs through this too."""
+    if missing := unsloth_missing():
+        return {"error": missing}
+    site = os.environ[SITE_ENV]
+    (tmp / "job.json").write_text(json.dumps(job))
+    child_env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([site, str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        HF_HUB_OFFLINE="1",
+        UNSLOTH_DISABLE_STATISTICS="1",
+        UNSLOTH_COMPILE_LOCATION=str(tmp / "unsloth_compiled"),
+    )
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", module, str(tmp / "job.json"), str(tmp / "out.json")],
+            env=child_env,
+            cwd=tmp,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired as e:
+        return {"error": f"the Unsloth process ran past {e.timeout} s"}
+    out_file = tmp / "out.json"
+    if out_file.exists():
+        return json.loads(out_file.read_text())
+    return {"error": f"the Unsloth process exited with {proc.returncode} and wrote no result"}
+
+
 def run_unsloth(base, env: dict[str, Any], args, *, plan: list[tuple[list[int], int]] | None = None, maxlen=None):
     """Parent side. `plan`: [(lengths, batch)] timed runs -> {"BxS": run}; `maxlen`: (start, cap, resolution) ->
     the probe's record. A missing Unsloth site or a failing child gives ``{"error": ...}`` (the other stacks'
     numbers stay)."""
-    site = os.environ.get(SITE_ENV)
-    if not site or not Path(site).is_dir():
-        return {"error": f"Unsloth is not installed: set {SITE_ENV} to the folder its wheels went into (run.sh does)"}
+    if missing := unsloth_missing():
+        return {"error": missing}
     from benchmarks.train import models as tm
 
     with tempfile.TemporaryDirectory(prefix="ql-unsloth-") as tmp:
@@ -96,27 +133,8 @@ def run_unsloth(base, env: dict[str, Any], args, *, plan: list[tuple[list[int], 
             "vocab": base.config.vocab_size,
             "save_s": round(time.perf_counter() - t0, 1),
         }
-        (tmp / "job.json").write_text(json.dumps(job))
-        child_env = dict(
-            os.environ,
-            PYTHONPATH=os.pathsep.join([site, str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")]),
-            HF_HUB_OFFLINE="1",
-            UNSLOTH_DISABLE_STATISTICS="1",
-            UNSLOTH_COMPILE_LOCATION=str(tmp / "unsloth_compiled"),
-        )
         try:
-            proc = subprocess.run(
-                [sys.executable, "-m", "benchmarks.train.unsloth_stack", str(tmp / "job.json"), str(tmp / "out.json")],
-                env=child_env,
-                cwd=tmp,
-                timeout=getattr(args, "unsloth_timeout", 1800),
-            )
-            out_file = tmp / "out.json"
-            if out_file.exists():
-                return json.loads(out_file.read_text())
-            return {"error": f"the Unsloth process exited with {proc.returncode} and wrote no result"}
-        except subprocess.TimeoutExpired as e:
-            return {"error": f"the Unsloth process ran past {e.timeout} s"}
+            return run_child("benchmarks.train.unsloth_stack", job, tmp, timeout=getattr(args, "unsloth_timeout", 1800))
         finally:
             _move_base(base, env["device"])
 
@@ -192,13 +210,14 @@ def _child(job: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def child_main(child, argv: list[str] | None = None) -> int:
+    """A child process's entry (``python -m MODULE job.json out.json``): `child`(job) written as JSON, or its error."""
+    parser = argparse.ArgumentParser(description="an Unsloth stack's process (benchmarks.train.unsloth_stack)")
     parser.add_argument("job", type=Path)
     parser.add_argument("out", type=Path)
     ns = parser.parse_args(argv)
     try:
-        result = _child(json.loads(ns.job.read_text()))
+        result = child(json.loads(ns.job.read_text()))
     except Exception as e:  # noqa: BLE001 - the parent records the error, the bench goes on
         import traceback
 
@@ -209,4 +228,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(child_main(_child))

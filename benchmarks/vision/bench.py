@@ -14,9 +14,11 @@ Parts (``--parts``, default ``learn,speed``):
   448 x 448 image: 256 image tokens) and text-only rows, lengths drawn from ``--speed-lengths``; stacks
   ``ql_padded`` (quickloris, padded rows, flex attention), ``ql_packed`` (the same rows packed padding-free into
   rows of ``--speed-pack`` tokens), ``hf_peft_bnb`` (transformers' SDPA, bitsandbytes NF4 ``Linear4bit`` holding the
-  same NF4 bytes, PEFT LoRA r=16 on the same linears, padded rows); all with non-reentrant gradient checkpointing of
-  the decoder layers, frozen vision tower, AdamW. Tokens/s counts real (non-padding) tokens, median over the timed
-  steps; memory is ``max_memory_allocated`` after a reset once the model is built.
+  same NF4 bytes, PEFT LoRA r=16 on the same linears, padded rows), ``unsloth`` (Unsloth's ``FastVisionModel`` in a
+  process of its own, `benchmarks.vision.unsloth_stack`: the same weights saved in bf16 and loaded 4-bit NF4, LoRA
+  r=16 on the language model's attention and MLP, its offloaded checkpointing, the same padded batches); all with
+  gradient checkpointing of the decoder layers, frozen vision tower, AdamW. Tokens/s counts real (non-padding)
+  tokens, median over the timed steps; memory is ``max_memory_allocated`` after a reset once the model is built.
 
 ``--tiny``: everything on CPU at toy sizes (the tests' smoke run). Results: ``quickloris.utils.provenance.record(
 "vision", ...)`` under ``--out``.
@@ -130,7 +132,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speed-lengths", default="64-1024", help="text tokens per row, drawn uniformly from A-B")
     p.add_argument("--speed-pack", type=int, default=4096, help="tokens per packed row")
     p.add_argument("--speed-steps", type=int, default=8, help="timed steps (after 2 warm-up steps)")
-    p.add_argument("--speed-stacks", default="ql_padded,ql_packed,hf_peft_bnb")
+    p.add_argument("--speed-stacks", default="ql_padded,ql_packed,hf_peft_bnb,unsloth")
 
 
 def tokenizer(words: list[str], vocab: int):
@@ -334,9 +336,57 @@ def _hf_peft_bnb(model):
     return model
 
 
-def part_speed(args, device, dtype) -> dict[str, Any]:
+def step_batches(proc, groups: list[list], pack: int | None) -> list[list[dict]]:
+    """Each step's rows collated: one padded batch, or (`pack`) the rows packed padding-free into rows of <= `pack`
+    tokens (a longer row gets one of its own)."""
     from quickloris.data.packing import pack_greedy
     from quickloris.data.vision import collate_vision
+
+    if pack is None:
+        return [[collate_vision(proc, group, packing=False, pad_token_id=0)] for group in groups]
+    out = []
+    for group in groups:
+        rows = pack_greedy([len(e) for e in group], max(pack, max(map(len, group))))
+        out.append([collate_vision(proc, [group[i] for i in r], packing=True, pad_token_id=0) for r in rows])
+    return out
+
+
+def timed_steps(model, batches: list[list[dict]], tokens: list[int], device, dtype) -> dict[str, Any]:
+    """One AdamW step (lr 1e-5) per entry of `batches` (forward + backward of each of its batches first); steps 0-1
+    warm up, tokens/s = median over the rest of `tokens[s]` / step time (collation is outside the timing); peak =
+    ``max_memory_allocated`` since the model was built. Also what the Unsloth stack's process runs."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times, counted = [], []
+    for s, step in enumerate(batches):
+        t0 = time.perf_counter()
+        for b in step:
+            b = _to(b, device)
+            if "pixel_values" in b:
+                b["pixel_values"] = b["pixel_values"].to(dtype)
+            loss = model(**{k: v for k, v in b.items() if k != "labels"}, labels=b["labels"]).loss
+            loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        if s >= 2:
+            times.append(time.perf_counter() - t0)
+            counted.append(tokens[s])
+    rate = statistics.median(n / t for n, t in zip(counted, times))
+    mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    return {
+        "tokens_per_s": round(rate, 1),
+        "peak_memory_gib": mem and round(mem, 3),
+        "loss_last": float(loss),
+        "timed_steps": len(times),
+    }
+
+
+def part_speed(args, device, dtype) -> dict[str, Any]:
     from quickloris.models.prepare import QLoRAConfig
     from quickloris.parallel.compose import CheckpointConfig, build_training_model
 
@@ -362,47 +412,27 @@ def part_speed(args, device, dtype) -> dict[str, Any]:
             if stack == "hf_peft_bnb":
                 model.set_attn_implementation({"text_config": "sdpa"})
                 model = _hf_peft_bnb(model).train()
-            else:
+            elif stack != "unsloth":
                 model = build_training_model(
                     model,
                     QLoRAConfig(r=16, lora_alpha=32, attention="sdpa" if args.tiny else "flex"),
                     checkpointing=CheckpointConfig(gradient_checkpointing=True),
                 )
-            params = [p for p in model.parameters() if p.requires_grad]
-            opt = torch.optim.AdamW(params, lr=1e-5)
             groups = [examples[s * args.speed_batch : (s + 1) * args.speed_batch] for s in range(steps)]
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            times, tokens = [], []
-            for s, group in enumerate(groups):
-                if stack == "ql_packed":  # the step's rows packed into rows of <= --speed-pack tokens
-                    rows = pack_greedy([len(e) for e in group], max(args.speed_pack, max(map(len, group))))
-                    batches = [collate_vision(proc, [group[i] for i in r], packing=True, pad_token_id=0) for r in rows]
-                else:
-                    batches = [collate_vision(proc, group, packing=False, pad_token_id=0)]
-                t0 = time.perf_counter()
-                for b in batches:
-                    b = _to(b, device)
-                    if "pixel_values" in b:
-                        b["pixel_values"] = b["pixel_values"].to(dtype)
-                    loss = model(**{k: v for k, v in b.items() if k != "labels"}, labels=b["labels"]).loss
-                    loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                if s >= 2:
-                    times.append(time.perf_counter() - t0)
-                    tokens.append(sum(len(e) for e in group))
-            rate = statistics.median(n / t for n, t in zip(tokens, times))
-            mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-            out["stacks"][stack] = {
-                "tokens_per_s": round(rate, 1),
-                "peak_memory_gib": mem and round(mem, 3),
-                "loss_last": float(loss),
-                "timed_steps": len(times),
-            }
+            batches = step_batches(proc, groups, args.speed_pack if stack == "ql_packed" else None)
+            tokens = [sum(len(e) for e in group) for group in groups]
+            if stack == "unsloth":  # its own process (it patches transformers): the same padded batches, saved
+                from benchmarks.vision.unsloth_stack import run_unsloth_vision
+
+                res = run_unsloth_vision(model, tok, batches, tokens, seed=args.seed)
+                model = None
+            else:
+                res = timed_steps(model, batches, tokens, device, dtype)
+            out["stacks"][stack] = res
+            if "error" in res:
+                print(f"speed {stack}: {res['error']}", flush=True)
+                continue
+            rate, mem = res["tokens_per_s"], res["peak_memory_gib"]
             print(f"speed {stack}: {rate:.0f} tokens/s, peak {mem} GiB", flush=True)
         except Exception as e:  # noqa: BLE001 - one stack's failure (out of memory, say) is recorded, the rest run
             traceback.print_exc()
@@ -414,10 +444,13 @@ def part_speed(args, device, dtype) -> dict[str, Any]:
     s = out["stacks"]
     if "tokens_per_s" in s.get("ql_padded", {}) and "tokens_per_s" in s.get("ql_packed", {}):
         out["packed_over_padded"] = round(s["ql_packed"]["tokens_per_s"] / s["ql_padded"]["tokens_per_s"], 3)
-    if "tokens_per_s" in s.get("hf_peft_bnb", {}):
-        for k in ("ql_padded", "ql_packed"):
-            if "tokens_per_s" in s.get(k, {}):
-                out[f"{k}_over_hf"] = round(s[k]["tokens_per_s"] / s["hf_peft_bnb"]["tokens_per_s"], 3)
+    for base, tag in (("hf_peft_bnb", "hf"), ("unsloth", "unsloth")):
+        if "tokens_per_s" in s.get(base, {}):
+            for k in ("ql_padded", "ql_packed"):
+                if "tokens_per_s" in s.get(k, {}):
+                    out[f"{k}_over_{tag}"] = round(s[k]["tokens_per_s"] / s[base]["tokens_per_s"], 3)
+                    if s[k]["peak_memory_gib"] and s[base]["peak_memory_gib"]:  # None without CUDA
+                        out[f"{k}_memory_over_{tag}"] = round(s[k]["peak_memory_gib"] / s[base]["peak_memory_gib"], 3)
     return out
 
 
