@@ -5,7 +5,9 @@ r=16 alpha=32 on q,k,v,o,gate,up,down with the same initialisation, AdamW lr 1e-
 checkpointing, SDPA, ``model.train()``; peak memory is ``max_memory_allocated`` after a reset taken once the
 model is built (weights included); tokens/s is the median over steps 3..N. Stacks (`benchmarks.train.models`):
 ``hf_eager``, ``hf_compiled`` (each decoder layer torch.compiled, static shapes), ``ql_eager``, ``ql_compiled``
-(regional compile: layers, final norm, loss chunk; dynamic shapes).
+(regional compile: layers, final norm, loss chunk; dynamic shapes), ``ql_offload`` (``ql_compiled`` with the
+checkpointed layer inputs in pinned CPU memory: the longest contexts; GPU only), ``unsloth`` (Unsloth itself, in its
+own process: `benchmarks.train.unsloth_stack`).
 
 Parts (``--parts``; default ``1b,counts,8b``; options can also come from $QUICKLORIS_BENCH_TRAIN_ARGS, e.g.
 ``QUICKLORIS_BENCH_TRAIN_ARGS="--parts maxlen" bash scripts/device/run.sh bench-train``):
@@ -88,6 +90,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--maxlen-start", type=int, default=8192, help="maxlen: first length tried")
     parser.add_argument("--maxlen-cap", type=int, default=131072, help="maxlen: longest length tried")
     parser.add_argument("--maxlen-resolution", type=int, default=4096, help="maxlen: bisection stops at this gap")
+    parser.add_argument(
+        "--maxlen-gpu-gib",
+        type=float,
+        default=None,
+        help="maxlen: let each stack's process use at most this many GiB of the GPU (e.g. 79.2, an H100 80GB's "
+        "capacity, on an H200); default: the whole GPU",
+    )
     parser.add_argument(
         "--maxlen-stacks",
         type=_csv,
@@ -206,7 +215,7 @@ def _build(
 ):
     """`in_graph`: None (transformers' eager checkpoint) or the in-graph checkpoint's keep list, comma-separated;
     `attention`: the ql stacks' (default ``--attention``)."""
-    compiled = stack.endswith("compiled")
+    compiled = stack.endswith("compiled") or stack == "ql_offload"
     if stack.startswith("hf"):
         model = tm.hf_stack(base, device=env["device"], compiled=compiled, compile_backend=env["backend"])
     else:
@@ -217,6 +226,7 @@ def _build(
             compile_backend=env["backend"],
             attention=attention or args.attention,
             skip_last=skip_last,
+            offload=stack == "ql_offload",
             checkpoint_in_graph=in_graph is not None,
             checkpoint_keep=[k for k in (in_graph or "").split(",") if k],
         )
@@ -392,14 +402,17 @@ def _maxlen_of(tm, model, stack: str, env, args, vocab: int) -> dict[str, Any]:
 
 def part_maxlen(tm, base, env, args, vocab: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
+    if env["device"].startswith("cuda"):
+        tm.cap_gpu_memory(args.maxlen_gpu_gib)
     for stack in args.maxlen_stacks:
         if stack == "unsloth":
             res = run_unsloth(base, env, args, maxlen=env["maxlen"])
             out[stack] = res.get("maxlen", res) | {"cap": env["maxlen"][1], "versions": res.get("versions")}
-            continue
-        model = _build(tm, stack, base, env, args, None)
-        out[stack] = _maxlen_of(tm, model, stack, env, args, vocab)
-        del model
+        else:
+            model = _build(tm, stack, base, env, args, None)
+            out[stack] = _maxlen_of(tm, model, stack, env, args, vocab)
+            del model
+        out[stack]["gpu_gib_cap"] = args.maxlen_gpu_gib
         tm.release(env["device"])
     return out
 
@@ -421,7 +434,7 @@ def run(args: argparse.Namespace) -> int:
         ("--family-stacks", args.family_stacks),
         ("--maxlen-stacks", args.maxlen_stacks),
     ):
-        known = (*tm.STACKS, "unsloth") if option != "--family-stacks" else tm.STACKS
+        known = (*tm.STACKS, "ql_offload", "unsloth") if option != "--family-stacks" else tm.STACKS
         bad_stacks = set(stacks) - set(known)
         if bad_stacks or not stacks:
             raise ValueError(f"{option}: unknown {sorted(bad_stacks)}; choose from {','.join(known)}")

@@ -303,6 +303,14 @@ def train_run(
     return out
 
 
+def cap_gpu_memory(gib: float | None) -> None:
+    """Let this process allocate at most `gib` GiB of the GPU (None: all of it): a larger GPU then measures what a
+    smaller one fits (``torch.cuda.set_per_process_memory_fraction``)."""
+    if gib:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, gib * 2**30 / total))
+
+
 def one_step(
     model: nn.Module, opt, seq: int, vocab: int, *, device: str
 ) -> tuple[bool, float | None, str, float | None]:
@@ -323,6 +331,10 @@ def one_step(
         fits, note = True, f"loss {loss_value:.3f}, {step_s:.1f} s"
     except torch.cuda.OutOfMemoryError:
         pass
+    except RuntimeError as e:  # pinned host memory running out (offloaded checkpoints) is a RuntimeError
+        if "out of memory" not in str(e):
+            raise
+        note = "out of memory (host)"
     ids = loss = None  # noqa: F841 - drop the graph before measuring and freeing
     opt.zero_grad(set_to_none=True)
     peak = torch.cuda.max_memory_allocated() / 2**30 if fits and device.startswith("cuda") else None

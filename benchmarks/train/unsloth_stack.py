@@ -131,6 +131,7 @@ def run_unsloth(base, env: dict[str, Any], args, *, plan: list[tuple[list[int], 
             "seed": args.seed,
             "lr": args.lr,
             "vocab": base.config.vocab_size,
+            "gpu_gib": getattr(args, "maxlen_gpu_gib", None) if maxlen else None,
             "save_s": round(time.perf_counter() - t0, 1),
         }
         try:
@@ -191,6 +192,7 @@ def _child(job: dict[str, Any]) -> dict[str, Any]:
         from benchmarks.train.bench import longest_fitting
 
         start, cap, resolution = job["maxlen"]
+        tm.cap_gpu_memory(job.get("gpu_gib"))
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=job["lr"])
         trials = []
