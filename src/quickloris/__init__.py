@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 # public name -> "module:attribute"
 _LAZY = {
     "dequantize_nf4": "quickloris.kernels.nf4_dequant:dequantize_nf4",
-    "quantize_nf4": "quickloris.quant.nf4:quantize_nf4",
+    "quantize_nf4": "quickloris.kernels.nf4_quantize:quantize_nf4",
     "NF4State": "quickloris.quant.nf4:NF4State",
     "MemoryEfficientLinear": "quickloris.ops.chunked_linear:MemoryEfficientLinear",
     "chunked_linear_loss": "quickloris.ops.chunked_linear:chunked_linear_loss",

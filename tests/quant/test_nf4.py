@@ -69,31 +69,6 @@ def test_real_layer_shapes(seed, shape):
     assert torch.equal(bits(deq), bits(bnbF.dequantize_4bit(*theirs)))
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(300, 128), (129, 257), (3, 5), (64, 64 * 256 + 64), (4096, 14336)])
-def test_quantize_equals_bitsandbytes_cuda(seed, dtype, shape):
-    """The CUDA half of "quantize_nf4 reproduces bitsandbytes' bytes": on a CUDA tensor quantize_nf4 follows
-    bitsandbytes' CUDA kernel (nearest nested-absmax code by binary search, all-zero blocks to nibble 0), byte for
-    byte, scales included; an all-zero block and a zero row are part of the input."""
-    w = (torch.randn(shape, dtype=dtype) * torch.rand(1).item() * 0.1).cuda()
-    w.view(-1)[:64] = 0  # one all-zero block (the backends encode it differently)
-    w[-1] = 0
-    ours, theirs = nf4.quantize_nf4(w), bnb_quantize(w)
-    assert_same_quantization(ours, theirs)
-    assert torch.equal(bits(nf4.dequantize_nf4_reference(*ours).cpu()), bits(bnbF.dequantize_4bit(*theirs).cpu()))
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("blocksize", [32, 64, 128, 256])
-def test_blocksizes_and_non_nested_cuda(seed, blocksize):
-    w = torch.randn(96, 200, dtype=torch.bfloat16, device="cuda")
-    assert_same_quantization(
-        nf4.quantize_nf4(w, blocksize=blocksize, double_quant=False), bnb_quantize(w, nested=False, blocksize=blocksize)
-    )
-    assert_same_quantization(nf4.quantize_nf4(w, blocksize=blocksize), bnb_quantize(w, blocksize=blocksize))
-
-
 def test_all_zero_blocks_follow_each_backend():
     w = torch.randn(4, 256)
     w[1] = 0.0  # whole absmax blocks of zeros (and, nested, a centred absmax of 0 in a one-group tensor)

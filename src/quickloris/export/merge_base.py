@@ -75,7 +75,8 @@ class MergeBase:
             return w
         dtype = self.nf4.torch_dtype
         if name in self.linears and not is_4bit(param):
-            from quickloris.quant.nf4 import dequantize_nf4_reference, quantize_nf4
+            from quickloris.kernels.nf4_quantize import quantize_nf4  # on CUDA: bitsandbytes' CUDA bytes
+            from quickloris.quant.nf4 import dequantize_nf4_reference
 
             device = "cuda" if self.nf4.rounding == "bnb-cuda" and torch.cuda.is_available() else "cpu"
             packed, state = quantize_nf4(

@@ -31,7 +31,7 @@ import fractions
 import functools
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Literal
 
 import torch
@@ -61,6 +61,7 @@ VALID_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 Rounding = Literal["bnb-cuda", "bnb-cpu"]
+Reciprocal = Callable[[torch.Tensor], torch.Tensor]  # float32 1 / x, elementwise
 
 
 def nf4_code(device: torch.device | str | None = None) -> torch.Tensor:
@@ -198,10 +199,10 @@ def _blockwise_absmax(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
     return padded.view(-1, blocksize).amax(dim=1)
 
 
-def _scaled(flat: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
+def _scaled(flat: torch.Tensor, absmax: torch.Tensor, blocksize: int, reciprocal: Reciprocal) -> torch.Tensor:
     """x * (1 / absmax[block]) in float32, as both bitsandbytes backends compute it (a reciprocal, then a product)."""
     n = flat.numel()
-    inv = torch.reciprocal(absmax).repeat_interleave(blocksize)[:n]
+    inv = reciprocal(absmax).repeat_interleave(blocksize)[:n]
     return flat * inv
 
 
@@ -282,13 +283,15 @@ def _bnb_cpu_lut_codes(x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     return table[idx]
 
 
-def _quantize_absmax(absmax: torch.Tensor, rounding: Rounding) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _quantize_absmax(
+    absmax: torch.Tensor, rounding: Rounding, reciprocal: Reciprocal
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Double quantization: (uint8 codes, float32 absmax2, float32 offset) of the float32 absmax values."""
     offset = absmax.mean()
     centred = absmax - offset
     absmax2 = _blockwise_absmax(centred, NESTED_BLOCKSIZE)
     zero = (absmax2 == 0).repeat_interleave(NESTED_BLOCKSIZE)[: centred.numel()]
-    scaled = _scaled(centred, absmax2, NESTED_BLOCKSIZE).masked_fill(zero, 0.0)  # 0 * (1/0) would be NaN
+    scaled = _scaled(centred, absmax2, NESTED_BLOCKSIZE, reciprocal).masked_fill(zero, 0.0)  # 0 * (1/0) would be NaN
     code2 = signed_dynamic_map(absmax.device)
     if rounding == "bnb-cuda":
         q = _binary_search_codes(scaled, code2)
@@ -304,12 +307,21 @@ def quantize_nf4(
     blocksize: int = 64,
     double_quant: bool = True,
     rounding: Rounding | None = None,
+    reciprocal: Reciprocal = torch.reciprocal,
 ) -> tuple[torch.Tensor, NF4State]:
     """Quantize a float tensor to NF4 in bitsandbytes' layout; returns ``(packed [ceil(n/2), 1] uint8, state)``.
 
     `rounding` picks which bitsandbytes backend to match byte-for-byte: ``"bnb-cuda"`` (nearest absmax code by
     binary search; all-zero blocks get nibble 0) or ``"bnb-cpu"`` (absmax codes through a 65536-bin table;
     all-zero blocks get nibble 7). Default: the backend bitsandbytes uses on `weight`'s device.
+
+    `reciprocal` takes ``1 / absmax`` for both the NF4 and the nested step. The default rounds it exactly, as
+    bitsandbytes' CPU backend does; its CUDA library is built with ``--use_fast_math``, where ``1.0f / x`` is the
+    hardware's approximate ``rcp.approx.ftz.f32`` (within 1 ulp, not always the exact rounding), which no PyTorch
+    op computes: `quickloris.quantize_nf4` (`quickloris.kernels.nf4_quantize`) passes that instruction on CUDA
+    tensors. With the exact reciprocal a CUDA weight's bytes equal bitsandbytes' except for values within an ulp
+    of a bucket threshold in a block whose two reciprocals differ (on the GPU: 1 of 15 random cases, a float32
+    [4096, 14336] weight).
     """
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
@@ -329,7 +341,7 @@ def quantize_nf4(
 
     absmax = _blockwise_absmax(flat, blocksize)
     zero_block = (absmax == 0).repeat_interleave(blocksize)[: flat.numel()]
-    nibbles = _nf4_nibbles(_scaled(flat, absmax, blocksize), zero_block, rounding).to(torch.uint8)
+    nibbles = _nf4_nibbles(_scaled(flat, absmax, blocksize, reciprocal), zero_block, rounding).to(torch.uint8)
     if nibbles.numel() % 2:
         # The pad is quantized as a 0.0 of the last block: code 7, or, in an all-zero block on CUDA, code 0.
         pad = 0 if rounding == "bnb-cuda" and bool(zero_block[-1]) else NF4_ZERO_CODE
@@ -340,7 +352,7 @@ def quantize_nf4(
         shape=weight.shape, dtype=weight.dtype, blocksize=blocksize, absmax=absmax, code=nf4_code(weight.device)
     )
     if double_quant:
-        state.absmax, state.absmax2, state.offset = _quantize_absmax(absmax, rounding)
+        state.absmax, state.absmax2, state.offset = _quantize_absmax(absmax, rounding, reciprocal)
         state.code2 = signed_dynamic_map(weight.device)
     return packed, state
 

@@ -43,13 +43,13 @@ from typing import Any
 
 import torch
 
+from quickloris.kernels.nf4_quantize import quantize_nf4
 from quickloris.quant.nf4 import (
     FLOAT_DTYPES,
     NESTED_BLOCKSIZE,
     NF4State,
     Rounding,
     as_packed_uint8,
-    quantize_nf4,
     state_from_bnb,
     state_from_checkpoint,
     state_to_checkpoint,
