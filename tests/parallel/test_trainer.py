@@ -106,7 +106,11 @@ def test_trainer_grad_accumulation_is_token_normalised_and_saves_adapters(seed, 
     step1 = seen[:2]
     assert int(step1[0]["num_items_in_batch"]) == sum(int((kw["labels"][:, 1:] != -100).sum()) for kw in step1)
     assert logged[0] == pytest.approx(_step_loss(reference, step1), rel=1e-4)
-    assert logged[1] != pytest.approx(logged[0], rel=1e-6)  # the LoRA weights moved
+    # The LoRA weights moved: AdamW's first update is lr * m/sqrt(v) = lr per element with a gradient (the two steps'
+    # losses, on different batches, say nothing about it: at seed 23 they agreed to 2e-7)
+    before, after = adapter_state_dict(reference), adapter_state_dict(model)
+    for name, w in after.items():
+        assert float((w.float() - before[name].float()).abs().max()) > 0.5 * args.learning_rate, name
     assert compile_stats()["graph_breaks"] == 0
     ckpt = tmp_path / "out" / "checkpoint-2"
     assert (ckpt / CONFIG_NAME).is_file() and (ckpt / WEIGHTS_NAME).is_file()
