@@ -24,9 +24,15 @@ def protocol(kind: str, r: dict[str, Any]) -> str:
             f"never trained on, before and after (chance {num(learn.get('chance'))})."
         )
     if "speed" in r:
+        stacks = (r["speed"] or {}).get("stacks", {})
+        peers = "HF + PEFT + bitsandbytes" + (
+            " and Unsloth's FastVisionModel (its own process)" if "unsloth" in stacks else ""
+        )
         out.append(
-            "Speed: Qwen2-VL-shaped QLoRA steps on batches mixing image and text-only rows, quickloris padded / "
-            "packed vs HF + PEFT + bitsandbytes; tokens/s of real tokens (median of the timed steps), peak memory."
+            f"Speed: Qwen2-VL-shaped QLoRA steps on batches mixing image and text-only rows "
+            f"({num(r['speed'].get('batch'))} rows of {r['speed'].get('lengths')} text tokens, every other with one "
+            f"image), quickloris padded / packed vs {peers}; tokens/s of real tokens (median of "
+            f"{num(next(iter(stacks.values()), {}).get('timed_steps'))} timed steps), peak memory."
         )
     return " ".join(out)
 
