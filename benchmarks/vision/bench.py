@@ -12,9 +12,11 @@ Parts (``--parts``, default ``learn,speed``):
 * ``speed``: Qwen2-VL-2B's shapes (text: hidden 1536, 28 layers, 12 / 2 heads, MLP 8960, vocab 151936; vision: 32
   blocks of 1280, the merger to 1536), random-init bf16, batches of ``--speed-batch`` rows mixing image rows (one
   448 x 448 image: 256 image tokens) and text-only rows, lengths drawn from ``--speed-lengths``; stacks
-  ``ql_padded`` (quickloris, padded rows, flex attention), ``ql_packed`` (the same rows packed padding-free into
-  rows of ``--speed-pack`` tokens), ``hf_peft_bnb`` (transformers' SDPA, bitsandbytes NF4 ``Linear4bit`` holding the
-  same NF4 bytes, PEFT LoRA r=16 on the same linears, padded rows), ``unsloth`` (Unsloth's ``FastVisionModel`` in a
+  ``ql_padded`` (quickloris as ``quickloris train`` runs it on a GPU: compiled decoder regions, flex attention,
+  padded rows), ``ql_packed`` (the same rows packed padding-free into rows of ``--speed-pack`` tokens, a step's
+  packed rows flattened into one forward as ``--packing`` does), ``hf_peft_bnb`` (transformers' SDPA,
+  bitsandbytes NF4 ``Linear4bit`` holding the same NF4 bytes, PEFT LoRA r=16 on the same linears, padded rows,
+  eager), ``unsloth`` (Unsloth's ``FastVisionModel`` in a
   process of its own, `benchmarks.vision.unsloth_stack`: the same weights saved in bf16 and loaded 4-bit NF4, LoRA
   r=16 on the language model's attention and MLP, its offloaded checkpointing, the same padded batches); all with
   gradient checkpointing of the decoder layers, frozen vision tower, AdamW. Tokens/s counts real (non-padding)
@@ -336,9 +338,12 @@ def _hf_peft_bnb(model):
     return model
 
 
-def step_batches(proc, groups: list[list], pack: int | None) -> list[list[dict]]:
-    """Each step's rows collated: one padded batch, or (`pack`) the rows packed padding-free into rows of <= `pack`
-    tokens (a longer row gets one of its own)."""
+def step_batches(proc, groups: list[list], pack: int | None, batch: int | None = None) -> list[list[dict]]:
+    """Each step's rows collated: one padded batch, or (`pack`) as ``quickloris train --packing`` does: the rows
+    packed padding-free into rows of <= `pack` tokens (a longer row gets one of its own), and each micro-batch of
+    `batch` packed rows (default: all of them) flattened into one row, one forward. (Until 15276c4 each packed row
+    was a forward of its own: two forwards per step where the padded stack ran one, which the host-bound eager step
+    paid for twice.)"""
     from quickloris.data.packing import pack_greedy
     from quickloris.data.vision import collate_vision
 
@@ -347,7 +352,11 @@ def step_batches(proc, groups: list[list], pack: int | None) -> list[list[dict]]
     out = []
     for group in groups:
         rows = pack_greedy([len(e) for e in group], max(pack, max(map(len, group))))
-        out.append([collate_vision(proc, [group[i] for i in r], packing=True, pad_token_id=0) for r in rows])
+        size = batch or len(rows)
+        micro = [rows[k : k + size] for k in range(0, len(rows), size)]
+        out.append(
+            [collate_vision(proc, [group[i] for r in m for i in r], packing=True, pad_token_id=0) for m in micro]
+        )
     return out
 
 
@@ -388,6 +397,7 @@ def timed_steps(model, batches: list[list[dict]], tokens: list[int], device, dty
 
 def part_speed(args, device, dtype) -> dict[str, Any]:
     from quickloris.models.prepare import QLoRAConfig
+    from quickloris.parallel.compile import CompileConfig
     from quickloris.parallel.compose import CheckpointConfig, build_training_model
 
     vocab = 512 if args.tiny else QWEN2_VL_2B["text"]["vocab_size"]
@@ -417,9 +427,12 @@ def part_speed(args, device, dtype) -> dict[str, Any]:
                     model,
                     QLoRAConfig(r=16, lora_alpha=32, attention="sdpa" if args.tiny else "flex"),
                     checkpointing=CheckpointConfig(gradient_checkpointing=True),
+                    # quickloris train's default on a GPU: compiled decoder regions (the CPU smoke run stays eager)
+                    compile=None if args.tiny else CompileConfig(),
                 )
             groups = [examples[s * args.speed_batch : (s + 1) * args.speed_batch] for s in range(steps)]
-            batches = step_batches(proc, groups, args.speed_pack if stack == "ql_packed" else None)
+            pack = args.speed_pack if stack == "ql_packed" else None
+            batches = step_batches(proc, groups, pack, args.speed_batch)
             tokens = [sum(len(e) for e in group) for group in groups]
             if stack == "unsloth":  # its own process (it patches transformers): the same padded batches, saved
                 from benchmarks.vision.unsloth_stack import run_unsloth_vision

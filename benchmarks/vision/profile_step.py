@@ -1,6 +1,7 @@
 """Where a packed VLM step spends its time, beside a padded one (a diagnosis for `quickloris bench vision`).
 
-The same Qwen2-VL-2B-shaped quickloris model and rows as the bench's speed part; after warm-up steps, one padded and
+The same Qwen2-VL-2B-shaped quickloris model (compiled regions unless ``--eager``) and rows as the bench's speed
+part; after warm-up steps, one padded and
 one packed step run under ``torch.profiler``. Printed per layout: wall time, GPU busy time (sum of kernel times:
 wall >> busy means the host is the bottleneck), peak memory, and the top operators by self GPU time and by self CPU
 time. Also the padded / packed batch shapes (positions processed). On the device:
@@ -42,6 +43,7 @@ def main(args) -> int:
     from torch.profiler import ProfilerActivity, profile
 
     from quickloris.models.prepare import QLoRAConfig
+    from quickloris.parallel.compile import CompileConfig
     from quickloris.parallel.compose import CheckpointConfig, build_training_model
 
     device = "cpu" if args.tiny else "cuda"
@@ -57,12 +59,13 @@ def main(args) -> int:
         model,
         QLoRAConfig(r=16, lora_alpha=32, attention="sdpa" if args.tiny else "flex"),
         checkpointing=CheckpointConfig(gradient_checkpointing=True),
+        compile=None if args.tiny or args.eager else CompileConfig(),
     )
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     groups = [examples[s * args.speed_batch : (s + 1) * args.speed_batch] for s in range(n)]
     lines = []
     for layout, pack in (("padded", None), ("packed", args.speed_pack)):
-        steps = bench.step_batches(proc, groups, pack)
+        steps = bench.step_batches(proc, groups, pack, args.speed_batch)
         shapes = [tuple(b["input_ids"].shape) for b in steps[-1]]
         for s in steps[:-1]:
             _step(model, s, device, dtype, opt)
@@ -96,6 +99,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     bench.add_arguments(parser)
     parser.add_argument("--warmup", type=int, default=3, help="steps of each layout before the profiled one")
+    parser.add_argument("--eager", action="store_true", help="no regional compile (the bench's stacks until 15276c4)")
     parser.add_argument("--rows", type=int, default=25, help="operators listed per table")
     parser.add_argument("--out", default=None)
     raise SystemExit(main(parser.parse_args()))

@@ -62,3 +62,28 @@ def test_learning_check_beats_chance(tmp_path):
     (path,) = (tmp_path / "vision").glob("vision-*.json")
     learn = json.loads(path.read_text())["results"]["learn"]
     assert learn["after"]["accuracy"] >= 3 * learn["chance"] > learn["before"]["accuracy"], learn
+
+
+def test_packed_steps_run_one_forward_per_micro_batch_like_train_packing():
+    """ql_packed feeds the rows of a step as ``quickloris train --packing`` would: packed rows of <= --speed-pack
+    tokens, a micro-batch of --speed-batch of them flattened into one row (one forward), holding exactly the padded
+    batch's real tokens. (Until 15276c4 each packed row was a forward of its own.)"""
+    import argparse
+
+    from benchmarks.vision import bench
+
+    tok = bench.tokenizer(["lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor"], 400)
+    model = bench.qwen2_vl(bench.TINY, tok, 512, torch.float32, "cpu")
+    proc = bench.processing(model, tok, 28 * 28 * 256)
+    args = argparse.Namespace(seed=3, speed_lengths="8-40", tiny=True)
+    group = bench._speed_examples(args, proc, tok, 6)
+    lengths = [len(e) for e in group]
+    (padded,) = bench.step_batches(proc, [group], None)[0]
+    assert padded["input_ids"].shape == (6, max(lengths))
+    pack = max(lengths) + 1  # several packed rows
+    (one,) = bench.step_batches(proc, [group], pack, 6)[0]
+    assert one["input_ids"].shape == (1, sum(lengths))
+    assert sorted(one["input_ids"][0].tolist()) == sorted(padded["input_ids"][padded["attention_mask"].bool()].tolist())
+    assert one["pixel_values"].shape == padded["pixel_values"].shape
+    rows = bench.step_batches(proc, [group], pack, 1)[0]  # micro-batches of one packed row each
+    assert len(rows) > 1 and sum(r["input_ids"].shape[1] for r in rows) == sum(lengths)
