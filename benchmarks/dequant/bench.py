@@ -5,20 +5,21 @@
    its own (`benchmarks.dequant.harness`: Unsloth's *real* `fast_dequantize` from $QUICKLORIS_UNSLOTH_SITE),
    `--rounds` rounds in turn x `--repeats` runs; the harness floor (its `torch.empty` run + the bytes at copy
    bandwidth) and quickloris' median as a fraction of it.
-2. Per matrix, in this process: CUDA-event median (`triton.testing.do_bench`), GB/s over the bytes that must
-   move (packed n/2 + absmax n/64 + absmax2 + output 2n) and the fraction of the device's measured copy
-   bandwidth. Unsloth there: its real `fast_dequantize` if `unsloth` imports in this process, else its call
-   sequence (bitsandbytes' CUDA launches through ctypes and an in-place add); `unsloth_source` says which.
+2. Per matrix (`benchmarks.dequant.timing`): CUDA-event median (`triton.testing.do_bench`), GB/s over the bytes
+   that must move (packed n/2 + absmax n/64 + absmax2 + output 2n) and the fraction of the device's measured copy
+   bandwidth; host time per call. quickloris, bitsandbytes and PEFT in this process; Unsloth's real
+   `fast_dequantize` in a process of its own (as in the harness: importing it patches transformers); without
+   $QUICKLORIS_UNSLOTH_SITE its column records why it is missing (no imitation).
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import statistics
-import time
 from collections.abc import Callable
 from typing import Any
+
+from benchmarks.dequant.timing import nf4_layer
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,70 +27,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=2, help="harness rounds (each implementation once per round)")
     parser.add_argument("--repeats", type=int, default=3, help="harness runs per implementation and round")
     parser.add_argument("--skip-harness", action="store_true", help="only the per-matrix timings")
-
-
-def _unsloth_fast_dequantize() -> tuple[Callable, str]:
-    try:
-        from unsloth.kernels.utils import fast_dequantize  # type: ignore
-
-        return fast_dequantize, "unsloth.kernels.utils.fast_dequantize"
-    except Exception as exc:  # noqa: BLE001 - anything that stops the import means we emulate
-        reason = f"{type(exc).__name__}: {exc}"[:200]
-
-    import torch
-    from bitsandbytes.functional import lib
-
-    def fast_dequantize(W, quant_state):
-        # Unsloth's sequence: empty output + empty fp32 absmax; bnb decodes the uint8 absmax (launch 1);
-        # `+= offset` (launch 2); bnb decodes NF4 with the fp32 absmax (launch 3). All on the current stream.
-        with torch.inference_mode():
-            qs, s2 = quant_state, quant_state.state2
-            device = W.device
-            stream = ctypes.c_void_p(torch._C._cuda_getCurrentRawStream(device.index))
-            out = torch.empty(qs.shape, dtype=qs.dtype, device=device, requires_grad=False)
-            n_absmax = qs.absmax.numel()
-            out_absmax = torch.empty(n_absmax, dtype=torch.float32, device=device, requires_grad=False)
-            ptr = lambda t: ctypes.c_void_p(t.data_ptr()) if t is not None else None  # noqa: E731
-            with torch.cuda.device(device):
-                lib.cdequantize_blockwise_fp32(
-                    ptr(s2.code),
-                    ptr(qs.absmax),
-                    ptr(s2.absmax),
-                    ptr(out_absmax),
-                    ctypes.c_int(s2.blocksize),
-                    ctypes.c_int(n_absmax),
-                    stream,
-                )
-                out_absmax += qs.offset
-                fx = (
-                    lib.cdequantize_blockwise_fp16_nf4
-                    if qs.dtype == torch.float16
-                    else lib.cdequantize_blockwise_bf16_nf4
-                )
-                fx(
-                    None,
-                    ptr(W),
-                    ptr(out_absmax),
-                    ptr(out),
-                    ctypes.c_int(qs.blocksize),
-                    ctypes.c_int(out.numel()),
-                    stream,
-                )
-            return out.t() if W.shape[0] == 1 else out
-
-    return fast_dequantize, f"emulated call sequence through bitsandbytes' C library (unsloth import failed: {reason})"
-
-
-def _nf4_layer(out_f: int, in_f: int, dtype):
-    """A bitsandbytes Linear4bit (NF4, double quant) on the GPU holding a random `dtype` weight."""
-    import torch
-    from bitsandbytes.nn import Linear4bit, Params4bit
-
-    layer = Linear4bit(in_f, out_f, bias=False, compute_dtype=dtype, compress_statistics=True, quant_type="nf4")
-    layer.weight = Params4bit(
-        torch.randn(out_f, in_f, dtype=dtype) * 0.02, requires_grad=False, compress_statistics=True, quant_type="nf4"
-    )
-    return layer.to("cuda")
 
 
 def _copy_bandwidth() -> float:
@@ -104,38 +41,25 @@ def _copy_bandwidth() -> float:
 
 
 def _per_matrix(fns: dict[str, Callable], copy_tbs: float) -> list[dict[str, Any]]:
-    import torch
-    from triton.testing import do_bench
+    """`benchmarks.dequant.timing.matrix_us` of `fns` here and of Unsloth's real function in its own process."""
+    from benchmarks.dequant.harness import run_in_process
+    from benchmarks.dequant.timing import matrix_us
 
-    rows = []
-    for out_f, in_f, dt_name in [
-        (4096, 1024, "bfloat16"),
-        (14336, 4096, "bfloat16"),
-        (4096, 14336, "bfloat16"),
-        (8192, 2048, "float16"),
-    ]:
-        dt = getattr(torch, dt_name)
-        layers = []  # rotate 4 weights so consecutive launches do not hit a warm L2
-        for _ in range(4):
-            layers.append(_nf4_layer(out_f, in_f, dt))
-        n = out_f * in_f
-        nbytes = n // 2 + n // 64 + 4 * -(-n // (64 * 256)) + dt.itemsize * n
-        row: dict[str, Any] = {
-            "shape": [out_f, in_f],
-            "dtype": dt_name,
-            "bytes": nbytes,
-            "floor_us": nbytes / (copy_tbs * 1e12) * 1e6,
-        }
-        for name, fx in fns.items():
-            i = iter(range(10**9))
-            us = do_bench(lambda: fx(layers[next(i) % 4]), warmup=25, rep=200, return_mode="median") * 1e3
-            row[name] = {
-                "us": round(us, 2),
-                "GBps": round(nbytes / (us * 1e-6) / 1e9, 1),
-                "fraction_of_copy_bw": round(nbytes / (us * 1e-6) / (copy_tbs * 1e12), 3),
-            }
-        rows.append(row)
-        torch.cuda.empty_cache()
+    rows = matrix_us(fns)
+    unsloth = run_in_process("unsloth_fast_dequantize", 1, 1, matrices=True)
+    for i, row in enumerate(rows):
+        row["floor_us"] = row["bytes"] / (copy_tbs * 1e12) * 1e6
+        if "matrix_us" in unsloth:
+            row["unsloth_fast_dequantize"] = unsloth["matrix_us"][i]
+        for name in [*fns, "unsloth_fast_dequantize"]:
+            if name in row:
+                us = row[name]
+                row[name] = {
+                    "us": round(us, 2),
+                    "GBps": round(row["bytes"] / (us * 1e-6) / 1e9, 1),
+                    "fraction_of_copy_bw": round(row["bytes"] / (us * 1e-6) / (copy_tbs * 1e12), 3),
+                }
+    rows.append({"unsloth": unsloth})  # popped by run(): the child's host time, version or error
     return rows
 
 
@@ -148,24 +72,6 @@ def _plain_twin(packed, quant_state):
     a, a2, c2, off, code, shape, dtype, bs = K.state_fields(quant_state)
     out = torch.empty(shape, dtype=dtype, device="cuda")
     K.launch(K.nf4_dequant_kernel, packed, a, a2, c2, off, code, out, out.numel(), bs, False)
-    return out
-
-
-def _host_overhead(fns: dict[str, Callable], calls: int = 2000) -> dict[str, float]:
-    """Wall time per call with no synchronisation in between: the host-side cost once the GPU keeps up."""
-    import torch
-
-    layer = _nf4_layer(4096, 1024, torch.bfloat16)
-    out: dict[str, float] = {}
-    for name, fx in fns.items():
-        for _ in range(50):
-            fx(layer)
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(calls):
-            fx(layer)
-        out[name] = round((time.perf_counter() - start) / calls * 1e6, 2)
-        torch.cuda.synchronize()
     return out
 
 
@@ -207,7 +113,7 @@ def _correctness_and_launches() -> dict[str, Any]:
                 "plain_twin_bit_exact": bool(torch.equal(plain, ref)),
             }
         )
-    layer = _nf4_layer(4096, 1024, torch.bfloat16)
+    layer = nf4_layer(4096, 1024, torch.bfloat16)
     quickloris.dequantize_nf4(layer)
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -237,7 +143,7 @@ def _config_sweep() -> list[dict[str, Any]]:
 
     from quickloris.kernels import nf4_launch as K
 
-    layers = [_nf4_layer(14336, 4096, torch.bfloat16) for _ in range(4)]
+    layers = [nf4_layer(14336, 4096, torch.bfloat16) for _ in range(4)]
     fields = [K.state_fields(layer.weight.quant_state) for layer in layers]
     out = torch.empty(14336, 4096, dtype=torch.bfloat16, device="cuda")
     rows = []
@@ -284,23 +190,22 @@ def run(args: argparse.Namespace) -> int:
     from peft.utils.integrations import dequantize_module_weight
 
     import quickloris
+    from benchmarks.dequant.timing import host_us
     from benchmarks.report import after_record
     from quickloris.kernels.nf4_launch import default_config, direct_launch_problem
     from quickloris.utils.provenance import record
 
-    unsloth_fx, unsloth_source = _unsloth_fast_dequantize()
     fns: dict[str, Callable] = {
         "quickloris": lambda layer: quickloris.dequantize_nf4(layer),
-        "unsloth_fast_dequantize": lambda layer: unsloth_fx(layer.weight, layer.weight.quant_state),
         "bnb_dequantize_4bit": lambda layer: bnbF.dequantize_4bit(layer.weight.data, layer.weight.quant_state),
         "peft_dequantize_module_weight": dequantize_module_weight,
     }
-    results: dict[str, Any] = {"unsloth_source": unsloth_source}
+    results: dict[str, Any] = {}
     copy_tbs = _copy_bandwidth()
     results["copy_bandwidth_TBps"] = round(copy_tbs, 3)
     # eager calls launch compiled kernels directly unless Triton's / torch's internals differ (then: Triton's launcher)
     results["eager_direct_launch"] = direct_launch_problem() or "used"
-    print(f"copy bandwidth: {copy_tbs:.2f} TB/s; unsloth: {unsloth_source}")
+    print(f"copy bandwidth: {copy_tbs:.2f} TB/s")
 
     results["config_sweep_14336x4096_bf16"] = sweep = _config_sweep()
     best = min(sweep, key=lambda r: r["us"])
@@ -324,11 +229,21 @@ def run(args: argparse.Namespace) -> int:
     results["write_only_floor_14336x4096_bf16"] = wf = _write_floor()
     print(f"write-only floor (fill_ of the 14336x4096 bf16 output, 117 MB): {wf['us']} us = {wf['TBps']} TB/s")
 
-    results["per_matrix"] = _per_matrix(timed, copy_tbs)
-    for row in results["per_matrix"]:
-        cells = "  ".join(f"{k}={row[k]['us']:.1f}us" for k in timed)
+    results["per_matrix"] = rows = _per_matrix(timed, copy_tbs)
+    unsloth = rows.pop()["unsloth"]
+    results["unsloth_source"] = (
+        f"unsloth.kernels.utils.fast_dequantize {unsloth.get('version', '')}, in a process of its own"
+        if "matrix_us" in unsloth
+        else f"not measured: {unsloth.get('error', unsloth)}"
+    )
+    print(f"unsloth per matrix: {results['unsloth_source']}")
+    names = [*timed, "unsloth_fast_dequantize"]
+    for row in rows:
+        cells = "  ".join(f"{k}={row[k]['us']:.1f}us" for k in names if k in row)
         print(f"{row['shape'][0]}x{row['shape'][1]} {row['dtype']}: floor {row['floor_us']:.1f}us  {cells}")
-    results["host_us_per_call_4096x1024"] = host = _host_overhead(fns)
+    results["host_us_per_call_4096x1024"] = host = host_us(fns)
+    if "host_us" in unsloth:
+        host["unsloth_fast_dequantize"] = unsloth["host_us"]
     print("host time per call, 4096x1024 (us): " + "  ".join(f"{k}={v}" for k, v in host.items()))
 
     if not args.skip_harness:

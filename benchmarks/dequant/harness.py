@@ -40,11 +40,9 @@ ROOT = Path(__file__).resolve().parents[2]
 def harness_bytes(iters: int) -> int:
     """Bytes the harness' dequantizations must read and write: per config and iteration, its three matrices
     (n = hd x m each) as packed codes n/2, uint8 absmax n/64, fp32 absmax2 per 256 blocks, 2-byte output."""
-    total = 0
-    for _bsz, _qlen, hd, m, _seed, _dt in HARNESS_CONFIGS:
-        n = hd * m
-        total += 3 * (n // 2 + n // 64 + 4 * -(-n // (64 * 256)) + 2 * n)
-    return total * iters
+    from benchmarks.dequant.timing import matrix_bytes
+
+    return iters * sum(3 * matrix_bytes(hd, m, 2) for _bsz, _qlen, hd, m, _seed, _dt in HARNESS_CONFIGS)
 
 
 def function(name: str) -> Callable:
@@ -75,8 +73,10 @@ def function(name: str) -> Callable:
     raise ValueError(f"unknown implementation {name!r}; choose from {', '.join(FUNCTIONS)}")
 
 
-def run_in_process(name: str, iters: int, repeats: int, timeout: float = 900) -> dict:
-    """Parent side: `repeats` harness runs of `name` in a fresh process -> {"seconds": [...]} or {"error": ...}."""
+def run_in_process(name: str, iters: int, repeats: int, timeout: float = 900, *, matrices: bool = False) -> dict:
+    """Parent side: `repeats` harness runs of `name` in a fresh process -> {"seconds": [...]} or {"error": ...};
+    `matrices`: instead, its per-matrix and host timings (`benchmarks.dequant.timing`) -> {"matrix_us": [...],
+    "host_us": ...}."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")]))
     if name == "unsloth_fast_dequantize":
         site = os.environ.get(SITE_ENV)
@@ -84,6 +84,7 @@ def run_in_process(name: str, iters: int, repeats: int, timeout: float = 900) ->
             return {"error": f"Unsloth is not installed: set {SITE_ENV} to the folder its wheels went into"}
         env.update(PYTHONPATH=site + os.pathsep + env["PYTHONPATH"], HF_HUB_OFFLINE="1", UNSLOTH_DISABLE_STATISTICS="1")
     cmd = [sys.executable, "-m", "benchmarks.dequant.harness", name, "--iters", str(iters), "--repeats", str(repeats)]
+    cmd += ["--matrices"] if matrices else []
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -176,13 +177,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("name", choices=FUNCTIONS)
     parser.add_argument("--iters", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--matrices", action="store_true", help="per-matrix and host timings instead of the harness")
     ns = parser.parse_args(argv)
     try:
         fx = function(ns.name)
-        reference = function("bnb_dequantize_4bit")
-        check = ns.name != "torch_empty_floor"
-        seconds = [round(harness(fx, reference, ns.iters, check), 4) for _ in range(ns.repeats)]
-        out: dict = {"seconds": seconds}
+        if ns.matrices:
+            from benchmarks.dequant import timing
+
+            rows = timing.matrix_us({ns.name: fx})
+            out: dict = {"matrix_us": [r[ns.name] for r in rows], "host_us": timing.host_us({ns.name: fx})[ns.name]}
+        else:
+            reference = function("bnb_dequantize_4bit")
+            check = ns.name != "torch_empty_floor"
+            out = {"seconds": [round(harness(fx, reference, ns.iters, check), 4) for _ in range(ns.repeats)]}
         if ns.name == "unsloth_fast_dequantize":
             import unsloth
 

@@ -46,9 +46,10 @@ def protocol(kind: str, r: dict[str, Any]) -> str:
             "warm-up), wall-clock seconds, each implementation in a process of its own (Unsloth's real "
             f"`unsloth.kernels.utils.fast_dequantize`), rounds in turn, {n} runs each, median reported; "
             "`torch_empty_floor` times the harness with `torch.empty` in place of a dequantization; floor = that "
-            "+ the bytes every dequantization must move at the measured copy bandwidth. Per matrix (in the main "
-            "process): CUDA-event median of `triton.testing.do_bench` rotating over 4 weights; GB/s over the bytes "
-            "that must move and the fraction of the copy bandwidth. Unsloth per matrix: "
+            "+ the bytes every dequantization must move at the measured copy bandwidth. Per matrix (quickloris, "
+            "bitsandbytes and PEFT in the main process): CUDA-event median of `triton.testing.do_bench` rotating "
+            "over 4 weights; GB/s over the bytes that must move and the fraction of the copy bandwidth. Unsloth "
+            "per matrix: "
             f"{r.get('unsloth_source', 'not recorded')}."
         )
     reps = len(next(iter((r.get("harness_seconds") or {"": []}).values())))

@@ -26,3 +26,25 @@ def test_unsloth_without_its_site_is_recorded_not_imitated(monkeypatch):
 def test_unknown_implementation():
     with pytest.raises(ValueError, match="unknown implementation 'nope'"):
         harness.function("nope")
+
+
+def test_unsloth_per_matrix_column_without_its_site_is_recorded_not_imitated(monkeypatch):
+    """The per-matrix table's Unsloth column comes from its real function in a child process too (there is no
+    emulated call sequence any more): without the site folder the record says why it is missing."""
+    monkeypatch.delenv(harness.SITE_ENV, raising=False)
+    got = harness.run_in_process("unsloth_fast_dequantize", iters=1, repeats=1, matrices=True)
+    assert set(got) == {"error"} and harness.SITE_ENV in got["error"]
+
+
+def test_child_per_matrix_mode_reports_errors_as_one_json_line(capsys):
+    """The child's --matrices mode prints one JSON line the parent parses, also when it cannot run (here: a
+    CPU-only machine has no CUDA for the bitsandbytes layers)."""
+    import json
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the no-GPU record")
+    assert harness.main(["torch_empty_floor", "--matrices"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(out) == {"error"}
