@@ -5,8 +5,9 @@ the closest seed used: the margin of a threshold, measured instead of guessed (i
     .venv/bin/python scripts/seed_margins.py --seeds 0-49 --out margins.json tests/ops tests/models
 
 Every test that takes the `seed` fixture runs once per seed (tests/conftest.py: QUICKLORIS_TEST_SEEDS); every
-`torch.testing.assert_close` with a float tolerance and every `tests.helpers.within` bound records the fraction
-of its tolerance it used (max |a - e| / (atol + rtol |e|), or value / bound; <= 1 passes). The report lists per
+`torch.testing.assert_close` with a float tolerance, every `pytest.approx` comparison (from 2026-12-06 21:20 UTC)
+and every `tests.helpers.within` bound records the fraction of its tolerance it used (max |a - e| / (atol + rtol
+|e|), |a - e| / approx's tolerance, or value / bound; <= 1 passes). The report lists per
 test: seeds run, seeds failed, and per check (file:line) the largest fraction used over the seeds, with its seed;
 margin = 1 / that fraction. Exact checks (tolerance 0) and `==` asserts record nothing: they either hold or fail.
 Extra arguments go to pytest (e.g. ``-m "not slow"``, ``-x``). Not part of CI: a run over 50 seeds of a slow test

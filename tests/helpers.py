@@ -3,9 +3,9 @@
 * `require(module)`: a dependency that `make test` installs; a test that needs it fails when it is missing
   (the README says CI checks it), unless ``QUICKLORIS_TEST_ALLOW_MISSING=1`` (a partial local setup) skips.
 * `within(value, bound)`: ``assert value <= bound`` that records how much of the bound was used.
-* ``QUICKLORIS_MARGIN_LOG=FILE``: every tolerance check (`torch.testing.assert_close` with a float tolerance, and
-  `within`) appends the fraction of its tolerance it used to FILE, for scripts/seed_margins.py; spawned processes
-  (FSDP ranks) inherit the test's name through ``QUICKLORIS_MARGIN_TEST``.
+* ``QUICKLORIS_MARGIN_LOG=FILE``: every tolerance check (`torch.testing.assert_close` with a float tolerance,
+  `pytest.approx` and `within`) appends the fraction of its tolerance it used to FILE, for scripts/seed_margins.py;
+  spawned processes (FSDP ranks) inherit the test's name through ``QUICKLORIS_MARGIN_TEST``.
 * Reference twins and tolerances: `dequantized_twin` / `peft_twin` (HF / PEFT models computing with a prepared
   model's dequantized NF4 weights and LoRA matrices), `lora_grads`, `reorder_tolerance` (the bound of a reordered
   floating-point sum), `assert_close_rel`, `packed_and_padded` (the same documents packed and padded).
@@ -79,6 +79,18 @@ def _caller(depth: int = 2) -> str:
     return f"{os.path.relpath(frame.filename)}:{frame.lineno}"
 
 
+def _test_caller() -> str:
+    """file:line of the innermost frame in a test file (not this one): where a `pytest.approx` comparison was
+    written, below pytest's own frames."""
+    frame = inspect.currentframe()
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if f"{os.sep}tests{os.sep}" in name and not name.endswith("helpers.py"):
+            return f"{os.path.relpath(name)}:{frame.f_lineno}"
+        frame = frame.f_back
+    return "unknown"
+
+
 def within(value: float, bound: float, what: str = "") -> None:
     """assert value <= bound, recording value / bound for scripts/seed_margins.py."""
     value, bound = float(value), float(bound)
@@ -116,6 +128,24 @@ if _MARGIN_LOG:
         return _assert_close(actual, expected, *args, rtol=rtol, atol=atol, **kwargs)
 
     torch.testing.assert_close = _measuring_assert_close  # margin runs only (scripts/seed_margins.py)
+
+    from _pytest.approx import ApproxScalar
+
+    _approx_eq = ApproxScalar.__eq__
+
+    def _measuring_approx_eq(self, actual) -> bool:
+        """`pytest.approx` too (sequences and mappings compare element by element through ApproxScalar): records
+        |actual - expected| / tolerance at the test's line."""
+        ok = _approx_eq(self, actual)
+        try:
+            diff, tol = abs(complex(self.expected) - complex(actual)), float(self.tolerance)
+        except (TypeError, ValueError):  # non-numeric, or an array (it recurses per element)
+            return ok
+        if tol > 0 and math.isfinite(diff):
+            _record(diff / tol, _test_caller())
+        return ok
+
+    ApproxScalar.__eq__ = _measuring_approx_eq
 
 
 # ---- reference twins, tolerances, batches ----------------------------------------------------------------------
