@@ -96,6 +96,67 @@ def test_counts_like_an_independent_greedy_decode(tmp_path, seed, row):
     assert lines[0].startswith(f"eval: exact match {100 * expected / len(prompts):.1f}% ({expected}/{len(prompts)})")
 
 
+def _hf_left_padded(rows: list[dict], pad: int) -> dict:
+    """Rows of transformers-built inputs (`hf_inputs`) as one left-padded batch, written here without quickloris:
+    token tensors right-aligned, pixel tensors concatenated in row order."""
+    width = max(r["input_ids"].shape[1] for r in rows)
+    out = {}
+    for key, fill in (("input_ids", pad), ("attention_mask", 0), ("mm_token_type_ids", 0)):
+        if key in rows[0]:
+            out[key] = torch.stack([torch.cat([torch.full((width - r[key].shape[1],), fill), r[key][0]]) for r in rows])
+    for key in ("pixel_values", "image_grid_thw"):
+        parts = [r[key] for r in rows if key in r]
+        if parts:
+            out[key] = torch.cat(parts)
+    return out
+
+
+@pytest.mark.parametrize("row", ["qwen2_vl", "llava"])
+def test_eval_batches_left_padded_like_transformers(tmp_path, seed, row):
+    """--eval-batch-size prompts at a time: batches of 3 and 2 (rows with one image, none, two; left padded) give
+    transformers' own greedy `generate` on the same batches built without quickloris (`hf_inputs` per row, padded
+    here), and the inputs quickloris builds are those, tensor for tensor."""
+    from quickloris.data.vision import collate_vision, prompt_example
+    from quickloris.train.vision_eval import left_padded
+
+    tok = vlm_tokenizer(row)
+    model = vlm_model(row, tok)
+    prompts = _prompts(tmp_path, seed)
+    path = tmp_path / "held.jsonl"
+    path.write_text(
+        "".join(json.dumps({"messages": [*p, {"role": "assistant", "content": "x"}]}) + "\n" for p in prompts)
+    )
+    problems = read_vision_eval(str(path))
+    processing = vlm_processing(row, tok)
+    references = []
+    with torch.no_grad():
+        for start in (0, 3):
+            rows = []
+            for messages in prompts[start : start + 3]:
+                files = [
+                    p["image"] for m in messages if isinstance(m["content"], list) for p in m["content"] if "image" in p
+                ]
+                rows.append(hf_inputs(row, tok, messages, [tmp_path / f for f in files]))
+            inputs = _hf_left_padded(rows, tok.pad_token_id)
+            ours = left_padded(
+                collate_vision(
+                    processing,
+                    [prompt_example(processing, p.prompt_messages(), p.images) for p in problems[start : start + 3]],
+                    packing=False,
+                    pad_token_id=tok.pad_token_id,
+                )
+            )
+            for key, value in inputs.items():
+                assert torch.equal(ours[key], value), key
+            out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=tok.pad_token_id)
+            references += tok.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    render = {"chat_template": None, "image_max_size": None}
+    replies = generate_vision_replies(model, processing, problems, max_new_tokens=NEW_TOKENS, batch_size=3, **render)
+    assert replies == references
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        generate_vision_replies(model, processing, problems, max_new_tokens=1, batch_size=0, **render)
+
+
 def test_default_max_new_tokens_is_the_text_paths(tmp_path):
     """None: the longest reference answer's tokens + 4, as for text (an answer followed by more is wrong)."""
     from quickloris.train.exact_match import max_new_tokens_for
@@ -158,3 +219,22 @@ def test_bad_rows_name_the_option_and_the_line(tmp_path, messages, message):
         read_vision_eval(str(path))
     text = e.value.render({(EvalConfig, "eval_data"): "--eval-data"})
     assert text.startswith(f"--eval-data: {path}:2: ") and message in text and "\n" not in text, text
+
+
+@pytest.mark.parametrize("row", ["mllama", "pixtral"])
+def test_eval_batches_equal_one_prompt_at_a_time(tmp_path, seed, row):
+    """Families without a transformers-built batch here: a batch of all five prompts (Mllama: its image rows and its
+    text-only row as two batches, its pixel values being per row) gives the replies of one prompt at a time. fp32 on
+    the same weights: padding adds only masked (exactly zero-weight) keys, so the greedy tokens agree."""
+    tok = vlm_tokenizer(row)
+    model = vlm_model(row, tok)
+    prompts = _prompts(tmp_path, seed)
+    path = tmp_path / "held.jsonl"
+    path.write_text(
+        "".join(json.dumps({"messages": [*p, {"role": "assistant", "content": "x"}]}) + "\n" for p in prompts)
+    )
+    problems = read_vision_eval(str(path))
+    processing = vlm_processing(row, tok)
+    render = {"chat_template": None, "image_max_size": None, "max_new_tokens": NEW_TOKENS}
+    one = generate_vision_replies(model, processing, problems, batch_size=1, **render)
+    assert generate_vision_replies(model, processing, problems, batch_size=5, **render) == one

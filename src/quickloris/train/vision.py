@@ -245,6 +245,7 @@ def evaluate_run(model, processing, problems, chat_template, vision_cfg, eval_cf
         chat_template=chat_template,
         image_max_size=vision_cfg.image_max_size,
         max_new_tokens=eval_cfg.max_new_tokens,
+        batch_size=eval_cfg.eval_batch_size,
         label=label,
         echo=echo,
     )

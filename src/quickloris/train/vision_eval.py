@@ -5,7 +5,8 @@ parts name local files relative to the file), each ending with a one-line refere
 path's rules (`quickloris.train.runtime.reference_answer`) - or the held-out split of an embedded visual task
 (`quickloris.data.vision_tasks`). Each prompt (the messages before the answer, rendered with the generation prompt,
 every image placeholder expanded to the image's tokens: `quickloris.data.vision.prompt_example`) is continued
-greedily, one prompt at a time (no padding; ``--eval-batch-size`` does not apply), up to the EOS token or
+greedily, ``--eval-batch-size`` prompts at a time (left padded, as the text path's: the prompts end together; their
+images in row order, a text-only row beside image rows), up to the EOS token or
 ``max_new_tokens`` - by default the longest reference answer's token count + 4, as for text
 (`quickloris.train.exact_match.max_new_tokens_for`). The reply's first line is compared with the answer exactly
 (`quickloris.data.tasks.exact_match`). The result is the text path's `EvalResult` dict, printed as text's is
@@ -87,6 +88,26 @@ def vision_problems(
     return [], "no evaluation: training on --data without --eval-data"
 
 
+# token-aligned tensors of a padded VLM batch ([B, S, ...]): moved together when the padding moves to the left
+_ALIGNED = ("input_ids", "attention_mask", "mm_token_type_ids", "cross_attention_mask")
+
+
+def left_padded(batch: dict[str, Any]) -> dict[str, Any]:
+    """`batch` (right padded, `quickloris.data.vision.collate_vision`) with each row's padding moved to its left:
+    generation appends after the last column, so every prompt must end there. Pixel tensors are per image (or per
+    row, Mllama) and do not move."""
+    lengths = batch["attention_mask"].sum(1).tolist()
+    width = batch["input_ids"].shape[1]
+    out = dict(batch)
+    for key in _ALIGNED:
+        if key in batch:
+            t = batch[key].clone()
+            for row, n in enumerate(lengths):
+                t[row] = torch.roll(batch[key][row], shifts=width - int(n), dims=0)
+            out[key] = t
+    return out
+
+
 @torch.no_grad()
 def generate_vision_replies(
     model: Any,
@@ -96,30 +117,57 @@ def generate_vision_replies(
     max_new_tokens: int,
     chat_template: str | None,
     image_max_size: int | None,
+    batch_size: int = 1,
 ) -> list[str]:
-    """Greedy replies (decoded, special tokens dropped) to each problem's prompt and images, one at a time."""
+    """Greedy replies (decoded, special tokens dropped) to each problem's prompt and images, `batch_size` prompts
+    at a time (left padded)."""
     from quickloris.data.vision import collate_vision, prompt_example
     from quickloris.models.vision import vision_parameters
     from quickloris.utils.progress import progress
 
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     tok = processing.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     device = next(model.parameters()).device
-    replies = []
-    for p in progress(problems, desc="eval", unit="problem"):
-        ex = prompt_example(
-            processing, p.prompt_messages(), p.images, chat_template=chat_template, image_max_size=image_max_size
-        )
-        batch = collate_vision(processing, [ex], packing=False, pad_token_id=pad, image_max_size=image_max_size)
+    # use_cache: prepare_model turns the KV cache off for training; generation needs it
+    greedy = {"do_sample": False, "num_beams": 1, "use_cache": True, "pad_token_id": pad}
+
+    def generate(examples) -> list[str]:
+        batch = collate_vision(processing, examples, packing=False, pad_token_id=pad, image_max_size=image_max_size)
         batch.pop("labels")
-        batch.pop("image_rows", None)  # one row with its image: transformers' own per-row layout
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        batch.pop("image_rows", None)  # transformers' own layout: every image of the batch, in row order
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in left_padded(batch).items()}
         if "pixel_values" in batch:  # the image processor's fp32 pixels, in the vision tower's dtype
             batch["pixel_values"] = batch["pixel_values"].to(vision_parameters(model)[0].dtype)
-        # use_cache: prepare_model turns the KV cache off for training; generation needs it
-        greedy = {"do_sample": False, "num_beams": 1, "use_cache": True, "pad_token_id": pad}
         out = model.generate(**batch, max_new_tokens=max_new_tokens, **greedy)
-        replies.append(tok.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True))
+        return tok.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+
+    replies: list[str] = []
+    with progress(total=len(problems), desc="eval", unit="problem") as bar:
+        for start in range(0, len(problems), batch_size):
+            examples = [
+                prompt_example(
+                    processing,
+                    p.prompt_messages(),
+                    p.images,
+                    chat_template=chat_template,
+                    image_max_size=image_max_size,
+                )
+                for p in problems[start : start + batch_size]
+            ]
+            # Mllama's pixel values are per row ([B, images, tiles, ...]; the collation holds them only for rows with
+            # images, padded to the most images of a row): rows are batched with those of as many images, so no
+            # row meets a padding image (whose masked cross-attention changed greedy replies), replies kept in order.
+            groups = [list(range(len(examples)))]
+            if processing.kind == "mllama":
+                counts = sorted({len(e.images) for e in examples})
+                groups = [[i for i, e in enumerate(examples) if len(e.images) == c] for c in counts]
+            got: dict[int, str] = {}
+            for group in filter(None, groups):
+                got.update(zip(group, generate([examples[i] for i in group])))
+            replies += [got[i] for i in range(len(examples))]
+            bar.update(len(examples))
     return replies
 
 
@@ -131,6 +179,7 @@ def evaluate_vision(
     chat_template: str | None,
     image_max_size: int | None,
     max_new_tokens: int | None = None,
+    batch_size: int = 1,
     label: str = "",
     echo=print,
 ) -> dict[str, Any]:
@@ -147,7 +196,9 @@ def evaluate_vision(
     t0 = time.perf_counter()
     try:
         with eager_regions():
-            replies = generate_vision_replies(model, processing, problems, max_new_tokens=n, **render)
+            replies = generate_vision_replies(
+                model, processing, problems, max_new_tokens=n, batch_size=batch_size, **render
+            )
     finally:
         model.train(training)
     result = score_replies(problems, replies, time.perf_counter() - t0, n, 3, exact_match).to_dict()
@@ -159,6 +210,7 @@ __all__ = [
     "VisionEvalExample",
     "evaluate_vision",
     "generate_vision_replies",
+    "left_padded",
     "read_vision_eval",
     "vision_problems",
 ]
