@@ -76,7 +76,9 @@ def main(args) -> int:
             t0 = time.perf_counter()
             _step(model, steps[-1], device, dtype, opt)
             wall = time.perf_counter() - t0
-        busy = sum(e.self_device_time_total for e in prof.key_averages()) / 1e6
+        # kernel time alone: key_averages() lists each kernel under its own name and again under the operator
+        # that launched it (a sum over it counts kernels twice)
+        busy = sum(e.device_time for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA) / 1e6
         peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
         tokens = sum(len(e) for e in groups[-1])
         lines += [
