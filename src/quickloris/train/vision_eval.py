@@ -157,8 +157,11 @@ def generate_vision_replies(
                 for p in problems[start : start + batch_size]
             ]
             # Mllama's pixel values are per row ([B, images, tiles, ...]; the collation holds them only for rows with
-            # images, padded to the most images of a row): rows are batched with those of as many images, so no
-            # row meets a padding image (whose masked cross-attention changed greedy replies), replies kept in order.
+            # images, padded to the most images of a row). In transformers' Mllama a token before the row's first
+            # image has every key masked, so its cross-attention is the plain average over all image slots, padding
+            # slots included (only the layer's MLP output is masked for it): a row's logits depend on the other
+            # rows' image counts (0.06 on a tiny model). Rows are batched with rows of as many images, replies
+            # kept in order, so each reply is the one-prompt reply.
             groups = [list(range(len(examples)))]
             if processing.kind == "mllama":
                 counts = sorted({len(e.images) for e in examples})
