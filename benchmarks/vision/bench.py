@@ -360,6 +360,22 @@ def step_batches(proc, groups: list[list], pack: int | None, batch: int | None =
     return out
 
 
+def train_step(model, batches: list[dict], opt, device, dtype) -> torch.Tensor:
+    """One AdamW step: forward + backward of each of `batches` (pixels in `dtype`), the update, a synchronize;
+    returns the last batch's loss."""
+    for b in batches:
+        b = _to(b, device)
+        if "pixel_values" in b:
+            b["pixel_values"] = b["pixel_values"].to(dtype)
+        loss = model(**{k: v for k, v in b.items() if k != "labels"}, labels=b["labels"]).loss
+        loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return loss
+
+
 def timed_steps(model, batches: list[list[dict]], tokens: list[int], device, dtype) -> dict[str, Any]:
     """One AdamW step (lr 1e-5) per entry of `batches` (forward + backward of each of its batches first); steps 0-1
     warm up, tokens/s = median over the rest of `tokens[s]` / step time (collation is outside the timing); peak =
@@ -372,16 +388,7 @@ def timed_steps(model, batches: list[list[dict]], tokens: list[int], device, dty
     times, counted = [], []
     for s, step in enumerate(batches):
         t0 = time.perf_counter()
-        for b in step:
-            b = _to(b, device)
-            if "pixel_values" in b:
-                b["pixel_values"] = b["pixel_values"].to(dtype)
-            loss = model(**{k: v for k, v in b.items() if k != "labels"}, labels=b["labels"]).loss
-            loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        loss = train_step(model, step, opt, device, dtype)
         if s >= 2:
             times.append(time.perf_counter() - t0)
             counted.append(tokens[s])

@@ -22,19 +22,6 @@ import torch
 from benchmarks.vision import bench
 
 
-def _step(model, batches, device, dtype, opt) -> None:
-    for b in batches:
-        b = bench._to(b, device)
-        if "pixel_values" in b:
-            b["pixel_values"] = b["pixel_values"].to(dtype)
-        loss = model(**{k: v for k, v in b.items() if k != "labels"}, labels=b["labels"]).loss
-        loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def _table(prof, key: str, n: int) -> str:
     return prof.key_averages().table(sort_by=key, row_limit=n, max_name_column_width=70)
 
@@ -68,13 +55,13 @@ def main(args) -> int:
         steps = bench.step_batches(proc, groups, pack, args.speed_batch)
         shapes = [tuple(b["input_ids"].shape) for b in steps[-1]]
         for s in steps[:-1]:
-            _step(model, s, device, dtype, opt)
+            bench.train_step(model, s, opt, device, dtype)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
         with profile(activities=acts, record_shapes=False) as prof:
             t0 = time.perf_counter()
-            _step(model, steps[-1], device, dtype, opt)
+            bench.train_step(model, steps[-1], opt, device, dtype)
             wall = time.perf_counter() - t0
         # kernel time alone: key_averages() lists each kernel under its own name and again under the operator
         # that launched it (a sum over it counts kernels twice)

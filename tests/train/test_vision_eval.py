@@ -96,6 +96,15 @@ def test_counts_like_an_independent_greedy_decode(tmp_path, seed, row):
     assert lines[0].startswith(f"eval: exact match {100 * expected / len(prompts):.1f}% ({expected}/{len(prompts)})")
 
 
+def _problems(tmp_path, prompts: list[list[dict]]) -> list:
+    """`prompts` as --eval-data problems (each answered "x": the replies are compared, not scored)."""
+    path = tmp_path / "held.jsonl"
+    path.write_text(
+        "".join(json.dumps({"messages": [*p, {"role": "assistant", "content": "x"}]}) + "\n" for p in prompts)
+    )
+    return read_vision_eval(str(path))
+
+
 def _hf_left_padded(rows: list[dict], pad: int) -> dict:
     """Rows of transformers-built inputs (`hf_inputs`) as one left-padded batch, written here without quickloris:
     token tensors right-aligned, pixel tensors concatenated in row order."""
@@ -122,11 +131,7 @@ def test_eval_batches_left_padded_like_transformers(tmp_path, seed, row):
     tok = vlm_tokenizer(row)
     model = vlm_model(row, tok)
     prompts = _prompts(tmp_path, seed)
-    path = tmp_path / "held.jsonl"
-    path.write_text(
-        "".join(json.dumps({"messages": [*p, {"role": "assistant", "content": "x"}]}) + "\n" for p in prompts)
-    )
-    problems = read_vision_eval(str(path))
+    problems = _problems(tmp_path, prompts)
     processing = vlm_processing(row, tok)
     references = []
     with torch.no_grad():
@@ -223,17 +228,13 @@ def test_bad_rows_name_the_option_and_the_line(tmp_path, messages, message):
 
 @pytest.mark.parametrize("row", ["mllama", "pixtral"])
 def test_eval_batches_equal_one_prompt_at_a_time(tmp_path, seed, row):
-    """Families without a transformers-built batch here: a batch of all five prompts (Mllama: its image rows and its
-    text-only row as two batches, its pixel values being per row) gives the replies of one prompt at a time. fp32 on
-    the same weights: padding adds only masked (exactly zero-weight) keys, so the greedy tokens agree."""
+    """Families without a transformers-built batch here: a batch of all five prompts gives the replies of one prompt
+    at a time (Mllama: rows grouped by image count, so no row meets a padding image slot). fp32 on the same weights:
+    padding adds only masked (exactly zero-weight) keys, so the greedy tokens agree."""
     tok = vlm_tokenizer(row)
     model = vlm_model(row, tok)
     prompts = _prompts(tmp_path, seed)
-    path = tmp_path / "held.jsonl"
-    path.write_text(
-        "".join(json.dumps({"messages": [*p, {"role": "assistant", "content": "x"}]}) + "\n" for p in prompts)
-    )
-    problems = read_vision_eval(str(path))
+    problems = _problems(tmp_path, prompts)
     processing = vlm_processing(row, tok)
     render = {"chat_template": None, "image_max_size": None, "max_new_tokens": NEW_TOKENS}
     one = generate_vision_replies(model, processing, problems, batch_size=1, **render)
