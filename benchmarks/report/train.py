@@ -113,7 +113,10 @@ def _stack_rows(runs: dict[str, Any]) -> list[list[Any]]:
                 percent(s.get("memory_vs_unsloth")),
                 s.get("max_rel_loss_diff_vs_hf_eager"),
                 s.get("first_step_s"),
-                f"{comp.get('unique_graphs')} graphs, {comp.get('graph_breaks')} breaks" if comp else "-",
+                f"{comp.get('unique_graphs')} graphs, {comp.get('graph_breaks')} breaks"
+                + (f", {comp['trace_restarts']} trace restarts" if "trace_restarts" in comp else "")
+                if comp
+                else "-",
             ]
         )
     return rows

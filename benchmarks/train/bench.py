@@ -567,6 +567,7 @@ def _table(label: str, res: dict[str, dict[str, Any]]) -> list[str]:
                 f"{f('memory_vs_unsloth', '.0%'):>8} "
                 f"{f('max_rel_loss_diff_vs_hf_eager', '.1e'):>9}  "
                 + (f"{comp['unique_graphs']} graphs, {comp['graph_breaks']} breaks" if comp else "")
+                + (f", {comp['trace_restarts']} trace restarts" if comp and "trace_restarts" in comp else "")
             )
     return lines
 

@@ -400,3 +400,22 @@ def test_gpu_60_steps_inductor(seed, attention):
     # bf16 (u = 2^-9 = 2e-3): inductor rounds intermediates differently from eager (fp32 inside fused kernels), by a
     # few u of the activations; the per-step losses stay within 2e-2 (~5u) relative over the 60 steps.
     assert rel < 2e-2
+
+
+def test_regions_trace_once_with_their_float_hyperparameters_specialised():
+    """A region is traced once: under dynamic=True dynamo made RMSNorm's eps and each LoRA layer's scaling / dropout
+    symbolic float inputs, then threw the whole trace away to specialise them ("Restarting analysis due to ...
+    _tensorify_python_scalars": a second trace, ~40 % of the first compile). `traced_as_region` specialises floats
+    from the start; the decoder layers, final norm and loss chunk then compile with no restart (aot_eager: the
+    trace, not inductor's code, is what restarts)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    qcfg = QLoRAConfig(r=4, lora_alpha=8, lora_dropout=0.05, init_lora_weights="random")
+    model = build_training_model(_tiny(), qcfg, compile=CompileConfig(backend="aot_eager"))
+    reset_compile_stats()
+    ids = torch.randint(0, V, (2, 40))
+    model(input_ids=ids, labels=ids).loss.backward()
+    stats = compile_stats()
+    assert stats["unique_graphs"] == 3 and stats["graph_breaks"] == 0, stats
+    assert stats["trace_restarts"] == 0, stats

@@ -55,7 +55,7 @@ from torch import nn
 from quickloris.config import Config, field
 from quickloris.models import surgery
 from quickloris.models.families import decoder_layers  # noqa: F401 - the registry's; re-exported for old callers
-from quickloris.parallel.regions import compile_region, without_duck_sizing  # noqa: F401 - re-exported
+from quickloris.parallel.regions import compile_region, traced_as_region  # noqa: F401 - re-exported
 
 STEP = "compile"
 Keep = Literal["attention", "linears"]
@@ -313,17 +313,27 @@ def is_checkpointed_in_graph(layer: nn.Module) -> bool:
 
 
 def compile_stats() -> dict[str, int]:
-    """Dynamo's process-wide counters: graphs compiled, graph breaks, frames captured."""
-    from torch._dynamo.utils import counters
+    """Dynamo's process-wide counters: graphs compiled, graph breaks, frames captured, and trace restarts (a frame
+    whose analysis dynamo threw away and began again: each costs a whole second trace)."""
+    from torch._dynamo.utils import compilation_time_metrics, counters
 
     return {
         "unique_graphs": int(counters["stats"]["unique_graphs"]),
         "graph_breaks": int(sum(counters["graph_break"].values())),
         "calls_captured": int(counters["stats"]["calls_captured"]),
+        "trace_restarts": sum(len(v) for k, v in compilation_time_metrics.items() if _is_retry(k)),
     }
 
 
+def _is_retry(metric: str) -> bool:
+    """dynamo times each trace attempt as ``compile_attempt_<n>``; n >= 1 is a restart."""
+    head, _, n = metric.rpartition("_")
+    return head == "compile_attempt" and n.isdigit() and int(n) >= 1
+
+
 def reset_compile_stats() -> None:
-    from torch._dynamo.utils import counters
+    from torch._dynamo.utils import compilation_time_metrics, counters
 
     counters.clear()
+    for key in [k for k in compilation_time_metrics if _is_retry(k)]:
+        del compilation_time_metrics[key]

@@ -42,7 +42,7 @@ from quickloris.ops.chunked_core import (
     row_spans,
 )
 from quickloris.ops.linear_losses import cross_entropy
-from quickloris.parallel.regions import without_duck_sizing
+from quickloris.parallel.regions import traced_as_region
 
 
 def _chunk_value_and_grad(
@@ -75,7 +75,7 @@ def _chunk_value_and_grad(
 
 def make_chunk_fn(backend: str = "inductor", mode: str | None = None, options: dict | None = None):
     """The compiled per-chunk function (one per model: its own dynamo cache entry)."""
-    return without_duck_sizing(
+    return traced_as_region(
         torch.compile(_chunk_value_and_grad, fullgraph=True, dynamic=True, backend=backend, mode=mode, options=options)
     )
 

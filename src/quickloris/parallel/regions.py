@@ -1,4 +1,4 @@
-"""Compiling one module as a region: ``module.compile`` with dynamo's duck sizing off.
+"""Compiling one module as a region: ``module.compile`` with dynamo's duck sizing off and Python floats specialised.
 
 Used by `quickloris.parallel.compile` (decoder layers, the final norm) and `quickloris.parallel.compiled_loss`
 (the loss chunk), so neither imports the other for it.
@@ -6,6 +6,7 @@ Used by `quickloris.parallel.compile` (decoder layers, the final norm) and `quic
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any
 
@@ -13,29 +14,43 @@ from torch import nn
 
 
 def compile_region(module: nn.Module, **kw: Any) -> nn.Module:
-    """``module.compile(**kw)``, its compilations traced without duck sizing.
-
-    Duck sizing gives input dimensions that happen to be equal at the first trace one shared symbol, guarded
-    equal from then on: a BlockMask with 2 blocks at batch size 2 would make every later length recompile. Each
-    dimension gets its own symbol instead (the setting is read when dynamo starts a trace, i.e. inside the call).
-    """
+    """``module.compile(**kw)``, its compilations traced under `traced_as_region`'s settings."""
     module.compile(**kw)
     inner = getattr(module, "_compiled_call_impl", None)
     if inner is not None:
-        module._compiled_call_impl = without_duck_sizing(inner)
+        module._compiled_call_impl = traced_as_region(inner)
     return module
 
 
-def without_duck_sizing(fn):
-    """`fn` (a compiled callable) with dynamo's traces made under ``use_duck_shape=False``."""
+def traced_as_region(fn):
+    """`fn` (a compiled callable) with dynamo's traces made under two settings (read when dynamo starts a trace,
+    i.e. inside the call, so they are set around each call):
+
+    * ``use_duck_shape=False``: duck sizing gives input dimensions that happen to be equal at the first trace one
+      shared symbol, guarded equal from then on: a BlockMask with 2 blocks at batch size 2 would make every later
+      length recompile. Each dimension gets its own symbol instead.
+    * ``specialize_float=True``: under ``dynamic=True`` dynamo makes each Python float it reads (RMSNorm's
+      ``variance_epsilon``, a LoRA layer's ``scaling`` and ``lora_dropout``) a symbolic input; these fixed
+      hyperparameters cannot stay symbolic through the graph, so it traced the whole layer twice ("Restarting
+      analysis due to ... _tensorify_python_scalars", about half the region's compile time) and specialised them
+      anyway. Specialised from the start: one trace, the same graph.
+    """
+    import torch._dynamo.config as dynamo_config
     import torch.fx.experimental._config as fx_config
 
-    if not hasattr(fx_config, "use_duck_shape"):  # pragma: no cover - other torch versions
+    settings = []
+    if hasattr(fx_config, "use_duck_shape"):
+        settings.append((fx_config, {"use_duck_shape": False}))
+    if hasattr(dynamo_config, "specialize_float"):
+        settings.append((dynamo_config, {"specialize_float": True}))
+    if not settings:  # pragma: no cover - other torch versions
         return fn
 
     @functools.wraps(fn)
     def call(*args, **kwargs):
-        with fx_config.patch(use_duck_shape=False):
+        with contextlib.ExitStack() as stack:
+            for config, values in settings:
+                stack.enter_context(config.patch(**values))
             return fn(*args, **kwargs)
 
     return call
