@@ -278,7 +278,16 @@ def test_sigint_to_the_process(files, tmp_path):
         "--warmup-steps",
         "0",
     ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # The child must start with SIGINT's default action: a shell runs background jobs (`make test &`, nohup) with
+    # SIGINT ignored, the child inherits that, and Python then installs no KeyboardInterrupt handler (seen: the run
+    # went on to step 729 after the signal).
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         for line in proc.stderr:
             if line.startswith("step 4/"):
