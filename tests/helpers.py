@@ -135,8 +135,11 @@ if _MARGIN_LOG:
 
     def _measuring_approx_eq(self, actual) -> bool:
         """`pytest.approx` too (sequences and mappings compare element by element through ApproxScalar): records
-        |actual - expected| / tolerance at the test's line."""
+        |actual - expected| / tolerance at the test's line when the values matched. (A mismatch is recorded by the
+        test failing; recording it would also count ``assert a != pytest.approx(b)``, which passes by mismatching.)"""
         ok = _approx_eq(self, actual)
+        if not ok:
+            return ok
         try:
             diff, tol = abs(complex(self.expected) - complex(actual)), float(self.tolerance)
         except (TypeError, ValueError):  # non-numeric, or an array (it recurses per element)
