@@ -40,8 +40,9 @@ def _copy_bandwidth() -> float:
     return 2 * 2**30 / (ms * 1e-3) / 1e12
 
 
-def _per_matrix(fns: dict[str, Callable], copy_tbs: float) -> list[dict[str, Any]]:
-    """`benchmarks.dequant.timing.matrix_us` of `fns` here and of Unsloth's real function in its own process."""
+def _per_matrix(fns: dict[str, Callable], copy_tbs: float) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """`benchmarks.dequant.timing.matrix_us` of `fns` here and of Unsloth's real function in its own process: the
+    rows, and what Unsloth's process returned (its host time, or why it did not run)."""
     from benchmarks.dequant.harness import run_in_process
     from benchmarks.dequant.timing import matrix_us
 
@@ -59,8 +60,7 @@ def _per_matrix(fns: dict[str, Callable], copy_tbs: float) -> list[dict[str, Any
                     "GBps": round(row["bytes"] / (us * 1e-6) / 1e9, 1),
                     "fraction_of_copy_bw": round(row["bytes"] / (us * 1e-6) / (copy_tbs * 1e12), 3),
                 }
-    rows.append({"unsloth": unsloth})  # popped by run(): the child's host time, version or error
-    return rows
+    return rows, unsloth
 
 
 def _plain_twin(packed, quant_state):
@@ -229,8 +229,8 @@ def run(args: argparse.Namespace) -> int:
     results["write_only_floor_14336x4096_bf16"] = wf = _write_floor()
     print(f"write-only floor (fill_ of the 14336x4096 bf16 output, 117 MB): {wf['us']} us = {wf['TBps']} TB/s")
 
-    results["per_matrix"] = rows = _per_matrix(timed, copy_tbs)
-    unsloth = rows.pop()["unsloth"]
+    rows, unsloth = _per_matrix(timed, copy_tbs)
+    results["per_matrix"] = rows
     results["unsloth_source"] = (
         f"unsloth.kernels.utils.fast_dequantize {unsloth.get('version', '')}, in a process of its own"
         if "matrix_us" in unsloth
