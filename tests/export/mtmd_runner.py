@@ -135,16 +135,16 @@ def run_mtmd(
 def ggml_gelu(x: torch.Tensor) -> torch.Tensor:
     """ggml's CPU GELU: x rounded to fp16, the tanh approximation looked up in a table of fp16 values (0 below -10,
     x above 10)."""
-    x16 = x.to(torch.float16).float()
+    x16 = _rounded(x, "F16")
     g = 0.5 * x16 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * x16 * (1.0 + 0.044715 * x16 * x16)))
-    g = g.to(torch.float16).float()
+    g = _rounded(g, "F16")
     return torch.where(x <= -10.0, torch.zeros_like(x), torch.where(x >= 10.0, x, g))
 
 
 def ggml_gelu_quick(x: torch.Tensor) -> torch.Tensor:
     """ggml's CPU quick-GELU, x * sigmoid(1.702 x): x rounded to fp16, the value looked up in a table of fp16 values."""
-    x16 = x.to(torch.float16).float()
-    return (x16 * (1.0 / (1.0 + torch.exp(-1.702 * x16)))).to(torch.float16).float()
+    x16 = _rounded(x, "F16")
+    return _rounded(x16 * (1.0 / (1.0 + torch.exp(-1.702 * x16))), "F16")
 
 
 class _Act(torch.nn.Module):
@@ -162,16 +162,73 @@ def round_to(x: torch.Tensor, qtype: str) -> torch.Tensor:
     byte-identical to ggml's)."""
     if qtype in ("F32", "F16W"):
         return x
-    if qtype == "F16":
-        return x.to(torch.float16).float()
-    if qtype == "BF16":
-        return x.to(torch.bfloat16).float()
+    if qtype in ("F16", "BF16", "Q8_0"):
+        return _rounded(x, qtype)
+    raise ValueError(qtype)
+
+
+# ---- how far one rounding falling the other way moves the twin's output -----------------------------------------
+
+_FLIPS: list | None = None  # inside `flip_bound`: each rounding the twin made, as (its value, one step there)
+
+
+def _step(r: torch.Tensor, qtype: str) -> torch.Tensor:
+    """The distance from each rounded value `r` to its farther neighbour of `qtype`: one step of the type there.
+    fp16 / bf16: the spacing of the binade of r (2^(e-11) / 2^(e-8) for |r| in [2^(e-1), 2^e)), an upper bound for
+    either neighbour, at least the smallest subnormal; Q8_0: the block's quantum, its largest magnitude / 127."""
     if qtype == "Q8_0":
+        blocks = r.reshape(*r.shape[:-1], -1, 32)
+        return (blocks.abs().amax(-1, keepdim=True) / 127).expand_as(blocks).reshape(r.shape)
+    mant = {"F16": 11, "BF16": 8}[qtype]
+    _, e = torch.frexp(r)
+    return torch.exp2((e - mant).float()).clamp_min(2.0**-24 if qtype == "F16" else 2.0**-133)
+
+
+def _rounded(x: torch.Tensor, qtype: str) -> torch.Tensor:
+    """x rounded as ggml rounds it to `qtype`; inside `flip_bound` the rounding passes gradients straight through
+    (its value is unchanged) and is recorded with its step."""
+    if qtype == "F16":
+        r = x.to(torch.float16).float()
+    elif qtype == "BF16":
+        r = x.to(torch.bfloat16).float()
+    else:  # Q8_0
         from quickloris.export.quants import GGMLType, dequantize, quantize
 
         a = x.detach().float().contiguous().numpy()
-        return torch.from_numpy(dequantize(quantize(a, GGMLType.Q8_0, threads=1), GGMLType.Q8_0, a.shape, threads=1))
-    raise ValueError(qtype)
+        r = torch.from_numpy(dequantize(quantize(a, GGMLType.Q8_0, threads=1), GGMLType.Q8_0, a.shape, threads=1))
+    if _FLIPS is None:
+        return r
+    r = r.detach()
+    # the rounded value, with d y / d x = 1 (a leaf where x has no graph: the pixels)
+    y = x + (r - x.detach()) if x.requires_grad else r.clone().requires_grad_()
+    _FLIPS.append((y, _step(r, qtype)))
+    return y
+
+
+def flip_bound(fn, far_from: np.ndarray, rows: int = 256) -> tuple[np.ndarray, float]:
+    """(fn(), B): fn computes with the twin (`ggml_twin`, `llava_twin_features`); B bounds, to first order, how far
+    an element of its output moves when one of the twin's roundings falls on the other side, the one way in which
+    llama.cpp's result differs from the twin's beyond float32 noise: max over every rounded element e of (one step
+    of its type at e) x max_k |d out_k / d e|, the Jacobian taken with each rounding passed straight through. The max
+    over k runs over the `rows` outputs farthest from `far_from` (llama.cpp's), where a flip shows: the Jacobian of
+    every output of the Qwen towers costs ~20 s, and a bound over fewer outputs is smaller, so a check against it is
+    stricter than against all."""
+    global _FLIPS
+    _FLIPS = []
+    try:
+        with torch.enable_grad():
+            out = fn()
+            sites = [(y, s) for y, s in _FLIPS if y.requires_grad]
+            far = np.argsort(-np.abs(far_from - out.detach().numpy()).ravel(), kind="stable")[:rows]
+            one_hot = torch.zeros(len(far), out.numel(), dtype=out.dtype)
+            one_hot[torch.arange(len(far)), torch.from_numpy(far)] = 1
+            grads = torch.autograd.grad(
+                out, [y for y, _ in sites], one_hot.reshape(-1, *out.shape), allow_unused=True, is_grads_batched=True
+            )
+        bound = max((float((g.abs().amax(0) * s).max()) for g, (_, s) in zip(grads, sites) if g is not None), default=0)
+        return out.detach().numpy(), bound
+    finally:
+        _FLIPS = None
 
 
 def stored(w: torch.Tensor, qtype: str) -> torch.Tensor:
@@ -212,7 +269,7 @@ class _TwinConv(torch.nn.Module):
 
     def forward(self, x):
         w = self.conv.weight.to(torch.float16).float()
-        x = x.to(torch.float16).float()
+        x = _rounded(x, "F16")
         conv = torch.nn.functional.conv3d if isinstance(self.conv, torch.nn.Conv3d) else torch.nn.functional.conv2d
         return conv(x, w, self.conv.bias, self.conv.stride)
 
@@ -290,9 +347,9 @@ def llava_twin_features(model, pixels: torch.Tensor, quant: str, *, cls_last: bo
     vt = getattr(vt, "vision_model", vt)
     emb = vt.embeddings
     pos = stored(emb.position_embedding.weight, types[next(n for n in types if "position_embedding" in n)])
-    with torch.no_grad(), ggml_twin(model, linear_types(model, quant), convs=()):
+    with torch.set_grad_enabled(_FLIPS is not None), ggml_twin(model, linear_types(model, quant), convs=()):
         w = emb.patch_embedding.weight.to(torch.float16).float()
-        patches = torch.nn.functional.conv2d(pixels.to(torch.float16).float(), w, stride=emb.patch_embedding.stride)
+        patches = torch.nn.functional.conv2d(_rounded(pixels, "F16"), w, stride=emb.patch_embedding.stride)
         patches = patches.flatten(2).transpose(1, 2)
         cls = emb.class_embedding[None, None].float()
         x = (torch.cat([patches, cls], 1) if cls_last else torch.cat([cls, patches], 1)) + pos[None]
