@@ -105,40 +105,34 @@ class _StubCompiled:
 
 @contextlib.contextmanager
 def stubbed_launches(forms: dict[str, tuple[Callable[[], object], object]]) -> Iterator[dict[str, str]]:
-    """Give every input form a cached launch whose kernel is `_StubCompiled`; yields what each form gets."""
+    """Give every input form a cached launch (`quickloris.kernels.nf4_fast`) whose kernel is `_StubCompiled`, as a
+    checked call on CUDA would; yields what each form gets."""
     from quickloris.kernels import nf4_dequant as D
-    from quickloris.kernels import nf4_launch as L
+    from quickloris.kernels import nf4_fast as F
 
-    saved = (torch.cuda.current_device, getattr(torch._C, "_cuda_getCurrentRawStream", None), D._dequant_into)
-    torch.cuda.current_device = lambda: None  # the CPU device's index
-    torch._C._cuda_getCurrentRawStream = lambda index: 0
-    # forms without a plan run the checked path; there the launch (`_dequant_into`) is what is stubbed
+    saved = (F._current_device, F._raw_stream, D._dequant_into)
+    F._current_device = lambda: None  # the CPU device's index
+    F._raw_stream = lambda index: 0
+    # a call that misses its cached launch takes the checked path; there the launch (`_dequant_into`) is stubbed
     D._dequant_into = lambda packed, absmax, absmax2, code2, offset, code, shape, blocksize, out, **kw: out
     what = {}
     try:
         for name, (_call, obj) in forms.items():
-            what[name] = "checked path, launch stubbed"
-            if "NF4Tensor" in name:  # never planned before: `planned` looks for a quant_state attribute
-                continue
-            weight, state = obj if name == QSTATE else (obj, None)
-            source = getattr(weight, "weight", None) if isinstance(weight, torch.nn.Module) else weight
-            state = state or source.quant_state
-            packed = D.as_packed_uint8(source.data)
-            a, a2, c2, off, code, shape, dtype, bs = L.state_fields(state)
+            weight, quant_state = obj if name == QSTATE else (obj, None)
+            packed, state = D._resolve(weight, quant_state)
+            a, a2, c2, off, code, shape, dtype, bs = D.state_fields(state)
             out = torch.empty(shape, dtype=dtype)
-            n, nblocks = out.numel(), a.numel()
-            constexprs = (bs, 64, a2 is not None, True, True, False, None, True, True, False)
-            args = (packed, a, a2, c2, off, code, out, n, nblocks, *constexprs)
-            L.make_plan(weight, packed, state, out, (_StubCompiled(), (nblocks // 64,), args))
-            what[name] = "cached plan, launch stubbed"
+            n, nblocks, nested = out.numel(), a.numel(), a2 is not None
+            constexprs = (bs, 64, nested, False, False, False, None, True, True, False)
+            # launch()'s argument order: unused nested slots repeat absmax / code
+            args = (packed, a, a2 if nested else a, c2 if nested else code, off if nested else code, code, out)
+            args = (*args, n, nblocks, *constexprs)
+            F.remember(weight, quant_state, packed, state, False, (_StubCompiled(), (nblocks // 64,), args))
+            what[name] = "cached launch, launch stubbed" if F.entry_for(weight) else "checked path, launch stubbed"
         yield what
     finally:
-        torch.cuda.current_device, D._dequant_into = saved[0], saved[2]
-        if saved[1] is None:
-            del torch._C._cuda_getCurrentRawStream
-        else:
-            torch._C._cuda_getCurrentRawStream = saved[1]
-        L._PLANS.clear()
+        F._current_device, F._raw_stream, D._dequant_into = saved
+        F.clear()
 
 
 def main(argv: list[str] | None = None) -> int:
