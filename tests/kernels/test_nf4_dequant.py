@@ -13,7 +13,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import quickloris
-from quickloris.kernels import nf4_launch
+from quickloris.kernels import nf4_fast, nf4_launch
 from quickloris.quant import nf4
 from tests.helpers import within
 
@@ -234,13 +234,14 @@ def test_gpu_one_launch_and_no_allocation_with_out():
 
 @pytest.mark.gpu
 def test_gpu_direct_launch_matches_triton_launch(seed):
-    """Repeat calls launch through a cached plan; results must not change, and a changed state invalidates it."""
+    """Repeat calls launch through the weight's cached launch; results must not change, and a changed state
+    invalidates it."""
     nf4_launch._COMPILED.clear()
     for shape, dtype in [((4096, 1024), torch.bfloat16), ((1000, 1000), torch.float16), ((129, 264), torch.bfloat16)]:
         q, qs = bnb_pair(shape, dtype, device="cuda")
         first = quickloris.dequantize_nf4(q, qs)  # checked path, through triton's launcher
-        assert nf4_launch.plan_for(qs) is not None
-        second = quickloris.dequantize_nf4(q, qs)  # planned direct launch
+        assert nf4_fast.entry_for(q) is not None
+        second = quickloris.dequantize_nf4(q, qs)  # the cached direct launch
         out = torch.empty_like(first)
         third = quickloris.dequantize_nf4(q, qs, out=out)
         assert third is out
@@ -258,3 +259,24 @@ def test_gpu_every_swept_config_is_exact(seed, config):
     out = torch.full(tuple(shape), float("nan"), dtype=torch.bfloat16, device="cuda")
     nf4_launch.launch(nf4_launch.nf4_dequant_kernel, q, a, a2, c2, off, code, out, out.numel(), bs, True, config=config)
     assert torch.equal(bits(out), bits(bnbF.dequantize_4bit(q, qs)))
+
+
+@pytest.mark.gpu
+def test_gpu_cached_launch_of_every_input_form(seed):
+    """Linear4bit, Params4bit and NF4Tensor calls are served by their cached launches with bitsandbytes' bits, and
+    a Params4bit whose bytes moved (``.data = ...``) is not served from its old address."""
+    from quickloris.tensor.nf4_tensor import NF4Tensor
+
+    layer, other = linear4bit(1024, 4096, torch.bfloat16), linear4bit(1024, 4096, torch.bfloat16)
+    t = NF4Tensor.from_bnb(linear4bit(1024, 512, torch.float16))
+    want = bits(bnbF.dequantize_4bit(layer.weight.data, layer.weight.quant_state))
+    want_t = bits(bnbF.dequantize_4bit(t.packed, t.to_bnb().quant_state))
+    for _ in range(3):
+        assert torch.equal(bits(quickloris.dequantize_nf4(layer)), want)
+        assert torch.equal(bits(quickloris.dequantize_nf4(layer.weight)), want)
+        assert torch.equal(bits(quickloris.dequantize_nf4(t)), want_t)
+    assert all(nf4_fast.entry_for(x) is not None for x in (layer, layer.weight, t))
+    layer.weight.data = other.weight.data.clone()
+    layer.weight.quant_state = other.weight.quant_state
+    got = quickloris.dequantize_nf4(layer)
+    assert torch.equal(bits(got), bits(bnbF.dequantize_4bit(other.weight.data, other.weight.quant_state)))

@@ -1,22 +1,19 @@
 """The eager launch path of the NF4 kernel: the explicit `inline_ptx` switch, the once-per-process check of the
 Triton / torch internals the direct launch relies on (any change: the public `kernel[grid](...)` path, same bits),
-and the plan cache keyed by `id()` that never answers for an object that merely reuses a dead one's id."""
+and (GPU) the per-weight cached launches of `nf4_fast` (their CPU tests: test_nf4_fast.py)."""
 
 from __future__ import annotations
 
-import gc
 import inspect
 import re
 import types
-import weakref
 
 import bitsandbytes.functional as bnbF
 import pytest
 import torch
 
 import quickloris
-from quickloris.kernels import nf4_launch
-from quickloris.quant.nf4 import quantize_nf4
+from quickloris.kernels import nf4_fast, nf4_launch
 
 triton = pytest.importorskip("triton")
 from triton.compiler.compiler import CompiledKernel  # noqa: E402
@@ -125,66 +122,6 @@ def test_a_compiled_kernel_is_launched_directly_only_with_the_expected_launcher(
     assert not nf4_launch._launchable(unloaded)
 
 
-# ------------------------------------------------------------------------------------------------ plan cache
-
-
-class _State:
-    """Weak-referenceable, unhashable: like bitsandbytes' QuantState."""
-
-    __hash__ = None
-
-
-def test_plans_never_answer_for_an_object_that_reuses_an_id():
-    a, b = _State(), _State()
-    ref_a = weakref.ref(a)
-    try:
-        nf4_launch._PLANS[id(a)] = (ref_a, "plan of a")
-        assert nf4_launch.plan_for(a) == "plan of a"
-        nf4_launch._PLANS[id(b)] = (ref_a, "plan of a, left under b's id")  # as if b took a dead a's id
-        assert nf4_launch.plan_for(b) is None
-        ref_b = weakref.ref(b)
-        nf4_launch._PLANS[id(b)] = (ref_b, "plan of b")
-        nf4_launch._forget(id(b), ref_a)  # a's late weakref callback must not drop b's plan
-        assert nf4_launch.plan_for(b) == "plan of b"
-        nf4_launch._forget(id(b), ref_b)
-        assert id(b) not in nf4_launch._PLANS
-    finally:
-        nf4_launch._PLANS.pop(id(a), None)
-        nf4_launch._PLANS.pop(id(b), None)
-
-
-def test_a_freed_state_takes_its_plan_with_it():
-    packed, state = quantize_nf4(torch.randn(64, 128))
-    out = torch.empty(64, 128)
-    args = (
-        packed,
-        state.absmax,
-        state.absmax2,
-        state.code2,
-        state.offset,
-        state.code,
-        out,
-        out.numel(),
-        state.absmax.numel(),
-        64,
-        1,
-        True,
-        True,
-        False,
-        False,
-        None,
-        False,
-        True,
-        False,
-    )
-    nf4_launch.make_plan(packed, packed, state, out, (_Compiled(), (1,), args))
-    assert nf4_launch.plan_for(state) is not None and nf4_launch.plan_for(state).asm is True
-    key = id(state)
-    del state
-    gc.collect()
-    assert key not in nf4_launch._PLANS
-
-
 # ------------------------------------------------------------------------------------------------ GPU only
 
 
@@ -193,7 +130,7 @@ def fresh_launch_caches():
     def clear():
         nf4_launch.direct_launch_problem.cache_clear()
         nf4_launch._COMPILED.clear()
-        nf4_launch._PLANS.clear()
+        nf4_fast.clear()
 
     clear()
     yield
@@ -222,7 +159,7 @@ def test_gpu_changed_internals_take_the_public_launch_and_stay_bit_exact(
     quickloris.dequantize_nf4(q, qs)
     nf4_launch.direct_launch_problem.cache_clear()
     nf4_launch._COMPILED.clear()
-    nf4_launch._PLANS.clear()
+    nf4_fast.clear()
     if change == "no raw stream":
         monkeypatch.delattr(torch._C, "_cuda_getCurrentRawStream")
     elif change == "jit launches otherwise":
@@ -240,7 +177,7 @@ def test_gpu_changed_internals_take_the_public_launch_and_stay_bit_exact(
         quickloris.dequantize_nf4(q, qs, inline_ptx=False),
     ]
     assert len(public) == 4  # every call through Triton's public launcher
-    assert not nf4_launch._COMPILED and nf4_launch.plan_for(qs) is None
+    assert not nf4_launch._COMPILED and nf4_fast.entry_for(q) is None
     assert (nf4_launch.direct_launch_problem() is None) == (change == "launcher signature")
     for r in results:
         assert torch.equal(bits(r), want)
@@ -254,7 +191,7 @@ def test_gpu_the_direct_launch_is_used_when_nothing_changed(seed, monkeypatch, f
     original = nf4_launch.nf4_dequant_kernel.run
     monkeypatch.setattr(nf4_launch.nf4_dequant_kernel, "run", lambda *a, **k: public.append(1) or original(*a, **k))
     results = [quickloris.dequantize_nf4(q, qs) for _ in range(3)]
-    assert len(public) == 1 and nf4_launch.plan_for(qs) is not None  # the first call checks, then plans
+    assert len(public) == 1 and nf4_fast.entry_for(q) is not None  # the first call checks, then caches
     want = bits(bnbF.dequantize_4bit(q, qs))
     assert all(torch.equal(bits(r), want) for r in results)
 
@@ -272,4 +209,4 @@ def test_gpu_inline_ptx_switch_and_plans_follow_it(seed, fresh_launch_caches):
         (None, True),
     ]:
         assert torch.equal(bits(quickloris.dequantize_nf4(q, qs, inline_ptx=inline_ptx)), want)
-        assert nf4_launch.plan_for(qs).asm is planned_asm, inline_ptx
+        assert nf4_fast.entry_for(q).asm is planned_asm, inline_ptx

@@ -4,8 +4,8 @@ The kernel and its math: `nf4_kernel.py`; launching and eager plans: `nf4_launch
 resolution and checks, the `torch.library` ops, and the public function.
 
 The op `quickloris::dequantize_nf4` (and `_out`) is a `triton_op` on GPUs, so `torch.compile(fullgraph=True)`
-traces straight through it to the kernel; eager calls skip the dispatcher (it adds ~10 us per call) and reuse a
-cached launch plan after their first checked call.
+traces straight through it to the kernel; eager calls skip the dispatcher (it adds ~10 us per call) and, after
+their first checked call, launch through the weight object's cached launch (`nf4_fast`).
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from typing import Any
 
 import torch
 
+from quickloris.kernels.nf4_fast import cached, remember
 from quickloris.kernels.nf4_kernel import interpreting, nf4_dequant_kernel, triton
-from quickloris.kernels.nf4_launch import launch, make_plan, planned, state_fields, use_asm
+from quickloris.kernels.nf4_launch import launch, state_fields, use_asm
 from quickloris.quant.nf4 import FLOAT_DTYPES, NF4State, as_packed_uint8, dequantize_nf4_reference
 
 # ----------------------------------------------------------------------------------------------------------
@@ -193,7 +194,7 @@ def dequantize_nf4(
     """
     compiling = torch.compiler.is_compiling()
     if not compiling:
-        result = planned(weight, quant_state, out, dtype, inline_ptx)
+        result = cached(weight, quant_state, out, dtype, inline_ptx)
         if result is not None:
             return result
     packed, state = _resolve(weight, quant_state)
@@ -213,20 +214,11 @@ def dequantize_nf4(
         return out
     if out is None:
         out = torch.empty(shape, dtype=out_dtype, device=packed.device)
-    if packed.is_cuda and out_dtype == state_dtype and triton is not None:
+    if packed.is_cuda and triton is not None:
+        asm = use_asm(packed.device, inline_ptx)
         launched = launch(
-            nf4_dequant_kernel,
-            packed,
-            absmax,
-            absmax2,
-            code2,
-            offset,
-            code,
-            out,
-            out.numel(),
-            blocksize,
-            use_asm(packed.device, inline_ptx),
+            nf4_dequant_kernel, packed, absmax, absmax2, code2, offset, code, out, out.numel(), blocksize, asm
         )
-        make_plan(weight, packed, state, out, launched)
+        remember(weight, quant_state, packed, state, asm, launched)
         return out
     return _dequant_into(packed, absmax, absmax2, code2, offset, code, shape, blocksize, out, inline_ptx=inline_ptx)

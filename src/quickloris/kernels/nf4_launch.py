@@ -1,8 +1,8 @@
-"""Launching the NF4 kernel: argument reading, tuned defaults, and cached launch plans for eager calls.
+"""Launching the NF4 kernel: argument reading, tuned defaults, and compiled kernels for direct eager launches.
 
 Triton's per-call argument binding costs ~10 us of Python, more than the kernel takes on small weights, so
-eager calls reuse (a) compiled kernels keyed like Triton's own specialization and (b) per-weight plans that
-re-validate by identity and launch the compiled kernel directly.
+eager calls reuse (a) compiled kernels keyed like Triton's own specialization (here) and (b) per-weight cached
+launches that re-validate by identity and launch the compiled kernel directly (`nf4_fast`).
 
 That direct launch repeats what Triton's `JITFunction.run` does with its private pieces (`CompiledKernel.run`
 and its launcher's argument order, `knobs.runtime` launch hooks, torch's raw stream handle). They are checked once
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import weakref
 from typing import Any
 
 import torch
@@ -252,142 +251,3 @@ def use_asm(device: torch.device, inline_ptx: bool | None = None) -> bool:
             "inline_ptx=None or False"
         )
     return bool(inline_ptx)
-
-
-class _Plan:
-    """A launch that can be repeated for one quantization state with only a new output tensor.
-
-    Eager calls spend more time in Python than the kernel takes on small weights (argument resolution, checks,
-    Triton's argument binding; `Params4bit.data` alone goes through `__torch_function__`). After one fully
-    checked call, the plan keeps the compiled kernel, its arguments and the packed bytes; a later call with the
-    same weight object (same data pointer) and the same state tensors launches directly. Anything else takes
-    the checked path.
-    """
-
-    __slots__ = (
-        "source",
-        "packed",
-        "packed_ptr",
-        "tensors",
-        "shape",
-        "dtype",
-        "device",
-        "device_index",
-        "compiled",
-        "grid",
-        "head",
-        "tail",
-        "asm",
-    )
-
-    def __init__(self, source, packed, tensors, shape, dtype, device, compiled, grid, args):
-        self.source = weakref.ref(source)
-        self.packed, self.packed_ptr = packed, packed.data_ptr()
-        self.tensors, self.shape, self.dtype = tensors, shape, dtype
-        self.device, self.device_index = device, device.index
-        self.compiled, self.grid = compiled, grid
-        self.head, self.tail = args[:6], args[7:]  # (packed .. code), out, (n, nblocks, constexprs...)
-        self.asm = args[9 + _CONSTEXPR_NAMES.index("UNPACK_ASM")]  # the unpack this plan's kernel was compiled for
-
-    def launch(self, out: torch.Tensor) -> torch.Tensor:
-        stream = torch._C._cuda_getCurrentRawStream(self.device_index)
-        enter, leave = triton.knobs.runtime.launch_enter_hook, triton.knobs.runtime.launch_exit_hook
-        c = self.compiled
-        args = (*self.head, out, *self.tail)
-        if _listening(enter) or _listening(leave):  # a profiler is listening: behave exactly like Triton's launcher
-            c.run(
-                self.grid[0],
-                1,
-                1,
-                stream,
-                c.function,
-                c.packed_metadata,
-                c.launch_metadata(self.grid, stream, *args),
-                enter,
-                leave,
-                *args,
-            )
-        else:
-            c.run(self.grid[0], 1, 1, stream, c.function, c.packed_metadata, None, None, None, *args)
-        return out
-
-
-def _listening(hook) -> bool:
-    """Triton keeps a (usually empty) HookChain as its launch hook; older versions keep None or a function."""
-    return hook is not None and bool(getattr(hook, "calls", True))
-
-
-# id(quantization state) -> (weak reference to it, plan). By id because bitsandbytes' QuantState is not hashable;
-# an id outlives its object and may be reused, so an entry counts only while its weak reference still returns the
-# very object asked about, and a dead object's entry is dropped only if no newer object took its id meanwhile.
-_PLANS: dict[int, tuple[weakref.ref, _Plan]] = {}
-
-
-def plan_for(state: Any) -> _Plan | None:
-    entry = _PLANS.get(id(state))
-    return entry[1] if entry is not None and entry[0]() is state else None
-
-
-def _forget(key: int, ref: weakref.ref) -> None:
-    entry = _PLANS.get(key)
-    if entry is not None and entry[0] is ref:
-        del _PLANS[key]
-
-
-def planned(
-    weight: Any, quant_state: Any, out: torch.Tensor | None, dtype: torch.dtype | None, inline_ptx: bool | None = None
-):
-    """The output of a direct launch if `weight` has a valid plan, else None (then the checked path runs)."""
-    source = getattr(weight, "weight", None) if isinstance(weight, torch.nn.Module) else weight
-    state = quant_state if quant_state is not None else getattr(source, "quant_state", None)
-    plan = plan_for(state) if state is not None else None
-    # Plans exist only where inline PTX is possible, so there the default (None) means inline PTX.
-    if (
-        plan is None
-        or plan.source() is not source
-        or not isinstance(source, torch.Tensor)
-        or (inline_ptx is None or bool(inline_ptx)) != plan.asm
-    ):
-        return None
-    absmax, absmax2, code2, offset, code, shape, _, _ = state_fields(state)
-    t = plan.tensors
-    if not (
-        absmax is t[0]
-        and absmax2 is t[1]
-        and code2 is t[2]
-        and offset is t[3]
-        and code is t[4]
-        and shape == plan.shape
-        and (dtype is None or dtype == plan.dtype)
-        and source.data_ptr() == plan.packed_ptr
-        and torch.cuda.current_device() == plan.device_index
-    ):
-        return None
-    if out is None:
-        out = torch.empty(plan.shape, dtype=plan.dtype, device=plan.device)
-    elif not (
-        out.dtype == plan.dtype
-        and out.shape == plan.shape
-        and out.is_contiguous()
-        and out.data_ptr() % 16 == 0
-        and out.get_device() == plan.device_index
-    ):
-        return None
-    return plan.launch(out)
-
-
-def make_plan(weight, packed, state, out, launched) -> None:
-    compiled, grid, args = launched
-    source = getattr(weight, "weight", None) if isinstance(weight, torch.nn.Module) else weight
-    if compiled is None or not isinstance(source, torch.Tensor) or packed.data_ptr() % 16 or out.data_ptr() % 16:
-        return
-    absmax, absmax2, code2, offset, code, shape, _, _ = state_fields(state)
-    key = id(state)
-    try:
-        ref = weakref.ref(state, functools.partial(_forget, key))
-        plan = _Plan(
-            source, packed, (absmax, absmax2, code2, offset, code), shape, out.dtype, out.device, compiled, grid, args
-        )
-    except TypeError:  # not weak-referenceable: no plan
-        return
-    _PLANS[key] = (ref, plan)
