@@ -5,7 +5,8 @@ Parts (`--parts`, default all):
   fwd+bwd time (CUDA events, warm-up, median) of the naive path `F.cross_entropy((X @ W.T).float(), y)` vs
   `chunked_linear_loss` (schedules: recompute and grad_in_forward over row chunks; with W trainable also
   vocab_blocked, `quickloris.ops.vocab_blocked_ce`, the default there), bf16, H 4096, V 128256, `--tokens`, with W
-  trainable and frozen (QLoRA's lm_head); plus a memory-budget sweep at `--sweep-tokens`.
+  trainable and frozen (QLoRA's lm_head); plus a memory-budget sweep at `--sweep-tokens`. `--methods` / `--heads`
+  narrow it (vocab_blocked_torch: that schedule with its PyTorch formulas instead of the Triton kernels).
 * spec: the specification's `test_comparison` (batch 4, seq 512, hidden 1024, vocab 32000, fp32), its
   NaiveLinear vs `MemoryEfficientLinear.apply(X, linear, labels, transformation_function[, chunk_size])`.
 * train60 and grpo run `benchmarks.loss.models`:
