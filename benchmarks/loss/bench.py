@@ -5,7 +5,8 @@ Parts (`--parts`, default all):
   fwd+bwd time (CUDA events, warm-up, median) of the naive path `F.cross_entropy((X @ W.T).float(), y)` vs
   `chunked_linear_loss` (schedules: recompute and grad_in_forward over row chunks; with W trainable also
   vocab_blocked, `quickloris.ops.vocab_blocked_ce`, the default there), bf16, H 4096, V 128256, `--tokens`, with W
-  trainable and frozen (QLoRA's lm_head); plus a memory-budget sweep at `--sweep-tokens`.
+  trainable and frozen (QLoRA's lm_head); plus a memory-budget sweep at `--sweep-tokens`. `--methods` / `--heads`
+  narrow it (vocab_blocked_torch: that schedule with its PyTorch formulas instead of the Triton kernels).
 * spec: the specification's `test_comparison` (batch 4, seq 512, hidden 1024, vocab 32000, fp32), its
   NaiveLinear vs `MemoryEfficientLinear.apply(X, linear, labels, transformation_function[, chunk_size])`.
 * train60 and grpo run `benchmarks.loss.models`:
@@ -26,6 +27,9 @@ from collections.abc import Callable
 from typing import Any
 
 PARTS = ("memory", "spec", "train60", "grpo")
+#: memory part's methods; vocab_blocked_torch: the vocabulary-blocked schedule with its PyTorch softmax formulas
+#: (what it was before the Triton kernels of `quickloris.kernels.ce_kernel`), for A/B on one GPU.
+METHODS = ("naive", "recompute", "grad_in_forward", "vocab_blocked", "vocab_blocked_torch")
 
 
 def _ints(text: str) -> list[int]:
@@ -44,6 +48,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_ints,
         default=[256, 512, 2048, 4096],
         help="memory: chunk memory budgets to sweep, MiB (the default 1024 is always measured)",
+    )
+    parser.add_argument(
+        "--methods", default=",".join(METHODS), help=f"memory: comma-separated subset of {','.join(METHODS)}"
+    )
+    parser.add_argument(
+        "--heads", default="trainable,frozen", help="memory: lm_head weights to measure, 'trainable', 'frozen' or both"
     )
     parser.add_argument("--steps", type=int, default=60, help="train60: optimizer steps per run")
     parser.add_argument("--batch", type=int, default=2, help="train60: sequences per step")
@@ -114,8 +124,16 @@ def part_memory(args: argparse.Namespace, device: str = "cuda") -> dict[str, Any
     import torch.nn.functional as F
 
     from quickloris import chunked_linear_loss
-    from quickloris.ops.chunked_linear import choose_chunk_size
+    from quickloris.ops.chunked_linear import DEFAULT_MEMORY_BUDGET, choose_chunk_size
+    from quickloris.ops.vocab_blocked_ce import VocabBlockedCE
 
+    methods = [m for m in args.methods.split(",") if m]
+    heads = [h for h in args.heads.split(",") if h]
+    if set(methods) - set(METHODS) or not methods:
+        raise ValueError(f"--methods: choose from {','.join(METHODS)}, got {args.methods!r}")
+    if set(heads) - {"trainable", "frozen"} or not heads:
+        raise ValueError(f"--heads: choose from trainable,frozen, got {args.heads!r}")
+    w_grads = [h == "trainable" for h in ("trainable", "frozen") if h in heads]
     H, V = args.hidden, args.vocab
     gen = torch.Generator(device=device).manual_seed(0)
     W0 = torch.randn(V, H, device=device, dtype=torch.bfloat16, generator=gen) * H**-0.5
@@ -136,6 +154,12 @@ def part_memory(args: argparse.Namespace, device: str = "cuda") -> dict[str, Any
             X.grad = W.grad = None
             if method == "naive":
                 loss = F.cross_entropy((X @ W.T).float(), y)
+            elif method == "vocab_blocked_torch":  # chunked_linear_loss's call of it, with the PyTorch formulas
+                rows = choose_chunk_size(N, V, memory_budget=budget)
+                total = VocabBlockedCE.apply(
+                    X, W, None, y, -100, rows, budget or DEFAULT_MEMORY_BUDGET, "auto", "torch"
+                )
+                loss = total / N
             else:
                 loss = chunked_linear_loss(
                     X,
@@ -159,16 +183,19 @@ def part_memory(args: argparse.Namespace, device: str = "cuda") -> dict[str, Any
         X.grad = W.grad = None
         return row
 
+    def methods_for(w_grad: bool, with_naive: bool = True) -> list[str]:
+        return [m for m in methods if (with_naive or m != "naive") and (w_grad or not m.startswith("vocab_blocked"))]
+
     rows = []
     for N in args.tokens:
-        for w_grad in (True, False):
-            for method in ("naive", "recompute", "grad_in_forward") + (("vocab_blocked",) if w_grad else ()):
+        for w_grad in w_grads:
+            for method in methods_for(w_grad):
                 rows.append(case(N, w_grad, method))
                 print(_fmt_memory_row(rows[-1], rows), flush=True)
     sweep = []
     for mib in args.budgets_mib:
-        for w_grad in (True, False):
-            for method in ("recompute", "grad_in_forward") + (("vocab_blocked",) if w_grad else ()):
+        for w_grad in w_grads:
+            for method in methods_for(w_grad, with_naive=False):
                 sweep.append(case(args.sweep_tokens, w_grad, method, mib << 20))
                 print("sweep " + _fmt_memory_row(sweep[-1], rows), flush=True)
     return {"hidden": H, "vocab": V, "dtype": "bfloat16", "rows": rows, "budget_sweep": sweep}
@@ -366,21 +393,18 @@ def summary(results: dict[str, Any]) -> str:
             f"memory (H {mem['hidden']}, V {mem['vocab']}, bf16): peak GB over inputs (% less than naive), "
             "fwd+bwd ms (x naive)"
         )
-        lines.append(
-            f"{'tokens':>6} {'W':<9} {'naive':>16} {'recompute':>26} {'grad_in_forward':>26} {'vocab_blocked':>26}"
-        )
+        shown = [m for m in METHODS if any(r["method"] == m for r in mem["rows"])]
+        lines.append(f"{'tokens':>6} {'W':<9} " + " ".join(f"{m:>{16 if m == 'naive' else 26}}" for m in shown))
         for N in sorted({r["tokens"] for r in mem["rows"]}):
             for w_grad in (True, False):
-                cells = [
-                    _cell(r, mem["rows"])
-                    for method in ("naive", "recompute", "grad_in_forward", "vocab_blocked")
-                    for r in mem["rows"]
-                    if (r["tokens"], r["w_grad"], r["method"]) == (N, w_grad, method)
-                ]
-                lines.append(
-                    f"{N:>6} {'trainable' if w_grad else 'frozen':<9} "
-                    + " ".join(f"{c:>{w}}" for c, w in zip(cells, (16, 26, 26, 26)))
-                )
+                cells = {
+                    r["method"]: _cell(r, mem["rows"]) for r in mem["rows"] if (r["tokens"], r["w_grad"]) == (N, w_grad)
+                }
+                if cells:
+                    lines.append(
+                        f"{N:>6} {'trainable' if w_grad else 'frozen':<9} "
+                        + " ".join(f"{cells.get(m, '-'):>{16 if m == 'naive' else 26}}" for m in shown)
+                    )
         for r in mem.get("budget_sweep", []):
             lines.append(
                 f"  budget {r['budget_mib']:>5} MiB ({r['chunk_rows']} rows) N={r['tokens']} "

@@ -93,13 +93,24 @@ def test_chunked_bench_memory_and_spec_parts_on_cpu(seed):
         ]
     )
     mem = bench.part_memory(args, device="cpu")
-    # naive, recompute, grad_in_forward for both heads; vocab_blocked for the trainable one
-    assert len(mem["rows"]) == 3 + 4 and len(mem["budget_sweep"]) == 5
+    # naive, recompute, grad_in_forward for both heads; vocab_blocked (kernels, PyTorch formulas) for the trainable one
+    assert len(mem["rows"]) == 3 + 5 and len(mem["budget_sweep"]) == 6
     assert {r["method"] for r in mem["rows"] if not r["w_grad"]} == {"naive", "recompute", "grad_in_forward"}
     losses = {(r["tokens"], r["w_grad"]): set() for r in mem["rows"]}
     for r in mem["rows"]:
         losses[(r["tokens"], r["w_grad"])].add(round(r["loss"], 3))
     assert all(len(v) == 1 for v in losses.values()), "naive and chunked losses differ"
+    # the narrow selection the device command uses: only the trainable head, only the named methods, no sweep
+    narrow = parser.parse_args(
+        ["--tokens", "40", "--hidden", "16", "--vocab", "300", "--reps", "1", "--budgets-mib", "", "--heads",
+         "trainable", "--methods", "naive,vocab_blocked,vocab_blocked_torch"]
+    )  # fmt: skip
+    few = bench.part_memory(narrow, device="cpu")
+    assert [r["method"] for r in few["rows"]] == ["naive", "vocab_blocked", "vocab_blocked_torch"]
+    assert all(r["w_grad"] for r in few["rows"]) and few["budget_sweep"] == []
+    assert len({round(r["loss"], 3) for r in few["rows"]}) == 1
+    with pytest.raises(ValueError, match="--methods"):
+        bench.part_memory(parser.parse_args(["--methods", "fast"]), device="cpu")
     spec = bench.part_spec(args, device="cpu", sizes=(2, 24, 32, 300), chunks=(None, 16))
     for row in spec["rows"]:
         assert row["loss_close"] and row["grad_W_close"]
@@ -109,7 +120,7 @@ def test_chunked_bench_memory_and_spec_parts_on_cpu(seed):
     table = bench.summary({"memory": mem, "spec": spec})
     assert (
         "grad_in_forward" in table
-        and "vocab_blocked" in table
+        and "vocab_blocked_torch" in table
         and "budget" in table
         and "spec test_comparison" in table
     )

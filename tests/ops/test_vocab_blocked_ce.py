@@ -35,16 +35,19 @@ def _grads(fn, x, w, b, y, dtype):
     return out.detach(), grads
 
 
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
 @pytest.mark.parametrize("order", ["vocab", "rows"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
-def test_matches_naive_and_truth(seed, order, dtype, bias):
+def test_matches_naive_and_truth(seed, order, dtype, bias, kernels):
+    """Both the PyTorch formulas and the Triton kernels (here under the interpreter): they differ in fp32
+    rounding only, before the same single rounding of G to x's dtype, so the bounds are the same."""
     n, h, v = 67, 24, 389  # odd sizes; a budget of ~3 blocks of the vocabulary and 3 row chunks
     x, w, b, y = _inputs(n, h, v, torch.float64, bias)
     budget = 12 * n * 130
 
     def blocked(xx, ww, bb, yy):
-        return VocabBlockedCE.apply(xx, ww, bb, yy, -100, 23, budget, order)
+        return VocabBlockedCE.apply(xx, ww, bb, yy, -100, 23, budget, order, kernels)
 
     truth, g_truth = _grads(_naive, x, w, b, y, torch.float64)
     ours, g_ours = _grads(blocked, x, w, b, y, dtype)
@@ -97,10 +100,12 @@ def test_block_size_keeps_temporaries_within_the_budget(rows, vocab, budget, exp
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kernels", ["auto", "torch"])
 @pytest.mark.parametrize("order", ["vocab", "rows"])
-def test_cuda_bf16_matches_truth_as_well_as_the_naive_path(seed, order):
+def test_cuda_bf16_matches_truth_as_well_as_the_naive_path(seed, order, kernels):
     """On CUDA the blocks' dx (and, in row order, dW) products are summed in fp32 by cuBLAS (`out_dtype`): no
-    extra rounding, so the error stays within the naive path's own (plus fp32 summation slack)."""
+    extra rounding, so the error stays within the naive path's own (plus fp32 summation slack). "auto" is the
+    Triton kernels on CUDA (fp32 math, G rounded once to bf16 as the naive path rounds it)."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     n, h, v = 1000, 256, 5003
@@ -108,7 +113,7 @@ def test_cuda_bf16_matches_truth_as_well_as_the_naive_path(seed, order):
     budget = 12 * n * 1024
 
     def blocked(xx, ww, bb, yy):
-        return VocabBlockedCE.apply(xx, ww, bb, yy, -100, 300, budget, order)
+        return VocabBlockedCE.apply(xx, ww, bb, yy, -100, 300, budget, order, kernels)
 
     truth, g_truth = _grads(_naive, x, w, b, y, torch.float64)
     ours, g_ours = _grads(blocked, x, w, b, y, torch.bfloat16)
@@ -116,3 +121,14 @@ def test_cuda_bf16_matches_truth_as_well_as_the_naive_path(seed, order):
     for name, a, c, t in zip(("loss", "dx", "dW", "db"), (ours, *g_ours), (naive, *g_naive), (truth, *g_truth)):
         err, err_naive = (a.double() - t).abs().max().item(), (c.double() - t).abs().max().item()
         within(err, 2 * err_naive + 64 * torch.finfo(torch.float32).eps * t.abs().max().item(), name)
+
+
+def test_cuda_takes_the_kernels_by_default_and_cpu_the_torch_formulas():
+    from quickloris.ops.vocab_blocked_ce import use_kernels
+
+    cpu = torch.zeros(2, 2)
+    assert not use_kernels("auto", cpu) and not use_kernels("torch", cpu)
+    with pytest.raises(ValueError, match="kernels must be"):
+        use_kernels("fast", cpu)
+    if torch.cuda.is_available():
+        assert use_kernels("auto", cpu.cuda())

@@ -23,6 +23,11 @@ accumulator is dx's [N, H] instead of dW's [V, H]. When N rows would make that a
 2 goes row chunk by row chunk instead (dx of a chunk summed over the blocks in fp32, dW summed over chunks in fp32
 per block): `order="auto"` picks the smaller accumulator. Four matmuls of N x V x H in all (the naive path:
 three), and memory over the inputs of about |dW| + |dx| (fp32) + one block's [rows, V_b] fp32 temporaries.
+
+Elementwise work. With PyTorch's formulas each logit moves ~66 bytes (upcast, logsumexp's passes, sub / exp /
+mul / cast) - on an H200 at 16K tokens, V 128256, about as long as a matmul. On CUDA (`kernels="auto"`) the
+Triton kernels of `quickloris.kernels.ce_kernel` do it on the 16-bit logits in place (lse read once; G written
+over the block's logits): ~6 bytes per logit, no fp32 [rows, V_b] tensor. Same math in fp32, one rounding of G.
 """
 
 from __future__ import annotations
@@ -72,33 +77,63 @@ def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc += (a @ b).float()
 
 
+def use_kernels(kernels: str, x: torch.Tensor) -> bool:
+    """ "auto": the Triton kernels on CUDA (where Triton is installed), the PyTorch formulas elsewhere; "triton":
+    the kernels (CUDA, or CPU under TRITON_INTERPRET=1 - the tests); "torch": the PyTorch formulas."""
+    from quickloris.kernels import ce_kernel
+
+    if kernels == "torch":
+        return False
+    if kernels == "auto":
+        return x.device.type == "cuda" and ce_kernel.available(x)
+    if kernels == "triton":
+        if not ce_kernel.available(x):
+            raise RuntimeError(f"the cross-entropy Triton kernels cannot run on {x.device} here")
+        return True
+    raise ValueError(f"kernels must be 'auto', 'triton' or 'torch', got {kernels!r}")
+
+
 class VocabBlockedCE(torch.autograd.Function):
     """`apply(x [N, H], weight [V, H], bias [V] | None, labels [N], ignore_index, row_chunk, memory_budget,
-    order)` -> sum over valid rows of the cross-entropy (fp32 scalar)."""
+    order, kernels="auto")` -> sum over valid rows of the cross-entropy (fp32 scalar). `kernels`: `use_kernels`.
+
+    With the kernels (`quickloris.kernels.ce_kernel`) the softmax work reads the 16-bit logits where the matmul
+    wrote them and G overwrites them in place: ~6 bytes moved per logit in all instead of ~66, and the block's
+    only temporary is its 16-bit logits (2 of the 12 bytes per logit the budget counts).
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, labels, ignore_index: int, row_chunk: int, memory_budget: int, order: str):
+    def forward(
+        ctx, x, weight, bias, labels, ignore_index: int, row_chunk: int, memory_budget: int, order: str, kernels="auto"
+    ):
         n = x.shape[0]
         valid = labels != ignore_index
         safe = torch.where(valid, labels, 0)
+        fused = use_kernels(kernels, x)
         lse = torch.empty(n, dtype=torch.float32, device=x.device)
         total = torch.zeros((), dtype=torch.float32, device=x.device)
         for s in range(0, n, row_chunk):
             e = min(s + row_chunk, n)
-            z = _logits(x[s:e], weight, bias).float()
-            lse[s:e] = torch.logsumexp(z, dim=-1)
-            zy = z.gather(1, safe[s:e, None]).squeeze(1)
+            z = _logits(x[s:e], weight, bias)
+            if fused:
+                from quickloris.kernels.ce_kernel import row_lse
+
+                lse[s:e] = row_lse(z)
+            else:
+                z = z.float()
+                lse[s:e] = torch.logsumexp(z, dim=-1)
+            zy = z.gather(1, safe[s:e, None]).squeeze(1).float()
             total += torch.where(valid[s:e], lse[s:e] - zy, 0.0).sum()
             del z
         ctx.save_for_backward(x, weight, bias, safe, valid, lse)
-        ctx.cfg = (row_chunk, memory_budget, order)
+        ctx.cfg = (row_chunk, memory_budget, order, fused)
         return total
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g):
         x, weight, bias, safe, valid, lse = ctx.saved_tensors
-        row_chunk, budget, order = ctx.cfg
+        row_chunk, budget, order, fused = ctx.cfg
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         n, h = x.shape
         v = weight.shape[0]
@@ -108,9 +143,16 @@ class VocabBlockedCE(torch.autograd.Function):
         dw = torch.empty_like(weight) if need_w else None
         db = torch.empty(v, dtype=torch.float32, device=x.device) if need_b else None
         scale = torch.where(valid, g.float(), 0.0)[:, None]  # g on valid rows, 0 on ignored ones
+        if fused:
+            from quickloris.kernels.ce_kernel import softmax_grad_
+
+            scale_rows, labels_rows = scale.squeeze(1).contiguous(), safe.long().contiguous()
 
         def block_grad(rs: int, re: int, v0: int, v1: int) -> torch.Tensor:
             """G for rows [rs, re) and vocabulary [v0, v1), in x's dtype."""
+            if fused:  # in place in the block's logits (`ce_kernel.softmax_grad_`)
+                z = _logits(x[rs:re], weight, bias, v0, v1)
+                return softmax_grad_(z, lse[rs:re], labels_rows[rs:re], scale_rows[rs:re], v0)
             p = _logits(x[rs:re], weight, bias, v0, v1).float()
             p.sub_(lse[rs:re, None]).exp_()
             lab = safe[rs:re]
@@ -124,8 +166,8 @@ class VocabBlockedCE(torch.autograd.Function):
             for v0 in range(0, v, step):
                 v1 = min(v0 + step, v)
                 gb = block_grad(0, n, v0, v1)
-                if need_w:
-                    dw[v0:v1] = gb.t() @ x
+                if need_w:  # straight into dW's rows: no temporary
+                    torch.mm(gb.t(), x, out=dw[v0:v1])
                 if need_b:
                     db[v0:v1] = gb.float().sum(0)
                 if need_x:
@@ -153,6 +195,7 @@ class VocabBlockedCE(torch.autograd.Function):
             None if dx is None else dx.to(x.dtype),
             dw,
             None if db is None else db.to(bias.dtype),
+            None,
             None,
             None,
             None,
