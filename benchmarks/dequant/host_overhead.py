@@ -21,6 +21,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stub", action="store_true", help="stub the launch out (the default without CUDA)")
     parser.add_argument("--calls", type=int, default=20000)
-    parser.add_argument("--out", default=None, help="also write the results to DIR/dequant/host-overhead-*.json")
+    parser.add_argument("--out", default=None, help="also write the results to DIR/host-overhead-*.txt")
     ns = parser.parse_args(argv)
     stub = ns.stub or not torch.cuda.is_available()
     device = "cpu" if stub else "cuda"
@@ -163,10 +164,15 @@ def main(argv: list[str] | None = None) -> int:
         results["us"]["torch.empty + synchronize (the harness floor's call)"] = per_call_us(ref, ns.calls // 4, True)
     for name, (median, least) in results["us"].items():
         print(f"{name:60s} median {median:7.3f} us, min {least:7.3f} us  {results['path'].get(name, '')}")
-    if ns.out:
-        from quickloris.utils.provenance import record
+    if ns.out:  # a .txt, not a .json: benchmarks/report reads every JSON under results/dequant as a bench dequant run
+        from quickloris.utils.atomic import atomic_write_text
+        from quickloris.utils.provenance import environment
 
-        print(f"wrote {record('dequant', 'host-overhead-' + ('cpu-stub' if stub else 'cuda'), results, ns.out)}")
+        env = environment()
+        stamp = env["date_utc"].replace(":", "").replace("-", "").replace("+0000", "Z")
+        path = Path(ns.out) / f"host-overhead-{'cpu-stub' if stub else 'cuda'}-{stamp}.txt"
+        atomic_write_text(path, json.dumps({"environment": env, "results": results}, indent=1) + "\n")
+        print(f"wrote {path}")
     print(json.dumps(results))
     return 0
 
