@@ -264,7 +264,7 @@ def _stack_runs(
 ) -> dict[str, Any]:
     """plan: (stack, lengths, batch). One model per stack, run at each length; LoRA init shared by all stacks.
     `keep_going`: a stack that raises gets ``{"error": ...}`` at its lengths and the next stack runs."""
-    from quickloris.parallel.compile import compile_stats, reset_compile_stats
+    from quickloris.parallel.compile import compile_seconds, compile_stats, reset_compile_stats
 
     out: dict[str, Any] = {}
     lora_init = None
@@ -290,6 +290,7 @@ def _stack_runs(
                 run.update(
                     build_s=build_s,
                     compile=compile_stats() if stack.endswith("compiled") else None,
+                    compile_s=compile_seconds() if stack.endswith("compiled") else None,
                     attention=model.config._attn_implementation,
                 )  # what ran (transformers' registry name)
                 out.setdefault(f"{batch}x{seq}", {})[stack] = run

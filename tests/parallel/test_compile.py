@@ -419,3 +419,20 @@ def test_regions_trace_once_with_their_float_hyperparameters_specialised():
     stats = compile_stats()
     assert stats["unique_graphs"] == 3 and stats["graph_breaks"] == 0, stats
     assert stats["trace_restarts"] == 0, stats
+
+
+def test_compile_seconds_times_the_phases_of_a_compile():
+    """`compile_seconds` (bench train's first-step breakdown) reads dynamo's timers: after a compiled forward and
+    backward each phase is timed and nested in the total; `reset_compile_stats` starts it from zero."""
+    from quickloris.parallel.compile import compile_seconds
+
+    reset_compile_stats()
+    assert set(compile_seconds().values()) == {0.0}
+    torch._dynamo.reset()
+    f = torch.compile(lambda x: (x.sin() * 2).relu().sum(), backend="inductor", dynamic=True)  # a backward of its own
+    f(torch.randn(7, requires_grad=True)).backward()
+    s = compile_seconds()
+    assert s["total"] > 0 and 0 < s["dynamo_trace"] < s["total"], s
+    assert 0 < s["forward_backend"] < s["total"] and 0 < s["backward_backend"] < s["total"], s
+    reset_compile_stats()
+    assert set(compile_seconds().values()) == {0.0}

@@ -331,9 +331,30 @@ def _is_retry(metric: str) -> bool:
     return head == "compile_attempt" and n.isdigit() and int(n) >= 1
 
 
+# Where a first (compiling) step's time goes: dynamo's own timers (torch._dynamo.utils.compilation_time_metrics,
+# seconds per call of each timed function), summed. The phases nest: `total` holds the others.
+_PHASES = {
+    "total": ("_compile.compile_inner", "compile_fx.<locals>.bw_compiler"),  # forward frames + lazy backwards
+    "dynamo_trace": ("bytecode_tracing",),
+    "forward_backend": ("OutputGraph.call_user_compiler",),  # AOTAutograd + inductor, forward graphs
+    "backward_backend": ("compile_fx.<locals>.bw_compiler",),  # compiled at the first backward
+    "inductor_codegen": ("GraphLowering.codegen",),
+    "kernel_compile_wait": ("async_compile.wait",),  # waiting on the Triton / C++ compile workers
+}
+
+
+def compile_seconds() -> dict[str, float]:
+    """Seconds spent compiling since `reset_compile_stats`, by phase (`_PHASES`; names of torch's internal timers,
+    0 where a torch version has no such timer)."""
+    from torch._dynamo.utils import compilation_time_metrics
+
+    return {
+        phase: round(sum(sum(compilation_time_metrics.get(k, ())) for k in keys), 3) for phase, keys in _PHASES.items()
+    }
+
+
 def reset_compile_stats() -> None:
     from torch._dynamo.utils import compilation_time_metrics, counters
 
     counters.clear()
-    for key in [k for k in compilation_time_metrics if _is_retry(k)]:
-        del compilation_time_metrics[key]
+    compilation_time_metrics.clear()
