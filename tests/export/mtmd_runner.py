@@ -169,7 +169,9 @@ def round_to(x: torch.Tensor, qtype: str) -> torch.Tensor:
 
 # ---- how far one rounding falling the other way moves the twin's output -----------------------------------------
 
-_FLIPS: list | None = None  # inside `flip_bound`: each rounding the twin made, as (its value, one step there)
+# inside `flip_bound`: each rounding the twin made, as (its value, one step there, for Q8_0 the relative step of each
+# block's fp16 scale, else None)
+_FLIPS: list | None = None
 
 
 def _step(r: torch.Tensor, qtype: str) -> torch.Tensor:
@@ -201,7 +203,11 @@ def _rounded(x: torch.Tensor, qtype: str) -> torch.Tensor:
     r = r.detach()
     # the rounded value, with d y / d x = 1 (a leaf where x has no graph: the pixels)
     y = x + (r - x.detach()) if x.requires_grad else r.clone().requires_grad_()
-    _FLIPS.append((y, _step(r, qtype)))
+    scale_step = None
+    if qtype == "Q8_0":  # the block's scale, amax / 127 rounded to fp16: its flip moves all 32 values of the block
+        d = (x.detach().reshape(*x.shape[:-1], -1, 32).abs().amax(-1) / 127).to(torch.float16).float()
+        scale_step = torch.where(d > 0, _step(d, "F16") / d.clamp_min(2.0**-24), torch.zeros_like(d))
+    _FLIPS.append((y, _step(r, qtype), scale_step))
     return y
 
 
@@ -209,7 +215,10 @@ def flip_bound(fn, far_from: np.ndarray, rows: int = 256) -> tuple[np.ndarray, f
     """(fn(), B): fn computes with the twin (`ggml_twin`, `llava_twin_features`); B bounds, to first order, how far
     an element of its output moves when one of the twin's roundings falls on the other side, the one way in which
     llama.cpp's result differs from the twin's beyond float32 noise: max over every rounded element e of (one step
-    of its type at e) x max_k |d out_k / d e|, the Jacobian taken with each rounding passed straight through. The max
+    of its type at e) x max_k |d out_k / d e|, the Jacobian taken with each rounding passed straight through; for a
+    Q8_0 rounding also its block's fp16 scale one step off, which moves the block's 32 values together (each by its
+    share, value x the scale's relative step): max over blocks and k of |sum_e d out_k / d e x value_e| x that
+    relative step. The max
     over k runs over the `rows` outputs farthest from `far_from` (llama.cpp's), where a flip shows: the Jacobian of
     every output of the Qwen towers costs ~20 s, and a bound over fewer outputs is smaller, so a check against it is
     stricter than against all."""
@@ -218,14 +227,21 @@ def flip_bound(fn, far_from: np.ndarray, rows: int = 256) -> tuple[np.ndarray, f
     try:
         with torch.enable_grad():
             out = fn()
-            sites = [(y, s) for y, s in _FLIPS if y.requires_grad]
+            sites = [(y, s, b) for y, s, b in _FLIPS if y.requires_grad]
             far = np.argsort(-np.abs(far_from - out.detach().numpy()).ravel(), kind="stable")[:rows]
             one_hot = torch.zeros(len(far), out.numel(), dtype=out.dtype)
             one_hot[torch.arange(len(far)), torch.from_numpy(far)] = 1
             grads = torch.autograd.grad(
-                out, [y for y, _ in sites], one_hot.reshape(-1, *out.shape), allow_unused=True, is_grads_batched=True
+                out, [y for y, _, _ in sites], one_hot.reshape(-1, *out.shape), allow_unused=True, is_grads_batched=True
             )
-        bound = max((float((g.abs().amax(0) * s).max()) for g, (_, s) in zip(grads, sites) if g is not None), default=0)
+        bound = 0.0
+        for g, (y, step, scale_step) in zip(grads, sites):
+            if g is None:
+                continue
+            bound = max(bound, float((g.abs().amax(0) * step).max()))  # one element one step off
+            if scale_step is not None:  # a Q8_0 block's scale one fp16 step off: each value moves by its own share
+                moved = (g * y.detach()).reshape(len(far), *y.shape[:-1], -1, 32).sum(-1).abs().amax(0)
+                bound = max(bound, float((moved * scale_step).max()))
         return out.detach().numpy(), bound
     finally:
         _FLIPS = None
