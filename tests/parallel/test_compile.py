@@ -316,7 +316,17 @@ def test_checkpoint_keep_is_checked():
         checkpoint_in_graph(tiny, tiny.model.layers[0], ["mlp"])
 
 
-def test_inductor_on_cpu_small_step_matches_eager(seed, monkeypatch):
+def _scalar_cpp_under_default_capability(request) -> None:
+    if os.environ.get("ATEN_CPU_CAPABILITY") == "default":
+        # Inductor picks its C++ vector width from the CPU, but ATen then ships no at::vec headers: scalar C++ code.
+        # (Through the config's own patch: a monkeypatch of the `cpp` sub-config proxy leaves inductor unable to
+        # read the setting back, "cpp.simdlen does not exist".)
+        patch = torch._inductor.config.patch({"cpp.vec_isa_ok": False})
+        patch.__enter__()
+        request.addfinalizer(lambda: patch.__exit__(None, None, None))
+
+
+def test_inductor_on_cpu_small_step_matches_eager(seed, request):
     """Inductor (the GPU default) in CI: each decoder layer, the final norm and the loss chunk compiled to C++ by
     inductor, one training step of one small batch, fixed shapes (one compile, ~10-20 s on 2 cores): 0 graph breaks,
     the loss and every LoRA gradient equal eager's to fp32 rounding. Inductor fuses and reorders the same fp32
@@ -324,9 +334,7 @@ def test_inductor_on_cpu_small_step_matches_eager(seed, monkeypatch):
     cancel at a random init (kappa = sum |terms| / |sum| of 1e2-1e3 here: measured <= 2e-5 of its norm), so per tensor
     within 1e-3 of its norm (room for kappa up to ~1e4); a wrong kernel (a lost term, a wrong derivative) moves it
     by O(1)."""
-    if os.environ.get("ATEN_CPU_CAPABILITY") == "default":
-        # Inductor picks its C++ vector width from the CPU, but ATen then ships no at::vec headers: scalar C++ code.
-        monkeypatch.setattr(torch._inductor.config.cpp, "simdlen", 1)
+    _scalar_cpp_under_default_capability(request)
     base = _tiny()
     ids = torch.randint(0, V, (2, 48))
     qcfg = QLoRAConfig(r=4, init_lora_weights="random")
@@ -348,7 +356,8 @@ def test_inductor_on_cpu_small_step_matches_eager(seed, monkeypatch):
 
 
 @pytest.mark.slow
-def test_inductor_on_cpu_matches_eager(seed):
+def test_inductor_on_cpu_matches_eager(seed, request):
+    _scalar_cpp_under_default_capability(request)
     base = _tiny()
     batches = [torch.randint(0, V, (2, n)) for n in (70, 300, 129, 811)]
     qcfg = QLoRAConfig(r=4, init_lora_weights="random")
@@ -421,11 +430,15 @@ def test_regions_trace_once_with_their_float_hyperparameters_specialised():
     assert stats["trace_restarts"] == 0, stats
 
 
-def test_compile_seconds_times_the_phases_of_a_compile():
+def test_compile_seconds_times_the_phases_of_a_compile(monkeypatch, request):
     """`compile_seconds` (bench train's first-step breakdown) reads dynamo's timers: after a compiled forward and
     backward each phase is timed and nested in the total; `reset_compile_stats` starts it from zero."""
     from quickloris.parallel.compile import compile_seconds
 
+    _scalar_cpp_under_default_capability(request)
+    # a compile, not a load from the on-disk caches of an earlier run (which skip the backend's backward compile)
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
+    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
     reset_compile_stats()
     assert set(compile_seconds().values()) == {0.0}
     torch._dynamo.reset()
