@@ -12,10 +12,13 @@ boundary: that value then differs by one rounding step of its type (up to 2^-10 
 one such flip can move an embedding is computed from the reference itself (`mtmd_runner.flip_bound`: each rounded
 value's step times the largest Jacobian entry of the embeddings with respect to it, over every rounded value), not
 assumed: the layers' gains vary with the random weights (0.6 - 1.5 fp16 steps of the largest embedding for the tiny
-Llava towers, seeds 0-9). `FLIPS` allows three flips at their worst place: in half the runs no rounding flips, in
-most others one does, and a flip upstream shifts the values downstream by up to a step, which can tip one more
+Llava towers, seeds 0-9). `FLIPS` allows three flips at their worst place: in half the runs no rounding flips,
+in most others one does, and a flip upstream shifts the values downstream by up to a step, which can tip one more
 rounding there (the largest measured, 1.5 bounds, seed 7 of llava-f16-spm: a flip in the encoder tipped an input
-of the projector; it was 0.86 of the fixed two-step tolerance used before). A mapping error moves the embeddings
+of the projector; it was 0.86 of the fixed two-step tolerance used before). Q8_0 allows five: its step is 1/127
+of the block's largest value, so a flip's shift downstream is of the size of the next Q8_0 step there and tips
+roundings across the rows attention mixes (seed 38 of qwen2_5_vl-q8_0: 23 of 30 rows off by ~1 bound, the largest
+2.6 bounds). A mapping error moves the embeddings
 by far more: the vision layer norm's epsilon written 100x too large gives 8 - 23 times the tolerance (seeds 0-4).
 Qwen's embeddings are also checked against the HF model as it is (float32, erf GELU), within `EXACT_TOL`.
 
@@ -47,7 +50,7 @@ from tests.export import vlm_models as V
 from tests.helpers import missing_dependency, within
 
 LOGIT_TOL = 2e-5
-FLIPS = 3
+FLIPS = {"q8_0": 5}  # flips allowed per mmproj type (the module docstring); 3 for the others
 F32_NOISE = 1e-5  # relative: float32 sums in another order, ~1e-7 per operation over a few dozen
 # llama.cpp against the HF model as it is: the places where ggml rounds to fp16 and HF does not (pixels and patch
 # kernel, each block's and the merger's GELU tables, an F16 file's weights and matmul inputs) each cost up to one fp16
@@ -113,11 +116,11 @@ def _qwen_features(model, inputs) -> torch.Tensor:
     return feats[0] if isinstance(feats, (list, tuple)) else feats
 
 
-def _twin_features(fn, emb: np.ndarray) -> tuple[np.ndarray, float]:
+def _twin_features(fn, emb: np.ndarray, qtype: str = "f32") -> tuple[np.ndarray, float]:
     """(the twin's image embeddings, how far llama.cpp's `emb` may be from them): `FLIPS` flips at their worst place
     (`mtmd_runner.flip_bound`) plus float32 noise."""
     feats, bound = R.flip_bound(fn, emb)
-    return feats, FLIPS * bound + F32_NOISE * float(np.abs(feats).max())
+    return feats, FLIPS.get(qtype, 3) * bound + F32_NOISE * float(np.abs(feats).max())
 
 
 def _placeholders(model) -> tuple[int, ...]:
@@ -164,7 +167,7 @@ def test_mtmd_runs_the_export_as_hf(family, qtype, tokenizer, tmp_path, seed, mt
     ids = before + image_ids + after + run.tokens
     if family == "llava":
         pixels = R.pixel_values(image, V.CLIP_MEAN, V.CLIP_STD)
-        feats, tol = _twin_features(lambda: R.llava_twin_features(model, pixels, qtype), emb)
+        feats, tol = _twin_features(lambda: R.llava_twin_features(model, pixels, qtype), emb, qtype)
         fixed = R.llava_twin_features(model, pixels, qtype, cls_last=False).numpy()
         # llama.cpp#25814 still there: the HF order is far off (a llama.cpp with the fix fails here: use cls_last=False)
         assert np.abs(emb - fixed).max() > 10 * tol
@@ -177,7 +180,7 @@ def test_mtmd_runs_the_export_as_hf(family, qtype, tokenizer, tmp_path, seed, mt
         inputs = _qwen_inputs(folder, image)
         types = R.linear_types(model, qtype)
         with R.ggml_twin(model, types, convs=("model.visual.patch_embed.proj",)):
-            feats, tol = _twin_features(lambda: _qwen_features(model, inputs), emb)
+            feats, tol = _twin_features(lambda: _qwen_features(model, inputs), emb, qtype)
             input_ids = torch.tensor([ids])
             kinds = (input_ids == model.config.image_token_id).long()  # 1: image, 0: text (M-RoPE positions)
             with torch.no_grad():
@@ -199,7 +202,7 @@ def _check_llava_next(run, tok, model, image, qtype, seed, never):
     tiles = [pixels[:, :, y : y + 16, x : x + 16] for y in (0, 16) for x in (0, 16)]
     assert run.chunk_kinds == ["text"] + ["image"] * 5 + ["text"]
     for i, t in enumerate(tiles):  # the tiles in row-major order, then the overview
-        f, tol = _twin_features(lambda t=t: R.llava_twin_features(model, t, qtype), run.image_embeddings[i])
+        f, tol = _twin_features(lambda t=t: R.llava_twin_features(model, t, qtype), run.image_embeddings[i], qtype)
         within(np.abs(run.image_embeddings[i] - f).max(), tol, f"seed {seed}: tile {i}")
     before = tok(PROMPT[0])["input_ids"]
     after = tok(PROMPT[1], add_special_tokens=False)["input_ids"]
