@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - CPU-only installs without triton use the PyTorch formulas
-    triton = None
-    tl = None
+from quickloris.kernels.triton_common import interpreting, tl, triton
+
+if triton is not None:
+    from quickloris.kernels.triton_common import bf16_bits_rn
 
 #: Columns per program step; a multiple of every vector width.
 BLOCK = 2048
@@ -63,12 +61,8 @@ if triton is not None:
         g = tl.exp(z - lse)
         g = tl.where(idx + v0 == label, g - 1.0, g)
         g = g * scale
-        if SOFT_BF16:
-            # The interpreter's fp32 -> bf16 conversion does not round to nearest even; round on the bits as
-            # the GPU's cvt.rn.bf16.f32 does (finite values).
-            bits = g.to(tl.uint32, bitcast=True)
-            bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.uint16)
-            tl.store(ptrs.to(tl.pointer_type(tl.uint16)), bits, mask=inside)
+        if SOFT_BF16:  # the interpreter's bf16 cast does not round to nearest even
+            tl.store(ptrs.to(tl.pointer_type(tl.uint16)), bf16_bits_rn(g).to(tl.uint16), mask=inside)
         else:
             tl.store(ptrs, g.to(z_ptr.dtype.element_ty), mask=inside)
 
@@ -79,11 +73,6 @@ def available(t: torch.Tensor) -> bool:
     if triton is None:
         return False
     return t.device.type == "cuda" or (interpreting() and t.device.type == "cpu")
-
-
-def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1 at import)."""
-    return triton is not None and not isinstance(_block_lse_kernel, triton.runtime.JITFunction)
 
 
 def _check(z: torch.Tensor) -> None:

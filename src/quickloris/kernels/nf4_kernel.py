@@ -21,14 +21,13 @@ Nothing here is Hopper-only (prmt/lop3 exist since sm_50; bf16 conversion is Tri
 
 from __future__ import annotations
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - CPU-only installs without triton still get the reference path
-    triton = None
-    tl = None
-
 from quickloris.kernels.nf4_ptx import MUL_RN_F32, unpack_bytes_ptx
+from quickloris.kernels.triton_common import interpreting, tl, triton
+
+if triton is not None:
+    from quickloris.kernels.triton_common import bf16_bits_rn
+
+__all__ = ["interpreting", "nf4_dequant_kernel", "tl", "triton"]
 
 if triton is not None:
     _UNPACK_ASM: tl.constexpr = tl.constexpr(unpack_bytes_ptx())
@@ -44,11 +43,8 @@ if triton is not None:
     @triton.jit
     def _to_bits16(values, OUT_DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
         """float32 -> its fp16/bf16 rounding (to nearest even) as the low 16 bits of a uint32."""
-        if SOFT_BF16:
-            # The interpreter rounds fp32 -> bf16 wrongly (truncation / half-up without carry); round on the
-            # bits as the GPU's cvt.rn.bf16.f32 does. Values are finite here.
-            bits = values.to(tl.uint32, bitcast=True)
-            return (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        if SOFT_BF16:  # the interpreter's bf16 cast does not round to nearest even
+            return bf16_bits_rn(values)
         else:
             return values.to(OUT_DTYPE).to(tl.uint16, bitcast=True).to(tl.uint32)
 
@@ -130,8 +126,3 @@ if triton is not None:
             else:
                 result = values.to(OUT_DTYPE)
             tl.store(out_ptr + o_idx, result, mask=o_idx < n)
-
-
-def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1 at import)."""
-    return triton is not None and not isinstance(nf4_dequant_kernel, triton.runtime.JITFunction)
