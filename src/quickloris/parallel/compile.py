@@ -35,7 +35,7 @@ inside the QLoRA autograd.Function, on 2.13 they replay them). Everything is rep
 * ``linears``: the outputs of the NF4 base matmuls (``quickloris::nf4_matmul``, LoRA term included), so backward
   replays no GEMM (Llama-3.2-1B at 8192 tokens: q, k, v, gate, up = 304 MiB per layer).
 
-Checkpoint offload (pinned CPU copies) always stays transformers' eager wrapper.
+Checkpoint offload (`quickloris.parallel.offload`: pinned CPU copies on a side stream) keeps the eager wrapper.
 
 Only registered families (`quickloris.models.families`, ``fast_path``) are compiled: their layers are tested to trace
 with no graph break. A model on the generic path stays eager (`prepare_model` says so in its one warning line).

@@ -53,7 +53,11 @@ class CheckpointConfig(Config):
         check=at_least(0),
         flag="--skip-checkpoint-last",
     )
-    offload: bool = field(False, help="keep the checkpointed layer inputs in pinned CPU memory (longest contexts)")
+    offload: bool = field(
+        False,
+        help="keep the checkpointed layer inputs in pinned CPU memory, copied on a side stream "
+        "(longest contexts; quickloris.parallel.offload)",
+    )
 
     def resolved(self, device_type: str) -> CheckpointConfig:
         """This config with `gradient_checkpointing` decided: unset checkpoints on a GPU only."""
@@ -77,15 +81,16 @@ def apply_checkpointing(model: nn.Module, config: CheckpointConfig | None = None
         )
     params = inspect.signature(model.gradient_checkpointing_enable).parameters
     kwargs: dict = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
-    for name, value, default in (("every_n_layers", cfg.every_n_layers, 1), ("offload", cfg.offload, False)):
-        if name in params:
-            kwargs[name] = value
-        elif value != default:
-            raise ValueError(
-                f"CheckpointConfig.{name}={value!r} needs a transformers version whose "
-                f"gradient_checkpointing_enable() accepts {name}"
-            )
+    if "every_n_layers" in params:
+        kwargs["every_n_layers"] = cfg.every_n_layers
+    elif cfg.every_n_layers != 1:
+        raise ValueError(
+            f"CheckpointConfig.every_n_layers={cfg.every_n_layers!r} needs a transformers version whose "
+            "gradient_checkpointing_enable() accepts every_n_layers"
+        )
     model.gradient_checkpointing_enable(**kwargs)
+    if cfg.offload:
+        _offload_checkpoints(model)
     if cfg.skip_last:
         from quickloris.models.families import decoder_layers
 
@@ -97,6 +102,27 @@ def apply_checkpointing(model: nn.Module, config: CheckpointConfig | None = None
         for layer in layers[len(layers) - cfg.skip_last :]:
             layer.gradient_checkpointing = False
     return model
+
+
+def _offload_checkpoints(model: nn.Module) -> None:
+    """Give every module transformers checkpoints one `OffloadedCheckpoint` as its checkpoint function: layer
+    inputs in pinned CPU memory, copied on a side stream (transformers' own ``offload=True`` copies on the compute
+    stream and waits for each copy: `quickloris.parallel.offload`)."""
+    from quickloris.models import surgery
+    from quickloris.parallel.offload import OffloadedCheckpoint
+
+    func = OffloadedCheckpoint()
+    for path, module in model.named_modules():
+        if getattr(module, "_gradient_checkpointing_func", None) is not None:
+            surgery.set_attribute(
+                model,
+                "checkpoint",
+                module,
+                "_gradient_checkpointing_func",
+                func,
+                "checkpoint with its input in pinned CPU memory (copied on a side stream, one layer prefetched)",
+                path=path,
+            )
 
 
 def build_training_model(

@@ -1,0 +1,217 @@
+"""Offloaded checkpoints (`quickloris.parallel.offload`): what is moved, in which order it comes back, that the
+gradients are the plain checkpoint's, and that a dropped graph frees its buffers.
+
+On CPU the copies are a synchronous stand-in (`_Copies`) that clones and logs; the packing, fetch order and
+prefetch logic are the real ones. On a GPU (``gpu``) the real side-stream copies run on a tiny Llama: gradients
+bit-equal to the checkpoint kept on the GPU, and less memory."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import weakref
+
+import pytest
+import torch
+from torch import nn
+
+from quickloris.parallel.offload import OffloadedCheckpoint
+
+
+class _Copies:
+    """Synchronous stand-in for `CudaCopies`: every tensor counts as on the device; copies are clones, logged."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple[str, int]] = []  # ("host" | "device", id of the host buffer)
+
+    def offloads(self, t):
+        return True
+
+    def to_host(self, t):
+        host = t.detach().clone()
+        self.log.append(("host", id(host)))
+        return host, None
+
+    def to_device(self, host, device):
+        self.log.append(("device", id(host)))
+        return host.clone(), "done"
+
+    def wait(self, t, done):
+        assert done == "done"
+
+
+class _Layer(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+
+    def forward(self, h, table):
+        return h + torch.tanh(self.lin(h) * table)
+
+
+class _Stack(nn.Module):
+    """Layers called through a checkpoint function, as transformers calls a checkpointed decoder layer; `table`
+    stands for the rotary tables: shared by all layers, no gradient."""
+
+    def __init__(self, n: int, d: int, func) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(_Layer(d) for _ in range(n))
+        self.func = func
+
+    def forward(self, x, table):
+        h = x
+        for layer in self.layers:
+            h = self.func(layer.__call__, h, table)
+        return h
+
+
+def _grads(model, x, table):
+    model.zero_grad()
+    x = x.clone().requires_grad_()
+    (model(x, table) ** 2).mean().backward()
+    return [p.grad.clone() for p in model.parameters()] + [x.grad]
+
+
+@pytest.mark.parametrize("n", [1, 2, 5])
+def test_offloaded_checkpoint_moves_the_layer_inputs_and_prefetches_backwards(seed, n):
+    torch.manual_seed(seed)
+    d, tokens = 16, 33
+    func = OffloadedCheckpoint(_Copies(), min_bytes=tokens * d * 4)  # the hidden states qualify, nothing smaller
+    model = _Stack(n, d, func)
+    plain = copy.deepcopy(model)
+    plain.func = lambda f, *a: torch.utils.checkpoint.checkpoint(f, *a, use_reentrant=False)
+    x, table = torch.randn(tokens, d), torch.randn(d)
+
+    got, want = _grads(model, x, table), _grads(plain, x, table)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)  # the same arithmetic: only where the inputs lived changed
+
+    log = func.copies.log
+    hosts = [i for kind, i in log if kind == "host"]
+    assert len(hosts) == n and func.packed == n  # each layer's hidden states; the shared table stays
+    back = [i for kind, i in log if kind == "device"]
+    assert back == hosts[::-1]  # backward replays the last layer first, each input fetched once
+    assert (func.fetched, func.prefetched) == (1, n - 1)  # only the first had to be fetched on demand
+    # each prefetch is issued while the layer after it is unpacked: host-to-device copies lead by one layer
+    order = [i for kind, i in log if kind == "device"]
+    assert order[: min(2, n)] == hosts[::-1][: min(2, n)]
+
+
+def test_offloaded_checkpoint_keeps_small_and_gradient_free_tensors_and_frees_dropped_graphs(seed):
+    torch.manual_seed(seed)
+    d, tokens = 8, 20
+    func = OffloadedCheckpoint(_Copies(), min_bytes=tokens * d * 4 + 1)  # the hidden states are 1 byte too small
+    model = _Stack(3, d, func)
+    model(torch.randn(tokens, d, requires_grad=True), torch.randn(d)).sum().backward()
+    assert func.packed == 0 and func.copies.log == []
+
+    func = OffloadedCheckpoint(_Copies(), min_bytes=1)
+    model = _Stack(3, d, func)
+    table = torch.randn(tokens, d)  # big enough, but no gradient: shared by every layer, left where it is
+    out = model(torch.randn(tokens, d, requires_grad=True), table)
+    assert func.packed == 3
+    last = func._last
+    assert last() is not None
+    del out  # the graph goes without a backward: its handles (and their host buffers) go with it
+    gc.collect()
+    assert last() is None
+
+
+def test_offloaded_checkpoint_drops_the_device_input_after_packing():
+    """The point of it: after the forward no layer input is held on the "device" (here: the original tensors)."""
+    d, tokens, n = 8, 16, 3
+    inputs = []
+
+    class Spy(_Layer):
+        def forward(self, h, table):
+            inputs.append(weakref.ref(h))
+            return super().forward(h, table)
+
+    for func, kept in ((OffloadedCheckpoint(_Copies(), min_bytes=1), 0), (None, n - 1)):
+        inputs.clear()
+        model = _Stack(n, d, func or (lambda f, *a: torch.utils.checkpoint.checkpoint(f, *a, use_reentrant=False)))
+        model.layers = nn.ModuleList(Spy(d) for _ in range(n))
+        x = torch.randn(tokens, d, requires_grad=True)
+        out = model(x, torch.randn(d))
+        gc.collect()
+        alive = sum(r() is not None for r in inputs[1:])  # layer 0's input is `x`, held by the test
+        assert alive == kept
+        out.sum().backward()
+
+
+def test_offloaded_checkpoint_refuses_the_reentrant_checkpoint():
+    with pytest.raises(ValueError, match="use_reentrant=False"):
+        OffloadedCheckpoint(_Copies())(lambda x: x, torch.ones(1, requires_grad=True), use_reentrant=True)
+
+
+def test_apply_checkpointing_offload_sets_one_function_on_every_checkpointed_layer(seed):
+    """The wiring on a tiny Llama (transformers' real layer call): every layer's checkpoint function is the one
+    `OffloadedCheckpoint`, recorded as an edit; on CPU its copies are the stand-in, and gradients equal the
+    plain checkpoint's."""
+    pytest.importorskip("transformers")
+    from quickloris.models import surgery
+    from quickloris.models.prepare import QLoRAConfig
+    from quickloris.parallel.compose import CheckpointConfig, _offload_checkpoints, build_training_model
+    from tests.tiny import tiny_model
+
+    torch.manual_seed(seed)
+    plain = build_training_model(tiny_model(vocab_size=97), QLoRAConfig(r=4, init_lora_weights="random"))
+    model = copy.deepcopy(plain)
+    _offload_checkpoints(model)
+    funcs = {id(layer._gradient_checkpointing_func) for layer in model.model.layers}
+    assert len(funcs) == 1
+    func = model.model.layers[0]._gradient_checkpointing_func
+    assert isinstance(func, OffloadedCheckpoint)
+    assert any("pinned CPU memory" in e.what for e in surgery.edits(model).log)
+    func.copies, func.min_bytes = _Copies(), 1
+    ids = torch.randint(0, 97, (2, 40))
+    grads = {}
+    for name, m in (("plain", plain), ("offload", model)):
+        assert CheckpointConfig().gradient_checkpointing and all(x.gradient_checkpointing for x in m.model.layers)
+        m(input_ids=ids, labels=ids).loss.backward()
+        grads[name] = {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+    assert func.packed == len(model.model.layers)  # the hidden states only: not the rotary tables
+    assert grads["plain"].keys() == grads["offload"].keys() and grads["plain"]
+    for n, g in grads["plain"].items():
+        torch.testing.assert_close(grads["offload"][n], g, rtol=0, atol=0, msg=n)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_offloaded_checkpoint_same_gradients_less_memory(seed):
+    """Side-stream copies on a GPU: bit-equal gradients to the checkpoint kept on the GPU, and the layer inputs
+    are gone from the peak (all but the two in flight)."""
+    pytest.importorskip("transformers")
+    from quickloris.models.prepare import QLoRAConfig
+    from quickloris.parallel.compose import CheckpointConfig, build_training_model
+    from tests.tiny import tiny_model
+
+    torch.manual_seed(seed)
+    n_layers, hidden, tokens = 8, 256, 8192
+    base = tiny_model(vocab_size=128, hidden_size=hidden, num_hidden_layers=n_layers, intermediate_size=512)
+    base = base.to("cuda", torch.bfloat16)
+    ids = torch.randint(0, 128, (1, tokens), device="cuda")
+    out = {}
+    for offload in (False, True):
+        torch.manual_seed(seed)
+        model = build_training_model(
+            copy.deepcopy(base),
+            QLoRAConfig(r=4, init_lora_weights="random"),
+            checkpointing=CheckpointConfig(offload=offload),
+        )
+        for _ in range(2):  # the second step: the caching allocators are warm
+            model.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            model(input_ids=ids, labels=ids).loss.backward()
+            torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - before
+        grads = {n: p.grad.float().cpu() for n, p in model.named_parameters() if p.grad is not None}
+        out[offload] = (peak, grads)
+        del model
+    for n, g in out[False][1].items():
+        torch.testing.assert_close(out[True][1][n], g, rtol=0, atol=0, msg=n)
+    layer_input = tokens * hidden * 2  # bf16
+    saved = out[False][0] - out[True][0]
+    assert saved >= (n_layers - 3) * layer_input, (out[False][0], out[True][0], layer_input)
