@@ -280,6 +280,13 @@ def _harness_rounds(args: argparse.Namespace, copy_tbs: float) -> dict[str, Any]
                 "best": floor / min(runs["quickloris"]["seconds"]),
                 "worst": floor / max(runs["quickloris"]["seconds"]),
             }
+    if "one_launch_floor" in med and "quickloris" in med:
+        # the floor a kernel launch per call cannot go under: the launch and its completion, synchronised per matrix
+        out["one_launch_floor_seconds"] = launch_floor = med["one_launch_floor"] + bytes_s
+        out["quickloris_fraction_of_one_launch_floor"] = {
+            "median": launch_floor / med["quickloris"],
+            "best": launch_floor / min(runs["quickloris"]["seconds"]),
+        }
     for name, key in (
         ("unsloth_fast_dequantize", "speedup_vs_unsloth"),
         ("bnb_dequantize_4bit", "speedup_vs_bnb"),

@@ -32,6 +32,7 @@ FUNCTIONS = (
     "bnb_dequantize_4bit",
     "peft_dequantize_module_weight",
     "torch_empty_floor",
+    "one_launch_floor",
 )
 SITE_ENV = "QUICKLORIS_UNSLOTH_SITE"
 ROOT = Path(__file__).resolve().parents[2]
@@ -70,6 +71,15 @@ def function(name: str) -> Callable:
         return lambda layer: torch.empty(
             layer.weight.quant_state.shape, dtype=layer.weight.quant_state.dtype, device="cuda"
         )
+    if name == "one_launch_floor":
+        # the torch_empty floor plus one kernel that does nothing, launched from C++ (`torch.cuda._sleep(0)`): what
+        # any implementation pays per call to launch a kernel and wait for it, whatever the kernel does
+        def empty_and_launch(layer):
+            out = torch.empty(layer.weight.quant_state.shape, dtype=layer.weight.quant_state.dtype, device="cuda")
+            torch.cuda._sleep(0)
+            return out
+
+        return empty_and_launch
     raise ValueError(f"unknown implementation {name!r}; choose from {', '.join(FUNCTIONS)}")
 
 
@@ -188,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             out: dict = {"matrix_us": [r[ns.name] for r in rows], "host_us": timing.host_us({ns.name: fx})[ns.name]}
         else:
             reference = function("bnb_dequantize_4bit")
-            check = ns.name != "torch_empty_floor"
+            check = not ns.name.endswith("_floor")
             out = {"seconds": [round(harness(fx, reference, ns.iters, check), 4) for _ in range(ns.repeats)]}
         if ns.name == "unsloth_fast_dequantize":
             import unsloth
