@@ -188,7 +188,7 @@ def test_cuda_offloaded_checkpoint_same_gradients_less_memory(seed):
 
     torch.manual_seed(seed)
     n_layers, hidden, tokens = 8, 256, 8192
-    base = tiny_model(vocab_size=128, hidden_size=hidden, num_hidden_layers=n_layers, intermediate_size=512)
+    base = tiny_model(vocab_size=128, hidden=hidden, layers=n_layers, inter=512)
     base = base.to("cuda", torch.bfloat16)
     ids = torch.randint(0, 128, (1, tokens), device="cuda")
     out = {}
