@@ -182,12 +182,14 @@ def test_cuda_offloaded_checkpoint_same_gradients_less_memory(seed):
     """Side-stream copies on a GPU: bit-equal gradients to the checkpoint kept on the GPU, and the layer inputs
     are gone from the peak (all but the two in flight)."""
     pytest.importorskip("transformers")
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     from quickloris.models.prepare import QLoRAConfig
     from quickloris.parallel.compose import CheckpointConfig, build_training_model
     from tests.tiny import tiny_model
 
     torch.manual_seed(seed)
-    n_layers, hidden, tokens = 8, 256, 8192
+    n_layers, hidden, tokens = 12, 256, 8192
     base = tiny_model(vocab_size=128, hidden=hidden, layers=n_layers, inter=512)
     base = base.to("cuda", torch.bfloat16)
     ids = torch.randint(0, 128, (1, tokens), device="cuda")
@@ -204,7 +206,10 @@ def test_cuda_offloaded_checkpoint_same_gradients_less_memory(seed):
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
-            model(input_ids=ids, labels=ids).loss.backward()
+            # the math backend: the flash / efficient backwards add into dQ atomically, so two runs of the same
+            # step differ in the last bits whatever the checkpoint does (seen: layer 0's q_proj LoRA gradient)
+            with sdpa_kernel(SDPBackend.MATH):
+                model(input_ids=ids, labels=ids).loss.backward()
             torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - before
         grads = {n: p.grad.float().cpu() for n, p in model.named_parameters() if p.grad is not None}
@@ -214,4 +219,4 @@ def test_cuda_offloaded_checkpoint_same_gradients_less_memory(seed):
         torch.testing.assert_close(out[True][1][n], g, rtol=0, atol=0, msg=n)
     layer_input = tokens * hidden * 2  # bf16
     saved = out[False][0] - out[True][0]
-    assert saved >= (n_layers - 3) * layer_input, (out[False][0], out[True][0], layer_input)
+    assert saved >= (n_layers - 4) * layer_input, (out[False][0], out[True][0], layer_input)
