@@ -237,11 +237,10 @@ def _build(
 
 def _compare(runs: dict[str, dict], ref: str = "hf_eager") -> None:
     runs = {name: run for name, run in runs.items() if "error" not in run}  # a stack that failed has no numbers
-    if ref not in runs:
-        return
-    base_loss = runs[ref]["losses"]
     for run in runs.values():
-        run["max_rel_loss_diff_vs_" + ref] = max(abs(a - b) / abs(b) for a, b in zip(run["losses"], base_loss))
+        if ref in runs:
+            base_loss = runs[ref]["losses"]
+            run["max_rel_loss_diff_vs_" + ref] = max(abs(a - b) / abs(b) for a, b in zip(run["losses"], base_loss))
         for other in ("hf_eager", "hf_compiled", "unsloth"):
             o = runs.get(other)
             if o and o is not run:

@@ -135,3 +135,20 @@ def test_unsloth_checkpoint_is_the_shared_base(tmp_path, seed):
     assert type(model).__name__ == base.architecture
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "ckpt")  # Unsloth's loader needs one
     assert len(tok) == tm.TINY["vocab_size"] and tok.convert_tokens_to_ids("t7") == 7
+
+
+def test_compare_gives_ratios_against_unsloth_without_an_hf_stack():
+    """A run of only quickloris and Unsloth (the usual device run) still records each stack's ratios to Unsloth;
+    the loss comparison needs hf_eager and is left out without it."""
+    from benchmarks.train.bench import _compare
+
+    runs = {
+        "ql_offload": {"tokens_per_s": 9810.0, "peak_gib": 7.47, "losses": [1.0]},
+        "unsloth": {"tokens_per_s": 9372.0, "peak_gib": 8.04, "losses": [1.0]},
+        "ql_eager": {"error": "out of memory"},
+    }
+    _compare(runs)
+    assert runs["ql_offload"]["speedup_vs_unsloth"] == 9810.0 / 9372.0
+    assert runs["ql_offload"]["memory_vs_unsloth"] == 7.47 / 8.04
+    assert "speedup_vs_unsloth" not in runs["unsloth"] and "max_rel_loss_diff_vs_hf_eager" not in runs["ql_offload"]
+    assert runs["ql_eager"] == {"error": "out of memory"}
