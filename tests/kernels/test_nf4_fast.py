@@ -185,6 +185,31 @@ def test_a_changed_nf4_state_is_not_served_stale(seed, stub):
     assert torch.equal(bits(got), bits(nf4.dequantize_nf4_reference(packed, state)))
 
 
+def test_a_new_nf4_state_over_the_same_tensors_is_served(seed, stub):
+    """`quickloris::nf4_matmul` (the training step's NF4 matmul) builds a new NF4State, with a new Size, per call:
+    the same tensors are the same launch. A new state that differs in one tensor, the shape or the blocksize is
+    not."""
+    import dataclasses
+
+    t = NF4Tensor.from_float(torch.randn(64, 256, dtype=torch.bfloat16))
+    packed, state = t.nf4_components()
+    want = bits(nf4.dequantize_nf4_reference(packed, state))
+    stub.cache(packed, state)
+    fresh = dataclasses.replace(state, shape=torch.Size(list(state.shape)), blocksize=int(str(state.blocksize)))
+    assert fresh is not state and fresh.shape is not state.shape
+    got, served = _served(stub, packed, fresh)
+    assert served and torch.equal(bits(got), want)
+    other = NF4Tensor.from_float(torch.randn(64, 256, dtype=torch.bfloat16))
+    for name, changed in (
+        ("absmax", dataclasses.replace(state, absmax=other.absmax)),
+        ("absmax2", dataclasses.replace(state, absmax2=state.absmax2.clone())),
+        ("shape", dataclasses.replace(state, shape=torch.Size((128, 128)))),
+    ):
+        got, served = _served(stub, packed, changed)
+        assert not served, name
+        assert torch.equal(bits(got), bits(nf4.dequantize_nf4_reference(packed, changed))), name
+
+
 def test_other_dtype_out_and_inline_ptx_take_the_checked_path(seed, stub):
     p = linear4bit(128, 64).weight
     stub.cache(p)

@@ -13,7 +13,9 @@ Why an entry may answer (anything else takes the checked path, which replaces th
 * the objects the launch read are the same objects: for a module its ``weight`` parameter, for a Params4bit its
   ``quant_state``, and the state's tensors, shape, dtype and blocksizes (`_bnb_key` / `_nf4_key`): replacing any
   of them (``layer.weight = ...``, ``p.quant_state = ...``, bitsandbytes' ``QuantState.to`` assigns new tensors)
-  invalidates the entry;
+  invalidates the entry. For a (packed, state) pair the state may be another object of the same class over the
+  same tensors (an NF4State's shape and blocksize compared by value): `quickloris::nf4_matmul`, the training
+  step's NF4 matmul, builds a new NF4State per call, and took the checked path every time before;
 * the packed bytes are at the address the entry launches from (``p.data = ...`` moves them);
 * the current CUDA device is the entry's (Triton loaded the kernel in that device's context);
 * the output dtype, the `inline_ptx` choice and an `out` tensor match what the kernel was compiled for.
@@ -91,9 +93,9 @@ def _same_nf4(s: NF4State, k: tuple) -> bool:
         and s.code2 is k[2]
         and s.offset is k[3]
         and s.code is k[4]
-        and s.shape is k[5]
+        and s.shape == k[5]  # by value: `quickloris::nf4_matmul` builds a new NF4State (and Size) per call
         and s.dtype is k[6]
-        and s.blocksize is k[7]
+        and s.blocksize == k[7]
     )
 
 
@@ -206,7 +208,8 @@ def cached(weight: Any, quant_state: Any, out: Any, dtype: Any, inline_ptx: Any)
         return None
     kind = e.kind
     if kind is _PAIR:
-        if quant_state is not e.state or not e.same(quant_state, e.key):
+        # another state object of the same kind over the same tensors describes the same launch
+        if quant_state.__class__ is not e.state.__class__ or not e.same(quant_state, e.key):
             return None
         if e.plain:
             ptr = weight.data_ptr()
