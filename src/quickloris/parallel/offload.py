@@ -55,14 +55,14 @@ class CudaCopies:
     def offloads(self, t: torch.Tensor) -> bool:
         return t.is_cuda
 
-    def to_host(self, t: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    def to_host(self, t: torch.Tensor) -> torch.Tensor:
         stream = self._stream(t.device)
         stream.wait_stream(torch.cuda.current_stream(t.device))  # t is written by work queued there
         with torch.cuda.stream(stream):
             host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
             host.copy_(t, non_blocking=True)
         t.record_stream(stream)  # t's memory is not reused before this copy has read it
-        return host, None
+        return host
 
     def to_device(self, host: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, Any]:
         stream = self._stream(device)
@@ -114,8 +114,7 @@ class OffloadedCheckpoint:
     def _pack(self, t: torch.Tensor) -> Any:
         if not (t.requires_grad and t.numel() * t.element_size() >= self.min_bytes and self.copies.offloads(t)):
             return t
-        host, _ = self.copies.to_host(t)
-        handle = _Offloaded(host, t.device, self._last)
+        handle = _Offloaded(self.copies.to_host(t), t.device, self._last)
         self._last = weakref.ref(handle)
         self.packed += 1
         return handle
