@@ -117,6 +117,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--skip-last-8b", type=int, default=0, help="the same for the 8B part")
     parser.add_argument(
+        "--mlp-chunks",
+        type=int,
+        default=1,
+        help="ql stacks: each decoder MLP over this many checkpointed sequence chunks (CheckpointConfig.mlp_chunks; "
+        "longest contexts)",
+    )
+    parser.add_argument(
         "--in-graph-1b",
         nargs="?",
         const="",
@@ -227,6 +234,7 @@ def _build(
             attention=attention or args.attention,
             skip_last=skip_last,
             offload=stack == "ql_offload",
+            mlp_chunks=args.mlp_chunks,
             checkpoint_in_graph=in_graph is not None,
             checkpoint_keep=[k for k in (in_graph or "").split(",") if k],
         )
@@ -453,6 +461,7 @@ def run(args: argparse.Namespace) -> int:
         "attention": args.attention,
         "skip_last_1b": args.skip_last_1b,
         "skip_last_8b": args.skip_last_8b,
+        "mlp_chunks": args.mlp_chunks,
         "in_graph_1b": args.in_graph_1b,
         "in_graph_8b": args.in_graph_8b,
         "quick": args.quick,

@@ -199,12 +199,14 @@ def ql_stack(
     attention: str = "sdpa",
     offload: bool = False,
     skip_last: int = 0,
+    mlp_chunks: int = 1,
     checkpoint_in_graph: bool = False,
     checkpoint_keep: list[str] | None = None,
 ) -> nn.Module:
     """quickloris' stack on the shared NF4 tensors (see the module docstring); `skip_last` decoder layers are left
-    un-checkpointed, `checkpoint_in_graph` traces the checkpoint into each compiled layer, keeping `checkpoint_keep`
-    besides the layer input (`quickloris.parallel.compile`)."""
+    un-checkpointed, `mlp_chunks` tiles each MLP over checkpointed sequence chunks, `checkpoint_in_graph` traces the
+    checkpoint into each compiled layer, keeping `checkpoint_keep` besides the layer input
+    (`quickloris.parallel.compile`)."""
     from quickloris.models.prepare import QLoRAConfig
     from quickloris.parallel.compile import CompileConfig
     from quickloris.parallel.compose import CheckpointConfig, build_training_model
@@ -218,7 +220,7 @@ def ql_stack(
     return build_training_model(
         model,
         QLoRAConfig(r=r, lora_alpha=alpha, quantize=False, attention=attention, target_modules=base.targets()),
-        checkpointing=CheckpointConfig(offload=offload, skip_last=skip_last),
+        checkpointing=CheckpointConfig(offload=offload, skip_last=skip_last, mlp_chunks=mlp_chunks),
         compile=CompileConfig(
             backend=compile_backend,
             checkpoint_in_graph=checkpoint_in_graph,

@@ -69,9 +69,10 @@ def test_tiny_run_of_1b_and_counts_parts(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_tiny_run_of_8b_and_maxlen_parts(tmp_path):
-    args = _args("--tiny", "--parts", "8b,maxlen", "--steps", "3", "--out", str(tmp_path))
+    args = _args("--tiny", "--parts", "8b,maxlen", "--steps", "3", "--mlp-chunks", "3", "--out", str(tmp_path))
     assert bench.run(args) == 0
     res = json.loads(next((tmp_path / "train").glob("train-*.json")).read_text())["results"]
+    assert res["mlp_chunks"] == 3
     assert set(res["8b"]) == {"1x48", "1x96"} and set(res["8b"]["1x96"]) == {"ql_compiled", "hf_eager"}
     assert res["maxlen"]["ql_compiled"]["longest"] >= 32
     # every stack is probed; Unsloth (its own process, CUDA only) records why it did not run

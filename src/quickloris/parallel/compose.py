@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from quickloris.config import Config, ConfigError, at_least, field
+from quickloris.models import surgery
 from quickloris.models.prepare import QLoRAConfig, prepare_model
 from quickloris.parallel.compile import CompileConfig, compile_model
 
@@ -59,6 +60,14 @@ class CheckpointConfig(Config):
         "(longest contexts; quickloris.parallel.offload)",
     )
 
+    mlp_chunks: int = field(
+        1,
+        help="run each decoder layer's MLP over this many sequence chunks, each checkpointed: backward holds one "
+        "chunk's [tokens, intermediate] activations (longest contexts; one more MLP forward per step; "
+        "quickloris.parallel.tiled_mlp)",
+        check=at_least(1),
+    )
+
     def resolved(self, device_type: str) -> CheckpointConfig:
         """This config with `gradient_checkpointing` decided: unset checkpoints on a GPU only."""
         if self.gradient_checkpointing is not None:
@@ -69,6 +78,10 @@ class CheckpointConfig(Config):
 def apply_checkpointing(model: nn.Module, config: CheckpointConfig | None = None) -> nn.Module:
     """Enable (or disable) activation checkpointing of `model`'s decoder layers through transformers' own API."""
     cfg = (config or CheckpointConfig()).resolved(next(model.parameters()).device.type)
+    if cfg.mlp_chunks > 1 or surgery.applied(model, "mlp_chunks"):
+        from quickloris.parallel.tiled_mlp import set_mlp_chunks
+
+        set_mlp_chunks(model, cfg.mlp_chunks)
     if not cfg.gradient_checkpointing:
         if getattr(model, "is_gradient_checkpointing", False):
             model.gradient_checkpointing_disable()
@@ -108,7 +121,6 @@ def _offload_checkpoints(model: nn.Module) -> None:
     """Give every module transformers checkpoints one `OffloadedCheckpoint` as its checkpoint function: layer
     inputs in pinned CPU memory, copied on a side stream (transformers' own ``offload=True`` copies on the compute
     stream and waits for each copy: `quickloris.parallel.offload`)."""
-    from quickloris.models import surgery
     from quickloris.parallel.offload import OffloadedCheckpoint
 
     func = OffloadedCheckpoint()

@@ -1,0 +1,155 @@
+"""Decoder MLPs over checkpointed sequence chunks (`quickloris.parallel.tiled_mlp`, ``CheckpointConfig.mlp_chunks``):
+the same loss and LoRA gradients as the whole MLP, no [tokens, intermediate] tensor kept for backward, the same
+dropout masks in the replay, one compiled graph for every length, and undo."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from quickloris.config import ConfigError  # noqa: E402
+from quickloris.models import surgery  # noqa: E402
+from quickloris.models.prepare import QLoRAConfig  # noqa: E402
+from quickloris.parallel import tiled_mlp  # noqa: E402
+from quickloris.parallel.compile import CompileConfig, compile_stats, reset_compile_stats  # noqa: E402
+from quickloris.parallel.compose import CheckpointConfig, apply_checkpointing, build_training_model  # noqa: E402
+from tests.tiny import tiny_model  # noqa: E402
+
+V, INTER = 97, 96
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+
+
+def _base():
+    return tiny_model(vocab_size=V, layers=2, inter=INTER)
+
+
+def _step(model, ids):
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _close(got, want, what):
+    """fp32: tiling changes which rows a GEMM sees together and the order in which LoRA gradients add up over rows;
+    every sum stays a sum of the same terms, so the difference is a few roundings of the largest term
+    (rtol 1e-5 ~ 100 fp32 ulps)."""
+    for n, g in want.items():
+        scale = g.abs().max().clamp_min(1e-30)
+        torch.testing.assert_close(got[n], g, rtol=1e-5, atol=1e-5 * float(scale), msg=f"{what}: {n}")
+
+
+@pytest.mark.parametrize("chunks", [3, 64])  # 64 > the 40 tokens: one token a chunk, 24 padded rows
+def test_chunked_mlp_gives_the_whole_mlps_loss_and_gradients(seed, chunks):
+    torch.manual_seed(seed)
+    base, ids = _base(), torch.randint(0, V, (2, 40))
+    qcfg = QLoRAConfig(r=4, init_lora_weights="random")
+    out = {}
+    for name, n in (("whole", 1), ("tiled", chunks)):
+        torch.manual_seed(seed)
+        model = build_training_model(copy.deepcopy(base), qcfg, checkpointing=CheckpointConfig(mlp_chunks=n))
+        out[name] = _step(model, ids)
+    assert sum(isinstance(e.what, str) and "sequence chunks" in e.what for e in surgery.edits(model).log) == 4
+    torch.testing.assert_close(out["tiled"][0], out["whole"][0], rtol=1e-6, atol=0)
+    assert out["tiled"][1].keys() == out["whole"][1].keys() and len(out["whole"][1]) == 2 * 2 * 7
+    _close(out["tiled"][1], out["whole"][1], f"{chunks} chunks")
+
+
+def test_chunked_mlp_keeps_no_intermediate_tensor_for_backward(seed):
+    """The mechanism: without any layer checkpoint, the whole MLP keeps [tokens, intermediate] tensors for
+    backward; the tiled one keeps none (each chunk's replay makes its own when backward reaches it)."""
+    torch.manual_seed(seed)
+    base, ids = _base(), torch.randint(0, V, (1, 50))
+    kept = {}
+    for n in (1, 5):
+        model = build_training_model(
+            copy.deepcopy(base),
+            QLoRAConfig(r=4, init_lora_weights="random"),
+            checkpointing=CheckpointConfig(gradient_checkpointing=False, mlp_chunks=n),
+        )
+        shapes = []
+
+        def pack(t, shapes=shapes):
+            shapes.append(tuple(t.shape))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model.model(input_ids=ids).last_hidden_state
+        out.pow(2).mean().backward()
+        kept[n] = sum(1 for s in shapes if s and s[-1] == INTER)
+    assert kept[1] >= 2 * 2 and kept[5] == 0, kept  # gate, up, ... per layer, against nothing
+
+
+def test_chunk_replays_draw_the_forwards_dropout_masks(seed, monkeypatch):
+    """With LoRA dropout the chunk replays must see the forward's masks: the gradients equal those of the same
+    chunks run without checkpoints (the same draws in the same order)."""
+    torch.manual_seed(seed)
+    base, ids = _base(), torch.randint(0, V, (2, 30))
+    qcfg = QLoRAConfig(r=4, init_lora_weights="random", lora_dropout=0.3)
+    out = {}
+    for name in ("checkpointed", "plain chunks"):
+        if name == "plain chunks":
+            monkeypatch.setattr(tiled_mlp, "checkpoint", lambda fn, *a, use_reentrant: fn(*a))
+        torch.manual_seed(seed)
+        model = build_training_model(
+            copy.deepcopy(base), qcfg, checkpointing=CheckpointConfig(gradient_checkpointing=False, mlp_chunks=4)
+        )
+        torch.manual_seed(seed + 1)  # the same dropout draws in both
+        out[name] = _step(model, ids)
+    torch.testing.assert_close(out["checkpointed"][0], out["plain chunks"][0], rtol=0, atol=0)
+    for n, g in out["plain chunks"][1].items():
+        torch.testing.assert_close(out["checkpointed"][1][n], g, rtol=0, atol=0, msg=n)
+
+
+@pytest.mark.parametrize("in_graph", [False, True])
+def test_chunked_mlp_compiles_fullgraph_once_for_every_length(seed, in_graph):
+    torch.manual_seed(seed)
+    base = _base()
+    qcfg = QLoRAConfig(r=4, init_lora_weights="random")
+    eager = build_training_model(copy.deepcopy(base), qcfg, checkpointing=CheckpointConfig(mlp_chunks=3))
+    torch.manual_seed(seed)
+    compiled = build_training_model(
+        copy.deepcopy(base),
+        qcfg,
+        checkpointing=CheckpointConfig(mlp_chunks=3),
+        compile=CompileConfig(backend="aot_eager", checkpoint_in_graph=in_graph),
+    )
+    compiled.load_state_dict(eager.state_dict())
+    reset_compile_stats()
+    for length in (40, 57, 64, 23):
+        ids = torch.randint(0, V, (2, length))
+        eager.zero_grad(set_to_none=True)
+        compiled.zero_grad(set_to_none=True)
+        want, got = _step(eager, ids), _step(compiled, ids)
+        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=0)
+        _close(got[1], want[1], f"compiled, {length} tokens")
+    stats = compile_stats()
+    # layer, norm, loss: as without tiling (uneven chunks made a layer graph per length mod 3: 5 graphs)
+    assert stats["graph_breaks"] == 0 and stats["unique_graphs"] == 3, stats
+
+
+def test_mlp_chunks_undo_and_errors():
+    model = build_training_model(_base(), QLoRAConfig(r=2), checkpointing=CheckpointConfig(mlp_chunks=4))
+    mlps = [layer.mlp for layer in model.model.layers]
+    assert all(getattr(m, tiled_mlp.ATTR) == 4 and "forward" in vars(m) for m in mlps)
+    apply_checkpointing(model, CheckpointConfig(mlp_chunks=2))  # replaces, does not stack
+    assert all(getattr(m, tiled_mlp.ATTR) == 2 for m in mlps)
+    assert sum(e.step == tiled_mlp.STEP for e in surgery.edits(model).log) == 2 * len(mlps)
+    apply_checkpointing(model, CheckpointConfig())  # back to the whole MLP
+    assert not any("forward" in vars(m) or hasattr(m, tiled_mlp.ATTR) for m in mlps)
+    with pytest.raises(ConfigError, match="mlp_chunks"):
+        CheckpointConfig(mlp_chunks=0)
+    with pytest.raises(ValueError, match="mlp_chunks must be an integer"):
+        tiled_mlp.set_mlp_chunks(model, 2.0)
+    del model.model.layers[1].mlp
+    with pytest.raises(ValueError, match="decoder layer 1 .* has no `mlp`"):
+        tiled_mlp.set_mlp_chunks(model, 2)
