@@ -1,7 +1,8 @@
 """The training stack, assembled in one place and one order.
 
     1. quantize + LoRA      `quickloris.models.prepare_model` (NF4 bases, adapters, chunked loss, attention)
-    2. checkpointing        `apply_checkpointing` (transformers' per-layer checkpointing, non-reentrant)
+    2. checkpointing        `apply_checkpointing` (transformers' per-layer checkpointing, non-reentrant; inputs
+                            optionally offloaded to the CPU, MLPs optionally over checkpointed sequence chunks)
     3. sharding             `quickloris.parallel.fsdp.shard_model` (FSDP2: one unit per decoder layer + the root;
                             NF4 bytes sharded and all-gathered as bytes; mixed precision, CPU offload)
     4. compile              `quickloris.parallel.compile.compile_model` (each decoder layer, final norm, loss)
@@ -59,7 +60,6 @@ class CheckpointConfig(Config):
         help="keep the checkpointed layer inputs in pinned CPU memory, copied on a side stream "
         "(longest contexts; quickloris.parallel.offload)",
     )
-
     mlp_chunks: int = field(
         1,
         help="run each decoder layer's MLP over this many sequence chunks, each checkpointed: backward holds one "
@@ -76,7 +76,9 @@ class CheckpointConfig(Config):
 
 
 def apply_checkpointing(model: nn.Module, config: CheckpointConfig | None = None) -> nn.Module:
-    """Enable (or disable) activation checkpointing of `model`'s decoder layers through transformers' own API."""
+    """Enable (or disable) activation checkpointing of `model`'s decoder layers through transformers' own API; with
+    `config.offload` their inputs go to pinned CPU memory (`quickloris.parallel.offload`), with `config.mlp_chunks`
+    each decoder MLP runs over checkpointed sequence chunks (`quickloris.parallel.tiled_mlp`)."""
     cfg = (config or CheckpointConfig()).resolved(next(model.parameters()).device.type)
     if cfg.mlp_chunks > 1 or surgery.applied(model, "mlp_chunks"):
         from quickloris.parallel.tiled_mlp import set_mlp_chunks
