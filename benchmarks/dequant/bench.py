@@ -272,21 +272,20 @@ def _harness_rounds(args: argparse.Namespace, copy_tbs: float) -> dict[str, Any]
     out: dict[str, Any] = {"runs": runs, "median_seconds": med, "iters": args.iters}
     bytes_s = harness_bytes(args.iters) / (copy_tbs * 1e12)
     if "torch_empty_floor" in med:
-        out["floor_seconds"] = floor = med["torch_empty_floor"] + bytes_s
         out["floor_parts"] = {"python_and_sync_s": med["torch_empty_floor"], "bytes_at_copy_bandwidth_s": bytes_s}
+    # floor: the harness' Python + sync; one_launch_floor: also one empty kernel per matrix, launched and waited for
+    # (what any one-kernel dequantization pays whatever its kernel does); each + the bytes at copy bandwidth
+    for name, prefix in (("torch_empty_floor", "floor"), ("one_launch_floor", "one_launch_floor")):
+        if name not in med:
+            continue
+        out[f"{prefix}_seconds"] = floor = med[name] + bytes_s
         if "quickloris" in med:
-            out["quickloris_fraction_of_floor"] = {
+            seconds = runs["quickloris"]["seconds"]
+            out[f"quickloris_fraction_of_{prefix}"] = {
                 "median": floor / med["quickloris"],
-                "best": floor / min(runs["quickloris"]["seconds"]),
-                "worst": floor / max(runs["quickloris"]["seconds"]),
+                "best": floor / min(seconds),
+                "worst": floor / max(seconds),
             }
-    if "one_launch_floor" in med and "quickloris" in med:
-        # the floor a kernel launch per call cannot go under: the launch and its completion, synchronised per matrix
-        out["one_launch_floor_seconds"] = launch_floor = med["one_launch_floor"] + bytes_s
-        out["quickloris_fraction_of_one_launch_floor"] = {
-            "median": launch_floor / med["quickloris"],
-            "best": launch_floor / min(runs["quickloris"]["seconds"]),
-        }
     for name, key in (
         ("unsloth_fast_dequantize", "speedup_vs_unsloth"),
         ("bnb_dequantize_4bit", "speedup_vs_bnb"),

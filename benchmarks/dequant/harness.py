@@ -74,8 +74,10 @@ def function(name: str) -> Callable:
     if name == "one_launch_floor":
         # the torch_empty floor plus one kernel that does nothing, launched from C++ (`torch.cuda._sleep(0)`): what
         # any implementation pays per call to launch a kernel and wait for it, whatever the kernel does
+        empty = function("torch_empty_floor")
+
         def empty_and_launch(layer):
-            out = torch.empty(layer.weight.quant_state.shape, dtype=layer.weight.quant_state.dtype, device="cuda")
+            out = empty(layer)
             torch.cuda._sleep(0)
             return out
 

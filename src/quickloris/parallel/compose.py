@@ -80,10 +80,9 @@ def apply_checkpointing(model: nn.Module, config: CheckpointConfig | None = None
     `config.offload` their inputs go to pinned CPU memory (`quickloris.parallel.offload`), with `config.mlp_chunks`
     each decoder MLP runs over checkpointed sequence chunks (`quickloris.parallel.tiled_mlp`)."""
     cfg = (config or CheckpointConfig()).resolved(next(model.parameters()).device.type)
-    if cfg.mlp_chunks > 1 or surgery.applied(model, "mlp_chunks"):
-        from quickloris.parallel.tiled_mlp import set_mlp_chunks
+    from quickloris.parallel.tiled_mlp import set_mlp_chunks
 
-        set_mlp_chunks(model, cfg.mlp_chunks)
+    set_mlp_chunks(model, cfg.mlp_chunks)  # 1: no tiling (undoes an earlier one)
     if not cfg.gradient_checkpointing:
         if getattr(model, "is_gradient_checkpointing", False):
             model.gradient_checkpointing_disable()
