@@ -11,6 +11,8 @@ Parts:
   transformers' eager wrapper around it), from $QUICKLORIS_PROBE_1B / _8B: tokens/s and peak memory, HF compiled
   beside it (1B).
 * ``profile``: CUDA kernel time of two 1B steps, grouped (GEMM, attention, NF4 dequant, Inductor-fused, other).
+* ``peakmem``: the blocks alive at the peak of one 8B step at 1 x $QUICKLORIS_PROBE_PEAKMEM_SEQ (offloaded
+  checkpoints, tiled MLP), by size and allocating frames: what limits the longest context.
 * ``saved``: what a 1B-shaped decoder layer keeps for backward per checkpoint mode ($QUICKLORIS_PROBE_SAVED:
   attention:eager|none|graph[+attention][+linears]); also on the CPU (``--saved-device cpu --saved-tokens 1x512``).
 Writes ``<out>/probe_speed-<stamp>.json`` with provenance. Diagnostics, not the headline benchmark.
@@ -231,6 +233,65 @@ def part_saved(tm, modes: list[str], device: str = "cuda", batch: int = 4, seq: 
     return {"device": device, "tokens": [batch, seq], "modes": res}
 
 
+def peak_blocks(trace: list[dict], base: int, unit: int, top: int = 30) -> dict:
+    """Replays a memory-history trace (alloc +, free_completed -) from `base` allocated bytes to its peak, and groups
+    the blocks alive there by size and allocating Python frames (the first three outside torch's own files)."""
+    live: dict[int, dict] = {}
+    now = best = base
+    best_live: list[dict] = []
+    for ev in trace:
+        if ev["action"] == "alloc":
+            live[ev["addr"]] = ev
+            now += ev["size"]
+            if now > best:
+                best, best_live = now, list(live.values())
+        elif ev["action"] == "free_completed" and ev["addr"] in live:
+            now -= live.pop(ev["addr"])["size"]
+    groups: dict[tuple, list[int]] = {}
+    for ev in best_live:
+        frames = [f for f in ev.get("frames", []) if "/torch/" not in f["filename"] or "_inductor" in f["filename"]]
+        where = " < ".join(f"{f['filename'].rsplit('/', 2)[-1]}:{f['line']}:{f['name']}" for f in frames[:3])
+        g = groups.setdefault((ev["size"], where), [0, 0])
+        g[0] += 1
+        g[1] += ev["size"]
+    rows = sorted(groups.items(), key=lambda kv: -kv[1][1])[:top]
+    return {
+        "peak_gib": round(best / 2**30, 2),
+        "before_gib": round(base / 2**30, 2),
+        "unit_bytes": unit,
+        "blocks": [
+            {"gib": round(t / 2**30, 3), "count": c, "size_units": round(size / unit, 3), "where": where}
+            for (size, where), (c, t) in rows
+        ],
+    }
+
+
+def part_peakmem(tm, seq: int, mlp_chunks: int) -> dict:
+    """What is alive at the peak of one 8B step at 1 x `seq` (compiled, offloaded checkpoints, tiled MLP), after a
+    warm-up step at the same length: blocks grouped by size (in units of one seq x hidden bf16 tensor) and where
+    they were allocated."""
+    vocab = tm.LLAMA_8B["vocab_size"]
+    base = tm.build_base(tm.LLAMA_8B, device="cuda")
+    torch._dynamo.reset()
+    model = tm.ql_stack(base, device="cuda", compiled=True, offload=True, mlp_chunks=mlp_chunks)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    warm = tm.one_step(model, opt, seq, vocab, device="cuda")
+    tm.release("cuda")
+    before = torch.cuda.memory_allocated()
+    torch.cuda.memory._record_memory_history(max_entries=500_000, stacks="python")
+    ok, peak, note, step_s = tm.one_step(model, opt, seq, vocab, device="cuda")
+    snap = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    res = {"seq": seq, "mlp_chunks": mlp_chunks, "warm_step": warm[2], "fits": ok, "peak_gib": peak, "note": note}
+    res |= peak_blocks(snap["device_traces"][0], before, seq * tm.LLAMA_8B["hidden_size"] * 2)
+    print(res["peak_gib"], res["note"], flush=True)
+    for row in res["blocks"]:
+        print(f"  {row['gib']:7.3f} GiB {row['count']:4d} x {row['size_units']:7.3f} units  {row['where'][:150]}")
+    del model, base, opt
+    tm.release("cuda")
+    return res
+
+
 def main() -> None:
     from benchmarks.loss.models import LLAMA_1B
     from benchmarks.report import after_record
@@ -263,6 +324,8 @@ def main() -> None:
     p.add_argument("--profile-attention", default=os.environ.get("QUICKLORIS_PROBE_PROFILE_ATTN", "sdpa_cudnn"))
     p.add_argument("--saved-device", default="cuda", help="saved part: cuda, or cpu (the same tensors, smaller)")
     p.add_argument("--saved-tokens", default="4x2048", help="saved part: batch x sequence length")
+    p.add_argument("--peakmem-seq", type=int, default=int(os.environ.get("QUICKLORIS_PROBE_PEAKMEM_SEQ", 65536)))
+    p.add_argument("--peakmem-mlp-chunks", type=int, default=8)
     args = p.parse_args()
     results: dict = {}
     env = environment()
@@ -297,6 +360,8 @@ def main() -> None:
                 )
             elif part == "profile":
                 results[part] = part_profile(tm, args.profile_attention)
+            elif part == "peakmem":
+                results[part] = part_peakmem(tm, args.peakmem_seq, args.peakmem_mlp_chunks)
         except Exception as e:
             results[part] = {"error": f"{type(e).__name__}: {e}"}
             print(part, "failed:", results[part]["error"], flush=True)

@@ -15,7 +15,15 @@ import pytest
 import torch
 from torch import nn
 
-from quickloris.parallel.offload import OffloadedCheckpoint
+from quickloris.parallel.offload import (
+    KEEP_FREE,
+    HostMemoryError,
+    OffloadedCheckpoint,
+    _pow2,
+    check_host_room,
+    pinned_pieces,
+)
+from quickloris.utils.hostmem import HostMemory
 
 
 class _Copies:
@@ -144,6 +152,27 @@ def test_offloaded_checkpoint_refuses_the_reentrant_checkpoint():
         OffloadedCheckpoint(_Copies())(lambda x: x, torch.ones(1, requires_grad=True), use_reentrant=True)
 
 
+@pytest.mark.parametrize("nbytes", [1, 2**20, 3 * 2**30, 2**31 - 2, 7 * 2**28 + 3 * 2**20 + 6, 1_234_567_890])
+def test_pinned_pieces_cover_the_bytes_in_at_most_four_buffers_wasting_under_a_seventh(nbytes):
+    pieces = pinned_pieces(nbytes)
+    assert sum(pieces) == nbytes and 1 <= len(pieces) <= 4 and all(p > 0 for p in pieces)
+    assert all(p & (p - 1) == 0 for p in pieces[:-1])  # exact powers of two: the allocator rounds nothing
+    assert sum(_pow2(p) for p in pieces) - nbytes < nbytes / 7
+    assert pinned_pieces(3 * 2**30) == [2**31, 2**30]  # the 8B's layer input at 384K tokens: 3 GiB, not 4
+
+
+def test_check_host_room_refuses_to_pin_into_the_last_tenth_of_the_host():
+    total = 128 * 2**30
+    free = HostMemory(available=40 * 2**30, total=total)
+    room = int(free.available - KEEP_FREE * total)  # what may still be pinned
+    check_host_room(room, 0, free)
+    check_host_room(room + 2**30, 2**30, free)  # the pool's free buffers are reused first
+    check_host_room(10 * total, 0, None)  # the host's memory is unknown: no check
+    with pytest.raises(HostMemoryError, match=r"^--checkpoint-offload: out of host memory: .* 28\.2 GiB more") as e:
+        check_host_room(room + 2**30, 0, free)  # 27.2 GiB may be pinned: 28.2 may not
+    assert "\n" not in str(e.value) and e.value.exit_code == 1  # one line, no traceback from the CLI
+
+
 def test_apply_checkpointing_offload_sets_one_function_on_every_checkpointed_layer(seed):
     """The wiring on a tiny Llama (transformers' real layer call): every layer's checkpoint function is the one
     `OffloadedCheckpoint`, recorded as an edit; on CPU its copies are the stand-in, and gradients equal the
@@ -220,3 +249,32 @@ def test_cuda_offloaded_checkpoint_same_gradients_less_memory(seed):
     layer_input = tokens * hidden * 2  # bf16
     saved = out[False][0] - out[True][0]
     assert saved >= (n_layers - 4) * layer_input, (out[False][0], out[True][0], layer_input)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_copies_round_trip_odd_sizes_in_pieces_and_refuse_a_full_host(seed, monkeypatch):
+    """`CudaCopies` on a GPU: a tensor whose bytes are no power of two goes to the host in pinned pieces and comes
+    back bit-equal (a strided one too); with the host's memory reported full it raises one line instead."""
+    from quickloris.parallel import offload
+
+    torch.manual_seed(seed)
+    copies = offload.CudaCopies()
+    for t in (
+        torch.randn(3 * 2**19 + 7, 3, device="cuda", dtype=torch.bfloat16),  # 9 MiB + 42 bytes: 4 pieces
+        torch.randn(1000, 600, device="cuda").t(),  # not contiguous
+    ):
+        host = copies.to_host(t)
+        assert [p.numel() for p in host[0]] == pinned_pieces(t.numel() * t.element_size())
+        assert all(p.is_pinned() for p in host[0])
+        back, done = copies.to_device(host, t.device)
+        copies.wait(back, done)
+        assert back.dtype == t.dtype and back.shape == t.shape
+        assert torch.equal(back, t)
+    stats = torch.cuda.host_memory_stats()  # the counters the room check reads exist in this torch
+    assert "allocated_bytes.current" in stats and "active_bytes.current" in stats
+    full = HostMemory(available=0, total=2**40)
+    monkeypatch.setattr(offload.hostmem, "host_memory", lambda: full)
+    big = torch.empty(2**33, dtype=torch.uint8, device="cuda")  # 8 GiB: more than the pool keeps free
+    with pytest.raises(HostMemoryError, match="--checkpoint-offload"):
+        copies.to_host(big)

@@ -21,8 +21,12 @@ input's device-to-host copy and every backward for the host-to-device one, and i
 tables once per layer.
 
 Buffers come from PyTorch's caching host allocator (``pin_memory=True``), which reuses a freed buffer only after the
-copies that used it have finished; it rounds sizes up to a power of two, so odd sizes can take up to 2x their
-bytes of pinned memory. A handle that dies without its backward (the graph was dropped) frees its buffer.
+copies that used it have finished. It rounds each buffer up to a power of two (a 3 GiB layer input would take
+4 GiB), so a tensor is held in up to four pieces (`pinned_pieces`: wasting under 1/7 of its bytes). Pinned memory
+cannot be swapped: pinning more than the host has free gets the process killed by the kernel with no message, so
+before the pool grows, `CudaCopies` checks the host's free memory (`quickloris.utils.hostmem`) and raises
+`HostMemoryError` (one line) while 10 % of it would still be free. A handle that dies without its backward (the
+graph was dropped) frees its buffers.
 
 The device side (`CudaCopies`) is an object of its own so that the packing order and prefetch logic can be tested
 on a CPU with a synchronous stand-in (`tests/parallel/test_offload.py`).
@@ -36,7 +40,48 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from quickloris.utils import hostmem
+
 MIN_BYTES = 1 << 20  # smaller saved tensors stay where they are: a copy's fixed cost outweighs their memory
+KEEP_FREE = 0.10  # of the host's memory, left to everything else when pinned buffers grow
+GiB = 2**30
+
+
+class HostMemoryError(RuntimeError):
+    """Offloaded checkpoints would pin more host memory than is free (one line for the CLI, exit status 1)."""
+
+    exit_code = 1
+
+
+def pinned_pieces(nbytes: int, most: int = 4) -> list[int]:
+    """Sizes (summing to `nbytes`) that hold `nbytes` in buffers of a power-of-two-rounding allocator: the highest
+    `most - 1` set bits of `nbytes` exactly, then the rest as one piece. With b the lowest of those bits,
+    nbytes >= 7 * 2**b and the rest (< 2**b) rounds up by less than 2**b: under 1/7 of `nbytes` wasted, against up
+    to 1/2 for one buffer."""
+    pieces, rest = [], nbytes
+    while rest and len(pieces) < most - 1:
+        top = 1 << (rest.bit_length() - 1)
+        pieces.append(top)
+        rest -= top
+    return pieces + ([rest] if rest else [])
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def check_host_room(need: int, reusable: int, memory) -> None:
+    """Raise `HostMemoryError` unless `need` more bytes of pinned buffers (`reusable` of them already pinned and
+    free in the pool) leave `KEEP_FREE` of the host's memory free. `memory`: `hostmem.HostMemory` or None
+    (unknown: no check)."""
+    grow = need - reusable
+    if grow <= 0 or memory is None or grow <= memory.available - KEEP_FREE * memory.total:
+        return
+    raise HostMemoryError(
+        f"--checkpoint-offload: out of host memory: the offloaded layer inputs need {grow / GiB:.1f} GiB more "
+        f"pinned memory, {memory.available / GiB:.1f} GiB of {memory.total / GiB:.0f} GiB is free and "
+        f"{KEEP_FREE:.0%} stays free; train on shorter sequences or smaller batches, or without --checkpoint-offload"
+    )
 
 
 class CudaCopies:
@@ -55,23 +100,39 @@ class CudaCopies:
     def offloads(self, t: torch.Tensor) -> bool:
         return t.is_cuda
 
-    def to_host(self, t: torch.Tensor) -> torch.Tensor:
+    def to_host(self, t: torch.Tensor) -> tuple[list[torch.Tensor], torch.Size, torch.dtype]:
+        """`t` copied (asynchronously) into pinned pieces: (pieces, shape, dtype)."""
+        t = t.contiguous()
+        sizes = pinned_pieces(t.numel() * t.element_size())
+        stats = torch.cuda.host_memory_stats()
+        reusable = stats.get("allocated_bytes.current", 0) - stats.get("active_bytes.current", 0)
+        need = sum(_pow2(n) for n in sizes)
+        if need > reusable:  # the pool grows: read the host's free memory (skipped once the pool is warm)
+            check_host_room(need, reusable, hostmem.host_memory())
         stream = self._stream(t.device)
         stream.wait_stream(torch.cuda.current_stream(t.device))  # t is written by work queued there
+        flat, pieces, start = t.view(-1).view(torch.uint8), [], 0
         with torch.cuda.stream(stream):
-            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-            host.copy_(t, non_blocking=True)
+            for n in sizes:
+                piece = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+                piece.copy_(flat[start : start + n], non_blocking=True)
+                pieces.append(piece)
+                start += n
         t.record_stream(stream)  # t's memory is not reused before this copy has read it
-        return host
+        return pieces, t.shape, t.dtype
 
-    def to_device(self, host: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, Any]:
+    def to_device(self, host: tuple[list[torch.Tensor], torch.Size, torch.dtype], device: torch.device):
+        pieces, shape, dtype = host
         stream = self._stream(device)
-        with torch.cuda.stream(stream):  # after the same stream's device-to-host copy into `host`
-            t = torch.empty(host.shape, dtype=host.dtype, device=device)
-            t.copy_(host, non_blocking=True)
+        with torch.cuda.stream(stream):  # after the same stream's device-to-host copies into `pieces`
+            flat = torch.empty(sum(p.numel() for p in pieces), dtype=torch.uint8, device=device)
+            start = 0
+            for piece in pieces:
+                flat[start : start + piece.numel()].copy_(piece, non_blocking=True)
+                start += piece.numel()
             done = torch.cuda.Event()
             done.record(stream)
-        return t, done
+        return flat.view(dtype).view(shape), done
 
     def wait(self, t: torch.Tensor, done: Any) -> None:
         """Make the current (compute) stream wait for `t`'s copy, and keep `t`'s memory until that stream used it."""
