@@ -180,3 +180,37 @@ def test_mlp_chunks_undo_and_errors():
     del model.model.layers[1].mlp
     with pytest.raises(ValueError, match="decoder layer 1 .* has no `mlp`"):
         tiled_mlp.set_mlp_chunks(model, 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_compiled_tiled_mlp_same_gradients_less_memory(seed):
+    """On a GPU, compiled with inductor and checkpointed: 8 chunks give the whole MLP's loss and LoRA gradients
+    (fp32, tolerance as `_close`), and the step's peak drops by at least one [tokens, intermediate] fp32 tensor
+    (the whole MLP's backward holds several at once; the tiled one 1/8 of each)."""
+    torch.manual_seed(seed)
+    tokens, inter = 4096, 2048
+    base = tiny_model(vocab_size=V, hidden=64, layers=2, inter=inter).to("cuda")
+    ids = torch.randint(0, V, (1, tokens), device="cuda")
+    out, peaks = {}, {}
+    for n in (1, 8):
+        torch._dynamo.reset()
+        torch.manual_seed(seed)
+        model = build_training_model(
+            copy.deepcopy(base),
+            QLoRAConfig(r=4, init_lora_weights="random"),
+            checkpointing=CheckpointConfig(gradient_checkpointing=True, mlp_chunks=n),
+            compile=CompileConfig(),
+        )
+        _step(model, ids)  # compiles
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        out[n] = _step(model, ids)
+        torch.cuda.synchronize()
+        peaks[n] = torch.cuda.max_memory_allocated() - before
+        del model
+    torch.testing.assert_close(out[8][0], out[1][0], rtol=1e-5, atol=0)
+    _close(out[8][1], out[1][1], "8 chunks on CUDA")
+    assert peaks[1] - peaks[8] >= tokens * inter * 4, peaks
