@@ -189,7 +189,7 @@ def _child(job: dict[str, Any]) -> dict[str, Any]:
                 out[key] = {"error": f"{type(e).__name__}: {e}"}
             tm.release("cuda")
     if job["maxlen"]:
-        from benchmarks.train.bench import longest_fitting
+        from benchmarks.train.maxlen import longest_fitting
 
         start, cap, resolution = job["maxlen"]
         tm.cap_gpu_memory(job.get("gpu_gib"))

@@ -141,7 +141,7 @@ def test_unsloth_checkpoint_is_the_shared_base(tmp_path, seed):
 def test_compare_gives_ratios_against_unsloth_without_an_hf_stack():
     """A run of only quickloris and Unsloth (the usual device run) still records each stack's ratios to Unsloth;
     the loss comparison needs hf_eager and is left out without it."""
-    from benchmarks.train.bench import _compare
+    from benchmarks.train.stacks import _compare
 
     runs = {
         "ql_offload": {"tokens_per_s": 9810.0, "peak_gib": 7.47, "losses": [1.0]},

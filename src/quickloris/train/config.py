@@ -192,7 +192,7 @@ class TrainConfig(Config):
         "label=w,label=w,...",
         check=class_weights_syntax,
         fingerprint=False,
-    )  # compared for classification runs only (train.run.fingerprint)
+    )  # compared for classification runs only (train.build.fingerprint)
     eval_before: bool = field(
         True, help="score the held-out problems with the quantized model before training", fingerprint=False
     )

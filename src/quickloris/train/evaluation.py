@@ -34,7 +34,13 @@ from typing import Any
 import torch
 
 from quickloris.train.config import EvalConfig, EvalTaskConfig, ModelConfig
-from quickloris.train.runtime import load_eval_examples, resolve_device, resolve_dtype, resolve_threads
+from quickloris.train.runtime import (
+    eager_regions,
+    load_eval_examples,
+    resolve_device,
+    resolve_dtype,
+    resolve_threads,
+)
 
 
 def run_quantization(adapter: str | os.PathLike) -> Any:
@@ -115,6 +121,58 @@ def lora_off(model: Any):
                 b.copy_(value)
 
 
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    examples: list,
+    eval_cfg: EvalConfig,
+    chat_template: str | None,
+    label: str,
+    echo: Callable[[str], None],
+) -> dict[str, Any]:
+    """Exact-match accuracy of `model` on `examples` (the tool task: call and final answer accuracy,
+    `quickloris.train.tool_eval`); prints it with a few replies."""
+    from quickloris.train.exact_match import evaluate_exact_match, generate_replies
+    from quickloris.train.tool_eval import echo_eval, evaluate_tool_calls, is_tool_task
+
+    # prepare_model turns the KV cache off for training; generation needs it (else every token re-reads the prompt).
+    use_cache = model.config.use_cache
+    model.config.use_cache = True
+    try:
+        with eager_regions():
+            if is_tool_task(examples):
+                result = evaluate_tool_calls(
+                    lambda prompts, tools, n: generate_replies(
+                        model,
+                        tokenizer,
+                        prompts,
+                        max_new_tokens=n,
+                        batch_size=eval_cfg.eval_batch_size,
+                        chat_template=chat_template,
+                        tools=tools,
+                    ),
+                    tokenizer,
+                    examples,
+                    chat_template=chat_template,
+                    max_new_tokens=eval_cfg.max_new_tokens,
+                    num_samples=3,
+                )
+            else:
+                result = evaluate_exact_match(
+                    model,
+                    tokenizer,
+                    examples,
+                    batch_size=eval_cfg.eval_batch_size,
+                    max_new_tokens=eval_cfg.max_new_tokens,
+                    chat_template=chat_template,
+                    num_samples=3,
+                )
+    finally:
+        model.config.use_cache = use_cache
+    echo_eval(echo, label, result.to_dict())
+    return result.to_dict()
+
+
 def _evaluate_tools_gguf(
     gguf: str,
     tokenizer: Any,
@@ -180,7 +238,6 @@ def run_eval(
     from quickloris.models.loading import load_model, load_tokenizer, resolve_model
     from quickloris.models.prepare import QLoRAConfig, prepare_model
     from quickloris.train.exact_match import evaluate_exact_match_gguf
-    from quickloris.train.run import evaluate
     from quickloris.train.tool_eval import echo_eval
     from quickloris.train.vision import (
         VisionConfig,

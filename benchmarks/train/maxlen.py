@@ -1,0 +1,62 @@
+"""The ``maxlen`` part of `quickloris bench train`: the longest 1 x S that trains one optimizer step, per stack."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from benchmarks.train.stacks import build_stack
+from benchmarks.train.unsloth_stack import run_unsloth
+
+
+def longest_fitting(fits, start: int, cap: int, resolution: int) -> tuple[int, int | None]:
+    """(longest length that fits, first length that did not or None): doubling from `start` up to `cap`,
+    then bisecting the gap down to `resolution` (multiples of it)."""
+    good, bad, seq = 0, None, start
+    while seq <= cap:
+        if not fits(seq):
+            bad = seq
+            break
+        good, seq = seq, seq * 2
+    while bad is not None and bad - good > resolution:
+        mid = (good + bad) // 2 // resolution * resolution
+        if mid <= good:
+            break
+        good, bad = (mid, bad) if fits(mid) else (good, mid)
+    return good, bad
+
+
+def _maxlen_of(tm, model, stack: str, env, args, vocab: int) -> dict[str, Any]:
+    import torch
+
+    start, cap, resolution = env["maxlen"]
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+    trials: list[dict[str, Any]] = []
+
+    def fits(seq: int) -> bool:
+        ok, peak, note, step_s = tm.one_step(model, opt, seq, vocab, device=env["device"])
+        trials.append({"seq": seq, "fits": ok, "peak_gib": peak, "step_s": step_s, "note": note})
+        print(
+            f"  {stack:12s} 1x{seq}: {'ok' if ok else 'OOM'} {note}" + (f", peak {peak:.1f} GiB" if peak else ""),
+            flush=True,
+        )
+        return ok
+
+    good, bad = longest_fitting(fits, start, cap, resolution)
+    return {"longest": good, "first_oom": bad, "capped": bad is None, "cap": cap, "trials": trials}
+
+
+def part_maxlen(tm, base, env, args, vocab: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if env["device"].startswith("cuda"):
+        tm.cap_gpu_memory(args.maxlen_gpu_gib)
+    for stack in args.maxlen_stacks:
+        if stack == "unsloth":
+            res = run_unsloth(base, env, args, maxlen=env["maxlen"])
+            out[stack] = res.get("maxlen", res) | {"cap": env["maxlen"][1], "versions": res.get("versions")}
+        else:
+            model = build_stack(tm, stack, base, env, args, None)
+            out[stack] = _maxlen_of(tm, model, stack, env, args, vocab)
+            del model
+        out[stack]["gpu_gib_cap"] = args.maxlen_gpu_gib
+        tm.release(env["device"])
+    return out
