@@ -185,9 +185,16 @@ def test_mlp_chunks_undo_and_errors():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_compiled_tiled_mlp_same_gradients_less_memory(seed):
-    """On a GPU, compiled with inductor and checkpointed: 8 chunks give the whole MLP's loss and LoRA gradients
-    (fp32, tolerance as `_close`), and the step's peak drops by at least one [tokens, intermediate] fp32 tensor
-    (the whole MLP's backward holds several at once; the tiled one 1/8 of each)."""
+    """On a GPU, compiled with inductor and checkpointed: 8 chunks give the whole MLP's loss and LoRA gradients,
+    and the step's peak drops by at least one [tokens, intermediate] fp32 tensor (the whole MLP's backward holds
+    several at once; the tiled one 1/8 of each).
+
+    Gradients are compared norm-wise: each LoRA gradient entry is a sum over 4096 tokens of terms of both signs,
+    so an entry can be far smaller than its terms, and fp32 reordering (different fused graphs; the attention
+    backward's atomic dQ adds) is relative to the terms, not to the entry. On the H200 elementwise rtol 1e-5
+    failed on such entries of layer 0's q_proj lora_A. Norm-wise, reordering over 4096 terms with cancellation
+    of up to ~sqrt(4096) gives <= ~sqrt(4096) * 64 * 2**-24 ~ 2.4e-4 of the norm; 1e-3 leaves 4x, and a row
+    mapped to the wrong chunk or a leaked padded row is O(1)."""
     torch.manual_seed(seed)
     tokens, inter = 4096, 2048
     base = tiny_model(vocab_size=V, hidden=64, layers=2, inter=inter).to("cuda")
@@ -212,5 +219,8 @@ def test_cuda_compiled_tiled_mlp_same_gradients_less_memory(seed):
         peaks[n] = torch.cuda.max_memory_allocated() - before
         del model
     torch.testing.assert_close(out[8][0], out[1][0], rtol=1e-5, atol=0)
-    _close(out[8][1], out[1][1], "8 chunks on CUDA")
+    assert out[8][1].keys() == out[1][1].keys() and out[1][1]
+    for n, g in out[1][1].items():
+        err = float((out[8][1][n] - g).norm() / g.norm().clamp_min(1e-30))
+        assert err <= 1e-3, (n, err)
     assert peaks[1] - peaks[8] >= tokens * inter * 4, peaks
