@@ -64,7 +64,7 @@ def _setup(args) -> dict[str, Any]:
             seq_1b=64,
             seqs_8b=[48, 96],
             counts_range=(8, 96),
-            maxlen=(32, 256, 32),
+            maxlen=(32, 256, 32, args.maxlen_steps),
         )
     if args.quick:
         args.steps = min(args.steps, 5)
@@ -82,6 +82,7 @@ def _setup(args) -> dict[str, Any]:
             args.maxlen_start,
             min(args.maxlen_cap, 65536) if args.quick else args.maxlen_cap,
             args.maxlen_resolution * (2 if args.quick else 1),
+            args.maxlen_steps,
         ),
     )
 

@@ -25,24 +25,24 @@ def longest_fitting(fits, start: int, cap: int, resolution: int) -> tuple[int, i
     return good, bad
 
 
-def _maxlen_of(tm, model, stack: str, env, args, vocab: int) -> dict[str, Any]:
-    import torch
-
-    start, cap, resolution = env["maxlen"]
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+def probe_longest(tm, model, opt, label: str, vocab: int, device: str, maxlen, before=None) -> dict[str, Any]:
+    """`longest_fitting` over `tm.one_step` trials of `model` (one per length, `maxlen` = (start, cap, resolution,
+    steps)); `before(seq)` runs ahead of each trial (Unsloth's sequence-length setting). Each trial records the
+    seconds of every step: with steps >= 2 the last is a step at that length without compiling or pool growth."""
+    start, cap, resolution, steps = maxlen
     trials: list[dict[str, Any]] = []
 
     def fits(seq: int) -> bool:
-        ok, peak, note, step_s = tm.one_step(model, opt, seq, vocab, device=env["device"])
-        trials.append({"seq": seq, "fits": ok, "peak_gib": peak, "step_s": step_s, "note": note})
-        print(
-            f"  {stack:12s} 1x{seq}: {'ok' if ok else 'OOM'} {note}" + (f", peak {peak:.1f} GiB" if peak else ""),
-            flush=True,
-        )
+        if before is not None:
+            before(seq)
+        ok, peak, note, times = tm.one_step(model, opt, seq, vocab, device=device, steps=steps)
+        step_s = times[-1] if times else None
+        trials.append({"seq": seq, "fits": ok, "peak_gib": peak, "step_s": step_s, "steps_s": times, "note": note})
+        print(f"  {label:12s} 1x{seq}: {'ok' if ok else 'OOM'} {note}" + (f", peak {peak:.1f} GiB" if peak else ""))
         return ok
 
     good, bad = longest_fitting(fits, start, cap, resolution)
-    return {"longest": good, "first_oom": bad, "capped": bad is None, "cap": cap, "trials": trials}
+    return {"longest": good, "first_oom": bad, "capped": bad is None, "cap": cap, "steps": steps, "trials": trials}
 
 
 def part_maxlen(tm, base, env, args, vocab: int) -> dict[str, Any]:
@@ -54,8 +54,11 @@ def part_maxlen(tm, base, env, args, vocab: int) -> dict[str, Any]:
             res = run_unsloth(base, env, args, maxlen=env["maxlen"])
             out[stack] = res.get("maxlen", res) | {"cap": env["maxlen"][1], "versions": res.get("versions")}
         else:
+            import torch
+
             model = build_stack(tm, stack, base, env, args, None)
-            out[stack] = _maxlen_of(tm, model, stack, env, args, vocab)
+            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+            out[stack] = probe_longest(tm, model, opt, stack, vocab, env["device"], env["maxlen"])
             del model
         out[stack]["gpu_gib_cap"] = args.maxlen_gpu_gib
         tm.release(env["device"])

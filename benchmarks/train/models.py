@@ -321,23 +321,27 @@ def cap_gpu_memory(gib: float | None) -> None:
 
 
 def one_step(
-    model: nn.Module, opt, seq: int, vocab: int, *, device: str
-) -> tuple[bool, float | None, str, float | None]:
-    """One optimizer step at batch 1 x `seq`: (fits, peak GiB, note, seconds). Out-of-memory is caught and cleaned
-    up."""
+    model: nn.Module, opt, seq: int, vocab: int, *, device: str, steps: int = 1
+) -> tuple[bool, float | None, str, list[float]]:
+    """`steps` optimizer steps at batch 1 x `seq`: (fits, peak GiB, note, seconds of each step). The first step
+    pays for compiling this length and growing the allocators' pools (pinned host memory included); later steps
+    are what training at this length costs. Out-of-memory is caught and cleaned up."""
     release(device)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    fits, note, step_s = False, "out of memory", None
+    fits, note, times = False, "out of memory", []
     try:
-        ids = torch.randint(0, vocab, (1, seq), device=device)
-        t0 = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        loss_value = loss.item()  # synchronizes
-        step_s = time.perf_counter() - t0
-        fits, note = True, f"loss {loss_value:.3f}, {step_s:.1f} s"
+        for _ in range(steps):
+            ids = torch.randint(0, vocab, (1, seq), device=device)
+            t0 = time.perf_counter()
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            loss_value = loss.item()  # synchronizes
+            times.append(time.perf_counter() - t0)
+            ids = loss = None  # noqa: F841 - the next step's graph does not stand beside this one's
+        fits, note = True, f"loss {loss_value:.3f}, " + " / ".join(f"{t:.1f}" for t in times) + " s"
     except torch.cuda.OutOfMemoryError:
         pass
     except RuntimeError as e:  # offloaded checkpoints' pinned host memory running out, or pinning failing
@@ -348,4 +352,4 @@ def one_step(
     opt.zero_grad(set_to_none=True)
     peak = torch.cuda.max_memory_allocated() / 2**30 if fits and device.startswith("cuda") else None
     release(device)
-    return fits, peak, note, step_s
+    return fits, peak, note, times

@@ -46,6 +46,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--maxlen-cap", type=int, default=131072, help="maxlen: longest length tried")
     parser.add_argument("--maxlen-resolution", type=int, default=4096, help="maxlen: bisection stops at this gap")
     parser.add_argument(
+        "--maxlen-steps",
+        type=int,
+        default=1,
+        help="maxlen: optimizer steps per trial; with 2 or more the last one's seconds are a step at that length "
+        "without compiling or allocator growth",
+    )
+    parser.add_argument(
         "--maxlen-gpu-gib",
         type=float,
         default=None,
@@ -147,6 +154,8 @@ def checked_parts(args: argparse.Namespace) -> list[str]:
         bad_stacks = set(stacks) - set(known)
         if bad_stacks or not stacks:
             raise ValueError(f"{option}: unknown {sorted(bad_stacks)}; choose from {','.join(known)}")
+    if args.maxlen_steps < 1:
+        raise ValueError(f"--maxlen-steps: {args.maxlen_steps}; at least 1")
     if "families" in parts:
         parse_shapes(args.family_shapes)  # a typo is reported before anything is built
         if args.family_steps < 3:

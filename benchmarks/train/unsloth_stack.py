@@ -110,7 +110,7 @@ def run_child(module: str, job: dict[str, Any], tmp: Path, *, timeout: float) ->
 
 
 def run_unsloth(base, env: dict[str, Any], args, *, plan: list[tuple[list[int], int]] | None = None, maxlen=None):
-    """Parent side. `plan`: [(lengths, batch)] timed runs -> {"BxS": run}; `maxlen`: (start, cap, resolution) ->
+    """Parent side. `plan`: [(lengths, batch)] timed runs -> {"BxS": run}; `maxlen`: (start, cap, resolution, steps) ->
     the probe's record. A missing Unsloth site or a failing child gives ``{"error": ...}`` (the other stacks'
     numbers stay)."""
     if missing := unsloth_missing():
@@ -189,26 +189,15 @@ def _child(job: dict[str, Any]) -> dict[str, Any]:
                 out[key] = {"error": f"{type(e).__name__}: {e}"}
             tm.release("cuda")
     if job["maxlen"]:
-        from benchmarks.train.maxlen import longest_fitting
+        from benchmarks.train.maxlen import probe_longest
 
-        start, cap, resolution = job["maxlen"]
         tm.cap_gpu_memory(job.get("gpu_gib"))
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=job["lr"])
-        trials = []
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=job["lr"])
 
-        def fits(seq: int) -> bool:
+        def before(seq: int) -> None:
             model.max_seq_length = seq  # Unsloth truncates longer inputs otherwise
-            ok, peak, note, step_s = tm.one_step(model, opt, seq, job["vocab"], device="cuda")
-            trials.append({"seq": seq, "fits": ok, "peak_gib": peak, "step_s": step_s, "note": note})
-            print(
-                f"  unsloth      1x{seq}: {'ok' if ok else 'OOM'} {note}" + (f", peak {peak:.1f} GiB" if peak else ""),
-                flush=True,
-            )
-            return ok
 
-        longest_ok, first_bad = longest_fitting(fits, start, cap, resolution)
-        out["maxlen"] = {"longest": longest_ok, "first_oom": first_bad, "capped": first_bad is None, "trials": trials}
+        out["maxlen"] = probe_longest(tm, model, opt, "unsloth", job["vocab"], "cuda", job["maxlen"], before)
     return out
 
 

@@ -69,12 +69,26 @@ def test_tiny_run_of_1b_and_counts_parts(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_tiny_run_of_8b_and_maxlen_parts(tmp_path):
-    args = _args("--tiny", "--parts", "8b,maxlen", "--steps", "3", "--mlp-chunks", "3", "--out", str(tmp_path))
+    args = _args(
+        "--tiny",
+        "--parts",
+        "8b,maxlen",
+        "--steps",
+        "3",
+        "--mlp-chunks",
+        "3",
+        "--maxlen-steps",
+        "2",
+        "--out",
+        str(tmp_path),
+    )
     assert bench.run(args) == 0
     res = json.loads(next((tmp_path / "train").glob("train-*.json")).read_text())["results"]
     assert res["mlp_chunks"] == 3
     assert set(res["8b"]) == {"1x48", "1x96"} and set(res["8b"]["1x96"]) == {"ql_compiled", "hf_eager"}
     assert res["maxlen"]["ql_compiled"]["longest"] >= 32
+    trial = res["maxlen"]["ql_compiled"]["trials"][0]
+    assert len(trial["steps_s"]) == 2 and trial["step_s"] == trial["steps_s"][-1]
     # every stack is probed; Unsloth (its own process, CUDA only) records why it did not run
     assert set(res["maxlen"]) == {"ql_compiled", "ql_eager", "hf_eager", "hf_compiled", "unsloth"}
     assert "QUICKLORIS_UNSLOTH_SITE" in res["maxlen"]["unsloth"]["error"]
@@ -91,6 +105,30 @@ def test_without_cuda_and_bad_options(capsys):
         bench.run(_args("--stacks", "hf_eager,unslot"))
     with pytest.raises(ValueError, match="--stacks"):
         bench.run(_args("--stacks-8b", "ql"))
+    with pytest.raises(ValueError, match="--maxlen-steps: 0"):
+        bench.run(_args("--maxlen-steps", "0"))
+
+
+def test_probe_longest_records_every_steps_seconds_and_calls_before():
+    """The maxlen probe shared by every stack (Unsloth's child included): each trial runs `steps` steps and
+    records their seconds, the last as the trial's step time; `before` sees each length first."""
+    from benchmarks.train.maxlen import probe_longest
+
+    calls, seen = [], []
+
+    class FakeModels:
+        @staticmethod
+        def one_step(model, opt, seq, vocab, *, device, steps):
+            calls.append((seq, steps))
+            fits = seq <= 100
+            return fits, (seq / 1000 if fits else None), "note", [2.0, 1.0][:steps] if fits else []
+
+    res = probe_longest(FakeModels, None, None, "x", 7, "cpu", (32, 256, 16, 2), before=seen.append)
+    assert (res["longest"], res["first_oom"], res["steps"]) == (96, 112, 2)
+    assert [seq for seq, _ in calls] == seen == [32, 64, 128, 96, 112] and {n for _, n in calls} == {2}
+    ok = res["trials"][0]
+    assert ok["steps_s"] == [2.0, 1.0] and ok["step_s"] == 1.0 and ok["peak_gib"] == 0.032
+    assert res["trials"][2]["step_s"] is None and not res["trials"][2]["fits"]
 
 
 def test_longest_fitting_doubles_then_bisects():
