@@ -276,13 +276,26 @@ def part_peakmem(tm, seq: int, mlp_chunks: int) -> dict:
     model = tm.ql_stack(base, device="cuda", compiled=True, offload=True, mlp_chunks=mlp_chunks)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     warm = tm.one_step(model, opt, seq, vocab, device="cuda")
+    print("peakmem: warm-up step", warm[2], flush=True)  # the SystemError seen once: before or after this line
     tm.release("cuda")
     before = torch.cuda.memory_allocated()
-    torch.cuda.memory._record_memory_history(max_entries=500_000, stacks="python")
-    ok, peak, note, step_s = tm.one_step(model, opt, seq, vocab, device="cuda")
-    snap = torch.cuda.memory._snapshot()
-    torch.cuda.memory._record_memory_history(enabled=None)
-    res = {"seq": seq, "mlp_chunks": mlp_chunks, "warm_step": warm[2], "fits": ok, "peak_gib": peak, "note": note}
+    # With Python frames the step failed on the device (23145f1: "SystemError: <built-in method apply of
+    # FunctionMeta object> returned NULL without setting an exception"); then it is recorded without frames (sizes).
+    frames = "python"
+    for context in ("all", None):
+        torch.cuda.memory._record_memory_history(max_entries=500_000, context=context, stacks="python")
+        try:
+            ok, peak, note, _ = tm.one_step(model, opt, seq, vocab, device="cuda")
+            break
+        except SystemError as e:
+            frames = f"none ({type(e).__name__} with frames: {str(e)[:120]})"
+        finally:
+            snap = torch.cuda.memory._snapshot()
+            torch.cuda.memory._record_memory_history(enabled=None)
+    else:
+        raise RuntimeError(f"peakmem: the recorded step failed with and without frames: {frames}")
+    res = {"seq": seq, "mlp_chunks": mlp_chunks, "warm_step": warm[3], "fits": ok, "peak_gib": peak, "note": note}
+    res["frames"] = frames
     res |= peak_blocks(snap["device_traces"][0], before, seq * tm.LLAMA_8B["hidden_size"] * 2)
     print(res["peak_gib"], res["note"], flush=True)
     for row in res["blocks"]:

@@ -205,6 +205,56 @@ def test_apply_checkpointing_offload_sets_one_function_on_every_checkpointed_lay
         torch.testing.assert_close(grads["offload"][n], g, rtol=0, atol=0, msg=n)
 
 
+def test_hf_trainer_with_gradient_checkpointing_keeps_the_offloaded_checkpoint(seed, tmp_path):
+    """HF Trainer's ``TrainingArguments(gradient_checkpointing=True)`` calls ``gradient_checkpointing_enable()``
+    before training; transformers' own would put its checkpoint function back on every layer (the offload silently
+    gone). quickloris' model keeps its own, warns, and the Trainer's steps pack every layer's input; after
+    ``gradient_checkpointing_disable()`` the call is transformers' again; a deep copy's method is the copy's."""
+    transformers = pytest.importorskip("transformers")
+    from quickloris.models.prepare import QLoRAConfig
+    from quickloris.parallel.compose import CheckpointConfig, _offload_checkpoints, build_training_model
+    from tests.tiny import tiny_model
+
+    torch.manual_seed(seed)
+    model = build_training_model(
+        tiny_model(vocab_size=97),
+        QLoRAConfig(r=4, init_lora_weights="random"),
+        checkpointing=CheckpointConfig(gradient_checkpointing=True),
+    )
+    _offload_checkpoints(model)
+    layers = model.model.layers
+    func = layers[0]._gradient_checkpointing_func
+    func.copies, func.min_bytes = _Copies(), 1
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=2,
+        max_steps=2,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": True},
+    )
+    rows = [{"input_ids": torch.randint(0, 97, (24,)).tolist()} for _ in range(4)]
+
+    def collate(batch):
+        ids = torch.tensor([r["input_ids"] for r in batch])
+        return {"input_ids": ids, "labels": ids}
+
+    with pytest.warns(UserWarning, match="quickloris already checkpoints"):
+        transformers.Trainer(model=model, args=args, train_dataset=rows, data_collator=collate).train()
+    assert all(layer._gradient_checkpointing_func is func for layer in layers)
+    assert func.packed == 2 * len(layers)  # two steps, every layer's input offloaded
+
+    twin = copy.deepcopy(model)
+    assert twin.gradient_checkpointing_enable.__self__ is twin
+    model.gradient_checkpointing_disable()
+    model.gradient_checkpointing_enable()  # transformers' own now: its checkpoint function on every layer
+    assert model.is_gradient_checkpointing and all(layer._gradient_checkpointing_func is not func for layer in layers)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_offloaded_checkpoint_same_gradients_less_memory(seed):

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import types
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
@@ -93,7 +95,7 @@ def apply_checkpointing(model: nn.Module, config: CheckpointConfig | None = None
             "offload",
             "moves checkpointed activations from the GPU to pinned CPU memory; this model is on the CPU already",
         )
-    params = inspect.signature(model.gradient_checkpointing_enable).parameters
+    params = inspect.signature(type(model).gradient_checkpointing_enable).parameters
     kwargs: dict = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
     if "every_n_layers" in params:
         kwargs["every_n_layers"] = cfg.every_n_layers
@@ -102,7 +104,8 @@ def apply_checkpointing(model: nn.Module, config: CheckpointConfig | None = None
             f"CheckpointConfig.every_n_layers={cfg.every_n_layers!r} needs a transformers version whose "
             "gradient_checkpointing_enable() accepts every_n_layers"
         )
-    model.gradient_checkpointing_enable(**kwargs)
+    type(model).gradient_checkpointing_enable(model, **kwargs)  # transformers' own, past `_keep_on_enable`
+    _keep_on_enable(model)
     if cfg.offload:
         _offload_checkpoints(model)
     if cfg.skip_last:
@@ -116,6 +119,37 @@ def apply_checkpointing(model: nn.Module, config: CheckpointConfig | None = None
         for layer in layers[len(layers) - cfg.skip_last :]:
             layer.gradient_checkpointing = False
     return model
+
+
+def _enable_keeping_quickloris(self: nn.Module, *args: Any, **kwargs: Any) -> None:
+    """A model's ``gradient_checkpointing_enable`` once quickloris checkpoints it (`_keep_on_enable`)."""
+    if not getattr(self, "is_gradient_checkpointing", False):
+        type(self).gradient_checkpointing_enable(self, *args, **kwargs)
+        return
+    warnings.warn(  # the default filter shows it once per calling line
+        "gradient_checkpointing_enable(): quickloris already checkpoints this model's layers (CheckpointConfig / "
+        "--checkpoint-* options); its checkpointing is kept as configured",
+        stacklevel=2,
+    )
+
+
+def _keep_on_enable(model: nn.Module) -> None:
+    """Make a later ``model.gradient_checkpointing_enable()`` keep quickloris' checkpointing while it is on.
+
+    HF ``Trainer`` with ``TrainingArguments(gradient_checkpointing=True)`` (TRL's ``SFTTrainer`` too) calls it
+    before training. transformers' version would put its own checkpoint function back on every layer: offloaded
+    inputs would silently stay on the GPU, and a layer whose checkpoint is traced into its compiled graph would be
+    checkpointed twice. While checkpointing is on, the call warns and changes nothing; after
+    ``gradient_checkpointing_disable()`` it is transformers' own again. A bound method, so that a deep copy of the
+    model gets one bound to the copy."""
+    surgery.set_attribute(
+        model,
+        "checkpoint",
+        model,
+        "gradient_checkpointing_enable",
+        types.MethodType(_enable_keeping_quickloris, model),
+        "a later gradient_checkpointing_enable() (HF Trainer's) keeps quickloris' checkpointing",
+    )
 
 
 def _offload_checkpoints(model: nn.Module) -> None:
