@@ -7,6 +7,7 @@ with that rank's traceback. `fn` must be a module-level function (spawned proces
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import time
 
@@ -15,6 +16,9 @@ import torch.multiprocessing as mp
 
 
 def _entry(rank: int, fn, world_size: int, port: int, device: str, args: tuple) -> None:
+    # A rank that dies by a signal (once: SIGABRT, "terminate called without an active exception", in
+    # test_two_ranks_bf16_offload_checkpointing_compile) prints every thread's Python stack to the captured stderr.
+    faulthandler.enable(all_threads=True)
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
