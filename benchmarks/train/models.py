@@ -272,7 +272,12 @@ def release(device: str) -> None:
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
-        empty_host = getattr(torch.accelerator, "empty_host_cache", None) or getattr(torch._C, "_host_emptyCache", None)
+        names = (
+            (torch.accelerator, "empty_host_cache"),
+            (torch._C, "_accelerator_emptyHostCache"),  # before the public name existed
+            (torch._C, "_host_emptyCache"),
+        )
+        empty_host = next((getattr(m, n) for m, n in names if hasattr(m, n)), None)
         if empty_host is not None:
             empty_host()
 
