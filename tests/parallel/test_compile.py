@@ -122,6 +122,14 @@ def test_checkpointing_options_and_errors():
         CheckpointConfig(every_n_layers=0)
     with pytest.raises(ValueError, match="offload"):
         apply_checkpointing(model, CheckpointConfig(offload=True))
+    # unset checkpointing is off on the CPU: the offload is refused, not silently dropped (`quickloris train`'s
+    # default); so is offload with checkpointing off, whatever the device (here a module on the meta device)
+    with pytest.raises(ValueError, match="on the CPU already"):
+        apply_checkpointing(model, CheckpointConfig(gradient_checkpointing=None, offload=True))
+    with pytest.raises(ValueError, match=r"^CheckpointConfig.offload .* needs gradient_checkpointing on$"):
+        apply_checkpointing(
+            torch.nn.Linear(2, 2, device="meta"), CheckpointConfig(gradient_checkpointing=False, offload=True)
+        )
     with pytest.raises(ValueError, match="backend"):
         CompileConfig(backend="")
     compile_model(model, CompileConfig(backend="aot_eager"))

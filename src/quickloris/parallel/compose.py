@@ -60,7 +60,7 @@ class CheckpointConfig(Config):
     offload: bool = field(
         False,
         help="keep the checkpointed layer inputs in pinned CPU memory, copied on a side stream "
-        "(longest contexts; quickloris.parallel.offload)",
+        "(a GPU with gradient checkpointing; longest contexts; quickloris.parallel.offload)",
     )
     mlp_chunks: int = field(
         1,
@@ -81,7 +81,21 @@ def apply_checkpointing(model: nn.Module, config: CheckpointConfig | None = None
     """Enable (or disable) activation checkpointing of `model`'s decoder layers through transformers' own API; with
     `config.offload` their inputs go to pinned CPU memory (`quickloris.parallel.offload`), with `config.mlp_chunks`
     each decoder MLP runs over checkpointed sequence chunks (`quickloris.parallel.tiled_mlp`)."""
-    cfg = (config or CheckpointConfig()).resolved(next(model.parameters()).device.type)
+    device = next(model.parameters()).device.type
+    cfg = (config or CheckpointConfig()).resolved(device)
+    if cfg.offload and device == "cpu":  # checked first: unset checkpointing is off on the CPU (said, not ignored)
+        raise ConfigError(
+            CheckpointConfig,
+            "offload",
+            "moves checkpointed activations from the GPU to pinned CPU memory; this model is on the CPU already",
+        )
+    if cfg.offload and not cfg.gradient_checkpointing:
+        raise ConfigError(
+            CheckpointConfig,
+            "offload",
+            "moves the checkpointed layers' inputs: it needs {gradient_checkpointing} on",
+            refs=("gradient_checkpointing",),
+        )
     from quickloris.parallel.tiled_mlp import set_mlp_chunks
 
     set_mlp_chunks(model, cfg.mlp_chunks)  # 1: no tiling (undoes an earlier one)
@@ -89,12 +103,6 @@ def apply_checkpointing(model: nn.Module, config: CheckpointConfig | None = None
         if getattr(model, "is_gradient_checkpointing", False):
             model.gradient_checkpointing_disable()
         return model
-    if cfg.offload and next(model.parameters()).device.type == "cpu":
-        raise ConfigError(
-            CheckpointConfig,
-            "offload",
-            "moves checkpointed activations from the GPU to pinned CPU memory; this model is on the CPU already",
-        )
     params = inspect.signature(type(model).gradient_checkpointing_enable).parameters
     kwargs: dict = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
     if "every_n_layers" in params:
