@@ -58,25 +58,36 @@ def _prompts(tmp_path, seed: int) -> list[list[dict]]:
 @pytest.mark.parametrize("row", ["qwen2_vl", "llava"])
 def test_counts_like_an_independent_greedy_decode(tmp_path, seed, row):
     tok = vlm_tokenizer(row)
-    model = vlm_model(row, tok)
     prompts = _prompts(tmp_path, seed)
-    references = []
-    with torch.no_grad():
-        for messages in prompts:
-            files = [
-                p["image"] for m in messages if isinstance(m["content"], list) for p in m["content"] if "image" in p
-            ]
-            inputs = hf_inputs(row, tok, messages, [tmp_path / f for f in files])
-            out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=tok.pad_token_id)
-            references.append(tok.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
+    # A random-init model's reply can be empty after dropping special tokens (seen: qwen2_vl at seed 2103940452, all
+    # the rows picked to be right): there is nothing to count then, so a model drawn from the next seed is taken
+    for attempt in range(5):
+        torch.manual_seed(seed + attempt)
+        model = vlm_model(row, tok)
+        references = []
+        with torch.no_grad():
+            for messages in prompts:
+                files = [
+                    p["image"] for m in messages if isinstance(m["content"], list) for p in m["content"] if "image" in p
+                ]
+                inputs = hf_inputs(row, tok, messages, [tmp_path / f for f in files])
+                out = model.generate(
+                    **inputs, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=tok.pad_token_id
+                )
+                references.append(tok.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
+        answerable = [i for i, reply in enumerate(references) if extract_answer(reply)]
+        if answerable:
+            break
+    assert answerable, "five random-init models in a row replied nothing but special tokens"
     rng = random.Random(seed)
-    right = set(rng.sample(range(len(prompts)), 2)) | {rng.randrange(len(prompts))}
+    # right: 1 .. (all answerable rows, at most all but one) of them, the rest get a wrong answer
+    right = set(rng.sample(answerable, rng.randint(1, min(len(answerable), len(prompts) - 1))))
     answers = []
     for i, reply in enumerate(references):
         first = extract_answer(reply)
-        answers.append(first if i in right and first else f"not {first}")
-    expected = sum(1 for i in right if extract_answer(references[i]))
-    assert 0 < expected < len(prompts), "the random replies left nothing to count: rerun with another seed"
+        answers.append(first if i in right else f"not {first}")
+    expected = len(right)
+    assert 0 < expected < len(prompts)
     path = tmp_path / "held.jsonl"
     path.write_text(
         "".join(
