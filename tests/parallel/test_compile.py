@@ -64,6 +64,38 @@ def _train(model, batches, lr=2e-3):
     return losses
 
 
+def _train_alongside(eager, compiled, batches, lr=1e-3):
+    """Eager trains with AdamW; before each step the compiled model takes eager's LoRA weights, so both compute every
+    step from the same parameters. Returns (eager's losses, compiled's losses, the largest difference of one
+    parameter's gradient, norm-wise, relative to the step's whole gradient). Two free-running trajectories are the
+    wrong yardstick: AdamW normalises each gradient entry, so ulp-level differences in near-zero entries become
+    O(lr) updates that add up (seed 2999038044: 6e-4 relative apart by step 54)."""
+    named = [(n, p) for n, p in eager.named_parameters() if p.requires_grad]
+    twin = [(n, p) for n, p in compiled.named_parameters() if p.requires_grad]
+    assert [n for n, _ in named] == [n for n, _ in twin] and named
+    opt = torch.optim.AdamW([p for _, p in named], lr=lr)
+    want, got, grad_rel = [], [], 0.0
+    for ids in batches:
+        labels = ids.clone()
+        labels[:, : ids.shape[1] // 4] = -100  # a "prompt"
+        with torch.no_grad():
+            for (_, c), (_, e) in zip(twin, named, strict=True):
+                c.copy_(e)
+        for model, losses in ((eager, want), (compiled, got)):
+            loss = model(input_ids=ids, labels=labels).loss
+            loss.backward()
+            losses.append(loss.item())
+        # relative to the whole step's gradient: one parameter's gradient can be ~1e-7 of the others' (seen: a
+        # k_proj lora_B at 4e-9 against ~1e-2), a cancelling sum whose reordering error is relative to its terms
+        total = torch.cat([e.grad.flatten() for _, e in named]).norm()
+        for (_, c), (_, e) in zip(twin, named, strict=True):
+            grad_rel = max(grad_rel, float((c.grad - e.grad).norm() / total))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        compiled.zero_grad(set_to_none=True)
+    return want, got, grad_rel
+
+
 @pytest.mark.parametrize("in_graph", [False, True], ids=["eager_checkpoint", "checkpoint_in_graph"])
 def test_60_steps_random_lengths_few_graphs_same_losses(seed, in_graph):
     """The issue's check: 60 steps, lengths uniform in [64, 2048]: 0 breaks, <= 8 graphs, losses = eager's."""
@@ -78,20 +110,22 @@ def test_60_steps_random_lengths_few_graphs_same_losses(seed, in_graph):
         copy.deepcopy(base), qcfg, compile=CompileConfig(backend="aot_eager", checkpoint_in_graph=in_graph)
     )
     assert is_compiled_loss_enabled(compiled) and compiled.model.layers[0].gradient_checkpointing
-    want = _train(eager, batches, lr=1e-3)
     reset_compile_stats()
-    got = _train(compiled, batches, lr=1e-3)
+    want, got, grad_rel = _train_alongside(eager, compiled, batches, lr=1e-3)
     stats = compile_stats()
+    loss_rel = max(abs(a - b) / abs(b) for a, b in zip(got, want, strict=True))
     print(
         f"60 steps, lengths {min(b.shape[1] for b in batches)}..{max(b.shape[1] for b in batches)}: {stats}; "
-        f"loss {want[0]:.3f} -> {want[-1]:.3f}"
+        f"loss {want[0]:.3f} -> {want[-1]:.3f}; largest relative difference: loss {loss_rel:.1e}, gradient "
+        f"{grad_rel:.1e}"
     )
     assert stats["graph_breaks"] == 0
     assert stats["unique_graphs"] == 3, stats  # decoder layer, final norm, loss chunk: dynamic shapes, no recompile
     assert sum(want[-10:]) < sum(want[:10]) - 0.2, want  # it learns (the mean falls 0.06-0.15 over seeds 0-29)
-    # fp32 both (u = 6e-8), the compiled graphs reorder the same arithmetic; AdamW (lr 1e-3) on a learnable task
-    # keeps the two trajectories together: per-step losses within 1e-4 relative (README: "within 1e-4 of eager").
-    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-4, atol=1e-5)
+    # fp32 both (u = 6e-8), the compiled graphs reorder the same arithmetic from the same parameters: each step's
+    # loss (a mean of <= 1536 token losses through 2 layers) within 1e-5 relative, each LoRA gradient within 1e-4
+    # of the step's gradient norm (sums over <= 2048 rows)
+    assert loss_rel <= 1e-5 and grad_rel <= 1e-4, (loss_rel, grad_rel)
 
 
 def test_checkpointed_compiled_step_equals_plain_eager_step(seed):
