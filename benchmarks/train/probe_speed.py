@@ -139,6 +139,29 @@ GROUPS = [  # first match wins: cuDNN's attention kernels carry "sm90_" too (the
 ]
 
 
+def idle_gaps(spans: list[tuple[float, float, str]], top: int = 12) -> dict:
+    """Where the GPU ran no kernel: `spans` are kernels' (start, end, name) in microseconds, in any order. The busy
+    time is the union of the spans (kernels of two streams overlap); a gap is a stretch between the first start and
+    the last end covered by none. Returns the idle total and the `top` longest gaps with the kernels either side
+    (which step phase leaves the GPU waiting on the host)."""
+    spans = sorted(spans)
+    gaps, idle, end, last = [], 0.0, None, ""
+    for start, stop, name in spans:
+        if end is not None and start > end:
+            idle += start - end
+            gaps.append((start - end, last, name))
+        if end is None or stop > end:
+            end, last = stop, name
+    gaps.sort(key=lambda g: -g[0])
+    return {
+        "idle_us": round(idle, 1),
+        "gaps": len(gaps),
+        "gaps_over_20us": sum(1 for g in gaps if g[0] > 20),
+        "idle_in_gaps_over_20us": round(sum(g[0] for g in gaps if g[0] > 20), 1),
+        "longest": [{"us": round(us, 1), "after": a[:80], "before": b[:80]} for us, a, b in gaps[:top]],
+    }
+
+
 def part_profile(tm, attention: str, steps: int = 2) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
@@ -170,6 +193,13 @@ def part_profile(tm, attention: str, steps: int = 2) -> dict:
         g = next((g for g, pat in GROUPS if re.search(pat, name, re.I)), "other")
         groups[g] = groups.get(g, 0.0) + t / 1e3 / steps
     top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:40]
+    spans = [
+        (e.time_range.start, e.time_range.end, e.name)
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start
+    ]
+    idle = idle_gaps(spans)
+    idle["idle_ms_per_step"] = round(idle["idle_us"] / 1e3 / steps, 2)
     res = {
         "wall_ms_per_step": round(wall * 1e3 / steps, 1),
         "kernel_ms_per_step": round(sum(t for t, _ in kernels.values()) / 1e3 / steps, 1),
@@ -178,7 +208,11 @@ def part_profile(tm, attention: str, steps: int = 2) -> dict:
             {"name": n[:160], "ms_per_step": round(t / 1e3 / steps, 2), "calls_per_step": c // steps}
             for n, (t, c) in top
         ],
+        "idle": idle,  # under the profiler: host-side gaps are longer than in the bench
     }
+    print("idle", {k: v for k, v in idle.items() if k != "longest"}, flush=True)
+    for g in idle["longest"]:
+        print(f"  gap {g['us']:9.1f} us after {g['after'][:50]} before {g['before'][:50]}")
     print(res["wall_ms_per_step"], res["kernel_ms_per_step"], res["groups_ms_per_step"], flush=True)
     for row in res["top_kernels"][:25]:
         print(f"  {row['ms_per_step']:8.2f} ms {row['calls_per_step']:5d}x {row['name'][:110]}")

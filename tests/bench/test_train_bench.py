@@ -191,3 +191,29 @@ def test_compare_gives_ratios_against_unsloth_without_an_hf_stack():
     assert runs["ql_offload"]["memory_vs_unsloth"] == 7.47 / 8.04
     assert "speedup_vs_unsloth" not in runs["unsloth"] and "max_rel_loss_diff_vs_hf_eager" not in runs["ql_offload"]
     assert runs["ql_eager"] == {"error": "out of memory"}
+
+
+def test_idle_gaps_are_the_union_of_kernel_spans_complement():
+    """Overlapping kernels (two streams) leave no gap; uncovered stretches are summed and named by their
+    neighbours; a kernel inside a longer one does not end the busy stretch early."""
+    from benchmarks.train.probe_speed import idle_gaps
+
+    spans = [
+        (0.0, 10.0, "a"),
+        (5.0, 8.0, "inner"),  # inside a: the busy stretch still ends at 10
+        (40.0, 50.0, "b"),  # 30 us idle after a
+        (45.0, 60.0, "c"),  # overlaps b
+        (61.0, 70.0, "d"),  # 1 us idle after c
+    ]
+    res = idle_gaps(list(reversed(spans)))  # any order
+    assert res["idle_us"] == 31.0
+    assert res["gaps"] == 2 and res["gaps_over_20us"] == 1 and res["idle_in_gaps_over_20us"] == 30.0
+    assert res["longest"][0] == {"us": 30.0, "after": "a", "before": "b"}
+    assert res["longest"][1] == {"us": 1.0, "after": "c", "before": "d"}
+    assert idle_gaps([]) == {
+        "idle_us": 0.0,
+        "gaps": 0,
+        "gaps_over_20us": 0,
+        "idle_in_gaps_over_20us": 0.0,
+        "longest": [],
+    }
