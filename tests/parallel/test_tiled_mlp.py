@@ -194,9 +194,13 @@ def test_cuda_compiled_tiled_mlp_same_gradients_less_memory(seed):
     backward's atomic dQ adds) is relative to the terms, not to the entry. On the H200 elementwise rtol 1e-5
     failed on such entries of layer 0's q_proj lora_A. Norm-wise, reordering over 4096 terms with cancellation
     of up to ~sqrt(4096) gives <= ~sqrt(4096) * 64 * 2**-24 ~ 2.4e-4 of the norm; 1e-3 leaves 4x, and a row
-    mapped to the wrong chunk or a leaked padded row is O(1)."""
+    mapped to the wrong chunk or a leaked padded row is O(1).
+
+    The shapes make the MLP the step's peak: at 4096 tokens and intermediate 2048 the attention's fp32 scores
+    ([heads, 4096, 4096], 256 MiB a copy) set the same peak, 548 MB, with 1 and 8 chunks (H100 run). At 1024
+    tokens they are 16 MiB; one [1024, 32768] fp32 tensor is 128 MiB."""
     torch.manual_seed(seed)
-    tokens, inter = 4096, 2048
+    tokens, inter = 1024, 32768
     base = tiny_model(vocab_size=V, hidden=64, layers=2, inter=inter).to("cuda")
     ids = torch.randint(0, V, (1, tokens), device="cuda")
     out, peaks = {}, {}
