@@ -25,16 +25,23 @@ def longest_fitting(fits, start: int, cap: int, resolution: int) -> tuple[int, i
     return good, bad
 
 
-def probe_longest(tm, model, opt, label: str, vocab: int, device: str, maxlen, before=None) -> dict[str, Any]:
+def probe_longest(
+    tm, model, opt, label: str, vocab: int, device: str, maxlen, before=None, progress=None
+) -> dict[str, Any]:
     """`longest_fitting` over `tm.one_step` trials of `model` (one per length, `maxlen` = (start, cap, resolution,
     steps)); `before(seq)` runs ahead of each trial (Unsloth's sequence-length setting). Each trial records the
-    seconds of every step: with steps >= 2 the last is a step at that length without compiling or pool growth."""
+    seconds of every step: with steps >= 2 the last is a step at that length without compiling or pool growth.
+    `progress(trials, running)` is called before each trial (`running` = its length) and after the last (None):
+    a process the host kills mid-trial (its OOM killer: no exception to catch) has then left its finished trials
+    and the length that killed it (`killed_record`)."""
     start, cap, resolution, steps = maxlen
     trials: list[dict[str, Any]] = []
 
     def fits(seq: int) -> bool:
         if before is not None:
             before(seq)
+        if progress is not None:
+            progress(trials, seq)
         ok, peak, note, times = tm.one_step(model, opt, seq, vocab, device=device, steps=steps)
         step_s = times[-1] if times else None
         trials.append({"seq": seq, "fits": ok, "peak_gib": peak, "step_s": step_s, "steps_s": times, "note": note})
@@ -42,7 +49,21 @@ def probe_longest(tm, model, opt, label: str, vocab: int, device: str, maxlen, b
         return ok
 
     good, bad = longest_fitting(fits, start, cap, resolution)
+    if progress is not None:
+        progress(trials, None)
     return {"longest": good, "first_oom": bad, "capped": bad is None, "cap": cap, "steps": steps, "trials": trials}
+
+
+def killed_record(progress: dict[str, Any], maxlen, returncode: int) -> dict[str, Any]:
+    """The probe's record from its last `progress` (``{"trials": [...], "running": seq}``) when its process died in
+    the trial of length ``running``: that length counts as not fitting, the probe stopped there (a bisection may
+    have been left unfinished)."""
+    trials = list(progress["trials"])
+    seq = progress["running"]
+    note = f"process killed (exit {returncode}) during this trial: the host's OOM killer, most likely"
+    trials.append({"seq": seq, "fits": False, "peak_gib": None, "step_s": None, "steps_s": [], "note": note})
+    good = max((t["seq"] for t in trials if t["fits"]), default=0)
+    return {"longest": good, "first_oom": seq, "capped": False, "cap": maxlen[1], "steps": maxlen[3], "trials": trials}
 
 
 def part_maxlen(tm, base, env, args, vocab: int) -> dict[str, Any]:

@@ -106,7 +106,10 @@ def run_child(module: str, job: dict[str, Any], tmp: Path, *, timeout: float) ->
     out_file = tmp / "out.json"
     if out_file.exists():
         return json.loads(out_file.read_text())
-    return {"error": f"the Unsloth process exited with {proc.returncode} and wrote no result"}
+    return {
+        "error": f"the Unsloth process exited with {proc.returncode} and wrote no result",
+        "returncode": proc.returncode,
+    }
 
 
 def run_unsloth(base, env: dict[str, Any], args, *, plan: list[tuple[list[int], int]] | None = None, maxlen=None):
@@ -133,11 +136,30 @@ def run_unsloth(base, env: dict[str, Any], args, *, plan: list[tuple[list[int], 
             "vocab": base.config.vocab_size,
             "gpu_gib": getattr(args, "maxlen_gpu_gib", None) if maxlen else None,
             "save_s": round(time.perf_counter() - t0, 1),
+            "progress": str(tmp / PROGRESS),
         }
         try:
-            return run_child("benchmarks.train.unsloth_stack", job, tmp, timeout=getattr(args, "unsloth_timeout", 1800))
+            out = run_child("benchmarks.train.unsloth_stack", job, tmp, timeout=getattr(args, "unsloth_timeout", 1800))
+            return _with_killed_probe(out, tmp / PROGRESS, maxlen)
         finally:
             _move_base(base, env["device"])
+
+
+PROGRESS = "maxlen-progress.json"  # the child's probe, rewritten before each trial (`maxlen.probe_longest`)
+
+
+def _with_killed_probe(out: dict[str, Any], progress_file: Path, maxlen) -> dict[str, Any]:
+    """A child that died inside a maxlen trial wrote no result, but its progress file names the trials it finished
+    and the length it died at: `out` gains that probe record (`maxlen.killed_record`), its error kept."""
+    if "error" not in out or not maxlen or not progress_file.exists():
+        return out
+    from benchmarks.train.maxlen import killed_record
+
+    progress = json.loads(progress_file.read_text())
+    if progress.get("running") is None:
+        return out
+    code = out.get("returncode")
+    return out | {"maxlen": killed_record(progress, maxlen, code), "versions": progress.get("versions")}
 
 
 def _child(job: dict[str, Any]) -> dict[str, Any]:
@@ -190,6 +212,7 @@ def _child(job: dict[str, Any]) -> dict[str, Any]:
             tm.release("cuda")
     if job["maxlen"]:
         from benchmarks.train.maxlen import probe_longest
+        from quickloris.utils.atomic import atomic_write_json
 
         tm.cap_gpu_memory(job.get("gpu_gib"))
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=job["lr"])
@@ -197,7 +220,21 @@ def _child(job: dict[str, Any]) -> dict[str, Any]:
         def before(seq: int) -> None:
             model.max_seq_length = seq  # Unsloth truncates longer inputs otherwise
 
-        out["maxlen"] = probe_longest(tm, model, opt, "unsloth", job["vocab"], "cuda", job["maxlen"], before)
+        def progress(trials: list[dict[str, Any]], running: int | None) -> None:
+            record = {"trials": trials, "running": running, "versions": versions}
+            atomic_write_json(Path(job["progress"]), record)
+
+        out["maxlen"] = probe_longest(
+            tm,
+            model,
+            opt,
+            "unsloth",
+            job["vocab"],
+            "cuda",
+            job["maxlen"],
+            before,
+            progress if job.get("progress") else None,
+        )
     return out
 
 

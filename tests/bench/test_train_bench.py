@@ -131,6 +131,49 @@ def test_probe_longest_records_every_steps_seconds_and_calls_before():
     assert res["trials"][2]["step_s"] is None and not res["trials"][2]["fits"]
 
 
+def test_a_probe_killed_mid_trial_keeps_its_finished_trials(tmp_path):
+    """The host's OOM killer ends a process with no exception (Unsloth's child at 1 x 327,680 on an H100 host):
+    the probe's progress, written before each trial, still gives the trials that finished and counts the length it
+    died at as not fitting; a child that finished, or failed outside a trial, is left as it was."""
+    from benchmarks.train import unsloth_stack
+    from benchmarks.train.maxlen import probe_longest
+
+    records = []
+
+    class KilledAt128:
+        @staticmethod
+        def one_step(model, opt, seq, vocab, *, device, steps):
+            if seq == 128:
+                raise SystemExit  # stands in for the kill: nothing after this runs in the process
+            return True, seq / 1000, "note", [1.0]
+
+    def progress(trials, running):
+        records.append({"trials": [dict(t) for t in trials], "running": running, "versions": {"unsloth": "x"}})
+
+    maxlen = (32, 256, 16, 1)
+    with pytest.raises(SystemExit):
+        probe_longest(KilledAt128, None, None, "x", 7, "cpu", maxlen, progress=progress)
+    assert [r["running"] for r in records] == [32, 64, 128]
+    f = tmp_path / unsloth_stack.PROGRESS
+    f.write_text(json.dumps(records[-1]))
+    error = {"error": "the Unsloth process exited with -9 and wrote no result", "returncode": -9}
+    res = unsloth_stack._with_killed_probe(error, f, maxlen)
+    rec = res["maxlen"]
+    assert res["error"] == error["error"] and res["versions"] == {"unsloth": "x"}
+    assert (rec["longest"], rec["first_oom"], rec["capped"], rec["cap"], rec["steps"]) == (64, 128, False, 256, 1)
+    assert [(t["seq"], t["fits"]) for t in rec["trials"]] == [(32, True), (64, True), (128, False)]
+    assert "killed (exit -9)" in rec["trials"][-1]["note"]
+
+    # a finished probe says so last (running None): an error after it is not a killed trial
+    done = []
+    probe_longest(KilledAt128, None, None, "x", 7, "cpu", (32, 64, 16, 1), progress=lambda t, r: done.append(r))
+    assert done == [32, 64, None]
+    f.write_text(json.dumps({"trials": [], "running": None}))
+    assert unsloth_stack._with_killed_probe(error, f, maxlen) == error
+    assert unsloth_stack._with_killed_probe({"maxlen": {}}, f, maxlen) == {"maxlen": {}}  # no error: as it was
+    assert unsloth_stack._with_killed_probe(error, tmp_path / "none.json", maxlen) == error  # no progress file
+
+
 def test_longest_fitting_doubles_then_bisects():
     tried = []
 
