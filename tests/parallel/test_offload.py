@@ -19,6 +19,7 @@ from quickloris.parallel.offload import (
     KEEP_FREE,
     HostMemoryError,
     OffloadedCheckpoint,
+    PinnedLedger,
     _pow2,
     check_host_room,
     pinned_pieces,
@@ -165,12 +166,35 @@ def test_check_host_room_refuses_to_pin_into_the_last_tenth_of_the_host():
     total = 128 * 2**30
     free = HostMemory(available=40 * 2**30, total=total)
     room = int(free.available - KEEP_FREE * total)  # what may still be pinned
-    check_host_room(room, 0, free)
-    check_host_room(room + 2**30, 2**30, free)  # the pool's free buffers are reused first
-    check_host_room(10 * total, 0, None)  # the host's memory is unknown: no check
+    check_host_room(room, free)
+    check_host_room(0, HostMemory(available=0, total=total))  # no growth: nothing to check
+    check_host_room(10 * total, None)  # the host's memory is unknown: no check
     with pytest.raises(HostMemoryError, match=r"^--checkpoint-offload: out of host memory: .* 28\.2 GiB more") as e:
-        check_host_room(room + 2**30, 0, free)  # 27.2 GiB may be pinned: 28.2 may not
+        check_host_room(room + 2**30, free)  # 27.2 GiB may be pinned: 28.2 may not
     assert "\n" not in str(e.value) and e.value.exit_code == 1  # one line, no traceback from the CLI
+
+
+def test_pinned_ledger_counts_free_buffers_per_rounded_size():
+    """A freed 4 GiB buffer serves a later 4 GiB piece, not a 2 GiB one: the allocator's one total of free bytes
+    (4 GiB here) would call a 2 GiB request free of growth while the pool grows by 2 GiB. Sizes round up to a
+    power of two; a buffer is free once its tensor is gone (the backward freed the layer input)."""
+    ledger = PinnedLedger()
+    a = torch.empty(4 * 1024, dtype=torch.uint8)  # stands in for 4 GiB: the ledger only reads sizes
+    b = torch.empty(3 * 1024 + 5, dtype=torch.uint8)  # rounds up to 4096 bytes as well
+    ledger.hold(a)
+    ledger.hold(b)
+    assert ledger.growth([4096]) == 4096  # both 4096-byte buffers are in use
+    del a
+    gc.collect()
+    assert ledger.growth([4096]) == 0 and ledger.growth([3000]) == 0  # the freed one serves either
+    assert ledger.growth([2048]) == 2048  # ... but not a smaller size
+    assert ledger.growth([4096, 4096]) == 4096 and ledger.growth([4096, 2048, 1000]) == 2048 + 1024
+    del b
+    gc.collect()
+    assert ledger.growth([4096, 4096]) == 0 and ledger.growth([4096] * 3) == 4096
+    c = torch.empty(4096, dtype=torch.uint8)
+    ledger.hold(c)  # takes a held buffer: no more held than before
+    assert ledger.growth([4096]) == 0 and ledger.growth([4096, 4096]) == 4096
 
 
 def test_apply_checkpointing_offload_sets_one_function_on_every_checkpointed_layer(seed):
@@ -305,7 +329,8 @@ def test_cuda_offloaded_checkpoint_same_gradients_less_memory(seed):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_copies_round_trip_odd_sizes_in_pieces_and_refuse_a_full_host(seed, monkeypatch):
     """`CudaCopies` on a GPU: a tensor whose bytes are no power of two goes to the host in pinned pieces and comes
-    back bit-equal (a strided one too); with the host's memory reported full it raises one line instead."""
+    back bit-equal (a strided one too); with the host's memory reported full it raises one line instead, also for
+    a piece smaller than the pool's free bytes when they are in a buffer of another size (`PinnedLedger`)."""
     from quickloris.parallel import offload
 
     torch.manual_seed(seed)
@@ -323,8 +348,14 @@ def test_cuda_copies_round_trip_odd_sizes_in_pieces_and_refuse_a_full_host(seed,
         assert torch.equal(back, t)
     stats = torch.cuda.host_memory_stats()  # the counters the room check reads exist in this torch
     assert "allocated_bytes.current" in stats and "active_bytes.current" in stats
+    freed = copies.to_host(torch.zeros(2**26, dtype=torch.uint8, device="cuda"))  # one 64 MiB buffer
+    torch.cuda.synchronize()
+    del freed, host
+    gc.collect()  # the pool now keeps a free 64 MiB buffer
     full = HostMemory(available=0, total=2**40)
     monkeypatch.setattr(offload.hostmem, "host_memory", lambda: full)
+    with pytest.raises(HostMemoryError, match="--checkpoint-offload"):  # 32 MiB: a size the free buffer cannot serve
+        copies.to_host(torch.zeros(2**25, dtype=torch.uint8, device="cuda"))
     big = torch.empty(2**33, dtype=torch.uint8, device="cuda")  # 8 GiB: more than the pool keeps free
     with pytest.raises(HostMemoryError, match="--checkpoint-offload"):
         copies.to_host(big)

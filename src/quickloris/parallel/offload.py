@@ -25,8 +25,11 @@ copies that used it have finished. It rounds each buffer up to a power of two (a
 4 GiB), so a tensor is held in up to four pieces (`pinned_pieces`: wasting under 1/7 of its bytes). Pinned memory
 cannot be swapped: pinning more than the host has free gets the process killed by the kernel with no message, so
 before the pool grows, `CudaCopies` checks the host's free memory (`quickloris.utils.hostmem`) and raises
-`HostMemoryError` (one line) while 10 % of it would still be free. A handle that dies without its backward (the
-graph was dropped) frees its buffers.
+`HostMemoryError` (one line) unless 10 % of it would still be free. How much the pool grows: a freed buffer serves
+only a request of its own rounded size, and the allocator's statistics give one total of free bytes, so with
+lengths that change (a 4 GiB buffer cannot hold a 2 GiB piece) that total says "no growth" while the pool grows;
+a `PinnedLedger` counts this object's buffers per size. A handle that dies without its backward (the graph was
+dropped) frees its buffers.
 
 The device side (`CudaCopies`) is an object of its own so that the packing order and prefetch logic can be tested
 on a CPU with a synchronous stand-in (`tests/parallel/test_offload.py`).
@@ -34,7 +37,10 @@ on a CPU with a synchronous stand-in (`tests/parallel/test_offload.py`).
 
 from __future__ import annotations
 
+import threading
 import weakref
+from collections import Counter
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -70,11 +76,41 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def check_host_room(need: int, reusable: int, memory) -> None:
-    """Raise `HostMemoryError` unless `need` more bytes of pinned buffers (`reusable` of them already pinned and
-    free in the pool) leave `KEEP_FREE` of the host's memory free. `memory`: `hostmem.HostMemory` or None
-    (unknown: no check)."""
-    grow = need - reusable
+class PinnedLedger:
+    """The pinned pool's buffers that one object's pieces use, per rounded (power-of-two) size.
+
+    The caching host allocator keeps a freed buffer for later requests of the same rounded size only. Per size
+    the ledger counts the buffers alive now and the most ever alive at once (what the pool holds for us, as it
+    never shrinks by itself): a request's growth is the bytes its sizes' free buffers cannot serve. Buffers freed
+    by someone emptying the cache are not seen here; `CudaCopies` takes the larger of this and the allocator's
+    own total. Thread-safe: pieces die in autograd's backward threads too."""
+
+    def __init__(self) -> None:
+        self._held: Counter[int] = Counter()
+        self._alive: Counter[int] = Counter()
+        self._lock = threading.Lock()
+
+    def growth(self, sizes: Iterable[int]) -> int:
+        want = Counter(_pow2(n) for n in sizes)
+        with self._lock:
+            return sum(max(0, k - (self._held[b] - self._alive[b])) * b for b, k in want.items())
+
+    def hold(self, piece: torch.Tensor) -> None:
+        """Count `piece` (a freshly pinned buffer) until it is freed."""
+        size = _pow2(piece.numel() * piece.element_size())
+        with self._lock:
+            self._alive[size] += 1
+            self._held[size] = max(self._held[size], self._alive[size])
+        weakref.finalize(piece, self._freed, size)
+
+    def _freed(self, size: int) -> None:
+        with self._lock:
+            self._alive[size] -= 1
+
+
+def check_host_room(grow: int, memory) -> None:
+    """Raise `HostMemoryError` unless pinning `grow` more bytes leaves `KEEP_FREE` of the host's memory free.
+    `memory`: `hostmem.HostMemory` or None (unknown: no check)."""
     if grow <= 0 or memory is None or grow <= memory.available - KEEP_FREE * memory.total:
         return
     raise HostMemoryError(
@@ -89,6 +125,7 @@ class CudaCopies:
 
     def __init__(self) -> None:
         self._streams: dict[int, torch.cuda.Stream] = {}
+        self.ledger = PinnedLedger()
 
     def _stream(self, device: torch.device) -> torch.cuda.Stream:
         index = device.index if device.index is not None else torch.cuda.current_device()
@@ -106,15 +143,16 @@ class CudaCopies:
         sizes = pinned_pieces(t.numel() * t.element_size())
         stats = torch.cuda.host_memory_stats()
         reusable = stats.get("allocated_bytes.current", 0) - stats.get("active_bytes.current", 0)
-        need = sum(_pow2(n) for n in sizes)
-        if need > reusable:  # the pool grows: read the host's free memory (skipped once the pool is warm)
-            check_host_room(need, reusable, hostmem.host_memory())
+        grow = max(self.ledger.growth(sizes), sum(_pow2(n) for n in sizes) - reusable)
+        if grow > 0:  # the pool grows: read the host's free memory (skipped once the pool is warm)
+            check_host_room(grow, hostmem.host_memory())
         stream = self._stream(t.device)
         stream.wait_stream(torch.cuda.current_stream(t.device))  # t is written by work queued there
         flat, pieces, start = t.view(-1).view(torch.uint8), [], 0
         with torch.cuda.stream(stream):
             for n in sizes:
                 piece = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+                self.ledger.hold(piece)
                 piece.copy_(flat[start : start + n], non_blocking=True)
                 pieces.append(piece)
                 start += n
