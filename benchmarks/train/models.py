@@ -272,14 +272,9 @@ def release(device: str) -> None:
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
-        names = (
-            (torch.accelerator, "empty_host_cache"),
-            (torch._C, "_accelerator_emptyHostCache"),  # before the public name existed
-            (torch._C, "_host_emptyCache"),
-        )
-        empty_host = next((getattr(m, n) for m, n in names if hasattr(m, n)), None)
-        if empty_host is not None:
-            empty_host()
+        from quickloris.parallel.offload import empty_pinned_cache
+
+        empty_pinned_cache()
 
 
 def train_run(

@@ -183,10 +183,16 @@ def part_profile(tm, attention: str, steps: int = 2) -> dict:
             opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
         wall = time.perf_counter() - t0
+
+    def kernel(e) -> bool:
+        # GPU-side user annotations (record_function ranges: "Optimizer.step#AdamW.step", compiled regions) show
+        # as CUDA events too; they span kernels and the gaps between them, so they are neither kernel time nor busy
+        return e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+
     kernels = {}
     for e in prof.key_averages():
         t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
-        if t and e.device_type == torch.autograd.DeviceType.CUDA:
+        if t and kernel(e):
             kernels[e.key] = (kernels.get(e.key, (0, 0))[0] + t, kernels.get(e.key, (0, 0))[1] + e.count)
     groups: dict[str, float] = {}
     for name, (t, _) in kernels.items():
@@ -196,7 +202,7 @@ def part_profile(tm, attention: str, steps: int = 2) -> dict:
     spans = [
         (e.time_range.start, e.time_range.end, e.name)
         for e in prof.events()
-        if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start
+        if kernel(e) and e.time_range.end > e.time_range.start
     ]
     idle = idle_gaps(spans)
     idle["idle_ms_per_step"] = round(idle["idle_us"] / 1e3 / steps, 2)

@@ -148,17 +148,33 @@ def run_unsloth(base, env: dict[str, Any], args, *, plan: list[tuple[list[int], 
 PROGRESS = "maxlen-progress.json"  # the child's probe, rewritten before each trial (`maxlen.probe_longest`)
 
 
+def progress_writer(path: Path, versions: dict[str, str]):
+    """The child's `probe_longest` progress callback: the trials so far and the length now running, written
+    atomically to `path` (the parent reads it if the child is killed)."""
+    from quickloris.utils.atomic import atomic_write_json
+
+    def progress(trials: list[dict[str, Any]], running: int | None) -> None:
+        atomic_write_json(path, {"trials": trials, "running": running, "versions": versions})
+
+    return progress
+
+
 def _with_killed_probe(out: dict[str, Any], progress_file: Path, maxlen) -> dict[str, Any]:
-    """A child that died inside a maxlen trial wrote no result, but its progress file names the trials it finished
-    and the length it died at: `out` gains that probe record (`maxlen.killed_record`), its error kept."""
-    if "error" not in out or not maxlen or not progress_file.exists():
+    """A child killed by a signal (the host's OOM killer: exit -9) inside a maxlen trial wrote no result, but its
+    progress file names the trials it finished and the length it died at: `out` gains that probe record
+    (`maxlen.killed_record`), its error kept. Any other failure (an exception the child reported, a timeout) is
+    no verdict on the length and stays as it was."""
+    code = out.get("returncode")
+    if "error" not in out or not maxlen or not isinstance(code, int) or code >= 0:
         return out
     from benchmarks.train.maxlen import killed_record
 
-    progress = json.loads(progress_file.read_text())
+    try:
+        progress = json.loads(progress_file.read_text())
+    except (OSError, ValueError):
+        return out
     if progress.get("running") is None:
         return out
-    code = out.get("returncode")
     return out | {"maxlen": killed_record(progress, maxlen, code), "versions": progress.get("versions")}
 
 
@@ -212,7 +228,6 @@ def _child(job: dict[str, Any]) -> dict[str, Any]:
             tm.release("cuda")
     if job["maxlen"]:
         from benchmarks.train.maxlen import probe_longest
-        from quickloris.utils.atomic import atomic_write_json
 
         tm.cap_gpu_memory(job.get("gpu_gib"))
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=job["lr"])
@@ -220,21 +235,8 @@ def _child(job: dict[str, Any]) -> dict[str, Any]:
         def before(seq: int) -> None:
             model.max_seq_length = seq  # Unsloth truncates longer inputs otherwise
 
-        def progress(trials: list[dict[str, Any]], running: int | None) -> None:
-            record = {"trials": trials, "running": running, "versions": versions}
-            atomic_write_json(Path(job["progress"]), record)
-
-        out["maxlen"] = probe_longest(
-            tm,
-            model,
-            opt,
-            "unsloth",
-            job["vocab"],
-            "cuda",
-            job["maxlen"],
-            before,
-            progress if job.get("progress") else None,
-        )
+        progress = progress_writer(Path(job["progress"]), versions) if job.get("progress") else None
+        out["maxlen"] = probe_longest(tm, model, opt, "unsloth", job["vocab"], "cuda", job["maxlen"], before, progress)
     return out
 
 

@@ -147,15 +147,18 @@ def test_a_probe_killed_mid_trial_keeps_its_finished_trials(tmp_path):
                 raise SystemExit  # stands in for the kill: nothing after this runs in the process
             return True, seq / 1000, "note", [1.0]
 
+    f = tmp_path / unsloth_stack.PROGRESS
+    write = unsloth_stack.progress_writer(f, {"unsloth": "x"})  # what the child passes to the probe
+
     def progress(trials, running):
-        records.append({"trials": [dict(t) for t in trials], "running": running, "versions": {"unsloth": "x"}})
+        write(trials, running)
+        records.append(json.loads(f.read_text()))
 
     maxlen = (32, 256, 16, 1)
     with pytest.raises(SystemExit):
         probe_longest(KilledAt128, None, None, "x", 7, "cpu", maxlen, progress=progress)
     assert [r["running"] for r in records] == [32, 64, 128]
-    f = tmp_path / unsloth_stack.PROGRESS
-    f.write_text(json.dumps(records[-1]))
+    assert [len(r["trials"]) for r in records] == [0, 1, 2]
     error = {"error": "the Unsloth process exited with -9 and wrote no result", "returncode": -9}
     res = unsloth_stack._with_killed_probe(error, f, maxlen)
     rec = res["maxlen"]
@@ -163,6 +166,17 @@ def test_a_probe_killed_mid_trial_keeps_its_finished_trials(tmp_path):
     assert (rec["longest"], rec["first_oom"], rec["capped"], rec["cap"], rec["steps"]) == (64, 128, False, 256, 1)
     assert [(t["seq"], t["fits"]) for t in rec["trials"]] == [(32, True), (64, True), (128, False)]
     assert "killed (exit -9)" in rec["trials"][-1]["note"]
+
+    # a failure the child reported (an exception: out.json written) or a timeout is no verdict on the length
+    reported = {"error": "RuntimeError: CUDA error: an illegal memory access was encountered"}
+    assert unsloth_stack._with_killed_probe(reported, f, maxlen) == reported
+    timeout = {"error": "the Unsloth process ran past 1800 s"}
+    assert unsloth_stack._with_killed_probe(timeout, f, maxlen) == timeout
+    failed = {"error": "the Unsloth process exited with 1 and wrote no result", "returncode": 1}
+    assert unsloth_stack._with_killed_probe(failed, f, maxlen) == failed
+    f.write_text('{"trials": [')  # unreadable: the error stays
+    assert unsloth_stack._with_killed_probe(error, f, maxlen) == error
+    f.write_text(json.dumps(records[-1]))
 
     # a finished probe says so last (running None): an error after it is not a killed trial
     done = []

@@ -189,12 +189,13 @@ def test_cuda_compiled_tiled_mlp_same_gradients_less_memory(seed):
     and the step's peak drops by at least one [tokens, intermediate] fp32 tensor (the whole MLP's backward holds
     several at once; the tiled one 1/8 of each).
 
-    Gradients are compared norm-wise: each LoRA gradient entry is a sum over 4096 tokens of terms of both signs,
+    Gradients are compared norm-wise: each LoRA gradient entry is a sum over the tokens of terms of both signs,
     so an entry can be far smaller than its terms, and fp32 reordering (different fused graphs; the attention
     backward's atomic dQ adds) is relative to the terms, not to the entry. On the H200 elementwise rtol 1e-5
-    failed on such entries of layer 0's q_proj lora_A. Norm-wise, reordering over 4096 terms with cancellation
-    of up to ~sqrt(4096) gives <= ~sqrt(4096) * 64 * 2**-24 ~ 2.4e-4 of the norm; 1e-3 leaves 4x, and a row
-    mapped to the wrong chunk or a leaked padded row is O(1).
+    failed on such entries of layer 0's q_proj lora_A (4096 tokens then). Norm-wise, reordering over n terms with
+    cancellation of up to ~sqrt(n) gives <= ~sqrt(n) * 64 * 2**-24 of the norm, ~2.4e-4 at n = 4096 and half that
+    at the 1024 tokens here; 1e-3 leaves 4x at least, and a row mapped to the wrong chunk or a leaked padded row
+    is O(1).
 
     The shapes make the MLP the step's peak: at 4096 tokens and intermediate 2048 the attention's fp32 scores
     ([heads, 4096, 4096], 256 MiB a copy) set the same peak, 548 MB, with 1 and 8 chunks (H100 run). At 1024

@@ -81,14 +81,24 @@ class PinnedLedger:
 
     The caching host allocator keeps a freed buffer for later requests of the same rounded size only. Per size
     the ledger counts the buffers alive now and the most ever alive at once (what the pool holds for us, as it
-    never shrinks by itself): a request's growth is the bytes its sizes' free buffers cannot serve. Buffers freed
-    by someone emptying the cache are not seen here; `CudaCopies` takes the larger of this and the allocator's
-    own total. Thread-safe: pieces die in autograd's backward threads too."""
+    never shrinks by itself): a request's growth is the bytes its sizes' free buffers cannot serve. One ledger
+    serves the process (`LEDGER`), as one pool does. Emptying the pool's cache (``torch.accelerator.
+    empty_host_cache``) must be followed by `reset`; `CudaCopies` also takes the larger of this and the growth the
+    allocator's own total implies. It assumes the allocator's defaults: ``pinned_max_round_threshold`` or
+    ``pinned_max_cached_size`` in ``PYTORCH_ALLOC_CONF`` change how buffers are rounded and kept.
+
+    Thread-safe and re-entrant: pieces die in autograd's backward threads, and the garbage collector can free one
+    (calling `_freed`) inside `growth` or `hold` on the same thread."""
 
     def __init__(self) -> None:
         self._held: Counter[int] = Counter()
         self._alive: Counter[int] = Counter()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+
+    def reset(self) -> None:
+        """The pool's free buffers were released (its cache emptied): only the live ones are still held."""
+        with self._lock:
+            self._held = Counter(self._alive)
 
     def growth(self, sizes: Iterable[int]) -> int:
         want = Counter(_pow2(n) for n in sizes)
@@ -108,6 +118,23 @@ class PinnedLedger:
             self._alive[size] -= 1
 
 
+LEDGER = PinnedLedger()
+
+
+def empty_pinned_cache() -> None:
+    """Give the pinned pool's free buffers back to the host (the caching host allocator never does by itself: a
+    longer run would pin beside them) and tell `LEDGER`."""
+    names = (
+        (torch.accelerator, "empty_host_cache"),
+        (torch._C, "_accelerator_emptyHostCache"),  # before the public name existed
+        (torch._C, "_host_emptyCache"),
+    )
+    empty_host = next((getattr(m, n) for m, n in names if hasattr(m, n)), None)
+    if empty_host is not None:
+        empty_host()
+        LEDGER.reset()
+
+
 def check_host_room(grow: int, memory) -> None:
     """Raise `HostMemoryError` unless pinning `grow` more bytes leaves `KEEP_FREE` of the host's memory free.
     `memory`: `hostmem.HostMemory` or None (unknown: no check)."""
@@ -125,7 +152,7 @@ class CudaCopies:
 
     def __init__(self) -> None:
         self._streams: dict[int, torch.cuda.Stream] = {}
-        self.ledger = PinnedLedger()
+        self.ledger = LEDGER
 
     def _stream(self, device: torch.device) -> torch.cuda.Stream:
         index = device.index if device.index is not None else torch.cuda.current_device()
