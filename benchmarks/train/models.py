@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from benchmarks.loss.models import LLAMA_1B
-from quickloris.parallel.offload import HostMemoryError
+from quickloris.parallel.offload import HostMemoryError, empty_pinned_cache
 from quickloris.tensor.nf4_tensor import NF4Tensor
 
 LLAMA_8B = dict(
@@ -272,8 +272,6 @@ def release(device: str) -> None:
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
-        from quickloris.parallel.offload import empty_pinned_cache
-
         empty_pinned_cache()
 
 

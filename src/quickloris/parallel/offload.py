@@ -28,8 +28,8 @@ before the pool grows, `CudaCopies` checks the host's free memory (`quickloris.u
 `HostMemoryError` (one line) unless 10 % of it would still be free. How much the pool grows: a freed buffer serves
 only a request of its own rounded size, and the allocator's statistics give one total of free bytes, so with
 lengths that change (a 4 GiB buffer cannot hold a 2 GiB piece) that total says "no growth" while the pool grows;
-a `PinnedLedger` counts this object's buffers per size. A handle that dies without its backward (the graph was
-dropped) frees its buffers.
+one process-wide `PinnedLedger` counts the pieces' buffers per size. A handle that dies without its backward (the
+graph was dropped) frees its buffers.
 
 The device side (`CudaCopies`) is an object of its own so that the packing order and prefetch logic can be tested
 on a CPU with a synchronous stand-in (`tests/parallel/test_offload.py`).
@@ -77,7 +77,7 @@ def _pow2(n: int) -> int:
 
 
 class PinnedLedger:
-    """The pinned pool's buffers that one object's pieces use, per rounded (power-of-two) size.
+    """The pinned pool's buffers that offloaded pieces use, per rounded (power-of-two) size.
 
     The caching host allocator keeps a freed buffer for later requests of the same rounded size only. Per size
     the ledger counts the buffers alive now and the most ever alive at once (what the pool holds for us, as it
