@@ -23,16 +23,26 @@ state, so LoRA dropout draws the same masks in the replay as in the forward.
 
 from __future__ import annotations
 
+import functools
 import types
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from quickloris.models import surgery
 
 STEP = "mlp_chunks"
 ATTR = "quickloris_mlp_chunks"
+
+
+def _recompute_all(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_RECOMPUTE
+
+
+# Every op of a chunk is replayed, said explicitly: a plain checkpoint leaves the choice to the compiled graph's
+# partitioner, which on torch 2.11 + CUDA saved each chunk's gate and up outputs (all chunks' at once: no tiling).
+_RECOMPUTE_ALL = functools.partial(create_selective_checkpoint_contexts, _recompute_all)
 
 
 def _chunked_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -43,7 +53,9 @@ def _chunked_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     # made dynamo compile the layer once for "0" and once for "more"
     c = t // n + 1
     chunks = torch.nn.functional.pad(x, (0, 0, 0, n * c - t)).unflatten(-2, (n, c)).unbind(-3)
-    out = torch.stack([checkpoint(forward, self, chunk, use_reentrant=False) for chunk in chunks], dim=-3)
+    out = torch.stack(
+        [checkpoint(forward, self, chunk, use_reentrant=False, context_fn=_RECOMPUTE_ALL) for chunk in chunks], dim=-3
+    )
     return out.flatten(-3, -2)[..., :t, :]
 
 
