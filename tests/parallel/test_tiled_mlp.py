@@ -125,9 +125,8 @@ def test_chunked_mlp_keeps_no_intermediate_tensor_for_backward(seed):
     assert kept[1] >= 2 * 2 and kept[5] == 0, kept  # gate, up, ... per layer, against nothing
 
 
-def test_compiled_chunked_mlp_keeps_no_intermediate_tensor_for_backward(seed):
-    """The same through a compiled layer (AOTAutograd with the min-cut partitioner Inductor uses): what the
-    compiled forward saves is the partitioner's choice unless every op of a chunk is marked for replay."""
+def _min_cut_backend() -> str:
+    """A torch.compile backend name: AOTAutograd with the min-cut partitioner Inductor uses, graphs run as traced."""
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
     from torch._functorch.partitioners import min_cut_rematerialization_partition
@@ -141,8 +140,36 @@ def test_compiled_chunked_mlp_keeps_no_intermediate_tensor_for_backward(seed):
                 partition_fn=min_cut_rematerialization_partition,
             )
         )
-    kept = _kept_intermediates(seed, compile=CompileConfig(backend=name))
+    return name
+
+
+def test_compiled_chunked_mlp_keeps_no_intermediate_tensor_for_backward(seed):
+    """The same through a compiled layer (AOTAutograd with the min-cut partitioner Inductor uses): what the
+    compiled forward saves is the partitioner's choice unless every op of a chunk is marked for replay."""
+    kept = _kept_intermediates(seed, compile=CompileConfig(backend=_min_cut_backend()))
     assert kept[1] >= 2 * 2 and kept[5] == 0, kept
+
+
+def test_compiled_chunks_see_the_forwards_dropout_masks(seed):
+    """Compiled (the min-cut partitioner), the chunks' dropout draws are the forward's in backward: the loss and
+    LoRA gradients equal the eager tiled model's on the same draws (a redrawn mask would be O(1) off)."""
+    torch.manual_seed(seed)
+    base, ids = _base(), torch.randint(0, V, (2, 30))
+    qcfg = QLoRAConfig(r=4, init_lora_weights="random", lora_dropout=0.3)
+    out = {}
+    for name, compile in (("eager", None), ("compiled", CompileConfig(backend=_min_cut_backend()))):
+        torch._dynamo.reset()
+        torch.manual_seed(seed)
+        model = build_training_model(
+            copy.deepcopy(base),
+            qcfg,
+            checkpointing=CheckpointConfig(gradient_checkpointing=False, mlp_chunks=4),
+            compile=compile,
+        )
+        torch.manual_seed(seed + 1)  # the same dropout draws in both
+        out[name] = _step(model, ids)
+    torch.testing.assert_close(out["compiled"][0], out["eager"][0], rtol=1e-6, atol=0)
+    _close(out["compiled"][1], out["eager"][1], "compiled with dropout")
 
 
 @pytest.mark.gpu
@@ -150,7 +177,7 @@ def test_compiled_chunked_mlp_keeps_no_intermediate_tensor_for_backward(seed):
 def test_cuda_inductor_chunked_mlp_keeps_no_intermediate_tensor_for_backward(seed):
     """On a GPU with Inductor in bf16: on torch 2.11 the partitioner saved every chunk's gate and up outputs when
     the chunk's checkpoint left it the choice (all chunks' at once at the step's peak, measured with
-    scripts/device/tiled_mlp_peak.py)."""
+    benchmarks/diag/tiled_mlp_peak.py)."""
     kept = _kept_intermediates(seed, device="cuda", compile=CompileConfig(), dtype=torch.bfloat16)
     assert kept[1] >= 2 * 2 and kept[5] == 0, kept
 

@@ -240,6 +240,21 @@ def checkpoint_policy(keep=()):
     return policy
 
 
+def _policy_key(keep) -> str:
+    return ",".join(sorted(set(keep)))
+
+
+def selective_context(keep=()):
+    """``torch.utils.checkpoint.checkpoint``'s ``context_fn`` for `checkpoint_policy(keep)`: one object per policy,
+    so that every region checkpointed with it traces the same constant (the tiled MLP's chunks use ``keep=()``)."""
+    key = _policy_key(keep)
+    if key not in _CONTEXT_FNS:
+        from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+        _CONTEXT_FNS[key] = functools.partial(create_selective_checkpoint_contexts, checkpoint_policy(keep))
+    return _CONTEXT_FNS[key]
+
+
 def _checkpointed_forward(self, *args, **kwargs):
     """The layer's class forward under a non-reentrant selective checkpoint (training only); traced into the
     layer's graph."""
@@ -272,7 +287,7 @@ def checkpoint_in_graph(model: nn.Module, layer: nn.Module, keep=(), *, path: st
     """
     import torch.utils.checkpoint
 
-    policy = checkpoint_policy(keep)  # checks `keep`
+    context_fn = selective_context(keep)  # checks `keep`
     func = getattr(layer, "_gradient_checkpointing_func", None)
     if not getattr(layer, "gradient_checkpointing", False) or func is _pass_through:
         return False
@@ -282,13 +297,11 @@ def checkpoint_in_graph(model: nn.Module, layer: nn.Module, keep=(), *, path: st
         and func.keywords.get("use_reentrant") is False
     ):
         return False  # offloaded (save_on_cpu around the checkpoint) or reentrant: keep transformers' wrapper
-    from torch.utils.checkpoint import create_selective_checkpoint_contexts
-
     # The forward looks its context function up by a string attribute, not a per-layer object: dynamo guards on the
     # string, so layers with the same policy share one graph and a different policy gets its own (an object
     # attribute is not guarded: a second model with another policy would silently reuse the first one's graph).
-    key = ",".join(sorted(set(keep)))
-    _CONTEXT_FNS.setdefault(key, functools.partial(create_selective_checkpoint_contexts, policy))
+    key = _policy_key(keep)
+    assert _CONTEXT_FNS[key] is context_fn
     what = f"in-graph selective checkpoint (keeps: input{', ' + key if key else ''})"
     surgery.set_attribute(
         model, STEP, layer, "quickloris_checkpoint_keep", key, "the policy the forward reads", path=path

@@ -1,6 +1,7 @@
 """Diagnostic: what is alive at the peak of a compiled, checkpointed training step of a 2-layer model with 8B
 layer shapes (hidden 4096, intermediate 14336, 32/8 heads) at 1 x --seq tokens, the MLP whole and in 8 chunks.
-Writes tiled_mlp_peak.json and the Inductor output code of the layer graphs (code.tgz) to --out."""
+Writes tiled_mlp_peak.json (with provenance) and the Inductor output code of the layer graphs (code.tgz) to
+--out: ``bash scripts/device/run.sh py:benchmarks/diag/tiled_mlp_peak.py``."""
 
 from __future__ import annotations
 
@@ -35,7 +36,9 @@ def main() -> None:
     base = base.to(torch.bfloat16) if torch.cuda.is_available() else base
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     ids = torch.randint(0, V, (1, args.seq), device=dev)
-    res: dict = {"seq": args.seq, "unit_bytes": args.seq * H * 2}
+    from quickloris.utils.provenance import environment
+
+    res: dict = {"environment": environment(), "seq": args.seq, "unit_bytes": args.seq * H * 2}
     for offload in (False, True) if dev == "cuda" else (False,):
         for n in (1, 8):
             torch._dynamo.reset()

@@ -1,6 +1,7 @@
 """Which SDPA backend PyTorch picks by default on this GPU for the bench's causal GQA shapes (1B 4x2048 head 64,
 8B 1x8192 and 1x131072 head 128), read from the CUDA kernels of one forward + backward; cuDNN's version and the
-priority order. Writes sdpa_choice.json to --out."""
+priority order. Writes sdpa_choice.json (with provenance) to --out:
+``bash scripts/device/run.sh py:benchmarks/diag/sdpa_choice.py``."""
 
 from __future__ import annotations
 
@@ -39,7 +40,10 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     out = p.parse_args().out
+    from quickloris.utils.provenance import environment
+
     res = {
+        "environment": environment(),
         "torch": torch.__version__,
         "cudnn": torch.backends.cudnn.version(),
         "gpu": torch.cuda.get_device_name(0),
