@@ -2,6 +2,7 @@
 
 * Without a CUDA GPU, Triton kernels run under the interpreter (TRITON_INTERPRET=1), which must be
   set before any `@triton.jit` is decorated, so it happens here at import time.
+* Under ``ATEN_CPU_CAPABILITY`` Inductor's cache moves to a directory of that capability (below).
 * `gpu` / `multigpu` tests skip with a reason where the hardware is missing (run them on the device:
   docs/device.md).
 * `seed`: a fresh random seed per test, printed (shown with a failure) and reproducible with
@@ -24,6 +25,17 @@ N_GPUS = torch.cuda.device_count() if HAS_CUDA else 0
 
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# A run told which CPU kernels to use (ATEN_CPU_CAPABILITY=default / avx2: the README's tolerance check) gets an
+# Inductor cache of its own: loading the C++ kernels the shared cache holds from runs at this machine's own
+# capability (avx512), the two Inductor CPU tests computed NaN under avx2 (torch 2.13); with their own cache they pass.
+if os.environ.get("ATEN_CPU_CAPABILITY") and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    import getpass
+    import tempfile
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
+        tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_{os.environ['ATEN_CPU_CAPABILITY']}"
+    )
 
 
 def pytest_collection_modifyitems(config, items):

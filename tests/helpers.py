@@ -227,3 +227,30 @@ def packed_and_padded(lengths: list[int], vocab: int, *, gen: torch.Generator | 
     packed = collate_packed(docs)
     padded = collate_padded(docs, pad_token_id=0)
     return packed, padded
+
+
+def min_cut_backend(graphs: dict[str, list] | None = None) -> str:
+    """The name of a torch.compile backend: AOTAutograd with the min-cut partitioner Inductor uses (what a compiled
+    region saves for backward is its choice, checkpoint tags honoured), the graphs run as traced. With `graphs`,
+    each forward / backward graph is appended to ``graphs["fw"]`` / ``graphs["bw"]`` (one backend per dict)."""
+    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
+    from torch._dynamo import list_backends, register_backend
+    from torch._dynamo.backends.common import aot_autograd
+
+    name = "quickloris_test_min_cut" + (f"_{id(graphs)}" if graphs is not None else "")
+    if name not in list_backends(exclude_tags=()):
+
+        def keep(kind):
+            def compiler(gm, example_inputs):
+                if graphs is not None:
+                    graphs[kind].append(gm)
+                return make_boxed_func(gm.forward)
+
+            return compiler
+
+        register_backend(name=name)(
+            aot_autograd(
+                fw_compiler=keep("fw"), bw_compiler=keep("bw"), partition_fn=min_cut_rematerialization_partition
+            )
+        )
+    return name

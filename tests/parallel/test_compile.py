@@ -240,26 +240,9 @@ _GRAPHS: dict[str, list] = {"fw": [], "bw": []}
 def _capturing_backend() -> str:
     """A dynamo backend that partitions like inductor (min-cut, honouring checkpoint tags) and keeps the forward and
     backward graphs in `_GRAPHS` to be read."""
-    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
-    from torch._dynamo import list_backends, register_backend
-    from torch._dynamo.backends.common import aot_autograd
+    from tests.helpers import min_cut_backend
 
-    name = "quickloris_test_capture"
-    if name not in list_backends(exclude_tags=()):
-
-        def keep(kind):
-            def compiler(gm, example_inputs):
-                _GRAPHS[kind].append(gm)
-                return make_boxed_func(gm.forward)
-
-            return compiler
-
-        register_backend(name=name)(
-            aot_autograd(
-                fw_compiler=keep("fw"), bw_compiler=keep("bw"), partition_fn=min_cut_rematerialization_partition
-            )
-        )
-    return name
+    return min_cut_backend(_GRAPHS)
 
 
 def _targets(gm) -> list[str]:

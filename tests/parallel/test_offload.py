@@ -17,6 +17,7 @@ from torch import nn
 
 from quickloris.parallel.offload import (
     KEEP_FREE,
+    LEDGER,
     HostMemoryError,
     OffloadedCheckpoint,
     PinnedLedger,
@@ -229,6 +230,62 @@ def test_apply_checkpointing_offload_sets_one_function_on_every_checkpointed_lay
         torch.testing.assert_close(grads["offload"][n], g, rtol=0, atol=0, msg=n)
 
 
+def test_in_graph_checkpoint_keeps_the_offload(seed):
+    """`checkpoint_in_graph` on offloaded layers: each layer's slot becomes the offload's `in_graph` (its hooks, no
+    eager checkpoint), the compiled region saves only the layer input among what needs a gradient, so one tensor
+    a layer moves, prefetched in reverse as with the eager offload; gradients equal the eager offloaded
+    checkpoint's (aot_eager on fp32: the replay inside the compiled backward reorders no sum that matters beyond
+    ~1e-6 relative; rtol 1e-4 as in the in-graph compile test). Undoing the compile restores the eager offload."""
+    pytest.importorskip("transformers")
+    from quickloris.models import surgery
+    from quickloris.models.prepare import QLoRAConfig
+    from quickloris.parallel.compile import CompileConfig, compile_model, is_checkpointed_in_graph
+    from quickloris.parallel.compose import CheckpointConfig, _offload_checkpoints, build_training_model
+    from tests.tiny import tiny_model
+
+    torch.manual_seed(seed)
+    eager = build_training_model(
+        tiny_model(vocab_size=97, layers=3),
+        QLoRAConfig(r=4, init_lora_weights="random"),
+        checkpointing=CheckpointConfig(gradient_checkpointing=True),
+    )
+    _offload_checkpoints(eager)
+    in_graph = copy.deepcopy(eager)  # its own OffloadedCheckpoint, shared by its layers; the ledger is the process's
+    mine, theirs = (
+        in_graph.model.layers[0]._gradient_checkpointing_func,
+        eager.model.layers[0]._gradient_checkpointing_func,
+    )
+    assert isinstance(mine, OffloadedCheckpoint) and mine is not theirs and mine.copies is not theirs.copies
+    assert all(x._gradient_checkpointing_func is mine for x in in_graph.model.layers)
+    assert mine.copies.ledger is theirs.copies.ledger is LEDGER
+    torch._dynamo.reset()
+    compile_model(in_graph, CompileConfig(backend="aot_eager", loss=False, checkpoint_in_graph=True))
+    funcs = []
+    for m in (eager, in_graph):
+        func = m.model.layers[0]._gradient_checkpointing_func
+        func = getattr(func, "__self__", func)
+        func.copies, func.min_bytes = _Copies(), 1
+        funcs.append(func)
+    assert [is_checkpointed_in_graph(x) for x in in_graph.model.layers] == [True] * 3
+    assert not any(map(is_checkpointed_in_graph, eager.model.layers))
+    assert {id(x._gradient_checkpointing_func.__self__) for x in in_graph.model.layers} == {id(funcs[1])}
+    ids = torch.randint(0, 97, (2, 40))
+    grads = {}
+    for name, m in (("eager", eager), ("in_graph", in_graph)):
+        m(input_ids=ids, labels=ids).loss.backward()
+        grads[name] = {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+    for func in funcs:
+        assert func.packed == func.fetched + func.prefetched == 3, vars(func)
+    host = [i for kind, i in funcs[1].copies.log if kind == "host"]
+    back = [i for kind, i in funcs[1].copies.log if kind == "device"]
+    assert back == host[::-1]  # the last layer's input first, each next one prefetched
+    assert grads["eager"].keys() == grads["in_graph"].keys() and grads["eager"]
+    for n, g in grads["eager"].items():
+        torch.testing.assert_close(grads["in_graph"][n], g, rtol=1e-4, atol=1e-6, msg=n)
+    surgery.undo(in_graph, "compile")
+    assert all(x._gradient_checkpointing_func is funcs[1] for x in in_graph.model.layers)
+
+
 def test_hf_trainer_with_gradient_checkpointing_keeps_the_offloaded_checkpoint(seed, tmp_path):
     """HF Trainer's ``TrainingArguments(gradient_checkpointing=True)`` calls ``gradient_checkpointing_enable()``
     before training; transformers' own would put its checkpoint function back on every layer (the offload silently
@@ -323,6 +380,59 @@ def test_cuda_offloaded_checkpoint_same_gradients_less_memory(seed):
     layer_input = tokens * hidden * 2  # bf16
     saved = out[False][0] - out[True][0]
     assert saved >= (n_layers - 4) * layer_input, (out[False][0], out[True][0], layer_input)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_inductor_in_graph_checkpoint_with_offload(seed):
+    """Inductor, the checkpoint in each layer's graph, its input offloaded: the eager offloaded checkpoint's loss
+    and LoRA gradients (norm-wise: Inductor fuses the two differently; 1e-3 as in the tiled-MLP GPU test), one input
+    moved per layer and step, and the layer inputs gone from the peak against the in-graph checkpoint kept on
+    the GPU."""
+    pytest.importorskip("transformers")
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from quickloris.models.prepare import QLoRAConfig
+    from quickloris.parallel.compile import CompileConfig
+    from quickloris.parallel.compose import CheckpointConfig, build_training_model
+    from tests.tiny import tiny_model
+
+    torch.manual_seed(seed)
+    n_layers, hidden, tokens = 12, 256, 8192
+    base = tiny_model(vocab_size=128, hidden=hidden, layers=n_layers, inter=512).to("cuda", torch.bfloat16)
+    ids = torch.randint(0, 128, (1, tokens), device="cuda")
+    out = {}
+    for name, offload, in_graph in (("eager", True, False), ("in_graph", True, True), ("on_gpu", False, True)):
+        torch._dynamo.reset()
+        torch.manual_seed(seed)
+        model = build_training_model(
+            copy.deepcopy(base),
+            QLoRAConfig(r=4, init_lora_weights="random"),
+            checkpointing=CheckpointConfig(offload=offload),
+            compile=CompileConfig(checkpoint_in_graph=in_graph),
+        )
+        for _ in range(2):  # the second step: compiled, the caching allocators warm
+            model.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            with sdpa_kernel(SDPBackend.MATH):  # no atomic dQ adds: the difference is the fusions' alone
+                loss = model(input_ids=ids, labels=ids).loss
+                loss.backward()
+            torch.cuda.synchronize()
+        func = model.model.layers[0]._gradient_checkpointing_func
+        func = getattr(func, "__self__", func)
+        packed = getattr(func, "packed", None)
+        grads = {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+        out[name] = (torch.cuda.max_memory_allocated() - before, grads, float(loss), packed)
+        del model
+    assert out["in_graph"][3] == 2 * n_layers, out["in_graph"][3]  # two steps, one layer input each
+    torch.testing.assert_close(out["in_graph"][2], out["eager"][2], rtol=1e-3, atol=0)
+    for n, g in out["eager"][1].items():
+        err = float((out["in_graph"][1][n] - g).norm() / g.norm().clamp_min(1e-30))
+        assert err <= 1e-3, (n, err)
+    layer_input = tokens * hidden * 2  # bf16
+    assert out["on_gpu"][0] - out["in_graph"][0] >= (n_layers - 4) * layer_input, (out["on_gpu"][0], out["in_graph"][0])
 
 
 @pytest.mark.gpu

@@ -35,7 +35,9 @@ inside the QLoRA autograd.Function, on 2.13 they replay them). Everything is rep
 * ``linears``: the outputs of the NF4 base matmuls (``quickloris::nf4_matmul``, LoRA term included), so backward
   replays no GEMM (Llama-3.2-1B at 8192 tokens: q, k, v, gate, up = 304 MiB per layer).
 
-Checkpoint offload (`quickloris.parallel.offload`: pinned CPU copies on a side stream) keeps the eager wrapper.
+With checkpoint offload (`quickloris.parallel.offload`: pinned CPU copies on a side stream) the in-graph checkpoint
+keeps the offload's saved-tensor hooks around each layer's call: the layer input the compiled region saves goes to
+pinned memory as with the eager checkpoint.
 
 Only registered families (`quickloris.models.families`, ``fast_path``) are compiled: their layers are tested to trace
 with no graph break. A model on the generic path stays eager (`prepare_model` says so in its one warning line).
@@ -60,7 +62,7 @@ from quickloris.parallel.regions import compile_region, traced_as_region  # noqa
 STEP = "compile"
 Keep = Literal["attention", "linears"]
 CHECKPOINT_KEEP = get_args(Keep)
-_CONTEXT_FNS: dict[str, Any] = {}  # in-graph checkpoint context functions by policy (see checkpoint_in_graph)
+_CONTEXT_FNS: dict[str, Any] = {}  # selective-checkpoint context functions by policy key (see selective_context)
 # The attention kernels' forward ops (their outputs are what backward needs besides q, k, v), by (namespace, name).
 _ATTENTION_OPS = frozenset(
     {
@@ -106,8 +108,8 @@ class CompileConfig(Config):
     checkpoint_in_graph: bool = field(
         False,
         help="trace each checkpointed decoder layer's checkpoint into its "
-        "compiled graph: the replay runs inside the compiled backward (faster than "
-        "transformers' eager checkpoint around the compiled layer)",
+        "compiled graph: the replay runs inside the compiled backward, no eager re-entry per layer (with "
+        "--checkpoint-offload the layer input still goes to pinned memory)",
         flag="--checkpoint-in-graph",
     )
     checkpoint_keep: list[Keep] = field(
@@ -247,6 +249,7 @@ def _policy_key(keep) -> str:
 def selective_context(keep=()):
     """``torch.utils.checkpoint.checkpoint``'s ``context_fn`` for `checkpoint_policy(keep)`: one object per policy,
     so that every region checkpointed with it traces the same constant (the tiled MLP's chunks use ``keep=()``)."""
+    check_checkpoint_keep(keep)
     key = _policy_key(keep)
     if key not in _CONTEXT_FNS:
         from torch.utils.checkpoint import create_selective_checkpoint_contexts
@@ -281,27 +284,37 @@ def checkpoint_in_graph(model: nn.Module, layer: nn.Module, keep=(), *, path: st
     """Move `layer`'s activation checkpoint from transformers' eager wrapper into its forward (module docstring);
     it keeps the layer's input, random draws and the kinds in `keep` (``attention``, ``linears``).
 
-    Only for a layer transformers checkpoints with plain ``torch.utils.checkpoint`` (not offloaded); its
-    ``gradient_checkpointing`` flag stays True, so the model still reports checkpointing as enabled. Returns
-    whether the layer was changed.
+    For a layer transformers checkpoints with plain non-reentrant ``torch.utils.checkpoint`` its wrapper becomes a
+    pass-through; for one checkpointed by quickloris' `OffloadedCheckpoint` it becomes that object's `in_graph`
+    (its saved-tensor hooks around the call: the layer input still goes to pinned memory). Any other wrapper
+    (reentrant, transformers' ``save_on_cpu``) stays. The ``gradient_checkpointing`` flag stays True, so the model
+    still reports checkpointing as enabled. Returns whether the layer was changed.
     """
     import torch.utils.checkpoint
 
-    context_fn = selective_context(keep)  # checks `keep`
+    from quickloris.parallel.offload import OffloadedCheckpoint
+
+    selective_context(keep)  # checks `keep`; made here, eagerly: the traced forward looks it up by its key
     func = getattr(layer, "_gradient_checkpointing_func", None)
-    if not getattr(layer, "gradient_checkpointing", False) or func is _pass_through:
+    if not getattr(layer, "gradient_checkpointing", False) or is_checkpointed_in_graph(layer):
         return False
-    if not (
+    if isinstance(func, OffloadedCheckpoint):
+        call, why = (
+            func.in_graph,
+            "the offloaded checkpoint keeps its hooks (layer input to pinned memory), not its wrapper",
+        )
+    elif (
         isinstance(func, functools.partial)
         and func.func is torch.utils.checkpoint.checkpoint
         and func.keywords.get("use_reentrant") is False
     ):
-        return False  # offloaded (save_on_cpu around the checkpoint) or reentrant: keep transformers' wrapper
+        call, why = _pass_through, "transformers' checkpoint wrapper becomes a pass-through"
+    else:
+        return False  # reentrant, or transformers' save_on_cpu around the checkpoint: keep the wrapper
     # The forward looks its context function up by a string attribute, not a per-layer object: dynamo guards on the
     # string, so layers with the same policy share one graph and a different policy gets its own (an object
     # attribute is not guarded: a second model with another policy would silently reuse the first one's graph).
     key = _policy_key(keep)
-    assert _CONTEXT_FNS[key] is context_fn
     what = f"in-graph selective checkpoint (keeps: input{', ' + key if key else ''})"
     surgery.set_attribute(
         model, STEP, layer, "quickloris_checkpoint_keep", key, "the policy the forward reads", path=path
@@ -314,15 +327,19 @@ def checkpoint_in_graph(model: nn.Module, layer: nn.Module, keep=(), *, path: st
         STEP,
         layer,
         "_gradient_checkpointing_func",
-        _pass_through,
-        "transformers' checkpoint wrapper becomes a pass-through",
+        call,
+        why,
         path=path,
     )
     return True
 
 
 def is_checkpointed_in_graph(layer: nn.Module) -> bool:
-    return getattr(layer, "_gradient_checkpointing_func", None) is _pass_through
+    """Whether `layer`'s checkpoint is traced into its graph (`checkpoint_in_graph`)."""
+    from quickloris.parallel.offload import OffloadedCheckpoint
+
+    func = getattr(layer, "_gradient_checkpointing_func", None)
+    return func is _pass_through or getattr(func, "__func__", None) is OffloadedCheckpoint.in_graph
 
 
 def compile_stats() -> dict[str, int]:

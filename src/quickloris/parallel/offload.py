@@ -5,11 +5,13 @@ layer (Llama-3.1-8B at 8192 tokens: 64 MiB x 32 layers = 2 GiB; at 256K tokens 6
 transformers' checkpoint function slot (``layer._gradient_checkpointing_func``) filled with non-reentrant
 ``torch.utils.checkpoint`` under saved-tensor hooks that move those inputs off the GPU:
 
-* **pack** (forward, when the checkpoint saves the layer's inputs): a tensor that needs a gradient and holds at
-  least `min_bytes` (the hidden states; not the rotary tables or masks, which every layer shares and which would
-  otherwise be copied once per layer) is copied to a pinned host buffer on a copy stream that first waits for the
-  compute stream; ``record_stream`` keeps the allocator from handing its GPU memory to anyone before the copy has
-  read it. The compute stream never waits: the copy overlaps the next layers' forward.
+* **pack** (forward, when the checkpoint saves the layer's inputs): a tensor that needs a gradient, is not a
+  parameter and holds at least `min_bytes` (the hidden states; not the rotary tables or masks, which every layer
+  shares and which would otherwise be copied once per layer, and not parameters, which a layer compiled with its
+  checkpoint saves too: their module keeps them on the GPU anyway, so a copy would free nothing) is copied to a
+  pinned host buffer on a copy stream that first waits for the compute stream; ``record_stream`` keeps the
+  allocator from handing its GPU memory to anyone before the copy has read it. The compute stream never waits:
+  the copy overlaps the next layers' forward.
 * **unpack** (backward, when the checkpoint replays the layer): the tensor comes back on the copy stream and the
   compute stream waits for that copy only. The same call starts copying back the input packed just before this
   one (the next layer backward replays), so each copy overlaps a whole layer's recompute and backward: two layer
@@ -37,6 +39,7 @@ on a CPU with a synchronous stand-in (`tests/parallel/test_offload.py`).
 
 from __future__ import annotations
 
+import copy
 import threading
 import weakref
 from collections import Counter
@@ -154,6 +157,10 @@ class CudaCopies:
         self._streams: dict[int, torch.cuda.Stream] = {}
         self.ledger = LEDGER
 
+    def __deepcopy__(self, memo: dict) -> CudaCopies:
+        # a copied model gets its own side streams; the ledger is the process's (it counts one pinned pool)
+        return CudaCopies()
+
     def _stream(self, device: torch.device) -> torch.cuda.Stream:
         index = device.index if device.index is not None else torch.cuda.current_device()
         stream = self._streams.get(index)
@@ -230,6 +237,11 @@ class OffloadedCheckpoint:
         self._last: weakref.ref | None = None  # the most recent offloaded handle: the next one's `prev`
         self.packed = self.fetched = self.prefetched = 0
 
+    def __deepcopy__(self, memo: dict) -> OffloadedCheckpoint:
+        """A copied model's own checkpoint function (every layer of the copy shares it, through `memo`): fresh
+        counters, and no link to the original's last offloaded input (whose layer would be prefetched)."""
+        return OffloadedCheckpoint(copy.deepcopy(self.copies, memo), self.min_bytes)
+
     def __call__(self, function, *args, **kwargs):
         kwargs.setdefault("use_reentrant", False)
         if kwargs["use_reentrant"]:
@@ -237,8 +249,21 @@ class OffloadedCheckpoint:
         with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
             return checkpoint(function, *args, **kwargs)
 
+    def in_graph(self, function, *args, **kwargs):
+        """The checkpoint function of a layer whose checkpoint is traced into its compiled graph
+        (`quickloris.parallel.compile.checkpoint_in_graph`): no eager checkpoint, the same hooks around the call, so
+        the layer input the compiled region saves for its backward goes to pinned memory as above (what the region
+        computes itself needs no gradient and stays: the rotary tables, LoRA's ``u``, kept attention outputs)."""
+        with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+            return function(*args, **kwargs)
+
     def _pack(self, t: torch.Tensor) -> Any:
-        if not (t.requires_grad and t.numel() * t.element_size() >= self.min_bytes and self.copies.offloads(t)):
+        if not (
+            t.requires_grad
+            and not isinstance(t, torch.nn.Parameter)
+            and t.numel() * t.element_size() >= self.min_bytes
+            and self.copies.offloads(t)
+        ):
             return t
         handle = _Offloaded(self.copies.to_host(t), t.device, self._last)
         self._last = weakref.ref(handle)

@@ -13,21 +13,25 @@ chunk at a time, so an MLP's intermediate tensors exist for ``tokens / n`` rows 
 independent, so the result is the untiled MLP's up to the order of floating-point sums inside the GEMMs (tested);
 the cost is one more MLP forward per step (the chunk replays), on top of the layer checkpoint's replay.
 
-Each chunk's checkpoint carries the in-graph checkpoint's selective policy
-(`quickloris.parallel.compile.checkpoint_policy`: everything replayed, random draws saved). Under `torch.compile` a
-plain checkpoint leaves what the forward saves to the partitioner, and on torch 2.11 + CUDA it saved every chunk's
-gate and up outputs: all chunks' at once at the step's peak, no tiling left. Two layers of Llama-3.1-8B's shape at
+Under `torch.compile` each chunk's checkpoint carries the in-graph checkpoint's selective policy
+(`quickloris.parallel.compile.checkpoint_policy`: everything replayed, random draws saved). A plain checkpoint
+leaves what the compiled forward saves to the partitioner, and on torch 2.11 + CUDA it saved every chunk's gate
+and up outputs: all chunks' at once at the step's peak, no tiling left. Two layers of Llama-3.1-8B's shape at
 1 x 32768 (`benchmarks/diag/tiled_mlp_peak.py`, H100, log in `benchmarks/results/gpu-tests/`): step peak 5.65 GiB
-untiled, 4.41 GiB in 8 chunks with the plain checkpoint (16 [4097, 14336] bf16 tensors alive), 3.53 GiB with the
-policy.
+untiled, 4.41 GiB in 8 chunks with the plain checkpoint (16 [4097, 14336] bf16 tensors alive), 3.53 GiB with
+every op marked for replay (commit dc9ce20; the policy differs from that only on random draws, and the run had
+none). Eagerly the chunk checkpoint is a plain one: it keeps nothing and its replay restores the RNG state (the
+same dropout masks, tested); an eager selective checkpoint would keep its saved draws in its context from the
+forward on, every layer's.
 
 The chunk count, not a chunk length, is the setting: the count is a constant for `torch.compile` (one graph for
 every sequence length, as without tiling), while a fixed chunk length would make the number of chunks, and so the
 graph, depend on the length. Padding to a multiple of n, rather than ``tensor_split``'s uneven chunks, keeps the
 chunk sizes one symbolic expression: ``tensor_split`` made dynamo guard on ``tokens mod n`` (a graph per residue).
-It traces with ``fullgraph=True`` inside the compiled decoder layer (tested). LoRA dropout's random draws are
-saved, not replayed, so backward sees the forward's masks (eager and compiled, tested); with dropout that keeps
-the down projection's input draws ([tokens, intermediate]) while a layer's backward runs, a cost only with
+It traces with ``fullgraph=True`` inside the compiled decoder layer (tested). Compiled, LoRA dropout's draws are
+saved, not replayed (the in-graph checkpoint's precaution against RNG replay that differs between torch releases;
+tested on CPU: the eager model's masks): [tokens, intermediate + 2 x hidden] in the compute dtype per layer,
+from the layer's forward to its backward, i.e. during its replay under the layer checkpoint; a cost only with
 dropout.
 """
 
@@ -37,7 +41,7 @@ import types
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, noop_context_fn
 
 from quickloris.models import surgery
 from quickloris.parallel.compile import selective_context
@@ -53,10 +57,9 @@ def _chunked_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     # rows per chunk, the input padded with zero rows to n * c; always 1..n rows of padding: a padding that can be 0
     # made dynamo compile the layer once for "0" and once for "more"
     c = t // n + 1
-    # Every op of a chunk is replayed, said explicitly (the in-graph checkpoint's policy, random draws saved): a
-    # plain checkpoint leaves the choice to a compiled graph's partitioner, which on torch 2.11 + CUDA saved each
-    # chunk's gate and up outputs - all chunks' at once at the step's peak, no tiling left.
-    replay = selective_context()
+    # Compiled: every op of a chunk replayed, said explicitly (a plain checkpoint leaves it to the partitioner, which
+    # on torch 2.11 + CUDA saved each chunk's gate and up outputs). Eager: the plain checkpoint (module docstring).
+    replay = selective_context() if torch.compiler.is_compiling() else noop_context_fn
     chunks = torch.nn.functional.pad(x, (0, 0, 0, n * c - t)).unflatten(-2, (n, c)).unbind(-3)
     out = torch.stack(
         [checkpoint(forward, self, chunk, use_reentrant=False, context_fn=replay) for chunk in chunks], dim=-3
