@@ -339,7 +339,8 @@ def is_checkpointed_in_graph(layer: nn.Module) -> bool:
     from quickloris.parallel.offload import OffloadedCheckpoint
 
     func = getattr(layer, "_gradient_checkpointing_func", None)
-    return func is _pass_through or getattr(func, "__func__", None) is OffloadedCheckpoint.in_graph
+    offloaded = isinstance(getattr(func, "__self__", None), OffloadedCheckpoint) and func.__name__ == "in_graph"
+    return func is _pass_through or offloaded
 
 
 def compile_stats() -> dict[str, int]:
