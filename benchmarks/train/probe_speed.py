@@ -319,16 +319,19 @@ def part_peakmem(tm, seq: int, mlp_chunks: int) -> dict:
     print("peakmem: warm-up step", warm[2], flush=True)  # the SystemError seen once: before or after this line
     tm.release("cuda")
     before = torch.cuda.memory_allocated()
-    # With Python frames the step failed on the device (23145f1: "SystemError: <built-in method apply of
-    # FunctionMeta object> returned NULL without setting an exception"); then it is recorded without frames (sizes).
+    # With Python frames of allocations and frees the step failed on the device (23145f1 and 1479863: "SystemError:
+    # <built-in method apply of FunctionMeta object> returned NULL without setting an exception"); the allocations'
+    # frames alone worked there (benchmarks/diag/tiled_mlp_peak.py, an offloaded compiled 8B-shaped step), and peak
+    # attribution needs no more; the last resort is sizes only.
     frames = "python"
-    for context in ("all", None):
+    for context in ("all", "alloc", None):
         torch.cuda.memory._record_memory_history(max_entries=500_000, context=context, stacks="python")
         try:
             ok, peak, note, _ = tm.one_step(model, opt, seq, vocab, device="cuda")
             break
         except SystemError as e:
-            frames = f"none ({type(e).__name__} with frames: {str(e)[:120]})"
+            kept = "allocations only" if context == "all" else "none"  # what the next try records
+            frames = f"{kept} ({type(e).__name__} with {context}: {str(e)[:120]})"
         finally:
             snap = torch.cuda.memory._snapshot()
             torch.cuda.memory._record_memory_history(enabled=None)
