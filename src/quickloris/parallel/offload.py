@@ -5,13 +5,11 @@ layer (Llama-3.1-8B at 8192 tokens: 64 MiB x 32 layers = 2 GiB; at 256K tokens 6
 transformers' checkpoint function slot (``layer._gradient_checkpointing_func``) filled with non-reentrant
 ``torch.utils.checkpoint`` under saved-tensor hooks that move those inputs off the GPU:
 
-* **pack** (forward, when the checkpoint saves the layer's inputs): a tensor that needs a gradient, is not a
-  parameter and holds at least `min_bytes` (the hidden states; not the rotary tables or masks, which every layer
-  shares and which would otherwise be copied once per layer, and not parameters, which a layer compiled with its
-  checkpoint saves too: their module keeps them on the GPU anyway, so a copy would free nothing) is copied to a
-  pinned host buffer on a copy stream that first waits for the compute stream; ``record_stream`` keeps the
-  allocator from handing its GPU memory to anyone before the copy has read it. The compute stream never waits:
-  the copy overlaps the next layers' forward.
+* **pack** (forward, when the checkpoint saves the layer's inputs): a tensor that needs a gradient and holds at
+  least `min_bytes` (the hidden states; not the rotary tables or masks, which every layer shares and which would
+  otherwise be copied once per layer) is copied to a pinned host buffer on a copy stream that first waits for the
+  compute stream; ``record_stream`` keeps the allocator from handing its GPU memory to anyone before the copy has
+  read it. The compute stream never waits: the copy overlaps the next layers' forward.
 * **unpack** (backward, when the checkpoint replays the layer): the tensor comes back on the copy stream and the
   compute stream waits for that copy only. The same call starts copying back the input packed just before this
   one (the next layer backward replays), so each copy overlaps a whole layer's recompute and backward: two layer
@@ -254,7 +252,8 @@ class OffloadedCheckpoint:
         """The checkpoint function of a layer whose checkpoint is traced into its compiled graph
         (`quickloris.parallel.compile.checkpoint_in_graph`): no eager checkpoint, the same hooks around the call, and
         of what the compiled region saves for its backward only the call's own tensors (the layer input, as the
-        eager checkpoint keeps) go to pinned memory. What the region computes stays on the GPU: LoRA's ``u``, kept
+        eager checkpoint keeps) go to pinned memory: not the parameters it saves too (their module keeps them on the
+        GPU anyway, so a copy would free nothing). What the region computes stays on the GPU: LoRA's ``u``, kept
         attention outputs and, with LoRA dropout, the random draws the in-graph policy saves (for Llama-3.1-8B's
         shapes ~9.5x the layer input per layer, from forward to backward); so do the rotary tables (no gradient)."""
         own = [*args, *getattr(function, "keywords", {}).values(), *kwargs.values()]  # transformers binds a partial
@@ -268,7 +267,6 @@ class OffloadedCheckpoint:
     def _pack(self, t: torch.Tensor) -> Any:
         if not (
             t.requires_grad
-            and not isinstance(t, torch.nn.Parameter)
             and (self._inputs is None or id(t) in self._inputs)
             and t.numel() * t.element_size() >= self.min_bytes
             and self.copies.offloads(t)
