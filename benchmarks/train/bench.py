@@ -144,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
         "mlp_chunks": args.mlp_chunks,
         "in_graph_1b": args.in_graph_1b,
         "in_graph_8b": args.in_graph_8b,
+        "compile_mode": args.compile_mode,
         "quick": args.quick,
         "tiny": args.tiny,
         "device": env["device"],

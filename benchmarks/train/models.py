@@ -203,11 +203,12 @@ def ql_stack(
     mlp_chunks: int = 1,
     checkpoint_in_graph: bool = False,
     checkpoint_keep: list[str] | None = None,
+    compile_mode: str | None = None,
 ) -> nn.Module:
     """quickloris' stack on the shared NF4 tensors (see the module docstring); `skip_last` decoder layers are left
     un-checkpointed, `mlp_chunks` tiles each MLP over checkpointed sequence chunks, `checkpoint_in_graph` traces the
     checkpoint into each compiled layer, keeping `checkpoint_keep` besides the layer input
-    (`quickloris.parallel.compile`)."""
+    (`quickloris.parallel.compile`); `compile_mode` is torch.compile's mode of the regions."""
     from quickloris.models.prepare import QLoRAConfig
     from quickloris.parallel.compile import CompileConfig
     from quickloris.parallel.compose import CheckpointConfig, build_training_model
@@ -224,6 +225,7 @@ def ql_stack(
         checkpointing=CheckpointConfig(offload=offload, skip_last=skip_last, mlp_chunks=mlp_chunks),
         compile=CompileConfig(
             backend=compile_backend,
+            mode=compile_mode,
             checkpoint_in_graph=checkpoint_in_graph,
             checkpoint_keep=list(checkpoint_keep or []),
         )

@@ -98,6 +98,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--in-graph-8b", nargs="?", const="", default=None, metavar="KEEP", help="the same for the 8B part"
     )
     parser.add_argument(
+        "--compile-mode",
+        default=None,
+        help="ql stacks: torch.compile mode of the regions (CompileConfig.mode, e.g. reduce-overhead: CUDA graphs)",
+    )
+    parser.add_argument(
         "--family-shapes",
         default=DEFAULT_FAMILY_SHAPES,
         metavar="NAME[:BxS],...",

@@ -39,6 +39,7 @@ def build_stack(
             mlp_chunks=args.mlp_chunks,
             checkpoint_in_graph=in_graph is not None,
             checkpoint_keep=[k for k in (in_graph or "").split(",") if k],
+            compile_mode=args.compile_mode,
         )
     if lora_init is not None:
         tm.apply_lora_init(lora_init, model)

@@ -212,6 +212,20 @@ def test_options_from_the_environment(monkeypatch):
         _args()
 
 
+def test_compile_mode_reaches_the_ql_stacks_regions(seed):
+    """``--compile-mode`` is the regions' torch.compile mode (CompileConfig.mode) of the ql stacks it builds."""
+    from benchmarks.train import models as tm
+    from benchmarks.train.stacks import build_stack
+    from quickloris.parallel.compile import compile_config
+
+    base = tm.build_base(tm.TINY, device="cpu", seed=seed)
+    env = {"device": "cpu", "backend": "inductor"}
+    for mode in (None, "reduce-overhead"):
+        args = _args("--tiny", *(["--compile-mode", mode] if mode else []))
+        model = build_stack(tm, "ql_compiled", base, env, args, None)
+        assert compile_config(model).mode == mode
+
+
 def test_unsloth_checkpoint_is_the_shared_base(tmp_path, seed):
     """The checkpoint Unsloth's process loads holds the shared base: transformers reads back exactly the
     dequantized NF4 weights and the dense tensors (bf16 both ways: nothing to round)."""
