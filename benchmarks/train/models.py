@@ -280,13 +280,18 @@ def release(device: str) -> None:
 def train_run(
     model: nn.Module, batches: list[torch.Tensor], *, device: str, lr: float = 1e-4, timed_from: int = 3
 ) -> dict[str, Any]:
-    """Steps of AdamW on `batches`; tokens/s = median over steps `timed_from`.. (1-based), peak memory."""
+    """Steps of AdamW on `batches`; tokens/s = median over steps `timed_from`.. (1-based), peak memory.
+
+    ``host_issue_s``: per step, the host's time until the step's last call returned, before waiting on the GPU. A
+    step whose issue time is close to its time kept the GPU waiting on the host (launch-bound); one far below it
+    had the host ahead of the GPU. A synchronisation inside the step (none in quickloris' loss or offload path)
+    would count the wait before it as issue time."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     release(device)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    losses, times = [], []
+    losses, times, issued = [], [], []
     tokens = batches[0].numel()
     for ids in batches:
         ids = ids.to(device)
@@ -296,6 +301,7 @@ def train_run(
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        issued.append(time.perf_counter() - t0)
         losses.append(loss.item())  # synchronizes
         _sync(device)
         times.append(time.perf_counter() - t0)
@@ -303,6 +309,7 @@ def train_run(
     out = {
         "losses": losses,
         "step_s": times,
+        "host_issue_s": issued,
         "tokens_per_step": tokens,
         "tokens_per_s": tokens / statistics.median(timed),
         "first_step_s": times[0],

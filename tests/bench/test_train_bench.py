@@ -51,6 +51,7 @@ def test_tiny_run_of_1b_and_counts_parts(tmp_path, capsys):
     assert set(runs) == {"ql_eager", "ql_compiled", "hf_eager"}
     for name, r in runs.items():
         assert len(r["losses"]) == 3 and r["tokens_per_s"] > 0
+        assert len(r["host_issue_s"]) == 3 and all(0 < h <= t for h, t in zip(r["host_issue_s"], r["step_s"]))
         # same NF4 bytes, same LoRA init, fp32 on CPU: the stacks train the same model
         assert r["max_rel_loss_diff_vs_hf_eager"] < 1e-3, name
     assert runs["ql_compiled"]["compile"]["graph_breaks"] == 0
