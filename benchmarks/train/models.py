@@ -282,10 +282,12 @@ def train_run(
 ) -> dict[str, Any]:
     """Steps of AdamW on `batches`; tokens/s = median over steps `timed_from`.. (1-based), peak memory.
 
-    ``host_issue_s``: per step, the host's time until the step's last call returned, before waiting on the GPU. A
-    step whose issue time is close to its time kept the GPU waiting on the host (launch-bound); one far below it
-    had the host ahead of the GPU. A synchronisation inside the step (none in quickloris' loss or offload path)
-    would count the wait before it as issue time."""
+    ``host_issue_s``: per step, the host's time until the step's last call returned, before waiting on the GPU.
+    Issue time well below the step's time means the host ran ahead of the GPU (GPU-bound). Issue time close to it
+    means the GPU waited on the host, or the host was blocked by a full launch queue (CUDA blocks once about a
+    thousand launches are pending); a profile (`benchmarks/train/probe_speed.py`) tells the two apart. A
+    synchronisation inside the step counts the wait before it as issue time: the compiled ql stacks have none,
+    ``ql_eager``'s chunked loss has one (its label check), other stacks' are not checked."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     release(device)

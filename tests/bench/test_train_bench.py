@@ -51,10 +51,10 @@ def test_tiny_run_of_1b_and_counts_parts(tmp_path, capsys):
     assert set(runs) == {"ql_eager", "ql_compiled", "hf_eager"}
     for name, r in runs.items():
         assert len(r["losses"]) == 3 and r["tokens_per_s"] > 0
-        assert len(r["host_issue_s"]) == 3 and all(0 < h <= t for h, t in zip(r["host_issue_s"], r["step_s"]))
         # same NF4 bytes, same LoRA init, fp32 on CPU: the stacks train the same model
         assert r["max_rel_loss_diff_vs_hf_eager"] < 1e-3, name
     assert runs["ql_compiled"]["compile"]["graph_breaks"] == 0
+    assert res["compile_mode"] is None
     counts = res["counts"]
     assert res["in_graph_1b"] == counts["checkpoint_in_graph"] == "linears" and res["in_graph_8b"] is None
     assert counts["steps"] == 5 and counts["compile"]["graph_breaks"] == 0 and counts["compile"]["unique_graphs"] <= 8
@@ -211,6 +211,22 @@ def test_options_from_the_environment(monkeypatch):
     monkeypatch.setenv("QUICKLORIS_BENCH_TRAIN_ARGS", "--partz 1b")
     with pytest.raises(ValueError, match="unknown options"):
         _args()
+
+
+def test_host_issue_time_stops_before_waiting_on_the_device(monkeypatch):
+    """``host_issue_s`` ends before the step waits on the device: a 50 ms wait in the synchronisation counts in
+    ``step_s`` and not in it."""
+    import time
+
+    from benchmarks.train import models as tm
+
+    base = tm.build_base(tm.TINY, device="cpu", seed=0)
+    model = tm.ql_stack(base, device="cpu", compiled=False)
+    monkeypatch.setattr(tm, "_sync", lambda device: time.sleep(0.05))
+    run = tm.train_run(model, tm.make_batches(3, 2, 16, tm.TINY["vocab_size"]), device="cpu")
+    assert len(run["host_issue_s"]) == 3
+    for h, t in zip(run["host_issue_s"], run["step_s"]):
+        assert 0 < h and t - h >= 0.05
 
 
 def test_compile_mode_reaches_the_ql_stacks_regions(seed):
