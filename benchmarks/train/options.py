@@ -99,6 +99,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--compile-mode",
+        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
         default=None,
         help="ql stacks: torch.compile mode of the regions (CompileConfig.mode, e.g. reduce-overhead: CUDA graphs)",
     )

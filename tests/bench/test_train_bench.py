@@ -237,6 +237,8 @@ def test_compile_mode_reaches_the_ql_stacks_regions(seed):
 
     base = tm.build_base(tm.TINY, device="cpu", seed=seed)
     env = {"device": "cpu", "backend": "inductor"}
+    with pytest.raises(SystemExit):  # argparse: one line naming --compile-mode and its choices
+        _args("--compile-mode", "reduce_overhead")
     for mode in (None, "reduce-overhead"):
         args = _args("--tiny", *(["--compile-mode", mode] if mode else []))
         model = build_stack(tm, "ql_compiled", base, env, args, None)
