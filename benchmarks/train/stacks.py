@@ -74,7 +74,7 @@ def stack_runs(
 ) -> dict[str, Any]:
     """plan: (stack, lengths, batch). One model per stack, run at each length; LoRA init shared by all stacks.
     `keep_going`: a stack that raises gets ``{"error": ...}`` at its lengths and the next stack runs."""
-    from quickloris.parallel.compile import compile_seconds, compile_stats, reset_compile_stats
+    from quickloris.parallel.compile import CUDAGRAPH_MODES, compile_seconds, compile_stats, reset_compile_stats
 
     out: dict[str, Any] = {}
     lora_init = None
@@ -84,6 +84,12 @@ def stack_runs(
         if stack == "unsloth":
             _unsloth_runs(base, env, args, seqs, batch, out)
             continue
+        if getattr(args, "compile_mode", None) in CUDAGRAPH_MODES:
+            import torch
+
+            # a fresh CUDA graph tree: the last stack's recordings hold its memory pool (which would count in this
+            # stack's peak) and its parameters' addresses (this stack's calls would re-record under them)
+            torch._dynamo.reset()
         try:
             model = build_stack(tm, stack, base, env, args, lora_init, skip_last, in_graph, attention)
             if lora_init is None and stack.startswith("ql"):

@@ -32,22 +32,28 @@ class _Copies:
     """Synchronous stand-in for `CudaCopies`: every tensor counts as on the device; copies are clones, logged."""
 
     def __init__(self) -> None:
-        self.log: list[tuple[str, int]] = []  # ("host" | "device", id of the host buffer)
+        self.log: list[tuple[str, int]] = []  # ("host" | "device" | "let go", id of the host buffer)
+        self.copied: dict[int, torch.Tensor] = {}  # the event stand-in of a copy to the host -> its host buffer
+        self.held: list[bool] = []  # each to_host's `held`
 
     def offloads(self, t):
         return True
 
-    def to_host(self, t):
+    def to_host(self, t, held=False):
         host = t.detach().clone()
         self.log.append(("host", id(host)))
-        return host
+        self.held.append(held)
+        event = object()
+        self.copied[id(event)] = host
+        return host, event
 
     def to_device(self, host, device):
         self.log.append(("device", id(host)))
         return host.clone(), "done"
 
     def wait(self, t, done):
-        assert done == "done"
+        if done != "done":  # a held tensor let go after its copy to the host
+            self.log.append(("let go", id(self.copied[id(done)])))
 
 
 class _Layer(nn.Module):
@@ -437,6 +443,61 @@ def test_cuda_inductor_in_graph_checkpoint_with_offload(seed):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graphs_over_in_graph_checkpoint_with_offload(seed):
+    """``reduce-overhead`` (CUDA graph trees) over in-graph checkpointed, offloaded layers: no cudagraph skip, the
+    offload holds each input until copied (the last layer's never moves), and
+    four steps' losses and the LoRA gradients are the default mode's (1e-3 norm-wise, as the in-graph test: the
+    same kernels, replayed)."""
+    pytest.importorskip("transformers")
+    from torch._dynamo.utils import counters
+
+    from quickloris.models.prepare import QLoRAConfig
+    from quickloris.parallel.compile import CompileConfig
+    from quickloris.parallel.compose import CheckpointConfig, build_training_model
+    from tests.tiny import tiny_model
+
+    torch.manual_seed(seed)
+    n_layers, hidden, tokens, steps = 6, 256, 4096, 4
+    base = tiny_model(vocab_size=128, hidden=hidden, layers=n_layers, inter=512).to("cuda", torch.bfloat16)
+    batches = [torch.randint(0, 128, (1, tokens), device="cuda") for _ in range(steps)]
+    out = {}
+    for mode in (None, "reduce-overhead"):
+        torch._dynamo.reset()
+        counters.clear()
+        torch.manual_seed(seed)
+        model = build_training_model(
+            copy.deepcopy(base),
+            QLoRAConfig(r=4, init_lora_weights="random"),
+            checkpointing=CheckpointConfig(offload=True),
+            compile=CompileConfig(checkpoint_in_graph=True, mode=mode),
+        )
+        func = model.model.layers[0]._gradient_checkpointing_func.__self__
+        assert func.hold is (mode is not None)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(params, lr=1e-2)
+        losses = []
+        for ids in batches:
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            losses.append(float(loss))
+            if ids is not batches[-1]:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        grads = {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+        out[mode] = (losses, grads, func.packed, func.fetched + func.prefetched, dict(counters["inductor"]))
+        del model, opt, params
+    ro = out["reduce-overhead"]
+    assert ro[4].get("cudagraph_skips", 0) == 0, ro[4]
+    assert ro[2] == steps * n_layers and ro[3] == steps * (n_layers - 1)  # the last layer's input never moved
+    torch.testing.assert_close(torch.tensor(ro[0]), torch.tensor(out[None][0]), rtol=1e-3, atol=0)
+    for n, g in out[None][1].items():
+        err = float((ro[1][n] - g).norm() / g.norm().clamp_min(1e-30))
+        assert err <= 1e-3, (n, err)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_copies_round_trip_odd_sizes_in_pieces_and_refuse_a_full_host(seed, monkeypatch):
     """`CudaCopies` on a GPU: a tensor whose bytes are no power of two goes to the host in pinned pieces and comes
     back bit-equal (a strided one too); with the host's memory reported full it raises one line instead, also for
@@ -450,7 +511,9 @@ def test_cuda_copies_round_trip_odd_sizes_in_pieces_and_refuse_a_full_host(seed,
         torch.randn(3 * 2**19 + 7, 3, device="cuda", dtype=torch.bfloat16),  # 9 MiB + 42 bytes: 4 pieces
         torch.randn(1000, 600, device="cuda").t(),  # not contiguous
     ):
-        host = copies.to_host(t)
+        host, copied = copies.to_host(t)
+        copied.synchronize()
+        assert copied.query()
         assert [p.numel() for p in host[0]] == pinned_pieces(t.numel() * t.element_size())
         assert all(p.is_pinned() for p in host[0])
         back, done = copies.to_device(host, t.device)
@@ -470,3 +533,75 @@ def test_cuda_copies_round_trip_odd_sizes_in_pieces_and_refuse_a_full_host(seed,
     big = torch.empty(2**33, dtype=torch.uint8, device="cuda")  # 8 GiB: more than the pool keeps free
     with pytest.raises(HostMemoryError, match="--checkpoint-offload"):
         copies.to_host(big)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5])
+def test_offloaded_checkpoint_hold_keeps_each_input_until_the_next_is_copied_and_the_last_for_backward(seed, n):
+    """``hold`` (CUDA graphs): a packed input stays on the device until the next one is packed, and is let go only
+    through the copies' wait on its copy's event; the last one is used by backward as it is (no round trip). The
+    gradients are the plain checkpoint's, bit for bit."""
+    torch.manual_seed(seed)
+    d, tokens = 8, 16
+    inputs = []
+
+    class Spy(_Layer):
+        def forward(self, h, table):
+            inputs.append(weakref.ref(h))
+            return super().forward(h, table)
+
+    func = OffloadedCheckpoint(_Copies(), min_bytes=1, hold=True)
+    model = _Stack(n, d, func)
+    model.layers = nn.ModuleList(Spy(d) for _ in range(n))
+    plain = copy.deepcopy(model)
+    plain.func = lambda f, *a: torch.utils.checkpoint.checkpoint(f, *a, use_reentrant=False)
+    x, table = torch.randn(tokens, d, requires_grad=True), torch.randn(d)
+    out = model(x, table)
+    gc.collect()
+    # Spy records every call: the forward's only so far. Layer 0's input is `x` (the test holds it).
+    assert [r() is not None for r in inputs[1:]] == [False] * (n - 2) + [True] * (n > 1)
+    log = func.copies.log
+    hosts = [i for kind, i in log if kind == "host"]
+    assert func.copies.held == [True] * n
+    # each input is let go right after the next one's copy was issued, and only then
+    want = [("host", hosts[0])]
+    for i in range(1, n):
+        want += [("host", hosts[i]), ("let go", hosts[i - 1])]
+    assert log == want
+    out.pow(2).mean().backward()
+    got = [p.grad.clone() for p in model.parameters()] + [x.grad.clone()]
+    x.grad = None
+    for g, w in zip(got, _grads(plain, x.detach(), table), strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    back = [i for kind, i in log if kind == "device"]
+    assert back == hosts[::-1][1:]  # the last input was still on the device: every other one comes back, in order
+    assert (func.fetched, func.prefetched) == (0, n - 1)
+    assert copy.deepcopy(func).hold  # a copied model's offload holds too
+
+
+def test_compile_modes_with_cuda_graphs_make_the_offload_hold(seed):
+    """`compile_model` with a mode that replays CUDA graphs turns the offload's ``hold`` on (recorded, undone with
+    the compile); the default mode leaves it off."""
+    pytest.importorskip("transformers")
+    from quickloris.models import surgery
+    from quickloris.models.prepare import QLoRAConfig
+    from quickloris.parallel.compile import CompileConfig, compile_model
+    from quickloris.parallel.compose import CheckpointConfig, _offload_checkpoints, build_training_model
+    from tests.tiny import tiny_model
+
+    for mode, in_graph, hold in (
+        ("reduce-overhead", True, True),
+        ("max-autotune", False, True),
+        (None, True, False),
+        ("max-autotune-no-cudagraphs", False, False),
+    ):
+        model = build_training_model(
+            tiny_model(vocab_size=97, layers=2),
+            QLoRAConfig(r=4, init_lora_weights="random"),
+            checkpointing=CheckpointConfig(gradient_checkpointing=True),
+        )
+        _offload_checkpoints(model)
+        func = model.model.layers[0]._gradient_checkpointing_func
+        compile_model(model, CompileConfig(mode=mode, loss=False, checkpoint_in_graph=in_graph))  # compiles lazily
+        assert func.hold is hold, mode
+        surgery.undo(model, "compile")
+        assert func.hold is False

@@ -60,6 +60,7 @@ from quickloris.models.families import decoder_layers  # noqa: F401 - the regist
 from quickloris.parallel.regions import compile_region, traced_as_region  # noqa: F401 - re-exported
 
 STEP = "compile"
+CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that replay CUDA graphs
 Keep = Literal["attention", "linears"]
 CHECKPOINT_KEEP = get_args(Keep)
 _CONTEXT_FNS: dict[str, Any] = {}  # selective-checkpoint context functions by policy key (see selective_context)
@@ -161,6 +162,8 @@ def compile_model(model: nn.Module, config: CompileConfig | None = None) -> nn.M
         if cfg.checkpoint_in_graph:
             checkpoint_in_graph(model, layer, cfg.checkpoint_keep, path=f"{prefix}.{i}")
         _compile(model, layer, kw, f"{prefix}.{i}")
+    if cfg.mode in CUDAGRAPH_MODES:
+        _hold_offloaded_inputs(model, layers, prefix)
     base = spec.decoder(surgery.unwrap(model))
     if cfg.norm and isinstance(getattr(base, "norm", None), nn.Module):
         _compile(model, base.norm, kw, f"model.{surgery.unwrap(model).base_model_prefix}.norm")
@@ -174,6 +177,34 @@ def compile_model(model: nn.Module, config: CompileConfig | None = None) -> nn.M
             enable_compiled_loss(model, backend=cfg.backend, mode=cfg.mode)
     surgery.set_state(model, STEP, cfg)
     return model
+
+
+def _hold_offloaded_inputs(model: nn.Module, layers, prefix: str) -> None:
+    """Under CUDA graphs an offloaded layer input must stay on the GPU until its copy is done
+    (`quickloris.parallel.offload`, ``hold``): a graph's replay does not see ``record_stream``."""
+    from quickloris.parallel.offload import OffloadedCheckpoint
+
+    for func in {id(f): f for f in (_offloaded_checkpoint(layer) for layer in layers) if f is not None}.values():
+        if not isinstance(func, OffloadedCheckpoint) or func.hold:
+            continue
+        func.hold = True
+
+        def undo(m: nn.Module, func=func) -> None:
+            func.hold = False
+
+        surgery.record(
+            model,
+            STEP,
+            f"{prefix}.*._gradient_checkpointing_func",
+            "offloaded inputs held until copied (CUDA graphs)",
+            undo,
+        )
+
+
+def _offloaded_checkpoint(layer: nn.Module):
+    """The `OffloadedCheckpoint` in `layer`'s checkpoint slot (its `__call__`, or its bound `in_graph`), or None."""
+    func = getattr(layer, "_gradient_checkpointing_func", None)
+    return getattr(func, "__self__", func) if func is not None else None
 
 
 def _compile(model: nn.Module, module: nn.Module, kw: dict[str, Any], path: str) -> None:

@@ -31,6 +31,14 @@ lengths that change (a 4 GiB buffer cannot hold a 2 GiB piece) that total says "
 one process-wide `PinnedLedger` counts the pieces' buffers per size. A handle that dies without its backward (the
 graph was dropped) frees its buffers.
 
+**Under CUDA graphs** (``hold``: a compile mode with CUDA graphs, `quickloris.parallel.compile.compile_model`) the
+layer inputs live in the graphs' memory pool, and a graph's replay writes wherever its recording did: it does not
+see ``record_stream``, so an input freed after packing could be overwritten by the next layer's replay before its
+copy has read it. So each packed input is held on the GPU until the next one is packed; then the compute stream
+waits for its copy (long done: a whole layer ran meanwhile) and lets it go. The last layer's input is still held
+when backward begins and is used as it is, with no round trip. Both the same at every step, as the graphs'
+memory bookkeeping requires; the cost is one more layer input on the GPU during the forward.
+
 The device side (`CudaCopies`) is an object of its own so that the packing order and prefetch logic can be tested
 on a CPU with a synchronous stand-in (`tests/parallel/test_offload.py`).
 """
@@ -169,8 +177,9 @@ class CudaCopies:
     def offloads(self, t: torch.Tensor) -> bool:
         return t.is_cuda
 
-    def to_host(self, t: torch.Tensor) -> tuple[list[torch.Tensor], torch.Size, torch.dtype]:
-        """`t` copied (asynchronously) into pinned pieces: (pieces, shape, dtype)."""
+    def to_host(self, t: torch.Tensor, held: bool = False) -> tuple[Any, Any]:
+        """`t` copied (asynchronously) into pinned pieces: ((pieces, shape, dtype), an event set once the copy is
+        done). `held`: the caller keeps `t` until the compute stream waited for that event (no ``record_stream``)."""
         t = t.contiguous()
         sizes = pinned_pieces(t.numel() * t.element_size())
         stats = torch.cuda.host_memory_stats()
@@ -188,8 +197,11 @@ class CudaCopies:
                 piece.copy_(flat[start : start + n], non_blocking=True)
                 pieces.append(piece)
                 start += n
-        t.record_stream(stream)  # t's memory is not reused before this copy has read it
-        return pieces, t.shape, t.dtype
+            copied = torch.cuda.Event()
+            copied.record(stream)
+        if not held:
+            t.record_stream(stream)  # t's memory is not reused before this copy has read it
+        return (pieces, t.shape, t.dtype), copied
 
     def to_device(self, host: tuple[list[torch.Tensor], torch.Size, torch.dtype], device: torch.device):
         pieces, shape, dtype = host
@@ -212,26 +224,31 @@ class CudaCopies:
 
 
 class _Offloaded:
-    """One saved tensor in host memory (and, once fetched, its device copy)."""
+    """One saved tensor in host memory (and, once fetched, its device copy; with ``hold``, the original until the
+    next one is packed)."""
 
-    __slots__ = ("host", "device", "on_device", "done", "prev", "__weakref__")
+    __slots__ = ("host", "device", "on_device", "done", "prev", "held", "copied", "__weakref__")
 
-    def __init__(self, host: torch.Tensor, device: torch.device, prev: weakref.ref | None) -> None:
+    def __init__(self, host: Any, device: torch.device, prev: weakref.ref | None) -> None:
         self.host, self.device, self.prev = host, device, prev
         self.on_device: torch.Tensor | None = None
         self.done: Any = None
+        self.held: torch.Tensor | None = None  # `hold`: the packed tensor itself, still on the device
+        self.copied: Any = None  # `hold`: the event of its copy to the host
 
 
 class OffloadedCheckpoint:
     """transformers' checkpoint function (``layer._gradient_checkpointing_func``): non-reentrant checkpoint whose
     saved layer inputs live in pinned host memory (module docstring). One object serves every layer of a model.
 
+    `hold`: keep each packed tensor on the device until the next is packed (CUDA graphs: module docstring).
     Counters (`packed`, `fetched`, `prefetched`) let tests and benchmarks see what moved.
     """
 
-    def __init__(self, copies: Any = None, min_bytes: int = MIN_BYTES) -> None:
+    def __init__(self, copies: Any = None, min_bytes: int = MIN_BYTES, hold: bool = False) -> None:
         self.copies = copies if copies is not None else CudaCopies()
         self.min_bytes = min_bytes
+        self.hold = hold
         self._last: weakref.ref | None = None  # the most recent offloaded handle: the next one's `prev`
         self.packed = self.fetched = self.prefetched = 0
         self._inputs: set[int] | None = None  # in_graph: the ids of the call's tensors, the only ones offloaded
@@ -239,7 +256,7 @@ class OffloadedCheckpoint:
     def __deepcopy__(self, memo: dict) -> OffloadedCheckpoint:
         """A copied model's own checkpoint function (every layer of the copy shares it, through `memo`): fresh
         counters, and no link to the original's last offloaded input (whose layer would be prefetched)."""
-        return type(self)(copy.deepcopy(self.copies, memo), self.min_bytes)
+        return type(self)(copy.deepcopy(self.copies, memo), self.min_bytes, self.hold)
 
     def __call__(self, function, *args, **kwargs):
         kwargs.setdefault("use_reentrant", False)
@@ -272,10 +289,21 @@ class OffloadedCheckpoint:
             and self.copies.offloads(t)
         ):
             return t
-        handle = _Offloaded(self.copies.to_host(t), t.device, self._last)
+        host, copied = self.copies.to_host(t, held=self.hold)
+        self._let_go()
+        handle = _Offloaded(host, t.device, self._last)
+        if self.hold:
+            handle.held, handle.copied = t, copied
         self._last = weakref.ref(handle)
         self.packed += 1
         return handle
+
+    def _let_go(self) -> None:
+        """`hold`: the previously packed tensor may go once the compute stream has waited for its copy."""
+        last = self._last() if self._last is not None else None
+        if last is not None and last.held is not None:
+            self.copies.wait(last.held, last.copied)
+            last.held = None
 
     def _fetch(self, h: _Offloaded) -> None:
         h.on_device, h.done = self.copies.to_device(h.host, h.device)
@@ -283,12 +311,19 @@ class OffloadedCheckpoint:
     def _unpack(self, h: Any) -> torch.Tensor:
         if not isinstance(h, _Offloaded):
             return h
+        if h.held is not None:  # `hold`: the last one packed is still on the device, in its original memory
+            self._prefetch(h)
+            return h.held
         if h.on_device is None:
             self._fetch(h)
             self.fetched += 1
-        prev = h.prev() if h.prev is not None else None
-        if prev is not None and prev.on_device is None:  # the layer whose backward comes next
-            self._fetch(prev)
-            self.prefetched += 1
+        self._prefetch(h)
         self.copies.wait(h.on_device, h.done)
         return h.on_device
+
+    def _prefetch(self, h: _Offloaded) -> None:
+        """Start fetching the tensor packed just before `h`'s: the layer whose backward comes next."""
+        prev = h.prev() if h.prev is not None else None
+        if prev is not None and prev.on_device is None and prev.held is None:
+            self._fetch(prev)
+            self.prefetched += 1
