@@ -22,6 +22,10 @@ def what(kind: str, r: dict[str, Any]) -> str:
             opts.append(f"in-graph checkpoint {part}" + (f" keep {keep}" if isinstance(keep, str) and keep else ""))
         if r.get(f"skip_last_{part}"):
             opts.append(f"skip-last {part} {r[f'skip_last_{part}']}")
+    if r.get("compile_mode") not in (None, "default"):
+        opts.append(f"compile mode {r['compile_mode']}")
+    if r.get("mlp_chunks") not in (None, 1):
+        opts.append(f"mlp chunks {r['mlp_chunks']}")
     fam = r.get("families")
     if isinstance(fam, dict) and "error" not in fam:
         opts.append(

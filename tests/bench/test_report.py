@@ -148,3 +148,13 @@ def test_cli_writes_only_the_reports_of_the_given_files(tmp_path, capsys):
     assert report_main(["--results", str(tmp_path), str(a)]) == 0
     assert [p.name for p in (tmp_path / "reports").iterdir()] == ["train_2xh100_202701.md"]
     assert "wrote" in capsys.readouterr().out
+
+
+def test_train_run_titles_name_the_options_that_change_what_ran():
+    """A run's title names a compile mode other than the default and MLP chunks other than 1."""
+    from benchmarks.report.train import what
+
+    plain = what("train", {"parts": ["1b"], "compile_mode": None, "mlp_chunks": 1})
+    assert plain == "bench train: 1b"
+    title = what("train", {"parts": ["1b"], "compile_mode": "reduce-overhead", "mlp_chunks": 8})
+    assert "compile mode reduce-overhead" in title and "mlp chunks 8" in title

@@ -245,6 +245,36 @@ def test_compile_mode_reaches_the_ql_stacks_regions(seed):
         assert compile_config(model).mode == mode
 
 
+@pytest.mark.parametrize("mode, resets", [(None, 0), ("max-autotune-no-cudagraphs", 0), ("reduce-overhead", 2)])
+def test_cuda_graph_modes_give_each_stack_a_fresh_graph_tree(monkeypatch, mode, resets):
+    """With a mode that replays CUDA graphs each ql stack starts from ``torch._dynamo.reset()`` (the last stack's
+    graph tree would hold its memory pool, counted in this stack's peak, and re-record under its parameters);
+    other modes keep the compiled code between stacks."""
+    from benchmarks.train import stacks
+
+    calls = []
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: calls.append("reset"))
+    monkeypatch.setattr(stacks, "build_stack", lambda *a, **k: calls.append(f"build {a[1]}") or torch.nn.Linear(1, 1))
+
+    class Tm:
+        lora_init_of = staticmethod(lambda model: {})
+        release = staticmethod(lambda device: None)
+        make_batches = staticmethod(lambda *a, **k: [])
+
+        @staticmethod
+        def train_run(model, batches, **k):
+            return {"tokens_per_s": 1.0, "peak_gib": None, "first_step_s": 0.0, "losses": [1.0]}
+
+    model_config = type("C", (), {"_attn_implementation": "sdpa"})
+    monkeypatch.setattr(torch.nn.Linear, "config", model_config, raising=False)
+    args = _args("--tiny", *(["--compile-mode", mode] if mode else []))
+    plan = [("ql_compiled", [8], 1), ("ql_offload", [8], 1)]
+    stacks.stack_runs(Tm, None, {"device": "cpu"}, args, plan, vocab=8)
+    assert calls.count("reset") == resets
+    if resets:
+        assert calls == ["reset", "build ql_compiled", "reset", "build ql_offload"]
+
+
 def test_unsloth_checkpoint_is_the_shared_base(tmp_path, seed):
     """The checkpoint Unsloth's process loads holds the shared base: transformers reads back exactly the
     dequantized NF4 weights and the dense tensors (bf16 both ways: nothing to round)."""
