@@ -74,7 +74,13 @@ def stack_runs(
 ) -> dict[str, Any]:
     """plan: (stack, lengths, batch). One model per stack, run at each length; LoRA init shared by all stacks.
     `keep_going`: a stack that raises gets ``{"error": ...}`` at its lengths and the next stack runs."""
-    from quickloris.parallel.compile import CUDAGRAPH_MODES, compile_seconds, compile_stats, reset_compile_stats
+    from quickloris.parallel.compile import (
+        CompileConfig,
+        compile_seconds,
+        compile_stats,
+        reset_compile_stats,
+        uses_cuda_graphs,
+    )
 
     out: dict[str, Any] = {}
     lora_init = None
@@ -84,7 +90,7 @@ def stack_runs(
         if stack == "unsloth":
             _unsloth_runs(base, env, args, seqs, batch, out)
             continue
-        if getattr(args, "compile_mode", None) in CUDAGRAPH_MODES:
+        if uses_cuda_graphs(CompileConfig(mode=getattr(args, "compile_mode", None))):
             import torch
 
             # a fresh CUDA graph tree: the last stack's recordings hold its memory pool (which would count in this

@@ -60,7 +60,6 @@ from quickloris.models.families import decoder_layers  # noqa: F401 - the regist
 from quickloris.parallel.regions import compile_region, traced_as_region  # noqa: F401 - re-exported
 
 STEP = "compile"
-CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that replay CUDA graphs
 Keep = Literal["attention", "linears"]
 CHECKPOINT_KEEP = get_args(Keep)
 _CONTEXT_FNS: dict[str, Any] = {}  # selective-checkpoint context functions by policy key (see selective_context)
@@ -162,7 +161,7 @@ def compile_model(model: nn.Module, config: CompileConfig | None = None) -> nn.M
         if cfg.checkpoint_in_graph:
             checkpoint_in_graph(model, layer, cfg.checkpoint_keep, path=f"{prefix}.{i}")
         _compile(model, layer, kw, f"{prefix}.{i}")
-    if cfg.mode in CUDAGRAPH_MODES:
+    if uses_cuda_graphs(cfg):
         _hold_offloaded_inputs(model, layers, prefix)
     base = spec.decoder(surgery.unwrap(model))
     if cfg.norm and isinstance(getattr(base, "norm", None), nn.Module):
@@ -179,32 +178,53 @@ def compile_model(model: nn.Module, config: CompileConfig | None = None) -> nn.M
     return model
 
 
+def uses_cuda_graphs(cfg: CompileConfig) -> bool:
+    """Whether regions compiled with `cfg` replay CUDA graphs: its mode's Inductor options (``reduce-overhead``,
+    ``max-autotune``), Inductor's global switch, or the ``cudagraphs`` backend."""
+    import torch._inductor
+
+    if cfg.backend == "cudagraphs":
+        return True
+    if cfg.backend != "inductor":
+        return False
+    return bool(
+        torch._inductor.list_mode_options(cfg.mode).get("triton.cudagraphs", torch._inductor.config.triton.cudagraphs)
+    )
+
+
 def _hold_offloaded_inputs(model: nn.Module, layers, prefix: str) -> None:
     """Under CUDA graphs an offloaded layer input must stay on the GPU until its copy is done
     (`quickloris.parallel.offload`, ``hold``): a graph's replay does not see ``record_stream``."""
-    from quickloris.parallel.offload import OffloadedCheckpoint
-
-    for func in {id(f): f for f in (_offloaded_checkpoint(layer) for layer in layers) if f is not None}.values():
-        if not isinstance(func, OffloadedCheckpoint) or func.hold:
-            continue
+    funcs = _offloaded_checkpoints(layers)
+    if not funcs or all(f.hold for f in funcs):
+        return
+    for func in funcs:
         func.hold = True
 
-        def undo(m: nn.Module, func=func) -> None:
+    def undo(m: nn.Module) -> None:  # the model's own (a deep copy has its own)
+        for func in _offloaded_checkpoints(decoder_layers(m)):
             func.hold = False
 
-        surgery.record(
-            model,
-            STEP,
-            f"{prefix}.*._gradient_checkpointing_func",
-            "offloaded inputs held until copied (CUDA graphs)",
-            undo,
-        )
+    surgery.record(
+        model,
+        STEP,
+        f"{prefix}.*._gradient_checkpointing_func",
+        "offloaded inputs held until copied (CUDA graphs)",
+        undo,
+    )
 
 
-def _offloaded_checkpoint(layer: nn.Module):
-    """The `OffloadedCheckpoint` in `layer`'s checkpoint slot (its `__call__`, or its bound `in_graph`), or None."""
-    func = getattr(layer, "_gradient_checkpointing_func", None)
-    return getattr(func, "__self__", func) if func is not None else None
+def _offloaded_checkpoints(layers) -> list:
+    """The distinct `OffloadedCheckpoint`s in `layers`' checkpoint slots (as `__call__` or as the bound `in_graph`)."""
+    from quickloris.parallel.offload import OffloadedCheckpoint
+
+    found = {}
+    for layer in layers:
+        func = getattr(layer, "_gradient_checkpointing_func", None)
+        func = getattr(func, "__self__", func)
+        if isinstance(func, OffloadedCheckpoint):
+            found[id(func)] = func
+    return list(found.values())
 
 
 def _compile(model: nn.Module, module: nn.Module, kw: dict[str, Any], path: str) -> None:

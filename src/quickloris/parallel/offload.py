@@ -177,9 +177,9 @@ class CudaCopies:
     def offloads(self, t: torch.Tensor) -> bool:
         return t.is_cuda
 
-    def to_host(self, t: torch.Tensor, held: bool = False) -> tuple[Any, Any]:
+    def to_host(self, t: torch.Tensor) -> tuple[Any, Any]:
         """`t` copied (asynchronously) into pinned pieces: ((pieces, shape, dtype), an event set once the copy is
-        done). `held`: the caller keeps `t` until the compute stream waited for that event (no ``record_stream``)."""
+        done)."""
         t = t.contiguous()
         sizes = pinned_pieces(t.numel() * t.element_size())
         stats = torch.cuda.host_memory_stats()
@@ -199,8 +199,9 @@ class CudaCopies:
                 start += n
             copied = torch.cuda.Event()
             copied.record(stream)
-        if not held:
-            t.record_stream(stream)  # t's memory is not reused before this copy has read it
+        # t's memory (or its contiguous copy's) is not reused before this copy has read it; a CUDA graph pool's
+        # memory is not the caching allocator's, so this does nothing for it (`hold` covers that)
+        t.record_stream(stream)
         return (pieces, t.shape, t.dtype), copied
 
     def to_device(self, host: tuple[list[torch.Tensor], torch.Size, torch.dtype], device: torch.device):
@@ -251,7 +252,7 @@ class OffloadedCheckpoint:
         self.hold = hold
         self._last: weakref.ref | None = None  # the most recent offloaded handle: the next one's `prev`
         self.packed = self.fetched = self.prefetched = 0
-        self._inputs: set[int] | None = None  # in_graph: the ids of the call's tensors, the only ones offloaded
+        self._inputs: set[int] | None = None  # in_graph: the call's tensors' addresses, the only ones offloaded
 
     def __deepcopy__(self, memo: dict) -> OffloadedCheckpoint:
         """A copied model's own checkpoint function (every layer of the copy shares it, through `memo`): fresh
@@ -274,7 +275,9 @@ class OffloadedCheckpoint:
         attention outputs and, with LoRA dropout, the random draws the in-graph policy saves (for Llama-3.1-8B's
         shapes ~9.5x the layer input per layer, from forward to backward); so do the rotary tables (no gradient)."""
         own = [*args, *getattr(function, "keywords", {}).values(), *kwargs.values()]  # transformers binds a partial
-        self._inputs = {id(a) for a in own if isinstance(a, torch.Tensor)}
+        # By address, not object: CUDA graph trees hand the saved input back as a new tensor over the same memory
+        # (without requires_grad). Each address is offloaded once a call.
+        self._inputs = {a.data_ptr() for a in own if isinstance(a, torch.Tensor) and a.requires_grad}
         try:
             with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
                 return function(*args, **kwargs)
@@ -283,13 +286,14 @@ class OffloadedCheckpoint:
 
     def _pack(self, t: torch.Tensor) -> Any:
         if not (
-            t.requires_grad
-            and (self._inputs is None or id(t) in self._inputs)
+            (t.requires_grad if self._inputs is None else t.data_ptr() in self._inputs)
             and t.numel() * t.element_size() >= self.min_bytes
             and self.copies.offloads(t)
         ):
             return t
-        host, copied = self.copies.to_host(t, held=self.hold)
+        if self._inputs is not None:
+            self._inputs.discard(t.data_ptr())
+        host, copied = self.copies.to_host(t)
         self._let_go()
         handle = _Offloaded(host, t.device, self._last)
         if self.hold:
