@@ -39,6 +39,12 @@ With checkpoint offload (`quickloris.parallel.offload`: pinned CPU copies on a s
 keeps the offload's saved-tensor hooks around each layer's call: the layer input the compiled region saves goes to
 pinned memory as with the eager checkpoint.
 
+**CUDA graphs** (``mode="reduce-overhead"`` or ``"max-autotune"``, `uses_cuda_graphs`): Inductor's graph trees
+record each region's forward and backward once per shape and replay them, so a step costs a few host calls per
+region instead of one per kernel (a small model's step is otherwise bound by the host's launches). Layer outputs
+then live in the graphs' memory pool; the offload holds each layer input until its copy is done (``hold``, set
+here), since a replay does not see ``record_stream``.
+
 Only registered families (`quickloris.models.families`, ``fast_path``) are compiled: their layers are tested to trace
 with no graph break. A model on the generic path stays eager (`prepare_model` says so in its one warning line).
 The decoder layers are found through the family spec (`quickloris.models.families.decoder_layers`).
@@ -57,6 +63,7 @@ from torch import nn
 from quickloris.config import Config, field
 from quickloris.models import surgery
 from quickloris.models.families import decoder_layers  # noqa: F401 - the registry's; re-exported for old callers
+from quickloris.parallel.compile_stats import compile_seconds, compile_stats, reset_compile_stats  # noqa: F401
 from quickloris.parallel.regions import compile_region, traced_as_region  # noqa: F401 - re-exported
 
 STEP = "compile"
@@ -392,51 +399,3 @@ def is_checkpointed_in_graph(layer: nn.Module) -> bool:
     func = getattr(layer, "_gradient_checkpointing_func", None)
     offloaded = isinstance(getattr(func, "__self__", None), OffloadedCheckpoint) and func.__name__ == "in_graph"
     return func is _pass_through or offloaded
-
-
-def compile_stats() -> dict[str, int]:
-    """Dynamo's process-wide counters: graphs compiled, graph breaks, frames captured, and trace restarts (a frame
-    whose analysis dynamo threw away and began again: each costs a whole second trace)."""
-    from torch._dynamo.utils import compilation_time_metrics, counters
-
-    return {
-        "unique_graphs": int(counters["stats"]["unique_graphs"]),
-        "graph_breaks": int(sum(counters["graph_break"].values())),
-        "calls_captured": int(counters["stats"]["calls_captured"]),
-        "trace_restarts": sum(len(v) for k, v in compilation_time_metrics.items() if _is_retry(k)),
-    }
-
-
-def _is_retry(metric: str) -> bool:
-    """dynamo times each trace attempt as ``compile_attempt_<n>``; n >= 1 is a restart."""
-    head, _, n = metric.rpartition("_")
-    return head == "compile_attempt" and n.isdigit() and int(n) >= 1
-
-
-# Where a first (compiling) step's time goes: dynamo's own timers (torch._dynamo.utils.compilation_time_metrics,
-# seconds per call of each timed function), summed. The phases nest: `total` holds the others.
-_PHASES = {
-    "total": ("_compile.compile_inner", "compile_fx.<locals>.bw_compiler"),  # forward frames + lazy backwards
-    "dynamo_trace": ("bytecode_tracing",),
-    "forward_backend": ("OutputGraph.call_user_compiler",),  # AOTAutograd + inductor, forward graphs
-    "backward_backend": ("compile_fx.<locals>.bw_compiler",),  # compiled at the first backward
-    "inductor_codegen": ("GraphLowering.codegen",),
-    "kernel_compile_wait": ("async_compile.wait",),  # waiting on the Triton / C++ compile workers
-}
-
-
-def compile_seconds() -> dict[str, float]:
-    """Seconds spent compiling since `reset_compile_stats`, by phase (`_PHASES`; names of torch's internal timers,
-    0 where a torch version has no such timer)."""
-    from torch._dynamo.utils import compilation_time_metrics
-
-    return {
-        phase: round(sum(sum(compilation_time_metrics.get(k, ())) for k in keys), 3) for phase, keys in _PHASES.items()
-    }
-
-
-def reset_compile_stats() -> None:
-    from torch._dynamo.utils import compilation_time_metrics, counters
-
-    counters.clear()
-    compilation_time_metrics.clear()
