@@ -104,7 +104,11 @@ class CompileConfig(Config):
         flag="--compile",
     )
     backend: str = field("inductor", help="torch.compile backend (inductor; aot_eager for debugging)", check=_backend)
-    mode: str | None = field(None, help="inductor mode, e.g. max-autotune-no-cudagraphs (none: default)")
+    mode: str | None = field(
+        None,
+        help="torch.compile mode, e.g. reduce-overhead (CUDA graphs: a step is a few host calls per layer, "
+        "for small models; best with --checkpoint-in-graph) or max-autotune-no-cudagraphs (none: default)",
+    )
     dynamic: bool = field(True, help="compile for symbolic shapes: one graph for all sequence lengths")
     loss: bool = field(
         True,
