@@ -31,13 +31,15 @@ lengths that change (a 4 GiB buffer cannot hold a 2 GiB piece) that total says "
 one process-wide `PinnedLedger` counts the pieces' buffers per size. A handle that dies without its backward (the
 graph was dropped) frees its buffers.
 
-**Under CUDA graphs** (``hold``: a compile mode with CUDA graphs, `quickloris.parallel.compile.compile_model`) the
-layer inputs live in the graphs' memory pool, and a graph's replay writes wherever its recording did: it does not
-see ``record_stream``, so an input freed after packing could be overwritten by the next layer's replay before its
-copy has read it. So each packed input is held on the GPU until the next one is packed; then the compute stream
-waits for its copy (long done: a whole layer ran meanwhile) and lets it go. The last layer's input is still held
-when backward begins and is used as it is, with no round trip. Both the same at every step, as the graphs'
-memory bookkeeping requires; the cost is one more layer input on the GPU during the forward.
+**For CUDA graphs** (``hold``; `quickloris.parallel.compile.compile_model` still refuses offload with a CUDA-graph
+mode: this is not yet verified on a GPU) the layer inputs live in the graphs' memory pool, and a graph's replay
+writes wherever its recording did: it does not see ``record_stream``, so an input freed after packing could be
+overwritten by the next layer's replay before its copy has read it; and the graph trees refuse pool memory with
+pending stream uses when they record. So a held input gets no ``record_stream``: it stays on the GPU until the next
+one is packed, then the compute stream waits for its copy (long done: a whole layer ran meanwhile) and lets it go.
+The last layer's input is still held when backward begins and is used as it is, with no round trip. Both the same
+at every step, as the graphs' memory bookkeeping requires; the cost is one more layer input on the GPU during the
+forward.
 
 The device side (`CudaCopies`) is an object of its own so that the packing order and prefetch logic can be tested
 on a CPU with a synchronous stand-in (`tests/parallel/test_offload.py`).
@@ -177,10 +179,11 @@ class CudaCopies:
     def offloads(self, t: torch.Tensor) -> bool:
         return t.is_cuda
 
-    def to_host(self, t: torch.Tensor) -> tuple[Any, Any]:
+    def to_host(self, t: torch.Tensor, held: bool = False) -> tuple[Any, Any]:
         """`t` copied (asynchronously) into pinned pieces: ((pieces, shape, dtype), an event set once the copy is
-        done)."""
-        t = t.contiguous()
+        done). `held`: the caller keeps `t` until the compute stream waited for that event (`done_with`), so `t`
+        gets no ``record_stream`` (a contiguous copy of it still does: nobody holds that)."""
+        src, t = t, t.contiguous()
         sizes = pinned_pieces(t.numel() * t.element_size())
         stats = torch.cuda.host_memory_stats()
         reusable = stats.get("allocated_bytes.current", 0) - stats.get("active_bytes.current", 0)
@@ -199,9 +202,8 @@ class CudaCopies:
                 start += n
             copied = torch.cuda.Event()
             copied.record(stream)
-        # t's memory (or its contiguous copy's) is not reused before this copy has read it; a CUDA graph pool's
-        # memory is not the caching allocator's, so this does nothing for it (`hold` covers that)
-        t.record_stream(stream)
+        if not held or t is not src:
+            t.record_stream(stream)  # t's memory is not reused before this copy has read it
         return (pieces, t.shape, t.dtype), copied
 
     def to_device(self, host: tuple[list[torch.Tensor], torch.Size, torch.dtype], device: torch.device):
@@ -216,6 +218,11 @@ class CudaCopies:
             done = torch.cuda.Event()
             done.record(stream)
         return flat.view(dtype).view(shape), done
+
+    def done_with(self, copied: Any) -> None:
+        """The compute stream waits for a copy to the host (`to_host`'s event) before what follows may reuse its
+        source: no ``record_stream``, which CUDA graph trees refuse on their pool's memory."""
+        torch.cuda.current_stream().wait_event(copied)
 
     def wait(self, t: torch.Tensor, done: Any) -> None:
         """Make the current (compute) stream wait for `t`'s copy, and keep `t`'s memory until that stream used it."""
@@ -293,7 +300,7 @@ class OffloadedCheckpoint:
             return t
         if self._inputs is not None:
             self._inputs.discard(t.data_ptr())
-        host, copied = self.copies.to_host(t)
+        host, copied = self.copies.to_host(t, held=self.hold)
         self._let_go()
         handle = _Offloaded(host, t.device, self._last)
         if self.hold:
@@ -306,7 +313,7 @@ class OffloadedCheckpoint:
         """`hold`: the previously packed tensor may go once the compute stream has waited for its copy."""
         last = self._last() if self._last is not None else None
         if last is not None and last.held is not None:
-            self.copies.wait(last.held, last.copied)
+            self.copies.done_with(last.copied)
             last.held = None
 
     def _fetch(self, h: _Offloaded) -> None:
