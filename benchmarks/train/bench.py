@@ -180,6 +180,7 @@ def run(args: argparse.Namespace) -> int:
                     vocab,
                     args.skip_last_1b,
                     args.in_graph_1b,
+                    keep_going=True,  # a stack that fails keeps the others' numbers (the baseline's too)
                 )
             elif part == "counts":
                 results[part] = part_counts(tm, base_for("1b"), env, args, env["shape_1b"]["vocab_size"])
@@ -195,6 +196,7 @@ def run(args: argparse.Namespace) -> int:
                     env["shape_8b"]["vocab_size"],
                     args.skip_last_8b,
                     args.in_graph_8b,
+                    keep_going=True,
                 )
             elif part == "maxlen":
                 results[part] = part_maxlen(tm, base_for("8b"), env, args, env["shape_8b"]["vocab_size"])
@@ -213,5 +215,14 @@ def run(args: argparse.Namespace) -> int:
         0
         if not any(isinstance(results.get(p), dict) and "error" in results[p] for p in parts)
         and not failed(results.get("families"))
+        and not any(_stack_failed(results.get(p)) for p in ("1b", "8b"))
         else 1
+    )
+
+
+def _stack_failed(res: Any) -> bool:
+    """Whether a 1b / 8b part's record ({batch x seq: {stack: run}}) holds a stack's error."""
+    return isinstance(res, dict) and any(
+        isinstance(runs, dict) and any(isinstance(r, dict) and "error" in r for r in runs.values())
+        for runs in res.values()
     )

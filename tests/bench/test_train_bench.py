@@ -68,6 +68,18 @@ def test_tiny_run_of_1b_and_counts_parts(tmp_path, capsys):
     assert f"| ql_compiled | {num(runs['ql_compiled']['tokens_per_s'])} |" in text
 
 
+def test_a_failing_stack_keeps_the_others_numbers_and_fails_the_run(tmp_path, capsys):
+    """In the 1b part a stack that raises (here ql_offload: checkpoint offload on a CPU model is a ConfigError) is
+    recorded as its error, the other stacks (a baseline too) still run, and the run's exit status is 1."""
+    args = _args("--tiny", "--parts", "1b", "--steps", "3", "--stacks", "ql_offload,ql_eager", "--out", str(tmp_path))
+    assert bench.run(args) == 1
+    (path,) = (tmp_path / "train").glob("train-*.json")
+    runs = json.loads(path.read_text())["results"]["1b"]["2x64"]
+    assert "CPU" in runs["ql_offload"]["error"]
+    assert runs["ql_eager"]["tokens_per_s"] > 0 and len(runs["ql_eager"]["losses"]) == 3
+    assert "ql_offload   failed:" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_tiny_run_of_8b_and_maxlen_parts(tmp_path):
     args = _args(
