@@ -314,6 +314,11 @@ CASES = {  # option values -> the one line printed (after "quickloris train: err
     ),
     "skip-last-negative": (lambda d: ["--skip-checkpoint-last", -1], "--skip-checkpoint-last must be an int >= 0"),
     "resume-and-overwrite": (lambda d: ["--resume", "--overwrite"], "--overwrite starts the run over, --resume"),
+    "cuda-graphs-with-offload": (
+        lambda d: ["--compile-mode", "reduce-overhead", "--checkpoint-offload"],
+        r"--compile-mode='reduce-overhead' \(CUDA graphs\) cannot be combined with checkpoint offload yet "
+        r"\(--checkpoint-offload",
+    ),
     "output-is-a-file": (
         lambda d: ["--output-dir", _file(d / "out.txt", b"x")],
         r"--output-dir '.*out\.txt' is a file",

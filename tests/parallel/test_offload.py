@@ -54,7 +54,7 @@ class _Copies:
     def wait(self, t, done):
         assert done == "done"
 
-    def done_with(self, copied):  # a held tensor let go after its copy to the host
+    def done_with(self, copied, device):  # a held tensor let go after its copy to the host
         self.log.append(("let go", id(self.copied[id(copied)])))
 
 
@@ -533,7 +533,7 @@ def test_compile_modes_with_cuda_graphs_refuse_checkpoint_offload(seed):
     from quickloris.config import ConfigError
     from quickloris.models import surgery
     from quickloris.models.prepare import QLoRAConfig
-    from quickloris.parallel.compile import CompileConfig, compile_model, uses_cuda_graphs
+    from quickloris.parallel.compile import CompileConfig, check_offload_allowed, compile_model, uses_cuda_graphs
     from quickloris.parallel.compose import CheckpointConfig, _offload_checkpoints, build_training_model
     from tests.tiny import tiny_model
 
@@ -560,6 +560,19 @@ def test_compile_modes_with_cuda_graphs_refuse_checkpoint_offload(seed):
             assert surgery.applied(model, "compile")
     assert uses_cuda_graphs(CompileConfig(backend="cudagraphs"))
     assert not uses_cuda_graphs(CompileConfig(backend="aot_eager", mode=None))
+    with pytest.raises(ConfigError, match=r"^CompileConfig\.backend='cudagraphs' \(CUDA graphs\)"):
+        check_offload_allowed(CompileConfig(backend="cudagraphs"))
+    # the run's config refuses it before a model is loaded; without offload, or compiling off, it is fine
+    from quickloris.train.config import TrainConfig
+
+    with pytest.raises(ConfigError, match="checkpoint offload"):
+        TrainConfig(
+            compile=CompileConfig(enabled=None, mode="reduce-overhead"), checkpointing=CheckpointConfig(offload=True)
+        )
+    TrainConfig(compile=CompileConfig(enabled=None, mode="reduce-overhead"))
+    TrainConfig(
+        compile=CompileConfig(enabled=False, mode="reduce-overhead"), checkpointing=CheckpointConfig(offload=True)
+    )
 
 
 def test_in_graph_offload_finds_the_input_by_its_memory_not_its_object(seed):

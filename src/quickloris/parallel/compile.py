@@ -167,14 +167,8 @@ def compile_model(model: nn.Module, config: CompileConfig | None = None) -> nn.M
         return model
     kw: dict[str, Any] = dict(fullgraph=True, dynamic=cfg.dynamic, backend=cfg.backend, mode=cfg.mode)
     layers = decoder_layers(model)
-    if uses_cuda_graphs(cfg) and _offloaded_checkpoints(layers):
-        # Not verified on a GPU: the offload's hold (quickloris.parallel.offload) exists for it, but CUDA graph
-        # trees refused the copies' stream uses of their pool's memory in the last run (issue 15's note).
-        raise cfg.error(
-            "mode",
-            f"={cfg.mode!r} (CUDA graphs) cannot be combined with checkpoint offload yet (--checkpoint-offload, "
-            "CheckpointConfig.offload): use one of them",
-        )
+    if _offloaded_checkpoints(layers):
+        check_offload_allowed(cfg)
     prefix = f"model.{spec.layers_path(surgery.unwrap(model))}"
     for i, layer in enumerate(layers):
         if cfg.checkpoint_in_graph:
@@ -206,6 +200,20 @@ def uses_cuda_graphs(cfg: CompileConfig) -> bool:
         return False
     return bool(
         torch._inductor.list_mode_options(cfg.mode).get("triton.cudagraphs", torch._inductor.config.triton.cudagraphs)
+    )
+
+
+def check_offload_allowed(cfg: CompileConfig) -> None:
+    """Raise a `ConfigError` if regions compiled with `cfg` replay CUDA graphs: checkpoint offload is refused with
+    them. Not verified on a GPU: the offload's ``hold`` (`quickloris.parallel.offload`) exists for it, but in the
+    last run CUDA graph trees refused the copies' stream uses of their pool's memory (issue 15's note)."""
+    if not uses_cuda_graphs(cfg):
+        return
+    name = "mode" if cfg.mode else "backend"
+    raise cfg.error(
+        name,
+        f"={getattr(cfg, name)!r} (CUDA graphs) cannot be combined with checkpoint offload yet "
+        "(--checkpoint-offload, CheckpointConfig.offload): use one of them",
     )
 
 

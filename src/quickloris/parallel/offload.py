@@ -219,10 +219,10 @@ class CudaCopies:
             done.record(stream)
         return flat.view(dtype).view(shape), done
 
-    def done_with(self, copied: Any) -> None:
-        """The compute stream waits for a copy to the host (`to_host`'s event) before what follows may reuse its
-        source: no ``record_stream``, which CUDA graph trees refuse on their pool's memory."""
-        torch.cuda.current_stream().wait_event(copied)
+    def done_with(self, copied: Any, device: torch.device) -> None:
+        """`device`'s compute stream waits for a copy to the host (`to_host`'s event) before what follows may reuse
+        its source: no ``record_stream``, which CUDA graph trees refuse on their pool's memory."""
+        torch.cuda.current_stream(device).wait_event(copied)
 
     def wait(self, t: torch.Tensor, done: Any) -> None:
         """Make the current (compute) stream wait for `t`'s copy, and keep `t`'s memory until that stream used it."""
@@ -313,7 +313,7 @@ class OffloadedCheckpoint:
         """`hold`: the previously packed tensor may go once the compute stream has waited for its copy."""
         last = self._last() if self._last is not None else None
         if last is not None and last.held is not None:
-            self.copies.done_with(last.copied)
+            self.copies.done_with(last.copied, last.device)
             last.held = None
 
     def _fetch(self, h: _Offloaded) -> None:

@@ -205,6 +205,10 @@ class TrainConfig(Config):
             raise self.error("adam_betas", f"must be two numbers in [0, 1) (beta1,beta2), got {self.adam_betas!r}")
         if self.resume and self.overwrite:
             raise self.error("overwrite", "starts the run over, {resume} continues it: pass one of them", "resume")
+        if self.checkpointing.offload and self.compile.enabled is not False:
+            from quickloris.parallel.compile import check_offload_allowed
+
+            check_offload_allowed(self.compile)  # before the model is loaded (compile_model checks it too)
 
 
 @dataclass
