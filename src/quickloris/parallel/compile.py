@@ -167,7 +167,7 @@ def compile_model(model: nn.Module, config: CompileConfig | None = None) -> nn.M
         return model
     kw: dict[str, Any] = dict(fullgraph=True, dynamic=cfg.dynamic, backend=cfg.backend, mode=cfg.mode)
     layers = decoder_layers(model)
-    if _offloaded_checkpoints(layers):
+    if _has_offloaded_checkpoint(layers):
         check_offload_allowed(cfg)
     prefix = f"model.{spec.layers_path(surgery.unwrap(model))}"
     for i, layer in enumerate(layers):
@@ -217,17 +217,12 @@ def check_offload_allowed(cfg: CompileConfig) -> None:
     )
 
 
-def _offloaded_checkpoints(layers) -> list:
-    """The distinct `OffloadedCheckpoint`s in `layers`' checkpoint slots (as `__call__` or as the bound `in_graph`)."""
+def _has_offloaded_checkpoint(layers) -> bool:
+    """Whether a layer's checkpoint slot holds an `OffloadedCheckpoint` (as `__call__` or as the bound `in_graph`)."""
     from quickloris.parallel.offload import OffloadedCheckpoint
 
-    found = {}
-    for layer in layers:
-        func = getattr(layer, "_gradient_checkpointing_func", None)
-        func = getattr(func, "__self__", func)
-        if isinstance(func, OffloadedCheckpoint):
-            found[id(func)] = func
-    return list(found.values())
+    slots = (getattr(layer, "_gradient_checkpointing_func", None) for layer in layers)
+    return any(isinstance(getattr(f, "__self__", f), OffloadedCheckpoint) for f in slots)
 
 
 def _compile(model: nn.Module, module: nn.Module, kw: dict[str, Any], path: str) -> None:
