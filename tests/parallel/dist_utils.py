@@ -39,9 +39,10 @@ def _entry(rank: int, fn, world_size: int, port: int, device: str, args: tuple) 
     # A rank that passed leaves without the interpreter's teardown: the two aborts seen here (SIGABRT, "terminate
     # called without an active exception", no Python frame left: in test_two_ranks_bf16_offload_checkpointing_compile
     # and in CI in test_two_ranks_match_one_process_and_save_adapters) came after the rank's work had passed, from
-    # that teardown; gloo's worker threads releasing tensors while the interpreter finalizes is the known way
-    # (pytorch/pytorch#179291). What a test checks is done by now; a rank that raised exits through spawn, which
-    # reports its traceback. The real exit path is tested under torchrun (test_fsdp_train_cli.py).
+    # that teardown. Once DTensor collectives have run, the gloo group's worker threads outlive
+    # destroy_process_group and a gc (after plain collectives they end), so they meet the finalizing interpreter
+    # (pytorch/pytorch#179291 describes that abort). What a test checks is done by now; a rank that raised exits
+    # through spawn, which reports its traceback. The real exit path is tested under torchrun (test_fsdp_train_cli).
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
